@@ -1,0 +1,70 @@
+"""Errors and input checks shared by every layer of the package.
+
+Every check raises :class:`QroundError` (a ``ValueError``) with a message that names the
+offending argument, so a user never sees a traceback from deep inside numpy for bad input.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+class QroundError(ValueError):
+    """Bad input or configuration: the message names the argument and what is wrong."""
+
+
+def check_bits(bits: int, name: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise QroundError(f"{name} must be an integer, got {bits!r}")
+    if not MIN_BITS <= int(bits) <= MAX_BITS:
+        raise QroundError(f"{name}={bits} is out of range: supported are {MIN_BITS}..{MAX_BITS} bits")
+    return int(bits)
+
+
+def as_float_array(x, name: str, ndim: int | tuple[int, ...] | None = None,
+                   dtype=np.float64) -> np.ndarray:
+    """Convert to a finite float array (torch tensors accepted), checking dimensionality."""
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic inputs
+        raise QroundError(f"{name} could not be read as an array: {exc}") from exc
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise QroundError(f"{name} must be numeric, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise QroundError(f"{name} must be real, got dtype {arr.dtype}")
+    arr = arr.astype(dtype, copy=False)
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if arr.ndim not in allowed:
+            raise QroundError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, "
+                              f"got shape {arr.shape}")
+    if arr.size and not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise QroundError(f"{name} contains {bad} NaN/Inf value(s)")
+    return arr
+
+
+def check_psd(h: np.ndarray, name: str = "hessian", rtol: float = 1e-6) -> None:
+    """Symmetric and positive semi-definite within a tolerance relative to its largest entry.
+
+    ``h`` is (n, n) or a stack (m, n, n).
+    """
+    if h.shape[-1] != h.shape[-2]:
+        raise QroundError(f"{name} must be square, got shape {h.shape}")
+    scale = float(np.max(np.abs(h))) if h.size else 0.0
+    if scale == 0.0:
+        return
+    asym = float(np.max(np.abs(h - np.swapaxes(h, -1, -2))))
+    if asym > rtol * scale * 10:
+        raise QroundError(f"{name} is not symmetric: max |H - H^T| = {asym:.3g} "
+                          f"(max |H| = {scale:.3g})")
+    # eigvalsh reads one triangle; a cheap Cholesky with a small shift would also do, but the
+    # smallest eigenvalue gives a message the user can act on.
+    eig_min = float(np.min(np.linalg.eigvalsh(h)))
+    if eig_min < -1e-6 * scale * max(1, h.shape[-1]) ** 0.5:
+        raise QroundError(f"{name} is not positive semi-definite: smallest eigenvalue {eig_min:.3g} "
+                          f"(max |H| = {scale:.3g}); statistics E[x x^T] are PSD by construction, "
+                          "so check how it was computed")

@@ -1,0 +1,189 @@
+"""Uniform integer weight grids: per output channel, optionally per group of inputs.
+
+A grid maps integer codes ``q in [qmin, qmax]`` to values ``s * (q - z)``.  Scales ``s`` and zero
+points ``z`` have shape ``(out, groups)``; ``groups = 1`` for a per-channel grid and
+``in / group_size`` for a grouped one.  :meth:`Grid.expand` broadcasts them to ``(out, in)``.
+
+Scale choice (AdaRound Table 6): ``minmax``, ``mse`` (weight MSE of rounding-to-nearest) and
+``mse-output`` (output MSE ``(w - w_rtn)^T H (w - w_rtn)``, needs H), each searched per channel
+(per group) over shrunk ranges; or scales given explicitly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import QroundError, as_float_array, check_bits
+
+SCALE_METHODS = ("minmax", "mse", "mse-output")
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer code range: signed ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b - 1]``."""
+    bits = check_bits(bits)
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """How to build a grid: bit width, symmetry, group size (None = per channel), scale method."""
+
+    bits: int = 4
+    symmetric: bool = True
+    group_size: int | None = None
+    scale_method: str = "mse"
+    shrink_steps: int = 80     # candidates in the scale search
+    min_shrink: float = 0.2    # smallest fraction of the min-max range tried
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.scale_method not in SCALE_METHODS:
+            raise QroundError(f"scale_method must be one of {SCALE_METHODS}, got {self.scale_method!r}")
+        if self.group_size is not None and (not isinstance(self.group_size, (int, np.integer))
+                                            or self.group_size < 1):
+            raise QroundError(f"group_size must be a positive integer or None, got {self.group_size!r}")
+        if not 0 < self.min_shrink <= 1 or self.shrink_steps < 1:
+            raise QroundError("min_shrink must lie in (0, 1] and shrink_steps be >= 1")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A fitted grid. ``scale``/``zero_point``: (out, groups); codes live in ``[qmin, qmax]``."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    bits: int
+    symmetric: bool
+    group_size: int | None
+    in_features: int
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits, self.symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits, self.symmetric)[1]
+
+    @property
+    def groups(self) -> int:
+        return self.scale.shape[1]
+
+    def expand(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-weight ``(scale, zero_point)``, each (out, in)."""
+        reps = self.in_features // self.groups
+        return np.repeat(self.scale, reps, axis=1), np.repeat(self.zero_point, reps, axis=1)
+
+    def quantize(self, weight: np.ndarray) -> np.ndarray:
+        """Rounding-to-nearest integer codes (out, in), clipped to the grid."""
+        s, z = self.expand()
+        return np.clip(np.floor(weight / s + 0.5) + z, self.qmin, self.qmax).astype(np.int64)
+
+    def dequantize(self, codes: np.ndarray) -> np.ndarray:
+        """Values ``s * (q - z)`` (out, in) for integer codes (out, in)."""
+        s, z = self.expand()
+        return s * (np.asarray(codes, dtype=np.float64) - z)
+
+
+def _group_view(weight: np.ndarray, group_size: int | None) -> np.ndarray:
+    out, n = weight.shape
+    if group_size is None or group_size >= n:
+        return weight[:, None, :]
+    if n % group_size:
+        raise QroundError(f"group_size={group_size} does not divide the {n} inputs of the layer")
+    return weight.reshape(out, n // group_size, group_size)
+
+
+def _range_to_grid(lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int, symmetric: bool):
+    """Scale and zero point that cover [lo, hi] (arrays (out, groups)); zero stays representable."""
+    if symmetric:
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        # The positive side has one code less; cover the larger magnitude with it.
+        scale = amax / max(qmax, 1)
+        zero = np.zeros_like(scale)
+    else:
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero = np.round(qmin - lo / np.where(scale > 0, scale, 1.0))
+        zero = np.clip(zero, qmin, qmax)
+    # A channel of all zeros still needs a positive scale; any value represents it exactly.
+    scale = np.where(scale > 0, scale, 1.0)
+    return scale, zero
+
+
+def _rtn_error(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int):
+    q = np.clip(np.floor(wg / scale[..., None] + 0.5) + zero[..., None], qmin, qmax)
+    return scale[..., None] * (q - zero[..., None]) - wg
+
+
+def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
+             zero_point=None) -> Grid:
+    """Fit a grid to ``weight`` (out, in).
+
+    ``hessian``: (in, in), or (out, in, in) per channel; needed by ``mse-output``.
+    ``scale``/``zero_point``: given explicitly as (out,) or (out, groups); then no search runs.
+    """
+    w = as_float_array(weight, "weight", ndim=2)
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        raise QroundError(f"weight must be non-empty, got shape {w.shape}")
+    qmin, qmax = qrange(spec.bits, spec.symmetric)
+    wg = _group_view(w, spec.group_size)
+    out, groups, gs = wg.shape
+    group_size = None if groups == 1 else gs
+
+    if scale is not None:
+        s = as_float_array(scale, "scale", ndim=(1, 2))
+        s = s.reshape(out, -1) if s.ndim == 1 and s.shape[0] == out else s
+        if s.shape != (out, groups):
+            raise QroundError(f"scale must have shape ({out},) or ({out}, {groups}), got {np.shape(scale)}")
+        if np.any(s <= 0):
+            raise QroundError(f"scale must be positive; {int(np.sum(s <= 0))} entries are <= 0")
+        if zero_point is None:
+            if not spec.symmetric:
+                raise QroundError("an asymmetric grid with an explicit scale needs zero_point too")
+            z = np.zeros_like(s)
+        else:
+            z = as_float_array(zero_point, "zero_point", ndim=(1, 2)).reshape(out, groups)
+            if np.any(z != np.round(z)) or np.any(z < qmin) or np.any(z > qmax):
+                raise QroundError(f"zero_point must be integers in [{qmin}, {qmax}]")
+        return Grid(s, z, spec.bits, spec.symmetric, group_size, w.shape[1])
+
+    lo, hi = wg.min(axis=2), wg.max(axis=2)
+    best_s, best_z = _range_to_grid(lo, hi, qmin, qmax, spec.symmetric)
+    if spec.scale_method == "minmax":
+        return Grid(best_s, best_z, spec.bits, spec.symmetric, group_size, w.shape[1])
+
+    if spec.scale_method == "mse-output":
+        if hessian is None:
+            raise QroundError("scale_method='mse-output' needs the layer's hessian")
+        h = as_float_array(hessian, "hessian", ndim=(2, 3))
+        if h.shape[-1] != w.shape[1] or (h.ndim == 3 and h.shape[0] != out):
+            raise QroundError(f"hessian shape {h.shape} does not match weight shape {w.shape}")
+        # Per group the diagonal block of H scores the group's error; cross-group terms are
+        # ignored so that groups can be searched independently.
+        blocks = [slice(g * gs, (g + 1) * gs) for g in range(groups)]
+
+        def score(err):  # err (out, groups, gs) -> (out, groups)
+            res = np.empty(err.shape[:2])
+            for g, sl in enumerate(blocks):
+                e = err[:, g, :]
+                hb = h[..., sl, sl]
+                he = e @ hb if hb.ndim == 2 else np.einsum("mij,mj->mi", hb, e)
+                res[:, g] = np.sum(he * e, axis=1)
+            return res
+    else:
+        def score(err):
+            return np.sum(err * err, axis=2)
+
+    best = score(_rtn_error(wg, best_s, best_z, qmin, qmax))
+    for shrink in np.linspace(1.0, spec.min_shrink, spec.shrink_steps)[1:]:
+        s, z = _range_to_grid(lo * shrink, hi * shrink, qmin, qmax, spec.symmetric)
+        err = score(_rtn_error(wg, s, z, qmin, qmax))
+        better = err < best
+        best = np.where(better, err, best)
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, z, best_z)
+    return Grid(best_s, best_z, spec.bits, spec.symmetric, group_size, w.shape[1])

@@ -1,0 +1,265 @@
+"""``RoundingProblem``: the per-output-channel QUBOs of rounding one layer (AdaRound).
+
+A problem holds the layer's weights ``W`` (m, n), its grid (per-weight scale and zero point), the
+second-moment statistics (``H`` shared (n, n) or per channel (m, n, n)) and the target ``r``
+of the objective
+
+    cost_c(w_hat) = w_hat^T H w_hat - 2 w_hat^T r_c + k_c,
+
+with ``r = H w, k = w^T H w`` for local MSE ``(w_hat - w)^T H (w_hat - w)``, or ``r = C w`` and
+``k = w^T H_float w`` for asymmetric reconstruction ``E||W x - W_hat x_hat||^2`` (AdaRound eq. 25,
+where ``H`` is then ``H_hat = E[x_hat x_hat^T]`` and ``C = E[x_hat x^T]``).
+
+Each weight chooses floor (b=0) or ceil (b=1) of ``w/s``; a weight whose floor and ceil clip to
+the same code has no choice (``free == False``, always b=0 with its clipped code as the floor).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import QroundError, as_float_array, check_psd
+from ..grid import Grid, GridSpec, fit_grid
+from . import energy as _energy
+
+
+@dataclass(frozen=True, eq=False)
+class RoundingProblem:
+    """The rounding QUBOs of one layer (or one group of a grouped conv), one per output channel.
+
+    Build with :meth:`from_weight`; attributes are read-only arrays:
+
+    - ``weight`` (m, n) float64: the float weights, ``hessian`` (n, n) or (m, n, n) float64.
+    - ``scale``, ``zero_point`` (m, n): the grid expanded per weight; ``qmin``, ``qmax``.
+    - ``floor_codes`` (m, n) int64: codes of b=0; ``free`` (m, n) bool: weights with a choice.
+    - ``step`` (m, n): ``s`` where free, 0 where fixed; ``grad`` (m, n): ``2 (H u - r)``;
+      ``const`` (m,): energy + const = absolute cost.
+    - ``frac`` (m, n): fractional part of ``w/s`` in [0, 1) (0 where fixed): P(up) of stochastic
+      rounding and the start of relaxations.
+    """
+
+    weight: np.ndarray
+    hessian: np.ndarray
+    grid: Grid
+    scale: np.ndarray
+    zero_point: np.ndarray
+    floor_codes: np.ndarray
+    free: np.ndarray
+    step: np.ndarray
+    grad: np.ndarray
+    const: np.ndarray
+    frac: np.ndarray
+    name: str = ""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_weight(cls, weight, hessian, grid: Grid | GridSpec | None = None, *,
+                    cross=None, float_hessian=None, check: bool = True,
+                    name: str = "") -> "RoundingProblem":
+        """Build the problem of a weight matrix.
+
+        weight: (m, n); hessian: (n, n) shared or (m, n, n) per channel (e.g. Fisher-weighted).
+        grid: a fitted :class:`Grid`, or a :class:`GridSpec` to fit one (default 4-bit symmetric,
+        MSE scales).  cross: ``C = E[x_hat x^T]`` (n, n) for asymmetric reconstruction, with
+        ``float_hessian = E[x x^T]`` (n, n) to make the cost absolute (optional: without it the
+        constant omits ``w^T H_float w``).
+        """
+        w = as_float_array(weight, "weight", ndim=2)
+        m, n = w.shape
+        if m == 0 or n == 0:
+            raise QroundError(f"weight must be non-empty, got shape {w.shape}")
+        h = as_float_array(hessian, "hessian", ndim=(2, 3))
+        if h.shape[-2:] != (n, n) or (h.ndim == 3 and h.shape[0] != m):
+            want = f"({n}, {n}) or ({m}, {n}, {n})"
+            raise QroundError(f"hessian shape {h.shape} does not match weight shape {w.shape}: "
+                              f"expected {want}")
+        if check:
+            check_psd(h, "hessian")
+        if grid is None:
+            grid = GridSpec()
+        if isinstance(grid, GridSpec):
+            grid = fit_grid(w, grid, hessian=h)
+        if not isinstance(grid, Grid):
+            raise QroundError(f"grid must be a Grid or GridSpec, got {type(grid).__name__}")
+        if grid.scale.shape[0] != m or grid.in_features != n:
+            raise QroundError(f"grid fitted for {grid.scale.shape[0]} x {grid.in_features} "
+                              f"weights, layer is {m} x {n}")
+        s, z = grid.expand()
+        if np.any(~np.isfinite(s)) or np.any(s <= 0):
+            raise QroundError("grid scale must be positive and finite (a zero scale cannot "
+                              "represent any weight)")
+
+        if cross is None:
+            if float_hessian is not None:
+                raise QroundError("float_hessian is only used together with cross (C)")
+            r = _energy.hessian_times(w, h)
+            k = np.sum(w * r, axis=1)
+        else:
+            if h.ndim != 2:
+                raise QroundError("asymmetric reconstruction (cross=) needs a shared (n, n) hessian")
+            c = as_float_array(cross, "cross", ndim=2)
+            if c.shape != (n, n):
+                raise QroundError(f"cross shape {c.shape} does not match weight shape {w.shape}")
+            r = w @ c.T  # r_c = C w_c
+            if float_hessian is None:
+                k = np.zeros(m)
+            else:
+                hf = as_float_array(float_hessian, "float_hessian", ndim=2)
+                if hf.shape != (n, n):
+                    raise QroundError(f"float_hessian shape {hf.shape} does not match {w.shape}")
+                k = np.sum((w @ hf) * w, axis=1)
+
+        scaled = w / s
+        fl = np.floor(scaled)
+        frac = scaled - fl
+        lo = np.clip(fl + z, grid.qmin, grid.qmax)
+        hi = np.clip(fl + z + 1, grid.qmin, grid.qmax)
+        free = lo != hi
+        u = s * (lo - z)
+        hu = _energy.hessian_times(u, h)
+        grad = 2.0 * (hu - r)
+        const = np.sum(u * hu, axis=1) - 2.0 * np.sum(u * r, axis=1) + k
+        arrays = dict(weight=w, hessian=h, scale=s, zero_point=z, floor_codes=lo.astype(np.int64),
+                      free=free, step=np.where(free, s, 0.0), grad=grad, const=const,
+                      frac=np.where(free, frac, 0.0))
+        for a in arrays.values():
+            a.flags.writeable = False
+        return cls(grid=grid, name=name, **arrays)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def num_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def num_inputs(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def shared_hessian(self) -> bool:
+        return self.hessian.ndim == 2
+
+    @property
+    def hessian_diag(self) -> np.ndarray:
+        """(n,) for a shared H, (m, n) per channel."""
+        return np.diagonal(self.hessian, axis1=-2, axis2=-1)
+
+    @property
+    def qmin(self) -> int:
+        return self.grid.qmin
+
+    @property
+    def qmax(self) -> int:
+        return self.grid.qmax
+
+    # ------------------------------------------------------------------ energies
+    def check_choices(self, choices, name: str = "choices") -> np.ndarray:
+        """Validate candidate choices (..., m, n) of 0/1 (or bool) and return them as float64."""
+        b = np.asarray(choices)
+        if b.shape[-2:] != self.weight.shape:
+            raise QroundError(f"{name} must have shape (..., {self.num_channels}, "
+                              f"{self.num_inputs}), got {b.shape}")
+        if b.dtype != bool and not np.all((b == 0) | (b == 1)):
+            raise QroundError(f"{name} must be binary (0/1), got other values")
+        return b.astype(np.float64)
+
+    def energies(self, choices) -> np.ndarray:
+        """QUBO energies ``b^T Q_c b`` of choices (..., m, n) -> (..., m)."""
+        b = self.check_choices(choices)
+        return _energy.energies(b, self.step, self.grad, self.hessian)
+
+    def costs(self, choices) -> np.ndarray:
+        """Absolute costs ``(w_hat - w)^T H (w_hat - w)`` (local MSE): (..., m)."""
+        return self.energies(choices) + self.const
+
+    def local_fields(self, choices) -> np.ndarray:
+        return _energy.local_fields(self.check_choices(choices), self.step, self.hessian)
+
+    def flip_deltas(self, choices, fields=None) -> np.ndarray:
+        """Energy change of each single flip (..., m, n); ``fields`` as from :meth:`local_fields`."""
+        b = self.check_choices(choices)
+        if fields is None:
+            fields = _energy.local_fields(b, self.step, self.hessian)
+        return _energy.flip_deltas(b, self.step, self.grad, fields, self.hessian_diag)
+
+    # ------------------------------------------------------------------ solutions
+    def rtn_choices(self) -> np.ndarray:
+        """Rounding-to-nearest (ties up), (m, n) bool."""
+        return (self.frac >= 0.5) & self.free
+
+    def rtn_costs(self) -> np.ndarray:
+        if "rtn_costs" not in self._cache:
+            self._cache["rtn_costs"] = self.costs(self.rtn_choices())
+        return self._cache["rtn_costs"]
+
+    def codes(self, choices) -> np.ndarray:
+        """Integer codes (m, n) of choices (m, n); fixed weights keep their clipped code."""
+        b = self.check_choices(choices).astype(bool) & self.free
+        return self.floor_codes + b
+
+    def choices_from_codes(self, codes) -> np.ndarray:
+        """Inverse of :meth:`codes`; raises if a code is not the floor or ceil of its weight."""
+        q = np.asarray(codes)
+        if q.shape != self.weight.shape:
+            raise QroundError(f"codes must have shape {self.weight.shape}, got {q.shape}")
+        b = q - self.floor_codes
+        if np.any((b != 0) & (b != 1)) or np.any((b == 1) & ~self.free):
+            raise QroundError("codes are not floor or ceil of the weights on this grid")
+        return b.astype(bool)
+
+    def dequantize(self, choices) -> np.ndarray:
+        """Dequantised weights ``s (q - z)`` (m, n)."""
+        return self.scale * (self.codes(choices) - self.zero_point)
+
+    # ------------------------------------------------------------------ exports
+    def qubo(self, channel: int) -> np.ndarray:
+        """Dense upper... full symmetric ``Q_c`` (n, n) with ``E_c(b) = b^T Q_c b``."""
+        c = self._channel(channel)
+        s = self.step[c]
+        h = self.hessian if self.shared_hessian else self.hessian[c]
+        q = s[:, None] * h * s[None, :]
+        q[np.diag_indices_from(q)] += s * self.grad[c]
+        return q
+
+    def to_bqm(self, channel: int):
+        """A dimod ``BinaryQuadraticModel`` of channel ``c`` over its free variables.
+
+        Variables are labelled by input index; the offset is ``const_c``, so the BQM energy of a
+        sample is the absolute cost of the channel.  Fixed (clipped) weights are not variables.
+        """
+        import dimod
+
+        c = self._channel(channel)
+        idx = np.flatnonzero(self.free[c])
+        q = self.qubo(c)[np.ix_(idx, idx)]
+        lin = np.diag(q).copy()
+        # off-diagonal pairs counted once: b^T Q b = sum_i Q_ii b_i + sum_{i<j} 2 Q_ij b_i b_j
+        iu, ju = np.triu_indices(len(idx), k=1)
+        quad = 2.0 * q[iu, ju]
+        bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(
+            lin, (iu, ju, quad), float(self.const[c]), dimod.BINARY, variable_order=list(map(int, idx)))
+        return bqm
+
+    def _channel(self, channel: int) -> int:
+        if not -self.num_channels <= int(channel) < self.num_channels:
+            raise QroundError(f"channel {channel} out of range for {self.num_channels} channels")
+        return int(channel) % self.num_channels
+
+    def subproblem(self, channels) -> "RoundingProblem":
+        """The problem restricted to some channels (index array or slice)."""
+        idx = np.arange(self.num_channels)[channels]
+        g = self.grid
+        grid = Grid(g.scale[idx], g.zero_point[idx], g.bits, g.symmetric, g.group_size,
+                    g.in_features)
+        arrays = {k: getattr(self, k)[idx] for k in ("weight", "scale", "zero_point", "floor_codes",
+                                                       "free", "step", "grad", "const", "frac")}
+        arrays["hessian"] = self.hessian if self.shared_hessian else self.hessian[idx]
+        return RoundingProblem(grid=grid, name=self.name, **arrays)
+
+    def __repr__(self) -> str:
+        kind = "shared" if self.shared_hessian else "per-channel"
+        return (f"RoundingProblem({self.name + ', ' if self.name else ''}{self.num_channels}x"
+                f"{self.num_inputs}, {self.grid.bits}-bit, {kind} H, "
+                f"{int(self.free.sum())} free variables)")

@@ -1,0 +1,25 @@
+"""Solvers of rounding problems: the contract, the registry, and every backend.
+
+Importing this package registers the built-in solvers; ``available_solvers()`` lists them.
+"""
+from .base import BestOf, Chain, Solution, Solver, make_solution
+from .dimod_backend import DimodSolver
+from .local import Greedy, steepest_descent
+from .reference import Exact, Nearest, Stochastic
+from .registry import available_solvers, get_solver, register
+
+register("nearest", Nearest, "rounding-to-nearest (the baseline)")
+register("stochastic", Stochastic, "stochastic rounding, best of K samples")
+register("exact", Exact, "exact optimum by enumeration (small channels only)")
+register("greedy", Greedy, "steepest-descent single flips, batched over channels")
+register("dimod", DimodSolver, "any dimod sampler, one BQM per channel (sampler=...)")
+register("neal", lambda **kw: DimodSolver("neal", **kw),
+         "dwave-neal / dwave-samplers simulated annealing via dimod")
+register("dwave-tabu", lambda **kw: DimodSolver("dwave-tabu", **kw),
+         "dwave-samplers tabu search via dimod")
+register("dwave-steepest", lambda **kw: DimodSolver("dwave-steepest", **kw),
+         "dwave-samplers steepest descent via dimod")
+
+__all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver",
+           "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy", "DimodSolver",
+           "steepest_descent"]

@@ -1,0 +1,191 @@
+"""The solver contract: one ``Solver`` interface, one ``Solution`` type, and composition.
+
+A solver implements ``_solve(problem, start, rng) -> choices`` (m, n); the base class does the
+rest the same way for every backend: validates the start (RTN by default), times the work,
+respects fixed variables, keeps per channel the better of start and result (so no solver ever
+returns worse than its start), and packages energies, absolute costs and the RTN cost.
+
+Composition lives in wrappers, not flags: ``Chain(a, b)`` runs ``a`` then polishes with ``b``
+from ``a``'s result; ``BestOf(a, b, ...)`` keeps per channel the best of several solvers.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import QroundError
+from ..problems.rounding import RoundingProblem
+
+
+@dataclass(frozen=True, eq=False)
+class Solution:
+    """The result of a solver on one problem.
+
+    choices (m, n) bool: round up; codes (m, n) int64: integer grid codes; energy, cost,
+    rtn_cost (m,): QUBO energy, absolute cost and RTN cost per channel; seconds: wall time.
+    """
+
+    choices: np.ndarray
+    codes: np.ndarray
+    energy: np.ndarray
+    cost: np.ndarray
+    rtn_cost: np.ndarray
+    seconds: float
+    solver: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def total_cost(self) -> float:
+        return float(np.sum(self.cost))
+
+    @property
+    def total_rtn_cost(self) -> float:
+        return float(np.sum(self.rtn_cost))
+
+    @property
+    def ratio(self) -> float:
+        """Summed cost relative to RTN (lower is better); 1.0 when RTN is already exact."""
+        rtn = self.total_rtn_cost
+        return self.total_cost / rtn if rtn > 0 else 1.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"solver": self.solver, "cost": self.total_cost, "rtn_cost": self.total_rtn_cost,
+                "ratio": self.ratio, "seconds": self.seconds}
+
+
+def make_solution(problem: RoundingProblem, choices: np.ndarray, seconds: float, solver: str,
+                  info: dict | None = None) -> Solution:
+    b = np.asarray(choices, dtype=bool) & problem.free
+    e = problem.energies(b)
+    return Solution(choices=b, codes=problem.codes(b), energy=e, cost=e + problem.const,
+                    rtn_cost=problem.rtn_costs(), seconds=seconds, solver=solver,
+                    info=dict(info or {}))
+
+
+def resolve_start(problem: RoundingProblem, init) -> np.ndarray:
+    """A start as (m, n) bool: None -> RTN; a Solution or 0/1 choices (m, n).
+
+    Integer grid codes are converted with ``problem.choices_from_codes`` first (a 0/1 array is
+    always read as choices, never as codes).
+    """
+    if init is None:
+        return problem.rtn_choices()
+    if isinstance(init, Solution):
+        init = init.choices
+    arr = np.asarray(init)
+    if arr.shape != problem.weight.shape:
+        raise QroundError(f"init must have shape {problem.weight.shape}, got {arr.shape}")
+    return problem.check_choices(arr, "init").astype(bool) & problem.free
+
+
+def spawn_rng(seed) -> np.random.Generator:
+    """A private generator; never touches numpy's or torch's global state."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
+
+
+class Solver(ABC):
+    """Base class of every solver. Constructors store parameters only; work happens in ``solve``.
+
+    Subclasses set ``name`` and implement :meth:`_solve`.  ``parameters`` lists constructor
+    arguments for introspection (as dimod samplers do).
+    """
+
+    name: ClassVar[str] = "solver"
+
+    def solve(self, problem: RoundingProblem, init=None, seed=None) -> Solution:
+        """Solve every channel of ``problem``.
+
+        init: start (None = RTN): a Solution or (m, n) 0/1 choices.
+        seed: int, None or ``np.random.Generator``; equal seeds give equal results.
+        """
+        if not isinstance(problem, RoundingProblem):
+            raise QroundError(f"solve() needs a RoundingProblem, got {type(problem).__name__}")
+        start = resolve_start(problem, init)
+        rng = spawn_rng(seed)
+        t0 = time.perf_counter()
+        out = self._solve(problem, start.copy(), rng)
+        seconds = time.perf_counter() - t0
+        choices, info = out if isinstance(out, tuple) else (out, {})
+        choices = np.asarray(choices)
+        if choices.shape != problem.weight.shape:
+            raise RuntimeError(f"{self.label} returned shape {choices.shape}, "
+                               f"expected {problem.weight.shape}")
+        choices = choices.astype(bool) & problem.free
+        # Keep, per channel, the better of start and result: no solver returns worse than its start.
+        e_new, e_start = problem.energies(choices), problem.energies(start)
+        worse = e_new > e_start
+        if np.any(worse):
+            choices = np.where(worse[:, None], start, choices)
+            info = {**info, "channels_kept_start": int(worse.sum())}
+        return make_solution(problem, choices, seconds, self.label, info)
+
+    @abstractmethod
+    def _solve(self, problem: RoundingProblem, start: np.ndarray, rng: np.random.Generator):
+        """Return choices (m, n) bool, or ``(choices, info_dict)``."""
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.parameters.items())
+        return f"{type(self).__name__}({args})"
+
+
+class Chain(Solver):
+    """Run solvers in sequence, each starting from the previous result (e.g. ``gptq+tabu``)."""
+
+    name = "chain"
+
+    def __init__(self, *solvers: Solver):
+        if not solvers:
+            raise QroundError("Chain needs at least one solver")
+        self.solvers = list(solvers)
+
+    @property
+    def label(self) -> str:
+        return "+".join(s.label for s in self.solvers)
+
+    def _solve(self, problem, start, rng):
+        sol, info = start, {}
+        for s in self.solvers:
+            step = s.solve(problem, init=sol, seed=rng)
+            info[s.label] = {"ratio": step.ratio, "seconds": step.seconds}
+            sol = step.choices
+        return sol, {"steps": info}
+
+
+class BestOf(Solver):
+    """Run several solvers from the same start and keep, per channel, the lowest energy."""
+
+    name = "best"
+
+    def __init__(self, *solvers: Solver):
+        if not solvers:
+            raise QroundError("BestOf needs at least one solver")
+        self.solvers = list(solvers)
+
+    @property
+    def label(self) -> str:
+        return "|".join(s.label for s in self.solvers)
+
+    def _solve(self, problem, start, rng):
+        best, best_e = start, problem.energies(start)
+        wins = {}
+        for s in self.solvers:
+            sol = s.solve(problem, init=start, seed=rng)
+            better = sol.energy < best_e
+            wins[s.label] = int(better.sum())
+            best = np.where(better[:, None], sol.choices, best)
+            best_e = np.minimum(best_e, sol.energy)
+        return best, {"channels_won": wins}
