@@ -66,11 +66,12 @@ class RoundingProblem:
         ``float_hessian = E[x x^T]`` (n, n) to make the cost absolute (optional: without it the
         constant omits ``w^T H_float w``).
         """
-        w = as_float_array(weight, "weight", ndim=2)
+        # private copies: the arrays are frozen below, and the user's own must stay writeable
+        w = as_float_array(weight, "weight", ndim=2).copy()
         m, n = w.shape
         if m == 0 or n == 0:
             raise QroundError(f"weight must be non-empty, got shape {w.shape}")
-        h = as_float_array(hessian, "hessian", ndim=(2, 3))
+        h = as_float_array(hessian, "hessian", ndim=(2, 3)).copy()
         if h.shape[-2:] != (n, n) or (h.ndim == 3 and h.shape[0] != m):
             want = f"({n}, {n}) or ({m}, {n}, {n})"
             raise QroundError(f"hessian shape {h.shape} does not match weight shape {w.shape}: "
@@ -215,7 +216,7 @@ class RoundingProblem:
 
     # ------------------------------------------------------------------ exports
     def qubo(self, channel: int) -> np.ndarray:
-        """Dense upper... full symmetric ``Q_c`` (n, n) with ``E_c(b) = b^T Q_c b``."""
+        """The dense symmetric ``Q_c`` (n, n) with ``E_c(b) = b^T Q_c b``."""
         c = self._channel(channel)
         s = self.step[c]
         h = self.hessian if self.shared_hessian else self.hessian[c]

@@ -3,6 +3,7 @@
 Importing this package registers the built-in solvers; ``available_solvers()`` lists them.
 """
 from .base import BestOf, Chain, Solution, Solver, make_solution
+from .cem import CrossEntropy
 from .dimod_backend import DimodSolver
 from .local import Greedy, steepest_descent
 from .reference import Exact, Nearest, Stochastic
@@ -19,6 +20,7 @@ register("dwave-tabu", lambda **kw: DimodSolver("dwave-tabu", **kw),
          "dwave-samplers tabu search via dimod")
 register("dwave-steepest", lambda **kw: DimodSolver("dwave-steepest", **kw),
          "dwave-samplers steepest descent via dimod")
+register("cem", CrossEntropy, "cross-entropy method from stochastic-rounding probabilities (torch)")
 
 __all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver",
            "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy", "DimodSolver",

@@ -1,0 +1,195 @@
+"""The ``qround`` command line.
+
+    qround solve FILE.npz [FILE.npz ...] --solver NAME [--bits B] [--json] [--out SOL.npz]
+    qround export-layer --model minilm|digits-cnn --layer NAME --out FILE.npz [--bits B]
+    qround demo [--json FILE] [--channels N] [--solvers a,b,...]
+    qround bench ...            (the solver benchmark, see benchmarks/solvers.py)
+    qround solvers              (the registry)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import QroundError
+from .report import SolveRecord, format_table, totals, write_json_atomic, write_npz_atomic
+from .solvers import available_solvers, get_solver
+
+log = logging.getLogger("qround")
+
+COLUMNS = ["layer", "shape", "solver", "cost", "rtn_cost", "ratio", "seconds"]
+
+
+# ---------------------------------------------------------------------------------- solve
+def cmd_solve(args) -> int:
+    from .problems.io import load_layer_stats
+
+    if args.out and len(args.files) != 1:
+        raise QroundError("--out writes the codes of one layer: give exactly one FILE.npz")
+    solver = get_solver(args.solver)
+    records, solutions = [], []
+    for path in args.files:
+        stats = load_layer_stats(path)
+        problem = stats.problem(bits=args.bits, scale_method=args.scale_method)
+        sol = solver.solve(problem, seed=args.seed)
+        records.append(SolveRecord.from_solution(stats.name or str(path), sol))
+        solutions.append((problem, sol))
+    tot = totals(records)
+    if args.out:
+        problem, sol = solutions[0]
+        write_npz_atomic(args.out, codes=sol.codes, choices=sol.choices,
+                         scale=problem.grid.scale, zero_point=problem.grid.zero_point,
+                         bits=np.int64(problem.grid.bits), cost=sol.cost, rtn_cost=sol.rtn_cost,
+                         solver=np.str_(sol.solver))
+    if args.json:
+        print(json.dumps({**tot, "solver": solver.label,
+                          "layers": [r.as_dict() for r in records]}))
+    else:
+        rows = [r.as_dict() for r in records]
+        if len(rows) > 1:
+            rows.append({"layer": "total", "shape": "", "solver": solver.label, **tot})
+        print(format_table(rows, COLUMNS))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- export
+def _load_named_model(name: str, seed: int = 0):
+    """(model, calibration batches, forward) for a packaged model name."""
+    from . import zoo
+
+    if name == "minilm":
+        model = zoo.load_minilm()
+        batches = zoo.minilm_batches(model, zoo.sentences("calibration", n=256))
+        return model, batches, zoo.minilm_forward
+    if name == "digits-cnn":
+        model, data = zoo.train_digits_cnn("plain", seed=seed)
+        calib = data.calib_images
+        batches = [calib[i:i + 64] for i in range(0, len(calib), 64)]
+        return model, batches, None
+    raise QroundError(f"unknown model {name!r}: use minilm or digits-cnn")
+
+
+def cmd_export_layer(args) -> int:
+    import torch
+
+    from .calibrate import capture_hessians
+    from .grid import GridSpec
+    from .problems.io import save_layer_stats_from_module
+
+    torch.set_num_threads(args.threads)
+    model, batches, forward = _load_named_model(args.model)
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    if args.list or not args.layer:
+        print("\n".join(names))
+        return 0 if args.list else 2
+    if args.layer not in names:
+        raise QroundError(f"layer {args.layer!r} not found; `qround export-layer --model "
+                          f"{args.model} --list` lists the {len(names)} Linear/Conv2d layers")
+    if not args.out:
+        raise QroundError("--out FILE.npz is required")
+    hessians = capture_hessians(model, batches, layers=[args.layer], forward=forward)
+    module = dict(model.named_modules())[args.layer]
+    spec = GridSpec(bits=args.bits, symmetric=not args.asymmetric, group_size=args.group_size,
+                    scale_method=args.scale_method)
+    save_layer_stats_from_module(args.out, module, hessians[args.layer], spec, name=args.layer)
+    print(f"wrote {args.out}: {args.layer} {tuple(module.weight.shape)}, {args.bits}-bit, "
+          f"scale {args.scale_method}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(channels=args.channels, solvers=args.solvers, threads=args.threads,
+                      seed=args.seed, progress=not args.no_progress)
+    print(result["table"])
+    if args.json:
+        write_json_atomic(args.json, {k: v for k, v in result.items() if k != "table"})
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def cmd_solvers(args) -> int:
+    rows = [{"name": k, "description": v} for k, v in available_solvers().items()]
+    print(format_table(rows))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+# ---------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qround", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"qround {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("solve", help="solve the rounding problems of layer statistics files")
+    s.add_argument("files", nargs="+", help="layer statistics .npz files (see qround.problems.io)")
+    s.add_argument("--solver", default="greedy", help="solver name or spec (a+b chains, a|b best-of)")
+    s.add_argument("--bits", type=int, default=None,
+                   help="grid bits when the file has no scale (default: the file's bits)")
+    s.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],
+                   help="scale search when the file has no scale")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    s.add_argument("--out", help="write codes (out x in), choices, scale, zero_point to this .npz")
+    s.set_defaults(func=cmd_solve)
+
+    e = sub.add_parser("export-layer", help="write a layer statistics file from a real model layer")
+    e.add_argument("--model", default="minilm", choices=["minilm", "digits-cnn"])
+    e.add_argument("--layer", help="module name (see --list)")
+    e.add_argument("--list", action="store_true", help="list the Linear/Conv2d layers and exit")
+    e.add_argument("--out", help="output .npz")
+    e.add_argument("--bits", type=int, default=4)
+    e.add_argument("--asymmetric", action="store_true")
+    e.add_argument("--group-size", type=int, default=None)
+    e.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
+    e.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    e.set_defaults(func=cmd_export_layer)
+
+    d = sub.add_parser("demo", help="solve real MiniLM layers with every solver vs RTN")
+    d.add_argument("--channels", type=int, default=32, help="output channels per layer")
+    d.add_argument("--solvers", default=None, help="comma-separated solver specs (default: all)")
+    d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", help="also write the results as JSON to this file")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="solver benchmark on real layers (benchmarks/solvers.py)",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+
+    ls = sub.add_parser("solvers", help="list the registered solvers")
+    ls.set_defaults(func=cmd_solvers)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except QroundError as exc:
+        print(f"qround: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Reports as data, shown as tables: one row per (layer, solver)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .solvers.base import Solution
+
+
+@dataclass(frozen=True)
+class SolveRecord:
+    """One solver's result on one layer: summed costs over the channels solved."""
+
+    layer: str
+    shape: tuple[int, int]
+    solver: str
+    cost: float
+    rtn_cost: float
+    ratio: float
+    seconds: float
+    channels: int
+
+    @classmethod
+    def from_solution(cls, layer: str, solution: Solution) -> "SolveRecord":
+        return cls(layer=layer, shape=tuple(solution.choices.shape), solver=solution.solver,
+                   cost=solution.total_cost, rtn_cost=solution.total_rtn_cost,
+                   ratio=solution.ratio, seconds=solution.seconds,
+                   channels=solution.choices.shape[0])
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v == 0 or math.isnan(v):
+            return f"{v:.4g}"
+        return f"{v:.4f}" if 1e-3 <= abs(v) < 1e4 else f"{v:.4g}"
+    if isinstance(v, (tuple, list)):
+        return "x".join(map(str, v))
+    return str(v)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A plain-text table of dict rows (monospace, right-aligned numbers)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in columns]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(vals, widths, numeric)).rstrip()
+
+    out = [line(columns), line(["-" * w for w in widths])]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def totals(records: Iterable[SolveRecord]) -> dict:
+    """Summed cost, RTN cost, their ratio and seconds over records."""
+    records = list(records)
+    cost = sum(r.cost for r in records)
+    rtn = sum(r.rtn_cost for r in records)
+    return {"cost": cost, "rtn_cost": rtn, "ratio": cost / rtn if rtn > 0 else 1.0,
+            "seconds": sum(r.seconds for r in records)}
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")
+
+
+def write_npz_atomic(path: str | os.PathLike, **arrays) -> None:
+    """``np.savez`` to ``path`` atomically; a failure leaves any existing file as it was."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,110 @@
+"""Torch plumbing shared by the tensor solvers (``cem``, ``hopfield``, ``gptq``).
+
+Moves a problem's arrays to a device once, turns the numpy ``rng`` handed to ``_solve`` into a
+local ``torch.Generator`` (the global torch RNG is never used), and splits channels into chunks
+so that a batch of candidates (K, chunk, n) stays within a memory budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import QroundError
+from ..problems.rounding import RoundingProblem
+
+try:  # torch is a dependency of the package, but keep the error readable if it is missing
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+
+_DTYPES = {"float32": "float32", "float": "float32", "float64": "float64", "double": "float64"}
+
+
+def resolve_device(device) -> "torch.device":
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``; CUDA must be available."""
+    if torch is None:  # pragma: no cover
+        raise QroundError("this solver needs torch; install it with `pip install torch`")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise QroundError(f"device={device!r} is not a torch device: {exc}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QroundError(f"device={device!r} asked for CUDA, but torch.cuda.is_available() "
+                              "is False here; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise QroundError(f"device={device!r}: only {torch.cuda.device_count()} CUDA "
+                              "device(s) present")
+    elif dev.type != "cpu":
+        raise QroundError(f"device={device!r} is not supported: use 'cpu' or 'cuda'")
+    return dev
+
+
+def resolve_dtype(dtype, device: "torch.device") -> "torch.dtype":
+    """None -> float64 on CPU (exact comparisons), float32 on CUDA; else float32/float64."""
+    if dtype is None:
+        return torch.float64 if device.type == "cpu" else torch.float32
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in _DTYPES:
+            raise QroundError(f"dtype={dtype!r} is not supported: use 'float32' or 'float64'")
+        return getattr(torch, _DTYPES[dtype.removeprefix("torch.")])
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    if dtype in (np.float32, np.float64):
+        return torch.float32 if dtype == np.float32 else torch.float64
+    raise QroundError(f"dtype={dtype!r} is not supported: use torch.float32 or torch.float64")
+
+
+def torch_generator(rng: np.random.Generator, device: "torch.device") -> "torch.Generator":
+    """A private torch generator on ``device``, seeded from the numpy ``rng``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(rng.integers(0, 2 ** 63 - 1)))
+    return gen
+
+
+@dataclass(frozen=True)
+class TorchProblem:
+    """A problem's arrays as tensors on one device (shapes as in :class:`RoundingProblem`).
+
+    step, grad, frac (m, n); free (m, n) bool; hessian (n, n) or (m, n, n);
+    hessian_diag (n,) or (m, n).
+    """
+
+    step: "torch.Tensor"
+    grad: "torch.Tensor"
+    frac: "torch.Tensor"
+    free: "torch.Tensor"
+    hessian: "torch.Tensor"
+    hessian_diag: "torch.Tensor"
+
+    @property
+    def shared_hessian(self) -> bool:
+        return self.hessian.ndim == 2
+
+    def channels(self, idx) -> "TorchProblem":
+        """The tensors of some channels (index tensor or slice); a shared H is kept as is."""
+        h = self.hessian if self.shared_hessian else self.hessian[idx]
+        hd = self.hessian_diag if self.shared_hessian else self.hessian_diag[idx]
+        return TorchProblem(self.step[idx], self.grad[idx], self.frac[idx], self.free[idx], h, hd)
+
+
+def to_torch(problem: RoundingProblem, device, dtype) -> TorchProblem:
+    """Copy the arrays a solver reads to ``device`` in ``dtype`` (torch.float32/float64)."""
+    def t(a):
+        return torch.as_tensor(np.array(a, dtype=np.float64), dtype=dtype, device=device)
+
+    return TorchProblem(step=t(problem.step), grad=t(problem.grad), frac=t(problem.frac),
+                        free=torch.as_tensor(np.array(problem.free), device=device),
+                        hessian=t(problem.hessian), hessian_diag=t(problem.hessian_diag))
+
+
+def channel_chunks(m: int, per_channel: int, max_elements: int) -> list[slice]:
+    """Slices of at most ``max_elements // per_channel`` channels (at least one each)."""
+    size = max(1, int(max_elements) // max(1, int(per_channel)))
+    return [slice(i, min(i + size, m)) for i in range(0, m, size)]
+
+
+def to_numpy_choices(b: "torch.Tensor") -> np.ndarray:
+    """(m, n) tensor of 0/1 (any dtype) -> numpy bool."""
+    return (b.detach() > 0.5).cpu().numpy()

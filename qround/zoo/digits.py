@@ -1,0 +1,306 @@
+"""Small real CNNs on real data: scikit-learn's 8x8 handwritten digits (1797 images, bundled with
+scikit-learn, nothing downloaded), upsampled to 16x16.
+
+Everything is deterministic for a seed and touches no global state: the split uses a
+``np.random.Generator``, weights are initialised and batches shuffled with a local
+``torch.Generator`` (modules are built on the ``meta`` device so their default initialisation
+does not draw from torch's global RNG).  Trained weights may be cached (weights only, never data)
+under ``$XDG_CACHE_HOME/qround`` (default ``~/.cache/qround``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import QroundError
+from ._optional import require
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("plain", "residual")
+IMAGE_SIZE = 16
+# Fractions of each class that go to calibration and test; the rest is the training set.
+CALIB_FRACTION, TEST_FRACTION = 0.1, 0.2
+# Bump when the data pipeline, architectures or training recipe change: it keys the weight cache.
+RECIPE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DigitsData:
+    """Fixed stratified split of the digits. Images (N, 1, 16, 16) float32, labels (N,) int64.
+
+    Images are upsampled bilinearly from 8x8 and standardised with the training set's pixel
+    ``mean``/``std`` (scalars), so the three splits share one normalisation.
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    calib_images: torch.Tensor
+    calib_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mean: float
+    std: float
+    seed: int
+
+
+def load_digits_data(seed: int = 0) -> DigitsData:
+    """The digits split into train (~70%) / calibration (~10%) / test (~20%), stratified per
+    class with ``np.random.default_rng(seed)``."""
+    _check_int(seed, "seed", minimum=0)
+    datasets = require("sklearn.datasets", "scikit-learn")
+    raw = datasets.load_digits()
+    images = torch.as_tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797,1,8,8)
+    labels = torch.as_tensor(raw.target, dtype=torch.int64)
+
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "calib": [], "test": []}
+    for c in np.unique(raw.target):
+        idx = rng.permutation(np.flatnonzero(raw.target == c))
+        n_test, n_calib = round(TEST_FRACTION * idx.size), round(CALIB_FRACTION * idx.size)
+        parts["test"].append(idx[:n_test])
+        parts["calib"].append(idx[n_test:n_test + n_calib])
+        parts["train"].append(idx[n_test + n_calib:])
+    # Sorted so a split's order does not depend on the class loop; shuffling is the trainer's job.
+    index = {k: torch.as_tensor(np.sort(np.concatenate(v))) for k, v in parts.items()}
+
+    big = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                        align_corners=False)
+    mean = float(big[index["train"]].mean())
+    std = float(big[index["train"]].std())
+    big = (big - mean) / std
+    return DigitsData(big[index["train"]], labels[index["train"]],
+                      big[index["calib"]], labels[index["calib"]],
+                      big[index["test"]], labels[index["test"]], mean, std, seed)
+
+
+# ----------------------------------------------------------------------------- models
+class DigitsCNN(nn.Module):
+    """Plain CNN: conv 1->16 (16x16), conv 16->32 s2 (8x8), conv 32->64 s2 (4x4), each + ReLU,
+    global average pool, Linear 64->10.  Input (N, 1, 16, 16), output logits (N, 10)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        kw = dict(device="meta")  # real values come from _init_weights with a local generator
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, **kw)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, **kw)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(32, 64, 3, stride=2, padding=1, **kw)
+        self.relu3 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, 10, **kw)
+        _init_weights(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.conv1(x))
+        x = self.relu2(self.conv2(x))
+        x = self.relu3(self.conv3(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class ResidualBlock(nn.Module):
+    """``relu(x + conv2(relu(conv1(x))))`` with 3x3 convs keeping channels and resolution.
+
+    No BatchNorm on purpose: the block is quantised as it is, with nothing to fold."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, device="meta")
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, device="meta")
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(x + self.conv2(self.relu1(self.conv1(x))))
+
+
+class ResidualDigitsCNN(nn.Module):
+    """Stem conv 1->16 + ReLU, ``block1`` (16 ch, 16x16), conv 16->32 s2 + ReLU, ``block2``
+    (32 ch, 8x8), global average pool, Linear 32->10.  Input (N, 1, 16, 16), logits (N, 10)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, device="meta")
+        self.relu1 = nn.ReLU()
+        self.block1 = ResidualBlock(16)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1, device="meta")
+        self.relu2 = nn.ReLU()
+        self.block2 = ResidualBlock(32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10, device="meta")
+        _init_weights(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block1(self.relu1(self.stem(x)))
+        x = self.block2(self.relu2(self.down(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _init_weights(model: nn.Module, seed: int) -> None:
+    """Materialise ``meta`` parameters on the CPU: He-uniform weights, zero biases, drawn from a
+    local generator.  The last conv of each residual block starts at a quarter scale so the
+    blocks begin close to the identity (keeps the residual net trainable without BatchNorm)."""
+    _check_int(seed, "seed", minimum=0)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                gain = 1.0 if isinstance(mod, nn.Linear) else math.sqrt(2.0)
+                fan_in = mod.weight[0].numel()
+                bound = gain * math.sqrt(3.0 / fan_in)
+                if name.endswith("conv2") and "block" in name:
+                    bound *= 0.25
+                mod.weight.uniform_(-bound, bound, generator=gen)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+
+
+# ----------------------------------------------------------------------------- training
+def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 30, device: str = "cpu",
+                     cache: bool = True, batch_size: int = 64, lr: float = 3e-3
+                     ) -> tuple[nn.Module, DigitsData]:
+    """Train ``DigitsCNN`` (``arch="plain"``) or ``ResidualDigitsCNN`` (``"residual"``) on the
+    training split of ``load_digits_data()`` (split seed 0, fixed for every training seed).
+
+    Adam with a cosine learning-rate decay; initialisation and batch order come from ``seed``.
+    With ``cache=True`` the trained weights are read from / written to the weight cache, keyed by
+    arch, seed, epochs, batch size, lr and the recipe version.  Returns the model in eval mode on
+    ``device`` and the data (on the CPU).
+    """
+    if arch not in ARCHS:
+        raise QroundError(f"arch must be one of {ARCHS}, got {arch!r}")
+    _check_int(seed, "seed", minimum=0)
+    _check_int(epochs, "epochs", minimum=1)
+    _check_int(batch_size, "batch_size", minimum=1)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise QroundError(f"lr must be a positive finite number, got {lr!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise QroundError(f"device={device!r} is not a torch device: {exc}") from exc
+
+    data = load_digits_data()
+    model = (DigitsCNN if arch == "plain" else ResidualDigitsCNN)(seed)
+    path = _cache_path(arch, seed, epochs, batch_size, lr) if cache else None
+    if path is not None and _load_cached(model, path):
+        return model.to(device).eval(), data
+
+    start = time.perf_counter()
+    _fit(model.to(device), data, seed, epochs, batch_size, lr, device)
+    model.eval()
+    log.info("trained %s digits CNN (seed %d, %d epochs) in %.2f s, test accuracy %.4f", arch,
+             seed, epochs, time.perf_counter() - start,
+             accuracy(model, data.test_images, data.test_labels))
+    if path is not None:
+        _save_cached(model, path)
+    return model, data
+
+
+def _fit(model: nn.Module, data: DigitsData, seed: int, epochs: int, batch_size: int, lr: float,
+         device: torch.device) -> None:
+    # A different stream from the initialisation's, still a function of the seed alone.
+    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    x, y = data.train_images.to(device), data.train_labels.to(device)
+    steps_per_epoch = math.ceil(len(y) / batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen).to(device)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on images (N, C, H, W) with labels (N,), in [0, 1].
+
+    Runs in eval mode and puts the model back in the mode it was in."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise QroundError(f"images must be a 4-d tensor (N, C, H, W), got "
+                          f"{getattr(images, 'shape', type(images).__name__)}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != images.shape[:1]:
+        raise QroundError(f"labels must be a tensor of shape ({images.shape[0]},), got "
+                          f"{getattr(labels, 'shape', type(labels).__name__)}")
+    if len(labels) == 0:
+        raise QroundError("images is empty: accuracy of nothing is undefined")
+    _check_int(batch_size, "batch_size", minimum=1)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        correct = 0
+        for i in range(0, len(labels), batch_size):
+            pred = model(images[i:i + batch_size].to(device)).argmax(dim=1).cpu()
+            correct += int((pred == labels[i:i + batch_size].cpu()).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(labels)
+
+
+# ----------------------------------------------------------------------------- weight cache
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/qround`` (default ``~/.cache/qround``); not created here."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qround"
+
+
+def _cache_path(arch: str, seed: int, epochs: int, batch_size: int, lr: float) -> Path:
+    name = f"digits-{arch}-seed{seed}-epochs{epochs}-bs{batch_size}-lr{lr:g}-v{RECIPE_VERSION}"
+    return cache_dir() / "digits" / f"{name}.safetensors"
+
+
+def _load_cached(model: nn.Module, path: Path) -> bool:
+    if not path.is_file():
+        return False
+    from safetensors.torch import load_file
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as exc:  # a corrupt or stale file is retrained over, not fatal
+        log.warning("ignoring unreadable cached weights %s: %s", path, exc)
+        return False
+    log.info("loaded cached digits weights from %s", path)
+    return True
+
+
+def _save_cached(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target then rename, so a reader never sees a half-written file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        os.close(fd)
+        try:
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:  # a read-only home must not break training
+        log.warning("could not cache digits weights at %s: %s", path, exc)
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise QroundError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -1,0 +1,157 @@
+"""The identities of DESIGN.md section 1 and the checks on bad input."""
+from __future__ import annotations
+
+import dimod
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qround import GridSpec, QroundError, RoundingProblem
+from qround.grid import fit_grid
+
+from ..conftest import correlated_hessian, make_problem
+
+
+def direct_cost(p: RoundingProblem, b):
+    d = p.dequantize(b) - p.weight
+    if p.shared_hessian:
+        return np.einsum("mi,ij,mj->m", d, p.hessian, d)
+    return np.einsum("mi,mij,mj->m", d, p.hessian, d)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 5), n=st.integers(1, 12), bits=st.integers(2, 8),
+       symmetric=st.booleans(), per_channel=st.booleans(), seed=st.integers(0, 10_000),
+       method=st.sampled_from(["minmax", "mse", "mse-output"]))
+def test_energy_plus_constant_is_direct_cost(m, n, bits, symmetric, per_channel, seed, method):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(m, n)) * rng.uniform(0.01, 10)
+    h = (np.stack([correlated_hessian(n, rng, rows=32) for _ in range(m)]) if per_channel
+         else correlated_hessian(n, rng, rows=32))
+    p = RoundingProblem.from_weight(w, h, GridSpec(bits=bits, symmetric=symmetric,
+                                                   scale_method=method))
+    b = rng.integers(0, 2, size=(3, m, n))
+    costs = p.costs(b)
+    for k in range(3):
+        np.testing.assert_allclose(costs[k], direct_cost(p, b[k]), rtol=1e-9,
+                                   atol=1e-9 * (1 + np.abs(costs[k]).max()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), per_channel=st.booleans())
+def test_flip_deltas_qubo_and_bqm_agree_with_energies(seed, per_channel):
+    p = make_problem(m=3, n=7, seed=seed, per_channel=per_channel)
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 2, size=p.weight.shape).astype(bool) & p.free
+    e0 = p.energies(b)
+    deltas = p.flip_deltas(b)
+    for c in range(p.num_channels):
+        q = p.qubo(c)
+        bc = b[c].astype(float)
+        assert np.isclose(bc @ q @ bc, e0[c])
+        bqm = p.to_bqm(c)
+        assert set(bqm.variables) == set(np.flatnonzero(p.free[c]).tolist())
+        sample = {v: int(b[c, v]) for v in bqm.variables}
+        assert np.isclose(bqm.energy(sample), e0[c] + p.const[c])
+        for i in np.flatnonzero(p.free[c]):
+            b2 = b.copy()
+            b2[c, i] = ~b2[c, i]
+            assert np.isclose(p.energies(b2)[c] - e0[c], deltas[c, i], atol=1e-10)
+
+
+def test_asymmetric_cost_matches_data():
+    rng = np.random.default_rng(0)
+    n, m, rows = 8, 4, 500
+    x = rng.normal(size=(rows, n))
+    x_hat = x + 0.1 * rng.normal(size=(rows, n))
+    w = rng.normal(size=(m, n))
+    h_hat, c, h = x_hat.T @ x_hat / rows, x_hat.T @ x / rows, x.T @ x / rows
+    p = RoundingProblem.from_weight(w, h_hat, GridSpec(bits=3), cross=c, float_hessian=h)
+    b = rng.integers(0, 2, size=(m, n))
+    direct = np.mean((x @ w.T - x_hat @ p.dequantize(b).T) ** 2, axis=0)
+    np.testing.assert_allclose(p.costs(b), direct, rtol=1e-9)
+
+
+def test_rtn_and_codes_lie_on_grid(problem):
+    b = problem.rtn_choices()
+    grid_codes = problem.grid.quantize(problem.weight)
+    np.testing.assert_array_equal(problem.codes(b), grid_codes)
+    q = problem.codes(np.ones_like(b))
+    assert q.min() >= problem.qmin and q.max() <= problem.qmax
+    assert np.array_equal(problem.choices_from_codes(q), np.ones_like(b) & problem.free)
+    assert (~problem.free).any(), "fixture should clip some weights"
+
+
+def test_fixed_variables_do_not_change_energy(problem):
+    b = problem.rtn_choices()
+    b2 = b | ~problem.free
+    np.testing.assert_allclose(problem.energies(b2), problem.energies(b))
+    np.testing.assert_array_equal(problem.codes(b2), problem.codes(b))
+
+
+def test_subproblem_matches_rows(problem):
+    sub = problem.subproblem([1, 3])
+    b = problem.rtn_choices()
+    np.testing.assert_allclose(sub.costs(b[[1, 3]]), problem.costs(b)[[1, 3]])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(weight=np.full((2, 3), np.nan)), "NaN"),
+    (dict(hessian=np.eye(4)), "does not match"),
+    (dict(hessian=np.array([[1.0, 2.0, 0], [0, 1.0, 0], [0, 0, 1.0]])), "not symmetric"),
+    (dict(hessian=-np.eye(3)), "positive semi-definite"),
+    (dict(hessian=np.eye(3)[None]), "does not match"),
+    (dict(weight=np.zeros((0, 3))), "non-empty"),
+    (dict(weight=np.array(["a", "b"])), "numeric"),
+    (dict(weight=np.ones(3)), "dimensions"),
+])
+def test_bad_input_is_named(bad, match):
+    args = dict(weight=np.ones((2, 3)), hessian=np.eye(3))
+    args.update(bad)
+    with pytest.raises(QroundError, match=match):
+        RoundingProblem.from_weight(args["weight"], args["hessian"], GridSpec(bits=4))
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 2.5, True])
+def test_bits_out_of_range(bits):
+    with pytest.raises(QroundError, match="bits"):
+        GridSpec(bits=bits)
+
+
+def test_zero_or_negative_scale_rejected():
+    w = np.ones((2, 3))
+    with pytest.raises(QroundError, match="positive"):
+        fit_grid(w, GridSpec(bits=4), scale=np.array([0.1, 0.0]))
+
+
+def test_bad_choices_rejected(problem):
+    with pytest.raises(QroundError, match="shape"):
+        problem.energies(np.zeros((3, 3)))
+    with pytest.raises(QroundError, match="binary"):
+        problem.energies(np.full(problem.weight.shape, 2))
+    with pytest.raises(QroundError, match="floor or ceil"):
+        problem.choices_from_codes(problem.floor_codes + 2)
+    with pytest.raises(QroundError, match="out of range"):
+        problem.qubo(problem.num_channels)
+
+
+def test_arrays_are_read_only(problem):
+    with pytest.raises(ValueError):
+        problem.hessian[0, 0] = 1.0
+
+
+def test_user_arrays_untouched():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 5))
+    h = correlated_hessian(5, rng)
+    w0, h0 = w.copy(), h.copy()
+    RoundingProblem.from_weight(w, h, GridSpec(bits=3))
+    assert np.array_equal(w, w0) and np.array_equal(h, h0)
+    assert w.flags.writeable and h.flags.writeable
+
+
+def test_bqm_is_a_dimod_model(problem):
+    bqm = problem.to_bqm(0)
+    assert isinstance(bqm, dimod.BinaryQuadraticModel)
+    assert bqm.vartype is dimod.BINARY

@@ -1,0 +1,83 @@
+"""The contract every registered solver passes (as dimod's sampler conformance suite does)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qround import QroundError, available_solvers, get_solver
+from qround.solvers import Chain, Solution
+
+from ..conftest import make_problem
+
+# Solvers that need a sampler argument or are aliases are still built from their registry name.
+SOLVERS = sorted(available_solvers())
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_contract(name, small_problem):
+    p = small_problem
+    solver = get_solver(name)
+    rng = np.random.default_rng(7)
+    bad_start = rng.integers(0, 2, size=p.weight.shape).astype(bool) & p.free
+    for start in (None, bad_start):
+        try:
+            sol = solver.solve(p, init=start, seed=3)
+        except QroundError as exc:  # e.g. gptq refuses per-channel H: must say so clearly
+            assert "per-channel" in str(exc) or "shared" in str(exc), exc
+            return
+        assert isinstance(sol, Solution)
+        assert sol.choices.shape == p.weight.shape and sol.choices.dtype == bool
+        # valid codes on the grid, floor or ceil of each weight
+        assert sol.codes.min() >= p.qmin and sol.codes.max() <= p.qmax
+        np.testing.assert_array_equal(p.choices_from_codes(sol.codes), sol.choices)
+        # fixed variables respected
+        assert not np.any(sol.choices & ~p.free)
+        # energies and costs match a recomputation
+        np.testing.assert_allclose(sol.energy, p.energies(sol.choices), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(sol.cost, p.costs(sol.choices), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(sol.rtn_cost, p.rtn_costs())
+        # never worse than the start, channel by channel
+        s = p.rtn_choices() if start is None else start
+        assert np.all(sol.energy <= p.energies(s) + 1e-12)
+        assert sol.seconds >= 0
+    # seeded determinism
+    a = solver.solve(p, seed=11)
+    b = solver.solve(p, seed=11)
+    np.testing.assert_array_equal(a.choices, b.choices)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_global_rng_untouched(name):
+    import torch
+
+    p = make_problem(m=3, n=8, seed=5)
+    np_state = np.random.get_state()[1].copy()
+    torch_state = torch.get_rng_state().clone()
+    try:
+        get_solver(name).solve(p, seed=0)
+    except QroundError:
+        pass
+    assert np.array_equal(np.random.get_state()[1], np_state)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_composition_specs(problem):
+    chain = get_solver("stochastic+greedy")
+    assert isinstance(chain, Chain) and chain.label == "stochastic+greedy"
+    sol = chain.solve(problem, seed=0)
+    first = get_solver("stochastic").solve(problem, seed=0)
+    assert np.all(sol.energy <= first.energy + 1e-12)
+    best = get_solver("nearest|greedy|stochastic").solve(problem, seed=0)
+    for name in ("nearest", "greedy"):
+        assert np.all(best.energy <= get_solver(name).solve(problem, seed=0).energy + 1e-12)
+
+
+def test_registry_errors():
+    with pytest.raises(QroundError, match="unknown solver"):
+        get_solver("nope")
+    with pytest.raises(QroundError, match="composition"):
+        get_solver("greedy+nearest", max_iter=3)
+    with pytest.raises(QroundError, match="RoundingProblem"):
+        get_solver("greedy").solve(np.eye(3))
+    with pytest.raises(QroundError, match="shape"):
+        get_solver("greedy").solve(make_problem(), init=np.zeros((2, 2)))

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qround import QroundError, get_solver
+from qround.solvers import Exact, Greedy, Stochastic
+
+from ..conftest import make_problem
+
+
+def brute_force(p):
+    best = np.zeros(p.num_channels)
+    for c in range(p.num_channels):
+        q = p.qubo(c)
+        vals = [np.array(bits) @ q @ np.array(bits)
+                for bits in itertools.product([0.0, 1.0], repeat=p.num_inputs)]
+        best[c] = min(vals)
+    return best
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), per_channel=st.booleans(),
+       bits=st.integers(2, 4))
+def test_exact_equals_brute_force(seed, n, per_channel, bits):
+    p = make_problem(m=3, n=n, seed=seed, per_channel=per_channel, bits=bits, clip_some=n > 1)
+    sol = Exact(block_bits=3).solve(p)  # small blocks exercise the blocked enumeration
+    np.testing.assert_allclose(sol.energy, brute_force(p), atol=1e-10)
+
+
+def test_exact_refuses_large_channels():
+    p = make_problem(m=2, n=24, clip_some=False)
+    with pytest.raises(QroundError, match="max_free"):
+        Exact(max_free=20).solve(p)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), per_channel=st.booleans())
+def test_greedy_is_a_local_minimum_and_never_worse(seed, per_channel):
+    p = make_problem(m=4, n=12, seed=seed, per_channel=per_channel)
+    start = np.random.default_rng(seed).integers(0, 2, size=p.weight.shape).astype(bool) & p.free
+    sol = Greedy().solve(p, init=start)
+    assert np.all(sol.energy <= p.energies(start) + 1e-12)
+    deltas = p.flip_deltas(sol.choices)
+    assert np.all(deltas[p.free] >= -1e-9 * np.abs(sol.energy).max())
+
+
+def test_polishers_never_worse_than_any_solution():
+    p = make_problem(m=6, n=14, seed=4)
+    for name in ("stochastic", "nearest"):
+        base = get_solver(name).solve(p, seed=0)
+        polished = get_solver("greedy").solve(p, init=base)
+        assert np.all(polished.energy <= base.energy + 1e-12)
+
+
+def test_stochastic_more_samples_not_worse():
+    p = make_problem(m=6, n=14, seed=5)
+    few = Stochastic(samples=2).solve(p, seed=0)
+    many = Stochastic(samples=256).solve(p, seed=0)
+    assert many.total_cost <= few.total_cost + 1e-12
+    assert many.ratio <= 1.0 + 1e-12
+
+
+def test_dimod_solvers_reach_optimum_on_tiny_problem():
+    pytest.importorskip("dwave.samplers", reason="dwave-samplers not installed")
+    p = make_problem(m=3, n=8, seed=6)
+    opt = Exact().solve(p)
+    for name in ("neal", "dwave-tabu"):
+        sol = get_solver(name).solve(p, seed=1)
+        np.testing.assert_allclose(sol.energy, opt.energy, atol=1e-9)
+
+
+def test_dimod_any_sampler_object():
+    import dimod
+
+    p = make_problem(m=2, n=6, seed=8)
+    sol = get_solver("dimod", sampler=dimod.ExactSolver()).solve(p)
+    np.testing.assert_allclose(sol.energy, Exact().solve(p).energy, atol=1e-9)
+    subset = get_solver("neal", channels=[1]).solve(p, seed=0)
+    np.testing.assert_array_equal(subset.choices[0], p.rtn_choices()[0])

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qround import GridSpec, QroundError, fit_grid, qrange
+
+from .conftest import correlated_hessian
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_qrange(bits):
+    assert qrange(bits, True) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert qrange(bits, False) == (0, 2 ** bits - 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), symmetric=st.booleans(), seed=st.integers(0, 9999),
+       method=st.sampled_from(["minmax", "mse", "mse-output"]), grouped=st.booleans())
+def test_grid_roundtrip_and_search_never_worse_than_minmax(bits, symmetric, seed, method, grouped):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(4, 16))
+    h = correlated_hessian(16, rng, rows=64)
+    spec = GridSpec(bits=bits, symmetric=symmetric, scale_method=method,
+                    group_size=8 if grouped else None)
+    g = fit_grid(w, spec, hessian=h)
+    assert g.scale.shape == (4, 2 if grouped else 1)
+    assert np.all(g.scale > 0)
+    q = g.quantize(w)
+    assert q.min() >= g.qmin and q.max() <= g.qmax
+    # dequantise(quantize) is within half a step where not clipped
+    s, z = g.expand()
+    inside = (w / s + z > g.qmin) & (w / s + z < g.qmax)
+    assert np.all(np.abs(g.dequantize(q) - w)[inside] <= s[inside] / 2 + 1e-12)
+    mm = fit_grid(w, GridSpec(bits=bits, symmetric=symmetric, scale_method="minmax",
+                              group_size=spec.group_size))
+    err = lambda grid: np.sum((grid.dequantize(grid.quantize(w)) - w) ** 2)
+    if method == "mse":
+        assert err(g) <= err(mm) + 1e-12
+
+
+def test_minmax_covers_range():
+    w = np.array([[-1.0, 0.5, 0.25], [0.0, 0.0, 0.0]])
+    g = fit_grid(w, GridSpec(bits=4, scale_method="minmax"))
+    assert np.isclose(g.scale[0, 0], 1.0 / 7)
+    assert g.scale[1, 0] > 0  # all-zero channel still gets a valid scale
+    assert np.allclose(g.dequantize(g.quantize(w))[1], 0)
+
+
+def test_explicit_scale_used_as_given():
+    w = np.ones((2, 4))
+    g = fit_grid(w, GridSpec(bits=4), scale=np.array([0.3, 0.5]))
+    assert np.allclose(g.scale[:, 0], [0.3, 0.5])
+
+
+def test_errors():
+    w = np.ones((2, 6))
+    with pytest.raises(QroundError, match="group_size"):
+        fit_grid(w, GridSpec(bits=4, group_size=4))
+    with pytest.raises(QroundError, match="hessian"):
+        fit_grid(w, GridSpec(scale_method="mse-output"))
+    with pytest.raises(QroundError, match="scale_method"):
+        GridSpec(scale_method="bogus")
+    with pytest.raises(QroundError, match="zero_point"):
+        fit_grid(w, GridSpec(symmetric=False), scale=np.ones(2))
+    with pytest.raises(QroundError, match="shape"):
+        fit_grid(w, GridSpec(), scale=np.ones(3))
