@@ -61,10 +61,16 @@ def check_psd(h: np.ndarray, name: str = "hessian", rtol: float = 1e-6) -> None:
     if asym > rtol * scale * 10:
         raise QroundError(f"{name} is not symmetric: max |H - H^T| = {asym:.3g} "
                           f"(max |H| = {scale:.3g})")
-    # eigvalsh reads one triangle; a cheap Cholesky with a small shift would also do, but the
-    # smallest eigenvalue gives a message the user can act on.
+    # A Cholesky factorisation of H + tol*I succeeds iff H is PSD within tol; it is ~10x faster
+    # than eigenvalues, which are computed only to explain a failure.
+    tol = 1e-6 * scale * max(1, h.shape[-1]) ** 0.5
+    try:
+        np.linalg.cholesky(h + tol * np.eye(h.shape[-1]))
+        return
+    except np.linalg.LinAlgError:
+        pass
     eig_min = float(np.min(np.linalg.eigvalsh(h)))
-    if eig_min < -1e-6 * scale * max(1, h.shape[-1]) ** 0.5:
+    if eig_min < -tol:
         raise QroundError(f"{name} is not positive semi-definite: smallest eigenvalue {eig_min:.3g} "
                           f"(max |H| = {scale:.3g}); statistics E[x x^T] are PSD by construction, "
                           "so check how it was computed")

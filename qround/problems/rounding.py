@@ -259,6 +259,36 @@ class RoundingProblem:
         arrays["hessian"] = self.hessian if self.shared_hessian else self.hessian[idx]
         return RoundingProblem(grid=grid, name=self.name, **arrays)
 
+    def restrict(self, inputs, held) -> "RoundingProblem":
+        """The problem over a subset of inputs, every other variable held at ``held``.
+
+        inputs: (k,) input indices, the same for every channel; held: (m, n) choices of the
+        others.  Costs stay absolute: ``restrict(I, b).costs(b[:, I]) == costs(b)``.  Useful for
+        small real instances (exact optima, dimod's ExactSolver) cut from a real layer.
+        """
+        idx = np.unique(np.asarray(inputs, dtype=np.int64))
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= self.num_inputs:
+            raise QroundError(f"inputs must be non-empty indices in [0, {self.num_inputs})")
+        held = self.check_choices(held, "held")
+        if held.ndim != 2:
+            raise QroundError("held must be one (m, n) choice matrix")
+        rest = np.ones(self.num_inputs, dtype=bool)
+        rest[idx] = False
+        y_rest = np.where(rest, held * self.step, 0.0)          # steps of the held variables
+        f_rest = _energy.hessian_times(y_rest, self.hessian)    # their field on everything
+        e_rest = np.sum(y_rest * (f_rest + self.grad), axis=1)  # their own energy
+        h = self.hessian[np.ix_(idx, idx)] if self.shared_hessian else \
+            self.hessian[:, idx][:, :, idx]
+        g = self.grid
+        grid = Grid(g.scale, g.zero_point, g.bits, g.symmetric, g.group_size, g.in_features)
+        arrays = {k: getattr(self, k)[:, idx] for k in ("weight", "scale", "zero_point",
+                                                        "floor_codes", "free", "step", "frac")}
+        arrays["grad"] = self.grad[:, idx] + 2.0 * f_rest[:, idx]
+        arrays["const"] = self.const + e_rest
+        arrays["hessian"] = np.ascontiguousarray(h)
+        # the grid object keeps describing the full layer; a restricted problem has no layer grid
+        return RoundingProblem(grid=grid, name=f"{self.name}[{idx.size} inputs]", **arrays)
+
     def __repr__(self) -> str:
         kind = "shared" if self.shared_hessian else "per-channel"
         return (f"RoundingProblem({self.name + ', ' if self.name else ''}{self.num_channels}x"

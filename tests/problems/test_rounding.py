@@ -155,3 +155,20 @@ def test_bqm_is_a_dimod_model(problem):
     bqm = problem.to_bqm(0)
     assert isinstance(bqm, dimod.BinaryQuadraticModel)
     assert bqm.vartype is dimod.BINARY
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), per_channel=st.booleans(), k=st.integers(1, 9))
+def test_restrict_keeps_absolute_costs(seed, per_channel, k):
+    p = make_problem(m=3, n=10, seed=seed, per_channel=per_channel)
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 2, size=p.weight.shape).astype(bool) & p.free
+    inputs = rng.choice(p.num_inputs, size=k, replace=False)
+    sub = p.restrict(inputs, b)
+    idx = np.sort(inputs)
+    np.testing.assert_allclose(sub.costs(b[:, idx]), p.costs(b), rtol=1e-9, atol=1e-12)
+    b2 = b.copy()
+    b2[:, idx] = rng.integers(0, 2, size=(3, k)).astype(bool) & p.free[:, idx]
+    np.testing.assert_allclose(sub.costs(b2[:, idx]), p.costs(b2), rtol=1e-9, atol=1e-12)
+    with pytest.raises(QroundError):
+        p.restrict([p.num_inputs], b)

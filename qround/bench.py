@@ -1,0 +1,303 @@
+"""Solver benchmark on real layers: cost relative to RTN, gap to the best found, gap to the exact
+optimum on small sub-problems, and wall time; one run, one table, JSON and a plot.
+
+Layers: MiniLM (all-MiniLM-L6-v2, H on the packaged calibration sentences) of three shapes and
+two conv layers of the digits CNN (trained with a fixed seed).  For each layer and bit width:
+
+- ``full``: every fast solver on every output channel of the layer (ratio = summed cost / RTN,
+  seconds = wall time of the whole layer);
+- ``subset``: every solver, the dimod references included, on the same first
+  ``ref_channels`` channels (dense dimod BQMs are too slow for whole layers), with seconds per
+  channel, so ours and the references are compared on identical channels;
+- ``exact``: ``exact_channels`` channels cut down to ``exact_inputs`` inputs (the rest held at
+  RTN, :meth:`RoundingProblem.restrict`), where enumeration gives the optimum.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import QroundError
+from .grid import GridSpec
+from .problems.rounding import RoundingProblem
+from .report import format_table, write_json_atomic
+from .solvers import DimodSolver, Exact, available_solvers, get_solver
+
+log = logging.getLogger(__name__)
+
+MINILM_LAYERS = (
+    "0.model.encoder.layer.0.attention.self.query",   # 384 x 384
+    "0.model.encoder.layer.0.intermediate.dense",     # 1536 x 384
+    "0.model.encoder.layer.0.output.dense",           # 384 x 1536
+)
+OURS = ("nearest", "stochastic", "greedy", "gptq", "cem", "hopfield", "hopfield-classic", "anneal",
+        "tabu", "gptq+greedy", "hopfield+greedy", "gptq+tabu", "fast", "quality")
+
+
+def reference_solvers(sweeps_factor: int = 10) -> dict:
+    """The outside references (dimod samplers), built with explicit parameters."""
+    return {
+        "neal": DimodSolver("neal"),
+        f"neal-{sweeps_factor}x": DimodSolver("neal", num_sweeps=1000 * sweeps_factor),
+        "dwave-tabu": DimodSolver("dwave-tabu", timeout=100, num_reads=4),
+    }
+
+
+@dataclass
+class BenchConfig:
+    bits: tuple[int, ...] = (2, 3, 4)
+    minilm_layers: tuple[str, ...] = MINILM_LAYERS
+    cnn_layers: int = 2
+    solvers: tuple[str, ...] = OURS
+    references: tuple[str, ...] = ("neal", "neal-10x", "dwave-tabu")
+    ref_channels: int = 8
+    slow_ref_channels: int = 4     # for neal-10x
+    slow_ref_max_inputs: int = 384  # neal-10x only on layers up to this many inputs
+    exact_channels: int = 8
+    exact_inputs: int = 16
+    sentences: int = 256
+    threads: int = 2
+    seed: int = 0
+    skipped: list = field(default_factory=list)
+
+
+def load_layers(cfg: BenchConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, weight (out, in), H (in, in)) for the configured real layers."""
+    import torch
+
+    from . import zoo
+    from .calibrate import capture_hessians
+    from .problems.layers import layer_weight
+
+    out = []
+    if cfg.minilm_layers:
+        model = zoo.load_minilm()
+        batches = zoo.minilm_batches(model, zoo.sentences("calibration", n=cfg.sentences))
+        hs = capture_hessians(model, batches, layers=list(cfg.minilm_layers),
+                              forward=zoo.minilm_forward)
+        mods = dict(model.named_modules())
+        for name in cfg.minilm_layers:
+            out.append((f"minilm:{name.split('encoder.')[-1]}", layer_weight(mods[name]), hs[name]))
+    if cfg.cnn_layers:
+        model, data = zoo.train_digits_cnn("plain", seed=cfg.seed)
+        convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+                 and m.weight[0].numel() > 9]  # skip the 1-input-channel stem (n = 9)
+        convs = convs[:cfg.cnn_layers]
+        calib = data.calib_images
+        hs = capture_hessians(model, [calib[i:i + 128] for i in range(0, len(calib), 128)],
+                              layers=convs)
+        mods = dict(model.named_modules())
+        for name in convs:
+            h = hs[name]
+            out.append((f"digits-cnn:{name}", layer_weight(mods[name]), h[0] if h.ndim == 3 else h))
+    return out
+
+
+def _solve(solver, problem, seed):
+    try:
+        return solver.solve(problem, seed=seed), None
+    except QroundError as exc:
+        return None, str(exc)
+
+
+def run(cfg: BenchConfig, progress: bool = True) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, progress, tqdm)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _run(cfg, progress, tqdm):
+    registered = set(available_solvers())
+    ours = {}
+    for spec in cfg.solvers:
+        try:
+            ours[spec] = get_solver(spec)
+        except QroundError as exc:
+            cfg.skipped.append({"solver": spec, "reason": str(exc)})
+            log.warning("skipping %s: %s", spec, exc)
+    refs_all = reference_solvers()
+    refs = {k: refs_all[k] for k in cfg.references if k in refs_all}
+    del registered
+
+    t_load = time.perf_counter()
+    layers = load_layers(cfg)
+    load_s = time.perf_counter() - t_load
+    rows, exact_rows = [], []
+    work = [(layer, bits) for layer in layers for bits in cfg.bits]
+    for (name, w, h), bits in tqdm(work, desc="bench", disable=not progress):
+        problem = RoundingProblem.from_weight(w, h, GridSpec(bits=bits), name=name)
+        m, n = problem.weight.shape
+        sub = problem.subproblem(slice(0, min(cfg.ref_channels, m)))
+        slow_sub = problem.subproblem(slice(0, min(cfg.slow_ref_channels, m)))
+        results = {}
+        for label, solver in ours.items():
+            full, err = _solve(solver, problem, cfg.seed)
+            if err:
+                cfg.skipped.append({"layer": name, "bits": bits, "solver": label, "reason": err})
+                continue
+            part, _ = _solve(solver, sub, cfg.seed)
+            part_slow, _ = _solve(solver, slow_sub, cfg.seed)
+            results[label] = dict(full=full, sub=part, slow=part_slow, kind="ours")
+        for label, solver in refs.items():
+            slow = label.startswith("neal-")
+            if slow and n > cfg.slow_ref_max_inputs:
+                cfg.skipped.append({"layer": name, "bits": bits, "solver": label,
+                                    "reason": f"n={n} > {cfg.slow_ref_max_inputs} (too slow)"})
+                continue
+            part, err = _solve(solver, slow_sub if slow else sub, cfg.seed)
+            if err:
+                cfg.skipped.append({"layer": name, "bits": bits, "solver": label, "reason": err})
+                continue
+            results[label] = dict(full=None, sub=None if slow else part,
+                                  slow=part if slow else None, kind="reference")
+        rows += _layer_rows(name, bits, (m, n), results, cfg)
+        exact_rows += _exact_gaps(problem, {**ours, **refs}, cfg)
+    return {"config": {k: v for k, v in vars(cfg).items() if k != "skipped"},
+            "rows": rows, "exact": exact_rows, "skipped": cfg.skipped, "load_seconds": load_s}
+
+
+def _layer_rows(name, bits, shape, results, cfg):
+    def best(key):
+        vals = [r[key].total_cost for r in results.values() if r[key] is not None]
+        return min(vals) if vals else np.nan
+
+    best_full, best_sub, best_slow = best("full"), best("sub"), best("slow")
+    rows = []
+    for label, r in results.items():
+        row = {"layer": name, "bits": bits, "shape": list(shape), "solver": label, "kind": r["kind"]}
+        if r["full"] is not None:
+            f = r["full"]
+            row.update(ratio=f.ratio, gap_best=f.total_cost / best_full - 1, seconds=f.seconds)
+        if r["sub"] is not None:
+            s = r["sub"]
+            row.update(sub_ratio=s.ratio, sub_gap_best=s.total_cost / best_sub - 1,
+                       sub_s_per_ch=s.seconds / s.choices.shape[0])
+        if r["slow"] is not None:
+            s = r["slow"]
+            row.update(slow_ratio=s.ratio, slow_gap_best=s.total_cost / best_slow - 1,
+                       slow_s_per_ch=s.seconds / s.choices.shape[0])
+        rows.append(row)
+    return rows
+
+
+def _exact_gaps(problem, solvers, cfg):
+    """Gap of each solver to the exact optimum on sub-problems cut from the real layer."""
+    rng = np.random.default_rng(cfg.seed)
+    m, n = problem.weight.shape
+    k = min(cfg.exact_inputs, n)
+    chans = np.sort(rng.choice(m, size=min(cfg.exact_channels, m), replace=False))
+    base = problem.subproblem(chans)
+    small = base.restrict(rng.choice(n, size=k, replace=False), base.rtn_choices())
+    opt = Exact(max_free=max(k, 1)).solve(small)
+    rows = []
+    for label, solver in solvers.items():
+        sol, err = _solve(solver, small, cfg.seed)
+        if err:
+            continue
+        gap = (sol.total_cost - opt.total_cost) / max(opt.total_rtn_cost - opt.total_cost, 1e-300)
+        rows.append({"layer": problem.name, "bits": problem.grid.bits, "solver": label,
+                     "ratio": sol.ratio, "exact_ratio": opt.ratio,
+                     "optimal_channels": int(np.sum(sol.energy <= opt.energy + 1e-9 *
+                                                    np.abs(opt.energy).max())),
+                     "channels": len(chans), "gap_of_rtn_gap": gap})
+    return rows
+
+
+def summarise(result: dict) -> str:
+    cols = ["layer", "bits", "solver", "ratio", "gap_best", "seconds", "sub_ratio", "sub_gap_best",
+            "sub_s_per_ch", "slow_ratio", "slow_s_per_ch"]
+    rows = [{c: r.get(c, "") for c in cols} for r in result["rows"]]
+    out = [format_table(rows, cols)]
+    ex = {}
+    for r in result["exact"]:
+        ex.setdefault(r["solver"], []).append(r)
+    erows = [{"solver": s, "optimal": f"{sum(x['optimal_channels'] for x in v)}/"
+                                      f"{sum(x['channels'] for x in v)}",
+              "mean_gap": float(np.mean([x["gap_of_rtn_gap"] for x in v]))}
+             for s, v in ex.items()]
+    if erows:
+        out.append("\nexact sub-problems (gap = (cost - opt) / (rtn - opt), 0 = optimal):")
+        out.append(format_table(erows, ["solver", "optimal", "mean_gap"]))
+    if result["skipped"]:
+        out.append("\nskipped:")
+        out += [f"  {s}" for s in result["skipped"]]
+    return "\n".join(out)
+
+
+def plot(result: dict, path: str) -> None:
+    """cost/RTN against seconds (log x) per layer and bit width; full-layer seconds for ours,
+    seconds per channel x channels for references (extrapolated, marked hollow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["layer"], r["bits"]) for r in result["rows"]})
+    cols = min(3, len(keys))
+    rows_n = int(np.ceil(len(keys) / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4.2 * rows_n), squeeze=False)
+    for ax, (layer, bits) in zip(axes.flat, keys):
+        for r in result["rows"]:
+            if (r["layer"], r["bits"]) != (layer, bits):
+                continue
+            if "ratio" in r:
+                x, y, hollow = r["seconds"], r["ratio"], False
+            elif "sub_ratio" in r:
+                x, y, hollow = r["sub_s_per_ch"] * r["shape"][0], r["sub_ratio"], True
+            else:
+                x, y, hollow = r["slow_s_per_ch"] * r["shape"][0], r["slow_ratio"], True
+            ax.scatter([max(x, 1e-4)], [y], facecolors="none" if hollow else None,
+                       edgecolors="k" if hollow else None)
+            ax.annotate(r["solver"], (max(x, 1e-4), y), fontsize=7, xytext=(3, 2),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_title(f"{layer} W{bits}", fontsize=9)
+        ax.set_xlabel("seconds per layer (hollow: references, extrapolated from a subset)")
+        ax.set_ylabel("cost / RTN")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="qround bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default="2,3,4")
+    p.add_argument("--solvers", default=",".join(OURS))
+    p.add_argument("--references", default="neal,neal-10x,dwave-tabu")
+    p.add_argument("--minilm-layers", default=",".join(MINILM_LAYERS))
+    p.add_argument("--cnn-layers", type=int, default=2)
+    p.add_argument("--ref-channels", type=int, default=8)
+    p.add_argument("--slow-ref-channels", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--plot", help="write the cost/RTN-vs-time plot (PNG)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    split = lambda s: tuple(x for x in s.split(",") if x)
+    cfg = BenchConfig(bits=tuple(int(b) for b in split(a.bits)), solvers=split(a.solvers),
+                      references=split(a.references), minilm_layers=split(a.minilm_layers),
+                      cnn_layers=a.cnn_layers, ref_channels=a.ref_channels,
+                      slow_ref_channels=a.slow_ref_channels, threads=a.threads, seed=a.seed)
+    result = run(cfg, progress=not a.no_progress)
+    print(summarise(result))
+    if a.json:
+        write_json_atomic(a.json, result)
+    if a.plot:
+        plot(result, a.plot)
+    return 0
