@@ -1,0 +1,432 @@
+"""Streaming layer statistics from forward hooks (DESIGN.md section 1).
+
+For each chosen ``nn.Linear`` / ``nn.Conv2d`` the input vectors ``x`` of the layer are streamed
+into float64 sums, one batch at a time, and divided by the number of vectors at the end:
+
+- ``capture_hessians``: ``H = E[x x^T]`` (AdaRound eq. 20/21).
+- ``capture_asymmetric``: ``H_hat = E[x_hat x_hat^T]``, ``C = E[x_hat x^T]``, ``H = E[x x^T]``
+  with ``x`` from the float model and ``x_hat`` from a (partly) quantised copy (AdaRound eq. 25).
+- ``capture_fisher``: per channel ``H_c = E[g_c^2 x x^T]``, ``g_c = dL/dz_c`` (eq. 13,
+  appendix eq. 3-5).
+
+``x`` is the input feature vector of a Linear (every leading dim, batch and tokens, flattened)
+and the im2col patch of a conv, one per spatial position and sample, in the order
+(c_in/groups, kh, kw) of ``weight.reshape(out, -1)``; a grouped conv has one block per group,
+returned as (groups, n_g, n_g).  Memory per layer is O(n^2) (O(out n^2) for Fisher): inputs are
+unfolded in chunks of bounded size and never kept beyond the batch.
+
+Hooks are registered in one place, :func:`layer_hooks`, which always removes them; the model is
+put in eval mode while capturing and every module's train/eval flag is restored afterwards.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import QroundError
+
+LayerFilter = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+_CHUNK_BYTES = 64 * 2 ** 20  # bound on one unfolded float64 chunk: im2col is kh*kw times the input
+
+
+# ---------------------------------------------------------------------------------- hooks
+@contextmanager
+def layer_hooks(modules: Mapping[str, nn.Module],
+                hook: Callable[[str, nn.Module, tuple, Any], Any]) -> Iterator[None]:
+    """Call ``hook(name, module, inputs, output)`` after every forward of each named module.
+
+    A hook that returns a value replaces the module's output (as in torch).  The hooks are
+    removed on exit, also when the body raises.
+    """
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, _name=name: hook(_name, mod, args, out)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode; restore each module's own flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def select_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, nn.Module]:
+    """The Linear/Conv2d modules to capture, by name, in ``named_modules`` (forward) order.
+
+    layers: None (all), a name or list of names, or a predicate ``(name, module) -> bool``.
+    """
+    supported = (nn.Linear, nn.Conv2d)
+    if layers is None or callable(layers):
+        chosen = {n: m for n, m in model.named_modules()
+                  if isinstance(m, supported) and (layers is None or layers(n, m))}
+        if not chosen:
+            raise QroundError("layers selected no nn.Linear or nn.Conv2d module of the model")
+        return chosen
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names:
+        raise QroundError("layers is an empty list")
+    modules = dict(model.named_modules())
+    chosen = {}
+    for n in names:
+        if n not in modules:
+            raise QroundError(f"layer {n!r} does not exist in the model")
+        if not isinstance(modules[n], supported):
+            raise QroundError(f"layer {n!r} is a {type(modules[n]).__name__}, not nn.Linear or "
+                              "nn.Conv2d")
+        chosen[n] = modules[n]
+    return chosen
+
+
+def default_forward(model: nn.Module, batch) -> Any:
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _check_batches(batches) -> Iterable:
+    if isinstance(batches, (torch.Tensor, np.ndarray)):
+        raise QroundError("batches must be an iterable of batches (a list or DataLoader); wrap a "
+                          "single tensor in a list")
+    return batches
+
+
+# ---------------------------------------------------------------------------------- input vectors
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding that nn.Conv2d applies before convolving."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        pads = []  # 'same': total d*(k-1), the odd pixel on the right/bottom, as torch does
+        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def _layer_input(name: str, module: nn.Module, args: tuple) -> torch.Tensor:
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise QroundError(f"layer {name!r} was called without a tensor as first positional input")
+    x = args[0].detach()
+    if not torch.isfinite(x).all():
+        raise QroundError(f"layer {name!r} received non-finite (NaN/Inf) inputs")
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, module.in_features)
+    return x if x.dim() == 4 else x.unsqueeze(0)  # conv: (N, C, H, W), unbatched made batched
+
+
+def _chunks(module: nn.Module, x: torch.Tensor) -> Iterator[slice]:
+    """Slices along dim 0 whose unfolded float64 vectors stay under ``_CHUNK_BYTES``."""
+    per_row = x.numel() // max(x.shape[0], 1) * 8
+    if isinstance(module, nn.Conv2d):
+        per_row *= module.kernel_size[0] * module.kernel_size[1]
+    step = max(1, _CHUNK_BYTES // max(per_row, 1))
+    for start in range(0, x.shape[0], step):
+        yield slice(start, start + step)
+
+
+def _vectors(module: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
+    """Input vectors (groups, rows, n_g) float64 of a chunk of layer inputs.
+
+    Linear: x (rows, in) -> (1, rows, in).  Conv2d: x (N, C, H, W) -> im2col patches, row
+    ``i * L + l`` = sample i at output position l, entries ordered (c_in/groups, kh, kw).
+    """
+    x = x.to(device=device, dtype=torch.float64)
+    if isinstance(module, nn.Linear):
+        return x.unsqueeze(0)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pads = _conv_padding(module)
+    if any(pads):
+        x = F.pad(x, pads, mode=mode)
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    n, _, length = cols.shape  # (N, C*kh*kw, L), channel-major: groups are contiguous blocks
+    g = module.groups
+    return cols.reshape(n, g, -1, length).permute(1, 0, 3, 2).reshape(g, n * length, -1)
+
+
+def _output_rows(module: nn.Module, grad: torch.Tensor, device) -> torch.Tensor:
+    """Output gradients (rows, out) float64 in the row order of :func:`_vectors`."""
+    grad = grad.to(device=device, dtype=torch.float64)
+    if isinstance(module, nn.Linear):
+        return grad.reshape(-1, module.out_features)
+    grad = grad if grad.dim() == 4 else grad.unsqueeze(0)
+    return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
+
+
+def _block_shape(module: nn.Module) -> tuple[int, int]:
+    """(groups, n_g): number of blocks and length of the input vector of each."""
+    if isinstance(module, nn.Linear):
+        return 1, module.in_features
+    kh, kw = module.kernel_size
+    return module.groups, module.in_channels // module.groups * kh * kw
+
+
+def _geometry(module: nn.Module) -> tuple | None:
+    """What fixes a layer's input vectors: type and shapes (stride, padding ... of a conv)."""
+    if isinstance(module, nn.Linear):
+        return ("linear", module.in_features, module.out_features)
+    if isinstance(module, nn.Conv2d):
+        return ("conv2d", module.in_channels, module.out_channels, module.kernel_size,
+                module.stride, module.padding, module.dilation, module.groups,
+                module.padding_mode)
+    return None
+
+
+class _Moment:
+    """Streams ``E[a b^T]`` per block: float64 sums (groups, n, n) and a row count."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        prod = a.transpose(1, 2) @ b
+        self.total = prod if self.total is None else self.total + prod
+        self.rows += a.shape[1]
+
+    def mean(self, name: str, symmetric: bool) -> np.ndarray:
+        if self.rows == 0:
+            raise QroundError(f"layer {name!r} saw no inputs during calibration (is it called "
+                              "by the model's forward?)")
+        m = self.total / self.rows
+        if symmetric:
+            m = 0.5 * (m + m.transpose(1, 2))
+        m = m.cpu().numpy()
+        return m[0] if m.shape[0] == 1 else m
+
+
+def _run(batches: Iterable, step: Callable[[Any], None]) -> int:
+    """Call ``step(batch)`` for every batch; QroundError when there are none."""
+    count = 0
+    for batch in _check_batches(batches):
+        step(batch)
+        count += 1
+    if count == 0:
+        raise QroundError("calibration data is empty: batches yielded no batch")
+    return count
+
+
+# ---------------------------------------------------------------------------------- H = E[x x^T]
+def capture_hessians(model: nn.Module, batches: Iterable, layers: LayerFilter = None,
+                     forward: ForwardFn | None = None, device=None) -> dict[str, np.ndarray]:
+    """``H = E[x x^T]`` of each chosen layer over the calibration batches.
+
+    Returns name -> float64 (n, n), or (groups, n_g, n_g) for a grouped conv.  ``forward(model,
+    batch)`` runs one batch (default :func:`default_forward`); it runs under ``torch.no_grad()``
+    in eval mode.  ``device``: where the sums are accumulated (default: each input's device).
+    """
+    modules = select_layers(model, layers)
+    forward = forward or default_forward
+    moments = {name: _Moment() for name in modules}
+
+    def hook(name, module, args, out):
+        x = _layer_input(name, module, args)
+        dev = device if device is not None else x.device
+        for rows in _chunks(module, x):
+            v = _vectors(module, x[rows], dev)
+            moments[name].add(v, v)
+
+    with eval_mode(model), torch.no_grad(), layer_hooks(modules, hook):
+        _run(batches, lambda batch: forward(model, batch))
+    return {name: moments[name].mean(name, symmetric=True) for name in modules}
+
+
+# ---------------------------------------------------------------------------------- asymmetric
+@dataclass(frozen=True, eq=False)
+class AsymmetricStats:
+    """Statistics of asymmetric reconstruction ``E||W x - W_hat x_hat||^2`` (AdaRound eq. 25).
+
+    hessian_hat ``E[x_hat x_hat^T]``, cross ``E[x_hat x^T]``, hessian ``E[x x^T]``: each (n, n),
+    or (groups, n_g, n_g) for a grouped conv.  Use as
+    ``RoundingProblem.from_weight(w, hessian_hat, cross=cross, float_hessian=hessian)``.
+    """
+
+    hessian_hat: np.ndarray
+    cross: np.ndarray
+    hessian: np.ndarray
+
+
+def capture_asymmetric(float_model: nn.Module, quant_model: nn.Module, batches: Iterable,
+                       layers: LayerFilter, forward: ForwardFn | None = None,
+                       device=None) -> dict[str, AsymmetricStats]:
+    """Asymmetric statistics of each chosen layer: ``x`` from ``float_model``, ``x_hat`` from
+    ``quant_model`` on the same batch (the same module names must exist in both).
+
+    Both models run batch by batch; one batch's inputs of the chosen layers are held between
+    the two passes.  Returns name -> :class:`AsymmetricStats`.
+    """
+    float_modules = select_layers(float_model, layers)
+    quant_named = dict(quant_model.named_modules())
+    quant_modules = {}
+    for name, fm in float_modules.items():
+        qm = quant_named.get(name)
+        if qm is None or _geometry(qm) != _geometry(fm):
+            raise QroundError(f"layer {name!r} of quant_model does not match the float model's "
+                              f"{fm}")
+        quant_modules[name] = qm
+    forward = forward or default_forward
+    stats = {name: (_Moment(), _Moment(), _Moment()) for name in float_modules}
+    pending: dict[str, list[torch.Tensor]] = {}
+
+    def store(name, module, args, out):
+        pending[name].append(_layer_input(name, module, args))
+
+    def pair(name, module, args, out):
+        x_hat = _layer_input(name, module, args)
+        if not pending[name]:
+            raise QroundError(f"layer {name!r} ran more often in quant_model than in float_model")
+        x = pending[name].pop(0)
+        if x.shape != x_hat.shape:
+            raise QroundError(f"layer {name!r}: float input {tuple(x.shape)} and quantised input "
+                              f"{tuple(x_hat.shape)} differ in shape")
+        dev = device if device is not None else x_hat.device
+        h_hat, cross, h = stats[name]
+        for rows in _chunks(module, x):
+            v, v_hat = _vectors(module, x[rows], dev), _vectors(module, x_hat[rows], dev)
+            h_hat.add(v_hat, v_hat)
+            cross.add(v_hat, v)
+            h.add(v, v)
+
+    def step(batch):
+        pending.update({name: [] for name in float_modules})
+        with layer_hooks(float_modules, store):
+            forward(float_model, batch)
+        with layer_hooks(quant_modules, pair):
+            forward(quant_model, batch)
+        left = [name for name, xs in pending.items() if xs]
+        if left:
+            raise QroundError(f"layers {left} ran more often in float_model than in quant_model")
+
+    with eval_mode(float_model), eval_mode(quant_model), torch.no_grad():
+        _run(batches, step)
+    return {name: AsymmetricStats(h_hat.mean(name, True), cross.mean(name, False),
+                                  h.mean(name, True))
+            for name, (h_hat, cross, h) in stats.items()}
+
+
+# ---------------------------------------------------------------------------------- Fisher
+class _ChannelMoment:
+    """Streams per channel ``E[g_c^2 x x^T]``: sums (out, n_g, n_g) float64 and a row count."""
+
+    def __init__(self, module: nn.Module):
+        self.groups, _ = _block_shape(module)
+        self.out_g = module.weight.shape[0] // self.groups
+        self.total: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, v: torch.Tensor, g2: torch.Tensor) -> None:
+        """v: (groups, rows, n_g) input vectors; g2: (rows, out) squared output gradients."""
+        groups, rows, n = v.shape
+        if self.total is None:
+            self.total = v.new_zeros((groups * self.out_g, n, n))
+        # (channels, rows, n) weighted copies of the vectors, a bounded number of channels at once
+        per = max(1, _CHUNK_BYTES // max(rows * n * 8, 1))
+        for j in range(groups):
+            for c0 in range(j * self.out_g, (j + 1) * self.out_g, per):
+                c1 = min(c0 + per, (j + 1) * self.out_g)
+                weighted = g2[:, c0:c1].T[:, :, None] * v[j][None]
+                self.total[c0:c1] += weighted.transpose(1, 2) @ v[j]
+        self.rows += rows
+
+    def mean(self, name: str) -> np.ndarray:
+        if self.rows == 0:
+            raise QroundError(f"layer {name!r} received no gradient during Fisher capture (does "
+                              "the loss depend on its output?)")
+        m = self.total / self.rows
+        return (0.5 * (m + m.transpose(1, 2))).cpu().numpy()
+
+
+def fisher_bytes(module: nn.Module) -> int:
+    """Memory of a layer's per-channel Fisher blocks: ``out * n_g * n_g * 8`` bytes."""
+    _, n = _block_shape(module)
+    return int(module.weight.shape[0]) * n * n * 8
+
+
+def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, Any], torch.Tensor],
+                   layers: LayerFilter, memory_budget_mb: float = 1024.0,
+                   forward: ForwardFn | None = None, device=None) -> dict[str, np.ndarray]:
+    """Per-channel Fisher blocks ``H_c = E[g_c^2 x x^T]`` of each chosen layer: (out, n_g, n_g).
+
+    ``g_c = dL/dz_c`` at the position (token / pixel) of ``x``, ``L = loss_fn(output, batch)``
+    (a scalar tensor; its reduction sets a per-batch factor, which does not change a channel's
+    argmin).  Each layer's blocks must fit ``memory_budget_mb``, checked before any forward.
+    Gradients are taken with ``torch.autograd.grad`` on the chosen weights, so no ``.grad`` of the
+    model is written; weights with ``requires_grad=False`` are switched on and restored.
+    """
+    modules = select_layers(model, layers)
+    for name, module in modules.items():
+        need = fisher_bytes(module) / 2 ** 20
+        if need > memory_budget_mb:
+            raise QroundError(f"Fisher blocks of layer {name!r} need {need:.1f} MB "
+                              f"(out x n x n float64), over memory_budget_mb={memory_budget_mb}")
+    forward = forward or default_forward
+    moments = {name: _ChannelMoment(module) for name, module in modules.items()}
+
+    def hook(name, module, args, out):
+        x = _layer_input(name, module, args)
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            raise QroundError(f"layer {name!r}: output does not require grad (is the forward "
+                              "run under no_grad or inference_mode?)")
+
+        def on_grad(grad, _x=x, _name=name, _module=module):
+            g = grad.detach()
+            if not torch.isfinite(g).all():
+                raise QroundError(f"layer {_name!r}: non-finite gradient of the loss")
+            dev = device if device is not None else g.device
+            g2 = _output_rows(_module, g, dev) ** 2
+            per_sample = g2.shape[0] // _x.shape[0]  # positions per sample (1 for a Linear)
+            for rows in _chunks(_module, _x):
+                v = _vectors(_module, _x[rows], dev)
+                start = rows.start * per_sample
+                moments[_name].add(v, g2[start:start + v.shape[1]])
+        out.register_hook(on_grad)
+        # Downstream in-place ops (ReLU(inplace=True)) may rewrite the output and then the hook
+        # never fires or sees another tensor's gradient; handing on a copy keeps ``out`` intact.
+        return out.clone()
+
+    weights = [m.weight for m in modules.values()]
+    flags = [w.requires_grad for w in weights]
+
+    def step(batch):
+        output = forward(model, batch)
+        loss = loss_fn(output, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise QroundError("loss_fn must return a scalar tensor")
+        if not torch.isfinite(loss.detach()).all():
+            raise QroundError(f"loss_fn returned a non-finite loss {float(loss):g}")
+        if not loss.requires_grad:
+            raise QroundError("the loss does not depend on the chosen layers' weights")
+        torch.autograd.grad(loss, weights, allow_unused=True)
+
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with eval_mode(model), torch.enable_grad(), layer_hooks(modules, hook):
+            _run(batches, step)
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+    return {name: moments[name].mean(name) for name in modules}

@@ -1,0 +1,116 @@
+"""Write a solved rounding back into a layer: integer codes, scales, and dequantised weights.
+
+``quantized_weight`` gathers the solutions of a layer's problems (one per group of a grouped
+conv) into a :class:`QuantizedWeight` (the export format: codes + grid), and ``apply_to_layer``
+puts its dequantised weight ``s * (q - z)`` into the module, on a copy unless asked otherwise.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import QroundError
+from .grid import qrange
+from .problems.layers import layer_kind
+from .problems.rounding import RoundingProblem
+from .solvers.base import Solution
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A layer's rounded weight.
+
+    codes (out, n) int64 in ``[qmin, qmax]``; scale, zero_point (out, groups) where groups is the
+    number of input groups of ``group_size`` (1 for per-channel); weight_shape: the module's
+    weight shape, e.g. (out, c_in/groups, kh, kw) for a conv.
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    bits: int
+    symmetric: bool
+    group_size: int | None
+    weight_shape: tuple[int, ...]
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits, self.symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits, self.symmetric)[1]
+
+    @property
+    def dequantized(self) -> np.ndarray:
+        """``s * (q - z)`` float64 in ``weight_shape``."""
+        reps = self.codes.shape[1] // self.scale.shape[1]
+        s = np.repeat(self.scale, reps, axis=1)
+        z = np.repeat(self.zero_point, reps, axis=1)
+        return (s * (self.codes - z)).reshape(self.weight_shape)
+
+
+def _choices(problem: RoundingProblem, solution) -> np.ndarray:
+    b = solution.choices if isinstance(solution, Solution) else np.asarray(solution)
+    if b.shape != problem.weight.shape:
+        raise QroundError(f"solution for {problem.name or 'problem'} has shape {b.shape}, the "
+                          f"problem is {problem.weight.shape}")
+    return b
+
+
+def quantized_weight(problems: RoundingProblem | Sequence[RoundingProblem],
+                     solutions: Solution | np.ndarray | Sequence, module: nn.Module | None = None
+                     ) -> QuantizedWeight:
+    """Codes and grid of a layer from its problems and their solutions (Solution or (m, n) 0/1
+    choices), one per conv group, concatenated along the output channels.
+
+    module: the layer, for ``weight_shape`` (default: the (out, n) matrix).
+    """
+    if isinstance(problems, RoundingProblem):
+        problems, solutions = [problems], [solutions]
+    problems, solutions = list(problems), list(solutions)
+    if not problems or len(problems) != len(solutions):
+        raise QroundError(f"need one solution per problem, got {len(problems)} problems and "
+                          f"{len(solutions)} solutions")
+    first = problems[0].grid
+    for p in problems[1:]:
+        g = p.grid
+        if (g.bits, g.symmetric, g.group_size, g.in_features, g.groups) != (
+                first.bits, first.symmetric, first.group_size, first.in_features, first.groups):
+            raise QroundError("the problems of one layer must share bits, symmetry, group size "
+                              "and number of inputs")
+    codes = np.concatenate([p.codes(_choices(p, s)) for p, s in zip(problems, solutions)])
+    codes = codes.astype(np.int64)
+    scale = np.concatenate([p.grid.scale for p in problems])
+    zero = np.concatenate([p.grid.zero_point for p in problems])
+    shape = tuple(codes.shape)
+    if module is not None:
+        layer_kind(module)
+        shape = tuple(module.weight.shape)
+        if int(np.prod(shape)) != codes.size or shape[0] != codes.shape[0]:
+            raise QroundError(f"module weight {shape} does not match the problems' "
+                              f"{codes.shape[0]} x {codes.shape[1]} weights")
+    for a in (codes, scale, zero):
+        a.flags.writeable = False
+    return QuantizedWeight(codes=codes, scale=scale, zero_point=zero,
+                           bits=first.bits, symmetric=first.symmetric,
+                           group_size=first.group_size, weight_shape=shape)
+
+
+def apply_to_layer(module: nn.Module, qweight: QuantizedWeight, inplace: bool = False) -> nn.Module:
+    """Return the layer with its weight set to ``qweight.dequantized`` (in the weight's own dtype
+    and device): a deep copy, or ``module`` itself when ``inplace=True``.  Bias is unchanged."""
+    layer_kind(module)
+    if tuple(module.weight.shape) != tuple(qweight.weight_shape):
+        raise QroundError(f"quantised weight has shape {tuple(qweight.weight_shape)}, layer "
+                          f"weight is {tuple(module.weight.shape)}")
+    target = module if inplace else copy.deepcopy(module)
+    w = target.weight
+    with torch.no_grad():
+        w.copy_(torch.as_tensor(qweight.dequantized, dtype=w.dtype, device=w.device))
+    return target

@@ -1,0 +1,355 @@
+"""Statistics capture: H = E[x x^T] from hooks against explicitly built input vectors."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from qround import GridSpec, QroundError, RoundingProblem, calibrate
+from qround.calibrate import (AsymmetricStats, capture_asymmetric, capture_fisher,
+                              capture_hessians, select_layers)
+from qround.problems import problems_from_layer
+
+torch.set_num_threads(1)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def explicit_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col by indexing (no unfold): (groups, N*Ho*Wo, c_in/groups*kh*kw), rows (n, i, j)."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    if conv.padding == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    else:
+        pads = (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0])
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x.double(), pads, mode=mode)
+    n, c, hp, wp = xp.shape
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    ih = (torch.arange(ho) * sh)[:, None] + dh * torch.arange(kh)[None]   # (ho, kh)
+    iw = (torch.arange(wo) * sw)[:, None] + dw * torch.arange(kw)[None]   # (wo, kw)
+    p = xp[:, :, ih][..., iw]                                            # (n, c, ho, kh, wo, kw)
+    p = p.permute(0, 2, 4, 1, 3, 5).reshape(n * ho * wo, conv.groups, -1)
+    return p.permute(1, 0, 2)
+
+
+def conv_output_from_patches(conv, patches, n):
+    """Output (N, out, Ho, Wo) of the conv computed as W_group @ patch: checks the patch order."""
+    w = conv.weight.detach().double().reshape(conv.groups, conv.out_channels // conv.groups, -1)
+    out = torch.einsum("gri,goi->rgo", patches, w).reshape(n, -1, conv.out_channels)
+    return out  # (N, Ho*Wo, out)
+
+
+def second_moment(vectors):
+    """vectors (groups, rows, n) -> (groups, n, n) as numpy, squeezed for one group."""
+    h = (vectors.transpose(1, 2) @ vectors / vectors.shape[1]).numpy()
+    return h[0] if h.shape[0] == 1 else h
+
+
+def no_hooks(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# ------------------------------------------------------------------------ H from hooks
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 4)), min_size=1, max_size=3),
+       n_in=st.integers(1, 6), n_out=st.integers(1, 3), seed=st.integers(0, 2 ** 16))
+def test_linear_hessian_matches_flattened_inputs(sizes, n_in, n_out, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(n_in, n_out), nn.Tanh(), nn.Linear(n_out, 2))
+    batches = [torch.randn(b, t, n_in, generator=gen(seed + i)) for i, (b, t) in enumerate(sizes)]
+    h = capture_hessians(model, batches)
+    x0 = torch.cat([b.reshape(-1, n_in) for b in batches]).double()
+    x2 = torch.tanh(model[0](torch.cat([b.reshape(-1, n_in) for b in batches]))).double()
+    assert set(h) == {"0", "2"}
+    # rows are weighted equally across batches of different sizes
+    np.testing.assert_allclose(h["0"], (x0.T @ x0 / len(x0)).numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(h["2"], (x2.T @ x2 / len(x2)).detach().numpy(), rtol=1e-5,
+                               atol=1e-6)
+    assert h["0"].dtype == np.float64 and h["0"].shape == (n_in, n_in)
+
+
+@settings(max_examples=30, deadline=None)
+@given(groups=st.integers(1, 3), cin_g=st.integers(1, 3), out_g=st.integers(1, 2),
+       k=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.integers(1, 2),
+       padding=st.integers(0, 2), dilation=st.integers(1, 2),
+       extra=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+       ns=st.lists(st.integers(1, 3), min_size=1, max_size=2), seed=st.integers(0, 2 ** 16))
+def test_conv_hessian_matches_explicit_patches(groups, cin_g, out_g, k, stride, padding, dilation,
+                                               extra, ns, seed):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(groups * cin_g, groups * out_g, k, stride=stride, padding=padding,
+                     dilation=dilation, groups=groups).double()
+    hw = [dilation * (k[i] - 1) + 1 + extra[i] for i in range(2)]
+    batches = [torch.randn(n, groups * cin_g, *hw, generator=gen(seed + i), dtype=torch.float64)
+               for i, n in enumerate(ns)]
+    h = capture_hessians(nn.Sequential(conv), batches)["0"]
+    patches = torch.cat([explicit_patches(conv, b) for b in batches], dim=1)
+    # the explicit patches reproduce the real conv: their order is weight.reshape(out, -1)'s
+    for b in batches:
+        y = conv(b) - conv.bias.detach()[:, None, None]
+        mine = conv_output_from_patches(conv, explicit_patches(conv, b), b.shape[0])
+        torch.testing.assert_close(mine, y.flatten(2).transpose(1, 2), rtol=1e-10, atol=1e-10)
+    want = second_moment(patches)
+    assert h.shape == ((cin_g * k[0] * k[1],) * 2 if groups == 1
+                       else (groups, cin_g * k[0] * k[1], cin_g * k[0] * k[1]))
+    np.testing.assert_allclose(h, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("padding_mode,padding", [("reflect", 1), ("circular", 2),
+                                                  ("replicate", 1), ("zeros", "same")])
+def test_conv_padding_modes(padding_mode, padding):
+    # with 'same', kernel width 2 pads an odd total: the extra column goes right, as in torch
+    conv = nn.Conv2d(2, 3, (3, 2), padding=padding, padding_mode=padding_mode,
+                     dilation=(2, 1) if padding == "same" else 1).double()
+    x = torch.randn(2, 2, 5, 6, generator=gen(1), dtype=torch.float64)
+    h = capture_hessians(nn.Sequential(conv), [x])["0"]
+    patches = explicit_patches(conv, x)
+    y = conv(x) - conv.bias.detach()[:, None, None]
+    torch.testing.assert_close(conv_output_from_patches(conv, patches, 2),
+                               y.flatten(2).transpose(1, 2))
+    np.testing.assert_allclose(h, second_moment(patches), rtol=1e-10, atol=1e-12)
+
+
+def test_float32_inputs_accumulate_in_float64_and_unbatched_conv():
+    conv = nn.Conv2d(1, 2, 2)
+    xs = [torch.randn(3, 4, generator=gen(i)) for i in range(3)]
+    lin = nn.Linear(4, 2)
+    h = capture_hessians(nn.Sequential(lin), xs, device="cpu")["0"]
+    x = torch.cat(xs).double()
+    np.testing.assert_allclose(h, (x.T @ x / len(x)).numpy(), rtol=1e-12)
+    img = torch.randn(1, 4, 4, generator=gen(5))             # unbatched (C, H, W)
+    hc = capture_hessians(nn.Sequential(conv), [img])["0"]
+    np.testing.assert_allclose(hc, second_moment(explicit_patches(conv, img[None])), rtol=1e-12)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+
+    def forward(self, a, b=None):
+        return self.proj(a) if b is None else self.proj(a) + self.proj(b)
+
+
+def test_default_forward_handles_dict_tuple_and_tensor():
+    m = TwoInputs()
+    a, b = torch.randn(4, 3, generator=gen(0)), torch.randn(4, 3, generator=gen(1))
+    h_dict = capture_hessians(m, [{"a": a, "b": b}])["proj"]
+    h_tuple = capture_hessians(m, [(a, b)])["proj"]
+    h_two = capture_hessians(m, [a, b])["proj"]
+    x = torch.cat([a, b]).double()
+    for h in (h_dict, h_tuple, h_two):  # a module called twice per forward sees both inputs
+        np.testing.assert_allclose(h, (x.T @ x / 8).numpy(), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------ layer selection
+def test_layer_selection():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+    assert list(select_layers(model)) == ["0", "3"]
+    assert list(select_layers(model, "3")) == ["3"]
+    assert list(select_layers(model, lambda n, m: isinstance(m, nn.Conv2d))) == ["0"]
+    with pytest.raises(QroundError, match="'nope'"):
+        select_layers(model, ["0", "nope"])
+    with pytest.raises(QroundError, match="'1' is a ReLU"):
+        select_layers(model, ["1"])
+    with pytest.raises(QroundError, match="no nn.Linear"):
+        select_layers(model, lambda n, m: False)
+    with pytest.raises(QroundError, match="'nope'"):
+        capture_hessians(model, [torch.randn(1, 1, 4, 4)], layers=["nope"])
+
+
+# ------------------------------------------------------------------------ hooks, modes, errors
+def test_hooks_removed_and_modes_restored_after_success():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    model.train()
+    model[2].eval()                      # mixed modes must come back exactly
+    seen = []
+
+    def forward(m, batch):
+        seen.append((m.training, m[1].training, torch.is_grad_enabled()))
+        return m(batch)
+
+    capture_hessians(model, [torch.randn(2, 3)], forward=forward)
+    assert seen == [(False, False, False)]
+    assert no_hooks(model)
+    assert model.training and model[0].training and model[1].training and not model[2].training
+
+
+def test_hooks_removed_after_exception_in_forward():
+    model = nn.Sequential(nn.Linear(3, 2))
+    model.train()
+
+    def forward(m, batch):
+        m(batch)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        capture_hessians(model, [torch.randn(2, 3)], forward=forward)
+    assert no_hooks(model) and model.training
+
+
+def test_empty_and_bad_calibration_data():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    with pytest.raises(QroundError, match="empty"):
+        capture_hessians(model, [])
+    with pytest.raises(QroundError, match="empty"):
+        capture_hessians(model, iter([]))
+    with pytest.raises(QroundError, match="iterable of batches"):
+        capture_hessians(model, torch.randn(4, 3))
+    with pytest.raises(QroundError, match="'1' saw no inputs"):
+        capture_hessians(model, [torch.randn(2, 3)], forward=lambda m, b: m[0](b))
+    bad = torch.randn(2, 3)
+    bad[1, 2] = float("nan")
+    with pytest.raises(QroundError, match="'0' received non-finite"):
+        capture_hessians(model, [bad])
+    assert no_hooks(model)
+
+
+# ------------------------------------------------------------------------ asymmetric
+def _quantised_copy(model, index):
+    q = copy.deepcopy(model)
+    with torch.no_grad():  # a crude 3-bit-ish rounding of an earlier layer makes x_hat != x
+        w = q[index].weight
+        w.copy_(torch.round(w * 4) / 4)
+    return q
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_asymmetric_cost_equals_direct_output_error_linear(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).double()
+    quant = _quantised_copy(model, 0)
+    batches = [torch.randn(3, 2, 6, generator=gen(seed + i), dtype=torch.float64) for i in range(3)]
+    stats = capture_asymmetric(model, quant, batches, ["2"])["2"]
+    assert isinstance(stats, AsymmetricStats) and stats.cross.shape == (5, 5)
+    assert not np.allclose(stats.cross, stats.hessian)
+    w = model[2].weight.detach().numpy()
+    problem = RoundingProblem.from_weight(w, stats.hessian_hat, GridSpec(bits=3),
+                                          cross=stats.cross, float_hessian=stats.hessian)
+    b = np.random.default_rng(seed).random(w.shape) < 0.5
+    w_hat = problem.dequantize(b)
+    x = torch.cat([torch.relu(model[0](t)).reshape(-1, 5) for t in batches]).detach().numpy()
+    xh = torch.cat([torch.relu(quant[0](t)).reshape(-1, 5) for t in batches]).detach().numpy()
+    direct = np.mean((x @ w.T - xh @ w_hat.T) ** 2, axis=0)
+    np.testing.assert_allclose(problem.costs(b), direct, rtol=1e-9, atol=1e-12)
+
+
+def test_asymmetric_cost_equals_direct_output_error_grouped_conv():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 6, 2, stride=2, dilation=1, groups=2)).double()
+    quant = _quantised_copy(model, 0)
+    batches = [torch.randn(2, 2, 6, 5, generator=gen(i), dtype=torch.float64) for i in range(2)]
+    stats = capture_asymmetric(model, quant, batches, ["2"])["2"]
+    assert stats.hessian_hat.shape == stats.cross.shape == (2, 8, 8)
+    conv = model[2]
+    problems = problems_from_layer(conv, stats.hessian_hat, GridSpec(bits=4), name="c",
+                                   cross=stats.cross, float_hessian=stats.hessian)
+    rng = np.random.default_rng(0)
+    choices = [rng.random(p.weight.shape) < 0.5 for p in problems]
+    costs = np.concatenate([p.costs(b) for p, b in zip(problems, choices)])
+    w_hat = torch.as_tensor(np.concatenate([p.dequantize(b) for p, b in zip(problems, choices)]))
+    w_hat = w_hat.reshape(conv.weight.shape)
+    errs = []
+    for t in batches:
+        x, xh = torch.relu(model[0](t)), torch.relu(quant[0](t))
+        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, 2)
+        yh = F.conv2d(xh, w_hat, None, conv.stride, conv.padding, conv.dilation, 2)
+        errs.append(((y - yh) ** 2).permute(1, 0, 2, 3).reshape(6, -1).detach())
+    direct = torch.cat(errs, dim=1).mean(dim=1).numpy()
+    np.testing.assert_allclose(costs, direct, rtol=1e-9, atol=1e-12)
+
+
+def test_asymmetric_same_model_and_mismatch():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    s = capture_asymmetric(model, model, [torch.randn(4, 3)], None)
+    np.testing.assert_allclose(s["1"].cross, s["1"].hessian, rtol=1e-12)
+    np.testing.assert_allclose(s["1"].hessian_hat, s["1"].hessian, rtol=1e-12)
+    other = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 5))
+    with pytest.raises(QroundError, match="'1' of quant_model"):
+        capture_asymmetric(model, other, [torch.randn(4, 3)], ["1"])
+    assert no_hooks(model) and no_hooks(other)
+    strided = nn.Sequential(nn.Conv2d(1, 1, 2, stride=2))   # same weight shape, other patches
+    with pytest.raises(QroundError, match="'0' of quant_model"):
+        capture_asymmetric(nn.Sequential(nn.Conv2d(1, 1, 2)), strided, [torch.randn(1, 1, 4, 4)],
+                           None)
+
+
+# ------------------------------------------------------------------------ Fisher
+def test_fisher_linear_matches_per_token_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(inplace=True), nn.Linear(3, 2)).double()
+    for p in model.parameters():
+        p.requires_grad_(False)        # frozen model: flags must come back unchanged
+    batches = [torch.randn(2, 4, 5, generator=gen(i), dtype=torch.float64) for i in range(2)]
+    loss_fn = lambda out, batch: (out ** 2).sum() + out.sum()  # noqa: E731
+    fisher = capture_fisher(model, batches, loss_fn, ["0"])["0"]
+    assert fisher.shape == (3, 5, 5)
+    total, rows = 0, 0
+    for t in batches:
+        z = model[0](t).detach().requires_grad_()
+        g, = torch.autograd.grad(loss_fn(model[2](torch.relu(z)), t), z)
+        x, g = t.reshape(-1, 5), g.reshape(-1, 3)
+        total = total + torch.einsum("rc,ri,rj->cij", g ** 2, x, x)
+        rows += len(x)
+    np.testing.assert_allclose(fisher, (total / rows).numpy(), rtol=1e-10, atol=1e-14)
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert no_hooks(model)
+
+
+def test_fisher_grouped_conv_matches_per_position_gradients():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 4, 2, stride=1, padding=1, groups=2).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(1)).double()
+    x = torch.randn(3, 4, 3, 3, generator=gen(2), dtype=torch.float64)
+    model(x)  # materialise the lazy layer
+    loss_fn = lambda out, batch: (out ** 2).mean()  # noqa: E731
+    fisher = capture_fisher(model, [x], loss_fn, ["0"])["0"]
+    assert fisher.shape == (4, 8, 8)
+    z = conv(x).detach().requires_grad_()
+    g, = torch.autograd.grad(loss_fn(model[3](model[2](torch.tanh(z))), x), z)
+    g2 = (g ** 2).flatten(2).transpose(1, 2).reshape(-1, 4)          # (rows, out)
+    patches = explicit_patches(conv, x)                               # (groups, rows, 8)
+    want = torch.stack([torch.einsum("r,ri,rj->ij", g2[:, c], patches[c // 2], patches[c // 2])
+                        for c in range(4)]) / g2.shape[0]
+    np.testing.assert_allclose(fisher, want.numpy(), rtol=1e-10, atol=1e-14)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fisher_budget_and_errors():
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 1))
+    x = [torch.randn(2, 64)]
+    with pytest.raises(QroundError, match=r"'0' need 1\.0 MB"):   # 32 * 64 * 64 * 8 bytes
+        capture_fisher(model, x, lambda o, b: o.sum(), None, memory_budget_mb=0.5)
+    with pytest.raises(QroundError, match="scalar"):
+        capture_fisher(model, x, lambda o, b: o, None)
+    with pytest.raises(QroundError, match="'0' received no gradient"):
+        capture_fisher(model, x, lambda o, b: o.sum(), ["0"], forward=lambda m, b: m[1](m[0](b)
+                                                                                       .detach()))
+    with pytest.raises(QroundError, match="empty"):
+        capture_fisher(model, [], lambda o, b: o.sum(), None)
+    assert no_hooks(model) and all(p.grad is None for p in model.parameters())
+
+
+def test_chunked_streaming_gives_the_same_statistics(monkeypatch):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 4, 2, groups=2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(4 * 3 * 3, 3)).double()
+    batches = [torch.randn(3, 2, 4, 4, generator=gen(i), dtype=torch.float64) for i in range(2)]
+    loss_fn = lambda out, batch: (out ** 2).sum()  # noqa: E731
+    whole_h = capture_hessians(model, batches)
+    whole_f = capture_fisher(model, batches, loss_fn, None)
+    monkeypatch.setattr(calibrate, "_CHUNK_BYTES", 1)  # one sample, one channel at a time
+    for name, h in capture_hessians(model, batches).items():
+        np.testing.assert_allclose(h, whole_h[name], rtol=1e-12)
+    for name, f in capture_fisher(model, batches, loss_fn, None).items():
+        np.testing.assert_allclose(f, whole_f[name], rtol=1e-12, atol=1e-15)
