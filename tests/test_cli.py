@@ -1,0 +1,62 @@
+"""The command line: solve a statistics file, JSON output, codes that reproduce the cost."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qround.cli import main
+from qround.grid import GridSpec, fit_grid
+from qround.problems.io import save_layer_stats
+
+from .conftest import correlated_hessian
+
+
+@pytest.fixture
+def layer_file(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(12, 24))
+    h = correlated_hessian(24, rng)
+    grid = fit_grid(w, GridSpec(bits=4))
+    path = tmp_path / "layer.npz"
+    save_layer_stats(path, w, h, bits=4, scale=grid.scale, name="toy")
+    return path
+
+
+def test_solve_json_and_codes_reproduce_cost(layer_file, tmp_path, capsys):
+    out = tmp_path / "sol.npz"
+    assert main(["solve", str(layer_file), "--solver", "greedy", "--json", "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("cost", "rtn_cost", "ratio", "seconds"):
+        assert key in res
+    assert res["ratio"] < 1.0
+    f, s = np.load(layer_file), np.load(out)
+    codes = s["codes"]
+    assert codes.shape == f["weight"].shape and np.issubdtype(codes.dtype, np.integer)
+    d = f["scale"].reshape(-1, 1) * codes - f["weight"]          # independent recomputation
+    assert np.isclose(np.einsum("mi,ij,mj->", d, f["hessian"], d), res["cost"], rtol=1e-9)
+
+
+def test_solve_table_with_composition(layer_file, capsys):
+    assert main(["solve", str(layer_file), str(layer_file), "--solver", "stochastic+greedy"]) == 0
+    text = capsys.readouterr().out
+    assert "stochastic+greedy" in text and "total" in text and "ratio" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["solve", "missing.npz"], "does not exist"),
+    (["solve", "{f}", "--solver", "nope"], "unknown solver"),
+    (["solve", "{f}", "--bits", "3"], "bits"),
+    (["solve", "{f}", "{f}", "--out", "x.npz"], "exactly one"),
+])
+def test_solve_errors_are_clear(layer_file, capsys, args, message):
+    args = [a.format(f=layer_file) for a in args]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_solvers_lists_registry(capsys):
+    assert main(["solvers"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy" in out and "exact" in out
