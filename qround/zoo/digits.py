@@ -87,8 +87,11 @@ def load_digits_data(seed: int = 0) -> DigitsData:
 
 # ----------------------------------------------------------------------------- models
 class DigitsCNN(nn.Module):
-    """Plain CNN: conv 1->16 (16x16), conv 16->32 s2 (8x8), conv 32->64 s2 (4x4), each + ReLU,
-    global average pool, Linear 64->10.  Input (N, 1, 16, 16), output logits (N, 10)."""
+    """Plain CNN: conv 1->16 (16x16), conv 16->32 s2 (8x8), conv 32->64 s2 (4x4), each 3x3 +
+    ReLU, flatten, Linear 1024->10.  Input (N, 1, 16, 16), output logits (N, 10).
+
+    Flattening rather than global pooling keeps where strokes are, which digits need (global
+    average pooling cost about two points of test accuracy)."""
 
     def __init__(self, seed: int = 0):
         super().__init__()
@@ -99,15 +102,14 @@ class DigitsCNN(nn.Module):
         self.relu2 = nn.ReLU()
         self.conv3 = nn.Conv2d(32, 64, 3, stride=2, padding=1, **kw)
         self.relu3 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, 10, **kw)
+        self.fc = nn.Linear(64 * 4 * 4, 10, **kw)
         _init_weights(self, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu1(self.conv1(x))
         x = self.relu2(self.conv2(x))
         x = self.relu3(self.conv3(x))
-        return self.fc(self.pool(x).flatten(1))
+        return self.fc(x.flatten(1))
 
 
 class ResidualBlock(nn.Module):
@@ -127,25 +129,25 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualDigitsCNN(nn.Module):
-    """Stem conv 1->16 + ReLU, ``block1`` (16 ch, 16x16), conv 16->32 s2 + ReLU, ``block2``
-    (32 ch, 8x8), global average pool, Linear 32->10.  Input (N, 1, 16, 16), logits (N, 10)."""
+    """Stem conv 1->16 s2 + ReLU (8x8), ``block1`` (16 ch, 8x8), conv ``down`` 16->32 s2 + ReLU
+    (4x4), ``block2`` (32 ch, 4x4), flatten, Linear 512->10.  Input (N, 1, 16, 16), logits
+    (N, 10).  The stride-2 stem keeps it about as cheap as :class:`DigitsCNN`."""
 
     def __init__(self, seed: int = 0):
         super().__init__()
-        self.stem = nn.Conv2d(1, 16, 3, padding=1, device="meta")
+        self.stem = nn.Conv2d(1, 16, 3, stride=2, padding=1, device="meta")
         self.relu1 = nn.ReLU()
         self.block1 = ResidualBlock(16)
         self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1, device="meta")
         self.relu2 = nn.ReLU()
         self.block2 = ResidualBlock(32)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(32, 10, device="meta")
+        self.fc = nn.Linear(32 * 4 * 4, 10, device="meta")
         _init_weights(self, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block1(self.relu1(self.stem(x)))
         x = self.block2(self.relu2(self.down(x)))
-        return self.fc(self.pool(x).flatten(1))
+        return self.fc(x.flatten(1))
 
 
 def _init_weights(model: nn.Module, seed: int) -> None:
@@ -169,16 +171,17 @@ def _init_weights(model: nn.Module, seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- training
-def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 30, device: str = "cpu",
+def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 20, device: str = "cpu",
                      cache: bool = True, batch_size: int = 64, lr: float = 3e-3
                      ) -> tuple[nn.Module, DigitsData]:
     """Train ``DigitsCNN`` (``arch="plain"``) or ``ResidualDigitsCNN`` (``"residual"``) on the
     training split of ``load_digits_data()`` (split seed 0, fixed for every training seed).
 
-    Adam with a cosine learning-rate decay; initialisation and batch order come from ``seed``.
+    Adam with a cosine learning-rate decay, small random affine warps of the training images;
+    initialisation, batch order and warps come from ``seed``.
     With ``cache=True`` the trained weights are read from / written to the weight cache, keyed by
-    arch, seed, epochs, batch size, lr and the recipe version.  Returns the model in eval mode on
-    ``device`` and the data (on the CPU).
+    arch, seed, epochs, batch size, lr, device type and the recipe version.  Returns the model
+    in eval mode on ``device`` and the data (on the CPU).
     """
     if arch not in ARCHS:
         raise QroundError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -191,19 +194,22 @@ def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 30, devic
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise QroundError(f"device={device!r} is not a torch device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QroundError(f"device={str(device)!r} was asked for but CUDA is not available")
 
     data = load_digits_data()
     model = (DigitsCNN if arch == "plain" else ResidualDigitsCNN)(seed)
-    path = _cache_path(arch, seed, epochs, batch_size, lr) if cache else None
+    path = _cache_path(arch, seed, epochs, batch_size, lr, device) if cache else None
     if path is not None and _load_cached(model, path):
         return model.to(device).eval(), data
 
     start = time.perf_counter()
     _fit(model.to(device), data, seed, epochs, batch_size, lr, device)
     model.eval()
-    log.info("trained %s digits CNN (seed %d, %d epochs) in %.2f s, test accuracy %.4f", arch,
-             seed, epochs, time.perf_counter() - start,
-             accuracy(model, data.test_images, data.test_labels))
+    if log.isEnabledFor(logging.INFO):
+        log.info("trained %s digits CNN (seed %d, %d epochs) in %.2f s, test accuracy %.4f", arch,
+                 seed, epochs, time.perf_counter() - start,
+                 accuracy(model, data.test_images, data.test_labels))
     if path is not None:
         _save_cached(model, path)
     return model, data
@@ -211,22 +217,45 @@ def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 30, devic
 
 def _fit(model: nn.Module, data: DigitsData, seed: int, epochs: int, batch_size: int, lr: float,
          device: torch.device) -> None:
-    # A different stream from the initialisation's, still a function of the seed alone.
+    # A different stream from the initialisation's, still a function of the seed alone.  It lives
+    # on the CPU so that the batch order and augmentation do not depend on the device.
     gen = torch.Generator().manual_seed(seed + 1_000_003)
-    x, y = data.train_images.to(device), data.train_labels.to(device)
+    x, y = data.train_images, data.train_labels
+    background = -data.mean / data.std  # value of an empty pixel after standardisation
     steps_per_epoch = math.ceil(len(y) / batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(y), generator=gen).to(device)
+        order = torch.randperm(len(y), generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            images = _augment(x[idx], gen, background).to(device)
+            loss = F.cross_entropy(model(images), y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+
+
+def _augment(images: torch.Tensor, gen: torch.Generator, background: float,
+             degrees: float = 10.0, shift: float = 0.15, zoom: float = 0.1) -> torch.Tensor:
+    """Random small affine warps (N, 1, 16, 16) -> same: rotation +-``degrees``, scale
+    1 +- ``zoom``, translation +-``shift`` of the half-width.  Without them the CNNs overfit the
+    ~1260 training digits and stay near 95-96% test accuracy."""
+    n = images.shape[0]
+
+    def uniform() -> torch.Tensor:
+        return torch.rand(n, generator=gen) * 2 - 1
+
+    angle = uniform() * math.radians(degrees)
+    scale = 1 + uniform() * zoom
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, uniform() * shift], 1),
+                         torch.stack([sin, cos, uniform() * shift], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # grid_sample pads with zeros: shift so that the padding is an empty pixel
+    return F.grid_sample(images - background, grid, align_corners=False) + background
 
 
 @torch.no_grad()
@@ -264,8 +293,11 @@ def cache_dir() -> Path:
     return Path(base) / "qround"
 
 
-def _cache_path(arch: str, seed: int, epochs: int, batch_size: int, lr: float) -> Path:
-    name = f"digits-{arch}-seed{seed}-epochs{epochs}-bs{batch_size}-lr{lr:g}-v{RECIPE_VERSION}"
+def _cache_path(arch: str, seed: int, epochs: int, batch_size: int, lr: float,
+                device: torch.device) -> Path:
+    # The device type is part of the key: CPU and GPU kernels round differently.
+    name = (f"digits-{arch}-seed{seed}-epochs{epochs}-bs{batch_size}-lr{lr:g}-{device.type}"
+            f"-v{RECIPE_VERSION}")
     return cache_dir() / "digits" / f"{name}.safetensors"
 
 

