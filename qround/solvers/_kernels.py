@@ -9,7 +9,7 @@ field ``f = H y``, flipping ``b_i`` changes ``y_i`` by ``d = s_i (1 - 2 b_i)`` a
 
 and after the flip ``f += H[:, i] d`` (row ``i`` of the symmetric H, contiguous in memory).
 The callers compute the start fields and energies with :mod:`qround.problems.energy` (BLAS) and
-pass them in, so only the O(n) incremental updates live here.
+pass them in (:func:`kernel_inputs`), so only the O(n) incremental updates live here.
 
 Layout: ``hess`` is (k, n, n) with ``k == 1`` for an H shared by all channels or ``k == m``
 per channel; ``free_idx`` (m, n) lists each channel's free variables first (``nfree`` of them),
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from ..errors import QroundError
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -48,17 +50,17 @@ def _randint(state, k):
 
 @njit(cache=True, inline="always")
 def _flip(i, b, f, step, h):
-    """Flip b_i and update the local fields f += H[i, :] d; returns d."""
+    """Flip b_i and update the local fields ``f += H[i, :] d`` (energy.local_fields)."""
     d = step[i] * (1.0 - 2.0 * b[i])
     b[i] = 1.0 - b[i]
     row = h[i]
     for j in range(f.shape[0]):
         f[j] += row[j] * d
-    return d
 
 
 @njit(cache=True, inline="always")
 def _delta(i, b, f, step, grad, hdiag):
+    """Energy change of flipping b_i (energy.flip_deltas for one variable)."""
     d = step[i] * (1.0 - 2.0 * b[i])
     return d * (2.0 * f[i] + grad[i]) + d * d * hdiag[i]
 
@@ -104,8 +106,11 @@ def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, beta
                 for p in range(k):
                     i = order[p]
                     dlt = _delta(i, b, f, s, g, hdiag)
-                    if dlt > 0.0 and _next(state) >= np.exp(-beta * dlt):
-                        continue
+                    if dlt > 0.0:
+                        # acceptance probability exp(-40) < 1e-17: reject without a draw
+                        x = beta * dlt
+                        if x > 40.0 or _next(state) >= np.exp(-x):
+                            continue
                     if at_best and dlt > 0.0:
                         # leaving the best state uphill: save it now (copies only when needed)
                         best[:] = b
@@ -121,15 +126,60 @@ def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, beta
     return best_all, best_e_all
 
 
+@njit(cache=True, inline="always")
+def _flip_update_deltas(i, b, d, f, grad, curv, row, delta):
+    """Flip b_i, update the fields with row i of H and refresh every delta in the same pass.
+
+    ``d`` holds the current ``s (1 - 2 b)`` (0 for fixed variables), ``curv`` the ``s^2 H_jj``
+    (+inf for fixed variables, so their delta is +inf and they are never picked).
+    """
+    di = d[i]
+    b[i] = 1.0 - b[i]
+    d[i] = -di
+    for j in range(f.shape[0]):
+        f[j] += row[j] * di
+        delta[j] = d[j] * (2.0 * f[j] + grad[j]) + curv[j]
+
+
+@njit(cache=True, inline="always")
+def _shuffle(order, count, state):
+    """Put ``count`` distinct random entries of ``order`` first (partial Fisher-Yates)."""
+    k = order.shape[0]
+    for p in range(min(count, k - 1)):
+        q = p + _randint(state, k - p)
+        order[p], order[q] = order[q], order[p]
+
+
+@njit(cache=True, inline="always")
+def _take(i, e, best_e, at_best, b, d, f, grad, curv, row, delta, best, best_f):
+    """Flip variable i, tracking the best state: returns (e, best_e, at_best).
+
+    ``at_best`` means b is a best state not yet copied to ``best``: it is saved only when a
+    move leaves it uphill, so long descents copy nothing.
+    """
+    if at_best and delta[i] > 0.0:
+        best[:] = b
+        best_f[:] = f
+        at_best = False
+    e += delta[i]
+    _flip_update_deltas(i, b, d, f, grad, curv, row, delta)
+    if e < best_e:
+        best_e = e
+        at_best = True
+    return e, best_e, at_best
+
+
 @njit(parallel=True, cache=True)
 def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure, max_iter,
-                stall, rounds, perturb, seeds):
-    """Tabu search with restarts that perturb the best state; per channel.
+                stall, rounds, perturb, reset_every, descent, tol, seeds):
+    """Iterated tabu search per channel; see :class:`qround.solvers.tabu.Tabu`.
 
-    Each iteration flips the free variable with the lowest delta that is not tabu (a tabu
-    move is allowed if it gives a new best: aspiration) and makes it tabu for ``tenure[c]``
-    iterations.  A round ends after ``max_iter`` iterations or ``stall`` iterations without a
-    new best; the next round starts from the best state with ``perturb[c]`` random flips.
+    Each round: from the best state (from the start in round 0 and every ``reset_every``-th
+    round) flip ``perturb[c]`` random variables (none in round 0), optionally descend by
+    first-improvement sweeps in random order (``descent``), then run tabu iterations: flip the
+    variable with the lowest delta that is not tabu (a tabu flip that gives a new best is
+    allowed: aspiration) and make it tabu for ``tenure[c]`` iterations; the round ends after
+    ``max_iter`` iterations or ``stall`` without a new best.
     Returns the best choices (m, n) float64 and energies (m,).
     """
     m, n = start.shape
@@ -141,70 +191,66 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
         if k == 0:
             continue
         h = hess[0] if shared else hess[c]
-        s, g = step[c], grad[c]
-        hdiag = np.empty(n)
-        for j in range(n):
-            hdiag[j] = h[j, j]
+        g = grad[c]
         state = np.empty(1, dtype=np.uint64)
         state[0] = seeds[c]
-        idx = free_idx[c, :k]
-        order = idx.copy()
-        b = start[c].copy()
-        f = fields[c].copy()
-        e = energy[c]
-        best = best_all[c]
-        best_f = f.copy()
-        best_e = e
-        at_best = True
+        order = free_idx[c, :k].copy()
+        b, f = np.empty(n), np.empty(n)
+        d, curv, delta = np.empty(n), np.empty(n), np.empty(n)
+        for j in range(n):
+            curv[j] = step[c, j] * step[c, j] * h[j, j] if step[c, j] != 0.0 else np.inf
+        best, best_f = best_all[c], fields[c].copy()   # best_all starts as a copy of start
+        best_e = e = energy[c]
+        at_best = False
         tabu_until = np.zeros(n, dtype=np.int64)
         it = 0
         for r in range(rounds):
+            from_start = r == 0 or (reset_every > 0 and r % reset_every == 0)
+            if from_start or not at_best:
+                if at_best:
+                    best[:] = b
+                    best_f[:] = f
+                src, src_f = (start[c], fields[c]) if from_start else (best, best_f)
+                e = energy[c] if from_start else best_e
+                for j in range(n):
+                    b[j] = src[j]
+                    f[j] = src_f[j]
+                    d[j] = step[c, j] * (1.0 - 2.0 * b[j])
+                    delta[j] = d[j] * (2.0 * f[j] + g[j]) + curv[j]
+                at_best = False  # ``best`` holds a valid copy
             if r > 0:
-                if not at_best:
-                    b[:] = best
-                    f[:] = best_f
-                    e = best_e
-                for p in range(min(perturb[c], k)):  # distinct variables: partial shuffle
-                    q = p + _randint(state, k - p)
-                    order[p], order[q] = order[q], order[p]
+                _shuffle(order, perturb[c], state)
+                for p in range(min(perturb[c], k)):
+                    e, best_e, at_best = _take(order[p], e, best_e, at_best, b, d, f, g, curv,
+                                               h[order[p]], delta, best, best_f)
+            for _ in range(k if descent else 0):  # first-improvement sweeps, random order
+                _shuffle(order, k, state)
+                improved = False
+                for p in range(k):
                     i = order[p]
-                    dlt = _delta(i, b, f, s, g, hdiag)
-                    if at_best and dlt > 0.0:
-                        best[:] = b
-                        best_f[:] = f
-                        at_best = False
-                    _flip(i, b, f, s, h)
-                    e += dlt
-                    if e < best_e:
-                        best_e = e
-                        at_best = True
-                tabu_until[:] = 0
+                    if delta[i] < -tol[c]:
+                        e, best_e, at_best = _take(i, e, best_e, at_best, b, d, f, g, curv, h[i],
+                                                   delta, best, best_f)
+                        improved = True
+                if not improved:
+                    break
+            tabu_until[:] = 0
             since_best = 0
             for _ in range(max_iter):
                 it += 1
                 pick, pick_d = -1, np.inf
-                for p in range(k):
-                    j = idx[p]
-                    dj = _delta(j, b, f, s, g, hdiag)
+                for j in range(n):
+                    dj = delta[j]
                     if dj < pick_d and (tabu_until[j] < it or e + dj < best_e):
                         pick, pick_d = j, dj
-                if pick < 0:
+                if pick < 0 or pick_d == np.inf:
                     break
-                if at_best and pick_d > 0.0:
-                    best[:] = b
-                    best_f[:] = f
-                    at_best = False
-                _flip(pick, b, f, s, h)
-                e += pick_d
+                e, best_e, at_best = _take(pick, e, best_e, at_best, b, d, f, g, curv, h[pick],
+                                           delta, best, best_f)
                 tabu_until[pick] = it + tenure[c]
-                if e < best_e:
-                    best_e = e
-                    at_best = True
-                    since_best = 0
-                else:
-                    since_best += 1
-                    if since_best >= stall:
-                        break
+                since_best = 0 if at_best else since_best + 1
+                if since_best >= stall:
+                    break
         if at_best:
             best[:] = b
         best_e_all[c] = best_e
@@ -223,11 +269,28 @@ def kernel_inputs(problem, start: np.ndarray, rng: np.random.Generator) -> dict:
     hess = problem.hessian
     hess = np.ascontiguousarray(hess[None] if hess.ndim == 2 else hess)
     # stable argsort of ~free puts each channel's free variables first, in input order
-    free_idx = np.ascontiguousarray(np.argsort(~problem.free, axis=1, kind="stable"), dtype=np.int64)
-    return dict(hess=hess, step=np.ascontiguousarray(problem.step),
-                grad=np.ascontiguousarray(problem.grad), start=b,
-                fields=np.ascontiguousarray(problem.local_fields(b)),
-                energy=np.ascontiguousarray(problem.energies(b), dtype=np.float64),
-                free_idx=free_idx, nfree=problem.free.sum(axis=1).astype(np.int64),
-                seeds=rng.integers(0, np.iinfo(np.int64).max, size=m, dtype=np.int64)
-                .astype(np.uint64))
+    free_idx = np.argsort(~problem.free, axis=1, kind="stable").astype(np.int64)
+    arrays = dict(hess=hess, step=np.ascontiguousarray(problem.step),
+                  grad=np.ascontiguousarray(problem.grad), start=b,
+                  fields=np.ascontiguousarray(problem.local_fields(b)),
+                  energy=np.ascontiguousarray(problem.energies(b), dtype=np.float64),
+                  free_idx=free_idx, nfree=problem.free.sum(axis=1).astype(np.int64),
+                  seeds=rng.integers(0, np.iinfo(np.int64).max, size=m, dtype=np.int64)
+                  .astype(np.uint64))
+    # numba compiles read-only and writeable arrays separately; problem arrays are read-only,
+    # so pass read-only views of everything: one signature, one compilation, no copies.
+    for key, a in arrays.items():
+        a = a.view()
+        a.flags.writeable = False
+        arrays[key] = a
+    return arrays
+
+
+def check_int(value, name: str, minimum: int, allow_none: bool = False) -> int | None:
+    """Validate an integer solver parameter (QroundError naming it otherwise)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise QroundError(f"{name} must be {kind}, got {value!r}")
+    return int(value)

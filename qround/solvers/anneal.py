@@ -19,24 +19,30 @@ from .base import Solver
 
 
 def beta_schedule(problem: RoundingProblem, start: np.ndarray, num_sweeps: int,
-                  hot_accept: float = 0.5, cold_accept: float = 1e-3,
+                  hot_accept: float = 0.1, cold_accept: float = 1e-6,
                   cold_quantile: float = 0.05) -> np.ndarray:
     """Geometric inverse temperatures per channel and sweep, (m, num_sweeps).
 
-    From the start's flip deltas ``|delta|`` over the free variables of a channel:
-    ``beta_min`` accepts the median ``|delta|`` with probability ``hot_accept`` and ``beta_max``
-    accepts the ``cold_quantile`` quantile of the nonzero ``|delta|`` (a small but typical
-    move; the exact minimum is often a near-tie of no consequence) with probability
+    The energy scale of a channel is the distribution of its single-flip ``|delta|`` at the
+    start (free variables, nonzero deltas).  ``beta_min`` accepts the median ``|delta|`` with
+    probability ``hot_accept`` and ``beta_max`` accepts the ``cold_quantile`` quantile (a small
+    but typical move; the exact minimum is often a near-tie of no consequence) with probability
     ``cold_accept``, so the last sweeps are a zero-temperature descent.
+
+    Why ``hot_accept = 0.1``, colder than the textbook 0.5: the start is usually
+    rounding-to-nearest or better and a hot phase mostly destroys it.  Measured (1000 sweeps,
+    cold_accept 1e-6): MiniLM layer 0 query, 4-bit, 64 channels, cost/RTN 0.2178 / 0.2160 /
+    0.2146 / 0.2133 for hot_accept 0.3 / 0.1 / 1e-2 / 1e-3; but on 12-14 variable toy problems
+    the colder starts miss the exact optimum more often (8 vs 71 of 720 channels for 0.1 vs
+    1e-3), so 0.1 is the robust default.
     """
     deltas = np.abs(problem.flip_deltas(start))
-    m = problem.num_channels
-    betas = np.ones((m, num_sweeps))
+    betas = np.ones((problem.num_channels, num_sweeps))
     frac = np.linspace(0.0, 1.0, num_sweeps) if num_sweeps > 1 else np.ones(1)
-    for c in range(m):
+    for c in range(problem.num_channels):
         d = deltas[c][problem.free[c] & (deltas[c] > 0)]
         if d.size == 0:
-            continue  # nothing to flip, or every flip costs nothing: any temperature will do
+            continue  # nothing to flip, or no flip changes the energy: any temperature will do
         b_min = -np.log(hot_accept) / np.median(d)
         b_max = max(-np.log(cold_accept) / np.quantile(d, cold_quantile), b_min)
         betas[c] = b_min * (b_max / b_min) ** frac
@@ -47,31 +53,32 @@ class Anneal(Solver):
     """Simulated annealing with a geometric beta schedule, batched over channels (numba).
 
     num_sweeps: sweeps per run (each visits every free variable once); restarts: independent
-    runs from the start, the best is kept; order: ``"random"`` (a fresh permutation per sweep)
-    or ``"sequential"``; hot_accept / cold_accept / cold_quantile: the temperature range, see
-    :func:`beta_schedule`.
+    runs from the start, the best state of all is kept; order: ``"random"`` (a fresh
+    permutation per sweep) or ``"sequential"`` (input order; a little faster);
+    hot_accept / cold_accept / cold_quantile: the temperature range, see :func:`beta_schedule`.
+
+    Work per channel is O(sweeps x n) plus O(n) per accepted flip: the default 1000 sweeps
+    took about 12 ms of CPU per 384-input channel (MiniLM layer, numba, 2 cores).
     """
 
     name = "anneal"
 
-    def __init__(self, num_sweeps: int = 100, restarts: int = 1, order: str = "random",
-                 hot_accept: float = 0.5, cold_accept: float = 1e-3,
+    def __init__(self, num_sweeps: int = 1000, restarts: int = 1, order: str = "random",
+                 hot_accept: float = 0.1, cold_accept: float = 1e-6,
                  cold_quantile: float = 0.05):
-        if int(num_sweeps) < 1 or int(restarts) < 1:
-            raise QroundError(f"num_sweeps and restarts must be >= 1, got {num_sweeps}, {restarts}")
+        self.num_sweeps = _kernels.check_int(num_sweeps, "num_sweeps", 1)
+        self.restarts = _kernels.check_int(restarts, "restarts", 1)
         if order not in ("random", "sequential"):
             raise QroundError(f"order must be 'random' or 'sequential', got {order!r}")
-        if not (0 < cold_accept < hot_accept < 1):
-            raise QroundError("need 0 < cold_accept < hot_accept < 1, got "
-                              f"cold_accept={cold_accept}, hot_accept={hot_accept}")
+        if not (0 < cold_accept <= hot_accept < 1):
+            raise QroundError("need 0 < cold_accept <= hot_accept < 1, got "
+                              f"cold_accept={cold_accept!r}, hot_accept={hot_accept!r}")
         if not 0 <= cold_quantile <= 1:
-            raise QroundError(f"cold_quantile must lie in [0, 1], got {cold_quantile}")
-        self.num_sweeps = int(num_sweeps)
-        self.restarts = int(restarts)
+            raise QroundError(f"cold_quantile must lie in [0, 1], got {cold_quantile!r}")
         self.order = order
-        self.hot_accept = hot_accept
-        self.cold_accept = cold_accept
-        self.cold_quantile = cold_quantile
+        self.hot_accept = float(hot_accept)
+        self.cold_accept = float(cold_accept)
+        self.cold_quantile = float(cold_quantile)
 
     def _solve(self, problem, start, rng):
         args = _kernels.kernel_inputs(problem, start, rng)

@@ -3,60 +3,77 @@
 Each iteration flips, in every channel, the free variable whose flip lowers the energy most
 (or raises it least) among those not flipped in the last ``tenure`` iterations; a tabu flip is
 still taken when it gives a new best energy (aspiration).  Deltas come from incremental local
-fields (:mod:`qround.solvers._kernels`, the compiled loop of :mod:`qround.problems.energy`),
-so an iteration costs O(n).  A round ends after ``max_iter`` iterations, or ``stall`` iterations
-without a new best; each of the ``restarts`` further rounds starts from the best state with
-``perturb`` random flips (an iterated tabu search).  The best state seen is returned.
+fields (:mod:`qround.solvers._kernels`, the compiled loop of :mod:`qround.problems.energy`), so
+an iteration costs O(n).
+
+Iterated tabu search: round 0 starts from the given start; each of the ``restarts`` further
+rounds starts from the best state so far (or, every ``reset_every``-th round, from the start
+again) with ``perturb`` random flips.  Before its tabu iterations a round descends by
+first-improvement sweeps in random order (``descent``): steepest descent from rounding-to-nearest
+tends to take the one large flip of a weight on an outlier input first and stay in that basin,
+while a first-improvement descent reaches other, often lower, basins.  The best state seen is
+returned.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import QroundError
+from ..problems.rounding import RoundingProblem
 from . import _kernels
 from .base import Solver
 
 
-def _positive_or_none(value, name: str):
-    if value is not None and (isinstance(value, bool) or int(value) < 1):
-        raise QroundError(f"{name} must be a positive integer or None, got {value!r}")
-    return None if value is None else int(value)
+def _round_off(problem: RoundingProblem) -> np.ndarray:
+    """Per channel, the smallest energy gain a descent takes (m,), so round-off never cycles."""
+    diag = problem.hessian_diag
+    curv = problem.step ** 2 * (diag if diag.ndim == 2 else diag[None, :])
+    return 1e-12 * np.maximum(curv.max(axis=1), np.finfo(float).tiny)
 
 
 class Tabu(Solver):
     """Iterated tabu search with single flips, batched over channels (numba).
 
-    max_iter: iterations per round (None: ``iters_per_var`` x the channel's free variables);
-    restarts: extra rounds, each from the perturbed best state; tenure: iterations a flipped
-    variable stays tabu (None: ``min(20, nfree // 4)``); stall: end a round after this many
-    iterations without a new best (None: never early); perturb: random flips at a restart
-    (None: ``max(2, nfree // 20)``).  Tenure is capped at ``nfree - 1`` so a move always exists.
+    max_iter: tabu iterations per round (None: ``iters_per_var`` x the largest number of free
+    variables of a channel); restarts: rounds after the first; tenure: iterations a flipped
+    variable stays tabu (None: ``min(10, nfree // 2)``, capped at ``nfree - 1`` so a move always
+    exists); stall: end a round after this many iterations without a new best (None: never
+    early); perturb: random flips at the start of a restart (None: ``max(2, nfree // 20)``);
+    descent: first-improvement sweeps before the tabu iterations of each round; reset_every:
+    every this many rounds restart from the start instead of the best (0: never).
+
+    Work per channel is O(rounds x max_iter x n): the defaults (5 rounds of 10 n iterations)
+    took about 10 ms of CPU per 384-input channel (MiniLM layer, numba, 2 cores).
     """
 
     name = "tabu"
 
-    def __init__(self, max_iter: int | None = None, restarts: int = 4,
-                 tenure: int | None = None, stall: int | None = None,
-                 perturb: int | None = None, iters_per_var: float = 10.0):
-        self.max_iter = _positive_or_none(max_iter, "max_iter")
-        if isinstance(restarts, bool) or int(restarts) < 0:
-            raise QroundError(f"restarts must be a non-negative integer, got {restarts!r}")
-        self.restarts = int(restarts)
-        if tenure is not None and (isinstance(tenure, bool) or int(tenure) < 0):
-            raise QroundError(f"tenure must be a non-negative integer or None, got {tenure!r}")
-        self.tenure = None if tenure is None else int(tenure)
-        self.stall = _positive_or_none(stall, "stall")
-        self.perturb = _positive_or_none(perturb, "perturb")
-        if not iters_per_var > 0:
-            raise QroundError(f"iters_per_var must be positive, got {iters_per_var!r}")
+    def __init__(self, max_iter: int | None = None, restarts: int = 4, tenure: int | None = None,
+                 stall: int | None = None, perturb: int | None = None,
+                 iters_per_var: float = 10.0, descent: bool = True, reset_every: int = 2):
+        self.max_iter = _kernels.check_int(max_iter, "max_iter", 1, allow_none=True)
+        self.restarts = _kernels.check_int(restarts, "restarts", 0)
+        self.tenure = _kernels.check_int(tenure, "tenure", 0, allow_none=True)
+        self.stall = _kernels.check_int(stall, "stall", 1, allow_none=True)
+        self.perturb = _kernels.check_int(perturb, "perturb", 1, allow_none=True)
+        number = (int, float, np.integer, np.floating)
+        if isinstance(iters_per_var, bool) or not isinstance(iters_per_var, number) \
+                or not iters_per_var > 0:
+            raise QroundError(f"iters_per_var must be a positive number, got {iters_per_var!r}")
         self.iters_per_var = float(iters_per_var)
+        self.descent = bool(descent)
+        self.reset_every = _kernels.check_int(reset_every, "reset_every", 0)
 
     def _solve(self, problem, start, rng):
         args = _kernels.kernel_inputs(problem, start, rng)
         nfree = args["nfree"]
-        tenure = np.minimum(20, nfree // 4) if self.tenure is None else np.full_like(nfree, self.tenure)
+        # tenure 10 beat 20 (dwave's min(20, n/4)) on 384-input layers; nfree // 2 is better
+        # than n/4 on small channels, where a short memory cycles between a few states
+        tenure = (np.minimum(10, nfree // 2) if self.tenure is None
+                  else np.full_like(nfree, self.tenure))
         tenure = np.minimum(tenure, np.maximum(nfree - 1, 0))
-        perturb = np.maximum(2, nfree // 20) if self.perturb is None else np.full_like(nfree, self.perturb)
+        perturb = (np.maximum(2, nfree // 20) if self.perturb is None
+                   else np.full_like(nfree, self.perturb))
         max_iter = self.max_iter
         if max_iter is None:
             max_iter = max(1, int(round(self.iters_per_var * int(nfree.max(initial=0)))))
@@ -64,5 +81,6 @@ class Tabu(Solver):
         best, _ = _kernels.tabu_kernel(
             args["hess"], args["step"], args["grad"], args["start"], args["fields"],
             args["energy"], args["free_idx"], nfree, tenure.astype(np.int64), max_iter, stall,
-            self.restarts + 1, perturb.astype(np.int64), args["seeds"])
+            self.restarts + 1, perturb.astype(np.int64), self.reset_every, self.descent,
+            _round_off(problem), args["seeds"])
         return best.astype(bool), {"max_iter": max_iter, "rounds": self.restarts + 1}
