@@ -2,17 +2,23 @@
 
 Importing this package registers the built-in solvers; ``available_solvers()`` lists them.
 """
+from .anneal import Anneal
 from .base import BestOf, Chain, Solution, Solver, make_solution
 from .cem import CrossEntropy
 from .dimod_backend import DimodSolver
+from .gptq import GPTQ
+from .hopfield import HopfieldClassic, Relaxation
 from .local import Greedy, steepest_descent
 from .reference import Exact, Nearest, Stochastic
 from .registry import available_solvers, get_solver, register
+from .tabu import Tabu
 
 register("nearest", Nearest, "rounding-to-nearest (the baseline)")
 register("stochastic", Stochastic, "stochastic rounding, best of K samples")
 register("exact", Exact, "exact optimum by enumeration (small channels only)")
 register("greedy", Greedy, "steepest-descent single flips, batched over channels")
+register("anneal", Anneal, "simulated annealing, batched over channels (numba)")
+register("tabu", Tabu, "iterated tabu search, batched over channels (numba)")
 register("dimod", DimodSolver, "any dimod sampler, one BQM per channel (sampler=...)")
 register("neal", lambda **kw: DimodSolver("neal", **kw),
          "dwave-neal / dwave-samplers simulated annealing via dimod")
@@ -21,6 +27,10 @@ register("dwave-tabu", lambda **kw: DimodSolver("dwave-tabu", **kw),
 register("dwave-steepest", lambda **kw: DimodSolver("dwave-steepest", **kw),
          "dwave-samplers steepest descent via dimod")
 register("cem", CrossEntropy, "cross-entropy method from stochastic-rounding probabilities (torch)")
+register("gptq", GPTQ, "GPTQ sequential rounding with error feedback, floor/ceil only (torch)")
+register("hopfield", Relaxation, "AdaRound continuous relaxation (rectified sigmoid, Adam; torch)")
+register("hopfield-classic", HopfieldClassic,
+         "classical Hopfield relaxation, sigmoid(V/T) with annealed T (torch)")
 
 __all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver",
            "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy", "DimodSolver",

@@ -31,13 +31,14 @@ class CrossEntropy(Solver):
     are clamped to [p_min, 1 - p_min] so no variable freezes for good; tol: a channel has
     converged when no probability moved more than tol in an iteration.
     device: "cpu" or "cuda"; dtype: None (float64 on CPU, float32 on CUDA), float32 or float64.
-    max_elements: memory budget, in numbers, of one batch of samples (K, chunk, n).
+    max_elements: memory budget, in numbers, of one batch of samples (K, chunk, n), or of
+    (K, chunk, n, n) with a per-channel H; channels are processed in chunks that fit.
     """
 
     name = "cem"
 
-    def __init__(self, samples: int = 128, iterations: int = 100, elite: float = 0.05,
-                 alpha: float = 0.7, p_min: float = 1e-3, tol: float = 1e-3,
+    def __init__(self, samples: int = 128, iterations: int = 100, elite: float = 0.1,
+                 alpha: float = 0.5, p_min: float = 1e-3, tol: float = 1e-3,
                  device="cpu", dtype=None, max_elements: int = 2 ** 24):
         if samples < 2 or iterations < 1:
             raise QroundError(f"samples must be >= 2 and iterations >= 1, got samples={samples}, "
@@ -67,8 +68,10 @@ class CrossEntropy(Solver):
         gen = _torch.torch_generator(rng, dev)
         best = torch.as_tensor(start, dtype=dtype, device=dev)
         iters = np.zeros(problem.num_channels, dtype=np.int64)
-        for sl in _torch.channel_chunks(problem.num_channels, self.samples * problem.num_inputs,
-                                        self.max_elements):
+        n = problem.num_inputs
+        # torch's broadcast matmul materialises a per-channel H once per sample
+        per_channel = (self.samples + 1) * n * (1 if problem.shared_hessian else n)
+        for sl in _torch.channel_chunks(problem.num_channels, per_channel, self.max_elements):
             best[sl], iters[sl] = self._run(tp.channels(sl), best[sl], gen)
         return _torch.to_numpy_choices(best), {"iterations": int(iters.max(initial=0)),
                                               "mean_iterations": float(iters.mean())}
@@ -95,9 +98,10 @@ class CrossEntropy(Solver):
             e = energy.energies(cand, sub.step, sub.grad, sub.hessian)     # (k+1, a)
             order = torch.topk(e, n_elite, dim=0, largest=False).indices  # (n_elite, a)
             elite = torch.gather(cand, 0, order[:, :, None].expand(-1, -1, n))
-            win = e.gather(0, order[:1])[0] < best_e[active]
+            e_top = e.gather(0, order[:1])[0]
+            win = e_top < best_e[active]
             best[active] = torch.where(win[:, None], elite[0], best[active])
-            best_e[active] = torch.minimum(best_e[active], e.gather(0, order[:1])[0])
+            best_e[active] = torch.where(win, e_top, best_e[active])
             new_p = (self.alpha * elite.mean(0) + (1 - self.alpha) * pa).clamp(lo, hi)
             new_p = new_p * free[active]
             moved = (new_p - pa).abs().amax(dim=1)
