@@ -21,6 +21,7 @@ put in eval mode while capturing and every module's train/eval flag is restored 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
@@ -35,6 +36,28 @@ LayerFilter = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 _CHUNK_BYTES = 64 * 2 ** 20  # bound on one unfolded float64 chunk: im2col is kh*kw times the input
+_TOKEN_MASK: ContextVar = ContextVar("qround_token_mask", default=None)
+
+
+@contextmanager
+def token_mask(mask: torch.Tensor) -> Iterator[None]:
+    """Count only the real tokens: inside this context, a Linear layer whose input has leading
+    dims equal to ``mask.shape`` (e.g. (batch, tokens)) contributes only the rows where ``mask``
+    is true.  A ``forward`` function wraps its model call in it to keep padding out of ``H``
+    (padded positions never reach a masked attention or a masked mean pooling)."""
+    tok = _TOKEN_MASK.set(mask.detach().bool())
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(tok)
+
+
+def _active_mask(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The flattened token mask that applies to this Linear input, or None."""
+    mask = _TOKEN_MASK.get()
+    if mask is None or not isinstance(module, nn.Linear) or tuple(x.shape[:-1]) != tuple(mask.shape):
+        return None
+    return mask.reshape(-1).to(x.device)
 
 
 # ---------------------------------------------------------------------------------- hooks
@@ -134,7 +157,9 @@ def _layer_input(name: str, module: nn.Module, args: tuple) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise QroundError(f"layer {name!r} received non-finite (NaN/Inf) inputs")
     if isinstance(module, nn.Linear):
-        return x.reshape(-1, module.in_features)
+        mask = _active_mask(module, x)
+        x = x.reshape(-1, module.in_features)
+        return x if mask is None else x[mask]
     return x if x.dim() == 4 else x.unsqueeze(0)  # conv: (N, C, H, W), unbatched made batched
 
 
@@ -387,16 +412,19 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
 
     def hook(name, module, args, out):
         x = _layer_input(name, module, args)
+        mask = _active_mask(module, args[0])
         if not isinstance(out, torch.Tensor) or not out.requires_grad:
             raise QroundError(f"layer {name!r}: output does not require grad (is the forward "
                               "run under no_grad or inference_mode?)")
 
-        def on_grad(grad, _x=x, _name=name, _module=module):
+        def on_grad(grad, _x=x, _name=name, _module=module, _mask=mask):
             g = grad.detach()
             if not torch.isfinite(g).all():
                 raise QroundError(f"layer {_name!r}: non-finite gradient of the loss")
             dev = device if device is not None else g.device
             g2 = _output_rows(_module, g, dev) ** 2
+            if _mask is not None:
+                g2 = g2[_mask.to(g2.device)]
             per_sample = g2.shape[0] // _x.shape[0]  # positions per sample (1 for a Linear)
             for rows in _chunks(_module, _x):
                 v = _vectors(_module, _x[rows], dev)

@@ -122,12 +122,6 @@ def cmd_solvers(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(args.rest)
-
-
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qround", description=__doc__,
@@ -169,10 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="solver benchmark on real layers (benchmarks/solvers.py)",
-                       add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench)
+    sub.add_parser("bench", help="solver benchmark on real layers; `qround bench -h` for options")
 
     ls = sub.add_parser("solvers", help="list the registered solvers")
     ls.set_defaults(func=cmd_solvers)
@@ -180,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the benchmark owns its own options
+        from .bench import main as bench_main
+
+        try:
+            return bench_main(argv[1:])
+        except QroundError as exc:
+            print(f"qround: error: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -353,3 +353,22 @@ def test_chunked_streaming_gives_the_same_statistics(monkeypatch):
         np.testing.assert_allclose(h, whole_h[name], rtol=1e-12)
     for name, f in capture_fisher(model, batches, loss_fn, None).items():
         np.testing.assert_allclose(f, whole_f[name], rtol=1e-12, atol=1e-15)
+
+
+def test_token_mask_excludes_padding_rows():
+    from qround.calibrate import capture_hessians, token_mask
+
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    x = torch.randn(2, 4, 5, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+
+    def forward(model, batch):
+        with token_mask(mask):
+            return model(batch)
+
+    h = capture_hessians(lin, [x], forward=forward)[""]
+    rows = x[mask].double()
+    np.testing.assert_allclose(h, (rows.T @ rows / rows.shape[0]).numpy(), rtol=1e-12)
+    h_all = capture_hessians(lin, [x])[""]
+    assert not np.allclose(h, h_all)

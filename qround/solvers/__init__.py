@@ -31,7 +31,16 @@ register("gptq", GPTQ, "GPTQ sequential rounding with error feedback, floor/ceil
 register("hopfield", Relaxation, "AdaRound continuous relaxation (rectified sigmoid, Adam; torch)")
 register("hopfield-classic", HopfieldClassic,
          "classical Hopfield relaxation, sigmoid(V/T) with annealed T (torch)")
+register("tabu-fast", lambda **kw: Tabu(**{"restarts": 0, "iters_per_var": 1.0, **kw}),
+         "one short tabu round (about n flips per channel)")
+
+# Named defaults (chosen from benchmarks/solvers.py, see BENCHMARKS.md). Local search from RTN
+# stalls on wide layers (1536 inputs); GPTQ's error feedback gives it a far better basin.
+register("fast", lambda: Chain(GPTQ(), Tabu(restarts=0, iters_per_var=1.0), label="fast"),
+         "default for speed: gptq, then one short tabu round")
+register("quality", lambda: Chain(GPTQ(), Tabu(), label="quality"),
+         "default for quality: gptq, then iterated tabu search")
 
 __all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver",
            "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy", "DimodSolver",
-           "steepest_descent"]
+           "steepest_descent", "Anneal", "Tabu", "CrossEntropy", "GPTQ", "Relaxation", "HopfieldClassic"]

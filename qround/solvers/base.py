@@ -147,14 +147,15 @@ class Chain(Solver):
 
     name = "chain"
 
-    def __init__(self, *solvers: Solver):
+    def __init__(self, *solvers: Solver, label: str | None = None):
         if not solvers:
             raise QroundError("Chain needs at least one solver")
         self.solvers = list(solvers)
+        self._label = label
 
     @property
     def label(self) -> str:
-        return "+".join(s.label for s in self.solvers)
+        return self._label or "+".join(s.label for s in self.solvers)
 
     def _solve(self, problem, start, rng):
         sol, info = start, {}

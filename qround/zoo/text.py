@@ -125,7 +125,11 @@ def minilm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise QroundError("batch must be a dict from minilm_batches (with 'input_ids'), got "
                           f"{type(batch).__name__}")
-    return model(dict(batch))["sentence_embedding"]
+    from ..calibrate import token_mask
+
+    # padding rows never reach the pooled embedding, so they stay out of layer statistics
+    with token_mask(batch["attention_mask"]):
+        return model(dict(batch))["sentence_embedding"]
 
 
 def embed(model: nn.Module, texts: Sequence[str], batch_size: int = 64,
