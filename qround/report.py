@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
+from .files import atomic_write
 from .solvers.base import Solution
 
 
@@ -76,18 +75,9 @@ def totals(records: Iterable[SolveRecord]) -> dict:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write a text file atomically (see :func:`qround.files.atomic_write`)."""
+    with atomic_write(path, binary=False) as f:
+        f.write(text)
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
@@ -98,14 +88,5 @@ def write_npz_atomic(path: str | os.PathLike, **arrays) -> None:
     """``np.savez`` to ``path`` atomically; a failure leaves any existing file as it was."""
     import numpy as np
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)

@@ -27,12 +27,12 @@ Writes are atomic: a temporary file in the target directory is renamed over the 
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, fields
 
 import numpy as np
 
+from ..files import atomic_write
 from ..errors import QroundError, as_float_array, check_bits
 from ..grid import GridSpec, fit_grid
 from .rounding import RoundingProblem
@@ -142,26 +142,8 @@ class LayerStats:
 
 
 def _atomic_savez(path: str | os.PathLike, payload: dict) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise QroundError(f"cannot write {path!r}: directory {folder!r} does not exist")
-    # mkstemp makes the file private (0600); a replaced file keeps its mode, a new one gets 0644
-    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise QroundError(f"cannot write layer statistics file {path!r}: {exc}") from exc
-        raise
+    with atomic_write(path, what="layer statistics file") as f:
+        np.savez(f, **payload)
 
 
 def save_layer_stats(path: str | os.PathLike, weight, hessian, *, bits: int = 4,
