@@ -1,0 +1,179 @@
+"""Saved quantised models: one safetensors file of codes, grids and dequantised weights.
+
+For each quantised layer ``<name>`` the file holds ``<name>.weight`` (dequantised, in the
+layer's dtype), ``<name>.codes`` (int8 symmetric / uint8 asymmetric), ``<name>.scale`` (float64,
+(out, groups)), ``<name>.zero_point`` (int32, asymmetric grids only) and ``<name>.bias`` when the
+layer has one (bias correction may have changed or created it).  The header metadata (str -> str,
+JSON where structured) records the format, the qround version, the config, the layers with their
+bits and shapes, the report and the layers left in float.
+
+Files are written atomically (temp file in the same folder, then ``os.replace``): a failed save
+leaves any earlier file as it was.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from .errors import QroundError
+from .files import atomic_write
+from .writeback import QuantizedWeight
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import QuantizedModel
+
+FORMAT = "qround.quantized-model"
+FORMAT_VERSION = "1"
+
+
+def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
+    """Write ``qmodel`` (a :class:`qround.pipeline.QuantizedModel`) to one safetensors file."""
+    from . import __version__
+
+    modules = dict(qmodel.model.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    layers = {}
+    for name, qw in qmodel.layers.items():
+        module = modules.get(name)
+        if module is None or tuple(module.weight.shape) != tuple(qw.weight_shape):
+            raise QroundError(f"layer {name!r} of the report does not match qmodel.model")
+        codes_dtype = np.int8 if qw.symmetric else np.uint8  # bits <= 8 fit either way
+        tensors[f"{name}.weight"] = module.weight.detach().cpu().contiguous().clone()
+        tensors[f"{name}.codes"] = torch.from_numpy(qw.codes.astype(codes_dtype))
+        tensors[f"{name}.scale"] = torch.from_numpy(np.array(qw.scale, dtype=np.float64))
+        if not qw.symmetric:
+            tensors[f"{name}.zero_point"] = torch.from_numpy(qw.zero_point.astype(np.int32))
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous().clone()
+        layers[name] = {"kind": "Linear" if isinstance(module, nn.Linear) else "Conv2d",
+                        "bits": qw.bits, "symmetric": qw.symmetric, "group_size": qw.group_size,
+                        "weight_shape": list(qw.weight_shape), "bias": module.bias is not None}
+    config = qmodel.config.as_dict()
+    metadata = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "qround_version": __version__,
+        "bits": str(config["wbits"]), "symmetric": json.dumps(config["symmetric"]),
+        "group_size": json.dumps(config["group_size"]), "solver": str(config["solver"]),
+        "config": json.dumps(config), "layers": json.dumps(layers),
+        "report": json.dumps([r.as_dict() for r in qmodel.report]),
+        "skipped": json.dumps(qmodel.skipped),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, what="quantised model") as f:
+        f.write(safetensors.torch.save(tensors, metadata=metadata))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The header of a saved model, JSON fields decoded (config, layers, report, skipped)."""
+    meta = _open(path, lambda f: f.metadata() or {})
+    if meta.get("format") != FORMAT:
+        raise QroundError(f"{path} is not a qround quantised model (format="
+                          f"{meta.get('format')!r})")
+    out = dict(meta)
+    for key in ("config", "layers", "report", "skipped", "symmetric", "group_size"):
+        out[key] = json.loads(meta[key])
+    return out
+
+
+def load_codes(path: str | os.PathLike) -> dict[str, QuantizedWeight]:
+    """The integer codes and grids of every layer of a saved model, by module name."""
+    layers = read_metadata(path)["layers"]
+
+    def read(f):
+        out = {}
+        for name, info in layers.items():
+            codes = f.get_tensor(f"{name}.codes").numpy().astype(np.int64)
+            scale = f.get_tensor(f"{name}.scale").numpy().astype(np.float64)
+            zero = (f.get_tensor(f"{name}.zero_point").numpy().astype(np.float64)
+                    if not info["symmetric"] else np.zeros_like(scale))
+            for a in (codes, scale, zero):
+                a.flags.writeable = False
+            out[name] = QuantizedWeight(codes, scale, zero, int(info["bits"]),
+                                        bool(info["symmetric"]), info["group_size"],
+                                        tuple(info["weight_shape"]))
+        return out
+
+    return _open(path, read)
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """A runnable quantised model: a deep copy of the float ``model`` (left untouched) with the
+    saved weights and biases of the file at ``path``.
+
+    The architecture must match: every saved layer must exist in ``model`` as a Linear/Conv2d
+    of the same weight shape, else QroundError listing the mismatches.
+    """
+    if not isinstance(model, nn.Module):
+        raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    layers = read_metadata(path)["layers"]
+    modules = dict(model.named_modules())
+    problems = []
+    for name, info in layers.items():
+        module = modules.get(name)
+        want = tuple(info["weight_shape"])
+        if module is None:
+            problems.append(f"{name!r} is missing from the model")
+        elif not isinstance(module, (nn.Linear, nn.Conv2d)) or info["kind"] != (
+                "Linear" if isinstance(module, nn.Linear) else "Conv2d"):
+            problems.append(f"{name!r} is a {type(module).__name__}, the file has a "
+                            f"{info['kind']}")
+        elif tuple(module.weight.shape) != want:
+            problems.append(f"{name!r} has weight shape {tuple(module.weight.shape)}, the file "
+                            f"{want}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise QroundError(f"the model's architecture does not match {path}: "
+                          + "; ".join(problems[:5]) + more)
+    codes = load_codes(path)
+    new = copy.deepcopy(model)
+    new_modules = dict(new.named_modules())
+
+    def fill(f):
+        with torch.no_grad():
+            for name, info in layers.items():
+                module = new_modules[name]
+                weight = f.get_tensor(f"{name}.weight")
+                deq = codes[name].dequantized
+                if not np.allclose(deq, weight.double().numpy(), rtol=1e-5,
+                                   atol=1e-6 * float(np.abs(deq).max(initial=0.0))):
+                    raise QroundError(f"{path}: weight of {name!r} is not its codes' dequantised "
+                                      "value (the file is corrupt)")
+                module.weight.copy_(weight)
+                if info["bias"]:
+                    bias = f.get_tensor(f"{name}.bias")
+                    if module.bias is None:  # bias correction created one
+                        w = module.weight
+                        module.bias = nn.Parameter(torch.zeros_like(bias, dtype=w.dtype,
+                                                                    device=w.device),
+                                                   requires_grad=w.requires_grad)
+                    elif module.bias.shape != bias.shape:
+                        raise QroundError(f"bias of {name!r} has shape "
+                                          f"{tuple(module.bias.shape)}, the file "
+                                          f"{tuple(bias.shape)}")
+                    module.bias.copy_(bias)
+
+    _open(path, fill)
+    return new
+
+
+def _open(path, read):
+    """Run ``read(handle)`` on a safetensors file; QroundError when it cannot be read."""
+    if not Path(path).is_file():
+        raise QroundError(f"no such file: {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return read(f)
+    except QroundError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise QroundError(f"{path} could not be read as a qround safetensors file: {exc}") \
+            from exc

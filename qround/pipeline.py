@@ -1,0 +1,589 @@
+"""Full-model quantisation (DESIGN.md section 3): ``quantize_model(model, data, config)``.
+
+Layers are visited in forward order.  For each, its input statistics are streamed from hooks
+(never cached activations): with ``asymmetric=True`` (AdaRound eq. 25) ``H_hat = E[x_hat x_hat^T]``
+and ``C = E[x_hat x^T]`` pair the input ``x_hat`` of the partly quantised copy with the float
+model's ``x`` on the same batch, and ``H = E[x x^T]`` makes the cost absolute; otherwise ``H``
+comes from the float model alone.  The layer's problems (one per group of a grouped conv) are
+solved, the rounding is written back into the copy, and the next layer sees its effect.
+
+Cost control: a first forward of one batch records the call order and which layers read the
+same input tensor (q, k, v of an attention block); those share one capture and one set of
+statistics.  Every capture forward stops (a private exception raised from the hook) as soon as
+the layers it waits for have been seen.  Without ``asymmetric`` the float model never changes,
+so consecutive groups are captured together in one pass, within a memory bound.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import re
+import time
+import weakref
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
+                        capture_fisher, default_forward, eval_mode, fisher_bytes, layer_hooks)
+from .errors import QroundError, check_bits
+from .grid import GridSpec
+from .problems.layers import layer_weight, problems_from_layer
+from .report import format_table
+from .solvers import Solver, get_solver
+from .solvers._torch import resolve_device
+from .writeback import QuantizedWeight, apply_to_layer, quantized_weight
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+# Normalisation layers hold weights too but are conventionally kept in float: not "skipped".
+_NORMS = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                           getattr(nn, "RMSNorm", None)) if t is not None)
+_PASS_BYTES = 1 << 30  # float64 statistic sums held by one capture pass without `asymmetric`
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the layers a capture waits for have run: ends the forward."""
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantise and how; checked when built (model-dependent checks in quantize_model)."""
+
+    wbits: int = 4                      # 2..8
+    symmetric: bool = True
+    group_size: int | None = None       # None = per channel
+    scale_method: str = "mse"           # minmax | mse | mse-output
+    solver: str | Solver = "greedy"     # any registry spec: "gptq", "gptq+tabu", "fast"...
+    layers: str | None = None           # regex on module names (re.search); None = all
+    exclude: str | None = None          # regex of names to leave in float
+    first_last_bits: int | None = None  # e.g. 8: first and last quantised layer at 8 bits
+    asymmetric: bool = True             # inputs from the partly quantised model (eq. 25)
+    statistics: str = "covariance"      # covariance | fisher  (fisher needs loss_fn)
+    fisher_budget_mb: float = 1024.0
+    bias_correction: bool = False       # Nagel et al. 2019: correct E[W x - W_hat x_hat]
+    device: str = "cpu"                 # where statistics are accumulated and solvers run
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        check_bits(self.wbits, "wbits")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        for name in ("symmetric", "asymmetric", "bias_correction", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise QroundError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        GridSpec(bits=self.wbits, symmetric=self.symmetric, group_size=self.group_size,
+                 scale_method=self.scale_method)  # checks group_size and scale_method
+        for name in ("layers", "exclude"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                if not isinstance(pattern, str):
+                    raise QroundError(f"{name} must be a regex string or None, got {pattern!r}")
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise QroundError(f"{name}={pattern!r} is not a valid regex: {exc}") from None
+        if self.statistics not in ("covariance", "fisher"):
+            raise QroundError(f"statistics must be 'covariance' or 'fisher', got "
+                              f"{self.statistics!r}")
+        if not (isinstance(self.fisher_budget_mb, (int, float)) and self.fisher_budget_mb > 0):
+            raise QroundError(f"fisher_budget_mb must be positive, got {self.fisher_budget_mb!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
+                or self.seed < 0:
+            raise QroundError(f"seed must be a non-negative integer, got {self.seed!r}")
+        resolve_device(self.device)
+        try:
+            get_solver(self.solver)
+        except TypeError as exc:
+            raise QroundError(f"solver {self.solver!r} cannot be built from its name alone: "
+                              f"{exc}") from None
+
+    def grid_spec(self, bits: int) -> GridSpec:
+        return GridSpec(bits=bits, symmetric=self.symmetric, group_size=self.group_size,
+                        scale_method=self.scale_method)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if not isinstance(self.solver, str):
+            d["solver"] = self.solver.label
+        return d
+
+
+# ---------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class LayerReport:
+    """One quantised layer: summed costs over channels (and conv groups), times in seconds.
+
+    shape: the rounded matrix (out, in) (a conv's in = c_in/groups * kh * kw); seconds: solver
+    time; capture_seconds: this layer's share of the capture pass it took part in.
+    """
+
+    layer: str
+    kind: str
+    shape: tuple[int, int]
+    bits: int
+    solver: str
+    cost: float
+    rtn_cost: float
+    ratio: float
+    seconds: float
+    capture_seconds: float
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass
+class QuantizedModel:
+    """A quantised copy of a model, its codes per layer, and the per-layer report."""
+
+    model: nn.Module
+    config: QuantConfig
+    layers: dict[str, QuantizedWeight]
+    report: list[LayerReport]
+    skipped: dict[str, str]
+    seconds: float
+
+    def totals(self) -> dict:
+        cost = sum(r.cost for r in self.report)
+        rtn = sum(r.rtn_cost for r in self.report)
+        return {"layers": len(self.report), "skipped": len(self.skipped), "cost": cost,
+                "rtn_cost": rtn, "ratio": cost / rtn if rtn > 0 else 1.0,
+                "solve_seconds": sum(r.seconds for r in self.report),
+                "capture_seconds": sum(r.capture_seconds for r in self.report),
+                "seconds": self.seconds}
+
+    def table(self) -> str:
+        """The per-layer report as a text table, then a line of totals."""
+        t = self.totals()
+        return (format_table([r.as_dict() for r in self.report]) +
+                f"\ntotal: {t['layers']} layers quantised, {t['skipped']} left in float; cost "
+                f"{t['cost']:.4g} vs RTN {t['rtn_cost']:.4g} (ratio {t['ratio']:.4f}); solve "
+                f"{t['solve_seconds']:.2f} s, capture {t['capture_seconds']:.2f} s, "
+                f"wall {t['seconds']:.2f} s")
+
+    def save(self, path) -> None:
+        """Write codes, scales and dequantised weights to one safetensors file (qround.export)."""
+        from .export import save
+        save(self, path)
+
+
+# ---------------------------------------------------------------------------------- plan
+@dataclass
+class _Layer:
+    name: str
+    kind: str
+    bits: int
+    leader: str          # the layer whose capture (same input tensor, same geometry) it shares
+    calls: int           # forward calls per batch, from the order pass
+    group: int
+
+
+def _select(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str, str]]:
+    """Names of the Linear/Conv2d layers to quantise, and the weight-holding modules left out."""
+    candidates, skipped = [], {}
+    for name, m in model.named_modules():
+        if isinstance(m, SUPPORTED):
+            candidates.append(name)
+        elif not isinstance(m, _NORMS) and any(True for _ in m.parameters(recurse=False)):
+            skipped[name] = f"unsupported layer type {type(m).__name__}: left in float"
+    if not candidates:
+        raise QroundError("model has no nn.Linear or nn.Conv2d layer to quantise")
+    chosen = candidates
+    for field_name, keep in (("layers", True), ("exclude", False)):
+        pattern = getattr(config, field_name)
+        if pattern is None:
+            continue
+        hits = {n for n in candidates if re.search(pattern, n)}
+        if not hits:
+            raise QroundError(f"{field_name}={pattern!r} matches no nn.Linear/nn.Conv2d layer; "
+                              f"layer names look like {candidates[:3]}")
+        for n in chosen:
+            if (n in hits) != keep:
+                skipped[n] = ("excluded by config.exclude" if not keep
+                              else "not matched by config.layers")
+        chosen = [n for n in chosen if (n in hits) == keep]
+    if not chosen:
+        raise QroundError("config.exclude leaves no layer to quantise")
+    return chosen, skipped
+
+
+def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> list[_Layer]:
+    """Run one batch with hooks: the chosen layers in call order, grouped by shared input.
+
+    A layer reads the same input as an earlier one if its first input is the same tensor object
+    at the same version (no in-place change in between).  Layers called more than once per
+    forward stay alone.  Layers never called are left out.
+    """
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    owner: dict[str, str | None] = {}
+    inputs: list[tuple[weakref.ref, int, str]] = []  # weak refs: nothing is kept alive
+
+    def hook(name, module, args, out):
+        calls[name] = calls.get(name, 0) + 1
+        if calls[name] > 1:
+            return
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        owner[name] = None
+        if x is not None:
+            for ref, version, other in inputs:
+                if ref() is x and x._version == version:
+                    owner[name] = other
+                    break
+            else:
+                inputs.append((weakref.ref(x), x._version, name))
+
+    with eval_mode(model), torch.no_grad(), layer_hooks({n: modules[n] for n in names}, hook):
+        forward(model, batch)
+    plan: dict[str, _Layer] = {}
+    for name in owner:  # dicts keep insertion order: the order of first calls
+        kind = "Linear" if isinstance(modules[name], nn.Linear) else "Conv2d"
+        layer = _Layer(name, kind, 0, name, calls[name], len(plan))
+        first = owner[name]
+        if first is not None and calls[name] == 1 and calls[first] == 1:
+            layer.group = plan[first].group
+            geometry = _geometry(modules[name])
+            layer.leader = next((o.name for o in plan.values() if o.group == layer.group
+                                 and _geometry(modules[o.name]) == geometry), name)
+        plan[name] = layer
+    return list(plan.values())
+
+
+def _units(plan: list[_Layer], modules: dict[str, nn.Module], config: QuantConfig
+           ) -> list[list[_Layer]]:
+    """Layers grouped by capture pass: one group of shared input per pass when asymmetric (each
+    depends on the layers before it), else consecutive groups packed within a memory bound."""
+    groups: dict[int, list[_Layer]] = {}
+    for layer in plan:
+        groups.setdefault(layer.group, []).append(layer)
+    if config.asymmetric:
+        return list(groups.values())
+
+    def size(group):
+        if config.statistics == "fisher":
+            return sum(fisher_bytes(modules[x.name]) for x in group)
+        return sum(_stat_bytes(modules[x.name]) for x in group if x.leader == x.name)
+
+    budget = config.fisher_budget_mb * 2 ** 20 if config.statistics == "fisher" else _PASS_BYTES
+    units, current, used = [], [], 0
+    for group in groups.values():
+        if current and used + size(group) > budget:
+            units.append(current)
+            current, used = [], 0
+        current += group
+        used += size(group)
+    return units + [current]
+
+
+def _stat_bytes(module: nn.Module) -> int:
+    n = layer_weight(module).shape[1]
+    groups = module.groups if isinstance(module, nn.Conv2d) else 1
+    return groups * n * n * 8
+
+
+# ---------------------------------------------------------------------------------- capture
+class _Sums:
+    """Streamed sums of one layer input: second moments (optional) and means of x_hat and x."""
+
+    def __init__(self, module: nn.Module, device, second: bool):
+        self.module, self.device, self.second = module, device, second
+        self.h_hat, self.cross, self.h = _Moment(), _Moment(), _Moment()
+        self.sum_hat = self.sum_x = None
+        self.rows = 0
+        self.paired = False
+
+    def add(self, x_hat: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        """Layer inputs of one call: x_hat from the quantised copy, x from the float model
+        (None when the two are the same)."""
+        self.paired = x is not None
+        for rows in _chunks(self.module, x_hat):
+            v_hat = _vectors(self.module, x_hat[rows], self.device)
+            v = v_hat if x is None else _vectors(self.module, x[rows], self.device)
+            if self.second:
+                self.h_hat.add(v_hat, v_hat)
+                if x is not None:
+                    self.cross.add(v_hat, v)
+                    self.h.add(v, v)
+            s_hat, s = v_hat.sum(1), v.sum(1)
+            self.sum_hat = s_hat if self.sum_hat is None else self.sum_hat + s_hat
+            self.sum_x = s if self.sum_x is None else self.sum_x + s
+            self.rows += v_hat.shape[1]
+
+    def result(self, name: str) -> dict[str, Any]:
+        """hessian (H_hat, or H when unpaired), cross / float_hessian (None when unpaired),
+        mean_x, mean_xhat (groups, n)."""
+        if self.rows == 0:
+            raise QroundError(f"layer {name!r} saw no inputs during calibration")
+        out = {"mean_x": (self.sum_x / self.rows).cpu().numpy(),
+               "mean_xhat": (self.sum_hat / self.rows).cpu().numpy(),
+               "hessian": None, "cross": None, "float_hessian": None}
+        if self.second:
+            out["hessian"] = self.h_hat.mean(name, symmetric=True)
+            if self.paired:
+                out["cross"] = self.cross.mean(name, symmetric=False)
+                out["float_hessian"] = self.h.mean(name, symmetric=True)
+        return out
+
+
+def _run_until(model, batch, forward, modules: dict[str, nn.Module], hook,
+               calls: dict[str, int]) -> None:
+    """One forward with ``hook`` on ``modules``, stopped once each has run ``calls[name]`` times."""
+    left = dict(calls)
+
+    def counted(name, module, args, out):
+        hook(name, module, args, out)
+        left[name] -= 1
+        if all(v <= 0 for v in left.values()):
+            raise _StopForward
+
+    with layer_hooks(modules, counted):
+        try:
+            forward(model, batch)
+        except _StopForward:
+            pass
+
+
+def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Module | None,
+            calibration: Iterable, forward: ForwardFn, device, second: bool
+            ) -> dict[str, dict[str, Any]]:
+    """Statistics of the leaders' inputs, streamed batch by batch.
+
+    quant_model None: inputs from ``float_model`` only (x_hat = x).  Otherwise each batch runs
+    the float model (holding this batch's inputs of the leaders) and then the quantised copy.
+    """
+    f_mods = dict(float_model.named_modules())
+    f_mods = {x.name: f_mods[x.name] for x in leaders}
+    calls = {x.name: x.calls for x in leaders}
+    sums = {n: _Sums(m, device, second) for n, m in f_mods.items()}
+    pending: dict[str, list[torch.Tensor]] = {}
+
+    def single(name, module, args, out):
+        sums[name].add(_layer_input(name, module, args))
+
+    def store(name, module, args, out):
+        pending[name].append(_layer_input(name, module, args))
+
+    def pair(name, module, args, out):
+        x_hat = _layer_input(name, module, args)
+        if not pending[name]:
+            raise QroundError(f"layer {name!r} ran more often in the quantised copy than in the "
+                              "float model: is the forward deterministic?")
+        x = pending[name].pop(0)
+        if x.shape != x_hat.shape:
+            raise QroundError(f"layer {name!r}: float input {tuple(x.shape)} and quantised input "
+                              f"{tuple(x_hat.shape)} differ in shape")
+        sums[name].add(x_hat, x)
+
+    with eval_mode(float_model), torch.no_grad():
+        if quant_model is None:
+            for batch in calibration:
+                _run_until(float_model, batch, forward, f_mods, single, calls)
+        else:
+            q_mods = dict(quant_model.named_modules())
+            q_mods = {n: q_mods[n] for n in f_mods}
+            with eval_mode(quant_model):
+                for batch in calibration:
+                    pending.update({n: [] for n in f_mods})
+                    _run_until(float_model, batch, forward, f_mods, store, calls)
+                    _run_until(quant_model, batch, forward, q_mods, pair, calls)
+        pending.clear()
+    return {n: s.result(n) for n, s in sums.items()}
+
+
+def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibration, forward,
+             loss_fn, config: QuantConfig) -> dict[str, dict[str, Any]]:
+    """Statistics of every layer of a capture unit; followers share their leader's."""
+    device = torch.device(config.device)
+    leaders = [x for x in unit if x.leader == x.name]
+    source = quant_model if config.asymmetric else float_model
+    second = config.statistics == "covariance"
+    need_means = second or config.bias_correction
+    stats = {}
+    if need_means:
+        stats = _stream(leaders, float_model if paired else source,
+                        quant_model if paired else None, calibration, forward, device, second)
+    out = {x.name: dict(stats.get(x.leader, {})) for x in unit}
+    if not second:
+        # per-channel Fisher blocks of the layers' actual inputs (the copy when asymmetric)
+        fisher = capture_fisher(source, calibration, loss_fn, [x.name for x in unit],
+                                config.fisher_budget_mb, forward, device)
+        for name, h in fisher.items():
+            out[name].update(hessian=h, cross=None, float_hessian=None)
+    return out
+
+
+# ---------------------------------------------------------------------------------- solve
+def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
+                 config: QuantConfig):
+    """Problems of one layer, solved: (QuantizedWeight, cost, rtn_cost, seconds)."""
+    rng = np.random.default_rng([config.seed, zlib.crc32(layer.name.encode())])
+    try:
+        problems = problems_from_layer(module, stats["hessian"], config.grid_spec(layer.bits),
+                                       layer.name, cross=stats["cross"],
+                                       float_hessian=stats["float_hessian"])
+        solutions = [solver.solve(p, seed=rng) for p in problems]
+    except QroundError as exc:
+        raise QroundError(f"layer {layer.name!r}: {exc}") from exc
+    except (np.linalg.LinAlgError, RuntimeError) as exc:  # torch's linalg errors are RuntimeError
+        raise QroundError(f"layer {layer.name!r}: solver {solver.label!r} failed ({exc}); use more "
+                          "calibration batches (a better conditioned H), more damping (e.g. "
+                          "solver=GPTQ(damp=0.1)), or a solver without a factorisation such as "
+                          "'greedy'") from exc
+    for p, s in zip(problems, solutions):
+        log.debug("%s: %s ratio %.4f in %.3f s %s", p.name, s.solver, s.ratio, s.seconds, s.info)
+    qweight = quantized_weight(problems, solutions, module)
+    cost = sum(s.total_cost for s in solutions)
+    rtn = sum(s.total_rtn_cost for s in solutions)
+    return qweight, cost, rtn, sum(s.seconds for s in solutions)
+
+
+def _correct_bias(module: nn.Module, weight: np.ndarray, qweight: QuantizedWeight,
+                  stats: dict) -> None:
+    """Add ``E[W x] - E[W_hat x_hat]`` (Nagel et al. 2019, empirical) to the layer's bias.
+
+    weight (out, n) float; means (groups, n) of the inputs (x_hat = x when not asymmetric, then
+    it is ``(W - W_hat) E[x]``).  A layer without bias gets one.
+    """
+    w_hat = qweight.dequantized.reshape(weight.shape)
+    groups = stats["mean_x"].shape[0]
+    out_g = weight.shape[0] // groups
+    corr = np.concatenate([weight[j * out_g:(j + 1) * out_g] @ stats["mean_x"][j]
+                           - w_hat[j * out_g:(j + 1) * out_g] @ stats["mean_xhat"][j]
+                           for j in range(groups)])
+    w = module.weight
+    with torch.no_grad():
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                       requires_grad=w.requires_grad)
+        module.bias.add_(torch.as_tensor(corr, dtype=module.bias.dtype, device=w.device))
+
+
+def _build_solver(config: QuantConfig) -> Solver:
+    solver = get_solver(config.solver)
+    if isinstance(config.solver, str):  # built here, so ours to place on config.device
+        stack = [solver]
+        while stack:
+            s = stack.pop()
+            stack.extend(getattr(s, "solvers", []))
+            if "device" in vars(s):
+                s.device = config.device
+    return solver
+
+
+def _check_calibration(calibration) -> Any:
+    """The first batch; QroundError for a tensor, a one-shot iterator, or no batch."""
+    if isinstance(calibration, (torch.Tensor, np.ndarray)):
+        raise QroundError("calibration must be a list of batches; wrap a single tensor in a list")
+    try:
+        it = iter(calibration)
+    except TypeError:
+        raise QroundError(f"calibration must be an iterable of batches, got "
+                          f"{type(calibration).__name__}") from None
+    if it is calibration:
+        raise QroundError("calibration must be re-iterable (a list or DataLoader): it is read "
+                          "once per capture pass, and a one-shot iterator would run dry")
+    first = next(it, _StopForward)
+    if first is _StopForward:
+        raise QroundError("calibration is empty: it yielded no batch")
+    return first
+
+
+# ---------------------------------------------------------------------------------- pipeline
+def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig = QuantConfig(),
+                   *, forward: ForwardFn | None = None,
+                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+                   inplace: bool = False) -> QuantizedModel:
+    """Quantise every chosen nn.Linear / nn.Conv2d of ``model``, sequentially in forward order.
+
+    calibration: a re-iterable collection of batches; ``forward(model, batch)`` runs one
+    (default ``model(batch)`` / ``model(**batch)`` / ``model(*batch)``).  ``loss_fn(output,
+    batch)``: scalar loss, for ``statistics="fisher"``.  The float model is not modified unless
+    ``inplace=True`` (then a float copy is kept while running, and a failure halfway leaves it
+    partly quantised).  Returns the quantised model, codes per layer and the per-layer report.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise QroundError(f"config must be a QuantConfig, got {type(config).__name__}")
+    forward = forward or default_forward
+    first_batch = _check_calibration(calibration)
+    if config.statistics == "fisher" and loss_fn is None:
+        raise QroundError("statistics='fisher' needs loss_fn(output, batch) -> scalar loss")
+    if loss_fn is not None and config.statistics != "fisher":
+        log.warning("loss_fn is only used with statistics='fisher'; ignoring it")
+    names, skipped = _select(model, config)
+    float_modules = dict(model.named_modules())
+    for name in names:
+        module = float_modules[name]
+        n = layer_weight(module).shape[1]
+        if config.group_size is not None and config.group_size < n and n % config.group_size:
+            raise QroundError(f"group_size={config.group_size} does not divide the {n} inputs "
+                              f"of layer {name!r}")
+        if config.statistics == "fisher" and fisher_bytes(module) > config.fisher_budget_mb * 2**20:
+            raise QroundError(f"Fisher blocks of layer {name!r} need "
+                              f"{fisher_bytes(module) / 2**20:.1f} MB, over fisher_budget_mb="
+                              f"{config.fisher_budget_mb}; exclude it or use 'covariance'")
+    solver = _build_solver(config)
+
+    float_model = copy.deepcopy(model) if inplace else model
+    qmodel = model if inplace else copy.deepcopy(model)
+    plan = _trace(qmodel, first_batch, forward, names)
+    called = {x.name for x in plan}
+    for name in names:
+        if name not in called:
+            skipped[name] = ("never called by the forward (its weight may be used directly by "
+                             "its parent module): left in float")
+    if not plan:
+        raise QroundError("none of the chosen layers is called by the forward on the first "
+                          "calibration batch")
+    for i, layer in enumerate(plan):
+        ends = config.first_last_bits is not None and i in (0, len(plan) - 1)
+        layer.bits = config.first_last_bits if ends else config.wbits
+    q_modules = dict(qmodel.named_modules())
+
+    layers: dict[str, QuantizedWeight] = {}
+    report: list[LayerReport] = []
+    done = 0
+    bar = tqdm(total=len(plan), desc="quantize", unit="layer", disable=not config.progress)
+    try:
+        for unit in _units(plan, q_modules, config):
+            t0 = time.perf_counter()
+            paired = config.asymmetric and done > 0  # before any write-back x_hat == x
+            stats = _capture(unit, float_model, qmodel, paired, calibration, forward, loss_fn,
+                             config)
+            capture_share = (time.perf_counter() - t0) / len(unit)
+            for layer in unit:
+                bar.set_postfix_str(layer.name)
+                module = q_modules[layer.name]
+                weight = layer_weight(module)
+                qweight, cost, rtn, seconds = _solve_layer(layer, module, stats[layer.name],
+                                                           solver, config)
+                apply_to_layer(module, qweight, inplace=True)
+                if config.bias_correction:
+                    _correct_bias(module, weight, qweight, stats[layer.name])
+                layers[layer.name] = qweight
+                row = LayerReport(layer.name, layer.kind, tuple(weight.shape), layer.bits,
+                                  solver.label, cost, rtn, cost / rtn if rtn > 0 else 1.0,
+                                  seconds, capture_share)
+                report.append(row)
+                log.info("%s: %d-bit %s, cost %.4g vs RTN %.4g (ratio %.4f), solve %.2f s, "
+                         "capture %.2f s", row.layer, row.bits, row.solver, row.cost,
+                         row.rtn_cost, row.ratio, row.seconds, row.capture_seconds)
+                done += 1
+                bar.update(1)
+    finally:
+        bar.close()
+    return QuantizedModel(qmodel, config, layers, report, skipped, time.perf_counter() - t_start)

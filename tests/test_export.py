@@ -1,0 +1,138 @@
+"""Saved quantised models: safetensors round trip, metadata, atomic writes, architecture checks."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import qround.files
+import safetensors.torch
+import torch
+from torch import nn
+
+import qround
+from qround import QroundError
+from qround.export import load, load_codes, read_metadata, save
+from qround.pipeline import QuantConfig, quantize_model
+
+from .test_pipeline import build, state
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(float model, data, QuantizedModel, path) of the CNN, asymmetric grid, bias correction."""
+    model, data = build("cnn")
+    config = QuantConfig(wbits=3, symmetric=False, bias_correction=True, first_last_bits=8,
+                         progress=False)
+    qm = quantize_model(model, data, config)
+    path = tmp_path_factory.mktemp("export") / "cnn.safetensors"
+    qm.save(path)
+    return model, data, qm, path
+
+
+def test_round_trip_gives_identical_outputs_codes_and_scales(saved):
+    model, data, qm, path = saved
+    before = state(model)
+    loaded = load(model, path)
+    assert loaded is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        for x in data:
+            assert torch.equal(loaded(x), qm.model(x))
+    assert torch.equal(loaded.fc.bias, qm.model.fc.bias)  # corrected biases travel too
+    codes = load_codes(path)
+    assert list(codes) == list(qm.layers)
+    for name, qw in qm.layers.items():
+        got = codes[name]
+        assert np.array_equal(got.codes, qw.codes) and got.codes.dtype == np.int64
+        assert np.array_equal(got.scale, qw.scale) and np.array_equal(got.zero_point,
+                                                                      qw.zero_point)
+        assert (got.bits, got.symmetric, got.group_size, got.weight_shape) == (
+            qw.bits, qw.symmetric, qw.group_size, qw.weight_shape)
+        assert np.array_equal(got.dequantized, qw.dequantized)
+
+
+def test_round_trip_symmetric_creates_missing_bias(tmp_path):
+    model, data = build("branchy")
+    qm = quantize_model(model, data, QuantConfig(wbits=4, bias_correction=True, progress=False))
+    path = tmp_path / "m.safetensors"
+    save(qm, path)
+    loaded = load(model, path)
+    assert model.out.bias is None and loaded.out.bias is not None
+    with torch.no_grad():
+        assert torch.equal(loaded(data[0]), qm.model(data[0]))
+    # a symmetric grid stores no zero point; codes are signed bytes
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("inp.codes").dtype == torch.int8
+    assert "inp.zero_point" not in keys and {"inp.weight", "inp.codes", "inp.scale"} <= keys
+
+
+def test_metadata(saved):
+    _, _, qm, path = saved
+    meta = read_metadata(path)
+    assert meta["qround_version"] == qround.__version__
+    assert meta["config"] == json.loads(json.dumps(qm.config.as_dict()))
+    assert meta["bits"] == "3" and meta["symmetric"] is False and meta["group_size"] is None
+    assert meta["solver"] == "greedy"
+    assert list(meta["layers"]) == list(qm.layers)
+    assert meta["layers"]["conv"]["bits"] == 8 and meta["layers"]["grouped"]["bits"] == 3
+    assert [r["layer"] for r in meta["report"]] == [r.layer for r in qm.report]
+    assert "conv1d" in meta["skipped"]
+
+
+def test_save_is_atomic(saved, tmp_path, monkeypatch):
+    _, _, qm, path = saved
+    target = tmp_path / "model.safetensors"
+    qm.save(target)
+    good = target.read_bytes()
+
+    def broken(fd):  # fails after the new bytes went to the temp file, before the rename
+        raise OSError("disk full")
+
+    monkeypatch.setattr(qround.files.os, "fsync", broken)
+    with pytest.raises(QroundError, match="disk full"):
+        qm.save(target)
+    assert target.read_bytes() == good
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # no temp file left behind
+
+
+def test_wrong_architecture_errors(saved):
+    model, _, _, path = saved
+    wrong = build("cnn")[0]
+    wrong.fc = nn.Linear(8, 7)
+    with pytest.raises(QroundError, match="'fc' has weight shape"):
+        load(wrong, path)
+    wrong = build("cnn")[0]
+    del wrong.grouped
+    with pytest.raises(QroundError, match="'grouped' is missing"):
+        load(wrong, path)
+    with pytest.raises(QroundError, match="missing|weight shape"):
+        load(build("branchy")[0], path)
+
+
+def test_not_a_qround_file(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"a": torch.zeros(2)}, plain)
+    with pytest.raises(QroundError, match="not a qround"):
+        load_codes(plain)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 4)
+    with pytest.raises(QroundError, match="could not be read"):
+        read_metadata(garbage)
+    with pytest.raises(QroundError, match="no such file"):
+        load(build("branchy")[0], tmp_path / "missing.safetensors")
+
+
+def test_corrupt_weights_detected(saved, tmp_path):
+    model, _, _, path = saved
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    tensors["fc.weight"] = tensors["fc.weight"] + 0.1
+    bad = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(tensors, bad, metadata=meta)
+    with pytest.raises(QroundError, match="corrupt"):
+        load(model, bad)

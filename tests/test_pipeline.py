@@ -1,0 +1,413 @@
+"""quantize_model: forward order, streamed (asymmetric) statistics, write-back, bias correction."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qround import QroundError
+from qround.calibrate import capture_asymmetric, capture_hessians
+from qround.grid import Grid
+from qround.pipeline import LayerReport, QuantConfig, QuantizedModel, quantize_model
+from qround.problems import problems_from_layer
+from qround.solvers import Solver
+from qround.writeback import apply_to_layer
+
+torch.set_num_threads(1)
+FAST = dict(progress=False, wbits=3)
+
+
+# ------------------------------------------------------------------------------ tiny models
+def materialise(model: nn.Module, seed: int) -> nn.Module:
+    """Fill a model built on the meta device from a local generator (no global RNG draws)."""
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bn" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+                p.uniform_(-1.0, 1.0, generator=gen).mul_(fan_in ** -0.5)
+    for buf_name, b in model.named_buffers():
+        b.fill_(1.0 if "var" in buf_name else 0.0)
+    return model.eval()
+
+
+class Branchy(nn.Module):
+    """Linear -> ReLU, then two heads reading the same tensor (like q and k), then a Linear
+    without bias on their concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        self.head_a = nn.Linear(16, 8)
+        self.head_b = nn.Linear(16, 8)
+        self.out = nn.Linear(16, 5, bias=False)
+
+    def forward(self, x):
+        h = F.relu(self.inp(x))
+        return self.out(F.relu(torch.cat([self.head_a(h), self.head_b(h)], -1)))
+
+
+class TinyCNN(nn.Module):
+    """Conv -> BatchNorm -> grouped conv -> Conv1d (unsupported) -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.conv1d = nn.Conv1d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = F.relu(self.grouped(x))
+        x = self.conv1d(x.flatten(2)).mean(-1)
+        return self.fc(x)
+
+
+def branchy(seed=0):
+    with torch.device("meta"):
+        model = Branchy()
+    return materialise(model, seed)
+
+
+def mlp2(seed=0):
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 6))
+    return materialise(model, seed)
+
+
+def cnn(seed=0):
+    with torch.device("meta"):
+        model = TinyCNN()
+    return materialise(model, seed)
+
+
+def batches(shape, n=3, seed=1, mean=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) + mean for _ in range(n)]
+
+
+MODELS = {"branchy": (branchy, (16, 12)), "mlp2": (mlp2, (16, 10)), "cnn": (cnn, (4, 3, 6, 6))}
+
+
+def build(kind, seed=0):
+    make, shape = MODELS[kind]
+    return make(seed), batches(shape)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def no_hooks(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def layer_grid(qw, n):
+    return Grid(np.array(qw.scale), np.array(qw.zero_point), qw.bits, qw.symmetric,
+                qw.group_size, n)
+
+
+def partly_quantised(float_model, qm: QuantizedModel, upto: str) -> nn.Module:
+    """The float model with the layers quantised before ``upto`` (in report order) written."""
+    partial = copy.deepcopy(float_model)
+    modules = dict(partial.named_modules())
+    for row in qm.report:
+        if row.layer == upto:
+            break
+        apply_to_layer(modules[row.layer], qm.layers[row.layer], inplace=True)
+    return partial
+
+
+# ------------------------------------------------------------------------------ basics
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_float_model_untouched_and_weights_on_grid(kind):
+    model, data = build(kind)
+    model.train()  # flags must come back as they were
+    before = state(model)
+    qm = quantize_model(model, data, QuantConfig(**FAST))
+    assert qm.model is not model and model.training and no_hooks(model) and no_hooks(qm.model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    modules = dict(qm.model.named_modules())
+    float_modules = dict(model.named_modules())
+    assert list(qm.layers) == [r.layer for r in qm.report]
+    for name, qw in qm.layers.items():
+        module = modules[name]
+        assert torch.equal(module.weight, torch.as_tensor(qw.dequantized, dtype=torch.float32))
+        assert qw.codes.min() >= qw.qmin and qw.codes.max() <= qw.qmax
+        # every code is the floor or the ceil of the float weight on the layer's grid
+        groups = getattr(module, "groups", 1)
+        n = qw.codes.shape[1]
+        eye = np.broadcast_to(np.eye(n), (groups, n, n)) if groups > 1 else np.eye(n)
+        problems = problems_from_layer(float_modules[name], eye, layer_grid(qw, n), name)
+        rows = qw.codes.shape[0] // groups
+        for j, p in enumerate(problems):
+            p.choices_from_codes(qw.codes[j * rows:(j + 1) * rows])  # raises otherwise
+        assert not torch.equal(module.weight, float_modules[name].weight)
+
+
+def test_report_and_table():
+    model, data = build("branchy")
+    qm = quantize_model(model, data, QuantConfig(**FAST))
+    assert [r.layer for r in qm.report] == ["inp", "head_a", "head_b", "out"]
+    for r in qm.report:
+        assert isinstance(r, LayerReport) and r.kind == "Linear" and r.bits == 3
+        assert r.solver == "greedy" and r.cost <= r.rtn_cost * (1 + 1e-9)
+        assert r.ratio == pytest.approx(r.cost / r.rtn_cost) and r.capture_seconds >= 0
+    assert qm.report[3].shape == (5, 16)
+    text = qm.table()
+    assert all(r.layer in text for r in qm.report) and "total" in text
+    totals = qm.totals()
+    assert totals["layers"] == 4 and totals["cost"] == pytest.approx(sum(r.cost for r in qm.report))
+
+
+@pytest.mark.parametrize("kind,asymmetric", [("branchy", True), ("branchy", False),
+                                             ("cnn", True), ("cnn", False)])
+def test_report_costs_equal_recomputation_from_statistics(kind, asymmetric):
+    """Each layer's cost equals its codes' cost on statistics captured independently, from the
+    float model and the model quantised up to that layer."""
+    model, data = build(kind)
+    qm = quantize_model(model, data, QuantConfig(asymmetric=asymmetric, **FAST))
+    float_modules = dict(model.named_modules())
+    for row in qm.report:
+        qw = qm.layers[row.layer]
+        module = float_modules[row.layer]
+        if asymmetric:
+            partial = partly_quantised(model, qm, row.layer)
+            s = capture_asymmetric(model, partial, data, [row.layer])[row.layer]
+            h, cross, hf = s.hessian_hat, s.cross, s.hessian
+        else:
+            h, cross, hf = capture_hessians(model, data, [row.layer])[row.layer], None, None
+        problems = problems_from_layer(module, h, layer_grid(qw, qw.codes.shape[1]), row.layer,
+                                       cross=cross, float_hessian=hf)
+        rows = qw.codes.shape[0] // len(problems)
+        cost = sum(p.costs(p.choices_from_codes(qw.codes[j * rows:(j + 1) * rows])).sum()
+                   for j, p in enumerate(problems))
+        rtn = sum(p.rtn_costs().sum() for p in problems)
+        assert row.cost == pytest.approx(cost, rel=1e-7, abs=1e-12)
+        assert row.rtn_cost == pytest.approx(rtn, rel=1e-7, abs=1e-12)
+
+
+def test_asymmetric_cost_is_measured_output_error():
+    """Report cost == E||W x - W_hat x_hat||^2 over the calibration rows (AdaRound eq. 25)."""
+    model, data = build("mlp2")
+    qm = quantize_model(model, data, QuantConfig(wbits=2, progress=False))
+    l1, l2 = model[0], model[2]
+    q1, q2 = qm.model[0], qm.model[2]
+    x = torch.cat(data).double()
+    with torch.no_grad():
+        h = F.relu(l1(torch.cat(data))).double()       # float input of layer 2 (float32 model)
+        h_hat = F.relu(q1(torch.cat(data))).double()   # its input in the quantised model
+    w1, w2 = (torch.as_tensor(qm.layers[k].dequantized) for k in ("0", "2"))
+    with torch.no_grad():
+        e1 = ((x @ l1.weight.double().T - x @ w1.T) ** 2).sum(1).mean()
+        e2 = ((h @ l2.weight.double().T - h_hat @ w2.T) ** 2).sum(1).mean()
+    assert qm.report[0].cost == pytest.approx(float(e1), rel=1e-8)
+    assert qm.report[1].cost == pytest.approx(float(e2), rel=1e-8)
+    assert not torch.equal(h, h_hat)  # layer 2 really saw quantised inputs
+
+
+# ------------------------------------------------------------------------------ config
+def test_layers_and_exclude_filters():
+    model, data = build("branchy")
+    qm = quantize_model(model, data, QuantConfig(layers="head|out", exclude="_b$", **FAST))
+    assert list(qm.layers) == ["head_a", "out"]
+    assert qm.skipped == {"inp": "not matched by config.layers",
+                          "head_b": "excluded by config.exclude"}
+    assert torch.equal(qm.model.inp.weight, model.inp.weight)
+    assert torch.equal(qm.model.head_b.weight, model.head_b.weight)
+
+
+def test_first_last_bits():
+    model, data = build("branchy")
+    qm = quantize_model(model, data, QuantConfig(wbits=2, first_last_bits=8, progress=False))
+    assert [r.bits for r in qm.report] == [8, 2, 2, 8]
+    assert qm.layers["inp"].bits == 8 and qm.layers["head_a"].codes.max() <= 1
+    # 8 bits keep the first layer far closer to float than 2 bits do
+    assert qm.report[0].ratio <= 1 and qm.report[0].cost < 0.01 * qm.report[1].cost
+
+
+def test_unsupported_layers_skipped_and_grouped_conv_quantised():
+    model, data = build("cnn")
+    qm = quantize_model(model, data, QuantConfig(**FAST))
+    assert set(qm.layers) == {"conv", "grouped", "fc"}
+    assert "Conv1d" in qm.skipped["conv1d"] and "bn" not in qm.skipped
+    assert torch.equal(qm.model.conv1d.weight, model.conv1d.weight)
+    row = {r.layer: r for r in qm.report}["grouped"]
+    assert row.kind == "Conv2d" and row.shape == (8, 2 * 9)
+    assert qm.layers["grouped"].weight_shape == (8, 2, 3, 3)
+
+
+def test_layer_never_called_is_skipped():
+    model, data = build("branchy")
+    model.spare = nn.Linear(3, 3)  # registered but unused by forward
+    qm = quantize_model(model, data, QuantConfig(**FAST))
+    assert "spare" not in qm.layers and "never called" in qm.skipped["spare"]
+
+
+def test_bias_correction_reduces_output_mean_error():
+    model, data = build("branchy")
+    x = torch.cat(data)
+    errors = {}
+    for corrected in (False, True):
+        qm = quantize_model(model, data, QuantConfig(wbits=2, solver="nearest",
+                                                     bias_correction=corrected, progress=False))
+        with torch.no_grad():
+            errors[corrected] = (model(x) - qm.model(x)).mean(0).abs().max().item()
+        if corrected:  # the last layer had no bias: one was created, the float model has none
+            assert qm.model.out.bias is not None and model.out.bias is None
+    # the last layer is corrected on these very batches: its output mean error vanishes
+    assert errors[True] < 1e-5 < errors[False]
+
+
+def test_bias_correction_conv_reduces_mean_error():
+    model, data = build("cnn")
+    x = torch.cat(data)
+    out = {}
+    for corrected in (False, True):
+        qm = quantize_model(model, data, QuantConfig(wbits=2, solver="nearest",
+                                                     bias_correction=corrected, progress=False))
+        with torch.no_grad():
+            ref, got = model.grouped(F.relu(model.bn(model.conv(x)))), None
+            got = qm.model.grouped(F.relu(qm.model.bn(qm.model.conv(x))))
+        out[corrected] = (ref - got).mean((0, 2, 3)).abs().max().item()
+    assert out[True] < 1e-5 < out[False]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(wbits=1), "wbits"), (dict(wbits=9), "wbits"), (dict(first_last_bits=16), "first_last"),
+    (dict(solver="nope"), "unknown solver"), (dict(solver="greedy+nope"), "unknown solver"),
+    (dict(layers="("), "layers"), (dict(scale_method="best"), "scale_method"),
+    (dict(statistics="hessian"), "statistics"), (dict(device="tpu"), "device"),
+    (dict(group_size=0), "group_size"), (dict(seed=-1), "seed"), (dict(symmetric=1), "symmetric"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(QroundError, match=match):
+        QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,calib,match", [
+    (dict(layers="nomatch"), None, "layers='nomatch' matches no"),
+    (dict(exclude="nomatch"), None, "exclude='nomatch' matches no"),
+    (dict(exclude="."), None, "leaves no layer"),
+    (dict(group_size=5), None, "group_size=5 does not divide"),
+    (dict(statistics="fisher"), None, "loss_fn"),
+    ({}, [], "empty"),
+    ({}, "generator", "re-iterable"),
+    ({}, "tensor", "list of batches"),
+])
+def test_model_dependent_errors_before_any_work(kwargs, calib, match):
+    model, data = build("branchy")
+    before = state(model)
+    if calib == "generator":
+        calib = (b for b in data)
+    elif calib == "tensor":
+        calib = data[0]
+    elif calib is None:
+        calib = data
+    with pytest.raises(QroundError, match=match):
+        quantize_model(model, calib, QuantConfig(**FAST, **kwargs), inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_non_finite_inputs_raise_and_remove_hooks():
+    model, data = build("branchy")
+    data = data + [torch.full((4, 12), float("nan"))]
+    with pytest.raises(QroundError, match="non-finite"):
+        quantize_model(model, data, QuantConfig(**FAST))
+    assert no_hooks(model)
+
+
+class Failing(Solver):
+    name = "failing"
+
+    def _solve(self, problem, start, rng):
+        raise np.linalg.LinAlgError("Matrix is not positive definite")
+
+
+def test_solver_failure_names_layer_and_remedy():
+    model, data = build("branchy")
+    with pytest.raises(QroundError, match="layer 'inp'.*calibration"):
+        quantize_model(model, data, QuantConfig(solver=Failing(), **FAST))
+
+
+# ------------------------------------------------------------------------------ efficiency
+def test_shared_input_captured_once_and_forwards_stop_early():
+    model, data = build("branchy")
+    calls = {"forward": 0, "out": 0}
+    model.out.register_forward_hook(lambda *a: calls.__setitem__("out", calls["out"] + 1))
+
+    def forward(m, batch):
+        calls["forward"] += 1
+        return m(batch)
+
+    try:
+        quantize_model(model, data, QuantConfig(**FAST), forward=forward)
+    finally:
+        model.out._forward_hooks.clear()
+    # 1 order pass; capture units: inp (float = quantised copy so far: one pass), {head_a,
+    # head_b} (float + copy), out (float + copy): 5 forwards per batch
+    assert calls["forward"] == 1 + 5 * len(data)
+    # `out` ran in the order pass and in its own capture only: earlier captures stopped before it
+    assert calls["out"] == 1 + 2 * len(data)
+
+
+def test_symmetric_mode_captures_all_layers_in_one_pass():
+    model, data = build("branchy")
+    count = []
+    quantize_model(model, data, QuantConfig(asymmetric=False, **FAST),
+                   forward=lambda m, b: count.append(1) or m(b))
+    assert len(count) == 1 + len(data)
+
+
+# ------------------------------------------------------------------------------ misc
+def test_global_rng_untouched_and_seeded():
+    model, data = build("branchy")
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    config = QuantConfig(solver="stochastic+greedy", **FAST)
+    a = quantize_model(model, data, config)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(np.array_equal(u, v) for u, v in zip(np.random.get_state(), np_state))
+    b = quantize_model(model, data, config)
+    assert all(np.array_equal(a.layers[k].codes, b.layers[k].codes) for k in a.layers)
+
+
+def test_inplace_quantises_the_given_model():
+    model, data = build("branchy")
+    ref = quantize_model(model, data, QuantConfig(**FAST))
+    qm = quantize_model(model, data, QuantConfig(**FAST), inplace=True)
+    assert qm.model is model
+    with torch.no_grad():
+        assert torch.equal(model(data[0]), ref.model(data[0]))
+
+
+def test_fisher_statistics():
+    model, data = build("branchy")
+    gen = torch.Generator().manual_seed(3)
+    targets = [torch.randn(b.shape[0], 5, generator=gen) for b in data]
+    pairs = list(zip(data, targets))
+    qm = quantize_model(model, pairs, QuantConfig(statistics="fisher", **FAST),
+                        forward=lambda m, b: m(b[0]),
+                        loss_fn=lambda out, b: F.mse_loss(out, b[1]))
+    assert list(qm.layers) == ["inp", "head_a", "head_b", "out"]
+    assert all(0 < r.ratio <= 1 + 1e-9 for r in qm.report)
+
+
+@pytest.mark.integration
+def test_digits_cnn_w4_greedy_keeps_accuracy():
+    zoo = pytest.importorskip("qround.zoo")
+    pytest.importorskip("sklearn", reason="the digits need scikit-learn")
+    model, data = zoo.train_digits_cnn("plain", seed=0)
+    calib = list(data.calib_images.split(64))
+    qm = quantize_model(model, calib, QuantConfig(wbits=4, solver="greedy", progress=False))
+    float_acc = zoo.accuracy(model, data.test_images, data.test_labels)
+    quant_acc = zoo.accuracy(qm.model, data.test_images, data.test_labels)
+    assert list(qm.layers) == ["conv1", "conv2", "conv3", "fc"]
+    assert quant_acc >= float_acc - 0.03
+    assert all(r.ratio < 1 for r in qm.report)
