@@ -2,7 +2,9 @@
 
     qround solve FILE.npz [FILE.npz ...] --solver NAME [--bits B] [--json] [--out SOL.npz]
     qround export-layer --model minilm|digits-cnn --layer NAME --out FILE.npz [--bits B]
-    qround demo [--json FILE] [--channels N] [--solvers a,b,...]
+    qround quantize --model minilm|digits-cnn|MODEL.pt --wbits B --solver NAME --out FILE.safetensors
+    qround evaluate --model minilm|digits-cnn --quantized FILE.safetensors
+    qround demo [--json FILE] [--channels N] [--solvers a,b,...] [--journey digits-cnn|minilm|none]
     qround bench ...            (the solver benchmark, see benchmarks/solvers.py)
     qround solvers              (the registry)
 """
@@ -59,13 +61,13 @@ def cmd_solve(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- export
-def _load_named_model(name: str, seed: int = 0):
+def _load_named_model(name: str, seed: int = 0, sentences: int = 256):
     """(model, calibration batches, forward) for a packaged model name."""
     from . import zoo
 
     if name == "minilm":
         model = zoo.load_minilm()
-        batches = zoo.minilm_batches(model, zoo.sentences("calibration", n=256))
+        batches = zoo.minilm_batches(model, zoo.sentences("calibration", n=sentences))
         return model, batches, zoo.minilm_forward
     if name == "digits-cnn":
         model, data = zoo.train_digits_cnn("plain", seed=seed)
@@ -103,12 +105,98 @@ def cmd_export_layer(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- quantize
+MINILM_ENCODER = r"\.encoder\."  # the 36 encoder Linear layers (the pooler stays in float)
+
+
+def _model_and_calibration(args):
+    """(float model, calibration batches, forward, default layer regex) for --model."""
+    import torch
+
+    if args.model in ("minilm", "digits-cnn"):
+        model, batches, forward = _load_named_model(args.model, seed=args.seed,
+                                                    sentences=args.calibration_size)
+        return model, batches, forward, MINILM_ENCODER if args.model == "minilm" else None
+    if not args.calibration:
+        raise QroundError("a model file needs --calibration INPUTS.pt (a tensor of inputs, "
+                          "batched along dim 0)")
+    try:
+        model = torch.load(args.model, map_location="cpu", weights_only=False)
+        inputs = torch.load(args.calibration, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise QroundError(f"cannot read {exc.filename!r}: no such file") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise QroundError(f"{args.model} does not hold a torch nn.Module (torch.save(model, path))")
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or len(inputs) == 0:
+        raise QroundError(f"{args.calibration} must hold a non-empty tensor (N, ...) of inputs")
+    batches = [inputs[i:i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
+    return model, batches, None, None
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from .pipeline import QuantConfig, quantize_model
+
+    torch.set_num_threads(args.threads)
+    config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
+                         group_size=args.group_size, scale_method=args.scale_method,
+                         solver=args.solver, asymmetric=not args.no_asymmetric,
+                         bias_correction=args.bias_correction,
+                         first_last_bits=args.first_last_bits, seed=args.seed,
+                         progress=not args.no_progress, layers=args.layers)
+    model, batches, forward, default_layers = _model_and_calibration(args)
+    if args.layers is None and default_layers:
+        from dataclasses import replace
+        config = replace(config, layers=default_layers)
+    qmodel = quantize_model(model, batches, config, forward=forward)
+    print(qmodel.table())
+    if args.out:
+        qmodel.save(args.out)
+        print(f"wrote {args.out}")
+    if args.json:
+        write_json_atomic(args.json, {"totals": qmodel.totals(), "config": config.as_dict(),
+                                      "layers": [r.as_dict() for r in qmodel.report],
+                                      "skipped": qmodel.skipped})
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from . import export, zoo
+    from .evaluate import digits_accuracy, minilm_metrics
+
+    torch.set_num_threads(args.threads)
+    if args.model == "minilm":
+        model = zoo.load_minilm()
+        quant = export.load(model, args.quantized)
+        metrics = minilm_metrics(model, quant, zoo.sentences("evaluation", n=args.sentences))
+        metrics["sentences"] = args.sentences
+    elif args.model == "digits-cnn":
+        model, data = zoo.train_digits_cnn("plain", seed=args.seed)
+        quant = export.load(model, args.quantized)
+        metrics = {"float_accuracy": digits_accuracy(model, data, abits=args.abits),
+                   "quantized_accuracy": digits_accuracy(quant, data, abits=args.abits),
+                   "abits": args.abits}
+    else:
+        raise QroundError("evaluate knows the metrics of minilm and digits-cnn; for your own "
+                          "model load it with qround.export.load(model, FILE)")
+    meta = export.read_metadata(args.quantized)
+    metrics.update(file=str(args.quantized), wbits=meta["bits"], solver=meta["solver"])
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_table([metrics]))
+    return 0
+
+
 # ---------------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
     result = run_demo(channels=args.channels, solvers=args.solvers, threads=args.threads,
-                      seed=args.seed, progress=not args.no_progress)
+                      seed=args.seed, progress=not args.no_progress, journey=args.journey)
     print(result["table"])
     if args.json:
         write_json_atomic(args.json, {k: v for k, v in result.items() if k != "table"})
@@ -154,6 +242,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     e.set_defaults(func=cmd_export_layer)
 
+    q = sub.add_parser("quantize", help="quantise a whole model's weights with a chosen solver")
+    q.add_argument("--model", default="minilm",
+                   help="minilm | digits-cnn | a file from torch.save(model) (with --calibration)")
+    q.add_argument("--calibration", help="for a model file: a tensor file of calibration inputs")
+    q.add_argument("--calibration-size", type=int, default=256, help="MiniLM sentences")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--wbits", type=int, default=4)
+    q.add_argument("--solver", default="fast")
+    q.add_argument("--group-size", type=int, default=None)
+    q.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
+    q.add_argument("--asymmetric-grid", action="store_true", help="unsigned grid with zero point")
+    q.add_argument("--no-asymmetric", action="store_true",
+                   help="float inputs only (no AdaRound eq. 25 reconstruction)")
+    q.add_argument("--bias-correction", action="store_true")
+    q.add_argument("--first-last-bits", type=int, default=None)
+    q.add_argument("--layers", default=None, help="regex of layer names to quantise")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--out", help="safetensors file: dequantised weights, codes, scales, metadata")
+    q.add_argument("--json", help="also write the report as JSON")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser("evaluate", help="metrics of a saved quantised model against the float one")
+    ev.add_argument("--model", default="minilm", choices=["minilm", "digits-cnn"])
+    ev.add_argument("--quantized", required=True, help="file written by qround quantize --out")
+    ev.add_argument("--sentences", type=int, default=1000, help="MiniLM evaluation sentences")
+    ev.add_argument("--abits", type=int, default=None, help="digits: activation bits (e.g. 8)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
     d = sub.add_parser("demo", help="solve real MiniLM layers with every solver vs RTN")
     d.add_argument("--channels", type=int, default=32, help="output channels per layer")
     d.add_argument("--solvers", default=None, help="comma-separated solver specs (default: all)")
@@ -161,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", help="also write the results as JSON to this file")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--journey", default="digits-cnn", choices=["digits-cnn", "minilm", "none"],
+                   help="then quantise a whole model with `fast`, report per layer, evaluate")
     d.set_defaults(func=cmd_demo)
 
     sub.add_parser("bench", help="solver benchmark on real layers; `qround bench -h` for options")

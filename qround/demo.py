@@ -31,9 +31,50 @@ def demo_solvers() -> list[str]:
     return [n for n in available_solvers() if n not in SKIP]
 
 
+def run_journey(model_name: str = "digits-cnn", wbits: int = 3, solver: str = "fast",
+                seed: int = 0, progress: bool = True, eval_sentences: int = 200) -> dict:
+    """Quantise a whole packaged model with ``solver`` and with RTN, report per layer, evaluate."""
+    from . import zoo
+    from .evaluate import digits_accuracy, minilm_metrics
+    from .pipeline import QuantConfig, quantize_model
+
+    if model_name == "digits-cnn":
+        model, data = zoo.train_digits_cnn("plain", seed=seed)
+        calib = [data.calib_images[i:i + 64] for i in range(0, len(data.calib_images), 64)]
+        forward, layers = None, None
+    elif model_name == "minilm":
+        model = zoo.load_minilm()
+        calib = zoo.minilm_batches(model, zoo.sentences("calibration", n=256))
+        forward, layers = zoo.minilm_forward, r"\.encoder\."
+    else:
+        raise QroundError(f"unknown journey model {model_name!r}")
+    runs, metrics = {}, {}
+    for name in ("nearest", solver):
+        cfg = QuantConfig(wbits=wbits, solver=name, layers=layers, seed=seed, progress=progress)
+        runs[name] = quantize_model(model, calib, cfg, forward=forward)
+        if model_name == "digits-cnn":
+            metrics[name] = {"test_accuracy": digits_accuracy(runs[name].model, data),
+                             "test_accuracy_a8": digits_accuracy(runs[name].model, data, abits=8)}
+        else:
+            metrics[name] = minilm_metrics(model, runs[name].model,
+                                           zoo.sentences("evaluation", n=eval_sentences))
+    if model_name == "digits-cnn":
+        metrics["float"] = {"test_accuracy": digits_accuracy(model, data),
+                            "test_accuracy_a8": digits_accuracy(model, data, abits=8)}
+    rows = [{"weights": k if k == "float" else f"W{wbits} {k}", **v,
+             "seconds": runs[k].seconds if k in runs else 0.0} for k, v in metrics.items()]
+    text = (f"\n\n{model_name}: whole model at W{wbits}, per-layer report of `{solver}`:\n"
+            f"{runs[solver].table()}\n\nevaluation:\n{format_table(rows)}")
+    return {"table": text, "metrics": metrics, "report": [r.as_dict() for r in runs[solver].report]}
+
+
 def run_demo(channels: int = 32, solvers: str | None = None, layers=DEMO_LAYERS, bits: int = 4,
-             sentences: int = 256, threads: int = 2, seed: int = 0, progress: bool = True) -> dict:
-    """Run the demo; returns ``{"table": str, "records": [...], "skipped": [...], ...}``."""
+             sentences: int = 256, threads: int = 2, seed: int = 0, progress: bool = True,
+             journey: str | None = "digits-cnn") -> dict:
+    """Run the demo; returns ``{"table": str, "records": [...], "skipped": [...], ...}``.
+
+    journey: after the solver table, quantise a whole model ("digits-cnn", "minilm", or
+    None/"none" to stop after the table)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -79,8 +120,13 @@ def run_demo(channels: int = 32, solvers: str | None = None, layers=DEMO_LAYERS,
         header = (f"all-MiniLM-L6-v2, {bits}-bit per-channel symmetric grid, MSE scales; "
                   f"H from {sentences} calibration sentences; first {channels} output channels "
                   f"per layer; torch threads {threads}; cost = sum_c (w_hat-w)^T H (w_hat-w)\n")
-        return {"table": header + table, "records": rows, "skipped": skipped,
-                "capture_seconds": capture_s, "channels": channels, "bits": bits,
-                "threads": threads, "sentences": sentences}
+        result = {"table": header + table, "records": rows, "skipped": skipped,
+                  "capture_seconds": capture_s, "channels": channels, "bits": bits,
+                  "threads": threads, "sentences": sentences}
+        if journey and journey != "none":
+            j = run_journey(journey, seed=seed, progress=progress)
+            result["table"] += j.pop("table")
+            result["journey"] = {"model": journey, **j}
+        return result
     finally:
         torch.set_num_threads(prev_threads)

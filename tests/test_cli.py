@@ -60,3 +60,49 @@ def test_solvers_lists_registry(capsys):
     assert main(["solvers"]) == 0
     out = capsys.readouterr().out
     assert "greedy" in out and "exact" in out
+
+
+def test_quantize_model_file_and_reload(tmp_path, capsys):
+    import torch
+
+    from qround import export
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(torch.randn(64, 12, generator=gen), tmp_path / "calib.pt")
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+                 str(tmp_path / "calib.pt"), "--wbits", "3", "--solver", "greedy", "--out",
+                 str(out), "--no-progress", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "total: 2 layers quantised" in text and "greedy" in text
+    reloaded = export.load(model, out)
+    codes = export.load_codes(out)
+    assert set(codes) == {"0", "2"}
+    for name, qw in codes.items():
+        w = dict(reloaded.named_modules())[name].weight.detach().double().numpy()
+        np.testing.assert_allclose(w, qw.dequantized, rtol=1e-6)
+        assert qw.codes.min() >= -4 and qw.codes.max() <= 3
+
+
+def test_quantize_model_file_needs_calibration(tmp_path, capsys):
+    assert main(["quantize", "--model", str(tmp_path / "m.pt")]) == 2
+    assert "--calibration" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_quantize_and_evaluate_digits(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="needs the examples extra")
+    out = tmp_path / "digits.safetensors"
+    assert main(["quantize", "--model", "digits-cnn", "--wbits", "4", "--solver", "fast",
+                 "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--json",
+                 "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["solver"] == "fast" and str(res["wbits"]) == "4"
+    assert res["quantized_accuracy"] >= res["float_accuracy"] - 0.02
