@@ -15,7 +15,6 @@ two conv layers of the digits CNN (trained with a fixed seed).  For each layer a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass, field
