@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import QroundError
-from .grid import qrange
+from .grid import Grid
 from .problems.layers import layer_kind
 from .problems.rounding import RoundingProblem
 from .solvers.base import Solution
@@ -39,20 +39,23 @@ class QuantizedWeight:
     weight_shape: tuple[int, ...]
 
     @property
+    def grid(self) -> Grid:
+        """The grid of the codes (one row of scales per output channel)."""
+        return Grid(self.scale, self.zero_point, self.bits, self.symmetric, self.group_size,
+                    self.codes.shape[1])
+
+    @property
     def qmin(self) -> int:
-        return qrange(self.bits, self.symmetric)[0]
+        return self.grid.qmin
 
     @property
     def qmax(self) -> int:
-        return qrange(self.bits, self.symmetric)[1]
+        return self.grid.qmax
 
     @property
     def dequantized(self) -> np.ndarray:
         """``s * (q - z)`` float64 in ``weight_shape``."""
-        reps = self.codes.shape[1] // self.scale.shape[1]
-        s = np.repeat(self.scale, reps, axis=1)
-        z = np.repeat(self.zero_point, reps, axis=1)
-        return (s * (self.codes - z)).reshape(self.weight_shape)
+        return self.grid.dequantize(self.codes).reshape(self.weight_shape)
 
 
 def _choices(problem: RoundingProblem, solution) -> np.ndarray:
