@@ -1,0 +1,550 @@
+"""Activation quantisation with learned steps (LSQ) and adaptive rounding borders (AQuant).
+
+An activation ``x`` with step ``s`` is rounded as (AQuant, Algorithm 1)
+
+    x_hat = s * clip(ceil(v - B(v)), qmin, qmax),     v = x / s,
+
+where ``B = 0.5`` is rounding to nearest and ``B`` learned per element is AQuant's border:
+
+- element-wise border (eq. 5 linear, eq. 8 quadratic) ``B^E_j(v) = b2_j t^2 + b1_j t + b0_j``, one
+  set of ``(b0, b1, b2)`` per element ``j`` of the layer's input vector (per input feature of a
+  Linear, per ``(c_in, kh, kw)`` position of a conv's im2col patch), shared by all output channels;
+- border fusion (eq. 9, convs only): in every patch, the ``k*k`` elements of input channel ``i``
+  are all rounded with ONE border, the mean of their element-wise borders, each evaluated at its
+  own value: ``B^I_i = 1/k^2 sum_{j in channel i} B^E_j(v_j)``, then ``ceil(v_j - B^I_i)``.
+  What is shared inside a channel is the border VALUE, not the parameters: every patch position
+  keeps its own ``(b0, b1, b2)`` (eq. 9 sums ``B_j^E``, and the paper states that fusion adds no
+  parameters), so ``B^I_i`` still weighs each position by its own coefficients; what fusion
+  removes is the element-wise choice of threshold within a channel (error cancellation across
+  the channel, the paper's motivation).  Eq. 9 is stated on the VDP's activation vector, i.e.
+  the im2col patch, and the border then depends on the patch's other values: the same pixel
+  may round differently in the ``k*k`` patches that contain it.  A conv with borders is
+  therefore computed as im2col + matmul with the rounding applied to each patch element (the
+  paper fuses it into its ``img2col`` kernel), never by quantising the input image once.
+  Linear layers have no channel structure and never fuse (as in the paper's BERT
+  experiments); in a 1x1 conv fusion is the identity.
+
+Choices of ours, each equivalent to the paper up to what it leaves open:
+
+- ``ceil(u)`` is computed as ``floor(u + 1)``: ``x_int = floor(v + (1 - B))``.  The two differ
+  only where ``v - B`` is an integer; with ``B = 0.5`` ours is exactly round-half-up
+  ``floor(v + 0.5)``, the rounding-to-nearest of the weight grids (``Grid.quantize``), whereas
+  ``ceil(v - 0.5)`` rounds ties down.  Gradient: straight-through (identity) for the rounding,
+  so the border's parameters get ``-dL/dx_int`` through ``-B``.
+- the border is a polynomial of the normalised code ``t = v / span`` (``span = qmax`` unsigned,
+  ``2^(b-1)`` signed, so ``|t| <= 1`` on the grid), not of ``v``: the same functions (the paper's
+  coefficients are ``b1/span``, ``b2/span^2``), but Adam's per-parameter steps (lr 1e-3) then move
+  ``B`` by at most ~lr per iteration for every bit width; in ``v`` a step of ``b2`` would move
+  ``B`` by ``lr * v^2`` (0.2 at 4 bits), which makes the quadratic term unstable.
+- padding of a zero-padded conv stays exactly 0 after quantisation (it is not an activation);
+  its element-wise border ``B^E_j(0) = b0_j`` still enters the fused mean of its patch.
+
+The step is learned with LSQ (Esser et al. 2019): ``x_hat = s * clip(round(x/s))`` with a
+straight-through round, and the gradient of ``s`` scaled by ``g = 1 / sqrt(N_F * qmax)``, ``N_F``
+the number of input elements of one sample.  Inputs with a calibrated minimum >= 0 (after a ReLU)
+get an unsigned grid ``[0, 2^b - 1]``, others a signed one ``[-2^(b-1), 2^(b-1) - 1]``; the step
+starts at the min-max or MSE scale of :func:`qround.grid.fit_grid` on calibration inputs.
+
+:class:`QuantizedLayer` wraps a Linear/Conv2d with an input :class:`ActQuantizer` and a weight
+that is float, hard-quantised (integer codes) or soft-rounded ``s (floor(w/s) + z + h(V) - z)``
+(AdaRound, for reconstruction: :mod:`qround.reconstruct`).  :func:`insert_act_quantizers`
+returns a copy of a model with chosen layers wrapped and steps calibrated.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibrate import (ForwardFn, LayerFilter, _conv_padding, default_forward, eval_mode,
+                        layer_hooks, select_layers)
+from .errors import QroundError, check_bits
+from .grid import GridSpec, fit_grid, qrange
+from .solvers.hopfield import inverse_rectified_sigmoid, rectified_sigmoid
+from .writeback import QuantizedWeight
+
+BORDERS = ("none", "linear", "quadratic")
+INITS = ("minmax", "mse")
+ACT_MODES = ("float", "nearest", "border")
+WEIGHT_MODES = ("float", "hard", "soft")
+
+PerLayer = Union[Any, Mapping[str, Any]]
+
+
+# ------------------------------------------------------------------------------ autograd pieces
+class _FloorSTE(torch.autograd.Function):
+    """floor forward, identity backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return torch.floor(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward, gradient times ``scale`` backward (LSQ's g, exact in the forward)."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+# ------------------------------------------------------------------------------ quantiser
+class ActQuantizer(nn.Module):
+    """Uniform per-tensor activation quantiser with a learned step and optional borders.
+
+    bits: 2..8.  borders: "none" | "linear" | "quadratic".  elements: length ``n`` of the
+    layer's input vector (one border per element; needed with borders).  fusion_size: ``k*k``
+    to fuse borders over consecutive runs of that many elements (a conv's input channel inside
+    its patch), 1 for none.  Call :meth:`calibrate` before the first forward.
+
+    Learned state: ``step`` (scalar), ``b0``/``b1``/``b2`` (n,) when borders are used.
+    Buffers: ``signed`` (grid kind, set by calibration), ``calibrated``.
+    """
+
+    def __init__(self, bits: int, borders: str = "none", elements: int | None = None,
+                 fusion_size: int = 1):
+        super().__init__()
+        self.bits = check_bits(bits, "abits")
+        if borders not in BORDERS:
+            raise QroundError(f"borders must be one of {BORDERS}, got {borders!r}")
+        if borders != "none" and (not isinstance(elements, int) or elements < 1):
+            raise QroundError(f"borders={borders!r} needs elements (input vector length) >= 1, "
+                              f"got {elements!r}")
+        if not isinstance(fusion_size, int) or fusion_size < 1 or (
+                borders != "none" and elements % fusion_size):
+            raise QroundError(f"fusion_size={fusion_size!r} must be a positive integer dividing "
+                              f"elements={elements}")
+        self.borders = borders
+        self.fusion_size = fusion_size
+        self.step = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("signed", torch.tensor(False))
+        self.register_buffer("calibrated", torch.tensor(False))
+        if borders != "none":
+            self.b0 = nn.Parameter(torch.full((elements,), 0.5))
+            self.b1 = nn.Parameter(torch.zeros(elements))
+            self.b2 = nn.Parameter(torch.zeros(elements)) if borders == "quadratic" else None
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits, bool(self.signed))[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits, bool(self.signed))[1]
+
+    @property
+    def span(self) -> int:
+        """Normaliser of the border's argument: ``t = v / span`` lies in [-1, 1] on the grid."""
+        return max(-self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def calibrate(self, values: torch.Tensor, method: str = "mse") -> None:
+        """Set the grid kind and the initial step from calibration inputs ``values`` (any shape,
+        a sample is enough as long as it holds the true minimum and maximum)."""
+        if method not in INITS:
+            raise QroundError(f"init must be one of {INITS}, got {method!r}")
+        flat = values.detach().reshape(-1).double().cpu()
+        if flat.numel() == 0:
+            raise QroundError("calibration values are empty")
+        if not torch.isfinite(flat).all():
+            raise QroundError("calibration values contain NaN/Inf")
+        signed = bool(flat.min() < 0)
+        grid = fit_grid(flat.numpy()[None], GridSpec(bits=self.bits, symmetric=signed,
+                                                     scale_method=method))
+        self.signed.fill_(signed)
+        self.step.fill_(float(grid.scale[0, 0]))
+        self.calibrated.fill_(True)
+
+    def border(self, v: torch.Tensor, dim: int) -> torch.Tensor:
+        """B(v) with the element axis at ``dim`` (length ``elements``) split into
+        ``(elements / fusion_size, fusion_size)``; that second axis has length 1 when fused
+        (the fused border broadcasts over the channel's ``k*k`` elements)."""
+        shape = [1] * v.dim()
+        shape[dim], shape[dim + 1] = -1, self.fusion_size
+        # The coefficients act on t = v / span; scaling them (n values) instead of v (every
+        # element) gives the same polynomial.
+        poly = (self.b1 / self.span).view(shape)
+        if self.b2 is not None:
+            poly = poly + (self.b2 / self.span ** 2).view(shape) * v
+        b = self.b0.view(shape) + poly * v
+        return b.mean(dim + 1, keepdim=True) if self.fusion_size > 1 else b
+
+    def codes(self, x: torch.Tensor, dim: int = -1, features: int | None = None,
+              use_border: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes (float tensor, shape of ``x``) and the step used: ``x_hat = codes*s``.
+
+        dim: the element axis of ``x`` (for borders); features: input elements per sample for
+        LSQ's gradient scale (default ``x.numel() / x.shape[0]``)."""
+        if not bool(self.calibrated):
+            raise QroundError("ActQuantizer is not calibrated: call calibrate() (or build it "
+                              "with insert_act_quantizers) first")
+        dim = dim % x.dim()
+        if features is None:
+            features = x.numel() // max(x.shape[0], 1) if x.dim() > 1 else x.numel()
+        g = 1.0 / math.sqrt(max(features, 1) * self.qmax)
+        s = _GradScale.apply(self.step, g).clamp_min(1e-12)
+        v = x / s
+        if use_border and self.borders != "none":
+            if x.shape[dim] != self.b0.numel():
+                raise QroundError(f"input has {x.shape[dim]} elements along dim {dim}, the "
+                                  f"borders were built for {self.b0.numel()}")
+            v = v.unflatten(dim, (-1, self.fusion_size))
+            t = (v + (1.0 - self.border(v, dim))).flatten(dim, dim + 1)
+        else:
+            t = v + 0.5
+        return _FloorSTE.apply(t).clamp(self.qmin, self.qmax), s
+
+    def forward(self, x: torch.Tensor, dim: int = -1, features: int | None = None,
+                use_border: bool = True) -> torch.Tensor:
+        """Fake-quantised ``x`` (same shape): ``s * clip(floor(x/s + 1 - B), qmin, qmax)``."""
+        q, s = self.codes(x, dim, features, use_border)
+        return q * s
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, signed={bool(self.signed)}, borders={self.borders!r}, "
+                f"fusion_size={self.fusion_size}")
+
+
+# ------------------------------------------------------------------------------ wrapped layer
+class QuantizedLayer(nn.Module):
+    """A Linear/Conv2d with a quantised input and a float, hard or soft-rounded weight.
+
+    module: the layer (kept as child ``layer``; its parameters are frozen, never modified).
+    abits: input bits or None (float input).  borders/fusion: see :class:`ActQuantizer`.
+    weight: a :class:`GridSpec` for the weight grid (per output channel of
+    ``weight.reshape(out, -1)``; "minmax" or "mse" scales), or None for float weights.
+
+    Modes (plain attributes, not state): ``act_mode`` in "float" | "nearest" | "border" and
+    ``weight_mode`` in "float" | "hard" | "soft".  Hard weights are ``s (codes - z)`` with integer
+    ``w_codes`` (out, n), initialised to rounding-to-nearest; soft weights
+    ``s (clip(w_floor + h(V), qmin, qmax) - z)`` with ``h`` AdaRound's rectified sigmoid and ``V``
+    (``w_round``) starting where ``h(V)`` is the fractional part of ``w/s``.  :meth:`harden`
+    sets ``codes = clip(w_floor + [h(V) >= 0.5])``.  A conv in "border" mode runs as
+    im2col + matmul (set ``force_unfold`` to run "nearest" that way too, for timing).
+    ``qdrop``: while > 0, each quantised input element is replaced by its float value with that
+    probability, drawn from ``qdrop_generator`` (set by :func:`qdrop`).
+    """
+
+    def __init__(self, module: nn.Module, abits: int | None = None, borders: str = "none",
+                 fusion: bool = True, weight: GridSpec | None = None):
+        super().__init__()
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise QroundError(f"QuantizedLayer wraps nn.Linear or nn.Conv2d, got "
+                              f"{type(module).__name__}")
+        if abits is None and borders != "none":
+            raise QroundError(f"borders={borders!r} on a layer with no quantised input "
+                              "(abits=None)")
+        self.layer = module
+        for p in module.parameters():
+            p.requires_grad_(False)
+        w = module.weight.detach()
+        self.is_conv = isinstance(module, nn.Conv2d)
+        self.elements = w[0].numel() * (module.groups if self.is_conv else 1)
+        kk = module.kernel_size[0] * module.kernel_size[1] if self.is_conv else 1
+        fusion_size = kk if (fusion and self.is_conv and borders != "none") else 1
+        self.act = None if abits is None else ActQuantizer(abits, borders, self.elements,
+                                                           fusion_size)
+        self.act_mode = "float" if abits is None else ("nearest" if borders == "none"
+                                                      else "border")
+        self.force_unfold = False
+        self.qdrop_p = 0.0
+        self.qdrop_generator: torch.Generator | None = None
+        self._pad_masks: dict = {}
+
+        self.weight_spec = weight
+        if weight is None:
+            self.weight_mode = "float"
+            return
+        if not isinstance(weight, GridSpec):
+            raise QroundError(f"weight must be a GridSpec or None, got {type(weight).__name__}")
+        if weight.scale_method == "mse-output":
+            raise QroundError("weight GridSpec scale_method='mse-output' needs layer statistics; "
+                              "use 'minmax' or 'mse' here")
+        w2 = w.reshape(w.shape[0], -1).double().cpu()
+        grid = fit_grid(w2.numpy(), weight)
+        scale, zero = (torch.as_tensor(a, dtype=torch.float64) for a in grid.expand())
+        ratio = w2 / scale
+        floor = torch.floor(ratio)
+        frac = ratio - floor
+        w_floor = floor + zero
+        self.w_qmin, self.w_qmax, self.w_group_size = grid.qmin, grid.qmax, grid.group_size
+        # scale and zero point per (channel, group) as in qround.grid.Grid
+        self.register_buffer("w_scale", torch.as_tensor(grid.scale, dtype=torch.float32,
+                                                        device=w.device))
+        self.register_buffer("w_zero", torch.as_tensor(grid.zero_point, dtype=torch.float32,
+                                                       device=w.device))
+        self.register_buffer("w_floor", w_floor.float().to(w.device))
+        rtn = (w_floor + (frac >= 0.5).double()).clamp(grid.qmin, grid.qmax)
+        self.register_buffer("w_codes", rtn.to(torch.int32).to(w.device))
+        self.w_round = nn.Parameter(inverse_rectified_sigmoid(frac.float()).to(w.device))
+        self.weight_mode = "hard"
+
+    # -------------------------------------------------------------------------- weights
+    def soft_weight_fraction(self) -> torch.Tensor:
+        """h(V) (out, n): the relaxed rounding-up choices."""
+        return rectified_sigmoid(self.w_round)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight used by forward, shaped like ``layer.weight``."""
+        w = self.layer.weight
+        if self.weight_mode == "float":
+            return w
+        if self.weight_mode == "soft":
+            q = (self.w_floor + self.soft_weight_fraction()).clamp(self.w_qmin, self.w_qmax)
+        else:
+            q = self.w_codes.to(self.w_scale.dtype)
+        reps = q.shape[1] // self.w_scale.shape[1]
+        scale = self.w_scale.repeat_interleave(reps, dim=1)
+        zero = self.w_zero.repeat_interleave(reps, dim=1)
+        return (scale * (q - zero)).reshape(w.shape).to(w.dtype)
+
+    def quantized_weight_codes(self) -> QuantizedWeight:
+        """The hard weight as :class:`qround.writeback.QuantizedWeight` (codes (out, n),
+        scale/zero_point (out, groups)), e.g. for export."""
+        if self.weight_spec is None:
+            raise QroundError("this layer's weight is not quantised (weight=None)")
+        return QuantizedWeight(self.w_codes.cpu().numpy().astype(np.int64),
+                               self.w_scale.double().cpu().numpy(),
+                               self.w_zero.double().cpu().numpy(), self.weight_spec.bits,
+                               self.weight_spec.symmetric, self.w_group_size,
+                               tuple(self.layer.weight.shape))
+
+    @torch.no_grad()
+    def harden(self) -> None:
+        """Fix the weight rounding at ``[h(V) >= 0.5]`` and switch to hard weights."""
+        if self.weight_spec is None:
+            return
+        up = (self.soft_weight_fraction() >= 0.5).to(self.w_floor.dtype)
+        self.w_codes.copy_((self.w_floor + up).clamp(self.w_qmin, self.w_qmax).to(torch.int32))
+        self.weight_mode = "hard"
+
+    # -------------------------------------------------------------------------- activations
+    def _quantize(self, x: torch.Tensor, dim: int, features: int, use_border: bool):
+        if self.act is None or self.act_mode == "float":
+            return x
+        xq = self.act(x, dim=dim, features=features, use_border=use_border)
+        if self.qdrop_p > 0:
+            g = self.qdrop_generator
+            keep_float = torch.rand(x.shape, generator=g, device=g.device if g is not None
+                                    else x.device).to(x.device) < self.qdrop_p
+            xq = torch.where(keep_float, x, xq)
+        return xq
+
+    def _pad_mask(self, x: torch.Tensor, pads) -> torch.Tensor:
+        """(1, C*kh*kw, L) ones at real input positions, zeros at padding, of the im2col."""
+        key = (tuple(x.shape[1:]), x.device, x.dtype)
+        mask = self._pad_masks.get(key)
+        if mask is None:
+            conv = self.layer
+            ones = F.pad(torch.ones((1, *x.shape[1:]), device=x.device, dtype=x.dtype), pads)
+            mask = F.unfold(ones, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+            self._pad_masks = {key: mask}  # one shape at a time: bounded memory
+        return mask
+
+    def _conv_unfold(self, x: torch.Tensor, w: torch.Tensor, use_border: bool) -> torch.Tensor:
+        conv = self.layer
+        features = x[0].numel()
+        pads = _conv_padding(conv)
+        zeros = conv.padding_mode == "zeros"
+        xp = F.pad(x, pads, mode="constant" if zeros else conv.padding_mode) if any(pads) else x
+        cols = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+        q = self._quantize(cols, 1, features, use_border)          # (N, C*kh*kw, L)
+        if zeros and any(pads) and q is not cols:
+            q = q * self._pad_mask(x, pads)
+        n, _, length = q.shape
+        g = conv.groups
+        out = torch.matmul(w.reshape(g, w.shape[0] // g, -1), q.reshape(n, g, -1, length))
+        out = out.reshape(n, w.shape[0], length)
+        if conv.bias is not None:
+            out = out + conv.bias.view(1, -1, 1)
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        return out.view(n, -1, ho, wo)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_mode not in ACT_MODES or (self.act_mode != "float" and self.act is None) or (
+                self.act_mode == "border" and (self.act is None or self.act.borders == "none")):
+            raise QroundError(f"act_mode={self.act_mode!r} is not available for this layer")
+        if self.weight_mode not in WEIGHT_MODES or (self.weight_mode != "float"
+                                                    and self.weight_spec is None):
+            raise QroundError(f"weight_mode={self.weight_mode!r} is not available for this layer")
+        w = self.quantized_weight()
+        border = self.act_mode == "border"
+        if not self.is_conv:
+            xq = self._quantize(x, -1, x.numel() // max(x.shape[0], 1), border)
+            return F.linear(xq, w, self.layer.bias)
+        batched = x.dim() == 4
+        x4 = x if batched else x.unsqueeze(0)
+        if border or (self.force_unfold and self.act_mode != "float"):
+            out = self._conv_unfold(x4, w, border)
+        else:
+            out = self.layer._conv_forward(self._quantize(x4, 1, x4[0].numel(), False), w,
+                                           self.layer.bias)
+        return out if batched else out.squeeze(0)
+
+    def extra_repr(self) -> str:
+        return f"act_mode={self.act_mode!r}, weight_mode={self.weight_mode!r}"
+
+
+@contextmanager
+def qdrop(layers: Iterable[QuantizedLayer], p: float,
+          generator: torch.Generator | None) -> Iterator[None]:
+    """QDrop (Wei et al. 2022) inside the context: each quantised input element of ``layers``
+    keeps its float value with probability ``p``; masks are drawn from ``generator``."""
+    layers = list(layers)
+    saved = [(m.qdrop_p, m.qdrop_generator) for m in layers]
+    try:
+        for m in layers:
+            m.qdrop_p, m.qdrop_generator = float(p), generator
+        yield
+    finally:
+        for m, (q, g) in zip(layers, saved):
+            m.qdrop_p, m.qdrop_generator = q, g
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """The :class:`QuantizedLayer` modules of a model by name, in ``named_modules`` order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+# ------------------------------------------------------------------------------ insertion
+class _Observer:
+    """Min, max and a bounded strided subsample (<= ``cap`` values) of a layer's inputs."""
+
+    def __init__(self, cap: int):
+        self.cap, self.stride = cap, 1
+        self.lo, self.hi = math.inf, -math.inf
+        self.parts: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).float().cpu()
+        if not torch.isfinite(flat).all():
+            raise QroundError(f"layer {name!r} received non-finite (NaN/Inf) inputs")
+        if flat.numel() == 0:
+            return
+        self.lo = min(self.lo, float(flat.min()))
+        self.hi = max(self.hi, float(flat.max()))
+        self.parts.append(flat[::self.stride].clone())
+        self.size += self.parts[-1].numel()
+        while self.size > self.cap:  # halve what is kept and sample new batches half as densely
+            kept = torch.cat(self.parts)[::2]
+            self.parts, self.size, self.stride = [kept], kept.numel(), self.stride * 2
+
+    def values(self, name: str) -> torch.Tensor:
+        if not self.parts:
+            raise QroundError(f"layer {name!r} saw no inputs during calibration (is it called "
+                              "by the model's forward?)")
+        return torch.cat(self.parts + [torch.tensor([self.lo, self.hi])])
+
+
+def _per_layer(value, names, what: str, default) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise QroundError(f"{what} names layers that are not selected: {unknown}")
+        return {n: value.get(n, default) for n in names}
+    return {n: value for n in names}
+
+
+def insert_act_quantizers(model: nn.Module, layers: LayerFilter = None,
+                          abits: PerLayer = 4, borders: PerLayer = "none", fusion: bool = True,
+                          init: str = "mse", calib_batches: Iterable | None = None, *,
+                          weights: PerLayer = None, forward: ForwardFn | None = None,
+                          max_samples: int = 2 ** 18) -> nn.Module:
+    """A deep copy of ``model`` whose chosen Linear/Conv2d layers are :class:`QuantizedLayer`.
+
+    layers: as :func:`qround.calibrate.select_layers` (None = all).  abits: bits of every chosen
+    layer's input, or a mapping name -> bits | None (missing names: float input).  borders:
+    "none" | "linear" | "quadratic" (for every layer with a quantised input), or a mapping.
+    fusion: border fusion (eq. 9) in convs.  init: "mse" | "minmax" initial steps, computed from
+    the float model's layer inputs on ``calib_batches`` (an iterable of batches run through
+    ``forward(model, batch)``; at most ``max_samples`` values per layer are kept).  weights: a
+    :class:`GridSpec` for every chosen layer's weight, a mapping, or None (float weights).
+    Every argument is checked before any forward runs; ``model`` is not modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
+    inside = {n for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    chosen = select_layers(model, layers)
+    chosen = {n: m for n, m in chosen.items()
+              if not any(n.startswith(p + ".") for p in inside)}
+    if not chosen:
+        raise QroundError("layers selected no layer that is not already quantised")
+    names = list(chosen)
+    bits = _per_layer(abits, names, "abits", None)
+    kinds = _per_layer(borders, names, "borders", "none")
+    specs = _per_layer(weights, names, "weights", None)
+    for n in names:
+        if bits[n] is not None:
+            check_bits(bits[n], f"abits[{n!r}]" if isinstance(abits, Mapping) else "abits")
+        if kinds[n] not in BORDERS:
+            raise QroundError(f"borders must be one of {BORDERS}, got {kinds[n]!r} for {n!r}")
+        if kinds[n] != "none" and bits[n] is None:
+            if isinstance(borders, Mapping) or all(b is None for b in bits.values()):
+                raise QroundError(f"borders={kinds[n]!r} on layer {n!r}, which has no quantised "
+                                  "input (abits is None)")
+            kinds[n] = "none"  # a global borders choice applies to the quantised inputs only
+        if specs[n] is not None and not isinstance(specs[n], GridSpec):
+            raise QroundError(f"weights must be GridSpec or None, got {specs[n]!r} for {n!r}")
+        if specs[n] is not None and specs[n].scale_method == "mse-output":
+            raise QroundError("weights scale_method='mse-output' is not supported here: use "
+                              "'mse' or 'minmax'")
+    if not isinstance(fusion, bool):
+        raise QroundError(f"fusion must be True or False, got {fusion!r}")
+    if init not in INITS:
+        raise QroundError(f"init must be one of {INITS}, got {init!r}")
+    if not isinstance(max_samples, int) or max_samples < 16:
+        raise QroundError(f"max_samples must be an integer >= 16, got {max_samples!r}")
+    quantised_inputs = [n for n in names if bits[n] is not None]
+    if quantised_inputs and calib_batches is None:
+        raise QroundError("calib_batches is needed to initialise the activation steps")
+
+    observers = {n: _Observer(max_samples) for n in quantised_inputs}
+    if observers:
+        forward = forward or default_forward
+
+        def hook(name, module, args, out):
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise QroundError(f"layer {name!r} was called without a tensor input")
+            observers[name].add(name, args[0])
+
+        count = 0
+        with eval_mode(model), torch.no_grad(), layer_hooks(
+                {n: chosen[n] for n in observers}, hook):
+            if isinstance(calib_batches, (torch.Tensor, np.ndarray)):
+                raise QroundError("calib_batches must be an iterable of batches; wrap a single "
+                                  "tensor in a list")
+            for batch in calib_batches:
+                forward(model, batch)
+                count += 1
+        if count == 0:
+            raise QroundError("calib_batches is empty")
+
+    qmodel = copy.deepcopy(model)
+    modules = dict(qmodel.named_modules())
+    for n in names:
+        wrapped = QuantizedLayer(modules[n], bits[n], kinds[n], fusion, specs[n])
+        if wrapped.act is not None:
+            wrapped.act.calibrate(observers[n].values(n), init)
+        if n == "":  # the model itself is the layer
+            return wrapped
+        parent, _, child = n.rpartition(".")
+        setattr(modules[parent] if parent else qmodel, child, wrapped)
+    return qmodel

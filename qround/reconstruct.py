@@ -1,0 +1,450 @@
+"""Block reconstruction by gradient descent (BRECQ, QDrop; AQuant Algorithm 1).
+
+Blocks are taken one at a time in forward order.  For block ``k``:
+
+1. cache its inputs ``x_hat`` from the quantised model (blocks before ``k`` already final) and
+   its float outputs ``y`` from the float model, on the whole calibration set;
+2. minimise ``E || f_k(x_hat; W_hat, s, B) - y ||^2`` (squared error summed over the
+   feature/channel axis, averaged over samples and positions, as BRECQ) plus AdaRound's
+   regulariser ``lambda * sum_i (1 - |2 h(V_i) - 1|^beta)`` with Adam, over
+
+   - the soft weight rounding ``h(V)`` of every :class:`~qround.activations.QuantizedLayer` in
+     the block (``beta`` annealed 20 -> 2 after a warm-up without the regulariser),
+   - the LSQ steps of their input quantisers, and their AQuant borders (lr 1e-3 per the paper),
+
+   each parameter kind with its own learning rate.  QDrop (Wei et al. 2022): while training,
+   each quantised input element keeps its float value with probability ``qdrop``;
+3. harden the rounding, ``b = [h(V) >= 0.5]``.  If the hardened block is worse on the cached
+   calibration data than the block before training, the block's initial state is restored and
+   the report says so (``reverted``).
+
+Memory: the cache holds one block's inputs and float outputs for the whole calibration set (the
+small calibration sets of PTQ, 1k images or the digits' 179); ``cache_mb`` bounds it and the
+capture stops with :class:`QroundError` when the bound is passed.  Capture passes stop at the
+block (an exception from a hook), so the rest of the model does not run.
+
+Randomness (mini-batch choice, QDrop masks) comes from one local ``torch.Generator`` seeded with
+``config.seed``; the global RNG is never touched, and a run is reproducible for a seed.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .activations import QuantizedLayer, qdrop, quantized_layers
+from .calibrate import ForwardFn, default_forward, eval_mode
+from .errors import QroundError
+
+log = logging.getLogger(__name__)
+
+_BLOCK_CLASS = re.compile(r"(Block|Bottleneck|Layer)$")
+_BLOCK_NAME = re.compile(r"(^|\.)(layer|layers|block|blocks|h)\.\d+$")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """iterations: Adam steps per block.  batch_size: samples per step (when the block takes a
+    single tensor; otherwise one cached calibration batch per step).  lr_rounding/lr_step/
+    lr_border: Adam learning rates of V, the LSQ steps and the borders.  reg_weight: lambda of
+    the rounding regulariser; beta: its (start, end) exponent; warmup: fraction of the steps
+    without it.  qdrop: probability of keeping a float activation while training (0 = off).
+    train_*: which parameter kinds are trained.  cache_mb: bound on one block's cached data."""
+
+    iterations: int = 500
+    batch_size: int = 32
+    lr_rounding: float = 1e-2
+    lr_step: float = 1e-3
+    lr_border: float = 1e-3
+    reg_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    qdrop: float = 0.5
+    train_weights: bool = True
+    train_steps: bool = True
+    train_borders: bool = True
+    cache_mb: float = 1024.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("iterations", "batch_size", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
+                raise QroundError(f"ReconstructConfig.{name} must be an integer >= "
+                                  f"{0 if name == 'seed' else 1}, got {v!r}")
+        for name in ("lr_rounding", "lr_step", "lr_border", "cache_mb"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise QroundError(f"ReconstructConfig.{name} must be positive, got {v!r}")
+        if not (isinstance(self.reg_weight, (int, float)) and math.isfinite(self.reg_weight)
+                and self.reg_weight >= 0):
+            raise QroundError(f"ReconstructConfig.reg_weight must be >= 0, got {self.reg_weight!r}")
+        if (len(self.beta) != 2 or not all(isinstance(b, (int, float)) and b > 0
+                                           for b in self.beta)):
+            raise QroundError(f"ReconstructConfig.beta must be two positive numbers, got "
+                              f"{self.beta!r}")
+        if not 0 <= self.warmup < 1:
+            raise QroundError(f"ReconstructConfig.warmup must lie in [0, 1), got {self.warmup!r}")
+        if not 0 <= self.qdrop <= 1:
+            raise QroundError(f"ReconstructConfig.qdrop must lie in [0, 1], got {self.qdrop!r}")
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One block: its name, layers, per-element MSE on the calibration data before (initial
+    state, hard weights) and after reconstruction, Adam steps run, seconds, and whether the
+    initial state was kept because training made it worse."""
+
+    block: str
+    layers: tuple[str, ...]
+    loss_before: float
+    loss_after: float
+    iterations: int
+    seconds: float
+    reverted: bool = False
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+
+@dataclass
+class ReconstructResult:
+    """The reconstructed model (hard weights), the per-block reports, and total seconds."""
+
+    model: nn.Module
+    blocks: list[BlockReport]
+    seconds: float
+
+    def table(self) -> str:
+        from .report import format_table
+        rows = [{"block": b.block, "layers": len(b.layers), "mse_before": b.loss_before,
+                 "mse_after": b.loss_after, "ratio": b.loss_after / b.loss_before
+                 if b.loss_before > 0 else float("nan"), "seconds": b.seconds,
+                 "reverted": "yes" if b.reverted else ""} for b in self.blocks]
+        return format_table(rows)
+
+
+# ------------------------------------------------------------------------------ blocks
+def _has_layers(module: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLayer) for m in module.modules())
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Auto-detected reconstruction blocks of a model with :class:`QuantizedLayer` modules, in
+    ``named_modules`` order: residual-block-like modules (class names ending in Block,
+    Bottleneck or Layer, e.g. ``qround.zoo.ResidualBlock``, torchvision's ``BasicBlock``, HF's
+    ``BertLayer``), modules named like ``encoder.layer.N`` / ``blocks.N``, and children of an
+    ``nn.Sequential``; a quantised layer outside all of them is a block by itself."""
+    found: list[str] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        in_sequential = isinstance(module, nn.Sequential)
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if not _has_layers(child):
+                continue
+            if (isinstance(child, QuantizedLayer) or _BLOCK_CLASS.search(type(child).__name__)
+                    or _BLOCK_NAME.search(full) or in_sequential):
+                found.append(full)
+            else:
+                visit(child, full)
+
+    if isinstance(model, QuantizedLayer):
+        return [""]
+    visit(model, "")
+    return found
+
+
+def _resolve_blocks(quant_model: nn.Module, float_model: nn.Module, blocks) -> list[str]:
+    qnamed = dict(quant_model.named_modules())
+    layers = quantized_layers(quant_model)
+    if not layers:
+        raise QroundError("quant_model has no QuantizedLayer: build it with "
+                          "insert_act_quantizers first")
+    if blocks == "auto":
+        names = find_blocks(quant_model)
+    elif blocks is None:
+        names = list(layers)
+    else:
+        if isinstance(blocks, str) or not isinstance(blocks, Sequence):
+            raise QroundError(f"blocks must be 'auto', None or a list of module names, got "
+                              f"{blocks!r}")
+        names = list(blocks)
+        missing = [b for b in names if b not in qnamed]
+        if missing:
+            raise QroundError(f"blocks name modules that do not exist in quant_model: {missing}")
+        empty = [b for b in names if not _has_layers(qnamed[b])]
+        if empty:
+            raise QroundError(f"blocks contain no QuantizedLayer: {empty}")
+        for a in names:
+            for b in names:
+                if a != b and (a == "" or b.startswith(a + ".")):
+                    raise QroundError(f"blocks {a!r} and {b!r} overlap")
+        covered = [n for n in layers if any(n == b or b == "" or n.startswith(b + ".")
+                                            for b in names)]
+        names += [n for n in layers if n not in covered]  # left-over layers: layer-wise
+    fnamed = dict(float_model.named_modules())
+    missing = [b for b in names if b not in fnamed]
+    if missing:
+        raise QroundError(f"blocks {missing} exist in quant_model but not in float_model")
+    return names
+
+
+# ------------------------------------------------------------------------------ capture
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward pass at the block."""
+
+
+def _detach(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detach(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    return 0
+
+
+def _main_tensor(out, name: str) -> torch.Tensor:
+    """The tensor a block's output is compared on: itself, or the first tensor of a tuple /
+    mapping (HF layers return ``(hidden_states, ...)``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    items = list(out.values()) if isinstance(out, Mapping) else (
+        list(out) if isinstance(out, (tuple, list)) else [])
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            return item
+    raise QroundError(f"block {name!r} returned {type(out).__name__} without a tensor")
+
+
+class _BlockData:
+    """Cached block inputs (args, kwargs) and float targets, per calibration batch."""
+
+    def __init__(self, inputs: list, targets: list[torch.Tensor]):
+        self.inputs, self.targets = inputs, targets
+        simple = all(len(a) == 1 and isinstance(a[0], torch.Tensor) and not k
+                     for a, k in inputs)
+        if simple and len({a[0].shape[1:] for a, _ in inputs}) == 1:
+            self.x = torch.cat([a[0] for a, _ in inputs])
+            self.y = torch.cat(targets)
+        else:
+            self.x = self.y = None
+
+    def sample(self, gen: torch.Generator, batch_size: int):
+        if self.x is not None:
+            idx = torch.randperm(self.x.shape[0], generator=gen)[:batch_size].to(self.x.device)
+            return (self.x[idx],), {}, self.y[idx]
+        i = int(torch.randint(len(self.inputs), (1,), generator=gen))
+        args, kwargs = self.inputs[i]
+        return args, kwargs, self.targets[i]
+
+
+def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, budget_mb):
+    inputs: list = []
+    targets: list[torch.Tensor] = []
+    used = [0]
+
+    def account(obj):
+        used[0] += _nbytes(obj)
+        if used[0] > budget_mb * 2 ** 20:
+            raise QroundError(f"block {name!r}: cached inputs and outputs exceed cache_mb="
+                              f"{budget_mb} MB; use fewer calibration samples or raise cache_mb")
+
+    def pre(module, args, kwargs):
+        item = (_detach(tuple(args)), _detach(dict(kwargs)))
+        account(item)
+        inputs.append(item)
+        raise _Stop
+
+    def post(module, args, out):
+        y = _main_tensor(out, name).detach()
+        account(y)
+        targets.append(y)
+        raise _Stop
+
+    for model, module, hook in ((quant_model, qblock, pre), (float_model, fblock, post)):
+        if hook is pre:
+            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        else:
+            handle = module.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    try:
+                        forward(model, batch)
+                    except _Stop:
+                        continue
+                    raise QroundError(f"block {name!r} was not called by the model's forward")
+        finally:
+            handle.remove()
+    return _BlockData(inputs, targets)
+
+
+def _forward_order(quant_model, names, batch, forward) -> list[str]:
+    qnamed = dict(quant_model.named_modules())
+    seen: list[str] = []
+    handles = [qnamed[n].register_forward_pre_hook(
+        lambda m, a, _n=n: seen.append(_n) if _n not in seen else None) for n in names]
+    try:
+        with torch.no_grad():
+            forward(quant_model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise QroundError(f"blocks {missing} are not called by the model's forward")
+    return seen
+
+
+# ------------------------------------------------------------------------------ training
+def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over features (channels of NCHW, last axis otherwise), mean over
+    the rest (BRECQ's reconstruction loss)."""
+    err = (out - target) ** 2
+    if err.dim() < 2:
+        return err.mean()
+    return err.sum(1 if err.dim() == 4 else -1).mean()
+
+
+@torch.no_grad()
+def _mse(block, data: _BlockData, name: str) -> float:
+    total, count = 0.0, 0
+    for (args, kwargs), y in zip(data.inputs, data.targets):
+        out = _main_tensor(block(*args, **kwargs), name)
+        total += float(((out - y) ** 2).sum())
+        count += y.numel()
+    return total / max(count, 1)
+
+
+def _beta(t: int, config: ReconstructConfig) -> float | None:
+    """Exponent of the rounding regulariser at step ``t``; None during the warm-up."""
+    start = int(config.warmup * config.iterations)
+    if t < start:
+        return None
+    rel = (t - start) / max(config.iterations - start, 1)
+    b0, b1 = config.beta
+    return b1 + (b0 - b1) * max(0.0, 1.0 - rel)
+
+
+def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
+                 config: ReconstructConfig, gen: torch.Generator, name: str) -> int:
+    rounding = [m for m in layers.values() if m.weight_spec is not None] \
+        if config.train_weights else []
+    steps = [m.act.step for m in layers.values() if m.act is not None
+             and m.act_mode != "float"] if config.train_steps else []
+    borders = [p for m in layers.values() if m.act is not None and m.act_mode == "border"
+               for p in (m.act.b0, m.act.b1, m.act.b2) if p is not None] \
+        if config.train_borders else []
+    groups = [g for g in ({"params": [m.w_round for m in rounding], "lr": config.lr_rounding},
+                          {"params": steps, "lr": config.lr_step},
+                          {"params": borders, "lr": config.lr_border}) if g["params"]]
+    if not groups:
+        return 0
+    trainable = {id(p) for g in groups for p in g["params"]}
+    flags = [(p, p.requires_grad) for p in block.parameters()]
+    opt = torch.optim.Adam(groups)
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in trainable)
+        for m in rounding:
+            m.weight_mode = "soft"
+        with torch.enable_grad():
+            for t in range(config.iterations):
+                args, kwargs, y = data.sample(gen, config.batch_size)
+                with qdrop(layers.values(), config.qdrop, gen):
+                    out = _main_tensor(block(*args, **kwargs), name)
+                loss = _rec_loss(out, y)
+                beta = _beta(t, config)
+                if rounding and beta is not None and config.reg_weight > 0:
+                    reg = sum((1 - (2 * m.soft_weight_fraction() - 1).abs().pow(beta)).sum()
+                              for m in rounding)
+                    loss = loss + config.reg_weight * reg
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for m in rounding:
+            m.harden()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
+    return config.iterations
+
+
+def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Iterable,
+                blocks: Sequence[str] | str | None = "auto",
+                config: ReconstructConfig = ReconstructConfig(), *,
+                forward: ForwardFn | None = None, inplace: bool = False) -> ReconstructResult:
+    """Reconstruct ``quant_model`` (from :func:`~qround.activations.insert_act_quantizers`)
+    block by block against ``float_model`` on the calibration batches.
+
+    blocks: "auto" (:func:`find_blocks`), None (layer-wise: every QuantizedLayer alone), or a
+    list of module names (QuantizedLayers outside them are reconstructed alone).  ``forward(model,
+    batch)`` runs one batch (default ``model(batch)`` / ``model(*batch)`` / ``model(**batch)``).
+    Returns the model (a deep copy unless ``inplace``) with hard weights and per-block reports;
+    ``float_model`` is never modified.
+    """
+    start = time.perf_counter()
+    if not isinstance(config, ReconstructConfig):
+        raise QroundError(f"config must be a ReconstructConfig, got {type(config).__name__}")
+    for arg, value in (("float_model", float_model), ("quant_model", quant_model)):
+        if not isinstance(value, nn.Module):
+            raise QroundError(f"{arg} must be an nn.Module, got {type(value).__name__}")
+    if isinstance(calibration, torch.Tensor):
+        raise QroundError("calibration must be an iterable of batches; wrap a tensor in a list")
+    batches = list(calibration)
+    if not batches:
+        raise QroundError("calibration is empty")
+    names = _resolve_blocks(quant_model, float_model, blocks)
+    forward = forward or default_forward
+    model = quant_model if inplace else copy.deepcopy(quant_model)
+    qnamed, fnamed = dict(model.named_modules()), dict(float_model.named_modules())
+    gen = torch.Generator().manual_seed(config.seed)
+    reports: list[BlockReport] = []
+    with eval_mode(model), eval_mode(float_model):
+        for m in quantized_layers(model).values():
+            if m.weight_spec is not None:
+                m.weight_mode = "hard"
+        for name in _forward_order(model, names, batches[0], forward):
+            t0 = time.perf_counter()
+            block = qnamed[name]
+            layers = quantized_layers(block)
+            data = _capture(float_model, model, fnamed[name], block, name, batches, forward,
+                            config.cache_mb)
+            before = _mse(block, data, name)
+            saved = copy.deepcopy(block.state_dict())
+            iterations = _train_block(block, layers, data, config, gen, name)
+            after = _mse(block, data, name)
+            reverted = after > before
+            if reverted:
+                block.load_state_dict(saved)
+                after = before
+            del data
+            report = BlockReport(name, tuple(f"{name}.{n}".strip(".") for n in layers),
+                                 before, after, iterations, time.perf_counter() - t0, reverted)
+            log.info("block %s: mse %.4g -> %.4g in %.2f s%s", name or "<model>", before, after,
+                     report.seconds, " (reverted)" if reverted else "")
+            reports.append(report)
+    return ReconstructResult(model, reports, time.perf_counter() - start)

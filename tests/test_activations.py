@@ -1,0 +1,372 @@
+"""Activation quantisers, AQuant borders and QuantizedLayer against explicit references."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from qround import GridSpec, QroundError, fit_grid
+from qround.activations import (ActQuantizer, QuantizedLayer, insert_act_quantizers, qdrop,
+                                quantized_layers)
+
+torch.set_num_threads(1)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def quantizer(bits=4, borders="quadratic", elements=6, fusion_size=1, signed=False, step=0.25):
+    q = ActQuantizer(bits, borders, elements, fusion_size)
+    q.calibrate(torch.tensor([-1.0 if signed else 0.0, 3.0]), "minmax")
+    with torch.no_grad():
+        q.step.fill_(step)
+    return q
+
+
+def random_borders(q: ActQuantizer, seed=0, size=0.2):
+    g = gen(seed)
+    with torch.no_grad():
+        for p in (q.b0, q.b1, q.b2):
+            if p is not None:
+                p.add_(size * (torch.rand(p.shape, generator=g) * 2 - 1))
+
+
+def conv_layer(seed=0, **kw):
+    conv = nn.Conv2d(kw.pop("c_in", 4), kw.pop("c_out", 6), kw.pop("k", 3), **kw)
+    g = gen(seed)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return conv
+
+
+def relu_batches(shape, n=3, seed=0):
+    g = gen(seed)
+    return [torch.relu(torch.randn(shape, generator=g)) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------ rounding
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), signed=st.booleans(), fusion=st.sampled_from([1, 3]),
+       seed=st.integers(0, 1000))
+def test_initial_borders_are_round_half_up_exactly(bits, signed, fusion, seed):
+    q = quantizer(bits, "quadratic", elements=6, fusion_size=fusion, signed=signed, step=0.25)
+    g = gen(seed)
+    ints = torch.randint(-300, 300, (40, 6), generator=g).float()
+    ties = (ints + 0.5) * 0.25                           # exact ties, exactly representable
+    rand = torch.randn(40, 6, generator=g) * 2 ** bits * 0.1
+    for x in (ties, rand):
+        ref = torch.clamp(torch.floor(x / 0.25 + 0.5), q.qmin, q.qmax)
+        codes, _ = q.codes(x)
+        nearest, _ = q.codes(x, use_border=False)
+        assert torch.equal(codes, ref)
+        assert torch.equal(nearest, ref)
+
+
+def test_ties_round_up_not_down():
+    q = quantizer(4, "linear", elements=3)
+    codes, _ = q.codes(torch.tensor([[0.125, 0.375, 0.625]]))    # v = 0.5, 1.5, 2.5
+    assert codes.tolist() == [[1.0, 2.0, 3.0]]
+
+
+def test_border_moves_the_rounding_threshold():
+    q = quantizer(4, "linear", elements=2)
+    with torch.no_grad():
+        q.b0.copy_(torch.tensor([0.2, 0.8]))
+    x = torch.tensor([[0.3, 0.3], [0.1, 0.9]]) * 0.25            # fractions 0.3 / 0.1, 0.9
+    codes, _ = q.codes(x)
+    # round up iff frac > B: 0.3 > 0.2 (up), 0.3 < 0.8 (down), 0.1 < 0.2, 0.9 > 0.8
+    assert codes.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_quadratic_border_uses_the_normalised_code():
+    q = quantizer(4, "quadratic", elements=1)                    # unsigned 4 bit: span 15
+    with torch.no_grad():
+        q.b0.fill_(0.3), q.b1.fill_(0.15), q.b2.fill_(0.45)
+    v = torch.tensor([[7.5]])
+    t = 7.5 / 15
+    border = 0.3 + 0.15 * t + 0.45 * t * t                       # 0.4875 < 0.5 -> up
+    assert float(q.border(v.unflatten(1, (-1, 1)), 1).detach().squeeze()) == pytest.approx(border)
+    assert float(q.codes(v * 0.25)[0].detach()) == 8.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.integers(2, 8), signed=st.booleans(), seed=st.integers(0, 1000))
+def test_outputs_lie_on_the_grid(bits, signed, seed):
+    q = quantizer(bits, "quadratic", elements=6, signed=signed, step=0.37)
+    random_borders(q, seed)
+    x = torch.randn(50, 6, generator=gen(seed)) * 2 ** bits * 0.3
+    out = q(x)
+    codes = out / 0.37
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert codes.min() >= q.qmin - 1e-4 and codes.max() <= q.qmax + 1e-4
+    assert (q.qmin < 0) == signed
+
+
+# ------------------------------------------------------------------------ gradients
+def test_ste_gradients_reach_every_border_coefficient_exactly():
+    q = quantizer(4, "quadratic", elements=5, step=0.25)
+    random_borders(q, 1)
+    x = torch.rand(64, 5, generator=gen(2)) * 5.0                # some beyond qmax*s = 3.75
+    out = q(x)
+    out.sum().backward()
+    codes_unclipped = torch.floor(x / 0.25 + 1 - q.border((x / 0.25).unflatten(1, (-1, 1)), 1)
+                                  .flatten(1)).detach()
+    inside = ((codes_unclipped >= q.qmin) & (codes_unclipped <= q.qmax)).float()
+    t = x / 0.25 / q.span
+    # out = s * (floor(v + 1 - B)) with an identity STE: d out / d b_k = -s * t^k inside the range
+    assert torch.allclose(q.b0.grad, -0.25 * inside.sum(0))
+    assert torch.allclose(q.b1.grad, -0.25 * (inside * t).sum(0), rtol=1e-5)
+    assert torch.allclose(q.b2.grad, -0.25 * (inside * t * t).sum(0), rtol=1e-5)
+    assert inside.min() == 0 and inside.max() == 1
+
+
+def test_lsq_step_gradient_matches_esser_et_al():
+    q = quantizer(3, "none", step=0.3)
+    x = torch.rand(10, 7, generator=gen(3)) * 3.0
+    q(x).sum().backward()
+    v = x / 0.3
+    r = torch.floor(v + 0.5)
+    grad = torch.where(r > q.qmax, torch.full_like(v, q.qmax), r - v)   # no clipping below 0
+    g = 1 / np.sqrt(7 * q.qmax)
+    assert float(q.step.grad) == pytest.approx(float(grad.sum()) * g, rel=1e-4)
+
+
+def test_fused_border_gradients_flow_through_the_mean():
+    layer = QuantizedLayer(conv_layer(c_in=2, c_out=3, padding=1), abits=4,
+                           borders="quadratic", fusion=True)
+    layer.act.calibrate(torch.rand(100), "minmax")
+    x = torch.rand(2, 2, 5, 5, generator=gen(4))
+    layer(x).square().sum().backward()
+    for p in (layer.act.b0, layer.act.b1, layer.act.b2, layer.act.step):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------ layers
+@pytest.mark.parametrize("fusion", [True, False])
+def test_border_shapes(fusion):
+    lin = QuantizedLayer(nn.Linear(6, 3), abits=4, borders="quadratic", fusion=fusion)
+    assert lin.act.b0.shape == (6,) and lin.act.b2.shape == (6,) and lin.act.fusion_size == 1
+    conv = QuantizedLayer(nn.Conv2d(3, 4, 3), abits=4, borders="linear", fusion=fusion)
+    assert conv.act.b0.shape == (27,) and conv.act.b1.shape == (27,) and conv.act.b2 is None
+    assert conv.act.fusion_size == (9 if fusion else 1)
+    grouped = QuantizedLayer(nn.Conv2d(4, 4, (3, 2), groups=2), abits=4, borders="linear",
+                             fusion=fusion)
+    assert grouped.act.b0.shape == (24,) and grouped.act.fusion_size == (6 if fusion else 1)
+    pointwise = QuantizedLayer(nn.Conv2d(5, 4, 1), abits=4, borders="linear", fusion=fusion)
+    assert pointwise.act.b0.shape == (5,) and pointwise.act.fusion_size == 1
+
+
+CONVS = [dict(), dict(padding=1), dict(stride=2, padding=1), dict(padding="same", dilation=2),
+         dict(c_in=4, c_out=6, groups=2, padding=1), dict(padding=1, padding_mode="reflect"),
+         dict(k=(3, 2), stride=(2, 1), padding=(1, 0), bias=False)]
+
+
+@pytest.mark.parametrize("kw", CONVS)
+@pytest.mark.parametrize("wbits", [None, 3])
+def test_unfold_conv_with_identity_borders_equals_conv2d_on_fake_quantised_input(kw, wbits):
+    conv = conv_layer(**dict(kw))
+    spec = None if wbits is None else GridSpec(bits=wbits, symmetric=False)
+    layer = QuantizedLayer(copy.deepcopy(conv), abits=4, borders="quadratic", fusion=True,
+                           weight=spec)
+    x = torch.relu(torch.randn(2, conv.in_channels, 7, 6, generator=gen(5)))
+    layer.act.calibrate(x, "mse")
+    xq = layer.act(x, use_border=False)
+    ref = conv._conv_forward(xq, layer.quantized_weight(), conv.bias)
+    out = layer(x)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-5)
+    layer.act_mode = "nearest"
+    assert torch.allclose(layer(x), ref, atol=1e-6)
+
+
+def reference_fused_conv(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
+    """AQuant eq. 9 by loops: per patch, per input channel one border = mean of the element
+    borders; padding stays zero.  Zero padding only, groups = 1."""
+    conv, act = layer.layer, layer.act
+    s, span = float(act.step.detach()), act.span
+    (kh, kw), ph = conv.kernel_size, conv.padding[0]
+    xp = F.pad(x.double(), (ph, ph, ph, ph))
+    real = F.pad(torch.ones_like(x, dtype=torch.float64), (ph, ph, ph, ph))
+    n, c, hp, wp = xp.shape
+    ho, wo = hp - kh + 1, wp - kw + 1
+    b0, b1, b2 = (p.detach().double() for p in (act.b0, act.b1, act.b2))
+    w = layer.quantized_weight().detach().double().reshape(conv.out_channels, -1)
+    out = torch.zeros(n, conv.out_channels, ho, wo, dtype=torch.float64)
+    for i in range(n):
+        for r in range(ho):
+            for col in range(wo):
+                patch = xp[i, :, r:r + kh, col:col + kw].reshape(c, -1) / s      # (c, k*k)
+                mask = real[i, :, r:r + kh, col:col + kw].reshape(c, -1)
+                t = patch / span
+                elem = b0.view(c, -1) + b1.view(c, -1) * t + b2.view(c, -1) * t * t
+                fused = elem.mean(1, keepdim=True)
+                codes = torch.clamp(torch.floor(patch + 1 - fused), act.qmin, act.qmax) * mask
+                out[i, :, r, col] = w @ (s * codes).reshape(-1) + conv.bias.double()
+    return out
+
+
+def test_fused_borders_follow_equation_9():
+    layer = QuantizedLayer(conv_layer(c_in=3, c_out=4, padding=1), abits=3,
+                           borders="quadratic", fusion=True, weight=GridSpec(bits=4))
+    x = torch.relu(torch.randn(2, 3, 5, 4, generator=gen(6)))
+    layer.act.calibrate(x, "mse")
+    random_borders(layer.act, 7, size=0.6)
+    with torch.no_grad():
+        layer.act.b0[:9] = -0.8          # channel 0: padded zeros round up unless masked
+    ref = reference_fused_conv(layer, x)
+    assert torch.allclose(layer(x).double(), ref, atol=1e-4)
+    unfused = QuantizedLayer(copy.deepcopy(layer.layer), 3, "quadratic", False, GridSpec(bits=4))
+    unfused.load_state_dict(layer.state_dict())
+    assert not torch.allclose(unfused(x).double(), ref, atol=1e-4)  # fusion changes something
+
+
+def test_linear_borders_are_per_input_feature():
+    layer = QuantizedLayer(nn.Linear(4, 3), abits=4, borders="linear")
+    x = torch.rand(5, 2, 4, generator=gen(8)) * 3                # leading dims flattened
+    layer.act.calibrate(x, "minmax")
+    with torch.no_grad():
+        layer.act.b0.copy_(torch.tensor([0.1, 0.5, 0.9, 0.5]))
+    s = float(layer.act.step.detach())
+    v = x / s
+    codes = torch.clamp(torch.floor(v + 1 - torch.tensor([0.1, 0.5, 0.9, 0.5])), 0, 15)
+    ref = F.linear(codes * s, layer.layer.weight, layer.layer.bias)
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+def test_weights_start_at_rounding_to_nearest_and_soft_at_the_float_weight():
+    lin = nn.Linear(8, 5)
+    spec = GridSpec(bits=3, symmetric=True, scale_method="minmax")   # nothing clipped
+    layer = QuantizedLayer(copy.deepcopy(lin), abits=None, weight=spec)
+    grid = fit_grid(lin.weight.detach().double().numpy(), spec)
+    assert np.array_equal(layer.w_codes.numpy(), grid.quantize(lin.weight.detach().double()
+                                                               .numpy()))
+    layer.weight_mode = "soft"
+    soft = layer.quantized_weight()
+    assert torch.allclose(soft, lin.weight, atol=1e-4)          # h(V) = frac: no rounding yet
+    with torch.no_grad():
+        layer.w_round.fill_(10.0)                                # h = 1: everything up
+    layer.harden()
+    assert torch.equal(layer.w_codes, (layer.w_floor + 1).clamp(-4, 3).int())
+    assert layer.weight_mode == "hard"
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_hard_weight_is_the_grid_of_its_codes(group_size):
+    conv = conv_layer(c_in=8, c_out=3, k=1)
+    layer = QuantizedLayer(conv, abits=None, weight=GridSpec(bits=3, group_size=group_size))
+    qw = layer.quantized_weight_codes()
+    assert qw.scale.shape == (3, 1 if group_size is None else 2)
+    deq = qw.grid.dequantize(qw.codes).reshape(conv.weight.shape)
+    assert np.allclose(layer.quantized_weight().detach().numpy(), deq, atol=1e-6)
+    assert qw.weight_shape == tuple(conv.weight.shape)
+
+
+def test_state_dict_round_trip_reproduces_outputs():
+    conv = conv_layer(c_in=3, c_out=4, padding=1)
+    x = torch.relu(torch.randn(2, 3, 6, 6, generator=gen(9)))
+    a = QuantizedLayer(copy.deepcopy(conv), 3, "quadratic", True, GridSpec(bits=2))
+    a.act.calibrate(x, "mse")
+    random_borders(a.act, 10)
+    with torch.no_grad():
+        a.act.step.mul_(1.1)
+        a.w_round.add_(torch.randn(a.w_round.shape, generator=gen(11)))
+    a.harden()
+    b = QuantizedLayer(copy.deepcopy(conv), 3, "quadratic", True, GridSpec(bits=2))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), b(x))
+    assert not torch.equal(QuantizedLayer(copy.deepcopy(conv), 3, "quadratic", True,
+                                          GridSpec(bits=2)).w_codes, a.w_codes)
+
+
+def test_qdrop_extremes():
+    layer = QuantizedLayer(nn.Linear(6, 2), abits=2)
+    x = torch.rand(20, 6, generator=gen(12)) * 3
+    layer.act.calibrate(x, "minmax")
+    with qdrop([layer], 1.0, gen(0)):
+        assert torch.allclose(layer(x), layer.layer(x))
+    with qdrop([layer], 0.0, gen(0)):
+        q = layer(x)
+    assert not torch.allclose(q, layer.layer(x))
+    assert layer.qdrop_p == 0.0 and layer.qdrop_generator is None
+
+
+# ------------------------------------------------------------------------ insertion
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = gen(0)
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        x = self.relu(self.conv1(x))
+        x = self.relu(self.conv2(x))
+        return self.fc(x.flatten(1))
+
+
+def test_insert_wraps_copies_and_calibrates():
+    net = TinyNet()
+    before = copy.deepcopy(net.state_dict())
+    batches = [torch.randn(4, 2, 5, 5, generator=gen(i)) for i in range(2)]
+    q = insert_act_quantizers(net, None, 4, borders="quadratic", calib_batches=batches,
+                              weights=GridSpec(bits=4))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert isinstance(net.conv1, nn.Conv2d)
+    layers = quantized_layers(q)
+    assert list(layers) == ["conv1", "conv2", "fc"]
+    assert bool(layers["conv1"].act.signed) and not bool(layers["conv2"].act.signed)
+    assert not bool(layers["fc"].act.signed)
+    assert all(m.act_mode == "border" and m.weight_mode == "hard" for m in layers.values())
+    out = q(batches[0])
+    assert out.shape == (4, 3) and torch.isfinite(out).all()
+    # a mapping leaves unnamed layers' inputs in float, and global borders skip them
+    q2 = insert_act_quantizers(net, None, {"conv2": 3}, borders="linear", calib_batches=batches)
+    layers2 = quantized_layers(q2)
+    assert layers2["conv1"].act is None and layers2["conv2"].act.bits == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(abits=1), "abits"),
+    (dict(abits=9), "abits"),
+    (dict(abits={"conv1": 4, "nope": 4}), "not selected"),
+    (dict(abits=None, borders="linear"), "no quantised input"),
+    (dict(abits={"conv1": None, "conv2": 4}, borders={"conv1": "linear"}), "no quantised"),
+    (dict(borders="cubic"), "borders"),
+    (dict(init="percentile"), "init"),
+    (dict(layers=["conv1", "missing"]), "does not exist"),
+    (dict(weights=GridSpec(bits=4, scale_method="mse-output")), "mse-output"),
+    (dict(calib_batches=None), "calib_batches"),
+])
+def test_configuration_errors_before_any_forward(kwargs, match):
+    net = TinyNet()
+    args = dict(layers=None, abits=4, calib_batches=[torch.randn(2, 2, 5, 5)])
+    args.update(kwargs)
+    with pytest.raises(QroundError, match=match):
+        insert_act_quantizers(net, **args)
+    assert net.calls == 0
+
+
+def test_act_quantizer_argument_errors():
+    with pytest.raises(QroundError, match="abits"):
+        ActQuantizer(10)
+    with pytest.raises(QroundError, match="elements"):
+        ActQuantizer(4, "linear")
+    with pytest.raises(QroundError, match="calibrate"):
+        ActQuantizer(4)(torch.ones(2, 2))
+    with pytest.raises(QroundError, match="NaN"):
+        ActQuantizer(4).calibrate(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(QroundError, match="nn.Linear or nn.Conv2d"):
+        QuantizedLayer(nn.Conv1d(2, 2, 3), abits=4)
