@@ -131,7 +131,8 @@ class Solver(ABC):
 
     @property
     def label(self) -> str:
-        return self.name
+        """The name shown in reports: the registry name it was built from, else ``name``."""
+        return self.__dict__.get("_label") or self.name
 
     @property
     def parameters(self) -> dict[str, Any]:

@@ -54,6 +54,8 @@ class DimodSolver(Solver):
 
     @property
     def label(self) -> str:
+        if self.__dict__.get("_label"):
+            return self._label
         return self.sampler if isinstance(self.sampler, str) else type(self.sampler).__name__
 
     def _solve(self, problem, start, rng):

@@ -48,4 +48,7 @@ def get_solver(spec: str | Solver, **kwargs) -> Solver:
         return Chain(*(get_solver(part) for part in spec.split("+")))
     if spec not in _REGISTRY:
         raise QroundError(f"unknown solver {spec!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[spec](**kwargs)
+    solver = _REGISTRY[spec](**kwargs)
+    if solver.label != spec:  # an alias (tabu-fast, neal...) reports under the name asked for
+        solver._label = spec
+    return solver

@@ -81,3 +81,8 @@ def test_registry_errors():
         get_solver("greedy").solve(np.eye(3))
     with pytest.raises(QroundError, match="shape"):
         get_solver("greedy").solve(make_problem(), init=np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_label_is_the_registry_name(name):
+    assert get_solver(name).label == name
