@@ -70,6 +70,7 @@ class QuantConfig:
     statistics: str = "covariance"      # covariance | fisher  (fisher needs loss_fn)
     fisher_budget_mb: float = 1024.0
     bias_correction: bool = False       # Nagel et al. 2019: correct E[W x - W_hat x_hat]
+    damp: float = 0.0                   # lambda ||w_hat - w||^2, lambda = damp * mean(diag H)
     device: str = "cpu"                 # where statistics are accumulated and solvers run
     seed: int = 0
     progress: bool = True
@@ -95,6 +96,8 @@ class QuantConfig:
         if self.statistics not in ("covariance", "fisher"):
             raise QroundError(f"statistics must be 'covariance' or 'fisher', got "
                               f"{self.statistics!r}")
+        if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < float("inf")):
+            raise QroundError(f"damp must be a finite number >= 0, got {self.damp!r}")
         if not (isinstance(self.fisher_budget_mb, (int, float)) and self.fisher_budget_mb > 0):
             raise QroundError(f"fisher_budget_mb must be positive, got {self.fisher_budget_mb!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
@@ -432,7 +435,7 @@ def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
     try:
         problems = problems_from_layer(module, stats["hessian"], config.grid_spec(layer.bits),
                                        layer.name, cross=stats["cross"],
-                                       float_hessian=stats["float_hessian"])
+                                       float_hessian=stats["float_hessian"], damp=config.damp)
         solutions = [solver.solve(p, seed=rng) for p in problems]
     except QroundError as exc:
         raise QroundError(f"layer {layer.name!r}: {exc}") from exc

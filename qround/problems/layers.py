@@ -69,7 +69,8 @@ def _slice_grid(grid: Grid, rows: slice) -> Grid:
 
 
 def problems_from_layer(module, hessian, grid: Grid | GridSpec = GridSpec(), name: str = "",
-                        cross=None, float_hessian=None) -> list[RoundingProblem]:
+                        cross=None, float_hessian=None, damp: float = 0.0
+                        ) -> list[RoundingProblem]:
     """The rounding problems of a layer: one, or one per group of a grouped conv.
 
     hessian: (n, n) or per channel (out, n, n); for a grouped conv (groups, n_g, n_g) or
@@ -94,5 +95,5 @@ def problems_from_layer(module, hessian, grid: Grid | GridSpec = GridSpec(), nam
         g = _slice_grid(grid, rows) if isinstance(grid, Grid) else grid
         label = name if groups == 1 else f"{name}/group{j}"
         problems.append(RoundingProblem.from_weight(w[rows], hs[j], g, cross=cs[j],
-                                                    float_hessian=fs[j], name=label))
+                                                    float_hessian=fs[j], damp=damp, name=label))
     return problems

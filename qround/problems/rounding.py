@@ -56,7 +56,7 @@ class RoundingProblem:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_weight(cls, weight, hessian, grid: Grid | GridSpec | None = None, *,
-                    cross=None, float_hessian=None, check: bool = True,
+                    cross=None, float_hessian=None, damp: float = 0.0, check: bool = True,
                     name: str = "") -> "RoundingProblem":
         """Build the problem of a weight matrix.
 
@@ -65,6 +65,10 @@ class RoundingProblem:
         MSE scales).  cross: ``C = E[x_hat x^T]`` (n, n) for asymmetric reconstruction, with
         ``float_hessian = E[x x^T]`` (n, n) to make the cost absolute (optional: without it the
         constant omits ``w^T H_float w``).
+        damp: add ``lambda ||w_hat - w||^2`` to the cost, ``lambda = damp * mean(diag H)`` (per
+        channel for a per-channel H): H becomes ``H + lambda I``.  A few thousand calibration
+        vectors estimate the low-variance directions of H poorly, and an exact solver exploits
+        them; this is GPTQ's damping written as a trust region around the float weights.
         """
         # private copies: the arrays are frozen below, and the user's own must stay writeable
         w = as_float_array(weight, "weight", ndim=2).copy()
@@ -78,6 +82,12 @@ class RoundingProblem:
                               f"expected {want}")
         if check:
             check_psd(h, "hessian")
+        if not (np.isfinite(damp) and damp >= 0):
+            raise QroundError(f"damp must be a finite number >= 0, got {damp!r}")
+        lam = None
+        if damp > 0:
+            lam = damp * np.mean(np.diagonal(h, axis1=-2, axis2=-1), axis=-1)   # () or (m,)
+            h = h + np.multiply.outer(np.atleast_1d(lam), np.eye(n)).reshape(h.shape)
         if grid is None:
             grid = GridSpec()
         if isinstance(grid, GridSpec):
@@ -112,6 +122,12 @@ class RoundingProblem:
                     raise QroundError(f"float_hessian shape {hf.shape} does not match {w.shape}")
                 k = np.sum((w @ hf) * w, axis=1)
 
+        if lam is not None and cross is not None:
+            # lambda ||w_hat - w||^2: the quadratic part is in H already; local MSE's r = H w
+            # and k = w^T H w include the rest, the asymmetric target needs it added
+            lam_c = np.broadcast_to(lam, (m,))
+            r = r + lam_c[:, None] * w
+            k = k + lam_c * np.sum(w * w, axis=1)
         scaled = w / s
         fl = np.floor(scaled)
         frac = scaled - fl

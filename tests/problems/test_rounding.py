@@ -172,3 +172,25 @@ def test_restrict_keeps_absolute_costs(seed, per_channel, k):
     np.testing.assert_allclose(sub.costs(b2[:, idx]), p.costs(b2), rtol=1e-9, atol=1e-12)
     with pytest.raises(QroundError):
         p.restrict([p.num_inputs], b)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), damp=st.floats(0.001, 1.0), asym=st.booleans())
+def test_damping_adds_trust_region(seed, damp, asym):
+    rng = np.random.default_rng(seed)
+    n, m = 8, 3
+    x = rng.normal(size=(50, n))
+    x_hat = x + 0.1 * rng.normal(size=(50, n))
+    w = rng.normal(size=(m, n))
+    h, h_hat, c = x.T @ x / 50, x_hat.T @ x_hat / 50, x_hat.T @ x / 50
+    grid = fit_grid(w, GridSpec(bits=3))
+    kw = dict(cross=c, float_hessian=h) if asym else {}
+    plain = RoundingProblem.from_weight(w, h_hat if asym else h, grid, **kw)
+    damped = RoundingProblem.from_weight(w, h_hat if asym else h, grid, damp=damp, **kw)
+    lam = damp * np.mean(np.diag(h_hat if asym else h))
+    b = rng.integers(0, 2, size=(m, n))
+    d = damped.dequantize(b) - w
+    np.testing.assert_allclose(damped.costs(b), plain.costs(b) + lam * np.sum(d * d, axis=1),
+                               rtol=1e-9, atol=1e-12)
+    with pytest.raises(QroundError, match="damp"):
+        RoundingProblem.from_weight(w, h, grid, damp=-1.0)

@@ -1,0 +1,170 @@
+"""End-to-end digits CNN benchmark: quantise every Conv2d/Linear weight of the plain digits CNN
+(``qround.zoo.train_digits_cnn('plain', seed=s)``) and measure test accuracy with activations
+fake-quantised at ``--abits`` bits (per-tensor min-max ranges from the calibration split).
+
+    python benchmarks/e2e_digits.py --json results/e2e_digits.json
+    python benchmarks/e2e_digits.py --bits W3 --seeds 0 --methods rtn-mse,gptq
+
+Methods as in ``e2e_minilm.py``: ``rtn-minmax``, ``rtn-mse``, ``gptq`` (the real GPTQ, MSE
+scales, act-order, 1% damping, sequential), ``hopfield`` (AdaRound relaxation through
+``quantize_model``) and ``solvers`` (``quantize_model`` with each spec of ``--solvers``).
+Weights are per-channel symmetric; calibration uses the calibration split.  Reported per method
+and width: mean accuracy over the seeds, its standard deviation and range, and mean seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from qround import zoo
+from qround.baselines import gptq_model, rtn_model
+from qround.evaluate import digits_accuracy
+from qround.report import format_table, write_json_atomic
+from qround.solvers import available_solvers
+
+WIDTHS = {"W4": 4, "W3": 3, "W2": 2}
+METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default=",".join(WIDTHS),
+                   help=f"weight widths, comma-separated from {list(WIDTHS)} (default: all)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated from {list(METHODS)} (default: all)")
+    p.add_argument("--solvers", default="greedy,fast,quality",
+                   help="qround solver specs run by the 'solvers' method (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (default: %(default)s)")
+    p.add_argument("--abits", type=int, default=8,
+                   help="activation bits at evaluation (0 = float activations; default 8)")
+    p.add_argument("--first-last-bits", type=int, default=None,
+                   help="keep the first and last layer at this width (default: same as weights)")
+    p.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--device", default="cpu", help="QuantConfig.device for quantize_model")
+    p.add_argument("--progress", action="store_true",
+                   help="show quantize_model's per-layer progress bar (stderr)")
+    p.add_argument("--json", help="write the results to this JSON file")
+    args = p.parse_args(argv)
+    args.bits = _choices(args.bits, WIDTHS, "--bits", p)
+    args.methods = _choices(args.methods, METHODS, "--methods", p)
+    args.solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    return args
+
+
+def _choices(text: str, allowed, flag: str, parser) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        parser.error(f"{flag}: unknown {bad or 'empty list'}; choose from {list(allowed)}")
+    return items
+
+
+def known_solver(spec: str) -> bool:
+    """Whether every solver name in a spec (``a+b``, ``a|b``) is registered."""
+    return all(name in available_solvers() for name in spec.replace("|", "+").split("+"))
+
+
+def plan(args) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """(method label, solver spec or None) in run order, and notes on skipped solver specs."""
+    out, notes = [], []
+    for method in args.methods:
+        if method == "solvers":
+            for spec in args.solvers:
+                if known_solver(spec):
+                    out.append((f"qround:{spec}", spec))
+                else:
+                    notes.append(f"skipped solver {spec!r}: not in the registry")
+        else:
+            out.append((method, "hopfield" if method == "hopfield" else None))
+    return out, notes
+
+
+def quantise(label: str, spec: str | None, model, calibration, bits: int, args):
+    """Quantised copy of ``model`` and the wall seconds of the call."""
+    from qround.pipeline import QuantConfig, quantize_model
+
+    config = QuantConfig(wbits=bits, symmetric=True, group_size=None,
+                         scale_method="minmax" if label == "rtn-minmax" else "mse",
+                         solver=spec or "nearest", first_last_bits=args.first_last_bits,
+                         device=args.device, progress=args.progress)
+    start = time.perf_counter()
+    if label.startswith("rtn"):
+        qmodel, _ = rtn_model(model, config)
+    elif label == "gptq":
+        qmodel, _ = gptq_model(model, calibration, config)
+    else:
+        qmodel = quantize_model(model, calibration, config).model
+    return qmodel, time.perf_counter() - start
+
+
+def summarise(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    abits = args.abits or None
+    runs, notes = plan(args)
+    header = (f"digits CNN (plain) e2e: all Conv2d/Linear weights, per-channel symmetric, "
+              f"activations {'float' if abits is None else f'{abits}-bit'} at evaluation; "
+              f"seeds {args.seeds}; torch threads {args.threads}, device {args.device}")
+    print(header, flush=True)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+
+    results: dict[tuple[str, str], dict[str, list[float]]] = {}
+
+    def record(width, label, acc, seconds):
+        entry = results.setdefault((width, label), {"accuracy": [], "seconds": []})
+        entry["accuracy"].append(acc)
+        entry["seconds"].append(seconds)
+
+    for seed in args.seeds:
+        model, data = zoo.train_digits_cnn("plain", seed=seed)
+        calibration = [data.calib_images[i:i + args.batch_size]
+                       for i in range(0, len(data.calib_images), args.batch_size)]
+        record("float", "float (W32A32)", digits_accuracy(model, data), 0.0)
+        if abits is not None:
+            record("float", f"float (W32A{abits})", digits_accuracy(model, data, abits), 0.0)
+        for width in args.bits:
+            for label, spec in runs:
+                qmodel, seconds = quantise(label, spec, model, calibration, WIDTHS[width], args)
+                acc = digits_accuracy(qmodel, data, abits)
+                record(width, label, acc, seconds)
+                print(f"  seed {seed} {width} {label:22s} accuracy {acc:.4f}  {seconds:7.2f} s",
+                      file=sys.stderr, flush=True)
+
+    rows = []
+    for (width, label), entry in results.items():
+        acc = summarise(entry["accuracy"])
+        rows.append({"weights": width, "method": label, "accuracy": acc["mean"],
+                     "std": acc["std"], "min": acc["min"], "max": acc["max"],
+                     "seconds": statistics.fmean(entry["seconds"]),
+                     "per_seed": entry["accuracy"]})
+    print(format_table(rows, ["weights", "method", "accuracy", "std", "min", "max", "seconds"]))
+    if args.json:
+        write_json_atomic(args.json, {
+            "benchmark": "e2e_digits", "header": header, "notes": notes,
+            "settings": {k: v for k, v in vars(args).items()
+                         if k not in ("json", "progress")},
+            "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""End-to-end MiniLM benchmark: quantise the 36 encoder Linear layers of the pretrained
+all-MiniLM-L6-v2 (weights only, per-channel symmetric) and compare the sentence embeddings of
+held-out sentences with the float model's.
+
+    python benchmarks/e2e_minilm.py --json results/e2e_minilm.json
+    python benchmarks/e2e_minilm.py --bits W3 --eval-sentences 200 --methods rtn-mse,gptq
+
+Methods: ``rtn-minmax`` / ``rtn-mse`` (rounding-to-nearest on min-max / MSE scales), ``gptq``
+(the real GPTQ, ``qround.baselines.gptq_model``: MSE scales, act-order, 1% damping, sequential),
+``hopfield`` (AdaRound's continuous relaxation through ``quantize_model``) and ``solvers``
+(``quantize_model`` with each solver spec of ``--solvers``).  Calibration: the first
+``--calib-sentences`` sentences of the calibration pool; evaluation: the first
+``--eval-sentences`` of the disjoint evaluation pool.  Metrics (``qround.evaluate``): mean
+cosine to the float embedding, Spearman correlation of pairwise similarities, top-10 neighbour
+overlap; ``seconds``: wall time of the quantisation call (statistics capture included).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from qround import zoo
+from qround.baselines import gptq_model, rtn_model
+from qround.evaluate import embedding_metrics
+from qround.report import format_table, write_json_atomic
+from qround.solvers import available_solvers
+
+WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g128": (3, 128), "W2": (2, None)}
+METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers")
+ENCODER_LAYERS = r"encoder\.layer\.\d+\."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default=",".join(WIDTHS),
+                   help=f"weight formats, comma-separated from {list(WIDTHS)} (default: all)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated from {list(METHODS)} (default: all)")
+    p.add_argument("--solvers", default="greedy,fast,quality",
+                   help="qround solver specs run by the 'solvers' method (default: %(default)s)")
+    p.add_argument("--calib-sentences", type=int, default=256)
+    p.add_argument("--eval-sentences", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--device", default="cpu", help="QuantConfig.device for quantize_model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action="store_true",
+                   help="show quantize_model's per-layer progress bar (stderr)")
+    p.add_argument("--json", help="write the results to this JSON file")
+    args = p.parse_args(argv)
+    args.bits = _choices(args.bits, WIDTHS, "--bits", p)
+    args.methods = _choices(args.methods, METHODS, "--methods", p)
+    args.solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    return args
+
+
+def _choices(text: str, allowed, flag: str, parser) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        parser.error(f"{flag}: unknown {bad or 'empty list'}; choose from {list(allowed)}")
+    return items
+
+
+def known_solver(spec: str) -> bool:
+    """Whether every solver name in a spec (``a+b``, ``a|b``) is registered."""
+    return all(name in available_solvers() for name in spec.replace("|", "+").split("+"))
+
+
+def plan(args) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """(method label, solver spec or None) in run order, and notes on skipped solver specs."""
+    out, notes = [], []
+    for method in args.methods:
+        if method == "solvers":
+            for spec in args.solvers:
+                if known_solver(spec):
+                    out.append((f"qround:{spec}", spec))
+                else:
+                    notes.append(f"skipped solver {spec!r}: not in the registry")
+        else:
+            out.append((method, "hopfield" if method == "hopfield" else None))
+    return out, notes
+
+
+def quantise(label: str, spec: str | None, model, calibration, bits: int, group_size, args):
+    """Quantised copy of ``model`` and the wall seconds of the call."""
+    from qround.pipeline import QuantConfig, quantize_model
+
+    scale_method = "minmax" if label == "rtn-minmax" else "mse"
+    config = QuantConfig(wbits=bits, symmetric=True, group_size=group_size,
+                         scale_method=scale_method, solver=spec or "nearest",
+                         layers=ENCODER_LAYERS, device=args.device, seed=args.seed,
+                         progress=args.progress)
+    start = time.perf_counter()
+    if label.startswith("rtn"):
+        qmodel, _ = rtn_model(model, config)
+    elif label == "gptq":
+        qmodel, _ = gptq_model(model, calibration, config, forward=zoo.minilm_forward)
+    else:
+        qmodel = quantize_model(model, calibration, config, forward=zoo.minilm_forward).model
+    return qmodel, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = zoo.load_minilm()
+    layers = zoo.minilm_linear_layers(model)
+    calibration = zoo.minilm_batches(model, zoo.sentences("calibration", args.calib_sentences))
+    eval_texts = zoo.sentences("evaluation", args.eval_sentences)
+    reference = zoo.embed(model, eval_texts)
+    runs, notes = plan(args)
+    header = (f"MiniLM-L6 e2e: {len(layers)} encoder Linear layers, weights only, per-channel "
+              f"symmetric; calibration {args.calib_sentences} sentences, evaluation "
+              f"{args.eval_sentences} held-out sentences; torch threads {args.threads}, "
+              f"device {args.device}")
+    print(header, flush=True)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+
+    rows: list[dict] = []
+
+    def save() -> None:  # after every row, so that a long run interrupted keeps what it has
+        if args.json:
+            write_json_atomic(args.json, {
+                "benchmark": "e2e_minilm", "header": header, "notes": notes,
+                "settings": {k: v for k, v in vars(args).items()
+                             if k not in ("json", "progress")},
+                "torch": torch.__version__, "python": platform.python_version(),
+                "machine": platform.machine(), "rows": rows})
+
+    for width in args.bits:
+        bits, group_size = WIDTHS[width]
+        for label, spec in runs:
+            qmodel, seconds = quantise(label, spec, model, calibration, bits, group_size, args)
+            metrics = embedding_metrics(reference, zoo.embed(qmodel, eval_texts))
+            rows.append({"weights": width, "method": label, **metrics, "seconds": seconds})
+            print(f"  {width:7s} {label:22s} cosine {metrics['cosine']:.4f}  spearman "
+                  f"{metrics['spearman']:.4f}  top10 {metrics['top10']:.4f}  {seconds:8.1f} s",
+                  file=sys.stderr, flush=True)
+            save()
+            del qmodel
+    print(format_table(rows, ["weights", "method", "cosine", "spearman", "top10", "seconds"]))
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Baselines a user would otherwise run: rounding-to-nearest and the real GPTQ.
+
+:func:`gptq_quantize` is GPTQ (Frantar et al. 2022; IST-DASLab/gptq ``GPTQ.fasterquant``): the
+inputs are rounded one at a time, in order of decreasing ``diag(H)`` with act-order, and each
+rounding error is spread over the inputs not yet rounded through the upper Cholesky factor
+``U`` of ``(H + lambda I)^-1``:
+
+    q_i = RTN(w_i)  on the grid,     err = (w_i - q_i) / U_ii,     w_j <- w_j - err * U_ij  (j > i)
+
+with lazy block updates (columns beyond the current block are updated once per block).  Unlike
+the ``gptq`` *solver* (``qround.solvers.gptq``), ``q_i`` is the nearest grid point of the
+error-updated weight, so codes may move more than one step from the original weight: this is
+the algorithm as published, with the grid (per-channel or grouped scales) fitted beforehand
+(GPTQ's ``static_groups``).
+
+:func:`gptq_model` and :func:`rtn_model` quantise whole models (the chosen Linear/Conv2d layers)
+and time it; GPTQ runs layer by layer in forward order with each layer's ``H`` captured from the
+partly quantised model (GPTQ's sequential mode).  Both take a ``qround.pipeline.QuantConfig``
+and choose the same layers as ``quantize_model``; GPTQ reuses the pipeline's capture plan.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .calibrate import ForwardFn, default_forward
+from .errors import QroundError, as_float_array
+from .grid import Grid, fit_grid
+from .pipeline import QuantConfig, _check_calibration, _select, _stream, _trace
+from .problems.layers import layer_weight
+from .solvers.gptq import inverse_cholesky
+from .writeback import QuantizedWeight, apply_to_layer
+
+
+# ----------------------------------------------------------------------------- one layer
+def gptq_quantize(weight, hessian, grid: Grid, act_order: bool = True, percdamp: float = 0.01,
+                  blocksize: int = 128, retries: int = 4) -> np.ndarray:
+    """GPTQ integer codes (out, in) int64 of ``weight`` (out, in) on ``grid`` for the layer
+    objective ``(w_hat - w)^T H (w_hat - w)`` with ``hessian`` ``H`` (in, in) = ``E[x x^T]``.
+
+    percdamp: damping ``lambda = percdamp * mean(diag H)``, grown tenfold up to ``retries``
+    times while the Cholesky factorisation fails (then QroundError).  Dead inputs (``H_ii = 0``)
+    get ``H_ii = 1`` and keep the nearest code of their weight: the cost does not see them.
+    Computed in float64 on the CPU.
+    """
+    w = as_float_array(weight, "weight", ndim=2)
+    h = as_float_array(hessian, "hessian", ndim=2)
+    out, n = w.shape
+    if h.shape != (n, n):
+        raise QroundError(f"hessian must have shape ({n}, {n}) for weight {w.shape}, "
+                          f"got {h.shape}")
+    if not isinstance(grid, Grid):
+        raise QroundError(f"grid must be a qround.grid.Grid, got {type(grid).__name__}")
+    if grid.scale.shape[0] != out or grid.in_features != n:
+        raise QroundError(f"grid was fitted for {grid.scale.shape[0]} x {grid.in_features} "
+                          f"weights, weight is {out} x {n}")
+    if not np.isfinite(percdamp) or percdamp < 0:
+        raise QroundError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or blocksize < 1:
+        raise QroundError(f"blocksize must be a positive integer, got {blocksize!r}")
+
+    scale, zero = grid.expand()
+    order = (np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n))
+    dead = np.diag(h)[order] == 0
+    hp = torch.from_numpy(np.ascontiguousarray(h[np.ix_(order, order)]))
+    try:
+        upper, _, _ = inverse_cholesky(hp, float(percdamp), retries)
+    except QroundError as exc:
+        raise QroundError(f"gptq_quantize (percdamp={percdamp}): {exc}") from exc
+    codes = _fasterquant(w.T[order].copy(), upper.numpy(), scale.T[order].copy(),
+                         zero.T[order].copy(), grid.qmin, grid.qmax, int(blocksize)).T
+    if dead.any():  # an always-zero input: the updates never reach it; keep its own RTN code
+        codes[:, dead] = grid.quantize(w)[:, order][:, dead]
+    result = np.empty_like(codes)
+    result[:, order] = codes
+    return result.astype(np.int64)
+
+
+def _fasterquant(w: np.ndarray, upper: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                 qmin: int, qmax: int, blocksize: int) -> np.ndarray:
+    """GPTQ's loop on transposed matrices: w, scale, zero (n, out), row i = input i in
+    processing order, and upper (n, n); ``w`` is updated in place.  Returns codes (n, out).
+
+    numpy rather than torch: the loop is many small element-wise steps, which torch spreads
+    over its threads at a cost far above the work when cores are shared."""
+    n, out = w.shape
+    codes = np.empty_like(w)
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        errors = np.empty((i2 - i1, out))
+        for i in range(i1, i2):
+            q = np.clip(np.floor(w[i] / scale[i] + 0.5) + zero[i], qmin, qmax)
+            codes[i] = q
+            err = (w[i] - scale[i] * (q - zero[i])) / upper[i, i]
+            w[i:i2] -= upper[i, i:i2, None] * err[None, :]
+            errors[i - i1] = err
+        w[i2:] -= upper[i1:i2, i2:].T @ errors  # the columns after the block, once per block
+    return codes
+
+
+def layer_cost(weight, dequantized, hessian) -> float:
+    """``sum_c (w_hat_c - w_c)^T H (w_hat_c - w_c)`` over the rows of (out, in) matrices."""
+    d = np.asarray(dequantized, dtype=np.float64) - np.asarray(weight, dtype=np.float64)
+    return float(np.sum((d @ np.asarray(hessian, dtype=np.float64)) * d))
+
+
+# ----------------------------------------------------------------------------- whole models
+def _layer_bits(config, index: int, count: int) -> int:
+    if config.first_last_bits is not None and index in (0, count - 1):
+        return int(config.first_last_bits)
+    return int(config.wbits)
+
+
+def _write(module: nn.Module, codes: np.ndarray, grid: Grid) -> None:
+    qweight = QuantizedWeight(codes=codes, scale=grid.scale, zero_point=grid.zero_point,
+                              bits=grid.bits, symmetric=grid.symmetric,
+                              group_size=grid.group_size, weight_shape=tuple(module.weight.shape))
+    apply_to_layer(module, qweight, inplace=True)
+
+
+def _check_config(config) -> QuantConfig:
+    if not isinstance(config, QuantConfig):
+        raise QroundError(f"config must be a qround.pipeline.QuantConfig, got "
+                          f"{type(config).__name__}")
+    return config
+
+
+def rtn_model(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, float]:
+    """Rounding-to-nearest of the layers ``quantize_model`` would choose for ``config`` (a
+    ``QuantConfig``: wbits, symmetric, group_size, scale_method ``minmax`` or ``mse``, layers,
+    exclude, first_last_bits) on a deep copy of ``model``.  Without data, "first" and "last"
+    follow module order.  Returns (quantised copy, seconds)."""
+    _check_config(config)
+    if config.scale_method == "mse-output":
+        raise QroundError("rtn_model: scale_method='mse-output' needs calibration data; use "
+                          "'minmax' or 'mse'")
+    start = time.perf_counter()
+    qmodel = copy.deepcopy(model)
+    names, _ = _select(qmodel, config)
+    modules = dict(qmodel.named_modules())
+    for index, name in enumerate(names):
+        w = layer_weight(modules[name])
+        grid = fit_grid(w, config.grid_spec(_layer_bits(config, index, len(names))))
+        _write(modules[name], grid.quantize(w), grid)
+    return qmodel, time.perf_counter() - start
+
+
+def gptq_model(model: nn.Module, calibration: Iterable, config: QuantConfig,
+               forward: ForwardFn | None = None, act_order: bool = True,
+               percdamp: float = 0.01, blocksize: int = 128) -> tuple[nn.Module, float]:
+    """GPTQ of the layers ``quantize_model`` would choose for ``config`` (a ``QuantConfig``;
+    its solver, asymmetric and statistics fields are not used) on a deep copy of ``model``.
+
+    Layers run in forward order, each one's ``H = E[x_hat x_hat^T]`` captured from the partly
+    quantised copy (GPTQ's sequential mode) over ``calibration`` (a re-iterable list of batches,
+    ``forward(model, batch)``); grids are fitted first with ``config.scale_method``
+    (``mse-output`` uses that H).  Selection, call order, shared-input groups (one capture for
+    q/k/v) and early-stopping capture passes are the pipeline's.  Returns (copy, seconds).
+    """
+    _check_config(config)
+    start = time.perf_counter()
+    forward = forward or default_forward
+    first_batch = _check_calibration(calibration)
+    qmodel = copy.deepcopy(model)
+    names, _ = _select(qmodel, config)
+    modules = dict(qmodel.named_modules())
+    for name in names:
+        if isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1:
+            raise QroundError(f"gptq_model: layer {name!r} is a grouped conv, not supported")
+    plan = _trace(qmodel, first_batch, forward, names)
+    if not plan:
+        raise QroundError("none of the chosen layers is called by the forward")
+    groups: dict[int, list] = {}
+    for layer in plan:
+        groups.setdefault(layer.group, []).append(layer)
+    position = {layer.name: i for i, layer in enumerate(plan)}
+    device = torch.device(config.device)
+    for group in groups.values():
+        leaders = [layer for layer in group if layer.leader == layer.name]
+        stats = _stream(leaders, qmodel, None, calibration, forward, device, second=True)
+        for layer in group:
+            module, h = modules[layer.name], stats[layer.leader]["hessian"]
+            w = layer_weight(module)
+            grid = fit_grid(w, config.grid_spec(_layer_bits(config, position[layer.name],
+                                                            len(plan))), hessian=h)
+            codes = gptq_quantize(w, h, grid, act_order=act_order, percdamp=percdamp,
+                                  blocksize=blocksize)
+            _write(module, codes, grid)
+    return qmodel, time.perf_counter() - start
