@@ -25,7 +25,7 @@ from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import digits_accuracy
 from qround.report import format_table, write_json_atomic
-from qround.solvers import available_solvers
+from _common import _choices, plan  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W4": 4, "W3": 3, "W2": 2}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers")
@@ -60,34 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     return args
-
-
-def _choices(text: str, allowed, flag: str, parser) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in items if t not in allowed]
-    if bad or not items:
-        parser.error(f"{flag}: unknown {bad or 'empty list'}; choose from {list(allowed)}")
-    return items
-
-
-def known_solver(spec: str) -> bool:
-    """Whether every solver name in a spec (``a+b``, ``a|b``) is registered."""
-    return all(name in available_solvers() for name in spec.replace("|", "+").split("+"))
-
-
-def plan(args) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """(method label, solver spec or None) in run order, and notes on skipped solver specs."""
-    out, notes = [], []
-    for method in args.methods:
-        if method == "solvers":
-            for spec in args.solvers:
-                if known_solver(spec):
-                    out.append((f"qround:{spec}", spec))
-                else:
-                    notes.append(f"skipped solver {spec!r}: not in the registry")
-        else:
-            out.append((method, "hopfield" if method == "hopfield" else None))
-    return out, notes
 
 
 def quantise(label: str, spec: str | None, model, calibration, bits: int, args):

@@ -199,7 +199,7 @@ def test_asymmetric_cost_is_measured_output_error():
     model, data = build("mlp2")
     qm = quantize_model(model, data, QuantConfig(wbits=2, progress=False))
     l1, l2 = model[0], model[2]
-    q1, q2 = qm.model[0], qm.model[2]
+    q1 = qm.model[0]
     x = torch.cat(data).double()
     with torch.no_grad():
         h = F.relu(l1(torch.cat(data))).double()       # float input of layer 2 (float32 model)

@@ -11,15 +11,6 @@ from qround.problems import RoundingProblem, energy
 from qround.solvers import CrossEntropy, get_solver
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrix products: threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_problem(m=6, n=10, seed=0, per_channel=False, bits=3):
     """Correlated heavy-tailed inputs; 3-bit MSE scales clip some weights (fixed variables)."""
     rng = np.random.default_rng(seed)

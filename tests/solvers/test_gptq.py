@@ -10,15 +10,6 @@ from qround.solvers import GPTQ, get_solver
 from qround.solvers.gptq import inverse_cholesky, round_sequentially
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrix products: threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_problem(m=6, n=10, seed=0, per_channel=False, bits=3, hessian=None):
     rng = np.random.default_rng(seed)
     x = rng.standard_t(4, size=(4 * n, n)) @ (np.eye(n) + rng.normal(size=(n, n)) / np.sqrt(n))

@@ -12,15 +12,6 @@ from qround.solvers import HopfieldClassic, Relaxation, get_solver
 from qround.solvers.hopfield import inverse_rectified_sigmoid, rectified_sigmoid
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrix products: threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_problem(m=6, n=10, seed=0, per_channel=False, bits=3):
     rng = np.random.default_rng(seed)
     x = rng.standard_t(4, size=(4 * n, n)) @ (np.eye(n) + rng.normal(size=(n, n)) / np.sqrt(n))
