@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--device", default="cpu", help="QuantConfig.device for quantize_model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--damp", type=float, default=0.0,
+                   help="QuantConfig.damp: trust region lambda ||w_hat - w||^2 for qround solvers")
     p.add_argument("--progress", action="store_true",
                    help="show quantize_model's per-layer progress bar (stderr)")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -66,7 +68,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
     config = QuantConfig(wbits=bits, symmetric=True, group_size=group_size,
                          scale_method=scale_method, solver=spec or "nearest",
                          layers=ENCODER_LAYERS, device=args.device, seed=args.seed,
-                         progress=args.progress)
+                         damp=args.damp, progress=args.progress)
     start = time.perf_counter()
     if label.startswith("rtn"):
         qmodel, _ = rtn_model(model, config)
