@@ -5,6 +5,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from .files import atomic_write
@@ -75,7 +76,8 @@ def totals(records: Iterable[SolveRecord]) -> dict:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (see :func:`qround.files.atomic_write`)."""
+    """Write a text file atomically (see :func:`qround.files.atomic_write`), creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, binary=False) as f:
         f.write(text)
 
@@ -88,5 +90,6 @@ def write_npz_atomic(path: str | os.PathLike, **arrays) -> None:
     """``np.savez`` to ``path`` atomically; a failure leaves any existing file as it was."""
     import numpy as np
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         np.savez(f, **arrays)

@@ -106,3 +106,9 @@ def test_quantize_and_evaluate_digits(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["solver"] == "fast" and str(res["wbits"]) == "4"
     assert res["quantized_accuracy"] >= res["float_accuracy"] - 0.02
+
+
+def test_solve_out_creates_missing_folder(layer_file, tmp_path):
+    out = tmp_path / "new" / "dir" / "sol.npz"
+    assert main(["solve", str(layer_file), "--solver", "nearest", "--out", str(out)]) == 0
+    assert "codes" in np.load(out)
