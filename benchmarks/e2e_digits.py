@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--device", default="cpu", help="QuantConfig.device for quantize_model")
+    p.add_argument("--no-asymmetric", dest="asymmetric", action="store_false",
+                   help="quantize_model statistics from the float model only (QuantConfig."
+                        "asymmetric=False); default: asymmetric (AdaRound eq. 25)")
     p.add_argument("--progress", action="store_true",
                    help="show quantize_model's per-layer progress bar (stderr)")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -69,7 +72,8 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, args):
     config = QuantConfig(wbits=bits, symmetric=True, group_size=None,
                          scale_method="minmax" if label == "rtn-minmax" else "mse",
                          solver=spec or "nearest", first_last_bits=args.first_last_bits,
-                         device=args.device, progress=args.progress)
+                         device=args.device, asymmetric=args.asymmetric,
+                         progress=args.progress)
     start = time.perf_counter()
     if label.startswith("rtn"):
         qmodel, _ = rtn_model(model, config)
