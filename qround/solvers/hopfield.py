@@ -33,6 +33,7 @@ end, and return per channel the best seen (the start included).
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import numpy as np
 import torch
@@ -74,17 +75,20 @@ class _GradientRounding(Solver):
         self.dtype = dtype
 
     # subclass hooks ------------------------------------------------------------------------
+    @abstractmethod
     def _init_v(self, frac: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Subclass hook (see Relaxation and HopfieldClassic)."""
 
+    @abstractmethod
     def _soft(self, v: torch.Tensor, t: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Subclass hook (see Relaxation and HopfieldClassic)."""
 
     def _penalty(self, h: torch.Tensor, weight: torch.Tensor, t: int) -> torch.Tensor | None:
         return None
 
+    @abstractmethod
     def _hard(self, v: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Subclass hook (see Relaxation and HopfieldClassic)."""
 
     def _reg_weight(self, tp, free, kappa):
         return free
