@@ -48,9 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--device", default="cpu", help="QuantConfig.device for quantize_model")
-    p.add_argument("--no-asymmetric", dest="asymmetric", action="store_false",
-                   help="quantize_model statistics from the float model only (QuantConfig."
-                        "asymmetric=False); default: asymmetric (AdaRound eq. 25)")
+    p.add_argument("--inputs", default="asymmetric",
+                   choices=["float", "quantized", "asymmetric"],
+                   help="QuantConfig.inputs, the statistics source of quantize_model (default: "
+                        "%(default)s)")
     p.add_argument("--progress", action="store_true",
                    help="show quantize_model's per-layer progress bar (stderr)")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -72,7 +73,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, args):
     config = QuantConfig(wbits=bits, symmetric=True, group_size=None,
                          scale_method="minmax" if label == "rtn-minmax" else "mse",
                          solver=spec or "nearest", first_last_bits=args.first_last_bits,
-                         device=args.device, asymmetric=args.asymmetric,
+                         device=args.device, inputs=args.inputs,
                          progress=args.progress)
     start = time.perf_counter()
     if label.startswith("rtn"):

@@ -50,9 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--damp", type=float, default=0.0,
                    help="QuantConfig.damp: trust region lambda ||w_hat - w||^2 for qround solvers")
-    p.add_argument("--no-asymmetric", dest="asymmetric", action="store_false",
-                   help="quantize_model statistics from the float model only (QuantConfig."
-                        "asymmetric=False); default: asymmetric (AdaRound eq. 25)")
+    p.add_argument("--inputs", default="asymmetric",
+                   choices=["float", "quantized", "asymmetric"],
+                   help="QuantConfig.inputs, the statistics source of quantize_model (default: "
+                        "%(default)s)")
     p.add_argument("--progress", action="store_true",
                    help="show quantize_model's per-layer progress bar (stderr)")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -71,7 +72,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
     config = QuantConfig(wbits=bits, symmetric=True, group_size=group_size,
                          scale_method=scale_method, solver=spec or "nearest",
                          layers=ENCODER_LAYERS, device=args.device, seed=args.seed,
-                         damp=args.damp, asymmetric=args.asymmetric,
+                         damp=args.damp, inputs=args.inputs,
                          progress=args.progress)
     start = time.perf_counter()
     if label.startswith("rtn"):

@@ -61,6 +61,10 @@ def cmd_solve(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- export
+INPUTS_DEFAULT = "asymmetric"  # QuantConfig's default
+DIGITS_MODELS = {"digits-cnn": "plain", "digits-resnet": "residual"}
+
+
 def _load_named_model(name: str, seed: int = 0, sentences: int = 256):
     """(model, calibration batches, forward) for a packaged model name."""
     from . import zoo
@@ -69,12 +73,12 @@ def _load_named_model(name: str, seed: int = 0, sentences: int = 256):
         model = zoo.load_minilm()
         batches = zoo.minilm_batches(model, zoo.sentences("calibration", n=sentences))
         return model, batches, zoo.minilm_forward
-    if name == "digits-cnn":
-        model, data = zoo.train_digits_cnn("plain", seed=seed)
+    if name in DIGITS_MODELS:
+        model, data = zoo.train_digits_cnn(DIGITS_MODELS[name], seed=seed)
         calib = data.calib_images
         batches = [calib[i:i + 64] for i in range(0, len(calib), 64)]
         return model, batches, None
-    raise QroundError(f"unknown model {name!r}: use minilm or digits-cnn")
+    raise QroundError(f"unknown model {name!r}: use minilm, {' or '.join(DIGITS_MODELS)}")
 
 
 def cmd_export_layer(args) -> int:
@@ -113,7 +117,7 @@ def _model_and_calibration(args):
     """(float model, calibration batches, forward, default layer regex) for --model."""
     import torch
 
-    if args.model in ("minilm", "digits-cnn"):
+    if args.model == "minilm" or args.model in DIGITS_MODELS:
         model, batches, forward = _load_named_model(args.model, seed=args.seed,
                                                     sentences=args.calibration_size)
         return model, batches, forward, MINILM_ENCODER if args.model == "minilm" else None
@@ -138,13 +142,24 @@ def cmd_quantize(args) -> int:
 
     from .pipeline import QuantConfig, quantize_model
 
+    from .reconstruct import ReconstructConfig
+
     torch.set_num_threads(args.threads)
+    iterations = args.iterations
+    if iterations is None:  # borders and QDrop only act through reconstruction
+        iterations = 300 if (args.borders != "none" or args.qdrop is not None) else 0
+    reconstruction = None
+    if iterations > 0:
+        reconstruction = ReconstructConfig(iterations=iterations, seed=args.seed,
+                                           qdrop=0.5 if args.qdrop is None else args.qdrop)
     config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
                          group_size=args.group_size, scale_method=args.scale_method,
-                         solver=args.solver, asymmetric=not args.no_asymmetric,
+                         solver=args.solver, inputs=args.inputs,
                          bias_correction=args.bias_correction,
                          first_last_bits=args.first_last_bits, seed=args.seed,
-                         progress=not args.no_progress, layers=args.layers)
+                         progress=not args.no_progress, layers=args.layers, abits=args.abits,
+                         borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
+                         granularity=args.granularity)
     model, batches, forward, default_layers = _model_and_calibration(args)
     if args.layers is None and default_layers:
         from dataclasses import replace
@@ -157,7 +172,9 @@ def cmd_quantize(args) -> int:
     if args.json:
         write_json_atomic(args.json, {"totals": qmodel.totals(), "config": config.as_dict(),
                                       "layers": [r.as_dict() for r in qmodel.report],
-                                      "skipped": qmodel.skipped})
+                                      "skipped": qmodel.skipped,
+                                      "reconstruction": None if qmodel.reconstruction is None
+                                      else [b.as_dict() for b in qmodel.reconstruction.blocks]})
     return 0
 
 
@@ -173,12 +190,16 @@ def cmd_evaluate(args) -> int:
         quant = export.load(model, args.quantized)
         metrics = minilm_metrics(model, quant, zoo.sentences("evaluation", n=args.sentences))
         metrics["sentences"] = args.sentences
-    elif args.model == "digits-cnn":
-        model, data = zoo.train_digits_cnn("plain", seed=args.seed)
+    elif args.model in DIGITS_MODELS:
+        model, data = zoo.train_digits_cnn(DIGITS_MODELS[args.model], seed=args.seed)
         quant = export.load(model, args.quantized)
+        saved_abits = export.read_metadata(args.quantized)["config"].get("abits")
+        if saved_abits is not None and args.abits is not None:
+            raise QroundError(f"{args.quantized} carries its own {saved_abits}-bit activation "
+                              "quantisers: leave out --abits")
         metrics = {"float_accuracy": digits_accuracy(model, data, abits=args.abits),
                    "quantized_accuracy": digits_accuracy(quant, data, abits=args.abits),
-                   "abits": args.abits}
+                   "abits": saved_abits if saved_abits is not None else args.abits}
     else:
         raise QroundError("evaluate knows the metrics of minilm and digits-cnn; for your own "
                           "model load it with qround.export.load(model, FILE)")
@@ -244,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantise a whole model's weights with a chosen solver")
     q.add_argument("--model", default="minilm",
-                   help="minilm | digits-cnn | a file from torch.save(model) (with --calibration)")
+                   help="minilm | digits-cnn | digits-resnet | a file from torch.save(model) "
+                        "(with --calibration)")
     q.add_argument("--calibration", help="for a model file: a tensor file of calibration inputs")
     q.add_argument("--calibration-size", type=int, default=256, help="MiniLM sentences")
     q.add_argument("--batch-size", type=int, default=32)
@@ -253,20 +275,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=None)
     q.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
     q.add_argument("--asymmetric-grid", action="store_true", help="unsigned grid with zero point")
-    q.add_argument("--no-asymmetric", action="store_true",
-                   help="float inputs only (no AdaRound eq. 25 reconstruction)")
+    q.add_argument("--inputs", default=INPUTS_DEFAULT, choices=["float", "quantized", "asymmetric"],
+                   help="statistics source: the float model's layer inputs, the partly quantised "
+                        "model's (GPTQ's sequential), or both paired (AdaRound eq. 25) "
+                        "(default: %(default)s)")
     q.add_argument("--bias-correction", action="store_true")
     q.add_argument("--first-last-bits", type=int, default=None)
     q.add_argument("--layers", default=None, help="regex of layer names to quantise")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int, default=2)
+    a = q.add_argument_group("activations and reconstruction (after the solver)")
+    a.add_argument("--abits", type=int, default=None,
+                   help="quantise the inputs of the quantised layers to this many bits")
+    a.add_argument("--borders", default="none", choices=["none", "linear", "quadratic"],
+                   help="AQuant rounding borders of the activations (learned by reconstruction)")
+    a.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=True,
+                   help="AQuant border fusion in convs (default: on)")
+    a.add_argument("--qdrop", type=float, default=None,
+                   help="QDrop probability of keeping a float activation while reconstructing "
+                        "(default 0.5 when reconstructing)")
+    a.add_argument("--iterations", type=int, default=None,
+                   help="Adam steps of block reconstruction per unit; 0 = none (default: 300 "
+                        "with --borders or --qdrop, else 0)")
+    a.add_argument("--granularity", default="block", choices=["layer", "block"],
+                   help="reconstruction units (default: block)")
     q.add_argument("--out", help="safetensors file: dequantised weights, codes, scales, metadata")
     q.add_argument("--json", help="also write the report as JSON")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
     ev = sub.add_parser("evaluate", help="metrics of a saved quantised model against the float one")
-    ev.add_argument("--model", default="minilm", choices=["minilm", "digits-cnn"])
+    ev.add_argument("--model", default="minilm", choices=["minilm", *DIGITS_MODELS])
     ev.add_argument("--quantized", required=True, help="file written by qround quantize --out")
     ev.add_argument("--sentences", type=int, default=1000, help="MiniLM evaluation sentences")
     ev.add_argument("--abits", type=int, default=None, help="digits: activation bits (e.g. 8)")

@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .activations import QuantizedLayer
 from .errors import QroundError
 from .files import atomic_write
 from .writeback import QuantizedWeight
@@ -44,10 +45,14 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
     layers = {}
     for name, qw in qmodel.layers.items():
         module = modules.get(name)
+        wrapper = module if isinstance(module, QuantizedLayer) else None
+        if wrapper is not None:  # from the activation stage: the weight is its hard codes
+            module = wrapper.layer
         if module is None or tuple(module.weight.shape) != tuple(qw.weight_shape):
             raise QroundError(f"layer {name!r} of the report does not match qmodel.model")
         codes_dtype = np.int8 if qw.symmetric else np.uint8  # bits <= 8 fit either way
-        tensors[f"{name}.weight"] = module.weight.detach().cpu().contiguous().clone()
+        weight = module.weight if wrapper is None else _hard_weight(wrapper)
+        tensors[f"{name}.weight"] = weight.detach().cpu().contiguous().clone()
         tensors[f"{name}.codes"] = torch.from_numpy(qw.codes.astype(codes_dtype))
         tensors[f"{name}.scale"] = torch.from_numpy(np.array(qw.scale, dtype=np.float64))
         if not qw.symmetric:
@@ -57,6 +62,15 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         layers[name] = {"kind": "Linear" if isinstance(module, nn.Linear) else "Conv2d",
                         "bits": qw.bits, "symmetric": qw.symmetric, "group_size": qw.group_size,
                         "weight_shape": list(qw.weight_shape), "bias": module.bias is not None}
+        if wrapper is not None and wrapper.act is not None:
+            act = wrapper.act
+            layers[name]["act"] = {"bits": act.bits, "signed": bool(act.signed),
+                                   "borders": act.borders, "fusion_size": act.fusion_size,
+                                   "mode": wrapper.act_mode}
+            for key in ("step", "b0", "b1", "b2"):
+                value = getattr(act, key, None)
+                if value is not None:
+                    tensors[f"{name}.act.{key}"] = value.detach().cpu().reshape(-1).clone()
     config = qmodel.config.as_dict()
     metadata = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "qround_version": __version__,
@@ -70,6 +84,17 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, what="quantised model") as f:
         f.write(safetensors.torch.save(tensors, metadata=metadata))
+
+
+def _hard_weight(layer: QuantizedLayer) -> torch.Tensor:
+    """The dequantised hard weight of a wrapped layer, whatever mode it was left in."""
+    mode = layer.weight_mode
+    try:
+        layer.weight_mode = "hard"
+        with torch.no_grad():
+            return layer.quantized_weight()
+    finally:
+        layer.weight_mode = mode
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -162,7 +187,47 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     module.bias.copy_(bias)
 
     _open(path, fill)
+    acts = {name: info["act"] for name, info in layers.items() if "act" in info}
+    if acts:
+        new = _wrap_act_quantizers(new, acts, path)
     return new
+
+
+def _wrap_act_quantizers(model: nn.Module, acts: dict[str, dict], path) -> nn.Module:
+    """Wrap the saved layers whose inputs were quantised in :class:`QuantizedLayer` (float
+    weight = the loaded dequantised weight) with the saved steps and borders."""
+    modules = dict(model.named_modules())
+
+    def fill(f):
+        for name, info in acts.items():
+            module = modules[name]
+            kk = (module.kernel_size[0] * module.kernel_size[1]
+                  if isinstance(module, nn.Conv2d) else 1)
+            fused = info["fusion_size"] > 1
+            if fused and info["fusion_size"] != kk:
+                raise QroundError(f"{path}: fusion size {info['fusion_size']} of {name!r} does "
+                                  f"not match its {kk}-element kernel")
+            wrapped = QuantizedLayer(module, info["bits"], info["borders"], fused)
+            wrapped.act_mode = info["mode"]
+            with torch.no_grad():
+                wrapped.act.signed.fill_(bool(info["signed"]))
+                wrapped.act.calibrated.fill_(True)
+                for key in ("step", "b0", "b1", "b2"):
+                    target = getattr(wrapped.act, key, None)
+                    if target is None:
+                        continue
+                    value = f.get_tensor(f"{name}.act.{key}")
+                    if value.numel() != target.numel():
+                        raise QroundError(f"{path}: {name}.act.{key} has {value.numel()} values, "
+                                          f"the layer needs {target.numel()}")
+                    target.copy_(value.reshape(target.shape))
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent] if parent else model, child, wrapped)
+
+    if "" in acts:
+        raise QroundError(f"{path}: a model that is a single layer cannot be wrapped in place")
+    _open(path, fill)
+    return model
 
 
 def _open(path, read):

@@ -1,17 +1,25 @@
 """Full-model quantisation (DESIGN.md section 3): ``quantize_model(model, data, config)``.
 
 Layers are visited in forward order.  For each, its input statistics are streamed from hooks
-(never cached activations): with ``asymmetric=True`` (AdaRound eq. 25) ``H_hat = E[x_hat x_hat^T]``
-and ``C = E[x_hat x^T]`` pair the input ``x_hat`` of the partly quantised copy with the float
-model's ``x`` on the same batch, and ``H = E[x x^T]`` makes the cost absolute; otherwise ``H``
-comes from the float model alone.  The layer's problems (one per group of a grouped conv) are
-solved, the rounding is written back into the copy, and the next layer sees its effect.
+(never cached activations), from the source ``config.inputs`` names:
+
+- "float": ``H = E[x x^T]`` of the float model's inputs; the target is ``W x``;
+- "quantized": ``H = E[x_hat x_hat^T]`` of the partly quantised copy's inputs, target ``W x_hat``
+  (GPTQ's sequential statistics: each layer sees the earlier layers' rounding but does not try
+  to undo it);
+- "asymmetric" (AdaRound eq. 25): ``H_hat = E[x_hat x_hat^T]`` and ``C = E[x_hat x^T]`` pair the
+  copy's input ``x_hat`` with the float model's ``x`` on the same batch, target ``W x``, and
+  ``H = E[x x^T]`` makes the cost absolute: each layer also corrects the earlier layers' error.
+
+The layer's problems (one per group of a grouped conv) are solved, the rounding is written back
+into the copy, and the next layer sees its effect.  Which source is best depends on the network
+(BENCHMARKS.md section 2): on MiniLM the asymmetric target over-corrects.
 
 Cost control: a first forward of one batch records the call order and which layers read the
 same input tensor (q, k, v of an attention block); those share one capture and one set of
 statistics.  Every capture forward stops (a private exception raised from the hook) as soon as
-the layers it waits for have been seen.  Without ``asymmetric`` the float model never changes,
-so consecutive groups are captured together in one pass, within a memory bound.
+the layers it waits for have been seen.  With ``inputs="float"`` the source never changes, so
+consecutive groups are captured together in one pass, within a memory bound.
 """
 from __future__ import annotations
 
@@ -30,11 +38,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activation_stage import WEIGHT_STARTS, quantize_activations
+from .activations import BORDERS, INITS
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
                         capture_fisher, default_forward, eval_mode, fisher_bytes, layer_hooks)
 from .errors import QroundError, check_bits
 from .grid import GridSpec
 from .problems.layers import layer_weight, problems_from_layer
+from .reconstruct import ReconstructConfig, ReconstructResult
 from .report import format_table
 from .solvers import Solver, get_solver
 from .solvers._torch import resolve_device
@@ -46,6 +57,8 @@ SUPPORTED = (nn.Linear, nn.Conv2d)
 # Normalisation layers hold weights too but are conventionally kept in float: not "skipped".
 _NORMS = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                            getattr(nn, "RMSNorm", None)) if t is not None)
+GRANULARITIES = ("layer", "block")
+INPUTS = ("float", "quantized", "asymmetric")
 _PASS_BYTES = 1 << 30  # float64 statistic sums held by one capture pass without `asymmetric`
 
 
@@ -66,7 +79,7 @@ class QuantConfig:
     layers: str | None = None           # regex on module names (re.search); None = all
     exclude: str | None = None          # regex of names to leave in float
     first_last_bits: int | None = None  # e.g. 8: first and last quantised layer at 8 bits
-    asymmetric: bool = True             # inputs from the partly quantised model (eq. 25)
+    inputs: str = "asymmetric"          # statistics source: float | quantized | asymmetric
     statistics: str = "covariance"      # covariance | fisher  (fisher needs loss_fn)
     fisher_budget_mb: float = 1024.0
     bias_correction: bool = False       # Nagel et al. 2019: correct E[W x - W_hat x_hat]
@@ -74,12 +87,22 @@ class QuantConfig:
     device: str = "cpu"                 # where statistics are accumulated and solvers run
     seed: int = 0
     progress: bool = True
+    # activation stage (qround.activation_stage); off while abits and reconstruction are None
+    abits: int | None = None            # bits of the quantised layers' inputs, 2..8
+    borders: str = "none"               # none | linear | quadratic (AQuant; needs reconstruction)
+    fusion: bool = True                 # AQuant border fusion in convs (eq. 9)
+    act_init: str = "mse"               # mse | minmax: initial activation steps
+    reconstruction: ReconstructConfig | None = None  # block reconstruction after the solver
+    granularity: str = "block"          # reconstruction units: layer | block
+    weight_start: str = "solver"        # soft rounding starts at the solver's choice | float
 
     def __post_init__(self):
         check_bits(self.wbits, "wbits")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
-        for name in ("symmetric", "asymmetric", "bias_correction", "progress"):
+        if self.inputs not in INPUTS:
+            raise QroundError(f"inputs must be one of {INPUTS}, got {self.inputs!r}")
+        for name in ("symmetric", "bias_correction", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise QroundError(f"{name} must be True or False, got {getattr(self, name)!r}")
         GridSpec(bits=self.wbits, symmetric=self.symmetric, group_size=self.group_size,
@@ -104,11 +127,44 @@ class QuantConfig:
                 or self.seed < 0:
             raise QroundError(f"seed must be a non-negative integer, got {self.seed!r}")
         resolve_device(self.device)
+        self._check_activation_stage()
         try:
             get_solver(self.solver)
         except TypeError as exc:
             raise QroundError(f"solver {self.solver!r} cannot be built from its name alone: "
                               f"{exc}") from None
+
+    def _check_activation_stage(self) -> None:
+        if self.abits is not None:
+            check_bits(self.abits, "abits")
+        if self.borders not in BORDERS:
+            raise QroundError(f"borders must be one of {BORDERS}, got {self.borders!r}")
+        if self.borders != "none":
+            if self.abits is None:
+                raise QroundError(f"borders={self.borders!r} needs quantised inputs: set abits")
+            if self.reconstruction is None or not self.reconstruction.train_borders:
+                raise QroundError(f"borders={self.borders!r} are learned by block "
+                                  "reconstruction: set reconstruction=ReconstructConfig(...) "
+                                  "with train_borders=True")
+        if not isinstance(self.fusion, bool):
+            raise QroundError(f"fusion must be True or False, got {self.fusion!r}")
+        if self.act_init not in INITS:
+            raise QroundError(f"act_init must be one of {INITS}, got {self.act_init!r}")
+        if self.reconstruction is not None and not isinstance(self.reconstruction,
+                                                              ReconstructConfig):
+            raise QroundError(f"reconstruction must be a ReconstructConfig or None, got "
+                              f"{type(self.reconstruction).__name__}")
+        if self.granularity not in GRANULARITIES:
+            raise QroundError(f"granularity must be one of {GRANULARITIES}, got "
+                              f"{self.granularity!r}")
+        if self.weight_start not in WEIGHT_STARTS:
+            raise QroundError(f"weight_start must be one of {WEIGHT_STARTS}, got "
+                              f"{self.weight_start!r}")
+
+    @property
+    def activation_stage(self) -> bool:
+        """Whether quantize_model runs the activation stage (abits or reconstruction set)."""
+        return self.abits is not None or self.reconstruction is not None
 
     def grid_spec(self, bits: int) -> GridSpec:
         return GridSpec(bits=bits, symmetric=self.symmetric, group_size=self.group_size,
@@ -116,6 +172,8 @@ class QuantConfig:
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if self.reconstruction is not None:
+            d["reconstruction"]["beta"] = list(self.reconstruction.beta)
         if not isinstance(self.solver, str):
             d["solver"] = self.solver.label
         return d
@@ -157,6 +215,7 @@ class QuantizedModel:
     report: list[LayerReport]
     skipped: dict[str, str]
     seconds: float
+    reconstruction: ReconstructResult | None = None  # the activation stage's, when it ran
 
     def totals(self) -> dict:
         cost = sum(r.cost for r in self.report)
@@ -174,7 +233,10 @@ class QuantizedModel:
                 f"\ntotal: {t['layers']} layers quantised, {t['skipped']} left in float; cost "
                 f"{t['cost']:.4g} vs RTN {t['rtn_cost']:.4g} (ratio {t['ratio']:.4f}); solve "
                 f"{t['solve_seconds']:.2f} s, capture {t['capture_seconds']:.2f} s, "
-                f"wall {t['seconds']:.2f} s")
+                f"wall {t['seconds']:.2f} s" + (
+                    "" if self.reconstruction is None else
+                    f"\nreconstruction ({self.reconstruction.seconds:.2f} s):\n"
+                    + self.reconstruction.table()))
 
     def save(self, path) -> None:
         """Write codes, scales and dequantised weights to one safetensors file (qround.export)."""
@@ -271,7 +333,7 @@ def _units(plan: list[_Layer], modules: dict[str, nn.Module], config: QuantConfi
     groups: dict[int, list[_Layer]] = {}
     for layer in plan:
         groups.setdefault(layer.group, []).append(layer)
-    if config.asymmetric:
+    if config.inputs != "float":  # each group's inputs depend on the groups before it
         return list(groups.values())
 
     def size(group):
@@ -410,7 +472,7 @@ def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibra
     """Statistics of every layer of a capture unit; followers share their leader's."""
     device = torch.device(config.device)
     leaders = [x for x in unit if x.leader == x.name]
-    source = quant_model if config.asymmetric else float_model
+    source = float_model if config.inputs == "float" else quant_model
     second = config.statistics == "covariance"
     need_means = second or config.bias_correction
     stats = {}
@@ -564,7 +626,8 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
     try:
         for unit in _units(plan, q_modules, config):
             t0 = time.perf_counter()
-            paired = config.asymmetric and done > 0  # before any write-back x_hat == x
+            # before any write-back x_hat == x
+            paired = config.inputs == "asymmetric" and done > 0
             stats = _capture(unit, float_model, qmodel, paired, calibration, forward, loss_fn,
                              config)
             capture_share = (time.perf_counter() - t0) / len(unit)
@@ -589,4 +652,9 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
                 bar.update(1)
     finally:
         bar.close()
-    return QuantizedModel(qmodel, config, layers, report, skipped, time.perf_counter() - t_start)
+    result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0)
+    if config.activation_stage:
+        result.reconstruction = quantize_activations(result, float_model, list(calibration),
+                                                     forward, config)
+    result.seconds = time.perf_counter() - t_start
+    return result

@@ -167,21 +167,24 @@ def test_report_and_table():
     assert totals["layers"] == 4 and totals["cost"] == pytest.approx(sum(r.cost for r in qm.report))
 
 
-@pytest.mark.parametrize("kind,asymmetric", [("branchy", True), ("branchy", False),
-                                             ("cnn", True), ("cnn", False)])
-def test_report_costs_equal_recomputation_from_statistics(kind, asymmetric):
+@pytest.mark.parametrize("kind", ["branchy", "cnn"])
+@pytest.mark.parametrize("inputs", ["float", "quantized", "asymmetric"])
+def test_report_costs_equal_recomputation_from_statistics(kind, inputs):
     """Each layer's cost equals its codes' cost on statistics captured independently, from the
     float model and the model quantised up to that layer."""
     model, data = build(kind)
-    qm = quantize_model(model, data, QuantConfig(asymmetric=asymmetric, **FAST))
+    qm = quantize_model(model, data, QuantConfig(inputs=inputs, **FAST))
     float_modules = dict(model.named_modules())
     for row in qm.report:
         qw = qm.layers[row.layer]
         module = float_modules[row.layer]
-        if asymmetric:
+        if inputs == "asymmetric":
             partial = partly_quantised(model, qm, row.layer)
             s = capture_asymmetric(model, partial, data, [row.layer])[row.layer]
             h, cross, hf = s.hessian_hat, s.cross, s.hessian
+        elif inputs == "quantized":
+            partial = partly_quantised(model, qm, row.layer)
+            h, cross, hf = capture_hessians(partial, data, [row.layer])[row.layer], None, None
         else:
             h, cross, hf = capture_hessians(model, data, [row.layer])[row.layer], None, None
         problems = problems_from_layer(module, h, layer_grid(qw, qw.codes.shape[1]), row.layer,
@@ -361,7 +364,7 @@ def test_shared_input_captured_once_and_forwards_stop_early():
 def test_symmetric_mode_captures_all_layers_in_one_pass():
     model, data = build("branchy")
     count = []
-    quantize_model(model, data, QuantConfig(asymmetric=False, **FAST),
+    quantize_model(model, data, QuantConfig(inputs="float", **FAST),
                    forward=lambda m, b: count.append(1) or m(b))
     assert len(count) == 1 + len(data)
 

@@ -1,0 +1,138 @@
+"""The activation stage of :func:`qround.pipeline.quantize_model` (DESIGN.md section 4).
+
+After the weight stage has rounded every chosen layer with the configured solver, and when the
+config asks for it (``abits`` or ``reconstruction``), this stage
+
+1. wraps every quantised layer in a :class:`~qround.activations.QuantizedLayer`: its input is
+   quantised to ``abits`` bits (LSQ step initialised from calibration inputs by ``act_init``,
+   AQuant ``borders`` with ``fusion`` in convs), its weight holds the solver's integer codes on
+   the solver's grid (scale and zero point are taken over, not refitted);
+2. optionally reconstructs the model unit by unit (:func:`qround.reconstruct.reconstruct`:
+   soft weight rounding, activation steps and borders trained together, QDrop), with the
+   reconstruction units chosen by ``granularity``;
+3. reads the final codes back, so that the report, the saved file and the model agree.
+
+First and last layer: with ``first_last_bits`` set, the first quantised layer's input (the raw
+data: image pixels, token embeddings) stays in float and the last layer's input is quantised to
+``first_last_bits`` bits, as BRECQ, QDrop and AQuant keep the first and last layers.
+
+Start of the soft weight rounding (``weight_start``): "solver" puts AdaRound's relaxed choice
+``h(V)`` at 0.9 where the solver rounded up and 0.1 where it rounded down, so reconstruction
+refines the solver's rounding (and a block that reconstruction makes worse is reverted to it);
+"float" is AdaRound's own start, ``h(V)`` = the fractional part of ``w / s`` (the soft weight
+equals the float weight and the solver's rounding is discarded).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .activations import QuantizedLayer, insert_act_quantizers, quantized_layers
+from .calibrate import ForwardFn
+from .errors import QroundError
+from .grid import GridSpec
+from .solvers.hopfield import inverse_rectified_sigmoid
+from .writeback import QuantizedWeight
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import QuantConfig, QuantizedModel
+
+log = logging.getLogger(__name__)
+
+WEIGHT_STARTS = ("solver", "float")
+SOLVER_CONFIDENCE = 0.9  # h(V) of the solver's choice when reconstruction starts from it
+
+
+def input_bits(order: list[str], config: "QuantConfig") -> dict[str, int | None]:
+    """Activation bits of every quantised layer's input, in forward order (see module doc)."""
+    bits: dict[str, int | None] = {n: config.abits for n in order}
+    if config.first_last_bits is not None and order:
+        bits[order[0]] = None
+        if len(order) > 1:
+            bits[order[-1]] = config.first_last_bits
+    return bits
+
+
+@torch.no_grad()
+def load_weight_codes(layer: QuantizedLayer, qweight: QuantizedWeight, float_weight: torch.Tensor,
+                      start: str = "solver") -> None:
+    """Put the solver's rounding ``qweight`` into ``layer`` (hard codes and the grid), and set
+    the soft rounding's ``V`` from ``start`` ("solver" or "float", see the module doc).
+
+    float_weight: the layer's original float weight (its floor on the grid is the soft
+    rounding's base), shaped like ``layer.layer.weight``.
+    """
+    if start not in WEIGHT_STARTS:
+        raise QroundError(f"weight_start must be one of {WEIGHT_STARTS}, got {start!r}")
+    n_out = qweight.codes.shape[0]
+    if tuple(layer.w_codes.shape) != tuple(qweight.codes.shape):
+        raise QroundError(f"codes of shape {qweight.codes.shape} do not fit a layer with "
+                          f"{tuple(layer.w_codes.shape)}")
+    device = layer.w_codes.device
+    scale = torch.tensor(qweight.scale, dtype=torch.float64)
+    zero = torch.tensor(qweight.zero_point, dtype=torch.float64)
+    reps = qweight.codes.shape[1] // scale.shape[1]
+    w = float_weight.detach().reshape(n_out, -1).double().cpu()
+    ratio = w / scale.repeat_interleave(reps, dim=1)
+    floor = torch.floor(ratio) + zero.repeat_interleave(reps, dim=1)
+    codes = torch.tensor(qweight.codes, dtype=torch.float64)
+    layer.w_qmin, layer.w_qmax, layer.w_group_size = qweight.qmin, qweight.qmax, qweight.group_size
+    layer.w_scale = scale.float().to(device)
+    layer.w_zero = zero.float().to(device)
+    layer.w_floor = floor.float().to(device)
+    layer.w_codes = codes.to(torch.int32).to(device)
+    if start == "solver":
+        # A clipped weight keeps one code: its choice is whatever lies in [floor, floor + 1].
+        up = (codes - floor).clamp(0, 1)
+        h = SOLVER_CONFIDENCE * up + (1 - SOLVER_CONFIDENCE) * (1 - up)
+    else:
+        h = ratio - torch.floor(ratio)
+    layer.w_round.data = inverse_rectified_sigmoid(h.float()).to(device)
+    layer.weight_mode = "hard"
+
+
+def quantize_activations(result: "QuantizedModel", float_model: nn.Module, calibration: list,
+                         forward: ForwardFn, config: "QuantConfig"):
+    """Run the activation stage on ``result`` (the weight stage's output), in place of its
+    model.  Returns the reconstruction result (None without reconstruction)."""
+    order = [r.layer for r in result.report]
+    bits = input_bits(order, config)
+    weights = {n: GridSpec(bits=result.layers[n].bits, symmetric=result.layers[n].symmetric,
+                           group_size=result.layers[n].group_size, scale_method="minmax")
+               for n in order}
+    wrapped = insert_act_quantizers(result.model, order, bits, borders=config.borders,
+                                    fusion=config.fusion, init=config.act_init,
+                                    calib_batches=calibration, weights=weights, forward=forward)
+    f_modules = dict(float_model.named_modules())
+    layers = quantized_layers(wrapped)
+    for name in order:
+        load_weight_codes(layers[name], result.layers[name], f_modules[name].weight,
+                          config.weight_start)
+    rec = None
+    if config.reconstruction is not None:
+        from .reconstruct import reconstruct
+        blocks = _units(config)
+        rec = reconstruct(float_model, wrapped, calibration, blocks, config.reconstruction,
+                          forward=forward, inplace=True)
+        wrapped = rec.model
+    layers = quantized_layers(wrapped)
+    result.model = wrapped
+    result.layers = {n: layers[n].quantized_weight_codes() for n in order}
+    return rec
+
+
+def _units(config: "QuantConfig"):
+    """The ``blocks`` argument of :func:`~qround.reconstruct.reconstruct` for the config."""
+    return {"layer": None, "block": "auto"}[config.granularity]
+
+
+def act_state(layer: QuantizedLayer) -> dict[str, Any]:
+    """Metadata of a layer's input quantiser for export (None fields when its input is float)."""
+    act = layer.act
+    if act is None:
+        return {"abits": None}
+    return {"abits": act.bits, "signed": bool(act.signed), "borders": act.borders,
+            "fusion_size": act.fusion_size, "act_mode": layer.act_mode}

@@ -1,0 +1,169 @@
+"""quantize_model's activation stage: quantised inputs after the solver, reconstruction from the
+solver's rounding, save/load of steps and borders, config errors before any work."""
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from qround import GridSpec, QroundError, export
+from qround.activation_stage import input_bits, load_weight_codes
+from qround.activations import QuantizedLayer, quantized_layers
+from qround.pipeline import QuantConfig, quantize_model
+from qround.reconstruct import ReconstructConfig
+from qround.writeback import QuantizedWeight
+
+torch.set_num_threads(1)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.block = ResBlock(4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+        g = gen(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.stem(x))))
+
+
+BATCHES = [torch.randn(16, 1, 6, 6, generator=gen(i)) for i in range(2)]
+REC = ReconstructConfig(iterations=20, batch_size=8, seed=1)
+BASE = dict(wbits=2, symmetric=False, solver="greedy", progress=False)
+
+
+def test_abits_wraps_layers_and_keeps_the_solver_codes():
+    net = TinyResNet()
+    before = copy.deepcopy(net.state_dict())
+    weights_only = quantize_model(net, BATCHES, QuantConfig(**BASE))
+    result = quantize_model(net, BATCHES, QuantConfig(**BASE, abits=4))
+    layers = quantized_layers(result.model)
+    assert list(layers) == ["stem", "block.conv1", "block.conv2", "head.1"]
+    for name, layer in layers.items():
+        assert layer.act_mode == "nearest" and layer.act.bits == 4
+        assert layer.weight_mode == "hard"
+        np.testing.assert_array_equal(result.layers[name].codes, weights_only.layers[name].codes)
+        # the wrapped layer's hard weight is the weight stage's dequantised weight
+        torch.testing.assert_close(layer.quantized_weight().double(), torch.as_tensor(
+            weights_only.layers[name].dequantized), rtol=1e-6, atol=1e-7)
+    for k, v in net.state_dict().items():  # the float model is untouched
+        torch.testing.assert_close(v, before[k])
+    assert result.reconstruction is None
+    # activations quantised to 4 bits change the output, but not by much
+    with torch.no_grad():
+        y_w, y_wa = weights_only.model(BATCHES[0]), result.model(BATCHES[0])
+    assert 0 < float((y_w - y_wa).abs().max()) < float(y_w.abs().max())
+
+
+def test_first_last_bits_keeps_the_data_input_in_float():
+    order = ["a", "b", "c"]
+    cfg = QuantConfig(**BASE, abits=4, first_last_bits=8)
+    assert input_bits(order, cfg) == {"a": None, "b": 4, "c": 8}
+    assert input_bits(order, QuantConfig(**BASE, abits=4)) == {"a": 4, "b": 4, "c": 4}
+    result = quantize_model(TinyResNet(), BATCHES, cfg)
+    layers = quantized_layers(result.model)
+    assert layers["stem"].act is None and layers["head.1"].act.bits == 8
+    assert layers["stem"].weight_spec.bits == 8 and layers["block.conv1"].weight_spec.bits == 2
+
+
+def test_reconstruction_starts_from_the_solver_and_never_gets_worse():
+    net = TinyResNet()
+    cfg = QuantConfig(**BASE, abits=3, borders="quadratic", reconstruction=REC)
+    result = quantize_model(net, BATCHES, cfg)
+    rec = result.reconstruction
+    assert [b.block for b in rec.blocks] == ["stem", "block", "head.1"]
+    assert all(b.loss_after <= b.loss_before for b in rec.blocks)
+    layers = quantized_layers(result.model)
+    assert {m.act_mode for n, m in layers.items()} == {"border"}
+    for name, qw in result.layers.items():  # the report's codes are the model's final codes
+        np.testing.assert_array_equal(qw.codes, layers[name].w_codes.numpy())
+        assert qw.codes.min() >= qw.qmin and qw.codes.max() <= qw.qmax
+    assert "reconstruction" in result.table()
+
+
+def test_save_and_load_reproduce_the_outputs(tmp_path):
+    net = TinyResNet()
+    cfg = QuantConfig(**BASE, abits=3, borders="linear", fusion=False, reconstruction=REC)
+    result = quantize_model(net, BATCHES, cfg)
+    path = tmp_path / "q.safetensors"
+    result.save(path)
+    loaded = export.load(net, path)
+    assert isinstance(dict(loaded.named_modules())["block.conv1"], QuantizedLayer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(BATCHES[1]), result.model(BATCHES[1]), rtol=0, atol=0)
+    meta = export.read_metadata(path)
+    act = meta["layers"]["block.conv1"]["act"]
+    assert act == {"bits": 3, "signed": False, "borders": "linear", "fusion_size": 1,
+                   "mode": "border"}
+    assert meta["config"]["reconstruction"]["iterations"] == REC.iterations
+    codes = export.load_codes(path)
+    for name, qw in result.layers.items():
+        np.testing.assert_array_equal(codes[name].codes, qw.codes)
+    assert not any(isinstance(m, QuantizedLayer) for m in net.modules())
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), bits=st.integers(2, 4), symmetric=st.booleans(),
+       start=st.sampled_from(["solver", "float"]))
+def test_load_weight_codes_hardens_back_to_the_solver_codes(seed, bits, symmetric, start):
+    g = gen(seed)
+    layer = nn.Linear(6, 4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4, 6, generator=g))
+    wrapped = QuantizedLayer(copy.deepcopy(layer), None, weight=GridSpec(bits=bits,
+                                                                         symmetric=symmetric))
+    scale = wrapped.w_scale.double().numpy() * 1.1  # a grid of the solver's, not the refit one
+    zero = wrapped.w_zero.double().numpy()
+    ratio = layer.weight.detach().double().numpy() / scale
+    floor = np.floor(ratio) + zero
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+    up = torch.rand(4, 6, generator=g).numpy() < 0.5
+    codes = np.clip(floor + up, lo, hi).astype(np.int64)
+    qw = QuantizedWeight(codes, scale, zero, bits, symmetric, None, (4, 6))
+    load_weight_codes(wrapped, qw, layer.weight, start)
+    torch.testing.assert_close(wrapped.quantized_weight().double(),
+                               torch.as_tensor(qw.dequantized), rtol=1e-6, atol=1e-6)
+    if start == "solver":  # the soft rounding starts at the solver's choice
+        wrapped.harden()
+        np.testing.assert_array_equal(wrapped.w_codes.numpy(), codes)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(abits=1), "abits"),
+    (dict(abits=9), "abits"),
+    (dict(borders="quadratic", reconstruction=REC), "needs quantised inputs"),
+    (dict(abits=4, borders="quadratic"), "learned by block reconstruction"),
+    (dict(abits=4, borders="cubic", reconstruction=REC), "borders must be one of"),
+    (dict(abits=4, borders="linear",
+          reconstruction=dataclasses.replace(REC, train_borders=False)), "train_borders"),
+    (dict(abits=4, fusion="yes"), "fusion"),
+    (dict(abits=4, act_init="percentile"), "act_init"),
+    (dict(reconstruction={"iterations": 3}), "ReconstructConfig"),
+    (dict(granularity="everything"), "granularity"),
+    (dict(weight_start="random"), "weight_start"),
+])
+def test_bad_activation_configs_fail_when_built(kwargs, match):
+    with pytest.raises(QroundError, match=match):
+        QuantConfig(**BASE, **kwargs)
