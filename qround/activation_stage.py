@@ -9,7 +9,8 @@ config asks for it (``abits`` or ``reconstruction``), this stage
    the solver's grid (scale and zero point are taken over, not refitted);
 2. optionally reconstructs the model unit by unit (:func:`qround.reconstruct.reconstruct`:
    soft weight rounding, activation steps and borders trained together, QDrop), with the
-   reconstruction units chosen by ``granularity``;
+   reconstruction units chosen by ``granularity`` (:mod:`qround.granularity`: layer, block,
+   MRECG's modcap and loss, or the user's scheme);
 3. reads the final codes back, so that the report, the saved file and the model agree.
 
 First and last layer: with ``first_last_bits`` set, the first quantised layer's input (the raw
@@ -24,6 +25,7 @@ equals the float weight and the solver's rounding is discarded).
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ from torch import nn
 from .activations import QuantizedLayer, insert_act_quantizers, quantized_layers
 from .calibrate import ForwardFn
 from .errors import QroundError
+from .granularity import base_units, parse_scheme, reconstruct_with_granularity
 from .grid import GridSpec
 from .solvers.hopfield import inverse_rectified_sigmoid
 from .writeback import QuantizedWeight
@@ -111,22 +114,52 @@ def quantize_activations(result: "QuantizedModel", float_model: nn.Module, calib
     for name in order:
         load_weight_codes(layers[name], result.layers[name], f_modules[name].weight,
                           config.weight_start)
-    rec = None
+    rec = selection = None
     if config.reconstruction is not None:
-        from .reconstruct import reconstruct
-        blocks = _units(config)
-        rec = reconstruct(float_model, wrapped, calibration, blocks, config.reconstruction,
-                          forward=forward, inplace=True)
+        rec, selection = reconstruct_with_granularity(
+            float_model, wrapped, calibration, config.granularity, k=_k(config),
+            scheme=None if config.scheme is None else list(config.scheme),
+            config=config.reconstruction, forward=forward, inplace=True)
         wrapped = rec.model
     layers = quantized_layers(wrapped)
     result.model = wrapped
     result.layers = {n: layers[n].quantized_weight_codes() for n in order}
-    return rec
+    return rec, selection
 
 
-def _units(config: "QuantConfig"):
-    """The ``blocks`` argument of :func:`~qround.reconstruct.reconstruct` for the config."""
-    return {"layer": None, "block": "auto"}[config.granularity]
+def _k(config: "QuantConfig") -> int | None:
+    if config.granularity != "loss":
+        return None
+    return 1 if config.k is None else config.k
+
+
+def check_units(model: nn.Module, names: list[str], config: "QuantConfig") -> None:
+    """The model-dependent checks of the reconstruction units, before any work: the scheme's
+    modules exist and hold quantised layers, and ``k`` is below the number of base units.
+    Works on a cheap stand-in (a copy of ``model`` with the chosen layers wrapped, nothing
+    calibrated)."""
+    shadow = copy.deepcopy(model)
+    modules = dict(shadow.named_modules())
+    for n in names:
+        if n == "":
+            return  # the model is a single layer: one unit whatever the granularity
+        parent, _, child = n.rpartition(".")
+        setattr(modules[parent] if parent else shadow, child, QuantizedLayer(modules[n]))
+    if config.granularity == "loss":
+        n_units = len(base_units(shadow, "block"))
+        if not 1 <= _k(config) <= n_units - 1:
+            raise QroundError(f"k={_k(config)} must lie in [1, {n_units - 1}]: the model has "
+                              f"{n_units} reconstruction blocks, {n_units - 1} adjacent pairs")
+    if config.scheme is not None:
+        named = dict(shadow.named_modules())
+        units = parse_scheme(list(config.scheme))
+        missing = [m for u in units for m in u.modules if m not in named]
+        if missing:
+            raise QroundError(f"scheme names modules that do not exist in the model: {missing}")
+        empty = [m for u in units for m in u.modules
+                 if not any(isinstance(x, QuantizedLayer) for x in named[m].modules())]
+        if empty:
+            raise QroundError(f"scheme modules hold no quantised layer: {empty}")
 
 
 def act_state(layer: QuantizedLayer) -> dict[str, Any]:

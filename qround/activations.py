@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._border_kernel import border_correction
 from .calibrate import (ForwardFn, LayerFilter, _conv_padding, default_forward, eval_mode,
                         layer_hooks, select_layers)
 from .errors import QroundError, check_bits
@@ -170,50 +171,123 @@ class ActQuantizer(nn.Module):
         self.step.fill_(float(grid.scale[0, 0]))
         self.calibrated.fill_(True)
 
+    def scale(self, features: int) -> torch.Tensor:
+        """The step ``s`` used by the forward (0-dim), with LSQ's gradient scale for ``features``
+        input elements per sample (the forward value is ``step`` clamped at 1e-12)."""
+        g = 1.0 / math.sqrt(max(features, 1) * self.qmax)
+        return _GradScale.apply(self.step, g).clamp_min(1e-12)
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(b0, b1 / span, b2 / span^2)`` (each (n,), the last None for linear borders): the
+        border's coefficients acting on ``v`` instead of ``t = v / span`` (the same polynomial;
+        scaling n coefficients is cheaper than scaling every element)."""
+        c2 = self.b2 / self.span ** 2 if self.b2 is not None else None
+        return self.b0, self.b1 / self.span, c2
+
     def border(self, v: torch.Tensor, dim: int) -> torch.Tensor:
         """B(v) with the element axis at ``dim`` (length ``elements``) split into
         ``(elements / fusion_size, fusion_size)``; that second axis has length 1 when fused
         (the fused border broadcasts over the channel's ``k*k`` elements)."""
         shape = [1] * v.dim()
         shape[dim], shape[dim + 1] = -1, self.fusion_size
-        # The coefficients act on t = v / span; scaling them (n values) instead of v (every
-        # element) gives the same polynomial.
-        poly = (self.b1 / self.span).view(shape)
-        if self.b2 is not None:
-            poly = poly + (self.b2 / self.span ** 2).view(shape) * v
-        b = self.b0.view(shape) + poly * v
+        b0, c1, c2 = self.coefficients()
+        poly = c1.view(shape)
+        if c2 is not None:
+            poly = poly + c2.view(shape) * v
+        b = b0.view(shape) + poly * v
         return b.mean(dim + 1, keepdim=True) if self.fusion_size > 1 else b
 
+    def patch_border(self, vp: torch.Tensor, kernel_size: tuple[int, int],
+                     stride: tuple[int, int], dilation: tuple[int, int],
+                     padding: Any = 0) -> torch.Tensor:
+        """Fused border (eq. 9) of every patch of a conv: ``B[n, i, p] = 1/k^2 sum_j
+        B^E_{i,j}(vp[n, i, p*stride + j*dilation])``, a depthwise convolution of ``vp`` and
+        ``vp^2`` with the ``b1``/``b2`` coefficients plus the mean of ``b0`` (no ``C_out``
+        factor, no im2col).  vp: (N, C, H, W) the input divided by the step, with
+        ``C * kh * kw == elements``, padded already or zero-padded by ``padding`` (as
+        ``F.conv2d``'s; a padded zero's border is ``b0``); returns (N, C, Ho, Wo).
+
+        :class:`QuantizedLayer` computes a conv's fused borders with this in both its training
+        and its inference path, so that both round every element identically (it equals
+        :meth:`border`'s mean up to float rounding of the sum)."""
+        (kh, kw), c = kernel_size, vp.shape[1]
+        if self.borders == "none" or self.fusion_size != kh * kw or c * kh * kw != self.b0.numel():
+            raise QroundError(f"patch_border needs fused borders over {kh}x{kw} patches of "
+                              f"{self.b0.numel() // (kh * kw) if self.borders != 'none' else 0} "
+                              f"channels, got fusion_size={self.fusion_size} and {c} channels")
+        b0, c1, c2 = self.coefficients()
+        kk = kh * kw
+        out = F.conv2d(vp, (c1 / kk).view(c, 1, kh, kw), b0.view(c, kk).mean(1), stride,
+                       padding, dilation, c)
+        if c2 is not None:  # in place is safe: conv2d's backward does not need its output
+            out = out.add_(F.conv2d(vp * vp, (c2 / kk).view(c, 1, kh, kw), None, stride,
+                                    padding, dilation, c))
+        return out
+
     def codes(self, x: torch.Tensor, dim: int = -1, features: int | None = None,
-              use_border: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              use_border: bool = True, border: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer codes (float tensor, shape of ``x``) and the step used: ``x_hat = codes*s``.
 
         dim: the element axis of ``x`` (for borders); features: input elements per sample for
-        LSQ's gradient scale (default ``x.numel() / x.shape[0]``)."""
+        LSQ's gradient scale (default ``x.numel() / x.shape[0]``); border: a precomputed border
+        (e.g. :meth:`patch_border`) broadcastable to ``x`` with its element axis split as in
+        :meth:`border`, used instead of computing it."""
         if not bool(self.calibrated):
             raise QroundError("ActQuantizer is not calibrated: call calibrate() (or build it "
                               "with insert_act_quantizers) first")
         dim = dim % x.dim()
         if features is None:
             features = x.numel() // max(x.shape[0], 1) if x.dim() > 1 else x.numel()
-        g = 1.0 / math.sqrt(max(features, 1) * self.qmax)
-        s = _GradScale.apply(self.step, g).clamp_min(1e-12)
+        s = self.scale(features)
         v = x / s
-        if use_border and self.borders != "none":
-            if x.shape[dim] != self.b0.numel():
-                raise QroundError(f"input has {x.shape[dim]} elements along dim {dim}, the "
-                                  f"borders were built for {self.b0.numel()}")
+        with_border = border is not None or (use_border and self.borders != "none")
+        if with_border and (self.borders == "none" or x.shape[dim] != self.b0.numel()):
+            raise QroundError(f"input has {x.shape[dim]} elements along dim {dim}, the borders "
+                              f"were built for {0 if self.borders == 'none' else self.b0.numel()}")
+        if not self._needs_grad(x, border):
+            return self._codes_inplace(v, dim, border if with_border else False), s
+        if with_border:
             v = v.unflatten(dim, (-1, self.fusion_size))
-            t = (v + (1.0 - self.border(v, dim))).flatten(dim, dim + 1)
+            b = self.border(v, dim) if border is None else border
+            t = (v + (1.0 - b)).flatten(dim, dim + 1)
         else:
             t = v + 0.5
         return _FloorSTE.apply(t).clamp(self.qmin, self.qmax), s
 
+    def _needs_grad(self, x: torch.Tensor, border: torch.Tensor | None) -> bool:
+        return torch.is_grad_enabled() and (
+            x.requires_grad or (border is not None and border.requires_grad)
+            or any(p.requires_grad for p in self.parameters()))
+
+    @torch.no_grad()
+    def _codes_inplace(self, v: torch.Tensor, dim: int, border: torch.Tensor | None | bool
+                       ) -> torch.Tensor:
+        """:meth:`codes` without autograd, overwriting ``v = x / s``: the same float operations
+        (so the same codes) with fewer temporaries.  border: a precomputed border, None for
+        the layer's own borders, False for rounding to nearest."""
+        if border is False:
+            return v.add_(0.5).floor_().clamp_(self.qmin, self.qmax)
+        vs = v.unflatten(dim, (-1, self.fusion_size))
+        if border is None and self.fusion_size == 1:     # border() step by step, in place
+            shape = [1] * vs.dim()
+            shape[dim] = -1
+            b0, c1, c2 = self.coefficients()
+            if c2 is None:
+                t = vs * c1.view(shape)
+            else:
+                t = (vs * c2.view(shape)).add_(c1.view(shape)).mul_(vs)
+            t = t.add_(b0.view(shape)).neg_().add_(1.0).add_(vs)   # -B + 1 rounds as 1 - B
+        else:
+            b = self.border(vs, dim) if border is None else border
+            t = vs + (1.0 - b)
+        return t.flatten(dim, dim + 1).floor_().clamp_(self.qmin, self.qmax)
+
     def forward(self, x: torch.Tensor, dim: int = -1, features: int | None = None,
-                use_border: bool = True) -> torch.Tensor:
+                use_border: bool = True, border: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantised ``x`` (same shape): ``s * clip(floor(x/s + 1 - B), qmin, qmax)``."""
-        q, s = self.codes(x, dim, features, use_border)
-        return q * s
+        q, s = self.codes(x, dim, features, use_border, border)
+        return q.mul_(s) if not q.requires_grad and not s.requires_grad else q * s
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, signed={bool(self.signed)}, borders={self.borders!r}, "
@@ -334,10 +408,11 @@ class QuantizedLayer(nn.Module):
         self.weight_mode = "hard"
 
     # -------------------------------------------------------------------------- activations
-    def _quantize(self, x: torch.Tensor, dim: int, features: int, use_border: bool):
+    def _quantize(self, x: torch.Tensor, dim: int, features: int, use_border: bool,
+                  border: torch.Tensor | None = None):
         if self.act is None or self.act_mode == "float":
             return x
-        xq = self.act(x, dim=dim, features=features, use_border=use_border)
+        xq = self.act(x, dim=dim, features=features, use_border=use_border, border=border)
         if self.qdrop_p > 0:
             g = self.qdrop_generator
             keep_float = torch.rand(x.shape, generator=g, device=g.device if g is not None
@@ -356,6 +431,18 @@ class QuantizedLayer(nn.Module):
             self._pad_masks = {key: mask}  # one shape at a time: bounded memory
         return mask
 
+    def _patch_border(self, v: torch.Tensor, vp: torch.Tensor | None = None) -> torch.Tensor:
+        """The conv's fused borders (N, C, Ho, Wo) from ``v = x / s`` (N, C, H, W), or from
+        ``vp``, ``v`` padded, when padding copies activations: one computation shared by the
+        training and the inference path."""
+        conv = self.layer
+        k, st, d = conv.kernel_size, conv.stride, conv.dilation
+        if conv.padding_mode == "zeros":
+            return self.act.patch_border(v, k, st, d, conv.padding)
+        if vp is None:
+            vp = F.pad(v, _conv_padding(conv), mode=conv.padding_mode)
+        return self.act.patch_border(vp, k, st, d)
+
     def _conv_unfold(self, x: torch.Tensor, w: torch.Tensor, use_border: bool) -> torch.Tensor:
         conv = self.layer
         features = x[0].numel()
@@ -363,10 +450,14 @@ class QuantizedLayer(nn.Module):
         zeros = conv.padding_mode == "zeros"
         xp = F.pad(x, pads, mode="constant" if zeros else conv.padding_mode) if any(pads) else x
         cols = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-        q = self._quantize(cols, 1, features, use_border)          # (N, C*kh*kw, L)
+        n, _, length = cols.shape
+        border = None
+        if use_border and self.act.fusion_size > 1:                # (N, C, 1, L)
+            border = self._patch_border(x / self.act.scale(features))
+            border = border.reshape(n, x.shape[1], 1, length)
+        q = self._quantize(cols, 1, features, use_border, border)  # (N, C*kh*kw, L)
         if zeros and any(pads) and q is not cols:
             q = q * self._pad_mask(x, pads)
-        n, _, length = q.shape
         g = conv.groups
         out = torch.matmul(w.reshape(g, w.shape[0] // g, -1), q.reshape(n, g, -1, length))
         out = out.reshape(n, w.shape[0], length)
@@ -376,6 +467,81 @@ class QuantizedLayer(nn.Module):
         ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
         wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
         return out.view(n, -1, ho, wo)
+
+    def _sparse_ok(self, x: torch.Tensor) -> bool:
+        """Whether a "border" conv may take :meth:`_conv_sparse`: no gradient is needed (no
+        autograd, or no input/parameter requires one), no QDrop, a float32/64 CPU input."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in self.parameters()))
+        return (not needs_grad and self.qdrop_p == 0 and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.float64))
+
+    @torch.no_grad()
+    def _conv_sparse(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The "border" conv for inference, without im2col: the conv of a base rounding of the
+        input (one code per position) plus a sparse correction where an element rounds
+        differently in a patch (see the module docstring).  Returns what :meth:`_conv_unfold`
+        returns, with the same codes; only the order of the sums differs.  x: (N, C, H, W)."""
+        conv, act = self.layer, self.act
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        pads = _conv_padding(conv)
+        zeros = conv.padding_mode == "zeros"
+        s = act.scale(x[0].numel())
+        v = x / s
+        # positions that are activations: the real ones (padded zeros stay 0), or all of the
+        # padded input when padding copies activations (reflect, replicate, circular)
+        if zeros:
+            grid, oy, ox = v, pads[2], pads[0]
+        else:
+            grid, oy, ox = F.pad(v, pads, mode=conv.padding_mode) if any(pads) else v, 0, 0
+        c, kk = x.shape[1], kh * kw
+        if act.fusion_size > 1:
+            bmap = self._patch_border(v, grid).contiguous()
+            # highest and lowest border of the patches holding each position: max of B and -B
+            both = torch.stack([bmap, bmap.neg()])
+            if (sh, sw) == (1, 1) and bmap.shape[2:] == grid.shape[2:]:
+                both = _spread_shifts(both, [oy - j * dh for j in range(kh)], grid.shape[3])
+                both = _spread_shifts(both, [ox - j * dw for j in range(kw)], 1)
+            else:
+                both = _spread_max(both, 3, kh, sh, dh, oy, grid.shape[2])
+                both = _spread_max(both, 4, kw, sw, dw, ox, grid.shape[3])
+            both[0].neg_()                                              # -max B, -min B
+            b0 = c1 = c2 = bmap.new_empty(0)
+        else:
+            # bounds of b0_j + (c1_j + c2_j v) v over the positions j: the same float operations
+            # with the extreme coefficients (each is monotone in them), c1's by the sign of v
+            bmap = grid.new_empty(0, 0, 0, 0)
+            b0, c1, c2 = act.coefficients()
+            ext = [(t.view(c, kk).amax(1).view(c, 1, 1), t.view(c, kk).amin(1).view(c, 1, 1))
+                   for t in (b0, c1) + ((c2,) if c2 is not None else ())]
+            pos = grid >= 0
+            both = torch.stack([torch.where(pos, ext[1][0], ext[1][1]),
+                                torch.where(pos, ext[1][1], ext[1][0])])
+            if c2 is not None:
+                both[0].add_(ext[2][0] * grid)
+                both[1].add_(ext[2][1] * grid)
+            both.mul_(grid)
+            both[0].add_(ext[0][0])
+            both[1].add_(ext[0][1])
+            both.neg_()                                                 # -max B, -min B
+            c2 = c2 if c2 is not None else b0.new_empty(0)
+        # floor(v + (1 - B)) is monotone in B: [lowest, highest] code over the patches
+        # (in place: -B + 1 and A + v round exactly as 1 - B and v + A)
+        codes = both.add_(1.0).add_(grid).floor_().clamp_(act.qmin, act.qmax)
+        if zeros:
+            out = conv._conv_forward(codes[0] * s, w, conv.bias)
+        else:
+            out = F.conv2d(codes[0] * s, w, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+        g = conv.groups
+        wt = w.reshape(g, w.shape[0] // g, -1).transpose(1, 2).contiguous()
+        corr = out.new_zeros(out.shape[0], out.shape[2], out.shape[3], out.shape[1])
+        dt = _NUMPY[x.dtype]
+        codes_, grid_, bmap_, b0_, c1_, c2_, wt_, corr_ = (
+            t.detach().numpy() for t in (codes, grid, bmap, b0, c1, c2, wt, corr))
+        if border_correction(codes_, grid_, oy, ox, bmap_, b0_, c1_, c2_, kh, kw, sh, sw, dh, dw,
+                             dt(act.qmin), dt(act.qmax), dt(1.0), dt(s.item()), wt_, corr_):
+            out.add_(corr.permute(0, 3, 1, 2))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_mode not in ACT_MODES or (self.act_mode != "float" and self.act is None) or (
@@ -391,7 +557,9 @@ class QuantizedLayer(nn.Module):
             return F.linear(xq, w, self.layer.bias)
         batched = x.dim() == 4
         x4 = x if batched else x.unsqueeze(0)
-        if border or (self.force_unfold and self.act_mode != "float"):
+        if border and not self.force_unfold and self._sparse_ok(x4):
+            out = self._conv_sparse(x4, w)
+        elif border or (self.force_unfold and self.act_mode != "float"):
             out = self._conv_unfold(x4, w, border)
         else:
             out = self.layer._conv_forward(self._quantize(x4, 1, x4[0].numel(), False), w,
@@ -400,6 +568,51 @@ class QuantizedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"act_mode={self.act_mode!r}, weight_mode={self.weight_mode!r}"
+
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _spread_shifts(dev: torch.Tensor, shifts: list[int], unit: int) -> torch.Tensor:
+    """``out[i] >= max_t dev[i + t * unit]`` over the shifts ``t`` (indices of the flattened
+    contiguous ``dev``), -inf where no shift applies: :func:`_spread_max` for a stride-1 conv
+    whose patches and positions coincide, along rows (``unit`` = row length) or columns
+    (``unit`` = 1).  Shifting the whole flat tensor lets a shift reach into the neighbouring
+    row or plane at the edges; those extra terms only loosen the bound (so they cost a few
+    needless candidates, never a wrong code) and keep every operation one contiguous pass."""
+    flat = dev.reshape(-1)
+    size = flat.numel()
+    out = flat.clone() if 0 in shifts else torch.full_like(flat, -math.inf)
+    for t in shifts:
+        k = t * unit
+        if k > 0 and k < size:
+            torch.maximum(out[:size - k], flat[k:], out=out[:size - k])
+        elif k < 0 and -k < size:
+            torch.maximum(out[-k:], flat[:size + k], out=out[-k:])
+    return out.view(dev.shape)
+
+
+def _spread_max(dev: torch.Tensor, dim: int, k: int, stride: int, dilation: int, start: int,
+                length: int) -> torch.Tensor:
+    """Along ``dim``: ``out[P] = max dev[p]`` over the patches ``p`` that hold padded input
+    position ``start + P`` (``p*stride + j*dilation == start + P`` for a ``j < k``), -inf where
+    none; ``P < length``.  dev: one entry per patch along ``dim``."""
+    span = (k - 1) * dilation
+    shape = list(dev.shape)
+    shape[dim] = max(start + length, (shape[dim] - 1) * stride + 1) + span
+    z = dev.new_empty(shape)
+    end = span + (dev.shape[dim] - 1) * stride + 1
+    if stride == 1:                           # only the margins are not overwritten below
+        z.narrow(dim, 0, span).fill_(-math.inf)
+        z.narrow(dim, end, z.shape[dim] - end).fill_(-math.inf)
+    else:
+        z.fill_(-math.inf)
+    z[(slice(None),) * dim + (slice(span, end, stride),)] = dev   # z[span + p*stride] = dev[p]
+    out = z.narrow(dim, start, length)
+    for u in range(1, k):                     # z[start + P + u*dilation]: offset j = k-1-u
+        more = z.narrow(dim, start + u * dilation, length)
+        out = torch.maximum(out, more) if u == 1 else torch.maximum(out, more, out=out)
+    return out if k > 1 else out.clone()
 
 
 @contextmanager

@@ -149,6 +149,8 @@ def cmd_quantize(args) -> int:
     if iterations is None:  # borders and QDrop only act through reconstruction
         iterations = 300 if (args.borders != "none" or args.qdrop is not None) else 0
     reconstruction = None
+    if args.loss_plot and iterations == 0:
+        raise QroundError("--loss-plot needs a reconstruction: give --iterations N")
     if iterations > 0:
         reconstruction = ReconstructConfig(iterations=iterations, seed=args.seed,
                                            qdrop=0.5 if args.qdrop is None else args.qdrop)
@@ -159,13 +161,21 @@ def cmd_quantize(args) -> int:
                          first_last_bits=args.first_last_bits, seed=args.seed,
                          progress=not args.no_progress, layers=args.layers, abits=args.abits,
                          borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
-                         granularity=args.granularity)
+                         granularity="scheme" if args.scheme else args.granularity, k=args.k,
+                         scheme=None if args.scheme is None else tuple(
+                             u.strip() for u in args.scheme.split(",") if u.strip()))
     model, batches, forward, default_layers = _model_and_calibration(args)
     if args.layers is None and default_layers:
         from dataclasses import replace
         config = replace(config, layers=default_layers)
     qmodel = quantize_model(model, batches, config, forward=forward)
     print(qmodel.table())
+    if qmodel.units is not None and qmodel.units.granularity in ("modcap", "loss"):
+        print(qmodel.units.table())
+    if args.loss_plot:
+        from .granularity import plot_losses
+        plot_losses({config.granularity: qmodel.reconstruction}, args.loss_plot)
+        print(f"wrote {args.loss_plot}")
     if args.out:
         qmodel.save(args.out)
         print(f"wrote {args.out}")
@@ -174,7 +184,9 @@ def cmd_quantize(args) -> int:
                                       "layers": [r.as_dict() for r in qmodel.report],
                                       "skipped": qmodel.skipped,
                                       "reconstruction": None if qmodel.reconstruction is None
-                                      else [b.as_dict() for b in qmodel.reconstruction.blocks]})
+                                      else [b.as_dict() for b in qmodel.reconstruction.blocks],
+                                      "units": None if qmodel.units is None
+                                      else qmodel.units.as_dict()})
     return 0
 
 
@@ -297,8 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--iterations", type=int, default=None,
                    help="Adam steps of block reconstruction per unit; 0 = none (default: 300 "
                         "with --borders or --qdrop, else 0)")
-    a.add_argument("--granularity", default="block", choices=["layer", "block"],
-                   help="reconstruction units (default: block)")
+    a.add_argument("--granularity", default="block",
+                   choices=["layer", "block", "modcap", "loss", "scheme"],
+                   help="reconstruction units: every layer, residual/transformer blocks, MRECG's "
+                        "capacity or loss-based merges, or --scheme (default: block)")
+    a.add_argument("--k", type=int, default=None,
+                   help="--granularity loss: oscillation points merged (default 1)")
+    a.add_argument("--scheme", default=None,
+                   help="reconstruction units in forward order, e.g. 'stem,block1+down,block2,fc' "
+                        "(implies --granularity scheme)")
+    a.add_argument("--loss-plot", default=None,
+                   help="PNG of the reconstruction loss along depth, oscillation points marked")
     q.add_argument("--out", help="safetensors file: dequantised weights, codes, scales, metadata")
     q.add_argument("--json", help="also write the report as JSON")
     q.add_argument("--no-progress", action="store_true")

@@ -79,6 +79,7 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         "config": json.dumps(config), "layers": json.dumps(layers),
         "report": json.dumps([r.as_dict() for r in qmodel.report]),
         "skipped": json.dumps(qmodel.skipped),
+        "units": json.dumps(None if qmodel.units is None else qmodel.units.as_dict()),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +107,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     out = dict(meta)
     for key in ("config", "layers", "report", "skipped", "symmetric", "group_size"):
         out[key] = json.loads(meta[key])
+    out["units"] = json.loads(meta.get("units", "null"))  # files before the activation stage
     return out
 
 

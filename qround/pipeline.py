@@ -38,11 +38,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activation_stage import WEIGHT_STARTS, quantize_activations
+from .activation_stage import WEIGHT_STARTS, check_units, quantize_activations
 from .activations import BORDERS, INITS
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
                         capture_fisher, default_forward, eval_mode, fisher_bytes, layer_hooks)
 from .errors import QroundError, check_bits
+from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .problems.layers import layer_weight, problems_from_layer
 from .reconstruct import ReconstructConfig, ReconstructResult
@@ -57,7 +58,6 @@ SUPPORTED = (nn.Linear, nn.Conv2d)
 # Normalisation layers hold weights too but are conventionally kept in float: not "skipped".
 _NORMS = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                            getattr(nn, "RMSNorm", None)) if t is not None)
-GRANULARITIES = ("layer", "block")
 INPUTS = ("float", "quantized", "asymmetric")
 _PASS_BYTES = 1 << 30  # float64 statistic sums held by one capture pass without `asymmetric`
 
@@ -93,7 +93,9 @@ class QuantConfig:
     fusion: bool = True                 # AQuant border fusion in convs (eq. 9)
     act_init: str = "mse"               # mse | minmax: initial activation steps
     reconstruction: ReconstructConfig | None = None  # block reconstruction after the solver
-    granularity: str = "block"          # reconstruction units: layer | block
+    granularity: str = "block"          # units: layer | block | modcap | loss | scheme
+    k: int | None = None                # loss granularity: oscillation points merged (1)
+    scheme: tuple[str, ...] | None = None  # scheme granularity: units "a+b", in forward order
     weight_start: str = "solver"        # soft rounding starts at the solver's choice | float
 
     def __post_init__(self):
@@ -157,6 +159,21 @@ class QuantConfig:
         if self.granularity not in GRANULARITIES:
             raise QroundError(f"granularity must be one of {GRANULARITIES}, got "
                               f"{self.granularity!r}")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)
+                                   or self.k < 1):
+            raise QroundError(f"k must be a positive integer, got {self.k!r}")
+        if self.k is not None and self.granularity != "loss":
+            raise QroundError(f"k is the number of merges of granularity='loss', but "
+                              f"granularity is {self.granularity!r}")
+        if (self.scheme is None) != (self.granularity != "scheme"):
+            raise QroundError("granularity='scheme' and scheme=(units...) go together: "
+                              f"got granularity={self.granularity!r}, scheme={self.scheme!r}")
+        if self.scheme is not None:
+            if isinstance(self.scheme, str) or not all(isinstance(u, str) and u.strip()
+                                                       for u in self.scheme) or not self.scheme:
+                raise QroundError(f"scheme must be a non-empty tuple of unit strings like "
+                                  f"('block1', 'block2+down'), got {self.scheme!r}")
+            object.__setattr__(self, "scheme", tuple(self.scheme))
         if self.weight_start not in WEIGHT_STARTS:
             raise QroundError(f"weight_start must be one of {WEIGHT_STARTS}, got "
                               f"{self.weight_start!r}")
@@ -216,6 +233,7 @@ class QuantizedModel:
     skipped: dict[str, str]
     seconds: float
     reconstruction: ReconstructResult | None = None  # the activation stage's, when it ran
+    units: Selection | None = None    # its reconstruction units (granularity), when it ran
 
     def totals(self) -> dict:
         cost = sum(r.cost for r in self.report)
@@ -235,7 +253,9 @@ class QuantizedModel:
                 f"{t['solve_seconds']:.2f} s, capture {t['capture_seconds']:.2f} s, "
                 f"wall {t['seconds']:.2f} s" + (
                     "" if self.reconstruction is None else
-                    f"\nreconstruction ({self.reconstruction.seconds:.2f} s):\n"
+                    f"\nreconstruction units ({self.units.granularity}): "
+                    + ", ".join(u.name or "<model>" for u in self.units.units)
+                    + f"\nreconstruction ({self.reconstruction.seconds:.2f} s):\n"
                     + self.reconstruction.table()))
 
     def save(self, path) -> None:
@@ -590,6 +610,8 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
     if loss_fn is not None and config.statistics != "fisher":
         log.warning("loss_fn is only used with statistics='fisher'; ignoring it")
     names, skipped = _select(model, config)
+    if config.reconstruction is not None:
+        check_units(model, names, config)  # bad schemes and k fail before any work
     float_modules = dict(model.named_modules())
     for name in names:
         module = float_modules[name]
@@ -654,7 +676,7 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
         bar.close()
     result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0)
     if config.activation_stage:
-        result.reconstruction = quantize_activations(result, float_model, list(calibration),
-                                                     forward, config)
+        result.reconstruction, result.units = quantize_activations(
+            result, float_model, list(calibration), forward, config)
     result.seconds = time.perf_counter() - t_start
     return result

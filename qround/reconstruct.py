@@ -25,6 +25,18 @@ block (an exception from a hook), so the rest of the model does not run.
 
 Randomness (mini-batch choice, QDrop masks) comes from one local ``torch.Generator`` seeded with
 ``config.seed``; the global RNG is never touched, and a run is reproducible for a seed.
+
+Units of several modules (MRECG's joint reconstruction, :mod:`qround.granularity`).  A
+:class:`Unit` is a run of modules that are consecutive in forward order, e.g. ``("block1",
+"down")``.  It is reconstructed as one block whose input is taken at the lowest common ancestor
+(LCA) module of its modules that the forward calls, and whose output is the LAST module's
+output: step 1 caches the LCA's inputs from the quantised model and the float model's output of
+the last module; every training step runs the LCA's forward on the cached input and stops it (an
+exception from a forward hook carrying the tensor) at the last module's output.  Only the
+QuantizedLayers inside the unit's modules are trained (and get QDrop); everything else in the
+LCA runs frozen at its final state, so skip connections that bypass or enter the unit are
+handled exactly by the model's own forward.  A unit of one module takes the single-block path
+above unchanged.
 """
 from __future__ import annotations
 
@@ -98,10 +110,36 @@ class ReconstructConfig:
 
 
 @dataclass(frozen=True)
+class Unit:
+    """A reconstruction unit: module names (``""`` = the whole model) that run consecutively
+    in forward order, reconstructed jointly against the float output of the last one."""
+
+    modules: tuple[str, ...]
+
+    def __post_init__(self):
+        mods = self.modules
+        if (isinstance(mods, str) or not isinstance(mods, (tuple, list)) or not mods
+                or not all(isinstance(m, str) for m in mods)):
+            raise QroundError(f"a Unit needs a non-empty tuple of module names, got {mods!r}")
+        if len(set(mods)) != len(mods):
+            raise QroundError(f"Unit names a module twice: {list(mods)}")
+        object.__setattr__(self, "modules", tuple(mods))
+
+    @property
+    def name(self) -> str:
+        """``"a+b"`` for modules ``("a", "b")``; a single module's own name."""
+        return "+".join(self.modules)
+
+    def __str__(self) -> str:
+        return self.name or "<model>"
+
+
+@dataclass(frozen=True)
 class BlockReport:
-    """One block: its name, layers, per-element MSE on the calibration data before (initial
-    state, hard weights) and after reconstruction, Adam steps run, seconds, and whether the
-    initial state was kept because training made it worse."""
+    """One unit: its name (``"a+b"`` for a joint unit), layers, per-element MSE of the unit's
+    output on the calibration data before (initial state, hard weights) and after
+    reconstruction, Adam steps run, seconds, whether the initial state was kept because
+    training made it worse, the unit's modules, and the mean square of its float target."""
 
     block: str
     layers: tuple[str, ...]
@@ -110,20 +148,45 @@ class BlockReport:
     iterations: int
     seconds: float
     reverted: bool = False
+    modules: tuple[str, ...] = ()
+    target_power: float = float("nan")
+
+    @property
+    def relative_loss(self) -> float:
+        """``loss_after`` over the float target's mean square: comparable across units whose
+        outputs have different scales (pre-/post-ReLU, residual branch or sum)."""
+        return self.loss_after / self.target_power if self.target_power > 0 else float("nan")
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers)
+        d["modules"] = list(self.modules)
         return d
 
 
 @dataclass
 class ReconstructResult:
-    """The reconstructed model (hard weights), the per-block reports, and total seconds."""
+    """The reconstructed model (hard weights), the per-unit reports in forward order, and total
+    seconds."""
 
     model: nn.Module
     blocks: list[BlockReport]
     seconds: float
+
+    @property
+    def units(self) -> list[Unit]:
+        """The units reconstructed, in forward order."""
+        return [Unit(b.modules or (b.block,)) for b in self.blocks]
+
+    @property
+    def losses(self) -> list[float]:
+        """Loss along depth: each unit's MSE after reconstruction, in forward order."""
+        return [b.loss_after for b in self.blocks]
+
+    @property
+    def relative_losses(self) -> list[float]:
+        """Each unit's MSE after reconstruction over its float target's mean square."""
+        return [b.relative_loss for b in self.blocks]
 
     def table(self) -> str:
         from .report import format_table
@@ -144,8 +207,17 @@ def find_blocks(model: nn.Module) -> list[str]:
     ``named_modules`` order: residual-block-like modules (class names ending in Block,
     Bottleneck or Layer, e.g. ``qround.zoo.ResidualBlock``, torchvision's ``BasicBlock``, HF's
     ``BertLayer``), modules named like ``encoder.layer.N`` / ``blocks.N``, and children of an
-    ``nn.Sequential``; a quantised layer outside all of them is a block by itself."""
+    ``nn.Sequential`` unless they hold blocks of the first two kinds (a SentenceTransformer's
+    ``0`` holds BertLayers: those are the blocks); a quantised layer outside all of them is a
+    block by itself."""
     found: list[str] = []
+
+    def is_block(module: nn.Module, name: str) -> bool:
+        return not isinstance(module, QuantizedLayer) and bool(
+            _BLOCK_CLASS.search(type(module).__name__) or _BLOCK_NAME.search(name))
+
+    def holds_blocks(module: nn.Module, prefix: str) -> bool:
+        return any(is_block(m, f"{prefix}.{n}") for n, m in module.named_modules() if n)
 
     def visit(module: nn.Module, prefix: str) -> None:
         in_sequential = isinstance(module, nn.Sequential)
@@ -153,8 +225,8 @@ def find_blocks(model: nn.Module) -> list[str]:
             full = f"{prefix}.{name}" if prefix else name
             if not _has_layers(child):
                 continue
-            if (isinstance(child, QuantizedLayer) or _BLOCK_CLASS.search(type(child).__name__)
-                    or _BLOCK_NAME.search(full) or in_sequential):
+            if (isinstance(child, QuantizedLayer) or is_block(child, full)
+                    or (in_sequential and not holds_blocks(child, full))):
                 found.append(full)
             else:
                 visit(child, full)
@@ -165,39 +237,55 @@ def find_blocks(model: nn.Module) -> list[str]:
     return found
 
 
-def _resolve_blocks(quant_model: nn.Module, float_model: nn.Module, blocks) -> list[str]:
+def _as_unit(item) -> Unit:
+    if isinstance(item, Unit):
+        return item
+    if isinstance(item, str):
+        return Unit((item,))
+    if isinstance(item, (tuple, list)):
+        return Unit(tuple(item))
+    raise QroundError(f"a block must be a module name, a Unit or a list of module names, got "
+                      f"{item!r}")
+
+
+def _resolve_blocks(quant_model: nn.Module, float_model: nn.Module, blocks) -> list[Unit]:
+    """The units to reconstruct (not yet in forward order), checked against both models;
+    QuantizedLayers outside all of them are appended as units of their own."""
     qnamed = dict(quant_model.named_modules())
     layers = quantized_layers(quant_model)
     if not layers:
         raise QroundError("quant_model has no QuantizedLayer: build it with "
                           "insert_act_quantizers first")
     if blocks == "auto":
-        names = find_blocks(quant_model)
+        units = [Unit((n,)) for n in find_blocks(quant_model)]
     elif blocks is None:
-        names = list(layers)
+        units = [Unit((n,)) for n in layers]
     else:
         if isinstance(blocks, str) or not isinstance(blocks, Sequence):
-            raise QroundError(f"blocks must be 'auto', None or a list of module names, got "
-                              f"{blocks!r}")
-        names = list(blocks)
+            raise QroundError(f"blocks must be 'auto', None or a list of module names / Units, "
+                              f"got {blocks!r}")
+        if not blocks:
+            raise QroundError("blocks is an empty list: name at least one unit")
+        units = [_as_unit(b) for b in blocks]
+        names = [m for u in units for m in u.modules]
         missing = [b for b in names if b not in qnamed]
         if missing:
             raise QroundError(f"blocks name modules that do not exist in quant_model: {missing}")
         empty = [b for b in names if not _has_layers(qnamed[b])]
         if empty:
             raise QroundError(f"blocks contain no QuantizedLayer: {empty}")
-        for a in names:
-            for b in names:
-                if a != b and (a == "" or b.startswith(a + ".")):
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if a == b or a == "" or b == "" or b.startswith(a + ".") or a.startswith(b + "."):
                     raise QroundError(f"blocks {a!r} and {b!r} overlap")
         covered = [n for n in layers if any(n == b or b == "" or n.startswith(b + ".")
                                             for b in names)]
-        names += [n for n in layers if n not in covered]  # left-over layers: layer-wise
+        units += [Unit((n,)) for n in layers if n not in covered]  # left-over layers alone
     fnamed = dict(float_model.named_modules())
-    missing = [b for b in names if b not in fnamed]
+    missing = [m for u in units for m in u.modules if m not in fnamed]
     if missing:
         raise QroundError(f"blocks {missing} exist in quant_model but not in float_model")
-    return names
+    return units
 
 
 # ------------------------------------------------------------------------------ capture
@@ -226,16 +314,18 @@ def _nbytes(obj) -> int:
 
 
 def _main_tensor(out, name: str) -> torch.Tensor:
-    """The tensor a block's output is compared on: itself, or the first tensor of a tuple /
-    mapping (HF layers return ``(hidden_states, ...)``)."""
+    """The tensor a block's output is compared on: itself, or the first floating-point tensor
+    of a tuple / mapping (HF layers return ``(hidden_states, ...)``; a whole sentence model
+    returns a dict that starts with the integer ``input_ids``)."""
     if isinstance(out, torch.Tensor):
         return out
     items = list(out.values()) if isinstance(out, Mapping) else (
         list(out) if isinstance(out, (tuple, list)) else [])
     for item in items:
-        if isinstance(item, torch.Tensor):
+        if isinstance(item, torch.Tensor) and item.is_floating_point():
             return item
-    raise QroundError(f"block {name!r} returned {type(out).__name__} without a tensor")
+    raise QroundError(f"block {name!r} returned {type(out).__name__} without a floating-point "
+                      "tensor")
 
 
 class _BlockData:
@@ -301,21 +391,90 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
     return _BlockData(inputs, targets)
 
 
-def _forward_order(quant_model, names, batch, forward) -> list[str]:
-    qnamed = dict(quant_model.named_modules())
+def _order_units(quant_model, units: list[Unit], batch, forward) -> tuple[list[Unit], dict]:
+    """Units sorted by forward order (each unit's modules too), checked to be consecutive: no
+    module of another unit runs between a unit's first and last module.  Returns the units and,
+    for each unit of several modules, the name of its lowest common ancestor that the forward
+    calls (where its input is taken).  Runs one forward pass of ``batch``."""
+    named = dict(quant_model.named_modules())
     seen: list[str] = []
-    handles = [qnamed[n].register_forward_pre_hook(
-        lambda m, a, _n=n: seen.append(_n) if _n not in seen else None) for n in names]
+    marked: set[str] = set()
+
+    def note(name):
+        def hook(module, args):
+            if name not in marked:
+                marked.add(name)
+                seen.append(name)
+        return hook
+
+    handles = [m.register_forward_pre_hook(note(n)) for n, m in named.items()]
     try:
         with torch.no_grad():
             forward(quant_model, batch)
     finally:
         for h in handles:
             h.remove()
-    missing = [n for n in names if n not in seen]
+    wanted = [m for u in units for m in u.modules]
+    missing = [m for m in wanted if m not in marked]
     if missing:
         raise QroundError(f"blocks {missing} are not called by the model's forward")
-    return seen
+    rank = {n: i for i, n in enumerate(n for n in seen if n in set(wanted))}
+    ordered = sorted((Unit(tuple(sorted(u.modules, key=rank.__getitem__))) for u in units),
+                     key=lambda u: rank[u.modules[0]])
+    flat = sorted(rank, key=rank.__getitem__)
+    lca: dict[Unit, str] = {}
+    for u in ordered:
+        first, last = rank[u.modules[0]], rank[u.modules[-1]]
+        between = [m for m in flat[first:last + 1] if m not in u.modules]
+        if between:
+            raise QroundError(f"unit {u.name!r} is not consecutive in forward order: "
+                              f"{between} (of other units) run between its modules")
+        if len(u.modules) > 1:
+            parts = [m.split(".") for m in u.modules]
+            common = []
+            for level in zip(*parts):
+                if len(set(level)) > 1:
+                    break
+                common.append(level[0])
+            while common and ".".join(common) not in marked:
+                common.pop()  # e.g. a ModuleList, which has no forward of its own
+            lca[u] = ".".join(common)
+            if lca[u] not in marked:
+                raise QroundError(f"unit {u.name!r}: no common ancestor module of its modules "
+                                  "is called by the forward (the model itself is not called?)")
+    return ordered, lca
+
+
+class _Carry(Exception):
+    """Raised by a hook to end a forward pass at a unit's last module, carrying its output."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+
+class _UnitForward:
+    """The forward of a joint unit: the LCA module run on its (cached) inputs, stopped at the
+    unit's last module, whose output it returns.  ``parameters()`` are the LCA's."""
+
+    def __init__(self, lca: nn.Module, last: nn.Module, name: str):
+        self.lca, self.last, self.name = lca, last, name
+
+    def parameters(self):
+        return self.lca.parameters()
+
+    def __call__(self, *args, **kwargs):
+        def hook(module, inputs, out):
+            raise _Carry(out)
+
+        handle = self.last.register_forward_hook(hook)
+        try:
+            self.lca(*args, **kwargs)
+        except _Carry as carried:
+            return carried.out
+        finally:
+            handle.remove()
+        raise QroundError(f"unit {self.name!r}: its last module was not called")
 
 
 # ------------------------------------------------------------------------------ training
@@ -393,22 +552,19 @@ def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
     return config.iterations
 
 
-def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Iterable,
-                blocks: Sequence[str] | str | None = "auto",
-                config: ReconstructConfig = ReconstructConfig(), *,
-                forward: ForwardFn | None = None, inplace: bool = False) -> ReconstructResult:
-    """Reconstruct ``quant_model`` (from :func:`~qround.activations.insert_act_quantizers`)
-    block by block against ``float_model`` on the calibration batches.
+def plan_units(float_model: nn.Module, quant_model: nn.Module, calibration: Iterable,
+               blocks: Sequence | str | None = "auto", *,
+               forward: ForwardFn | None = None) -> list[Unit]:
+    """The units :func:`reconstruct` would run, in forward order, with every check it makes
+    before any training (names, overlaps, consecutiveness); one forward pass of the first
+    calibration batch.  ``quant_model`` is not modified."""
+    batches = _check_inputs(float_model, quant_model, calibration)
+    units = _resolve_blocks(quant_model, float_model, blocks)
+    with eval_mode(quant_model):
+        return _order_units(quant_model, units, batches[0], forward or default_forward)[0]
 
-    blocks: "auto" (:func:`find_blocks`), None (layer-wise: every QuantizedLayer alone), or a
-    list of module names (QuantizedLayers outside them are reconstructed alone).  ``forward(model,
-    batch)`` runs one batch (default ``model(batch)`` / ``model(*batch)`` / ``model(**batch)``).
-    Returns the model (a deep copy unless ``inplace``) with hard weights and per-block reports;
-    ``float_model`` is never modified.
-    """
-    start = time.perf_counter()
-    if not isinstance(config, ReconstructConfig):
-        raise QroundError(f"config must be a ReconstructConfig, got {type(config).__name__}")
+
+def _check_inputs(float_model, quant_model, calibration) -> list:
     for arg, value in (("float_model", float_model), ("quant_model", quant_model)):
         if not isinstance(value, nn.Module):
             raise QroundError(f"{arg} must be an nn.Module, got {type(value).__name__}")
@@ -417,7 +573,29 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
     batches = list(calibration)
     if not batches:
         raise QroundError("calibration is empty")
-    names = _resolve_blocks(quant_model, float_model, blocks)
+    return batches
+
+
+def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Iterable,
+                blocks: Sequence | str | None = "auto",
+                config: ReconstructConfig = ReconstructConfig(), *,
+                forward: ForwardFn | None = None, inplace: bool = False) -> ReconstructResult:
+    """Reconstruct ``quant_model`` (from :func:`~qround.activations.insert_act_quantizers`)
+    unit by unit against ``float_model`` on the calibration batches.
+
+    blocks: "auto" (:func:`find_blocks`), None (layer-wise: every QuantizedLayer alone), or a
+    list whose items are a module name, a :class:`Unit` or a list/tuple of module names (one
+    unit of consecutive modules reconstructed jointly; see the module docstring).
+    QuantizedLayers outside all units are reconstructed alone.  ``forward(model, batch)`` runs
+    one batch (default ``model(batch)`` / ``model(*batch)`` / ``model(**batch)``).
+    Returns the model (a deep copy unless ``inplace``) with hard weights and per-unit reports
+    in forward order; ``float_model`` is never modified.
+    """
+    start = time.perf_counter()
+    if not isinstance(config, ReconstructConfig):
+        raise QroundError(f"config must be a ReconstructConfig, got {type(config).__name__}")
+    batches = _check_inputs(float_model, quant_model, calibration)
+    units = _resolve_blocks(quant_model, float_model, blocks)
     forward = forward or default_forward
     model = quant_model if inplace else copy.deepcopy(quant_model)
     qnamed, fnamed = dict(model.named_modules()), dict(float_model.named_modules())
@@ -427,24 +605,40 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
         for m in quantized_layers(model).values():
             if m.weight_spec is not None:
                 m.weight_mode = "hard"
-        for name in _forward_order(model, names, batches[0], forward):
+        units, lca = _order_units(model, units, batches[0], forward)
+        for unit in units:
             t0 = time.perf_counter()
-            block = qnamed[name]
-            layers = quantized_layers(block)
-            data = _capture(float_model, model, fnamed[name], block, name, batches, forward,
+            name, last = unit.name, unit.modules[-1]
+            if len(unit.modules) == 1:
+                block = qnamed[name]
+                layers = quantized_layers(block)
+                full = tuple(f"{name}.{n}".strip(".") for n in layers)
+                entry = block
+            else:  # joint unit: inputs at the LCA, output at the last module
+                layers = {}
+                for mod in unit.modules:
+                    inner = quantized_layers(qnamed[mod])
+                    layers.update({f"{mod}.{n}".strip("."): m for n, m in inner.items()})
+                full = tuple(layers)
+                block = _UnitForward(qnamed[lca[unit]], qnamed[last], name)
+                entry = qnamed[lca[unit]]
+            data = _capture(float_model, model, fnamed[last], entry, name, batches, forward,
                             config.cache_mb)
             before = _mse(block, data, name)
-            saved = copy.deepcopy(block.state_dict())
+            saved = {m: copy.deepcopy(qnamed[m].state_dict()) for m in unit.modules}
             iterations = _train_block(block, layers, data, config, gen, name)
             after = _mse(block, data, name)
             reverted = after > before
             if reverted:
-                block.load_state_dict(saved)
+                for m, state in saved.items():
+                    qnamed[m].load_state_dict(state)
                 after = before
+            power = sum(float((y.double() ** 2).sum()) for y in data.targets) / max(
+                sum(y.numel() for y in data.targets), 1)
             del data
-            report = BlockReport(name, tuple(f"{name}.{n}".strip(".") for n in layers),
-                                 before, after, iterations, time.perf_counter() - t0, reverted)
-            log.info("block %s: mse %.4g -> %.4g in %.2f s%s", name or "<model>", before, after,
+            report = BlockReport(name, full, before, after, iterations,
+                                 time.perf_counter() - t0, reverted, unit.modules, power)
+            log.info("unit %s: mse %.4g -> %.4g in %.2f s%s", unit, before, after,
                      report.seconds, " (reverted)" if reverted else "")
             reports.append(report)
     return ReconstructResult(model, reports, time.perf_counter() - start)

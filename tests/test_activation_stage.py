@@ -13,6 +13,7 @@ from torch import nn
 from qround import GridSpec, QroundError, export
 from qround.activation_stage import input_bits, load_weight_codes
 from qround.activations import QuantizedLayer, quantized_layers
+from qround.granularity import oscillation_points
 from qround.pipeline import QuantConfig, quantize_model
 from qround.reconstruct import ReconstructConfig
 from qround.writeback import QuantizedWeight
@@ -167,3 +168,56 @@ def test_load_weight_codes_hardens_back_to_the_solver_codes(seed, bits, symmetri
 def test_bad_activation_configs_fail_when_built(kwargs, match):
     with pytest.raises(QroundError, match=match):
         QuantConfig(**BASE, **kwargs)
+
+
+# ------------------------------------------------------------------------------ granularity
+def test_granularity_loss_merges_units_and_is_saved(tmp_path):
+    net = TinyResNet()
+    cfg = QuantConfig(**BASE, abits=3, reconstruction=REC, granularity="loss", k=1)
+    result = quantize_model(net, BATCHES, cfg)
+    sel = result.units
+    assert sel.granularity == "loss" and len(sel.base_losses) == len(sel.base_units) == 3
+    osc = oscillation_points(sel.base_losses)
+    assert set(sel.merges) <= set(osc) and len(sel.merges) == min(1, len(osc))
+    assert len(sel.units) == len(sel.base_units) - len(sel.merges)
+    assert len(result.reconstruction.blocks) == len(sel.units)
+    assert "reconstruction units (loss)" in result.table()
+    result.save(tmp_path / "q.safetensors")
+    meta = export.read_metadata(tmp_path / "q.safetensors")
+    assert meta["units"]["units"] == [list(u.modules) for u in sel.units]
+
+
+def test_granularity_scheme_is_followed():
+    cfg = QuantConfig(**BASE, abits=3, reconstruction=REC, granularity="scheme",
+                      scheme=("stem+block", "head"))
+    result = quantize_model(TinyResNet(), BATCHES, cfg)
+    assert [b.block for b in result.reconstruction.blocks] == ["stem+block", "head"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(granularity="loss", k=5), r"k=5 must lie in \[1, 2\]"),
+    (dict(granularity="scheme", scheme=("stem", "nope+block")), "do not exist"),
+])
+def test_unit_errors_come_before_any_work(kwargs, match):
+    calls = []
+
+    def forward(model, batch):
+        calls.append(1)
+        return model(batch)
+
+    cfg = QuantConfig(**BASE, abits=3, reconstruction=REC, **kwargs)
+    with pytest.raises(QroundError, match=match):
+        quantize_model(TinyResNet(), BATCHES, cfg, forward=forward)
+    assert calls == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(granularity="block", k=2), "k is the number of merges"),
+    (dict(granularity="loss", k=0), "positive integer"),
+    (dict(granularity="scheme"), "go together"),
+    (dict(scheme=("stem",)), "go together"),
+    (dict(granularity="scheme", scheme="stem,block"), "non-empty tuple"),
+])
+def test_bad_granularity_configs_fail_when_built(kwargs, match):
+    with pytest.raises(QroundError, match=match):
+        QuantConfig(**BASE, abits=3, reconstruction=REC, **kwargs)

@@ -370,3 +370,167 @@ def test_act_quantizer_argument_errors():
         ActQuantizer(4).calibrate(torch.tensor([1.0, float("nan")]))
     with pytest.raises(QroundError, match="nn.Linear or nn.Conv2d"):
         QuantizedLayer(nn.Conv1d(2, 2, 3), abits=4)
+
+
+# ------------------------------------------------------------------------ inference path
+BORDER_KINDS = ["none", "linear", "quadratic"]
+
+
+def exact_conv_layer(c_in, c_out, k, fusion, borders, bits, signed, seed, **kw):
+    """A border conv whose outputs are exact in float32 (integer weights and bias, a step of
+    1/8): two runs give equal outputs iff they used the same codes."""
+    g = gen(seed)
+    conv = nn.Conv2d(c_in, c_out, k, **kw)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape, generator=g).float())
+        if conv.bias is not None:
+            conv.bias.copy_(torch.randint(-3, 4, conv.bias.shape, generator=g).float())
+    layer = QuantizedLayer(conv, bits, borders, fusion)
+    layer.act.calibrate(torch.tensor([-1.0 if signed else 0.0, 1.0]), "minmax")
+    with torch.no_grad():
+        layer.act.step.fill_(0.125)
+    return layer
+
+
+def tie_heavy_input(shape, q, seed):
+    """Inputs on and next to the rounding ties of the 1/8 grid, beyond the clip range too."""
+    g = gen(seed)
+    ints = torch.randint(q.qmin - 2, q.qmax + 3, shape, generator=g).float()
+    frac = torch.tensor([0.5, 0.5 - 2 ** -22, 0.5 + 2 ** -22, 0.5 - 2 ** -23, 0.5 + 2 ** -23,
+                         0.25, 0.75, 0.0, 0.45, 0.55])
+    pick = frac[torch.randint(0, len(frac), shape, generator=g)]
+    noise = torch.rand(shape, generator=g)
+    v = torch.where(torch.rand(shape, generator=g) < 0.5, ints + pick, ints + noise)
+    return v * 0.125
+
+
+@st.composite
+def conv_configs(draw):
+    groups = draw(st.sampled_from([1, 1, 2]))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    if stride == (1, 1) and draw(st.booleans()):
+        padding = "same"
+    else:
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    return dict(c_in=groups * draw(st.integers(1, 3)), c_out=groups * draw(st.integers(1, 2)),
+                k=(kh, kw), stride=stride, dilation=dilation, padding=padding,
+                padding_mode=mode, groups=groups, bias=draw(st.booleans()))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's, both paths
+@settings(max_examples=80, deadline=None)
+@given(cfg=conv_configs(), fusion=st.booleans(), borders=st.sampled_from(["linear", "quadratic"]),
+       bits=st.integers(2, 8), signed=st.booleans(),
+       size=st.sampled_from([2 ** -21, 0.02, 0.2, 1.5]),
+       seed=st.integers(0, 10 ** 6))
+def test_inference_path_gives_the_codes_of_the_im2col_path(cfg, fusion, borders, bits, signed,
+                                                           size, seed):
+    cfg = dict(cfg)
+    layer = exact_conv_layer(cfg.pop("c_in"), cfg.pop("c_out"), cfg.pop("k"), fusion, borders,
+                             bits, signed, seed, **cfg)
+    random_borders(layer.act, seed, size)
+    x = tie_heavy_input((2, layer.layer.in_channels, 7, 6), layer.act, seed)
+    train = layer(x)                               # parameters require grad: im2col path
+    assert train.requires_grad
+    with torch.no_grad():
+        fast = layer(x)
+        layer.force_unfold = True
+        unfold = layer(x)
+    assert torch.equal(fast, train.detach())
+    assert torch.equal(fast, unfold)
+
+
+def test_inference_path_is_taken_without_autograd_only(monkeypatch):
+    layer = exact_conv_layer(3, 4, 3, True, "quadratic", 4, False, 0, padding=1)
+    random_borders(layer.act, 1, 0.3)
+    x = tie_heavy_input((2, 3, 6, 6), layer.act, 2)
+    calls = []
+    unfold = layer._conv_unfold
+    monkeypatch.setattr(layer, "_conv_unfold", lambda *a: calls.append(1) or unfold(*a))
+    with torch.no_grad():
+        layer(x)
+    assert calls == []
+    layer.requires_grad_(False)
+    layer(x)                                       # nothing needs a gradient
+    assert calls == []
+    layer(x.requires_grad_())                      # the input does
+    assert calls == [1]
+    with qdrop([layer], 0.5, gen(0)), torch.no_grad():
+        layer(x)                                   # QDrop draws masks per im2col element
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_gradients_in_training_are_those_of_the_im2col_path(fusion):
+    """Training keeps the im2col path: the same output and gradients as a plain im2col
+    computation with the fused border taken as the mean of eq. 9 (up to float rounding)."""
+    layer = QuantizedLayer(conv_layer(c_in=2, c_out=3, padding=1), abits=4, borders="quadratic",
+                           fusion=fusion)
+    x = torch.rand(2, 2, 5, 5, generator=gen(4)) * 3
+    layer.act.calibrate(x, "minmax")
+    random_borders(layer.act, 5, 0.3)
+    out = layer(x)
+    out.square().sum().backward()
+    act = layer.act
+    s = act.step.clamp_min(1e-12)
+    cols = F.unfold(F.pad(x, (1, 1, 1, 1)), 3)
+    v = (cols / s).unflatten(1, (2, 9))
+    b0, c1, c2 = (t.view(1, 2, 9, 1) for t in (act.b0, act.b1 / act.span, act.b2 / act.span ** 2))
+    border = b0 + (c1 + c2 * v) * v
+    if fusion:
+        border = border.mean(2, keepdim=True)
+    t = v + (1 - border)
+    codes = (t + (torch.floor(t) - t).detach()).clamp(act.qmin, act.qmax).flatten(1, 2)
+    mask = F.unfold(F.pad(torch.ones(1, 2, 5, 5), (1, 1, 1, 1)), 3)
+    ref = layer.layer.weight.reshape(3, -1) @ (codes * s * mask) + layer.layer.bias.view(1, 3, 1)
+    grads = torch.autograd.grad(ref.square().sum(), [act.b0, act.b1, act.b2])
+    assert torch.allclose(out.detach().flatten(2), ref.detach(), atol=1e-4)
+    for p, g in zip([act.b0, act.b1, act.b2], grads):
+        assert torch.allclose(p.grad, g, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=1, groups=2),
+                                dict(padding="same", dilation=2)])
+def test_untrained_borders_make_the_inference_path_the_nearest_conv(kw):
+    layer = exact_conv_layer(4, 4, 3, True, "quadratic", 4, False, 3, **kw)
+    x = tie_heavy_input((2, 4, 7, 7), layer.act, 4)
+    with torch.no_grad():
+        border = layer(x)
+        layer.act_mode = "nearest"
+        assert torch.equal(border, layer(x))
+
+
+def test_patch_border_is_the_mean_of_the_element_borders():
+    q = quantizer(4, "quadratic", elements=2 * 6, fusion_size=6, step=0.25)
+    random_borders(q, 3, 0.5)
+    vp = torch.rand(2, 2, 5, 6, generator=gen(5)) * 15
+    b = q.patch_border(vp, (2, 3), (1, 2), (2, 1))                   # (2, 2, 3, 2)
+    cols = F.unfold(vp, (2, 3), dilation=(2, 1), stride=(1, 2))      # (2, 12, 6)
+    ref = q.border(cols.unflatten(1, (2, 6)), 1)                     # (2, 2, 1, 6)
+    assert b.shape == (2, 2, 3, 2)
+    assert torch.allclose(b.reshape(2, 2, 1, 6), ref, atol=1e-5)
+    with pytest.raises(QroundError, match="patch_border"):
+        q.patch_border(vp, (3, 3), (1, 1), (1, 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), signed=st.booleans(), borders=st.sampled_from(BORDER_KINDS),
+       fusion=st.sampled_from([1, 3]), size=st.sampled_from([2 ** -21, 0.2, 1.5]),
+       seed=st.integers(0, 10 ** 6))
+def test_codes_without_autograd_are_the_codes_with_it(bits, signed, borders, fusion, size, seed):
+    q = quantizer(bits, borders, elements=6, fusion_size=1 if borders == "none" else fusion,
+                  signed=signed, step=0.125)
+    if borders != "none":
+        random_borders(q, seed, size)
+    x = tie_heavy_input((20, 6), q, seed)
+    for use_border in (True, False):
+        train, _ = q.codes(x, use_border=use_border)
+        assert train.requires_grad
+        with torch.no_grad():
+            infer, _ = q.codes(x, use_border=use_border)
+            fake = q(x, use_border=use_border)
+        assert torch.equal(train.detach(), infer)
+        assert torch.equal(fake, infer * 0.125)

@@ -108,6 +108,42 @@ def test_quantize_and_evaluate_digits(tmp_path, capsys):
     assert res["quantized_accuracy"] >= res["float_accuracy"] - 0.02
 
 
+@pytest.mark.integration
+def test_quantize_with_activations_borders_and_loss_granularity(tmp_path, capsys):
+    """W3A4 with AQuant borders reconstructed by MRECG's loss granularity on the residual
+    digits CNN; the saved file carries steps, borders and units and evaluates on its own."""
+    pytest.importorskip("sklearn", reason="needs the examples extra")
+    out, plot = tmp_path / "r.safetensors", tmp_path / "loss.png"
+    assert main(["quantize", "--model", "digits-resnet", "--wbits", "3", "--solver", "greedy",
+                 "--asymmetric-grid", "--first-last-bits", "8", "--abits", "4",
+                 "--borders", "quadratic", "--iterations", "10", "--granularity", "loss",
+                 "--k", "1", "--loss-plot", str(plot), "--out", str(out), "--no-progress",
+                 "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "reconstruction units (loss)" in text and "quick_loss" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["evaluate", "--model", "digits-resnet", "--quantized", str(out), "--json",
+                 "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["abits"] == 4 and res["quantized_accuracy"] >= res["float_accuracy"] - 0.05
+    assert main(["evaluate", "--model", "digits-resnet", "--quantized", str(out), "--abits", "8",
+                 "--threads", "1"]) == 2
+    assert "leave out --abits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--abits", "4", "--borders", "quadratic", "--iterations", "0"],
+     "learned by block reconstruction"),
+    (["--borders", "quadratic"], "needs quantised inputs"),
+    (["--abits", "4", "--loss-plot", "x.png"], "--loss-plot needs a reconstruction"),
+    (["--abits", "1", "--iterations", "5"], "abits"),
+])
+def test_quantize_bad_activation_options_fail_before_work(argv, match, capsys):
+    # the model name is bad too: the option error must come first, before any loading
+    assert main(["quantize", "--model", "no-such-model", *argv]) == 2
+    assert match in capsys.readouterr().err
+
+
 def test_solve_out_creates_missing_folder(layer_file, tmp_path):
     out = tmp_path / "new" / "dir" / "sol.npz"
     assert main(["solve", str(layer_file), "--solver", "nearest", "--out", str(out)]) == 0

@@ -177,3 +177,27 @@ def test_needs_quantized_layers():
     with pytest.raises(QroundError, match="insert_act_quantizers"):
         reconstruct(net, copy.deepcopy(net), BATCHES, config=FAST)
     assert net.calls == 0
+
+
+class _Holder(nn.Module):
+    """Like a SentenceTransformer's module 0: transformer layers deep inside a Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU()),
+                                    nn.Sequential(nn.Linear(4, 4), nn.ReLU())])
+
+    def forward(self, x):
+        for m in self.layer:
+            x = m(x)
+        return x
+
+
+def test_find_blocks_looks_inside_a_sequential_child_that_holds_blocks():
+    net = nn.Sequential(_Holder(), nn.Linear(4, 2))
+    q = insert_act_quantizers(net, None, None, weights=GridSpec(bits=4))
+    assert find_blocks(q) == ["0.layer.0", "0.layer.1", "1"]
+    plain = insert_act_quantizers(nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()),
+                                                nn.Linear(4, 2)), None, None,
+                                  weights=GridSpec(bits=4))
+    assert find_blocks(plain) == ["0", "1"]

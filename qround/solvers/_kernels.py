@@ -1,4 +1,5 @@
-"""Compiled (numba) inner loops of the single-flip local-search solvers ``anneal`` and ``tabu``.
+"""Compiled (numba) inner loops: the single-flip local search of ``anneal`` and ``tabu``, and
+the column loop of ``gptq`` (:func:`gptq_block_kernel`, described there).
 
 These kernels are the compiled inner loop of exactly the formulas of
 :mod:`qround.problems.energy` (they are not a second definition: the tests check them against
@@ -257,6 +258,34 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
     return best_all, best_e_all
 
 
+@njit(cache=True)
+def gptq_block_kernel(w, lower, step, upper, i1, i2, b, err):
+    """GPTQ's column loop inside one block ``[i1, i2)`` (``gptq.round_sequentially``).
+
+    Transposed layout, inputs as rows: w (n, m) the current weights in processing order, updated
+    in place in rows ``i..i2``; lower, step (n, m) floor and step (0 for a fixed weight); upper
+    (n, n) the upper Cholesky factor of the inverse hessian.  Writes b[i1:i2] (0/1) and the
+    scaled errors err (i2 - i1, m) that the caller pushes to the rows after the block with one
+    matrix product.  Every step is a loop over contiguous channels, which vectorises.  The
+    arithmetic is the torch loop's, operation for operation.  Serial: the kernel runs once per
+    block, and starting numba's thread pool for each call cost more than the work (measured).
+    """
+    for i in range(i1, i2):
+        d = upper[i, i]
+        e = err[i - i1]
+        for c in range(w.shape[1]):
+            wi = w[i, c]
+            s = step[i, c]
+            up = s > 0.0 and wi - lower[i, c] >= 0.5 * s  # ties up, as RTN
+            b[i, c] = 1.0 if up else 0.0
+            e[c] = (wi - (lower[i, c] + s if up else lower[i, c])) / d
+        for j in range(i + 1, i2):
+            u = upper[i, j]
+            row = w[j]
+            for c in range(w.shape[1]):
+                row[c] -= e[c] * u
+
+
 def kernel_inputs(problem, start: np.ndarray, rng: np.random.Generator) -> dict:
     """The arrays both kernels take, computed with :mod:`qround.problems.energy`.
 
@@ -270,10 +299,12 @@ def kernel_inputs(problem, start: np.ndarray, rng: np.random.Generator) -> dict:
     hess = np.ascontiguousarray(hess[None] if hess.ndim == 2 else hess)
     # stable argsort of ~free puts each channel's free variables first, in input order
     free_idx = np.argsort(~problem.free, axis=1, kind="stable").astype(np.int64)
+    fields = np.ascontiguousarray(problem.local_fields(b))
+    # energy.energies, y^T (H y + g), from the fields at hand: one product with H, not two
+    energies = np.sum(b * problem.step * (fields + problem.grad), axis=-1)
     arrays = dict(hess=hess, step=np.ascontiguousarray(problem.step),
-                  grad=np.ascontiguousarray(problem.grad), start=b,
-                  fields=np.ascontiguousarray(problem.local_fields(b)),
-                  energy=np.ascontiguousarray(problem.energies(b), dtype=np.float64),
+                  grad=np.ascontiguousarray(problem.grad), start=b, fields=fields,
+                  energy=np.ascontiguousarray(energies, dtype=np.float64),
                   free_idx=free_idx, nfree=problem.free.sum(axis=1).astype(np.int64),
                   seeds=rng.integers(0, np.iinfo(np.int64).max, size=m, dtype=np.int64)
                   .astype(np.uint64))

@@ -27,7 +27,7 @@ from ._optional import require
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("plain", "residual")
+ARCHS = ("plain", "residual", "deep")
 IMAGE_SIZE = 16
 # Fractions of each class that go to calibration and test; the rest is the training set.
 CALIB_FRACTION, TEST_FRACTION = 0.1, 0.2
@@ -150,6 +150,36 @@ class ResidualDigitsCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class DeepResidualDigitsCNN(nn.Module):
+    """Deeper residual CNN (``arch="deep"``), for studies along depth (reconstruction
+    granularity): stem conv 1->16 s2 + ReLU (8x8), ``block1``, ``block2`` (16 ch, 8x8), conv
+    ``down`` 16->32 s2 + ReLU (4x4), ``block3``, ``block4`` (32 ch, 4x4), 1x1 conv ``squeeze``
+    32->16 + ReLU, flatten, Linear 256->10.  Input (N, 1, 16, 16), logits (N, 10).
+
+    Eight blocks or 12 layers along depth; the narrow ``squeeze`` after ``block4`` is a module
+    of much smaller capacity than its predecessor, as a projection or bottleneck head is."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, stride=2, padding=1, device="meta")
+        self.relu1 = nn.ReLU()
+        self.block1 = ResidualBlock(16)
+        self.block2 = ResidualBlock(16)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1, device="meta")
+        self.relu2 = nn.ReLU()
+        self.block3 = ResidualBlock(32)
+        self.block4 = ResidualBlock(32)
+        self.squeeze = nn.Conv2d(32, 16, 1, device="meta")
+        self.relu3 = nn.ReLU()
+        self.fc = nn.Linear(16 * 4 * 4, 10, device="meta")
+        _init_weights(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(self.relu1(self.stem(x))))
+        x = self.block4(self.block3(self.relu2(self.down(x))))
+        return self.fc(self.relu3(self.squeeze(x)).flatten(1))
+
+
 def _init_weights(model: nn.Module, seed: int) -> None:
     """Materialise ``meta`` parameters on the CPU: He-uniform weights, zero biases, drawn from a
     local generator.  The last conv of each residual block starts at a quarter scale so the
@@ -174,8 +204,8 @@ def _init_weights(model: nn.Module, seed: int) -> None:
 def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 20, device: str = "cpu",
                      cache: bool = True, batch_size: int = 64, lr: float = 3e-3
                      ) -> tuple[nn.Module, DigitsData]:
-    """Train ``DigitsCNN`` (``arch="plain"``) or ``ResidualDigitsCNN`` (``"residual"``) on the
-    training split of ``load_digits_data()`` (split seed 0, fixed for every training seed).
+    """Train ``DigitsCNN`` (``arch="plain"``), ``ResidualDigitsCNN`` (``"residual"``) or
+    ``DeepResidualDigitsCNN`` (``"deep"``) on the training split of ``load_digits_data()`` (split seed 0, fixed for every training seed).
 
     Adam with a cosine learning-rate decay, small random affine warps of the training images;
     initialisation, batch order and warps come from ``seed``.
@@ -198,7 +228,8 @@ def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 20, devic
         raise QroundError(f"device={str(device)!r} was asked for but CUDA is not available")
 
     data = load_digits_data()
-    model = (DigitsCNN if arch == "plain" else ResidualDigitsCNN)(seed)
+    model = {"plain": DigitsCNN, "residual": ResidualDigitsCNN,
+             "deep": DeepResidualDigitsCNN}[arch](seed)
     path = _cache_path(arch, seed, epochs, batch_size, lr, device) if cache else None
     if path is not None and _load_cached(model, path):
         return model.to(device).eval(), data

@@ -2,12 +2,15 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from qround.errors import QroundError
 from qround.grid import Grid, GridSpec, fit_grid
 from qround.problems import RoundingProblem
 from qround.solvers import GPTQ, get_solver
-from qround.solvers.gptq import inverse_cholesky, round_sequentially
+from qround.solvers.gptq import inverse_cholesky, round_columns, round_sequentially
+
+from ..conftest import correlated_hessian
 
 
 def make_problem(m=6, n=10, seed=0, per_channel=False, bits=3, hessian=None):
@@ -139,3 +142,111 @@ def test_float32_runs():
 def test_bad_arguments(kwargs):
     with pytest.raises(QroundError):
         GPTQ(**kwargs)
+
+
+def reference_gptq(p: RoundingProblem, local: bool, act_order: bool = True, damp: float = 0.01):
+    """The loop as first written, in numpy: explicit inverse of the damped H, its Cholesky
+    factor, one column at a time with every later column updated at once (no blocks)."""
+    out = np.zeros(p.weight.shape, dtype=bool)
+    lower_all = p.scale * (p.floor_codes - p.zero_point)
+    groups = [slice(None)] if p.shared_hessian else [slice(c, c + 1) for c in range(len(p.weight))]
+    for sl in groups:
+        h = (p.hessian if p.shared_hessian else p.hessian[sl][0]).copy()
+        order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
+        h = h[np.ix_(order, order)]
+        h[np.diag(h) == 0, np.diag(h) == 0] = 1.0
+        hinv = np.linalg.inv(h + damp * np.mean(np.diag(h)) * np.eye(len(h)))
+        u_fac = np.linalg.cholesky(hinv).T
+        lower, step = lower_all[sl][:, order], p.step[sl][:, order]
+        w = (p.weight[sl][:, order] if local
+             else lower - 0.5 * p.grad[sl][:, order] @ hinv).copy()
+        for i in range(len(h)):
+            up = (w[:, i] - lower[:, i] >= 0.5 * step[:, i]) & (step[:, i] > 0)
+            err = (w[:, i] - lower[:, i] - step[:, i] * up) / u_fac[i, i]
+            w[:, i:] -= err[:, None] * u_fac[i, i:]
+            out[sl, order[i]] = up
+    return out
+
+
+def real_shaped(m, n, seed, bits=3, symmetric=True, per_channel=False, cross=False):
+    """Correlated heavy-tailed inputs with outliers; a few clipped weights (fixed variables)."""
+    rng = np.random.default_rng(seed)
+    w = 0.05 * rng.normal(size=(m, n))
+    w[0, :2] = [0.6, -0.6]
+    h = correlated_hessian(n, rng, rows=4 * n, outliers=2)
+    if per_channel:
+        h = np.stack([h * rng.uniform(0.5, 2) + np.diag(rng.uniform(0, 0.1, n))
+                      for _ in range(m)])
+    c = h + 0.1 * correlated_hessian(n, rng, rows=4 * n) if cross else None
+    p = RoundingProblem.from_weight(w, h, GridSpec(bits=bits, symmetric=symmetric), cross=c)
+    assert (~p.free).any()
+    return p
+
+
+@pytest.mark.parametrize("m,n,seed,kwargs", [
+    (40, 200, 0, {}),
+    (24, 300, 1, dict(bits=2, symmetric=False)),
+    (50, 150, 2, dict(bits=4, cross=True)),
+    (6, 90, 3, dict(per_channel=True)),
+    (30, 130, 4, dict(bits=2, cross=True, symmetric=False)),
+])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_matches_reference_loop(m, n, seed, kwargs, act_order):
+    """Blocks, the compiled kernel, the factor without an inverse and the target test change
+    the arithmetic, not the choices."""
+    p = real_shaped(m, n, seed, **kwargs)
+    want = reference_gptq(p, local=not kwargs.get("cross"), act_order=act_order)
+    for block in (128, 32):
+        got = GPTQ(act_order=act_order, block=block)._solve(p, p.rtn_choices(), None)[0]
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_kernel_matches_torch_loop(dtype):
+    p = real_shaped(20, 100, seed=5, bits=2)
+    h = torch.as_tensor(np.array(p.hessian), dtype=dtype)
+    upper = inverse_cholesky(h, 0.01)[0]
+
+    def t(a):
+        return torch.as_tensor(np.array(a.T), dtype=dtype)
+
+    args = t(p.weight), t(p.scale * (p.floor_codes - p.zero_point)), t(p.step), upper
+    for block in (1, 16, 128):
+        torch.testing.assert_close(round_columns(*args, block=block, compiled=True),
+                                   round_columns(*args, block=block, compiled=False),
+                                   rtol=0, atol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 40), damp=st.sampled_from([0.0, 0.01]))
+def test_inverse_cholesky_factors(seed, n, damp):
+    """U upper with U^T U = (H + lambda I)^-1, and R upper with R R^T = H + lambda I."""
+    h = correlated_hessian(n, np.random.default_rng(seed), rows=3 * n + 2)
+    upper, r, lam = inverse_cholesky(torch.as_tensor(h), damp)
+    u, r = upper.numpy(), r.numpy()
+    hd = h + lam * np.eye(n)
+    assert np.allclose(u, np.triu(u)) and np.allclose(r, np.triu(r)) and np.all(np.diag(u) > 0)
+    np.testing.assert_allclose(r @ r.T, hd, rtol=1e-9, atol=1e-9 * np.abs(hd).max())
+    np.testing.assert_allclose(u @ r, np.eye(n), atol=1e-8)
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-6,
+                               atol=1e-9 * np.abs(np.linalg.inv(hd)).max())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_local_target_is_recognised(per_channel):
+    def tensors(p):
+        def t(a):
+            return torch.as_tensor(np.array(a.T))
+        hs = [torch.as_tensor(np.array(p.hessian))] if p.shared_hessian else \
+            [torch.as_tensor(np.array(h)) for h in p.hessian]
+        return (t(p.weight), t(p.scale * (p.floor_codes - p.zero_point)), t(p.grad), hs)
+
+    assert GPTQ._is_local_mse(*tensors(real_shaped(8, 30, 6, per_channel=per_channel)))
+    if not per_channel:
+        assert not GPTQ._is_local_mse(*tensors(real_shaped(8, 30, 6, cross=True)))
+        # a target that differs in one weight of one channel only
+        p = real_shaped(8, 30, 7)
+        w, lower, grad, hs = tensors(p)
+        grad = grad.clone()
+        grad[3, 5] += 1e-6 * grad.abs().max()
+        assert not GPTQ._is_local_mse(w, lower, grad, hs)

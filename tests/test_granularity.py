@@ -1,0 +1,328 @@
+"""Reconstruction granularity (MRECG): units, ModCap and loss merges, joint reconstruction of
+units of several modules, the loss-along-depth data and plot, and errors before any work."""
+import copy
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from qround import GridSpec, QroundError
+from qround.activations import insert_act_quantizers, quantized_layers
+from qround.granularity import (Selection, Unit, base_units, capacity, loss_along_depth,
+                                loss_units, merge_runs, modcap_units, oscillation_points,
+                                parse_scheme, plot_losses, reconstruct_with_granularity,
+                                select_units)
+from qround.reconstruct import ReconstructConfig, plan_units, reconstruct
+from qround.zoo.digits import DeepResidualDigitsCNN, ResidualDigitsCNN
+
+torch.set_num_threads(1)
+FAST = ReconstructConfig(iterations=40, batch_size=8, lr_rounding=0.05, seed=2)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+IMAGES = [torch.randn(12, 1, 16, 16, generator=gen(i)) for i in range(2)]
+
+
+class Counting(ResidualDigitsCNN):
+    """The residual digits CNN (untrained) counting its forward calls."""
+
+    calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def quantise(net, batches=IMAGES, wbits=2, abits=4, layers=None):
+    return insert_act_quantizers(net, layers, abits, calib_batches=batches,
+                                 weights=GridSpec(bits=wbits, symmetric=False))
+
+
+@pytest.fixture(scope="module")
+def residual():
+    net = Counting(0)
+    return net, quantise(net)
+
+
+# ------------------------------------------------------------------------------ units
+def test_base_units_of_the_residual_digits_cnn(residual):
+    _, q = residual
+    assert [u.name for u in base_units(q, "layer")] == [
+        "stem", "block1.conv1", "block1.conv2", "down", "block2.conv1", "block2.conv2", "fc"]
+    assert [u.name for u in base_units(q, "block")] == ["stem", "block1", "down", "block2", "fc"]
+    deep_float = DeepResidualDigitsCNN(0)
+    assert deep_float(IMAGES[0]).shape == (12, 10)
+    deep = quantise(deep_float)
+    assert len(base_units(deep, "block")) == 8 and len(base_units(deep, "layer")) == 12
+
+
+def test_unit_name_and_validation():
+    u = Unit(["block1", "down"])
+    assert u.modules == ("block1", "down") and u.name == "block1+down"
+    assert str(Unit(("",))) == "<model>"
+    for bad in ((), "block1", ("a", "a"), ("a", 3)):
+        with pytest.raises(QroundError):
+            Unit(bad)
+    assert parse_scheme("stem, block1+down ,block2") == [
+        Unit(("stem",)), Unit(("block1", "down")), Unit(("block2",))]
+    assert parse_scheme([["a", "b"], Unit(("c",)), "d+e"]) == [
+        Unit(("a", "b")), Unit(("c",)), Unit(("d", "e"))]
+
+
+def test_merge_runs_chains_into_one_run():
+    units = [Unit((n,)) for n in "abcde"]
+    assert [u.name for u in merge_runs(units, [1, 2, 4])] == ["a+b+c", "d+e"]
+    assert merge_runs(units, []) == units
+    with pytest.raises(QroundError, match="out of range"):
+        merge_runs(units, [0])
+
+
+# ------------------------------------------------------------------------------ ModCap
+def test_capacity_is_weight_parameters_times_weight_bits(residual):
+    _, q = residual
+    assert capacity(q.block1, None) == 2 * (16 * 16 * 9) * 2
+    assert capacity(q.down) == 16 * 32 * 9 * 2
+    assert capacity(q.down, wbits=8) == 16 * 32 * 9 * 8
+    assert capacity(nn.Linear(5, 3)) == 15 * 32  # float, no QuantizedLayer
+    mixed = insert_act_quantizers(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), None, None,
+                                  weights={"0": GridSpec(bits=3), "1": None})
+    assert capacity(mixed) == 16 * 3 + 8 * 32
+
+
+def test_modcap_merges_a_module_with_a_smaller_successor():
+    # widths give capacities 8*16, 16*4, 4*16, 16*16, 16*2 (x 4 bits): drops at 1 and 4
+    net = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(4, 16), nn.Linear(16, 16),
+                        nn.Linear(16, 2))
+    q = insert_act_quantizers(net, None, None, weights=GridSpec(bits=4))
+    units = base_units(q, "layer")
+    assert [u.name for u in modcap_units(units, q)] == ["0+1", "2", "3+4"]
+    # equal capacities are not merged (Theorem 1's equivalent modules)
+    flat = insert_act_quantizers(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), None, None,
+                                 weights=GridSpec(bits=4))
+    assert len(modcap_units(base_units(flat, "layer"), flat)) == 2
+    # a chain of decreasing capacities is one unit
+    chain = insert_act_quantizers(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4),
+                                                nn.Linear(4, 2)), None, None,
+                                  weights=GridSpec(bits=4))
+    assert [u.name for u in modcap_units(base_units(chain, "layer"), chain)] == ["0+1+2"]
+
+
+def test_modcap_on_the_deep_digits_cnn_merges_block4_with_the_squeeze():
+    net = DeepResidualDigitsCNN(0)
+    q = quantise(net)
+    sel = select_units(net, q, IMAGES, "modcap", base="block")
+    assert [u.name for u in sel.units if len(u.modules) > 1] == ["block4+squeeze"]
+    assert sel.capacities[sel.base_units.index(Unit(("squeeze",)))] == 32 * 16 * 2
+    assert "capacity" in sel.table()
+
+
+# ------------------------------------------------------------------------------ loss
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), max_size=30))
+def test_oscillation_points_are_exactly_the_drops(losses):
+    points = oscillation_points(losses)
+    assert all(losses[i] < losses[i - 1] for i in points)
+    others = set(range(1, len(losses))) - set(points)
+    assert all(losses[i] >= losses[i - 1] for i in others)
+    assert points == sorted(points) and 0 not in points
+
+
+def test_loss_units_merge_the_k_largest_drops():
+    units = [Unit((n,)) for n in "abcdef"]
+    losses = [1.0, 0.5, 2.0, 1.9, 3.0, 1.0]  # drops: b by 0.5, d by 0.1, f by 2.0
+    assert [u.name for u in loss_units(losses, units, 1)] == ["a", "b", "c", "d", "e+f"]
+    assert [u.name for u in loss_units(losses, units, 2)] == ["a+b", "c", "d", "e+f"]
+    # more k than oscillation points: all of them, no error
+    assert [u.name for u in loss_units(losses, units, 5)] == ["a+b", "c+d", "e+f"]
+    with pytest.raises(QroundError, match=r"k=6 must lie in \[1, 5\]"):
+        loss_units(losses, units, 6)
+    with pytest.raises(QroundError, match="k=0"):
+        loss_units(losses, units, 0)
+    with pytest.raises(QroundError, match="finite"):
+        oscillation_points([1.0, float("nan")])
+
+
+def test_loss_selection_runs_a_quick_pass_and_merges_its_oscillations(residual):
+    net, q = residual
+    state = copy.deepcopy(q.state_dict())
+    sel = select_units(net, q, IMAGES, "loss", k=1, base="layer", config=FAST,
+                       search_iterations=5)
+    assert len(sel.base_losses) == len(sel.base_units) == 7
+    points = oscillation_points(sel.base_losses)
+    assert len(sel.merges) == min(1, len(points)) and set(sel.merges) <= set(points)
+    assert len(sel.units) == 7 - len(sel.merges) and sel.search_seconds > 0
+    assert all(torch.equal(v, state[k]) for k, v in q.state_dict().items())
+    d = json.loads(json.dumps(sel.as_dict()))
+    assert d["units"][0] == ["stem"] and d["oscillation_points"] == points
+
+
+# ------------------------------------------------------------------------------ joint units
+@torch.no_grad()
+def _unit_mse(qmodel, fmodel, module, batches):
+    outs = {}
+
+    def grab(tag):
+        return lambda m, a, out: outs.__setitem__(tag, out)
+
+    total = count = 0
+    for x in batches:
+        handles = [dict(qmodel.named_modules())[module].register_forward_hook(grab("q")),
+                   dict(fmodel.named_modules())[module].register_forward_hook(grab("f"))]
+        qmodel(x), fmodel(x)
+        for h in handles:
+            h.remove()
+        total += float(((outs["q"] - outs["f"]) ** 2).sum())
+        count += outs["f"].numel()
+    return total / count
+
+
+def test_joint_unit_reduces_its_output_error_and_touches_nothing_else():
+    net = ResidualDigitsCNN(0)
+    inner = ["stem", "block1.conv1", "block1.conv2", "down"]
+    q = quantise(net, layers=inner)  # block2 and fc stay float nn.Conv2d / nn.Linear
+    float_state = {k: v.clone() for k, v in q.state_dict().items() if k.startswith(("block2",
+                                                                                      "fc"))}
+    res = reconstruct(net, q, IMAGES, [("block1", "down")], FAST)
+    assert [b.block for b in res.blocks] == ["stem", "block1+down"]
+    joint = res.blocks[1]
+    assert joint.modules == ("block1", "down")
+    assert joint.layers == ("block1.conv1", "block1.conv2", "down")
+    assert joint.loss_after < 0.9 * joint.loss_before
+    # loss_after is the MSE of the last module's output with the unit's input from the model
+    assert joint.loss_after == pytest.approx(_unit_mse(res.model, net, "down", IMAGES), rel=1e-4)
+    assert res.losses == [b.loss_after for b in res.blocks]
+    assert res.units == [Unit(("stem",)), Unit(("block1", "down"))]
+    for k, v in res.model.state_dict().items():
+        if k in float_state:
+            assert torch.equal(v, float_state[k])
+    assert all(p.requires_grad for p in res.model.block2.parameters())  # flags restored
+    layers = quantized_layers(res.model)
+    assert not torch.equal(layers["down"].w_codes, q.down.w_codes)
+    assert not torch.equal(layers["block1.conv1"].act.step, q.block1.conv1.act.step)
+    # the stem, inside the unit's LCA (the model) but outside the unit, ends as when it is
+    # reconstructed without the joint unit after it
+    alone = reconstruct(net, q, IMAGES, ["stem"], FAST)
+    sa, sb = alone.model.stem.state_dict(), res.model.stem.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_first_joint_unit_starts_from_the_quantised_models_own_error():
+    net = ResidualDigitsCNN(0)
+    q = quantise(net)
+    res = reconstruct(net, q, IMAGES, [("stem", "block1")], FAST)
+    assert res.blocks[0].block == "stem+block1"
+    assert res.blocks[0].loss_before == pytest.approx(_unit_mse(q, net, "block1", IMAGES),
+                                                      rel=1e-4)
+    assert res.blocks[0].loss_after < res.blocks[0].loss_before
+    # layers outside the units: alone
+    assert [b.block for b in res.blocks] == ["stem+block1", "down", "block2.conv1",
+                                             "block2.conv2", "fc"]
+
+
+class KwargsBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 5), nn.Linear(5, 5)
+
+    def forward(self, x, mask=None):
+        return (self.fc2(torch.relu(self.fc1(x))) * mask[..., None] + x, None)
+
+
+class KwargsNet(nn.Module):
+    """HF-like: transformer layers in a ModuleList (no forward), keyword inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.ModuleList([KwargsBlock() for _ in range(3)])
+        g = gen(1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x, mask):
+        for blk in self.layer:
+            x = blk(x, mask=mask)[0]
+        return x
+
+
+def test_joint_transformer_layers_take_their_input_above_the_module_list():
+    net = KwargsNet()
+    batches = [{"x": torch.randn(4, 3, 5, generator=gen(i)),
+                "mask": (torch.rand(4, 3, generator=gen(10 + i)) > 0.3).float()}
+               for i in range(2)]
+    q = insert_act_quantizers(net, None, 4, calib_batches=batches, weights=GridSpec(bits=3))
+    res = reconstruct(net, q, batches, ["layer.0", ("layer.1", "layer.2")],
+                      ReconstructConfig(iterations=100, seed=1))
+    assert [b.block for b in res.blocks] == ["layer.0", "layer.1+layer.2"]
+    assert res.blocks[1].loss_after < res.blocks[1].loss_before
+
+
+# ------------------------------------------------------------------------------ selection
+def test_granularities_and_reconstruct_with_granularity(residual):
+    net, q = residual
+    assert [u.name for u in select_units(net, q, IMAGES, "layer").units][:2] == [
+        "stem", "block1.conv1"]
+    assert len(select_units(net, q, IMAGES, "block").units) == 5
+    sel = select_units(net, q, IMAGES, "scheme", scheme="stem+block1,down+block2")
+    assert [u.name for u in sel.units] == ["stem+block1", "down+block2", "fc"]
+    res, sel = reconstruct_with_granularity(net, q, IMAGES, "scheme",
+                                            scheme=[["block2", "fc"]],
+                                            config=ReconstructConfig(iterations=3))
+    assert isinstance(sel, Selection) and res.blocks[-1].block == "block2+fc"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(granularity="coarse"), "granularity must be"),
+    (dict(granularity="scheme", scheme=["block1", "nope"]), "do not exist"),
+    (dict(granularity="scheme", scheme=[]), "non-empty"),
+    (dict(granularity="scheme"), "non-empty"),
+    (dict(granularity="scheme", scheme=["block1", "block1.conv1+down"]), "overlap"),
+    (dict(granularity="block", scheme=["block1"]), "granularity='scheme'"),
+    (dict(granularity="loss"), "needs k"),
+    (dict(granularity="loss", k=5, base="block"), r"k=5 must lie in \[1, 4\]"),
+    (dict(granularity="loss", k=0), "k=0"),
+    (dict(granularity="modcap", base="stage"), "base must be"),
+    (dict(granularity="loss", k=1, metric="l1"), "metric must be"),
+    (dict(granularity="modcap", wbits=0), "wbits"),
+])
+def test_errors_before_any_work(residual, kwargs, match):
+    net, q = residual
+    net.calls = q.calls = 0
+    with pytest.raises(QroundError, match=match):
+        select_units(net, q, IMAGES, **kwargs)
+    assert net.calls == 0 and q.calls == 0  # no forward ran
+
+
+def test_units_must_be_consecutive(residual):
+    net, q = residual
+    with pytest.raises(QroundError, match="not consecutive.*down"):
+        plan_units(net, q, IMAGES, [("block1", "block2")])
+    with pytest.raises(QroundError, match="not consecutive"):
+        reconstruct(net, q, IMAGES, [("stem", "down"), "block1"], FAST)
+    # listed out of order: put in forward order
+    assert plan_units(net, q, IMAGES, [("down", "block1")])[1] == Unit(("block1", "down"))
+
+
+# ------------------------------------------------------------------------------ loss along depth
+def test_loss_along_depth_and_plot(residual, tmp_path):
+    net, q = residual
+    res = reconstruct(net, q, IMAGES, None, ReconstructConfig(iterations=3))
+    joint = reconstruct(net, q, IMAGES, [("block1", "down")], ReconstructConfig(iterations=3))
+    prof = loss_along_depth(res)
+    assert prof["units"][0] == "stem" and len(prof["loss"]) == 7
+    assert prof["oscillation"] == oscillation_points(prof["loss"])
+    rel = loss_along_depth(res, "relative")
+    assert rel["loss"] == pytest.approx([b.relative_loss for b in res.blocks])
+    json.dumps(prof)
+    path = tmp_path / "loss.png"
+    plot_losses({"layer": prof, "block1+down": joint}, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(QroundError, match="does not exist"):
+        plot_losses({"layer": prof}, str(tmp_path / "missing" / "x.png"))
+    with pytest.raises(QroundError, match="loss_along_depth"):
+        plot_losses({"layer": {"loss": [1.0]}}, str(path))
