@@ -18,12 +18,12 @@ from numba import njit
 
 
 @njit(cache=True)
-def border_correction(codes, grid, oy, ox, bmap, b0, c1, c2, kh, kw, sh, sw, dh, dw,
+def border_correction(low, high, grid, oy, ox, bmap, b0, c1, c2, kh, kw, sh, sw, dh, dw,
                       qmin, qmax, one, step, wt, corr):
     """Add the border correction to ``corr`` in place; returns the number of elements whose
     code differs from their base code.
 
-    codes: (2, N, C, GH, GW) lowest (base) and highest clipped code of each position of
+    low, high: (N, C, GH, GW) the lowest (base) and highest clipped code of each position of
     ``grid`` (N, C, GH, GW), the input divided by the step: the real positions (``oy``, ``ox``
     their offset in the padded input) or the whole padded input.  bmap: (N, C, Ho, Wo) fused
     borders, or empty for element-wise borders given by b0, c1, c2 (C*kh*kw,) (c2 empty for
@@ -46,8 +46,8 @@ def border_correction(codes, grid, oy, ox, bmap, b0, c1, c2, kh, kw, sh, sw, dh,
             col0 = (ch % cg) * kk
             for y in range(gh):
                 for x in range(gw):
-                    base = codes[0, b, ch, y, x]
-                    if base == codes[1, b, ch, y, x]:
+                    base = low[b, ch, y, x]
+                    if base == high[b, ch, y, x]:
                         continue
                     v = grid[b, ch, y, x]
                     for jh in range(kh):

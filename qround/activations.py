@@ -19,10 +19,23 @@ where ``B = 0.5`` is rounding to nearest and ``B`` learned per element is AQuant
   the channel, the paper's motivation).  Eq. 9 is stated on the VDP's activation vector, i.e.
   the im2col patch, and the border then depends on the patch's other values: the same pixel
   may round differently in the ``k*k`` patches that contain it.  A conv with borders is
-  therefore computed as im2col + matmul with the rounding applied to each patch element (the
+  therefore trained as im2col + matmul with the rounding applied to each patch element (the
   paper fuses it into its ``img2col`` kernel), never by quantising the input image once.
   Linear layers have no channel structure and never fuse (as in the paper's BERT
   experiments); in a 1x1 conv fusion is the identity.
+
+Inference path of a conv with borders (no autograd, no QDrop, CPU; the same codes as im2col,
+only the order of the sums differs).  ``floor(v + 1 - B)`` is monotone in ``B``, so each input
+position's code over all the patches holding it lies between its codes for the highest and the
+lowest border it meets: for a fused border the max / min of the per-patch border map (the
+depthwise convolution of :meth:`ActQuantizer.patch_border`, shared with the training path so
+that both round identically) over those patches; element-wise, the border polynomial with
+each coefficient at its extreme over the channel's ``k*k`` positions.  The conv runs once on
+the lowest codes (``F.conv2d``, no im2col); wherever the two codes differ (a fraction of a
+percent of the positions with trained borders) a compiled loop
+(:mod:`qround._border_kernel`) recomputes each patch's code with the im2col path's float
+operations and adds ``W[:, i, j] * s * (code - base)``.  The border map and the bounds cost a
+few passes over the input (no ``C_out`` factor); set ``force_unfold`` to time the im2col path.
 
 Choices of ours, each equivalent to the paper up to what it leaves open:
 
@@ -309,7 +322,9 @@ class QuantizedLayer(nn.Module):
     ``s (clip(w_floor + h(V), qmin, qmax) - z)`` with ``h`` AdaRound's rectified sigmoid and ``V``
     (``w_round``) starting where ``h(V)`` is the fractional part of ``w/s``.  :meth:`harden`
     sets ``codes = clip(w_floor + [h(V) >= 0.5])``.  A conv in "border" mode runs as
-    im2col + matmul (set ``force_unfold`` to run "nearest" that way too, for timing).
+    im2col + matmul when a gradient is needed, else as a conv plus a sparse correction with
+    the same codes (module docstring); ``force_unfold`` runs im2col always, "nearest" too
+    (for timing).
     ``qdrop``: while > 0, each quantised input element is replaced by its float value with that
     probability, drawn from ``qdrop_generator`` (set by :func:`qdrop`).
     """
@@ -497,15 +512,15 @@ class QuantizedLayer(nn.Module):
         c, kk = x.shape[1], kh * kw
         if act.fusion_size > 1:
             bmap = self._patch_border(v, grid).contiguous()
-            # highest and lowest border of the patches holding each position: max of B and -B
-            both = torch.stack([bmap, bmap.neg()])
+            # highest and lowest border of the patches holding each position
             if (sh, sw) == (1, 1) and bmap.shape[2:] == grid.shape[2:]:
-                both = _spread_shifts(both, [oy - j * dh for j in range(kh)], grid.shape[3])
-                both = _spread_shifts(both, [ox - j * dw for j in range(kw)], 1)
+                rows = [oy - j * dh for j in range(kh)]
+                cols = [ox - j * dw for j in range(kw)]
+                bounds = [_spread_shifts(_spread_shifts(bmap, rows, grid.shape[3], hi), cols, 1,
+                                         hi) for hi in (True, False)]
             else:
-                both = _spread_max(both, 3, kh, sh, dh, oy, grid.shape[2])
-                both = _spread_max(both, 4, kw, sw, dw, ox, grid.shape[3])
-            both[0].neg_()                                              # -max B, -min B
+                bounds = [_spread(_spread(bmap, 2, kh, sh, dh, oy, grid.shape[2], hi),
+                                  3, kw, sw, dw, ox, grid.shape[3], hi) for hi in (True, False)]
             b0 = c1 = c2 = bmap.new_empty(0)
         else:
             # bounds of b0_j + (c1_j + c2_j v) v over the positions j: the same float operations
@@ -515,31 +530,29 @@ class QuantizedLayer(nn.Module):
             ext = [(t.view(c, kk).amax(1).view(c, 1, 1), t.view(c, kk).amin(1).view(c, 1, 1))
                    for t in (b0, c1) + ((c2,) if c2 is not None else ())]
             pos = grid >= 0
-            both = torch.stack([torch.where(pos, ext[1][0], ext[1][1]),
-                                torch.where(pos, ext[1][1], ext[1][0])])
-            if c2 is not None:
-                both[0].add_(ext[2][0] * grid)
-                both[1].add_(ext[2][1] * grid)
-            both.mul_(grid)
-            both[0].add_(ext[0][0])
-            both[1].add_(ext[0][1])
-            both.neg_()                                                 # -max B, -min B
+            bounds = []
+            for i, k in ((0, 1), (1, 0)):       # highest, then lowest border
+                bound = torch.where(pos, ext[1][i], ext[1][k])
+                if c2 is not None:
+                    bound.add_(ext[2][i] * grid)
+                bounds.append(bound.mul_(grid).add_(ext[0][i]))
             c2 = c2 if c2 is not None else b0.new_empty(0)
-        # floor(v + (1 - B)) is monotone in B: [lowest, highest] code over the patches
+        # floor(v + (1 - B)) is monotone in B: the lowest and the highest code over the patches
         # (in place: -B + 1 and A + v round exactly as 1 - B and v + A)
-        codes = both.add_(1.0).add_(grid).floor_().clamp_(act.qmin, act.qmax)
+        lo, hi = (b.neg_().add_(1.0).add_(grid).floor_().clamp_(act.qmin, act.qmax)
+                  for b in bounds)
         if zeros:
-            out = conv._conv_forward(codes[0] * s, w, conv.bias)
+            out = conv._conv_forward(lo * s, w, conv.bias)
         else:
-            out = F.conv2d(codes[0] * s, w, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+            out = F.conv2d(lo * s, w, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
         g = conv.groups
         wt = w.reshape(g, w.shape[0] // g, -1).transpose(1, 2).contiguous()
         corr = out.new_zeros(out.shape[0], out.shape[2], out.shape[3], out.shape[1])
         dt = _NUMPY[x.dtype]
-        codes_, grid_, bmap_, b0_, c1_, c2_, wt_, corr_ = (
-            t.detach().numpy() for t in (codes, grid, bmap, b0, c1, c2, wt, corr))
-        if border_correction(codes_, grid_, oy, ox, bmap_, b0_, c1_, c2_, kh, kw, sh, sw, dh, dw,
-                             dt(act.qmin), dt(act.qmax), dt(1.0), dt(s.item()), wt_, corr_):
+        lo_, hi_, grid_, bmap_, b0_, c1_, c2_, wt_, corr_ = (
+            t.detach().numpy() for t in (lo, hi, grid, bmap, b0, c1, c2, wt, corr))
+        if border_correction(lo_, hi_, grid_, oy, ox, bmap_, b0_, c1_, c2_, kh, kw, sh, sw, dh,
+                             dw, dt(act.qmin), dt(act.qmax), dt(1.0), dt(s.item()), wt_, corr_):
             out.add_(corr.permute(0, 3, 1, 2))
         return out
 
@@ -573,45 +586,49 @@ class QuantizedLayer(nn.Module):
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _spread_shifts(dev: torch.Tensor, shifts: list[int], unit: int) -> torch.Tensor:
+def _spread_shifts(dev: torch.Tensor, shifts: list[int], unit: int, hi: bool) -> torch.Tensor:
     """``out[i] >= max_t dev[i + t * unit]`` over the shifts ``t`` (indices of the flattened
-    contiguous ``dev``), -inf where no shift applies: :func:`_spread_max` for a stride-1 conv
-    whose patches and positions coincide, along rows (``unit`` = row length) or columns
-    (``unit`` = 1).  Shifting the whole flat tensor lets a shift reach into the neighbouring
-    row or plane at the edges; those extra terms only loosen the bound (so they cost a few
-    needless candidates, never a wrong code) and keep every operation one contiguous pass."""
+    contiguous ``dev``), -inf where no shift applies (``hi``; else ``<=`` the min, +inf):
+    :func:`_spread` for a stride-1 conv whose patches and positions coincide, along rows
+    (``unit`` = row length) or columns (``unit`` = 1).  Shifting the whole flat tensor lets a
+    shift reach into the neighbouring row or plane at the edges; those extra terms only loosen
+    the bound (a few needless candidates, never a wrong code) and keep every operation one
+    contiguous pass (a shift of a narrowed last axis runs row by row, several times slower)."""
+    op = torch.maximum if hi else torch.minimum
     flat = dev.reshape(-1)
     size = flat.numel()
-    out = flat.clone() if 0 in shifts else torch.full_like(flat, -math.inf)
+    out = flat.clone() if 0 in shifts else torch.full_like(flat, -math.inf if hi else math.inf)
     for t in shifts:
         k = t * unit
         if k > 0 and k < size:
-            torch.maximum(out[:size - k], flat[k:], out=out[:size - k])
+            op(out[:size - k], flat[k:], out=out[:size - k])
         elif k < 0 and -k < size:
-            torch.maximum(out[-k:], flat[:size + k], out=out[-k:])
+            op(out[-k:], flat[:size + k], out=out[-k:])
     return out.view(dev.shape)
 
 
-def _spread_max(dev: torch.Tensor, dim: int, k: int, stride: int, dilation: int, start: int,
-                length: int) -> torch.Tensor:
-    """Along ``dim``: ``out[P] = max dev[p]`` over the patches ``p`` that hold padded input
-    position ``start + P`` (``p*stride + j*dilation == start + P`` for a ``j < k``), -inf where
-    none; ``P < length``.  dev: one entry per patch along ``dim``."""
+def _spread(dev: torch.Tensor, dim: int, k: int, stride: int, dilation: int, start: int,
+            length: int, hi: bool) -> torch.Tensor:
+    """Along ``dim``: ``out[P] = max dev[p]`` (``hi``; else the min) over the patches ``p`` that
+    hold padded input position ``start + P`` (``p*stride + j*dilation == start + P`` for a
+    ``j < k``), -inf (+inf) where none; ``P < length``.  dev: one entry per patch along
+    ``dim``."""
+    op, fill = (torch.maximum, -math.inf) if hi else (torch.minimum, math.inf)
     span = (k - 1) * dilation
     shape = list(dev.shape)
     shape[dim] = max(start + length, (shape[dim] - 1) * stride + 1) + span
     z = dev.new_empty(shape)
     end = span + (dev.shape[dim] - 1) * stride + 1
     if stride == 1:                           # only the margins are not overwritten below
-        z.narrow(dim, 0, span).fill_(-math.inf)
-        z.narrow(dim, end, z.shape[dim] - end).fill_(-math.inf)
+        z.narrow(dim, 0, span).fill_(fill)
+        z.narrow(dim, end, z.shape[dim] - end).fill_(fill)
     else:
-        z.fill_(-math.inf)
+        z.fill_(fill)
     z[(slice(None),) * dim + (slice(span, end, stride),)] = dev   # z[span + p*stride] = dev[p]
     out = z.narrow(dim, start, length)
     for u in range(1, k):                     # z[start + P + u*dilation]: offset j = k-1-u
         more = z.narrow(dim, start + u * dilation, length)
-        out = torch.maximum(out, more) if u == 1 else torch.maximum(out, more, out=out)
+        out = op(out, more) if u == 1 else op(out, more, out=out)
     return out if k > 1 else out.clone()
 
 

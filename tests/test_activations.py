@@ -1,5 +1,6 @@
 """Activation quantisers, AQuant borders and QuantizedLayer against explicit references."""
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qround import GridSpec, QroundError, fit_grid
-from qround.activations import (ActQuantizer, QuantizedLayer, insert_act_quantizers, qdrop,
-                                quantized_layers)
+from qround.activations import (ActQuantizer, QuantizedLayer, _spread, _spread_shifts,
+                                insert_act_quantizers, qdrop, quantized_layers)
 
 torch.set_num_threads(1)
 
@@ -441,6 +442,55 @@ def test_inference_path_gives_the_codes_of_the_im2col_path(cfg, fusion, borders,
         unfold = layer(x)
     assert torch.equal(fast, train.detach())
     assert torch.equal(fast, unfold)
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(padding=2, dilation=2),
+                                dict(k=5, padding=2, groups=2), dict(padding=1, stride=2),
+                                dict(padding=1, padding_mode="reflect")])
+@pytest.mark.parametrize("fusion", [True, False])
+def test_inference_path_on_common_convs(kw, fusion):
+    kw = dict(kw)
+    layer = exact_conv_layer(4, 6, kw.pop("k", 3), fusion, "quadratic", 4, False, 7, **kw)
+    random_borders(layer.act, 8, 0.4)
+    x = tie_heavy_input((3, 4, 9, 9), layer.act, 9)
+    train = layer(x).detach()
+    with torch.no_grad():
+        assert torch.equal(layer(x), train)
+
+
+def brute_spread(b, k, stride, dilation, start, length):
+    """max / min of b over the patches holding each position, by loops (1-D)."""
+    hi, lo = torch.full((length,), -math.inf), torch.full((length,), math.inf)
+    for pos in range(length):
+        for p in range(len(b)):
+            if any(p * stride + j * dilation == start + pos for j in range(k)):
+                hi[pos], lo[pos] = max(hi[pos], b[p]), min(lo[pos], b[p])
+    return hi, lo
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 4), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       start=st.integers(0, 3), length=st.integers(1, 9), patches=st.integers(1, 6),
+       seed=st.integers(0, 1000))
+def test_spread_is_the_max_and_min_over_the_patches_of_each_position(k, stride, dilation, start,
+                                                                     length, patches, seed):
+    b = torch.randn(patches, generator=gen(seed))
+    ref_hi, ref_lo = brute_spread(b.tolist(), k, stride, dilation, start, length)
+    for dim in (0, 1):                             # along rows and along columns
+        b2 = b.view(-1, 1).expand(-1, 2) if dim == 0 else b.view(1, -1).expand(2, -1)
+        for hi, ref in ((True, ref_hi), (False, ref_lo)):
+            out = _spread(b2.contiguous(), dim, k, stride, dilation, start, length, hi)
+            got = out[:, 0] if dim == 0 else out[0]
+            assert torch.equal(got, ref)
+    if stride == 1 and patches == length:          # the flat-shift variant: a bound
+        shifts = [start - j * dilation for j in range(k)]
+        for hi, ref in ((True, ref_hi), (False, ref_lo)):
+            got = _spread_shifts(b, shifts, 1, hi)
+            assert torch.equal(got, ref)           # 1-D: no neighbouring rows, exact
+            rows = _spread_shifts(b.view(-1, 1).expand(-1, 3).contiguous(), shifts, 3, hi)
+            assert torch.equal(rows[:, 1], ref)
+            cols = _spread_shifts(b.view(1, -1).expand(2, -1).contiguous(), shifts, 1, hi)
+            assert bool(((cols[0] >= ref) if hi else (cols[0] <= ref)).all())
 
 
 def test_inference_path_is_taken_without_autograd_only(monkeypatch):

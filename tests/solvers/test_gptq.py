@@ -185,7 +185,7 @@ def real_shaped(m, n, seed, bits=3, symmetric=True, per_channel=False, cross=Fal
 
 @pytest.mark.parametrize("m,n,seed,kwargs", [
     (40, 200, 0, {}),
-    (24, 300, 1, dict(bits=2, symmetric=False)),
+    (24, 180, 1, dict(bits=2, symmetric=False)),
     (50, 150, 2, dict(bits=4, cross=True)),
     (6, 90, 3, dict(per_channel=True)),
     (30, 130, 4, dict(bits=2, cross=True, symmetric=False)),

@@ -139,3 +139,13 @@ def test_registered_and_bad_arguments():
                          (dict(reset_every="2"), "reset_every")]:
         with pytest.raises(QroundError, match=word):
             Tabu(**kwargs)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_kernel_inputs_energy_is_the_problem_energy(per_channel):
+    # kernel_inputs takes the energies from the local fields it already has (one product with H)
+    p = make_problem(m=6, n=15, seed=12, per_channel=per_channel, symmetric=False)
+    b = np.random.default_rng(0).integers(0, 2, size=p.weight.shape).astype(bool) & p.free
+    args = _kernels.kernel_inputs(p, b, np.random.default_rng(0))
+    np.testing.assert_allclose(args["energy"], p.energies(b), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(args["fields"], p.local_fields(b), rtol=1e-12, atol=1e-12)
