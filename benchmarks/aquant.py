@@ -21,8 +21,11 @@ Reported per method and width over the seeds: test accuracy (mean, std, per seed
 logit error ``||z_q - z||^2 / ||z||^2`` on the test set (more sensitive than the accuracy of a
 ~99% model: one test image is 0.28 points), the summed calibration block MSE after
 reconstruction, and seconds.  Overhead: time per forward of one reconstructed W4A4 AQuant model
-on a batch of 64 test images with torch threads 1, in "border" mode (im2col + border + matmul)
-vs "nearest" mode (quantise + F.conv2d) vs nearest through the same im2col + matmul path.
+on a batch of 64 test images with torch threads 1 (no autograd), in "border" mode (the inference
+path: F.conv2d of a base rounding plus a sparse correction, the codes of the im2col path) vs
+"nearest" mode (quantise + F.conv2d), with the im2col paths (border and nearest through im2col +
+matmul, the training path) as references; wall-clock and the thread's CPU time (robust to load
+from other processes on a shared machine).
 """
 from __future__ import annotations
 
@@ -85,32 +88,39 @@ def logit_error(model, qmodel, images) -> float:
 
 
 MODES = (("border", "border", False), ("nearest", "nearest", False),
-         ("nearest-im2col", "nearest", True))
+         ("border-im2col", "border", True), ("nearest-im2col", "nearest", True))
 
 
 @torch.no_grad()
 def overhead(qmodel, images, repeats: int) -> dict:
-    """Median ms per forward of the same reconstructed model in each execution mode: "border"
-    (im2col + border + matmul), "nearest" (quantise + F.conv2d), "nearest-im2col" (nearest
-    through the im2col + matmul path).  Modes are interleaved call by call so that load from
-    other processes hits them alike; two warm-up rounds are not timed."""
+    """Median ms per forward (wall clock, and ``cpu_`` the thread's CPU time) of the same
+    reconstructed model in each execution mode: "border" (the inference path: conv of a base
+    rounding + sparse correction), "nearest" (quantise + F.conv2d), "border-im2col" (im2col +
+    border + matmul, the training path), "nearest-im2col" (nearest through im2col + matmul).
+    Modes are interleaved call by call so that load from other processes hits them alike; two
+    warm-up rounds are not timed."""
     layers = [m for m in quantized_layers(qmodel).values() if m.act_mode == "border"]
-    times: dict[str, list[float]] = {label: [] for label, _, _ in MODES}
+    wall: dict[str, list[float]] = {label: [] for label, _, _ in MODES}
+    cpu: dict[str, list[float]] = {label: [] for label, _, _ in MODES}
     try:
         for r in range(repeats + 2):
             for label, mode, unfold in MODES:
                 for m in layers:
                     m.act_mode, m.force_unfold = mode, unfold
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 qmodel(images)
                 if r >= 2:
-                    times[label].append(time.perf_counter() - t0)
+                    wall[label].append(time.perf_counter() - t0)
+                    cpu[label].append(time.thread_time() - c0)
     finally:
         for m in layers:
             m.act_mode, m.force_unfold = "border", False
-    out = {label: 1e3 * statistics.median(t) for label, t in times.items()}
-    out["ratio_border_vs_nearest"] = out["border"] / out["nearest"]
-    out["ratio_border_vs_nearest_im2col"] = out["border"] / out["nearest-im2col"]
+    out = {label: 1e3 * statistics.median(t) for label, t in wall.items()}
+    out |= {f"cpu_{label}": 1e3 * statistics.median(t) for label, t in cpu.items()}
+    for prefix in ("", "cpu_"):
+        for label in ("border", "border-im2col"):
+            out[f"{prefix}ratio_{label}_vs_nearest"] = (out[prefix + label]
+                                                        / out[prefix + "nearest"])
     return out
 
 
@@ -171,10 +181,13 @@ def main(argv=None) -> int:
     print(format_table(table_rows, ["bits", "method", "accuracy", "std", "per_seed",
                                     "logit_err", "logit_err_std", "block_mse", "seconds"]))
     if timing:
-        print(f"\nborder overhead (W4A4 AQuant model, batch 64, CPU, 1 thread, median ms per "
-              f"forward): border {timing['border']:.3f}, nearest {timing['nearest']:.3f} "
-              f"(x{timing['ratio_border_vs_nearest']:.2f}), nearest via im2col "
-              f"{timing['nearest-im2col']:.3f} (x{timing['ratio_border_vs_nearest_im2col']:.2f})")
+        print("\nborder overhead (W4A4 AQuant model, batch 64, CPU, 1 thread, no autograd, median "
+              "ms per forward, wall / thread CPU time):")
+        for label, _, _ in MODES:
+            ratio = timing.get(f"ratio_{label}_vs_nearest")
+            print(f"  {label:15s} {timing[label]:8.3f} / {timing['cpu_' + label]:8.3f}"
+                  + (f"   x{ratio:.2f} / x{timing[f'cpu_ratio_{label}_vs_nearest']:.2f} of nearest"
+                     if ratio else ""))
     total = time.perf_counter() - start
     print(f"total {total:.0f} s")
     if args.json:
