@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 import time
 from dataclasses import dataclass, field
 
@@ -72,6 +71,7 @@ class BenchConfig:
     sentences: int = 256
     threads: int = 1
     seed: int = 0
+    gptq_reference: bool = True  # time and cost of unrestricted GPTQ (qround.baselines)
     skipped: list = field(default_factory=list)
 
 
@@ -122,11 +122,15 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
 
     # Both thread pools are pinned: small matrix products on a contended 2-core machine can be
     # 100x slower with 2 threads than with 1, and numba's prange otherwise takes every core.
+    # numpy's BLAS too (energies, local fields): 10x slower under load with its default pool.
+    from threadpoolctl import threadpool_limits
+
     prev = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(cfg.threads)
     numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        return _run(cfg, progress, tqdm)
+        with threadpool_limits(limits=cfg.threads):
+            return _run(cfg, progress, tqdm)
     finally:
         torch.set_num_threads(prev[0])
         numba.set_num_threads(prev[1])
@@ -169,6 +173,8 @@ def _run(cfg, progress, tqdm):
             part, _ = _solve(solver, sub, cfg.seed)
             part_slow, _ = _solve(solver, slow_sub, cfg.seed)
             results[label] = dict(full=full, sub=part, slow=part_slow, kind="ours")
+        if cfg.gptq_reference:
+            rows.append(_gptq_reference_row(name, bits, problem, w, h))
         for label, solver in refs.items():
             slow = label.startswith("neal-")
             if slow and n > cfg.slow_ref_max_inputs:
@@ -185,6 +191,29 @@ def _run(cfg, progress, tqdm):
         exact_rows += _exact_gaps(problem, {**ours, **refs}, cfg)
     return {"config": {k: v for k, v in vars(cfg).items() if k != "skipped"},
             "rows": rows, "exact": exact_rows, "skipped": cfg.skipped, "load_seconds": load_s}
+
+
+def direct_cost(problem: RoundingProblem, weight, hessian, codes) -> float:
+    """``sum_c (w_hat_c - w_c)^T H (w_hat_c - w_c)`` of any integer ``codes`` (out, in) on the
+    problem's grid, for a problem with the local-MSE target and shared ``hessian`` (in, in)."""
+    d = problem.grid.dequantize(codes) - np.asarray(weight, dtype=np.float64)
+    return float(np.einsum("ci,ij,cj->", d, np.asarray(hessian, dtype=np.float64), d))
+
+
+def _gptq_reference_row(name, bits, problem, weight, hessian) -> dict:
+    """GPTQ as its users run it (``qround.baselines.gptq_quantize``: unrestricted codes,
+    act-order, 1 % damping, blocks of 128) on the whole layer: its cost ``sum_c (w_hat_c -
+    w_c)^T H (w_hat_c - w_c)`` relative to RTN's, and its wall time; the time reference of
+    the ``fast`` target.  Not a floor/ceil choice, so it is left out of the best-found gaps."""
+    from .baselines import gptq_quantize
+
+    t0 = time.perf_counter()
+    codes = gptq_quantize(weight, hessian, problem.grid)
+    seconds = time.perf_counter() - t0
+    cost = direct_cost(problem, weight, hessian, codes)
+    return {"layer": name, "bits": bits, "shape": list(problem.weight.shape),
+            "solver": "gptq-reference", "kind": "reference", "seconds": seconds,
+            "ratio": cost / float(problem.rtn_costs().sum())}
 
 
 def _layer_rows(name, bits, shape, results, cfg):
@@ -258,15 +287,13 @@ def summarise(result: dict) -> str:
 def plot(result: dict, path: str) -> None:
     """cost/RTN against seconds (log x) per layer and bit width; full-layer seconds for ours,
     seconds per channel x channels for references (extrapolated, marked hollow)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import new_figure, save_figure_atomic
 
     keys = sorted({(r["layer"], r["bits"]) for r in result["rows"]})
     cols = min(3, len(keys))
     rows_n = int(np.ceil(len(keys) / cols))
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4.2 * rows_n), squeeze=False)
+    fig = new_figure(figsize=(5.5 * cols, 4.2 * rows_n))
+    axes = fig.subplots(rows_n, cols, squeeze=False)
     for ax, (layer, bits) in zip(axes.flat, keys):
         for r in result["rows"]:
             if (r["layer"], r["bits"]) != (layer, bits):
@@ -289,9 +316,7 @@ def plot(result: dict, path: str) -> None:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, what="solver plot")
 
 
 def main(argv=None) -> int:

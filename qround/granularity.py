@@ -387,13 +387,10 @@ def plot_losses(curves: Mapping[str, dict | ReconstructResult], path: str,
         order += [layer for unit in p["layers"] for layer in unit if layer not in order]
     x_of = {layer: i for i, layer in enumerate(order)}
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import new_figure, save_figure_atomic
 
-    from .files import atomic_write
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(order) + 2), 4.5))
+    fig = new_figure(figsize=(max(6.0, 0.45 * len(order) + 2), 4.5))
+    ax = fig.subplots()
     for n, (label, p) in enumerate(profiles.items()):
         xs, ys = [], []
         for unit_layers, loss in zip(p["layers"], p["loss"]):
@@ -423,8 +420,4 @@ def plot_losses(curves: Mapping[str, dict | ReconstructResult], path: str,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    try:
-        with atomic_write(path, what="loss plot") as f:
-            fig.savefig(f, format="png", dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure_atomic(fig, path, what="loss plot")

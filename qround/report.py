@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .errors import QroundError
 from .files import atomic_write
 from .solvers.base import Solution
 
@@ -93,3 +94,21 @@ def write_npz_atomic(path: str | os.PathLike, **arrays) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         np.savez(f, **arrays)
+
+
+def new_figure(**kwargs):
+    """A matplotlib ``Figure`` not registered with pyplot (no backend switch, no global state
+    touched; nothing to close), or QroundError when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise QroundError("plots need matplotlib: pip install 'qround[examples]' or "
+                          "pip install matplotlib") from None
+    return Figure(**kwargs)
+
+
+def save_figure_atomic(fig, path: str | os.PathLike, what: str = "plot") -> None:
+    """Write ``fig`` as PNG to ``path`` atomically (parent folders created)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, what=what) as f:
+        fig.savefig(f, format="png", dpi=110)
