@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--device", default="cpu", help="QuantConfig.device for quantize_model")
-    p.add_argument("--inputs", default="asymmetric",
+    p.add_argument("--inputs", default="quantized",
                    choices=["float", "quantized", "asymmetric"],
                    help="QuantConfig.inputs, the statistics source of quantize_model (default: "
                         "%(default)s)")

@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--damp", type=float, default=0.0,
                    help="QuantConfig.damp: trust region lambda ||w_hat - w||^2 for qround solvers")
-    p.add_argument("--inputs", default="asymmetric",
+    p.add_argument("--inputs", default="quantized",
                    choices=["float", "quantized", "asymmetric"],
                    help="QuantConfig.inputs, the statistics source of quantize_model (default: "
                         "%(default)s)")

@@ -61,7 +61,7 @@ def cmd_solve(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- export
-INPUTS_DEFAULT = "asymmetric"  # QuantConfig's default
+INPUTS_DEFAULT = "quantized"  # QuantConfig's default
 DIGITS_MODELS = {"digits-cnn": "plain", "digits-resnet": "residual"}
 
 

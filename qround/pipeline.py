@@ -12,8 +12,8 @@ Layers are visited in forward order.  For each, its input statistics are streame
   ``H = E[x x^T]`` makes the cost absolute: each layer also corrects the earlier layers' error.
 
 The layer's problems (one per group of a grouped conv) are solved, the rounding is written back
-into the copy, and the next layer sees its effect.  Which source is best depends on the network
-(BENCHMARKS.md section 2): on MiniLM the asymmetric target over-corrects.
+into the copy, and the next layer sees its effect.  The default is "quantized": on MiniLM W3
+(BENCHMARKS.md section 2) it beats "float", and the asymmetric target over-corrects badly.
 
 Cost control: a first forward of one batch records the call order and which layers read the
 same input tensor (q, k, v of an attention block); those share one capture and one set of
@@ -79,7 +79,7 @@ class QuantConfig:
     layers: str | None = None           # regex on module names (re.search); None = all
     exclude: str | None = None          # regex of names to leave in float
     first_last_bits: int | None = None  # e.g. 8: first and last quantised layer at 8 bits
-    inputs: str = "asymmetric"          # statistics source: float | quantized | asymmetric
+    inputs: str = "quantized"           # statistics source: float | quantized | asymmetric
     statistics: str = "covariance"      # covariance | fisher  (fisher needs loss_fn)
     fisher_budget_mb: float = 1024.0
     bias_correction: bool = False       # Nagel et al. 2019: correct E[W x - W_hat x_hat]
@@ -500,6 +500,10 @@ def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibra
         stats = _stream(leaders, float_model if paired else source,
                         quant_model if paired else None, calibration, forward, device, second)
     out = {x.name: dict(stats.get(x.leader, {})) for x in unit}
+    if config.inputs == "quantized":  # paired only for the float means of bias correction
+        for entry in out.values():
+            if entry.get("cross") is not None:
+                entry.update(cross=None, float_hessian=None)
     if not second:
         # per-channel Fisher blocks of the layers' actual inputs (the copy when asymmetric)
         fisher = capture_fisher(source, calibration, loss_fn, [x.name for x in unit],
@@ -648,8 +652,9 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
     try:
         for unit in _units(plan, q_modules, config):
             t0 = time.perf_counter()
-            # before any write-back x_hat == x
-            paired = config.inputs == "asymmetric" and done > 0
+            # before any write-back x_hat == x; bias correction needs E[x] beside E[x_hat]
+            paired = done > 0 and (config.inputs == "asymmetric" or (
+                config.inputs == "quantized" and config.bias_correction))
             stats = _capture(unit, float_model, qmodel, paired, calibration, forward, loss_fn,
                              config)
             capture_share = (time.perf_counter() - t0) / len(unit)

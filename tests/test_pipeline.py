@@ -200,7 +200,7 @@ def test_report_costs_equal_recomputation_from_statistics(kind, inputs):
 def test_asymmetric_cost_is_measured_output_error():
     """Report cost == E||W x - W_hat x_hat||^2 over the calibration rows (AdaRound eq. 25)."""
     model, data = build("mlp2")
-    qm = quantize_model(model, data, QuantConfig(wbits=2, progress=False))
+    qm = quantize_model(model, data, QuantConfig(wbits=2, inputs="asymmetric", progress=False))
     l1, l2 = model[0], model[2]
     q1 = qm.model[0]
     x = torch.cat(data).double()
@@ -341,7 +341,9 @@ def test_solver_failure_names_layer_and_remedy():
 
 
 # ------------------------------------------------------------------------------ efficiency
-def test_shared_input_captured_once_and_forwards_stop_early():
+@pytest.mark.parametrize("inputs, per_batch, out_calls", [("asymmetric", 5, 2),
+                                                          ("quantized", 3, 1)])
+def test_shared_input_captured_once_and_forwards_stop_early(inputs, per_batch, out_calls):
     model, data = build("branchy")
     calls = {"forward": 0, "out": 0}
     model.out.register_forward_hook(lambda *a: calls.__setitem__("out", calls["out"] + 1))
@@ -351,14 +353,15 @@ def test_shared_input_captured_once_and_forwards_stop_early():
         return m(batch)
 
     try:
-        quantize_model(model, data, QuantConfig(**FAST), forward=forward)
+        quantize_model(model, data, QuantConfig(inputs=inputs, **FAST), forward=forward)
     finally:
         model.out._forward_hooks.clear()
     # 1 order pass; capture units: inp (float = quantised copy so far: one pass), {head_a,
-    # head_b} (float + copy), out (float + copy): 5 forwards per batch
-    assert calls["forward"] == 1 + 5 * len(data)
+    # head_b} and out: float + copy each when asymmetric (5 forwards per batch), the copy only
+    # when "quantized" (3)
+    assert calls["forward"] == 1 + per_batch * len(data)
     # `out` ran in the order pass and in its own capture only: earlier captures stopped before it
-    assert calls["out"] == 1 + 2 * len(data)
+    assert calls["out"] == 1 + out_calls * len(data)
 
 
 def test_symmetric_mode_captures_all_layers_in_one_pass():
