@@ -21,11 +21,12 @@ def plan(args) -> tuple[list[tuple[str, str | None]], list[str]]:
     """(method label, solver spec or None) in run order, and notes on skipped solver specs."""
     out, notes = [], []
     for method in args.methods:
-        if method == "solvers":
+        if method in ("solvers", "reconstruct"):
+            suffix = "+rec" if method == "reconstruct" else ""
             for spec in args.solvers:
                 if known_solver(spec):
-                    out.append((f"qround:{spec}", spec))
-                else:
+                    out.append((f"qround:{spec}{suffix}", spec))
+                elif not suffix:
                     notes.append(f"skipped solver {spec!r}: not in the registry")
         else:
             out.append((method, "hopfield" if method == "hopfield" else None))

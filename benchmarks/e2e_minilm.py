@@ -7,8 +7,11 @@ held-out sentences with the float model's.
 
 Methods: ``rtn-minmax`` / ``rtn-mse`` (rounding-to-nearest on min-max / MSE scales), ``gptq``
 (the real GPTQ, ``qround.baselines.gptq_model``: MSE scales, act-order, 1% damping, sequential),
-``hopfield`` (AdaRound's continuous relaxation through ``quantize_model``) and ``solvers``
-(``quantize_model`` with each solver spec of ``--solvers``).  Calibration: the first
+``hopfield`` (AdaRound's continuous relaxation through ``quantize_model``), ``solvers``
+(``quantize_model`` with each solver spec of ``--solvers``) and ``reconstruct`` (the same, then
+block reconstruction of the six transformer layers from the solver's rounding: weights only,
+``--rec-iterations`` Adam steps per layer, ``qround.reconstruct.ReconstructConfig`` defaults
+otherwise).  Calibration: the first
 ``--calib-sentences`` sentences of the calibration pool; evaluation: the first
 ``--eval-sentences`` of the disjoint evaluation pool.  Metrics (``qround.evaluate``): mean
 cosine to the float embedding, Spearman correlation of pairwise similarities, top-10 neighbour
@@ -30,7 +33,7 @@ from qround.report import format_table, write_json_atomic
 from _common import _choices, plan  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g128": (3, 128), "W2": (2, None)}
-METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers")
+METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers", "reconstruct")
 ENCODER_LAYERS = r"encoder\.layer\.\d+\."
 
 
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=["float", "quantized", "asymmetric"],
                    help="QuantConfig.inputs, the statistics source of quantize_model (default: "
                         "%(default)s)")
+    p.add_argument("--rec-iterations", type=int, default=100,
+                   help="Adam steps per transformer layer of the 'reconstruct' method")
     p.add_argument("--progress", action="store_true",
                    help="show quantize_model's per-layer progress bar (stderr)")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -67,13 +72,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def quantise(label: str, spec: str | None, model, calibration, bits: int, group_size, args):
     """Quantised copy of ``model`` and the wall seconds of the call."""
     from qround.pipeline import QuantConfig, quantize_model
+    from qround.reconstruct import ReconstructConfig
 
     scale_method = "minmax" if label == "rtn-minmax" else "mse"
+    reconstruction = (ReconstructConfig(iterations=args.rec_iterations, seed=args.seed)
+                      if label.endswith("+rec") else None)
     config = QuantConfig(wbits=bits, symmetric=True, group_size=group_size,
                          scale_method=scale_method, solver=spec or "nearest",
                          layers=ENCODER_LAYERS, device=args.device, seed=args.seed,
                          damp=args.damp, inputs=args.inputs,
-                         progress=args.progress)
+                         progress=args.progress, reconstruction=reconstruction)
     start = time.perf_counter()
     if label.startswith("rtn"):
         qmodel, _ = rtn_model(model, config)

@@ -18,39 +18,11 @@ from qround.pipeline import QuantConfig, quantize_model
 from qround.reconstruct import ReconstructConfig
 from qround.writeback import QuantizedWeight
 
+from .tiny_models import BATCHES, TinyResNet, gen
+
 torch.set_num_threads(1)
 
 
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        self.stem = nn.Conv2d(1, 4, 3, padding=1)
-        self.block = ResBlock(4)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-        g = gen(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-
-    def forward(self, x):
-        return self.head(self.block(torch.relu(self.stem(x))))
-
-
-BATCHES = [torch.randn(16, 1, 6, 6, generator=gen(i)) for i in range(2)]
 REC = ReconstructConfig(iterations=20, batch_size=8, seed=1)
 BASE = dict(wbits=2, symmetric=False, solver="greedy", progress=False)
 

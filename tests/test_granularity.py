@@ -18,12 +18,10 @@ from qround.granularity import (Selection, Unit, base_units, capacity, loss_alon
 from qround.reconstruct import ReconstructConfig, plan_units, reconstruct
 from qround.zoo.digits import DeepResidualDigitsCNN, ResidualDigitsCNN
 
+from .tiny_models import KwargsNet, gen
+
 torch.set_num_threads(1)
 FAST = ReconstructConfig(iterations=40, batch_size=8, lr_rounding=0.05, seed=2)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 IMAGES = [torch.randn(12, 1, 16, 16, generator=gen(i)) for i in range(2)]
@@ -224,34 +222,8 @@ def test_first_joint_unit_starts_from_the_quantised_models_own_error():
                                              "block2.conv2", "fc"]
 
 
-class KwargsBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(5, 5), nn.Linear(5, 5)
-
-    def forward(self, x, mask=None):
-        return (self.fc2(torch.relu(self.fc1(x))) * mask[..., None] + x, None)
-
-
-class KwargsNet(nn.Module):
-    """HF-like: transformer layers in a ModuleList (no forward), keyword inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.layer = nn.ModuleList([KwargsBlock() for _ in range(3)])
-        g = gen(1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-    def forward(self, x, mask):
-        for blk in self.layer:
-            x = blk(x, mask=mask)[0]
-        return x
-
-
 def test_joint_transformer_layers_take_their_input_above_the_module_list():
-    net = KwargsNet()
+    net = KwargsNet(layers=3)
     batches = [{"x": torch.randn(4, 3, 5, generator=gen(i)),
                 "mask": (torch.rand(4, 3, generator=gen(10 + i)) > 0.3).float()}
                for i in range(2)]

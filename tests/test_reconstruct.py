@@ -10,41 +10,11 @@ from qround import GridSpec, QroundError
 from qround.activations import insert_act_quantizers, quantized_layers
 from qround.reconstruct import ReconstructConfig, find_blocks, reconstruct
 
+from .tiny_models import BATCHES, KwargsNet, TinyResNet, gen
+
 torch.set_num_threads(1)
 
 
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        self.stem = nn.Conv2d(1, 4, 3, padding=1)
-        self.block = ResBlock(4)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-        g = gen(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.head(self.block(torch.relu(self.stem(x))))
-
-
-BATCHES = [torch.randn(16, 1, 6, 6, generator=gen(i)) for i in range(2)]
 FAST = ReconstructConfig(iterations=60, batch_size=8, lr_rounding=0.05, seed=3)
 
 
@@ -102,33 +72,6 @@ def test_layerwise_and_user_blocks():
     res = reconstruct(net, q, BATCHES, blocks=["head", "block"], config=cfg)
     # forward order; the stem, outside the named blocks, is reconstructed alone
     assert [b.block for b in res.blocks] == ["stem", "block", "head"]
-
-
-class KwargsBlock(nn.Module):
-    """HF-like: keyword inputs, a tuple output."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(5, 5), nn.Linear(5, 5)
-
-    def forward(self, x, mask=None):
-        h = self.fc2(torch.relu(self.fc1(x)))
-        return (h * mask[..., None] + x, None)
-
-
-class KwargsNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layer = nn.ModuleList([KwargsBlock(), KwargsBlock()])
-        g = gen(1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-    def forward(self, x, mask):
-        for blk in self.layer:
-            x = blk(x, mask=mask)[0]
-        return x
 
 
 def test_blocks_with_keyword_inputs_and_tuple_outputs():

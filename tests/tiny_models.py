@@ -1,0 +1,70 @@
+"""Tiny real-shaped models shared by the reconstruction, granularity and activation-stage
+tests: a residual CNN and an HF-like stack of layers with keyword inputs and tuple outputs."""
+import torch
+from torch import nn
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _fill(module: nn.Module, seed: int, std: float) -> None:
+    g = gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class TinyResNet(nn.Module):
+    """stem conv -> residual block -> Linear head, on (N, 1, 6, 6) inputs; counts forwards."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.block = ResBlock(4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+        _fill(self, seed, 0.4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.head(self.block(torch.relu(self.stem(x))))
+
+
+BATCHES = [torch.randn(16, 1, 6, 6, generator=gen(i)) for i in range(2)]
+
+
+class KwargsBlock(nn.Module):
+    """HF-like: keyword inputs, a tuple output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 5), nn.Linear(5, 5)
+
+    def forward(self, x, mask=None):
+        h = self.fc2(torch.relu(self.fc1(x)))
+        return (h * mask[..., None] + x, None)
+
+
+class KwargsNet(nn.Module):
+    """HF-like: transformer layers in a ModuleList (no forward of its own), keyword inputs."""
+
+    def __init__(self, layers: int = 2):
+        super().__init__()
+        self.layer = nn.ModuleList([KwargsBlock() for _ in range(layers)])
+        _fill(self, 1, 0.5)
+
+    def forward(self, x, mask):
+        for blk in self.layer:
+            x = blk(x, mask=mask)[0]
+        return x
