@@ -601,6 +601,12 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
     batch)``: scalar loss, for ``statistics="fisher"``.  The float model is not modified unless
     ``inplace=True`` (then a float copy is kept while running, and a failure halfway leaves it
     partly quantised).  Returns the quantised model, codes per layer and the per-layer report.
+
+    With the activation stage (``config.abits`` or ``config.reconstruction``), the returned
+    model is a new module whose quantised layers are :class:`~qround.activations.
+    QuantizedLayer` wrappers (``inplace=True`` then quantises the given model's weights, and the
+    wrappers live in the returned model only); the report's costs are the solver's, and
+    ``layers`` holds the final codes after reconstruction.
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):

@@ -193,3 +193,15 @@ def test_unit_errors_come_before_any_work(kwargs, match):
 def test_bad_granularity_configs_fail_when_built(kwargs, match):
     with pytest.raises(QroundError, match=match):
         QuantConfig(**BASE, abits=3, reconstruction=REC, **kwargs)
+
+
+def test_inplace_with_activations_quantises_the_weights_and_wraps_a_new_model():
+    net = TinyResNet()
+    w0 = net.block.conv1.weight.detach().clone()
+    result = quantize_model(net, BATCHES, QuantConfig(**BASE, abits=4), inplace=True)
+    assert result.model is not net
+    assert not torch.equal(net.block.conv1.weight, w0)  # the given model's weights are rounded
+    torch.testing.assert_close(net.block.conv1.weight.double(), torch.as_tensor(
+        result.layers["block.conv1"].dequantized), rtol=1e-6, atol=1e-7)
+    assert isinstance(dict(result.model.named_modules())["block.conv1"], QuantizedLayer)
+    assert not any(isinstance(m, QuantizedLayer) for m in net.modules())
