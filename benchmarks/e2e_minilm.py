@@ -57,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=["float", "quantized", "asymmetric"],
                    help="QuantConfig.inputs, the statistics source of quantize_model (default: "
                         "%(default)s)")
+    p.add_argument("--scale-method", default="mse", choices=["mse", "mse-output"],
+                   help="weight scales of the qround methods (RTN and GPTQ keep MSE scales): "
+                        "'mse-output' searches each channel's scale on the H-weighted error")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="QuantConfig.bias_correction for the qround methods")
     p.add_argument("--rec-iterations", type=int, default=100,
                    help="Adam steps per transformer layer of the 'reconstruct' method")
     p.add_argument("--progress", action="store_true",
@@ -74,14 +79,17 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
     from qround.pipeline import QuantConfig, quantize_model
     from qround.reconstruct import ReconstructConfig
 
-    scale_method = "minmax" if label == "rtn-minmax" else "mse"
+    ours = label.startswith("qround:") or label == "hopfield"
+    scale_method = ("minmax" if label == "rtn-minmax" else
+                    args.scale_method if ours else "mse")
     reconstruction = (ReconstructConfig(iterations=args.rec_iterations, seed=args.seed)
                       if label.endswith("+rec") else None)
     config = QuantConfig(wbits=bits, symmetric=True, group_size=group_size,
                          scale_method=scale_method, solver=spec or "nearest",
                          layers=ENCODER_LAYERS, device=args.device, seed=args.seed,
                          damp=args.damp, inputs=args.inputs,
-                         progress=args.progress, reconstruction=reconstruction)
+                         progress=args.progress, reconstruction=reconstruction,
+                         bias_correction=args.bias_correction and ours)
     start = time.perf_counter()
     if label.startswith("rtn"):
         qmodel, _ = rtn_model(model, config)

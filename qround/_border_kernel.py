@@ -1,5 +1,5 @@
 """Compiled (numba) inner loop of :class:`qround.activations.QuantizedLayer`'s inference path
-for a conv with rounding borders (``QuantizedLayer._conv_sparse``).
+for a conv with rounding borders (:func:`qround.border_conv.sparse_border_conv`).
 
 The caller runs the conv on a base rounding of the input, one code per input position (the
 lowest code any of its patches can give it), and knows for each position the highest code as

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qround import GridSpec, QroundError, fit_grid
-from qround.activations import (ActQuantizer, QuantizedLayer, _spread, _spread_shifts,
-                                insert_act_quantizers, qdrop, quantized_layers)
+from qround.activations import (ActQuantizer, QuantizedLayer, insert_act_quantizers, qdrop,
+                                quantized_layers)
+from qround.border_conv import _spread, _spread_shifts
 
 torch.set_num_threads(1)
 
