@@ -46,18 +46,11 @@ from qround.granularity import (GRANULARITIES, LEVELS, METRICS, loss_along_depth
                                 reconstruct_with_granularity)
 from qround.reconstruct import ReconstructConfig
 from qround.report import format_table, write_json_atomic
+from _common import _choices  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W2A4": (2, 4), "W3A3": (3, 3), "W2A2": (2, 2), "W4A4": (4, 4)}
 ARCHS = ("residual", "deep")
 OUTER = ("stem", "fc")  # first and last layer: 8-bit weights, as BRECQ/QDrop/MRECG keep them
-
-
-def _list(text: str, allowed, flag: str, parser) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in items if t not in allowed]
-    if bad or not items:
-        parser.error(f"{flag}: unknown {bad or 'empty list'}; choose from {list(allowed)}")
-    return items
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,12 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args(argv)
-    args.archs = _list(args.archs or ",".join(ARCHS), ARCHS, "--archs", p)
+    args.archs = _choices(args.archs or ",".join(ARCHS), ARCHS, "--archs", p)
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")
                   if s.strip()]
-    args.bits = _list(args.bits or ("W2A4" if args.quick else "W2A4,W3A3,W2A2"), WIDTHS,
+    args.bits = _choices(args.bits or ("W2A4" if args.quick else "W2A4,W3A3,W2A2"), WIDTHS,
                       "--bits", p)
-    args.methods = _list(args.methods, [g for g in GRANULARITIES if g != "scheme"],
+    args.methods = _choices(args.methods, [g for g in GRANULARITIES if g != "scheme"],
                          "--methods", p)
     if args.iterations is None:
         args.iterations = 30 if args.quick else 300
