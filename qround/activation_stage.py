@@ -99,8 +99,9 @@ def load_weight_codes(layer: QuantizedLayer, qweight: QuantizedWeight, float_wei
 
 def quantize_activations(result: "QuantizedModel", float_model: nn.Module, calibration: list,
                          forward: ForwardFn, config: "QuantConfig"):
-    """Run the activation stage on ``result`` (the weight stage's output), in place of its
-    model.  Returns the reconstruction result (None without reconstruction)."""
+    """Run the activation stage on ``result`` (the weight stage's output): ``result.model``
+    and ``result.layers`` are replaced by the wrapped model and its final codes.  Returns
+    (ReconstructResult, granularity.Selection), both None without reconstruction."""
     order = [r.layer for r in result.report]
     bits = input_bits(order, config)
     weights = {n: GridSpec(bits=result.layers[n].bits, symmetric=result.layers[n].symmetric,
