@@ -1,6 +1,8 @@
 """Helpers shared by the end-to-end benchmark scripts (run from this folder's parent)."""
 from __future__ import annotations
 
+import argparse
+
 from qround.solvers import available_solvers
 
 
@@ -31,3 +33,35 @@ def plan(args) -> tuple[list[tuple[str, str | None]], list[str]]:
         else:
             out.append((method, "hopfield" if method == "hopfield" else None))
     return out, notes
+
+
+def e2e_parser(doc: str, widths, methods) -> argparse.ArgumentParser:
+    """The options both end-to-end benchmarks share; each script adds its own, then calls
+    :func:`e2e_finish`."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default=",".join(widths),
+                   help=f"weight formats, comma-separated from {list(widths)} (default: all)")
+    p.add_argument("--methods", default=",".join(methods),
+                   help=f"comma-separated from {list(methods)} (default: all)")
+    p.add_argument("--solvers", default="greedy,fast,quality",
+                   help="qround solver specs run by the 'solvers' method (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--device", default="cpu", help="QuantConfig.device for quantize_model")
+    p.add_argument("--inputs", default="quantized",
+                   choices=["float", "quantized", "asymmetric"],
+                   help="QuantConfig.inputs, the statistics source of quantize_model (default: "
+                        "%(default)s)")
+    p.add_argument("--progress", action="store_true",
+                   help="show quantize_model's per-layer progress bar (stderr)")
+    p.add_argument("--json", help="write the results to this JSON file")
+    return p
+
+
+def e2e_finish(p: argparse.ArgumentParser, argv, widths, methods) -> argparse.Namespace:
+    """Parse and check the shared options: lists of widths, methods and solver specs."""
+    args = p.parse_args(argv)
+    args.bits = _choices(args.bits, widths, "--bits", p)
+    args.methods = _choices(args.methods, methods, "--methods", p)
+    args.solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    return args

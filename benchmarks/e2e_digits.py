@@ -25,40 +25,21 @@ from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import digits_accuracy
 from qround.report import format_table, write_json_atomic
-from _common import _choices, plan  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import e2e_finish, e2e_parser, plan  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W4": 4, "W3": 3, "W2": 2}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", default=",".join(WIDTHS),
-                   help=f"weight widths, comma-separated from {list(WIDTHS)} (default: all)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated from {list(METHODS)} (default: all)")
-    p.add_argument("--solvers", default="greedy,fast,quality",
-                   help="qround solver specs run by the 'solvers' method (default: %(default)s)")
+    p = e2e_parser(__doc__, WIDTHS, METHODS)
     p.add_argument("--seeds", default="0,1,2", help="training seeds (default: %(default)s)")
     p.add_argument("--abits", type=int, default=8,
                    help="activation bits at evaluation (0 = float activations; default 8)")
     p.add_argument("--first-last-bits", type=int, default=None,
                    help="keep the first and last layer at this width (default: same as weights)")
     p.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    p.add_argument("--device", default="cpu", help="QuantConfig.device for quantize_model")
-    p.add_argument("--inputs", default="quantized",
-                   choices=["float", "quantized", "asymmetric"],
-                   help="QuantConfig.inputs, the statistics source of quantize_model (default: "
-                        "%(default)s)")
-    p.add_argument("--progress", action="store_true",
-                   help="show quantize_model's per-layer progress bar (stderr)")
-    p.add_argument("--json", help="write the results to this JSON file")
-    args = p.parse_args(argv)
-    args.bits = _choices(args.bits, WIDTHS, "--bits", p)
-    args.methods = _choices(args.methods, METHODS, "--methods", p)
-    args.solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    args = e2e_finish(p, argv, WIDTHS, METHODS)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:

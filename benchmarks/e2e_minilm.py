@@ -30,7 +30,7 @@ from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import embedding_metrics
 from qround.report import format_table, write_json_atomic
-from _common import _choices, plan  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import e2e_finish, e2e_parser, plan  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g128": (3, 128), "W2": (2, None)}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers", "reconstruct")
@@ -38,25 +38,12 @@ ENCODER_LAYERS = r"encoder\.layer\.\d+\."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", default=",".join(WIDTHS),
-                   help=f"weight formats, comma-separated from {list(WIDTHS)} (default: all)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated from {list(METHODS)} (default: all)")
-    p.add_argument("--solvers", default="greedy,fast,quality",
-                   help="qround solver specs run by the 'solvers' method (default: %(default)s)")
+    p = e2e_parser(__doc__, WIDTHS, METHODS)
     p.add_argument("--calib-sentences", type=int, default=256)
     p.add_argument("--eval-sentences", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    p.add_argument("--device", default="cpu", help="QuantConfig.device for quantize_model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--damp", type=float, default=0.0,
                    help="QuantConfig.damp: trust region lambda ||w_hat - w||^2 for qround solvers")
-    p.add_argument("--inputs", default="quantized",
-                   choices=["float", "quantized", "asymmetric"],
-                   help="QuantConfig.inputs, the statistics source of quantize_model (default: "
-                        "%(default)s)")
     p.add_argument("--scale-method", default="mse", choices=["mse", "mse-output"],
                    help="weight scales of the qround methods (RTN and GPTQ keep MSE scales): "
                         "'mse-output' searches each channel's scale on the H-weighted error")
@@ -64,14 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="QuantConfig.bias_correction for the qround methods")
     p.add_argument("--rec-iterations", type=int, default=100,
                    help="Adam steps per transformer layer of the 'reconstruct' method")
-    p.add_argument("--progress", action="store_true",
-                   help="show quantize_model's per-layer progress bar (stderr)")
-    p.add_argument("--json", help="write the results to this JSON file")
-    args = p.parse_args(argv)
-    args.bits = _choices(args.bits, WIDTHS, "--bits", p)
-    args.methods = _choices(args.methods, METHODS, "--methods", p)
-    args.solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
-    return args
+    return e2e_finish(p, argv, WIDTHS, METHODS)
 
 
 def quantise(label: str, spec: str | None, model, calibration, bits: int, group_size, args):
