@@ -20,19 +20,32 @@ def known_solver(spec: str) -> bool:
 
 
 def plan(args) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """(method label, solver spec or None) in run order, and notes on skipped solver specs."""
+    """(method label, solver spec or None) in run order, and notes on skipped solver specs.
+
+    A qround solver runs once per value of ``--refits``; a label ``qround:SPEC+refitN`` asks for
+    N rounds of scale refitting (read back with :func:`refits_of`).
+    """
     out, notes = [], []
     for method in args.methods:
         if method in ("solvers", "reconstruct"):
-            suffix = "+rec" if method == "reconstruct" else ""
+            rec = "+rec" if method == "reconstruct" else ""
             for spec in args.solvers:
                 if known_solver(spec):
-                    out.append((f"qround:{spec}{suffix}", spec))
-                elif not suffix:
+                    for r in args.refits:
+                        out.append((f"qround:{spec}{f'+refit{r}' if r else ''}{rec}", spec))
+                elif not rec:
                     notes.append(f"skipped solver {spec!r}: not in the registry")
         else:
             out.append((method, "hopfield" if method == "hopfield" else None))
     return out, notes
+
+
+def refits_of(label: str) -> int:
+    """Rounds of scale refitting that a method label from :func:`plan` asks for."""
+    for part in label.split("+"):
+        if part.startswith("refit") and part[5:].isdigit():
+            return int(part[5:])
+    return 0
 
 
 def e2e_parser(doc: str, widths, methods) -> argparse.ArgumentParser:
@@ -52,6 +65,9 @@ def e2e_parser(doc: str, widths, methods) -> argparse.ArgumentParser:
                    choices=["float", "quantized", "asymmetric"],
                    help="QuantConfig.inputs, the statistics source of quantize_model (default: "
                         "%(default)s)")
+    p.add_argument("--refits", default="0",
+                   help="comma-separated rounds of scale refitting (QuantConfig.refits); each "
+                        "qround solver runs once per value (default: %(default)s)")
     p.add_argument("--progress", action="store_true",
                    help="show quantize_model's per-layer progress bar (stderr)")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -64,4 +80,10 @@ def e2e_finish(p: argparse.ArgumentParser, argv, widths, methods) -> argparse.Na
     args.bits = _choices(args.bits, widths, "--bits", p)
     args.methods = _choices(args.methods, methods, "--methods", p)
     args.solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    try:
+        args.refits = [int(r) for r in args.refits.split(",") if r.strip()]
+    except ValueError:
+        p.error(f"--refits: expected comma-separated integers, got {args.refits!r}")
+    if not args.refits or min(args.refits) < 0:
+        p.error("--refits: expected non-negative integers")
     return args

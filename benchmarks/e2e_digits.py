@@ -25,7 +25,7 @@ from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import digits_accuracy
 from qround.report import format_table, write_json_atomic
-from _common import e2e_finish, e2e_parser, plan  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import e2e_finish, e2e_parser, plan, refits_of  # noqa: E402 (on sys.path)
 
 WIDTHS = {"W4": 4, "W3": 3, "W2": 2}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers")
@@ -55,7 +55,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, args):
                          scale_method="minmax" if label == "rtn-minmax" else "mse",
                          solver=spec or "nearest", first_last_bits=args.first_last_bits,
                          device=args.device, inputs=args.inputs,
-                         progress=args.progress)
+                         progress=args.progress, refits=refits_of(label) if spec else 0)
     start = time.perf_counter()
     if label.startswith("rtn"):
         qmodel, _ = rtn_model(model, config)

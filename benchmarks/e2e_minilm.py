@@ -30,7 +30,7 @@ from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import embedding_metrics
 from qround.report import format_table, write_json_atomic
-from _common import e2e_finish, e2e_parser, plan  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import e2e_finish, e2e_parser, plan, refits_of  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g128": (3, 128), "W2": (2, None)}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers", "reconstruct")
@@ -69,6 +69,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
                          layers=ENCODER_LAYERS, device=args.device, seed=args.seed,
                          damp=args.damp, inputs=args.inputs,
                          progress=args.progress, reconstruction=reconstruction,
+                         refits=refits_of(label) if spec else 0,
                          bias_correction=args.bias_correction and ours)
     start = time.perf_counter()
     if label.startswith("rtn"):

@@ -157,7 +157,7 @@ def cmd_quantize(args) -> int:
     config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
                          group_size=args.group_size, scale_method=args.scale_method,
                          solver=args.solver, inputs=args.inputs,
-                         bias_correction=args.bias_correction,
+                         bias_correction=args.bias_correction, refits=args.refits,
                          first_last_bits=args.first_last_bits, seed=args.seed,
                          progress=not args.no_progress, layers=args.layers, abits=args.abits,
                          borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's (GPTQ's sequential), or both paired (AdaRound eq. 25) "
                         "(default: %(default)s)")
     q.add_argument("--bias-correction", action="store_true")
+    q.add_argument("--refits", type=int, default=0, metavar="N",
+                   help="rounds of refitting the scales to the chosen rounding, each followed by "
+                        "another solve (0 = off)")
     q.add_argument("--first-last-bits", type=int, default=None)
     q.add_argument("--layers", default=None, help="regex of layer names to quantise")
     q.add_argument("--seed", type=int, default=0)

@@ -48,6 +48,7 @@ from .grid import GridSpec
 from .problems.layers import layer_weight, problems_from_layer
 from .reconstruct import ReconstructConfig, ReconstructResult
 from .report import format_table
+from .scales import solve_refitting
 from .solvers import Solver, get_solver
 from .solvers._torch import resolve_device
 from .writeback import QuantizedWeight, apply_to_layer, quantized_weight
@@ -84,6 +85,7 @@ class QuantConfig:
     fisher_budget_mb: float = 1024.0
     bias_correction: bool = False       # Nagel et al. 2019: correct E[W x - W_hat x_hat]
     damp: float = 0.0                   # lambda ||w_hat - w||^2, lambda = damp * mean(diag H)
+    refits: int = 0                     # rounds of scale refitting after the solver (qround.scales)
     device: str = "cpu"                 # where statistics are accumulated and solvers run
     seed: int = 0
     progress: bool = True
@@ -123,6 +125,9 @@ class QuantConfig:
                               f"{self.statistics!r}")
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < float("inf")):
             raise QroundError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        if isinstance(self.refits, bool) or not isinstance(self.refits, (int, np.integer)) \
+                or self.refits < 0:
+            raise QroundError(f"refits must be a non-negative integer, got {self.refits!r}")
         if not (isinstance(self.fisher_budget_mb, (int, float)) and self.fisher_budget_mb > 0):
             raise QroundError(f"fisher_budget_mb must be positive, got {self.fisher_budget_mb!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
@@ -522,7 +527,12 @@ def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
         problems = problems_from_layer(module, stats["hessian"], config.grid_spec(layer.bits),
                                        layer.name, cross=stats["cross"],
                                        float_hessian=stats["float_hessian"], damp=config.damp)
-        solutions = [solver.solve(p, seed=rng) for p in problems]
+        if config.refits:
+            pairs = [solve_refitting(p, solver, rounds=config.refits, seed=rng) for p in problems]
+            problems = [p for p, _ in pairs]
+            solutions = [s for _, s in pairs]
+        else:
+            solutions = [solver.solve(p, seed=rng) for p in problems]
     except QroundError as exc:
         raise QroundError(f"layer {layer.name!r}: {exc}") from exc
     except (np.linalg.LinAlgError, RuntimeError) as exc:  # torch's linalg errors are RuntimeError

@@ -89,6 +89,36 @@ def test_quantize_model_file_and_reload(tmp_path, capsys):
         assert qw.codes.min() >= -4 and qw.codes.max() <= 3
 
 
+def test_quantize_with_scale_refits(tmp_path, capsys):
+    import torch
+
+    from qround import export
+
+    gen = torch.Generator().manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(torch.randn(64, 12, generator=gen), tmp_path / "calib.pt")
+    totals = {}
+    for refits in ("0", "2"):
+        out = tmp_path / f"q{refits}.safetensors"
+        assert main(["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+                     str(tmp_path / "calib.pt"), "--wbits", "2", "--solver", "greedy",
+                     "--inputs", "float", "--refits", refits, "--out", str(out),
+                     "--no-progress", "--threads", "1"]) == 0
+        capsys.readouterr()
+        meta = export.read_metadata(out)
+        assert meta["config"]["refits"] == int(refits)
+        totals[refits] = sum(r["cost"] for r in meta["report"])
+        export.load(model, out)
+    assert totals["2"] <= totals["0"] * (1 + 1e-9)
+    assert main(["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+                 str(tmp_path / "calib.pt"), "--refits", "-1", "--out", str(out)]) == 2
+    assert "refits" in capsys.readouterr().err
+
+
 def test_quantize_model_file_needs_calibration(tmp_path, capsys):
     assert main(["quantize", "--model", str(tmp_path / "m.pt")]) == 2
     assert "--calibration" in capsys.readouterr().err

@@ -197,6 +197,31 @@ def test_report_costs_equal_recomputation_from_statistics(kind, inputs):
         assert row.rtn_cost == pytest.approx(rtn, rel=1e-7, abs=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["branchy", "cnn"])
+def test_refits_never_raise_a_layer_cost_and_stay_on_floor_or_ceil(kind):
+    """With float inputs every layer sees the same statistics with and without refits, so the
+    refitted layer costs compare one to one; the codes are floor/ceil on the refitted grid."""
+    model, data = build(kind)
+    plain = quantize_model(model, data, QuantConfig(inputs="float", **FAST))
+    refit = quantize_model(model, data, QuantConfig(inputs="float", refits=2, **FAST))
+    float_modules = dict(model.named_modules())
+    h = capture_hessians(model, data, [r.layer for r in refit.report])
+    changed = 0
+    for a, b in zip(plain.report, refit.report):
+        assert a.layer == b.layer and a.rtn_cost == pytest.approx(b.rtn_cost, rel=1e-9)
+        assert b.cost <= a.cost * (1 + 1e-9)
+        qw = refit.layers[b.layer]
+        changed += not np.allclose(qw.scale, plain.layers[a.layer].scale)
+        problems = problems_from_layer(float_modules[b.layer], h[b.layer],
+                                       layer_grid(qw, qw.codes.shape[1]), b.layer)
+        rows = qw.codes.shape[0] // len(problems)
+        cost = sum(p.costs(p.choices_from_codes(qw.codes[j * rows:(j + 1) * rows])).sum()
+                   for j, p in enumerate(problems))  # choices_from_codes raises off floor/ceil
+        assert b.cost == pytest.approx(cost, rel=1e-7, abs=1e-12)
+    assert changed > 0
+    assert refit.totals()["cost"] < plain.totals()["cost"]
+
+
 def test_asymmetric_cost_is_measured_output_error():
     """Report cost == E||W x - W_hat x_hat||^2 over the calibration rows (AdaRound eq. 25)."""
     model, data = build("mlp2")
@@ -289,6 +314,7 @@ def test_bias_correction_conv_reduces_mean_error():
     (dict(layers="("), "layers"), (dict(scale_method="best"), "scale_method"),
     (dict(statistics="hessian"), "statistics"), (dict(device="tpu"), "device"),
     (dict(group_size=0), "group_size"), (dict(seed=-1), "seed"), (dict(symmetric=1), "symmetric"),
+    (dict(refits=-1), "refits"), (dict(refits=1.5), "refits"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(QroundError, match=match):

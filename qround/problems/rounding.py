@@ -97,11 +97,6 @@ class RoundingProblem:
         if grid.scale.shape[0] != m or grid.in_features != n:
             raise QroundError(f"grid fitted for {grid.scale.shape[0]} x {grid.in_features} "
                               f"weights, layer is {m} x {n}")
-        s, z = grid.expand()
-        if np.any(~np.isfinite(s)) or np.any(s <= 0):
-            raise QroundError("grid scale must be positive and finite (a zero scale cannot "
-                              "represent any weight)")
-
         if cross is None:
             if float_hessian is not None:
                 raise QroundError("float_hessian is only used together with cross (C)")
@@ -128,6 +123,15 @@ class RoundingProblem:
             lam_c = np.broadcast_to(lam, (m,))
             r = r + lam_c[:, None] * w
             k = k + lam_c * np.sum(w * w, axis=1)
+        return cls._assemble(w, h, grid, r, k, name)
+
+    @classmethod
+    def _assemble(cls, w, h, grid: Grid, r, k, name: str) -> "RoundingProblem":
+        """The problem of weights ``w`` on ``grid`` for the objective with target ``r``, ``k``."""
+        s, z = grid.expand()
+        if np.any(~np.isfinite(s)) or np.any(s <= 0):
+            raise QroundError("grid scale must be positive and finite (a zero scale cannot "
+                              "represent any weight)")
         scaled = w / s
         fl = np.floor(scaled)
         frac = scaled - fl
@@ -229,6 +233,41 @@ class RoundingProblem:
     def dequantize(self, choices) -> np.ndarray:
         """Dequantised weights ``s (q - z)`` (m, n)."""
         return self.scale * (self.codes(choices) - self.zero_point)
+
+    # ------------------------------------------------------------------ other grids
+    def target(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(r, k)`` of the objective ``cost_c(w_hat) = w_hat^T H w_hat - 2 w_hat^T r_c + k_c``:
+        (m, n) and (m,).  They do not depend on the grid (see :meth:`with_grid`)."""
+        if "target" not in self._cache:
+            u = self.scale * (self.floor_codes - self.zero_point)
+            hu = _energy.hessian_times(u, self.hessian)
+            r = hu - 0.5 * self.grad
+            k = self.const - np.sum(u * hu, axis=1) + 2.0 * np.sum(u * r, axis=1)
+            self._cache["target"] = (r, k)
+        return self._cache["target"]
+
+    def with_grid(self, grid: Grid) -> "RoundingProblem":
+        """The same weights and objective on another grid (e.g. refitted scales): costs of the
+        two problems are comparable, both being the absolute cost of the dequantised weights."""
+        if not isinstance(grid, Grid):
+            raise QroundError(f"grid must be a Grid, got {type(grid).__name__}")
+        if grid.scale.shape[0] != self.num_channels or grid.in_features != self.num_inputs:
+            raise QroundError(f"grid fitted for {grid.scale.shape[0]} x {grid.in_features} "
+                              f"weights, problem is {self.num_channels} x {self.num_inputs}")
+        r, k = self.target()
+        return type(self)._assemble(self.weight, self.hessian, grid, r, k, self.name)
+
+    def cost_of_codes(self, codes, scale=None) -> np.ndarray:
+        """Absolute cost (m,) of integer codes (m, n) on this grid, or with the scale ``scale``
+        (m, n) per weight in its place; codes need not be floor or ceil."""
+        q = as_float_array(codes, "codes", ndim=2)
+        if q.shape != self.weight.shape:
+            raise QroundError(f"codes must have shape {self.weight.shape}, got {q.shape}")
+        s = self.scale if scale is None else scale
+        w_hat = s * (q - self.zero_point)
+        r, k = self.target()
+        hw = _energy.hessian_times(w_hat, self.hessian)
+        return np.sum(w_hat * hw, axis=1) - 2.0 * np.sum(w_hat * r, axis=1) + k
 
     # ------------------------------------------------------------------ exports
     def qubo(self, channel: int) -> np.ndarray:
