@@ -65,6 +65,9 @@ def e2e_parser(doc: str, widths, methods) -> argparse.ArgumentParser:
                    choices=["float", "quantized", "asymmetric"],
                    help="QuantConfig.inputs, the statistics source of quantize_model (default: "
                         "%(default)s)")
+    p.add_argument("--correction", type=float, default=1.0,
+                   help="QuantConfig.correction with --inputs asymmetric: the share of the "
+                        "earlier layers' error the target corrects (default: %(default)s)")
     p.add_argument("--refits", default="0",
                    help="comma-separated rounds of scale refitting (QuantConfig.refits); each "
                         "qround solver runs once per value (default: %(default)s)")

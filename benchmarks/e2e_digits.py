@@ -54,7 +54,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, args):
     config = QuantConfig(wbits=bits, symmetric=True, group_size=None,
                          scale_method="minmax" if label == "rtn-minmax" else "mse",
                          solver=spec or "nearest", first_last_bits=args.first_last_bits,
-                         device=args.device, inputs=args.inputs,
+                         device=args.device, inputs=args.inputs, correction=args.correction,
                          progress=args.progress, refits=refits_of(label) if spec else 0)
     start = time.perf_counter()
     if label.startswith("rtn"):

@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "'mse-output' searches each channel's scale on the H-weighted error")
     p.add_argument("--bias-correction", action="store_true",
                    help="QuantConfig.bias_correction for the qround methods")
+    p.add_argument("--layers", default=ENCODER_LAYERS,
+                   help="regex of the Linear layers quantised (default: all 36 encoder layers); "
+                        "e.g. 'intermediate' to see one kind's share of the error")
     p.add_argument("--rec-iterations", type=int, default=100,
                    help="Adam steps per transformer layer of the 'reconstruct' method")
     return e2e_finish(p, argv, WIDTHS, METHODS)
@@ -66,8 +69,8 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
                       if label.endswith("+rec") else None)
     config = QuantConfig(wbits=bits, symmetric=True, group_size=group_size,
                          scale_method=scale_method, solver=spec or "nearest",
-                         layers=ENCODER_LAYERS, device=args.device, seed=args.seed,
-                         damp=args.damp, inputs=args.inputs,
+                         layers=args.layers, device=args.device, seed=args.seed,
+                         damp=args.damp, inputs=args.inputs, correction=args.correction,
                          progress=args.progress, reconstruction=reconstruction,
                          refits=refits_of(label) if spec else 0,
                          bias_correction=args.bias_correction and ours)
@@ -90,7 +93,8 @@ def main(argv=None) -> int:
     eval_texts = zoo.sentences("evaluation", args.eval_sentences)
     reference = zoo.embed(model, eval_texts)
     runs, notes = plan(args)
-    header = (f"MiniLM-L6 e2e: {len(layers)} encoder Linear layers, weights only, per-channel "
+    header = (f"MiniLM-L6 e2e: {len(layers)} encoder Linear layers (quantised: "
+              f"{args.layers!r}), weights only, per-channel "
               f"symmetric; calibration {args.calib_sentences} sentences, evaluation "
               f"{args.eval_sentences} held-out sentences; torch threads {args.threads}, "
               f"device {args.device}")

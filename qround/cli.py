@@ -158,6 +158,7 @@ def cmd_quantize(args) -> int:
                          group_size=args.group_size, scale_method=args.scale_method,
                          solver=args.solver, inputs=args.inputs,
                          bias_correction=args.bias_correction, refits=args.refits,
+                         correction=args.correction,
                          first_last_bits=args.first_last_bits, seed=args.seed,
                          progress=not args.no_progress, layers=args.layers, abits=args.abits,
                          borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's (GPTQ's sequential), or both paired (AdaRound eq. 25) "
                         "(default: %(default)s)")
     q.add_argument("--bias-correction", action="store_true")
+    q.add_argument("--correction", type=float, default=1.0, metavar="A",
+                   help="with --inputs asymmetric: share of the earlier layers' error that each "
+                        "layer's target corrects (1 = AdaRound eq. 25, 0 = as 'quantized')")
     q.add_argument("--refits", type=int, default=0, metavar="N",
                    help="rounds of refitting the scales to the chosen rounding, each followed by "
                         "another solve (0 = off)")

@@ -86,6 +86,7 @@ class QuantConfig:
     bias_correction: bool = False       # Nagel et al. 2019: correct E[W x - W_hat x_hat]
     damp: float = 0.0                   # lambda ||w_hat - w||^2, lambda = damp * mean(diag H)
     refits: int = 0                     # rounds of scale refitting after the solver (qround.scales)
+    correction: float = 1.0             # inputs="asymmetric": share of earlier error corrected
     device: str = "cpu"                 # where statistics are accumulated and solvers run
     seed: int = 0
     progress: bool = True
@@ -125,6 +126,12 @@ class QuantConfig:
                               f"{self.statistics!r}")
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < float("inf")):
             raise QroundError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        if not (isinstance(self.correction, (int, float)) and not isinstance(self.correction, bool)
+                and 0.0 <= self.correction <= 1.0):
+            raise QroundError(f"correction must be a number in [0, 1], got {self.correction!r}")
+        if self.correction != 1.0 and self.inputs != "asymmetric":
+            raise QroundError("correction only applies with inputs='asymmetric' (it blends the "
+                              "float target into the quantized one)")
         if isinstance(self.refits, bool) or not isinstance(self.refits, (int, np.integer)) \
                 or self.refits < 0:
             raise QroundError(f"refits must be a non-negative integer, got {self.refits!r}")
@@ -519,9 +526,25 @@ def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibra
 
 
 # ---------------------------------------------------------------------------------- solve
+def _blend_target(stats: dict, alpha: float) -> dict:
+    """Statistics of the target ``W x_a`` with ``x_a = x_hat + alpha (x - x_hat)``: the
+    asymmetric objective corrects a share ``alpha`` of the earlier layers' error (1: all of it,
+    AdaRound eq. 25; 0: none, the quantized-input objective).  ``cross`` becomes
+    ``E[x_hat x_a^T]`` and ``float_hessian`` ``E[x_a x_a^T]``."""
+    if stats["cross"] is None or alpha == 1.0:
+        return stats
+    h, c, hf = stats["hessian"], stats["cross"], stats["float_hessian"]
+    d_cross = c - h                                  # E[x_hat d^T], d = x - x_hat
+    d_d = hf - c - np.swapaxes(c, -1, -2) + h        # E[d d^T]
+    return {**stats, "cross": h + alpha * d_cross,
+            "float_hessian": h + alpha * (d_cross + np.swapaxes(d_cross, -1, -2))
+            + alpha * alpha * d_d}
+
+
 def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
                  config: QuantConfig):
     """Problems of one layer, solved: (QuantizedWeight, cost, rtn_cost, seconds)."""
+    stats = _blend_target(stats, config.correction)
     rng = np.random.default_rng([config.seed, zlib.crc32(layer.name.encode())])
     try:
         problems = problems_from_layer(module, stats["hessian"], config.grid_spec(layer.bits),

@@ -21,7 +21,6 @@ import numpy as np
 
 from .errors import QroundError
 from .grid import Grid
-from .problems import energy as _energy
 from .problems.rounding import RoundingProblem
 from .solvers.base import Solution, Solver, make_solution, spawn_rng
 
@@ -48,11 +47,12 @@ def refit_scales(problem: RoundingProblem, codes, ridge: float = 1e-9) -> Grid:
     e = q.astype(np.float64) - problem.zero_point          # grid units: w_hat = s * e
     r, _ = problem.target()
     # A[c, a, b] = e_a^T H e_b over the inputs of groups a and b; b[c, a] = e_a^T r_c
-    he = np.empty((groups, m, n))
+    he = np.empty((groups, m, n))   # he[a] = H e_a: only group a's rows of H take part
+    h = problem.hessian
     for a in range(groups):
-        ea = np.zeros_like(e)
-        ea[:, a * gs:(a + 1) * gs] = e[:, a * gs:(a + 1) * gs]
-        he[a] = _energy.hessian_times(ea, problem.hessian)
+        sl = slice(a * gs, (a + 1) * gs)
+        he[a] = e[:, sl] @ h[sl, :] if h.ndim == 2 else np.einsum("mi,mij->mj", e[:, sl],
+                                                                   h[:, sl, :])
     ew = e.reshape(m, groups, gs)
     mat = np.einsum("cag,bcag->cab", ew, he.reshape(groups, m, groups, gs))
     rhs = np.sum(ew * r.reshape(m, groups, gs), axis=2)

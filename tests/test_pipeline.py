@@ -222,6 +222,45 @@ def test_refits_never_raise_a_layer_cost_and_stay_on_floor_or_ceil(kind):
     assert refit.totals()["cost"] < plain.totals()["cost"]
 
 
+@pytest.mark.parametrize("kind", ["branchy", "cnn"])
+def test_correction_blends_quantized_and_asymmetric_targets(kind):
+    """correction=0 is the quantized-input objective, 1 the asymmetric one; in between the
+    reported cost is E||W x_a - W_hat x_hat||^2 with x_a = x_hat + a (x - x_hat)."""
+    model, data = build(kind)
+    runs = {key: quantize_model(model, data, QuantConfig(**FAST, **cfg)) for key, cfg in {
+        "quantized": dict(inputs="quantized"),
+        "a0": dict(inputs="asymmetric", correction=0.0),
+        "a1": dict(inputs="asymmetric", correction=1.0),
+        "asym": dict(inputs="asymmetric"),
+        "a05": dict(inputs="asymmetric", correction=0.5)}.items()}
+    for name in runs["quantized"].layers:
+        np.testing.assert_array_equal(runs["a0"].layers[name].codes,
+                                      runs["quantized"].layers[name].codes)
+        np.testing.assert_array_equal(runs["a1"].layers[name].codes,
+                                      runs["asym"].layers[name].codes)
+    for a, b in zip(runs["a0"].report, runs["quantized"].report):
+        assert a.cost == pytest.approx(b.cost, rel=1e-6)
+    # the blended cost of the first layer (no earlier error: x_hat = x) equals the others'
+    assert runs["a05"].report[0].cost == pytest.approx(runs["a0"].report[0].cost, rel=1e-6)
+
+
+def test_blended_cost_is_measured_output_error():
+    """correction=a: report cost == E||W x_a - W_hat x_hat||^2, x_a = x_hat + a (x - x_hat)."""
+    model, data = build("mlp2")
+    qm = quantize_model(model, data, QuantConfig(wbits=2, inputs="asymmetric", correction=0.3,
+                                                 progress=False))
+    l1, l2 = model[0], model[2]
+    with torch.no_grad():
+        h = F.relu(l1(torch.cat(data))).double()
+        h_hat = F.relu(qm.model[0](torch.cat(data))).double()
+    w2 = torch.as_tensor(qm.layers["2"].dequantized)
+    h_a = h_hat + 0.3 * (h - h_hat)
+    with torch.no_grad():
+        e2 = ((h_a @ l2.weight.double().T - h_hat @ w2.T) ** 2).sum(1).mean()
+    assert qm.report[1].cost == pytest.approx(float(e2), rel=1e-8)
+    assert not torch.equal(h, h_hat)
+
+
 def test_asymmetric_cost_is_measured_output_error():
     """Report cost == E||W x - W_hat x_hat||^2 over the calibration rows (AdaRound eq. 25)."""
     model, data = build("mlp2")
@@ -315,6 +354,9 @@ def test_bias_correction_conv_reduces_mean_error():
     (dict(statistics="hessian"), "statistics"), (dict(device="tpu"), "device"),
     (dict(group_size=0), "group_size"), (dict(seed=-1), "seed"), (dict(symmetric=1), "symmetric"),
     (dict(refits=-1), "refits"), (dict(refits=1.5), "refits"),
+    (dict(inputs="asymmetric", correction=1.5), "correction"),
+    (dict(inputs="asymmetric", correction=float("nan")), "correction"),
+    (dict(correction=0.5), "only applies with inputs='asymmetric'"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(QroundError, match=match):
