@@ -57,11 +57,25 @@ def refit_scales(problem: RoundingProblem, codes, ridge: float = 1e-9) -> Grid:
     mat = np.einsum("cag,bcag->cab", ew, he.reshape(groups, m, groups, gs))
     rhs = np.sum(ew * r.reshape(m, groups, gs), axis=2)
     old = g.scale
-    lam = ridge * np.maximum(np.trace(mat, axis1=1, axis2=2) / groups, np.finfo(float).tiny)
-    mat = mat + lam[:, None, None] * np.eye(groups)
-    rhs = rhs + lam[:, None] * old
-    new = np.linalg.solve(mat, rhs[..., None])[..., 0]
+    scale_of = np.maximum(np.trace(mat, axis1=1, axis2=2) / groups, np.finfo(float).tiny)
+    pin = np.full((m, groups), ridge)   # ridge weight per group; pinned groups get a huge one
+    new = old
+    for _ in range(groups):
+        lam = pin * scale_of[:, None]
+        sys_ = mat + lam[:, :, None] * np.eye(groups)
+        with np.errstate(all="ignore"):
+            new = np.linalg.solve(sys_, (rhs + lam * old)[..., None])[..., 0]
+        bad = ~(np.isfinite(new) & (new > 0))
+        if not bad.any():
+            break
+        # a group whose best scale is not positive stays where it was; the others refit
+        pin = np.where(bad, 1e12, pin)
     new = np.where(np.isfinite(new) & (new > 0), new, old)
+    # the joint fit with pinned groups is still a minimiser; keep the old scales of any channel
+    # that rounding noise made worse
+    s_new = np.repeat(new, gs, axis=1)
+    worse = problem.cost_of_codes(q, scale=s_new) > problem.cost_of_codes(q)
+    new = np.where(worse[:, None], old, new)
     return Grid(new, g.zero_point, g.bits, g.symmetric, g.group_size, g.in_features)
 
 
