@@ -62,18 +62,24 @@ def test_solvers_lists_registry(capsys):
     assert "greedy" in out and "exact" in out
 
 
-def test_quantize_model_file_and_reload(tmp_path, capsys):
+def _model_files(tmp_path, seed: int):
+    """A small MLP saved as model.pt with 64 calibration rows as calib.pt; returns the model."""
     import torch
 
-    from qround import export
-
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     torch.save(model, tmp_path / "model.pt")
     torch.save(torch.randn(64, 12, generator=gen), tmp_path / "calib.pt")
+    return model
+
+
+def test_quantize_model_file_and_reload(tmp_path, capsys):
+    from qround import export
+
+    model = _model_files(tmp_path, seed=0)
     out = tmp_path / "q.safetensors"
     assert main(["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
                  str(tmp_path / "calib.pt"), "--wbits", "3", "--solver", "greedy", "--out",
@@ -90,17 +96,9 @@ def test_quantize_model_file_and_reload(tmp_path, capsys):
 
 
 def test_quantize_with_scale_refits(tmp_path, capsys):
-    import torch
-
     from qround import export
 
-    gen = torch.Generator().manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-    torch.save(model, tmp_path / "model.pt")
-    torch.save(torch.randn(64, 12, generator=gen), tmp_path / "calib.pt")
+    model = _model_files(tmp_path, seed=1)
     totals = {}
     for refits in ("0", "2"):
         out = tmp_path / f"q{refits}.safetensors"
