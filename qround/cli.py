@@ -39,7 +39,12 @@ def cmd_solve(args) -> int:
     for path in args.files:
         stats = load_layer_stats(path)
         problem = stats.problem(bits=args.bits, scale_method=args.scale_method)
-        sol = solver.solve(problem, seed=args.seed)
+        if args.refits:
+            from .scales import solve_refitting
+
+            problem, sol = solve_refitting(problem, solver, rounds=args.refits, seed=args.seed)
+        else:
+            sol = solver.solve(problem, seed=args.seed)
         records.append(SolveRecord.from_solution(stats.name or str(path), sol))
         solutions.append((problem, sol))
     tot = totals(records)
@@ -260,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],
                    help="scale search when the file has no scale")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--refits", type=int, default=0, metavar="N",
+                   help="rounds of refitting the scales to the rounding, each followed by another "
+                        "solve (qround.scales; --out then holds the refitted scale)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     s.add_argument("--out", help="write codes (out x in), choices, scale, zero_point to this .npz")
     s.set_defaults(func=cmd_solve)

@@ -38,6 +38,22 @@ def test_solve_json_and_codes_reproduce_cost(layer_file, tmp_path, capsys):
     assert np.isclose(np.einsum("mi,ij,mj->", d, f["hessian"], d), res["cost"], rtol=1e-9)
 
 
+def test_solve_with_refits_writes_the_refitted_scale(layer_file, tmp_path, capsys):
+    costs = {}
+    for refits in ("0", "3"):
+        out = tmp_path / f"sol{refits}.npz"
+        assert main(["solve", str(layer_file), "--solver", "greedy", "--refits", refits, "--json",
+                     "--out", str(out)]) == 0
+        res = json.loads(capsys.readouterr().out)
+        f, s = np.load(layer_file), np.load(out)
+        d = s["scale"].reshape(-1, 1) * s["codes"] - f["weight"]   # with the file's new scale
+        assert np.isclose(np.einsum("mi,ij,mj->", d, f["hessian"], d), res["cost"], rtol=1e-9)
+        costs[refits] = (res["cost"], res["rtn_cost"], s["scale"])
+    assert costs["3"][0] <= costs["0"][0] * (1 + 1e-12)
+    assert costs["3"][1] == pytest.approx(costs["0"][1])      # RTN of the file's own grid
+    assert not np.allclose(costs["3"][2], costs["0"][2])      # some scale moved
+
+
 def test_solve_table_with_composition(layer_file, capsys):
     assert main(["solve", str(layer_file), str(layer_file), "--solver", "stochastic+greedy"]) == 0
     text = capsys.readouterr().out
@@ -49,6 +65,7 @@ def test_solve_table_with_composition(layer_file, capsys):
     (["solve", "{f}", "--solver", "nope"], "unknown solver"),
     (["solve", "{f}", "--bits", "3"], "bits"),
     (["solve", "{f}", "{f}", "--out", "x.npz"], "exactly one"),
+    (["solve", "{f}", "--refits", "-2"], "rounds"),
 ])
 def test_solve_errors_are_clear(layer_file, capsys, args, message):
     args = [a.format(f=layer_file) for a in args]
