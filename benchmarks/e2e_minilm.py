@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "e.g. 'intermediate' to see one kind's share of the error")
     p.add_argument("--rec-iterations", type=int, default=100,
                    help="Adam steps per transformer layer of the 'reconstruct' method")
+    p.add_argument("--weight-start", default="solver", choices=["solver", "float"],
+                   help="QuantConfig.weight_start of the 'reconstruct' method: soft rounding "
+                        "from the solver's choice or from the float weights (AdaRound)")
     return e2e_finish(p, argv, WIDTHS, METHODS)
 
 
@@ -73,7 +76,8 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
                          damp=args.damp, inputs=args.inputs, correction=args.correction,
                          progress=args.progress, reconstruction=reconstruction,
                          refits=refits_of(label) if spec else 0,
-                         bias_correction=args.bias_correction and ours)
+                         bias_correction=args.bias_correction and ours,
+                         weight_start=args.weight_start)
     start = time.perf_counter()
     if label.startswith("rtn"):
         qmodel, _ = rtn_model(model, config)
