@@ -34,6 +34,8 @@ def cmd_solve(args) -> int:
 
     if args.out and len(args.files) != 1:
         raise QroundError("--out writes the codes of one layer: give exactly one FILE.npz")
+    if args.refits < 0:
+        raise QroundError(f"--refits must be a non-negative integer, got {args.refits}")
     solver = get_solver(args.solver)
     records, solutions = [], []
     for path in args.files:

@@ -65,7 +65,7 @@ def test_solve_table_with_composition(layer_file, capsys):
     (["solve", "{f}", "--solver", "nope"], "unknown solver"),
     (["solve", "{f}", "--bits", "3"], "bits"),
     (["solve", "{f}", "{f}", "--out", "x.npz"], "exactly one"),
-    (["solve", "{f}", "--refits", "-2"], "rounds"),
+    (["solve", "{f}", "--refits", "-2"], "--refits must be a non-negative"),
 ])
 def test_solve_errors_are_clear(layer_file, capsys, args, message):
     args = [a.format(f=layer_file) for a in args]
