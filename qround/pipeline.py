@@ -707,8 +707,10 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
                 if config.bias_correction:
                     _correct_bias(module, weight, qweight, stats[layer.name])
                 layers[layer.name] = qweight
+                label = (f"{solver.label} ({config.refits} refits)" if config.refits
+                         else solver.label)
                 row = LayerReport(layer.name, layer.kind, tuple(weight.shape), layer.bits,
-                                  solver.label, cost, rtn, cost / rtn if rtn > 0 else 1.0,
+                                  label, cost, rtn, cost / rtn if rtn > 0 else 1.0,
                                   seconds, capture_share)
                 report.append(row)
                 log.info("%s: %d-bit %s, cost %.4g vs RTN %.4g (ratio %.4f), solve %.2f s, "

@@ -85,7 +85,8 @@ def solve_refitting(problem: RoundingProblem, solver: Solver, rounds: int = 2, s
 
     Returns ``(problem, solution)`` on the final grid (a channel keeps its previous grid when the
     refit did not lower its cost).  ``solution.rtn_cost`` stays the rounding-to-nearest cost on
-    the original grid and ``solution.seconds`` covers all rounds; ``solution.info["refits"]``
+    the original grid, ``solution.seconds`` covers all rounds, ``solution.solver`` reads
+    ``"<solver> (N refits)"``; ``solution.info["refits"]``
     lists per round the summed cost and the number of channels that moved to the new grid.
     Stops early once a round improves no channel by more than ``tol`` (relative).
     """
@@ -115,6 +116,7 @@ def solve_refitting(problem: RoundingProblem, solver: Solver, rounds: int = 2, s
         codes = np.where(better[:, None], new.codes, codes)
         cost = np.where(better, new.cost, cost)
     choices = cur.choices_from_codes(codes)
-    out = make_solution(cur, choices, time.perf_counter() - t0, sol.solver,
+    label = f"{sol.solver} ({rounds} refits)" if rounds else sol.solver
+    out = make_solution(cur, choices, time.perf_counter() - t0, label,
                         {**sol.info, "refits": history})
     return cur, dataclasses.replace(out, rtn_cost=rtn)

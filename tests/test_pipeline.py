@@ -209,6 +209,7 @@ def test_refits_never_raise_a_layer_cost_and_stay_on_floor_or_ceil(kind):
     changed = 0
     for a, b in zip(plain.report, refit.report):
         assert a.layer == b.layer and a.rtn_cost == pytest.approx(b.rtn_cost, rel=1e-9)
+        assert b.solver == "greedy (2 refits)"
         assert b.cost <= a.cost * (1 + 1e-9)
         qw = refit.layers[b.layer]
         changed += not np.allclose(qw.scale, plain.layers[a.layer].scale)

@@ -111,6 +111,7 @@ def test_solve_refitting_is_never_worse_and_stays_on_floor_or_ceil(kind):
     assert np.all((sol.codes >= q.qmin) & (sol.codes <= q.qmax))
     np.testing.assert_allclose(sol.rtn_cost, p.rtn_costs())  # RTN of the original grid
     assert len(sol.info["refits"]) >= 1
+    assert sol.solver == "greedy (3 refits)"
 
 
 def test_solve_refitting_lowers_the_cost_of_a_badly_scaled_grid():
