@@ -50,6 +50,7 @@ def cmd_solve(args) -> int:
         records.append(SolveRecord.from_solution(stats.name or str(path), sol))
         solutions.append((problem, sol))
     tot = totals(records)
+    label = f"{solver.label} ({args.refits} refits)" if args.refits else solver.label
     if args.out:
         problem, sol = solutions[0]
         write_npz_atomic(args.out, codes=sol.codes, choices=sol.choices,
@@ -57,12 +58,12 @@ def cmd_solve(args) -> int:
                          bits=np.int64(problem.grid.bits), cost=sol.cost, rtn_cost=sol.rtn_cost,
                          solver=np.str_(sol.solver))
     if args.json:
-        print(json.dumps({**tot, "solver": solver.label,
+        print(json.dumps({**tot, "solver": label,
                           "layers": [r.as_dict() for r in records]}))
     else:
         rows = [r.as_dict() for r in records]
         if len(rows) > 1:
-            rows.append({"layer": "total", "shape": "", "solver": solver.label, **tot})
+            rows.append({"layer": "total", "shape": "", "solver": label, **tot})
         print(format_table(rows, COLUMNS))
     return 0
 

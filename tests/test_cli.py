@@ -45,6 +45,7 @@ def test_solve_with_refits_writes_the_refitted_scale(layer_file, tmp_path, capsy
         assert main(["solve", str(layer_file), "--solver", "greedy", "--refits", refits, "--json",
                      "--out", str(out)]) == 0
         res = json.loads(capsys.readouterr().out)
+        assert res["solver"] == ("greedy" if refits == "0" else "greedy (3 refits)")
         f, s = np.load(layer_file), np.load(out)
         d = s["scale"].reshape(-1, 1) * s["codes"] - f["weight"]   # with the file's new scale
         assert np.isclose(np.einsum("mi,ij,mj->", d, f["hessian"], d), res["cost"], rtol=1e-9)
