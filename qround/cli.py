@@ -303,7 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="statistics source: the float model's layer inputs, the partly quantised "
                         "model's (GPTQ's sequential), or both paired (AdaRound eq. 25) "
                         "(default: %(default)s)")
-    q.add_argument("--bias-correction", action="store_true")
+    q.add_argument("--bias-correction", action="store_true",
+                   help="add the mean of each layer's solved error to its bias (Nagel et al. "
+                        "2019): the layer's own rounding error with --inputs quantized or float, "
+                        "plus the corrected share of the earlier layers' error with asymmetric")
     q.add_argument("--correction", type=float, default=1.0, metavar="A",
                    help="with --inputs asymmetric: share of the earlier layers' error that each "
                         "layer's target corrects (1 = AdaRound eq. 25, 0 = as 'quantized')")

@@ -319,31 +319,68 @@ def test_layer_never_called_is_skipped():
     assert "spare" not in qm.layers and "never called" in qm.skipped["spare"]
 
 
-def test_bias_correction_reduces_output_mean_error():
+def _inputs_of(model, name, x):
+    """The inputs of module ``name`` on a forward of ``x``, rows of (..., in)."""
+    seen = []
+    handle = dict(model.named_modules())[name].register_forward_hook(
+        lambda m, args, out: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+
+
+def test_bias_correction_zeroes_each_layers_own_mean_error():
+    # inputs="quantized": the solver's target is W x_hat, so the correction zeroes the mean of
+    # (W - W_hat) x_hat on the layer's quantised inputs, not the earlier layers' error too
     model, data = build("branchy")
     x = torch.cat(data)
     errors = {}
     for corrected in (False, True):
         qm = quantize_model(model, data, QuantConfig(wbits=2, solver="nearest",
                                                      bias_correction=corrected, progress=False))
+        x_hat = _inputs_of(qm.model, "out", x)
+        float_out = F.linear(x_hat, model.out.weight, model.out.bias)
         with torch.no_grad():
-            errors[corrected] = (model(x) - qm.model(x)).mean(0).abs().max().item()
+            errors[corrected] = (float_out - qm.model.out(x_hat)).mean(0).abs().max().item()
         if corrected:  # the last layer had no bias: one was created, the float model has none
             assert qm.model.out.bias is not None and model.out.bias is None
-    # the last layer is corrected on these very batches: its output mean error vanishes
     assert errors[True] < 1e-5 < errors[False]
 
 
-def test_bias_correction_conv_reduces_mean_error():
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_bias_correction_asymmetric_zeroes_blended_mean_error(alpha):
+    # inputs="asymmetric": the target is W x_a, x_a = x_hat + alpha (x - x_hat); with alpha 1
+    # the last layer is corrected on these very batches and the model's output mean error goes
+    model, data = build("branchy")
+    x = torch.cat(data)
+    qm = quantize_model(model, data, QuantConfig(wbits=2, solver="nearest", inputs="asymmetric",
+                                                 correction=alpha, bias_correction=True,
+                                                 progress=False))
+    x_hat, x_f = _inputs_of(qm.model, "out", x), _inputs_of(model, "out", x)
+    target = F.linear(x_hat + alpha * (x_f - x_hat), model.out.weight)
+    with torch.no_grad():
+        assert (target - qm.model.out(x_hat)).mean(0).abs().max().item() < 1e-5
+        if alpha == 1.0:
+            assert (model(x) - qm.model(x)).mean(0).abs().max().item() < 1e-5
+
+
+def test_bias_correction_conv_zeroes_own_mean_error():
     model, data = build("cnn")
     x = torch.cat(data)
     out = {}
     for corrected in (False, True):
         qm = quantize_model(model, data, QuantConfig(wbits=2, solver="nearest",
                                                      bias_correction=corrected, progress=False))
+        seen = []
+        handle = qm.model.grouped.register_forward_hook(lambda m, a, o: seen.append(a[0]))
         with torch.no_grad():
-            ref, got = model.grouped(F.relu(model.bn(model.conv(x)))), None
-            got = qm.model.grouped(F.relu(qm.model.bn(qm.model.conv(x))))
+            qm.model(x)
+            handle.remove()
+            x_hat = torch.cat(seen)
+            ref, got = model.grouped(x_hat), qm.model.grouped(x_hat)
         out[corrected] = (ref - got).mean((0, 2, 3)).abs().max().item()
     assert out[True] < 1e-5 < out[False]
 

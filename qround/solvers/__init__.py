@@ -41,8 +41,15 @@ register("tabu-fast", lambda **kw: Tabu(**{"restarts": 0, "iters_per_var": 1.0, 
 register("fast", lambda: Chain(GPTQ(), Tabu(restarts=0, iters_per_var=1.0, descent=False),
                                label="fast"),
          "default for speed: gptq, then one short tabu round")
-register("quality", lambda: Chain(GPTQ(), Tabu(), label="quality"),
-         "default for quality: gptq, then iterated tabu search")
+# `quality` searches two basins from GPTQ's start and keeps the better per channel: iterated tabu
+# search, and a short anneal (1000 sequential sweeps) followed by the same tabu search.  The
+# anneal leaves GPTQ's basin where tabu stalls (2-bit convs, where it cut the layer cost by up
+# to a quarter); tabu alone stays best where the start is already good (3-4-bit convs).
+# BENCHMARKS.md section 1d has the run that chose it.
+register("quality", lambda: Chain(GPTQ(), BestOf(Tabu(), Chain(Anneal(order="sequential"), Tabu())),
+                                  label="quality"),
+         "default for quality: gptq, then the better per channel of iterated tabu search and "
+         "anneal + tabu")
 
 __all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver",
            "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy", "DimodSolver",

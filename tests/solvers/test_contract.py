@@ -86,3 +86,17 @@ def test_registry_errors():
 @pytest.mark.parametrize("name", SOLVERS)
 def test_label_is_the_registry_name(name):
     assert get_solver(name).label == name
+
+
+def test_named_defaults_never_worse_than_their_parts():
+    # fast and quality start from GPTQ; quality keeps, per channel, the better of its tabu branch
+    # and its anneal + tabu branch, so it is never worse than GPTQ then tabu with the same seed
+    from qround.solvers import GPTQ, Tabu
+
+    problem = make_problem(m=12, n=40, bits=2, seed=3)
+    gptq = get_solver("gptq").solve(problem, seed=0)
+    for name in ("fast", "quality"):
+        assert np.all(get_solver(name).solve(problem, seed=0).energy <= gptq.energy + 1e-12)
+    quality = get_solver("quality").solve(problem, seed=0)
+    tabu = Chain(GPTQ(), Tabu()).solve(problem, seed=0)
+    assert np.all(quality.energy <= tabu.energy + 1e-12)
