@@ -575,9 +575,9 @@ def _correct_bias(module: nn.Module, weight: np.ndarray, qweight: QuantizedWeigh
     ``x_t`` is the solver's target input: ``x_hat`` for ``inputs="quantized"`` (the layer's own
     rounding error, ``(W - W_hat) E[x_hat]``), ``x`` for ``"float"`` (``x_hat = x`` there), and
     ``x_hat + alpha (x - x_hat)`` for ``"asymmetric"`` with ``correction=alpha``.  Matching the
-    objective matters: zeroing the mean of the whole error, earlier layers' included, at every
-    layer of MiniLM took W3 RTN from cosine 0.858 to 0.609 (BENCHMARKS.md, section 2); the
-    layer's own error from 0.858 to 0.879.
+    objective matters: on MiniLM, zeroing the mean of the whole error (earlier layers' included)
+    at every layer, with quantised-input statistics, wrecks the model, while zeroing each
+    layer's own error helps (BENCHMARKS.md, section 2, "Bias correction").
 
     weight (out, n) float; means (groups, n) of the inputs.  A layer without bias gets one.
     """
