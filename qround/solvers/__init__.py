@@ -45,8 +45,11 @@ register("fast", lambda: Chain(GPTQ(), Tabu(restarts=0, iters_per_var=1.0, desce
 # search, and a short anneal (1000 sequential sweeps) followed by the same tabu search.  The
 # anneal leaves GPTQ's basin where tabu stalls (2-bit convs, where it cut the layer cost by up
 # to a quarter); tabu alone stays best where the start is already good (3-4-bit convs).
-# BENCHMARKS.md section 1d has the run that chose it.
-register("quality", lambda: Chain(GPTQ(), BestOf(Tabu(), Chain(Anneal(order="sequential"), Tabu())),
+# A tabu round ends after 4000 iterations without a new best: on layers of up to 400 inputs
+# (10 n iterations per round) that never happens; on 1536-input layers, where tabu stalls
+# after an anneal, it halved the time and gave the same costs.  BENCHMARKS.md section 1d.
+register("quality", lambda: Chain(GPTQ(), BestOf(Tabu(stall=4000),
+                                                 Chain(Anneal(order="sequential"), Tabu(stall=4000))),
                                   label="quality"),
          "default for quality: gptq, then the better per channel of iterated tabu search and "
          "anneal + tabu")
