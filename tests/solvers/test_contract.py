@@ -91,6 +91,7 @@ def test_label_is_the_registry_name(name):
 def test_named_defaults_never_worse_than_their_parts():
     # fast and quality start from GPTQ; quality keeps, per channel, the better of its tabu branch
     # and its anneal + tabu branch, so it is never worse than GPTQ then tabu with the same seed
+    # (its stall limit of 4000 iterations cannot fire on 40 inputs: a round has 400)
     from qround.solvers import GPTQ, Tabu
 
     problem = make_problem(m=12, n=40, bits=2, seed=3)
