@@ -353,7 +353,7 @@ def test_bias_correction_zeroes_each_layers_own_mean_error():
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 def test_bias_correction_asymmetric_zeroes_blended_mean_error(alpha):
     # inputs="asymmetric": the target is W x_a, x_a = x_hat + alpha (x - x_hat); with alpha 1
-    # the last layer is corrected on these very batches and the model's output mean error goes
+    # the last layer is corrected on these very batches and the model's output mean error vanishes
     model, data = build("branchy")
     x = torch.cat(data)
     qm = quantize_model(model, data, QuantConfig(wbits=2, solver="nearest", inputs="asymmetric",
