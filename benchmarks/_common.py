@@ -71,6 +71,9 @@ def e2e_parser(doc: str, widths, methods) -> argparse.ArgumentParser:
     p.add_argument("--refits", default="0",
                    help="comma-separated rounds of scale refitting (QuantConfig.refits); each "
                         "qround solver runs once per value (default: %(default)s)")
+    p.add_argument("--widen", action="store_true",
+                   help="QuantConfig.widen for the qround solvers: after the solver, descend on "
+                        "the whole grid (codes may leave floor/ceil)")
     p.add_argument("--progress", action="store_true",
                    help="show quantize_model's per-layer progress bar (stderr)")
     p.add_argument("--json", help="write the results to this JSON file")

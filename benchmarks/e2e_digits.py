@@ -55,7 +55,8 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, args):
                          scale_method="minmax" if label == "rtn-minmax" else "mse",
                          solver=spec or "nearest", first_last_bits=args.first_last_bits,
                          device=args.device, inputs=args.inputs, correction=args.correction,
-                         progress=args.progress, refits=refits_of(label) if spec else 0)
+                         progress=args.progress, refits=refits_of(label) if spec else 0,
+                         widen=args.widen and bool(spec))
     start = time.perf_counter()
     if label.startswith("rtn"):
         qmodel, _ = rtn_model(model, config)

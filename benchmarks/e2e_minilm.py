@@ -77,6 +77,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
                          progress=args.progress, reconstruction=reconstruction,
                          refits=refits_of(label) if spec else 0,
                          bias_correction=args.bias_correction and ours,
+                         widen=args.widen and bool(spec),
                          weight_start=args.weight_start)
     start = time.perf_counter()
     if label.startswith("rtn"):

@@ -166,7 +166,7 @@ def cmd_quantize(args) -> int:
                          group_size=args.group_size, scale_method=args.scale_method,
                          solver=args.solver, inputs=args.inputs,
                          bias_correction=args.bias_correction, refits=args.refits,
-                         correction=args.correction,
+                         widen=args.widen, correction=args.correction,
                          first_last_bits=args.first_last_bits, seed=args.seed,
                          progress=not args.no_progress, layers=args.layers, abits=args.abits,
                          borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--refits", type=int, default=0, metavar="N",
                    help="rounds of refitting the scales to the chosen rounding, each followed by "
                         "another solve (0 = off)")
+    q.add_argument("--widen", action="store_true",
+                   help="after the solver (and refits), move codes by +-1 on the whole grid "
+                        "while that lowers a channel's cost: codes may leave floor/ceil")
     q.add_argument("--first-last-bits", type=int, default=None)
     q.add_argument("--layers", default=None, help="regex of layer names to quantise")
     q.add_argument("--seed", type=int, default=0)

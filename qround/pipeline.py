@@ -45,13 +45,14 @@ from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _v
 from .errors import QroundError, check_bits
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
+from .lattice import grid_descent
 from .problems.layers import layer_weight, problems_from_layer
 from .reconstruct import ReconstructConfig, ReconstructResult
 from .report import format_table
 from .scales import solve_refitting
 from .solvers import Solver, get_solver
 from .solvers._torch import resolve_device
-from .writeback import QuantizedWeight, apply_to_layer, quantized_weight
+from .writeback import QuantizedWeight, apply_to_layer, quantized_weight, weight_from_codes
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,12 @@ class QuantConfig:
     inputs: str = "quantized"           # statistics source: float | quantized | asymmetric
     statistics: str = "covariance"      # covariance | fisher  (fisher needs loss_fn)
     fisher_budget_mb: float = 1024.0
-    bias_correction: bool = False       # Nagel et al. 2019: zero the mean of the solved error
+    bias_correction: bool = False       # Nagel et al. 2019: zero the mean of the solved error;
+                                        # the solver then minimises what remains (covariances)
     damp: float = 0.0                   # lambda ||w_hat - w||^2, lambda = damp * mean(diag H)
     refits: int = 0                     # rounds of scale refitting after the solver (qround.scales)
+    widen: bool = False                 # then descend on the whole grid (qround.lattice): codes
+                                        # may leave floor/ceil; never raises a channel's cost
     correction: float = 1.0             # inputs="asymmetric": share of earlier error corrected
     device: str = "cpu"                 # where statistics are accumulated and solvers run
     seed: int = 0
@@ -107,7 +111,7 @@ class QuantConfig:
             check_bits(self.first_last_bits, "first_last_bits")
         if self.inputs not in INPUTS:
             raise QroundError(f"inputs must be one of {INPUTS}, got {self.inputs!r}")
-        for name in ("symmetric", "bias_correction", "progress"):
+        for name in ("symmetric", "bias_correction", "progress", "widen"):
             if not isinstance(getattr(self, name), bool):
                 raise QroundError(f"{name} must be True or False, got {getattr(self, name)!r}")
         GridSpec(bits=self.wbits, symmetric=self.symmetric, group_size=self.group_size,
@@ -537,10 +541,37 @@ def _blend_target(stats: dict, alpha: float) -> dict:
             + alpha * alpha * d_d}
 
 
+def _centered(stats: dict, alpha: float) -> dict:
+    """Statistics of the error that remains after bias correction: covariances in place of
+    second moments.
+
+    With target input ``x_t = x_hat + alpha (x - x_hat)`` (``x_t = x_hat`` unpaired) the layer
+    error is ``e = W x_t - W_hat x_hat``, and :func:`_correct_bias` removes its mean, leaving
+    ``E||e - E e||^2``.  That is the same objective with ``H_hat - mu_hat mu_hat^T``, ``C -
+    mu_hat mu_t^T`` and ``H_t - mu_t mu_t^T``, so the solver spends nothing on the mean error,
+    which the bias absorbs exactly.  Expects :func:`_blend_target`'s output; means (groups, n).
+    """
+    h = stats["hessian"]
+    mu_hat = stats["mean_xhat"]
+
+    def outer(a, b):
+        o = np.einsum("gi,gj->gij", a, b)
+        return o[0] if h.ndim == 2 else o
+
+    out = {**stats, "hessian": h - outer(mu_hat, mu_hat)}
+    if stats["cross"] is not None:
+        mu_t = mu_hat + alpha * (stats["mean_x"] - mu_hat)
+        out["cross"] = stats["cross"] - outer(mu_hat, mu_t)
+        out["float_hessian"] = stats["float_hessian"] - outer(mu_t, mu_t)
+    return out
+
+
 def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
                  config: QuantConfig):
     """Problems of one layer, solved: (QuantizedWeight, cost, rtn_cost, seconds)."""
     stats = _blend_target(stats, config.correction)
+    if config.bias_correction and config.statistics == "covariance":
+        stats = _centered(stats, config.correction)
     rng = np.random.default_rng([config.seed, zlib.crc32(layer.name.encode())])
     try:
         problems = problems_from_layer(module, stats["hessian"], config.grid_spec(layer.bits),
@@ -561,10 +592,19 @@ def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
                           "'greedy'") from exc
     for p, s in zip(problems, solutions):
         log.debug("%s: %s ratio %.4f in %.3f s %s", p.name, s.solver, s.ratio, s.seconds, s.info)
-    qweight = quantized_weight(problems, solutions, module)
-    cost = sum(s.total_cost for s in solutions)
     rtn = sum(s.total_rtn_cost for s in solutions)
-    return qweight, cost, rtn, sum(s.seconds for s in solutions)
+    seconds = sum(s.seconds for s in solutions)
+    if not config.widen:
+        qweight = quantized_weight(problems, solutions, module)
+        return qweight, sum(s.total_cost for s in solutions), rtn, seconds
+    t0 = time.perf_counter()
+    results = [grid_descent(p, s.codes) for p, s in zip(problems, solutions)]
+    seconds += time.perf_counter() - t0
+    for p, r in zip(problems, results):
+        log.debug("%s: widened %.6g -> %.6g, %d codes beyond floor/ceil", p.name,
+                  r.start_cost.sum(), r.cost.sum(), r.beyond)
+    qweight = weight_from_codes(problems, [r.codes for r in results], module)
+    return qweight, float(sum(r.cost.sum() for r in results)), rtn, seconds
 
 
 def _correct_bias(module: nn.Module, weight: np.ndarray, qweight: QuantizedWeight,
@@ -711,7 +751,7 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
                     _correct_bias(module, weight, qweight, stats[layer.name], config.correction)
                 layers[layer.name] = qweight
                 label = (f"{solver.label} ({config.refits} refits)" if config.refits
-                         else solver.label)
+                         else solver.label) + (" + widen" if config.widen else "")
                 row = LayerReport(layer.name, layer.kind, tuple(weight.shape), layer.bits,
                                   label, cost, rtn, cost / rtn if rtn > 0 else 1.0,
                                   seconds, capture_share)

@@ -80,15 +80,35 @@ def quantized_weight(problems: RoundingProblem | Sequence[RoundingProblem],
     if not problems or len(problems) != len(solutions):
         raise QroundError(f"need one solution per problem, got {len(problems)} problems and "
                           f"{len(solutions)} solutions")
+    codes = [p.codes(_choices(p, s)) for p, s in zip(problems, solutions)]
+    return weight_from_codes(problems, codes, module)
+
+
+def weight_from_codes(problems: RoundingProblem | Sequence[RoundingProblem], codes,
+                      module: nn.Module | None = None) -> QuantizedWeight:
+    """Like :func:`quantized_weight`, from integer codes (m, n) per problem in ``[qmin, qmax]``
+    on each problem's grid, not necessarily floor or ceil (e.g. from
+    :func:`qround.lattice.grid_descent`)."""
+    if isinstance(problems, RoundingProblem):
+        problems, codes = [problems], [codes]
+    problems, codes = list(problems), [np.asarray(c) for c in codes]
+    if not problems or len(problems) != len(codes):
+        raise QroundError(f"need one code matrix per problem, got {len(problems)} problems and "
+                          f"{len(codes)} code matrices")
     first = problems[0].grid
-    for p in problems[1:]:
+    for p, c in zip(problems, codes):
         g = p.grid
         if (g.bits, g.symmetric, g.group_size, g.in_features, g.groups) != (
                 first.bits, first.symmetric, first.group_size, first.in_features, first.groups):
             raise QroundError("the problems of one layer must share bits, symmetry, group size "
                               "and number of inputs")
-    codes = np.concatenate([p.codes(_choices(p, s)) for p, s in zip(problems, solutions)])
-    codes = codes.astype(np.int64)
+        if c.shape != p.weight.shape:
+            raise QroundError(f"codes for {p.name or 'problem'} have shape {c.shape}, the "
+                              f"problem is {p.weight.shape}")
+        if not np.issubdtype(c.dtype, np.integer) or (c.size and (c.min() < g.qmin
+                                                                  or c.max() > g.qmax)):
+            raise QroundError(f"codes must be integers in [{g.qmin}, {g.qmax}]")
+    codes = np.concatenate(codes).astype(np.int64)
     scale = np.concatenate([p.grid.scale for p in problems])
     zero = np.concatenate([p.grid.zero_point for p in problems])
     shape = tuple(codes.shape)

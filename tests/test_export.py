@@ -22,10 +22,11 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """(float model, data, QuantizedModel, path) of the CNN, asymmetric grid, bias correction."""
+    """(float model, data, QuantizedModel, path) of the CNN, asymmetric grid, bias correction,
+    codes widened beyond floor/ceil."""
     model, data = build("cnn")
     config = QuantConfig(wbits=3, symmetric=False, bias_correction=True, first_last_bits=8,
-                         progress=False)
+                         widen=True, progress=False)
     qm = quantize_model(model, data, config)
     path = tmp_path_factory.mktemp("export") / "cnn.safetensors"
     qm.save(path)

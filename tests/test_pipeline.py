@@ -224,6 +224,41 @@ def test_refits_never_raise_a_layer_cost_and_stay_on_floor_or_ceil(kind):
 
 
 @pytest.mark.parametrize("kind", ["branchy", "cnn"])
+def test_widen_never_raises_a_layer_cost_and_stays_on_the_grid(kind):
+    """With float inputs each layer's statistics do not depend on the rounding, so the widened
+    layer costs compare one to one with the solver's; the written weights are s (q - z) with
+    integer codes in [qmin, qmax], some beyond floor/ceil, and the report is their exact cost."""
+    model, data = build(kind)
+    plain = quantize_model(model, data, QuantConfig(inputs="float", wbits=2, solver="fast",
+                                                    progress=False))
+    wide = quantize_model(model, data, QuantConfig(inputs="float", wbits=2, solver="fast",
+                                                   widen=True, progress=False))
+    float_modules = dict(model.named_modules())
+    q_modules = dict(wide.model.named_modules())
+    h = capture_hessians(model, data, [r.layer for r in wide.report])
+    beyond = 0
+    for a, b in zip(plain.report, wide.report):
+        assert a.layer == b.layer and b.solver == "fast + widen"
+        assert a.rtn_cost == pytest.approx(b.rtn_cost, rel=1e-9)
+        assert b.cost <= a.cost * (1 + 1e-9)
+        qw = wide.layers[b.layer]
+        assert qw.codes.min() >= qw.qmin and qw.codes.max() <= qw.qmax
+        np.testing.assert_allclose(q_modules[b.layer].weight.detach().numpy(),
+                                   qw.dequantized, rtol=1e-6, atol=1e-7)
+        problems = problems_from_layer(float_modules[b.layer], h[b.layer],
+                                       layer_grid(qw, qw.codes.shape[1]), b.layer)
+        rows = qw.codes.shape[0] // len(problems)
+        parts = [qw.codes[j * rows:(j + 1) * rows] for j in range(len(problems))]
+        cost = sum(p.cost_of_codes(c).sum() for p, c in zip(problems, parts))
+        assert b.cost == pytest.approx(cost, rel=1e-7, abs=1e-12)
+        for p, c in zip(problems, parts):
+            d = c - p.floor_codes
+            beyond += int(np.sum((d != 0) & ~((d == 1) & p.free)))
+    assert beyond > 0
+    assert wide.totals()["cost"] < plain.totals()["cost"]
+
+
+@pytest.mark.parametrize("kind", ["branchy", "cnn"])
 def test_correction_blends_quantized_and_asymmetric_targets(kind):
     """correction=0 is the quantized-input objective, 1 the asymmetric one; in between the
     reported cost is E||W x_a - W_hat x_hat||^2 with x_a = x_hat + a (x - x_hat)."""
@@ -367,6 +402,37 @@ def test_bias_correction_asymmetric_zeroes_blended_mean_error(alpha):
             assert (model(x) - qm.model(x)).mean(0).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("inputs,alpha", [("quantized", 0.0), ("asymmetric", 0.5)])
+def test_bias_correction_cost_is_the_error_left_after_correction(inputs, alpha):
+    """With bias correction the solver's objective is the error that remains once the bias has
+    absorbed its mean: each reported layer cost equals the measured E||W x_a + b - (W_hat x_hat +
+    b')||^2 over the calibration rows, with the corrected bias b' (zero mean error there)."""
+    model, data = build("branchy")
+    x = torch.cat(data)
+    kw = dict(correction=alpha) if inputs == "asymmetric" else {}
+    qm = quantize_model(model, data, QuantConfig(wbits=2, solver="greedy", inputs=inputs,
+                                                 bias_correction=True, progress=False, **kw))
+    plain = quantize_model(model, data, QuantConfig(wbits=2, solver="greedy", inputs=inputs,
+                                                    progress=False, **kw))
+    float_modules, q_modules = dict(model.named_modules()), dict(qm.model.named_modules())
+    for row in qm.report:
+        # in Branchy no layer feeds an earlier one, so the final model gives each layer the
+        # inputs it was calibrated on
+        x_hat = _inputs_of(qm.model, row.layer, x).double()
+        x_f = _inputs_of(model, row.layer, x).double()
+        f = float_modules[row.layer]
+        w = f.weight.detach().double()
+        b = 0.0 if f.bias is None else f.bias.detach().double()
+        target = F.linear(x_hat + alpha * (x_f - x_hat), w) + b
+        with torch.no_grad():
+            err = target - q_modules[row.layer](x_hat.float()).double()
+        assert err.mean(0).abs().max().item() < 1e-5
+        measured = (err - err.mean(0)).pow(2).sum(1).mean().item()
+        assert row.cost == pytest.approx(measured, rel=1e-4)
+    # centring moves the objective: the costs are below the uncorrected ones
+    assert qm.totals()["cost"] < plain.totals()["cost"]
+
+
 def test_bias_correction_conv_zeroes_own_mean_error():
     model, data = build("cnn")
     x = torch.cat(data)
@@ -391,7 +457,7 @@ def test_bias_correction_conv_zeroes_own_mean_error():
     (dict(layers="("), "layers"), (dict(scale_method="best"), "scale_method"),
     (dict(statistics="hessian"), "statistics"), (dict(device="tpu"), "device"),
     (dict(group_size=0), "group_size"), (dict(seed=-1), "seed"), (dict(symmetric=1), "symmetric"),
-    (dict(refits=-1), "refits"), (dict(refits=1.5), "refits"),
+    (dict(refits=-1), "refits"), (dict(refits=1.5), "refits"), (dict(widen=1), "widen"),
     (dict(inputs="asymmetric", correction=1.5), "correction"),
     (dict(inputs="asymmetric", correction=float("nan")), "correction"),
     (dict(correction=0.5), "only applies with inputs='asymmetric'"),

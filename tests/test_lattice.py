@@ -1,0 +1,128 @@
+"""grid_descent (qround.lattice): steepest descent on the whole integer grid."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qround import QroundError
+from qround.lattice import grid_descent
+from qround.solvers import get_solver
+
+from .conftest import make_problem
+from .test_scales import _random_problem
+
+
+def _single_move_costs(p, q):
+    """(m, n, 2) costs of every +-1 move of every code (inf where it leaves the grid)."""
+    m, n = q.shape
+    out = np.full((m, n, 2), np.inf)
+    for j in range(n):
+        for k, d in enumerate((1, -1)):
+            moved = q.copy()
+            moved[:, j] += d
+            ok = (moved[:, j] >= p.qmin) & (moved[:, j] <= p.qmax)
+            cost = p.cost_of_codes(np.clip(moved, p.qmin, p.qmax))
+            out[:, j, k] = np.where(ok, cost, np.inf)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 4), bits=st.integers(2, 4),
+       symmetric=st.booleans(), per_channel=st.booleans(), grouped=st.booleans(),
+       cross=st.booleans(), start=st.sampled_from(["rtn", "random"]))
+def test_never_worse_on_grid_and_a_local_minimum(seed, m, bits, symmetric, per_channel, grouped,
+                                                 cross, start):
+    """From any start: codes stay in [qmin, qmax], the reported cost is the exact cost of the
+    codes, no channel gets worse, and no single +-1 move lowers any channel's cost."""
+    p, rng = _random_problem(seed, m, 8, bits, symmetric, per_channel and not cross,
+                             4 if grouped else None, cross)
+    q0 = (p.codes(p.rtn_choices()) if start == "rtn"
+          else rng.integers(p.qmin, p.qmax + 1, size=p.weight.shape))
+    r = grid_descent(p, q0)
+    assert r.codes.dtype == np.int64 and r.codes.shape == p.weight.shape
+    assert r.codes.min() >= p.qmin and r.codes.max() <= p.qmax
+    np.testing.assert_allclose(r.cost, p.cost_of_codes(r.codes), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(r.start_cost, p.cost_of_codes(q0), rtol=1e-12, atol=1e-12)
+    assert np.all(r.cost <= r.start_cost)
+    scale = np.abs(r.cost) + np.abs(r.start_cost) + 1e-12
+    moves = _single_move_costs(p, r.codes)
+    assert np.all(moves.min(axis=(1, 2)) >= r.cost - 1e-9 * scale)
+
+
+def test_exhaustive_optimum_is_a_fixed_point_and_reached_from_rtn_here():
+    """On channels of 3 weights at 2 bits (4^3 codes each), the brute-force optimum is never
+    moved, and on this instance descent from RTN reaches it on every channel (where RTN is
+    not already optimal, it moves)."""
+    p = make_problem(m=6, n=3, bits=2, seed=3, clip_some=False)
+    levels = np.arange(p.qmin, p.qmax + 1)
+    all_codes = np.array(list(itertools.product(levels, repeat=3)))
+    best = np.empty((6, 3), dtype=np.int64)
+    best_cost = np.empty(6)
+    for c in range(6):
+        costs = [p.cost_of_codes(np.where(np.arange(6)[:, None] == c, a, p.floor_codes))[c]
+                 for a in all_codes]
+        best[c] = all_codes[int(np.argmin(costs))]
+        best_cost[c] = min(costs)
+    fixed = grid_descent(p, best)
+    np.testing.assert_array_equal(fixed.codes, best)
+    assert np.all(fixed.moves == 0)
+    r = grid_descent(p, p.codes(p.rtn_choices()))
+    np.testing.assert_allclose(r.cost, best_cost, rtol=1e-12)
+    assert np.sum(p.rtn_costs() > best_cost * (1 + 1e-9)) >= 2
+
+
+def test_leaves_floor_ceil_where_that_pays_and_improves_a_solver():
+    """On correlated inputs a solver's floor/ceil optimum is not the grid's: descent lowers the
+    summed cost of `fast`, moves some codes beyond floor/ceil, and counts them."""
+    p = make_problem(m=16, n=48, bits=3, seed=5)
+    sol = get_solver("fast").solve(p, seed=0)
+    r = grid_descent(p, sol.codes)
+    np.testing.assert_allclose(r.start_cost, sol.cost, rtol=1e-9)
+    assert r.cost.sum() < sol.cost.sum()
+    b = r.codes - p.floor_codes
+    beyond = int(np.sum((b != 0) & ~((b == 1) & p.free)))
+    assert r.beyond == beyond > 0
+
+
+def test_max_moves_caps_the_descent():
+    p = make_problem(m=4, n=20, bits=3, seed=7)
+    q0 = np.full(p.weight.shape, p.qmin)   # far from the weights: many moves needed
+    capped = grid_descent(p, q0, max_moves=2)
+    assert np.all(capped.moves <= 2)
+    full = grid_descent(p, q0)
+    assert np.all(full.moves > 2) and full.cost.sum() < capped.cost.sum()
+    assert np.all(grid_descent(p, q0, max_moves=0).codes == q0)
+
+
+@pytest.mark.parametrize("codes,match", [
+    (np.zeros((2, 2), dtype=np.int64), "shape"),
+    ("float", "integers"),
+    ("high", r"lie in \[-4, 3\]"),
+])
+def test_errors(codes, match):
+    p = make_problem(m=6, n=10, bits=3)
+    if isinstance(codes, str):
+        codes = (p.floor_codes + 0.5 if codes == "float"
+                 else np.full(p.weight.shape, p.qmax + 1))
+    with pytest.raises(QroundError, match=match):
+        grid_descent(p, codes)
+
+
+def test_bad_problem_and_max_moves():
+    p = make_problem()
+    with pytest.raises(QroundError, match="RoundingProblem"):
+        grid_descent("p", p.floor_codes)
+    with pytest.raises(QroundError, match="max_moves"):
+        grid_descent(p, p.floor_codes, max_moves=-1)
+
+
+def test_user_codes_not_modified():
+    p = make_problem(m=6, n=10, bits=3)
+    q0 = p.floor_codes.copy()
+    keep = q0.copy()
+    grid_descent(p, q0)
+    np.testing.assert_array_equal(q0, keep)
