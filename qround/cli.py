@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bias-correction", action="store_true",
                    help="add the mean of each layer's solved error to its bias (Nagel et al. "
                         "2019): the layer's own rounding error with --inputs quantized or float, "
-                        "plus the corrected share of the earlier layers' error with asymmetric")
+                        "plus the corrected share of the earlier layers' error with asymmetric; "
+                        "the solver then minimises the error left after the correction")
     q.add_argument("--correction", type=float, default=1.0, metavar="A",
                    help="with --inputs asymmetric: share of the earlier layers' error that each "
                         "layer's target corrects (1 = AdaRound eq. 25, 0 = as 'quantized')")

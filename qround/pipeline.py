@@ -617,7 +617,9 @@ def _correct_bias(module: nn.Module, weight: np.ndarray, qweight: QuantizedWeigh
     ``x_hat + alpha (x - x_hat)`` for ``"asymmetric"`` with ``correction=alpha``.  Matching the
     objective matters: on MiniLM, zeroing the mean of the whole error (earlier layers' included)
     at every layer, with quantised-input statistics, wrecks the model, while zeroing each
-    layer's own error helps (BENCHMARKS.md, section 2, "Bias correction").
+    layer's own error helps (BENCHMARKS.md, section 2, "Bias correction").  With covariance
+    statistics the solver has already minimised the error that remains after this step
+    (:func:`_centered`).
 
     weight (out, n) float; means (groups, n) of the inputs.  A layer without bias gets one.
     """
