@@ -30,6 +30,7 @@ from other processes on a shared machine).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import sys
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="widths for the Table 3 ablations, '' for none (default: %(default)s)")
     p.add_argument("--iterations", type=int, default=None,
                    help="Adam steps per block (default 300, 60 with --quick)")
+    p.add_argument("--lr-border", type=float, default=None,
+                   help="Adam learning rate of the borders (default: ReconstructConfig's, 1e-3)")
     p.add_argument("--quick", action="store_true", help="60 steps per block, fewer timings")
     p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args(argv)
@@ -133,11 +136,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     config = ReconstructConfig(iterations=args.iterations)
+    if args.lr_border is not None:
+        config = dataclasses.replace(config, lr_border=args.lr_border)
     plan = [(w, m) for w in args.bits for m in ("nearest", "aquant")]
     plan += [(w, m) for w in args.ablation_bits for m in ("linear", "no-fusion", "aquant")
              if (w, m) not in plan]
     header = (f"AQuant on the residual digits CNN: seeds {args.seeds}, {args.iterations} Adam "
-              f"steps per block, QDrop p={config.qdrop}, torch threads 1")
+              f"steps per block (border lr {config.lr_border:g}), QDrop p={config.qdrop}, "
+              f"torch threads 1")
     print(header, flush=True)
     start = time.perf_counter()
     results: dict[tuple[str, str], dict[str, list[float]]] = {}
