@@ -135,6 +135,29 @@ def test_quantize_with_scale_refits(tmp_path, capsys):
     assert "refits" in capsys.readouterr().err
 
 
+def test_quantize_with_widen_and_bias_correction(tmp_path, capsys):
+    """--widen and --bias-correction reach the config, the saved metadata and the report; the
+    widened layer costs are never above the plain ones (float inputs: same statistics)."""
+    from qround import export
+
+    model = _model_files(tmp_path, seed=2)
+    totals = {}
+    for flags in ((), ("--widen",)):
+        out = tmp_path / f"q{len(flags)}.safetensors"
+        assert main(["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+                     str(tmp_path / "calib.pt"), "--wbits", "2", "--solver", "greedy",
+                     "--inputs", "float", "--bias-correction", *flags, "--out", str(out),
+                     "--no-progress", "--threads", "1"]) == 0
+        capsys.readouterr()
+        meta = export.read_metadata(out)
+        assert meta["config"]["widen"] is bool(flags) and meta["config"]["bias_correction"]
+        assert all(r["solver"] == ("greedy + widen" if flags else "greedy")
+                   for r in meta["report"])
+        totals[bool(flags)] = [r["cost"] for r in meta["report"]]
+        export.load(model, out)
+    assert all(w <= p * (1 + 1e-9) for w, p in zip(totals[True], totals[False]))
+
+
 def test_quantize_model_file_needs_calibration(tmp_path, capsys):
     assert main(["quantize", "--model", str(tmp_path / "m.pt")]) == 2
     assert "--calibration" in capsys.readouterr().err
