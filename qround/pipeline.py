@@ -77,7 +77,7 @@ class QuantConfig:
     symmetric: bool = True
     group_size: int | None = None       # None = per channel
     scale_method: str = "mse"           # minmax | mse | mse-output
-    solver: str | Solver = "greedy"     # any registry spec: "gptq", "gptq+tabu", "fast"...
+    solver: str | Solver = "fast"       # any registry spec: "greedy", "gptq", "quality"...
     layers: str | None = None           # regex on module names (re.search); None = all
     exclude: str | None = None          # regex of names to leave in float
     first_last_bits: int | None = None  # e.g. 8: first and last quantised layer at 8 bits

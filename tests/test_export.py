@@ -77,7 +77,7 @@ def test_metadata(saved):
     assert meta["qround_version"] == qround.__version__
     assert meta["config"] == json.loads(json.dumps(qm.config.as_dict()))
     assert meta["bits"] == "3" and meta["symmetric"] is False and meta["group_size"] is None
-    assert meta["solver"] == "greedy"
+    assert meta["solver"] == "fast"  # QuantConfig's default
     assert list(meta["layers"]) == list(qm.layers)
     assert meta["layers"]["conv"]["bits"] == 8 and meta["layers"]["grouped"]["bits"] == 3
     assert [r["layer"] for r in meta["report"]] == [r.layer for r in qm.report]

@@ -158,7 +158,7 @@ def test_report_and_table():
     assert [r.layer for r in qm.report] == ["inp", "head_a", "head_b", "out"]
     for r in qm.report:
         assert isinstance(r, LayerReport) and r.kind == "Linear" and r.bits == 3
-        assert r.solver == "greedy" and r.cost <= r.rtn_cost * (1 + 1e-9)
+        assert r.solver == "fast" and r.cost <= r.rtn_cost * (1 + 1e-9)
         assert r.ratio == pytest.approx(r.cost / r.rtn_cost) and r.capture_seconds >= 0
     assert qm.report[3].shape == (5, 16)
     text = qm.table()
@@ -209,7 +209,7 @@ def test_refits_never_raise_a_layer_cost_and_stay_on_floor_or_ceil(kind):
     changed = 0
     for a, b in zip(plain.report, refit.report):
         assert a.layer == b.layer and a.rtn_cost == pytest.approx(b.rtn_cost, rel=1e-9)
-        assert b.solver == "greedy (2 refits)"
+        assert b.solver == "fast (2 refits)"
         assert b.cost <= a.cost * (1 + 1e-9)
         qw = refit.layers[b.layer]
         changed += not np.allclose(qw.scale, plain.layers[a.layer].scale)
