@@ -13,8 +13,8 @@ and the gradient field ``f = H w_hat - r``, moving code ``j`` by ``d = +-1`` cha
 
 and after the move ``f += d s_j H[:, j]``: O(n) per move, channels in parallel.  The result is
 never worse than the start (checked per channel on the exact cost).  On MiniLM's first
-``intermediate.dense`` at 3 bits it takes ``fast``'s 0.266 of the RTN cost to 0.188 in 0.03 s
-(BENCHMARKS.md, section 2, "Beyond floor and ceil").
+``intermediate.dense`` at 3 bits it takes ``fast``'s 0.266 of the RTN cost to 0.188 in about
+0.1 s (BENCHMARKS.md, section 2, "Beyond floor and ceil, and damping").
 
 ``QuantConfig(widen=True)`` runs it after the solver (and the scale refits) of every layer; the
 written-back codes then lie on the grid but not necessarily at floor or ceil.
@@ -86,8 +86,9 @@ class GridDescent:
 def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) -> GridDescent:
     """Lower each channel's cost of ``codes`` (m, n) by single +-1 code moves on the whole grid.
 
-    max_moves: per channel (default ``50 n``, never reached in practice: each move lowers the
-    cost, and the steepest descent stops at a local minimum of the integer lattice).
+    max_moves: per channel (default ``50 n``, a safety bound: each move lowers the cost, so the
+    descent ends at a local minimum of single moves on its own; ``GridDescent.moves`` shows
+    how many it took).
     """
     if not isinstance(problem, RoundingProblem):
         raise QroundError(f"problem must be a RoundingProblem, got {type(problem).__name__}")
