@@ -193,6 +193,11 @@ class QuantConfig:
         if self.weight_start not in WEIGHT_STARTS:
             raise QroundError(f"weight_start must be one of {WEIGHT_STARTS}, got "
                               f"{self.weight_start!r}")
+        if self.widen and self.reconstruction is not None and self.reconstruction.train_weights:
+            raise QroundError("widen=True cannot be combined with a reconstruction that trains "
+                              "the weight rounding: its soft rounding chooses floor or ceil "
+                              "only, so the widened codes would be lost; use "
+                              "ReconstructConfig(train_weights=False) or widen=False")
 
     @property
     def activation_stage(self) -> bool:

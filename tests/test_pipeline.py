@@ -11,6 +11,7 @@ from qround import QroundError
 from qround.calibrate import capture_asymmetric, capture_hessians
 from qround.grid import Grid
 from qround.pipeline import LayerReport, QuantConfig, QuantizedModel, quantize_model
+from qround.reconstruct import ReconstructConfig
 from qround.problems import problems_from_layer
 from qround.solvers import Solver
 from qround.writeback import apply_to_layer
@@ -458,6 +459,7 @@ def test_bias_correction_conv_zeroes_own_mean_error():
     (dict(statistics="hessian"), "statistics"), (dict(device="tpu"), "device"),
     (dict(group_size=0), "group_size"), (dict(seed=-1), "seed"), (dict(symmetric=1), "symmetric"),
     (dict(refits=-1), "refits"), (dict(refits=1.5), "refits"), (dict(widen=1), "widen"),
+    (dict(widen=True, reconstruction=ReconstructConfig(iterations=5)), "floor or ceil only"),
     (dict(inputs="asymmetric", correction=1.5), "correction"),
     (dict(inputs="asymmetric", correction=float("nan")), "correction"),
     (dict(correction=0.5), "only applies with inputs='asymmetric'"),
