@@ -2,8 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import platform
 
 from qround.solvers import available_solvers
+
+
+def write_results(path: str, benchmark: str, header: str, args: argparse.Namespace,
+                  rows: list[dict]) -> None:
+    """Write a benchmark's rows as JSON (atomically), with its header, its settings (``args``
+    without ``json``) and the torch / Python / machine it ran on."""
+    import torch
+
+    from qround.report import write_json_atomic
+
+    write_json_atomic(path, {"benchmark": benchmark, "header": header,
+                             "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                             "torch": torch.__version__, "python": platform.python_version(),
+                             "machine": platform.machine(), "rows": rows})
 
 
 def _choices(text: str, allowed, flag: str, parser) -> list[str]:

@@ -17,7 +17,6 @@ thread-CPU milliseconds of the layer, and border / nearest ratios.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 
 import torch
@@ -26,9 +25,10 @@ from torch import nn
 from qround import zoo
 from qround.activations import insert_act_quantizers, quantized_layers
 from qround.reconstruct import ReconstructConfig, reconstruct
-from qround.report import format_table, write_json_atomic
+from qround.report import format_table
 
-from aquant import build, overhead  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import write_results  # noqa: E402 (benchmarks/ is on sys.path)
+from aquant import build, overhead  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,12 +101,7 @@ def main(argv=None) -> int:
     print(format_table(rows, ["channels", "border ms", "nearest ms", "ratio", "cpu ratio",
                               "im2col border ms"]))
     if args.json:
-        write_json_atomic(args.json, {"benchmark": "border_overhead_conv", "header": header,
-                                      "settings": {k: v for k, v in vars(args).items()
-                                                   if k != "json"},
-                                      "torch": torch.__version__,
-                                      "python": platform.python_version(),
-                                      "machine": platform.machine(), "rows": rows})
+        write_results(args.json, "border_overhead_conv", header, args, rows)
     return 0
 
 

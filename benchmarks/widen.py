@@ -12,7 +12,6 @@ the number of codes beyond floor/ceil, and the seconds of the descent.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 
@@ -26,8 +25,10 @@ from qround.grid import GridSpec
 from qround.lattice import grid_descent
 from qround.problems.layers import layer_weight
 from qround.problems.rounding import RoundingProblem
-from qround.report import format_table, write_json_atomic
+from qround.report import format_table
 from qround.solvers import get_solver
+
+from _common import write_results  # noqa: E402 (benchmarks/ is on sys.path)
 
 DEFAULT_LAYERS = r"layer\.(0|3)\."
 
@@ -103,12 +104,7 @@ def main(argv=None) -> int:
     print(format_table(rows, ["layer", "bits", "method", "cost/rtn", "held-out cost/rtn",
                               "beyond", "descent s"]))
     if args.json:
-        write_json_atomic(args.json, {"benchmark": "widen", "header": header,
-                                      "settings": {k: v for k, v in vars(args).items()
-                                                   if k != "json"},
-                                      "torch": torch.__version__,
-                                      "python": platform.python_version(),
-                                      "machine": platform.machine(), "rows": rows})
+        write_results(args.json, "widen", header, args, rows)
     return 0
 
 
