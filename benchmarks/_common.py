@@ -21,6 +21,18 @@ def write_results(path: str, benchmark: str, header: str, args: argparse.Namespa
                              "machine": platform.machine(), "rows": rows})
 
 
+def int_list(text: str, flag: str, parser, lo: int, hi: int | None = None) -> list[int]:
+    """Comma-separated integers in [lo, hi] (hi None: no upper bound), or a parser error."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"{flag}: expected comma-separated integers, got {text!r}")
+    if not values or min(values) < lo or (hi is not None and max(values) > hi):
+        parser.error(f"{flag}: expected integers in [{lo}, {'...' if hi is None else hi}], "
+                     f"got {text!r}")
+    return values
+
+
 def _choices(text: str, allowed, flag: str, parser) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
@@ -101,10 +113,5 @@ def e2e_finish(p: argparse.ArgumentParser, argv, widths, methods) -> argparse.Na
     args.bits = _choices(args.bits, widths, "--bits", p)
     args.methods = _choices(args.methods, methods, "--methods", p)
     args.solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
-    try:
-        args.refits = [int(r) for r in args.refits.split(",") if r.strip()]
-    except ValueError:
-        p.error(f"--refits: expected comma-separated integers, got {args.refits!r}")
-    if not args.refits or min(args.refits) < 0:
-        p.error("--refits: expected non-negative integers")
+    args.refits = int_list(args.refits, "--refits", p, 0)
     return args

@@ -27,7 +27,7 @@ from qround.activations import insert_act_quantizers, quantized_layers
 from qround.reconstruct import ReconstructConfig, reconstruct
 from qround.report import format_table
 
-from _common import write_results  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import int_list, write_results  # noqa: E402 (benchmarks/ is on sys.path)
 from aquant import build, overhead  # noqa: E402
 
 
@@ -42,12 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args(argv)
-    try:
-        args.channels = [int(c) for c in args.channels.split(",") if c.strip()]
-    except ValueError:
-        p.error(f"--channels: expected comma-separated integers, got {args.channels!r}")
-    if not args.channels or min(args.channels) < 1:
-        p.error("--channels: expected positive integers")
+    args.channels = int_list(args.channels, "--channels", p, 1)
     return args
 
 

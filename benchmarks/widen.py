@@ -28,7 +28,7 @@ from qround.problems.rounding import RoundingProblem
 from qround.report import format_table
 from qround.solvers import get_solver
 
-from _common import write_results  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import int_list, write_results  # noqa: E402 (benchmarks/ is on sys.path)
 
 DEFAULT_LAYERS = r"layer\.(0|3)\."
 
@@ -44,12 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args(argv)
-    try:
-        args.bits = [int(b) for b in args.bits.split(",") if b.strip()]
-    except ValueError:
-        p.error(f"--bits: expected comma-separated integers, got {args.bits!r}")
-    if not args.bits or not all(2 <= b <= 8 for b in args.bits):
-        p.error("--bits: each width must be in 2..8")
+    args.bits = int_list(args.bits, "--bits", p, 2, 8)
     return args
 
 
