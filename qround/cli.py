@@ -36,7 +36,7 @@ def cmd_solve(args) -> int:
         raise QroundError("--out writes the codes of one layer: give exactly one FILE.npz")
     if args.refits < 0:
         raise QroundError(f"--refits must be a non-negative integer, got {args.refits}")
-    solver = get_solver(args.solver)
+    solver = get_solver(args.solver, device=args.device)
     records, solutions = [], []
     for path in args.files:
         stats = load_layer_stats(path)
@@ -168,7 +168,8 @@ def cmd_quantize(args) -> int:
                          bias_correction=args.bias_correction, refits=args.refits,
                          widen=args.widen, correction=args.correction,
                          first_last_bits=args.first_last_bits, seed=args.seed,
-                         progress=not args.no_progress, layers=args.layers, abits=args.abits,
+                         device=args.device, progress=not args.no_progress,
+                         layers=args.layers, abits=args.abits,
                          borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
                          granularity="scheme" if args.scheme else args.granularity, k=args.k,
                          scheme=None if args.scheme is None else tuple(
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],
                    help="scale search when the file has no scale")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None,
+                   help="cpu or cuda: where the torch solvers (cem, hopfield, gptq) run")
     s.add_argument("--refits", type=int, default=0, metavar="N",
                    help="rounds of refitting the scales to the rounding, each followed by another "
                         "solve (qround.scales; --out then holds the refitted scale)")
@@ -320,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--first-last-bits", type=int, default=None)
     q.add_argument("--layers", default=None, help="regex of layer names to quantise")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu",
+                   help="cpu or cuda: where layer statistics are accumulated and the torch "
+                        "solvers (cem, hopfield, gptq) run; the model's forward stays on the CPU")
     q.add_argument("--threads", type=int, default=2)
     a = q.add_argument_group("activations and reconstruction (after the solver)")
     a.add_argument("--abits", type=int, default=None,

@@ -644,15 +644,9 @@ def _correct_bias(module: nn.Module, weight: np.ndarray, qweight: QuantizedWeigh
 
 
 def _build_solver(config: QuantConfig) -> Solver:
-    solver = get_solver(config.solver)
     if isinstance(config.solver, str):  # built here, so ours to place on config.device
-        stack = [solver]
-        while stack:
-            s = stack.pop()
-            stack.extend(getattr(s, "solvers", []))
-            if "device" in vars(s):
-                s.device = config.device
-    return solver
+        return get_solver(config.solver, device=config.device)
+    return config.solver
 
 
 def _check_calibration(calibration) -> Any:

@@ -10,7 +10,7 @@ from .gptq import GPTQ
 from .hopfield import HopfieldClassic, Relaxation
 from .local import Greedy, steepest_descent
 from .reference import Exact, Nearest, Stochastic
-from .registry import available_solvers, get_solver, register
+from .registry import available_solvers, get_solver, place, register
 from .tabu import Tabu
 
 register("nearest", Nearest, "rounding-to-nearest (the baseline)")
@@ -54,6 +54,6 @@ register("quality", lambda: Chain(GPTQ(), BestOf(Tabu(stall=4000),
          "default for quality: gptq, then the better per channel of iterated tabu search and "
          "anneal + tabu")
 
-__all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver",
+__all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver", "place",
            "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy", "DimodSolver",
            "steepest_descent", "Anneal", "Tabu", "CrossEntropy", "GPTQ", "Relaxation", "HopfieldClassic"]

@@ -32,14 +32,15 @@ class CrossEntropy(Solver):
     converged when no probability moved more than tol in an iteration.
     device: "cpu" or "cuda"; dtype: None (float64 on CPU, float32 on CUDA), float32 or float64.
     max_elements: memory budget, in numbers, of one batch of samples (K, chunk, n), or of
-    (K, chunk, n, n) with a per-channel H; channels are processed in chunks that fit.
+    (K, chunk, n, n) with a per-channel H; channels are processed in chunks that fit.  None:
+    2**24 on the CPU, 2**27 on CUDA (0.5 GB of float32 samples, about 3x that at the peak).
     """
 
     name = "cem"
 
     def __init__(self, samples: int = 128, iterations: int = 100, elite: float = 0.1,
                  alpha: float = 0.5, p_min: float = 1e-3, tol: float = 1e-3,
-                 device="cpu", dtype=None, max_elements: int = 2 ** 24):
+                 device="cpu", dtype=None, max_elements: int | None = None):
         if samples < 2 or iterations < 1:
             raise QroundError(f"samples must be >= 2 and iterations >= 1, got samples={samples}, "
                               f"iterations={iterations}")
@@ -49,8 +50,8 @@ class CrossEntropy(Solver):
             raise QroundError(f"alpha must lie in (0, 1], got {alpha}")
         if not 0 <= p_min < 0.5:
             raise QroundError(f"p_min must lie in [0, 0.5), got {p_min}")
-        if tol < 0 or max_elements < 1:
-            raise QroundError("tol must be >= 0 and max_elements >= 1")
+        if tol < 0 or (max_elements is not None and max_elements < 1):
+            raise QroundError("tol must be >= 0 and max_elements >= 1 (or None)")
         self.samples = int(samples)
         self.iterations = int(iterations)
         self.elite = float(elite)
@@ -59,7 +60,7 @@ class CrossEntropy(Solver):
         self.tol = float(tol)
         self.device = device
         self.dtype = dtype
-        self.max_elements = int(max_elements)
+        self.max_elements = None if max_elements is None else int(max_elements)
 
     def _solve(self, problem: RoundingProblem, start: np.ndarray, rng: np.random.Generator):
         dev = _torch.resolve_device(self.device)
@@ -71,7 +72,8 @@ class CrossEntropy(Solver):
         n = problem.num_inputs
         # torch's broadcast matmul materialises a per-channel H once per sample
         per_channel = (self.samples + 1) * n * (1 if problem.shared_hessian else n)
-        for sl in _torch.channel_chunks(problem.num_channels, per_channel, self.max_elements):
+        budget = self.max_elements or (2 ** 27 if dev.type == "cuda" else 2 ** 24)
+        for sl in _torch.channel_chunks(problem.num_channels, per_channel, budget):
             best[sl], iters[sl] = self._run(tp.channels(sl), best[sl], gen)
         return _torch.to_numpy_choices(best), {"iterations": int(iters.max(initial=0)),
                                               "mean_iterations": float(iters.mean())}

@@ -59,10 +59,22 @@ def inverse_rectified_sigmoid(h: torch.Tensor, zeta: float = ZETA,
     return torch.log(p) - torch.log1p(-p)
 
 
-class _GradientRounding(Solver):
-    """Shared loop: Adam on V (m, n), soft choices from V, exact energies of the rounded V."""
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8   # torch.optim.Adam's defaults
 
-    def __init__(self, iterations: int, lr: float, eval_every: int, device, dtype):
+
+class _GradientRounding(Solver):
+    """Shared loop: Adam on V (m, n), soft choices from V, exact energies of the rounded V.
+
+    The gradient of the loss is written out (``_grad``; :meth:`loss` is the same loss for
+    autograd, and a test holds the two equal), and Adam is applied in place, so a step is a
+    fixed sequence of tensor operations with every per-step number (beta, lambda, temperature,
+    Adam's bias corrections) read from a precomputed schedule on the device.  On CUDA (``graph``)
+    ``eval_every`` steps and the evaluation after them are captured once as a CUDA graph and
+    replayed: the step's ~30 small kernels then cost no Python or launch time.
+    """
+
+    def __init__(self, iterations: int, lr: float, eval_every: int, device, dtype,
+                 graph: bool = True):
         if iterations < 1 or eval_every < 1:
             raise QroundError(f"iterations and eval_every must be >= 1, got {iterations}, "
                               f"{eval_every}")
@@ -73,59 +85,119 @@ class _GradientRounding(Solver):
         self.eval_every = int(eval_every)
         self.device = device
         self.dtype = dtype
+        self.graph = bool(graph)
 
     # subclass hooks ------------------------------------------------------------------------
     @abstractmethod
     def _init_v(self, frac: torch.Tensor) -> torch.Tensor:
-        """Subclass hook (see Relaxation and HopfieldClassic)."""
+        """V whose soft choice equals ``frac`` (the float weights)."""
 
     @abstractmethod
-    def _soft(self, v: torch.Tensor, t: int) -> torch.Tensor:
-        """Subclass hook (see Relaxation and HopfieldClassic)."""
+    def _schedule(self) -> dict[str, np.ndarray]:
+        """Per-step numbers of the loss, each an array of length ``iterations``."""
 
-    def _penalty(self, h: torch.Tensor, weight: torch.Tensor, t: int) -> torch.Tensor | None:
+    @abstractmethod
+    def _soft(self, v: torch.Tensor, sched: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, dh/dV) at this step's schedule values ``sched`` (name -> tensor)."""
+
+    def _reg_grad(self, h: torch.Tensor, weight: torch.Tensor, sched: dict):
+        """d(regulariser)/dh, or None without a regulariser."""
+        return None
+
+    def _reg(self, h: torch.Tensor, weight: torch.Tensor, sched: dict):
+        """The regulariser's value (for :meth:`loss`), or None."""
         return None
 
     @abstractmethod
     def _hard(self, v: torch.Tensor) -> torch.Tensor:
-        """Subclass hook (see Relaxation and HopfieldClassic)."""
+        """The 0/1 choices that V rounds to."""
 
     def _reg_weight(self, tp, free, kappa):
         return free
 
     # ---------------------------------------------------------------------------------------
+    def _grad(self, v, tp, kappa, weight, sched):
+        """dL/dV of :meth:`loss`, written out: (m, n)."""
+        h, dh = self._soft(v, sched)
+        y = h * tp.step
+        g = tp.step * (2 * energy.hessian_times(y, tp.hessian) + tp.grad) / kappa[:, None]
+        reg = self._reg_grad(h, weight, sched)
+        if reg is not None:
+            g = g + reg
+        return g * dh
+
+    def loss(self, v, tp, kappa, weight, sched):
+        """sum_c E_c(h) / kappa_c + regulariser: the loss whose gradient ``_grad`` writes out."""
+        h, _ = self._soft(v, sched)
+        out = (energy.energies(h, tp.step, tp.grad, tp.hessian) / kappa).sum()
+        reg = self._reg(h, weight, sched)
+        return out if reg is None else out + reg
+
+    def _full_schedule(self, dtype, dev) -> dict:
+        t = np.arange(1, self.iterations + 1, dtype=np.float64)
+        sched = {"step_size": self.lr / (1 - ADAM_BETAS[0] ** t),
+                 "bc2_sqrt": np.sqrt(1 - ADAM_BETAS[1] ** t), **self._schedule()}
+        return {k: torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=dtype, device=dev)
+                for k, a in sched.items()}
+
     def _solve(self, problem: RoundingProblem, start: np.ndarray, rng: np.random.Generator):
         dev = _torch.resolve_device(self.device)
         dtype = _torch.resolve_dtype(self.dtype, dev)
-        tp = _torch.to_torch(problem, dev, dtype)
-        free = tp.free.to(dtype)
-        kappa = _energy_scale(tp, free)                                     # (m,)
-        weight = self._reg_weight(tp, free, kappa)
-        best = torch.as_tensor(start, dtype=dtype, device=dev) * free
-        best_e = energy.energies(best, tp.step, tp.grad, tp.hessian)
+        with torch.no_grad():
+            tp = _torch.to_torch(problem, dev, dtype)
+            free = tp.free.to(dtype)
+            kappa = _energy_scale(tp, free)                                     # (m,)
+            weight = self._reg_weight(tp, free, kappa)
+            best = torch.as_tensor(start, dtype=dtype, device=dev) * free
+            best_e = energy.energies(best, tp.step, tp.grad, tp.hessian)
+            v = self._init_v(tp.frac)
+            m1, m2 = torch.zeros_like(v), torch.zeros_like(v)
+            sched = self._full_schedule(dtype, dev)
+            t_idx = torch.zeros(1, dtype=torch.long, device=dev)
+            b1, b2 = ADAM_BETAS
 
-        def keep_better(v):
-            b = self._hard(v) * free
-            e = energy.energies(b, tp.step, tp.grad, tp.hessian)
-            win = e < best_e
-            best[win] = b[win]
-            best_e[win] = e[win]
+            def step():
+                now = {k: a.index_select(0, t_idx) for k, a in sched.items()}   # (1,) each
+                g = self._grad(v, tp, kappa, weight, now)
+                m1.mul_(b1).add_(g, alpha=1 - b1)
+                m2.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (m2.sqrt() / now["bc2_sqrt"]).add_(ADAM_EPS)
+                v.sub_(m1 * now["step_size"] / denom)
+                t_idx.add_(1)
 
-        v = self._init_v(tp.frac).requires_grad_(True)
-        opt = torch.optim.Adam([v], lr=self.lr)
-        for t in range(self.iterations):
-            opt.zero_grad(set_to_none=True)
-            h = self._soft(v, t)
-            loss = (energy.energies(h, tp.step, tp.grad, tp.hessian) / kappa).sum()
-            reg = self._penalty(h, weight, t)
-            if reg is not None:
-                loss = loss + reg
-            loss.backward()
-            opt.step()
-            if (t + 1) % self.eval_every == 0 or t + 1 == self.iterations:
-                with torch.no_grad():
-                    keep_better(v)
+            def chunk(k):  # k steps, then keep the rounded V where it beats the best so far
+                for _ in range(k):
+                    step()
+                b = self._hard(v) * free
+                e = energy.energies(b, tp.step, tp.grad, tp.hessian)
+                win = e < best_e   # torch.where, not a boolean index: no host sync
+                best.copy_(torch.where(win[:, None], b, best))
+                best_e.copy_(torch.where(win, e, best_e))
+
+            full, rest = divmod(self.iterations, self.eval_every)
+            if self.graph and dev.type == "cuda" and full >= 3:
+                _replay_as_graph(chunk, self.eval_every, full, dev)
+            else:
+                for _ in range(full):
+                    chunk(self.eval_every)
+            if rest:
+                chunk(rest)
         return _torch.to_numpy_choices(best), {"iterations": self.iterations}
+
+
+def _replay_as_graph(chunk, k: int, times: int, dev) -> None:
+    """Run ``chunk(k)`` ``times`` times: once eagerly on a side stream (the warm-up CUDA graph
+    capture needs, and a real chunk), then captured once and replayed ``times - 1`` times."""
+    side = torch.cuda.Stream(device=dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        chunk(k)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chunk(k)          # recorded, not run
+    for _ in range(times - 1):
+        graph.replay()
 
 
 def _energy_scale(tp: _torch.TorchProblem, free: torch.Tensor) -> torch.Tensor:
@@ -142,7 +214,8 @@ class Relaxation(_GradientRounding):
     iterations: Adam steps; lr: Adam step size on V; reg: lambda (per normalised energy, see the
     module docstring); beta: (start, end) of the linear annealing; warmup: fraction of the steps
     without the regulariser; eval_every: steps between exact evaluations of the rounded V.
-    device: "cpu" or "cuda"; dtype: None (float64 on CPU, float32 on CUDA), float32 or float64.
+    device: "cpu" or "cuda"; dtype: None (float64 on CPU, float32 on CUDA), float32 or float64;
+    graph: on CUDA, replay the steps as a CUDA graph (same arithmetic, no launch overhead).
     """
 
     name = "hopfield"
@@ -150,8 +223,8 @@ class Relaxation(_GradientRounding):
     def __init__(self, iterations: int = 2000, lr: float = 0.02, reg: float = 0.3,
                  beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2,
                  reg_weighting: str = "curvature", eval_every: int = 25, device="cpu",
-                 dtype=None):
-        super().__init__(iterations, lr, eval_every, device, dtype)
+                 dtype=None, graph: bool = True):
+        super().__init__(iterations, lr, eval_every, device, dtype, graph)
         if reg_weighting not in ("curvature", "uniform"):
             raise QroundError("reg_weighting must be 'curvature' or 'uniform', "
                               f"got {reg_weighting!r}")
@@ -174,8 +247,25 @@ class Relaxation(_GradientRounding):
     def _init_v(self, frac):
         return inverse_rectified_sigmoid(frac).clone()
 
-    def _soft(self, v, t):
-        return rectified_sigmoid(v)
+    def _schedule(self):
+        t = np.arange(self.iterations)
+        on = np.array([self.beta_at(i) is not None for i in t])
+        beta = np.array([self.beta_at(i) or self.beta[0] for i in t], dtype=np.float64)
+        return {"reg": np.where(on, self.reg, 0.0), "beta": beta}
+
+    def _soft(self, v, sched):
+        sig = torch.sigmoid(v)
+        u = sig * (ZETA - GAMMA) + GAMMA
+        inside = ((u >= 0) & (u <= 1)).to(v.dtype)   # clamp's gradient passes inside [0, 1]
+        return u.clamp(0.0, 1.0), sig * (1 - sig) * (ZETA - GAMMA) * inside
+
+    def _reg(self, h, weight, sched):
+        return (sched["reg"] * (1 - (2 * h - 1).abs() ** sched["beta"]) * weight).sum()
+
+    def _reg_grad(self, h, weight, sched):
+        x = 2 * h - 1   # d/dh lambda d (1 - |x|^beta) = -2 lambda d beta |x|^(beta-1) sign(x)
+        mag = x.abs().clamp_min(1e-30) ** (sched["beta"] - 1)
+        return -2 * sched["reg"] * sched["beta"] * mag * torch.sign(x) * weight
 
     def _hard(self, v):
         return (rectified_sigmoid(v) >= 0.5).to(v.dtype)
@@ -188,12 +278,6 @@ class Relaxation(_GradientRounding):
         rel = (t - start) / max(1, self.iterations - start)
         return self.beta[1] + (self.beta[0] - self.beta[1]) * max(0.0, 1.0 - rel)
 
-    def _penalty(self, h, weight, t):
-        beta = self.beta_at(t)
-        if beta is None or self.reg == 0:
-            return None
-        return self.reg * ((1 - (2 * h - 1).abs() ** beta) * weight).sum()
-
 
 class HopfieldClassic(_GradientRounding):
     """Classical Hopfield relaxation: b = sigmoid(V / T), T annealed geometrically, no regulariser.
@@ -205,8 +289,8 @@ class HopfieldClassic(_GradientRounding):
 
     def __init__(self, iterations: int = 1000, lr: float = 0.05,
                  temperature: tuple[float, float] = (1.0, 0.02), eval_every: int = 25,
-                 device="cpu", dtype=None):
-        super().__init__(iterations, lr, eval_every, device, dtype)
+                 device="cpu", dtype=None, graph: bool = True):
+        super().__init__(iterations, lr, eval_every, device, dtype, graph)
         if len(temperature) != 2 or min(temperature) <= 0:
             raise QroundError(f"temperature must be a (start, end) pair of positive numbers, "
                               f"got {temperature!r}")
@@ -220,8 +304,13 @@ class HopfieldClassic(_GradientRounding):
         p = frac.clamp(1e-6, 1 - 1e-6)
         return self.temperature[0] * (torch.log(p) - torch.log1p(-p))
 
-    def _soft(self, v, t):
-        return torch.sigmoid(v / self.temperature_at(t))
+    def _schedule(self):
+        t = np.arange(self.iterations)
+        return {"inv_t": np.array([1.0 / self.temperature_at(i) for i in t])}
+
+    def _soft(self, v, sched):
+        h = torch.sigmoid(v * sched["inv_t"])
+        return h, h * (1 - h) * sched["inv_t"]
 
     def _hard(self, v):
         return (v >= 0).to(v.dtype)

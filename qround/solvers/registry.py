@@ -3,6 +3,9 @@
 A spec is a name (``greedy``), a chain ``a+b`` (run ``a``, polish with ``b``), or a best-of
 ``a|b`` (per channel the better of ``a`` and ``b``, both from the same start); ``+`` binds
 tighter than ``|``.  ``register`` adds a factory; ``get_solver`` builds a solver from a spec.
+``get_solver(spec, device="cuda")`` (or :func:`place`) puts every torch solver of a spec
+(``cem``, ``hopfield``, ``hopfield-classic``, ``gptq``) on that device; the numba solvers
+(``greedy``, ``anneal``, ``tabu``) run on the CPU whatever the device.
 """
 from __future__ import annotations
 
@@ -31,10 +34,34 @@ def available_solvers() -> dict[str, str]:
     return dict(sorted(_DESCRIPTIONS.items()))
 
 
-def get_solver(spec: str | Solver, **kwargs) -> Solver:
-    """Build a solver from a name or spec; ``kwargs`` go to a single named solver's factory."""
+def place(solver: Solver, device) -> Solver:
+    """Set ``device`` on every part of ``solver`` that has one (a chain's or best-of's parts too),
+    in place, and return it.  ``device`` is checked first ("cpu", "cuda", "cuda:1")."""
+    from ._torch import resolve_device
+
+    resolve_device(device)
+    stack = [solver]
+    while stack:
+        s = stack.pop()
+        stack.extend(getattr(s, "solvers", []))
+        if "device" in vars(s):
+            s.device = device
+    return solver
+
+
+def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
+    """Build a solver from a name or spec; ``kwargs`` go to a single named solver's factory.
+
+    device: None keeps each solver's own default (the CPU); else every torch solver in the spec
+    runs there (see :func:`place`).  A ``Solver`` instance is returned as given (not moved).
+    """
     if isinstance(spec, Solver):
+        if device is not None:
+            raise QroundError("device= applies to a solver built from a spec; set it on your "
+                              "Solver instance (or use qround.solvers.place)")
         return spec
+    if device is not None:
+        return place(get_solver(spec, **kwargs), device)
     if not isinstance(spec, str) or not spec.strip():
         raise QroundError(f"solver spec must be a non-empty string, got {spec!r}")
     spec = spec.replace(" ", "")

@@ -111,3 +111,36 @@ def test_bad_arguments(kwargs):
         Relaxation(**kwargs)
     with pytest.raises(QroundError):
         HopfieldClassic(temperature=(1.0, -1.0))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), per_channel=st.booleans(),
+       step=st.integers(0, 99), uniform=st.booleans())
+def test_written_out_gradient_equals_autograd(seed, per_channel, step, uniform):
+    """_grad is d loss / dV for both relaxations, in the warm-up and after it."""
+    from qround.solvers import _torch
+    from qround.solvers.hopfield import _energy_scale
+
+    p = make_problem(m=3, n=7, seed=seed, per_channel=per_channel)
+    tp = _torch.to_torch(p, torch.device("cpu"), torch.float64)
+    free = tp.free.to(torch.float64)
+    kappa = _energy_scale(tp, free)
+    v0 = torch.as_tensor(np.random.default_rng(seed).normal(scale=2.0, size=(3, 7)))
+    for solver in (Relaxation(iterations=100, reg_weighting="uniform" if uniform else "curvature"),
+                   HopfieldClassic(iterations=100)):
+        weight = solver._reg_weight(tp, free, kappa)
+        sched = {k: a[step:step + 1] for k, a in
+                 solver._full_schedule(torch.float64, torch.device("cpu")).items()}
+        v = v0.clone().requires_grad_(True)
+        solver.loss(v, tp, kappa, weight, sched).backward()
+        np.testing.assert_allclose(solver._grad(v0, tp, kappa, weight, sched).numpy(),
+                                   v.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_schedules_follow_beta_and_temperature():
+    r = Relaxation(iterations=50, warmup=0.2, reg=0.3)
+    s = r._schedule()
+    assert np.all(s["reg"][:10] == 0) and np.all(s["reg"][10:] == 0.3)
+    np.testing.assert_allclose(s["beta"][10:], [r.beta_at(i) for i in range(10, 50)])
+    c = HopfieldClassic(iterations=30)
+    np.testing.assert_allclose(c._schedule()["inv_t"], [1 / c.temperature_at(i) for i in range(30)])
