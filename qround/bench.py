@@ -25,7 +25,7 @@ from .errors import QroundError
 from .grid import GridSpec
 from .problems.rounding import RoundingProblem
 from .report import format_table, write_json_atomic
-from .solvers import DimodSolver, Exact, get_solver
+from .solvers import DimodSolver, Exact, get_solver, place
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class BenchConfig:
     exact_inputs: int = 16
     sentences: int = 256
     threads: int = 1
+    device: str = "cpu"             # where the torch solvers run (cem, hopfield, gptq)
     seed: int = 0
     gptq_reference: bool = True  # time and cost of unrestricted GPTQ (qround.baselines)
     skipped: list = field(default_factory=list)
@@ -137,13 +138,17 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
 
 
 def _run(cfg, progress, tqdm):
+    from .solvers._torch import resolve_device
+
+    resolve_device(cfg.device)  # a device that is not there stops the run, not each solver
     extra = extra_solvers()
 
     def build(specs):
         out = {}
         for spec in specs:
             try:
-                out[spec] = extra[spec] if spec in extra else get_solver(spec)
+                out[spec] = place(extra[spec] if spec in extra else get_solver(spec),
+                                  cfg.device)
             except QroundError as exc:
                 cfg.skipped.append({"solver": spec, "reason": str(exc)})
                 log.warning("skipping %s: %s", spec, exc)
@@ -331,6 +336,8 @@ def main(argv=None) -> int:
     p.add_argument("--ref-channels", type=int, default=16)
     p.add_argument("--slow-ref-channels", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch and numba threads")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda: where the torch solvers (cem, hopfield, gptq) run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plot", help="write the cost/RTN-vs-time plot (PNG)")
@@ -341,7 +348,8 @@ def main(argv=None) -> int:
                       subset_solvers=split(a.subset_solvers),
                       references=split(a.references), minilm_layers=split(a.minilm_layers),
                       cnn_layers=a.cnn_layers, ref_channels=a.ref_channels,
-                      slow_ref_channels=a.slow_ref_channels, threads=a.threads, seed=a.seed)
+                      slow_ref_channels=a.slow_ref_channels, threads=a.threads, seed=a.seed,
+                      device=a.device)
     result = run(cfg, progress=not a.no_progress)
     print(summarise(result))
     if a.json:

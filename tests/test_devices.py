@@ -60,6 +60,14 @@ def test_cuda_without_cuda_is_a_clear_error(layer_file, capsys):  # noqa: F811
     assert "CUDA" in capsys.readouterr().err
 
 
+@no_cuda
+def test_bench_on_a_missing_device_stops_before_any_work(capsys):
+    argv = ["bench", "--device", "cuda", "--minilm-layers", "", "--cnn-layers", "0",
+            "--no-progress"]
+    assert main(argv) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
 def test_cli_solve_device_cpu(layer_file, capsys):  # noqa: F811
     assert main(["solve", str(layer_file), "--solver", "gptq+greedy", "--device", "cpu",
                  "--json"]) == 0
@@ -129,3 +137,43 @@ def test_cuda_graph_replay_equals_eager_steps(cls):
     b = cls(iterations=230, eval_every=20, device="cuda", graph=False).solve(p, seed=0)
     np.testing.assert_array_equal(a.choices, b.choices)
     assert a.total_cost <= a.total_rtn_cost
+
+
+@needs_cuda
+def test_model_on_cuda_weights_only_with_bias_correction():
+    model, data = build("cnn")
+    model = model.cuda()
+    data = [b.cuda() for b in data]
+    before = state(model)
+    qm = quantize_model(model, data, QuantConfig(**FAST, solver="fast", device="cuda",
+                                                 bias_correction=True))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.device.type == "cuda" for p in qm.model.parameters())
+    for row in qm.report:
+        assert np.isfinite(row.cost) and row.cost <= row.rtn_cost * (1 + 1e-9)
+    with torch.no_grad():
+        assert torch.isfinite(qm.model(data[0])).all()
+
+
+@needs_cuda
+def test_model_on_cuda_with_borders_reconstruction_and_reload(tmp_path):
+    from qround import export
+    from qround.activations import QuantizedLayer
+    from qround.reconstruct import ReconstructConfig
+
+    from .tiny_models import BATCHES, TinyResNet
+
+    net = TinyResNet().cuda()
+    batches = [b.cuda() for b in BATCHES]
+    rec = ReconstructConfig(iterations=20, batch_size=8, seed=1)
+    cfg = QuantConfig(wbits=2, symmetric=False, solver="greedy", progress=False, abits=3,
+                      borders="quadratic", reconstruction=rec, device="cuda")
+    result = quantize_model(net, batches, cfg)
+    assert all(b.loss_after <= b.loss_before for b in result.reconstruction.blocks)
+    path = tmp_path / "q.safetensors"
+    result.save(path)
+    loaded = export.load(net, path)
+    assert isinstance(dict(loaded.named_modules())["block.conv1"], QuantizedLayer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batches[1]), result.model(batches[1]),
+                                   rtol=1e-5, atol=1e-5)
