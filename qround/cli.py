@@ -22,6 +22,7 @@ from . import __version__
 from .errors import QroundError
 from .report import SolveRecord, format_table, totals, write_json_atomic, write_npz_atomic
 from .solvers import available_solvers, get_solver
+from .solvers.registry import DEFAULT_SOLVER
 
 log = logging.getLogger("qround")
 
@@ -298,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-size", type=int, default=256, help="MiniLM sentences")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--wbits", type=int, default=4)
-    q.add_argument("--solver", default="fast")
+    q.add_argument("--solver", default=DEFAULT_SOLVER,
+                   help="solver spec for every layer (default: %(default)s)")
     q.add_argument("--group-size", type=int, default=None)
     q.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
     q.add_argument("--asymmetric-grid", action="store_true", help="unsigned grid with zero point")

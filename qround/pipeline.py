@@ -52,6 +52,7 @@ from .report import format_table
 from .scales import solve_refitting
 from .solvers import Solver, get_solver
 from .solvers._torch import resolve_device
+from .solvers.registry import DEFAULT_SOLVER
 from .writeback import QuantizedWeight, apply_to_layer, quantized_weight, weight_from_codes
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class QuantConfig:
     symmetric: bool = True
     group_size: int | None = None       # None = per channel
     scale_method: str = "mse"           # minmax | mse | mse-output
-    solver: str | Solver = "fast"       # any registry spec: "greedy", "gptq", "quality"...
+    solver: str | Solver = DEFAULT_SOLVER  # any registry spec: "greedy", "gptq", "quality"...
     layers: str | None = None           # regex on module names (re.search); None = all
     exclude: str | None = None          # regex of names to leave in float
     first_last_bits: int | None = None  # e.g. 8: first and last quantised layer at 8 bits

@@ -14,6 +14,8 @@ from typing import Callable
 from ..errors import QroundError
 from .base import BestOf, Chain, Solver
 
+DEFAULT_SOLVER = "fast"   # what quantize_model and `qround quantize` use unless told otherwise
+
 _REGISTRY: dict[str, Callable[..., Solver]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 
