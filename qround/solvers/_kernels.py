@@ -13,8 +13,9 @@ The callers compute the start fields and energies with :mod:`qround.problems.ene
 pass them in (:func:`kernel_inputs`), so only the O(n) incremental updates live here.
 
 Layout: ``hess`` is (k, n, n) with ``k == 1`` for an H shared by all channels or ``k == m``
-per channel; ``free_idx`` (m, n) lists each channel's free variables first (``nfree`` of them),
-so fixed variables are never touched.  Channels run in parallel (``prange``); each has its own
+per channel; ``free_idx`` (m, n) lists each channel's free variables first (``nfree`` of them,
+in input order).  Each channel works on its free sub-problem, ``H[free][:, free]`` gathered once
+(:func:`_compact_hessian`): fixed variables never flip, and their fields are never needed.  Channels run in parallel (``prange``); each has its own
 random stream seeded from ``seeds[c]`` (splitmix64), so a seed gives the same result whatever
 the number of threads.
 """
@@ -66,6 +67,52 @@ def _delta(i, b, f, step, grad, hdiag):
     return d * (2.0 * f[i] + grad[i]) + d * d * hdiag[i]
 
 
+@njit(cache=True)
+def _compact_hessian(h, idx):
+    """``H[idx][:, idx]`` (k, k) for the free variables ``idx`` (k,) of one channel.
+
+    The kernels work on each channel's free sub-problem: a fixed variable never flips, so its
+    field and delta are never needed, and every O(n) loop becomes O(k) (k is about 0.8 n at
+    2 bits).  ``idx`` is in input order, so the scans visit the variables in the same order as
+    over the whole row, and the results are the same."""
+    k = idx.shape[0]
+    hl = np.empty((k, k))
+    for a in range(k):
+        src = h[idx[a]]
+        dst = hl[a]
+        for b in range(k):
+            dst[b] = src[idx[b]]
+    return hl
+
+
+@njit(cache=True, inline="always")
+def _gather(x, idx):
+    out = np.empty(idx.shape[0])
+    for a in range(idx.shape[0]):
+        out[a] = x[idx[a]]
+    return out
+
+
+@njit(cache=True, inline="always")
+def _metropolis(x, state):
+    """Accept an uphill move of ``x = beta * delta > 0`` with probability ``exp(-x)``.
+
+    exp(-40) < 1e-17: rejected without a draw.  Otherwise the draw ``u`` is first compared with
+    the bounds ``1 - x <= exp(-x) <= 1 / (1 + x + x^2/2 + x^3/6)`` (the Taylor sums of e^x are
+    below it for x >= 0), so most moves are decided without an ``exp``.  The decision is that of
+    ``u < exp(-x)`` with the same draw (the 1e-12 margins cover round-off), so results do not
+    change; it made the anneal kernel 15-27 % faster on the benchmark layers.
+    """
+    if x > 40.0:
+        return False
+    u = _next(state)
+    if u < 1.0 - x - 1e-12:
+        return True
+    if u * (1.0 + x * (1.0 + x * (0.5 + x * (1.0 / 6.0)))) >= 1.0 + 1e-12:
+        return False
+    return u < np.exp(-x)
+
+
 @njit(parallel=True, cache=True)
 def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, betas, restarts,
                   random_order, seeds):
@@ -83,19 +130,21 @@ def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, beta
         k = nfree[c]
         if k == 0:
             continue
-        h = hess[0] if shared else hess[c]
-        s, g = step[c], grad[c]
-        hdiag = np.empty(n)
-        for j in range(n):
+        idx = free_idx[c, :k]
+        h = _compact_hessian(hess[0] if shared else hess[c], idx)
+        s, g = _gather(step[c], idx), _gather(grad[c], idx)
+        hdiag = np.empty(k)
+        for j in range(k):
             hdiag[j] = h[j, j]
         state = np.empty(1, dtype=np.uint64)
         state[0] = seeds[c]
-        order = free_idx[c, :k].copy()
-        best = best_all[c]
+        order = np.arange(k)
+        b0, f0 = _gather(start[c], idx), _gather(fields[c], idx)
+        best = b0.copy()
         best_e = energy[c]
         for _ in range(restarts):
-            b = start[c].copy()
-            f = fields[c].copy()
+            b = b0.copy()
+            f = f0.copy()
             e = energy[c]
             at_best = e <= best_e
             for t in range(betas.shape[1]):
@@ -107,11 +156,8 @@ def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, beta
                 for p in range(k):
                     i = order[p]
                     dlt = _delta(i, b, f, s, g, hdiag)
-                    if dlt > 0.0:
-                        # acceptance probability exp(-40) < 1e-17: reject without a draw
-                        x = beta * dlt
-                        if x > 40.0 or _next(state) >= np.exp(-x):
-                            continue
+                    if dlt > 0.0 and not _metropolis(beta * dlt, state):
+                        continue
                     if at_best and dlt > 0.0:
                         # leaving the best state uphill: save it now (copies only when needed)
                         best[:] = b
@@ -123,6 +169,8 @@ def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, beta
                         at_best = True
             if at_best:
                 best[:] = b
+        for a in range(k):
+            best_all[c, idx[a]] = best[a]
         best_e_all[c] = best_e
     return best_all, best_e_all
 
@@ -191,19 +239,21 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
         k = nfree[c]
         if k == 0:
             continue
-        h = hess[0] if shared else hess[c]
-        g = grad[c]
+        idx = free_idx[c, :k]
+        h = _compact_hessian(hess[0] if shared else hess[c], idx)
+        g, s = _gather(grad[c], idx), _gather(step[c], idx)
+        b0, f0 = _gather(start[c], idx), _gather(fields[c], idx)
         state = np.empty(1, dtype=np.uint64)
         state[0] = seeds[c]
-        order = free_idx[c, :k].copy()
-        b, f = np.empty(n), np.empty(n)
-        d, curv, delta = np.empty(n), np.empty(n), np.empty(n)
-        for j in range(n):
-            curv[j] = step[c, j] * step[c, j] * h[j, j] if step[c, j] != 0.0 else np.inf
-        best, best_f = best_all[c], fields[c].copy()   # best_all starts as a copy of start
+        order = np.arange(k)
+        b, f = np.empty(k), np.empty(k)
+        d, curv, delta = np.empty(k), np.empty(k), np.empty(k)
+        for j in range(k):
+            curv[j] = s[j] * s[j] * h[j, j] if s[j] != 0.0 else np.inf
+        best, best_f = b0.copy(), f0.copy()
         best_e = e = energy[c]
         at_best = False
-        tabu_until = np.zeros(n, dtype=np.int64)
+        tabu_until = np.zeros(k, dtype=np.int64)
         it = 0
         for r in range(rounds):
             from_start = r == 0 or (reset_every > 0 and r % reset_every == 0)
@@ -211,12 +261,12 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
                 if at_best:
                     best[:] = b
                     best_f[:] = f
-                src, src_f = (start[c], fields[c]) if from_start else (best, best_f)
+                src, src_f = (b0, f0) if from_start else (best, best_f)
                 e = energy[c] if from_start else best_e
-                for j in range(n):
+                for j in range(k):
                     b[j] = src[j]
                     f[j] = src_f[j]
-                    d[j] = step[c, j] * (1.0 - 2.0 * b[j])
+                    d[j] = s[j] * (1.0 - 2.0 * b[j])
                     delta[j] = d[j] * (2.0 * f[j] + g[j]) + curv[j]
                 at_best = False  # ``best`` holds a valid copy
             if r > 0:
@@ -240,7 +290,7 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
             for _ in range(max_iter):
                 it += 1
                 pick, pick_d = -1, np.inf
-                for j in range(n):
+                for j in range(k):
                     dj = delta[j]
                     if dj < pick_d and (tabu_until[j] < it or e + dj < best_e):
                         pick, pick_d = j, dj
@@ -254,6 +304,8 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
                     break
         if at_best:
             best[:] = b
+        for a in range(k):
+            best_all[c, idx[a]] = best[a]
         best_e_all[c] = best_e
     return best_all, best_e_all
 

@@ -13,6 +13,28 @@ from qround.solvers.anneal import Anneal, beta_schedule
 from ..conftest import make_problem
 
 
+@settings(max_examples=200, deadline=None)
+@given(x=st.one_of(st.floats(1e-15, 45.0), st.floats(1e-12, 1e-3), st.floats(35.0, 45.0)),
+       seed=st.integers(0, 2**63 - 1))
+def test_metropolis_test_is_u_below_exp(x, seed):
+    # the Taylor bounds only skip the exp: same draw, same decision as u < exp(-x)
+    state = np.array([seed], dtype=np.uint64)
+    mirror = state.copy()
+    got = _kernels._metropolis(x, state)
+    if x > 40.0:
+        assert not got and state[0] == mirror[0]  # rejected without a draw
+    else:
+        u = _kernels._next(mirror)
+        assert got == (u < np.exp(-x)) and state[0] == mirror[0]
+
+
+def test_metropolis_accepts_at_the_expected_rate():
+    state = np.array([12345], dtype=np.uint64)
+    for x in (0.01, 0.7, 3.0, 9.0):
+        rate = np.mean([_kernels._metropolis(x, state) for _ in range(20000)])
+        assert rate == pytest.approx(np.exp(-x), abs=4 * np.sqrt(np.exp(-x) / 20000) + 1e-4)
+
+
 def _kernel_state(p, b):
     """Arrays the kernels work on, for choices b (m, n) float."""
     return b.copy(), np.ascontiguousarray(p.local_fields(b)), np.diagonal(p.hessian, 0, -2, -1)
