@@ -162,6 +162,15 @@ def _run(cfg, progress, tqdm):
     t_load = time.perf_counter()
     layers = load_layers(cfg)
     load_s = time.perf_counter() - t_load
+    if layers:
+        # warm-up, not timed: on its first call a solver compiles (or loads the cached) numba
+        # kernels and torch / dimod load their libraries; without this the first row of each
+        # solver carried that (a fresh cache once put 8 s on `fast`'s first layer)
+        name, w, h = layers[0]
+        k = min(16, w.shape[1])
+        tiny = RoundingProblem.from_weight(w[:2, :k], h[:k, :k], GridSpec(bits=cfg.bits[0]))
+        for solver in {**ours, **refs}.values():
+            _solve(solver, tiny, cfg.seed)
     rows, exact_rows = [], []
     work = [(layer, bits) for layer in layers for bits in cfg.bits]
     for (name, w, h), bits in tqdm(work, desc="bench", disable=not progress):
