@@ -14,10 +14,11 @@ pass them in (:func:`kernel_inputs`), so only the O(n) incremental updates live 
 
 Layout: ``hess`` is (k, n, n) with ``k == 1`` for an H shared by all channels or ``k == m``
 per channel; ``free_idx`` (m, n) lists each channel's free variables first (``nfree`` of them,
-in input order).  Each channel works on its free sub-problem, ``H[free][:, free]`` gathered once
-(:func:`_compact_hessian`): fixed variables never flip, and their fields are never needed.  Channels run in parallel (``prange``); each has its own
-random stream seeded from ``seeds[c]`` (splitmix64), so a seed gives the same result whatever
-the number of threads.
+in input order).  With ``compact`` a channel works on its free sub-problem, ``H[free][:, free]``
+gathered once (:func:`_compact_hessian`; the callers decide with :func:`compact_pays`): fixed
+variables never flip, and their fields are never needed.  Channels run in parallel
+(``prange``); each has its own random stream seeded from ``seeds[c]`` (splitmix64), so a seed
+gives the same result whatever the number of threads.
 """
 from __future__ import annotations
 
@@ -71,10 +72,10 @@ def _delta(i, b, f, step, grad, hdiag):
 def _compact_hessian(h, idx):
     """``H[idx][:, idx]`` (k, k) for the free variables ``idx`` (k,) of one channel.
 
-    The kernels work on each channel's free sub-problem: a fixed variable never flips, so its
-    field and delta are never needed, and every O(n) loop becomes O(k) (k is about 0.8 n at
-    2 bits).  ``idx`` is in input order, so the scans visit the variables in the same order as
-    over the whole row, and the results are the same."""
+    With ``compact`` the kernels work on each channel's free sub-problem: a fixed variable never
+    flips, so its field and delta are never needed, and every O(n) loop becomes O(k) (k is about
+    0.8 n at 2 bits).  ``idx`` is in input order, so the scans visit the variables in the same
+    order as over the whole row, and the results are the same."""
     k = idx.shape[0]
     hl = np.empty((k, k))
     for a in range(k):
@@ -113,14 +114,59 @@ def _metropolis(x, state):
     return u < np.exp(-x)
 
 
+@njit(cache=True, inline="always")
+def _anneal_channel(h, s, g, b0, f0, e0, order, betas, restarts, random_order, seed):
+    """One channel of :func:`anneal_kernel`: h (n, n), s, g, b0, f0 (n,) its problem and start,
+    e0 the start's energy, order (k,) the variables to visit (the free ones).  Returns the best
+    choices (n,) and their energy."""
+    n = b0.shape[0]
+    k = order.shape[0]
+    hdiag = np.empty(n)
+    for j in range(n):
+        hdiag[j] = h[j, j]
+    state = np.empty(1, dtype=np.uint64)
+    state[0] = seed
+    best = b0.copy()
+    best_e = e0
+    for _ in range(restarts):
+        b = b0.copy()
+        f = f0.copy()
+        e = e0
+        at_best = e <= best_e
+        for t in range(betas.shape[0]):
+            beta = betas[t]
+            if random_order:  # Fisher-Yates shuffle of the free variables
+                for p in range(k - 1, 0, -1):
+                    q = _randint(state, p + 1)
+                    order[p], order[q] = order[q], order[p]
+            for p in range(k):
+                i = order[p]
+                dlt = _delta(i, b, f, s, g, hdiag)
+                if dlt > 0.0 and not _metropolis(beta * dlt, state):
+                    continue
+                if at_best and dlt > 0.0:
+                    # leaving the best state uphill: save it now (copies only when needed)
+                    best[:] = b
+                    at_best = False
+                _flip(i, b, f, s, h)
+                e += dlt
+                if e < best_e:
+                    best_e = e
+                    at_best = True
+        if at_best:
+            best[:] = b
+    return best, best_e
+
+
 @njit(parallel=True, cache=True)
 def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, betas, restarts,
-                  random_order, seeds):
+                  random_order, seeds, compact):
     """Simulated annealing (Metropolis single flips), ``restarts`` runs per channel from start.
 
     start, fields (m, n) float64 (0/1 choices and their local fields), energy (m,) their
-    energies; betas (m, sweeps) the inverse temperature of each sweep.  Returns the best
-    choices seen (m, n) float64 and their energies (m,) (tracked incrementally).
+    energies; betas (m, sweeps) the inverse temperature of each sweep; compact: work on each
+    channel's free sub-problem (:func:`_compact_hessian`).  Returns the best choices seen (m, n)
+    float64 and their energies (m,) (tracked incrementally).
     """
     m, n = start.shape
     best_all = start.copy()
@@ -130,47 +176,20 @@ def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, beta
         k = nfree[c]
         if k == 0:
             continue
+        h = hess[0] if shared else hess[c]
         idx = free_idx[c, :k]
-        h = _compact_hessian(hess[0] if shared else hess[c], idx)
-        s, g = _gather(step[c], idx), _gather(grad[c], idx)
-        hdiag = np.empty(k)
-        for j in range(k):
-            hdiag[j] = h[j, j]
-        state = np.empty(1, dtype=np.uint64)
-        state[0] = seeds[c]
-        order = np.arange(k)
-        b0, f0 = _gather(start[c], idx), _gather(fields[c], idx)
-        best = b0.copy()
-        best_e = energy[c]
-        for _ in range(restarts):
-            b = b0.copy()
-            f = f0.copy()
-            e = energy[c]
-            at_best = e <= best_e
-            for t in range(betas.shape[1]):
-                beta = betas[c, t]
-                if random_order:  # Fisher-Yates shuffle of the free variables
-                    for p in range(k - 1, 0, -1):
-                        q = _randint(state, p + 1)
-                        order[p], order[q] = order[q], order[p]
-                for p in range(k):
-                    i = order[p]
-                    dlt = _delta(i, b, f, s, g, hdiag)
-                    if dlt > 0.0 and not _metropolis(beta * dlt, state):
-                        continue
-                    if at_best and dlt > 0.0:
-                        # leaving the best state uphill: save it now (copies only when needed)
-                        best[:] = b
-                        at_best = False
-                    _flip(i, b, f, s, h)
-                    e += dlt
-                    if e < best_e:
-                        best_e = e
-                        at_best = True
-            if at_best:
-                best[:] = b
-        for a in range(k):
-            best_all[c, idx[a]] = best[a]
+        if compact:
+            best, best_e = _anneal_channel(
+                _compact_hessian(h, idx), _gather(step[c], idx), _gather(grad[c], idx),
+                _gather(start[c], idx), _gather(fields[c], idx), energy[c], np.arange(k),
+                betas[c], restarts, random_order, seeds[c])
+            for a in range(k):
+                best_all[c, idx[a]] = best[a]
+        else:
+            best, best_e = _anneal_channel(h, step[c], grad[c], start[c], fields[c], energy[c],
+                                           idx.copy(), betas[c], restarts, random_order,
+                                           seeds[c])
+            best_all[c] = best
         best_e_all[c] = best_e
     return best_all, best_e_all
 
@@ -218,9 +237,80 @@ def _take(i, e, best_e, at_best, b, d, f, grad, curv, row, delta, best, best_f):
     return e, best_e, at_best
 
 
+@njit(cache=True, inline="always")
+def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, perturb,
+                  reset_every, descent, tol, seed):
+    """One channel of :func:`tabu_kernel`: h (n, n), s, g, b0, f0 (n,) its problem and start,
+    e0 the start's energy, order (k,) its free variables (a fixed one has s = 0, so its delta
+    is +inf and it is never picked).  Returns the best choices (n,) and their energy."""
+    n = b0.shape[0]
+    k = order.shape[0]
+    state = np.empty(1, dtype=np.uint64)
+    state[0] = seed
+    b, f = np.empty(n), np.empty(n)
+    d, curv, delta = np.empty(n), np.empty(n), np.empty(n)
+    for j in range(n):
+        curv[j] = s[j] * s[j] * h[j, j] if s[j] != 0.0 else np.inf
+    best, best_f = b0.copy(), f0.copy()
+    best_e = e = e0
+    at_best = False
+    tabu_until = np.zeros(n, dtype=np.int64)
+    it = 0
+    for r in range(rounds):
+        from_start = r == 0 or (reset_every > 0 and r % reset_every == 0)
+        if from_start or not at_best:
+            if at_best:
+                best[:] = b
+                best_f[:] = f
+            src, src_f = (b0, f0) if from_start else (best, best_f)
+            e = e0 if from_start else best_e
+            for j in range(n):
+                b[j] = src[j]
+                f[j] = src_f[j]
+                d[j] = s[j] * (1.0 - 2.0 * b[j])
+                delta[j] = d[j] * (2.0 * f[j] + g[j]) + curv[j]
+            at_best = False  # ``best`` holds a valid copy
+        if r > 0:
+            _shuffle(order, perturb, state)
+            for p in range(min(perturb, k)):
+                e, best_e, at_best = _take(order[p], e, best_e, at_best, b, d, f, g, curv,
+                                           h[order[p]], delta, best, best_f)
+        for _ in range(k if descent else 0):  # first-improvement sweeps, random order
+            _shuffle(order, k, state)
+            improved = False
+            for p in range(k):
+                i = order[p]
+                if delta[i] < -tol:
+                    e, best_e, at_best = _take(i, e, best_e, at_best, b, d, f, g, curv, h[i],
+                                               delta, best, best_f)
+                    improved = True
+            if not improved:
+                break
+        tabu_until[:] = 0
+        since_best = 0
+        for _ in range(max_iter):
+            it += 1
+            pick, pick_d = -1, np.inf
+            for j in range(n):
+                dj = delta[j]
+                if dj < pick_d and (tabu_until[j] < it or e + dj < best_e):
+                    pick, pick_d = j, dj
+            if pick < 0 or pick_d == np.inf:
+                break
+            e, best_e, at_best = _take(pick, e, best_e, at_best, b, d, f, g, curv, h[pick],
+                                       delta, best, best_f)
+            tabu_until[pick] = it + tenure
+            since_best = 0 if at_best else since_best + 1
+            if since_best >= stall:
+                break
+    if at_best:
+        best[:] = b
+    return best, best_e
+
+
 @njit(parallel=True, cache=True)
 def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure, max_iter,
-                stall, rounds, perturb, reset_every, descent, tol, seeds):
+                stall, rounds, perturb, reset_every, descent, tol, seeds, compact):
     """Iterated tabu search per channel; see :class:`qround.solvers.tabu.Tabu`.
 
     Each round: from the best state (from the start in round 0 and every ``reset_every``-th
@@ -228,7 +318,8 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
     first-improvement sweeps in random order (``descent``), then run tabu iterations: flip the
     variable with the lowest delta that is not tabu (a tabu flip that gives a new best is
     allowed: aspiration) and make it tabu for ``tenure[c]`` iterations; the round ends after
-    ``max_iter`` iterations or ``stall`` without a new best.
+    ``max_iter`` iterations or ``stall`` without a new best.  compact: work on each channel's
+    free sub-problem (:func:`_compact_hessian`).
     Returns the best choices (m, n) float64 and energies (m,).
     """
     m, n = start.shape
@@ -239,73 +330,21 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
         k = nfree[c]
         if k == 0:
             continue
+        h = hess[0] if shared else hess[c]
         idx = free_idx[c, :k]
-        h = _compact_hessian(hess[0] if shared else hess[c], idx)
-        g, s = _gather(grad[c], idx), _gather(step[c], idx)
-        b0, f0 = _gather(start[c], idx), _gather(fields[c], idx)
-        state = np.empty(1, dtype=np.uint64)
-        state[0] = seeds[c]
-        order = np.arange(k)
-        b, f = np.empty(k), np.empty(k)
-        d, curv, delta = np.empty(k), np.empty(k), np.empty(k)
-        for j in range(k):
-            curv[j] = s[j] * s[j] * h[j, j] if s[j] != 0.0 else np.inf
-        best, best_f = b0.copy(), f0.copy()
-        best_e = e = energy[c]
-        at_best = False
-        tabu_until = np.zeros(k, dtype=np.int64)
-        it = 0
-        for r in range(rounds):
-            from_start = r == 0 or (reset_every > 0 and r % reset_every == 0)
-            if from_start or not at_best:
-                if at_best:
-                    best[:] = b
-                    best_f[:] = f
-                src, src_f = (b0, f0) if from_start else (best, best_f)
-                e = energy[c] if from_start else best_e
-                for j in range(k):
-                    b[j] = src[j]
-                    f[j] = src_f[j]
-                    d[j] = s[j] * (1.0 - 2.0 * b[j])
-                    delta[j] = d[j] * (2.0 * f[j] + g[j]) + curv[j]
-                at_best = False  # ``best`` holds a valid copy
-            if r > 0:
-                _shuffle(order, perturb[c], state)
-                for p in range(min(perturb[c], k)):
-                    e, best_e, at_best = _take(order[p], e, best_e, at_best, b, d, f, g, curv,
-                                               h[order[p]], delta, best, best_f)
-            for _ in range(k if descent else 0):  # first-improvement sweeps, random order
-                _shuffle(order, k, state)
-                improved = False
-                for p in range(k):
-                    i = order[p]
-                    if delta[i] < -tol[c]:
-                        e, best_e, at_best = _take(i, e, best_e, at_best, b, d, f, g, curv, h[i],
-                                                   delta, best, best_f)
-                        improved = True
-                if not improved:
-                    break
-            tabu_until[:] = 0
-            since_best = 0
-            for _ in range(max_iter):
-                it += 1
-                pick, pick_d = -1, np.inf
-                for j in range(k):
-                    dj = delta[j]
-                    if dj < pick_d and (tabu_until[j] < it or e + dj < best_e):
-                        pick, pick_d = j, dj
-                if pick < 0 or pick_d == np.inf:
-                    break
-                e, best_e, at_best = _take(pick, e, best_e, at_best, b, d, f, g, curv, h[pick],
-                                           delta, best, best_f)
-                tabu_until[pick] = it + tenure[c]
-                since_best = 0 if at_best else since_best + 1
-                if since_best >= stall:
-                    break
-        if at_best:
-            best[:] = b
-        for a in range(k):
-            best_all[c, idx[a]] = best[a]
+        if compact:
+            best, best_e = _tabu_channel(
+                _compact_hessian(h, idx), _gather(step[c], idx), _gather(grad[c], idx),
+                _gather(start[c], idx), _gather(fields[c], idx), energy[c], np.arange(k),
+                tenure[c], max_iter, stall, rounds, perturb[c], reset_every, descent, tol[c],
+                seeds[c])
+            for a in range(k):
+                best_all[c, idx[a]] = best[a]
+        else:
+            best, best_e = _tabu_channel(
+                h, step[c], grad[c], start[c], fields[c], energy[c], idx.copy(), tenure[c],
+                max_iter, stall, rounds, perturb[c], reset_every, descent, tol[c], seeds[c])
+            best_all[c] = best
         best_e_all[c] = best_e
     return best_all, best_e_all
 
@@ -367,6 +406,16 @@ def kernel_inputs(problem, start: np.ndarray, rng: np.random.Generator) -> dict:
         a.flags.writeable = False
         arrays[key] = a
     return arrays
+
+
+def compact_pays(n: int, nfree: np.ndarray, passes: float) -> bool:
+    """Whether the kernels should work on each channel's free sub-problem: gathering
+    ``H[free][:, free]`` costs about k^2 per channel and saves ``n - k`` of each of ``passes``
+    O(n) passes (k the mean number of free variables).  It pays for long searches at 2-3 bits
+    (a fifth of the weights fixed), not for `fast`'s n tabu steps or at 4 bits (1 % fixed),
+    where gathering alone made `fast` a quarter slower."""
+    k = float(np.mean(nfree)) if nfree.size else 0.0
+    return (n - k) * passes > k * k
 
 
 def check_int(value, name: str, minimum: int, allow_none: bool = False) -> int | None:

@@ -87,5 +87,8 @@ class Anneal(Solver):
         best, _ = _kernels.anneal_kernel(
             args["hess"], args["step"], args["grad"], args["start"], args["fields"],
             args["energy"], args["free_idx"], args["nfree"], betas, self.restarts,
-            self.order == "random", args["seeds"])
+            self.order == "random", args["seeds"],
+            # an accepted flip is one O(n) pass; about 5 % of proposals are accepted
+            _kernels.compact_pays(problem.num_inputs, args["nfree"],
+                                  0.05 * self.num_sweeps * self.restarts * args["nfree"].mean()))
         return best.astype(bool), {"sweeps": self.num_sweeps * self.restarts}

@@ -82,5 +82,6 @@ class Tabu(Solver):
             args["hess"], args["step"], args["grad"], args["start"], args["fields"],
             args["energy"], args["free_idx"], nfree, tenure.astype(np.int64), max_iter, stall,
             self.restarts + 1, perturb.astype(np.int64), self.reset_every, self.descent,
-            _round_off(problem), args["seeds"])
+            _round_off(problem), args["seeds"],
+            _kernels.compact_pays(problem.num_inputs, nfree, 2.0 * (self.restarts + 1) * max_iter))
         return best.astype(bool), {"max_iter": max_iter, "rounds": self.restarts + 1}

@@ -61,8 +61,9 @@ def test_kernel_flip_matches_energy_module(seed, n, per_channel):
         assert p.energies(bc)[c] == pytest.approx(new_e, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_kernel_tracked_energy_is_the_true_energy(per_channel):
+def test_kernel_tracked_energy_is_the_true_energy(per_channel, compact):
     # a hot schedule makes many uphill and downhill moves; the incrementally tracked best
     # energy must still equal energy.energies of the returned state
     p = make_problem(m=5, n=12, seed=4, per_channel=per_channel)
@@ -71,7 +72,7 @@ def test_kernel_tracked_energy_is_the_true_energy(per_channel):
     betas = beta_schedule(p, start, 50, hot_accept=0.9, cold_accept=0.5)
     best, best_e = _kernels.anneal_kernel(
         args["hess"], args["step"], args["grad"], args["start"], args["fields"], args["energy"],
-        args["free_idx"], args["nfree"], betas, 2, True, args["seeds"])
+        args["free_idx"], args["nfree"], betas, 2, True, args["seeds"], compact)
     np.testing.assert_allclose(best_e, p.energies(best), rtol=1e-9, atol=1e-12)
     assert np.all(best_e <= p.energies(start) + 1e-12)
 
@@ -114,7 +115,8 @@ def test_returns_best_seen_and_never_worse_than_start():
     assert np.all(Anneal(200).solve(p, init=bad, seed=0).energy < p.energies(bad))
 
 
-def test_fixed_variables_are_never_flipped():
+@pytest.mark.parametrize("compact", [False, True])
+def test_fixed_variables_are_never_flipped(compact):
     p = make_problem(m=4, n=10, seed=0)
     assert not p.free.all()
     start = p.rtn_choices() | ~p.free  # fixed variables set to 1 in the kernel's input
@@ -122,8 +124,25 @@ def test_fixed_variables_are_never_flipped():
     betas = beta_schedule(p, p.rtn_choices(), 40, hot_accept=0.9, cold_accept=0.5)
     best, _ = _kernels.anneal_kernel(
         args["hess"], args["step"], args["grad"], args["start"], args["fields"], args["energy"],
-        args["free_idx"], args["nfree"], betas, 1, True, args["seeds"])
+        args["free_idx"], args["nfree"], betas, 1, True, args["seeds"], compact)
     assert np.all(best[~p.free] == 1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 12), per_channel=st.booleans(),
+       random_order=st.booleans())
+def test_kernel_on_the_free_sub_problem_gives_the_same_result(seed, n, per_channel, random_order):
+    # compact=True gathers H[free][:, free] per channel: the same moves in the same order
+    p = make_problem(m=4, n=n, seed=seed, per_channel=per_channel)
+    start = p.rtn_choices()
+    args = _kernels.kernel_inputs(p, start, np.random.default_rng(seed))
+    betas = beta_schedule(p, start, 30, hot_accept=0.7, cold_accept=1e-3)
+    out = [_kernels.anneal_kernel(
+        args["hess"], args["step"], args["grad"], args["start"], args["fields"], args["energy"],
+        args["free_idx"], args["nfree"], betas, 2, random_order, args["seeds"], compact)
+        for compact in (False, True)]
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1])
 
 
 def test_seeded_and_thread_count_independent():

@@ -14,13 +14,13 @@ from ..conftest import make_problem
 
 
 def _run_kernel(p, start, rounds=3, perturb=2, tenure=3, max_iter=40, descent=True, reset_every=2,
-                seed=0):
+                seed=0, compact=False):
     args = _kernels.kernel_inputs(p, start, np.random.default_rng(seed))
     m = p.num_channels
     return _kernels.tabu_kernel(
         args["hess"], args["step"], args["grad"], args["start"], args["fields"], args["energy"],
         args["free_idx"], args["nfree"], np.full(m, tenure), max_iter, max_iter, rounds,
-        np.full(m, perturb), reset_every, descent, _round_off(p), args["seeds"])
+        np.full(m, perturb), reset_every, descent, _round_off(p), args["seeds"], compact)
 
 
 @settings(max_examples=25, deadline=None)
@@ -46,11 +46,12 @@ def test_kernel_delta_update_matches_energy_module(seed, n, per_channel):
         np.testing.assert_allclose(delta, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_kernel_tracked_energy_is_the_true_energy(per_channel):
+def test_kernel_tracked_energy_is_the_true_energy(per_channel, compact):
     p = make_problem(m=5, n=12, seed=4, per_channel=per_channel)
     start = p.rtn_choices()
-    best, best_e = _run_kernel(p, start, rounds=4, perturb=4)
+    best, best_e = _run_kernel(p, start, rounds=4, perturb=4, compact=compact)
     np.testing.assert_allclose(best_e, p.energies(best), rtol=1e-9, atol=1e-12)
     assert np.all(best_e <= p.energies(start) + 1e-12)
 
@@ -89,12 +90,32 @@ def test_never_worse_than_start_even_from_a_bad_start():
     assert np.all(Tabu().solve(p, init=bad, seed=0).energy < p.energies(bad))
 
 
-def test_fixed_variables_are_never_flipped():
+@pytest.mark.parametrize("compact", [False, True])
+def test_fixed_variables_are_never_flipped(compact):
     p = make_problem(m=4, n=10, seed=0)
     assert not p.free.all()
     start = p.rtn_choices() | ~p.free  # fixed variables set to 1 in the kernel's input
-    best, _ = _run_kernel(p, start, rounds=5, perturb=20, tenure=2)
+    best, _ = _run_kernel(p, start, rounds=5, perturb=20, tenure=2, compact=compact)
     assert np.all(best[~p.free] == 1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 12), per_channel=st.booleans(),
+       descent=st.booleans())
+def test_kernel_on_the_free_sub_problem_gives_the_same_result(seed, n, per_channel, descent):
+    # compact=True gathers H[free][:, free] per channel: the same moves in the same order
+    p = make_problem(m=4, n=n, seed=seed, per_channel=per_channel)
+    out = [_run_kernel(p, p.rtn_choices(), rounds=4, perturb=3, descent=descent, seed=seed,
+                       compact=compact) for compact in (False, True)]
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+
+
+def test_compacting_is_chosen_by_the_work_it_saves():
+    # k^2 to gather against (n - k) saved in each O(n) pass
+    assert not _kernels.compact_pays(100, np.full(4, 100), 1e9)     # nothing fixed
+    assert not _kernels.compact_pays(100, np.full(4, 80), 200)      # `fast`: ~2 n passes
+    assert _kernels.compact_pays(100, np.full(4, 80), 10_000)       # `quality`: ~100 n passes
 
 
 def test_seeded_and_thread_count_independent():
