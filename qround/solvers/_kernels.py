@@ -88,6 +88,7 @@ def _compact_hessian(h, idx):
 
 @njit(cache=True, inline="always")
 def _gather(x, idx):
+    """``x[idx]`` as a new float64 array."""
     out = np.empty(idx.shape[0])
     for a in range(idx.shape[0]):
         out[a] = x[idx[a]]
@@ -102,7 +103,7 @@ def _metropolis(x, state):
     the bounds ``1 - x <= exp(-x) <= 1 / (1 + x + x^2/2 + x^3/6)`` (the Taylor sums of e^x are
     below it for x >= 0), so most moves are decided without an ``exp``.  The decision is that of
     ``u < exp(-x)`` with the same draw (the 1e-12 margins cover round-off), so results do not
-    change; it made the anneal kernel 15-27 % faster on the benchmark layers.
+    change; most of the anneal kernel's 1.2-1.6x speed-up in BENCHMARKS.md 1f comes from it.
     """
     if x > 40.0:
         return False
@@ -411,9 +412,9 @@ def kernel_inputs(problem, start: np.ndarray, rng: np.random.Generator) -> dict:
 def compact_pays(n: int, nfree: np.ndarray, passes: float) -> bool:
     """Whether the kernels should work on each channel's free sub-problem: gathering
     ``H[free][:, free]`` costs about k^2 per channel and saves ``n - k`` of each of ``passes``
-    O(n) passes (k the mean number of free variables).  It pays for long searches at 2-3 bits
-    (a fifth of the weights fixed), not for `fast`'s n tabu steps or at 4 bits (1 % fixed),
-    where gathering alone made `fast` a quarter slower."""
+    O(n) passes (k the mean number of free variables).  It pays for `quality`'s long searches,
+    most at 2 bits (a fifth of the weights fixed, 1 % at 4 bits), and not for `fast`'s n tabu
+    steps, where gathering made `fast` a quarter slower."""
     k = float(np.mean(nfree)) if nfree.size else 0.0
     return (n - k) * passes > k * k
 
