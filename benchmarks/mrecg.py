@@ -49,14 +49,14 @@ from qround.report import format_table, write_json_atomic
 from _common import _choices  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W2A4": (2, 4), "W3A3": (3, 3), "W2A2": (2, 2), "W4A4": (4, 4)}
-ARCHS = ("residual", "deep")
+ARCHS = ("residual", "deep", "deep-narrow")
 OUTER = ("stem", "fc")  # first and last layer: 8-bit weights, as BRECQ/QDrop/MRECG keep them
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", default=None, help="digits CNNs (default: residual,deep)")
+    p.add_argument("--archs", default=None, help="digits CNNs, of " + ",".join(ARCHS) + " (default: residual,deep)")
     p.add_argument("--seeds", default=None, help="training seeds (default: 0,1,2; --quick: 0)")
     p.add_argument("--bits", default=None,
                    help="widths (default: W2A4,W3A3,W2A2; --quick: W2A4)")
@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args(argv)
-    args.archs = _choices(args.archs or ",".join(ARCHS), ARCHS, "--archs", p)
+    args.archs = _choices(args.archs or "residual,deep", ARCHS, "--archs", p)
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")
                   if s.strip()]
     args.bits = _choices(args.bits or ("W2A4" if args.quick else "W2A4,W3A3,W2A2"), WIDTHS,

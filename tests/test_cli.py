@@ -9,6 +9,7 @@ import pytest
 from qround.cli import main
 from qround.grid import GridSpec, fit_grid
 from qround.problems.io import save_layer_stats
+from qround.solvers.registry import DEFAULT_SOLVER
 
 from .conftest import correlated_hessian
 
@@ -36,6 +37,11 @@ def test_solve_json_and_codes_reproduce_cost(layer_file, tmp_path, capsys):
     assert codes.shape == f["weight"].shape and np.issubdtype(codes.dtype, np.integer)
     d = f["scale"].reshape(-1, 1) * codes - f["weight"]          # independent recomputation
     assert np.isclose(np.einsum("mi,ij,mj->", d, f["hessian"], d), res["cost"], rtol=1e-9)
+
+
+def test_solve_defaults_to_the_same_solver_as_quantize(layer_file, capsys):
+    assert main(["solve", str(layer_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["solver"] == DEFAULT_SOLVER == "fast"
 
 
 def test_solve_with_refits_writes_the_refitted_scale(layer_file, tmp_path, capsys):

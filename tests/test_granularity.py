@@ -111,6 +111,18 @@ def test_modcap_merges_a_module_with_a_smaller_successor():
     assert [u.name for u in modcap_units(base_units(chain, "layer"), chain)] == ["0+1+2"]
 
 
+def test_narrow_deep_digits_cnn_scales_every_width_and_keeps_the_squeeze_merge():
+    net = DeepResidualDigitsCNN(0, width=8)
+    assert net(IMAGES[0]).shape == (12, 10)
+    assert (net.stem.out_channels, net.down.out_channels, net.squeeze.out_channels) == (8, 16, 8)
+    assert net.fc.in_features == 8 * 4 * 4
+    sel = select_units(net, quantise(net), IMAGES, "modcap", base="block")
+    assert [u.name for u in sel.units if len(u.modules) > 1] == ["block4+squeeze"]
+    assert sel.capacities[sel.base_units.index(Unit(("squeeze",)))] == 16 * 8 * 2
+    with pytest.raises(QroundError, match="width"):
+        DeepResidualDigitsCNN(0, width=0)
+
+
 def test_modcap_on_the_deep_digits_cnn_merges_block4_with_the_squeeze():
     net = DeepResidualDigitsCNN(0)
     q = quantise(net)

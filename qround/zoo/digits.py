@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from ._optional import require
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("plain", "residual", "deep")
+ARCHS = ("plain", "residual", "deep", "deep-narrow")
 IMAGE_SIZE = 16
 # Fractions of each class that go to calibration and test; the rest is the training set.
 CALIB_FRACTION, TEST_FRACTION = 0.1, 0.2
@@ -155,23 +156,26 @@ class DeepResidualDigitsCNN(nn.Module):
     granularity): stem conv 1->16 s2 + ReLU (8x8), ``block1``, ``block2`` (16 ch, 8x8), conv
     ``down`` 16->32 s2 + ReLU (4x4), ``block3``, ``block4`` (32 ch, 4x4), 1x1 conv ``squeeze``
     32->16 + ReLU, flatten, Linear 256->10.  Input (N, 1, 16, 16), logits (N, 10).
+    ``width`` scales every channel count (16 above; ``arch="deep-narrow"`` is width 8).
 
     Eight blocks or 12 layers along depth; the narrow ``squeeze`` after ``block4`` is a module
     of much smaller capacity than its predecessor, as a projection or bottleneck head is."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, width: int = 16):
         super().__init__()
-        self.stem = nn.Conv2d(1, 16, 3, stride=2, padding=1, device="meta")
+        _check_int(width, "width", minimum=1)
+        w = width
+        self.stem = nn.Conv2d(1, w, 3, stride=2, padding=1, device="meta")
         self.relu1 = nn.ReLU()
-        self.block1 = ResidualBlock(16)
-        self.block2 = ResidualBlock(16)
-        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1, device="meta")
+        self.block1 = ResidualBlock(w)
+        self.block2 = ResidualBlock(w)
+        self.down = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, device="meta")
         self.relu2 = nn.ReLU()
-        self.block3 = ResidualBlock(32)
-        self.block4 = ResidualBlock(32)
-        self.squeeze = nn.Conv2d(32, 16, 1, device="meta")
+        self.block3 = ResidualBlock(2 * w)
+        self.block4 = ResidualBlock(2 * w)
+        self.squeeze = nn.Conv2d(2 * w, w, 1, device="meta")
         self.relu3 = nn.ReLU()
-        self.fc = nn.Linear(16 * 4 * 4, 10, device="meta")
+        self.fc = nn.Linear(w * 4 * 4, 10, device="meta")
         _init_weights(self, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +209,8 @@ def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 20, devic
                      cache: bool = True, batch_size: int = 64, lr: float = 3e-3
                      ) -> tuple[nn.Module, DigitsData]:
     """Train ``DigitsCNN`` (``arch="plain"``), ``ResidualDigitsCNN`` (``"residual"``) or
-    ``DeepResidualDigitsCNN`` (``"deep"``) on the training split of ``load_digits_data()`` (split seed 0, fixed for every training seed).
+    ``DeepResidualDigitsCNN`` (``"deep"``, or ``"deep-narrow"`` at width 8) on the training split
+    of ``load_digits_data()`` (split seed 0, fixed for every training seed).
 
     Adam with a cosine learning-rate decay, small random affine warps of the training images;
     initialisation, batch order and warps come from ``seed``.
@@ -228,8 +233,8 @@ def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 20, devic
         raise QroundError(f"device={str(device)!r} was asked for but CUDA is not available")
 
     data = load_digits_data()
-    model = {"plain": DigitsCNN, "residual": ResidualDigitsCNN,
-             "deep": DeepResidualDigitsCNN}[arch](seed)
+    model = {"plain": DigitsCNN, "residual": ResidualDigitsCNN, "deep": DeepResidualDigitsCNN,
+             "deep-narrow": partial(DeepResidualDigitsCNN, width=8)}[arch](seed)
     path = _cache_path(arch, seed, epochs, batch_size, lr, device) if cache else None
     if path is not None and _load_cached(model, path):
         return model.to(device).eval(), data
