@@ -4,12 +4,16 @@ A solver implements ``_solve(problem, start, rng) -> choices`` (m, n); the base 
 rest the same way for every backend: validates the start (RTN by default), times the work,
 respects fixed variables, keeps per channel the better of start and result (so no solver ever
 returns worse than its start), and packages energies, absolute costs and the RTN cost.
+On small layers, numpy's BLAS is held to one thread while a solve runs
+(:func:`single_threaded_blas`).
 
 Composition lives in wrappers, not flags: ``Chain(a, b)`` runs ``a`` then polishes with ``b``
 from ``a``'s result; ``BestOf(a, b, ...)`` keeps per channel the best of several solvers.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -19,6 +23,41 @@ import numpy as np
 
 from ..errors import QroundError
 from ..problems.rounding import RoundingProblem
+
+_blas = threading.local()
+# Below this many multiply-adds in one product with H (m n^2), a solve holds BLAS to one thread.
+BLAS_LIMIT_BELOW = 2 ** 27
+
+
+@contextlib.contextmanager
+def single_threaded_blas(problem: RoundingProblem | None = None):
+    """Hold numpy's BLAS (OpenBLAS, MKL; via threadpoolctl) to one thread, restoring it after;
+    with ``problem``, only where one product with its H (m n^2 multiply-adds) is below
+    :data:`BLAS_LIMIT_BELOW` (about 6 ms on one core of the development machine).
+
+    The solvers' parallelism is over channels, in numba kernels and torch.  OpenBLAS's idle
+    workers keep spinning for a while after each call and take the cores from a numba kernel
+    that follows.  On 2 cores, with every pool at 2 threads, ``fast`` on a 384x384 MiniLM layer
+    took 0.14-0.15 s (median) with BLAS free and 0.056 s with it held to one thread (BENCHMARKS.md,
+    section 1h).  Larger products keep their BLAS threads: there they pay for themselves, and
+    a spin is small next to the kernels.  Nested uses (``Chain``, ``BestOf``) act once.
+    """
+    if getattr(_blas, "depth", 0) or (
+            problem is not None and
+            problem.num_channels * problem.num_inputs ** 2 >= BLAS_LIMIT_BELOW):
+        yield
+        return
+    from threadpoolctl import ThreadpoolController
+
+    controller = getattr(_blas, "controller", None)
+    if controller is None:
+        controller = _blas.controller = ThreadpoolController()
+    _blas.depth = 1
+    try:
+        with controller.limit(limits=1, user_api="blas"):
+            yield
+    finally:
+        _blas.depth = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +147,10 @@ class Solver(ABC):
         """
         if not isinstance(problem, RoundingProblem):
             raise QroundError(f"solve() needs a RoundingProblem, got {type(problem).__name__}")
+        with single_threaded_blas(problem):
+            return self._solve_checked(problem, init, seed)
+
+    def _solve_checked(self, problem: RoundingProblem, init, seed) -> Solution:
         start = resolve_start(problem, init)
         rng = spawn_rng(seed)
         t0 = time.perf_counter()

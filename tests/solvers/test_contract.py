@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qround import QroundError, available_solvers, get_solver
-from qround.solvers import Chain, Solution
+from qround.solvers import Chain, Solution, Solver
 
 from ..conftest import make_problem
 
@@ -101,3 +101,66 @@ def test_named_defaults_never_worse_than_their_parts():
     quality = get_solver("quality").solve(problem, seed=0)
     tabu = Chain(GPTQ(), Tabu()).solve(problem, seed=0)
     assert np.all(quality.energy <= tabu.energy + 1e-12)
+
+
+# ------------------------------------------------------------------------------ BLAS threads
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+class _RecordBlasThreads(Solver):
+    """Returns its start; records the BLAS thread counts seen inside ``_solve``."""
+
+    name = "record-blas"
+
+    def __init__(self):
+        self.seen = []
+
+    def _solve(self, problem, start, rng):
+        self.seen.append(_blas_threads())
+        return start
+
+
+def _two_blas_threads():
+    """threadpoolctl limit giving BLAS 2 threads, or a skip where that cannot be set."""
+    from threadpoolctl import threadpool_limits
+
+    limit = threadpool_limits(limits=2, user_api="blas")
+    if not _blas_threads() or min(_blas_threads()) < 2:
+        limit.restore_original_limits()
+        pytest.skip("numpy's BLAS cannot run 2 threads here (one core, or no BLAS library "
+                    "visible to threadpoolctl)")
+    return limit
+
+
+def test_solve_holds_blas_to_one_thread_on_small_layers_and_restores_it():
+    limit = _two_blas_threads()
+    try:
+        inner, outer = _RecordBlasThreads(), _RecordBlasThreads()
+        problem = make_problem(m=4, n=12, seed=0)
+        inner.solve(problem)
+        Chain(outer, Chain(inner)).solve(problem)          # nested: still one thread inside
+        assert inner.seen == [[1] * len(inner.seen[0])] * 2 and outer.seen == inner.seen[:1]
+        assert min(_blas_threads()) == 2                    # restored after each solve
+    finally:
+        limit.restore_original_limits()
+
+
+def test_solve_leaves_blas_threads_alone_on_large_layers():
+    from qround.solvers.base import BLAS_LIMIT_BELOW
+
+    limit = _two_blas_threads()
+    try:
+        n = 128
+        m = -(-BLAS_LIMIT_BELOW // n ** 2)                  # m n^2 just at the threshold
+        problem = make_problem(m=m, n=n, seed=0)
+        rec = _RecordBlasThreads()
+        rec.solve(problem)
+        assert min(rec.seen[0]) == 2
+        small = make_problem(m=m - 1, n=n, seed=0)
+        rec.solve(small)
+        assert rec.seen[1] == [1] * len(rec.seen[1])
+    finally:
+        limit.restore_original_limits()
