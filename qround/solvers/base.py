@@ -148,28 +148,40 @@ class Solver(ABC):
         if not isinstance(problem, RoundingProblem):
             raise QroundError(f"solve() needs a RoundingProblem, got {type(problem).__name__}")
         with single_threaded_blas(problem):
-            return self._solve_checked(problem, init, seed)
+            return self._solve_stage(problem, resolve_start(problem, init), None, spawn_rng(seed))
 
-    def _solve_checked(self, problem: RoundingProblem, init, seed) -> Solution:
-        start = resolve_start(problem, init)
-        rng = spawn_rng(seed)
+    def _solve_stage(self, problem: RoundingProblem, start: np.ndarray,
+                     start_energy: np.ndarray | None, rng: np.random.Generator) -> Solution:
+        """:meth:`solve` on a resolved start.  start_energy: its exact energies (m,)
+        (``problem.energies``) when the caller has them, as ``Chain`` and ``BestOf`` do for the
+        result of a previous stage; computed otherwise."""
+        e_start = problem.energies(start) if start_energy is None else start_energy
         t0 = time.perf_counter()
-        out = self._solve(problem, start.copy(), rng)
+        out = self._solve_from(problem, start.copy(), e_start, rng)
         seconds = time.perf_counter() - t0
-        choices, info = out if isinstance(out, tuple) else (out, {})
+        out = out if isinstance(out, tuple) else (out,)
+        choices, info, energy = out + ({}, None)[len(out) - 1:]
         choices = np.asarray(choices)
         if choices.shape != problem.weight.shape:
             raise RuntimeError(f"{self.label} returned shape {choices.shape}, "
                                f"expected {problem.weight.shape}")
-        choices = choices.astype(bool) & problem.free
+        masked = choices.astype(bool) & problem.free
+        # energies a composite passes on hold for its choices exactly as returned
+        e_new = (energy if energy is not None and choices.dtype == bool
+                 and np.array_equal(masked, choices) else problem.energies(masked))
         # Keep, per channel, the better of start and result: no solver returns worse than its start.
-        e_new, e_start = problem.energies(choices), problem.energies(start)
         worse = e_new > e_start
         if np.any(worse):
-            choices = np.where(worse[:, None], start, choices)
+            masked = np.where(worse[:, None], start, masked)
             info = {**info, "channels_kept_start": int(worse.sum())}
-        return make_solution(problem, choices, seconds, self.label, info,
+        return make_solution(problem, masked, seconds, self.label, info,
                              energy=np.where(worse, e_start, e_new))
+
+    def _solve_from(self, problem: RoundingProblem, start: np.ndarray, start_energy: np.ndarray,
+                    rng: np.random.Generator):
+        """:meth:`_solve` given the start's exact energies too; composites override it and may
+        return ``(choices, info, energies)`` with the exact energies of ``choices``."""
+        return self._solve(problem, start, rng)
 
     @abstractmethod
     def _solve(self, problem: RoundingProblem, start: np.ndarray, rng: np.random.Generator):
@@ -205,12 +217,15 @@ class Chain(Solver):
         return self._label or "+".join(s.label for s in self.solvers)
 
     def _solve(self, problem, start, rng):
-        sol, info = start, {}
-        for s in self.solvers:
-            step = s.solve(problem, init=sol, seed=rng)
+        return self._solve_from(problem, start, problem.energies(start), rng)
+
+    def _solve_from(self, problem, start, start_energy, rng):
+        sol, energy, info = start, start_energy, {}
+        for s in self.solvers:  # each stage gets the previous one's exact energies
+            step = s._solve_stage(problem, sol, energy, rng)
             info[s.label] = {"ratio": step.ratio, "seconds": step.seconds}
-            sol = step.choices
-        return sol, {"steps": info}
+            sol, energy = step.choices, step.energy
+        return sol, {"steps": info}, energy
 
 
 class BestOf(Solver):
@@ -228,12 +243,15 @@ class BestOf(Solver):
         return "|".join(s.label for s in self.solvers)
 
     def _solve(self, problem, start, rng):
-        best, best_e = start, problem.energies(start)
+        return self._solve_from(problem, start, problem.energies(start), rng)
+
+    def _solve_from(self, problem, start, start_energy, rng):
+        best, best_e = start, start_energy
         wins = {}
         for s in self.solvers:
-            sol = s.solve(problem, init=start, seed=rng)
+            sol = s._solve_stage(problem, start, start_energy, rng)
             better = sol.energy < best_e
             wins[s.label] = int(better.sum())
             best = np.where(better[:, None], sol.choices, best)
-            best_e = np.minimum(best_e, sol.energy)
-        return best, {"channels_won": wins}
+            best_e = np.where(better, sol.energy, best_e)
+        return best, {"channels_won": wins}, best_e

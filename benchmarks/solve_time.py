@@ -1,21 +1,26 @@
-"""Solver wall time at the machine's thread counts, with and without numpy's BLAS held to one
-thread during a solve (``qround.solvers.base.single_threaded_blas``, on by default).
+"""Solver wall time at the machine's thread counts, two variants in alternating processes:
+numpy's BLAS held to one thread during a solve or not (``qround.solvers.base.
+single_threaded_blas``, on by default), or this tree against another commit (``--against``).
 
 OpenBLAS's idle workers spin for a while after each call and take cores from a numba kernel
-that follows; ``Solver.solve`` therefore holds BLAS to one thread while it runs.  This script
-measures what that changes, on the benchmark's layers (``qround.bench.load_layers``, or a
-``--layers-file`` written by ``solvers_gpu.py --save-layers``):
+that follows; ``Solver.solve`` therefore holds BLAS to one thread on small layers.  On the
+benchmark's layers (``qround.bench.load_layers``, or a ``--layers-file`` written by
+``solvers_gpu.py --save-layers``):
 
 - each measurement runs in a fresh process, with numba and torch at ``--threads`` and numpy's
-  BLAS left at its default (one thread per core); ``none`` turns the limit off in that process;
-- the modes alternate (limit, none, limit, none, ...) for ``--rounds`` rounds, so both see the
-  same machine load; per mode, the min and median over all its solves are reported;
+  BLAS left at its default (one thread per core);
+- without ``--against``: ``limit`` (as shipped) against ``none`` (the limit switched off in that
+  process); with ``--against REV``: ``new`` (this tree) against ``old`` (a temporary git
+  worktree of REV, first on ``PYTHONPATH``);
+- the variants alternate for ``--rounds`` rounds, so both see the same machine load; per
+  variant, the min and median over all its solves are reported;
 - ``gptq-reference`` (``qround.baselines.gptq_quantize``, unrestricted GPTQ as users run it,
   not a ``Solver``) is timed in the same processes: the time reference of the ``fast`` target;
-- ``same``: whether every solve of both modes returned the same result (a digest of the
-  choices, or of GPTQ's codes).
+- ``same``: whether every solve of both variants returned the same result (a digest of the
+  choices, or of GPTQ's codes).  The script exits non-zero otherwise.
 
-    python benchmarks/blas_threads.py --layers-file .gpu/layers.npz --json results/blas_threads.json
+    python benchmarks/solve_time.py --layers-file .gpu/layers.npz --json results/blas_threads.json
+    python benchmarks/solve_time.py --against HEAD~1 --solvers fast,quality --json results/ab.json
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="numba and torch threads (default: the number of cores, %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="timed solves per process")
     p.add_argument("--rounds", type=int, default=2, help="processes per mode, alternating")
+    p.add_argument("--against", help="git revision to compare this tree with (default: compare "
+                                     "the BLAS limit on and off)")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--child", choices=["limit", "none"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -93,6 +100,17 @@ def child(args) -> None:
                                   "digests": sorted(digests)}), flush=True)
 
 
+def worktree(rev: str, folder: str) -> str:
+    """A detached git worktree of ``rev`` in ``folder`` (removed by :func:`drop_worktree`)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        subprocess.run(["git", "-C", root, "worktree", "add", "--detach", "-q", folder, rev],
+                       check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"error: cannot check out {rev!r}: {getattr(exc, 'stderr', exc)}")
+    return root
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -100,43 +118,62 @@ def main(argv=None) -> int:
         return 0
     from qround.report import format_table
 
-    with tempfile.TemporaryDirectory(prefix="qround_blas_") as tmp:
+    here = os.path.abspath(__file__)
+    with tempfile.TemporaryDirectory(prefix="qround_solve_time_") as tmp:
         if not args.layers_file:
             from solvers_gpu import save_layers
             args.layers_file = os.path.join(tmp, "layers.npz")
             save_layers(args.layers_file, cnn_layers=2, seed=0)
+        env = dict(os.environ)
+        if args.against:
+            old_tree = os.path.join(tmp, "old")
+            root = worktree(args.against, old_tree)
+            old_env = {**env, "PYTHONPATH": os.pathsep.join(
+                [old_tree] + [p for p in [env.get("PYTHONPATH")] if p])}
+            variants = {"new": ("limit", env), "old": ("limit", old_env)}
+        else:
+            variants = {"limit": ("limit", env), "none": ("none", env)}
+        (a, b) = variants
         times: dict[tuple, dict[str, list[float]]] = {}
         digests: dict[tuple, set[str]] = {}
-        here = os.path.abspath(__file__)
-        for r in range(args.rounds):
-            for mode in ("limit", "none"):
-                cmd = [sys.executable, here, "--child", mode, "--layers-file", args.layers_file,
-                       "--solvers", ",".join(args.solvers), "--bits", ",".join(map(str, args.bits)),
-                       "--layers", ",".join(args.layers), "--threads", str(args.threads),
-                       "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                for line in out.splitlines():
-                    rec = json.loads(line)
-                    key = (rec["layer"], rec["bits"], rec["solver"])
-                    times.setdefault(key, {"limit": [], "none": []})[mode].extend(rec["times"])
-                    digests.setdefault(key, set()).update(rec["digests"])
-                print(f"  round {r + 1}/{args.rounds}: {mode} done", file=sys.stderr, flush=True)
+        try:
+            for r in range(args.rounds):
+                for label, (mode, child_env) in variants.items():
+                    cmd = [sys.executable, here, "--child", mode, "--layers-file",
+                           args.layers_file, "--solvers", ",".join(args.solvers),
+                           "--bits", ",".join(map(str, args.bits)), "--layers",
+                           ",".join(args.layers), "--threads", str(args.threads),
+                           "--repeats", str(args.repeats)]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                         env=child_env).stdout
+                    for line in out.splitlines():
+                        rec = json.loads(line)
+                        key = (rec["layer"], rec["bits"], rec["solver"])
+                        times.setdefault(key, {a: [], b: []})[label].extend(rec["times"])
+                        digests.setdefault(key, set()).update(rec["digests"])
+                    print(f"  round {r + 1}/{args.rounds}: {label} done", file=sys.stderr,
+                          flush=True)
+        finally:
+            if args.against:
+                subprocess.run(["git", "-C", root, "worktree", "remove", "--force", old_tree],
+                               capture_output=True)
     rows = []
     for (layer, bits, solver), t in times.items():
         med = {m: statistics.median(v) for m, v in t.items()}
         rows.append({"layer": layer, "bits": bits, "solver": solver,
-                     "limit min": min(t["limit"]), "limit median": med["limit"],
-                     "none min": min(t["none"]), "none median": med["none"],
-                     "none / limit": med["none"] / med["limit"],
+                     f"{a} min": min(t[a]), f"{a} median": med[a],
+                     f"{b} min": min(t[b]), f"{b} median": med[b],
+                     f"{b} / {a}": med[b] / med[a],
                      "same": len(digests[(layer, bits, solver)]) == 1})
+    what = (f"this tree (new) against {args.against} (old)" if args.against else
+            "limit = BLAS held to 1 thread in Solver.solve, none = not")
     header = (f"solve wall time, numba and torch at {args.threads} threads, numpy BLAS at its "
-              f"default; limit = BLAS held to 1 thread in Solver.solve, none = not; "
-              f"{args.rounds} processes per mode x {args.repeats} solves")
+              f"default; {what}; {args.rounds} processes per variant x {args.repeats} solves")
     print(header)
-    print(format_table(rows, ["layer", "bits", "solver", "limit min", "limit median", "none min",
-                              "none median", "none / limit", "same"]))
+    print(format_table(rows, ["layer", "bits", "solver", f"{a} min", f"{a} median", f"{b} min",
+                              f"{b} median", f"{b} / {a}", "same"]))
     if args.json:
-        write_results(args.json, "blas_threads", header, args, rows)
+        write_results(args.json, "solve_time", header, args, rows)
     return 0 if all(r["same"] for r in rows) else 1
 
 
