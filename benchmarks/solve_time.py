@@ -8,7 +8,7 @@ benchmark's layers (``qround.bench.load_layers``, or a ``--layers-file`` written
 ``solvers_gpu.py --save-layers``):
 
 - each measurement runs in a fresh process, with numba and torch at ``--threads`` and numpy's
-  BLAS left at its default (one thread per core);
+  BLAS left at its default (one thread per core) or at ``--blas-threads``;
 - without ``--against``: ``limit`` (as shipped) against ``none`` (the limit switched off in that
   process); with ``--against REV``: ``new`` (this tree) against ``old`` (a temporary git
   worktree of REV, first on ``PYTHONPATH``);
@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers-file", help="read (W, H) from this .npz (solvers_gpu.py --save-layers)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="numba and torch threads (default: the number of cores, %(default)s)")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="pin numpy's BLAS to this many threads in every process (default: leave "
+                        "it at its default, one per core)")
     p.add_argument("--repeats", type=int, default=15, help="timed solves per process")
     p.add_argument("--rounds", type=int, default=2, help="processes per mode, alternating")
     p.add_argument("--against", help="git revision to compare this tree with (default: compare "
@@ -56,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.bits = int_list(args.bits, "--bits", p, 2, 8)
     args.solvers = [t.strip() for t in args.solvers.split(",") if t.strip()]
     args.layers = [t.strip() for t in args.layers.split(",") if t.strip()]
-    if min(args.threads, args.repeats, args.rounds) < 1:
-        p.error("--threads, --repeats and --rounds must be >= 1")
+    if min(args.threads, args.repeats, args.rounds, args.blas_threads or 1) < 1:
+        p.error("--threads, --blas-threads, --repeats and --rounds must be >= 1")
     return args
 
 
@@ -78,6 +81,9 @@ def child(args) -> None:
 
     numba.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
+    if args.blas_threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=args.blas_threads, user_api="blas")
     if args.child == "none":
         base.single_threaded_blas = contextlib.nullcontext
     for name, w, h in read_layers(args.layers_file):
@@ -144,6 +150,8 @@ def main(argv=None) -> int:
                            "--bits", ",".join(map(str, args.bits)), "--layers",
                            ",".join(args.layers), "--threads", str(args.threads),
                            "--repeats", str(args.repeats)]
+                    if args.blas_threads:
+                        cmd += ["--blas-threads", str(args.blas_threads)]
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                          env=child_env).stdout
                     for line in out.splitlines():
@@ -167,8 +175,9 @@ def main(argv=None) -> int:
                      "same": len(digests[(layer, bits, solver)]) == 1})
     what = (f"this tree (new) against {args.against} (old)" if args.against else
             "limit = BLAS held to 1 thread in Solver.solve, none = not")
-    header = (f"solve wall time, numba and torch at {args.threads} threads, numpy BLAS at its "
-              f"default; {what}; {args.rounds} processes per variant x {args.repeats} solves")
+    blas = f"at {args.blas_threads}" if args.blas_threads else "at its default"
+    header = (f"solve wall time, numba and torch at {args.threads} threads, numpy BLAS {blas}; "
+              f"{what}; {args.rounds} processes per variant x {args.repeats} solves")
     print(header)
     print(format_table(rows, ["layer", "bits", "solver", f"{a} min", f"{a} median", f"{b} min",
                               f"{b} median", f"{b} / {a}", "same"]))

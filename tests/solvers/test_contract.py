@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qround import QroundError, available_solvers, get_solver
-from qround.solvers import Chain, Solution, Solver
+from qround.solvers import BestOf, Chain, Solution, Solver
 
 from ..conftest import make_problem
 
@@ -164,3 +164,51 @@ def test_solve_leaves_blas_threads_alone_on_large_layers():
         assert rec.seen[1] == [1] * len(rec.seen[1])
     finally:
         limit.restore_original_limits()
+
+
+# ------------------------------------------------------------------------------ energies
+class _FlipFirst(Solver):
+    """Flips variable 0 of every channel (free or not): a move that is better or worse."""
+
+    name = "flip-first"
+
+    def _solve(self, problem, start, rng):
+        out = start.copy()
+        out[:, 0] ^= True
+        return out
+
+
+def test_composites_pass_each_stages_exact_energies_on(monkeypatch):
+    """A composite makes one product with H for its start and one per stage result (plus what
+    the stages compute inside), not two per stage and two more of its own; the results and
+    energies are those of solving stage by stage."""
+    import qround.problems.energy as energy
+
+    problem = make_problem(m=5, n=9, seed=2)
+    problem.rtn_costs()                                # cached once, not counted below
+    calls = []
+    real = energy.hessian_times
+    monkeypatch.setattr(energy, "hessian_times", lambda *a: calls.append(1) or real(*a))
+
+    def products(solver):
+        calls.clear()
+        sol = solver.solve(problem, seed=0)
+        return len(calls), sol
+
+    a, b = _FlipFirst(), get_solver("greedy")
+    alone = {s: products(s)[0] for s in (a, b)}      # start + result + inside
+    assert alone[a] == 2
+    for spec in (Chain(a, b, a), BestOf(a, b), Chain(a, BestOf(b, Chain(a, b)))):
+        count, sol = products(spec)
+        assert count == 1 + sum(alone[s] - 1 for s in _leaves(spec)), spec.label
+        assert np.allclose(sol.energy, problem.energies(sol.choices), rtol=1e-12, atol=1e-12)
+    monkeypatch.undo()
+    stepwise = a.solve(problem, init=b.solve(problem, init=a.solve(problem).choices))
+    chained = Chain(a, b, a).solve(problem)
+    assert np.array_equal(chained.choices, stepwise.choices)
+    assert np.array_equal(chained.energy, stepwise.energy)
+
+
+def _leaves(solver):
+    subs = getattr(solver, "solvers", None)
+    return [solver] if subs is None else [leaf for s in subs for leaf in _leaves(s)]
