@@ -1,0 +1,67 @@
+"""The README's Python examples run as written, on a tiny model with the names they use."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 24)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(24, 16)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(_Block(), _Block())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
+
+
+def test_readme_has_the_three_python_examples():
+    blocks = _python_blocks()
+    assert len(blocks) == 3
+    assert "encoder.0.fc1" in blocks[0] and "quantize_model" in blocks[1]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("dimod", reason="the first example builds a dimod BQM")
+    gen = torch.Generator().manual_seed(0)
+    model = _Net().eval()
+    batches = [torch.randn(32, 16, generator=gen) for _ in range(4)]
+    namespace = {"model": model, "batches": batches, "calibration_batches": batches}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.chdir(tmp_path)
+    for block in _python_blocks():
+        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 (our own README)
+    out = capsys.readouterr().out
+    ratios = {}
+    for name in ("nearest", "greedy", "gptq+tabu", "quality"):
+        found = re.search(rf"^{re.escape(name)} ([0-9.e-]+) [0-9.e-]+$", out, flags=re.M)
+        assert found, name
+        ratios[name] = float(found.group(1))
+    assert ratios["nearest"] == 1.0 and max(ratios.values()) <= 1.0
+    assert ratios["quality"] < 1.0 and ratios["quality"] <= ratios["greedy"] + 1e-9
+    assert (tmp_path / "model-w3.safetensors").is_file()
+    assert (tmp_path / "w2a4.safetensors").is_file()
+    # the examples leave the float model as it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
