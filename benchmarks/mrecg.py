@@ -56,7 +56,8 @@ OUTER = ("stem", "fc")  # first and last layer: 8-bit weights, as BRECQ/QDrop/MR
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", default=None, help="digits CNNs, of " + ",".join(ARCHS) + " (default: residual,deep)")
+    p.add_argument("--archs", default=None,
+                   help=f"digits CNNs, of {','.join(ARCHS)} (default: residual,deep)")
     p.add_argument("--seeds", default=None, help="training seeds (default: 0,1,2; --quick: 0)")
     p.add_argument("--bits", default=None,
                    help="widths (default: W2A4,W3A3,W2A2; --quick: W2A4)")

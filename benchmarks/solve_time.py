@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", default="3", help="weight bit widths (default: %(default)s)")
     p.add_argument("--layers", default="query,intermediate,conv2,conv3",
                    help="substrings of the layer names to run (default: %(default)s)")
-    p.add_argument("--layers-file", help="read (W, H) from this .npz (solvers_gpu.py --save-layers)")
+    p.add_argument("--layers-file",
+                   help="read (W, H) from this .npz (solvers_gpu.py --save-layers)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="numba and torch threads (default: the number of cores, %(default)s)")
     p.add_argument("--blas-threads", type=int, default=None,

@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("solve", help="solve the rounding problems of layer statistics files")
     s.add_argument("files", nargs="+", help="layer statistics .npz files (see qround.problems.io)")
     s.add_argument("--solver", default=DEFAULT_SOLVER,
-                   help="solver name or spec (a+b chains, a|b best-of; default: %(default)s, as 'quantize')")
+                   help="solver name or spec (a+b chains, a|b best-of; default: %(default)s, "
+                        "as for quantize)")
     s.add_argument("--bits", type=int, default=None,
                    help="grid bits when the file has no scale (default: the file's bits)")
     s.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],
