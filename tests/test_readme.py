@@ -63,5 +63,16 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     assert ratios["quality"] < 1.0 and ratios["quality"] <= ratios["greedy"] + 1e-9
     assert (tmp_path / "model-w3.safetensors").is_file()
     assert (tmp_path / "w2a4.safetensors").is_file()
+    # "+ activation steps, border coefficients, reconstruction units"
+    from qround.export import read_metadata
+
+    meta = read_metadata(tmp_path / "w2a4.safetensors")
+    assert meta["units"] is not None and meta["units"]["granularity"] == "loss"
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "w2a4.safetensors", "pt") as f:
+        keys = set(f.keys())
+    for name in ("encoder.1.fc1", "head"):                 # quadratic borders: b0, b1, b2
+        assert {f"{name}.act.step", f"{name}.act.b0", f"{name}.act.b2"} <= keys
     # the examples leave the float model as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
