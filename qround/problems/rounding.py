@@ -210,9 +210,17 @@ class RoundingProblem:
         """Rounding-to-nearest (ties up), (m, n) bool."""
         return (self.frac >= 0.5) & self.free
 
+    def rtn_energies(self) -> np.ndarray:
+        """QUBO energies (m,) of :meth:`rtn_choices`, computed once (read-only)."""
+        if "rtn_energies" not in self._cache:
+            e = self.energies(self.rtn_choices())
+            e.flags.writeable = False
+            self._cache["rtn_energies"] = e
+        return self._cache["rtn_energies"]
+
     def rtn_costs(self) -> np.ndarray:
         if "rtn_costs" not in self._cache:
-            self._cache["rtn_costs"] = self.costs(self.rtn_choices())
+            self._cache["rtn_costs"] = self.rtn_energies() + self.const
         return self._cache["rtn_costs"]
 
     def codes(self, choices) -> np.ndarray:

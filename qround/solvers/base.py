@@ -148,7 +148,9 @@ class Solver(ABC):
         if not isinstance(problem, RoundingProblem):
             raise QroundError(f"solve() needs a RoundingProblem, got {type(problem).__name__}")
         with single_threaded_blas(problem):
-            return self._solve_stage(problem, resolve_start(problem, init), None, spawn_rng(seed))
+            energy = problem.rtn_energies() if init is None else None  # cached on the problem
+            return self._solve_stage(problem, resolve_start(problem, init), energy,
+                                     spawn_rng(seed))
 
     def _solve_stage(self, problem: RoundingProblem, start: np.ndarray,
                      start_energy: np.ndarray | None, rng: np.random.Generator) -> Solution:

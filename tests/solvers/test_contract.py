@@ -179,29 +179,32 @@ class _FlipFirst(Solver):
 
 
 def test_composites_pass_each_stages_exact_energies_on(monkeypatch):
-    """A composite makes one product with H for its start and one per stage result (plus what
-    the stages compute inside), not two per stage and two more of its own; the results and
-    energies are those of solving stage by stage."""
+    """A solve makes one product with H per stage result (plus what the stages compute inside),
+    and one for its start unless that is RTN (cached on the problem); not two per stage and two
+    more per composite.  Results and energies are those of solving stage by stage."""
     import qround.problems.energy as energy
 
     problem = make_problem(m=5, n=9, seed=2)
-    problem.rtn_costs()                                # cached once, not counted below
+    problem.rtn_costs()                                # RTN energies: cached once, not counted
+    other_start = ~problem.rtn_choices() & problem.free
     calls = []
     real = energy.hessian_times
     monkeypatch.setattr(energy, "hessian_times", lambda *a: calls.append(1) or real(*a))
 
-    def products(solver):
+    def products(solver, init=None):
         calls.clear()
-        sol = solver.solve(problem, seed=0)
+        sol = solver.solve(problem, init=init, seed=0)
         return len(calls), sol
 
     a, b = _FlipFirst(), get_solver("greedy")
-    alone = {s: products(s)[0] for s in (a, b)}      # start + result + inside
-    assert alone[a] == 2
+    alone = {s: products(s)[0] for s in (a, b)}      # result + inside, from RTN
+    assert alone[a] == 1
     for spec in (Chain(a, b, a), BestOf(a, b), Chain(a, BestOf(b, Chain(a, b)))):
         count, sol = products(spec)
-        assert count == 1 + sum(alone[s] - 1 for s in _leaves(spec)), spec.label
+        assert count == sum(alone[s] for s in _leaves(spec)), spec.label
         assert np.allclose(sol.energy, problem.energies(sol.choices), rtol=1e-12, atol=1e-12)
+        count, _ = products(spec, init=other_start)
+        assert count == 1 + sum(alone[s] for s in _leaves(spec)), spec.label
     monkeypatch.undo()
     stepwise = a.solve(problem, init=b.solve(problem, init=a.solve(problem).choices))
     chained = Chain(a, b, a).solve(problem)
