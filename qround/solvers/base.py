@@ -41,6 +41,8 @@ def single_threaded_blas(problem: RoundingProblem | None = None):
     took 0.15 s (median) with BLAS free and 0.053-0.057 s with it held to one thread (BENCHMARKS.md,
     section 1h).  Larger products keep their BLAS threads: there they pay for themselves, and
     a spin is small next to the kernels.  Nested uses (``Chain``, ``BestOf``) act once.
+    torch's pip wheels link their BLAS statically, out of threadpoolctl's reach; where torch
+    shares a BLAS library with numpy (MKL in some conda builds), its CPU solvers are held too.
     """
     if getattr(_blas, "depth", 0) or (
             problem is not None and
