@@ -13,6 +13,7 @@ from ``a``'s result; ``BestOf(a, b, ...)`` keeps per channel the best of several
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -51,9 +52,12 @@ def single_threaded_blas(problem: RoundingProblem | None = None):
         return
     from threadpoolctl import ThreadpoolController
 
-    controller = getattr(_blas, "controller", None)
-    if controller is None:
-        controller = _blas.controller = ThreadpoolController()
+    # a controller knows the libraries loaded when it was made: make a new one after imports
+    # (scipy, for one, brings its own OpenBLAS)
+    controller, modules = getattr(_blas, "controller", (None, -1))
+    if controller is None or modules != len(sys.modules):
+        controller = ThreadpoolController()
+        _blas.controller = (controller, len(sys.modules))
     _blas.depth = 1
     try:
         with controller.limit(limits=1, user_api="blas"):

@@ -215,3 +215,41 @@ def test_composites_pass_each_stages_exact_energies_on(monkeypatch):
 def _leaves(solver):
     subs = getattr(solver, "solvers", None)
     return [solver] if subs is None else [leaf for s in subs for leaf in _leaves(s)]
+
+
+def test_blas_loaded_after_the_first_solve_is_held_too():
+    """A library loaded after the first solve (scipy's own OpenBLAS) is held as well: run in a
+    fresh process, where scipy is not imported yet."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+from qround.solvers.base import Solver
+from tests.conftest import make_problem
+
+class Rec(Solver):
+    name = "rec"
+    seen = []
+    def _solve(self, problem, start, rng):
+        self.seen.append([l["num_threads"] for l in threadpool_info() if l["user_api"] == "blas"])
+        return start
+
+problem = make_problem(m=3, n=8, seed=0)
+Rec().solve(problem)
+import scipy.linalg  # noqa: F401  (its OpenBLAS is loaded now)
+with threadpool_limits(limits=2, user_api="blas"):
+    before = [l["num_threads"] for l in threadpool_info() if l["user_api"] == "blas"]
+    Rec().solve(problem)
+print(len(before), min(before), Rec.seen[-1])
+"""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]          # the repository: tests.conftest imports
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         check=True).stdout.split(maxsplit=2)
+    libraries, least = int(out[0]), int(out[1])
+    if least < 2:
+        pytest.skip("numpy's BLAS cannot run 2 threads here")
+    assert out[2].strip() == str([1] * libraries)
