@@ -39,7 +39,7 @@ def single_threaded_blas(problem: RoundingProblem | None = None):
     The solvers' parallelism is over channels, in numba kernels and torch.  OpenBLAS's idle
     workers keep spinning for a while after each call and take the cores from a numba kernel
     that follows.  On 2 cores, with every pool at 2 threads, ``fast`` on a 384x384 MiniLM layer
-    took 0.15 s (median) with BLAS free and 0.053-0.057 s with it held to one thread (BENCHMARKS.md,
+    took 0.12-0.15 s (median) with BLAS free and 0.045 s with it held to one thread (BENCHMARKS.md,
     section 1h).  Larger products keep their BLAS threads: there they pay for themselves, and
     a spin is small next to the kernels.  Nested uses (``Chain``, ``BestOf``) act once.
     torch's pip wheels link their BLAS statically, out of threadpoolctl's reach; where torch
