@@ -261,7 +261,7 @@ def _exact_gaps(problem, solvers, cfg):
     k = min(cfg.exact_inputs, n)
     chans = np.sort(rng.choice(m, size=min(cfg.exact_channels, m), replace=False))
     base = problem.subproblem(chans)
-    small = base.restrict(rng.choice(n, size=k, replace=False), base.rtn_choices())
+    small = base.restrict(np.sort(rng.choice(n, size=k, replace=False)), base.rtn_choices())
     opt = Exact(max_free=max(k, 1)).solve(small)
     rows = []
     for label, solver in solvers.items():

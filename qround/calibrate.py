@@ -124,7 +124,15 @@ def default_forward(model: nn.Module, batch) -> Any:
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
+        try:
+            return model(*batch)
+        except TypeError as exc:
+            if "positional argument" not in str(exc):
+                raise
+            raise QroundError(
+                f"a calibration batch of {len(batch)} items was passed as model(*batch), and the "
+                f"model refused it ({exc}). For (inputs, labels) batches, pass "
+                "forward=lambda model, batch: model(batch[0])") from exc
     return model(batch)
 
 

@@ -155,8 +155,10 @@ def cmd_quantize(args) -> int:
 
     torch.set_num_threads(args.threads)
     iterations = args.iterations
-    if iterations is None:  # borders and QDrop only act through reconstruction
-        iterations = 300 if (args.borders != "none" or args.qdrop is not None) else 0
+    if iterations is None:  # borders, QDrop and the units only act through reconstruction
+        wants = (args.borders != "none" or args.qdrop is not None or args.loss_plot
+                 or args.granularity != "block" or args.scheme or args.k is not None)
+        iterations = 300 if wants else 0
     reconstruction = None
     if args.loss_plot and iterations == 0:
         raise QroundError("--loss-plot needs a reconstruction: give --iterations N")
@@ -343,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.5 when reconstructing)")
     a.add_argument("--iterations", type=int, default=None,
                    help="Adam steps of block reconstruction per unit; 0 = none (default: 300 "
-                        "with --borders or --qdrop, else 0)")
+                        "with --borders, --qdrop, --granularity, --k, --scheme or --loss-plot, "
+                        "else 0)")
     a.add_argument("--granularity", default="block",
                    choices=["layer", "block", "modcap", "loss", "scheme"],
                    help="reconstruction units: every layer, residual/transformer blocks, MRECG's "

@@ -26,7 +26,9 @@ def as_float_array(x, name: str, ndim: int | tuple[int, ...] | None = None,
                    dtype=np.float64) -> np.ndarray:
     """Convert to a finite float array (torch tensors accepted), checking dimensionality."""
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        # float64 first: numpy has no bfloat16
+        x = x.double().numpy() if x.is_floating_point() else x.numpy()
     try:
         arr = np.asarray(x)
     except Exception as exc:  # pragma: no cover - exotic inputs

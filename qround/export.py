@@ -170,8 +170,12 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 module = new_modules[name]
                 weight = f.get_tensor(f"{name}.weight")
                 deq = codes[name].dequantized
-                if not np.allclose(deq, weight.double().numpy(), rtol=1e-5,
-                                   atol=1e-6 * float(np.abs(deq).max(initial=0.0))):
+                # the stored weight is the dequantised value rounded to the weight's dtype
+                # (float16 and bfloat16 too): allow a few of that dtype's ulps
+                eps = max(float(torch.finfo(weight.dtype).eps), 1e-7) if \
+                    weight.dtype.is_floating_point else 1e-7
+                if not np.allclose(deq, weight.double().numpy(), rtol=4 * eps,
+                                   atol=4 * eps * float(np.abs(deq).max(initial=0.0))):
                     raise QroundError(f"{path}: weight of {name!r} is not its codes' dequantised "
                                       "value (the file is corrupt)")
                 module.weight.copy_(weight)

@@ -40,13 +40,20 @@ class GridSpec:
 
     def __post_init__(self):
         check_bits(self.bits)
+        if not isinstance(self.symmetric, (bool, np.bool_)):
+            raise QroundError(f"symmetric must be True or False, got {self.symmetric!r}")
         if self.scale_method not in SCALE_METHODS:
             raise QroundError(f"scale_method must be one of {SCALE_METHODS}, got {self.scale_method!r}")
         if self.group_size is not None and (not isinstance(self.group_size, (int, np.integer))
+                                            or isinstance(self.group_size, (bool, np.bool_))
                                             or self.group_size < 1):
             raise QroundError(f"group_size must be a positive integer or None, got {self.group_size!r}")
-        if not 0 < self.min_shrink <= 1 or self.shrink_steps < 1:
-            raise QroundError("min_shrink must lie in (0, 1] and shrink_steps be >= 1")
+        if (not isinstance(self.shrink_steps, (int, np.integer))
+                or isinstance(self.shrink_steps, (bool, np.bool_)) or self.shrink_steps < 1):
+            raise QroundError(f"shrink_steps must be an integer >= 1, got {self.shrink_steps!r}")
+        if not isinstance(self.min_shrink, (int, float, np.integer, np.floating)) or \
+                not 0 < self.min_shrink <= 1:
+            raise QroundError(f"min_shrink must lie in (0, 1], got {self.min_shrink!r}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,18 @@ class Grid:
     symmetric: bool
     group_size: int | None
     in_features: int
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        scale, zero = np.asarray(self.scale), np.asarray(self.zero_point)
+        if scale.ndim != 2 or zero.shape != scale.shape:
+            raise QroundError(f"Grid scale and zero_point must both be (out, groups), got "
+                              f"{scale.shape} and {zero.shape}")
+        if isinstance(self.in_features, bool) or not isinstance(
+                self.in_features, (int, np.integer)) or self.in_features < 1 \
+                or self.in_features % scale.shape[1]:
+            raise QroundError(f"Grid in_features={self.in_features!r} must be a positive "
+                              f"multiple of its {scale.shape[1]} groups")
 
     @property
     def qmin(self) -> int:
@@ -146,7 +165,11 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
                 raise QroundError("an asymmetric grid with an explicit scale needs zero_point too")
             z = np.zeros_like(s)
         else:
-            z = as_float_array(zero_point, "zero_point", ndim=(1, 2)).reshape(out, groups)
+            z = as_float_array(zero_point, "zero_point", ndim=(1, 2))
+            z = z.reshape(out, -1) if z.ndim == 1 and z.shape[0] == out else z
+            if z.shape != (out, groups):
+                raise QroundError(f"zero_point must have shape ({out},) or ({out}, {groups}), "
+                                  f"got {np.shape(zero_point)}")
             if np.any(z != np.round(z)) or np.any(z < qmin) or np.any(z > qmax):
                 raise QroundError(f"zero_point must be integers in [{qmin}, {qmax}]")
         return Grid(s, z, spec.bits, spec.symmetric, group_size, w.shape[1])
@@ -160,7 +183,7 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
         if hessian is None:
             raise QroundError("scale_method='mse-output' needs the layer's hessian")
         h = as_float_array(hessian, "hessian", ndim=(2, 3))
-        if h.shape[-1] != w.shape[1] or (h.ndim == 3 and h.shape[0] != out):
+        if h.shape[-2:] != (w.shape[1], w.shape[1]) or (h.ndim == 3 and h.shape[0] != out):
             raise QroundError(f"hessian shape {h.shape} does not match weight shape {w.shape}")
         # Per group the diagonal block of H scores the group's error; cross-group terms are
         # ignored so that groups can be searched independently.

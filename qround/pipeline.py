@@ -30,7 +30,7 @@ import re
 import time
 import weakref
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -107,6 +107,15 @@ class QuantConfig:
     weight_start: str = "solver"        # soft rounding starts at the solver's choice | float
 
     def __post_init__(self):
+        # numpy scalars become Python ones: the config is saved as JSON with the model
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.bool_):
+                object.__setattr__(self, f.name, bool(value))
+            elif isinstance(value, np.integer):
+                object.__setattr__(self, f.name, int(value))
+            elif isinstance(value, np.floating):
+                object.__setattr__(self, f.name, float(value))
         check_bits(self.wbits, "wbits")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
@@ -176,6 +185,11 @@ class QuantConfig:
         if self.granularity not in GRANULARITIES:
             raise QroundError(f"granularity must be one of {GRANULARITIES}, got "
                               f"{self.granularity!r}")
+        if self.reconstruction is None and (self.granularity != "block" or self.k is not None
+                                            or self.scheme is not None):
+            raise QroundError(f"granularity={self.granularity!r}, k and scheme choose the units "
+                              "of block reconstruction, which is off: set "
+                              "reconstruction=ReconstructConfig(...)")
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)
                                    or self.k < 1):
             raise QroundError(f"k must be a positive integer, got {self.k!r}")

@@ -99,7 +99,8 @@ class ReconstructConfig:
         if not (isinstance(self.reg_weight, (int, float)) and math.isfinite(self.reg_weight)
                 and self.reg_weight >= 0):
             raise QroundError(f"ReconstructConfig.reg_weight must be >= 0, got {self.reg_weight!r}")
-        if (len(self.beta) != 2 or not all(isinstance(b, (int, float)) and b > 0
+        if (not isinstance(self.beta, (tuple, list)) or len(self.beta) != 2
+                or not all(isinstance(b, (int, float)) and b > 0
                                            for b in self.beta)):
             raise QroundError(f"ReconstructConfig.beta must be two positive numbers, got "
                               f"{self.beta!r}")

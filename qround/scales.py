@@ -80,7 +80,7 @@ def refit_scales(problem: RoundingProblem, codes, ridge: float = 1e-9) -> Grid:
     return Grid(new, g.zero_point, g.bits, g.symmetric, g.group_size, g.in_features)
 
 
-def solve_refitting(problem: RoundingProblem, solver: Solver, rounds: int = 2, seed=None,
+def solve_refitting(problem: RoundingProblem, solver: Solver | str, rounds: int = 2, seed=None,
                     tol: float = 1e-12) -> tuple[RoundingProblem, Solution]:
     """Solve ``problem``, then up to ``rounds`` times refit the scales and solve again.
 
@@ -93,6 +93,12 @@ def solve_refitting(problem: RoundingProblem, solver: Solver, rounds: int = 2, s
     """
     if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
         raise QroundError(f"rounds must be a non-negative integer, got {rounds!r}")
+    if isinstance(solver, str):
+        from .solvers.registry import get_solver
+        solver = get_solver(solver)
+    if not isinstance(solver, Solver):
+        raise QroundError(f"solver must be a Solver or a registry name, got "
+                          f"{type(solver).__name__}")
     rng = spawn_rng(seed)
     t0 = time.perf_counter()
     sol = solver.solve(problem, seed=rng)
@@ -120,4 +126,4 @@ def solve_refitting(problem: RoundingProblem, solver: Solver, rounds: int = 2, s
     label = f"{sol.solver} ({rounds} refits)" if rounds else sol.solver
     out = make_solution(cur, choices, time.perf_counter() - t0, label,
                         {**sol.info, "refits": history})
-    return cur, dataclasses.replace(out, rtn_cost=rtn)
+    return cur, dataclasses.replace(out, rtn_cost=rtn.copy())

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from qround.errors import QroundError
 from qround.cli import main
 from qround.grid import GridSpec, fit_grid
 from qround.problems.io import save_layer_stats
@@ -210,13 +211,38 @@ def test_quantize_with_activations_borders_and_loss_granularity(tmp_path, capsys
     (["--abits", "4", "--borders", "quadratic", "--iterations", "0"],
      "learned by block reconstruction"),
     (["--borders", "quadratic"], "needs quantised inputs"),
-    (["--abits", "4", "--loss-plot", "x.png"], "--loss-plot needs a reconstruction"),
+    (["--abits", "4", "--loss-plot", "x.png", "--iterations", "0"],
+     "--loss-plot needs a reconstruction"),
+    (["--granularity", "modcap", "--iterations", "0"], "which is off"),
     (["--abits", "1", "--iterations", "5"], "abits"),
 ])
 def test_quantize_bad_activation_options_fail_before_work(argv, match, capsys):
     # the model name is bad too: the option error must come first, before any loading
     assert main(["quantize", "--model", "no-such-model", *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, iterations", [
+    ([], None), (["--granularity", "modcap"], 300), (["--scheme", "a,b"], 300),
+    (["--granularity", "loss", "--k", "1"], 300), (["--qdrop", "0.3"], 300),
+    (["--granularity", "layer", "--iterations", "20"], 20),
+])
+def test_quantize_unit_options_imply_a_reconstruction(argv, iterations, monkeypatch, capsys):
+    """--granularity, --scheme, --k (like --borders and --qdrop) only act through block
+    reconstruction, so they switch it on (300 steps) unless --iterations says otherwise."""
+    from qround import pipeline
+
+    seen = {}
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        raise QroundError("stop here")
+
+    monkeypatch.setattr(pipeline, "QuantConfig", spy)
+    assert main(["quantize", "--model", "no-such-model", *argv]) == 2
+    assert "stop here" in capsys.readouterr().err
+    rec = seen["reconstruction"]
+    assert (rec is None) if iterations is None else rec.iterations == iterations
 
 
 def test_solve_out_creates_missing_folder(layer_file, tmp_path):

@@ -61,6 +61,8 @@ class LayerStats:
 
     def __post_init__(self):
         check_bits(self.bits)
+        if not isinstance(self.symmetric, (bool, np.bool_)):
+            raise QroundError(f"symmetric must be True or False, got {self.symmetric!r}")
         w = as_float_array(self.weight, "weight", ndim=2)
         out, n = w.shape
         h = as_float_array(self.hessian, "hessian", ndim=(2, 3))
@@ -176,23 +178,41 @@ def load_layer_stats(path: str | os.PathLike) -> LayerStats:
     if not os.path.isfile(path):
         raise QroundError(f"layer statistics file {path!r} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise QroundError(f"layer statistics file {path!r} is a single array (.npy), not an "
+                              "archive of named arrays (.npz, see qround.problems.io)")
+        with data:
             contents = {key: data[key] for key in data.files}
+    except QroundError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise QroundError(f"layer statistics file {path!r} is not a readable .npz: {exc}") from exc
     missing = [key for key in _REQUIRED if key not in contents]
     if missing:
         raise QroundError(f"layer statistics file {path!r} lacks key(s) {missing}")
-    version = int(contents["format_version"])
+    def scalar(key, kind):
+        """A 0-d entry ``key`` of the file as ``kind`` (int, bool or str), or a QroundError."""
+        value = contents[key]
+        ok = value.ndim == 0 and {
+            int: lambda v: np.issubdtype(v.dtype, np.integer) and v.dtype != bool,
+            bool: lambda v: v.dtype == bool,
+            str: lambda v: v.dtype.kind == "U"}[kind](value)
+        if not ok:
+            raise QroundError(f"layer statistics file {path!r}: {key!r} must be a single "
+                              f"{kind.__name__}, got dtype {value.dtype} and shape {value.shape}")
+        return kind(value)
+
+    version = scalar("format_version", int)
     if version > FORMAT_VERSION:
         raise QroundError(f"{path!r} has format_version {version}; this qround reads up to "
                           f"{FORMAT_VERSION}")
-    group_size = int(contents["group_size"])
+    group_size = scalar("group_size", int)
     known = {f.name for f in fields(LayerStats)}
     kwargs = {key: value for key, value in contents.items() if key in known}
-    kwargs.update(bits=int(contents["bits"]), symmetric=bool(contents["symmetric"]),
+    kwargs.update(bits=scalar("bits", int), symmetric=scalar("symmetric", bool),
                   group_size=None if group_size == -1 else group_size,
-                  name=str(contents["name"]), format_version=version)
+                  name=scalar("name", str), format_version=version)
     try:
         return LayerStats(**kwargs)
     except QroundError as exc:

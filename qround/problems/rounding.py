@@ -82,7 +82,8 @@ class RoundingProblem:
                               f"expected {want}")
         if check:
             check_psd(h, "hessian")
-        if not (np.isfinite(damp) and damp >= 0):
+        if isinstance(damp, (bool, np.bool_)) or not isinstance(
+                damp, (int, float, np.integer, np.floating)) or not (np.isfinite(damp) and damp >= 0):
             raise QroundError(f"damp must be a finite number >= 0, got {damp!r}")
         lam = None
         if damp > 0:
@@ -219,8 +220,11 @@ class RoundingProblem:
         return self._cache["rtn_energies"]
 
     def rtn_costs(self) -> np.ndarray:
+        """Absolute costs (m,) of :meth:`rtn_choices`, computed once (read-only)."""
         if "rtn_costs" not in self._cache:
-            self._cache["rtn_costs"] = self.rtn_energies() + self.const
+            c = self.rtn_energies() + self.const
+            c.flags.writeable = False
+            self._cache["rtn_costs"] = c
         return self._cache["rtn_costs"]
 
     def codes(self, choices) -> np.ndarray:
@@ -271,7 +275,13 @@ class RoundingProblem:
         q = as_float_array(codes, "codes", ndim=2)
         if q.shape != self.weight.shape:
             raise QroundError(f"codes must have shape {self.weight.shape}, got {q.shape}")
-        s = self.scale if scale is None else scale
+        if scale is None:
+            s = self.scale
+        else:
+            s = as_float_array(scale, "scale", ndim=2)
+            if s.shape != self.weight.shape:
+                raise QroundError(f"scale must have shape {self.weight.shape} (one per weight), "
+                                  f"got {s.shape}")
         w_hat = s * (q - self.zero_point)
         r, k = self.target()
         hw = _energy.hessian_times(w_hat, self.hessian)
@@ -307,13 +317,16 @@ class RoundingProblem:
         return bqm
 
     def _channel(self, channel: int) -> int:
+        if isinstance(channel, (bool, np.bool_)) or not isinstance(channel, (int, np.integer)):
+            raise QroundError(f"channel must be an integer index, got {channel!r}")
         if not -self.num_channels <= int(channel) < self.num_channels:
             raise QroundError(f"channel {channel} out of range for {self.num_channels} channels")
         return int(channel) % self.num_channels
 
     def subproblem(self, channels) -> "RoundingProblem":
-        """The problem restricted to some channels (index array or slice)."""
-        idx = np.arange(self.num_channels)[channels]
+        """The problem restricted to some channels: a slice, integer indices (in the order
+        given, each at most once) or an (m,) boolean mask."""
+        idx = _select(channels, self.num_channels, "channels")
         g = self.grid
         grid = Grid(g.scale[idx], g.zero_point[idx], g.bits, g.symmetric, g.group_size,
                     g.in_features)
@@ -325,13 +338,12 @@ class RoundingProblem:
     def restrict(self, inputs, held) -> "RoundingProblem":
         """The problem over a subset of inputs, every other variable held at ``held``.
 
-        inputs: (k,) input indices, the same for every channel; held: (m, n) choices of the
-        others.  Costs stay absolute: ``restrict(I, b).costs(b[:, I]) == costs(b)``.  Useful for
+        inputs: (k,) input indices, the same for every channel, in the order the restricted
+        problem's variables take (each at most once), or an (n,) boolean mask; held: (m, n)
+        choices of the others.  Costs stay absolute: ``restrict(I, b).costs(b[:, I]) == costs(b)``.  Useful for
         small real instances (exact optima, dimod's ExactSolver) cut from a real layer.
         """
-        idx = np.unique(np.asarray(inputs, dtype=np.int64))
-        if idx.size == 0 or idx.min() < 0 or idx.max() >= self.num_inputs:
-            raise QroundError(f"inputs must be non-empty indices in [0, {self.num_inputs})")
+        idx = _select(inputs, self.num_inputs, "inputs")
         held = self.check_choices(held, "held")
         if held.ndim != 2:
             raise QroundError("held must be one (m, n) choice matrix")
@@ -357,3 +369,35 @@ class RoundingProblem:
         return (f"RoundingProblem({self.name + ', ' if self.name else ''}{self.num_channels}x"
                 f"{self.num_inputs}, {self.grid.bits}-bit, {kind} H, "
                 f"{int(self.free.sum())} free variables)")
+
+
+def _select(index, size: int, what: str) -> np.ndarray:
+    """Integer positions (k,) of a non-empty selection of ``range(size)``: a slice, integer
+    indices (negative ones count from the end; each at most once) or a boolean mask of length
+    ``size``.  Anything else is a :class:`QroundError` naming ``what``."""
+    if isinstance(index, slice):
+        idx = np.arange(size)[index]
+    else:
+        arr = np.asarray(index)
+        if arr.size == 0:
+            raise QroundError(f"{what} select nothing")
+        if arr.dtype == bool:
+            if arr.shape != (size,):
+                raise QroundError(f"{what}: a boolean mask must have shape ({size},), got "
+                                  f"{arr.shape}")
+            idx = np.flatnonzero(arr)
+        elif arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise QroundError(f"{what} must be integer indices, a slice or a boolean mask, got "
+                              f"dtype {arr.dtype} and shape {arr.shape}")
+        else:
+            idx = arr.reshape(-1).astype(np.int64)
+            if idx.size and (idx.min() < -size or idx.max() >= size):
+                raise QroundError(f"{what} must lie in [0, {size}), got {idx.min()}..{idx.max()}")
+            idx = idx % size
+            values, counts = np.unique(idx, return_counts=True)
+            if (counts > 1).any():
+                raise QroundError(f"{what} must not repeat an index; repeated: "
+                                  f"{values[counts > 1].tolist()}")
+    if idx.size == 0:
+        raise QroundError(f"{what} select nothing")
+    return idx

@@ -107,9 +107,10 @@ def make_solution(problem: RoundingProblem, choices: np.ndarray, seconds: float,
     """The Solution of ``choices`` (m, n); ``energy`` (m,): their energies when the caller
     already has them (saves one product with H)."""
     b = np.asarray(choices, dtype=bool) & problem.free
-    e = problem.energies(b) if energy is None else energy
+    e = problem.energies(b) if energy is None else np.array(energy, dtype=np.float64)
+    # the Solution owns its arrays: the problem's cached RTN costs are read-only and shared
     return Solution(choices=b, codes=problem.codes(b), energy=e, cost=e + problem.const,
-                    rtn_cost=problem.rtn_costs(), seconds=seconds, solver=solver,
+                    rtn_cost=problem.rtn_costs().copy(), seconds=seconds, solver=solver,
                     info=dict(info or {}))
 
 
@@ -133,6 +134,10 @@ def spawn_rng(seed) -> np.random.Generator:
     """A private generator; never touches numpy's or torch's global state."""
     if isinstance(seed, np.random.Generator):
         return seed
+    if seed is not None and (isinstance(seed, (bool, np.bool_))
+                             or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise QroundError(f"seed must be None, a non-negative integer or a "
+                          f"numpy.random.Generator, got {seed!r}")
     return np.random.default_rng(seed)
 
 

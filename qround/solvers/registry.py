@@ -67,6 +67,9 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
     if not isinstance(spec, str) or not spec.strip():
         raise QroundError(f"solver spec must be a non-empty string, got {spec!r}")
     spec = spec.replace(" ", "")
+    if any(not part for part in spec.replace("|", "+").split("+")):
+        raise QroundError(f"solver spec {spec!r} has an empty part: write names joined by '+' "
+                          "(then) and '|' (better of), e.g. 'gptq+tabu|anneal'")
     if "|" in spec:
         if kwargs:
             raise QroundError("keyword arguments apply to a single solver, not to a composition")

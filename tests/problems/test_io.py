@@ -147,3 +147,29 @@ def test_bad_files_and_arguments(tmp_path):
     with pytest.raises(QroundError, match="does not exist"):
         save_layer_stats(tmp_path / "no" / "dir.npz", w, h)
     assert not (tmp_path / "b.npz").exists()
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("bits", np.array([4]), "'bits' must be a single int"),
+    ("bits", np.array("four"), "'bits' must be a single int"),
+    ("bits", np.array(4.7), "'bits' must be a single int"),
+    ("symmetric", np.array("no"), "'symmetric' must be a single bool"),
+    ("name", np.array(3), "'name' must be a single str"),
+    ("group_size", np.array(True), "'group_size' must be a single int"),
+])
+def test_bad_scalar_entries_are_named(tmp_path, key, value, match):
+    w, h = layer()
+    save_layer_stats(tmp_path / "ok.npz", w, h)
+    with np.load(tmp_path / "ok.npz") as data:
+        contents = {k: data[k] for k in data.files}
+    contents[key] = value
+    np.savez(tmp_path / "bad.npz", **contents)
+    with pytest.raises(QroundError, match=f"bad.npz.*{match}"):
+        load_layer_stats(tmp_path / "bad.npz")
+
+
+def test_a_single_array_file_is_named(tmp_path):
+    w, _ = layer()
+    np.save(tmp_path / "w.npy", w)
+    with pytest.raises(QroundError, match=r"w.npy' is a single array \(.npy\)"):
+        load_layer_stats(tmp_path / "w.npy")

@@ -165,13 +165,37 @@ def test_restrict_keeps_absolute_costs(seed, per_channel, k):
     b = rng.integers(0, 2, size=p.weight.shape).astype(bool) & p.free
     inputs = rng.choice(p.num_inputs, size=k, replace=False)
     sub = p.restrict(inputs, b)
-    idx = np.sort(inputs)
+    idx = inputs  # the restricted variables keep the caller's order
     np.testing.assert_allclose(sub.costs(b[:, idx]), p.costs(b), rtol=1e-9, atol=1e-12)
     b2 = b.copy()
     b2[:, idx] = rng.integers(0, 2, size=(3, k)).astype(bool) & p.free[:, idx]
     np.testing.assert_allclose(sub.costs(b2[:, idx]), p.costs(b2), rtol=1e-9, atol=1e-12)
     with pytest.raises(QroundError):
         p.restrict([p.num_inputs], b)
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([1, 1, 2], "repeat an index"), ([1.5], "integer indices"), ([], "select nothing"),
+    (np.ones(3, dtype=bool), "boolean mask must have shape"), ([-11], r"\[0, 10\)"),
+])
+def test_restrict_rejects_bad_inputs(inputs, message):
+    p = make_problem(m=3, n=10, seed=0)
+    with pytest.raises(QroundError, match=message):
+        p.restrict(inputs, p.rtn_choices())
+
+
+def test_restrict_and_subproblem_accept_masks_slices_and_negative_indices():
+    p = make_problem(m=4, n=10, seed=1)
+    b = p.rtn_choices()
+    mask = np.arange(10) % 3 == 0
+    for inputs in (mask, slice(0, 10, 3), [0, 3, 6, -1]):
+        np.testing.assert_allclose(p.restrict(inputs, b).costs(b[:, [0, 3, 6, 9]]), p.costs(b))
+    np.testing.assert_array_equal(p.subproblem([3, 1]).weight, p.weight[[3, 1]])
+    with pytest.raises(QroundError, match="channels must not repeat"):
+        p.subproblem([1, 1])
+    for channel in ("a", 1.7, True):
+        with pytest.raises(QroundError, match="channel must be an integer"):
+            p.qubo(channel)
 
 
 @settings(max_examples=20, deadline=None)
