@@ -9,8 +9,9 @@ two conv layers of the digits CNN (trained with a fixed seed).  For each layer a
 - ``subset``: every solver, the dimod references included, on the same first
   ``ref_channels`` channels (dense dimod BQMs are too slow for whole layers), with seconds per
   channel, so ours and the references are compared on identical channels;
-- ``exact``: ``exact_channels`` channels cut down to ``exact_inputs`` inputs (the rest held at
-  RTN, :meth:`RoundingProblem.restrict`), where enumeration gives the optimum.
+- ``exact``: 8 channels cut down to 16 inputs (the rest held at RTN,
+  :meth:`RoundingProblem.restrict`; ``BenchConfig.exact_channels`` and ``exact_inputs`` in
+  Python), where enumeration gives the optimum.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .cliargs import bits_list, check_paths, int_at_least
 from .errors import QroundError
 from .grid import GridSpec
 from .problems.rounding import RoundingProblem
@@ -304,6 +306,8 @@ def plot(result: dict, path: str) -> None:
     from .report import new_figure, save_figure_atomic
 
     keys = sorted({(r["layer"], r["bits"]) for r in result["rows"]})
+    if not keys:
+        raise QroundError("the benchmark has no rows to plot")
     cols = min(3, len(keys))
     rows_n = int(np.ceil(len(keys) / cols))
     fig = new_figure(figsize=(5.5 * cols, 4.2 * rows_n))
@@ -336,24 +340,32 @@ def plot(result: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qround bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", default="2,3,4")
+    p.add_argument("--bits", type=bits_list, default=(2, 3, 4),
+                   help="comma-separated weight bits (default: 2,3,4)")
     p.add_argument("--solvers", default=",".join(OURS))
     p.add_argument("--subset-solvers", default=",".join(SUBSET_ONLY))
     p.add_argument("--references", default="neal,neal-10x,dwave-tabu")
     p.add_argument("--minilm-layers", default=",".join(MINILM_LAYERS))
-    p.add_argument("--cnn-layers", type=int, default=2)
-    p.add_argument("--ref-channels", type=int, default=16)
-    p.add_argument("--slow-ref-channels", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1, help="torch and numba threads")
+    p.add_argument("--cnn-layers", type=int_at_least(0), default=2,
+                   help="digits CNN convs, the first N after the stem (default: 2)")
+    p.add_argument("--ref-channels", type=int_at_least(1), default=16)
+    p.add_argument("--slow-ref-channels", type=int_at_least(1), default=4)
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch and numba threads")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where the torch solvers (cem, hopfield, gptq) run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plot", help="write the cost/RTN-vs-time plot (PNG)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     split = lambda s: tuple(x for x in s.split(",") if x)
-    cfg = BenchConfig(bits=tuple(int(b) for b in split(a.bits)), solvers=split(a.solvers),
+    from .solvers._torch import resolve_device
+
+    resolve_device(a.device)  # a missing GPU stops here, before any work
+    if not split(a.minilm_layers) and not a.cnn_layers:
+        raise QroundError("no layers to benchmark: give --minilm-layers or --cnn-layers N > 0")
+    check_paths({"--json": a.json, "--plot": a.plot})
+    cfg = BenchConfig(bits=a.bits, solvers=split(a.solvers),
                       subset_solvers=split(a.subset_solvers),
                       references=split(a.references), minilm_layers=split(a.minilm_layers),
                       cnn_layers=a.cnn_layers, ref_channels=a.ref_channels,

@@ -2,8 +2,9 @@
 
     qround solve FILE.npz [FILE.npz ...] --solver NAME [--bits B] [--json] [--out SOL.npz]
     qround export-layer --model minilm|digits-cnn --layer NAME --out FILE.npz [--bits B]
-    qround quantize --model minilm|digits-cnn|MODEL.pt --wbits B --solver NAME --out FILE.safetensors
-    qround evaluate --model minilm|digits-cnn --quantized FILE.safetensors
+    qround quantize --model minilm|digits-cnn|digits-resnet --wbits B --solver NAME --out FILE.safetensors
+    qround quantize --model MODEL.pt --calibration INPUTS.pt ...   (your own torch.save(model))
+    qround evaluate --model minilm|digits-cnn|digits-resnet --quantized FILE.safetensors
     qround demo [--json FILE] [--channels N] [--solvers a,b,...] [--journey digits-cnn|minilm|none]
     qround bench ...            (the solver benchmark, see benchmarks/solvers.py)
     qround solvers              (the registry)
@@ -19,7 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .errors import QroundError
+from .cliargs import check_paths, int_at_least
+from .errors import QroundError, check_bits
 from .report import SolveRecord, format_table, totals, write_json_atomic, write_npz_atomic
 from .solvers import available_solvers, get_solver
 from .solvers.registry import DEFAULT_SOLVER
@@ -35,8 +37,9 @@ def cmd_solve(args) -> int:
 
     if args.out and len(args.files) != 1:
         raise QroundError("--out writes the codes of one layer: give exactly one FILE.npz")
-    if args.refits < 0:
-        raise QroundError(f"--refits must be a non-negative integer, got {args.refits}")
+    if args.bits is not None:
+        check_bits(args.bits, "--bits")
+    check_paths({"--out": args.out}, {f"FILE {f}": f for f in args.files})
     solver = get_solver(args.solver, device=args.device)
     records, solutions = [], []
     for path in args.files:
@@ -97,17 +100,22 @@ def cmd_export_layer(args) -> int:
     from .grid import GridSpec
     from .problems.io import save_layer_stats_from_module
 
+    check_bits(args.bits, "--bits")
+    check_paths({"--out": args.out})
+    if not args.list and not args.out:
+        raise QroundError("--out FILE.npz is required")
     torch.set_num_threads(args.threads)
     model, batches, forward = _load_named_model(args.model)
     names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     if args.list or not args.layer:
         print("\n".join(names))
-        return 0 if args.list else 2
+        if args.list:
+            return 0
+        raise QroundError(f"give --layer NAME, one of the {len(names)} Linear/Conv2d layers "
+                          "listed above")
     if args.layer not in names:
         raise QroundError(f"layer {args.layer!r} not found; `qround export-layer --model "
                           f"{args.model} --list` lists the {len(names)} Linear/Conv2d layers")
-    if not args.out:
-        raise QroundError("--out FILE.npz is required")
     hessians = capture_hessians(model, batches, layers=[args.layer], forward=forward)
     module = dict(model.named_modules())[args.layer]
     spec = GridSpec(bits=args.bits, symmetric=not args.asymmetric, group_size=args.group_size,
@@ -130,20 +138,60 @@ def _model_and_calibration(args):
         model, batches, forward = _load_named_model(args.model, seed=args.seed,
                                                     sentences=args.calibration_size)
         return model, batches, forward, MINILM_ENCODER if args.model == "minilm" else None
-    if not args.calibration:
-        raise QroundError("a model file needs --calibration INPUTS.pt (a tensor of inputs, "
-                          "batched along dim 0)")
-    try:
-        model = torch.load(args.model, map_location="cpu", weights_only=False)
-        inputs = torch.load(args.calibration, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise QroundError(f"cannot read {exc.filename!r}: no such file") from exc
+    _check_model_file(args)
+    model = _torch_load(args.model, "--model", weights_only=False)
+    inputs = _torch_load(args.calibration, "--calibration", weights_only=True)
     if not isinstance(model, torch.nn.Module):
         raise QroundError(f"{args.model} does not hold a torch nn.Module (torch.save(model, path))")
     if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or len(inputs) == 0:
         raise QroundError(f"{args.calibration} must hold a non-empty tensor (N, ...) of inputs")
     batches = [inputs[i:i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
     return model, batches, None, None
+
+
+def _check_model_file(args) -> None:
+    """--model names a packaged model or an existing file that comes with --calibration."""
+    import os
+
+    if args.model == "minilm" or args.model in DIGITS_MODELS:
+        return
+    if not os.path.isfile(args.model):
+        raise QroundError(f"--model {args.model!r} is neither a packaged model (minilm, "
+                          f"{', '.join(DIGITS_MODELS)}) nor an existing file")
+    if not args.calibration:
+        raise QroundError("a model file needs --calibration INPUTS.pt (a tensor of inputs, "
+                          "batched along dim 0)")
+    if not os.path.isfile(args.calibration):
+        raise QroundError(f"--calibration {args.calibration!r}: no such file")
+
+
+def _torch_load(path: str, flag: str, weights_only: bool):
+    """torch.load, any failure (not a torch file, a damaged one) as a QroundError."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # unpickling raises many types; none should surface as a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise QroundError(f"{flag} {path!r} could not be read by torch.load "
+                          f"({type(exc).__name__}: {first[:200]})") from exc
+
+
+def _reconstruction_options(args) -> int:
+    """Adam steps per unit of block reconstruction: --iterations, or 300 when an option that
+    acts only through reconstruction is given; such an option with --iterations 0 is an error."""
+    needs = [flag for flag, given in (
+        ("--borders", args.borders != "none"), ("--qdrop", args.qdrop is not None),
+        ("--granularity", args.granularity is not None), ("--k", args.k is not None),
+        ("--scheme", args.scheme is not None), ("--loss-plot", args.loss_plot is not None))
+        if given]
+    if args.iterations is None:
+        return 300 if needs else 0
+    if args.iterations == 0 and needs:
+        verb = "acts" if len(needs) == 1 else "act"
+        raise QroundError(f"{', '.join(needs)} {verb} only through block reconstruction, which "
+                          "--iterations 0 turns off: give --iterations N > 0 or leave it out")
+    return args.iterations
 
 
 def cmd_quantize(args) -> int:
@@ -153,15 +201,16 @@ def cmd_quantize(args) -> int:
 
     from .reconstruct import ReconstructConfig
 
+    if args.scheme is not None and args.granularity not in (None, "scheme"):
+        raise QroundError(f"--scheme gives the units itself: leave out --granularity "
+                          f"{args.granularity}")
+    if args.borders != "none" and args.abits is None:
+        raise QroundError(f"--borders {args.borders} needs quantised inputs: give --abits")
+    iterations = _reconstruction_options(args)
+    check_paths({"--out": args.out, "--json": args.json, "--loss-plot": args.loss_plot},
+                {"--model": args.model, "--calibration": args.calibration})
     torch.set_num_threads(args.threads)
-    iterations = args.iterations
-    if iterations is None:  # borders, QDrop and the units only act through reconstruction
-        wants = (args.borders != "none" or args.qdrop is not None or args.loss_plot
-                 or args.granularity != "block" or args.scheme or args.k is not None)
-        iterations = 300 if wants else 0
     reconstruction = None
-    if args.loss_plot and iterations == 0:
-        raise QroundError("--loss-plot needs a reconstruction: give --iterations N")
     if iterations > 0:
         reconstruction = ReconstructConfig(iterations=iterations, seed=args.seed,
                                            qdrop=0.5 if args.qdrop is None else args.qdrop)
@@ -174,9 +223,11 @@ def cmd_quantize(args) -> int:
                          device=args.device, progress=not args.no_progress,
                          layers=args.layers, abits=args.abits,
                          borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
-                         granularity="scheme" if args.scheme else args.granularity, k=args.k,
+                         granularity="scheme" if args.scheme else (args.granularity or "block"),
+                         k=args.k,
                          scheme=None if args.scheme is None else tuple(
                              u.strip() for u in args.scheme.split(",") if u.strip()))
+    _check_model_file(args)
     model, batches, forward, default_layers = _model_and_calibration(args)
     if args.layers is None and default_layers:
         from dataclasses import replace
@@ -209,6 +260,9 @@ def cmd_evaluate(args) -> int:
     from . import export, zoo
     from .evaluate import digits_accuracy, minilm_metrics
 
+    if args.model == "minilm" and args.abits is not None:
+        raise QroundError("--abits applies to the digits models; MiniLM is evaluated with the "
+                          "activation quantisers its file carries, if any")
     torch.set_num_threads(args.threads)
     if args.model == "minilm":
         model = zoo.load_minilm()
@@ -229,7 +283,8 @@ def cmd_evaluate(args) -> int:
         raise QroundError("evaluate knows the metrics of minilm and digits-cnn; for your own "
                           "model load it with qround.export.load(model, FILE)")
     meta = export.read_metadata(args.quantized)
-    metrics.update(file=str(args.quantized), wbits=meta["bits"], solver=meta["solver"])
+    metrics.update(file=str(args.quantized), wbits=int(meta["config"]["wbits"]),
+                   solver=meta["solver"])
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -241,6 +296,9 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    check_paths({"--json": args.json})
+    if args.solvers is not None and not [x for x in args.solvers.split(",") if x.strip()]:
+        raise QroundError(f"--solvers {args.solvers!r} names no solver")
     result = run_demo(channels=args.channels, solvers=args.solvers, threads=args.threads,
                       seed=args.seed, progress=not args.no_progress, journey=args.journey)
     print(result["table"])
@@ -273,10 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid bits when the file has no scale (default: the file's bits)")
     s.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],
                    help="scale search when the file has no scale")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int_at_least(0), default=0)
     s.add_argument("--device", default=None,
                    help="cpu or cuda: where the torch solvers (cem, hopfield, gptq) run")
-    s.add_argument("--refits", type=int, default=0, metavar="N",
+    s.add_argument("--refits", type=int_at_least(0), default=0, metavar="N",
                    help="rounds of refitting the scales to the rounding, each followed by another "
                         "solve (qround.scales; --out then holds the refitted scale)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -284,25 +342,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_solve)
 
     e = sub.add_parser("export-layer", help="write a layer statistics file from a real model layer")
-    e.add_argument("--model", default="minilm", choices=["minilm", "digits-cnn"])
+    e.add_argument("--model", default="minilm", choices=["minilm", "digits-cnn"],
+                   help="(default: %(default)s)")
     e.add_argument("--layer", help="module name (see --list)")
     e.add_argument("--list", action="store_true", help="list the Linear/Conv2d layers and exit")
     e.add_argument("--out", help="output .npz")
-    e.add_argument("--bits", type=int, default=4)
+    e.add_argument("--bits", type=int, default=4, help="(default: %(default)s)")
     e.add_argument("--asymmetric", action="store_true")
     e.add_argument("--group-size", type=int, default=None)
     e.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
-    e.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    e.add_argument("--threads", type=int_at_least(1), default=2, help="torch CPU threads")
     e.set_defaults(func=cmd_export_layer)
 
     q = sub.add_parser("quantize", help="quantise a whole model's weights with a chosen solver")
     q.add_argument("--model", default="minilm",
                    help="minilm | digits-cnn | digits-resnet | a file from torch.save(model) "
-                        "(with --calibration)")
+                        "(with --calibration) (default: %(default)s)")
     q.add_argument("--calibration", help="for a model file: a tensor file of calibration inputs")
-    q.add_argument("--calibration-size", type=int, default=256, help="MiniLM sentences")
-    q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--wbits", type=int, default=4)
+    q.add_argument("--calibration-size", type=int_at_least(1), default=256,
+                   help="MiniLM calibration sentences (default: %(default)s)")
+    q.add_argument("--batch-size", type=int_at_least(1), default=32)
+    q.add_argument("--wbits", type=int, default=4, help="weight bits (default: %(default)s)")
     q.add_argument("--solver", default=DEFAULT_SOLVER,
                    help="solver spec for every layer (default: %(default)s)")
     q.add_argument("--group-size", type=int, default=None)
@@ -320,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--correction", type=float, default=1.0, metavar="A",
                    help="with --inputs asymmetric: share of the earlier layers' error that each "
                         "layer's target corrects (1 = AdaRound eq. 25, 0 = as 'quantized')")
-    q.add_argument("--refits", type=int, default=0, metavar="N",
+    q.add_argument("--refits", type=int_at_least(0), default=0, metavar="N",
                    help="rounds of refitting the scales to the chosen rounding, each followed by "
                         "another solve (0 = off)")
     q.add_argument("--widen", action="store_true",
@@ -328,11 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "while that lowers a channel's cost: codes may leave floor/ceil")
     q.add_argument("--first-last-bits", type=int, default=None)
     q.add_argument("--layers", default=None, help="regex of layer names to quantise")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int_at_least(0), default=0)
     q.add_argument("--device", default="cpu",
                    help="cpu or cuda: where layer statistics are accumulated and the torch "
                         "solvers (cem, hopfield, gptq) run; the model's forward stays on the CPU")
-    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--threads", type=int_at_least(1), default=2)
     a = q.add_argument_group("activations and reconstruction (after the solver)")
     a.add_argument("--abits", type=int, default=None,
                    help="quantise the inputs of the quantised layers to this many bits")
@@ -343,11 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--qdrop", type=float, default=None,
                    help="QDrop probability of keeping a float activation while reconstructing "
                         "(default 0.5 when reconstructing)")
-    a.add_argument("--iterations", type=int, default=None,
+    a.add_argument("--iterations", type=int_at_least(0), default=None,
                    help="Adam steps of block reconstruction per unit; 0 = none (default: 300 "
                         "with --borders, --qdrop, --granularity, --k, --scheme or --loss-plot, "
                         "else 0)")
-    a.add_argument("--granularity", default="block",
+    a.add_argument("--granularity", default=None,
                    choices=["layer", "block", "modcap", "loss", "scheme"],
                    help="reconstruction units: every layer, residual/transformer blocks, MRECG's "
                         "capacity or loss-based merges, or --scheme (default: block)")
@@ -364,20 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     ev = sub.add_parser("evaluate", help="metrics of a saved quantised model against the float one")
-    ev.add_argument("--model", default="minilm", choices=["minilm", *DIGITS_MODELS])
+    ev.add_argument("--model", default="minilm", choices=["minilm", *DIGITS_MODELS],
+                    help="(default: %(default)s)")
     ev.add_argument("--quantized", required=True, help="file written by qround quantize --out")
-    ev.add_argument("--sentences", type=int, default=1000, help="MiniLM evaluation sentences")
+    ev.add_argument("--sentences", type=int_at_least(11), default=1000, help="MiniLM evaluation sentences, at least 11 (default: %(default)s)")
     ev.add_argument("--abits", type=int, default=None, help="digits: activation bits (e.g. 8)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--seed", type=int_at_least(0), default=0)
+    ev.add_argument("--threads", type=int_at_least(1), default=2)
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="solve real MiniLM layers with every solver vs RTN")
-    d.add_argument("--channels", type=int, default=32, help="output channels per layer")
+    d.add_argument("--channels", type=int_at_least(1), default=32, help="output channels per layer")
     d.add_argument("--solvers", default=None, help="comma-separated solver specs (default: all)")
-    d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int_at_least(1), default=2, help="torch CPU threads")
+    d.add_argument("--seed", type=int_at_least(0), default=0)
     d.add_argument("--json", help="also write the results as JSON to this file")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--journey", default="digits-cnn", choices=["digits-cnn", "minilm", "none"],
@@ -393,23 +454,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # the benchmark owns its own options
+    verbose = 0
+    while verbose < len(argv) and argv[verbose] in ("-v", "--verbose"):
+        verbose += 1
+    if argv[verbose:verbose + 1] == ["bench"]:  # the benchmark owns its own options
         from .bench import main as bench_main
 
-        try:
-            return bench_main(argv[1:])
-        except QroundError as exc:
-            print(f"qround: error: {exc}", file=sys.stderr)
-            return 2
+        _logging(bool(verbose))
+        return _run(lambda: bench_main(argv[verbose + 1:]))
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (already printed) or --help: its exit status
+        return exc.code if isinstance(exc.code, int) else 2
+    _logging(args.verbose)
+    return _run(lambda: args.func(args))
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _run(command) -> int:
+    """Run a command: a QroundError is one line on stderr and exit 2; Ctrl-C is exit 130."""
+    try:
+        return int(command() or 0)
+    except SystemExit as exc:  # argparse inside `qround bench`: usage error or --help
+        return exc.code if isinstance(exc.code, int) else 2
     except QroundError as exc:
         print(f"qround: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("qround: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

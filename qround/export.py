@@ -105,8 +105,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise QroundError(f"{path} is not a qround quantised model (format="
                           f"{meta.get('format')!r})")
     out = dict(meta)
-    for key in ("config", "layers", "report", "skipped", "symmetric", "group_size"):
-        out[key] = json.loads(meta[key])
+    keys = ("config", "layers", "report", "skipped", "symmetric", "group_size")
+    missing = [key for key in (*keys, "bits", "solver") if key not in meta]
+    if missing:
+        raise QroundError(f"{path} is marked as a qround quantised model but its header lacks "
+                          f"{missing} (the file is damaged or was written by another tool)")
+    for key in keys:
+        try:
+            out[key] = json.loads(meta[key])
+        except ValueError as exc:
+            raise QroundError(f"{path}: header field {key!r} is not valid JSON ({exc})") from None
     out["units"] = json.loads(meta.get("units", "null"))  # files before the activation stage
     return out
 

@@ -73,7 +73,9 @@ def test_solve_table_with_composition(layer_file, capsys):
     (["solve", "{f}", "--solver", "nope"], "unknown solver"),
     (["solve", "{f}", "--bits", "3"], "bits"),
     (["solve", "{f}", "{f}", "--out", "x.npz"], "exactly one"),
-    (["solve", "{f}", "--refits", "-2"], "--refits must be a non-negative"),
+    (["solve", "{f}", "--refits", "-2"], "argument --refits: must be an integer >= 0, got -2"),
+    (["solve", "{f}", "--bits", "0"], "--bits=0 is out of range"),
+    (["solve", "{f}", "--out", "{f}"], "is the same file as the input FILE"),
 ])
 def test_solve_errors_are_clear(layer_file, capsys, args, message):
     args = [a.format(f=layer_file) for a in args]
@@ -167,7 +169,70 @@ def test_quantize_with_widen_and_bias_correction(tmp_path, capsys):
 
 def test_quantize_model_file_needs_calibration(tmp_path, capsys):
     assert main(["quantize", "--model", str(tmp_path / "m.pt")]) == 2
+    assert "neither a packaged model" in capsys.readouterr().err   # no such file
+    (tmp_path / "m.pt").write_bytes(b"x")
+    assert main(["quantize", "--model", str(tmp_path / "m.pt")]) == 2
     assert "--calibration" in capsys.readouterr().err
+
+
+def test_quantize_model_files_that_torch_cannot_read(tmp_path, capsys):
+    _model_files(tmp_path, seed=0)
+    (tmp_path / "text.txt").write_text("not a model")
+    for model, calib in (("text.txt", "calib.pt"), ("model.pt", "text.txt"),
+                         ("model.pt", "model.pt")):
+        assert main(["quantize", "--model", str(tmp_path / model), "--calibration",
+                     str(tmp_path / calib), "--no-progress", "--threads", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "could not be read by torch.load" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("outputs, clash", [
+    (["--out", "{d}/same.st", "--json", "{d}/same.st"], "--json '{d}/same.st' is the same file as --out"),
+    (["--out", "{d}/calib.pt"], "the same file as the input --calibration"),
+    (["--out", "{d}/model.pt"], "the same file as the input --model"),
+    (["--out", "{d}"], "is a folder"),
+])
+def test_quantize_refuses_to_overwrite_its_inputs_or_outputs(tmp_path, capsys, outputs, clash):
+    _model_files(tmp_path, seed=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    argv = ["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+            str(tmp_path / "calib.pt"), "--no-progress", "--threads", "1"]
+    assert main(argv + [o.format(d=tmp_path) for o in outputs]) == 2
+    assert clash.format(d=tmp_path) in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+    (["quantize", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+    (["quantize", "--iterations", "-1"], "argument --iterations: must be an integer >= 0"),
+    (["evaluate", "--quantized", "x", "--sentences", "5"], "argument --sentences: must be an "
+                                                             "integer >= 11"),
+    (["demo", "--threads", "-2"], "argument --threads"),
+    (["export-layer", "--threads", "0"], "argument --threads"),
+    (["bench", "--bits", "abc"], "argument --bits: must be comma-separated integers"),
+    (["bench", "--bits", "2,12"], "argument --bits: [12] out of range"),
+    (["-v", "bench", "--cnn-layers", "-1"], "argument --cnn-layers: must be an integer >= 0"),
+    (["bench", "--minilm-layers=", "--cnn-layers", "0"], "no layers to benchmark"),
+    (["quantize", "--model", "no-such-model", "--scheme", "a,b", "--granularity", "modcap"],
+     "--scheme gives the units itself"),
+    (["quantize", "--model", "no-such-model", "--qdrop", "0.3", "--iterations", "0"],
+     "--qdrop acts only through block reconstruction"),
+    (["quantize", "--model", "minlm"], "neither a packaged model"),
+    (["evaluate", "--quantized", "x.safetensors", "--abits", "8"], "--abits applies to the digits"),
+    (["demo", "--solvers", ","], "names no solver"),
+])
+def test_bad_command_lines_get_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_help_exits_zero_also_for_bench_after_verbose(capsys):
+    assert main(["-v", "bench", "--help"]) == 0
+    assert "--minilm-layers" in capsys.readouterr().out
+    assert main(["quantize", "--help"]) == 0
+    assert "(default: minilm)" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.integration
@@ -209,11 +274,11 @@ def test_quantize_with_activations_borders_and_loss_granularity(tmp_path, capsys
 
 @pytest.mark.parametrize("argv, match", [
     (["--abits", "4", "--borders", "quadratic", "--iterations", "0"],
-     "learned by block reconstruction"),
+     "--borders acts only through block reconstruction"),
     (["--borders", "quadratic"], "needs quantised inputs"),
     (["--abits", "4", "--loss-plot", "x.png", "--iterations", "0"],
-     "--loss-plot needs a reconstruction"),
-    (["--granularity", "modcap", "--iterations", "0"], "which is off"),
+     "--loss-plot acts only through block reconstruction"),
+    (["--granularity", "modcap", "--iterations", "0"], "--iterations 0 turns off"),
     (["--abits", "1", "--iterations", "5"], "abits"),
 ])
 def test_quantize_bad_activation_options_fail_before_work(argv, match, capsys):

@@ -187,7 +187,9 @@ def load_layer_stats(path: str | os.PathLike) -> LayerStats:
     except QroundError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise QroundError(f"layer statistics file {path!r} is not a readable .npz: {exc}") from exc
+        why = "neither an .npz archive nor a .npy array" if "pickled" in str(exc) else str(exc)
+        raise QroundError(f"layer statistics file {path!r} is not a readable .npz: {why}") \
+            from exc
     missing = [key for key in _REQUIRED if key not in contents]
     if missing:
         raise QroundError(f"layer statistics file {path!r} lacks key(s) {missing}")

@@ -1,0 +1,66 @@
+"""Argument types and path checks shared by ``qround`` and ``qround bench``.
+
+Every check here runs before any work: a bad number or a clash of paths ends the command with a
+one-line error (argparse's, or a QroundError) instead of a traceback or a lost file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable
+
+from .errors import MAX_BITS, MIN_BITS, QroundError
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def bits_list(text: str) -> tuple[int, ...]:
+    """An argparse ``type``: comma-separated bit widths, each in the supported range."""
+    parts = [x for x in text.split(",") if x.strip()]
+    try:
+        bits = tuple(int(x) for x in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") \
+            from None
+    if not bits:
+        raise argparse.ArgumentTypeError("needs at least one bit width")
+    bad = [b for b in bits if not MIN_BITS <= b <= MAX_BITS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad} out of range: supported are {MIN_BITS}.."
+                                         f"{MAX_BITS} bits")
+    return bits
+
+
+def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = None) -> None:
+    """Before any work: no output (``{flag: path}``) is a folder, names the same file as another
+    output, or would overwrite an input (``{flag: path}``, e.g. ``--model``).  ``None`` paths are
+    not given and skipped."""
+    def key(path):
+        return os.path.normcase(os.path.realpath(os.fspath(path)))
+
+    seen: dict[str, str] = {}
+    for flag, path in (inputs or {}).items():
+        if path is not None and os.path.exists(path):
+            seen[key(path)] = f"the input {flag}"
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise QroundError(f"{flag} {path!r} is a folder; give a file name")
+        k = key(path)
+        if k in seen:
+            raise QroundError(f"{flag} {path!r} is the same file as {seen[k]}; it would be "
+                              "overwritten: give another name")
+        seen[k] = flag
