@@ -46,6 +46,7 @@ from .errors import QroundError, check_bits
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
+from .prefix_cache import PrefixCache, trace_spans
 from .problems.layers import layer_weight, problems_from_layer
 from .reconstruct import ReconstructConfig, ReconstructResult
 from .report import format_table
@@ -85,6 +86,8 @@ class QuantConfig:
     inputs: str = "quantized"           # statistics source: float | quantized | asymmetric
     statistics: str = "covariance"      # covariance | fisher  (fisher needs loss_fn)
     fisher_budget_mb: float = 1024.0
+    capture_cache_mb: float = 1024.0    # outputs of finished modules replayed in later capture
+                                        # passes (qround.prefix_cache); 0 = run every pass whole
     bias_correction: bool = False       # Nagel et al. 2019: zero the mean of the solved error;
                                         # the solver then minimises what remains (covariances)
     damp: float = 0.0                   # lambda ||w_hat - w||^2, lambda = damp * mean(diag H)
@@ -151,6 +154,11 @@ class QuantConfig:
             raise QroundError(f"refits must be a non-negative integer, got {self.refits!r}")
         if not (isinstance(self.fisher_budget_mb, (int, float)) and self.fisher_budget_mb > 0):
             raise QroundError(f"fisher_budget_mb must be positive, got {self.fisher_budget_mb!r}")
+        if isinstance(self.capture_cache_mb, bool) or not (
+                isinstance(self.capture_cache_mb, (int, float))
+                and 0 <= self.capture_cache_mb < float("inf")):
+            raise QroundError(f"capture_cache_mb must be a finite number >= 0, got "
+                              f"{self.capture_cache_mb!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
                 or self.seed < 0:
             raise QroundError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -477,12 +485,15 @@ def _run_until(model, batch, forward, modules: dict[str, nn.Module], hook,
 
 
 def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Module | None,
-            calibration: Iterable, forward: ForwardFn, device, second: bool
+            calibration: Iterable, forward: ForwardFn, device, second: bool,
+            caches: dict[int, PrefixCache] | None = None, before: int = 0
             ) -> dict[str, dict[str, Any]]:
     """Statistics of the leaders' inputs, streamed batch by batch.
 
     quant_model None: inputs from ``float_model`` only (x_hat = x).  Otherwise each batch runs
     the float model (holding this batch's inputs of the leaders) and then the quantised copy.
+    caches: a PrefixCache per model (by id), prepared for a pass whose first layer starts at
+    event ``before``; models without one run whole.
     """
     f_mods = dict(float_model.named_modules())
     f_mods = {x.name: f_mods[x.name] for x in leaders}
@@ -507,24 +518,35 @@ def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Modul
                               f"{tuple(x_hat.shape)} differ in shape")
         sums[name].add(x_hat, x)
 
+    off = PrefixCache(float_model, {}, 0)
+    f_cache = (caches or {}).get(id(float_model), off)
+    q_cache = off if quant_model is None else (caches or {}).get(id(quant_model), off)
+    for cache in {id(f_cache): f_cache, id(q_cache): q_cache}.values():
+        cache.prepare(before)
     with eval_mode(float_model), torch.no_grad():
         if quant_model is None:
-            for batch in calibration:
-                _run_until(float_model, batch, forward, f_mods, single, calls)
+            for j, batch in enumerate(calibration):
+                with f_cache.batch(j, batch):
+                    _run_until(float_model, batch, forward, f_mods, single, calls)
         else:
             q_mods = dict(quant_model.named_modules())
             q_mods = {n: q_mods[n] for n in f_mods}
             with eval_mode(quant_model):
-                for batch in calibration:
+                for j, batch in enumerate(calibration):
                     pending.update({n: [] for n in f_mods})
-                    _run_until(float_model, batch, forward, f_mods, store, calls)
-                    _run_until(quant_model, batch, forward, q_mods, pair, calls)
+                    with f_cache.batch(j, batch):
+                        _run_until(float_model, batch, forward, f_mods, store, calls)
+                    with q_cache.batch(j, batch):
+                        _run_until(quant_model, batch, forward, q_mods, pair, calls)
         pending.clear()
+    for cache in {id(f_cache): f_cache, id(q_cache): q_cache}.values():
+        cache.finish()
     return {n: s.result(n) for n, s in sums.items()}
 
 
 def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibration, forward,
-             loss_fn, config: QuantConfig) -> dict[str, dict[str, Any]]:
+             loss_fn, config: QuantConfig, caches: dict[int, PrefixCache] | None = None,
+             before: int = 0) -> dict[str, dict[str, Any]]:
     """Statistics of every layer of a capture unit; followers share their leader's."""
     device = torch.device(config.device)
     leaders = [x for x in unit if x.leader == x.name]
@@ -534,7 +556,8 @@ def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibra
     stats = {}
     if need_means:
         stats = _stream(leaders, float_model if paired else source,
-                        quant_model if paired else None, calibration, forward, device, second)
+                        quant_model if paired else None, calibration, forward, device, second,
+                        caches, before)
     out = {x.name: dict(stats.get(x.leader, {})) for x in unit}
     if not second:
         # per-channel Fisher blocks of the layers' actual inputs (the copy when asymmetric)
@@ -664,6 +687,22 @@ def _build_solver(config: QuantConfig) -> Solver:
     return config.solver
 
 
+def _plan_and_caches(qmodel: nn.Module, float_model: nn.Module, first_batch, forward: ForwardFn,
+                     names: list[str], config: QuantConfig
+                     ) -> tuple[list[_Layer], dict[int, PrefixCache], dict[str, int]]:
+    """The layer plan (:func:`_trace`), capture caches for the quantised copy and the float
+    model (qround.prefix_cache; each within ``capture_cache_mb``, none when it is 0), and the
+    start event of every module's first call, all from one forward of the first batch."""
+    if config.capture_cache_mb == 0:
+        return _trace(qmodel, first_batch, forward, names), {}, {}
+    plan = []
+    spans, starts = trace_spans(qmodel, lambda: plan.extend(_trace(qmodel, first_batch,
+                                                                   forward, names)))
+    budget = int(config.capture_cache_mb * 2 ** 20)
+    caches = {id(m): PrefixCache(m, spans, budget) for m in (qmodel, float_model)}
+    return plan, caches, starts
+
+
 def _check_calibration(calibration) -> Any:
     """The first batch; QroundError for a tensor, a one-shot iterator, or no batch."""
     if isinstance(calibration, (torch.Tensor, np.ndarray)):
@@ -730,7 +769,9 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
 
     float_model = copy.deepcopy(model) if inplace else model
     qmodel = model if inplace else copy.deepcopy(model)
-    plan = _trace(qmodel, first_batch, forward, names)
+    # the plan's traced forward also gives every module's span for the capture caches
+    plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward, names,
+                                            config)
     called = {x.name for x in plan}
     for name in names:
         if name not in called:
@@ -754,7 +795,7 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
             # before any write-back x_hat == x
             paired = done > 0 and config.inputs == "asymmetric"
             stats = _capture(unit, float_model, qmodel, paired, calibration, forward, loss_fn,
-                             config)
+                             config, caches, min(starts.get(x.name, 0) for x in unit))
             capture_share = (time.perf_counter() - t0) / len(unit)
             for layer in unit:
                 bar.set_postfix_str(layer.name)

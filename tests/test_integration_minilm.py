@@ -34,3 +34,38 @@ def test_real_layer_export_solve_and_recompute(tmp_path, capsys):
     d_rtn = scale * np.clip(np.floor(w / scale + 0.5), -8, 7) - w
     assert np.isclose(np.einsum("mi,ij,mj->", d_rtn, h, d_rtn), res["rtn_cost"], rtol=1e-9)
     assert s["codes"].min() >= -8 and s["codes"].max() <= 7
+
+
+@pytest.mark.integration
+def test_capture_cache_on_minilm_gives_the_same_codes_with_fewer_module_runs():
+    """The capture cache on the real HF model (tuple outputs, keyword masks): two transformer
+    layers quantised with GPTQ-style sequential statistics, with and without the cache."""
+    import torch
+
+    from qround import zoo
+    from qround.pipeline import QuantConfig, quantize_model
+
+    model = zoo.load_minilm()
+    batches = zoo.minilm_batches(model, zoo.sentences("calibration", n=24), batch_size=8)
+    # a child of the embeddings: its hooks fire only when the embeddings really run (a replayed
+    # module's own hooks fire too)
+    embeddings = dict(model.named_modules())["0.model.embeddings.word_embeddings"]
+    results, runs = {}, {}
+    for mb in (0, 1024):
+        count = [0]
+        handle = embeddings.register_forward_pre_hook(
+            lambda m, a: count.__setitem__(0, count[0] + 1))
+        try:
+            q = quantize_model(model, batches,
+                               QuantConfig(wbits=3, solver="greedy", progress=False,
+                                           layers=r"encoder\.layer\.[01]\.", capture_cache_mb=mb,
+                                           inputs="asymmetric"),
+                               forward=zoo.minilm_forward, inplace=False)
+        finally:
+            handle.remove()
+        results[mb] = {n: w.codes for n, w in q.layers.items()}
+        runs[mb] = count[0]
+    assert len(results[0]) == 12
+    for name, codes in results[0].items():
+        np.testing.assert_array_equal(codes, results[1024][name], err_msg=name)
+    assert runs[1024] < runs[0]

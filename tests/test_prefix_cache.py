@@ -1,0 +1,149 @@
+"""The capture cache (qround.prefix_cache): finished modules replayed in later capture passes
+give the same statistics, hence the same codes, as running every pass whole."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qround.errors import QroundError
+from qround.pipeline import QuantConfig, quantize_model
+from qround.prefix_cache import PrefixCache, trace_spans
+
+from .tiny_models import BATCHES, KwargsNet, TinyResNet, gen
+
+
+class Counted(nn.Module):
+    """Counts how often its forward really runs (hooks would also fire on a replay)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.inner, self.runs = module, 0
+
+    def forward(self, x):
+        self.runs += 1
+        return self.inner(x)
+
+
+class InPlaceNet(nn.Module):
+    """Modifies a module's output in place, and has a block returning a non-tensor object."""
+
+    class Odd:
+        def __init__(self, t):
+            self.t = t
+
+    class OddBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return InPlaceNet.Odd(torch.tanh(self.fc(x)))
+
+    def __init__(self):
+        super().__init__()
+        self.first = Counted(nn.Sequential(nn.Linear(6, 6), nn.ReLU()))
+        self.odd = self.OddBlock()
+        self.second = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+        self.head = nn.Linear(6, 3)
+        g = gen(7)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
+
+    def forward(self, x):
+        h = self.first(x)
+        h += 1.0                      # in place, on what `first` returned
+        h = self.odd(h).t
+        return self.head(self.second(h))
+
+
+def codes_and_costs(model, batches, **kw):
+    q = quantize_model(model, batches, QuantConfig(wbits=3, solver="greedy", progress=False, **kw))
+    return {n: w.codes for n, w in q.layers.items()}, np.array([r.cost for r in q.report])
+
+
+def assert_same(a, b):
+    assert a[0].keys() == b[0].keys()
+    for name in a[0]:
+        np.testing.assert_array_equal(a[0][name], b[0][name], err_msg=name)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-12)
+
+
+KB = [{"x": torch.randn(4, 3, 5, generator=gen(i)), "mask": torch.ones(4, 3)} for i in range(3)]
+XB = [torch.randn(8, 6, generator=gen(10 + i)) for i in range(3)]
+
+
+@pytest.mark.parametrize("inputs", ["quantized", "float", "asymmetric"])
+@pytest.mark.parametrize("make, batches", [(TinyResNet, BATCHES), (lambda: KwargsNet(3), KB),
+                                           (InPlaceNet, XB)])
+def test_cache_gives_the_same_codes(make, batches, inputs):
+    off = codes_and_costs(make(), batches, inputs=inputs, capture_cache_mb=0)
+    on = codes_and_costs(make(), batches, inputs=inputs)
+    assert_same(off, on)
+
+
+def test_cache_skips_finished_modules_and_restores_forward():
+    runs = {}
+    for mb in (0, 1024):
+        q = quantize_model(InPlaceNet(), XB, QuantConfig(wbits=3, solver="greedy", progress=False,
+                                                         capture_cache_mb=mb))
+        runs[mb] = q.model.first.runs
+        assert all("forward" not in m.__dict__ for m in q.model.modules())  # nothing patched
+    n = len(XB)
+    # the plan's trace (1 batch), then 4 capture passes (first's Linear, odd.fc, second's
+    # Linear, head) over every batch, each running `first`
+    assert runs[0] == 1 + 4 * n
+    # with the cache (the spans come from the same traced batch): `first`'s own pass and the
+    # pass that records its output; the last two passes replay it
+    assert runs[1024] == 1 + 2 * n
+
+
+class Reshuffled:
+    """The same batches in another order on every pass (as a shuffling DataLoader)."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        k = self.passes % len(self.batches)
+        return iter(self.batches[k:] + self.batches[:k])
+
+
+def test_batches_in_another_order_switch_the_cache_off(caplog):
+    off = codes_and_costs(TinyResNet(), Reshuffled(BATCHES + [BATCHES[0] * 0.5]),
+                          capture_cache_mb=0)
+    with caplog.at_level(logging.WARNING, logger="qround.prefix_cache"):
+        on = codes_and_costs(TinyResNet(), Reshuffled(BATCHES + [BATCHES[0] * 0.5]))
+    assert "capture cache switched off" in caplog.text
+    for name in off[0]:  # sums in another order: equal up to float rounding
+        np.testing.assert_array_equal(off[0][name], on[0][name])
+    np.testing.assert_allclose(off[1], on[1], rtol=1e-9)
+
+
+def test_budget_bounds_the_records():
+    net = KwargsNet(3)
+    with torch.no_grad():
+        spans, starts = trace_spans(net, lambda: net(**KB[0]))
+    assert {"layer.0", "layer.1", "layer.2"} <= spans.keys()
+    last = starts["layer.2.fc1"]
+    tiny = PrefixCache(net, spans, budget=1)
+    big = PrefixCache(net, spans, budget=2 ** 20)
+    for cache in (tiny, big):
+        for _ in range(2):  # the first pass records, the second replays
+            cache.prepare(last)
+            for j, batch in enumerate(KB):
+                with cache.batch(j, batch), torch.no_grad():
+                    net(**batch)
+            cache.finish()
+    assert tiny.ready == {} and tiny.size == 0
+    assert set(big.ready) == {"layer.0", "layer.1"} and 0 < big.size <= 2 ** 20
+
+
+def test_bad_cache_budget():
+    with pytest.raises(QroundError, match="capture_cache_mb"):
+        QuantConfig(capture_cache_mb=-1)
