@@ -40,8 +40,6 @@ def test_real_layer_export_solve_and_recompute(tmp_path, capsys):
 def test_capture_cache_on_minilm_gives_the_same_codes_with_fewer_module_runs():
     """The capture cache on the real HF model (tuple outputs, keyword masks): two transformer
     layers quantised with GPTQ-style sequential statistics, with and without the cache."""
-    import torch
-
     from qround import zoo
     from qround.pipeline import QuantConfig, quantize_model
 
