@@ -1,7 +1,7 @@
 """Full-model quantisation (DESIGN.md section 3): ``quantize_model(model, data, config)``.
 
 Layers are visited in forward order.  For each, its input statistics are streamed from hooks
-(never cached activations), from the source ``config.inputs`` names:
+(layer inputs are never stored), from the source ``config.inputs`` names:
 
 - "float": ``H = E[x x^T]`` of the float model's inputs; the target is ``W x``;
 - "quantized": ``H = E[x_hat x_hat^T]`` of the partly quantised copy's inputs, target ``W x_hat``
@@ -19,7 +19,9 @@ Cost control: a first forward of one batch records the call order and which laye
 same input tensor (q, k, v of an attention block); those share one capture and one set of
 statistics.  Every capture forward stops (a private exception raised from the hook) as soon as
 the layers it waits for have been seen.  With ``inputs="float"`` the source never changes, so
-consecutive groups are captured together in one pass, within a memory bound.
+consecutive groups are captured together in one pass, within a memory bound.  Otherwise the
+outputs of modules that hold only finished layers are recorded once and replayed in the later
+passes (:mod:`qround.prefix_cache`, ``capture_cache_mb``), with identical results.
 """
 from __future__ import annotations
 
@@ -699,7 +701,8 @@ def _plan_and_caches(qmodel: nn.Module, float_model: nn.Module, first_batch, for
     spans, starts = trace_spans(qmodel, lambda: plan.extend(_trace(qmodel, first_batch,
                                                                    forward, names)))
     budget = int(config.capture_cache_mb * 2 ** 20)
-    caches = {id(m): PrefixCache(m, spans, budget) for m in (qmodel, float_model)}
+    caches = {id(m): PrefixCache(m, spans, budget, [x.name for x in plan], starts)
+              for m in (qmodel, float_model)}
     return plan, caches, starts
 
 

@@ -110,10 +110,26 @@ def trace_spans(model: nn.Module, run: Callable[[], Any]) -> tuple[dict[str, tup
 class PrefixCache:
     """Recorded outputs of finished modules of one model, replayed in later passes.
 
-    spans: from :func:`trace_spans`; budget: bytes of records kept at most (0: off)."""
+    spans, starts: from :func:`trace_spans`; budget: bytes of records kept at most (0: off);
+    layers: the names of the layers being quantised.
 
-    def __init__(self, model: nn.Module, spans: dict[str, tuple[int, int]], budget: int):
+    Tied weights: a module that holds a parameter of one of ``layers`` (not the layer itself)
+    changes its output when that layer is written back.  A cache point that ends after such a
+    module starts is recorded only once the layer is finished (its first call starts before the
+    pass's first layer).  Parameters used without being held (``F.linear(x, other.weight)``)
+    are not seen; set ``capture_cache_mb=0`` for such models."""
+
+    def __init__(self, model: nn.Module, spans: dict[str, tuple[int, int]], budget: int,
+                 layers: list[str] = (), starts: dict[str, int] | None = None):
         self.modules = dict(model.named_modules())
+        owner = {id(p): name for name in layers
+                 for p in self.modules[name].parameters(recurse=False)}
+        starts = starts or {}
+        # (start of the module holding a layer's parameter, start of that layer)
+        self.tied = [(starts[m], starts.get(owner[id(p)], -1))
+                     for m, module in self.modules.items() if m in starts
+                     for p in module.parameters(recurse=False)
+                     if id(p) in owner and owner[id(p)] != m]
         self.spans = spans
         self.budget = int(budget)
         self.enabled = self.budget > 0 and bool(spans)
@@ -133,7 +149,8 @@ class PrefixCache:
         self.recording = {}
         if not self.enabled:
             return
-        fit = {n for n, (_, end) in self.spans.items() if end < before and n not in self.excluded}
+        fit = {n for n, (_, end) in self.spans.items() if end < before and n not in self.excluded
+               and all(held > end or layer < before for held, layer in self.tied)}
         tops = {n for n in fit if not any(n.startswith(a + ".") for a in fit)}
         for name in list(self.ready):
             if name not in tops and any(name.startswith(a + ".") for a in tops):

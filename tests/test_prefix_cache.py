@@ -147,3 +147,42 @@ def test_budget_bounds_the_records():
 def test_bad_cache_budget():
     with pytest.raises(QroundError, match="capture_cache_mb"):
         QuantConfig(capture_cache_mb=-1)
+
+
+class TiedNet(nn.Module):
+    """An early module that reads the weight of a later quantised layer (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.early = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+        self.mid = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+        self.last = nn.Linear(6, 6)
+        self.late = nn.Linear(6, 3)
+        self.early[0].weight = self.last.weight        # tied: `last` is quantised after `early`
+        g = gen(3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
+
+    def forward(self, x):
+        h = self.early(x)
+        return self.late(self.last(self.mid(h)) + h)
+
+
+def test_modules_tied_to_a_later_layer_are_not_cached():
+    net = TiedNet()
+    with torch.no_grad():
+        spans, starts = trace_spans(net, lambda: net(XB[0]))
+    cache = PrefixCache(net, spans, 2 ** 20, ["mid.0", "last", "late"], starts)
+    assert cache.tied == [(starts["early.0"], starts["last"])]
+    cache.prepare(starts["last"])      # `last` not finished: nothing after early.0 may be kept
+    assert cache.recording == {}
+    cache.prepare(starts["late"])      # `last` finished: the records start
+    assert set(cache.recording) == {"early", "mid", "last"}
+    # the layers must be quantisable in any grouping: `early.0` and `last` share a weight, so
+    # quantise only the others and compare with and without the cache
+    for inputs in ("quantized", "asymmetric"):
+        kw = dict(inputs=inputs, layers=r"^(mid\.0|last|late)$")
+        assert_same(codes_and_costs(TiedNet(), XB, capture_cache_mb=0, **kw),
+                    codes_and_costs(TiedNet(), XB, **kw))
