@@ -14,8 +14,10 @@ transformer layer by hand; here the modules to keep are found from one traced fo
   it qualifies; in later passes its ``forward`` is replaced by a lookup that returns a fresh
   clone, so nothing that the caller does in place can change the record.
 
-A module's output may be a tensor, or tuples, lists and dicts of tensors and plain Python
-scalars; a module that returns anything else is never cached.  The calibration batches must
+A module's inputs and output may be tensors, plain Python scalars, and tuples, lists and dicts
+of them.  A module that takes or returns anything else (a key-value cache object it may update,
+say) is never cached, and neither is one that changes an input tensor in place (an
+``inplace=True`` activation whose caller reads the input again).  The calibration batches must
 come in the same order in every pass; each batch's fingerprint is checked, and a change
 switches the cache off (with a warning) before any replayed value is used.  The records are
 bounded by ``budget`` bytes; modules beyond it run as before.  The result equals a run without
@@ -53,6 +55,24 @@ def _clone(value: Any) -> tuple[Any, int]:
         parts = {k: _clone(v) for k, v in value.items()}
         return {k: p[0] for k, p in parts.items()}, sum(p[1] for p in parts.values())
     raise _Uncacheable(type(value).__name__)
+
+
+def _plain(value: Any) -> list[torch.Tensor] | None:
+    """The tensors inside a module's inputs, or None if they hold anything but tensors, plain
+    scalars, tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, _SCALARS):
+        return []
+    if type(value) in (tuple, list) or type(value) is dict:
+        out = []
+        for v in (value.values() if type(value) is dict else value):
+            inner = _plain(v)
+            if inner is None:
+                return None
+            out += inner
+        return out
+    return None
 
 
 def _fingerprint(batch: Any) -> Any:
@@ -137,6 +157,7 @@ class PrefixCache:
         self.recording: dict[str, list] = {}
         self.bytes: dict[str, int] = {}
         self.excluded: set[str] = set()
+        self.versions: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.prints: list = []
         self.batches = 0
 
@@ -206,9 +227,13 @@ class PrefixCache:
                 patched.append((module, module.__dict__.get("forward")))
                 module.forward = _replay(records[index])
             for name in self.recording:
-                handles.append(self.modules[name].register_forward_hook(self._recorder(name)))
+                module = self.modules[name]
+                handles.append(module.register_forward_pre_hook(self._inputs(name),
+                                                                with_kwargs=True))
+                handles.append(module.register_forward_hook(self._recorder(name)))
             yield
         finally:
+            self.versions.clear()
             for h in handles:
                 h.remove()
             for module, own in patched:
@@ -217,24 +242,38 @@ class PrefixCache:
                 else:
                     module.forward = own
 
+    def _exclude(self, name: str, why: str, level: int = logging.DEBUG) -> None:
+        log.log(level, "capture cache: %s %s; not cached", name, why)
+        self.excluded.add(name)
+        self.recording.pop(name, None)
+        self.bytes.pop(name, None)
+
+    def _inputs(self, name: str):
+        def hook(module, args, kwargs):
+            if name in self.excluded or name not in self.recording:
+                return
+            tensors = _plain((args, kwargs))
+            if tensors is None:
+                self._exclude(name, "takes an input that is not tensors or plain values")
+                return
+            self.versions[name] = [(t, t._version) for t in tensors]
+        return hook
+
     def _recorder(self, name: str):
         def hook(module, args, out):
             if name in self.excluded or name not in self.recording:
                 return
+            if any(t._version != v for t, v in self.versions.pop(name, ())):
+                self._exclude(name, "changes an input in place")
+                return
             try:
                 copy, size = _clone(out)
             except _Uncacheable as exc:
-                log.debug("capture cache: %s returns a %s; not cached", name, exc)
-                self.excluded.add(name)
-                self.recording.pop(name, None)
-                self.bytes.pop(name, None)
+                self._exclude(name, f"returns a {exc}")
                 return
             if self.size + size > self.budget:
-                log.info("capture cache: %s would pass the %.0f MB budget; not cached", name,
-                         self.budget / 2**20)
-                self.excluded.add(name)
-                self.recording.pop(name, None)
-                self.bytes.pop(name, None)
+                self._exclude(name, f"would pass the {self.budget / 2**20:.0f} MB budget",
+                              logging.INFO)
                 return
             self.recording[name].append(copy)
             self.bytes[name] = self.bytes.get(name, 0) + size

@@ -186,3 +186,64 @@ def test_modules_tied_to_a_later_layer_are_not_cached():
         kw = dict(inputs=inputs, layers=r"^(mid\.0|last|late)$")
         assert_same(codes_and_costs(TiedNet(), XB, capture_cache_mb=0, **kw),
                     codes_and_costs(TiedNet(), XB, **kw))
+
+
+class InPlaceInputNet(nn.Module):
+    """An inplace activation whose input the caller reads again (as a residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(6, 6), nn.ReLU(inplace=True), nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+        g = gen(5)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
+
+    def forward(self, x):
+        h = self.a(x)
+        g = self.act(h)                      # changes h too
+        return self.head(self.b(g) - h)      # reads h again
+
+
+class Notes:
+    def __init__(self):
+        self.items = []
+
+
+class Writer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x, notes):
+        y = self.fc(x)
+        notes.items.append(y.abs().mean())   # a side effect a later module reads
+        return y
+
+
+class NotesNet(nn.Module):
+    """A module that updates an object passed to it (as a key-value cache would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.mid, self.head = Writer(), nn.Linear(6, 6), nn.Linear(6, 3)
+        g = gen(6)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
+
+    def forward(self, x):
+        notes = Notes()
+        h = self.w(x, notes)
+        return self.head(torch.relu(self.mid(h)) * notes.items[0])
+
+
+@pytest.mark.parametrize("make, skipped", [(InPlaceInputNet, "act"), (NotesNet, "w")])
+def test_modules_with_side_effects_run_every_pass(make, skipped, caplog):
+    """Replaying a module skips its side effects, so a module that changes an input in place or
+    takes an object it may update is never cached; the codes stay those of a run without."""
+    with caplog.at_level(logging.DEBUG, logger="qround.prefix_cache"):
+        on = codes_and_costs(make(), XB)
+    assert f"capture cache: {skipped} " in caplog.text
+    assert_same(codes_and_costs(make(), XB, capture_cache_mb=0), on)
