@@ -10,26 +10,51 @@ transformer layer by hand; here the modules to keep are found from one traced fo
   (one counter over all modules) and how often it runs per forward;
 - before a pass whose first hooked layer starts at event ``s``, the **cache points** are the
   largest modules (no ancestor also qualifies) that run once per forward and end before ``s``;
-- a cache point's outputs are recorded (cloned, per calibration batch) in the first pass after
-  it qualifies; in later passes its ``forward`` is replaced by a lookup that returns a fresh
-  clone, so nothing that the caller does in place can change the record.
+- a cache point's output is recorded per calibration batch, with a fingerprint of its inputs,
+  in the first pass after it qualifies; in later passes its ``forward`` is replaced by a lookup.
+  The lookup returns a fresh clone of the record (nothing the caller does in place reaches the
+  record) when the inputs have the recorded fingerprint, and otherwise runs the real forward
+  and switches the cache off with a warning.
 
-A module's inputs and output may be tensors, plain Python scalars, and tuples, lists and dicts
-of them.  A module that takes or returns anything else (a key-value cache object it may update,
-say) is never cached, and neither is one that changes an input tensor in place (an
-``inplace=True`` activation whose caller reads the input again).  The calibration batches must
-come in the same order in every pass; each batch's fingerprint is checked, and a change
-switches the cache off (with a warning) before any replayed value is used.  The records are
-bounded by ``budget`` bytes; modules beyond it run as before.  The result equals a run without
-the cache; a test compares the codes.
+**What is never replayed.**  Replaying skips a module's forward, so a module is recorded only
+if its forward has no effect but its output, as far as can be checked on the recorded call:
+
+- it takes and returns only tensors, plain Python scalars, and tuples, lists and dicts of
+  them (not a key-value cache object it may update: HF decoders with ``use_cache=True``);
+- it changes none of its inputs in place, returns no tensor that shares memory with an input,
+  a parameter or a buffer (``nn.Identity``, eval-mode dropout), and none that needs a gradient
+  (a forward that differentiates itself);
+- it changes no attribute, parameter or buffer of itself or its submodules, and draws no random
+  numbers from torch's, numpy's or Python's global generators;
+- it is called exactly once per batch (a data-dependent loop may call it more or less often);
+- none of its submodules has forward hooks (a hook that stores a child's output for a later
+  module must keep running); hooks on the module itself run on the replayed output, which is
+  recorded before them.  Any global module hook turns the cache off.  TorchScript submodules
+  are never hooked or replayed.
+
+**Inputs of the replay.**  Each calibration batch gets a fingerprint (shapes, dtypes and four
+sums, two of them weighted by position, so reordered rows show), and a batch that differs from
+the previous pass switches the cache off; the inputs of every replayed call are checked the
+same way, which also catches randomness drawn by the forward function before the module.
+
+**Tied weights.**  A module that holds a parameter of a layer being quantised (an embedding
+tied to an output layer) changes its output when that layer is written back.  A record taken
+before that layer was finished is dropped once it is, and taken again.  Parameters used
+without being held (``F.linear(x, other.weight)``) are not seen: set ``capture_cache_mb=0``
+for such models.
+
+The records are bounded by ``budget`` bytes per model; modules beyond it run as before.  The
+result equals a run without the cache (tests compare the codes).
 """
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,8 +83,8 @@ def _clone(value: Any) -> tuple[Any, int]:
 
 
 def _plain(value: Any) -> list[torch.Tensor] | None:
-    """The tensors inside a module's inputs, or None if they hold anything but tensors, plain
-    scalars, tuples, lists and dicts."""
+    """The tensors inside ``value``, or None if it holds anything but tensors, plain scalars,
+    tuples, lists and dicts."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, _SCALARS):
@@ -75,26 +100,87 @@ def _plain(value: Any) -> list[torch.Tensor] | None:
     return None
 
 
-def _fingerprint(batch: Any) -> Any:
-    """A cheap summary of a calibration batch: shapes, dtypes and two sums per tensor."""
-    if isinstance(batch, torch.Tensor):
-        t = batch.detach()
-        f = t.abs().double() if t.is_complex() else t.double()
-        return (tuple(t.shape), str(t.dtype), float(f.sum()), float((f * f).sum()))
-    if isinstance(batch, Mapping):
-        return tuple((k, _fingerprint(batch[k])) for k in sorted(batch, key=repr))
-    if isinstance(batch, (tuple, list)):
-        return tuple(_fingerprint(v) for v in batch)
-    return repr(batch)
+def _array_print(t: torch.Tensor) -> tuple:
+    """Shape, dtype, device and four float64 sums of a tensor: total, squares, and the row and
+    column sums weighted by their position (a permutation of rows or columns changes them)."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    f = torch.nan_to_num(t.double(), nan=0.0, posinf=1e300, neginf=-1e300)
+    f = f.reshape(t.shape[0], -1) if t.dim() and t.shape[0] else f.reshape(1, -1)
+    rows, cols = f.sum(1), f.sum(0)
+    weights = lambda n: torch.arange(n, dtype=torch.float64, device=f.device)  # noqa: E731
+    return (tuple(t.shape), str(t.dtype), str(t.device), float(rows.sum()), float((f * f).sum()),
+            float((rows * weights(rows.numel())).sum()),
+            float((cols * weights(cols.numel())).sum()))
+
+
+def _fingerprint(value: Any) -> Any:
+    """A cheap summary of a calibration batch or of a module's inputs."""
+    if isinstance(value, torch.Tensor):
+        return _array_print(value)
+    if isinstance(value, np.ndarray):
+        return _array_print(torch.as_tensor(np.ascontiguousarray(value)))
+    if isinstance(value, Mapping):
+        return tuple((repr(k), _fingerprint(value[k])) for k in sorted(value, key=repr))
+    if isinstance(value, (tuple, list)):
+        return tuple(_fingerprint(v) for v in value)
+    return repr(value)
+
+
+def _rng_states() -> tuple:
+    """Torch's (CPU and, once initialised, CUDA), numpy's and Python's global RNG states."""
+    cuda = (tuple(torch.cuda.get_rng_state_all()) if torch.cuda.is_available()
+            and torch.cuda.is_initialized() else ())
+    state = np.random.get_state()
+    return (torch.get_rng_state(), cuda, state[0], state[1].tobytes(), state[2:], random.getstate())
+
+
+def _same_rng(a: tuple, b: tuple) -> bool:
+    return (torch.equal(a[0], b[0]) and len(a[1]) == len(b[1])
+            and all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and a[2:] == b[2:])
+
+
+def _storages(tensors) -> set[int]:
+    out = set()
+    for t in tensors:
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, meta)
+            continue
+        if ptr:
+            out.add(ptr)
+    return out
+
+
+def _state(module: nn.Module) -> tuple:
+    """What a forward with side effects on its modules would change: per submodule the ids of
+    its attributes, and the versions of all parameters and buffers."""
+    attrs = tuple(tuple((k, id(v)) for k, v in m.__dict__.items()) for m in module.modules())
+    versions = tuple(t._version for t in (*module.parameters(), *module.buffers()))
+    return attrs, versions
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _global_hooks() -> bool:
+    m = torch.nn.modules.module
+    return any(getattr(m, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
 
 
 def trace_spans(model: nn.Module, run: Callable[[], Any]) -> tuple[dict[str, tuple[int, int]],
                                                                     dict[str, int]]:
-    """Run ``run()`` once with hooks on every submodule.
+    """Run ``run()`` once with hooks on every submodule (TorchScript ones and their insides
+    excepted).
 
     Returns ``spans``: name -> (start event, end event) of the modules that ran exactly once
-    (the root excluded), and ``starts``: name -> start event of the first call of every module
-    that ran."""
+    (the root excluded), and ``starts``: name -> start event of the first call of every hooked
+    module that ran."""
     events = [0]
     starts: dict[str, int] = {}
     ends: dict[str, int] = {}
@@ -114,11 +200,15 @@ def trace_spans(model: nn.Module, run: Callable[[], Any]) -> tuple[dict[str, tup
             events[0] += 1
         return hook
 
+    scripted: list[str] = []
     try:
         for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_pre_hook(pre(name)))
-                handles.append(module.register_forward_hook(post(name)))
+            if isinstance(module, torch.jit.ScriptModule):
+                scripted.append(name)
+            if not name or any(name == s or name.startswith(s + ".") for s in scripted):
+                continue
+            handles.append(module.register_forward_pre_hook(pre(name)))
+            handles.append(module.register_forward_hook(post(name)))
         run()
     finally:
         for h in handles:
@@ -127,66 +217,85 @@ def trace_spans(model: nn.Module, run: Callable[[], Any]) -> tuple[dict[str, tup
     return spans, starts
 
 
+class _Recording:
+    """One module's records in the pass that takes them: (input fingerprint, output) by batch."""
+
+    def __init__(self):
+        self.by_batch: dict[int, tuple[Any, Any]] = {}
+        self.pending: dict[str, Any] | None = None
+
+
 class PrefixCache:
     """Recorded outputs of finished modules of one model, replayed in later passes.
 
     spans, starts: from :func:`trace_spans`; budget: bytes of records kept at most (0: off);
-    layers: the names of the layers being quantised.
-
-    Tied weights: a module that holds a parameter of one of ``layers`` (not the layer itself)
-    changes its output when that layer is written back.  A cache point that ends after such a
-    module starts is recorded only once the layer is finished (its first call starts before the
-    pass's first layer).  Parameters used without being held (``F.linear(x, other.weight)``)
-    are not seen; set ``capture_cache_mb=0`` for such models."""
+    layers: the names of the layers being quantised.  See the module docstring."""
 
     def __init__(self, model: nn.Module, spans: dict[str, tuple[int, int]], budget: int,
                  layers: list[str] = (), starts: dict[str, int] | None = None):
         self.modules = dict(model.named_modules())
+        starts = starts or {}
         owner = {id(p): name for name in layers
                  for p in self.modules[name].parameters(recurse=False)}
-        starts = starts or {}
-        # (start of the module holding a layer's parameter, start of that layer)
+        # (start of a module holding a layer's parameter, start of that layer)
         self.tied = [(starts[m], starts.get(owner[id(p)], -1))
                      for m, module in self.modules.items() if m in starts
                      for p in module.parameters(recurse=False)
                      if id(p) in owner and owner[id(p)] != m]
-        self.spans = spans
+        hooked = [n for n, m in self.modules.items() if n and _has_hooks(m)]
+        self.spans = {n: s for n, s in spans.items()
+                      if not any(h.startswith(n + ".") for h in hooked)}
         self.budget = int(budget)
-        self.enabled = self.budget > 0 and bool(spans)
-        self.ready: dict[str, list] = {}       # name -> record per batch
-        self.recording: dict[str, list] = {}
+        self.enabled = self.budget > 0 and bool(self.spans)
+        if self.enabled and _global_hooks():
+            log.info("capture cache off: global module hooks are registered")
+            self.enabled = False
+        self.ready: dict[str, list[tuple[Any, Any]]] = {}   # name -> (input print, output)
+        self.taken_at: dict[str, int] = {}                  # name -> `before` of its recording
+        self.recording: dict[str, _Recording] = {}
         self.bytes: dict[str, int] = {}
         self.excluded: set[str] = set()
-        self.versions: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.prints: list = []
         self.batches = 0
+        self.before = 0
 
     @property
     def size(self) -> int:
         return sum(self.bytes.values())
 
+    def _stale(self, name: str, before: int) -> bool:
+        """Whether a layer tied to something before ``name``'s end was written back after the
+        record was taken."""
+        end = self.spans[name][1]
+        taken = self.taken_at[name]
+        return any(held <= end and taken <= layer < before for held, layer in self.tied)
+
     def prepare(self, before: int) -> None:
         """Choose the cache points for a pass whose first hooked layer starts at ``before``."""
         self.recording = {}
+        self.before = before
         if not self.enabled:
             return
-        fit = {n for n, (_, end) in self.spans.items() if end < before and n not in self.excluded
-               and all(held > end or layer < before for held, layer in self.tied)}
+        for name in [n for n in self.ready if self._stale(n, before)]:
+            del self.ready[name]
+            self.bytes.pop(name, None)
+        fit = {n for n, (_, end) in self.spans.items() if end < before and n not in self.excluded}
         tops = {n for n in fit if not any(n.startswith(a + ".") for a in fit)}
-        for name in list(self.ready):
-            if name not in tops and any(name.startswith(a + ".") for a in tops):
-                del self.ready[name]  # an ancestor's record replaces it: never called again
-                self.bytes.pop(name, None)
-        self.recording = {n: [] for n in tops if n not in self.ready}
+        self.recording = {n: _Recording() for n in tops if n not in self.ready}
         self.batches = 0
 
     def finish(self) -> None:
-        """After a pass: the records that cover every batch become ready."""
-        for name, records in self.recording.items():
+        """After a pass: the records that cover every batch once become ready, and replace the
+        records of their submodules."""
+        for name, rec in self.recording.items():
             if name in self.excluded:
                 continue
-            if len(records) == self.batches and records:
-                self.ready[name] = records
+            if rec.by_batch and sorted(rec.by_batch) == list(range(self.batches)):
+                self.ready[name] = [rec.by_batch[j] for j in range(self.batches)]
+                self.taken_at[name] = self.before
+                for inner in [n for n in self.ready if n.startswith(name + ".")]:
+                    del self.ready[inner]
+                    self.bytes.pop(inner, None)
             else:
                 self.bytes.pop(name, None)
         self.recording = {}
@@ -199,6 +308,12 @@ class PrefixCache:
         self.ready.clear()
         self.recording.clear()
         self.bytes.clear()
+
+    def _exclude(self, name: str, why: str, level: int = logging.DEBUG) -> None:
+        log.log(level, "capture cache: %s %s; not cached", name, why)
+        self.excluded.add(name)
+        self.recording.pop(name, None)
+        self.bytes.pop(name, None)
 
     @contextmanager
     def batch(self, index: int, batch: Any) -> Iterator[None]:
@@ -224,16 +339,18 @@ class PrefixCache:
         try:
             for name, records in self.ready.items():
                 module = self.modules[name]
-                patched.append((module, module.__dict__.get("forward")))
-                module.forward = _replay(records[index])
+                own = module.__dict__.get("forward")
+                patched.append((module, own))
+                original = own if own is not None else type(module).forward.__get__(module)
+                module.forward = self._replay(name, records[index], original)
             for name in self.recording:
                 module = self.modules[name]
-                handles.append(module.register_forward_pre_hook(self._inputs(name),
+                handles.append(module.register_forward_pre_hook(self._before_call(name, index),
                                                                 with_kwargs=True))
-                handles.append(module.register_forward_hook(self._recorder(name)))
+                handles.append(module.register_forward_hook(self._after_call(name, index),
+                                                            prepend=True))
             yield
         finally:
-            self.versions.clear()
             for h in handles:
                 h.remove()
             for module, own in patched:
@@ -242,45 +359,64 @@ class PrefixCache:
                 else:
                     module.forward = own
 
-    def _exclude(self, name: str, why: str, level: int = logging.DEBUG) -> None:
-        log.log(level, "capture cache: %s %s; not cached", name, why)
-        self.excluded.add(name)
-        self.recording.pop(name, None)
-        self.bytes.pop(name, None)
+    def _replay(self, name: str, record: tuple[Any, Any], original: Callable):
+        expected, output = record
 
-    def _inputs(self, name: str):
+        def forward(*args, **kwargs):
+            if self.enabled:
+                if _fingerprint((args, kwargs)) == expected:
+                    return _clone(output)[0]
+                self._drop(f"the inputs of {name!r} differ from the recorded ones (randomness "
+                           "in the forward function, or a direct call of .forward?)")
+            return original(*args, **kwargs)
+        return forward
+
+    def _before_call(self, name: str, index: int):
         def hook(module, args, kwargs):
-            if name in self.excluded or name not in self.recording:
+            rec = self.recording.get(name)
+            if rec is None or name in self.excluded:
+                return
+            if index in rec.by_batch or rec.pending is not None:
+                self._exclude(name, "runs more than once in a batch")
                 return
             tensors = _plain((args, kwargs))
             if tensors is None:
                 self._exclude(name, "takes an input that is not tensors or plain values")
                 return
-            self.versions[name] = [(t, t._version) for t in tensors]
+            rec.pending = {"versions": [(t, t._version) for t in tensors],
+                           "inputs": _storages(tensors), "print": _fingerprint((args, kwargs)),
+                           "state": _state(module), "rng": _rng_states()}
         return hook
 
-    def _recorder(self, name: str):
+    def _after_call(self, name: str, index: int):
         def hook(module, args, out):
-            if name in self.excluded or name not in self.recording:
+            rec = self.recording.get(name)
+            if rec is None or name in self.excluded or rec.pending is None:
                 return
-            if any(t._version != v for t, v in self.versions.pop(name, ())):
-                self._exclude(name, "changes an input in place")
+            seen, rec.pending = rec.pending, None
+            why = None
+            outputs = _plain(out)
+            if any(t._version != v for t, v in seen["versions"]):
+                why = "changes an input in place"
+            elif _state(module) != seen["state"]:
+                why = "changes an attribute, parameter or buffer of itself"
+            elif not _same_rng(_rng_states(), seen["rng"]):
+                why = "draws random numbers"
+            elif outputs is None:
+                why = f"returns a {type(out).__name__}"
+            elif any(t.requires_grad for t in outputs):
+                why = "returns a tensor that needs a gradient"
+            elif _storages(outputs) & (seen["inputs"] | _storages(
+                    (*module.parameters(), *module.buffers()))):
+                why = "returns a tensor that shares memory with an input, parameter or buffer"
+            if why is not None:
+                self._exclude(name, why)
                 return
-            try:
-                copy, size = _clone(out)
-            except _Uncacheable as exc:
-                self._exclude(name, f"returns a {exc}")
-                return
+            copy, size = _clone(out)
             if self.size + size > self.budget:
                 self._exclude(name, f"would pass the {self.budget / 2**20:.0f} MB budget",
                               logging.INFO)
                 return
-            self.recording[name].append(copy)
+            rec.by_batch[index] = (seen["print"], copy)
             self.bytes[name] = self.bytes.get(name, 0) + size
         return hook
-
-
-def _replay(record: Any) -> Callable[..., Any]:
-    def forward(*args, **kwargs):
-        return _clone(record)[0]
-    return forward

@@ -3,6 +3,7 @@ give the same statistics, hence the same codes, as running every pass whole."""
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -16,15 +17,19 @@ from qround.prefix_cache import PrefixCache, trace_spans
 from .tiny_models import BATCHES, KwargsNet, TinyResNet, gen
 
 
+RUNS: dict[int, int] = {}
+
+
 class Counted(nn.Module):
-    """Counts how often its forward really runs (hooks would also fire on a replay)."""
+    """Counts how often its forward really runs (hooks would also fire on a replay), outside
+    the module: a change of its own attributes would keep it from being replayed."""
 
     def __init__(self, module):
         super().__init__()
-        self.inner, self.runs = module, 0
+        self.inner = module
 
     def forward(self, x):
-        self.runs += 1
+        RUNS[id(self)] = RUNS.get(id(self), 0) + 1
         return self.inner(x)
 
 
@@ -89,9 +94,10 @@ def test_cache_gives_the_same_codes(make, batches, inputs):
 def test_cache_skips_finished_modules_and_restores_forward():
     runs = {}
     for mb in (0, 1024):
+        RUNS.clear()
         q = quantize_model(InPlaceNet(), XB, QuantConfig(wbits=3, solver="greedy", progress=False,
                                                          capture_cache_mb=mb))
-        runs[mb] = q.model.first.runs
+        runs[mb] = RUNS.get(id(q.model.first), 0)
         assert all("forward" not in m.__dict__ for m in q.model.modules())  # nothing patched
     n = len(XB)
     # the plan's trace (1 batch), then 4 capture passes (first's Linear, odd.fc, second's
@@ -176,10 +182,22 @@ def test_modules_tied_to_a_later_layer_are_not_cached():
         spans, starts = trace_spans(net, lambda: net(XB[0]))
     cache = PrefixCache(net, spans, 2 ** 20, ["mid.0", "last", "late"], starts)
     assert cache.tied == [(starts["early.0"], starts["last"])]
-    cache.prepare(starts["last"])      # `last` not finished: nothing after early.0 may be kept
-    assert cache.recording == {}
-    cache.prepare(starts["late"])      # `last` finished: the records start
-    assert set(cache.recording) == {"early", "mid", "last"}
+
+    def one_pass(before):
+        cache.prepare(before)
+        recording = set(cache.recording)
+        for j, batch in enumerate(XB):
+            with cache.batch(j, batch), torch.no_grad():
+                net(batch)
+        cache.finish()
+        return recording
+
+    assert one_pass(starts["last"]) == {"early", "mid"}   # taken while `last` is float
+    assert set(cache.ready) == {"early", "mid"}
+    with torch.no_grad():
+        net.last.weight.mul_(0.5)                          # `last` written back
+    # both records saw the tied weight before the write-back: dropped and taken again
+    assert one_pass(starts["late"]) == {"early", "mid", "last"}
     # the layers must be quantisable in any grouping: `early.0` and `last` share a weight, so
     # quantise only the others and compare with and without the cache
     for inputs in ("quantized", "asymmetric"):
@@ -247,3 +265,205 @@ def test_modules_with_side_effects_run_every_pass(make, skipped, caplog):
         on = codes_and_costs(make(), XB)
     assert f"capture cache: {skipped} " in caplog.text
     assert_same(codes_and_costs(make(), XB, capture_cache_mb=0), on)
+
+
+# ------------------------------------------------- cases from an adversarial review of the cache
+def _filled(module, seed):
+    g = gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return module
+
+
+X8 = [torch.randn(4, 8, generator=gen(20 + i)) for i in range(3)]
+
+
+class UserHookNet(nn.Module):
+    """A user hook that changes a module's output (it must act once, not on a record of itself)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 4)
+        _filled(self, 1)
+        self.a.register_forward_hook(lambda m, i, o: o * 2 + 1)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(self.a(x))))
+
+
+class ChildHookNet(nn.Module):
+    """A hook on a child stores its output for a later module (fastai's U-Net, FPN taps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+        self.dec, self.head = nn.Linear(16, 8), nn.Linear(8, 4)
+        _filled(self, 2)
+        self.enc[1].register_forward_hook(lambda m, i, o: setattr(m, "tapped", o))
+
+    def forward(self, x):
+        h = self.enc(x)
+        return self.head(torch.relu(self.dec(torch.cat([h, self.enc[1].tapped], -1))))
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.last = nn.Linear(8, 8), None
+
+    def forward(self, x):
+        h = self.fc(x)
+        self.last = torch.sigmoid(h)                    # read by the parent later
+        return h
+
+
+class GateNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.mid, self.head = Gate(), nn.Linear(8, 8), nn.Linear(8, 4)
+        _filled(self, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(self.gate(x))) * self.gate.last)
+
+
+class AliasNet(nn.Module):
+    """Eval-mode dropout returns its input; the caller edits the result in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.b, self.c = nn.Linear(8, 8), nn.Dropout(0.1), nn.Linear(8, 8), \
+            nn.Linear(8, 4)
+        _filled(self, 9)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.drop(h)
+        y.mul_(0.5)                                     # halves h as well
+        return self.c(torch.relu(self.b(y)) + h)
+
+
+class ForceNet(nn.Module):
+    """The forward differentiates itself (energy -> forces)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mid, self.energy, self.out = (nn.Linear(8, 8), nn.Linear(8, 8),
+                                                       nn.Linear(8, 1), nn.Linear(8, 4))
+        _filled(self, 7)
+
+    def forward(self, pos):
+        with torch.enable_grad():
+            pos = pos.detach().requires_grad_(True)
+            e = self.energy(torch.tanh(self.mid(torch.tanh(self.embed(pos))))).sum()
+            force = -torch.autograd.grad(e, pos)[0]
+        return self.out(force)
+
+
+class DirectForwardNet(nn.Module):
+    """A module called once through __call__ and once more through .forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b, self.c = nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8), \
+            nn.Linear(8, 4)
+        _filled(self, 10)
+
+    def forward(self, x):
+        h = self.norm(self.a(x))
+        return self.c(self.norm.forward(self.b(h)) + h)
+
+
+class LoopNet(nn.Module):
+    """A refinement module run a data-dependent number of times (1, 2, 0 over the batches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.ref = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 4)
+        _filled(self, 11)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        for _ in range(int(x[0, 0] > 0) + int(x[0, 1] > 0)):
+            h = self.ref(h)
+        return self.c(torch.relu(self.b(h)))
+
+
+LOOP_XB = [x.clone() for x in X8]
+for _x, (_u, _v) in zip(LOOP_XB, [(1, -1), (1, 1), (-1, -1)]):
+    _x[0, 0], _x[0, 1] = _u, _v
+
+
+class TimeNet(nn.Module):
+    """Diffusion-style: the forward function draws t, a module embeds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.temb = nn.Sequential(nn.Linear(1, 8), nn.SiLU(), nn.Linear(8, 8))
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        _filled(self, 13)
+
+    def forward(self, x, t):
+        e = self.temb(t[:, None])
+        return self.c(torch.relu(self.b(torch.relu(self.a(x) + e)) + e))
+
+
+def noisy_forward(model, x0):
+    t = torch.rand(len(x0), generator=NOISE)
+    return model(x0 + t[:, None] * torch.randn(x0.shape, generator=NOISE), t)
+
+
+NOISE = torch.Generator()
+
+
+def scripted():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated
+        gelu = torch.jit.script(nn.GELU())
+    return _filled(nn.Sequential(nn.Linear(8, 8), gelu, nn.Linear(8, 8), nn.ReLU(),
+                                 nn.Linear(8, 4)), 14)
+
+
+@pytest.mark.parametrize("make, data, inputs", [
+    (UserHookNet, X8, "quantized"), (ChildHookNet, X8, "quantized"), (GateNet, X8, "quantized"),
+    (AliasNet, X8, "quantized"), (AliasNet, X8, "asymmetric"), (ForceNet, X8, "quantized"),
+    (DirectForwardNet, X8, "quantized"), (LoopNet, LOOP_XB, "asymmetric"),
+    (scripted, X8, "quantized"),
+])
+def test_reviewed_cases_give_the_same_codes(make, data, inputs):
+    assert_same(codes_and_costs(make(), data, inputs=inputs, capture_cache_mb=0),
+                codes_and_costs(make(), data, inputs=inputs))
+
+
+def test_randomness_before_a_module_switches_the_cache_off(caplog):
+    runs = []
+    for mb in (0, 1024):
+        NOISE.manual_seed(0)
+        with caplog.at_level(logging.WARNING, logger="qround.prefix_cache"):
+            q = quantize_model(TimeNet(), X8, QuantConfig(wbits=3, solver="greedy", progress=False,
+                                                          capture_cache_mb=mb),
+                               forward=noisy_forward)
+        runs.append(({n: w.codes for n, w in q.layers.items()}, np.array([r.cost for r in q.report])))
+    assert "the inputs of 'temb" in caplog.text
+    assert_same(*runs)
+
+
+def test_rows_reordered_inside_a_batch_are_seen(caplog):
+    x = torch.randn(16, 8, generator=gen(30))
+    perm = torch.randperm(16, generator=gen(31))
+    net = _filled(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), 3)
+
+    class Rows:
+        """One batch whose rows come in another order on every pass."""
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter([x if self.passes % 2 else x[perm]])
+
+    with caplog.at_level(logging.WARNING, logger="qround.prefix_cache"):
+        codes_and_costs(net, Rows(), inputs="asymmetric")
+    assert "calibration batch 0 differs" in caplog.text
