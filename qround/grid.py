@@ -134,8 +134,19 @@ def _range_to_grid(lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int, symmetr
 
 
 def _rtn_error(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int):
-    q = np.clip(np.floor(wg / scale[..., None] + 0.5) + zero[..., None], qmin, qmax)
-    return scale[..., None] * (q - zero[..., None]) - wg
+    """``s (clip(floor(w / s + 1/2) + z) - z) - w`` in one buffer (the same ufuncs in the same
+    order as the out-of-place expression, so the same values; the scale search calls this once
+    per candidate scale)."""
+    s, z = scale[..., None], zero[..., None]
+    e = np.divide(wg, s)
+    e += 0.5
+    np.floor(e, out=e)
+    e += z
+    np.clip(e, qmin, qmax, out=e)
+    e -= z
+    np.multiply(s, e, out=e)
+    e -= wg
+    return e
 
 
 def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
@@ -199,7 +210,7 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
             return res
     else:
         def score(err):
-            return np.sum(err * err, axis=2)
+            return np.sum(np.square(err, out=err), axis=2)  # err is a scratch buffer
 
     best = score(_rtn_error(wg, best_s, best_z, qmin, qmax))
     for shrink in np.linspace(1.0, spec.min_shrink, spec.shrink_steps)[1:]:

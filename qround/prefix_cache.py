@@ -49,6 +49,7 @@ result equals a run without the cache (tests compare the codes).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -106,13 +107,21 @@ def _array_print(t: torch.Tensor) -> tuple:
     t = t.detach()
     if t.is_complex():
         t = torch.view_as_real(t)
-    f = torch.nan_to_num(t.double(), nan=0.0, posinf=1e300, neginf=-1e300)
-    f = f.reshape(t.shape[0], -1) if t.dim() and t.shape[0] else f.reshape(1, -1)
-    rows, cols = f.sum(1), f.sum(0)
-    weights = lambda n: torch.arange(n, dtype=torch.float64, device=f.device)  # noqa: E731
-    return (tuple(t.shape), str(t.dtype), str(t.device), float(rows.sum()), float((f * f).sum()),
-            float((rows * weights(rows.numel())).sum()),
-            float((cols * weights(cols.numel())).sum()))
+    if not t.is_floating_point():
+        t = t.double()  # integers and booleans: exact in float64 up to 2^53
+
+    def sums(f):
+        f = f.reshape(f.shape[0], -1) if f.dim() and f.shape[0] else f.reshape(1, -1)
+        rows, cols = f.sum(1, dtype=torch.float64), f.sum(0, dtype=torch.float64)
+        weights = lambda n: torch.arange(n, dtype=torch.float64, device=f.device)  # noqa: E731
+        return (float(rows.sum()), float((f * f).sum(dtype=torch.float64)),
+                float((rows * weights(rows.numel())).sum()),
+                float((cols * weights(cols.numel())).sum()))
+
+    out = sums(t)
+    if any(math.isnan(x) for x in out):  # NaN never equals itself: sum the finite stand-ins
+        out = sums(torch.nan_to_num(t.double(), nan=0.0, posinf=1e300, neginf=-1e300))
+    return (tuple(t.shape), str(t.dtype), str(t.device), *out)
 
 
 def _fingerprint(value: Any) -> Any:

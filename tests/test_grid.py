@@ -67,3 +67,18 @@ def test_errors():
         fit_grid(w, GridSpec(symmetric=False), scale=np.ones(2))
     with pytest.raises(QroundError, match="shape"):
         fit_grid(w, GridSpec(), scale=np.ones(3))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 8), symmetric=st.booleans())
+def test_rtn_error_in_one_buffer_equals_the_plain_expression(seed, bits, symmetric):
+    """The scale search's in-place error is bitwise the out-of-place formula."""
+    from qround.grid import _range_to_grid, _rtn_error, qrange
+
+    rng = np.random.default_rng(seed)
+    wg = rng.normal(size=(5, 3, 7)) * rng.uniform(0.01, 10)
+    qmin, qmax = qrange(bits, symmetric)
+    s, z = _range_to_grid(wg.min(axis=2) * 0.7, wg.max(axis=2) * 0.7, qmin, qmax, symmetric)
+    q = np.clip(np.floor(wg / s[..., None] + 0.5) + z[..., None], qmin, qmax)
+    expected = s[..., None] * (q - z[..., None]) - wg
+    np.testing.assert_array_equal(_rtn_error(wg, s, z, qmin, qmax), expected)
