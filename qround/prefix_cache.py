@@ -170,6 +170,13 @@ def _state(module: nn.Module) -> tuple:
     return attrs, versions
 
 
+def _ancestors(name: str) -> Iterator[str]:
+    """The proper ancestors of a dotted module name: ``a.b.c`` -> ``a``, ``a.b``."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        yield ".".join(parts[:i])
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or getattr(module, "_backward_pre_hooks", None))
@@ -251,9 +258,9 @@ class PrefixCache:
                      for m, module in self.modules.items() if m in starts
                      for p in module.parameters(recurse=False)
                      if id(p) in owner and owner[id(p)] != m]
-        hooked = [n for n, m in self.modules.items() if n and _has_hooks(m)]
-        self.spans = {n: s for n, s in spans.items()
-                      if not any(h.startswith(n + ".") for h in hooked)}
+        above_hooks = {a for n, m in self.modules.items() if n and _has_hooks(m)
+                       for a in _ancestors(n)}
+        self.spans = {n: s for n, s in spans.items() if n not in above_hooks}
         self.budget = int(budget)
         self.enabled = self.budget > 0 and bool(self.spans)
         if self.enabled and _global_hooks():
@@ -289,7 +296,7 @@ class PrefixCache:
             del self.ready[name]
             self.bytes.pop(name, None)
         fit = {n for n, (_, end) in self.spans.items() if end < before and n not in self.excluded}
-        tops = {n for n in fit if not any(n.startswith(a + ".") for a in fit)}
+        tops = {n for n in fit if not any(a in fit for a in _ancestors(n))}
         self.recording = {n: _Recording() for n in tops if n not in self.ready}
         self.batches = 0
 
@@ -302,7 +309,7 @@ class PrefixCache:
             if rec.by_batch and sorted(rec.by_batch) == list(range(self.batches)):
                 self.ready[name] = [rec.by_batch[j] for j in range(self.batches)]
                 self.taken_at[name] = self.before
-                for inner in [n for n in self.ready if n.startswith(name + ".")]:
+                for inner in [n for n in self.ready if name in _ancestors(n)]:
                     del self.ready[inner]
                     self.bytes.pop(inner, None)
             else:
