@@ -358,7 +358,8 @@ class PrefixCache:
                 own = module.__dict__.get("forward")
                 patched.append((module, own))
                 original = own if own is not None else type(module).forward.__get__(module)
-                module.forward = self._replay(name, records[index], original)
+                # straight into the instance dict: nn.Module.__setattr__ only adds checks here
+                module.__dict__["forward"] = self._replay(name, records[index], original)
             for name in self.recording:
                 module = self.modules[name]
                 handles.append(module.register_forward_pre_hook(self._before_call(name, index),
@@ -371,9 +372,9 @@ class PrefixCache:
                 h.remove()
             for module, own in patched:
                 if own is None:
-                    del module.forward
+                    module.__dict__.pop("forward", None)
                 else:
-                    module.forward = own
+                    module.__dict__["forward"] = own
 
     def _replay(self, name: str, record: tuple[Any, Any], original: Callable):
         expected, output = record
