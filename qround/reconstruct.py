@@ -55,6 +55,7 @@ from torch import nn
 from .activations import QuantizedLayer, qdrop, quantized_layers
 from .calibrate import ForwardFn, default_forward, eval_mode
 from .errors import QroundError
+from .prefix_cache import PrefixCache, trace_spans
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ class ReconstructConfig:
     lr_border: Adam learning rates of V, the LSQ steps and the borders.  reg_weight: lambda of
     the rounding regulariser; beta: its (start, end) exponent; warmup: fraction of the steps
     without it.  qdrop: probability of keeping a float activation while training (0 = off).
-    train_*: which parameter kinds are trained.  cache_mb: bound on one block's cached data."""
+    train_*: which parameter kinds are trained.  cache_mb: bound on one block's cached data.
+    capture_cache_mb: bound per model on the recorded outputs of finished modules replayed in
+    the capture passes (:mod:`qround.prefix_cache`; 0 runs every capture pass whole)."""
 
     iterations: int = 500
     batch_size: int = 32
@@ -85,6 +88,7 @@ class ReconstructConfig:
     train_borders: bool = True
     cache_mb: float = 1024.0
     seed: int = 0
+    capture_cache_mb: float = 1024.0
 
     def __post_init__(self):
         for name in ("iterations", "batch_size", "seed"):
@@ -104,6 +108,11 @@ class ReconstructConfig:
                                            for b in self.beta)):
             raise QroundError(f"ReconstructConfig.beta must be two positive numbers, got "
                               f"{self.beta!r}")
+        if isinstance(self.capture_cache_mb, bool) or not (
+                isinstance(self.capture_cache_mb, (int, float))
+                and 0 <= self.capture_cache_mb < float("inf")):
+            raise QroundError(f"ReconstructConfig.capture_cache_mb must be a finite number >= 0, "
+                              f"got {self.capture_cache_mb!r}")
         if not 0 <= self.warmup < 1:
             raise QroundError(f"ReconstructConfig.warmup must lie in [0, 1), got {self.warmup!r}")
         if not 0 <= self.qdrop <= 1:
@@ -351,7 +360,11 @@ class _BlockData:
         return args, kwargs, self.targets[i]
 
 
-def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, budget_mb):
+def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, budget_mb,
+             caches: tuple | None = None):
+    """The block's inputs from the quantised model and its float outputs, per batch.  caches:
+    ((quant PrefixCache, event the entry starts at), (float PrefixCache, event the unit starts
+    at)), or None: every pass runs from the model's first module."""
     inputs: list = []
     targets: list[torch.Tensor] = []
     used = [0]
@@ -374,21 +387,26 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         targets.append(y)
         raise _Stop
 
-    for model, module, hook in ((quant_model, qblock, pre), (float_model, fblock, post)):
+    off = (PrefixCache(quant_model, {}, 0), 0)
+    passes = ((quant_model, qblock, pre), (float_model, fblock, post))
+    for (model, module, hook), (cache, before) in zip(passes, caches or (off, off)):
         if hook is pre:
             handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         else:
             handle = module.register_forward_hook(hook)
+        cache.prepare(before)
         try:
             with torch.no_grad():
-                for batch in batches:
+                for j, batch in enumerate(batches):
                     try:
-                        forward(model, batch)
+                        with cache.batch(j, batch):
+                            forward(model, batch)
                     except _Stop:
                         continue
                     raise QroundError(f"block {name!r} was not called by the model's forward")
         finally:
             handle.remove()
+        cache.finish()
     return _BlockData(inputs, targets)
 
 
@@ -606,7 +624,20 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
         for m in quantized_layers(model).values():
             if m.weight_spec is not None:
                 m.weight_mode = "hard"
-        units, lca = _order_units(model, units, batches[0], forward)
+        if config.capture_cache_mb > 0:
+            found: list = []
+            q_spans, q_starts = trace_spans(model, lambda: found.append(
+                _order_units(model, units, batches[0], forward)))
+            units, lca = found[0]
+            with torch.no_grad():
+                f_spans, f_starts = trace_spans(float_model,
+                                                lambda: forward(float_model, batches[0]))
+            budget = int(config.capture_cache_mb * 2 ** 20)
+            trained = list(quantized_layers(model))
+            q_cache = PrefixCache(model, q_spans, budget, trained, q_starts)
+            f_cache = PrefixCache(float_model, f_spans, budget, [], f_starts)
+        else:
+            units, lca = _order_units(model, units, batches[0], forward)
         for unit in units:
             t0 = time.perf_counter()
             name, last = unit.name, unit.modules[-1]
@@ -623,8 +654,14 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
                 full = tuple(layers)
                 block = _UnitForward(qnamed[lca[unit]], qnamed[last], name)
                 entry = qnamed[lca[unit]]
+            entry_name = lca.get(unit, name) if len(unit.modules) > 1 else name
+            caches = None
+            if config.capture_cache_mb > 0:
+                first = unit.modules[0]
+                caches = ((q_cache, q_starts.get(entry_name, 0)),
+                          (f_cache, f_starts.get(first, f_starts.get(entry_name, 0))))
             data = _capture(float_model, model, fnamed[last], entry, name, batches, forward,
-                            config.cache_mb)
+                            config.cache_mb, caches)
             before = _mse(block, data, name)
             saved = {m: copy.deepcopy(qnamed[m].state_dict()) for m in unit.modules}
             iterations = _train_block(block, layers, data, config, gen, name)

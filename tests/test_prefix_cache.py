@@ -467,3 +467,50 @@ def test_rows_reordered_inside_a_batch_are_seen(caplog):
     with caplog.at_level(logging.WARNING, logger="qround.prefix_cache"):
         codes_and_costs(net, Rows(), inputs="asymmetric")
     assert "calibration batch 0 differs" in caplog.text
+
+
+# ------------------------------------------------------------------- block reconstruction
+@pytest.mark.parametrize("granularity, k, abits, make, batches", [
+    ("layer", None, 3, TinyResNet, BATCHES), ("block", None, 3, TinyResNet, BATCHES),
+    ("loss", 1, 3, TinyResNet, BATCHES), ("layer", None, 4, lambda: KwargsNet(3), KB),
+    ("block", None, None, lambda: KwargsNet(3), KB),
+])
+def test_reconstruction_captures_give_the_same_result(granularity, k, abits, make, batches):
+    """Block reconstruction replays finished units in its capture passes: the same codes,
+    activation steps and losses as running every pass whole."""
+    from qround.reconstruct import ReconstructConfig
+
+    out = []
+    for mb in (0, 1024):
+        rec = ReconstructConfig(iterations=15, batch_size=8, seed=1, capture_cache_mb=mb)
+        q = quantize_model(make(), batches, QuantConfig(
+            wbits=2, symmetric=False, solver="greedy", progress=False, abits=abits,
+            reconstruction=rec, granularity=granularity, k=k, capture_cache_mb=mb))
+        steps = {n: m.act.step.detach().clone() for n, m in q.model.named_modules()
+                 if getattr(m, "act", None) is not None}
+        out.append(({n: w.codes for n, w in q.layers.items()}, steps,
+                    [(b.loss_before, b.loss_after) for b in q.reconstruction.blocks]))
+    (codes0, steps0, losses0), (codes1, steps1, losses1) = out
+    assert codes0.keys() == codes1.keys() and steps0.keys() == steps1.keys()
+    for name in codes0:
+        np.testing.assert_array_equal(codes0[name], codes1[name], err_msg=name)
+    for name in steps0:
+        torch.testing.assert_close(steps0[name], steps1[name], rtol=0, atol=0)
+    np.testing.assert_allclose(losses0, losses1, rtol=1e-12)
+    assert len(losses0) >= 2
+
+
+def test_reconstruction_capture_cache_runs_fewer_forwards():
+    from qround.reconstruct import ReconstructConfig
+
+    runs = {}
+    for mb in (0, 1024):
+        RUNS.clear()
+        net = InPlaceNet()
+        rec = ReconstructConfig(iterations=2, batch_size=8, seed=1, capture_cache_mb=mb)
+        q = quantize_model(net, XB, QuantConfig(wbits=3, solver="greedy", progress=False, abits=4,
+                                                reconstruction=rec, granularity="layer",
+                                                capture_cache_mb=mb))
+        runs[mb] = sum(RUNS.values())
+        assert all("forward" not in m.__dict__ for m in q.model.modules())
+    assert runs[1024] < runs[0]
