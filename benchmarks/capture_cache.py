@@ -47,6 +47,7 @@ def main(argv=None) -> int:
 
     from qround import zoo
     from qround.pipeline import QuantConfig, quantize_model
+    from qround.activations import QuantizedLayer
     from qround.reconstruct import ReconstructConfig
     from qround.report import format_table
 
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
                 cache = "off" if mb == 0.0 else "on"
                 codes[cache] = {n: w.codes for n, w in q.layers.items()}
                 steps[cache] = [m.act.step.detach().clone() for m in q.model.modules()
-                                if getattr(m, "act", None) is not None]
+                                if isinstance(m, QuantizedLayer) and m.act is not None]
                 rows.append({"inputs": inputs, "round": r, "cache": cache,
                              "wall_s": round(wall, 2),
                              "capture_s": round(sum(x.capture_seconds for x in q.report), 2),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from qround.activations import QuantizedLayer
 from qround.errors import QroundError
 from qround.pipeline import QuantConfig, quantize_model
 from qround.prefix_cache import PrefixCache, trace_spans
@@ -487,7 +488,7 @@ def test_reconstruction_captures_give_the_same_result(granularity, k, abits, mak
             wbits=2, symmetric=False, solver="greedy", progress=False, abits=abits,
             reconstruction=rec, granularity=granularity, k=k, capture_cache_mb=mb))
         steps = {n: m.act.step.detach().clone() for n, m in q.model.named_modules()
-                 if getattr(m, "act", None) is not None}
+                 if isinstance(m, QuantizedLayer) and m.act is not None}
         out.append(({n: w.codes for n, w in q.layers.items()}, steps,
                     [(b.loss_before, b.loss_after) for b in q.reconstruction.blocks]))
     (codes0, steps0, losses0), (codes1, steps1, losses1) = out
