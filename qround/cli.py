@@ -213,13 +213,15 @@ def cmd_quantize(args) -> int:
     reconstruction = None
     if iterations > 0:
         reconstruction = ReconstructConfig(iterations=iterations, seed=args.seed,
-                                           qdrop=0.5 if args.qdrop is None else args.qdrop)
+                                           qdrop=0.5 if args.qdrop is None else args.qdrop,
+                                           capture_cache_mb=args.capture_cache_mb)
     config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
                          group_size=args.group_size, scale_method=args.scale_method,
                          solver=args.solver, inputs=args.inputs,
                          bias_correction=args.bias_correction, refits=args.refits,
                          widen=args.widen, correction=args.correction,
                          first_last_bits=args.first_last_bits, seed=args.seed,
+                         capture_cache_mb=args.capture_cache_mb,
                          device=args.device, progress=not args.no_progress,
                          layers=args.layers, abits=args.abits,
                          borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
@@ -393,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu or cuda: where layer statistics are accumulated and the torch "
                         "solvers (cem, hopfield, gptq) run; the model's forward stays on the CPU")
     q.add_argument("--threads", type=int_at_least(1), default=2)
+    q.add_argument("--capture-cache-mb", type=float, default=1024.0, metavar="MB",
+                   help="outputs of finished modules kept per model and replayed in later "
+                        "capture passes, instead of rerunning them (qround.prefix_cache); 0 = "
+                        "rerun every pass whole (default: %(default)s)")
     a = q.add_argument_group("activations and reconstruction (after the solver)")
     a.add_argument("--abits", type=int, default=None,
                    help="quantise the inputs of the quantised layers to this many bits")

@@ -291,6 +291,7 @@ def test_quantize_bad_activation_options_fail_before_work(argv, match, capsys):
     ([], None), (["--granularity", "modcap"], 300), (["--scheme", "a,b"], 300),
     (["--granularity", "loss", "--k", "1"], 300), (["--qdrop", "0.3"], 300),
     (["--granularity", "layer", "--iterations", "20"], 20),
+    (["--granularity", "layer", "--capture-cache-mb", "0"], 300),
 ])
 def test_quantize_unit_options_imply_a_reconstruction(argv, iterations, monkeypatch, capsys):
     """--granularity, --scheme, --k (like --borders and --qdrop) only act through block
@@ -308,6 +309,8 @@ def test_quantize_unit_options_imply_a_reconstruction(argv, iterations, monkeypa
     assert "stop here" in capsys.readouterr().err
     rec = seen["reconstruction"]
     assert (rec is None) if iterations is None else rec.iterations == iterations
+    cache = 0.0 if "--capture-cache-mb" in argv else 1024.0
+    assert seen["capture_cache_mb"] == cache and (rec is None or rec.capture_cache_mb == cache)
 
 
 def test_solve_out_creates_missing_folder(layer_file, tmp_path):
