@@ -48,7 +48,7 @@ from .errors import QroundError, check_bits
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
-from .prefix_cache import PrefixCache, trace_spans
+from .prefix_cache import PrefixCache, disabled, trace_spans
 from .problems.layers import layer_weight, problems_from_layer
 from .reconstruct import ReconstructConfig, ReconstructResult
 from .report import format_table
@@ -520,7 +520,7 @@ def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Modul
                               f"{tuple(x_hat.shape)} differ in shape")
         sums[name].add(x_hat, x)
 
-    off = PrefixCache(float_model, {}, 0)
+    off = disabled()
     f_cache = (caches or {}).get(id(float_model), off)
     q_cache = off if quant_model is None else (caches or {}).get(id(quant_model), off)
     for cache in {id(f_cache): f_cache, id(q_cache): q_cache}.values():

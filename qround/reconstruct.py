@@ -55,7 +55,7 @@ from torch import nn
 from .activations import QuantizedLayer, qdrop, quantized_layers
 from .calibrate import ForwardFn, default_forward, eval_mode
 from .errors import QroundError
-from .prefix_cache import PrefixCache, trace_spans
+from .prefix_cache import PrefixCache, disabled, trace_spans
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         targets.append(y)
         raise _Stop
 
-    off = (PrefixCache(quant_model, {}, 0), 0)
+    off = (disabled(), 0)
     passes = ((quant_model, qblock, pre), (float_model, fblock, post))
     for (model, module, hook), (cache, before) in zip(passes, caches or (off, off)):
         if hook is pre:
