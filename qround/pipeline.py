@@ -48,7 +48,7 @@ from .errors import QroundError, check_bits
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
-from .prefix_cache import PrefixCache, disabled, trace_spans
+from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
 from .problems.layers import layer_weight, problems_from_layer
 from .reconstruct import ReconstructConfig, ReconstructResult
 from .report import format_table
@@ -156,11 +156,7 @@ class QuantConfig:
             raise QroundError(f"refits must be a non-negative integer, got {self.refits!r}")
         if not (isinstance(self.fisher_budget_mb, (int, float)) and self.fisher_budget_mb > 0):
             raise QroundError(f"fisher_budget_mb must be positive, got {self.fisher_budget_mb!r}")
-        if isinstance(self.capture_cache_mb, bool) or not (
-                isinstance(self.capture_cache_mb, (int, float))
-                and 0 <= self.capture_cache_mb < float("inf")):
-            raise QroundError(f"capture_cache_mb must be a finite number >= 0, got "
-                              f"{self.capture_cache_mb!r}")
+        check_budget(self.capture_cache_mb, "capture_cache_mb")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
                 or self.seed < 0:
             raise QroundError(f"seed must be a non-negative integer, got {self.seed!r}")

@@ -59,6 +59,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import QroundError
+
 log = logging.getLogger(__name__)
 
 _SCALARS = (type(None), bool, int, float, str)
@@ -442,3 +444,10 @@ class PrefixCache:
 def disabled() -> PrefixCache:
     """A cache that records and replays nothing (every pass runs whole)."""
     return PrefixCache(nn.Module(), {}, 0)
+
+
+def check_budget(value, name: str) -> None:
+    """A capture-cache budget in MB: a finite number >= 0 (0 turns the cache off)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float))
+                                       and 0 <= value < float("inf")):
+        raise QroundError(f"{name} must be a finite number >= 0, got {value!r}")

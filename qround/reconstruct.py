@@ -55,7 +55,7 @@ from torch import nn
 from .activations import QuantizedLayer, qdrop, quantized_layers
 from .calibrate import ForwardFn, default_forward, eval_mode
 from .errors import QroundError
-from .prefix_cache import PrefixCache, disabled, trace_spans
+from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,10 @@ class ReconstructConfig:
                 and self.reg_weight >= 0):
             raise QroundError(f"ReconstructConfig.reg_weight must be >= 0, got {self.reg_weight!r}")
         if (not isinstance(self.beta, (tuple, list)) or len(self.beta) != 2
-                or not all(isinstance(b, (int, float)) and b > 0
-                                           for b in self.beta)):
+                or not all(isinstance(b, (int, float)) and b > 0 for b in self.beta)):
             raise QroundError(f"ReconstructConfig.beta must be two positive numbers, got "
                               f"{self.beta!r}")
-        if isinstance(self.capture_cache_mb, bool) or not (
-                isinstance(self.capture_cache_mb, (int, float))
-                and 0 <= self.capture_cache_mb < float("inf")):
-            raise QroundError(f"ReconstructConfig.capture_cache_mb must be a finite number >= 0, "
-                              f"got {self.capture_cache_mb!r}")
+        check_budget(self.capture_cache_mb, "ReconstructConfig.capture_cache_mb")
         if not 0 <= self.warmup < 1:
             raise QroundError(f"ReconstructConfig.warmup must lie in [0, 1), got {self.warmup!r}")
         if not 0 <= self.qdrop <= 1:
