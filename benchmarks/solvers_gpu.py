@@ -32,7 +32,8 @@ import numpy as np
 
 from _common import int_list, write_results  # noqa: E402 (benchmarks/ is on sys.path)
 
-DEFAULT_SOLVERS = "cem,hopfield,hopfield-eager,hopfield-10k,hopfield-classic,hopfield+greedy,gptq"
+DEFAULT_SOLVERS = ("cem,hopfield,hopfield-eager,hopfield-10k,hopfield-classic,hopfield+greedy,"
+                   "meanfield,gptq")
 
 
 def make_solver(spec: str, device: str):

@@ -41,16 +41,20 @@ OURS = ("nearest", "stochastic", "greedy", "gptq", "anneal", "tabu-fast", "tabu"
         "fast", "quality")
 # gradient / sampling methods whose per-channel cost makes whole wide layers slow here: they run
 # on the same channel subset as the dimod references
-SUBSET_ONLY = ("cem", "hopfield", "hopfield-10k", "hopfield-classic", "hopfield+greedy")
+SUBSET_ONLY = ("cem", "hopfield", "hopfield-10k", "hopfield-classic", "hopfield+greedy", "meanfield")
 
 
 def extra_solvers(sweeps_factor: int = 10) -> dict:
-    """Solvers with explicit parameters: the outside references (dimod samplers) and AdaRound's
-    relaxation at 10k iterations."""
-    from .solvers import Relaxation
+    """Solvers with explicit parameters: the outside references (dimod samplers), AdaRound's
+    relaxation at 10k iterations, and ``quality-v1``, the ``quality`` of the fourth to ninth
+    sessions (GPTQ, then the better of iterated tabu and anneal + tabu), to compare with."""
+    from .solvers import GPTQ, Anneal, BestOf, Chain, Relaxation, Tabu
 
     return {
         "hopfield-10k": Relaxation(iterations=10_000),
+        "quality-v1": Chain(GPTQ(), BestOf(Tabu(stall=4000), Chain(Anneal(order="sequential"),
+                                                                   Tabu(stall=4000))),
+                            label="quality-v1"),
         "neal": DimodSolver("neal"),
         f"neal-{sweeps_factor}x": DimodSolver("neal", num_sweeps=1000 * sweeps_factor),
         "dwave-tabu": DimodSolver("dwave-tabu", timeout=100, num_reads=4),

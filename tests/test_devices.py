@@ -11,7 +11,8 @@ import torch
 from qround import QroundError
 from qround.cli import main
 from qround.pipeline import QuantConfig, quantize_model
-from qround.solvers import GPTQ, CrossEntropy, HopfieldClassic, Relaxation, get_solver, place
+from qround.solvers import (GPTQ, CrossEntropy, HopfieldClassic, MeanField, Relaxation, get_solver,
+                            place)
 
 from .conftest import make_problem
 from .test_cli import layer_file  # noqa: F401  (fixture)
@@ -35,6 +36,7 @@ def devices_of(solver):
 # ------------------------------------------------------------------- placement (any machine)
 @pytest.mark.parametrize("spec, torch_parts", [("cem", 1), ("hopfield+greedy", 1),
                                                ("gptq+tabu|hopfield", 2), ("fast", 1),
+                                               ("quality", 2),
                                                ("greedy", 0)])
 def test_get_solver_device_reaches_every_torch_part(spec, torch_parts):
     solver = get_solver(spec, device="cpu")
@@ -76,8 +78,8 @@ def test_cli_solve_device_cpu(layer_file, capsys):  # noqa: F811
 
 # ------------------------------------------------------------------------- CUDA (GPU only)
 @needs_cuda
-@pytest.mark.parametrize("spec", ["cem", "hopfield", "hopfield-classic", "gptq", "gptq+tabu",
-                                  "hopfield+greedy", "fast"])
+@pytest.mark.parametrize("spec", ["cem", "hopfield", "hopfield-classic", "meanfield", "gptq",
+                                  "gptq+tabu", "hopfield+greedy", "fast"])
 def test_solver_on_cuda_is_valid_and_never_worse_than_its_start(spec):
     p = make_problem(m=12, n=40, seed=5)
     start = p.rtn_choices()
@@ -92,7 +94,7 @@ def test_solver_on_cuda_is_valid_and_never_worse_than_its_start(spec):
 @needs_cuda
 @pytest.mark.parametrize("cls, kwargs", [(Relaxation, dict(iterations=300)),
                                          (HopfieldClassic, dict(iterations=300)),
-                                         (GPTQ, {})])
+                                         (MeanField, {}), (GPTQ, {})])
 def test_deterministic_solvers_agree_across_devices_in_float64(cls, kwargs):
     p = make_problem(m=10, n=32, seed=9)
     a = cls(device="cpu", dtype="float64", **kwargs).solve(p, seed=0)

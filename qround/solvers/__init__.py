@@ -9,6 +9,7 @@ from .dimod_backend import DimodSolver
 from .gptq import GPTQ
 from .hopfield import HopfieldClassic, Relaxation
 from .local import Greedy, steepest_descent
+from .meanfield import MeanField
 from .reference import Exact, Nearest, Stochastic
 from .registry import available_solvers, get_solver, place, register
 from .tabu import Tabu
@@ -29,6 +30,7 @@ register("dwave-steepest", lambda **kw: DimodSolver("dwave-steepest", **kw),
 register("cem", CrossEntropy, "cross-entropy method from stochastic-rounding probabilities (torch)")
 register("gptq", GPTQ, "GPTQ sequential rounding with error feedback, floor/ceil only (torch)")
 register("hopfield", Relaxation, "AdaRound continuous relaxation (rectified sigmoid, Adam; torch)")
+register("meanfield", MeanField, "mean-field annealing, damped synchronous steps (torch)")
 register("hopfield-classic", HopfieldClassic,
          "classical Hopfield relaxation, sigmoid(V/T) with annealed T (torch)")
 register("tabu-fast", lambda **kw: Tabu(**{"restarts": 0, "iters_per_var": 1.0, **kw}),
@@ -41,19 +43,24 @@ register("tabu-fast", lambda **kw: Tabu(**{"restarts": 0, "iters_per_var": 1.0, 
 register("fast", lambda: Chain(GPTQ(), Tabu(restarts=0, iters_per_var=1.0, descent=False),
                                label="fast"),
          "default for speed: gptq, then one short tabu round")
-# `quality` searches two basins from GPTQ's start and keeps the better per channel: iterated tabu
-# search, and a short anneal (1000 sequential sweeps) followed by the same tabu search.  The
-# anneal leaves GPTQ's basin where tabu stalls (2-bit convs, where it cut the layer cost by up
-# to a quarter); tabu alone stays best where the start is already good (3-4-bit convs).
-# A tabu round ends after 4000 iterations without a new best: on layers of up to 400 inputs
-# (10 n iterations per round) that never happens; on 1536-input layers, where tabu stalls
-# after an anneal, it halved the time and gave the same costs.  BENCHMARKS.md section 1d.
-register("quality", lambda: Chain(GPTQ(), BestOf(Tabu(stall=4000),
-                                                 Chain(Anneal(order="sequential"), Tabu(stall=4000))),
-                                  label="quality"),
-         "default for quality: gptq, then the better per channel of iterated tabu search and "
-         "anneal + tabu")
+# `quality` searches three basins from GPTQ's start and keeps the best per channel: iterated tabu
+# search; a short anneal (1000 sequential sweeps) followed by tabu; mean-field annealing
+# followed by tabu.  The anneal leaves GPTQ's basin where tabu stalls (2-bit convs, where it cut
+# the layer cost by up to a quarter); tabu alone stays best where the start is already good
+# (3-4-bit convs); mean-field annealing, a deterministic relaxation that ignores the start, finds
+# other basins again (on the convs its branch cut the cost 2-4 % at every width).  Each branch's
+# tabu search has 3 rounds (it had 5 with two branches), so the three together take about the
+# time the two did.  A tabu round ends after 4000 iterations without a new best: on layers of up
+# to 400 inputs (10 n iterations per round) that never happens; on 1536-input layers, where tabu
+# stalls after an anneal, it halved the time and gave the same costs.  BENCHMARKS.md 1d and 1j.
+register("quality", lambda: Chain(
+    GPTQ(), BestOf(Tabu(stall=4000, restarts=2),
+                   Chain(Anneal(order="sequential"), Tabu(stall=4000, restarts=2)),
+                   Chain(MeanField(), Tabu(stall=4000, restarts=2))), label="quality"),
+         "default for quality: gptq, then the best per channel of iterated tabu search, "
+         "anneal + tabu and mean-field annealing + tabu")
 
 __all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver", "place",
            "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy", "DimodSolver",
-           "steepest_descent", "Anneal", "Tabu", "CrossEntropy", "GPTQ", "Relaxation", "HopfieldClassic"]
+           "steepest_descent", "Anneal", "Tabu", "CrossEntropy", "GPTQ", "Relaxation", "HopfieldClassic",
+           "MeanField"]

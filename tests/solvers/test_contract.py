@@ -89,18 +89,20 @@ def test_label_is_the_registry_name(name):
 
 
 def test_named_defaults_never_worse_than_their_parts():
-    # fast and quality start from GPTQ; quality keeps, per channel, the better of its tabu branch
-    # and its anneal + tabu branch, so it is never worse than GPTQ then tabu with the same seed
-    # (its stall limit of 4000 iterations cannot fire on 40 inputs: a round has 400)
-    from qround.solvers import GPTQ, Tabu
+    # fast and quality start from GPTQ; quality keeps, per channel, the best of its tabu branch,
+    # its anneal + tabu branch and its mean-field + tabu branch, so it is never worse than GPTQ
+    # then its tabu branch alone with the same seed (the branch draws first), nor than GPTQ then
+    # mean-field annealing (deterministic); its stall limit of 4000 iterations cannot fire on 40
+    # inputs: a round has 400
+    from qround.solvers import GPTQ, MeanField, Tabu
 
     problem = make_problem(m=12, n=40, bits=2, seed=3)
     gptq = get_solver("gptq").solve(problem, seed=0)
     for name in ("fast", "quality"):
         assert np.all(get_solver(name).solve(problem, seed=0).energy <= gptq.energy + 1e-12)
     quality = get_solver("quality").solve(problem, seed=0)
-    tabu = Chain(GPTQ(), Tabu()).solve(problem, seed=0)
-    assert np.all(quality.energy <= tabu.energy + 1e-12)
+    for part in (Chain(GPTQ(), Tabu(restarts=2)), Chain(GPTQ(), MeanField())):
+        assert np.all(quality.energy <= part.solve(problem, seed=0).energy + 1e-12)
 
 
 # ------------------------------------------------------------------------------ BLAS threads
