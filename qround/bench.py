@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cliargs import bits_list, check_paths, int_at_least
+from .cliargs import PLOT_SUFFIXES, bits_list, check_format, check_paths, int_at_least
 from .errors import QroundError
 from .grid import GridSpec
 from .problems.rounding import RoundingProblem
@@ -369,6 +369,8 @@ def main(argv=None) -> int:
     if not split(a.minilm_layers) and not a.cnn_layers:
         raise QroundError("no layers to benchmark: give --minilm-layers or --cnn-layers N > 0")
     check_paths({"--json": a.json, "--plot": a.plot})
+    check_format("--json", a.json, "JSON", (".json",))
+    check_format("--plot", a.plot, "a PNG image", PLOT_SUFFIXES)
     cfg = BenchConfig(bits=a.bits, solvers=split(a.solvers),
                       subset_solvers=split(a.subset_solvers),
                       references=split(a.references), minilm_layers=split(a.minilm_layers),

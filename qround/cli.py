@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .cliargs import check_paths, int_at_least
+from .cliargs import PLOT_SUFFIXES, check_format, check_paths, int_at_least
 from .errors import QroundError, check_bits
 from .report import SolveRecord, format_table, totals, write_json_atomic, write_npz_atomic
 from .solvers import available_solvers, get_solver
@@ -40,6 +40,7 @@ def cmd_solve(args) -> int:
     if args.bits is not None:
         check_bits(args.bits, "--bits")
     check_paths({"--out": args.out}, {f"FILE {f}": f for f in args.files})
+    check_format("--out", args.out, "an .npz archive", (".npz",))
     solver = get_solver(args.solver, device=args.device)
     records, solutions = [], []
     for path in args.files:
@@ -102,6 +103,7 @@ def cmd_export_layer(args) -> int:
 
     check_bits(args.bits, "--bits")
     check_paths({"--out": args.out})
+    check_format("--out", args.out, "an .npz archive", (".npz",))
     if not args.list and not args.out:
         raise QroundError("--out FILE.npz is required")
     torch.set_num_threads(args.threads)
@@ -209,6 +211,9 @@ def cmd_quantize(args) -> int:
     iterations = _reconstruction_options(args)
     check_paths({"--out": args.out, "--json": args.json, "--loss-plot": args.loss_plot},
                 {"--model": args.model, "--calibration": args.calibration})
+    check_format("--out", args.out, "a safetensors file", (".safetensors",))
+    check_format("--json", args.json, "JSON", (".json",))
+    check_format("--loss-plot", args.loss_plot, "a PNG image", PLOT_SUFFIXES)
     torch.set_num_threads(args.threads)
     reconstruction = None
     if iterations > 0:
@@ -299,6 +304,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     check_paths({"--json": args.json})
+    check_format("--json", args.json, "JSON", (".json",))
     if args.solvers is not None and not [x for x in args.solvers.split(",") if x.strip()]:
         raise QroundError(f"--solvers {args.solvers!r} names no solver")
     result = run_demo(channels=args.channels, solvers=args.solvers, threads=args.threads,

@@ -64,3 +64,28 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
             raise QroundError(f"{flag} {path!r} is the same file as {seen[k]}; it would be "
                               "overwritten: give another name")
         seen[k] = flag
+
+
+# what a file name's suffix says it holds: an output whose name promises another format is
+# refused before any work (an .npz archive named e.safetensors would not load as one)
+_FORMATS = {".npz": "an .npz archive", ".npy": "a numpy array", ".safetensors": "a safetensors file",
+            ".pt": "a torch.save file", ".pth": "a torch.save file", ".json": "JSON",
+            ".png": "an image", ".pdf": "a PDF", ".svg": "an SVG image", ".txt": "text",
+            ".csv": "CSV"}
+PLOT_SUFFIXES = (".png",)   # qround.report.save_figure_atomic writes PNG
+
+
+def check_format(flag: str, path: str | None, writes: str, suffixes: tuple[str, ...]) -> None:
+    """Before any work: refuse an output ``path`` whose suffix names a format other than what
+    ``flag`` writes (``writes``, e.g. "an .npz archive"; allowed ``suffixes``).  Names without
+    a known suffix are accepted, except for plots: a PNG is named .png."""
+    if path is None:
+        return
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix in suffixes:
+        return
+    plots = suffixes == PLOT_SUFFIXES
+    if suffix in _FORMATS or plots:
+        held = _FORMATS.get(suffix, f"a {suffix} file") if suffix else "no format"
+        raise QroundError(f"{flag} {os.fspath(path)!r}: this writes {writes}, but the name "
+                          f"says {held}; end it in {' or '.join(suffixes)}")

@@ -317,3 +317,38 @@ def test_solve_out_creates_missing_folder(layer_file, tmp_path):
     out = tmp_path / "new" / "dir" / "sol.npz"
     assert main(["solve", str(layer_file), "--solver", "nearest", "--out", str(out)]) == 0
     assert "codes" in np.load(out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["solve", "{f}", "--out", "{d}/codes.safetensors"],
+     "--out '{d}/codes.safetensors': this writes an .npz archive, but the name says a "
+     "safetensors file; end it in .npz"),
+    (["export-layer", "--model", "digits-cnn", "--layer", "conv2", "--out", "{d}/e.safetensors"],
+     "this writes an .npz archive, but the name says a safetensors file"),
+    (["quantize", "--model", "digits-cnn", "--out", "{d}/q.npz"],
+     "--out '{d}/q.npz': this writes a safetensors file, but the name says an .npz archive"),
+    (["quantize", "--model", "digits-cnn", "--json", "{d}/report.txt"],
+     "--json '{d}/report.txt': this writes JSON, but the name says text; end it in .json"),
+    (["quantize", "--model", "digits-cnn", "--abits", "4", "--iterations", "5",
+      "--loss-plot", "{d}/loss.pdf"],
+     "--loss-plot '{d}/loss.pdf': this writes a PNG image, but the name says a PDF"),
+    (["quantize", "--model", "digits-cnn", "--abits", "4", "--iterations", "5",
+      "--loss-plot", "{d}/loss"], "this writes a PNG image, but the name says no format"),
+    (["demo", "--json", "{d}/d.npz"], "this writes JSON, but the name says an .npz archive"),
+    (["bench", "--plot", "{d}/p.jpg"], "--plot '{d}/p.jpg': this writes a PNG image, but the "
+                                       "name says a .jpg file; end it in .png"),
+])
+def test_outputs_named_for_another_format_are_refused_before_any_work(tmp_path, layer_file,
+                                                                       capsys, argv, message):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = [a.format(f=layer_file, d=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.format(d=tmp_path) in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_outputs_without_a_known_suffix_are_accepted(layer_file, tmp_path):
+    out = tmp_path / "codes.bin"
+    assert main(["solve", str(layer_file), "--solver", "nearest", "--out", str(out)]) == 0
+    assert np.load(out)["codes"].shape == (12, 24)
