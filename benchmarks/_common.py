@@ -42,8 +42,12 @@ def _choices(text: str, allowed, flag: str, parser) -> list[str]:
 
 
 def known_solver(spec: str) -> bool:
-    """Whether every solver name in a spec (``a+b``, ``a|b``) is registered."""
-    return all(name in available_solvers() for name in spec.replace("|", "+").split("+"))
+    """Whether every solver name in a spec (``a+b``, ``a|b``) is registered, or the spec is a
+    name of ``qround.bench.extra_solvers`` (``quality-v1``, ``neal-10x``...)."""
+    from qround.bench import extra_solvers
+
+    return spec in extra_solvers() or all(name in available_solvers()
+                                          for name in spec.replace("|", "+").split("+"))
 
 
 def plan(args) -> tuple[list[tuple[str, str | None]], list[str]]:

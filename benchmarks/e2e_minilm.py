@@ -8,7 +8,8 @@ held-out sentences with the float model's.
 Methods: ``rtn-minmax`` / ``rtn-mse`` (rounding-to-nearest on min-max / MSE scales), ``gptq``
 (the real GPTQ, ``qround.baselines.gptq_model``: MSE scales, act-order, 1% damping, sequential),
 ``hopfield`` (AdaRound's continuous relaxation through ``quantize_model``), ``solvers``
-(``quantize_model`` with each solver spec of ``--solvers``) and ``reconstruct`` (the same, then
+(``quantize_model`` with each solver spec of ``--solvers``, or a name of
+``qround.bench.extra_solvers`` such as ``quality-v1``) and ``reconstruct`` (the same, then
 block reconstruction of the six transformer layers from the solver's rounding: weights only,
 ``--rec-iterations`` Adam steps per layer, ``qround.reconstruct.ReconstructConfig`` defaults
 otherwise).  Calibration: the first
@@ -70,8 +71,11 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
                     args.scale_method if ours else "mse")
     reconstruction = (ReconstructConfig(iterations=args.rec_iterations, seed=args.seed)
                       if label.endswith("+rec") else None)
+    from qround.bench import extra_solvers   # named solvers with parameters, e.g. quality-v1
+
     config = QuantConfig(wbits=bits, symmetric=True, group_size=group_size,
-                         scale_method=scale_method, solver=spec or "nearest",
+                         scale_method=scale_method,
+                         solver=extra_solvers().get(spec, spec) if spec else "nearest",
                          layers=args.layers, device=args.device, seed=args.seed,
                          damp=args.damp, inputs=args.inputs, correction=args.correction,
                          progress=args.progress, reconstruction=reconstruction,
