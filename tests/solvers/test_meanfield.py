@@ -12,14 +12,7 @@ from qround.solvers import MeanField, get_solver
 from qround.solvers import _torch as qt
 from qround.solvers.meanfield import anneal_means, flip_in_costs
 
-
-def make_problem(m=6, n=10, seed=0, per_channel=False, bits=3, hessian=None):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_t(4, size=(4 * n, n)) @ (np.eye(n) + rng.normal(size=(n, n)) / np.sqrt(n))
-    h = x.T @ x / len(x) if hessian is None else hessian
-    if per_channel:
-        h = np.stack([h * (1 + 0.3 * c) + np.diag(rng.uniform(0, 0.2, n)) for c in range(m)])
-    return RoundingProblem.from_weight(rng.normal(size=(m, n)), h, GridSpec(bits=bits))
+from .test_gptq import make_problem   # correlated heavy-tailed inputs; hessian= overrides H
 
 
 @settings(max_examples=30, deadline=None)
