@@ -41,7 +41,8 @@ OURS = ("nearest", "stochastic", "greedy", "gptq", "anneal", "tabu-fast", "tabu"
         "fast", "quality")
 # gradient / sampling methods whose per-channel cost makes whole wide layers slow here: they run
 # on the same channel subset as the dimod references
-SUBSET_ONLY = ("cem", "hopfield", "hopfield-10k", "hopfield-classic", "hopfield+greedy", "meanfield")
+SUBSET_ONLY = ("cem", "hopfield", "hopfield-10k", "hopfield-classic", "hopfield+greedy",
+               "meanfield")
 
 
 def extra_solvers(sweeps_factor: int = 10) -> dict:

@@ -1,4 +1,4 @@
-"""Mean-field annealing: the deterministic annealing of the mean-field equations (torch, any device).
+"""Mean-field annealing: deterministic annealing of the mean-field equations (torch, any device).
 
 Each choice ``b_i`` is replaced by its mean ``v_i`` in [0, 1] at an inverse temperature
 ``beta``.  With the others at their means, setting ``b_i = 1`` instead of 0 changes the energy
@@ -52,9 +52,8 @@ class MeanField(Solver):
     the fraction of the way each step moves the means (0 < damping <= 1), at most; channels
     with strong couplings take smaller steps (see the module docstring); eval_every: steps
     between evaluations of the rounded means; device: "cpu" or "cuda"; dtype: float32 by
-    default on every device (the means need no more, and the steps take half the time of
-    float64 on the CPU; the result's energies are then computed exactly, in float64, as for
-    every solver).
+    default on every device (the means need no more, and float32 products are the faster
+    ones; the result's energies are then computed exactly, in float64, as for every solver).
     """
 
     name = "meanfield"
@@ -68,9 +67,11 @@ class MeanField(Solver):
         try:
             b0, b1 = (float(b) for b in beta)
         except (TypeError, ValueError):
-            raise QroundError(f"beta must be a (start, end) pair of numbers, got {beta!r}") from None
+            raise QroundError(f"beta must be a (start, end) pair of numbers, got {beta!r}") \
+                from None
         if not (np.isfinite(b0) and np.isfinite(b1) and 0 < b0 <= b1):
-            raise QroundError(f"beta must be a (start, end) pair with 0 < start <= end, got {beta!r}")
+            raise QroundError("beta must be a (start, end) pair with 0 < start <= end, "
+                              f"got {beta!r}")
         self.beta = (b0, b1)
         if isinstance(damping, bool) or not isinstance(damping, (int, float, np.integer,
                                                                  np.floating)) \
