@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from qround.activations import QuantizedLayer
@@ -515,3 +517,23 @@ def test_reconstruction_capture_cache_runs_fewer_forwards():
         runs[mb] = sum(RUNS.values())
         assert all("forward" not in m.__dict__ for m in q.model.modules())
     assert runs[1024] < runs[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(2, 9), cols=st.integers(2, 9), seed=st.integers(0, 2 ** 16),
+       chunk=st.sampled_from([1, 3, 7, 1 << 22]))
+def test_fingerprint_sees_a_changed_element_and_swapped_rows_or_columns(rows, cols, seed, chunk):
+    import qround.prefix_cache as pc
+
+    t = torch.as_tensor(np.random.default_rng(seed).normal(size=(rows, cols)), dtype=torch.float32)
+    old, pc._CHUNK = pc._CHUNK, chunk   # row blocks of at most `chunk` elements (1: one row each)
+    try:
+        base = pc._array_print(t)
+        assert pc._array_print(t.clone()) == base
+        changed = t.clone()
+        changed[rows // 2, cols // 2] += 1.0
+        swapped_rows, swapped_cols = t[[1, 0, *range(2, rows)]], t[:, [1, 0, *range(2, cols)]]
+        for other in (changed, swapped_rows, swapped_cols):
+            assert pc._array_print(other) != base
+    finally:
+        pc._CHUNK = old
