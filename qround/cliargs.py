@@ -69,9 +69,9 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
 # what a file name's suffix says it holds: an output whose name promises another format is
 # refused before any work (an .npz archive named e.safetensors would not load as one)
 _FORMATS = {".npz": "an .npz archive", ".npy": "a numpy array",
-            ".safetensors": "a safetensors file", ".pt": "a torch.save file", ".pth": "a torch.save file", ".json": "JSON",
-            ".png": "an image", ".pdf": "a PDF", ".svg": "an SVG image", ".txt": "text",
-            ".csv": "CSV"}
+            ".safetensors": "a safetensors file", ".pt": "a torch.save file",
+            ".pth": "a torch.save file", ".json": "JSON", ".png": "an image", ".pdf": "a PDF",
+            ".svg": "an SVG image", ".txt": "text", ".csv": "CSV"}
 PLOT_SUFFIXES = (".png",)   # qround.report.save_figure_atomic writes PNG
 
 

@@ -49,8 +49,8 @@ register("fast", lambda: Chain(GPTQ(), Tabu(restarts=0, iters_per_var=1.0, desce
 # the layer cost by up to a quarter); tabu alone stays best where the start is already good
 # (3-4-bit convs); mean-field annealing, a deterministic relaxation that ignores the start, finds
 # other basins again (on the convs its branch cut the cost 2-4 % at every width).  Each branch's
-# tabu search has 3 rounds (it had 5 with two branches), so the three together take about the
-# time the two did.  A tabu round ends after 4000 iterations without a new best: on layers of up
+# tabu search has 3 rounds (it had 5 with two branches), so the three together take 1.0-1.26x
+# the time the two did.  A tabu round ends after 4000 iterations without a new best: on layers of up
 # to 400 inputs (10 n iterations per round) that never happens; on 1536-input layers, where tabu
 # stalls after an anneal, it halved the time and gave the same costs.  BENCHMARKS.md 1d and 1j.
 register("quality", lambda: Chain(
