@@ -1,8 +1,14 @@
 """Solver benchmark on real layers: cost relative to RTN, gap to the best found, gap to the exact
 optimum on small sub-problems, and wall time; one run, one table, JSON and a plot.
 
-Layers: MiniLM (all-MiniLM-L6-v2, H on the packaged calibration sentences) of three shapes and
-two conv layers of the digits CNN (trained with a fixed seed).  For each layer and bit width:
+Layers: by default MiniLM (all-MiniLM-L6-v2, H on the packaged calibration sentences) of three
+shapes and two conv layers of the digits CNN (trained with a fixed seed), at 2, 3 and 4 bits.
+Your own layers: layer statistics files (``qround export-layer``,
+:func:`qround.problems.io.save_layer_stats`), each at its own grid unless ``--bits`` is given:
+
+    qround bench mine.npz other.npz --references neal,dwave-tabu --json mine.json
+
+For each layer and bit width:
 
 - ``full``: every fast solver on every output channel of the layer (ratio = summed cost / RTN,
   seconds = wall time of the whole layer);
@@ -17,14 +23,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from .cliargs import PLOT_SUFFIXES, bits_list, check_format, check_paths, int_at_least
 from .errors import QroundError
 from .grid import GridSpec
+from .problems.io import LayerStats, load_layer_stats
 from .problems.rounding import RoundingProblem
 from .report import format_table, write_json_atomic
 from .solvers import DimodSolver, Exact, get_solver, place
@@ -62,11 +71,20 @@ def extra_solvers(sweeps_factor: int = 10) -> dict:
     }
 
 
+DEFAULT_BITS = (2, 3, 4)  # the packaged layers' widths when ``bits`` is not given
+
+
 @dataclass
 class BenchConfig:
-    bits: tuple[int, ...] = (2, 3, 4)
+    """What to benchmark.  ``bits=None``: the packaged layers at 2, 3 and 4 bits, each layer file
+    at its own grid (its bits, and its stored scales if it has them).  ``layer_files`` come in
+    addition to the packaged layers: set ``minilm_layers=()`` and ``cnn_layers=0`` for your
+    layers alone (the CLI does that when it is given files)."""
+
+    bits: tuple[int, ...] | None = None
     minilm_layers: tuple[str, ...] = MINILM_LAYERS
     cnn_layers: int = 2
+    layer_files: tuple[str, ...] = ()
     solvers: tuple[str, ...] = OURS
     subset_solvers: tuple[str, ...] = SUBSET_ONLY
     references: tuple[str, ...] = ("neal", "neal-10x", "dwave-tabu")
@@ -113,6 +131,53 @@ def load_layers(cfg: BenchConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
             h = hs[name]
             out.append((f"digits-cnn:{name}", layer_weight(mods[name]), h[0] if h.ndim == 3 else h))
     return out
+
+
+def load_layer_files(cfg: BenchConfig) -> list[tuple[str, LayerStats]]:
+    """(label, statistics) of ``cfg.layer_files``, read and checked before any work: a file
+    with stored scales is only benchmarked at the width they were fitted for.  The label is the
+    file's layer name (its stem if it has none), made unique with the path."""
+    out, seen = [], set()
+    for path in cfg.layer_files:
+        stats = load_layer_stats(path)
+        if cfg.bits and stats.scale is not None and set(cfg.bits) != {stats.bits}:
+            raise QroundError(
+                f"layer statistics file {str(path)!r} holds scales fitted for {stats.bits} bits, "
+                f"so it cannot be benchmarked at bits {list(cfg.bits)}: leave out --bits (or "
+                "bits=) to use its own width, or save it without scales")
+        label = stats.name or os.path.splitext(os.path.basename(path))[0]
+        if label in seen:
+            label = f"{label} ({path})"
+        seen.add(label)
+        out.append((label, stats))
+    return out
+
+
+def _work(cfg, layers, files) -> list[tuple]:
+    """(label, bits, problem factory, weight, H for the GPTQ reference or a reason why none)."""
+    work = []
+    for name, w, h in layers:
+        for bits in cfg.bits or DEFAULT_BITS:
+            work.append((name, bits, partial(RoundingProblem.from_weight, w, h,
+                                             GridSpec(bits=bits), name=name), w, h))
+    for label, stats in files:
+        if stats.hessian.ndim == 3:
+            ref = "the file has a per-channel hessian; unrestricted GPTQ needs a shared one"
+        elif stats.cross is not None:
+            ref = "the file has an asymmetric target (cross); unrestricted GPTQ has the local one"
+        else:
+            ref = stats.hessian
+        for bits in cfg.bits or (stats.bits,):
+            work.append((label, bits, partial(stats.problem, bits=bits), stats.weight, ref))
+    return work
+
+
+def _warm_up_problem() -> RoundingProblem:
+    """A small random problem (its own generator) that compiles or loads every solver's kernels
+    before the timed calls."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 16))
+    return RoundingProblem.from_weight(rng.normal(size=(2, 16)), x.T @ x / 64, GridSpec(bits=3))
 
 
 def _solve(solver, problem, seed):
@@ -166,22 +231,21 @@ def _run(cfg, progress, tqdm):
     kinds = {**{k: "subset" for k in cfg.subset_solvers},
              **{k: "reference" for k in cfg.references}}
 
+    files = load_layer_files(cfg)  # a bad file stops the run before the packaged layers load
     t_load = time.perf_counter()
     layers = load_layers(cfg)
     load_s = time.perf_counter() - t_load
-    if layers:
+    work = _work(cfg, layers, files)
+    if work:
         # warm-up, not timed: on its first call a solver compiles (or loads the cached) numba
         # kernels and torch / dimod load their libraries; without this the first row of each
         # solver carried that (a fresh cache once put 8 s on `fast`'s first layer)
-        name, w, h = layers[0]
-        k = min(16, w.shape[1])
-        tiny = RoundingProblem.from_weight(w[:2, :k], h[:k, :k], GridSpec(bits=cfg.bits[0]))
+        tiny = _warm_up_problem()
         for solver in {**ours, **refs}.values():
             _solve(solver, tiny, cfg.seed)
     rows, exact_rows = [], []
-    work = [(layer, bits) for layer in layers for bits in cfg.bits]
-    for (name, w, h), bits in tqdm(work, desc="bench", disable=not progress):
-        problem = RoundingProblem.from_weight(w, h, GridSpec(bits=bits), name=name)
+    for name, bits, make_problem, w, ref_h in tqdm(work, desc="bench", disable=not progress):
+        problem = make_problem()
         m, n = problem.weight.shape
         sub = problem.subproblem(slice(0, min(cfg.ref_channels, m)))
         slow_sub = problem.subproblem(slice(0, min(cfg.slow_ref_channels, m)))
@@ -194,8 +258,11 @@ def _run(cfg, progress, tqdm):
             part, _ = _solve(solver, sub, cfg.seed)
             part_slow, _ = _solve(solver, slow_sub, cfg.seed)
             results[label] = dict(full=full, sub=part, slow=part_slow, kind="ours")
-        if cfg.gptq_reference:
-            rows.append(_gptq_reference_row(name, bits, problem, w, h))
+        if cfg.gptq_reference and isinstance(ref_h, str):
+            cfg.skipped.append({"layer": name, "bits": bits, "solver": "gptq-reference",
+                                "reason": ref_h})
+        elif cfg.gptq_reference:
+            rows.append(_gptq_reference_row(name, bits, problem, w, ref_h))
         for label, solver in refs.items():
             slow = label.startswith("neal-")
             if slow and n > cfg.slow_ref_max_inputs:
@@ -209,7 +276,7 @@ def _run(cfg, progress, tqdm):
             results[label] = dict(full=None, sub=None if slow else part,
                                   slow=part if slow else None, kind=kinds[label])
         rows += _layer_rows(name, bits, (m, n), results, cfg)
-        exact_rows += _exact_gaps(problem, {**ours, **refs}, cfg)
+        exact_rows += _exact_gaps(name, problem, {**ours, **refs}, cfg)
     return {"config": {k: v for k, v in vars(cfg).items() if k != "skipped"},
             "rows": rows, "exact": exact_rows, "skipped": cfg.skipped, "load_seconds": load_s}
 
@@ -261,7 +328,7 @@ def _layer_rows(name, bits, shape, results, cfg):
     return rows
 
 
-def _exact_gaps(problem, solvers, cfg):
+def _exact_gaps(name, problem, solvers, cfg):
     """Gap of each solver to the exact optimum on sub-problems cut from the real layer."""
     rng = np.random.default_rng(cfg.seed)
     m, n = problem.weight.shape
@@ -276,7 +343,7 @@ def _exact_gaps(problem, solvers, cfg):
         if err:
             continue
         gap = (sol.total_cost - opt.total_cost) / max(opt.total_rtn_cost - opt.total_cost, 1e-300)
-        rows.append({"layer": problem.name, "bits": problem.grid.bits, "solver": label,
+        rows.append({"layer": name, "bits": problem.grid.bits, "solver": label,
                      "ratio": sol.ratio, "exact_ratio": opt.ratio,
                      "optimal_channels": int(np.sum(sol.energy <= opt.energy + 1e-9 *
                                                     np.abs(opt.energy).max())),
@@ -345,14 +412,20 @@ def plot(result: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qround bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", type=bits_list, default=(2, 3, 4),
-                   help="comma-separated weight bits (default: 2,3,4)")
+    p.add_argument("files", nargs="*", metavar="FILE.npz",
+                   help="layer statistics files (qround export-layer) to benchmark instead of "
+                        "the packaged layers (add --minilm-layers / --cnn-layers for both)")
+    p.add_argument("--bits", type=bits_list, default=None,
+                   help="comma-separated weight bits (default: 2,3,4 for the packaged layers, "
+                        "a file's own width)")
     p.add_argument("--solvers", default=",".join(OURS))
     p.add_argument("--subset-solvers", default=",".join(SUBSET_ONLY))
     p.add_argument("--references", default="neal,neal-10x,dwave-tabu")
-    p.add_argument("--minilm-layers", default=",".join(MINILM_LAYERS))
-    p.add_argument("--cnn-layers", type=int_at_least(0), default=2,
-                   help="digits CNN convs, the first N after the stem (default: 2)")
+    p.add_argument("--minilm-layers", default=None,
+                   help="comma-separated MiniLM layer names (default without files: "
+                        "layer 0's query, intermediate and output)")
+    p.add_argument("--cnn-layers", type=int_at_least(0), default=None,
+                   help="digits CNN convs, the first N after the stem (default without files: 2)")
     p.add_argument("--ref-channels", type=int_at_least(1), default=16)
     p.add_argument("--slow-ref-channels", type=int_at_least(1), default=4)
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch and numba threads")
@@ -367,15 +440,19 @@ def main(argv=None) -> int:
     from .solvers._torch import resolve_device
 
     resolve_device(a.device)  # a missing GPU stops here, before any work
-    if not split(a.minilm_layers) and not a.cnn_layers:
-        raise QroundError("no layers to benchmark: give --minilm-layers or --cnn-layers N > 0")
-    check_paths({"--json": a.json, "--plot": a.plot})
+    minilm = (() if a.files else MINILM_LAYERS) if a.minilm_layers is None \
+        else split(a.minilm_layers)
+    cnn = (0 if a.files else 2) if a.cnn_layers is None else a.cnn_layers
+    if not a.files and not minilm and not cnn:
+        raise QroundError("no layers to benchmark: give layer files, --minilm-layers or "
+                          "--cnn-layers N > 0")
+    check_paths({"--json": a.json, "--plot": a.plot}, {f"FILE {f}": f for f in a.files})
     check_format("--json", a.json, "JSON", (".json",))
     check_format("--plot", a.plot, "a PNG image", PLOT_SUFFIXES)
     cfg = BenchConfig(bits=a.bits, solvers=split(a.solvers),
                       subset_solvers=split(a.subset_solvers),
-                      references=split(a.references), minilm_layers=split(a.minilm_layers),
-                      cnn_layers=a.cnn_layers, ref_channels=a.ref_channels,
+                      references=split(a.references), minilm_layers=minilm, cnn_layers=cnn,
+                      layer_files=tuple(a.files), ref_channels=a.ref_channels,
                       slow_ref_channels=a.slow_ref_channels, threads=a.threads, seed=a.seed,
                       device=a.device)
     result = run(cfg, progress=not a.no_progress)

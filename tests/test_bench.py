@@ -1,9 +1,17 @@
-"""qround.bench helpers: the GPTQ reference row's cost is on the same scale as the solvers'."""
-import numpy as np
+"""qround.bench: the GPTQ reference row's cost is on the same scale as the solvers', and the
+benchmark on the user's layer statistics files measures what a direct solve gives."""
+import json
 
-from qround.bench import _gptq_reference_row, direct_cost
-from qround.grid import GridSpec
+import numpy as np
+import pytest
+
+from qround.bench import BenchConfig, _gptq_reference_row, direct_cost, run
+from qround.cli import main
+from qround.errors import QroundError
+from qround.grid import GridSpec, fit_grid
 from qround.problems import RoundingProblem
+from qround.problems.io import load_layer_stats, save_layer_stats
+from qround.solvers import get_solver
 
 from .conftest import correlated_hessian
 
@@ -30,3 +38,94 @@ def test_gptq_reference_row_beats_rtn():
     row = _gptq_reference_row("toy", 2, problem, w, h)
     assert row["solver"] == "gptq-reference" and row["seconds"] > 0
     assert 0 < row["ratio"] < 1
+
+
+# ------------------------------------------------------------------ the benchmark on layer files
+@pytest.fixture
+def layer_files(tmp_path):
+    """A file with scales fitted at 4 bits, one without scales (3 bits) and one with a
+    per-channel hessian and the same layer name as the first."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(10, 20))
+    h = correlated_hessian(20, rng)
+    paths = [tmp_path / "scaled.npz", tmp_path / "plain.npz", tmp_path / "fisher.npz"]
+    save_layer_stats(paths[0], w, h, bits=4, scale=fit_grid(w, GridSpec(bits=4)).scale,
+                     name="toy")
+    save_layer_stats(paths[1], w[:6], h, bits=3)
+    save_layer_stats(paths[2], w[:6], np.stack([h * (1 + 0.1 * c) for c in range(6)]), bits=2,
+                     name="toy")
+    return paths
+
+
+def _quick(paths, **kw):
+    return BenchConfig(layer_files=tuple(map(str, paths)), minilm_layers=(), cnn_layers=0,
+                       solvers=("nearest", "greedy", "fast"), subset_solvers=("meanfield",),
+                       references=("neal",), ref_channels=4, **kw)
+
+
+def test_bench_on_layer_files_measures_each_file_at_its_own_grid(layer_files):
+    result = run(_quick(layer_files), progress=False)
+    rows = {(r["layer"], r["bits"], r["solver"]): r for r in result["rows"]}
+    # labels: the stored name, the stem when there is none, the path when a name repeats
+    labels = ["toy", "plain", f"toy ({layer_files[2]})"]
+    assert {(k[0], k[1]) for k in rows} == set(zip(labels, (4, 3, 2)))
+    for label, path in zip(labels, layer_files):
+        stats = load_layer_stats(path)
+        problem = stats.problem()
+        assert rows[label, stats.bits, "nearest"]["ratio"] == pytest.approx(1.0)
+        # the row is what a direct solve of the file's problem gives (deterministic seed)
+        direct = get_solver("fast").solve(problem, seed=0)
+        assert rows[label, stats.bits, "fast"]["ratio"] == pytest.approx(direct.ratio, rel=1e-12)
+        sub = get_solver("meanfield").solve(problem.subproblem(slice(0, 4)), seed=0)
+        assert rows[label, stats.bits, "meanfield"]["sub_ratio"] == pytest.approx(sub.ratio)
+        assert 0 < rows[label, stats.bits, "neal"]["sub_ratio"] < 1
+    # the stored scales are used as given: RTN's cost is that of the file's grid
+    stats = load_layer_stats(layer_files[0])
+    assert np.array_equal(stats.problem().grid.scale, stats.scale)
+    # unrestricted GPTQ runs where the file has a shared hessian, and says why not elsewhere
+    assert 0 < rows["toy", 4, "gptq-reference"]["ratio"] < 1
+    assert ("toy", 2, "gptq-reference") not in rows
+    [skip] = [s for s in result["skipped"] if s["solver"] == "gptq-reference"]
+    assert skip["layer"] == labels[2] and "per-channel hessian" in skip["reason"]
+    assert {r["layer"] for r in result["exact"]} == set(labels)
+
+
+def test_bench_on_layer_files_at_other_widths(layer_files):
+    result = run(_quick(layer_files[1:2], bits=(2, 4)), progress=False)
+    assert sorted({r["bits"] for r in result["rows"]}) == [2, 4]
+    with pytest.raises(QroundError, match="fitted for 4 bits"):
+        run(_quick(layer_files[:1], bits=(2,)), progress=False)
+
+
+def test_cli_bench_on_layer_files_writes_table_json_and_plot(layer_files, tmp_path, capsys):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    argv = ["bench", str(layer_files[1]), "--solvers", "nearest,fast", "--subset-solvers", "",
+            "--references", "", "--ref-channels", "3", "--no-progress", "--json", str(out),
+            "--plot", str(png)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "plain" in table and "minilm" not in table and "digits" not in table
+    saved = json.loads(out.read_text())
+    assert saved["config"]["layer_files"] == [str(layer_files[1])]
+    assert {r["solver"] for r in saved["rows"]} == {"nearest", "fast", "gptq-reference"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--bits", "2"], "fitted for 4 bits"),
+    (["--json", "{file}"], "same file as the input FILE"),
+])
+def test_cli_bench_on_layer_files_refuses_bad_requests_before_any_work(layer_files, extra,
+                                                                       message, capsys):
+    path = str(layer_files[0])
+    argv = ["bench", path, "--no-progress"] + [x.format(file=path) for x in extra]
+    before = layer_files[0].read_bytes()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert layer_files[0].read_bytes() == before
+
+
+def test_cli_bench_on_a_missing_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "nope.npz"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
