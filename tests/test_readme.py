@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -38,13 +39,20 @@ def _python_blocks() -> list[str]:
 
 def test_readme_has_the_three_python_examples():
     blocks = _python_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "encoder.0.fc1" in blocks[0] and "quantize_model" in blocks[1]
+    assert "register(" in blocks[3]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     pytest.importorskip("dimod", reason="the first example builds a dimod BQM")
+    pytest.importorskip("dwave.samplers", reason="the last example plugs in its TabuSampler")
+    from qround.solvers import registry
+
+    # the last example registers two solvers: the registry is the process's, so restore it
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
     gen = torch.Generator().manual_seed(0)
     model = _Net().eval()
     batches = [torch.randn(32, 16, generator=gen) for _ in range(4)]
@@ -74,5 +82,13 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
         keys = set(f.keys())
     for name in ("encoder.1.fc1", "head"):                 # quadratic borders: b0, b1, b2
         assert {f"{name}.act.step", f"{name}.act.b0", f"{name}.act.b2"} <= keys
+    # the plugged-in solvers ran, inside a composition and in the pipeline
+    sol, qm = namespace["sol"], namespace["qm"]
+    assert sol.solver == "gptq+my-qubo|gptq+tabu-10ms" and 0 < sol.ratio < 1
+    assert {r.solver for r in qm.report} == {"gptq+my-qubo"}
+    # my_qubo_solver is a descent: its result has no improving single flip left
+    problem = namespace["problem"]
+    mine = registry.get_solver("my-qubo").solve(problem, seed=0)
+    assert np.all(problem.flip_deltas(mine.choices)[problem.free] >= -1e-9)
     # the examples leave the float model as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
