@@ -2,6 +2,7 @@
 
     qround solve FILE.npz [FILE.npz ...] --solver NAME [--bits B] [--json] [--out SOL.npz]
     qround export-layer --model minilm|digits-cnn --layer NAME --out FILE.npz [--bits B]
+    qround export-qubo FILE.npz --out DIR [--channels 0:16] [--solver quality]
     qround quantize --model minilm|digits-cnn|digits-resnet --wbits B --solver NAME --out FILE.safetensors
     qround quantize --model MODEL.pt --calibration INPUTS.pt ...   (your own torch.save(model))
     qround evaluate --model minilm|digits-cnn|digits-resnet --quantized FILE.safetensors
@@ -70,6 +71,49 @@ def cmd_solve(args) -> int:
         if len(rows) > 1:
             rows.append({"layer": "total", "shape": "", "solver": label, **tot})
         print(format_table(rows, COLUMNS))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- export-qubo
+def channel_selection(text: str):
+    """``--channels``: ``all``, a range ``a:b`` (Python slice, ``:16`` the first 16) or indices
+    ``3,5,9``; an argparse type."""
+    text = text.strip()
+    try:
+        if text == "all":
+            return slice(None)
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return slice(*parts)
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 'all', a range like 0:16 or indices like 3,5,9") from None
+
+
+def cmd_export_qubo(args) -> int:
+    from .problems.io import load_layer_stats
+    from .problems.qubo_files import export_qubos, plan_export
+
+    if args.bits is not None:
+        check_bits(args.bits, "--bits")
+    check_paths({}, {"FILE": args.file})
+    stats = load_layer_stats(args.file)
+    problem = stats.problem(bits=args.bits, scale_method=args.scale_method)
+    idx, names = plan_export(args.out, problem, args.channels)  # before any solve
+    known = {}
+    if args.solver:
+        solver = get_solver(args.solver, device=args.device)
+        sol = solver.solve(problem.subproblem(idx), seed=args.seed)
+        choices = problem.rtn_choices()
+        choices[idx] = sol.choices
+        known[solver.label] = choices
+    export_qubos(args.out, problem, idx, known, source=str(args.file))
+    best = (f"; {solver.label} reaches {sol.ratio:.4f} of RTN's cost on them"
+            if args.solver else "")
+    print(f"wrote {len(names)} QUBO files ({names[0]}...) and manifest.json to {args.out}{best}")
     return 0
 
 
@@ -348,6 +392,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     s.add_argument("--out", help="write codes (out x in), choices, scale, zero_point to this .npz")
     s.set_defaults(func=cmd_solve)
+
+    xq = sub.add_parser("export-qubo", help="write a layer's channel QUBOs as .qubo text files "
+                                             "(qbsolv format) with a manifest of known solutions")
+    xq.add_argument("file", help="a layer statistics .npz (qround export-layer)")
+    xq.add_argument("--out", required=True, help="folder for c<channel>.qubo and manifest.json "
+                                                 "(created; nothing in it is overwritten)")
+    xq.add_argument("--channels", type=channel_selection, default=slice(0, 16),
+                    help="all, a range a:b or indices i,j,k (default: 0:16, the first 16)")
+    xq.add_argument("--solver", default="quality",
+                    help="its solution goes into the manifest beside RTN's; '' for none "
+                         "(default: %(default)s)")
+    xq.add_argument("--bits", type=int, default=None,
+                    help="grid bits when the file has no scale (default: the file's bits)")
+    xq.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
+    xq.add_argument("--seed", type=int_at_least(0), default=0)
+    xq.add_argument("--device", default=None, help="cpu or cuda, for the torch solvers")
+    xq.set_defaults(func=cmd_export_qubo)
 
     e = sub.add_parser("export-layer", help="write a layer statistics file from a real model layer")
     e.add_argument("--model", default="minilm", choices=["minilm", "digits-cnn"],

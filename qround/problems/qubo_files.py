@@ -1,0 +1,188 @@
+"""Channel QUBOs as plain-text files for any QUBO solver (the qbsolv ``.qubo`` format).
+
+One file per output channel::
+
+    c <comment lines>
+    c offset <float>          energy + offset = the channel's absolute cost (qround's line)
+    p qubo 0 <maxNodes> <nNodes> <nCouplers>
+    <i> <i> <Q_ii>            nNodes lines: the linear terms
+    <i> <j> <Q_ij>            nCouplers lines, i < j: the quadratic terms, each pair once
+
+so ``E(x) = sum_i Q_ii x_i + sum_{i<j} Q_ij x_i x_j`` over ``x`` in {0, 1}^maxNodes.  Variable
+``i`` is the layer's input ``i``; ``x_i = 1`` rounds weight ``i`` of the channel up (ceil), 0
+down (floor).  Weights clipped to the grid's end are fixed: they are in no line, and their
+``x_i`` does not change the energy.  Pairs with a zero coupling (dead inputs) are left out.
+
+:func:`export_qubos` writes a folder of them with a ``manifest.json`` that holds, per channel,
+the offset and the energies and bit strings of known solutions (rounding-to-nearest, and any
+solver's), so a solver's result can be compared without qround.  :func:`read_qubo` reads a
+file back as an upper-triangular matrix.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import QroundError
+from ..files import atomic_write
+from .rounding import RoundingProblem, _select
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class QuboFile:
+    """A ``.qubo`` file as read: ``Q`` (maxNodes, maxNodes) upper triangular with the linear
+    terms on the diagonal, so ``E(x) = x @ Q @ x`` for binary ``x``; ``offset`` from the
+    ``c offset`` line (0 when there is none); ``nodes`` the variables that have a linear line."""
+
+    Q: np.ndarray
+    offset: float
+    nodes: np.ndarray
+
+    def energy(self, x) -> float:
+        x = np.asarray(x, dtype=np.float64)
+        return float(x @ self.Q @ x)
+
+
+def qubo_text(problem: RoundingProblem, channel: int, comment: str = "") -> str:
+    """The ``.qubo`` text of one channel (see the module docstring)."""
+    c = problem._channel(channel)
+    idx = np.flatnonzero(problem.free[c])
+    q = problem.qubo(c)[np.ix_(idx, idx)]
+    iu, ju = np.triu_indices(len(idx), k=1)
+    quad = 2.0 * q[iu, ju]          # b^T Q b counts each symmetric pair twice
+    keep = quad != 0.0
+    iu, ju, quad = iu[keep], ju[keep], quad[keep]
+    lines = [f"c {line}" for line in comment.splitlines()]
+    lines.append(f"c offset {float(problem.const[c])!r}")
+    lines.append(f"p qubo 0 {problem.num_inputs} {len(idx)} {len(quad)}")
+    lines += [f"{i} {i} {float(v)!r}" for i, v in zip(idx.tolist(), np.diag(q).tolist())]
+    lines += [f"{a} {b} {float(v)!r}"
+              for a, b, v in zip(idx[iu].tolist(), idx[ju].tolist(), quad.tolist())]
+    return "\n".join(lines) + "\n"
+
+
+def write_qubo(path: str | os.PathLike, problem: RoundingProblem, channel: int,
+               comment: str = "") -> None:
+    """Write one channel's QUBO to ``path`` atomically."""
+    text = qubo_text(problem, channel, comment)
+    with atomic_write(path, binary=False, what="QUBO file") as f:
+        f.write(text)
+
+
+def read_qubo(path: str | os.PathLike) -> QuboFile:
+    """Read a ``.qubo`` file (qbsolv format); QroundError naming the file and line otherwise."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise QroundError(f"cannot read QUBO file {path!r}: {exc}") from exc
+    offset, header, entries = 0.0, None, []
+    for number, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        where = f"QUBO file {path!r}, line {number}"
+        try:
+            if not parts:
+                continue
+            if parts[0] == "c":
+                if parts[1:2] == ["offset"]:
+                    offset = float(parts[2])
+            elif parts[0] == "p":
+                if header is not None or len(parts) != 6 or parts[1] != "qubo":
+                    raise ValueError("expected one header 'p qubo 0 maxNodes nNodes nCouplers'")
+                header = [int(v) for v in parts[3:]]
+            else:
+                if header is None or len(parts) != 3:
+                    raise ValueError("expected 'i j value' after the 'p qubo' header")
+                entries.append((int(parts[0]), int(parts[1]), float(parts[2])))
+        except (ValueError, IndexError) as exc:
+            raise QroundError(f"{where}: {exc}") from None
+    if header is None:
+        raise QroundError(f"QUBO file {path!r} has no 'p qubo' header")
+    size, n_nodes, n_couplers = header
+    nodes = [(i, v) for i, j, v in entries if i == j]
+    pairs = [(i, j, v) for i, j, v in entries if i != j]
+    if len(nodes) != n_nodes or len(pairs) != n_couplers:
+        raise QroundError(f"QUBO file {path!r}: the header announces {n_nodes} nodes and "
+                          f"{n_couplers} couplers, the file has {len(nodes)} and {len(pairs)}")
+    q = np.zeros((size, size))
+    for i, j, v in entries:
+        if not (0 <= i < size and 0 <= j < size):
+            raise QroundError(f"QUBO file {path!r}: index ({i}, {j}) outside 0..{size - 1}")
+        a, b = min(i, j), max(i, j)
+        q[a, b] += v
+    if not np.isfinite(q).all() or not np.isfinite(offset):
+        raise QroundError(f"QUBO file {path!r} holds NaN or infinite values")
+    return QuboFile(Q=q, offset=offset, nodes=np.array(sorted(i for i, _ in nodes), dtype=int))
+
+
+def bit_string(choices_row) -> str:
+    """A channel's choices as a string of 0/1, input 0 first (fixed weights read 0)."""
+    return "".join("1" if b else "0" for b in np.asarray(choices_row, dtype=bool))
+
+
+def plan_export(folder: str | os.PathLike, problem: RoundingProblem,
+                channels=slice(None)) -> tuple[np.ndarray, list[str]]:
+    """The channel indices and file names :func:`export_qubos` would write; QroundError, before
+    any work, when ``folder`` is a file or already holds one of those names."""
+    idx = _select(channels, problem.num_channels, "channels")
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise QroundError(f"{folder!r} is a file; give a folder for the QUBO files")
+    width = max(4, len(str(problem.num_channels - 1)))
+    names = [f"c{c:0{width}d}.qubo" for c in idx.tolist()]
+    clash = [n for n in names + [MANIFEST] if os.path.exists(os.path.join(folder, n))]
+    if clash:
+        raise QroundError(f"{folder!r} already holds {clash[:3]}{' ...' if len(clash) > 3 else ''}"
+                          ": give an empty or new folder (nothing is overwritten)")
+    return idx, names
+
+
+def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=slice(None),
+                 known: dict[str, np.ndarray] | None = None, source: str = "") -> dict:
+    """Write ``c<channel>.qubo`` for the selected channels and ``manifest.json`` into
+    ``folder`` (created if missing); returns the manifest.
+
+    channels: a slice, indices or a mask (as :meth:`RoundingProblem.subproblem`).
+    known: ``{label: choices (m, n)}`` of the whole problem whose energies and bit strings the
+    manifest records (rounding-to-nearest is always there, as ``rtn``).  Nothing is
+    overwritten: an existing file of the same name stops the export before anything is written.
+    """
+    idx, names = plan_export(folder, problem, channels)
+    folder = os.fspath(folder)
+    solutions = {"rtn": problem.rtn_choices()}
+    for label, choices in (known or {}).items():
+        if label in solutions:
+            raise QroundError(f"known solution label {label!r} is reserved")
+        solutions[label] = (problem.check_choices(choices, f"known[{label!r}]") > 0.5) & problem.free
+    energies = {label: problem.energies(b) for label, b in solutions.items()}
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise QroundError(f"cannot create folder {folder!r}: {exc}") from exc
+    m, n = problem.weight.shape
+    g = problem.grid
+    rows = []
+    for c, name in zip(idx.tolist(), names):
+        comment = (f"qround: layer {problem.name or '?'} ({m}x{n}), output channel {c}, "
+                   f"{g.bits}-bit {'symmetric' if g.symmetric else 'asymmetric'} grid\n"
+                   "x_i = 1: weight i rounded up (ceil), 0: down (floor)")
+        write_qubo(os.path.join(folder, name), problem, c, comment)
+        rows.append({"channel": c, "file": name, "variables": int(problem.free[c].sum()),
+                     "offset": float(problem.const[c]),
+                     "solutions": {label: {"energy": float(energies[label][c]),
+                                           "x": bit_string(solutions[label][c])}
+                                   for label in solutions}})
+    manifest = {
+        "format": "qbsolv .qubo: E(x) = sum_i Q_ii x_i + sum_{i<j} Q_ij x_i x_j; "
+                  "E(x) + offset = the channel's absolute cost (qround's layer objective)",
+        "layer": problem.name, "source": source, "shape": [m, n], "bits": g.bits,
+        "symmetric": g.symmetric, "channels": rows}
+    with atomic_write(os.path.join(folder, MANIFEST), binary=False, what="QUBO manifest") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+    return manifest

@@ -1,0 +1,166 @@
+"""Channel QUBOs as qbsolv .qubo files: the file's energy plus its offset is the channel's
+absolute cost, the manifest's energies are the problem's, nothing is overwritten, bad files
+are named."""
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qround.cli import main
+from qround.errors import QroundError
+from qround.problems.io import save_layer_stats
+from qround.problems.qubo_files import (MANIFEST, export_qubos, plan_export, qubo_text,
+                                        read_qubo, write_qubo)
+from qround.solvers import get_solver
+
+from ..conftest import make_problem
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 4), n=st.integers(1, 9),
+       bits=st.integers(2, 4), per_channel=st.booleans(), symmetric=st.booleans())
+def test_file_energy_plus_offset_is_the_absolute_cost(seed, m, n, bits, per_channel, symmetric):
+    problem = make_problem(m=m, n=n, bits=bits, seed=seed, per_channel=per_channel,
+                           symmetric=symmetric, clip_some=n > 1)
+    x = np.random.default_rng(seed).integers(0, 2, size=(m, n)).astype(bool)
+    costs = problem.costs(x)
+    with tempfile.TemporaryDirectory() as folder:
+        for c in range(m):
+            path = Path(folder) / f"c{c}.qubo"
+            write_qubo(path, problem, c)
+            f = read_qubo(path)
+            assert f.Q.shape == (n, n) and np.allclose(f.Q, np.triu(f.Q))
+            # fixed (clipped) weights are no variables: their bit changes nothing
+            assert np.array_equal(f.nodes, np.flatnonzero(problem.free[c]))
+            assert f.energy(x[c]) + f.offset == pytest.approx(costs[c], rel=1e-12, abs=1e-12)
+            assert f.energy(x[c]) == pytest.approx(problem.energies(x)[c], rel=1e-12, abs=1e-12)
+
+
+def test_file_has_the_announced_counts_and_skips_zero_couplings():
+    problem = make_problem(m=2, n=6, seed=4)
+    problem.hessian.flags.writeable = True  # input 5 dead: no coupling to anything
+    problem.hessian[5, :] = problem.hessian[:, 5] = 0.0
+    lines = qubo_text(problem, 1, comment="two\nlines").splitlines()
+    assert lines[:2] == ["c two", "c lines"] and lines[2].startswith("c offset ")
+    _, _, zero, size, nodes, couplers = lines[3].split()
+    k = int(problem.free[1].sum())
+    assert (zero, int(size), int(nodes)) == ("0", 6, k)
+    entries = [tuple(map(float, line.split())) for line in lines[4:]]
+    assert len(entries) == k + int(couplers)
+    assert not any(5 in (i, j) for i, j, _ in entries if i != j)
+
+
+def test_export_writes_files_and_manifest_of_known_solutions(tmp_path):
+    problem = make_problem(m=6, n=10, bits=2, seed=7)
+    sol = get_solver("tabu").solve(problem, seed=0)
+    manifest = export_qubos(tmp_path / "q", problem, [4, 1], {"tabu": sol.choices},
+                            source="toy.npz")
+    saved = json.loads((tmp_path / "q" / MANIFEST).read_text())
+    assert saved == json.loads(json.dumps(manifest))
+    assert [r["channel"] for r in saved["channels"]] == [4, 1]
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["c0001.qubo", "c0004.qubo",
+                                                                   MANIFEST]
+    for row in saved["channels"]:
+        c, f = row["channel"], read_qubo(tmp_path / "q" / row["file"])
+        assert row["offset"] == f.offset and row["variables"] == len(f.nodes)
+        for label, expect in (("rtn", problem.rtn_choices()), ("tabu", sol.choices)):
+            known = row["solutions"][label]
+            x = np.array([ch == "1" for ch in known["x"]])
+            assert np.array_equal(x, expect[c])
+            assert known["energy"] == pytest.approx(f.energy(x), rel=1e-12, abs=1e-15)
+            assert known["energy"] == pytest.approx(problem.energies(expect)[c], rel=1e-12)
+        assert row["solutions"]["tabu"]["energy"] <= row["solutions"]["rtn"]["energy"] + 1e-15
+
+
+def test_export_overwrites_nothing_and_checks_before_writing(tmp_path):
+    problem = make_problem(m=3, n=5, seed=1)
+    export_qubos(tmp_path, problem, slice(0, 2))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(QroundError, match="already holds"):
+        export_qubos(tmp_path, problem)          # c0000, c0001 and the manifest exist
+    with pytest.raises(QroundError, match="already holds"):
+        plan_export(tmp_path, problem, [2])      # the manifest alone is a clash
+    with pytest.raises(QroundError, match="is a file"):
+        export_qubos(tmp_path / "c0000.qubo", problem)
+    with pytest.raises(QroundError, match="channels must lie in"):
+        export_qubos(tmp_path / "new", problem, [3])
+    with pytest.raises(QroundError, match="known"):
+        export_qubos(tmp_path / "new", problem, known={"x": np.zeros((3, 4))})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1 1 0.5\n", "after the 'p qubo' header"),
+    ("p qubo 0 2 1 0\n0 0 1.0\n1 1 2.0\n", "announces 1 nodes and 0 couplers"),
+    ("p qubo 0 2 1 0\n0 0 x\n", "line 2"),
+    ("p qubo 0 2 1 0\n5 5 1.0\n", "outside 0..1"),
+    ("c only a comment\n", "no 'p qubo' header"),
+    ("c offset nan\np qubo 0 1 1 0\n0 0 1.0\n", "NaN"),
+])
+def test_bad_qubo_files_are_named(tmp_path, text, message):
+    path = tmp_path / "bad.qubo"
+    path.write_text(text)
+    with pytest.raises(QroundError, match=message):
+        read_qubo(path)
+
+
+def test_dimod_reads_the_same_energies(tmp_path):
+    dimod = pytest.importorskip("dimod", reason="cross-check against dimod's BQM")
+    problem = make_problem(m=2, n=7, seed=9)
+    write_qubo(tmp_path / "c.qubo", problem, 0)
+    f = read_qubo(tmp_path / "c.qubo")
+    q = {(int(i), int(j)): f.Q[i, j] for i, j in zip(*np.nonzero(f.Q))}
+    ours = dimod.BinaryQuadraticModel.from_qubo(q, offset=f.offset)
+    theirs = problem.to_bqm(0)
+    x = np.random.default_rng(0).integers(0, 2, size=7)
+    sample = {v: int(x[v]) for v in theirs.variables}
+    assert ours.energy({**{v: 0 for v in ours.variables}, **sample}) == \
+        pytest.approx(theirs.energy(sample), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ the command
+@pytest.fixture
+def layer_file(tmp_path):
+    problem = make_problem(m=8, n=12, bits=3, seed=2)
+    path = tmp_path / "layer.npz"
+    save_layer_stats(path, problem.weight, problem.hessian, bits=3, name="toy")
+    return path
+
+
+def test_cli_export_qubo(layer_file, tmp_path, capsys):
+    out = tmp_path / "qubos"
+    assert main(["export-qubo", str(layer_file), "--out", str(out), "--channels", "2:5",
+                 "--solver", "gptq+tabu"]) == 0
+    assert "wrote 3 QUBO files" in capsys.readouterr().out
+    saved = json.loads((out / MANIFEST).read_text())
+    assert [r["channel"] for r in saved["channels"]] == [2, 3, 4]
+    assert saved["layer"] == "toy" and saved["bits"] == 3 and saved["source"] == str(layer_file)
+    for row in saved["channels"]:
+        e = {k: v["energy"] for k, v in row["solutions"].items()}
+        assert set(e) == {"rtn", "gptq+tabu"} and e["gptq+tabu"] <= e["rtn"] + 1e-15
+    # again into the same folder: refused before any work, the files as they were
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["export-qubo", str(layer_file), "--out", str(out), "--channels", "3"]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # no solver: RTN alone; a list of channels
+    assert main(["export-qubo", str(layer_file), "--out", str(tmp_path / "b"), "--channels",
+                 "7,0", "--solver", ""]) == 0
+    rows = json.loads((tmp_path / "b" / MANIFEST).read_text())["channels"]
+    assert [(r["channel"], list(r["solutions"])) for r in rows] == [(7, ["rtn"]), (0, ["rtn"])]
+
+
+@pytest.mark.parametrize("channels, message", [
+    ("1:x", "is not 'all', a range"), ("a,b", "is not 'all', a range"),
+    ("20", "channels must lie in"), ("5:5", "select nothing"),
+])
+def test_cli_export_qubo_bad_channels(layer_file, tmp_path, channels, message, capsys):
+    out = tmp_path / "q"
+    assert main(["export-qubo", str(layer_file), "--out", str(out), "--channels", channels]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
