@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from qround.bench import BenchConfig, _gptq_reference_row, direct_cost, run
+from qround.bench import BenchConfig, _gptq_reference_row, direct_cost, run, summarise
 from qround.cli import main
 from qround.errors import QroundError
 from qround.grid import GridSpec, fit_grid
@@ -105,6 +105,7 @@ def test_cli_bench_on_layer_files_writes_table_json_and_plot(layer_files, tmp_pa
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "plain" in table and "minilm" not in table and "digits" not in table
+    assert "slow_ratio" not in table  # no neal-10x ran: no columns to compare with it
     saved = json.loads(out.read_text())
     assert saved["config"]["layer_files"] == [str(layer_files[1])]
     assert {r["solver"] for r in saved["rows"]} == {"nearest", "fast", "gptq-reference"}
@@ -129,3 +130,13 @@ def test_cli_bench_on_layer_files_refuses_bad_requests_before_any_work(layer_fil
 def test_cli_bench_on_a_missing_file_is_a_clear_error(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "nope.npz"), "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_summary_shows_the_slow_subset_columns_only_beside_a_slow_reference():
+    ours = {"layer": "l", "bits": 2, "solver": "fast", "kind": "ours", "ratio": 0.5,
+            "slow_ratio": 0.4, "slow_s_per_ch": 0.01}
+    slow = {"layer": "l", "bits": 2, "solver": "neal-10x", "kind": "reference",
+            "slow_ratio": 0.45, "slow_s_per_ch": 1.0}
+    result = {"rows": [ours], "exact": [], "skipped": []}
+    assert "slow_ratio" not in summarise(result)
+    assert "slow_ratio" in summarise({**result, "rows": [ours, slow]})
