@@ -20,7 +20,6 @@ and choose the same layers as ``quantize_model``; GPTQ reuses the pipeline's cap
 """
 from __future__ import annotations
 
-import copy
 import time
 from typing import Iterable
 
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from .calibrate import ForwardFn, default_forward
-from .errors import QroundError, as_float_array
+from .errors import QroundError, as_float_array, copy_module
 from .grid import Grid, fit_grid
 from .pipeline import QuantConfig, _check_calibration, _select, _stream, _trace
 from .problems.layers import layer_weight
@@ -140,7 +139,7 @@ def rtn_model(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, float]:
         raise QroundError("rtn_model: scale_method='mse-output' needs calibration data; use "
                           "'minmax' or 'mse'")
     start = time.perf_counter()
-    qmodel = copy.deepcopy(model)
+    qmodel = copy_module(model)
     names, _ = _select(qmodel, config)
     modules = dict(qmodel.named_modules())
     for index, name in enumerate(names):
@@ -166,7 +165,7 @@ def gptq_model(model: nn.Module, calibration: Iterable, config: QuantConfig,
     start = time.perf_counter()
     forward = forward or default_forward
     first_batch = _check_calibration(calibration)
-    qmodel = copy.deepcopy(model)
+    qmodel = copy_module(model)
     names, _ = _select(qmodel, config)
     modules = dict(qmodel.named_modules())
     for name in names:

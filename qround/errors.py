@@ -14,6 +14,43 @@ class QroundError(ValueError):
     """Bad input or configuration: the message names the argument and what is wrong."""
 
 
+def check_int(value, name: str, minimum: int, allow_none: bool = False) -> int | None:
+    """An integer parameter >= ``minimum`` (or None where allowed); QroundError naming it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise QroundError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
+
+
+def check_real(value, name: str, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite real parameter in ``[lo, hi]`` (ends open where asked), as a float; a
+    QroundError naming it otherwise (NaN, infinities, strings and booleans included)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+        raise QroundError(f"{name} must be a finite number, got {value!r}")
+    v = float(value)
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or \
+            (hi is not None and (v >= hi if hi_open else v > hi)):
+        span = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+                f"{'inf' if hi is None else hi}{')' if hi_open else ']'}")
+        raise QroundError(f"{name} must lie in {span}, got {value!r}")
+    return v
+
+
+def check_positive_pair(value, name: str) -> tuple[float, float]:
+    """A (start, end) pair of finite positive numbers (a schedule's ends)."""
+    try:
+        a, b = value
+    except (TypeError, ValueError):
+        raise QroundError(f"{name} must be a (start, end) pair of positive numbers, got "
+                          f"{value!r}") from None
+    return (check_real(a, f"{name}[0]", 0, lo_open=True),
+            check_real(b, f"{name}[1]", 0, lo_open=True))
+
+
 def check_bits(bits: int, name: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
         raise QroundError(f"{name} must be an integer, got {bits!r}")
@@ -76,3 +113,18 @@ def check_psd(h: np.ndarray, name: str = "hessian", rtol: float = 1e-6) -> None:
         raise QroundError(f"{name} is not positive semi-definite: smallest eigenvalue {eig_min:.3g} "
                           f"(max |H| = {scale:.3g}); statistics E[x x^T] are PSD by construction, "
                           "so check how it was computed")
+
+
+def copy_module(module, what: str = "model"):
+    """``copy.deepcopy(module)``; a module that cannot be copied (a tensor attribute computed
+    with autograd, as pruning or the old ``weight_norm`` leave behind) gets a QroundError that
+    says why qround copies and what to do."""
+    import copy
+
+    try:
+        return copy.deepcopy(module)
+    except RuntimeError as exc:
+        raise QroundError(
+            f"cannot copy the {what} (qround works on a copy so that yours stays intact): "
+            f"{str(exc).splitlines()[0]} Make computed weights permanent first "
+            "(torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm).") from None

@@ -12,7 +12,6 @@ leaves any earlier file as it was.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -25,8 +24,9 @@ import torch
 from torch import nn
 
 from .activations import QuantizedLayer
-from .errors import QroundError
+from .errors import QroundError, copy_module
 from .files import atomic_write
+from .problems.layers import weight_not_writable
 from .writeback import QuantizedWeight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,9 +81,7 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         "skipped": json.dumps(qmodel.skipped),
         "units": json.dumps(None if qmodel.units is None else qmodel.units.as_dict()),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, what="quantised model") as f:
+    with atomic_write(path, what="quantised model", make_folder=True) as f:
         f.write(safetensors.torch.save(tensors, metadata=metadata))
 
 
@@ -110,13 +108,49 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if missing:
         raise QroundError(f"{path} is marked as a qround quantised model but its header lacks "
                           f"{missing} (the file is damaged or was written by another tool)")
-    for key in keys:
+    if str(meta.get("format_version", "1")) != FORMAT_VERSION:
+        raise QroundError(f"{path} has format version {meta.get('format_version')!r}; this "
+                          f"qround reads version {FORMAT_VERSION}")
+    meta = {"units": "null", **meta}  # files before the activation stage have no units
+    for key in (*keys, "units"):
         try:
             out[key] = json.loads(meta[key])
         except ValueError as exc:
             raise QroundError(f"{path}: header field {key!r} is not valid JSON ({exc})") from None
-    out["units"] = json.loads(meta.get("units", "null"))  # files before the activation stage
+    _check_layers(out["layers"], path)
     return out
+
+
+_LAYER_FIELDS = {"kind": str, "bits": int, "symmetric": bool, "weight_shape": list, "bias": bool}
+
+
+def _check_layers(layers, path) -> None:
+    """The header's ``layers`` entry: a dict of layer name -> dict with the fields that
+    :func:`load` and :func:`load_codes` read, of the right types (a hand-edited or damaged
+    header gets a QroundError naming the field, not a KeyError later)."""
+    def bad(why):
+        return QroundError(f"{path}: header field 'layers' {why} (the file is damaged or was "
+                           "edited)")
+
+    if not isinstance(layers, dict):
+        raise bad(f"must map layer names to their entries, got {type(layers).__name__}")
+    for name, info in layers.items():
+        if not isinstance(info, dict):
+            raise bad(f"entry {name!r} is not a dict")
+        for key, kind in _LAYER_FIELDS.items():
+            value = info.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise bad(f"entry {name!r} lacks {key!r} of type {kind.__name__} "
+                          f"(got {value!r})")
+        if info["kind"] not in ("Linear", "Conv2d"):
+            raise bad(f"entry {name!r} has kind {info['kind']!r}")
+        shape = info["weight_shape"]
+        if len(shape) not in (2, 4) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                               and d > 0 for d in shape):
+            raise bad(f"entry {name!r} has weight_shape {shape!r}")
+        gs = info.get("group_size")
+        if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or gs < 1):
+            raise bad(f"entry {name!r} has group_size {gs!r}")
 
 
 def load_codes(path: str | os.PathLike) -> dict[str, QuantizedWeight]:
@@ -164,12 +198,16 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         elif tuple(module.weight.shape) != want:
             problems.append(f"{name!r} has weight shape {tuple(module.weight.shape)}, the file "
                             f"{want}")
+        elif weight_not_writable(module):
+            problems.append(f"{name!r}: {weight_not_writable(module)}")
+        elif module.bias is not None and not info["bias"]:
+            problems.append(f"{name!r} has a bias, the file's layer has none")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise QroundError(f"the model's architecture does not match {path}: "
                           + "; ".join(problems[:5]) + more)
     codes = load_codes(path)
-    new = copy.deepcopy(model)
+    new = copy_module(model)
     new_modules = dict(new.named_modules())
 
     def fill(f):

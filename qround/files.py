@@ -13,16 +13,30 @@ from .errors import QroundError
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, binary: bool = True, what: str = "file") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, binary: bool = True, what: str = "file",
+                 make_folder: bool = False) -> Iterator[IO]:
     """Open a temp file for writing; on success it replaces ``path``.
 
-    The target folder must exist.  A replaced file keeps its permissions, a new one gets
-    0666 less the umask, as ``open`` would give it (mkstemp alone would leave it private).  ``OSError`` becomes a QroundError naming ``what``.
+    The target folder must exist (``make_folder``: created with its parents).  A replaced file
+    keeps its permissions, a new one gets 0666 less the umask, as ``open`` would give it
+    (mkstemp alone would leave it private).  A symbolic link is written through: its target is
+    replaced, the link stays.  A file without write permission is refused, as ``open`` would
+    refuse it.  ``OSError`` becomes a QroundError naming ``what``.  Text is written as UTF-8.
     """
     path = os.fspath(path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if make_folder:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise QroundError(f"cannot write {what} {path!r}: cannot create its folder "
+                              f"{folder!r}: {exc}") from exc
     if not os.path.isdir(folder):
         raise QroundError(f"cannot write {what} {path!r}: directory {folder!r} does not exist")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise QroundError(f"cannot write {what} {path!r}: the file is read-only")
     mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_umask()
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
@@ -30,7 +44,7 @@ def atomic_write(path: str | os.PathLike, binary: bool = True, what: str = "file
     except OSError as exc:
         raise QroundError(f"cannot write {what} {path!r}: {exc}") from exc
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -78,6 +78,13 @@ class Grid:
                 or self.in_features % scale.shape[1]:
             raise QroundError(f"Grid in_features={self.in_features!r} must be a positive "
                               f"multiple of its {scale.shape[1]} groups")
+        if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            raise QroundError("Grid scale must be finite and positive")
+        if not (np.all(np.isfinite(zero)) and np.all(zero == np.round(zero))
+                and np.all((zero >= self.qmin) & (zero <= self.qmax))):
+            raise QroundError(f"Grid zero_point must be integers in [{self.qmin}, {self.qmax}]")
+        if self.symmetric and np.any(zero != 0):
+            raise QroundError("a symmetric Grid has zero_point 0")
 
     @property
     def qmin(self) -> int:

@@ -25,15 +25,15 @@ passes (:mod:`qround.prefix_cache`, ``capture_cache_mb``), with identical result
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import re
 import time
 import weakref
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -44,12 +44,12 @@ from .activation_stage import WEIGHT_STARTS, check_units, quantize_activations
 from .activations import BORDERS, INITS
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
                         capture_fisher, default_forward, eval_mode, fisher_bytes, layer_hooks)
-from .errors import QroundError, check_bits
+from .errors import QroundError, check_bits, copy_module
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
 from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
-from .problems.layers import layer_weight, problems_from_layer
+from .problems.layers import layer_weight, problems_from_layer, weight_not_writable
 from .reconstruct import ReconstructConfig, ReconstructResult
 from .report import format_table
 from .scales import solve_refitting
@@ -161,6 +161,8 @@ class QuantConfig:
                 or self.seed < 0:
             raise QroundError(f"seed must be a non-negative integer, got {self.seed!r}")
         resolve_device(self.device)
+        if isinstance(self.device, torch.device):  # saved as JSON with the model
+            object.__setattr__(self, "device", str(self.device))
         self._check_activation_stage()
         try:
             get_solver(self.solver)
@@ -320,7 +322,8 @@ class _Layer:
 def _select(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str, str]]:
     """Names of the Linear/Conv2d layers to quantise, and the weight-holding modules left out."""
     candidates, skipped = [], {}
-    for name, m in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
         if isinstance(m, SUPPORTED):
             candidates.append(name)
         elif not isinstance(m, _NORMS) and any(True for _ in m.parameters(recurse=False)):
@@ -343,7 +346,44 @@ def _select(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str,
         chosen = [n for n in chosen if (n in hits) == keep]
     if not chosen:
         raise QroundError("config.exclude leaves no layer to quantise")
+    refused = [f"{n!r}: {why}" for n in chosen
+               if (why := weight_not_writable(modules[n])) is not None]
+    if refused:
+        raise QroundError("cannot round these layers' weights: " + "; ".join(refused[:3])
+                          + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")
+                          + "; or leave them out with config.exclude")
+    chosen = _untie(model, chosen, skipped)
+    if not chosen:
+        raise QroundError("every chosen layer shares its weight with a module that stays in "
+                          "float (tied weights, see the skipped reasons); nothing to quantise")
     return chosen, skipped
+
+
+def _untie(model: nn.Module, chosen: list[str], skipped: dict[str, str]) -> list[str]:
+    """The chosen layers less those whose weight is shared (tied weights, e.g. a language-model
+    head tied to the embedding): a weight is rounded once, by the first chosen layer holding it,
+    and not at all when a module left in float holds it too.  The others go to ``skipped``."""
+    modules = dict(model.named_modules())
+    holders: dict[int, list[str]] = {}
+    for name, m in modules.items():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name)
+    keep, owner = [], {}
+    chosen_set = set(chosen)
+    for name in chosen:
+        weight = modules[name].weight
+        others = [h for h in holders[id(weight)] if h != name]
+        floats = [h for h in others if h not in chosen_set]
+        if floats:
+            skipped[name] = (f"shares its weight with {floats[0]!r}, which stays in float (tied "
+                             "weights): left in float")
+        elif id(weight) in owner:
+            skipped[name] = (f"shares its weight with {owner[id(weight)]!r} (tied weights): "
+                             "rounded once, there")
+        else:
+            owner[id(weight)] = name
+            keep.append(name)
+    return keep
 
 
 def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> list[_Layer]:
@@ -704,8 +744,9 @@ def _plan_and_caches(qmodel: nn.Module, float_model: nn.Module, first_batch, for
 
 def _check_calibration(calibration) -> Any:
     """The first batch; QroundError for a tensor, a one-shot iterator, or no batch."""
-    if isinstance(calibration, (torch.Tensor, np.ndarray)):
-        raise QroundError("calibration must be a list of batches; wrap a single tensor in a list")
+    if isinstance(calibration, (torch.Tensor, np.ndarray, Mapping, str, bytes)):
+        raise QroundError(f"calibration must be a list of batches, got one "
+                          f"{type(calibration).__name__}; wrap a single batch in a list")
     try:
         it = iter(calibration)
     except TypeError:
@@ -739,11 +780,44 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
     wrappers live in the returned model only); the report's costs are the solver's, and
     ``layers`` holds the final codes after reconstruction.
     """
-    t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
         raise QroundError(f"config must be a QuantConfig, got {type(config).__name__}")
+    with _own_rng(config, model):
+        return _quantize_model(model, calibration, config, forward, loss_fn, inplace)
+
+
+@contextmanager
+def _own_rng(config: QuantConfig, model: nn.Module):
+    """Random draws inside (a model's own forward that samples, the capture passes) come from the
+    global generators seeded with ``config.seed``, so a run depends on the seed alone; the
+    caller's torch (CPU and CUDA), numpy and ``random`` states are restored afterwards."""
+    import random
+
+    devices = {p.device.index for p in model.parameters() if p.device.type == "cuda"}
+    if config.device.startswith("cuda"):
+        index = torch.device(config.device).index
+        devices.add(torch.cuda.current_device() if index is None else index)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices |= set(range(torch.cuda.device_count()))
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=sorted(devices)):
+        torch.default_generator.manual_seed(config.seed)
+        for d in sorted(devices):
+            torch.cuda.default_generators[d].manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> QuantizedModel:
+    """:func:`quantize_model` inside :func:`_own_rng`."""
+    t_start = time.perf_counter()
     forward = forward or default_forward
     first_batch = _check_calibration(calibration)
     if config.statistics == "fisher" and loss_fn is None:
@@ -766,8 +840,8 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
                               f"{config.fisher_budget_mb}; exclude it or use 'covariance'")
     solver = _build_solver(config)
 
-    float_model = copy.deepcopy(model) if inplace else model
-    qmodel = model if inplace else copy.deepcopy(model)
+    float_model = copy_module(model) if inplace else model
+    qmodel = model if inplace else copy_module(model)
     # the plan's traced forward also gives every module's span for the capture caches
     plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward, names,
                                             config)

@@ -5,7 +5,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import QroundError
@@ -78,8 +77,7 @@ def totals(records: Iterable[SolveRecord]) -> dict:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (see :func:`qround.files.atomic_write`), creating its folder."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, binary=False) as f:
+    with atomic_write(path, binary=False, make_folder=True) as f:
         f.write(text)
 
 
@@ -91,8 +89,7 @@ def write_npz_atomic(path: str | os.PathLike, **arrays) -> None:
     """``np.savez`` to ``path`` atomically; a failure leaves any existing file as it was."""
     import numpy as np
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as f:
+    with atomic_write(path, make_folder=True) as f:
         np.savez(f, **arrays)
 
 
@@ -109,6 +106,5 @@ def new_figure(**kwargs):
 
 def save_figure_atomic(fig, path: str | os.PathLike, what: str = "plot") -> None:
     """Write ``fig`` as PNG to ``path`` atomically (parent folders created)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, what=what) as f:
+    with atomic_write(path, what=what, make_folder=True) as f:
         fig.savefig(f, format="png", dpi=110)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import QroundError
 from .grid import Grid
-from .problems.layers import layer_kind
+from .problems.layers import layer_kind, weight_not_writable
 from .problems.rounding import RoundingProblem
 from .solvers.base import Solution
 
@@ -129,6 +129,10 @@ def apply_to_layer(module: nn.Module, qweight: QuantizedWeight, inplace: bool = 
     """Return the layer with its weight set to ``qweight.dequantized`` (in the weight's own dtype
     and device): a deep copy, or ``module`` itself when ``inplace=True``.  Bias is unchanged."""
     layer_kind(module)
+    why = weight_not_writable(module)
+    if why:
+        raise QroundError(f"cannot write a rounded weight into this {type(module).__name__}: "
+                          f"{why}")
     if tuple(module.weight.shape) != tuple(qweight.weight_shape):
         raise QroundError(f"quantised weight has shape {tuple(qweight.weight_shape)}, layer "
                           f"weight is {tuple(module.weight.shape)}")

@@ -137,3 +137,80 @@ def test_corrupt_weights_detected(saved, tmp_path):
     safetensors.torch.save_file(tensors, bad, metadata=meta)
     with pytest.raises(QroundError, match="corrupt"):
         load(model, bad)
+
+
+# ------------------------------------------- found by the eleventh session's reviews (helpers)
+def _small(tmp_path, bias=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=bias), nn.ReLU(), nn.Linear(8, 4, bias=bias))
+    qm = quantize_model(model, [torch.randn(16, 8)],
+                        QuantConfig(wbits=2, solver="greedy", progress=False))
+    path = tmp_path / "m.safetensors"
+    qm.save(path)
+    return model, qm, path
+
+
+def test_load_refuses_a_bias_the_file_does_not_have(tmp_path):
+    _, _, path = _small(tmp_path, bias=False)
+    with_bias = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(QroundError, match="'0' has a bias, the file's layer has none"):
+        load(with_bias, path)
+
+
+def test_load_refuses_a_parametrized_weight(tmp_path):
+    _, _, path = _small(tmp_path)
+    target = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)),
+                           nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(QroundError, match="'0': its weight is parametrized"):
+        load(target, path)
+
+
+def _rewrite_header(path, out, **changes):
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    meta.update(changes)
+    safetensors.torch.save_file(tensors, out, metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"layers": "[1, 2]"}, "must map layer names"),
+    ({"layers": json.dumps({"0": {"kind": "Linear"}})}, "lacks 'bits'"),
+    ({"layers": json.dumps({"0": {"kind": "Linear", "bits": 2, "symmetric": True, "bias": True,
+                                  "weight_shape": 8}})}, "lacks 'weight_shape'"),
+    ({"layers": json.dumps({"0": {"kind": "Lstm", "bits": 2, "symmetric": True, "bias": True,
+                                  "weight_shape": [8, 8]}})}, "has kind 'Lstm'"),
+    ({"units": "{not json"}, "'units' is not valid JSON"),
+    ({"format_version": "2"}, "format version '2'"),
+])
+def test_damaged_headers_are_named(tmp_path, change, match):
+    model, _, path = _small(tmp_path)
+    bad = _rewrite_header(path, tmp_path / "bad.safetensors", **change)
+    for read in (read_metadata, load_codes, lambda p: load(model, p)):
+        with pytest.raises(QroundError, match=match):
+            read(bad)
+
+
+def test_save_under_a_file_is_a_clear_error(tmp_path):
+    _, qm, _ = _small(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(QroundError, match="cannot create its folder"):
+        qm.save(tmp_path / "afile" / "m.safetensors")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_atomic_write_goes_through_a_symlink_and_refuses_read_only_files(tmp_path):
+    from qround.report import write_text_atomic
+
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    write_text_atomic(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    if os.geteuid() == 0:
+        pytest.skip("root may write read-only files, as open() lets it: nothing to refuse")
+    target.chmod(0o444)
+    with pytest.raises(QroundError, match="read-only"):
+        write_text_atomic(target, "newer")
+    assert target.read_text() == "new"

@@ -196,6 +196,9 @@ def load_layer_stats(path: str | os.PathLike) -> LayerStats:
     def scalar(key, kind):
         """A 0-d entry ``key`` of the file as ``kind`` (int, bool or str), or a QroundError."""
         value = contents[key]
+        if not isinstance(value, np.ndarray):  # a member that is not an .npy array
+            raise QroundError(f"layer statistics file {path!r}: {key!r} is not a numpy array "
+                              "(the archive was not written by numpy.savez)")
         ok = value.ndim == 0 and {
             int: lambda v: np.issubdtype(v.dtype, np.integer) and v.dtype != bool,
             bool: lambda v: v.dtype == bool,

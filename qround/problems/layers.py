@@ -29,6 +29,27 @@ def layer_kind(module) -> str:
                       "nn.Conv2d can be rounded")
 
 
+def weight_not_writable(module) -> str | None:
+    """Why a layer's weight cannot be rounded and written back, or None when it can: a weight
+    recomputed from other tensors on every access or forward (a parametrization such as
+    ``weight_norm``, pruning's mask, the old ``weight_norm`` hook), or a lazy module's weight
+    that no forward has initialised yet.  Writing into such a weight would be lost."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, "weight"):
+        return ("its weight is parametrized (weight_norm, spectral_norm...): remove that with "
+                "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') first")
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "it is a lazy module whose weight is not initialised yet: run one forward first"
+    if not isinstance(weight, nn.Parameter):
+        return ("its weight is not a parameter but computed on every forward (pruning, the old "
+                "weight_norm): make it permanent first (torch.nn.utils.prune.remove, "
+                "torch.nn.utils.remove_weight_norm)")
+    return None
+
+
 def layer_groups(module) -> int:
     """Number of independent input groups: ``module.groups`` for a conv, 1 for a Linear."""
     return int(module.groups) if layer_kind(module) == "conv2d" else 1

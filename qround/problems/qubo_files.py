@@ -2,8 +2,8 @@
 
 One file per output channel::
 
-    c <comment lines>
     c offset <float>          energy + offset = the channel's absolute cost (qround's line)
+    c <comment lines>
     p qubo 0 <maxNodes> <nNodes> <nCouplers>
     <i> <i> <Q_ii>            nNodes lines: the linear terms
     <i> <j> <Q_ij>            nCouplers lines, i < j: the quadratic terms, each pair once
@@ -31,6 +31,7 @@ from ..files import atomic_write
 from .rounding import RoundingProblem, _select
 
 MANIFEST = "manifest.json"
+MAX_DENSE_BYTES = 8 * 2 ** 30   # read_qubo builds a dense matrix: 32768 variables at most
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ def qubo_text(problem: RoundingProblem, channel: int, comment: str = "") -> str:
     quad = 2.0 * q[iu, ju]          # b^T Q b counts each symmetric pair twice
     keep = quad != 0.0
     iu, ju, quad = iu[keep], ju[keep], quad[keep]
-    lines = [f"c {line}" for line in comment.splitlines()]
-    lines.append(f"c offset {float(problem.const[c])!r}")
+    lines = [f"c offset {float(problem.const[c])!r}"]   # first: read_qubo takes the first one
+    lines += [f"c {line}" for line in comment.splitlines()]
     lines.append(f"p qubo 0 {problem.num_inputs} {len(idx)} {len(quad)}")
     lines += [f"{i} {i} {float(v)!r}" for i, v in zip(idx.tolist(), np.diag(q).tolist())]
     lines += [f"{a} {b} {float(v)!r}"
@@ -78,11 +79,13 @@ def read_qubo(path: str | os.PathLike) -> QuboFile:
     """Read a ``.qubo`` file (qbsolv format); QroundError naming the file and line otherwise."""
     path = os.fspath(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
         raise QroundError(f"cannot read QUBO file {path!r}: {exc}") from exc
-    offset, header, entries = 0.0, None, []
+    except UnicodeDecodeError as exc:
+        raise QroundError(f"QUBO file {path!r} is not UTF-8 text: {exc}") from None
+    offset, header, entries = None, None, []
     for number, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         where = f"QUBO file {path!r}, line {number}"
@@ -90,12 +93,17 @@ def read_qubo(path: str | os.PathLike) -> QuboFile:
             if not parts:
                 continue
             if parts[0] == "c":
-                if parts[1:2] == ["offset"]:
-                    offset = float(parts[2])
+                if offset is None and len(parts) == 3 and parts[1] == "offset":
+                    offset = float(parts[2])   # the first 'c offset <float>'; others: comments
             elif parts[0] == "p":
                 if header is not None or len(parts) != 6 or parts[1] != "qubo":
                     raise ValueError("expected one header 'p qubo 0 maxNodes nNodes nCouplers'")
                 header = [int(v) for v in parts[3:]]
+                if min(header) < 0:
+                    raise ValueError(f"negative count in the header {header}")
+                if header[0] ** 2 * 8 > MAX_DENSE_BYTES:
+                    raise ValueError(f"{header[0]} variables: the dense matrix would take "
+                                     f"{header[0] ** 2 * 8 / 2 ** 30:.0f} GiB")
             else:
                 if header is None or len(parts) != 3:
                     raise ValueError("expected 'i j value' after the 'p qubo' header")
@@ -116,6 +124,7 @@ def read_qubo(path: str | os.PathLike) -> QuboFile:
             raise QroundError(f"QUBO file {path!r}: index ({i}, {j}) outside 0..{size - 1}")
         a, b = min(i, j), max(i, j)
         q[a, b] += v
+    offset = 0.0 if offset is None else offset
     if not np.isfinite(q).all() or not np.isfinite(offset):
         raise QroundError(f"QUBO file {path!r} holds NaN or infinite values")
     return QuboFile(Q=q, offset=offset, nodes=np.array(sorted(i for i, _ in nodes), dtype=int))
@@ -159,30 +168,43 @@ def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=s
     for label, choices in (known or {}).items():
         if label in solutions:
             raise QroundError(f"known solution label {label!r} is reserved")
-        solutions[label] = (problem.check_choices(choices, f"known[{label!r}]") > 0.5) & problem.free
+        b = problem.check_choices(choices, f"known[{label!r}]") > 0.5
+        solutions[label] = b & problem.free
     energies = {label: problem.energies(b) for label, b in solutions.items()}
+    created = not os.path.exists(folder)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise QroundError(f"cannot create folder {folder!r}: {exc}") from exc
     m, n = problem.weight.shape
     g = problem.grid
-    rows = []
-    for c, name in zip(idx.tolist(), names):
-        comment = (f"qround: layer {problem.name or '?'} ({m}x{n}), output channel {c}, "
-                   f"{g.bits}-bit {'symmetric' if g.symmetric else 'asymmetric'} grid\n"
-                   "x_i = 1: weight i rounded up (ceil), 0: down (floor)")
-        write_qubo(os.path.join(folder, name), problem, c, comment)
-        rows.append({"channel": c, "file": name, "variables": int(problem.free[c].sum()),
-                     "offset": float(problem.const[c]),
-                     "solutions": {label: {"energy": float(energies[label][c]),
-                                           "x": bit_string(solutions[label][c])}
-                                   for label in solutions}})
-    manifest = {
-        "format": "qbsolv .qubo: E(x) = sum_i Q_ii x_i + sum_{i<j} Q_ij x_i x_j; "
-                  "E(x) + offset = the channel's absolute cost (qround's layer objective)",
-        "layer": problem.name, "source": source, "shape": [m, n], "bits": g.bits,
-        "symmetric": g.symmetric, "channels": rows}
-    with atomic_write(os.path.join(folder, MANIFEST), binary=False, what="QUBO manifest") as f:
-        f.write(json.dumps(manifest, indent=1) + "\n")
+    kind = "symmetric" if g.symmetric else "asymmetric"
+    rows, written = [], []
+    try:
+        for c, name in zip(idx.tolist(), names):
+            comment = (f"qround: layer {problem.name or '?'} ({m}x{n}), output channel {c}, "
+                       f"{g.bits}-bit {kind} grid\n"
+                       "x_i = 1: weight i rounded up (ceil), 0: down (floor)")
+            written.append(os.path.join(folder, name))
+            write_qubo(written[-1], problem, c, comment)
+            rows.append({"channel": c, "file": name, "variables": int(problem.free[c].sum()),
+                         "offset": float(problem.const[c]),
+                         "solutions": {label: {"energy": float(energies[label][c]),
+                                               "x": bit_string(solutions[label][c])}
+                                       for label in solutions}})
+        manifest = {
+            "format": "qbsolv .qubo: E(x) = sum_i Q_ii x_i + sum_{i<j} Q_ij x_i x_j; "
+                      "E(x) + offset = the channel's absolute cost (qround's layer objective)",
+            "layer": problem.name, "source": source, "shape": [m, n], "bits": g.bits,
+            "symmetric": g.symmetric, "channels": rows}
+        with atomic_write(os.path.join(folder, MANIFEST), binary=False,
+                          what="QUBO manifest") as f:
+            f.write(json.dumps(manifest, indent=1) + "\n")
+    except BaseException:
+        for path in written:  # a failed export leaves no part of itself behind
+            if os.path.exists(path):
+                os.remove(path)
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
+        raise
     return manifest

@@ -25,7 +25,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..errors import QroundError
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -417,13 +416,3 @@ def compact_pays(n: int, nfree: np.ndarray, passes: float) -> bool:
     steps, where gathering made `fast` a quarter slower."""
     k = float(np.mean(nfree)) if nfree.size else 0.0
     return (n - k) * passes > k * k
-
-
-def check_int(value, name: str, minimum: int, allow_none: bool = False) -> int | None:
-    """Validate an integer solver parameter (QroundError naming it otherwise)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        kind = f"an integer >= {minimum}" + (" or None" if allow_none else "")
-        raise QroundError(f"{name} must be {kind}, got {value!r}")
-    return int(value)

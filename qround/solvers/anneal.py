@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QroundError
+from ..errors import QroundError, check_int
 from ..problems.rounding import RoundingProblem
 from . import _kernels
 from .base import Solver
@@ -66,8 +66,8 @@ class Anneal(Solver):
     def __init__(self, num_sweeps: int = 1000, restarts: int = 1, order: str = "random",
                  hot_accept: float = 0.1, cold_accept: float = 1e-6,
                  cold_quantile: float = 0.05):
-        self.num_sweeps = _kernels.check_int(num_sweeps, "num_sweeps", 1)
-        self.restarts = _kernels.check_int(restarts, "restarts", 1)
+        self.num_sweeps = check_int(num_sweeps, "num_sweeps", 1)
+        self.restarts = check_int(restarts, "restarts", 1)
         if order not in ("random", "sequential"):
             raise QroundError(f"order must be 'random' or 'sequential', got {order!r}")
         if not (0 < cold_accept <= hot_accept < 1):

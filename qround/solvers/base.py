@@ -25,7 +25,8 @@ import numpy as np
 from ..errors import QroundError
 from ..problems.rounding import RoundingProblem
 
-_blas = threading.local()
+_blas_lock = threading.Lock()
+_blas_hold: dict = {"count": 0}
 # Below this many multiply-adds in one product with H (m n^2), a solve holds BLAS to one thread.
 BLAS_LIMIT_BELOW = 2 ** 27
 
@@ -41,29 +42,40 @@ def single_threaded_blas(problem: RoundingProblem | None = None):
     that follows.  On 2 cores, with every pool at 2 threads, ``fast`` on a 384x384 MiniLM layer
     took 0.12-0.15 s (median) with BLAS free and 0.045 s with it held to one thread (BENCHMARKS.md,
     section 1h).  Larger products keep their BLAS threads: there they pay for themselves, and
-    a spin is small next to the kernels.  Nested uses (``Chain``, ``BestOf``) act once.
+    a spin is small next to the kernels.  Nested uses (``Chain``, ``BestOf``) and solves
+    in several threads at once act once.
     torch's pip wheels link their BLAS statically, out of threadpoolctl's reach; where torch
     shares a BLAS library with numpy (MKL in some conda builds), its CPU solvers are held too.
     """
-    if getattr(_blas, "depth", 0) or (
-            problem is not None and
-            problem.num_channels * problem.num_inputs ** 2 >= BLAS_LIMIT_BELOW):
+    if problem is not None and \
+            problem.num_channels * problem.num_inputs ** 2 >= BLAS_LIMIT_BELOW:
         yield
         return
+    # the limit is the process's, so holders in several threads share one count: the first
+    # in sets it, the last out restores the original (a per-thread count restored 1 for good)
+    with _blas_lock:
+        if _blas_hold["count"] == 0:
+            _blas_hold["limiter"] = _blas_controller().limit(limits=1, user_api="blas")
+        _blas_hold["count"] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_hold["count"] -= 1
+            if _blas_hold["count"] == 0:
+                _blas_hold.pop("limiter").restore_original_limits()
+
+
+def _blas_controller():
+    """A threadpoolctl controller that knows every BLAS loaded so far (scipy, for one, brings
+    its own OpenBLAS: a controller made before that import would miss it)."""
     from threadpoolctl import ThreadpoolController
 
-    # a controller knows the libraries loaded when it was made: make a new one after imports
-    # (scipy, for one, brings its own OpenBLAS)
-    controller, modules = getattr(_blas, "controller", (None, -1))
+    controller, modules = _blas_hold.get("controller", (None, -1))
     if controller is None or modules != len(sys.modules):
         controller = ThreadpoolController()
-        _blas.controller = (controller, len(sys.modules))
-    _blas.depth = 1
-    try:
-        with controller.limit(limits=1, user_api="blas"):
-            yield
-    finally:
-        _blas.depth = 0
+        _blas_hold["controller"] = (controller, len(sys.modules))
+    return controller
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,12 +126,15 @@ def make_solution(problem: RoundingProblem, choices: np.ndarray, seconds: float,
                     info=dict(info or {}))
 
 
-def resolve_start(problem: RoundingProblem, init) -> np.ndarray:
-    """A start as (m, n) bool: None -> RTN; a Solution or 0/1 choices (m, n).
+def _part_key(seen: dict, label: str, i: int) -> str:
+    """A composite's info key for its part ``i``: the label, with ``#<position>`` (from 1) added
+    when an earlier part has the same label (``stochastic|stochastic``)."""
+    return label if label not in seen else f"{label}#{i + 1}"
 
-    Integer grid codes are converted with ``problem.choices_from_codes`` first (a 0/1 array is
-    always read as choices, never as codes).
-    """
+
+def resolve_start(problem: RoundingProblem, init) -> np.ndarray:
+    """A start as (m, n) bool: None -> RTN; a Solution or 0/1 choices (m, n).  Integer grid
+    codes are not accepted here: convert them with ``problem.choices_from_codes`` first."""
     if init is None:
         return problem.rtn_choices()
     if isinstance(init, Solution):
@@ -127,6 +142,9 @@ def resolve_start(problem: RoundingProblem, init) -> np.ndarray:
     arr = np.asarray(init)
     if arr.shape != problem.weight.shape:
         raise QroundError(f"init must have shape {problem.weight.shape}, got {arr.shape}")
+    if arr.dtype != bool and not np.all((arr == 0) | (arr == 1)):
+        raise QroundError("init must be 0/1 choices (1 = round up); integer grid codes "
+                          "convert with problem.choices_from_codes(codes)")
     return problem.check_choices(arr, "init").astype(bool) & problem.free
 
 
@@ -234,9 +252,9 @@ class Chain(Solver):
 
     def _solve_from(self, problem, start, start_energy, rng):
         sol, energy, info = start, start_energy, {}
-        for s in self.solvers:  # each stage gets the previous one's exact energies
+        for i, s in enumerate(self.solvers):  # each stage gets the previous one's energies
             step = s._solve_stage(problem, sol, energy, rng)
-            info[s.label] = {"ratio": step.ratio, "seconds": step.seconds}
+            info[_part_key(info, s.label, i)] = {"ratio": step.ratio, "seconds": step.seconds}
             sol, energy = step.choices, step.energy
         return sol, {"steps": info}, energy
 
@@ -261,10 +279,10 @@ class BestOf(Solver):
     def _solve_from(self, problem, start, start_energy, rng):
         best, best_e = start, start_energy
         wins = {}
-        for s in self.solvers:
+        for i, s in enumerate(self.solvers):
             sol = s._solve_stage(problem, start, start_energy, rng)
             better = sol.energy < best_e
-            wins[s.label] = int(better.sum())
+            wins[_part_key(wins, s.label, i)] = int(better.sum())
             best = np.where(better[:, None], sol.choices, best)
             best_e = np.where(better, sol.energy, best_e)
         return best, {"channels_won": wins}, best_e

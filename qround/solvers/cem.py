@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from ..errors import QroundError
+from ..errors import check_int, check_real
 from ..problems import energy
 from ..problems.rounding import RoundingProblem
 from . import _torch
@@ -41,17 +41,13 @@ class CrossEntropy(Solver):
     def __init__(self, samples: int = 128, iterations: int = 100, elite: float = 0.1,
                  alpha: float = 0.5, p_min: float = 1e-3, tol: float = 1e-3,
                  device="cpu", dtype=None, max_elements: int | None = None):
-        if samples < 2 or iterations < 1:
-            raise QroundError(f"samples must be >= 2 and iterations >= 1, got samples={samples}, "
-                              f"iterations={iterations}")
-        if not 0 < elite <= 1:
-            raise QroundError(f"elite must lie in (0, 1], got {elite}")
-        if not 0 < alpha <= 1:
-            raise QroundError(f"alpha must lie in (0, 1], got {alpha}")
-        if not 0 <= p_min < 0.5:
-            raise QroundError(f"p_min must lie in [0, 0.5), got {p_min}")
-        if tol < 0 or (max_elements is not None and max_elements < 1):
-            raise QroundError("tol must be >= 0 and max_elements >= 1 (or None)")
+        check_int(samples, "samples", 2)
+        check_int(iterations, "iterations", 1)
+        check_real(elite, "elite", 0, 1, lo_open=True)
+        check_real(alpha, "alpha", 0, 1, lo_open=True)
+        check_real(p_min, "p_min", 0, 0.5, hi_open=True)
+        check_real(tol, "tol", 0)
+        check_int(max_elements, "max_elements", 1, allow_none=True)
         self.samples = int(samples)
         self.iterations = int(iterations)
         self.elite = float(elite)

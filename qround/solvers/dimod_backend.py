@@ -49,6 +49,12 @@ class DimodSolver(Solver):
 
     def __init__(self, sampler="neal", channels=None, **sample_kwargs):
         self.sampler = sampler
+        if channels is not None:
+            arr = np.asarray(channels)
+            if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+                raise QroundError(f"channels must be None or a non-empty list of channel "
+                                  f"indices, got {channels!r}")
+            channels = [int(c) for c in arr]
         self.channels = channels
         self.sample_kwargs = sample_kwargs
 

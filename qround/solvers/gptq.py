@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import QroundError
+from ..errors import QroundError, check_int, check_real
 from ..problems.rounding import RoundingProblem
 from . import _kernels, _torch
 from .base import Solver
@@ -137,13 +137,10 @@ class GPTQ(Solver):
 
     def __init__(self, act_order: bool = True, damp: float = 0.01, retries: int = 4,
                  block: int = 128, device="cpu", dtype=None):
-        if damp < 0 or retries < 0 or block < 1:
-            raise QroundError(f"damp and retries must be >= 0 and block >= 1, got damp={damp}, "
-                              f"retries={retries}, block={block}")
         self.act_order = bool(act_order)
-        self.damp = float(damp)
-        self.retries = int(retries)
-        self.block = int(block)
+        self.damp = check_real(damp, "damp", 0)
+        self.retries = check_int(retries, "retries", 0)
+        self.block = check_int(block, "block", 1)
         self.device = device
         self.dtype = dtype
 

@@ -38,7 +38,7 @@ from abc import abstractmethod
 import numpy as np
 import torch
 
-from ..errors import QroundError
+from ..errors import QroundError, check_int, check_positive_pair, check_real
 from ..problems import energy
 from ..problems.rounding import RoundingProblem
 from . import _torch
@@ -75,11 +75,9 @@ class _GradientRounding(Solver):
 
     def __init__(self, iterations: int, lr: float, eval_every: int, device, dtype,
                  graph: bool = True):
-        if iterations < 1 or eval_every < 1:
-            raise QroundError(f"iterations and eval_every must be >= 1, got {iterations}, "
-                              f"{eval_every}")
-        if not lr > 0:
-            raise QroundError(f"lr must be positive, got {lr}")
+        check_int(iterations, "iterations", 1)
+        check_int(eval_every, "eval_every", 1)
+        check_real(lr, "lr", 0, lo_open=True)
         self.iterations = int(iterations)
         self.lr = float(lr)
         self.eval_every = int(eval_every)
@@ -229,12 +227,9 @@ class Relaxation(_GradientRounding):
             raise QroundError("reg_weighting must be 'curvature' or 'uniform', "
                               f"got {reg_weighting!r}")
         self.reg_weighting = reg_weighting
-        if reg < 0:
-            raise QroundError(f"reg (lambda) must be >= 0, got {reg}")
-        if len(beta) != 2 or min(beta) <= 0:
-            raise QroundError(f"beta must be a (start, end) pair of positive numbers, got {beta!r}")
-        if not 0 <= warmup < 1:
-            raise QroundError(f"warmup must lie in [0, 1), got {warmup}")
+        check_real(reg, "reg (lambda)", 0)
+        beta = check_positive_pair(beta, "beta")
+        check_real(warmup, "warmup", 0, 1, hi_open=True)
         self.reg = float(reg)
         self.beta = (float(beta[0]), float(beta[1]))
         self.warmup = float(warmup)
@@ -291,10 +286,7 @@ class HopfieldClassic(_GradientRounding):
                  temperature: tuple[float, float] = (1.0, 0.02), eval_every: int = 25,
                  device="cpu", dtype=None, graph: bool = True):
         super().__init__(iterations, lr, eval_every, device, dtype, graph)
-        if len(temperature) != 2 or min(temperature) <= 0:
-            raise QroundError(f"temperature must be a (start, end) pair of positive numbers, "
-                              f"got {temperature!r}")
-        self.temperature = (float(temperature[0]), float(temperature[1]))
+        self.temperature = check_positive_pair(temperature, "temperature")
 
     def temperature_at(self, t: int) -> float:
         t0, t1 = self.temperature

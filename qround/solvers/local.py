@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QroundError
+from ..errors import check_int
 from ..problems import energy
 from ..problems.rounding import RoundingProblem
 from .base import Solver
@@ -55,9 +55,7 @@ class Greedy(Solver):
     name = "greedy"
 
     def __init__(self, max_iter: int | None = None):
-        if max_iter is not None and max_iter < 1:
-            raise QroundError("max_iter must be >= 1 or None")
-        self.max_iter = max_iter
+        self.max_iter = check_int(max_iter, "max_iter", 1, allow_none=True)
 
     def _solve(self, problem, start, rng):
         b, it = steepest_descent(problem, start, self.max_iter)

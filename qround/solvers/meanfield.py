@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import QroundError
+from ..errors import QroundError, check_int, check_positive_pair, check_real
 from ..problems import energy
 from ..problems.rounding import RoundingProblem
 from . import _torch
@@ -61,23 +61,13 @@ class MeanField(Solver):
     def __init__(self, iterations: int = 400, beta: tuple[float, float] = (1.0, 1000.0),
                  damping: float = 0.02, eval_every: int = 10, device="cpu",
                  dtype="float32"):
-        from ._kernels import check_int
         self.iterations = check_int(iterations, "iterations", 1)
         self.eval_every = check_int(eval_every, "eval_every", 1)
-        try:
-            b0, b1 = (float(b) for b in beta)
-        except (TypeError, ValueError):
-            raise QroundError(f"beta must be a (start, end) pair of numbers, got {beta!r}") \
-                from None
-        if not (np.isfinite(b0) and np.isfinite(b1) and 0 < b0 <= b1):
-            raise QroundError("beta must be a (start, end) pair with 0 < start <= end, "
-                              f"got {beta!r}")
+        b0, b1 = check_positive_pair(beta, "beta")
+        if b0 > b1:
+            raise QroundError(f"beta must grow: start <= end, got {beta!r}")
         self.beta = (b0, b1)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float, np.integer,
-                                                                 np.floating)) \
-                or not 0 < damping <= 1:
-            raise QroundError(f"damping must be a number in (0, 1], got {damping!r}")
-        self.damping = float(damping)
+        self.damping = check_real(damping, "damping", 0, 1, lo_open=True)
         self.device = device
         self.dtype = dtype
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QroundError
+from ..errors import QroundError, check_int
 from ..problems.rounding import RoundingProblem
 from .base import Solver
 
@@ -23,10 +23,8 @@ class Stochastic(Solver):
     name = "stochastic"
 
     def __init__(self, samples: int = 64, batch: int = 16):
-        if samples < 1 or batch < 1:
-            raise QroundError("samples and batch must be >= 1")
-        self.samples = samples
-        self.batch = batch
+        self.samples = check_int(samples, "samples", 1)
+        self.batch = check_int(batch, "batch", 1)
 
     def _solve(self, problem, start, rng):
         best, best_e = start, problem.energies(start)
@@ -54,10 +52,10 @@ class Exact(Solver):
     name = "exact"
 
     def __init__(self, max_free: int = 20, block_bits: int = 12):
-        if not 1 <= max_free <= 30:
-            raise QroundError("max_free must lie in 1..30")
-        self.max_free = max_free
-        self.block_bits = block_bits
+        self.max_free = check_int(max_free, "max_free", 1)
+        if self.max_free > 30:
+            raise QroundError(f"max_free must lie in 1..30, got {max_free!r}")
+        self.block_bits = check_int(block_bits, "block_bits", 1)
 
     def _solve(self, problem: RoundingProblem, start, rng):
         nfree = problem.free.sum(axis=1)

@@ -80,7 +80,12 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
         return Chain(*(get_solver(part) for part in spec.split("+")))
     if spec not in _REGISTRY:
         raise QroundError(f"unknown solver {spec!r}; available: {', '.join(sorted(_REGISTRY))}")
-    solver = _REGISTRY[spec](**kwargs)
+    try:
+        solver = _REGISTRY[spec](**kwargs)
+    except TypeError as exc:  # an argument the factory does not take
+        if not kwargs:
+            raise
+        raise QroundError(f"solver {spec!r} does not take {sorted(kwargs)}: {exc}") from None
     if solver.label != spec:  # an alias (tabu-fast, neal...) reports under the name asked for
         solver._label = spec
     return solver

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QroundError
+from ..errors import check_int, check_real
 from ..problems.rounding import RoundingProblem
 from . import _kernels
 from .base import Solver
@@ -51,18 +51,14 @@ class Tabu(Solver):
     def __init__(self, max_iter: int | None = None, restarts: int = 4, tenure: int | None = None,
                  stall: int | None = None, perturb: int | None = None,
                  iters_per_var: float = 10.0, descent: bool = True, reset_every: int = 2):
-        self.max_iter = _kernels.check_int(max_iter, "max_iter", 1, allow_none=True)
-        self.restarts = _kernels.check_int(restarts, "restarts", 0)
-        self.tenure = _kernels.check_int(tenure, "tenure", 0, allow_none=True)
-        self.stall = _kernels.check_int(stall, "stall", 1, allow_none=True)
-        self.perturb = _kernels.check_int(perturb, "perturb", 1, allow_none=True)
-        number = (int, float, np.integer, np.floating)
-        if isinstance(iters_per_var, bool) or not isinstance(iters_per_var, number) \
-                or not iters_per_var > 0:
-            raise QroundError(f"iters_per_var must be a positive number, got {iters_per_var!r}")
-        self.iters_per_var = float(iters_per_var)
+        self.max_iter = check_int(max_iter, "max_iter", 1, allow_none=True)
+        self.restarts = check_int(restarts, "restarts", 0)
+        self.tenure = check_int(tenure, "tenure", 0, allow_none=True)
+        self.stall = check_int(stall, "stall", 1, allow_none=True)
+        self.perturb = check_int(perturb, "perturb", 1, allow_none=True)
+        self.iters_per_var = check_real(iters_per_var, "iters_per_var", 0, lo_open=True)
         self.descent = bool(descent)
-        self.reset_every = _kernels.check_int(reset_every, "reset_every", 0)
+        self.reset_every = check_int(reset_every, "reset_every", 0)
 
     def _solve(self, problem, start, rng):
         args = _kernels.kernel_inputs(problem, start, rng)

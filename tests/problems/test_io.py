@@ -173,3 +173,18 @@ def test_a_single_array_file_is_named(tmp_path):
     np.save(tmp_path / "w.npy", w)
     with pytest.raises(QroundError, match=r"w.npy' is a single array \(.npy\)"):
         load_layer_stats(tmp_path / "w.npy")
+
+
+def test_a_member_that_is_not_a_numpy_array_is_named(tmp_path):
+    """An archive written by hand (a text member where numpy.savez writes an .npy array)."""
+    import zipfile
+
+    good = tmp_path / "good.npz"
+    save_layer_stats(good, np.ones((2, 3)), np.eye(3), bits=3)
+    bad = tmp_path / "bad.npz"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.namelist():
+            data = b"3" if item == "bits.npy" else src.read(item)
+            dst.writestr(item.replace("bits.npy", "bits"), data)
+    with pytest.raises(QroundError, match="'bits' is not a numpy array"):
+        load_layer_stats(bad)

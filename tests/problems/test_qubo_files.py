@@ -45,7 +45,7 @@ def test_file_has_the_announced_counts_and_skips_zero_couplings():
     problem.hessian.flags.writeable = True  # input 5 dead: no coupling to anything
     problem.hessian[5, :] = problem.hessian[:, 5] = 0.0
     lines = qubo_text(problem, 1, comment="two\nlines").splitlines()
-    assert lines[:2] == ["c two", "c lines"] and lines[2].startswith("c offset ")
+    assert lines[0].startswith("c offset ") and lines[1:3] == ["c two", "c lines"]
     _, _, zero, size, nodes, couplers = lines[3].split()
     k = int(problem.free[1].sum())
     assert (zero, int(size), int(nodes)) == ("0", 6, k)
@@ -101,10 +101,13 @@ def test_export_overwrites_nothing_and_checks_before_writing(tmp_path):
     ("p qubo 0 2 1 0\n5 5 1.0\n", "outside 0..1"),
     ("c only a comment\n", "no 'p qubo' header"),
     ("c offset nan\np qubo 0 1 1 0\n0 0 1.0\n", "NaN"),
+    ("p qubo 0 -1 0 0\n", "negative count"),
+    ("p qubo 0 10000000000 0 0\n", "the dense matrix would take"),
+    (b"c caf\xe9\np qubo 0 1 1 0\n0 0 1.0\n", "not UTF-8"),
 ])
 def test_bad_qubo_files_are_named(tmp_path, text, message):
     path = tmp_path / "bad.qubo"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(QroundError, match=message):
         read_qubo(path)
 
@@ -164,3 +167,32 @@ def test_cli_export_qubo_bad_channels(layer_file, tmp_path, channels, message, c
     assert main(["export-qubo", str(layer_file), "--out", str(out), "--channels", channels]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_comments_cannot_change_the_offset(tmp_path):
+    problem = make_problem(m=2, n=5, seed=3)
+    write_qubo(tmp_path / "c.qubo", problem, 1, comment="offset 12.5\noffset correction: none")
+    assert read_qubo(tmp_path / "c.qubo").offset == problem.const[1]
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    from qround.problems import qubo_files
+
+    problem = make_problem(m=4, n=5, seed=3)
+    calls = []
+
+    def failing(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise QroundError("disk full (simulated)")
+        return write_qubo(path, *args, **kwargs)
+
+    monkeypatch.setattr(qubo_files, "write_qubo", failing)
+    (tmp_path / "mine.txt").write_text("keep")
+    for folder in (tmp_path / "new", tmp_path):       # one the export creates, one it does not
+        calls.clear()
+        with pytest.raises(QroundError, match="disk full"):
+            export_qubos(folder, problem)
+        assert len(calls) == 3
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]

@@ -150,6 +150,43 @@ def test_solve_holds_blas_to_one_thread_on_small_layers_and_restores_it():
         limit.restore_original_limits()
 
 
+import threading  # noqa: E402
+
+
+class _Step(Solver):
+    """Sets ``entered`` inside ``_solve``, then waits for ``leave`` (an event or a thread)."""
+
+    name = "step"
+
+    def __init__(self, entered, leave):
+        self.entered, self.leave = entered, leave
+
+    def _solve(self, problem, start, rng):
+        self.entered.set()
+        self.leave.wait(timeout=10) if isinstance(self.leave, threading.Event) \
+            else self.leave.join(timeout=10)
+        return start
+
+
+def test_overlapping_solves_in_two_threads_restore_blas_threads():
+    """The limit is the process's: with a per-thread count, a solve that started while another
+    held BLAS at 1 and ended last restored that 1 for good."""
+    before = _blas_threads()  # the process's own setting: a threadpool_limits made in this
+    # thread would hide the bug (OpenBLAS then reads the count per thread)
+    if not before or min(before) < 2:
+        pytest.skip("numpy's BLAS runs one thread here (one core, or no BLAS visible)")
+    problem = make_problem(m=4, n=12, seed=0)
+    a_in, b_in = threading.Event(), threading.Event()
+    a = threading.Thread(target=_Step(a_in, b_in).solve, args=(problem,))
+    a.start()
+    assert a_in.wait(timeout=10)                       # a holds the limit
+    b = threading.Thread(target=_Step(b_in, a).solve, args=(problem,))
+    b.start()                                          # b enters, lets a go, leaves last
+    b.join(timeout=20)
+    assert not a.is_alive() and not b.is_alive()
+    assert _blas_threads() == before
+
+
 def test_solve_leaves_blas_threads_alone_on_large_layers():
     from qround.solvers.base import BLAS_LIMIT_BELOW
 
