@@ -260,6 +260,7 @@ def _wrap_act_quantizers(model: nn.Module, acts: dict[str, dict], path) -> nn.Mo
                 raise QroundError(f"{path}: fusion size {info['fusion_size']} of {name!r} does "
                                   f"not match its {kk}-element kernel")
             wrapped = QuantizedLayer(module, info["bits"], info["borders"], fused)
+            wrapped.act.to(module.weight.device)  # its steps and borders live by the layer
             wrapped.act_mode = info["mode"]
             with torch.no_grad():
                 wrapped.act.signed.fill_(bool(info["signed"]))

@@ -44,7 +44,7 @@ from .activation_stage import WEIGHT_STARTS, check_units, quantize_activations
 from .activations import BORDERS, INITS
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
                         capture_fisher, default_forward, eval_mode, fisher_bytes, layer_hooks)
-from .errors import QroundError, check_bits, copy_module
+from .errors import QroundError, check_bits, check_int, check_real, copy_module
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
@@ -68,8 +68,10 @@ INPUTS = ("float", "quantized", "asymmetric")
 _PASS_BYTES = 1 << 30  # float64 statistic sums held by one capture pass without `asymmetric`
 
 
-class _StopForward(Exception):
-    """Raised from a hook once the layers a capture waits for have run: ends the forward."""
+class _StopForward(BaseException):
+    """Raised from a hook once the layers a capture waits for have run: ends the forward.  A
+    BaseException, so that a forward function's own ``except Exception`` does not swallow it
+    and run on (its layers would then add inputs to the statistics twice)."""
 
 
 # ---------------------------------------------------------------------------------- config
@@ -143,19 +145,13 @@ class QuantConfig:
         if self.statistics not in ("covariance", "fisher"):
             raise QroundError(f"statistics must be 'covariance' or 'fisher', got "
                               f"{self.statistics!r}")
-        if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < float("inf")):
-            raise QroundError(f"damp must be a finite number >= 0, got {self.damp!r}")
-        if not (isinstance(self.correction, (int, float)) and not isinstance(self.correction, bool)
-                and 0.0 <= self.correction <= 1.0):
-            raise QroundError(f"correction must be a number in [0, 1], got {self.correction!r}")
+        check_real(self.damp, "damp", 0)
+        check_real(self.correction, "correction", 0, 1)
         if self.correction != 1.0 and self.inputs != "asymmetric":
             raise QroundError("correction only applies with inputs='asymmetric' (it blends the "
                               "float target into the quantized one)")
-        if isinstance(self.refits, bool) or not isinstance(self.refits, (int, np.integer)) \
-                or self.refits < 0:
-            raise QroundError(f"refits must be a non-negative integer, got {self.refits!r}")
-        if not (isinstance(self.fisher_budget_mb, (int, float)) and self.fisher_budget_mb > 0):
-            raise QroundError(f"fisher_budget_mb must be positive, got {self.fisher_budget_mb!r}")
+        check_int(self.refits, "refits", 0)
+        check_real(self.fisher_budget_mb, "fisher_budget_mb", 0, lo_open=True)
         check_budget(self.capture_cache_mb, "capture_cache_mb")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
                 or self.seed < 0:
@@ -510,6 +506,8 @@ def _run_until(model, batch, forward, modules: dict[str, nn.Module], hook,
     left = dict(calls)
 
     def counted(name, module, args, out):
+        if all(v <= 0 for v in left.values()):  # the stop was swallowed after all: stop again
+            raise _StopForward
         hook(name, module, args, out)
         left[name] -= 1
         if all(v <= 0 for v in left.values()):

@@ -294,8 +294,9 @@ def _resolve_blocks(quant_model: nn.Module, float_model: nn.Module, blocks) -> l
 
 
 # ------------------------------------------------------------------------------ capture
-class _Stop(Exception):
-    """Raised by a capture hook to end a forward pass at the block."""
+class _Stop(BaseException):
+    """Raised by a capture hook to end a forward pass at the block (a BaseException: a forward
+    function's own ``except Exception`` must not swallow it)."""
 
 
 def _detach(obj):

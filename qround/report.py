@@ -81,8 +81,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def _json_value(value):
+    """numpy scalars and arrays as their Python values (an int stays an int), tuples of them
+    too; anything else as its text."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
 def write_json_atomic(path: str | os.PathLike, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")
+    """``data`` as indented JSON, written atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=_json_value) + "\n")
 
 
 def write_npz_atomic(path: str | os.PathLike, **arrays) -> None:

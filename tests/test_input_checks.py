@@ -304,3 +304,55 @@ def test_a_nearly_symmetric_hessian_is_made_exactly_symmetric():
                                rtol=1e-10, atol=1e-14)
     exact = RoundingProblem.from_weight(np.ones((2, 6)), h, GridSpec(bits=3))
     assert np.array_equal(exact.hessian, h)  # an exactly symmetric H is kept as it is
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"damp": True}, "damp must be a finite number"),
+    ({"fisher_budget_mb": float("inf")}, "fisher_budget_mb must be a finite number"),
+    ({"refits": 1.0}, "refits must be an integer"),
+])
+def test_config_numbers_are_checked(kwargs, match):
+    with pytest.raises(QroundError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_sub_and_restricted_problems_are_read_only_like_their_parent():
+    p = make_problem(m=4, n=6)
+    for q in (p.subproblem([2, 0]), p.restrict([1, 3], p.rtn_choices())):
+        for name in ("weight", "step", "grad", "const", "free", "frac", "hessian"):
+            assert not getattr(q, name).flags.writeable, name
+
+
+def test_a_spec_may_hold_any_whitespace():
+    assert get_solver("gptq +\ttabu |\nanneal").label == "gptq+tabu|anneal"
+
+
+def test_a_forward_that_catches_every_exception_still_stops_at_the_capture():
+    """The capture ends a forward by raising from a hook; a forward function with its own
+    ``except Exception`` used to swallow that and run on, feeding the statistics twice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    calib = [torch.randn(16, 8) for _ in range(2)]
+
+    def forgiving(m, batch):
+        try:
+            return m(batch)
+        except Exception:  # noqa: BLE001 (what some user code does)
+            return m(batch)
+
+    plain = quantize_model(model, calib, _quick(inputs="quantized"))
+    caught = quantize_model(model, calib, _quick(inputs="quantized"), forward=forgiving)
+    for name in plain.layers:
+        np.testing.assert_array_equal(plain.layers[name].codes, caught.layers[name].codes)
+        assert [r.cost for r in plain.report] == [r.cost for r in caught.report]
+
+
+def test_json_keeps_numpy_integers_integers(tmp_path):
+    import json
+
+    from qround.report import write_json_atomic
+
+    write_json_atomic(tmp_path / "a.json", {"n": np.int64(5), "x": np.float32(0.5),
+                                            "v": np.arange(2), "device": torch.device("cpu")})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"n": 5, "x": 0.5, "v": [0, 1],
+                                                             "device": "cpu"}

@@ -149,9 +149,7 @@ class RoundingProblem:
         arrays = dict(weight=w, hessian=h, scale=s, zero_point=z, floor_codes=lo.astype(np.int64),
                       free=free, step=np.where(free, s, 0.0), grad=grad, const=const,
                       frac=np.where(free, frac, 0.0))
-        for a in arrays.values():
-            a.flags.writeable = False
-        return cls(grid=grid, name=name, **arrays)
+        return cls(grid=grid, name=name, **_frozen(arrays))
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -336,7 +334,7 @@ class RoundingProblem:
         arrays = {k: getattr(self, k)[idx] for k in ("weight", "scale", "zero_point", "floor_codes",
                                                        "free", "step", "grad", "const", "frac")}
         arrays["hessian"] = self.hessian if self.shared_hessian else self.hessian[idx]
-        return RoundingProblem(grid=grid, name=self.name, **arrays)
+        return RoundingProblem(grid=grid, name=self.name, **_frozen(arrays))
 
     def restrict(self, inputs, held) -> "RoundingProblem":
         """The problem over a subset of inputs, every other variable held at ``held``.
@@ -365,13 +363,21 @@ class RoundingProblem:
         arrays["const"] = self.const + e_rest
         arrays["hessian"] = np.ascontiguousarray(h)
         # the grid object keeps describing the full layer; a restricted problem has no layer grid
-        return RoundingProblem(grid=grid, name=f"{self.name}[{idx.size} inputs]", **arrays)
+        return RoundingProblem(grid=grid, name=f"{self.name}[{idx.size} inputs]",
+                               **_frozen(arrays))
 
     def __repr__(self) -> str:
         kind = "shared" if self.shared_hessian else "per-channel"
         return (f"RoundingProblem({self.name + ', ' if self.name else ''}{self.num_channels}x"
                 f"{self.num_inputs}, {self.grid.bits}-bit, {kind} H, "
                 f"{int(self.free.sum())} free variables)")
+
+
+def _frozen(arrays: dict) -> dict:
+    """The problem's own arrays, made read-only (its caches, RTN energies for one, rely on it)."""
+    for a in arrays.values():
+        a.flags.writeable = False
+    return arrays
 
 
 def _select(index, size: int, what: str) -> np.ndarray:

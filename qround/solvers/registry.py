@@ -66,7 +66,7 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
         return place(get_solver(spec, **kwargs), device)
     if not isinstance(spec, str) or not spec.strip():
         raise QroundError(f"solver spec must be a non-empty string, got {spec!r}")
-    spec = spec.replace(" ", "")
+    spec = "".join(spec.split())  # spaces, tabs, newlines
     if any(not part for part in spec.replace("|", "+").split("+")):
         raise QroundError(f"solver spec {spec!r} has an empty part: write names joined by '+' "
                           "(then) and '|' (better of), e.g. 'gptq+tabu|anneal'")
