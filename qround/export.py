@@ -160,15 +160,28 @@ def load_codes(path: str | os.PathLike) -> dict[str, QuantizedWeight]:
     def read(f):
         out = {}
         for name, info in layers.items():
-            codes = f.get_tensor(f"{name}.codes").numpy().astype(np.int64)
+            raw = f.get_tensor(f"{name}.codes")
+            shape = tuple(info["weight_shape"])
+            want = (shape[0], int(np.prod(shape[1:])))
+            if raw.is_floating_point() or tuple(raw.shape) != want:
+                raise QroundError(f"{path}: {name}.codes must be integers of shape {want}, got "
+                                  f"{raw.dtype} {tuple(raw.shape)} (the file is damaged)")
+            codes = raw.numpy().astype(np.int64)
             scale = f.get_tensor(f"{name}.scale").numpy().astype(np.float64)
             zero = (f.get_tensor(f"{name}.zero_point").numpy().astype(np.float64)
                     if not info["symmetric"] else np.zeros_like(scale))
             for a in (codes, scale, zero):
                 a.flags.writeable = False
-            out[name] = QuantizedWeight(codes, scale, zero, int(info["bits"]),
-                                        bool(info["symmetric"]), info["group_size"],
-                                        tuple(info["weight_shape"]))
+            qw = QuantizedWeight(codes, scale, zero, int(info["bits"]), bool(info["symmetric"]),
+                                 info["group_size"], shape)
+            try:
+                grid = qw.grid  # checks the scales and zero points
+            except QroundError as exc:
+                raise QroundError(f"{path}: the grid of {name!r} is damaged: {exc}") from None
+            if codes.size and (codes.min() < grid.qmin or codes.max() > grid.qmax):
+                raise QroundError(f"{path}: codes of {name!r} leave [{grid.qmin}, {grid.qmax}] "
+                                  "(the file is damaged)")
+            out[name] = qw
         return out
 
     return _open(path, read)

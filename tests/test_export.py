@@ -214,3 +214,18 @@ def test_atomic_write_goes_through_a_symlink_and_refuses_read_only_files(tmp_pat
     with pytest.raises(QroundError, match="read-only"):
         write_text_atomic(target, "newer")
     assert target.read_text() == "new"
+
+
+def test_damaged_codes_are_named(tmp_path):
+    model, _, path = _small(tmp_path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    for key, value, match in (("0.codes", tensors["0.codes"].float(), "must be integers"),
+                              ("0.codes", tensors["0.codes"][:, :4], "must be integers of shape"),
+                              ("0.codes", tensors["0.codes"] * 0 + 7, r"leave \[-2, 1\]"),
+                              ("0.scale", tensors["0.scale"] * 0, "grid of '0' is damaged")):
+        bad = tmp_path / "bad.safetensors"
+        safetensors.torch.save_file({**tensors, key: value.contiguous()}, bad, metadata=meta)
+        with pytest.raises(QroundError, match=match):
+            load_codes(bad)
