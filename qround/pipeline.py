@@ -788,9 +788,10 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
 
 @contextmanager
 def _own_rng(config: QuantConfig, model: nn.Module):
-    """Random draws inside (a model's own forward that samples, the capture passes) come from the
-    global generators seeded with ``config.seed``, so a run depends on the seed alone; the
-    caller's torch (CPU and CUDA), numpy and ``random`` states are restored afterwards."""
+    """Random torch draws inside (a model's own forward that samples) come from torch's global
+    generators seeded with ``config.seed``, so a run depends on the seed, not on the caller's
+    state; the caller's torch (CPU and CUDA) states are restored afterwards, and numpy's and
+    ``random``'s too, should the forward draw from those."""
     import random
 
     devices = {p.device.index for p in model.parameters() if p.device.type == "cuda"}
@@ -804,8 +805,6 @@ def _own_rng(config: QuantConfig, model: nn.Module):
         torch.default_generator.manual_seed(config.seed)
         for d in sorted(devices):
             torch.cuda.default_generators[d].manual_seed(config.seed)
-        np.random.seed(config.seed)
-        random.seed(config.seed)
         try:
             yield
         finally:
