@@ -98,11 +98,16 @@ def load_weight_codes(layer: QuantizedLayer, qweight: QuantizedWeight, float_wei
 
 
 def quantize_activations(result: "QuantizedModel", float_model: nn.Module, calibration: list,
-                         forward: ForwardFn, config: "QuantConfig"):
+                         forward: ForwardFn, config: "QuantConfig",
+                         call_order: list[str] | None = None):
     """Run the activation stage on ``result`` (the weight stage's output): ``result.model``
     and ``result.layers`` are replaced by the wrapped model and its final codes.  Returns
-    (ReconstructResult, granularity.Selection), both None without reconstruction."""
+    (ReconstructResult, granularity.Selection), both None without reconstruction.
+    call_order: the quantised layers in the order the forward calls them (the first and last
+    of ``first_last_bits``, as the weight stage chose them); default: the report's order."""
     order = [r.layer for r in result.report]
+    if call_order is not None:
+        order = [n for n in call_order if n in result.layers]
     bits = input_bits(order, config)
     weights = {n: GridSpec(bits=result.layers[n].bits, symmetric=result.layers[n].symmetric,
                            group_size=result.layers[n].group_size, scale_method="minmax")
@@ -135,15 +140,22 @@ def _k(config: "QuantConfig") -> int | None:
 
 
 def check_units(model: nn.Module, names: list[str], config: "QuantConfig") -> None:
-    """The model-dependent checks of the reconstruction units, before any work: the scheme's
-    modules exist and hold quantised layers, and ``k`` is below the number of base units.
-    Works on a cheap stand-in (a copy of ``model`` with the chosen layers wrapped, nothing
-    calibrated)."""
+    """The model-dependent checks of the activation stage, before any solve: some layer has a
+    quantised input where borders are asked for, the scheme's modules exist and hold quantised
+    layers, and ``k`` is below the number of base units.  names: the quantised layers the
+    forward calls, in call order.  Works on a cheap stand-in (a copy of ``model`` with those
+    layers wrapped, nothing calibrated)."""
+    bits = input_bits(names, config)
+    if config.borders != "none" and all(b is None for b in bits.values()):
+        raise QroundError(f"borders={config.borders!r} need a quantised input, and none is left: "
+                          f"first_last_bits keeps the input of the first layer ({names[0]!r}) "
+                          "in float")
     shadow = copy.deepcopy(model)
     modules = dict(shadow.named_modules())
     for n in names:
-        if n == "":
-            return  # the model is a single layer: one unit whatever the granularity
+        if n == "":  # the model is a single layer: the stand-in is that layer, wrapped
+            shadow = QuantizedLayer(shadow)
+            break
         parent, _, child = n.rpartition(".")
         setattr(modules[parent] if parent else shadow, child, QuantizedLayer(modules[n]))
     if config.granularity == "loss":

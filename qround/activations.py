@@ -329,6 +329,16 @@ class QuantizedLayer(nn.Module):
     probability, drawn from ``qdrop_generator`` (set by :func:`qdrop`).
     """
 
+    def __getattr__(self, name: str):
+        """What the wrapper does not have is read from the wrapped layer (``in_features``,
+        ``weight.dtype``...): a parent's forward may read its child's attributes."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer" or "layer" not in self._modules:
+                raise
+            return getattr(self._modules["layer"], name)
+
     def __init__(self, module: nn.Module, abits: int | None = None, borders: str = "none",
                  fusion: bool = True, weight: GridSpec | None = None):
         super().__init__()
@@ -348,6 +358,8 @@ class QuantizedLayer(nn.Module):
         fusion_size = kk if (fusion and self.is_conv and borders != "none") else 1
         self.act = None if abits is None else ActQuantizer(abits, borders, self.elements,
                                                            fusion_size)
+        if self.act is not None and w.dtype == torch.float64:
+            self.act.double()  # its step and borders meet float64 inputs in convs and products
         self.act_mode = "float" if abits is None else ("nearest" if borders == "none"
                                                       else "border")
         self.force_unfold = False
@@ -666,6 +678,14 @@ def insert_act_quantizers(model: nn.Module, layers: LayerFilter = None,
             wrapped.act.calibrate(observers[n].values(n), init)
         if n == "":  # the model itself is the layer
             return wrapped
-        parent, _, child = n.rpartition(".")
-        setattr(modules[parent] if parent else qmodel, child, wrapped)
+        replace_module(qmodel, modules[n], wrapped)
     return qmodel
+
+
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is a child inside ``root``, under every name it has (a layer
+    registered twice, ``self.alias = self.fc``, is wrapped once and seen the same way twice)."""
+    for parent in list(root.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[name] = new

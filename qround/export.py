@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .activations import QuantizedLayer
+from .activations import QuantizedLayer, replace_module
 from .errors import QroundError, copy_module
 from .files import atomic_write
 from .problems.layers import weight_not_writable
@@ -287,13 +287,14 @@ def _wrap_act_quantizers(model: nn.Module, acts: dict[str, dict], path) -> nn.Mo
                         raise QroundError(f"{path}: {name}.act.{key} has {value.numel()} values, "
                                           f"the layer needs {target.numel()}")
                     target.copy_(value.reshape(target.shape))
-            parent, _, child = name.rpartition(".")
-            setattr(modules[parent] if parent else model, child, wrapped)
+            if name == "":  # the model is this one layer: the wrapper is the model
+                wrapped_root[0] = wrapped
+            else:
+                replace_module(model, module, wrapped)
 
-    if "" in acts:
-        raise QroundError(f"{path}: a model that is a single layer cannot be wrapped in place")
+    wrapped_root = [model]
     _open(path, fill)
-    return model
+    return wrapped_root[0]
 
 
 def _open(path, read):

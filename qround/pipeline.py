@@ -355,6 +355,21 @@ def _select(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str,
     return chosen, skipped
 
 
+def _check_single_names(model: nn.Module, names: list[str]) -> None:
+    """The activation stage wraps a layer and reconstructs it by its name: a layer object
+    registered under several names (``self.tail = nn.Sequential(act, self.fc)``) is refused."""
+    paths: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    modules = dict(model.named_modules())
+    aliased = [paths[id(modules[n])] for n in names if len(paths[id(modules[n])]) > 1]
+    if aliased:
+        raise QroundError(f"layer {aliased[0][0]!r} is registered under several names "
+                          f"{aliased[0]}: activation quantisation and reconstruction need one "
+                          "name per layer (weights alone work); register it once, or leave it "
+                          "out with config.exclude")
+
+
 def _untie(model: nn.Module, chosen: list[str], skipped: dict[str, str]) -> list[str]:
     """The chosen layers less those whose weight is shared (tied weights, e.g. a language-model
     head tied to the embedding): a weight is rounded once, by the first chosen layer holding it,
@@ -822,8 +837,10 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     if loss_fn is not None and config.statistics != "fisher":
         log.warning("loss_fn is only used with statistics='fisher'; ignoring it")
     names, skipped = _select(model, config)
-    if config.reconstruction is not None:
-        check_units(model, names, config)  # bad schemes and k fail before any work
+    if config.activation_stage:
+        _check_single_names(model, names)
+    if config.reconstruction is not None:  # bad schemes and k fail before any forward...
+        check_units(model, names, config)
     float_modules = dict(model.named_modules())
     for name in names:
         module = float_modules[name]
@@ -850,6 +867,9 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     if not plan:
         raise QroundError("none of the chosen layers is called by the forward on the first "
                           "calibration batch")
+    if config.reconstruction is not None and len(plan) < len(names):
+        # ...and again on the layers the forward calls (fewer units: k may not fit any more)
+        check_units(model, [x.name for x in plan], config)
     for i, layer in enumerate(plan):
         ends = config.first_last_bits is not None and i in (0, len(plan) - 1)
         layer.bits = config.first_last_bits if ends else config.wbits
@@ -893,6 +913,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0)
     if config.activation_stage:
         result.reconstruction, result.units = quantize_activations(
-            result, float_model, list(calibration), forward, config)
+            result, float_model, list(calibration), forward, config,
+            call_order=[x.name for x in plan])
     result.seconds = time.perf_counter() - t_start
     return result

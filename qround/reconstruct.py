@@ -341,7 +341,12 @@ class _BlockData:
         self.inputs, self.targets = inputs, targets
         simple = all(len(a) == 1 and isinstance(a[0], torch.Tensor) and not k
                      for a, k in inputs)
-        if simple and len({a[0].shape[1:] for a, _ in inputs}) == 1:
+        # rows are drawn along dim 0 of input and target together: only where it is the same
+        # samples axis in both (a block that flattens tokens, (N, T, F) -> (N*T, C), is not)
+        aligned = simple and all(a[0].shape[0] == t.shape[0]
+                                 for (a, _), t in zip(inputs, targets))
+        if aligned and len({a[0].shape[1:] for a, _ in inputs}) == 1 \
+                and len({t.shape[1:] for t in targets}) == 1:
             self.x = torch.cat([a[0] for a, _ in inputs])
             self.y = torch.cat(targets)
         else:

@@ -1,0 +1,185 @@
+"""The activation stage on unusual but legitimate models (found by the eleventh session's review
+of the reconstruction stack): float64 layers with borders, parents that read their child's
+attributes, layers registered twice, blocks that flatten tokens, first/last layers in call
+order, single-layer models, and unit checks before any solve."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qround import export
+from qround.activations import quantized_layers
+from qround.errors import QroundError
+from qround.pipeline import QuantConfig, quantize_model
+from qround.reconstruct import ReconstructConfig
+
+torch.set_num_threads(1)
+REC = ReconstructConfig(iterations=4, batch_size=8, seed=3)
+
+
+def _config(**kw):
+    return QuantConfig(**{"wbits": 3, "solver": "greedy", "progress": False, **kw})
+
+
+def _batches(*shape, n=2, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(*shape, generator=gen).to(dtype) for _ in range(n)]
+
+
+def _reloaded_outputs_match(q, make, batch, tmp_path):
+    path = tmp_path / "m.safetensors"
+    q.save(path)
+    loaded = export.load(make(), path)
+    with torch.no_grad():
+        return torch.equal(loaded(batch), q.model(batch))
+
+
+class _Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("borders", ["linear", "quadratic"])
+def test_float64_model_with_borders(borders, tmp_path):
+    make = lambda: _Conv().double()  # noqa: E731
+    data = _batches(8, 2, 5, 5, dtype=torch.float64)
+    q = quantize_model(make(), data, _config(abits=4, borders=borders, reconstruction=REC))
+    assert all(m.act is None or m.act.step.dtype == torch.float64
+               for m in quantized_layers(q.model).values())
+    assert _reloaded_outputs_match(q, make, data[0], tmp_path)
+
+
+class _ReadsChild(nn.Module):
+    """A parent forward that reads its child's attributes, as HF's T5 does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x.to(self.fc.weight.dtype)[..., :self.fc.in_features]
+        return self.out(torch.relu(self.fc(x)))
+
+
+def test_a_wrapped_layer_shows_its_layers_attributes(tmp_path):
+    data = _batches(16, 6)
+    q = quantize_model(_ReadsChild(), data, _config(abits=4, reconstruction=REC))
+    assert q.model.fc.in_features == 6 and q.model.fc.weight.shape == (8, 6)
+    assert _reloaded_outputs_match(q, _ReadsChild, data[0], tmp_path)
+
+
+class _Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.shared = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.tail = nn.Sequential(nn.ReLU(), self.shared)  # the same layer, second name
+
+    def forward(self, x):
+        return self.tail(torch.relu(self.a(x)))
+
+
+def test_a_layer_with_two_names_is_refused_by_the_activation_stage_only():
+    data = _batches(16, 6)
+    q = quantize_model(_Aliased(), data, _config())
+    assert "shared" in q.layers
+    with pytest.raises(QroundError, match=r"registered under several names \['shared', "
+                                          r"'tail.1'\]"):
+        quantize_model(_Aliased(), data, _config(abits=4))
+
+
+class _Tokens(nn.Module):
+    """Per-token logits: the last unit's output flattens (N, T, F) to (N*T, C)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.mid(torch.relu(self.inp(x))))
+        return self.out(x.reshape(-1, x.shape[-1]))
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_unit_that_flattens_tokens_trains_on_whole_batches(batch_size):
+    """Rows were drawn along dim 0 of inputs (N) and targets (N*T) alike: a shape error, or with
+    batch_size 1 a silent broadcast of one target row over all tokens."""
+    rec = ReconstructConfig(iterations=4, batch_size=batch_size, seed=3)
+    q = quantize_model(_Tokens(), _batches(4, 5, 6), _config(
+        abits=4, reconstruction=rec, granularity="scheme", scheme=("inp", "mid+out")))
+    assert [u.name for u in q.units.units] == ["inp", "mid+out"]
+
+
+class _Skip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.skip = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))) + self.skip(x)
+
+
+def test_first_and_last_layers_are_the_same_for_weights_and_inputs():
+    q = quantize_model(_Skip(), _batches(16, 6), _config(wbits=2, abits=4, first_last_bits=8))
+    layers = quantized_layers(q.model)
+    for name, layer in layers.items():
+        wbits = q.layers[name].bits
+        abits = None if layer.act is None else layer.act.bits
+        assert (wbits == 8) == (abits in (None, 8)), (name, wbits, abits)
+    assert layers["fc1"].act is None                      # the first layer called: float input
+    assert q.layers["skip"].bits == 8 and layers["skip"].act.bits == 8   # the last called
+
+
+def test_a_single_layer_model_with_quantised_input_reloads(tmp_path):
+    make = lambda: nn.Linear(6, 3)  # noqa: E731
+    torch.manual_seed(0)
+    model = make()
+    data = _batches(16, 6)
+    q = quantize_model(model, data, _config(abits=4, borders="linear", reconstruction=REC))
+    path = tmp_path / "one.safetensors"
+    q.save(path)
+    loaded = export.load(model, path)
+    with torch.no_grad():
+        assert torch.equal(loaded(data[0]), q.model(data[0]))
+
+
+class _ThreeBlocks(nn.Module):
+    """Three blocks and one Linear that the forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+                                      for _ in range(3)))
+        self.unused = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+@pytest.mark.parametrize("model, config, match", [
+    (_ThreeBlocks, dict(granularity="loss", k=3), r"k=3 must lie in \[1, 2\]"),
+    (lambda: nn.Linear(6, 3), dict(granularity="loss"), r"k=1 must lie in \[1, 0\]"),
+    (lambda: nn.Linear(6, 3), dict(borders="linear", first_last_bits=8),
+     "need a quantised input"),
+])
+def test_unit_checks_come_before_any_solve(model, config, match, monkeypatch):
+    """They used to count layers the forward never calls (k passed, then failed after the
+    weight stage) and to skip single-layer models."""
+    import qround.pipeline
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("a layer was solved before the configuration was checked")
+
+    monkeypatch.setattr(qround.pipeline, "_solve_layer", no_solve)
+    with pytest.raises(QroundError, match=match):
+        quantize_model(model(), _batches(16, 6), _config(abits=4, reconstruction=REC, **config))
