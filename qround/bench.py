@@ -148,6 +148,10 @@ def load_layer_files(cfg: BenchConfig) -> list[tuple[str, LayerStats]]:
         label = stats.name or os.path.splitext(os.path.basename(path))[0]
         if label in seen:
             label = f"{label} ({path})"
+        base, copy = label, 1
+        while label in seen:  # the same file given twice
+            copy += 1
+            label = f"{base} #{copy}"
         seen.add(label)
         out.append((label, stats))
     return out
@@ -187,6 +191,27 @@ def _solve(solver, problem, seed):
         return None, str(exc)
 
 
+def check_solvers(cfg: BenchConfig) -> None:
+    """Every solver spec of ``cfg`` names registered solvers (or an extra one: ``neal-10x``,
+    ``hopfield-10k``, ``quality-v1``...), and there is at least one; QroundError otherwise.
+    A known solver whose optional package is missing is skipped later, with the reason."""
+    from .solvers import available_solvers
+
+    specs = (*cfg.solvers, *cfg.subset_solvers, *cfg.references)
+    if not specs:
+        raise QroundError("no solver to benchmark: give --solvers, --subset-solvers or "
+                          "--references")
+    extra, known = extra_solvers(), available_solvers()
+    for spec in specs:
+        unknown = [] if spec in extra else [
+            part for part in "".join(spec.split()).replace("|", "+").split("+")
+            if part not in known]
+        if unknown:
+            where = "" if unknown[0] == spec else f" in {spec!r}"
+            raise QroundError(f"unknown solver {unknown[0]!r}{where}; `qround solvers` lists "
+                              f"them, and the benchmark adds {', '.join(sorted(extra))}")
+
+
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
     import torch
     from tqdm.auto import tqdm
@@ -213,6 +238,7 @@ def _run(cfg, progress, tqdm):
     from .solvers._torch import resolve_device
 
     resolve_device(cfg.device)  # a device that is not there stops the run, not each solver
+    check_solvers(cfg)
     extra = extra_solvers()
 
     def build(specs):
@@ -299,9 +325,18 @@ def _gptq_reference_row(name, bits, problem, weight, hessian) -> dict:
     codes = gptq_quantize(weight, hessian, problem.grid)
     seconds = time.perf_counter() - t0
     cost = direct_cost(problem, weight, hessian, codes)
+    rtn = float(problem.rtn_costs().sum())
     return {"layer": name, "bits": bits, "shape": list(problem.weight.shape),
             "solver": "gptq-reference", "kind": "reference", "seconds": seconds,
-            "ratio": cost / float(problem.rtn_costs().sum())}
+            "ratio": cost / rtn if rtn > 0 else 1.0}
+
+
+def _gap(cost: float, best: float) -> float:
+    """``cost / best - 1``, the relative gap to the best found; 0 when both are 0 (a layer
+    whose every rounding costs nothing) and inf when only ``best`` is."""
+    if best > 0:
+        return cost / best - 1
+    return 0.0 if cost <= best else float("inf")
 
 
 def _layer_rows(name, bits, shape, results, cfg):
@@ -315,14 +350,14 @@ def _layer_rows(name, bits, shape, results, cfg):
         row = {"layer": name, "bits": bits, "shape": list(shape), "solver": label, "kind": r["kind"]}
         if r["full"] is not None:
             f = r["full"]
-            row.update(ratio=f.ratio, gap_best=f.total_cost / best_full - 1, seconds=f.seconds)
+            row.update(ratio=f.ratio, gap_best=_gap(f.total_cost, best_full), seconds=f.seconds)
         if r["sub"] is not None:
             s = r["sub"]
-            row.update(sub_ratio=s.ratio, sub_gap_best=s.total_cost / best_sub - 1,
+            row.update(sub_ratio=s.ratio, sub_gap_best=_gap(s.total_cost, best_sub),
                        sub_s_per_ch=s.seconds / s.choices.shape[0])
         if r["slow"] is not None:
             s = r["slow"]
-            row.update(slow_ratio=s.ratio, slow_gap_best=s.total_cost / best_slow - 1,
+            row.update(slow_ratio=s.ratio, slow_gap_best=_gap(s.total_cost, best_slow),
                        slow_s_per_ch=s.seconds / s.choices.shape[0])
         rows.append(row)
     return rows
@@ -459,8 +494,8 @@ def main(argv=None) -> int:
                       device=a.device)
     result = run(cfg, progress=not a.no_progress)
     print(summarise(result))
+    if a.plot:  # first: a run with nothing to plot then writes no JSON either
+        plot(result, a.plot)
     if a.json:
         write_json_atomic(a.json, result)
-    if a.plot:
-        plot(result, a.plot)
     return 0

@@ -84,7 +84,7 @@ def channel_selection(text: str):
             return slice(None)
         if ":" in text:
             parts = [int(p) if p.strip() else None for p in text.split(":")]
-            if len(parts) > 3:
+            if len(parts) > 3 or (len(parts) == 3 and parts[2] is not None and parts[2] < 1):
                 raise ValueError
             return slice(*parts)
         return [int(p) for p in text.split(",")]
@@ -187,11 +187,32 @@ def _model_and_calibration(args):
     _check_model_file(args)
     model = _torch_load(args.model, "--model", weights_only=False)
     inputs = _torch_load(args.calibration, "--calibration", weights_only=True)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise QroundError(f"{args.model} is a TorchScript archive (torch.jit.save); qround needs "
+                          "the nn.Module itself: torch.save(model, path)")
     if not isinstance(model, torch.nn.Module):
         raise QroundError(f"{args.model} does not hold a torch nn.Module (torch.save(model, path))")
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or len(inputs) == 0:
-        raise QroundError(f"{args.calibration} must hold a non-empty tensor (N, ...) of inputs")
-    batches = [inputs[i:i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
+    if isinstance(inputs, (list, tuple)):  # batches as they are
+        if not inputs or not all(isinstance(b, torch.Tensor) and b.ndim >= 1 and len(b)
+                                 for b in inputs):
+            raise QroundError(f"{args.calibration} must hold a non-empty tensor (N, ...) of "
+                              "inputs or a non-empty list of such batches")
+        batches = list(inputs)
+    elif isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and len(inputs):
+        batches = [inputs[i:i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
+    else:
+        raise QroundError(f"{args.calibration} must hold a non-empty tensor (N, ...) of inputs "
+                          "or a non-empty list of such batches")
+    training = model.training
+    try:  # one small batch first: inputs that do not fit the model are named here
+        with torch.no_grad():
+            model.eval()(batches[0][:2])
+    except Exception as exc:  # noqa: BLE001 (any error of the user's forward)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise QroundError(f"the model in {args.model} cannot run on the inputs in "
+                          f"{args.calibration} ({type(exc).__name__}: {first})") from None
+    finally:
+        model.train(training)
     return model, batches, None, None
 
 
@@ -200,13 +221,16 @@ def _check_model_file(args) -> None:
     import os
 
     if args.model == "minilm" or args.model in DIGITS_MODELS:
+        if args.calibration:
+            raise QroundError(f"--calibration is for a model file; {args.model} comes with its "
+                              "own calibration data (--calibration-size sets how much)")
         return
     if not os.path.isfile(args.model):
         raise QroundError(f"--model {args.model!r} is neither a packaged model (minilm, "
                           f"{', '.join(DIGITS_MODELS)}) nor an existing file")
     if not args.calibration:
         raise QroundError("a model file needs --calibration INPUTS.pt (a tensor of inputs, "
-                          "batched along dim 0)")
+                          "batched along dim 0, or a list of batches)")
     if not os.path.isfile(args.calibration):
         raise QroundError(f"--calibration {args.calibration!r}: no such file")
 
@@ -321,7 +345,12 @@ def cmd_evaluate(args) -> int:
         metrics = minilm_metrics(model, quant, zoo.sentences("evaluation", n=args.sentences))
         metrics["sentences"] = args.sentences
     elif args.model in DIGITS_MODELS:
-        model, data = zoo.train_digits_cnn(DIGITS_MODELS[args.model], seed=args.seed)
+        saved_seed = export.read_metadata(args.quantized)["config"].get("seed", 0)
+        if args.seed is not None and args.seed != saved_seed:
+            raise QroundError(f"{args.quantized} was quantised from the {args.model} of seed "
+                              f"{saved_seed}; --seed {args.seed} would compare it with another "
+                              "float model: leave out --seed")
+        model, data = zoo.train_digits_cnn(DIGITS_MODELS[args.model], seed=saved_seed)
         quant = export.load(model, args.quantized)
         saved_abits = export.read_metadata(args.quantized)["config"].get("abits")
         if saved_abits is not None and args.abits is not None:
@@ -371,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qround", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"qround {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("solve", help="solve the rounding problems of layer statistics files")
@@ -502,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quantized", required=True, help="file written by qround quantize --out")
     ev.add_argument("--sentences", type=int_at_least(11), default=1000, help="MiniLM evaluation sentences, at least 11 (default: %(default)s)")
     ev.add_argument("--abits", type=int, default=None, help="digits: activation bits (e.g. 8)")
-    ev.add_argument("--seed", type=int_at_least(0), default=0)
+    ev.add_argument("--seed", type=int_at_least(0), default=None,
+                    help="digits: the float model's seed (default: the one the file records)")
     ev.add_argument("--threads", type=int_at_least(1), default=2)
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
@@ -527,14 +557,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = 0
-    while verbose < len(argv) and argv[verbose] in ("-v", "--verbose"):
-        verbose += 1
-    if argv[verbose:verbose + 1] == ["bench"]:  # the benchmark owns its own options
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if argv[first:first + 1] == ["bench"]:  # the benchmark owns its own options
         from .bench import main as bench_main
 
+        prefix = argparse.ArgumentParser(prog="qround", add_help=False)
+        prefix.add_argument("-v", "--verbose", action="count", default=0)
+        try:
+            verbose = prefix.parse_args(argv[:first]).verbose
+        except SystemExit as exc:  # an unknown option before `bench` (already printed)
+            return exc.code if isinstance(exc.code, int) else 2
         _logging(bool(verbose))
-        return _run(lambda: bench_main(argv[verbose + 1:]))
+        return _run(lambda: bench_main(argv[first + 1:]))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

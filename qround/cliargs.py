@@ -40,7 +40,7 @@ def bits_list(text: str) -> tuple[int, ...]:
     if bad:
         raise argparse.ArgumentTypeError(f"{bad} out of range: supported are {MIN_BITS}.."
                                          f"{MAX_BITS} bits")
-    return bits
+    return tuple(dict.fromkeys(bits))  # each width once, in the order given
 
 
 def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = None) -> None:
@@ -59,6 +59,12 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
             continue
         if os.path.isdir(path):
             raise QroundError(f"{flag} {path!r} is a folder; give a file name")
+        parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+        while parent and not os.path.exists(parent):  # the part of the path that exists
+            parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+        if parent and not os.path.isdir(parent):
+            raise QroundError(f"{flag} {path!r}: {parent!r} is a file, so no folder can be made "
+                              "there; give another path")
         k = key(path)
         if k in seen:
             raise QroundError(f"{flag} {path!r} is the same file as {seen[k]}; it would be "

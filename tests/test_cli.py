@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
+import torch
 
 from qround.errors import QroundError
 from qround.cli import main
@@ -352,3 +354,99 @@ def test_outputs_without_a_known_suffix_are_accepted(layer_file, tmp_path):
     out = tmp_path / "codes.bin"
     assert main(["solve", str(layer_file), "--solver", "nearest", "--out", str(out)]) == 0
     assert np.load(out)["codes"].shape == (12, 24)
+
+
+# ------------------------------------------- found by the eleventh session's review of the CLI
+@pytest.mark.parametrize("prefix", [["--verb"], ["-vv"], ["-v", "--verbose"]])
+def test_global_options_before_bench(prefix, capsys):
+    assert main([*prefix, "bench", "--minilm-layers=", "--cnn-layers", "0"]) == 2
+    assert "no layers to benchmark" in capsys.readouterr().err
+    assert main(["--nope", "bench"]) == 2
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--solvers", "nope"], "unknown solver 'nope'"),
+    (["--solvers", "gptq+nope"], "unknown solver 'nope' in 'gptq\\+nope'"),
+    (["--solvers=", "--subset-solvers=", "--references="], "no solver to benchmark"),
+])
+def test_bench_refuses_unknown_or_no_solvers_before_any_work(layer_file, tmp_path, argv, match,
+                                                             capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", str(layer_file), *argv, "--no-progress", "--json", str(out)]) == 2
+    assert re.search(match, capsys.readouterr().err) and not out.exists()
+
+
+def test_bench_on_a_layer_that_costs_nothing(tmp_path, capsys):
+    path = tmp_path / "zero.npz"
+    save_layer_stats(path, np.zeros((4, 6)), np.eye(6), bits=3)
+    assert main(["bench", str(path), "--solvers", "nearest,greedy", "--subset-solvers=",
+                 "--references=", "--no-progress", "--json", str(tmp_path / "z.json")]) == 0
+    rows = json.loads((tmp_path / "z.json").read_text())["rows"]
+    assert {r["solver"]: (r["ratio"], r["gap_best"]) for r in rows if "gap_best" in r} == \
+        {"nearest": (1.0, 0.0), "greedy": (1.0, 0.0)}
+
+
+def test_export_qubo_zero_step_is_a_usage_error(layer_file, tmp_path, capsys):
+    assert main(["export-qubo", str(layer_file), "--out", str(tmp_path / "q"), "--channels",
+                 "::0"]) == 2
+    assert "is not 'all', a range" in capsys.readouterr().err
+
+
+def test_quantize_model_file_with_a_list_of_batches(tmp_path, capsys):
+    _model_files(tmp_path, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    torch.save([torch.randn(16, 12, generator=gen) for _ in range(3)], tmp_path / "list.pt")
+    assert main(["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+                 str(tmp_path / "list.pt"), "--solver", "greedy", "--no-progress",
+                 "--threads", "1"]) == 0
+    assert "total: 2 layers quantised" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("calibration, match", [
+    (lambda: torch.randn(8, 13), "cannot run on the inputs"),
+    (lambda: torch.randn(8, 12, dtype=torch.float64), "cannot run on the inputs"),
+    (lambda: [], "non-empty list"),
+    (lambda: {"x": torch.randn(8, 12)}, "non-empty tensor"),
+])
+def test_quantize_model_file_with_calibration_that_does_not_fit(tmp_path, calibration, match,
+                                                                 capsys):
+    _model_files(tmp_path, seed=0)
+    torch.save(calibration(), tmp_path / "bad.pt")
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+                 str(tmp_path / "bad.pt"), "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and not out.exists()
+
+
+def test_quantize_refuses_calibration_for_a_packaged_model(tmp_path, capsys):
+    assert main(["quantize", "--model", "digits-cnn", "--calibration", "x.pt",
+                 "--no-progress"]) == 2
+    assert "--calibration is for a model file" in capsys.readouterr().err
+
+
+def test_outputs_under_a_file_are_refused_before_any_work(tmp_path, capsys):
+    _model_files(tmp_path, seed=0)
+    (tmp_path / "text.txt").write_text("x")
+    plot = tmp_path / "lp" / "l.png"
+    assert main(["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+                 str(tmp_path / "calib.pt"), "--abits", "4", "--iterations", "2", "--loss-plot",
+                 str(plot), "--out", str(tmp_path / "text.txt" / "q.safetensors"),
+                 "--no-progress"]) == 2
+    assert "is a file, so no folder can be made there" in capsys.readouterr().err
+    assert not plot.exists() and not plot.parent.exists()
+
+
+@pytest.mark.integration
+def test_evaluate_compares_with_the_float_model_the_file_came_from(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="needs the examples extra")
+    out = tmp_path / "s3.safetensors"
+    assert main(["quantize", "--model", "digits-cnn", "--wbits", "8", "--solver", "nearest",
+                 "--seed", "3", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--json",
+                 "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert abs(res["quantized_accuracy"] - res["float_accuracy"]) <= 0.01  # 8 bits: ~float
+    assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--seed", "0"]) == 2
+    assert "leave out --seed" in capsys.readouterr().err

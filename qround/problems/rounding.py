@@ -385,6 +385,8 @@ def _select(index, size: int, what: str) -> np.ndarray:
     indices (negative ones count from the end; each at most once) or a boolean mask of length
     ``size``.  Anything else is a :class:`QroundError` naming ``what``."""
     if isinstance(index, slice):
+        if index.step == 0:
+            raise QroundError(f"{what}: a slice step cannot be zero")
         idx = np.arange(size)[index]
     else:
         arr = np.asarray(index)
