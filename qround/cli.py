@@ -150,6 +150,8 @@ def cmd_export_layer(args) -> int:
     check_format("--out", args.out, "an .npz archive", (".npz",))
     if not args.list and not args.out:
         raise QroundError("--out FILE.npz is required")
+    spec = GridSpec(bits=args.bits, symmetric=not args.asymmetric, group_size=args.group_size,
+                    scale_method=args.scale_method)  # bad grid options fail before any work
     torch.set_num_threads(args.threads)
     model, batches, forward = _load_named_model(args.model)
     names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
@@ -164,8 +166,6 @@ def cmd_export_layer(args) -> int:
                           f"{args.model} --list` lists the {len(names)} Linear/Conv2d layers")
     hessians = capture_hessians(model, batches, layers=[args.layer], forward=forward)
     module = dict(model.named_modules())[args.layer]
-    spec = GridSpec(bits=args.bits, symmetric=not args.asymmetric, group_size=args.group_size,
-                    scale_method=args.scale_method)
     save_layer_stats_from_module(args.out, module, hessians[args.layer], spec, name=args.layer)
     print(f"wrote {args.out}: {args.layer} {tuple(module.weight.shape)}, {args.bits}-bit, "
           f"scale {args.scale_method}")
@@ -326,6 +326,7 @@ def cmd_quantize(args) -> int:
                                       else [b.as_dict() for b in qmodel.reconstruction.blocks],
                                       "units": None if qmodel.units is None
                                       else qmodel.units.as_dict()})
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -440,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     xq.set_defaults(func=cmd_export_qubo)
 
     e = sub.add_parser("export-layer", help="write a layer statistics file from a real model layer")
-    e.add_argument("--model", default="minilm", choices=["minilm", "digits-cnn"],
+    e.add_argument("--model", default="minilm", choices=["minilm", *DIGITS_MODELS],
                    help="(default: %(default)s)")
     e.add_argument("--layer", help="module name (see --list)")
     e.add_argument("--list", action="store_true", help="list the Linear/Conv2d layers and exit")

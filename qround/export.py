@@ -299,6 +299,8 @@ def _wrap_act_quantizers(model: nn.Module, acts: dict[str, dict], path) -> nn.Mo
 
 def _open(path, read):
     """Run ``read(handle)`` on a safetensors file; QroundError when it cannot be read."""
+    if Path(path).is_dir():
+        raise QroundError(f"{path} is a folder, not a saved model")
     if not Path(path).is_file():
         raise QroundError(f"no such file: {path}")
     try:

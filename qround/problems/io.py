@@ -144,7 +144,7 @@ class LayerStats:
 
 
 def _atomic_savez(path: str | os.PathLike, payload: dict) -> None:
-    with atomic_write(path, what="layer statistics file") as f:
+    with atomic_write(path, what="layer statistics file", make_folder=True) as f:
         np.savez(f, **payload)
 
 
@@ -175,6 +175,8 @@ def save_layer_stats_from_module(path: str | os.PathLike, module, hessian,
 def load_layer_stats(path: str | os.PathLike) -> LayerStats:
     """Read and validate a layer statistics file; QroundError naming the file or missing key."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise QroundError(f"layer statistics file {path!r} is a folder")
     if not os.path.isfile(path):
         raise QroundError(f"layer statistics file {path!r} does not exist")
     try:

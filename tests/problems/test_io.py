@@ -144,9 +144,11 @@ def test_bad_files_and_arguments(tmp_path):
         save_layer_stats(tmp_path / "b.npz", w, h, scale=np.ones(3))
     with pytest.raises(QroundError, match="NaN"):
         save_layer_stats(tmp_path / "b.npz", w * np.nan, h)
-    with pytest.raises(QroundError, match="does not exist"):
-        save_layer_stats(tmp_path / "no" / "dir.npz", w, h)
     assert not (tmp_path / "b.npz").exists()
+    save_layer_stats(tmp_path / "new" / "dir.npz", w, h)   # its folder is made, as qm.save does
+    assert load_layer_stats(tmp_path / "new" / "dir.npz").weight.shape == w.shape
+    with pytest.raises(QroundError, match="is a folder"):
+        load_layer_stats(tmp_path / "new")
 
 
 @pytest.mark.parametrize("key, value, match", [
