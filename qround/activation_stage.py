@@ -1,4 +1,4 @@
-"""The activation stage of :func:`qround.pipeline.quantize_model` (DESIGN.md section 4).
+"""The activation stage of :func:`qround.pipeline.quantize_model`.
 
 After the weight stage has rounded every chosen layer with the configured solver, and when the
 config asks for it (``abits`` or ``reconstruction``), this stage

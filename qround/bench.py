@@ -467,7 +467,8 @@ def main(argv=None) -> int:
     p.add_argument("--slow-ref-channels", type=int_at_least(1), default=4)
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch and numba threads")
     p.add_argument("--device", default="cpu",
-                   help="cpu or cuda: where the torch solvers (cem, hopfield, gptq) run")
+                   help="cpu or cuda: where the torch solvers (cem, hopfield, meanfield, gptq) "
+                        "run")
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plot", help="write the cost/RTN-vs-time plot (PNG)")

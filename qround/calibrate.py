@@ -1,4 +1,4 @@
-"""Streaming layer statistics from forward hooks (DESIGN.md section 1).
+"""Streaming layer statistics from forward hooks.
 
 For each chosen ``nn.Linear`` / ``nn.Conv2d`` the input vectors ``x`` of the layer are streamed
 into float64 sums, one batch at a time, and divided by the number of vectors at the end:

@@ -1,7 +1,7 @@
 """The ``qround`` command line.
 
     qround solve FILE.npz [FILE.npz ...] --solver NAME [--bits B] [--json] [--out SOL.npz]
-    qround export-layer --model minilm|digits-cnn --layer NAME --out FILE.npz [--bits B]
+    qround export-layer --model minilm|digits-cnn|digits-resnet --layer NAME --out FILE.npz
     qround export-qubo FILE.npz --out DIR [--channels 0:16] [--solver quality]
     qround quantize --model minilm|digits-cnn|digits-resnet --wbits B --solver NAME --out FILE.safetensors
     qround quantize --model MODEL.pt --calibration INPUTS.pt ...   (your own torch.save(model))
@@ -361,8 +361,8 @@ def cmd_evaluate(args) -> int:
                    "quantized_accuracy": digits_accuracy(quant, data, abits=args.abits),
                    "abits": saved_abits if saved_abits is not None else args.abits}
     else:
-        raise QroundError("evaluate knows the metrics of minilm and digits-cnn; for your own "
-                          "model load it with qround.export.load(model, FILE)")
+        raise QroundError("evaluate knows the metrics of minilm and the digits models; for "
+                          "your own model load it with qround.export.load(model, FILE)")
     meta = export.read_metadata(args.quantized)
     metrics.update(file=str(args.quantized), wbits=int(meta["config"]["wbits"]),
                    solver=meta["solver"])
@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale search when the file has no scale")
     s.add_argument("--seed", type=int_at_least(0), default=0)
     s.add_argument("--device", default=None,
-                   help="cpu or cuda: where the torch solvers (cem, hopfield, gptq) run")
+                   help="cpu or cuda: where the torch solvers (cem, hopfield, meanfield, gptq) "
+                        "run")
     s.add_argument("--refits", type=int_at_least(0), default=0, metavar="N",
                    help="rounds of refitting the scales to the rounding, each followed by another "
                         "solve (qround.scales; --out then holds the refitted scale)")

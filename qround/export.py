@@ -3,9 +3,11 @@
 For each quantised layer ``<name>`` the file holds ``<name>.weight`` (dequantised, in the
 layer's dtype), ``<name>.codes`` (int8 symmetric / uint8 asymmetric), ``<name>.scale`` (float64,
 (out, groups)), ``<name>.zero_point`` (int32, asymmetric grids only) and ``<name>.bias`` when the
-layer has one (bias correction may have changed or created it).  The header metadata (str -> str,
-JSON where structured) records the format, the qround version, the config, the layers with their
-bits and shapes, the report and the layers left in float.
+layer has one (bias correction may have changed or created it).  A layer whose input is
+quantised also has ``<name>.act.step`` and, with borders, ``<name>.act.b0``/``b1``/``b2``.  The
+header metadata (str -> str, JSON where structured) records the format, the qround version, the
+config, the layers with their bits and shapes (and input quantisers), the report, the layers left
+in float and the reconstruction units (``units``).
 
 Files are written atomically (temp file in the same folder, then ``os.replace``): a failed save
 leaves any earlier file as it was.

@@ -1,4 +1,4 @@
-"""Full-model quantisation (DESIGN.md section 3): ``quantize_model(model, data, config)``.
+"""Full-model quantisation: ``quantize_model(model, data, config)``.
 
 Layers are visited in forward order.  For each, its input statistics are streamed from hooks
 (layer inputs are never stored), from the source ``config.inputs`` names:

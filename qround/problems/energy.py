@@ -1,9 +1,11 @@
 """The QUBO energy of a layer's rounding problem, batched over channels and candidates.
 
-One implementation that every solver calls.  All functions take numpy arrays or torch tensors
-alike (only ``@``, ``*`` and ``.sum`` are used), so CPU and GPU solvers share the arithmetic.
+The arithmetic that solvers share (the numba kernels of ``anneal`` and ``tabu`` update the
+same fields and deltas incrementally; tests hold them to these).  All functions take numpy
+arrays or torch tensors alike (only ``@``, ``*`` and ``.sum`` are used), so CPU and GPU
+solvers share it.
 
-Notation (DESIGN.md section 1).  Per channel ``c`` the choice ``b in {0,1}^n`` moves the
+Notation.  Per channel ``c`` the choice ``b in {0,1}^n`` moves the
 dequantised weight from its floor ``u`` to ``w_hat = u + s*b``.  With ``y = s*b`` (the step taken)
 and ``g = 2 (H u - r)`` (the cost gradient at the floor),
 

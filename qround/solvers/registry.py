@@ -4,35 +4,79 @@ A spec is a name (``greedy``), a chain ``a+b`` (run ``a``, polish with ``b``), o
 ``a|b`` (per channel the better of ``a`` and ``b``, both from the same start); ``+`` binds
 tighter than ``|``.  ``register`` adds a factory; ``get_solver`` builds a solver from a spec.
 ``get_solver(spec, device="cuda")`` (or :func:`place`) puts every torch solver of a spec
-(``cem``, ``hopfield``, ``hopfield-classic``, ``gptq``) on that device; the numba solvers
-(``greedy``, ``anneal``, ``tabu``) run on the CPU whatever the device.
+(``cem``, ``hopfield``, ``hopfield-classic``, ``meanfield``, ``gptq``) on that device; the
+others (``greedy`` in numpy, ``anneal`` and ``tabu`` in numba) run on the CPU whatever the
+device.
 """
 from __future__ import annotations
 
+import logging
+import re
 from typing import Callable
 
 from ..errors import QroundError
 from .base import BestOf, Chain, Solver
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SOLVER = "fast"   # what quantize_model and `qround quantize` use unless told otherwise
+PLUGIN_GROUP = "qround.solvers"  # entry points of installed packages: name = "module:factory"
 
 _REGISTRY: dict[str, Callable[..., Solver]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_PLUGINS = {"loaded": False}
 
 
 def register(name: str, factory: Callable[..., Solver], description: str = "",
              overwrite: bool = False) -> None:
-    """Register ``factory(**kwargs) -> Solver`` under ``name`` (letters, digits, '-', '_')."""
-    if not name or any(ch in name for ch in "+| "):
-        raise QroundError(f"solver name {name!r} may not contain '+', '|' or spaces")
+    """Register ``factory(**kwargs) -> Solver`` under ``name`` (letters, digits, '.', '-', '_').
+
+    A registered name works in this process (``get_solver``, ``QuantConfig(solver=...)``,
+    ``qround.cli.main([...])``).  For the ``qround`` shell commands, declare the factory as an
+    entry point of your package in the ``qround.solvers`` group (:func:`load_plugins`).
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise QroundError(f"solver name {name!r} may hold letters, digits, '.', '-' and '_' "
+                          "only ('+' and '|' compose solvers)")
+    if not callable(factory):
+        raise QroundError(f"factory for solver {name!r} must be callable, got "
+                          f"{type(factory).__name__}")
     if name in _REGISTRY and not overwrite:
         raise QroundError(f"solver {name!r} is already registered")
     _REGISTRY[name] = factory
     _DESCRIPTIONS[name] = description
 
 
+def load_plugins() -> None:
+    """Register the solvers that installed packages declare as entry points in the
+    ``qround.solvers`` group, once per process (on the first lookup)::
+
+        # your package's pyproject.toml
+        [project.entry-points."qround.solvers"]
+        my-qubo = "mypkg.solvers:MyQuboSolver"
+
+    The entry point's name is the solver's name; its value loads a factory (a ``Solver`` class
+    or a function returning one).  A plugin that fails to load, or whose name is taken, is
+    skipped with a warning: it never breaks the built-in solvers.
+    """
+    if _PLUGINS["loaded"]:
+        return
+    _PLUGINS["loaded"] = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name in _REGISTRY:
+            log.warning("solver plugin %r (%s) skipped: the name is taken", ep.name, ep.value)
+            continue
+        try:
+            register(ep.name, ep.load(), f"plugin {ep.value}")
+        except Exception as exc:  # noqa: BLE001 (a broken plugin must not break qround)
+            log.warning("solver plugin %r (%s) could not be loaded: %s", ep.name, ep.value, exc)
+
+
 def available_solvers() -> dict[str, str]:
-    """Registered names with a one-line description each."""
+    """Registered names with a one-line description each (plugins included)."""
+    load_plugins()
     return dict(sorted(_DESCRIPTIONS.items()))
 
 
@@ -78,6 +122,8 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
         if kwargs:
             raise QroundError("keyword arguments apply to a single solver, not to a composition")
         return Chain(*(get_solver(part) for part in spec.split("+")))
+    if spec not in _REGISTRY:
+        load_plugins()
     if spec not in _REGISTRY:
         raise QroundError(f"unknown solver {spec!r}; available: {', '.join(sorted(_REGISTRY))}")
     try:

@@ -1,4 +1,4 @@
-"""The identities of DESIGN.md section 1 and the checks on bad input."""
+"""The QUBO identities of a rounding problem and the checks on bad input."""
 from __future__ import annotations
 
 import dimod

@@ -1,0 +1,68 @@
+"""Solvers from installed packages: the ``qround.solvers`` entry-point group reaches every
+lookup, the shell included; a broken or clashing plugin is skipped with a warning."""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import logging
+
+import numpy as np
+import pytest
+
+from qround.cli import main
+from qround.errors import QroundError
+from qround.problems.io import save_layer_stats
+from qround.solvers import Solver, get_solver, registry
+
+from ..conftest import correlated_hessian
+
+
+class PluginSolver(Solver):
+    """Rounds every weight down: a solver nobody would ship, easy to recognise."""
+
+    name = "all-down"
+
+    def _solve(self, problem, start, rng):
+        return np.zeros_like(start)
+
+
+def _broken():
+    raise AssertionError("never called: loading the entry point fails first")
+
+
+@pytest.fixture
+def plugins(monkeypatch):
+    """Three declared plugins: a good one, one whose module does not exist, one that takes a
+    built-in name; the registry is restored afterwards."""
+    eps = [metadata.EntryPoint("all-down", f"{__name__}:PluginSolver", registry.PLUGIN_GROUP),
+           metadata.EntryPoint("missing", "no_such_module_xyz:Solver", registry.PLUGIN_GROUP),
+           metadata.EntryPoint("fast", f"{__name__}:PluginSolver", registry.PLUGIN_GROUP)]
+    monkeypatch.setattr(metadata, "entry_points",
+                        lambda group=None: [e for e in eps if e.group == group])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
+    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
+
+
+def test_plugins_are_found_by_name_and_broken_ones_skipped(plugins, caplog):
+    with caplog.at_level(logging.WARNING, logger="qround.solvers.registry"):
+        solver = get_solver("gptq+all-down")
+    assert solver.label == "gptq+all-down"
+    assert "plugin" in registry.available_solvers()["all-down"]
+    assert "missing" not in registry.available_solvers()
+    assert registry.available_solvers()["fast"] != registry.available_solvers()["all-down"]
+    text = caplog.text
+    assert "'missing'" in text and "could not be loaded" in text and "name is taken" in text
+
+
+def test_a_plugin_reaches_the_shell(plugins, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "l.npz"
+    save_layer_stats(path, rng.normal(size=(4, 8)), correlated_hessian(8, rng), bits=3)
+    assert main(["solve", str(path), "--solver", "all-down", "--json"]) == 0
+    assert '"solver": "all-down"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["a b", "a\tb", "a+b", "", "x|y"])
+def test_solver_names_are_checked(name):
+    with pytest.raises(QroundError, match="may hold letters"):
+        registry.register(name, PluginSolver)
