@@ -145,6 +145,10 @@ class QuantConfig:
         if self.statistics not in ("covariance", "fisher"):
             raise QroundError(f"statistics must be 'covariance' or 'fisher', got "
                               f"{self.statistics!r}")
+        if self.statistics == "fisher" and self.inputs == "asymmetric":
+            raise QroundError("statistics='fisher' has no asymmetric objective (it would run the "
+                              "'quantized' one while bias correction followed the asymmetric "
+                              "error): use inputs='quantized' or 'float' with it")
         check_real(self.damp, "damp", 0)
         check_real(self.correction, "correction", 0, 1)
         if self.correction != 1.0 and self.inputs != "asymmetric":

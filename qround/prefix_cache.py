@@ -175,10 +175,44 @@ def _storages(tensors) -> set[int]:
     return out
 
 
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)  # hooks, _parameters...: seen by id only
+_CONTAINER_ITEMS = 64  # a list or dict attribute is looked into up to this many items
+
+
+def _value_state(value: Any, depth: int = 0) -> Any:
+    """What a forward could change inside one attribute: a tensor's version, a random
+    generator's state (torch, numpy or Python), a container's items (3 levels, 64 items each);
+    anything else by identity."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), value._version)
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, torch.Generator):
+        return ("generator", value.get_state().numpy().tobytes())
+    if isinstance(value, np.random.Generator):
+        return ("numpy generator", repr(value.bit_generator.state))
+    if isinstance(value, np.random.RandomState):
+        state = value.get_state()
+        return ("numpy random state", state[1].tobytes(), state[2:])
+    if isinstance(value, random.Random):
+        return ("random", value.getstate())
+    if isinstance(value, (dict, list, set)) and depth < 3:
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value)) \
+            if not isinstance(value, set) else [(i, v) for i, v in enumerate(sorted(value,
+                                                                                  key=repr))]
+        return (type(value).__name__, id(value), len(items),
+                tuple((repr(k), _value_state(v, depth + 1)) for k, v in items[:_CONTAINER_ITEMS]))
+    if isinstance(value, tuple) and depth < 3:
+        return ("tuple", tuple(_value_state(v, depth + 1) for v in value[:_CONTAINER_ITEMS]))
+    return id(value)
+
+
 def _state(module: nn.Module) -> tuple:
-    """What a forward with side effects on its modules would change: per submodule the ids of
-    its attributes, and the versions of all parameters and buffers."""
-    attrs = tuple(tuple((k, id(v)) for k, v in m.__dict__.items()) for m in module.modules())
+    """What a forward with side effects on its modules would change: per submodule its
+    attributes (by identity, and inside them the tensor versions, generator states and
+    container items of :func:`_value_state`), and the versions of all parameters and buffers."""
+    attrs = tuple(tuple((k, id(v)) if k in _MODULE_INTERNALS else (k, _value_state(v))
+                        for k, v in m.__dict__.items()) for m in module.modules())
     versions = tuple(t._version for t in (*module.parameters(), *module.buffers()))
     return attrs, versions
 
@@ -429,7 +463,8 @@ class PrefixCache:
             if any(t._version != v for t, v in seen["versions"]):
                 why = "changes an input in place"
             elif _state(module) != seen["state"]:
-                why = "changes an attribute, parameter or buffer of itself"
+                why = ("changes an attribute, parameter or buffer of itself, or draws from a "
+                       "random generator it holds")
             elif not _same_rng(_rng_states(), seen["rng"]):
                 why = "draws random numbers"
             elif outputs is None:
@@ -439,6 +474,8 @@ class PrefixCache:
             elif _storages(outputs) & (seen["inputs"] | _storages(
                     (*module.parameters(), *module.buffers()))):
                 why = "returns a tensor that shares memory with an input, parameter or buffer"
+            elif len(_storages(outputs)) < len(outputs):
+                why = "returns tensors that share memory with each other (a copy would not)"
             if why is not None:
                 self._exclude(name, why)
                 return

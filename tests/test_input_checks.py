@@ -356,3 +356,60 @@ def test_json_keeps_numpy_integers_integers(tmp_path):
                                             "v": np.arange(2), "device": torch.device("cpu")})
     assert json.loads((tmp_path / "a.json").read_text()) == {"n": 5, "x": 0.5, "v": [0, 1],
                                                              "device": "cpu"}
+
+
+def test_fisher_statistics_with_asymmetric_inputs_are_refused():
+    """Under Fisher statistics the asymmetric target was dropped silently (the codes equalled
+    those of inputs='quantized') while bias correction still followed the asymmetric error."""
+    with pytest.raises(QroundError, match="no asymmetric objective"):
+        QuantConfig(statistics="fisher", inputs="asymmetric")
+
+
+class _OwnState(nn.Module):
+    """A module with state the capture cache cannot see by identity alone."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.fc, self.kind = nn.Linear(6, 6), kind
+        self.gen = torch.Generator().manual_seed(0)
+        self.count = torch.zeros(())
+        self.meta = {"calls": 0}
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.kind == "generator":
+            return h + 0.1 * torch.randn(h.shape, generator=self.gen)
+        if self.kind == "tensor":
+            self.count += 1
+            return h * self.count
+        if self.kind == "dict":
+            self.meta["calls"] += 1
+            return h * self.meta["calls"]
+        return h, h  # "aliased": two outputs, one storage
+
+
+class _StateNet(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.kind = _OwnState(kind), kind
+        self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.kind == "aliased":
+            h, skip = h
+            h = h.mul_(2) + skip  # in place on one output: the other sees it too
+        return self.c(torch.relu(self.b(torch.relu(h))))
+
+
+@pytest.mark.parametrize("kind", ["generator", "tensor", "dict", "aliased"])
+def test_the_capture_cache_sees_state_a_module_keeps(kind):
+    """Replaying such a module gave other codes than running it (found by review)."""
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 6, generator=gen) for _ in range(3)]
+    runs = [quantize_model(_StateNet(kind), data, _quick(capture_cache_mb=mb))
+            for mb in (0, 1024)]
+    for name in runs[0].layers:
+        np.testing.assert_array_equal(runs[0].layers[name].codes, runs[1].layers[name].codes)
+    assert [r.cost for r in runs[0].report] == [r.cost for r in runs[1].report]
