@@ -49,11 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def quantise(label: str, spec: str | None, model, calibration, bits: int, args):
     """Quantised copy of ``model`` and the wall seconds of the call."""
+    from qround.bench import extra_solvers   # named solvers with parameters, e.g. quality-v1
     from qround.pipeline import QuantConfig, quantize_model
 
     config = QuantConfig(wbits=bits, symmetric=True, group_size=None,
                          scale_method="minmax" if label == "rtn-minmax" else "mse",
-                         solver=spec or "nearest", first_last_bits=args.first_last_bits,
+                         solver=extra_solvers().get(spec, spec) if spec else "nearest", first_last_bits=args.first_last_bits,
                          device=args.device, inputs=args.inputs, correction=args.correction,
                          progress=args.progress, refits=refits_of(label) if spec else 0,
                          widen=args.widen and bool(spec))

@@ -4,7 +4,8 @@ kernels in the same run, with a check that the choices are identical.
 On the benchmark's layers (``qround.bench.load_layers``: MiniLM layer 0 query and intermediate,
 the digits CNN's conv2 and conv3; or a ``--layers-file`` written by ``solvers_gpu.py``), per bit
 width, from the ``gptq`` solution, three kernel calls as the solvers make them:
-- ``tabu (quality)``: ``Tabu(stall=4000)``, the tabu stage of ``quality`` (5 rounds of 10 n);
+- ``tabu (quality-v1)``: ``Tabu(stall=4000)``, the tabu stage of ``quality-v1`` (the seventh
+  session's ``quality``: 5 rounds of 10 n; today's ``quality`` runs 3 per branch);
 - ``tabu (fast)``: the one n-step round without descent of ``fast``;
 - ``anneal (quality)``: ``Anneal(order="sequential")``, 1000 sweeps.
 
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
                           a["free_idx"], nfree)
                 long_, short = 10 * int(nfree.max()), int(nfree.max())
                 cases = [
-                    ("tabu (quality)", "tabu_kernel",
+                    ("tabu (quality-v1)", "tabu_kernel",
                      common + (tenure.astype(np.int64), long_, 4000, 5, perturb, 2, True,
                                _round_off(p), a["seeds"]), 2.0 * 5 * long_),
                     ("tabu (fast)", "tabu_kernel",
