@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from .calibrate import ForwardFn, default_forward
-from .errors import QroundError, as_float_array, copy_module
+from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, fit_grid
-from .pipeline import QuantConfig, _check_calibration, _select, _stream, _trace
+from .pipeline import QuantConfig, _check_calibration, _own_rng, _select, _stream, _trace
 from .problems.layers import layer_weight
 from .solvers.gptq import inverse_cholesky
 from .writeback import QuantizedWeight, apply_to_layer
@@ -58,10 +58,11 @@ def gptq_quantize(weight, hessian, grid: Grid, act_order: bool = True, percdamp:
     if grid.scale.shape[0] != out or grid.in_features != n:
         raise QroundError(f"grid was fitted for {grid.scale.shape[0]} x {grid.in_features} "
                           f"weights, weight is {out} x {n}")
-    if not np.isfinite(percdamp) or percdamp < 0:
-        raise QroundError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or blocksize < 1:
-        raise QroundError(f"blocksize must be a positive integer, got {blocksize!r}")
+    check_real(percdamp, "percdamp", 0)
+    check_int(blocksize, "blocksize", 1)
+    check_int(retries, "retries", 0)
+    if not isinstance(act_order, (bool, np.bool_)):
+        raise QroundError(f"act_order must be True or False, got {act_order!r}")
 
     scale, zero = grid.expand()
     order = (np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n))
@@ -162,6 +163,13 @@ def gptq_model(model: nn.Module, calibration: Iterable, config: QuantConfig,
     q/k/v) and early-stopping capture passes are the pipeline's.  Returns (copy, seconds).
     """
     _check_config(config)
+    if not isinstance(model, nn.Module):
+        raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    with _own_rng(config, model):  # as quantize_model: the forward's draws follow config.seed
+        return _gptq_model(model, calibration, config, forward, act_order, percdamp, blocksize)
+
+
+def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocksize):
     start = time.perf_counter()
     forward = forward or default_forward
     first_batch = _check_calibration(calibration)

@@ -194,3 +194,43 @@ def test_rtn_model_rounds_the_chosen_layers_to_nearest():
         rtn_model(net, QuantConfig(scale_method="mse-output", progress=False))
     with pytest.raises(QroundError, match="QuantConfig"):
         rtn_model(net, {"wbits": 4})
+
+
+def test_gptq_model_takes_noise_from_the_config_seed_not_the_caller():
+    """As quantize_model: a forward that samples used the caller's global RNG (found by
+    review), so the baseline depended on it and moved it on."""
+    from qround.baselines import gptq_model
+    from qround.pipeline import QuantConfig
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x) + 0.3 * torch.randn(x.shape[0], 8)))
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 6, generator=gen) for _ in range(2)]
+    net, weights = Noisy(), []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        state = torch.get_rng_state()
+        qnet, _ = gptq_model(net, batches, QuantConfig(wbits=3, progress=False))
+        assert torch.equal(torch.get_rng_state(), state)
+        weights.append(qnet.b.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(percdamp="a"), "percdamp must be a finite number"),
+    (dict(percdamp=float("nan")), "percdamp must be a finite number"),
+    (dict(retries=-1), "retries must be an integer"),
+    (dict(act_order="yes"), "act_order must be True or False"),
+    (dict(blocksize=0), "blocksize must be an integer >= 1"),
+])
+def test_gptq_quantize_arguments_are_named(kwargs, match):
+    w = np.ones((2, 4))
+    with pytest.raises(QroundError, match=match):
+        gptq_quantize(w, np.eye(4), fit_grid(w, GridSpec(bits=3)), **kwargs)

@@ -152,6 +152,32 @@ def test_corrupt_cache_is_retrained_over(tmp_path, monkeypatch, caplog, sklearn)
     assert torch.equal(model.fc.weight, reference.fc.weight)
 
 
+@pytest.mark.parametrize("stale", ["extra key", "missing key"])
+def test_a_stale_cache_file_leaves_no_trace_in_the_training(stale, tmp_path, monkeypatch, sklearn):
+    """load_state_dict copies the matching tensors before it raises on the others: a stale file
+    used to seed the 'fresh' training with another model's weights (found by review)."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = digits_module._cache_path("plain", 0, 1, 64, 3e-3, torch.device("cpu"))
+    path.parent.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in digits_module.DigitsCNN(seed=7).state_dict().items()}
+    if stale == "extra key":
+        state["extra.weight"] = torch.zeros(1)
+    else:
+        del state["fc.bias"]
+    save_file(state, str(path))
+    model, _ = train_digits_cnn("plain", seed=0, epochs=1, cache=True)
+    reference, _ = train_digits_cnn("plain", seed=0, epochs=1, cache=False)
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(),
+                                                   reference.state_dict().values()))
+
+
+def test_close_learning_rates_have_their_own_cache_files():
+    key = lambda lr: digits_module._cache_path("plain", 0, 20, 64, lr, torch.device("cpu"))  # noqa: E731
+    assert key(0.0030000001) != key(0.003) and key(1.0000004e-3) != key(1e-3)
+
+
 @pytest.mark.parametrize("kwargs", [dict(arch="vgg"), dict(seed=-1), dict(epochs=0),
                                     dict(device="gpu0"), dict(lr=float("nan"))])
 def test_train_bad_arguments(kwargs, sklearn):

@@ -332,8 +332,9 @@ def cache_dir() -> Path:
 def _cache_path(arch: str, seed: int, epochs: int, batch_size: int, lr: float,
                 device: torch.device) -> Path:
     # The device type is part of the key: CPU and GPU kernels round differently.
-    name = (f"digits-{arch}-seed{seed}-epochs{epochs}-bs{batch_size}-lr{lr:g}-{device.type}"
-            f"-v{RECIPE_VERSION}")
+    # lr in full (repr): 6 significant digits let close learning rates share a file
+    name = (f"digits-{arch}-seed{seed}-epochs{epochs}-bs{batch_size}-lr{float(lr)!r}-"
+            f"{device.type}-v{RECIPE_VERSION}")
     return cache_dir() / "digits" / f"{name}.safetensors"
 
 
@@ -342,7 +343,13 @@ def _load_cached(model: nn.Module, path: Path) -> bool:
         return False
     from safetensors.torch import load_file
     try:
-        model.load_state_dict(load_file(str(path)))
+        state = load_file(str(path))
+        own = model.state_dict()
+        # checked before anything is copied: load_state_dict copies the matching tensors of a
+        # stale file before it raises, and training would then start from those
+        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+            raise ValueError("its tensors do not match the model's")
+        model.load_state_dict(state)
     except Exception as exc:  # a corrupt or stale file is retrained over, not fatal
         log.warning("ignoring unreadable cached weights %s: %s", path, exc)
         return False
