@@ -335,9 +335,10 @@ class QuantizedLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "layer" or "layer" not in self._modules:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if name == "layer" or layer is None or not hasattr(layer, name):
                 raise
-            return getattr(self._modules["layer"], name)
+            return getattr(layer, name)
 
     def __init__(self, module: nn.Module, abits: int | None = None, borders: str = "none",
                  fusion: bool = True, weight: GridSpec | None = None):

@@ -275,6 +275,10 @@ def _run(cfg, progress, tqdm):
         tiny = _warm_up_problem()
         for solver in {**ours, **refs}.values():
             _solve(solver, tiny, cfg.seed)
+        if cfg.gptq_reference:
+            from .baselines import gptq_quantize
+
+            gptq_quantize(tiny.weight, tiny.hessian, tiny.grid)
     rows, exact_rows = [], []
     for name, bits, make_problem, w, ref_h in tqdm(work, desc="bench", disable=not progress):
         problem = make_problem()

@@ -99,7 +99,6 @@ def cmd_export_qubo(args) -> int:
 
     if args.bits is not None:
         check_bits(args.bits, "--bits")
-    check_paths({}, {"FILE": args.file})
     stats = load_layer_stats(args.file)
     problem = stats.problem(bits=args.bits, scale_method=args.scale_method)
     idx, names = plan_export(args.out, problem, args.channels)  # before any solve
@@ -346,12 +345,10 @@ def cmd_evaluate(args) -> int:
         metrics = minilm_metrics(model, quant, zoo.sentences("evaluation", n=args.sentences))
         metrics["sentences"] = args.sentences
     elif args.model in DIGITS_MODELS:
-        saved_seed = export.read_metadata(args.quantized)["config"].get("seed", 0)
-        if args.seed is not None and args.seed != saved_seed:
-            raise QroundError(f"{args.quantized} was quantised from the {args.model} of seed "
-                              f"{saved_seed}; --seed {args.seed} would compare it with another "
-                              "float model: leave out --seed")
-        model, data = zoo.train_digits_cnn(DIGITS_MODELS[args.model], seed=saved_seed)
+        # `qround quantize` trains the float model with its --seed, which the file records
+        seed = args.seed if args.seed is not None else \
+            export.read_metadata(args.quantized)["config"].get("seed", 0)
+        model, data = zoo.train_digits_cnn(DIGITS_MODELS[args.model], seed=seed)
         quant = export.load(model, args.quantized)
         saved_abits = export.read_metadata(args.quantized)["config"].get("abits")
         if saved_abits is not None and args.abits is not None:
@@ -359,7 +356,8 @@ def cmd_evaluate(args) -> int:
                               "quantisers: leave out --abits")
         metrics = {"float_accuracy": digits_accuracy(model, data, abits=args.abits),
                    "quantized_accuracy": digits_accuracy(quant, data, abits=args.abits),
-                   "abits": saved_abits if saved_abits is not None else args.abits}
+                   "abits": saved_abits if saved_abits is not None else args.abits,
+                   "model_seed": seed}
     else:
         raise QroundError("evaluate knows the metrics of minilm and the digits models; for "
                           "your own model load it with qround.export.load(model, FILE)")
@@ -534,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sentences", type=int_at_least(11), default=1000, help="MiniLM evaluation sentences, at least 11 (default: %(default)s)")
     ev.add_argument("--abits", type=int, default=None, help="digits: activation bits (e.g. 8)")
     ev.add_argument("--seed", type=int_at_least(0), default=None,
-                    help="digits: the float model's seed (default: the one the file records)")
+                    help="digits: the float model's seed (default: the seed the file records, "
+                         "which `qround quantize` also trained its float model with)")
     ev.add_argument("--threads", type=int_at_least(1), default=2)
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)

@@ -34,8 +34,8 @@ def check_real(value, name: str, lo: float | None = None, hi: float | None = Non
     v = float(value)
     if (lo is not None and (v <= lo if lo_open else v < lo)) or \
             (hi is not None and (v >= hi if hi_open else v > hi)):
-        span = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
-                f"{'inf' if hi is None else hi}{')' if hi_open else ']'}")
+        span = (f"{'(' if lo_open or lo is None else '['}{'-inf' if lo is None else lo}, "
+                f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
         raise QroundError(f"{name} must lie in {span}, got {value!r}")
     return v
 
@@ -124,7 +124,9 @@ def copy_module(module, what: str = "model"):
     try:
         return copy.deepcopy(module)
     except RuntimeError as exc:
+        if "deepcopy protocol" not in str(exc):  # out of memory and the like stay what they are
+            raise
         raise QroundError(
-            f"cannot copy the {what} (qround works on a copy so that yours stays intact): "
-            f"{str(exc).splitlines()[0]} Make computed weights permanent first "
-            "(torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm).") from None
+            f"cannot copy the {what} (qround works on a copy so that yours stays intact): a "
+            "tensor attribute was computed with autograd. Make computed weights permanent "
+            "first (torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm).") from None

@@ -161,8 +161,9 @@ class QuantConfig:
                 or self.seed < 0:
             raise QroundError(f"seed must be a non-negative integer, got {self.seed!r}")
         resolve_device(self.device)
-        if isinstance(self.device, torch.device):  # saved as JSON with the model
-            object.__setattr__(self, "device", str(self.device))
+        if not isinstance(self.device, str):  # torch.device, or a CUDA index: saved as JSON
+            object.__setattr__(self, "device", str(torch.device(
+                f"cuda:{self.device}" if isinstance(self.device, int) else self.device)))
         self._check_activation_stage()
         try:
             get_solver(self.solver)
@@ -349,13 +350,15 @@ def _select(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str,
     refused = [f"{n!r}: {why}" for n in chosen
                if (why := weight_not_writable(modules[n])) is not None]
     if refused:
+        computed = any("not a parameter" in r for r in refused)  # no copy of the model works
         raise QroundError("cannot round these layers' weights: " + "; ".join(refused[:3])
                           + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")
-                          + "; or leave them out with config.exclude")
+                          + ("" if computed else "; or leave them out with config.exclude"))
     chosen = _untie(model, chosen, skipped)
     if not chosen:
-        raise QroundError("every chosen layer shares its weight with a module that stays in "
-                          "float (tied weights, see the skipped reasons); nothing to quantise")
+        why = "; ".join(f"{n!r}: {r}" for n, r in list(skipped.items())[:3])
+        raise QroundError("nothing to quantise: every chosen layer shares its weight with a "
+                          f"module that stays in float (tied weights). Left out: {why}")
     return chosen, skipped
 
 

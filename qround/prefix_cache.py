@@ -48,6 +48,7 @@ result equals a run without the cache (tests compare the codes).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -196,12 +197,13 @@ def _value_state(value: Any, depth: int = 0) -> Any:
         return ("numpy random state", state[1].tobytes(), state[2:])
     if isinstance(value, random.Random):
         return ("random", value.getstate())
-    if isinstance(value, (dict, list, set)) and depth < 3:
-        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value)) \
-            if not isinstance(value, set) else [(i, v) for i, v in enumerate(sorted(value,
-                                                                                  key=repr))]
-        return (type(value).__name__, id(value), len(items),
-                tuple((repr(k), _value_state(v, depth + 1)) for k, v in items[:_CONTAINER_ITEMS]))
+    if isinstance(value, (dict, list)) and depth < 3:
+        items = itertools.islice(value.items() if isinstance(value, dict) else enumerate(value),
+                                 _CONTAINER_ITEMS)
+        return (type(value).__name__, id(value), len(value),
+                tuple((repr(k), _value_state(v, depth + 1)) for k, v in items))
+    if isinstance(value, (set, frozenset)):  # unordered: its size stands for its items
+        return ("set", id(value), len(value))
     if isinstance(value, tuple) and depth < 3:
         return ("tuple", tuple(_value_state(v, depth + 1) for v in value[:_CONTAINER_ITEMS]))
     return id(value)
@@ -215,6 +217,28 @@ def _state(module: nn.Module) -> tuple:
                         for k, v in m.__dict__.items()) for m in module.modules())
     versions = tuple(t._version for t in (*module.parameters(), *module.buffers()))
     return attrs, versions
+
+
+def _overlapping(tensors: list[torch.Tensor]) -> bool:
+    """Whether two of the tensors may share memory (an in-place change of one would show in the
+    other, which separate copies would not): same storage and overlapping bytes.  Empty tensors
+    hold no memory; a non-contiguous tensor counts as spanning its storage from its offset on."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            continue
+        start = t.storage_offset() * t.element_size()
+        end = start + t.numel() * t.element_size() if t.is_contiguous() else storage.nbytes()
+        spans.setdefault(storage.data_ptr(), []).append((start, end))
+    for ranges in spans.values():
+        ranges.sort()
+        if any(b[0] < a[1] for a, b in zip(ranges, ranges[1:])):
+            return True
+    return False
 
 
 def _ancestors(name: str) -> Iterator[str]:
@@ -474,7 +498,7 @@ class PrefixCache:
             elif _storages(outputs) & (seen["inputs"] | _storages(
                     (*module.parameters(), *module.buffers()))):
                 why = "returns a tensor that shares memory with an input, parameter or buffer"
-            elif len(_storages(outputs)) < len(outputs):
+            elif _overlapping(outputs):
                 why = "returns tensors that share memory with each other (a copy would not)"
             if why is not None:
                 self._exclude(name, why)

@@ -447,6 +447,8 @@ def test_evaluate_compares_with_the_float_model_the_file_came_from(tmp_path, cap
     assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--json",
                  "--threads", "1"]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["model_seed"] == 3
     assert abs(res["quantized_accuracy"] - res["float_accuracy"]) <= 0.01  # 8 bits: ~float
-    assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--seed", "0"]) == 2
-    assert "leave out --seed" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--seed", "0",
+                 "--json", "--threads", "1"]) == 0   # an explicit seed is the user's to give
+    assert json.loads(capsys.readouterr().out)["model_seed"] == 0

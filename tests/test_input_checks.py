@@ -247,7 +247,7 @@ _NAN, _INF = float("nan"), float("inf")
     ("GPTQ(block='3')", "block must be an integer"),
     ("Relaxation(beta=(_NAN, 2.0))", r"beta\[0\] must be a finite number"),
     ("Relaxation(beta=3)", "beta must be a .start, end. pair"),
-    ("Relaxation(lr=-1)", r"lr must lie in \(0, inf\]"),
+    ("Relaxation(lr=-1)", r"lr must lie in \(0, inf\)"),
     ("HopfieldClassic(temperature=(1.0, _INF))", r"temperature\[1\] must be a finite number"),
     ("CrossEntropy(tol=_NAN)", "tol must be a finite number"),
     ("CrossEntropy(elite=0)", r"elite must lie in \(0, 1\]"),
@@ -413,3 +413,47 @@ def test_the_capture_cache_sees_state_a_module_keeps(kind):
     for name in runs[0].layers:
         np.testing.assert_array_equal(runs[0].layers[name].codes, runs[1].layers[name].codes)
     assert [r.cost for r in runs[0].report] == [r.cost for r in runs[1].report]
+
+
+def test_cache_replays_modules_with_empty_or_disjoint_outputs():
+    """Outputs that share a storage without overlapping (chunk) or hold no memory (an empty
+    tensor) are not aliases; the first review's fix refused them too (found by a second)."""
+    from qround.prefix_cache import _overlapping
+
+    x = torch.randn(4, 6)
+    a, b = x.chunk(2, dim=0)
+    assert not _overlapping([a, b]) and not _overlapping([x, x.new_zeros(0)])
+    assert _overlapping([x, x[1:]]) and _overlapping([x, x.t()])
+
+
+def test_state_of_a_huge_container_is_cheap():
+    import time
+
+    from qround.prefix_cache import _value_state
+
+    big, bag = list(range(1_000_000)), set(range(300_000))
+    t0 = time.perf_counter()
+    for _ in range(10):
+        _value_state(big), _value_state(bag)
+    assert time.perf_counter() - t0 < 1.0  # about 0.4 s per call before (copy and sort)
+
+
+def test_copy_errors_other_than_computed_tensors_keep_their_type():
+    from qround.errors import copy_module
+
+    class Boom(nn.Module):
+        def __deepcopy__(self, memo):
+            raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        copy_module(Boom())
+
+
+def test_a_wrapped_layer_names_its_own_missing_attributes():
+    from qround.activations import QuantizedLayer
+
+    q = QuantizedLayer(nn.Linear(4, 3), abits=4)
+    assert q.in_features == 4
+    with pytest.raises(AttributeError, match="QuantizedLayer"):
+        q.nonexistent
+    assert not hasattr(QuantizedLayer.__new__(QuantizedLayer), "anything")

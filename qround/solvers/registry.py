@@ -69,7 +69,9 @@ def load_plugins() -> None:
             log.warning("solver plugin %r (%s) skipped: the name is taken", ep.name, ep.value)
             continue
         try:
-            register(ep.name, ep.load(), f"plugin {ep.value}")
+            factory = ep.load()
+            if ep.name not in _REGISTRY:  # its module may have registered it on import
+                register(ep.name, factory, f"plugin {ep.value}")
         except Exception as exc:  # noqa: BLE001 (a broken plugin must not break qround)
             log.warning("solver plugin %r (%s) could not be loaded: %s", ep.name, ep.value, exc)
 

@@ -35,7 +35,9 @@ def plugins(monkeypatch):
     built-in name; the registry is restored afterwards."""
     eps = [metadata.EntryPoint("all-down", f"{__name__}:PluginSolver", registry.PLUGIN_GROUP),
            metadata.EntryPoint("missing", "no_such_module_xyz:Solver", registry.PLUGIN_GROUP),
-           metadata.EntryPoint("fast", f"{__name__}:PluginSolver", registry.PLUGIN_GROUP)]
+           metadata.EntryPoint("fast", f"{__name__}:PluginSolver", registry.PLUGIN_GROUP),
+           metadata.EntryPoint("self-registered", "tests.solvers._plugin_that_registers:Factory",
+                               registry.PLUGIN_GROUP)]
     monkeypatch.setattr(metadata, "entry_points",
                         lambda group=None: [e for e in eps if e.group == group])
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
@@ -52,6 +54,9 @@ def test_plugins_are_found_by_name_and_broken_ones_skipped(plugins, caplog):
     assert registry.available_solvers()["fast"] != registry.available_solvers()["all-down"]
     text = caplog.text
     assert "'missing'" in text and "could not be loaded" in text and "name is taken" in text
+    # a module that registers its own solver on import loads without a false warning
+    assert "self-registered" in registry.available_solvers()
+    assert "'self-registered'" not in text
 
 
 def test_a_plugin_reaches_the_shell(plugins, tmp_path, capsys):
