@@ -112,7 +112,8 @@ def cmd_export_qubo(args) -> int:
     export_qubos(args.out, problem, idx, known, source=str(args.file))
     best = (f"; {solver.label} reaches {sol.ratio:.4f} of RTN's cost on them"
             if args.solver else "")
-    print(f"wrote {len(names)} QUBO files ({names[0]}...) and manifest.json to {args.out}{best}")
+    print(f"wrote {len(names)} QUBO files ({names[0]}...) and manifest.json to "
+          f"{args.out}{best}")
     return 0
 
 
