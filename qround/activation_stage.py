@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .activations import QuantizedLayer, insert_act_quantizers, quantized_layers
-from .calibrate import ForwardFn
+from .calibrate import ForwardFn, default_forward, eval_mode
 from .errors import QroundError
 from .granularity import base_units, parse_scheme, reconstruct_with_granularity
 from .grid import GridSpec
@@ -139,12 +139,14 @@ def _k(config: "QuantConfig") -> int | None:
     return 1 if config.k is None else config.k
 
 
-def check_units(model: nn.Module, names: list[str], config: "QuantConfig") -> None:
+def check_units(model: nn.Module, names: list[str], config: "QuantConfig", batch=None,
+                forward: ForwardFn | None = None) -> None:
     """The model-dependent checks of the activation stage, before any solve: some layer has a
-    quantised input where borders are asked for, the scheme's modules exist and hold quantised
-    layers, and ``k`` is below the number of base units.  names: the quantised layers the
-    forward calls, in call order.  Works on a cheap stand-in (a copy of ``model`` with those
-    layers wrapped, nothing calibrated)."""
+    quantised input where borders are asked for, the scheme's modules exist, hold quantised
+    layers and do not overlap, and ``k`` is below the number of base units.  With ``batch``
+    (and ``forward``), one forward of it also checks that each scheme unit is consecutive in
+    forward order.  names: the quantised layers the forward calls, in call order.  Works on a
+    cheap stand-in (a copy of ``model`` with those layers wrapped, nothing calibrated)."""
     bits = input_bits(names, config)
     if config.borders != "none" and all(b is None for b in bits.values()):
         raise QroundError(f"borders={config.borders!r} need a quantised input, and none is left: "
@@ -173,6 +175,12 @@ def check_units(model: nn.Module, names: list[str], config: "QuantConfig") -> No
                  if not any(isinstance(x, QuantizedLayer) for x in named[m].modules())]
         if empty:
             raise QroundError(f"scheme modules hold no quantised layer: {empty}")
+        from .reconstruct import _order_units, _resolve_blocks
+
+        units = _resolve_blocks(shadow, model, units)  # overlaps
+        if batch is not None:
+            with eval_mode(shadow), torch.no_grad():
+                _order_units(shadow, units, batch, forward or default_forward)
 
 
 def act_state(layer: QuantizedLayer) -> dict[str, Any]:

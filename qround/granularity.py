@@ -323,6 +323,11 @@ def select_units(float_model: nn.Module, quant_model: nn.Module, calibration: It
     result = reconstruct(float_model, quant_model, batches[:search_batches or len(batches)],
                          units, quick, forward=forward)
     losses = result.losses if metric == "mse" else result.relative_losses
+    undefined = [b.block for b, x in zip(result.blocks, losses) if not math.isfinite(x)]
+    if undefined:
+        raise QroundError(f"metric={metric!r}: units {undefined} have a float output that is "
+                          "identically zero and a nonzero error, so their relative loss is "
+                          "undefined; use metric='mse'")
     merges = _loss_merges(losses, k)
     return Selection(granularity, tuple(merge_runs(units, merges)), tuple(units), tuple(merges),
                      base_losses=tuple(losses), k=k, search_seconds=time.perf_counter() - start)

@@ -874,9 +874,10 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     if not plan:
         raise QroundError("none of the chosen layers is called by the forward on the first "
                           "calibration batch")
-    if config.reconstruction is not None and len(plan) < len(names):
-        # ...and again on the layers the forward calls (fewer units: k may not fit any more)
-        check_units(model, [x.name for x in plan], config)
+    if config.reconstruction is not None and (len(plan) < len(names) or config.scheme):
+        # ...and again on the layers the forward calls (fewer units: k may not fit any more),
+        # with one forward that checks a scheme's units are consecutive
+        check_units(model, [x.name for x in plan], config, batch=first_batch, forward=forward)
     for i, layer in enumerate(plan):
         ends = config.first_last_bits is not None and i in (0, len(plan) - 1)
         layer.bits = config.first_last_bits if ends else config.wbits

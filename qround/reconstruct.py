@@ -160,7 +160,10 @@ class BlockReport:
     def relative_loss(self) -> float:
         """``loss_after`` over the float target's mean square: comparable across units whose
         outputs have different scales (pre-/post-ReLU, residual branch or sum)."""
-        return self.loss_after / self.target_power if self.target_power > 0 else float("nan")
+        if self.target_power > 0:
+            return self.loss_after / self.target_power
+        # a unit whose float output is identically zero: exact is 0, anything else undefined
+        return 0.0 if self.loss_after == 0 else float("nan")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -411,11 +414,13 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
     return _BlockData(inputs, targets)
 
 
-def _order_units(quant_model, units: list[Unit], batch, forward) -> tuple[list[Unit], dict]:
+def _order_units(quant_model, units: list[Unit], batch, forward
+                 ) -> tuple[list[Unit], dict, dict[str, int]]:
     """Units sorted by forward order (each unit's modules too), checked to be consecutive: no
-    module of another unit runs between a unit's first and last module.  Returns the units and,
-    for each unit of several modules, the name of its lowest common ancestor that the forward
-    calls (where its input is taken).  Runs one forward pass of ``batch``."""
+    module of another unit runs between a unit's first and last module.  Returns the units,
+    for each unit of several modules the name of its lowest common ancestor that the forward
+    calls (where its input is taken), and every called module's rank in call order.  Runs one
+    forward pass of ``batch``."""
     named = dict(quant_model.named_modules())
     seen: list[str] = []
     marked: set[str] = set()
@@ -462,7 +467,7 @@ def _order_units(quant_model, units: list[Unit], batch, forward) -> tuple[list[U
             if lca[u] not in marked:
                 raise QroundError(f"unit {u.name!r}: no common ancestor module of its modules "
                                   "is called by the forward (the model itself is not called?)")
-    return ordered, lca
+    return ordered, lca, {n: i for i, n in enumerate(seen)}
 
 
 class _Carry(Exception):
@@ -629,7 +634,7 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
             found: list = []
             q_spans, q_starts = trace_spans(model, lambda: found.append(
                 _order_units(model, units, batches[0], forward)))
-            units, lca = found[0]
+            units, lca, call_rank = found[0]
             with torch.no_grad():
                 f_spans, f_starts = trace_spans(float_model,
                                                 lambda: forward(float_model, batches[0]))
@@ -638,7 +643,7 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
             q_cache = PrefixCache(model, q_spans, budget, trained, q_starts)
             f_cache = PrefixCache(float_model, f_spans, budget, [], f_starts)
         else:
-            units, lca = _order_units(model, units, batches[0], forward)
+            units, lca, call_rank = _order_units(model, units, batches[0], forward)
         for unit in units:
             t0 = time.perf_counter()
             name, last = unit.name, unit.modules[-1]
@@ -655,6 +660,8 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
                 full = tuple(layers)
                 block = _UnitForward(qnamed[lca[unit]], qnamed[last], name)
                 entry = qnamed[lca[unit]]
+            # the unit's layers in the order the forward calls them (the loss plot's x axis)
+            full = tuple(sorted(full, key=lambda n: call_rank.get(n, len(call_rank))))
             entry_name = lca.get(unit, name) if len(unit.modules) > 1 else name
             caches = None
             if config.capture_cache_mb > 0:

@@ -4,6 +4,8 @@ attributes, layers registered twice, blocks that flatten tokens, first/last laye
 order, single-layer models, and unit checks before any solve."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -183,3 +185,50 @@ def test_unit_checks_come_before_any_solve(model, config, match, monkeypatch):
     monkeypatch.setattr(qround.pipeline, "_solve_layer", no_solve)
     with pytest.raises(QroundError, match=match):
         quantize_model(model(), _batches(16, 6), _config(abits=4, reconstruction=REC, **config))
+
+
+@pytest.mark.parametrize("scheme, match", [
+    (("0+4",), "not consecutive in forward order"),
+    (("0", "0+2"), "overlap"),
+])
+def test_a_bad_scheme_is_refused_before_any_solve(scheme, match, monkeypatch):
+    """Overlapping or non-consecutive units used to fail after the whole weight stage."""
+    import qround.pipeline
+
+    monkeypatch.setattr(qround.pipeline, "_solve_layer", lambda *a, **k: pytest.fail("solved"))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 4))
+    with pytest.raises(QroundError, match=match):
+        quantize_model(net, _batches(16, 8), _config(
+            abits=4, reconstruction=REC, granularity="scheme", scheme=scheme))
+
+
+class _LateFirst(nn.Module):
+    """Registers ``late`` before ``early`` and calls ``early`` first."""
+
+    def __init__(self):
+        super().__init__()
+        self.late, self.early = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.late(torch.relu(self.early(x))))
+
+
+def test_loss_along_depth_lists_a_units_layers_in_call_order():
+    from qround.granularity import loss_along_depth
+
+    torch.manual_seed(0)
+    q = quantize_model(nn.Sequential(_LateFirst(), _LateFirst()), _batches(16, 8),
+                       _config(abits=4, reconstruction=REC, granularity="block"))
+    assert loss_along_depth(q.reconstruction)["layers"] == [["0.early", "0.late"],
+                                                            ["1.early", "1.late"]]
+
+
+def test_relative_loss_of_a_unit_whose_float_output_is_zero():
+    from qround.reconstruct import BlockReport
+
+    exact = BlockReport("u", ("u",), 0.0, 0.0, 1, 0.0, target_power=0.0)
+    assert exact.relative_loss == 0.0
+    wrong = BlockReport("u", ("u",), 1.0, 1.0, 1, 0.0, target_power=0.0)
+    assert math.isnan(wrong.relative_loss)
