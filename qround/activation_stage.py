@@ -25,7 +25,6 @@ equals the float weight and the solver's rounding is discarded).
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,7 @@ from torch import nn
 
 from .activations import QuantizedLayer, insert_act_quantizers, quantized_layers
 from .calibrate import ForwardFn, default_forward, eval_mode
-from .errors import QroundError
+from .errors import QroundError, copy_module
 from .granularity import base_units, parse_scheme, reconstruct_with_granularity
 from .grid import GridSpec
 from .solvers.hopfield import inverse_rectified_sigmoid
@@ -152,7 +151,20 @@ def check_units(model: nn.Module, names: list[str], config: "QuantConfig", batch
         raise QroundError(f"borders={config.borders!r} need a quantised input, and none is left: "
                           f"first_last_bits keeps the input of the first layer ({names[0]!r}) "
                           "in float")
-    shadow = copy.deepcopy(model)
+    # The stand-in shares the model's parameters (no memory for a third copy of a large
+    # model; buffers, which a forward may write, are copied); wrapping a layer freezes its
+    # parameters, so their flags are restored.
+    params = list(model.parameters())
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        _check_units_on(copy_module(model, memo={id(p): p for p in params}), model, names,
+                        config, batch, forward)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _check_units_on(shadow, model, names, config, batch, forward) -> None:
     modules = dict(shadow.named_modules())
     for n in names:
         if n == "":  # the model is a single layer: the stand-in is that layer, wrapped

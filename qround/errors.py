@@ -115,14 +115,15 @@ def check_psd(h: np.ndarray, name: str = "hessian", rtol: float = 1e-6) -> None:
                           "so check how it was computed")
 
 
-def copy_module(module, what: str = "model"):
-    """``copy.deepcopy(module)``; a module that cannot be copied (a tensor attribute computed
-    with autograd, as pruning or the old ``weight_norm`` leave behind) gets a QroundError that
-    says why qround copies and what to do."""
+def copy_module(module, what: str = "model", memo: dict | None = None):
+    """``copy.deepcopy(module, memo)``; a module that cannot be copied (a tensor attribute
+    computed with autograd, as pruning or the old ``weight_norm`` leave behind) gets a
+    QroundError that says why qround copies and what to do.  ``memo`` ({id: object}) keeps
+    those objects shared instead of copied."""
     import copy
 
     try:
-        return copy.deepcopy(module)
+        return copy.deepcopy(module, memo)
     except RuntimeError as exc:
         if "deepcopy protocol" not in str(exc):  # out of memory and the like stay what they are
             raise

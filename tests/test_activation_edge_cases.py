@@ -232,3 +232,25 @@ def test_relative_loss_of_a_unit_whose_float_output_is_zero():
     assert exact.relative_loss == 0.0
     wrong = BlockReport("u", ("u",), 1.0, 1.0, 1, 0.0, target_power=0.0)
     assert math.isnan(wrong.relative_loss)
+
+
+def test_unit_checks_share_the_models_parameters_and_leave_them_as_they_were(monkeypatch):
+    """The stand-in of check_units was a full deep copy (a third copy of a large model); it
+    shares the parameters now, and restores the flags that wrapping changes."""
+    import qround.activation_stage as stage
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[0].weight.requires_grad_(False)
+    before = [p.requires_grad for p in model.parameters()]
+    shadows = []
+    real = stage._check_units_on
+    monkeypatch.setattr(stage, "_check_units_on",
+                        lambda shadow, *a: (shadows.append(shadow), real(shadow, *a)))
+    stage.check_units(model, ["0", "2"], _config(abits=4, reconstruction=REC,
+                                                 granularity="scheme", scheme=("0+2",)),
+                      batch=_batches(4, 8)[0])
+    [shadow] = shadows
+    assert shadow is not model
+    assert [id(p) for p in shadow.parameters()] == [id(p) for p in model.parameters()]
+    assert [p.requires_grad for p in model.parameters()] == before
