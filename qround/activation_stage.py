@@ -48,13 +48,18 @@ WEIGHT_STARTS = ("solver", "float")
 SOLVER_CONFIDENCE = 0.9  # h(V) of the solver's choice when reconstruction starts from it
 
 
-def input_bits(order: list[str], config: "QuantConfig") -> dict[str, int | None]:
-    """Activation bits of every quantised layer's input, in forward order (see module doc)."""
+def input_bits(order: list[str], config: "QuantConfig",
+               first: list[str] | None = None) -> dict[str, int | None]:
+    """Activation bits of every quantised layer's input, in forward order (see module doc).
+    first: the layers that read the first layer's input (default: the first alone); with
+    ``first_last_bits`` their inputs stay in float."""
     bits: dict[str, int | None] = {n: config.abits for n in order}
     if config.first_last_bits is not None and order:
-        bits[order[0]] = None
         if len(order) > 1:
             bits[order[-1]] = config.first_last_bits
+        for n in (first or order[:1]):
+            if n in bits:
+                bits[n] = None
     return bits
 
 
@@ -98,16 +103,18 @@ def load_weight_codes(layer: QuantizedLayer, qweight: QuantizedWeight, float_wei
 
 def quantize_activations(result: "QuantizedModel", float_model: nn.Module, calibration: list,
                          forward: ForwardFn, config: "QuantConfig",
-                         call_order: list[str] | None = None):
+                         call_order: list[str] | None = None, first: list[str] | None = None):
     """Run the activation stage on ``result`` (the weight stage's output): ``result.model``
     and ``result.layers`` are replaced by the wrapped model and its final codes.  Returns
     (ReconstructResult, granularity.Selection), both None without reconstruction.
     call_order: the quantised layers in the order the forward calls them (the first and last
-    of ``first_last_bits``, as the weight stage chose them); default: the report's order."""
+    of ``first_last_bits``, as the weight stage chose them); default: the report's order.
+    first: the layers that read the first layer's input (their inputs stay in float with
+    ``first_last_bits``)."""
     order = [r.layer for r in result.report]
     if call_order is not None:
         order = [n for n in call_order if n in result.layers]
-    bits = input_bits(order, config)
+    bits = input_bits(order, config, first)
     weights = {n: GridSpec(bits=result.layers[n].bits, symmetric=result.layers[n].symmetric,
                            group_size=result.layers[n].group_size, scale_method="minmax")
                for n in order}

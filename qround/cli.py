@@ -243,8 +243,10 @@ def _torch_load(path: str, flag: str, weights_only: bool):
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # unpickling raises many types; none should surface as a traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = ("; the model's class must be importable here: run from its folder or put it "
+                "on PYTHONPATH" if isinstance(exc, (ModuleNotFoundError, AttributeError)) else "")
         raise QroundError(f"{flag} {path!r} could not be read by torch.load "
-                          f"({type(exc).__name__}: {first[:200]})") from exc
+                          f"({type(exc).__name__}: {first[:200]}){hint}") from exc
 
 
 def _reconstruction_options(args) -> int:
@@ -460,7 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", help="for a model file: a tensor file of calibration inputs")
     q.add_argument("--calibration-size", type=int_at_least(1), default=256,
                    help="MiniLM calibration sentences (default: %(default)s)")
-    q.add_argument("--batch-size", type=int_at_least(1), default=32)
+    q.add_argument("--batch-size", type=int_at_least(1), default=32,
+                   help="a model file: calibration samples per batch when --calibration holds "
+                        "one tensor (default: %(default)s)")
     q.add_argument("--wbits", type=int, default=4, help="weight bits (default: %(default)s)")
     q.add_argument("--solver", default=DEFAULT_SOLVER,
                    help="solver spec for every layer (default: %(default)s)")

@@ -203,8 +203,10 @@ class QuantConfig:
                                    or self.k < 1):
             raise QroundError(f"k must be a positive integer, got {self.k!r}")
         if self.k is not None and self.granularity != "loss":
-            raise QroundError(f"k is the number of merges of granularity='loss', but "
-                              f"granularity is {self.granularity!r}")
+            raise QroundError(f"k (the number of merges) applies to granularity='loss'; "
+                              f"granularity is {self.granularity!r}"
+                              + (" (the default)" if self.granularity == "block" else "")
+                              + ": set granularity='loss' too")
         if (self.scheme is None) != (self.granularity != "scheme"):
             raise QroundError("granularity='scheme' and scheme=(units...) go together: "
                               f"got granularity={self.granularity!r}, scheme={self.scheme!r}")
@@ -238,6 +240,7 @@ class QuantConfig:
             d["reconstruction"]["beta"] = list(self.reconstruction.beta)
         if not isinstance(self.solver, str):
             d["solver"] = self.solver.label
+            d["solver_repr"] = repr(self.solver)  # a Solver instance: its parameters too
         return d
 
 
@@ -296,12 +299,22 @@ class QuantizedModel:
                 f"\ntotal: {t['layers']} layers quantised, {t['skipped']} left in float; cost "
                 f"{t['cost']:.4g} vs RTN {t['rtn_cost']:.4g} (ratio {t['ratio']:.4f}); solve "
                 f"{t['solve_seconds']:.2f} s, capture {t['capture_seconds']:.2f} s, "
-                f"wall {t['seconds']:.2f} s" + (
+                f"wall {t['seconds']:.2f} s" + self._skipped_lines() + (
                     "" if self.reconstruction is None else
                     f"\nreconstruction units ({self.units.granularity}): "
                     + ", ".join(u.name or "<model>" for u in self.units.units)
                     + f"\nreconstruction ({self.reconstruction.seconds:.2f} s):\n"
                     + self.reconstruction.table()))
+
+    def _skipped_lines(self, limit: int = 8) -> str:
+        """The modules left in float and why, a line each (the first ``limit``)."""
+        if not self.skipped:
+            return ""
+        items = list(self.skipped.items())
+        lines = [f"  {name or '<model>'}: {why}" for name, why in items[:limit]]
+        if len(items) > limit:
+            lines.append(f"  ... and {len(items) - limit} more (QuantizedModel.skipped)")
+        return "\nleft in float:\n" + "\n".join(lines)
 
     def save(self, path) -> None:
         """Write codes, scales and dequantised weights to one safetensors file (qround.export)."""
@@ -328,7 +341,8 @@ def _select(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str,
         if isinstance(m, SUPPORTED):
             candidates.append(name)
         elif not isinstance(m, _NORMS) and any(True for _ in m.parameters(recurse=False)):
-            skipped[name] = f"unsupported layer type {type(m).__name__}: left in float"
+            skipped[name] = (f"{type(m).__name__} is not an nn.Linear or nn.Conv2d: its own "
+                             "parameters stay in float")
     if not candidates:
         raise QroundError("model has no nn.Linear or nn.Conv2d layer to quantise")
     chosen = candidates
@@ -879,7 +893,9 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
         # with one forward that checks a scheme's units are consecutive
         check_units(model, [x.name for x in plan], config, batch=first_batch, forward=forward)
     for i, layer in enumerate(plan):
-        ends = config.first_last_bits is not None and i in (0, len(plan) - 1)
+        # the first layer (with every layer that reads its input: q, k and v) and the last one
+        ends = config.first_last_bits is not None and (
+            layer.leader == plan[0].leader or i == len(plan) - 1)
         layer.bits = config.first_last_bits if ends else config.wbits
     q_modules = dict(qmodel.named_modules())
 
@@ -922,6 +938,14 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     if config.activation_stage:
         result.reconstruction, result.units = quantize_activations(
             result, float_model, list(calibration), forward, config,
-            call_order=[x.name for x in plan])
+            call_order=[x.name for x in plan],
+            first=[x.name for x in plan if x.leader == plan[0].leader])
+        reverted = [b.block for b in (result.reconstruction.blocks
+                                      if result.reconstruction is not None else []) if b.reverted]
+        if reverted:
+            log.warning("block reconstruction kept the start of %d of %d units (training did "
+                        "not lower their loss): %s; more iterations may help",
+                        len(reverted), len(result.reconstruction.blocks),
+                        ", ".join(reverted[:5]) + (" ..." if len(reverted) > 5 else ""))
     result.seconds = time.perf_counter() - t_start
     return result

@@ -254,3 +254,59 @@ def test_unit_checks_share_the_models_parameters_and_leave_them_as_they_were(mon
     assert shadow is not model
     assert [id(p) for p in shadow.parameters()] == [id(p) for p in model.parameters()]
     assert [p.requires_grad for p in model.parameters()] == before
+
+
+# ------------------------------------------- found by the eleventh session's new-user walkthrough
+class _QKV(nn.Module):
+    """q, k and v read the model's input; the head is last."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.pos = nn.Parameter(torch.zeros(6))   # a bare parameter of the model itself
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = x + self.pos
+        return self.head(torch.relu(self.q(x) * self.k(x) + self.v(x)))
+
+
+def test_first_last_bits_cover_every_layer_that_reads_the_first_input():
+    q = quantize_model(_QKV(), _batches(16, 6), _config(wbits=2, abits=4, first_last_bits=8))
+    assert {n: w.bits for n, w in q.layers.items()} == {"q": 8, "k": 8, "v": 8, "head": 8}
+    layers = quantized_layers(q.model)
+    assert all(layers[n].act is None for n in ("q", "k", "v"))
+    assert layers["head"].act.bits == 8
+
+
+def test_the_table_names_what_stays_in_float():
+    q = quantize_model(_QKV(), _batches(16, 6), _config(exclude="head"))
+    table = q.table()
+    assert "left in float:" in table and "head: excluded by config.exclude" in table
+    assert "<model>: _QKV is not an nn.Linear or nn.Conv2d: its own parameters stay in float" \
+        in table
+
+
+def test_a_solver_instance_keeps_its_parameters_in_the_saved_config(tmp_path):
+    from qround.solvers import get_solver
+
+    solver = get_solver("anneal", num_sweeps=50)
+    q = quantize_model(_QKV(), _batches(16, 6), _config(solver=solver))
+    q.save(tmp_path / "m.safetensors")
+    config = export.read_metadata(tmp_path / "m.safetensors")["config"]
+    assert config["solver"] == "anneal" and "num_sweeps=50" in config["solver_repr"]
+
+
+def test_reverted_units_are_reported(caplog, monkeypatch):
+    """A reconstruction that keeps every unit's start used to pass silently."""
+    import types
+
+    import qround.pipeline
+
+    blocks = [types.SimpleNamespace(block=n, reverted=r) for n, r in (("a", True), ("b", False))]
+    monkeypatch.setattr(qround.pipeline, "quantize_activations",
+                        lambda *a, **k: (types.SimpleNamespace(blocks=blocks), None))
+    with caplog.at_level("WARNING", logger="qround.pipeline"):
+        quantize_model(_Skip(), _batches(16, 6), _config(abits=4, reconstruction=REC))
+    assert "kept the start of 1 of 2 units" in caplog.text and ": a;" in caplog.text

@@ -184,7 +184,7 @@ def test_unit_errors_come_before_any_work(kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(granularity="block", k=2), "k is the number of merges"),
+    (dict(granularity="block", k=2), "k .the number of merges. applies to granularity=.loss."),
     (dict(granularity="loss", k=0), "positive integer"),
     (dict(granularity="scheme"), "go together"),
     (dict(scheme=("stem",)), "go together"),

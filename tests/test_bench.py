@@ -140,3 +140,23 @@ def test_summary_shows_the_slow_subset_columns_only_beside_a_slow_reference():
     result = {"rows": [ours], "exact": [], "skipped": []}
     assert "slow_ratio" not in summarise(result)
     assert "slow_ratio" in summarise({**result, "rows": [ours, slow]})
+
+
+def test_the_plot_compares_solvers_on_the_same_channels_only(tmp_path):
+    """It used to put whole-layer results of ours beside references on 4 or 16 channels."""
+    from qround.bench import plot
+
+    full_only = {"layer": "l", "bits": 2, "solver": "gptq-reference", "kind": "reference",
+                 "ratio": 0.5, "seconds": 0.1, "shape": [8, 8]}
+    with pytest.raises(QroundError, match="no rows to plot"):
+        plot({"rows": [full_only], "config": {"ref_channels": 4}}, tmp_path / "a.png")
+    both = {"layer": "l", "bits": 2, "solver": "fast", "kind": "ours", "ratio": 0.4,
+            "seconds": 0.1, "sub_ratio": 0.45, "sub_s_per_ch": 0.001, "shape": [8, 8]}
+    plot({"rows": [full_only, both], "config": {"ref_channels": 4}}, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bench_takes_none_for_an_empty_solver_list(layer_files, capsys):
+    assert main(["bench", str(layer_files[1]), "--solvers", "nearest", "--subset-solvers",
+                 "none", "--references", "none", "--no-progress"]) == 0
+    assert "nearest" in capsys.readouterr().out

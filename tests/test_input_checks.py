@@ -457,3 +457,39 @@ def test_a_wrapped_layer_names_its_own_missing_attributes():
     with pytest.raises(AttributeError, match="QuantizedLayer"):
         q.nonexistent
     assert not hasattr(QuantizedLayer.__new__(QuantizedLayer), "anything")
+
+
+def test_messages_a_new_user_met():
+    from qround.solvers import DimodSolver, register
+    from qround.solvers.reference import Nearest
+
+    with pytest.raises(QroundError, match="overwrite=True"):
+        register("fast", Nearest)
+    with pytest.raises(QroundError, match=r"select nothing of the 6"):
+        make_problem(m=6, n=8).subproblem(slice(70, 80))
+    with pytest.raises(QroundError, match=r"k \(the number of merges\).*the default"):
+        QuantConfig(k=2, reconstruction=ReconstructConfig(iterations=3), abits=4)
+    p = make_problem(m=6, n=8)
+    sol = DimodSolver("dwave-steepest", channels=slice(0, 2)).solve(p, seed=0)
+    assert np.array_equal(sol.choices[2:], p.rtn_choices()[2:])
+    assert np.all(sol.energy[:2] <= p.rtn_energies()[:2] + 1e-12)
+
+
+def test_a_model_file_whose_class_cannot_be_imported_gets_a_hint(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from qround.cli import main
+
+    # a model saved from a module that the loading process cannot import
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\nclass Net(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n        return self.fc(x)\n")
+    code = ("import torch, mymodel; torch.save(mymodel.Net(), 'm.pt'); "
+            "torch.save(torch.randn(8, 4), 'c.pt')")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
+    assert main(["quantize", "--model", str(tmp_path / "m.pt"), "--calibration",
+                 str(tmp_path / "c.pt"), "--no-progress"]) == 2
+    assert "PYTHONPATH" in capsys.readouterr().err

@@ -154,8 +154,9 @@ def plan_export(folder: str | os.PathLike, problem: RoundingProblem,
 
 def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=slice(None),
                  known: dict[str, np.ndarray] | None = None, source: str = "") -> dict:
-    """Write ``c<channel>.qubo`` for the selected channels and ``manifest.json`` into
-    ``folder`` (created if missing); returns the manifest.
+    """Write one ``.qubo`` file per selected channel (``c0003.qubo`` for channel 3: at least
+    four digits) and ``manifest.json`` into ``folder`` (created if missing); returns the
+    manifest, whose ``channels[i]["file"]`` names each file.
 
     channels: a slice, indices or a mask (as :meth:`RoundingProblem.subproblem`).
     known: ``{label: choices (m, n)}`` of the whole problem whose energies and bit strings the

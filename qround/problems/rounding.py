@@ -410,5 +410,5 @@ def _select(index, size: int, what: str) -> np.ndarray:
                 raise QroundError(f"{what} must not repeat an index; repeated: "
                                   f"{values[counts > 1].tolist()}")
     if idx.size == 0:
-        raise QroundError(f"{what} select nothing")
+        raise QroundError(f"{what} select nothing of the {size}")
     return idx

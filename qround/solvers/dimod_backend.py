@@ -39,7 +39,7 @@ class DimodSolver(Solver):
     """Solve each channel's BQM with a dimod sampler.
 
     sampler: a name (see module docstring) or a dimod sampler object.
-    channels: optionally solve only these channel indices (others keep the start): dense BQMs of
+    channels: optionally solve only these channel indices or this slice (others keep the start): dense BQMs of
     large layers are slow to build and sample, so benchmarks use a subset.
     sample_kwargs: forwarded to ``sampler.sample`` (e.g. ``num_reads``, ``num_sweeps``,
     ``timeout`` for tabu in ms).
@@ -49,7 +49,7 @@ class DimodSolver(Solver):
 
     def __init__(self, sampler="neal", channels=None, **sample_kwargs):
         self.sampler = sampler
-        if channels is not None:
+        if channels is not None and not isinstance(channels, slice):
             arr = np.asarray(channels)
             if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
                 raise QroundError(f"channels must be None or a non-empty list of channel "
@@ -71,7 +71,9 @@ class DimodSolver(Solver):
             params |= set(getattr(sampler, "parameters", {}) or {})
         except (TypeError, ValueError):
             params = set()
-        channels = range(problem.num_channels) if self.channels is None else self.channels
+        channels = (range(problem.num_channels) if self.channels is None else
+                    range(problem.num_channels)[self.channels]
+                    if isinstance(self.channels, slice) else self.channels)
         out = start.copy()
         for c in channels:
             c = problem._channel(c)

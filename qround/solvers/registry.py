@@ -42,7 +42,8 @@ def register(name: str, factory: Callable[..., Solver], description: str = "",
         raise QroundError(f"factory for solver {name!r} must be callable, got "
                           f"{type(factory).__name__}")
     if name in _REGISTRY and not overwrite:
-        raise QroundError(f"solver {name!r} is already registered")
+        raise QroundError(f"solver {name!r} is already registered (register(..., "
+                          "overwrite=True) replaces it)")
     _REGISTRY[name] = factory
     _DESCRIPTIONS[name] = description
 
