@@ -37,11 +37,11 @@ def _python_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
 
 
-def test_readme_has_the_three_python_examples():
+def test_readme_has_the_python_examples():
     blocks = _python_blocks()
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     assert "encoder.0.fc1" in blocks[0] and "quantize_model" in blocks[1]
-    assert "register(" in blocks[3]
+    assert "register(" in blocks[3] and "QroundSampler" in blocks[4]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -90,5 +90,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     problem = namespace["problem"]
     mine = registry.get_solver("my-qubo").solve(problem, seed=0)
     assert np.all(problem.flip_deltas(mine.choices)[problem.free] >= -1e-9)
+    # the sampler example: both searched the same BQM, and dimod scored both
+    ours, theirs, bqm = namespace["ours"], namespace["theirs"], namespace["bqm"]
+    assert len(ours) == 2 and ours.vartype is bqm.vartype
+    assert ours.first.energy == pytest.approx(bqm.energy(ours.first.sample))
+    assert re.search(r"^qround tabu -[0-9.]+ [0-9.e-]+$", out, flags=re.M)
     # the examples leave the float model as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

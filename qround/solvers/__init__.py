@@ -11,6 +11,7 @@ from .hopfield import HopfieldClassic, Relaxation
 from .local import Greedy, steepest_descent
 from .meanfield import MeanField
 from .reference import Exact, Nearest, Stochastic
+from .sampler import QroundSampler
 from .registry import available_solvers, get_solver, place, register
 from .tabu import Tabu
 
@@ -63,4 +64,4 @@ register("quality", lambda: Chain(
 __all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver", "place",
            "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy", "DimodSolver",
            "steepest_descent", "Anneal", "Tabu", "CrossEntropy", "GPTQ", "Relaxation", "HopfieldClassic",
-           "MeanField"]
+           "MeanField", "QroundSampler"]

@@ -1,0 +1,201 @@
+"""qround's tabu search and simulated annealing as a dimod sampler, for any binary quadratic model.
+
+The kernels of :mod:`qround.solvers.tabu` and :mod:`qround.solvers.anneal` solve many dense
+QUBOs that share one matrix, one per output channel of a layer.  A dimod BQM becomes the same
+thing with one "channel" per read: every read searches the BQM's dense QUBO from its own start
+with its own random stream, all reads in one compiled call (in parallel over numba's threads).
+So a QUBO researcher can run qround's search on their own problems next to dwave-samplers::
+
+    import dimod
+    from qround.solvers import QroundSampler
+
+    bqm = dimod.generators.gnp_random_bqm(200, 0.5, "BINARY", random_state=1)
+    best = QroundSampler("tabu").sample(bqm, num_reads=4, seed=0).first
+
+The BQM (BINARY or SPIN) is taken to the QUBO ``E(b) = b^T H b + g^T b + offset`` with ``H``
+the symmetric half of the quadratic biases (zero diagonal) and ``g`` the linear biases; a SPIN
+model goes through ``change_vartype`` and its samples come back as spins.  Every returned
+energy is recomputed by dimod from the BQM, so it is exact whatever the kernels did.
+
+Starts follow dimod's ``Initialized`` conventions (``initial_states``, with
+``initial_states_generator`` "random", "tile" or "none"); a sample is the best state its read
+saw, never worse than its start.  The matrix is dense: n variables take ``8 n^2`` bytes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import dimod
+import numpy as np
+
+from ..errors import QroundError, check_int
+from ..problems import energy as _energy
+from .anneal import Anneal
+from .base import single_threaded_blas, spawn_rng
+from .tabu import Tabu
+
+METHODS = {"tabu": Tabu, "anneal": Anneal}
+# the solver parameters a sample() call takes, by method (those of the solver's constructor)
+_SOLVER_PARAMETERS = {
+    "tabu": ("max_iter", "restarts", "tenure", "stall", "perturb", "iters_per_var", "descent",
+             "reset_every"),
+    "anneal": ("num_sweeps", "restarts", "order", "hot_accept", "cold_accept", "cold_quantile"),
+}
+MAX_DENSE_BYTES = 8 * 2 ** 30
+
+
+@dataclass(frozen=True)
+class DenseQubos:
+    """``m`` copies of one dense QUBO ``E(b) = b^T H b + g^T b``, laid out as the kernels read a
+    layer's rounding problem (:class:`qround.problems.RoundingProblem`): a shared ``hessian``
+    (n, n), unit ``step`` and the linear biases as ``grad`` (m, n), every variable ``free``."""
+
+    hessian: np.ndarray
+    step: np.ndarray
+    grad: np.ndarray
+    free: np.ndarray
+
+    @classmethod
+    def from_matrix(cls, hessian: np.ndarray, linear: np.ndarray, copies: int) -> "DenseQubos":
+        n = linear.shape[0]
+        arrays = dict(hessian=np.ascontiguousarray(hessian, dtype=np.float64),
+                      step=np.ones((copies, n)),
+                      grad=np.ascontiguousarray(np.broadcast_to(linear, (copies, n)),
+                                                dtype=np.float64),
+                      free=np.ones((copies, n), dtype=bool))
+        for a in arrays.values():
+            a.flags.writeable = False
+        return cls(**arrays)
+
+    @property
+    def weight(self) -> np.ndarray:  # only its shape is read
+        return self.step
+
+    @property
+    def num_channels(self) -> int:
+        return self.step.shape[0]
+
+    @property
+    def num_inputs(self) -> int:
+        return self.step.shape[1]
+
+    @property
+    def hessian_diag(self) -> np.ndarray:
+        return np.diagonal(self.hessian)
+
+    def local_fields(self, choices) -> np.ndarray:
+        return _energy.local_fields(np.asarray(choices, dtype=np.float64), self.step,
+                                    self.hessian)
+
+    def flip_deltas(self, choices, fields=None) -> np.ndarray:
+        b = np.asarray(choices, dtype=np.float64)
+        if fields is None:
+            fields = self.local_fields(b)
+        return _energy.flip_deltas(b, self.step, self.grad, fields, self.hessian_diag)
+
+    def energies(self, choices) -> np.ndarray:
+        return _energy.energies(np.asarray(choices, dtype=np.float64), self.step, self.grad,
+                                self.hessian)
+
+
+def dense_qubo(bqm: dimod.BinaryQuadraticModel, variables) -> tuple[np.ndarray, np.ndarray, float]:
+    """(H (n, n) symmetric with zero diagonal, g (n,), offset) of ``bqm`` as a BINARY model, in
+    the order of ``variables``: ``E(b) = b^T H b + g^T b + offset`` equals ``bqm.energy``."""
+    if bqm.vartype is dimod.SPIN:
+        bqm = bqm.change_vartype(dimod.BINARY, inplace=False)
+    n = len(variables)
+    if 8 * n * n > MAX_DENSE_BYTES:
+        raise QroundError(f"the BQM has {n} variables: its dense matrix would take "
+                          f"{8 * n * n / 2 ** 30:.1f} GiB (QroundSampler holds it dense; at most "
+                          f"{MAX_DENSE_BYTES / 2 ** 30:.0f} GiB)")
+    linear, (rows, cols, quad), offset = bqm.to_numpy_vectors(variable_order=variables)
+    if not (np.all(np.isfinite(linear)) and np.all(np.isfinite(quad)) and np.isfinite(offset)):
+        raise QroundError("the BQM has NaN or infinite biases")
+    hessian = np.zeros((n, n))
+    quad = 0.5 * np.asarray(quad, dtype=np.float64)
+    np.add.at(hessian, (rows, cols), quad)  # a BQM holds each pair once, so the two
+    np.add.at(hessian, (cols, rows), quad)  # halves land on distinct entries
+    return hessian, np.asarray(linear, dtype=np.float64), float(offset)
+
+
+class QroundSampler(dimod.Sampler, dimod.Initialized):
+    """qround's batched local search on any binary quadratic model (a dimod sampler).
+
+    method: ``"tabu"`` (iterated tabu search, :class:`qround.solvers.Tabu`) or ``"anneal"``
+    (simulated annealing, :class:`qround.solvers.Anneal`).  ``sample`` takes dimod's
+    ``initial_states``, ``initial_states_generator``, ``num_reads`` and ``seed``, and the
+    solver's own parameters (``parameters`` lists them), e.g. ``restarts=16`` for tabu or
+    ``num_sweeps=5000`` for annealing.  Each read is one independent search of the whole BQM.
+    """
+
+    def __init__(self, method: str = "tabu"):
+        if method not in METHODS:
+            raise QroundError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        self.method = method
+
+    @property
+    def parameters(self) -> dict:
+        base = {"initial_states": [], "initial_states_generator": [], "num_reads": [],
+                "seed": []}
+        return {**base, **{p: [] for p in _SOLVER_PARAMETERS[self.method]}}
+
+    @property
+    def properties(self) -> dict:
+        return {"method": self.method, "methods": sorted(METHODS)}
+
+    def __repr__(self) -> str:
+        return f"QroundSampler({self.method!r})"
+
+    def sample(self, bqm, initial_states=None, initial_states_generator: str = "random",
+               num_reads: int | None = None, seed: int | None = None,
+               **solver_parameters) -> dimod.SampleSet:
+        """Search ``bqm`` from ``num_reads`` starts; one sample (the best state seen) per read.
+
+        Returns a ``dimod.SampleSet`` in the BQM's vartype, its energies from ``bqm``, and
+        ``info["timing"]`` (seconds of the search and of the whole call).
+        """
+        t_call = time.perf_counter()
+        if not isinstance(bqm, dimod.BinaryQuadraticModel):
+            raise QroundError(f"QroundSampler samples a dimod.BinaryQuadraticModel, got "
+                              f"{type(bqm).__name__}")
+        unknown = sorted(set(solver_parameters) - set(_SOLVER_PARAMETERS[self.method]))
+        if unknown:
+            raise QroundError(f"QroundSampler({self.method!r}) does not take {unknown}; its "
+                              f"parameters: {sorted(self.parameters)}")
+        solver = METHODS[self.method](**solver_parameters)
+        check_int(num_reads, "num_reads", 1, allow_none=True)
+        rng = spawn_rng(seed)  # seed checked here; the starts get their own stream from it
+        try:
+            parsed = self.parse_initial_states(
+                bqm, initial_states=initial_states,
+                initial_states_generator=initial_states_generator, num_reads=num_reads,
+                seed=None if seed is None else int(rng.integers(2 ** 32)))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, QroundError):
+                raise
+            raise QroundError(f"initial_states: {exc}") from None
+        variables = list(bqm.variables)
+        starts = parsed.initial_states
+        reads = parsed.num_reads
+        if not variables:
+            return dimod.SampleSet.from_samples_bqm(
+                (np.empty((reads, 0), dtype=np.int8), variables), bqm,
+                info={"timing": {"search_s": 0.0, "total_s": time.perf_counter() - t_call}})
+        hessian, linear, _ = dense_qubo(bqm, variables)
+        order = [starts.variables.index(v) for v in variables]
+        start = np.asarray(starts.record.sample)[:, order]
+        if bqm.vartype is dimod.SPIN:
+            start = (start + 1) // 2
+        problem = DenseQubos.from_matrix(hessian, linear, reads)
+        t0 = time.perf_counter()
+        with single_threaded_blas():
+            choices = solver._solve(problem, start.astype(bool), rng)[0]
+        search = time.perf_counter() - t0
+        samples = choices.astype(np.int8)
+        if bqm.vartype is dimod.SPIN:
+            samples = 2 * samples - 1
+        return dimod.SampleSet.from_samples_bqm(
+            (samples, variables), bqm,
+            info={"timing": {"search_s": search, "total_s": time.perf_counter() - t_call},
+                  "method": self.method})

@@ -1,0 +1,155 @@
+"""QroundSampler: qround's tabu search and annealing as dimod samplers on any BQM."""
+import unittest
+
+import dimod
+import dimod.testing
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qround.errors import QroundError
+from qround.solvers import QroundSampler
+from qround.solvers.sampler import dense_qubo
+
+
+def random_bqm(n, seed, vartype="BINARY", density=0.6):
+    rng = np.random.default_rng(seed)
+    return dimod.generators.gnp_random_bqm(n, density, vartype, random_state=seed,
+                                           bias_generator=lambda k: rng.normal(size=k))
+
+
+@dimod.testing.load_sampler_bqm_tests(QroundSampler("tabu"), max_num_variables=12)
+class TestTabuSamplerDimodSuite(unittest.TestCase):
+    """dimod's own sampler tests (empty, single-variable, SPIN/BINARY, labelled BQMs...)."""
+
+
+@dimod.testing.load_sampler_bqm_tests(QroundSampler("anneal"), max_num_variables=12)
+class TestAnnealSamplerDimodSuite(unittest.TestCase):
+    pass
+
+
+@pytest.mark.parametrize("method", ["tabu", "anneal"])
+def test_sampler_api(method):
+    dimod.testing.assert_sampler_api(QroundSampler(method))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), seed=st.integers(0, 10_000), spin=st.booleans(),
+       data=st.data())
+def test_dense_qubo_energy_equals_the_bqm(n, seed, spin, data):
+    bqm = random_bqm(n, seed, "SPIN" if spin else "BINARY")
+    bqm.offset = float(np.random.default_rng(seed).normal())
+    variables = list(bqm.variables)
+    h, g, offset = dense_qubo(bqm, variables)
+    assert np.allclose(h, h.T) and np.all(np.diagonal(h) == 0)
+    b = np.array(data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)), dtype=float)
+    sample = dict(zip(variables, (2 * b - 1) if spin else b))
+    assert b @ h @ b + g @ b + offset == pytest.approx(bqm.energy(sample), rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["tabu", "anneal"])
+@pytest.mark.parametrize("vartype", ["BINARY", "SPIN"])
+def test_finds_the_exact_ground_state_of_small_bqms(method, vartype):
+    for seed in range(6):
+        bqm = random_bqm(12, seed, vartype)
+        ground = dimod.ExactSolver().sample(bqm).first.energy
+        ss = QroundSampler(method).sample(bqm, num_reads=2, seed=seed)
+        assert ss.first.energy == pytest.approx(ground, abs=1e-9), (method, seed)
+        dimod.testing.assert_sampleset_energies(ss, bqm)
+        assert ss.vartype is bqm.vartype
+
+
+@pytest.mark.parametrize("method,kw", [("tabu", {"restarts": 0, "max_iter": 1}),
+                                       ("anneal", {"num_sweeps": 1})])
+def test_never_worse_than_each_start(method, kw):
+    bqm = random_bqm(40, 3, "SPIN")
+    starts = np.random.default_rng(0).choice([-1, 1], size=(8, 40))
+    ss = QroundSampler(method).sample(bqm, initial_states=(starts, list(bqm.variables)),
+                                      seed=1, **kw)
+    start_e = bqm.energies((starts, list(bqm.variables)))
+    # dimod sorts nothing here: rows come back in read order
+    assert len(ss) == 8
+    assert np.all(ss.record.energy <= start_e + 1e-9)
+
+
+def test_a_start_that_is_already_optimal_comes_back():
+    bqm = random_bqm(10, 7)
+    ground = dimod.ExactSolver().sample(bqm).first
+    ss = QroundSampler("tabu").sample(bqm, initial_states=ground.sample, num_reads=1, seed=0)
+    assert ss.first.energy == pytest.approx(ground.energy)
+
+
+def test_seeded_results_repeat_and_the_global_rng_is_untouched():
+    bqm = random_bqm(60, 11)
+    np.random.seed(123)
+    state = np.random.get_state()[1].copy()
+    a = QroundSampler("anneal").sample(bqm, num_reads=3, seed=5, num_sweeps=2)
+    b = QroundSampler("anneal").sample(bqm, num_reads=3, seed=5, num_sweeps=2)
+    assert np.array_equal(a.record.sample, b.record.sample)
+    assert np.array_equal(np.random.get_state()[1], state)
+    c = QroundSampler("anneal").sample(bqm, num_reads=3, seed=6, num_sweeps=2)
+    assert not np.array_equal(a.record.sample, c.record.sample)
+
+
+def test_labels_and_order_are_kept():
+    bqm = dimod.BinaryQuadraticModel({"b": 1.0, ("x", 2): -2.0, 7: 0.5},
+                                     {("b", ("x", 2)): -3.0, (7, "b"): 2.0}, 0.25, "SPIN")
+    ss = QroundSampler().sample(bqm, num_reads=2, seed=0)
+    assert set(ss.variables) == {"b", ("x", 2), 7}
+    ground = dimod.ExactSolver().sample(bqm).first.energy
+    assert ss.first.energy == pytest.approx(ground)
+    assert set(np.unique(ss.record.sample)) <= {-1, 1}
+
+
+def test_solver_parameters_reach_the_solver():
+    bqm = random_bqm(30, 2)
+    ss = QroundSampler("tabu").sample(bqm, num_reads=1, seed=0, restarts=0, max_iter=3,
+                                      descent=False, tenure=2)
+    assert len(ss) == 1
+    assert "timing" in ss.info and ss.info["timing"]["search_s"] >= 0
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda s, q: s.sample(q, num_reads=0), "num_reads"),
+    (lambda s, q: s.sample(q, num_sweeps=10), "does not take"),
+    (lambda s, q: s.sample(q, restarts=-1), "restarts"),
+    (lambda s, q: s.sample(q, seed=-3), "seed"),
+    (lambda s, q: s.sample({"a": 1.0}), "BinaryQuadraticModel"),
+    (lambda s, q: s.sample(q, initial_states=[[0, 1]]), "initial_states"),
+])
+def test_bad_input_gets_a_clear_error(call, match):
+    bqm = random_bqm(5, 0)
+    with pytest.raises(QroundError, match=match):
+        call(QroundSampler("tabu"), bqm)
+
+
+def test_non_finite_biases_and_unknown_method_are_refused():
+    bqm = dimod.BinaryQuadraticModel({0: np.nan, 1: 1.0}, {(0, 1): 1.0}, 0.0, "BINARY")
+    with pytest.raises(QroundError, match="NaN or infinite"):
+        QroundSampler().sample(bqm)
+    with pytest.raises(QroundError, match="method"):
+        QroundSampler("greedy")
+
+
+def test_a_rounding_channel_bqm_gets_the_tabu_solvers_energy():
+    """The same kernels on the same QUBO: a channel's BQM sampled from RTN reaches an energy no
+    higher than RTN's, and the dense matrix is the channel's S H S (off the diagonal)."""
+    from qround.grid import GridSpec
+    from qround.problems import RoundingProblem
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 24))
+    problem = RoundingProblem.from_weight(rng.normal(size=(3, 24)), x.T @ x / 200,
+                                          GridSpec(bits=2))
+    bqm = problem.to_bqm(0)
+    variables = sorted(bqm.variables)
+    h, g, offset = dense_qubo(bqm, variables)
+    s = problem.step[0, variables]
+    sub = problem.hessian[np.ix_(variables, variables)]
+    expect = s[:, None] * sub * s[None, :]
+    np.fill_diagonal(expect, 0.0)
+    assert np.allclose(h, expect)
+    rtn = problem.rtn_choices()[0, variables].astype(np.int8)
+    ss = QroundSampler("tabu").sample(bqm, initial_states=(rtn[None], variables), seed=0)
+    assert ss.first.energy <= bqm.energy(dict(zip(variables, rtn))) + 1e-12
