@@ -5,6 +5,7 @@ import argparse
 import platform
 
 from qround.solvers import available_solvers
+from qround.solvers.registry import spec_names, split_specs
 
 
 def write_results(path: str, benchmark: str, header: str, args: argparse.Namespace,
@@ -47,7 +48,7 @@ def known_solver(spec: str) -> bool:
     from qround.bench import extra_solvers
 
     return spec in extra_solvers() or all(name in available_solvers()
-                                          for name in spec.replace("|", "+").split("+"))
+                                          for name in spec_names(spec))
 
 
 def plan(args) -> tuple[list[tuple[str, str | None]], list[str]]:
@@ -116,6 +117,6 @@ def e2e_finish(p: argparse.ArgumentParser, argv, widths, methods) -> argparse.Na
     args = p.parse_args(argv)
     args.bits = _choices(args.bits, widths, "--bits", p)
     args.methods = _choices(args.methods, methods, "--methods", p)
-    args.solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    args.solvers = split_specs(args.solvers)
     args.refits = int_list(args.refits, "--refits", p, 0)
     return args

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from _common import int_list, write_results  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import int_list, split_specs, write_results  # noqa: E402 (benchmarks/ is on sys.path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--child", choices=["limit", "none"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.bits = int_list(args.bits, "--bits", p, 2, 8)
-    args.solvers = [t.strip() for t in args.solvers.split(",") if t.strip()]
+    args.solvers = split_specs(args.solvers)
     args.layers = [t.strip() for t in args.layers.split(",") if t.strip()]
     if min(args.threads, args.repeats, args.rounds, args.blas_threads or 1) < 1:
         p.error("--threads, --blas-threads, --repeats and --rounds must be >= 1")

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from _common import int_list, write_results  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import int_list, split_specs, write_results  # noqa: E402 (benchmarks/ is on sys.path)
 
 DEFAULT_SOLVERS = ("cem,hopfield,hopfield-eager,hopfield-10k,hopfield-classic,hopfield+greedy,"
                    "meanfield,gptq")
@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.bits = int_list(args.bits, "--bits", p, 2, 8)
     args.devices = [d.strip() for d in args.devices.split(",") if d.strip()]
-    args.solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    args.solvers = split_specs(args.solvers)
     if args.cpu_channels < 1:
         p.error("--cpu-channels must be >= 1")
     return args

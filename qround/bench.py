@@ -201,7 +201,8 @@ def check_solvers(cfg: BenchConfig) -> None:
     """Every solver spec of ``cfg`` names registered solvers (or an extra one: ``neal-10x``,
     ``hopfield-10k``, ``quality-v1``...), and there is at least one; QroundError otherwise.
     A known solver whose optional package is missing is skipped later, with the reason."""
-    from .solvers import available_solvers
+    from .solvers import available_solvers, get_solver
+    from .solvers.registry import spec_names
 
     specs = (*cfg.solvers, *cfg.subset_solvers, *cfg.references)
     if not specs:
@@ -209,13 +210,14 @@ def check_solvers(cfg: BenchConfig) -> None:
                           "--references")
     extra, known = extra_solvers(), available_solvers()
     for spec in specs:
-        unknown = [] if spec in extra else [
-            part for part in "".join(spec.split()).replace("|", "+").split("+")
-            if part not in known]
+        if spec in extra:
+            continue
+        unknown = [name for name in spec_names(spec) if name not in known]
         if unknown:
             where = "" if unknown[0] == spec else f" in {spec!r}"
             raise QroundError(f"unknown solver {unknown[0]!r}{where}; `qround solvers` lists "
                               f"them, and the benchmark adds {', '.join(sorted(extra))}")
+        get_solver(spec)  # options the solver does not take, or bad values: stop here too
 
 
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -467,7 +469,9 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=bits_list, default=None,
                    help="comma-separated weight bits (default: 2,3,4 for the packaged layers, "
                         "a file's own width)")
-    p.add_argument("--solvers", default=",".join(OURS))
+    p.add_argument("--solvers", default=",".join(OURS),
+                   help="comma-separated solver specs, e.g. 'gptq,gptq+tabu(restarts=16)' "
+                        "(default: %(default)s)")
     p.add_argument("--subset-solvers", default=",".join(SUBSET_ONLY))
     p.add_argument("--references", default="neal,neal-10x,dwave-tabu")
     p.add_argument("--minilm-layers", default=None,
@@ -488,6 +492,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     split = lambda s: tuple(x for x in s.split(",") if x and x.strip().lower() != "none")
     from .solvers._torch import resolve_device
+    from .solvers.registry import split_specs
 
     resolve_device(a.device)  # a missing GPU stops here, before any work
     minilm = (() if a.files else MINILM_LAYERS) if a.minilm_layers is None \
@@ -499,9 +504,10 @@ def main(argv=None) -> int:
     check_paths({"--json": a.json, "--plot": a.plot}, {f"FILE {f}": f for f in a.files})
     check_format("--json", a.json, "JSON", (".json",))
     check_format("--plot", a.plot, "a PNG image", PLOT_SUFFIXES)
-    cfg = BenchConfig(bits=a.bits, solvers=split(a.solvers),
-                      subset_solvers=split(a.subset_solvers),
-                      references=split(a.references), minilm_layers=minilm, cnn_layers=cnn,
+    specs = lambda s: tuple(x for x in split_specs(s) if x.lower() != "none")
+    cfg = BenchConfig(bits=a.bits, solvers=specs(a.solvers),
+                      subset_solvers=specs(a.subset_solvers),
+                      references=specs(a.references), minilm_layers=minilm, cnn_layers=cnn,
                       layer_files=tuple(a.files), ref_channels=a.ref_channels,
                       slow_ref_channels=a.slow_ref_channels, threads=a.threads, seed=a.seed,
                       device=a.device)

@@ -25,7 +25,7 @@ from .cliargs import PLOT_SUFFIXES, check_format, check_paths, int_at_least
 from .errors import QroundError, check_bits
 from .report import SolveRecord, format_table, totals, write_json_atomic, write_npz_atomic
 from .solvers import available_solvers, get_solver
-from .solvers.registry import DEFAULT_SOLVER
+from .solvers.registry import DEFAULT_SOLVER, split_specs
 
 log = logging.getLogger("qround")
 
@@ -380,7 +380,7 @@ def cmd_demo(args) -> int:
 
     check_paths({"--json": args.json})
     check_format("--json", args.json, "JSON", (".json",))
-    if args.solvers is not None and not [x for x in args.solvers.split(",") if x.strip()]:
+    if args.solvers is not None and not split_specs(args.solvers):
         raise QroundError(f"--solvers {args.solvers!r} names no solver")
     result = run_demo(channels=args.channels, solvers=args.solvers, threads=args.threads,
                       seed=args.seed, progress=not args.no_progress, journey=args.journey)
@@ -408,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("solve", help="solve the rounding problems of layer statistics files")
     s.add_argument("files", nargs="+", help="layer statistics .npz files (see qround.problems.io)")
     s.add_argument("--solver", default=DEFAULT_SOLVER,
-                   help="solver name or spec (a+b chains, a|b best-of; default: %(default)s, "
-                        "as for quantize)")
+                   help="solver name or spec (a+b chains, a|b best-of, options as in "
+                        "'tabu(restarts=8)'; default: %(default)s, as for quantize)")
     s.add_argument("--bits", type=int, default=None,
                    help="grid bits when the file has no scale (default: the file's bits)")
     s.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],

@@ -16,6 +16,7 @@ from .grid import GridSpec
 from .problems.rounding import RoundingProblem
 from .report import SolveRecord, format_table
 from .solvers import available_solvers, get_solver
+from .solvers.registry import split_specs
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def run_demo(channels: int = 32, solvers: str | None = None, layers=DEMO_LAYERS,
 
     if channels < 1:
         raise QroundError("channels must be >= 1")
-    names = demo_solvers() if solvers is None else [s.strip() for s in solvers.split(",") if s.strip()]
+    names = demo_solvers() if solvers is None else split_specs(solvers)
     built = {n: get_solver(n) for n in names}  # fail on a bad name before any work starts
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -156,6 +156,12 @@ def test_the_plot_compares_solvers_on_the_same_channels_only(tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_bench_takes_solver_options_with_commas(layer_files, capsys):
+    assert main(["bench", str(layer_files[1]), "--solvers", "nearest,tabu(restarts=0,max_iter=5)",
+                 "--subset-solvers", "none", "--references", "none", "--no-progress"]) == 0
+    assert "tabu(restarts=0,max_iter=5)" in capsys.readouterr().out
+
+
 def test_cli_bench_takes_none_for_an_empty_solver_list(layer_files, capsys):
     assert main(["bench", str(layer_files[1]), "--solvers", "nearest", "--subset-solvers",
                  "none", "--references", "none", "--no-progress"]) == 0

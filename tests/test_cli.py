@@ -64,6 +64,13 @@ def test_solve_with_refits_writes_the_refitted_scale(layer_file, tmp_path, capsy
     assert not np.allclose(costs["3"][2], costs["0"][2])      # some scale moved
 
 
+def test_solve_with_solver_options(layer_file, capsys):
+    spec = "gptq+tabu(restarts=1, max_iter=30)"
+    assert main(["solve", str(layer_file), "--solver", spec, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["solver"] == "gptq+tabu(restarts=1,max_iter=30)" and res["ratio"] <= 1.0
+
+
 def test_solve_table_with_composition(layer_file, capsys):
     assert main(["solve", str(layer_file), str(layer_file), "--solver", "stochastic+greedy"]) == 0
     text = capsys.readouterr().out
@@ -367,6 +374,8 @@ def test_global_options_before_bench(prefix, capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--solvers", "nope"], "unknown solver 'nope'"),
     (["--solvers", "gptq+nope"], "unknown solver 'nope' in 'gptq\\+nope'"),
+    (["--solvers", "gptq,tabu(restarts=1,nope=2)"], "solver 'tabu' does not take"),
+    (["--solvers", "tabu(restarts=1"], "unclosed parenthesis"),
     (["--solvers=", "--subset-solvers=", "--references="], "no solver to benchmark"),
 ])
 def test_bench_refuses_unknown_or_no_solvers_before_any_work(layer_file, tmp_path, argv, match,

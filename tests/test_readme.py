@@ -92,8 +92,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     assert np.all(problem.flip_deltas(mine.choices)[problem.free] >= -1e-9)
     # the sampler example: both searched the same BQM, and dimod scored both
     ours, theirs, bqm = namespace["ours"], namespace["theirs"], namespace["bqm"]
-    assert len(ours) == 2 and ours.vartype is bqm.vartype
-    assert ours.first.energy == pytest.approx(bqm.energy(ours.first.sample))
+    assert len(ours) == 2 and ours.vartype is bqm.vartype and theirs.vartype is bqm.vartype
+    for ss in (ours, theirs):
+        assert ss.first.energy == pytest.approx(bqm.energy(ss.first.sample))
     assert re.search(r"^qround tabu -[0-9.]+ [0-9.e-]+$", out, flags=re.M)
     # the examples leave the float model as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

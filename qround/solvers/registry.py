@@ -1,8 +1,12 @@
 """Solvers by name, and solver specs that compose them.
 
-A spec is a name (``greedy``), a chain ``a+b`` (run ``a``, polish with ``b``), or a best-of
-``a|b`` (per channel the better of ``a`` and ``b``, both from the same start); ``+`` binds
-tighter than ``|``.  ``register`` adds a factory; ``get_solver`` builds a solver from a spec.
+A spec is a name (``greedy``), a name with options (``tabu(restarts=8, tenure=20)``: keyword
+arguments of the solver's factory, Python literals), a chain ``a+b`` (run ``a``, polish with
+``b``), or a best-of ``a|b`` (per channel the better of ``a`` and ``b``, both from the same
+start); ``+`` binds tighter than ``|``, and a part's options may hold any of ``+|,``.  So the
+shell can tune a solver: ``qround solve --solver "gptq+tabu(restarts=16)"``.  ``register`` adds
+a factory; ``get_solver`` builds a solver from a spec; :func:`split_specs` splits a
+comma-separated list of specs.
 ``get_solver(spec, device="cuda")`` (or :func:`place`) puts every torch solver of a spec
 (``cem``, ``hopfield``, ``hopfield-classic``, ``meanfield``, ``gptq``) on that device; the
 others (``greedy`` in numpy, ``anneal`` and ``tabu`` in numba) run on the CPU whatever the
@@ -10,6 +14,7 @@ device.
 """
 from __future__ import annotations
 
+import ast
 import logging
 import re
 from typing import Callable
@@ -114,27 +119,105 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
     if not isinstance(spec, str) or not spec.strip():
         raise QroundError(f"solver spec must be a non-empty string, got {spec!r}")
     spec = "".join(spec.split())  # spaces, tabs, newlines
-    if any(not part for part in spec.replace("|", "+").split("+")):
+    alternatives = _split_top(spec, "|", spec)
+    if any(not part for alt in alternatives for part in _split_top(alt, "+", spec)):
         raise QroundError(f"solver spec {spec!r} has an empty part: write names joined by '+' "
                           "(then) and '|' (better of), e.g. 'gptq+tabu|anneal'")
-    if "|" in spec:
+    if len(alternatives) > 1:
         if kwargs:
             raise QroundError("keyword arguments apply to a single solver, not to a composition")
-        return BestOf(*(get_solver(part) for part in spec.split("|")))
-    if "+" in spec:
+        return BestOf(*(get_solver(part) for part in alternatives))
+    stages = _split_top(spec, "+", spec)
+    if len(stages) > 1:
         if kwargs:
             raise QroundError("keyword arguments apply to a single solver, not to a composition")
-        return Chain(*(get_solver(part) for part in spec.split("+")))
-    if spec not in _REGISTRY:
+        return Chain(*(get_solver(part) for part in stages))
+    name, options = _parse_part(spec)
+    if name not in _REGISTRY:
         load_plugins()
-    if spec not in _REGISTRY:
-        raise QroundError(f"unknown solver {spec!r}; available: {', '.join(sorted(_REGISTRY))}")
+    if name not in _REGISTRY:
+        raise QroundError(f"unknown solver {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    both = sorted(set(options) & set(kwargs))
+    if both:
+        raise QroundError(f"solver {name!r}: {both} given both in the spec and as keyword "
+                          "arguments")
+    kwargs = {**options, **kwargs}
     try:
-        solver = _REGISTRY[spec](**kwargs)
+        solver = _REGISTRY[name](**kwargs)
     except TypeError as exc:  # an argument the factory does not take
         if not kwargs:
             raise
-        raise QroundError(f"solver {spec!r} does not take {sorted(kwargs)}: {exc}") from None
-    if solver.label != spec:  # an alias (tabu-fast, neal...) reports under the name asked for
+        raise QroundError(f"solver {name!r} does not take {sorted(kwargs)}: {exc}") from None
+    if solver.label != spec:  # an alias (tabu-fast, neal...) or options: the spec asked for
         solver._label = spec
     return solver
+
+
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of solver specs (commas inside a part's options belong to it):
+    ``"gptq,tabu(restarts=8,tenure=20)"`` -> ``["gptq", "tabu(restarts=8,tenure=20)"]``.
+    Blank items are dropped."""
+    if not isinstance(text, str):
+        raise QroundError(f"solver list must be a string, got {text!r}")
+    return [part.strip() for part in _split_top(text, ",", text) if part.strip()]
+
+
+def spec_names(spec: str) -> list[str]:
+    """The solver names a spec uses, options dropped: ``"gptq+tabu(restarts=8)|anneal"`` ->
+    ``["gptq", "tabu", "anneal"]``.  QroundError for a malformed spec."""
+    spec = "".join(str(spec).split())
+    return [_parse_part(part)[0] for alt in _split_top(spec, "|", spec)
+            for part in _split_top(alt, "+", spec)]
+
+
+def _split_top(text: str, sep: str, spec: str) -> list[str]:
+    """``text`` split at ``sep`` outside parentheses (brackets and quotes too)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                raise QroundError(f"solver spec {spec!r} closes a parenthesis it never opened")
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        raise QroundError(f"solver spec {spec!r} has an unclosed "
+                          f"{'quote' if quote else 'parenthesis'}")
+    parts.append(text[start:])
+    return parts
+
+
+def _parse_part(part: str) -> tuple[str, dict]:
+    """``name`` or ``name(key=literal, ...)`` -> (name, options)."""
+    found = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\((.*)\))?", part, flags=re.S)
+    if not found:
+        raise QroundError(f"solver spec part {part!r} is not NAME or NAME(key=value, ...), "
+                          "e.g. 'tabu(restarts=8)'")
+    name, text = found.groups()
+    if not text:
+        return name, {}
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        raise QroundError(f"options of {part!r} must be key=value pairs, e.g. "
+                          "'tabu(restarts=8,tenure=20)'") from None
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args \
+            or any(k.arg is None for k in call.keywords):
+        raise QroundError(f"options of {part!r} must be key=value pairs (no positional values), "
+                          "e.g. 'tabu(restarts=8,tenure=20)'")
+    options = {}
+    for kw in call.keywords:
+        try:
+            options[kw.arg] = ast.literal_eval(kw.value)
+        except (ValueError, SyntaxError):
+            raise QroundError(f"option {kw.arg!r} of {part!r} must be a Python literal (a "
+                              f"number, string, True/False/None or a tuple), got "
+                              f"{ast.unparse(kw.value)!r}") from None
+    return name, options

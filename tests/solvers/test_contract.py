@@ -292,3 +292,59 @@ print(len(before), min(before), Rec.seen[-1])
     if least < 2:
         pytest.skip("numpy's BLAS cannot run 2 threads here")
     assert out[2].strip() == str([1] * libraries)
+
+
+def test_spec_options_reach_the_solver_and_the_label(problem):
+    from qround.solvers import Anneal, Tabu
+
+    spec = "gptq+tabu(restarts=3, tenure=2, descent=False)|anneal(num_sweeps=20,cold_accept=1e-7)"
+    solver = get_solver(spec)
+    assert isinstance(solver, BestOf) and solver.label == "".join(spec.split())
+    chain, anneal = solver.solvers
+    tabu = chain.solvers[1]
+    assert isinstance(tabu, Tabu) and (tabu.restarts, tabu.tenure, tabu.descent) == (3, 2, False)
+    assert tabu.label == "tabu(restarts=3,tenure=2,descent=False)"
+    assert isinstance(anneal, Anneal) and anneal.num_sweeps == 20 and anneal.cold_accept == 1e-7
+    # the options are the keyword arguments: same choices as the solver built in Python
+    a = get_solver("tabu(restarts=1,max_iter=50)").solve(problem, seed=4)
+    b = get_solver("tabu", restarts=1, max_iter=50).solve(problem, seed=4)
+    assert np.array_equal(a.choices, b.choices)
+    assert a.solver == "tabu(restarts=1,max_iter=50)"
+    tup = get_solver("meanfield(beta=(1.0, 50.0), iterations=20)")
+    assert tup.beta == (1.0, 50.0) and tup.iterations == 20
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("tabu(8)", "key=value"),
+    ("tabu(restarts=8", "unclosed parenthesis"),
+    ("tabu)", "never opened"),
+    ("tabu(restarts=x)", "literal"),
+    ("tabu(restarts=8)(tenure=2)", "key=value"),
+    ("tabu(foo=1)", "does not take"),
+    ("tabu(restarts=-1)", "restarts"),
+    ("nope(restarts=1)", "unknown solver 'nope'"),
+    ("gptq+(restarts=1)", "NAME or NAME"),
+    ("gptq++tabu", "empty part"),
+    ("tabu(**{'restarts': 1})", "key=value"),
+])
+def test_spec_option_errors_name_the_problem(spec, match):
+    with pytest.raises(QroundError, match=match):
+        get_solver(spec)
+
+
+def test_spec_options_and_keyword_arguments_do_not_collide():
+    with pytest.raises(QroundError, match="both in the spec"):
+        get_solver("tabu(restarts=2)", restarts=3)
+    assert get_solver("tabu(restarts=2)", tenure=4).tenure == 4
+
+
+def test_split_specs_keeps_options_whole():
+    from qround.solvers.registry import spec_names, split_specs
+
+    assert split_specs("gptq, tabu(restarts=8,tenure=20) ,,quality") == [
+        "gptq", "tabu(restarts=8,tenure=20)", "quality"]
+    assert split_specs("meanfield(beta=(1,50)),fast") == ["meanfield(beta=(1,50))", "fast"]
+    assert spec_names("gptq+tabu(restarts=8)|anneal(order='sequential')") == [
+        "gptq", "tabu", "anneal"]
+    with pytest.raises(QroundError, match="unclosed"):
+        split_specs("tabu(restarts=8,")
