@@ -5,7 +5,6 @@ import argparse
 import platform
 
 from qround.solvers import available_solvers
-from qround.solvers.registry import spec_names, split_specs
 
 
 def write_results(path: str, benchmark: str, header: str, args: argparse.Namespace,
@@ -46,6 +45,7 @@ def known_solver(spec: str) -> bool:
     """Whether every solver name in a spec (``a+b``, ``a|b``) is registered, or the spec is a
     name of ``qround.bench.extra_solvers`` (``quality-v1``, ``neal-10x``...)."""
     from qround.bench import extra_solvers
+    from qround.solvers.registry import spec_names
 
     return spec in extra_solvers() or all(name in available_solvers()
                                           for name in spec_names(spec))
@@ -117,6 +117,27 @@ def e2e_finish(p: argparse.ArgumentParser, argv, widths, methods) -> argparse.Na
     args = p.parse_args(argv)
     args.bits = _choices(args.bits, widths, "--bits", p)
     args.methods = _choices(args.methods, methods, "--methods", p)
-    args.solvers = split_specs(args.solvers)
+    from qround.bench import extra_solvers
+    from qround.errors import QroundError
+    from qround.solvers import get_solver
+
+    try:
+        args.solvers = split_specs(args.solvers)
+        for spec in args.solvers:  # a bad option stops here, not after the first methods ran
+            if spec not in extra_solvers() and known_solver(spec):
+                get_solver(spec)
+    except QroundError as exc:
+        p.error(f"--solvers: {exc}")
     args.refits = int_list(args.refits, "--refits", p, 0)
     return args
+
+
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of solver specs (``qround.solvers.registry.split_specs``: commas
+    inside a solver's options stay with it).  ``solve_time.py --against REV`` runs this file
+    over an older qround without that function; there a plain split is what it understood."""
+    try:
+        from qround.solvers.registry import split_specs as split
+    except ImportError:
+        return [t.strip() for t in text.split(",") if t.strip()]
+    return split(text)

@@ -212,7 +212,14 @@ def check_solvers(cfg: BenchConfig) -> None:
     for spec in specs:
         if spec in extra:
             continue
-        unknown = [name for name in spec_names(spec) if name not in known]
+        names = spec_names(spec)
+        fixed = [name for name in names if name in extra and name not in known]
+        if fixed:
+            raise QroundError(f"{fixed[0]!r} in {spec!r}: the benchmark's own solvers "
+                              f"({', '.join(sorted(extra))}) take no options and do not "
+                              "compose; write out what they stand for (see "
+                              "qround.bench.extra_solvers)")
+        unknown = [name for name in names if name not in known]
         if unknown:
             where = "" if unknown[0] == spec else f" in {spec!r}"
             raise QroundError(f"unknown solver {unknown[0]!r}{where}; `qround solvers` lists "

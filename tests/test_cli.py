@@ -461,3 +461,9 @@ def test_evaluate_compares_with_the_float_model_the_file_came_from(tmp_path, cap
     assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--seed", "0",
                  "--json", "--threads", "1"]) == 0   # an explicit seed is the user's to give
     assert json.loads(capsys.readouterr().out)["model_seed"] == 0
+
+
+def test_bench_says_its_own_solvers_take_no_options(layer_file, capsys):
+    assert main(["bench", str(layer_file), "--solvers", "neal-10x(num_reads=2)",
+                 "--no-progress"]) == 2
+    assert "take no options and do not compose" in capsys.readouterr().err

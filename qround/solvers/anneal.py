@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QroundError, check_int
+from ..errors import QroundError, check_int, check_positive_pair, check_real
 from ..problems.rounding import RoundingProblem
 from . import _kernels
 from .base import Solver
@@ -55,7 +55,12 @@ class Anneal(Solver):
     num_sweeps: sweeps per run (each visits every free variable once); restarts: independent
     runs from the start, the best state of all is kept; order: ``"random"`` (a fresh
     permutation per sweep) or ``"sequential"`` (input order; a little faster);
-    hot_accept / cold_accept / cold_quantile: the temperature range, see :func:`beta_schedule`.
+    hot_accept / cold_accept / cold_quantile: the temperature range, see :func:`beta_schedule`;
+    beta_range: (start, end) inverse temperatures, in inverse energy units, for every channel
+    instead (None: from each channel's flip deltas at its start, as above).  The deltas of a
+    good start such as RTN set a fitting range for rounding problems; for a general QUBO
+    searched from arbitrary starts (:class:`qround.solvers.QroundSampler`) a fixed range from
+    the problem's biases is the robust choice.
 
     Work per channel is O(sweeps x n) plus O(n) per accepted flip: the default 1000 sweeps
     took about 12 ms of CPU per 384-input channel (MiniLM layer, numba, 2 cores).
@@ -65,11 +70,19 @@ class Anneal(Solver):
 
     def __init__(self, num_sweeps: int = 1000, restarts: int = 1, order: str = "random",
                  hot_accept: float = 0.1, cold_accept: float = 1e-6,
-                 cold_quantile: float = 0.05):
+                 cold_quantile: float = 0.05, beta_range: tuple[float, float] | None = None):
         self.num_sweeps = check_int(num_sweeps, "num_sweeps", 1)
         self.restarts = check_int(restarts, "restarts", 1)
         if order not in ("random", "sequential"):
             raise QroundError(f"order must be 'random' or 'sequential', got {order!r}")
+        hot_accept = check_real(hot_accept, "hot_accept", 0, 1, lo_open=True, hi_open=True)
+        cold_accept = check_real(cold_accept, "cold_accept", 0, 1, lo_open=True, hi_open=True)
+        cold_quantile = check_real(cold_quantile, "cold_quantile", 0, 1)
+        if beta_range is not None:
+            beta_range = check_positive_pair(beta_range, "beta_range")
+            if beta_range[0] > beta_range[1]:
+                raise QroundError(f"beta_range must grow: start <= end, got {beta_range!r}")
+        self.beta_range = beta_range
         if not (0 < cold_accept <= hot_accept < 1):
             raise QroundError("need 0 < cold_accept <= hot_accept < 1, got "
                               f"cold_accept={cold_accept!r}, hot_accept={hot_accept!r}")
@@ -82,8 +95,14 @@ class Anneal(Solver):
 
     def _solve(self, problem, start, rng):
         args = _kernels.kernel_inputs(problem, start, rng)
-        betas = beta_schedule(problem, start, self.num_sweeps, self.hot_accept,
-                              self.cold_accept, self.cold_quantile)
+        if self.beta_range is None:
+            betas = beta_schedule(problem, start, self.num_sweeps, self.hot_accept,
+                                  self.cold_accept, self.cold_quantile)
+        else:
+            b0, b1 = self.beta_range
+            frac = (np.linspace(0.0, 1.0, self.num_sweeps) if self.num_sweeps > 1
+                    else np.ones(1))
+            betas = np.tile(b0 * (b1 / b0) ** frac, (problem.num_channels, 1))
         best, _ = _kernels.anneal_kernel(
             args["hess"], args["step"], args["grad"], args["start"], args["fields"],
             args["energy"], args["free_idx"], args["nfree"], betas, self.restarts,

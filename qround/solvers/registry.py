@@ -106,8 +106,10 @@ def place(solver: Solver, device) -> Solver:
 def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
     """Build a solver from a name or spec; ``kwargs`` go to a single named solver's factory.
 
-    device: None keeps each solver's own default (the CPU); else every torch solver in the spec
-    runs there (see :func:`place`).  A ``Solver`` instance is returned as given (not moved).
+    device: None keeps each solver's own default (the CPU) or the ``device=`` option a spec
+    gives; else every torch solver in the spec runs there (see :func:`place`), and a spec part
+    that names another device is refused.  A ``Solver`` instance is returned as given (not
+    moved).
     """
     if isinstance(spec, Solver):
         if device is not None:
@@ -115,10 +117,14 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
                               "Solver instance (or use qround.solvers.place)")
         return spec
     if device is not None:
-        return place(get_solver(spec, **kwargs), device)
-    if not isinstance(spec, str) or not spec.strip():
-        raise QroundError(f"solver spec must be a non-empty string, got {spec!r}")
-    spec = "".join(spec.split())  # spaces, tabs, newlines
+        solver = get_solver(spec, **kwargs)
+        asked = _spec_devices(spec) | ({kwargs["device"]} if "device" in kwargs else set())
+        if any(str(d) != str(device) for d in asked):
+            raise QroundError(f"solver spec {normalize_spec(spec)!r} names device(s) "
+                              f"{sorted(map(str, asked))} but device={device!r} was given: "
+                              "give the device in one place")
+        return place(solver, device)
+    spec = normalize_spec(spec)
     alternatives = _split_top(spec, "|", spec)
     if any(not part for alt in alternatives for part in _split_top(alt, "+", spec)):
         raise QroundError(f"solver spec {spec!r} has an empty part: write names joined by '+' "
@@ -142,40 +148,116 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
         raise QroundError(f"solver {name!r}: {both} given both in the spec and as keyword "
                           "arguments")
     kwargs = {**options, **kwargs}
+    factory = _REGISTRY[name]
+    unknown = _unknown_arguments(factory, kwargs)
+    if unknown:
+        raise QroundError(f"solver {name!r} does not take {unknown}; it takes "
+                          f"{_accepted_arguments(factory)}")
     try:
-        solver = _REGISTRY[name](**kwargs)
-    except TypeError as exc:  # an argument the factory does not take
+        solver = factory(**kwargs)
+    except TypeError as exc:  # the names were taken: a value of the wrong type
         if not kwargs:
             raise
-        raise QroundError(f"solver {name!r} does not take {sorted(kwargs)}: {exc}") from None
+        raise QroundError(f"solver {name!r}: a value of the wrong type in {kwargs}: "
+                          f"{exc}") from None
     if solver.label != spec:  # an alias (tabu-fast, neal...) or options: the spec asked for
         solver._label = spec
     return solver
 
 
+def normalize_spec(spec: str) -> str:
+    """``spec`` without whitespace outside quoted strings (the form labels use):
+    ``"gptq + tabu(restarts=8, order='a b')"`` -> ``"gptq+tabu(restarts=8,order='a b')"``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise QroundError(f"solver spec must be a non-empty string, got {spec!r}")
+    if len(spec) > MAX_SPEC_CHARS:
+        raise QroundError(f"solver spec of {len(spec)} characters: at most {MAX_SPEC_CHARS}")
+    out, quote, escaped = [], "", False
+    for ch in spec:
+        if quote:
+            out.append(ch)
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif not ch.isspace():
+            out.append(ch)
+    return "".join(out)
+
+
+MAX_SPEC_CHARS = 4000
+
+
 def split_specs(text: str) -> list[str]:
-    """A comma-separated list of solver specs (commas inside a part's options belong to it):
-    ``"gptq,tabu(restarts=8,tenure=20)"`` -> ``["gptq", "tabu(restarts=8,tenure=20)"]``.
+    """A comma-separated list of solver specs (commas inside a part's options belong to it),
+    each normalised (:func:`normalize_spec`) and listed once:
+    ``"gptq, tabu(restarts=8, tenure=20)"`` -> ``["gptq", "tabu(restarts=8,tenure=20)"]``.
     Blank items are dropped."""
     if not isinstance(text, str):
         raise QroundError(f"solver list must be a string, got {text!r}")
-    return [part.strip() for part in _split_top(text, ",", text) if part.strip()]
+    if len(text) > MAX_SPEC_CHARS:
+        raise QroundError(f"solver list of {len(text)} characters: at most {MAX_SPEC_CHARS}")
+    parts = [normalize_spec(p) for p in _split_top(text, ",", text) if p.strip()]
+    return list(dict.fromkeys(parts))
 
 
 def spec_names(spec: str) -> list[str]:
     """The solver names a spec uses, options dropped: ``"gptq+tabu(restarts=8)|anneal"`` ->
     ``["gptq", "tabu", "anneal"]``.  QroundError for a malformed spec."""
-    spec = "".join(str(spec).split())
-    return [_parse_part(part)[0] for alt in _split_top(spec, "|", spec)
+    return [name for name, _ in _spec_parts(spec)]
+
+
+def _spec_parts(spec: str) -> list[tuple[str, dict]]:
+    spec = normalize_spec(spec)
+    return [_parse_part(part) for alt in _split_top(spec, "|", spec)
             for part in _split_top(alt, "+", spec)]
 
 
+def _spec_devices(spec: str) -> set:
+    return {options["device"] for _, options in _spec_parts(spec) if "device" in options}
+
+
+def _accepted_arguments(factory) -> list[str]:
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _unknown_arguments(factory, kwargs: dict) -> list[str]:
+    """The keyword names ``factory`` does not take (none when it takes ``**kwargs`` or its
+    signature cannot be read)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return []
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return sorted(set(kwargs) - names)
+
+
 def _split_top(text: str, sep: str, spec: str) -> list[str]:
-    """``text`` split at ``sep`` outside parentheses (brackets and quotes too)."""
-    parts, depth, quote, start = [], 0, "", 0
+    """``text`` split at ``sep`` outside parentheses, brackets and quoted strings."""
+    parts, depth, quote, escaped, start = [], 0, "", False, 0
     for i, ch in enumerate(text):
         if quote:
-            quote = "" if ch == quote else quote
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
         elif ch in "'\"":
             quote = ch
         elif ch in "([{":
@@ -196,6 +278,8 @@ def _split_top(text: str, sep: str, spec: str) -> list[str]:
 
 def _parse_part(part: str) -> tuple[str, dict]:
     """``name`` or ``name(key=literal, ...)`` -> (name, options)."""
+    import warnings
+
     found = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\((.*)\))?", part, flags=re.S)
     if not found:
         raise QroundError(f"solver spec part {part!r} is not NAME or NAME(key=value, ...), "
@@ -203,21 +287,34 @@ def _parse_part(part: str) -> tuple[str, dict]:
     name, text = found.groups()
     if not text:
         return name, {}
+    source = f"f({text})"
+    example = "e.g. 'tabu(restarts=8,tenure=20)'"
     try:
-        call = ast.parse(f"f({text})", mode="eval").body
-    except SyntaxError:
-        raise QroundError(f"options of {part!r} must be key=value pairs, e.g. "
-                          "'tabu(restarts=8,tenure=20)'") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SyntaxWarnings of odd literals: we refuse them
+            call = ast.parse(source, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        why = f" ({exc})" if isinstance(exc, ValueError) else ""
+        raise QroundError(f"options of {_short(part)!r} must be key=value pairs{why}, "
+                          f"{example}") from None
     if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args \
             or any(k.arg is None for k in call.keywords):
-        raise QroundError(f"options of {part!r} must be key=value pairs (no positional values), "
-                          "e.g. 'tabu(restarts=8,tenure=20)'")
+        raise QroundError(f"options of {_short(part)!r} must be key=value pairs (no "
+                          f"positional values), {example}")
     options = {}
     for kw in call.keywords:
+        if kw.arg in options:
+            raise QroundError(f"option {kw.arg!r} is given twice in {_short(part)!r}")
         try:
             options[kw.arg] = ast.literal_eval(kw.value)
-        except (ValueError, SyntaxError):
-            raise QroundError(f"option {kw.arg!r} of {part!r} must be a Python literal (a "
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            given = ast.get_source_segment(source, kw.value) or "?"
+            given = given if len(given) <= 60 else given[:57] + "..."
+            raise QroundError(f"option {kw.arg!r} of {name!r} must be a Python literal (a "
                               f"number, string, True/False/None or a tuple), got "
-                              f"{ast.unparse(kw.value)!r}") from None
+                              f"{given!r}") from None
     return name, options
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."

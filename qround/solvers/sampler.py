@@ -9,7 +9,7 @@ So a QUBO researcher can run qround's search on their own problems next to dwave
     import dimod
     from qround.solvers import QroundSampler
 
-    bqm = dimod.generators.gnp_random_bqm(200, 0.5, "BINARY", random_state=1)
+    bqm = dimod.generators.gnp_random_bqm(200, 0.5, "SPIN", random_state=1)
     best = QroundSampler("tabu").sample(bqm, num_reads=4, seed=0).first
 
 The BQM (BINARY or SPIN) is taken to the QUBO ``E(b) = b^T H b + g^T b + offset`` with ``H``
@@ -20,9 +20,15 @@ energy is recomputed by dimod from the BQM, so it is exact whatever the kernels 
 Starts follow dimod's ``Initialized`` conventions (``initial_states``, with
 ``initial_states_generator`` "random", "tile" or "none"); a sample is the best state its read
 saw, never worse than its start.  The matrix is dense: n variables take ``8 n^2`` bytes.
+
+Annealing takes its inverse temperatures from the BQM's biases, as dwave-samplers' simulated
+annealing does (``default_beta_range``), unless ``beta_range`` is given: the layer solver's
+default, a range from the flip deltas at the start, suits a good start such as RTN but not an
+arbitrary one (a start where few flips change the energy would set it alone).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -40,7 +46,7 @@ METHODS = {"tabu": Tabu, "anneal": Anneal}
 _SOLVER_PARAMETERS = {
     "tabu": ("max_iter", "restarts", "tenure", "stall", "perturb", "iters_per_var", "descent",
              "reset_every"),
-    "anneal": ("num_sweeps", "restarts", "order", "hot_accept", "cold_accept", "cold_quantile"),
+    "anneal": ("num_sweeps", "restarts", "order", "beta_range"),
 }
 MAX_DENSE_BYTES = 8 * 2 ** 30
 
@@ -102,18 +108,36 @@ class DenseQubos:
 def dense_qubo(bqm: dimod.BinaryQuadraticModel, variables) -> tuple[np.ndarray, np.ndarray, float]:
     """(H (n, n) symmetric with zero diagonal, g (n,), offset) of ``bqm`` as a BINARY model, in
     the order of ``variables``: ``E(b) = b^T H b + g^T b + offset`` equals ``bqm.energy``."""
-    if bqm.vartype is dimod.SPIN:
-        bqm = bqm.change_vartype(dimod.BINARY, inplace=False)
     n = len(variables)
     if 8 * n * n > MAX_DENSE_BYTES:
         raise QroundError(f"the BQM has {n} variables: its dense matrix would take "
                           f"{8 * n * n / 2 ** 30:.1f} GiB (QroundSampler holds it dense; at most "
                           f"{MAX_DENSE_BYTES / 2 ** 30:.0f} GiB)")
-    linear, (rows, cols, quad), offset = bqm.to_numpy_vectors(variable_order=variables)
-    if not (np.all(np.isfinite(linear)) and np.all(np.isfinite(quad)) and np.isfinite(offset)):
-        raise QroundError("the BQM has NaN or infinite biases")
+    spin = bqm.vartype is dimod.SPIN
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            if spin:
+                bqm = bqm.change_vartype(dimod.BINARY, inplace=False)
+            linear, (rows, cols, quad), offset = bqm.to_numpy_vectors(variable_order=variables)
+            linear = np.asarray(linear, dtype=np.float64)
+            quad = np.asarray(quad, dtype=np.float64)
+            offset = float(offset)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise QroundError(f"the BQM's biases are not real numbers that fit a float64: "
+                              f"{exc}") from None
+        finite = np.all(np.isfinite(linear)) and np.all(np.isfinite(quad)) and \
+            np.isfinite(offset)
+        # the largest change one flip can make must be finite too, or the search overflows
+        reach = np.abs(linear).max(initial=0.0) + np.abs(quad).sum()
+    if not finite:
+        raise QroundError("the BQM has NaN or infinite biases" + (
+            " (as a BINARY QUBO: its SPIN biases overflow float64 when converted)"
+            if spin else ""))
+    if not np.isfinite(reach):
+        raise QroundError("the BQM's biases are too large: the energy of a flip overflows "
+                          "float64")
     hessian = np.zeros((n, n))
-    quad = 0.5 * np.asarray(quad, dtype=np.float64)
+    quad = 0.5 * quad
     np.add.at(hessian, (rows, cols), quad)  # a BQM holds each pair once, so the two
     np.add.at(hessian, (cols, rows), quad)  # halves land on distinct entries
     return hessian, np.asarray(linear, dtype=np.float64), float(offset)
@@ -130,7 +154,7 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
     """
 
     def __init__(self, method: str = "tabu"):
-        if method not in METHODS:
+        if not isinstance(method, str) or method not in METHODS:
             raise QroundError(f"method must be one of {sorted(METHODS)}, got {method!r}")
         self.method = method
 
@@ -181,8 +205,12 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         if not variables:
             return dimod.SampleSet.from_samples_bqm(
                 (np.empty((reads, 0), dtype=np.int8), variables), bqm,
-                info={"timing": {"search_s": 0.0, "total_s": time.perf_counter() - t_call}})
+                info={"timing": {"search_s": 0.0, "total_s": time.perf_counter() - t_call},
+                      "method": self.method})
         hessian, linear, _ = dense_qubo(bqm, variables)
+        if self.method == "anneal" and solver.beta_range is None:
+            solver = copy.copy(solver)
+            solver.beta_range = _default_beta_range(hessian, linear)
         order = [starts.variables.index(v) for v in variables]
         start = np.asarray(starts.record.sample)[:, order]
         if bqm.vartype is dimod.SPIN:
@@ -199,3 +227,19 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
             (samples, variables), bqm,
             info={"timing": {"search_s": search, "total_s": time.perf_counter() - t_call},
                   "method": self.method})
+
+
+def _default_beta_range(hessian: np.ndarray, linear: np.ndarray) -> tuple[float, float]:
+    """dwave-samplers' inverse-temperature range for the QUBO ``b^T H b + g^T b`` (hot: the
+    largest flip is taken half the time; cold: the smallest rarely), the one its simulated
+    annealing uses.  A QUBO whose flips all cost nothing gets (1, 1): any temperature will do."""
+    from dwave.samplers.sa.sampler import default_beta_range
+
+    rows, cols = np.nonzero(np.triu(hessian, 1))
+    bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(
+        linear, (rows, cols, 2.0 * hessian[rows, cols]), 0.0, dimod.BINARY)
+    with np.errstate(all="ignore"):
+        lo, hi = (float(b) for b in default_beta_range(bqm))
+    if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
+        return 1.0, 1.0
+    return lo, hi

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import check_int, check_real
+from ..errors import QroundError, check_int, check_real
 from ..problems.rounding import RoundingProblem
 from . import _kernels
 from .base import Solver
@@ -57,6 +57,8 @@ class Tabu(Solver):
         self.stall = check_int(stall, "stall", 1, allow_none=True)
         self.perturb = check_int(perturb, "perturb", 1, allow_none=True)
         self.iters_per_var = check_real(iters_per_var, "iters_per_var", 0, lo_open=True)
+        if not isinstance(descent, (bool, np.bool_)):
+            raise QroundError(f"descent must be True or False, got {descent!r}")
         self.descent = bool(descent)
         self.reset_every = check_int(reset_every, "reset_every", 0)
 

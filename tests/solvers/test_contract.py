@@ -348,3 +348,49 @@ def test_split_specs_keeps_options_whole():
         "gptq", "tabu", "anneal"]
     with pytest.raises(QroundError, match="unclosed"):
         split_specs("tabu(restarts=8,")
+
+
+# ------------------------------------------------ found by the twelfth session's review
+def test_spec_whitespace_is_kept_inside_strings():
+    from qround.solvers.registry import normalize_spec
+
+    assert normalize_spec("gptq + tabu( restarts = 8 )") == "gptq+tabu(restarts=8)"
+    assert normalize_spec("dimod(sampler='neal', note='two words')") == \
+        "dimod(sampler='neal',note='two words')"
+    with pytest.raises(QroundError, match="'seq uential'"):
+        get_solver("anneal(order='seq uential')")
+    # an escaped quote inside a string does not end it
+    with pytest.raises(QroundError, match="order must be"):
+        get_solver("anneal(order='it\\'s')")
+
+
+def test_spec_option_names_and_values_are_told_apart():
+    with pytest.raises(QroundError, match="given twice"):
+        get_solver("tabu(restarts=1, restarts=7)")
+    with pytest.raises(QroundError, match=r"does not take \['nope'\]; it takes \[.*'restarts'"):
+        get_solver("tabu(restarts=1, nope=2)")
+    with pytest.raises(QroundError, match="hot_accept must be a finite number"):
+        get_solver("anneal(hot_accept='0.5')")
+
+
+def test_pathological_specs_get_a_short_clear_error():
+    for spec in ("tabu(restarts=" + "1+" * 500 + "1)", "tabu(restarts=" + "-" * 3000 + "1)",
+                 "tabu(restarts=" + "9" * 5000 + ")", "tabu(restarts=1 if 1 else 2)"):
+        with pytest.raises(QroundError) as info:
+            get_solver(spec)
+        assert len(str(info.value)) < 400
+
+
+def test_a_device_in_the_spec_must_agree_with_the_device_argument():
+    assert get_solver("gptq(device='cpu')", device="cpu").device == "cpu"
+    with pytest.raises(QroundError, match="give the device in one place"):
+        get_solver("gptq(device='meta')", device="cpu")
+    with pytest.raises(QroundError, match="give the device in one place"):
+        get_solver("gptq+cem(device='cuda:3')", device="cpu")
+
+
+def test_split_specs_normalises_and_drops_repeats():
+    from qround.solvers.registry import split_specs
+
+    assert split_specs("tabu(restarts=0, max_iter=5),tabu(restarts=0,max_iter=5), gptq") == [
+        "tabu(restarts=0,max_iter=5)", "gptq"]

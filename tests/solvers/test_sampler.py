@@ -153,3 +153,62 @@ def test_a_rounding_channel_bqm_gets_the_tabu_solvers_energy():
     rtn = problem.rtn_choices()[0, variables].astype(np.int8)
     ss = QroundSampler("tabu").sample(bqm, initial_states=(rtn[None], variables), seed=0)
     assert ss.first.energy <= bqm.energy(dict(zip(variables, rtn))) + 1e-12
+
+
+# ------------------------------------------------ found by the twelfth session's review
+def test_anneal_temperatures_come_from_the_bqm_not_the_start():
+    """From the all-zeros start of a QUBO without linear terms every flip costs nothing, so a
+    schedule from the start's deltas had no scale (beta = 1 whatever the biases' units)."""
+    base = random_bqm(14, 5)
+    for v in base.variables:
+        base.set_linear(v, 0.0)
+    ground = dimod.ExactSolver().sample(base).first.energy
+    zeros = {v: 0 for v in base.variables}
+    for scale in (1e-4, 1.0, 1e4):
+        bqm = base.copy()
+        bqm.scale(scale)
+        ss = QroundSampler("anneal").sample(bqm, initial_states=zeros, num_reads=1, seed=0,
+                                            num_sweeps=300)
+        assert ss.first.energy / scale == pytest.approx(ground, rel=1e-6), scale
+
+
+def test_anneal_beta_range_is_taken_as_given():
+    from qround.solvers import Anneal
+
+    bqm = random_bqm(20, 1)
+    hot = QroundSampler("anneal").sample(bqm, num_reads=2, seed=0, beta_range=(1e-9, 1e-9),
+                                         num_sweeps=5)
+    cold = QroundSampler("anneal").sample(bqm, num_reads=2, seed=0, num_sweeps=5)
+    assert not np.array_equal(hot.record.sample, cold.record.sample)
+    with pytest.raises(QroundError, match="beta_range must grow"):
+        Anneal(beta_range=(2.0, 1.0))
+    with pytest.raises(QroundError, match=r"beta_range\[0\]"):
+        Anneal(beta_range=(0.0, 1.0))
+
+
+def test_object_biases_are_converted_and_overflow_is_refused():
+    from decimal import Decimal
+    from fractions import Fraction
+
+    for num in (Decimal, Fraction):
+        bqm = dimod.BinaryQuadraticModel({"a": num(1), "b": num(-1)}, {("a", "b"): num(-1)},
+                                         num(0), "BINARY", dtype=object)
+        for method in ("tabu", "anneal"):
+            assert QroundSampler(method).sample(bqm, seed=0).first.energy == pytest.approx(-1.0)
+    big = dimod.BinaryQuadraticModel({0: 10 ** 400, 1: 1}, {(0, 1): 1}, 0, "BINARY",
+                                     dtype=object)
+    with pytest.raises(QroundError, match="fit a float64"):
+        QroundSampler().sample(big)
+    huge = dimod.BinaryQuadraticModel({0: 1e308, 1: 1e308}, {(0, 1): 1e308}, 0.0, "BINARY")
+    with pytest.raises(QroundError, match="too large"):
+        QroundSampler().sample(huge)
+    with pytest.raises(QroundError, match="overflow float64 when converted"):
+        QroundSampler().sample(dimod.BinaryQuadraticModel({0: 1e308, 1: 1e308},
+                                                          {(0, 1): 1e308}, 0.0, "SPIN"))
+
+
+def test_empty_bqm_info_and_bad_descent():
+    ss = QroundSampler("anneal").sample(dimod.BinaryQuadraticModel("SPIN"), num_reads=3)
+    assert len(ss) == 3 and ss.info["method"] == "anneal"
+    with pytest.raises(QroundError, match="descent must be True or False"):
+        QroundSampler().sample(random_bqm(4, 0), descent="no")
