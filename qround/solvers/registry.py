@@ -172,22 +172,7 @@ def normalize_spec(spec: str) -> str:
         raise QroundError(f"solver spec must be a non-empty string, got {spec!r}")
     if len(spec) > MAX_SPEC_CHARS:
         raise QroundError(f"solver spec of {len(spec)} characters: at most {MAX_SPEC_CHARS}")
-    out, quote, escaped = [], "", False
-    for ch in spec:
-        if quote:
-            out.append(ch)
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-            out.append(ch)
-        elif not ch.isspace():
-            out.append(ch)
-    return "".join(out)
+    return "".join(ch for _, ch, quoted in _scan(spec, spec) if quoted or not ch.isspace())
 
 
 MAX_SPEC_CHARS = 4000
@@ -249,18 +234,11 @@ def _unknown_arguments(factory, kwargs: dict) -> list[str]:
 
 def _split_top(text: str, sep: str, spec: str) -> list[str]:
     """``text`` split at ``sep`` outside parentheses, brackets and quoted strings."""
-    parts, depth, quote, escaped, start = [], 0, "", False, 0
-    for i, ch in enumerate(text):
-        if quote:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
+    parts, depth, start = [], 0, 0
+    for i, ch, quoted in _scan(text, spec):
+        if quoted:
+            continue
+        if ch in "([{":
             depth += 1
         elif ch in ")]}":
             depth -= 1
@@ -269,11 +247,32 @@ def _split_top(text: str, sep: str, spec: str) -> list[str]:
         elif ch == sep and depth == 0:
             parts.append(text[start:i])
             start = i + 1
-    if depth or quote:
-        raise QroundError(f"solver spec {spec!r} has an unclosed "
-                          f"{'quote' if quote else 'parenthesis'}")
+    if depth:
+        raise QroundError(f"solver spec {spec!r} has an unclosed parenthesis")
     parts.append(text[start:])
     return parts
+
+
+def _scan(text: str, spec: str):
+    """(index, character, inside a quoted string) for each character of ``text``, the quotes
+    counted inside and backslash escapes honoured; QroundError for an unclosed quote."""
+    quote, escaped = "", False
+    for i, ch in enumerate(text):
+        if quote:
+            yield i, ch, True
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+            yield i, ch, True
+        else:
+            yield i, ch, False
+    if quote:
+        raise QroundError(f"solver spec {spec!r} has an unclosed quote")
 
 
 def _parse_part(part: str) -> tuple[str, dict]:
