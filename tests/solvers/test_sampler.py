@@ -212,3 +212,18 @@ def test_empty_bqm_info_and_bad_descent():
     assert len(ss) == 3 and ss.info["method"] == "anneal"
     with pytest.raises(QroundError, match="descent must be True or False"):
         QroundSampler().sample(random_bqm(4, 0), descent="no")
+
+
+def test_reads_run_in_parallel_with_the_same_result_as_one_thread():
+    import numba
+
+    bqm = random_bqm(50, 9, "SPIN")
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = QroundSampler("tabu").sample(bqm, num_reads=6, seed=3, restarts=1)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = QroundSampler("tabu").sample(bqm, num_reads=6, seed=3, restarts=1)
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(one.record.sample, two.record.sample)
