@@ -38,6 +38,7 @@ from .problems.io import LayerStats, load_layer_stats
 from .problems.rounding import RoundingProblem
 from .report import format_table, write_json_atomic
 from .solvers import DimodSolver, Exact, get_solver, place
+from .solvers.base import warm_up_problem
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +178,6 @@ def _work(cfg, layers, files) -> list[tuple]:
     return work
 
 
-def _warm_up_problem() -> RoundingProblem:
-    """A small random problem (its own generator) that compiles or loads every solver's kernels
-    before the timed calls."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 16))
-    return RoundingProblem.from_weight(rng.normal(size=(2, 16)), x.T @ x / 64, GridSpec(bits=3))
-
-
 def _solve(solver, problem, seed):
     """(solution, None) or (None, why); the solution's ``seconds`` is the wall time of the whole
     ``solve`` call (start setup and the final energy check included, the same for a bare solver
@@ -281,7 +274,7 @@ def _run(cfg, progress, tqdm):
         # warm-up, not timed: on its first call a solver compiles (or loads the cached) numba
         # kernels and torch / dimod load their libraries; without this the first row of each
         # solver carried that (a fresh cache once put 8 s on `fast`'s first layer)
-        tiny = _warm_up_problem()
+        tiny = warm_up_problem()
         for solver in {**ours, **refs}.values():
             _solve(solver, tiny, cfg.seed)
         if cfg.gptq_reference:

@@ -15,7 +15,7 @@ from .errors import QroundError
 from .grid import GridSpec
 from .problems.rounding import RoundingProblem
 from .report import SolveRecord, format_table
-from .solvers import available_solvers, get_solver
+from .solvers import available_solvers, get_solver, warm_up
 from .solvers.registry import split_specs
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def run_demo(channels: int = 32, solvers: str | None = None, layers=DEMO_LAYERS,
         raise QroundError("channels must be >= 1")
     names = demo_solvers() if solvers is None else split_specs(solvers)
     built = {n: get_solver(n) for n in names}  # fail on a bad name before any work starts
+    warm_up(*built.values())  # kernel loading stays out of the first layer's seconds
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

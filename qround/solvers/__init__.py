@@ -3,7 +3,7 @@
 Importing this package registers the built-in solvers; ``available_solvers()`` lists them.
 """
 from .anneal import Anneal
-from .base import BestOf, Chain, Solution, Solver, make_solution
+from .base import BestOf, Chain, Solution, Solver, make_solution, warm_up
 from .cem import CrossEntropy
 from .dimod_backend import DimodSolver
 from .gptq import GPTQ
@@ -64,4 +64,4 @@ register("quality", lambda: Chain(
 __all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver", "place",
            "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy", "DimodSolver",
            "steepest_descent", "Anneal", "Tabu", "CrossEntropy", "GPTQ", "Relaxation", "HopfieldClassic",
-           "MeanField", "QroundSampler"]
+           "MeanField", "QroundSampler", "warm_up"]

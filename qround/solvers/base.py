@@ -286,3 +286,29 @@ class BestOf(Solver):
             best = np.where(better[:, None], sol.choices, best)
             best_e = np.where(better, sol.energy, best_e)
         return best, {"channels_won": wins}, best_e
+
+
+def warm_up_problem() -> RoundingProblem:
+    """A small random problem (its own generator, 2 channels x 16 inputs, 3 bits)."""
+    from ..grid import GridSpec
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 16))
+    return RoundingProblem.from_weight(rng.normal(size=(2, 16)), x.T @ x / 64, GridSpec(bits=3))
+
+
+def warm_up(*solvers: Solver) -> None:
+    """Solve a small problem with each solver, untimed, so that later calls time the work only.
+
+    The first call in a process of a numba solver (``tabu``, ``anneal``, ``gptq``...) loads its
+    compiled kernels from numba's cache (about 0.3 s; a compilation after an upgrade takes
+    seconds), torch solvers pay their first-call setup, and dimod samplers import their
+    libraries.  That time lands in the first ``Solution.seconds`` unless a warm-up took it:
+    ``qround solve``, ``qround demo`` and ``qround bench`` warm up before timing.
+    """
+    tiny = warm_up_problem()
+    for solver in solvers:
+        try:
+            solver.solve(tiny, seed=0)
+        except QroundError:  # e.g. a DimodSolver restricted to channels the tiny one lacks:
+            pass             # the real call reports its own errors

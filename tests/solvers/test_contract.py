@@ -394,3 +394,21 @@ def test_split_specs_normalises_and_drops_repeats():
 
     assert split_specs("tabu(restarts=0, max_iter=5),tabu(restarts=0,max_iter=5), gptq") == [
         "tabu(restarts=0,max_iter=5)", "gptq"]
+
+
+def test_warm_up_solves_a_small_problem_with_each_solver():
+    from qround.solvers import warm_up
+
+    seen = []
+
+    class Spy(Solver):
+        name = "spy"
+
+        def _solve(self, problem, start, rng):
+            seen.append(problem.weight.shape)
+            return start
+
+    warm_up(Spy(), Spy())
+    assert seen == [(2, 16), (2, 16)]
+    # a solver the small problem does not fit is skipped: its real call reports the error
+    warm_up(get_solver("dimod(sampler='dwave-steepest', channels=[5])"))
