@@ -195,6 +195,64 @@ def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, beta
 
 
 @njit(cache=True, inline="always")
+def _flip_sparse(i, b, f, step, indptr, indices, data):
+    """:func:`_flip` with H in CSR form: only the nonzeros of row ``i`` update the fields (a
+    zero adds nothing, so the fields are those of the dense update, bit for bit)."""
+    d = step[i] * (1.0 - 2.0 * b[i])
+    b[i] = 1.0 - b[i]
+    for p in range(indptr[i], indptr[i + 1]):
+        f[indices[p]] += data[p] * d
+
+
+@njit(parallel=True, cache=True)
+def anneal_sparse_kernel(indptr, indices, data, hdiag, step, grad, start, fields, energy,
+                         betas, restarts, random_order, seeds):
+    """:func:`anneal_kernel` for one H in CSR form (``indptr``, ``indices``, ``data``; its
+    diagonal ``hdiag`` apart) shared by every channel, all variables free: an accepted flip
+    costs the row's nonzeros instead of n.  The same draws and decisions as the dense kernel on
+    the same seeds (:class:`qround.solvers.QroundSampler` picks it for sparse BQMs)."""
+    m, n = start.shape
+    best_all = start.copy()
+    best_e_all = energy.copy()
+    for c in prange(m):
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = seeds[c]
+        order = np.arange(n)
+        s, g, b0 = step[c], grad[c], start[c]
+        best = b0.copy()
+        best_e = energy[c]
+        for _ in range(restarts):
+            b = b0.copy()
+            f = fields[c].copy()
+            e = energy[c]
+            at_best = e <= best_e
+            for t in range(betas.shape[1]):
+                beta = betas[c, t]
+                if random_order:
+                    for p in range(n - 1, 0, -1):
+                        q = _randint(state, p + 1)
+                        order[p], order[q] = order[q], order[p]
+                for p in range(n):
+                    i = order[p]
+                    dlt = _delta(i, b, f, s, g, hdiag)
+                    if dlt > 0.0 and not _metropolis(beta * dlt, state):
+                        continue
+                    if at_best and dlt > 0.0:
+                        best[:] = b
+                        at_best = False
+                    _flip_sparse(i, b, f, s, indptr, indices, data)
+                    e += dlt
+                    if e < best_e:
+                        best_e = e
+                        at_best = True
+            if at_best:
+                best[:] = b
+        best_all[c] = best
+        best_e_all[c] = best_e
+    return best_all, best_e_all
+
+
+@njit(cache=True, inline="always")
 def _flip_update_deltas(i, b, d, f, grad, curv, row, delta):
     """Flip b_i, update the fields with row i of H and refresh every delta in the same pass.
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import QroundError, check_int
 from ..problems import energy as _energy
+from . import _kernels
 from .anneal import Anneal
 from .base import single_threaded_blas, spawn_rng
 from .tabu import Tabu
@@ -49,6 +50,8 @@ _SOLVER_PARAMETERS = {
     "anneal": ("num_sweeps", "restarts", "order", "beta_range"),
 }
 MAX_DENSE_BYTES = 8 * 2 ** 30
+# annealing works on H in CSR form below this fraction of the possible couplings
+SPARSE_BELOW = 0.25
 
 
 @dataclass(frozen=True)
@@ -105,14 +108,11 @@ class DenseQubos:
                                 self.hessian)
 
 
-def dense_qubo(bqm: dimod.BinaryQuadraticModel, variables) -> tuple[np.ndarray, np.ndarray, float]:
-    """(H (n, n) symmetric with zero diagonal, g (n,), offset) of ``bqm`` as a BINARY model, in
-    the order of ``variables``: ``E(b) = b^T H b + g^T b + offset`` equals ``bqm.energy``."""
-    n = len(variables)
-    if 8 * n * n > MAX_DENSE_BYTES:
-        raise QroundError(f"the BQM has {n} variables: its dense matrix would take "
-                          f"{8 * n * n / 2 ** 30:.1f} GiB (QroundSampler holds it dense; at most "
-                          f"{MAX_DENSE_BYTES / 2 ** 30:.0f} GiB)")
+def qubo_vectors(bqm: dimod.BinaryQuadraticModel, variables):
+    """``bqm`` as a BINARY QUBO in the order of ``variables``: (g (n,), rows, cols, q (k,),
+    offset), each pair ``i != j`` once with its coupling ``q``, so that
+    ``E(b) = g^T b + sum_k q_k b_rows[k] b_cols[k] + offset`` equals ``bqm.energy``.
+    QroundError for biases that are not finite reals in float64 (or overflow on the way)."""
     spin = bqm.vartype is dimod.SPIN
     with np.errstate(over="ignore", invalid="ignore"):
         try:
@@ -136,11 +136,35 @@ def dense_qubo(bqm: dimod.BinaryQuadraticModel, variables) -> tuple[np.ndarray, 
     if not np.isfinite(reach):
         raise QroundError("the BQM's biases are too large: the energy of a flip overflows "
                           "float64")
+    return linear, np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64), quad, \
+        offset
+
+
+def dense_qubo(bqm: dimod.BinaryQuadraticModel, variables) -> tuple[np.ndarray, np.ndarray, float]:
+    """(H (n, n) symmetric with zero diagonal, g (n,), offset) of ``bqm`` as a BINARY model, in
+    the order of ``variables``: ``E(b) = b^T H b + g^T b + offset`` equals ``bqm.energy``."""
+    _check_dense_size(len(variables))  # before any conversion
+    linear, rows, cols, quad, offset = qubo_vectors(bqm, variables)
+    return _dense(len(variables), rows, cols, 0.5 * quad), linear, offset
+
+
+def _dense(n: int, rows, cols, half) -> np.ndarray:
     hessian = np.zeros((n, n))
-    quad = 0.5 * quad
-    np.add.at(hessian, (rows, cols), quad)  # a BQM holds each pair once, so the two
-    np.add.at(hessian, (cols, rows), quad)  # halves land on distinct entries
-    return hessian, np.asarray(linear, dtype=np.float64), float(offset)
+    np.add.at(hessian, (rows, cols), half)  # a BQM holds each pair once, so the two
+    np.add.at(hessian, (cols, rows), half)  # halves land on distinct entries
+    return hessian
+
+
+def _sparse(n: int, rows, cols, half):
+    """H (symmetric, zero diagonal) as CSR arrays (indptr, indices, data)."""
+    from scipy import sparse
+
+    h = sparse.csr_matrix((np.concatenate([half, half]),
+                           (np.concatenate([rows, cols]), np.concatenate([cols, rows]))),
+                          shape=(n, n))
+    h.sort_indices()
+    return (h.indptr.astype(np.int64), h.indices.astype(np.int64),
+            h.data.astype(np.float64)), h
 
 
 class QroundSampler(dimod.Sampler, dimod.Initialized):
@@ -207,18 +231,25 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
                 (np.empty((reads, 0), dtype=np.int8), variables), bqm,
                 info={"timing": {"search_s": 0.0, "total_s": time.perf_counter() - t_call},
                       "method": self.method})
-        hessian, linear, _ = dense_qubo(bqm, variables)
-        if self.method == "anneal" and solver.beta_range is None:
-            solver = copy.copy(solver)
-            solver.beta_range = _default_beta_range(hessian, linear)
+        n = len(variables)
+        linear, rows, cols, quad, _ = qubo_vectors(bqm, variables)
         order = [starts.variables.index(v) for v in variables]
         start = np.asarray(starts.record.sample)[:, order]
         if bqm.vartype is dimod.SPIN:
             start = (start + 1) // 2
-        problem = DenseQubos.from_matrix(hessian, linear, reads)
+        start = start.astype(bool)
+        sparse = self.method == "anneal" and n > 1 and rows.size < SPARSE_BELOW * n * (n - 1) / 2
+        if self.method == "anneal" and solver.beta_range is None:
+            solver = copy.copy(solver)
+            solver.beta_range = _default_beta_range(linear, rows, cols, quad)
         t0 = time.perf_counter()
-        with single_threaded_blas():
-            choices = solver._solve(problem, start.astype(bool), rng)[0]
+        if sparse:
+            choices = _anneal_sparse(solver, n, linear, rows, cols, 0.5 * quad, start, rng)
+        else:
+            _check_dense_size(n)
+            problem = DenseQubos.from_matrix(_dense(n, rows, cols, 0.5 * quad), linear, reads)
+            with single_threaded_blas():
+                choices = solver._solve(problem, start, rng)[0]
         search = time.perf_counter() - t0
         samples = choices.astype(np.int8)
         if bqm.vartype is dimod.SPIN:
@@ -229,17 +260,45 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
                   "method": self.method})
 
 
-def _default_beta_range(hessian: np.ndarray, linear: np.ndarray) -> tuple[float, float]:
-    """dwave-samplers' inverse-temperature range for the QUBO ``b^T H b + g^T b`` (hot: the
+def _default_beta_range(linear, rows, cols, quad) -> tuple[float, float]:
+    """dwave-samplers' inverse-temperature range for the QUBO of :func:`qubo_vectors` (hot: the
     largest flip is taken half the time; cold: the smallest rarely), the one its simulated
     annealing uses.  A QUBO whose flips all cost nothing gets (1, 1): any temperature will do."""
     from dwave.samplers.sa.sampler import default_beta_range
 
-    rows, cols = np.nonzero(np.triu(hessian, 1))
-    bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(
-        linear, (rows, cols, 2.0 * hessian[rows, cols]), 0.0, dimod.BINARY)
+    bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(linear, (rows, cols, quad), 0.0,
+                                                        dimod.BINARY)
     with np.errstate(all="ignore"):
         lo, hi = (float(b) for b in default_beta_range(bqm))
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
         return 1.0, 1.0
     return lo, hi
+
+
+def _check_dense_size(n: int) -> None:
+    if 8 * n * n > MAX_DENSE_BYTES:
+        raise QroundError(f"the BQM has {n} variables: its dense matrix would take "
+                          f"{8 * n * n / 2 ** 30:.1f} GiB (QroundSampler holds it dense for "
+                          f"tabu search, and for annealing above {SPARSE_BELOW:.0%} density; "
+                          f"at most {MAX_DENSE_BYTES / 2 ** 30:.0f} GiB)")
+
+
+def _anneal_sparse(solver, n, linear, rows, cols, half, start, rng) -> np.ndarray:
+    """``Anneal`` (with its ``beta_range``) on the QUBO in CSR form: the draws and decisions of
+    the dense path (same seeds, same order of visits), at a cost per accepted flip of the
+    variable's couplings instead of n."""
+    (indptr, indices, data), h = _sparse(n, rows, cols, half)
+    reads = start.shape[0]
+    b = start.astype(np.float64)
+    fields = np.ascontiguousarray((h @ b.T).T)
+    grad = np.ascontiguousarray(np.broadcast_to(linear, (reads, n)))
+    energy = np.sum(b * (fields + grad), axis=1)
+    seeds = rng.integers(0, np.iinfo(np.int64).max, size=reads,
+                         dtype=np.int64).astype(np.uint64)
+    b0, b1 = solver.beta_range
+    frac = np.linspace(0.0, 1.0, solver.num_sweeps) if solver.num_sweeps > 1 else np.ones(1)
+    betas = np.tile(b0 * (b1 / b0) ** frac, (reads, 1))
+    best, _ = _kernels.anneal_sparse_kernel(
+        indptr, indices, data, np.zeros(n), np.ones((reads, n)), grad, b, fields, energy,
+        betas, solver.restarts, solver.order == "random", seeds)
+    return best.astype(bool)

@@ -227,3 +227,29 @@ def test_reads_run_in_parallel_with_the_same_result_as_one_thread():
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(one.record.sample, two.record.sample)
+
+
+def test_sparse_annealing_makes_the_dense_paths_decisions(monkeypatch):
+    """Below SPARSE_BELOW density annealing runs on H in CSR form: the same seeds, visits and
+    Metropolis draws as the dense kernel, so the same samples."""
+    from qround.solvers import sampler
+
+    for vartype, density in (("SPIN", 0.05), ("BINARY", 0.15), ("BINARY", 0.9)):
+        bqm = random_bqm(70, 4, vartype, density=density)
+        runs = {}
+        for path, cut in (("dense", 0.0), ("sparse", 2.0)):
+            monkeypatch.setattr(sampler, "SPARSE_BELOW", cut)
+            runs[path] = QroundSampler("anneal").sample(bqm, num_reads=3, seed=2,
+                                                        num_sweeps=60, restarts=2)
+        assert np.array_equal(runs["dense"].record.sample, runs["sparse"].record.sample)
+        assert np.allclose(runs["dense"].record.energy, runs["sparse"].record.energy)
+
+
+def test_sparse_bqms_too_large_for_a_dense_matrix_anneal():
+    n = 40_000   # a dense matrix would take 12 GiB; the ring has n couplings
+    bqm = dimod.BinaryQuadraticModel({i: 0.0 for i in range(n)},
+                                     {(i, (i + 1) % n): -1.0 for i in range(n)}, 0.0, "SPIN")
+    ss = QroundSampler("anneal").sample(bqm, num_reads=1, seed=0, num_sweeps=20)
+    assert ss.first.energy <= -0.5 * n   # ferromagnetic ring: domains shrink under annealing
+    with pytest.raises(QroundError, match="dense"):
+        QroundSampler("tabu").sample(bqm, num_reads=1)   # tabu needs the dense matrix
