@@ -19,7 +19,8 @@ Per instance and seed, in one run (one read each, from a random start):
 
 Times are wall times of the whole ``sample`` call (the dense matrix built from the BQM is in
 qround's).  The gap is ``(E - E_best) / |E_best|``, E_best the lowest energy any run found on
-that instance.  Each sampler gets one untimed call first (numba and dwave load).
+that instance.  Each sampler gets untimed calls first, on a dense and a sparse BQM (numba and
+dwave load; QroundSampler anneals BQMs below 25 % density on a sparse matrix, another kernel).
 
     python benchmarks/qubo_sampler.py --sizes 250,500,1000 --json results/qubo_sampler.json
 """
@@ -108,9 +109,11 @@ def main(argv=None) -> int:
 
     rows = []
     with threadpool_limits(limits=args.threads):
-        warm = dimod.generators.gnp_random_bqm(30, 0.5, "BINARY", random_state=0)
-        for s in (ours_tabu, ours_anneal, dw_tabu, neal):
-            s.sample(warm, num_reads=1, seed=0)
+        # one dense and one sparse BQM: QroundSampler anneals sparse ones with another kernel
+        for density in (0.5, 0.05):
+            warm = dimod.generators.gnp_random_bqm(60, density, "BINARY", random_state=0)
+            for s in (ours_tabu, ours_anneal, dw_tabu, neal):
+                s.sample(warm, num_reads=1, seed=0)
         for name, bqm in instances(args):
             runs = []
             for seed in args.seeds:

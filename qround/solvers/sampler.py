@@ -19,7 +19,9 @@ energy is recomputed by dimod from the BQM, so it is exact whatever the kernels 
 
 Starts follow dimod's ``Initialized`` conventions (``initial_states``, with
 ``initial_states_generator`` "random", "tile" or "none"); a sample is the best state its read
-saw, never worse than its start.  The matrix is dense: n variables take ``8 n^2`` bytes.
+saw, never worse than its start.  Tabu search holds the matrix dense (n variables take
+``8 n^2`` bytes); annealing holds it in CSR form below :data:`SPARSE_BELOW` density, with a
+kernel that makes the dense one's decisions at a cost per flip of the variable's couplings.
 
 Annealing takes its inverse temperatures from the BQM's biases, as dwave-samplers' simulated
 annealing does (``default_beta_range``), unless ``beta_range`` is given: the layer solver's
