@@ -74,6 +74,12 @@ def takes_compact(kernel) -> bool:
     return "compact" in inspect.signature(kernel.py_func).parameters
 
 
+def csr_tail(module, kernel) -> tuple:
+    """The ``no_csr`` argument where the kernel takes it (anneal_kernel since the twelfth
+    session), else nothing."""
+    return (module.NO_CSR,) if "no_csr" in inspect.signature(kernel.py_func).parameters else ()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import numba
@@ -127,9 +133,11 @@ def main(argv=None) -> int:
                     k_old, k_new = getattr(old, fn), getattr(new, fn)
                     compact = new.compact_pays(n, nfree, passes)
                     extra_old = (compact,) if takes_compact(k_old) else ()
+                    extra_old += csr_tail(old, k_old)
+                    tail = csr_tail(new, k_new)
                     calls = {"old": lambda: k_old(*call, *extra_old),
-                             "new": lambda: k_new(*call, compact),
-                             "other": lambda: k_new(*call, not compact)}
+                             "new": lambda: k_new(*call, compact, *tail),
+                             "other": lambda: k_new(*call, not compact, *tail)}
                     out, times = {}, {key: [] for key in calls}
                     for key, f in calls.items():    # compile or load, not timed
                         out[key] = f()

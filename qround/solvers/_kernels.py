@@ -115,15 +115,16 @@ def _metropolis(x, state):
 
 
 @njit(cache=True, inline="always")
-def _anneal_channel(h, s, g, b0, f0, e0, order, betas, restarts, random_order, seed):
-    """One channel of :func:`anneal_kernel`: h (n, n), s, g, b0, f0 (n,) its problem and start,
-    e0 the start's energy, order (k,) the variables to visit (the free ones).  Returns the best
-    choices (n,) and their energy."""
-    n = b0.shape[0]
+def _anneal_channel(h, csr, hdiag, s, g, b0, f0, e0, order, betas, restarts, random_order,
+                    seed):
+    """One channel of :func:`anneal_kernel` and :func:`anneal_sparse_kernel`: h (n, n) its
+    matrix, or ``csr`` (indptr, indices, data) the same in CSR form when ``indptr`` is not
+    empty (then ``h`` is not read); hdiag (n,) its diagonal; s, g, b0, f0 (n,) its problem and
+    start, e0 the start's energy, order (k,) the variables to visit (the free ones).  Returns
+    the best choices (n,) and their energy."""
     k = order.shape[0]
-    hdiag = np.empty(n)
-    for j in range(n):
-        hdiag[j] = h[j, j]
+    indptr, indices, data = csr
+    sparse = indptr.shape[0] > 0
     state = np.empty(1, dtype=np.uint64)
     state[0] = seed
     best = b0.copy()
@@ -148,7 +149,10 @@ def _anneal_channel(h, s, g, b0, f0, e0, order, betas, restarts, random_order, s
                     # leaving the best state uphill: save it now (copies only when needed)
                     best[:] = b
                     at_best = False
-                _flip(i, b, f, s, h)
+                if sparse:
+                    _flip_sparse(i, b, f, s, indptr, indices, data)
+                else:
+                    _flip(i, b, f, s, h)
                 e += dlt
                 if e < best_e:
                     best_e = e
@@ -156,42 +160,6 @@ def _anneal_channel(h, s, g, b0, f0, e0, order, betas, restarts, random_order, s
         if at_best:
             best[:] = b
     return best, best_e
-
-
-@njit(parallel=True, cache=True)
-def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, betas, restarts,
-                  random_order, seeds, compact):
-    """Simulated annealing (Metropolis single flips), ``restarts`` runs per channel from start.
-
-    start, fields (m, n) float64 (0/1 choices and their local fields), energy (m,) their
-    energies; betas (m, sweeps) the inverse temperature of each sweep; compact: work on each
-    channel's free sub-problem (:func:`_compact_hessian`).  Returns the best choices seen (m, n)
-    float64 and their energies (m,) (tracked incrementally).
-    """
-    m, n = start.shape
-    best_all = start.copy()
-    best_e_all = energy.copy()
-    shared = hess.shape[0] == 1
-    for c in prange(m):
-        k = nfree[c]
-        if k == 0:
-            continue
-        h = hess[0] if shared else hess[c]
-        idx = free_idx[c, :k]
-        if compact:
-            best, best_e = _anneal_channel(
-                _compact_hessian(h, idx), _gather(step[c], idx), _gather(grad[c], idx),
-                _gather(start[c], idx), _gather(fields[c], idx), energy[c], np.arange(k),
-                betas[c], restarts, random_order, seeds[c])
-            for a in range(k):
-                best_all[c, idx[a]] = best[a]
-        else:
-            best, best_e = _anneal_channel(h, step[c], grad[c], start[c], fields[c], energy[c],
-                                           idx.copy(), betas[c], restarts, random_order,
-                                           seeds[c])
-            best_all[c] = best
-        best_e_all[c] = best_e
-    return best_all, best_e_all
 
 
 @njit(cache=True, inline="always")
@@ -204,6 +172,56 @@ def _flip_sparse(i, b, f, step, indptr, indices, data):
         f[indices[p]] += data[p] * d
 
 
+@njit(cache=True)
+def _diagonal(h):
+    out = np.empty(h.shape[0])
+    for j in range(h.shape[0]):
+        out[j] = h[j, j]
+    return out
+
+
+# the CSR arrays :func:`anneal_kernel` passes on with a dense matrix (none: empty)
+NO_CSR = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
+
+
+@njit(parallel=True, cache=True)
+def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, betas, restarts,
+                  random_order, seeds, compact, no_csr):
+    """Simulated annealing (Metropolis single flips), ``restarts`` runs per channel from start.
+
+    start, fields (m, n) float64 (0/1 choices and their local fields), energy (m,) their
+    energies; betas (m, sweeps) the inverse temperature of each sweep; compact: work on each
+    channel's free sub-problem (:func:`_compact_hessian`); no_csr: :data:`NO_CSR` (the shared
+    channel loop also serves :func:`anneal_sparse_kernel`).  Returns the best choices seen
+    (m, n) float64 and their energies (m,) (tracked incrementally).
+    """
+    m, n = start.shape
+    best_all = start.copy()
+    best_e_all = energy.copy()
+    shared = hess.shape[0] == 1
+    for c in prange(m):
+        k = nfree[c]
+        if k == 0:
+            continue
+        h = hess[0] if shared else hess[c]
+        idx = free_idx[c, :k]
+        if compact:
+            hc = _compact_hessian(h, idx)
+            best, best_e = _anneal_channel(
+                hc, no_csr, _diagonal(hc), _gather(step[c], idx), _gather(grad[c], idx),
+                _gather(start[c], idx), _gather(fields[c], idx), energy[c], np.arange(k),
+                betas[c], restarts, random_order, seeds[c])
+            for a in range(k):
+                best_all[c, idx[a]] = best[a]
+        else:
+            best, best_e = _anneal_channel(h, no_csr, _diagonal(h), step[c], grad[c], start[c],
+                                           fields[c], energy[c], idx.copy(), betas[c],
+                                           restarts, random_order, seeds[c])
+            best_all[c] = best
+        best_e_all[c] = best_e
+    return best_all, best_e_all
+
+
 @njit(parallel=True, cache=True)
 def anneal_sparse_kernel(indptr, indices, data, hdiag, step, grad, start, fields, energy,
                          betas, restarts, random_order, seeds):
@@ -214,39 +232,11 @@ def anneal_sparse_kernel(indptr, indices, data, hdiag, step, grad, start, fields
     m, n = start.shape
     best_all = start.copy()
     best_e_all = energy.copy()
+    no_dense = np.zeros((1, 1))
     for c in prange(m):
-        state = np.empty(1, dtype=np.uint64)
-        state[0] = seeds[c]
-        order = np.arange(n)
-        s, g, b0 = step[c], grad[c], start[c]
-        best = b0.copy()
-        best_e = energy[c]
-        for _ in range(restarts):
-            b = b0.copy()
-            f = fields[c].copy()
-            e = energy[c]
-            at_best = e <= best_e
-            for t in range(betas.shape[1]):
-                beta = betas[c, t]
-                if random_order:
-                    for p in range(n - 1, 0, -1):
-                        q = _randint(state, p + 1)
-                        order[p], order[q] = order[q], order[p]
-                for p in range(n):
-                    i = order[p]
-                    dlt = _delta(i, b, f, s, g, hdiag)
-                    if dlt > 0.0 and not _metropolis(beta * dlt, state):
-                        continue
-                    if at_best and dlt > 0.0:
-                        best[:] = b
-                        at_best = False
-                    _flip_sparse(i, b, f, s, indptr, indices, data)
-                    e += dlt
-                    if e < best_e:
-                        best_e = e
-                        at_best = True
-            if at_best:
-                best[:] = b
+        best, best_e = _anneal_channel(no_dense, (indptr, indices, data), hdiag, step[c],
+                                       grad[c], start[c], fields[c], energy[c], np.arange(n),
+                                       betas[c], restarts, random_order, seeds[c])
         best_all[c] = best
         best_e_all[c] = best_e
     return best_all, best_e_all

@@ -109,5 +109,6 @@ class Anneal(Solver):
             self.order == "random", args["seeds"],
             # an accepted flip is one O(n) pass; about 5 % of proposals are accepted
             _kernels.compact_pays(problem.num_inputs, args["nfree"],
-                                  0.05 * self.num_sweeps * self.restarts * args["nfree"].mean()))
+                                  0.05 * self.num_sweeps * self.restarts * args["nfree"].mean()),
+            _kernels.NO_CSR)
         return best.astype(bool), {"sweeps": self.num_sweeps * self.restarts}

@@ -72,7 +72,7 @@ def test_kernel_tracked_energy_is_the_true_energy(per_channel, compact):
     betas = beta_schedule(p, start, 50, hot_accept=0.9, cold_accept=0.5)
     best, best_e = _kernels.anneal_kernel(
         args["hess"], args["step"], args["grad"], args["start"], args["fields"], args["energy"],
-        args["free_idx"], args["nfree"], betas, 2, True, args["seeds"], compact)
+        args["free_idx"], args["nfree"], betas, 2, True, args["seeds"], compact, _kernels.NO_CSR)
     np.testing.assert_allclose(best_e, p.energies(best), rtol=1e-9, atol=1e-12)
     assert np.all(best_e <= p.energies(start) + 1e-12)
 
@@ -124,7 +124,7 @@ def test_fixed_variables_are_never_flipped(compact):
     betas = beta_schedule(p, p.rtn_choices(), 40, hot_accept=0.9, cold_accept=0.5)
     best, _ = _kernels.anneal_kernel(
         args["hess"], args["step"], args["grad"], args["start"], args["fields"], args["energy"],
-        args["free_idx"], args["nfree"], betas, 1, True, args["seeds"], compact)
+        args["free_idx"], args["nfree"], betas, 1, True, args["seeds"], compact, _kernels.NO_CSR)
     assert np.all(best[~p.free] == 1.0)
 
 
@@ -139,7 +139,8 @@ def test_kernel_on_the_free_sub_problem_gives_the_same_result(seed, n, per_chann
     betas = beta_schedule(p, start, 30, hot_accept=0.7, cold_accept=1e-3)
     out = [_kernels.anneal_kernel(
         args["hess"], args["step"], args["grad"], args["start"], args["fields"], args["energy"],
-        args["free_idx"], args["nfree"], betas, 2, random_order, args["seeds"], compact)
+        args["free_idx"], args["nfree"], betas, 2, random_order, args["seeds"], compact,
+        _kernels.NO_CSR)
         for compact in (False, True)]
     np.testing.assert_array_equal(out[0][0], out[1][0])
     np.testing.assert_array_equal(out[0][1], out[1][1])
