@@ -114,17 +114,17 @@ def _metropolis(x, state):
     return u < np.exp(-x)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _anneal_channel(h, csr, hdiag, s, g, b0, f0, e0, order, betas, restarts, random_order,
                     seed):
     """One channel of :func:`anneal_kernel` and :func:`anneal_sparse_kernel`: h (n, n) its
-    matrix, or ``csr`` (indptr, indices, data) the same in CSR form when ``indptr`` is not
-    empty (then ``h`` is not read); hdiag (n,) its diagonal; s, g, b0, f0 (n,) its problem and
-    start, e0 the start's energy, order (k,) the variables to visit (the free ones).  Returns
-    the best choices (n,) and their energy."""
+    matrix, or None and ``csr`` (indptr, indices, data) the same in CSR form; hdiag (n,) its
+    diagonal; s, g, b0, f0 (n,) its problem and start, e0 the start's energy, order (k,) the
+    variables to visit (the free ones).  Returns the best choices (n,) and their energy.
+    Compiled apart for ``h`` None and an array, so the flip's branch is decided at compile
+    time (not inlined: one call per channel)."""
     k = order.shape[0]
     indptr, indices, data = csr
-    sparse = indptr.shape[0] > 0
     state = np.empty(1, dtype=np.uint64)
     state[0] = seed
     best = b0.copy()
@@ -149,7 +149,7 @@ def _anneal_channel(h, csr, hdiag, s, g, b0, f0, e0, order, betas, restarts, ran
                     # leaving the best state uphill: save it now (copies only when needed)
                     best[:] = b
                     at_best = False
-                if sparse:
+                if h is None:
                     _flip_sparse(i, b, f, s, indptr, indices, data)
                 else:
                     _flip(i, b, f, s, h)
@@ -232,9 +232,8 @@ def anneal_sparse_kernel(indptr, indices, data, hdiag, step, grad, start, fields
     m, n = start.shape
     best_all = start.copy()
     best_e_all = energy.copy()
-    no_dense = np.zeros((1, 1))
     for c in prange(m):
-        best, best_e = _anneal_channel(no_dense, (indptr, indices, data), hdiag, step[c],
+        best, best_e = _anneal_channel(None, (indptr, indices, data), hdiag, step[c],
                                        grad[c], start[c], fields[c], energy[c], np.arange(n),
                                        betas[c], restarts, random_order, seeds[c])
         best_all[c] = best
