@@ -191,6 +191,16 @@ def split_specs(text: str) -> list[str]:
     return list(dict.fromkeys(parts))
 
 
+def parse_part(spec: str) -> tuple[str, dict]:
+    """One name with its options: ``"tabu(restarts=8)"`` -> ``("tabu", {"restarts": 8})``;
+    QroundError for a composition or a malformed part."""
+    parts = _spec_parts(spec)
+    if len(parts) != 1:
+        raise QroundError(f"{normalize_spec(spec)!r}: give one name with its options here, "
+                          "not a composition")
+    return parts[0]
+
+
 def spec_names(spec: str) -> list[str]:
     """The solver names a spec uses, options dropped: ``"gptq+tabu(restarts=8)|anneal"`` ->
     ``["gptq", "tabu", "anneal"]``.  QroundError for a malformed spec."""

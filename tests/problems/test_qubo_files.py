@@ -196,3 +196,46 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
         assert len(calls) == 3
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_cli_sample_solves_exported_files_and_scores_them_against_rtn(layer_file, tmp_path,
+                                                                      capsys):
+    """qround sample on export-qubo's files: the bit strings' costs are the layer problem's
+    costs, RTN's comes from the manifest, and the search beats it."""
+    from qround.problems.io import load_layer_stats
+
+    out = tmp_path / "qubos"
+    assert main(["export-qubo", str(layer_file), "--out", str(out), "--channels", "0:3",
+                 "--solver", ""]) == 0
+    capsys.readouterr()
+    files = sorted(str(p) for p in out.glob("*.qubo"))
+    result = tmp_path / "samples.json"
+    assert main(["sample", *files, "--method", "tabu(restarts=2)", "--reads", "2", "--out",
+                 str(result)]) == 0
+    table = capsys.readouterr().out
+    assert "rtn_cost" in table and "ratio" in table
+    saved = json.loads(result.read_text())
+    assert saved["method"] == "tabu(restarts=2)" and saved["reads"] == 2
+    problem = load_layer_stats(layer_file).problem()
+    for c, path in enumerate(files):
+        row = saved["samples"][path]
+        x = np.array([int(ch) for ch in row["x"]], dtype=bool)
+        choices = problem.rtn_choices()
+        choices[c] = x
+        assert row["cost"] == pytest.approx(problem.costs(choices)[c], rel=1e-9)
+        assert row["rtn_cost"] == pytest.approx(problem.costs(problem.rtn_choices())[c])
+        assert row["ratio"] == pytest.approx(row["cost"] / row["rtn_cost"]) and row["ratio"] < 1
+        assert row["energy"] == pytest.approx(read_qubo(path).energy(x), rel=1e-9, abs=1e-12)
+
+
+def test_cli_sample_without_a_manifest_and_bad_methods(tmp_path, capsys):
+    path = tmp_path / "tiny.qubo"
+    path.write_text("p qubo 0 3 2 1\n0 0 -1\n2 2 -1\n0 2 3\n")
+    assert main(["sample", str(path), "--method", "anneal(num_sweeps=50)", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    assert row["energy"] == pytest.approx(-1.0) and "ratio" not in row
+    assert row["method"] == "anneal(num_sweeps=50)" and row["variables"] == 3
+    for method, match in (("gptq+tabu", "not a composition"), ("greedy", "method must be"),
+                          ("tabu(num_sweeps=3)", "does not take")):
+        assert main(["sample", str(path), "--method", method]) == 2
+        assert match in capsys.readouterr().err, method
