@@ -129,7 +129,7 @@ def cmd_sample(args) -> int:
 
     from .problems.qubo_files import MANIFEST, read_qubo
     from .solvers import QroundSampler
-    from .solvers.registry import parse_part
+    from .solvers.registry import normalize_spec, parse_part
 
     method, options = parse_part(args.method)
     sampler = QroundSampler(method)
@@ -158,7 +158,7 @@ def cmd_sample(args) -> int:
             row["ratio"] = row["cost"] / row["rtn_cost"] if row["rtn_cost"] > 0 else 1.0
         rows.append(row)
         samples[str(path)] = {**row, "x": "".join(map(str, x.tolist()))}
-    label = normalize_method(args.method)
+    label = normalize_spec(args.method)
     if args.json:
         for row in rows:
             print(json.dumps({**row, "method": label}))
@@ -170,12 +170,6 @@ def cmd_sample(args) -> int:
         write_json_atomic(args.out, {"method": label, "seed": args.seed, "reads": args.reads,
                                      "samples": samples})
     return 0
-
-
-def normalize_method(text: str) -> str:
-    from .solvers.registry import normalize_spec
-
-    return normalize_spec(text)
 
 
 def _manifest_rtn(manifest: str, name: str) -> float | None:
