@@ -227,8 +227,10 @@ def anneal_sparse_kernel(indptr, indices, data, hdiag, step, grad, start, fields
                          betas, restarts, random_order, seeds):
     """:func:`anneal_kernel` for one H in CSR form (``indptr``, ``indices``, ``data``; its
     diagonal ``hdiag`` apart) shared by every channel, all variables free: an accepted flip
-    costs the row's nonzeros instead of n.  The same draws and decisions as the dense kernel on
-    the same seeds (:class:`qround.solvers.QroundSampler` picks it for sparse BQMs)."""
+    costs the row's nonzeros instead of n.  Given the same start fields, the same draws and
+    decisions as the dense kernel on the same seeds: the fields are updated by the same
+    products in the same order, zeros left out (:class:`qround.solvers.QroundSampler` picks
+    it for sparse BQMs)."""
     m, n = start.shape
     best_all = start.copy()
     best_e_all = energy.copy()

@@ -21,7 +21,8 @@ Starts follow dimod's ``Initialized`` conventions (``initial_states``, with
 ``initial_states_generator`` "random", "tile" or "none"); a sample is the best state its read
 saw, never worse than its start.  Tabu search holds the matrix dense (n variables take
 ``8 n^2`` bytes); annealing holds it in CSR form below :data:`SPARSE_BELOW` density, with a
-kernel that makes the dense one's decisions at a cost per flip of the variable's couplings.
+kernel that makes the dense one's decisions (up to round-off in the start's fields) at a cost
+per flip of the variable's couplings.
 
 Annealing takes its inverse temperatures from the BQM's biases, as dwave-samplers' simulated
 annealing does (``default_beta_range``), unless ``beta_range`` is given: the layer solver's
@@ -287,13 +288,15 @@ def _check_dense_size(n: int) -> None:
 
 def _anneal_sparse(solver, n, linear, rows, cols, half, start, rng) -> np.ndarray:
     """``Anneal`` (with its ``beta_range``) on the QUBO in CSR form: the draws and decisions of
-    the dense path (same seeds, same order of visits), at a cost per accepted flip of the
-    variable's couplings instead of n."""
+    the dense path (same seeds, same order of visits) up to round-off in the start's fields
+    (scipy's sparse product and BLAS sum in other orders; exact for integer or dyadic biases),
+    at a cost per accepted flip of the variable's couplings instead of n."""
     (indptr, indices, data), h = _sparse(n, rows, cols, half)
     reads = start.shape[0]
-    b = start.astype(np.float64)
+    # C-ordered and writable for any number of reads: one compiled version of the kernel
+    b = np.ascontiguousarray(start, dtype=np.float64)
     fields = np.ascontiguousarray((h @ b.T).T)
-    grad = np.ascontiguousarray(np.broadcast_to(linear, (reads, n)))
+    grad = np.tile(linear, (reads, 1))
     energy = np.sum(b * (fields + grad), axis=1)
     seeds = rng.integers(0, np.iinfo(np.int64).max, size=reads,
                          dtype=np.int64).astype(np.uint64)
