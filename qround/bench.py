@@ -472,20 +472,28 @@ def main(argv=None) -> int:
     p.add_argument("--solvers", default=",".join(OURS),
                    help="comma-separated solver specs, e.g. 'gptq,gptq+tabu(restarts=16)' "
                         "(default: %(default)s)")
-    p.add_argument("--subset-solvers", default=",".join(SUBSET_ONLY))
-    p.add_argument("--references", default="neal,neal-10x,dwave-tabu")
+    p.add_argument("--subset-solvers", default=",".join(SUBSET_ONLY),
+                   help="slower solvers, run on the first --ref-channels channels only "
+                        "(default: %(default)s; 'none' for none)")
+    p.add_argument("--references", default="neal,neal-10x,dwave-tabu",
+                   help="outside references (dimod samplers) on the first --ref-channels "
+                        "channels; neal-10x on --slow-ref-channels (default: %(default)s)")
     p.add_argument("--minilm-layers", default=None,
                    help="comma-separated MiniLM layer names (default without files: "
                         "layer 0's query, intermediate and output)")
     p.add_argument("--cnn-layers", type=int_at_least(0), default=None,
                    help="digits CNN convs, the first N after the stem (default without files: 2)")
-    p.add_argument("--ref-channels", type=int_at_least(1), default=16)
-    p.add_argument("--slow-ref-channels", type=int_at_least(1), default=4)
+    p.add_argument("--ref-channels", type=int_at_least(1), default=16,
+                   help="channels for --subset-solvers and --references (default: %(default)s)")
+    p.add_argument("--slow-ref-channels", type=int_at_least(1), default=4,
+                   help="channels for neal-10x (default: %(default)s)")
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch and numba threads")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where the torch solvers (cem, hopfield, meanfield, gptq) "
                         "run")
-    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="solver seed; dwave-tabu stops on a timeout, so its results vary from "
+                        "run to run whatever the seed (default: %(default)s)")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plot", help="write the cost/RTN-vs-time plot (PNG)")
     p.add_argument("--no-progress", action="store_true")

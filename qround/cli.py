@@ -77,6 +77,9 @@ def cmd_solve(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- export-qubo
+EXPORT_CHANNELS_DEFAULT = slice(0, 16)
+
+
 def channel_selection(text: str):
     """``--channels``: ``all``, a range ``a:b`` (Python slice, ``:16`` the first 16) or indices
     ``3,5,9``; an argparse type."""
@@ -104,6 +107,12 @@ def cmd_export_qubo(args) -> int:
     stats = load_layer_stats(args.file)
     problem = stats.problem(bits=args.bits, scale_method=args.scale_method)
     idx, names = plan_export(args.out, problem, args.channels)  # before any solve
+    ch = args.channels
+    if isinstance(ch, slice) and ch.stop is not None and ch.stop > problem.num_channels and \
+            ch is not EXPORT_CHANNELS_DEFAULT:
+        log.warning("--channels %s:%s: the layer has %d channels, so %d files are written",
+                    "" if ch.start is None else ch.start, ch.stop, problem.num_channels,
+                    len(idx))
     known = {}
     if args.solver:
         solver = get_solver(args.solver, device=args.device)
@@ -125,39 +134,42 @@ def cmd_sample(args) -> int:
     ``manifest.json`` of ``qround export-qubo`` lists the file, its cost against RTN's too."""
     import os
 
-    import dimod
-
-    from .problems.qubo_files import MANIFEST, read_qubo
-    from .solvers import QroundSampler
+    from .problems.qubo_files import MANIFEST, read_qubo_bqm
+    from .solvers import QroundSampler, warm_up
     from .solvers.registry import normalize_spec, parse_part
 
     method, options = parse_part(args.method)
+    taken = sorted({"seed", "num_reads", "initial_states", "initial_states_generator"}
+                   & set(options))
+    if taken:
+        raise QroundError(f"--method {args.method!r}: {taken} are not solver options here; "
+                          "give --seed and --reads (the searches start from random states)")
     sampler = QroundSampler(method)
     check_paths({"--out": args.out}, {f"FILE {f}": f for f in args.files})
     check_format("--out", args.out, "JSON", (".json",))
+    repeated = sorted({f for f in args.files if args.files.count(f) > 1})
+    if repeated:
+        raise QroundError(f"FILE {repeated[0]!r} is given more than once")
     rows, samples = [], {}
-    # kernel loading stays out of the first file's seconds (the options checked on the way);
-    # a dense and a sparse BQM, as annealing has a kernel for each
-    for density in (0.5, 0.05):
-        sampler.sample(dimod.generators.gnp_random_bqm(60, density, "BINARY", random_state=0),
-                       num_reads=2, seed=0, **options)
+    warm_up(sampler, **options)  # kernel loading stays out of the first file's seconds
     for path in args.files:
-        qubo = read_qubo(path)
-        q = qubo.Q
-        rows_, cols_ = np.nonzero(np.triu(q, 1))
-        bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(
-            np.diag(q).copy(), (rows_, cols_, q[rows_, cols_]), qubo.offset, dimod.BINARY)
+        bqm = read_qubo_bqm(path)
         ss = sampler.sample(bqm, num_reads=args.reads, seed=args.seed, **options)
         best = ss.first
-        x = np.array([best.sample[i] for i in range(q.shape[0])], dtype=np.int8)
-        row = {"file": str(path), "variables": int(q.shape[0]), "energy": best.energy - qubo.offset,
-               "cost": best.energy, "reads": args.reads,
+        x = np.array([best.sample[i] for i in range(bqm.num_variables)], dtype=np.int8)
+        row = {"file": str(path), "variables": int(bqm.num_variables),
+               "energy": best.energy - bqm.offset, "cost": best.energy, "reads": args.reads,
                "seconds": ss.info["timing"]["total_s"]}
-        rtn = _manifest_rtn(os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST),
-                            os.path.basename(path))
-        if rtn is not None:
-            row["rtn_cost"] = rtn + qubo.offset
+        known = _manifest_energies(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                MANIFEST), os.path.basename(path))
+        if "rtn" in known:
+            row["rtn_cost"] = known["rtn"] + bqm.offset
             row["ratio"] = row["cost"] / row["rtn_cost"] if row["rtn_cost"] > 0 else 1.0
+            others = {k: v for k, v in known.items() if k != "rtn"}
+            if others:  # the best solution the manifest knows (export-qubo's --solver)
+                label = min(others, key=others.get)
+                row["known"] = label
+                row["known_cost"] = others[label] + bqm.offset
         rows.append(row)
         samples[str(path)] = {**row, "x": "".join(map(str, x.tolist()))}
     label = normalize_spec(args.method)
@@ -166,7 +178,8 @@ def cmd_sample(args) -> int:
             print(json.dumps({**row, "method": label}))
     else:
         columns = ["file", "variables", "energy", "cost", *(
-            ["rtn_cost", "ratio"] if any("ratio" in r for r in rows) else []), "seconds"]
+            ["rtn_cost", "ratio"] if any("ratio" in r for r in rows) else []), *(
+            ["known", "known_cost"] if any("known" in r for r in rows) else []), "seconds"]
         print(format_table(rows, columns))
     if args.out:
         write_json_atomic(args.out, {"method": label, "seed": args.seed, "reads": args.reads,
@@ -174,22 +187,23 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _manifest_rtn(manifest: str, name: str) -> float | None:
-    """RTN's energy for ``name`` in an export-qubo manifest beside it, or None (no manifest,
-    not listed there, or not readable as one)."""
+def _manifest_energies(manifest: str, name: str) -> dict[str, float]:
+    """The energies an export-qubo manifest beside ``name`` records for it, by label (``rtn``
+    and export-qubo's ``--solver``); empty when there is no manifest, it does not list the
+    file, or it is not readable as one."""
     import os
 
     if not os.path.isfile(manifest):
-        return None
+        return {}
     try:
         with open(manifest, encoding="utf-8") as f:
             channels = json.load(f)["channels"]
         for entry in channels:
             if entry["file"] == name:
-                return float(entry["solutions"]["rtn"]["energy"])
-    except (OSError, ValueError, KeyError, TypeError):
+                return {str(k): float(v["energy"]) for k, v in entry["solutions"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         log.warning("%s is not an export-qubo manifest: RTN's cost is not shown", manifest)
-    return None
+    return {}
 
 
 # ---------------------------------------------------------------------------------- export
@@ -503,9 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     xq = sub.add_parser("export-qubo", help="write a layer's channel QUBOs as .qubo text files "
                                              "(qbsolv format) with a manifest of known solutions")
     xq.add_argument("file", help="a layer statistics .npz (qround export-layer)")
-    xq.add_argument("--out", required=True, help="folder for c<channel>.qubo and manifest.json "
-                                                 "(created; nothing in it is overwritten)")
-    xq.add_argument("--channels", type=channel_selection, default=slice(0, 16),
+    xq.add_argument("--out", required=True, help="folder for the .qubo files (c0003.qubo for "
+                                                 "channel 3) and manifest.json (created; "
+                                                 "nothing in it is overwritten)")
+    xq.add_argument("--channels", type=channel_selection, default=EXPORT_CHANNELS_DEFAULT,
                     help="all, a range a:b or indices i,j,k (default: 0:16, the first 16)")
     xq.add_argument("--solver", default="quality",
                     help="its solution goes into the manifest beside RTN's; '' for none "
@@ -520,14 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("sample", help="qround's tabu search or annealing on qbsolv .qubo files "
                                        "(cost against RTN's where an export-qubo manifest "
                                        "lists the file)")
-    sm.add_argument("files", nargs="+", help=".qubo files (qbsolv format)")
+    sm.add_argument("files", nargs="+", help=".qubo files (qbsolv format; every variable "
+                                             "0..maxNodes-1 is searched, those without "
+                                             "entries too)")
     sm.add_argument("--method", default="tabu",
                     help="tabu or anneal, with options as in 'tabu(restarts=8)' or "
                          "'anneal(num_sweeps=5000)' (default: %(default)s)")
     sm.add_argument("--reads", type=int_at_least(1), default=4,
                     help="independent searches per file from random starts; the best is "
                          "reported (default: %(default)s)")
-    sm.add_argument("--seed", type=int_at_least(0), default=0)
+    sm.add_argument("--seed", type=int_at_least(0), default=0,
+                    help="seeds the random starts and the search: equal seeds, equal results "
+                         "(default: %(default)s)")
     sm.add_argument("--json", action="store_true", help="one JSON line per file")
     sm.add_argument("--out", help="write every file's best bit string and energy to this JSON")
     sm.set_defaults(func=cmd_sample)

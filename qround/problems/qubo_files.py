@@ -32,6 +32,7 @@ from .rounding import RoundingProblem, _select
 
 MANIFEST = "manifest.json"
 MAX_DENSE_BYTES = 8 * 2 ** 30   # read_qubo builds a dense matrix: 32768 variables at most
+MAX_NODES = 10 ** 8             # read_qubo_bqm: a BQM of this many variables takes gigabytes
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,37 @@ def write_qubo(path: str | os.PathLike, problem: RoundingProblem, channel: int,
 def read_qubo(path: str | os.PathLike) -> QuboFile:
     """Read a ``.qubo`` file (qbsolv format); QroundError naming the file and line otherwise."""
     path = os.fspath(path)
+    size, offset, entries, nodes = _parse_qubo(path, dense=True)
+    q = np.zeros((size, size))
+    for i, j, v in entries:
+        a, b = min(i, j), max(i, j)
+        q[a, b] += v
+    return QuboFile(Q=q, offset=offset, nodes=nodes)
+
+
+def read_qubo_bqm(path: str | os.PathLike):
+    """A ``.qubo`` file as a dimod ``BinaryQuadraticModel`` (BINARY, variables ``0..maxNodes-1``,
+    the ``c offset`` line as its offset), built from the entries without a dense matrix, so
+    sparse files of any size read; entries given twice add up, as in :func:`read_qubo`."""
+    import dimod
+
+    path = os.fspath(path)
+    size, offset, entries, _ = _parse_qubo(path, dense=False)
+    arr = np.array(entries, dtype=np.float64).reshape(-1, 3)
+    i, j, v = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2]
+    on = i == j
+    linear = np.zeros(size)
+    np.add.at(linear, i[on], v[on])
+    bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(
+        linear, (np.minimum(i[~on], j[~on]), np.maximum(i[~on], j[~on]), v[~on]), offset,
+        dimod.BINARY)
+    return bqm
+
+
+def _parse_qubo(path: str, dense: bool):
+    """(maxNodes, offset, [(i, j, value)], sorted node indices) of a ``.qubo`` file, checked:
+    header counts, indices in range, finite values; ``dense``: refuse what a dense matrix
+    could not hold."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -101,9 +133,11 @@ def read_qubo(path: str | os.PathLike) -> QuboFile:
                 header = [int(v) for v in parts[3:]]
                 if min(header) < 0:
                     raise ValueError(f"negative count in the header {header}")
-                if header[0] ** 2 * 8 > MAX_DENSE_BYTES:
+                if dense and header[0] ** 2 * 8 > MAX_DENSE_BYTES:
                     raise ValueError(f"{header[0]} variables: the dense matrix would take "
                                      f"{header[0] ** 2 * 8 / 2 ** 30:.0f} GiB")
+                if header[0] > MAX_NODES:
+                    raise ValueError(f"{header[0]} variables: at most {MAX_NODES} are read")
             else:
                 if header is None or len(parts) != 3:
                     raise ValueError("expected 'i j value' after the 'p qubo' header")
@@ -118,16 +152,13 @@ def read_qubo(path: str | os.PathLike) -> QuboFile:
     if len(nodes) != n_nodes or len(pairs) != n_couplers:
         raise QroundError(f"QUBO file {path!r}: the header announces {n_nodes} nodes and "
                           f"{n_couplers} couplers, the file has {len(nodes)} and {len(pairs)}")
-    q = np.zeros((size, size))
     for i, j, v in entries:
         if not (0 <= i < size and 0 <= j < size):
             raise QroundError(f"QUBO file {path!r}: index ({i}, {j}) outside 0..{size - 1}")
-        a, b = min(i, j), max(i, j)
-        q[a, b] += v
     offset = 0.0 if offset is None else offset
-    if not np.isfinite(q).all() or not np.isfinite(offset):
+    if not all(np.isfinite(v) for _, _, v in entries) or not np.isfinite(offset):
         raise QroundError(f"QUBO file {path!r} holds NaN or infinite values")
-    return QuboFile(Q=q, offset=offset, nodes=np.array(sorted(i for i, _ in nodes), dtype=int))
+    return size, offset, entries, np.array(sorted(i for i, _ in nodes), dtype=int)
 
 
 def bit_string(choices_row) -> str:

@@ -297,18 +297,29 @@ def warm_up_problem() -> RoundingProblem:
     return RoundingProblem.from_weight(rng.normal(size=(2, 16)), x.T @ x / 64, GridSpec(bits=3))
 
 
-def warm_up(*solvers: Solver) -> None:
+def warm_up(*solvers, **sample_options) -> None:
     """Solve a small problem with each solver, untimed, so that later calls time the work only.
 
     The first call in a process of a numba solver (``tabu``, ``anneal``, ``gptq``...) loads its
     compiled kernels from numba's cache (about 0.3 s; a compilation after an upgrade takes
     seconds), torch solvers pay their first-call setup, and dimod samplers import their
     libraries.  That time lands in the first ``Solution.seconds`` unless a warm-up took it:
-    ``qround solve``, ``qround demo`` and ``qround bench`` warm up before timing.
+    ``qround solve``, ``qround demo``, ``qround bench`` and ``qround sample`` warm up before
+    timing.  A dimod sampler (``QroundSampler`` or any object with ``sample``) samples a small
+    dense and a small sparse BQM, with ``sample_options``.
     """
-    tiny = warm_up_problem()
+    tiny = None
     for solver in solvers:
         try:
-            solver.solve(tiny, seed=0)
+            if isinstance(solver, Solver):
+                tiny = warm_up_problem() if tiny is None else tiny
+                solver.solve(tiny, seed=0)
+            else:
+                import dimod
+
+                for density in (0.5, 0.05):  # QroundSampler anneals sparse BQMs apart
+                    bqm = dimod.generators.gnp_random_bqm(60, density, "BINARY",
+                                                          random_state=0)
+                    solver.sample(bqm, num_reads=2, seed=0, **sample_options)
         except QroundError:  # e.g. a DimodSolver restricted to channels the tiny one lacks:
             pass             # the real call reports its own errors

@@ -71,6 +71,11 @@ class DimodSolver(Solver):
             params |= set(getattr(sampler, "parameters", {}) or {})
         except (TypeError, ValueError):
             params = set()
+        declared = set(getattr(sampler, "parameters", {}) or {})
+        unknown = sorted(set(self.sample_kwargs) - declared - {"seed", "initial_states"})
+        if declared and unknown:  # dwave's samplers take **kwargs and ignore a misspelt name
+            raise QroundError(f"sampler {self.label!r} does not take {unknown}; its parameters: "
+                              f"{sorted(declared)}")
         channels = (range(problem.num_channels) if self.channels is None else
                     range(problem.num_channels)[self.channels]
                     if isinstance(self.channels, slice) else self.channels)
@@ -90,7 +95,13 @@ class DimodSolver(Solver):
                 kwargs["initial_states"] = (np.tile(init, (reads, 1)), [int(i) for i in idx])
                 if "initial_states_generator" in params:
                     kwargs.setdefault("initial_states_generator", "tile")
-            sampleset = sampler.sample(bqm, **kwargs)
+            try:
+                sampleset = sampler.sample(bqm, **kwargs)
+            except (ValueError, TypeError) as exc:  # the sampler's own check of its arguments
+                if isinstance(exc, QroundError):
+                    raise
+                raise QroundError(f"sampler {self.label!r} refused {self.sample_kwargs}: "
+                                  f"{exc}") from None
             best = sampleset.first.sample
             out[c, idx] = np.array([best[int(i)] for i in idx], dtype=bool)
         return out, {"sampler": self.label,

@@ -117,6 +117,7 @@ def qubo_vectors(bqm: dimod.BinaryQuadraticModel, variables):
     ``E(b) = g^T b + sum_k q_k b_rows[k] b_cols[k] + offset`` equals ``bqm.energy``.
     QroundError for biases that are not finite reals in float64 (or overflow on the way)."""
     spin = bqm.vartype is dimod.SPIN
+    given = bqm
     with np.errstate(over="ignore", invalid="ignore"):
         try:
             if spin:
@@ -133,9 +134,9 @@ def qubo_vectors(bqm: dimod.BinaryQuadraticModel, variables):
         # the largest change one flip can make must be finite too, or the search overflows
         reach = np.abs(linear).max(initial=0.0) + np.abs(quad).sum()
     if not finite:
-        raise QroundError("the BQM has NaN or infinite biases" + (
-            " (as a BINARY QUBO: its SPIN biases overflow float64 when converted)"
-            if spin else ""))
+        overflow = spin and _finite_biases(given)
+        raise QroundError("the BQM's SPIN biases overflow float64 when converted to a BINARY "
+                          "QUBO" if overflow else "the BQM has NaN or infinite biases")
     if not np.isfinite(reach):
         raise QroundError("the BQM's biases are too large: the energy of a flip overflows "
                           "float64")
@@ -307,3 +308,13 @@ def _anneal_sparse(solver, n, linear, rows, cols, half, start, rng) -> np.ndarra
         indptr, indices, data, np.zeros(n), np.ones((reads, n)), grad, b, fields, energy,
         betas, solver.restarts, solver.order == "random", seeds)
     return best.astype(bool)
+
+
+def _finite_biases(bqm) -> bool:
+    try:
+        linear, (_, _, quad), offset = bqm.to_numpy_vectors()
+        return bool(np.all(np.isfinite(np.asarray(linear, dtype=np.float64))) and
+                    np.all(np.isfinite(np.asarray(quad, dtype=np.float64))) and
+                    np.isfinite(float(offset)))
+    except (TypeError, ValueError, OverflowError):
+        return False

@@ -206,8 +206,9 @@ def test_cli_sample_solves_exported_files_and_scores_them_against_rtn(layer_file
 
     out = tmp_path / "qubos"
     assert main(["export-qubo", str(layer_file), "--out", str(out), "--channels", "0:3",
-                 "--solver", ""]) == 0
+                 "--solver", "gptq"]) == 0
     capsys.readouterr()
+    manifest = json.loads((out / MANIFEST).read_text())
     files = sorted(str(p) for p in out.glob("*.qubo"))
     result = tmp_path / "samples.json"
     assert main(["sample", *files, "--method", "tabu(restarts=2)", "--reads", "2", "--out",
@@ -226,6 +227,9 @@ def test_cli_sample_solves_exported_files_and_scores_them_against_rtn(layer_file
         assert row["rtn_cost"] == pytest.approx(problem.costs(problem.rtn_choices())[c])
         assert row["ratio"] == pytest.approx(row["cost"] / row["rtn_cost"]) and row["ratio"] < 1
         assert row["energy"] == pytest.approx(read_qubo(path).energy(x), rel=1e-9, abs=1e-12)
+        entry = manifest["channels"][c]
+        assert row["known"] == "gptq" and row["known_cost"] == pytest.approx(
+            entry["solutions"]["gptq"]["energy"] + entry["offset"])
 
 
 def test_cli_sample_without_a_manifest_and_bad_methods(tmp_path, capsys):
@@ -239,3 +243,54 @@ def test_cli_sample_without_a_manifest_and_bad_methods(tmp_path, capsys):
                           ("tabu(num_sweeps=3)", "does not take")):
         assert main(["sample", str(path), "--method", method]) == 2
         assert match in capsys.readouterr().err, method
+
+
+def test_cli_sample_refuses_seed_in_the_method_and_repeated_files(tmp_path, capsys):
+    path = tmp_path / "tiny.qubo"
+    path.write_text("p qubo 0 3 2 1\n0 0 -1\n2 2 -1\n0 2 3\n")
+    for method in ("tabu(seed=3)", "anneal(num_reads=3)"):
+        assert main(["sample", str(path), "--method", method]) == 2
+        assert "give --seed and --reads" in capsys.readouterr().err
+    assert main(["sample", str(path), str(path)]) == 2
+    assert "more than once" in capsys.readouterr().err
+
+
+def test_sparse_qubo_files_read_without_a_dense_matrix(tmp_path, capsys):
+    """read_qubo_bqm builds the BQM from the entries: a 40 000-variable ring, whose dense
+    matrix (12 GiB) read_qubo refuses, samples from the shell."""
+    from qround.problems.qubo_files import read_qubo_bqm
+
+    n = 40_000
+    path = tmp_path / "ring.qubo"
+    lines = [f"p qubo 0 {n} {n} {n}"] + [f"{i} {i} 1" for i in range(n)] + \
+        [f"{i} {(i + 1) % n} -2" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(QroundError, match="dense matrix"):
+        read_qubo(path)
+    bqm = read_qubo_bqm(path)
+    assert bqm.num_variables == n and bqm.num_interactions == n
+    assert main(["sample", str(path), "--method", "anneal(num_sweeps=30)", "--reads", "1",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    assert row["variables"] == n and row["energy"] <= 0.0   # all zeros costs 0; ones too
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_the_sparse_reader_gives_the_dense_readers_energies(seed):
+    from qround.problems.qubo_files import read_qubo_bqm
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 9))
+    entries = [(int(i), int(j), float(rng.normal())) for i, j in
+               rng.integers(0, n, size=(int(rng.integers(0, 20)), 2))]
+    nodes = sum(i == j for i, j, _ in entries)
+    text = f"c offset {rng.normal()}\np qubo 0 {n} {nodes} {len(entries) - nodes}\n" + \
+        "".join(f"{i} {j} {v!r}\n" for i, j, v in entries)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "q.qubo"
+        path.write_text(text)
+        dense, bqm = read_qubo(path), read_qubo_bqm(path)
+    for x in rng.integers(0, 2, size=(5, n)):
+        assert bqm.energy(dict(enumerate(x))) == pytest.approx(dense.energy(x) + dense.offset,
+                                                               abs=1e-12)

@@ -82,3 +82,33 @@ def test_dimod_any_sampler_object():
     np.testing.assert_allclose(sol.energy, Exact().solve(p).energy, atol=1e-9)
     subset = get_solver("neal", channels=[1]).solve(p, seed=0)
     np.testing.assert_array_equal(subset.choices[0], p.rtn_choices()[0])
+
+
+# ------------------------------------------------ found by the twelfth session's walkthrough
+def test_dimod_samplers_refuse_misspelt_options_and_wrap_their_errors():
+    pytest.importorskip("dwave.samplers", reason="needs dwave-samplers")
+    from qround import QroundError, get_solver
+
+    p = make_problem(m=2, n=8, seed=1)
+    # dwave's samplers take **kwargs and ignore a misspelt name: qround refuses it
+    with pytest.raises(QroundError, match=r"does not take \['num_sweep'\]"):
+        get_solver("neal(num_sweep=50)").solve(p, seed=0)
+    with pytest.raises(QroundError, match=r"does not take \['timeot'\]"):
+        get_solver("dwave-tabu(timeot=1)").solve(p, seed=0)
+    # the sampler's own refusal of a value comes as a QroundError naming the sampler
+    with pytest.raises(QroundError, match=r"sampler 'neal\(num_reads=0\)' refused"):
+        get_solver("neal(num_reads=0)").solve(p, seed=0)
+    assert get_solver("neal(num_sweeps=50)").solve(p, seed=0).ratio <= 1.0
+
+
+def test_cli_solve_reports_a_dimod_samplers_refusal_in_one_line(tmp_path, capsys):
+    pytest.importorskip("dwave.samplers", reason="needs dwave-samplers")
+    from qround.cli import main
+    from qround.problems.io import save_layer_stats
+
+    p = make_problem(m=3, n=10, seed=2)
+    path = tmp_path / "l.npz"
+    save_layer_stats(path, p.weight, p.hessian, bits=4, name="toy")
+    assert main(["solve", str(path), "--solver", "neal(num_reads=0)"]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "Traceback" not in err

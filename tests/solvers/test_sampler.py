@@ -272,3 +272,13 @@ def test_one_compiled_sparse_kernel_for_any_number_of_reads():
     for reads in (1, 2, 3):
         QroundSampler("anneal").sample(bqm, num_reads=reads, seed=0, num_sweeps=5)
     assert len(_kernels.anneal_sparse_kernel.signatures) == 1
+
+
+def test_warm_up_takes_samplers_and_nan_spin_biases_are_named_as_such():
+    from qround.solvers import warm_up
+
+    warm_up(QroundSampler("tabu"), QroundSampler("anneal"))
+    warm_up(QroundSampler("anneal"), num_sweeps=5)
+    bad = dimod.BinaryQuadraticModel({0: np.nan, 1: 1.0}, {(0, 1): 1.0}, 0.0, "SPIN")
+    with pytest.raises(QroundError, match="NaN or infinite"):
+        QroundSampler().sample(bad)
