@@ -205,7 +205,9 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         """Search ``bqm`` from ``num_reads`` starts; one sample (the best state seen) per read.
 
         Returns a ``dimod.SampleSet`` in the BQM's vartype, its energies from ``bqm``, and
-        ``info["timing"]`` (seconds of the search and of the whole call).
+        ``info["timing"]`` (seconds of the search and of the whole call); for annealing also
+        ``info["beta_range"]`` (the inverse temperatures used) and ``info["matrix"]``
+        (``"dense"`` or ``"sparse"``).
         """
         t_call = time.perf_counter()
         if not isinstance(bqm, dimod.BinaryQuadraticModel):
@@ -258,10 +260,12 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         samples = choices.astype(np.int8)
         if bqm.vartype is dimod.SPIN:
             samples = 2 * samples - 1
-        return dimod.SampleSet.from_samples_bqm(
-            (samples, variables), bqm,
-            info={"timing": {"search_s": search, "total_s": time.perf_counter() - t_call},
-                  "method": self.method})
+        info = {"timing": {"search_s": search, "total_s": time.perf_counter() - t_call},
+                "method": self.method}
+        if self.method == "anneal":  # as dwave's simulated annealing reports it
+            info["beta_range"] = list(solver.beta_range)
+            info["matrix"] = "sparse" if sparse else "dense"
+        return dimod.SampleSet.from_samples_bqm((samples, variables), bqm, info=info)
 
 
 def _default_beta_range(linear, rows, cols, quad) -> tuple[float, float]:

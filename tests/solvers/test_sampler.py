@@ -173,6 +173,8 @@ def test_anneal_temperatures_come_from_the_bqm_not_the_start():
 
 
 def test_anneal_beta_range_is_taken_as_given():
+    from dwave.samplers.sa.sampler import default_beta_range
+
     from qround.solvers import Anneal
 
     bqm = random_bqm(20, 1)
@@ -180,6 +182,8 @@ def test_anneal_beta_range_is_taken_as_given():
                                          num_sweeps=5)
     cold = QroundSampler("anneal").sample(bqm, num_reads=2, seed=0, num_sweeps=5)
     assert not np.array_equal(hot.record.sample, cold.record.sample)
+    assert hot.info["beta_range"] == [1e-9, 1e-9] and hot.info["matrix"] == "dense"
+    assert cold.info["beta_range"] == pytest.approx(list(default_beta_range(bqm)))
     with pytest.raises(QroundError, match="beta_range must grow"):
         Anneal(beta_range=(2.0, 1.0))
     with pytest.raises(QroundError, match=r"beta_range\[0\]"):
