@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import QroundError, check_int
 from ..problems import energy as _energy
+from ..problems.qubo_files import MAX_DENSE_BYTES
 from . import _kernels
 from .anneal import Anneal
 from .base import single_threaded_blas, spawn_rng
@@ -52,7 +53,6 @@ _SOLVER_PARAMETERS = {
              "reset_every"),
     "anneal": ("num_sweeps", "restarts", "order", "beta_range"),
 }
-MAX_DENSE_BYTES = 8 * 2 ** 30
 # annealing works on H in CSR form below this fraction of the possible couplings
 SPARSE_BELOW = 0.25
 
@@ -160,7 +160,8 @@ def _dense(n: int, rows, cols, half) -> np.ndarray:
 
 
 def _sparse(n: int, rows, cols, half):
-    """H (symmetric, zero diagonal) as CSR arrays (indptr, indices, data)."""
+    """H (symmetric, zero diagonal) in CSR form: ((indptr, indices, data) for the kernel, the
+    scipy matrix for the start's fields)."""
     from scipy import sparse
 
     h = sparse.csr_matrix((np.concatenate([half, half]),
