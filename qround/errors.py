@@ -14,13 +14,18 @@ class QroundError(ValueError):
     """Bad input or configuration: the message names the argument and what is wrong."""
 
 
-def check_int(value, name: str, minimum: int, allow_none: bool = False) -> int | None:
-    """An integer parameter >= ``minimum`` (or None where allowed); QroundError naming it."""
+def check_int(value, name: str, minimum: int, allow_none: bool = False,
+              maximum: int | None = None) -> int | None:
+    """An integer parameter in ``[minimum, maximum]`` (or None where allowed); QroundError
+    naming it.  ``maximum`` keeps absurd values (``2**70`` restarts) from failing deep in a
+    compiled kernel or an allocation."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         kind = f"an integer >= {minimum}" + (" or None" if allow_none else "")
         raise QroundError(f"{name} must be {kind}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise QroundError(f"{name}={value} is too large: at most {maximum}")
     return int(value)
 
 

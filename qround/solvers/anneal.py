@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QroundError, check_int, check_positive_pair, check_real
+from ..errors import QroundError, as_float_array, check_int, check_positive_pair, check_real
 from ..problems.rounding import RoundingProblem
 from . import _kernels
 from .base import Solver
+
+SCHEDULE_TYPES = ("geometric", "linear", "custom")
+MAX_SWEEPS = 10 ** 7     # sweeps per run: the kernels hold an inverse temperature per sweep and channel
+MAX_RESTARTS = 10 ** 6
 
 
 def beta_schedule(problem: RoundingProblem, start: np.ndarray, num_sweeps: int,
@@ -36,17 +40,24 @@ def beta_schedule(problem: RoundingProblem, start: np.ndarray, num_sweeps: int,
     the colder starts miss the exact optimum more often (8 vs 71 of 720 channels for 0.1 vs
     1e-3), so 0.1 is the robust default.
     """
-    deltas = np.abs(problem.flip_deltas(start))
-    betas = np.ones((problem.num_channels, num_sweeps))
+    ends = _beta_ends(problem, start, hot_accept, cold_accept, cold_quantile)
     frac = np.linspace(0.0, 1.0, num_sweeps) if num_sweeps > 1 else np.ones(1)
+    return ends[:, :1] * (ends[:, 1:] / ends[:, :1]) ** frac[None, :]
+
+
+def _beta_ends(problem, start, hot_accept, cold_accept, cold_quantile) -> np.ndarray:
+    """(beta_min, beta_max) per channel, (m, 2), as :func:`beta_schedule` describes; (1, 1)
+    where nothing can flip or no flip changes the energy (any temperature will do)."""
+    deltas = np.abs(problem.flip_deltas(start))
+    ends = np.ones((problem.num_channels, 2))
     for c in range(problem.num_channels):
         d = deltas[c][problem.free[c] & (deltas[c] > 0)]
         if d.size == 0:
-            continue  # nothing to flip, or no flip changes the energy: any temperature will do
+            continue
         b_min = -np.log(hot_accept) / np.median(d)
         b_max = max(-np.log(cold_accept) / np.quantile(d, cold_quantile), b_min)
-        betas[c] = b_min * (b_max / b_min) ** frac
-    return betas
+        ends[c] = b_min, b_max
+    return ends
 
 
 class Anneal(Solver):
@@ -62,17 +73,29 @@ class Anneal(Solver):
     searched from arbitrary starts (:class:`qround.solvers.QroundSampler`) a fixed range from
     the problem's biases is the robust choice.
 
+    The schedule, with dwave-samplers' names and meanings: ``beta_schedule_type`` is
+    ``"geometric"`` (the default) or ``"linear"`` interpolation over the range, or ``"custom"``
+    with ``beta_schedule`` the inverse temperatures themselves (absolute units, >= 0; giving
+    ``beta_schedule`` alone implies ``"custom"``); ``num_sweeps_per_beta`` sweeps run at each
+    inverse temperature, so ``num_sweeps`` must be a multiple of it (None: 1000, or with a
+    custom schedule ``len(beta_schedule) x num_sweeps_per_beta``).  A single inverse
+    temperature is the range's end, as in dwave-samplers.
+
     Work per channel is O(sweeps x n) plus O(n) per accepted flip: the default 1000 sweeps
     took about 12 ms of CPU per 384-input channel (MiniLM layer, numba, 2 cores).
     """
 
     name = "anneal"
 
-    def __init__(self, num_sweeps: int = 1000, restarts: int = 1, order: str = "random",
+    def __init__(self, num_sweeps: int | None = None, restarts: int = 1, order: str = "random",
                  hot_accept: float = 0.1, cold_accept: float = 1e-6,
-                 cold_quantile: float = 0.05, beta_range: tuple[float, float] | None = None):
-        self.num_sweeps = check_int(num_sweeps, "num_sweeps", 1)
-        self.restarts = check_int(restarts, "restarts", 1)
+                 cold_quantile: float = 0.05, beta_range: tuple[float, float] | None = None,
+                 beta_schedule_type: str | None = None, num_sweeps_per_beta: int = 1,
+                 beta_schedule=None):
+        num_sweeps = check_int(num_sweeps, "num_sweeps", 1, allow_none=True, maximum=MAX_SWEEPS)
+        self.num_sweeps_per_beta = check_int(num_sweeps_per_beta, "num_sweeps_per_beta", 1,
+                                             maximum=MAX_SWEEPS)
+        self.restarts = check_int(restarts, "restarts", 1, maximum=MAX_RESTARTS)
         if order not in ("random", "sequential"):
             raise QroundError(f"order must be 'random' or 'sequential', got {order!r}")
         hot_accept = check_real(hot_accept, "hot_accept", 0, 1, lo_open=True, hi_open=True)
@@ -92,17 +115,74 @@ class Anneal(Solver):
         self.hot_accept = float(hot_accept)
         self.cold_accept = float(cold_accept)
         self.cold_quantile = float(cold_quantile)
+        if beta_schedule_type is None:
+            beta_schedule_type = "geometric" if beta_schedule is None else "custom"
+        if beta_schedule_type not in SCHEDULE_TYPES:
+            raise QroundError(f"beta_schedule_type must be one of {list(SCHEDULE_TYPES)}, got "
+                              f"{beta_schedule_type!r}")
+        self.beta_schedule_type = beta_schedule_type
+        per = self.num_sweeps_per_beta
+        if beta_schedule_type == "custom":
+            if beta_schedule is None:
+                raise QroundError("beta_schedule_type='custom' needs beta_schedule, the inverse "
+                                  "temperatures")
+            if beta_range is not None:
+                raise QroundError("give beta_range or a custom beta_schedule, not both")
+            schedule = as_float_array(beta_schedule, "beta_schedule", ndim=1)
+            if schedule.size == 0:
+                raise QroundError("beta_schedule is empty")
+            if schedule.min() < 0:
+                raise QroundError(f"beta_schedule must be >= 0, got {schedule.min()!r}")
+            if num_sweeps is not None and num_sweeps != schedule.size * per:
+                raise QroundError(
+                    f"num_sweeps={num_sweeps} disagrees with beta_schedule: {schedule.size} "
+                    f"inverse temperatures x num_sweeps_per_beta={per} is "
+                    f"{schedule.size * per} sweeps (leave num_sweeps out)")
+            check_int(schedule.size * per, "len(beta_schedule) x num_sweeps_per_beta", 1,
+                      maximum=MAX_SWEEPS)
+            schedule.flags.writeable = False
+            self.beta_schedule = schedule
+            self.num_sweeps = schedule.size * per
+        else:
+            if beta_schedule is not None:
+                raise QroundError(f"beta_schedule is for beta_schedule_type='custom', not "
+                                  f"{beta_schedule_type!r}")
+            self.beta_schedule = None
+            self.num_sweeps = 1000 if num_sweeps is None else num_sweeps
+            if self.num_sweeps % per:
+                raise QroundError(f"num_sweeps={self.num_sweeps} must be a multiple of "
+                                  f"num_sweeps_per_beta={per}")
+
+    def betas(self, problem, start) -> np.ndarray:
+        """The inverse temperature of every channel and sweep, (m, num_sweeps)."""
+        ends = None
+        if self.beta_schedule is None and self.beta_range is None:
+            ends = _beta_ends(problem, start, self.hot_accept, self.cold_accept,
+                              self.cold_quantile)   # per channel, from the start's flip deltas
+        return self.steps(problem.num_channels, ends)
+
+    def steps(self, channels: int, ends: np.ndarray | None = None) -> np.ndarray:
+        """(channels, num_sweeps) inverse temperatures: the custom schedule, or the schedule
+        type over ``ends`` (channels, 2) or else ``beta_range``; each held for
+        ``num_sweeps_per_beta`` sweeps."""
+        per = self.num_sweeps_per_beta
+        count = self.num_sweeps // per
+        if self.beta_schedule is not None:
+            steps = np.tile(self.beta_schedule, (channels, 1))
+        else:
+            if ends is None:
+                if self.beta_range is None:
+                    raise QroundError("Anneal.steps needs the range ends: beta_range is None")
+                ends = np.tile(np.asarray(self.beta_range, dtype=np.float64), (channels, 1))
+            lo, hi = ends[:, :1], ends[:, 1:]
+            frac = np.linspace(0.0, 1.0, count)[None, :] if count > 1 else np.ones((1, 1))
+            steps = (lo * (hi / lo) ** frac if self.beta_schedule_type == "geometric"
+                     else lo + (hi - lo) * frac)
+        return np.ascontiguousarray(steps if per == 1 else np.repeat(steps, per, axis=1))
 
     def _solve(self, problem, start, rng):
         args = _kernels.kernel_inputs(problem, start, rng)
-        if self.beta_range is None:
-            betas = beta_schedule(problem, start, self.num_sweeps, self.hot_accept,
-                                  self.cold_accept, self.cold_quantile)
-        else:
-            b0, b1 = self.beta_range
-            frac = (np.linspace(0.0, 1.0, self.num_sweeps) if self.num_sweeps > 1
-                    else np.ones(1))
-            betas = np.tile(b0 * (b1 / b0) ** frac, (problem.num_channels, 1))
+        betas = self.betas(problem, start)
         best, _ = _kernels.anneal_kernel(
             args["hess"], args["step"], args["grad"], args["start"], args["fields"],
             args["energy"], args["free_idx"], args["nfree"], betas, self.restarts,

@@ -51,7 +51,8 @@ METHODS = {"tabu": Tabu, "anneal": Anneal}
 _SOLVER_PARAMETERS = {
     "tabu": ("max_iter", "restarts", "tenure", "stall", "perturb", "iters_per_var", "descent",
              "reset_every"),
-    "anneal": ("num_sweeps", "restarts", "order", "beta_range"),
+    "anneal": ("num_sweeps", "restarts", "order", "beta_range", "beta_schedule_type",
+               "num_sweeps_per_beta", "beta_schedule"),
 }
 # annealing works on H in CSR form below this fraction of the possible couplings
 SPARSE_BELOW = 0.25
@@ -207,8 +208,11 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
 
         Returns a ``dimod.SampleSet`` in the BQM's vartype, its energies from ``bqm``, and
         ``info["timing"]`` (seconds of the search and of the whole call); for annealing also
-        ``info["beta_range"]`` (the inverse temperatures used) and ``info["matrix"]``
-        (``"dense"`` or ``"sparse"``).
+        ``info["beta_range"]`` (the first and last inverse temperatures),
+        ``info["beta_schedule_type"]`` and ``info["matrix"]`` (``"dense"`` or ``"sparse"``).
+        Annealing takes dwave-samplers' schedule options: ``beta_range``,
+        ``beta_schedule_type`` ("geometric", "linear" or "custom" with ``beta_schedule``) and
+        ``num_sweeps_per_beta``.
         """
         t_call = time.perf_counter()
         if not isinstance(bqm, dimod.BinaryQuadraticModel):
@@ -246,7 +250,8 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
             start = (start + 1) // 2
         start = start.astype(bool)
         sparse = self.method == "anneal" and n > 1 and rows.size < SPARSE_BELOW * n * (n - 1) / 2
-        if self.method == "anneal" and solver.beta_range is None:
+        if self.method == "anneal" and solver.beta_range is None and \
+                solver.beta_schedule is None:
             solver = copy.copy(solver)
             solver.beta_range = _default_beta_range(linear, rows, cols, quad)
         t0 = time.perf_counter()
@@ -264,7 +269,10 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         info = {"timing": {"search_s": search, "total_s": time.perf_counter() - t_call},
                 "method": self.method}
         if self.method == "anneal":  # as dwave's simulated annealing reports it
-            info["beta_range"] = list(solver.beta_range)
+            custom = solver.beta_schedule
+            info["beta_range"] = (list(solver.beta_range) if custom is None
+                                  else [float(custom[0]), float(custom[-1])])
+            info["beta_schedule_type"] = solver.beta_schedule_type
             info["matrix"] = "sparse" if sparse else "dense"
         return dimod.SampleSet.from_samples_bqm((samples, variables), bqm, info=info)
 
@@ -293,7 +301,7 @@ def _check_dense_size(n: int) -> None:
 
 
 def _anneal_sparse(solver, n, linear, rows, cols, half, start, rng) -> np.ndarray:
-    """``Anneal`` (with its ``beta_range``) on the QUBO in CSR form: the draws and decisions of
+    """``Anneal`` (with its ``beta_range`` or custom schedule) on the QUBO in CSR form: the draws and decisions of
     the dense path (same seeds, same order of visits) up to round-off in the start's fields
     (scipy's sparse product and BLAS sum in other orders; exact for integer or dyadic biases),
     at a cost per accepted flip of the variable's couplings instead of n."""
@@ -306,9 +314,7 @@ def _anneal_sparse(solver, n, linear, rows, cols, half, start, rng) -> np.ndarra
     energy = np.sum(b * (fields + grad), axis=1)
     seeds = rng.integers(0, np.iinfo(np.int64).max, size=reads,
                          dtype=np.int64).astype(np.uint64)
-    b0, b1 = solver.beta_range
-    frac = np.linspace(0.0, 1.0, solver.num_sweeps) if solver.num_sweeps > 1 else np.ones(1)
-    betas = np.tile(b0 * (b1 / b0) ** frac, (reads, 1))
+    betas = solver.steps(reads)
     best, _ = _kernels.anneal_sparse_kernel(
         indptr, indices, data, np.zeros(n), np.ones((reads, n)), grad, b, fields, energy,
         betas, solver.restarts, solver.order == "random", seeds)

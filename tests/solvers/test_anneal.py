@@ -193,3 +193,67 @@ def test_registered_and_bad_arguments():
                          (dict(cold_quantile=-1), "cold_quantile")]:
         with pytest.raises(QroundError, match=word):
             Anneal(**kwargs)
+
+
+def test_schedule_types_follow_dwave_samplers():
+    """geometric / linear interpolation over beta_range with ``num_sweeps // num_sweeps_per_beta``
+    inverse temperatures, each held for ``num_sweeps_per_beta`` sweeps; one temperature is
+    the range's end (dwave-samplers' conventions)."""
+    lo, hi = 0.1, 30.0
+    geo = Anneal(beta_range=(lo, hi), num_sweeps=40, num_sweeps_per_beta=4).steps(3)
+    assert geo.shape == (3, 40)
+    np.testing.assert_allclose(geo[1], np.repeat(np.geomspace(lo, hi, 10), 4), rtol=1e-12)
+    lin = Anneal(beta_range=(lo, hi), num_sweeps=30, beta_schedule_type="linear").steps(2)
+    np.testing.assert_allclose(lin[0], np.linspace(lo, hi, 30), rtol=1e-12)
+    one = Anneal(beta_range=(lo, hi), num_sweeps=5, num_sweeps_per_beta=5).steps(1)
+    np.testing.assert_array_equal(one, np.full((1, 5), hi))
+    custom = Anneal(beta_schedule=[0.0, 1.0, 2.5], num_sweeps_per_beta=2)
+    assert custom.beta_schedule_type == "custom" and custom.num_sweeps == 6
+    np.testing.assert_array_equal(custom.steps(2), [[0, 0, 1, 1, 2.5, 2.5]] * 2)
+
+
+def test_linear_schedule_uses_each_channels_range_from_its_start():
+    q = make_problem(m=3, n=10, seed=4)
+    start = q.rtn_choices()
+    geo = Anneal(num_sweeps=25).betas(q, start)
+    lin = Anneal(num_sweeps=25, beta_schedule_type="linear").betas(q, start)
+    np.testing.assert_allclose(geo[:, [0, -1]], lin[:, [0, -1]], rtol=1e-12)
+    np.testing.assert_allclose(np.diff(lin, 2, axis=1), 0, atol=1e-9 * lin.max())
+    np.testing.assert_array_equal(geo, beta_schedule(q, start, 25))
+
+
+def test_the_kernel_anneals_at_the_schedule_given():
+    """A custom schedule equal to a range's geometric schedule gives the same run, and holding
+    each temperature twice is the same as listing it twice."""
+    q = make_problem(m=4, n=12, seed=7)
+    ranged = Anneal(beta_range=(0.05, 20.0), num_sweeps=30)
+    custom = Anneal(beta_schedule=ranged.steps(1)[0])
+    np.testing.assert_array_equal(ranged.solve(q, seed=1).choices,
+                                  custom.solve(q, seed=1).choices)
+    betas = np.geomspace(0.05, 20.0, 15)
+    held = Anneal(beta_schedule=betas, num_sweeps_per_beta=2).solve(q, seed=2)
+    listed = Anneal(beta_schedule=np.repeat(betas, 2)).solve(q, seed=2)
+    np.testing.assert_array_equal(held.choices, listed.choices)
+    assert not np.array_equal(ranged.solve(q, seed=1).choices,
+                              Anneal(beta_schedule=np.zeros(30)).solve(q, seed=1).choices)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(beta_schedule_type="cosine"), "beta_schedule_type must be one of"),
+    (dict(beta_schedule_type="custom"), "needs beta_schedule"),
+    (dict(beta_schedule=[1.0, 2.0], beta_schedule_type="linear"), "beta_schedule is for"),
+    (dict(beta_schedule=[1.0, 2.0], beta_range=(1.0, 2.0)), "not both"),
+    (dict(beta_schedule=[]), "beta_schedule is empty"),
+    (dict(beta_schedule=[1.0, -2.0]), "must be >= 0"),
+    (dict(beta_schedule=[1.0, float("nan")]), "NaN"),
+    (dict(beta_schedule=[[1.0, 2.0]]), "dimension"),
+    (dict(beta_schedule=["hot"]), "beta_schedule"),
+    (dict(beta_schedule=[1.0, 2.0], num_sweeps=5), "disagrees with beta_schedule"),
+    (dict(num_sweeps=10, num_sweeps_per_beta=3), "multiple of num_sweeps_per_beta"),
+    (dict(num_sweeps_per_beta=0), "num_sweeps_per_beta"),
+    (dict(num_sweeps=2 ** 70), "num_sweeps=.* is too large"),
+    (dict(restarts=2 ** 70), "restarts=.* is too large"),
+])
+def test_schedule_options_are_checked(kwargs, match):
+    with pytest.raises(QroundError, match=match):
+        Anneal(**kwargs)

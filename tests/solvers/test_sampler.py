@@ -257,6 +257,48 @@ def test_sparse_annealing_makes_the_dense_paths_decisions(monkeypatch):
         assert np.allclose(runs["dense"].record.energy, runs["sparse"].record.energy)
 
 
+@pytest.mark.parametrize("options", [
+    dict(beta_schedule_type="linear", num_sweeps=40, num_sweeps_per_beta=4),
+    dict(beta_schedule=np.geomspace(0.01, 3.0, 20), num_sweeps_per_beta=2),
+])
+def test_annealing_schedules_reach_both_kernels(monkeypatch, options):
+    """dwave-samplers' schedule options: the dense and CSR kernels anneal at the same
+    temperatures, and info reports the schedule as dwave's sampler does."""
+    from qround.solvers import sampler
+
+    rng = np.random.default_rng(1)
+    bqm = dimod.generators.gnp_random_bqm(
+        60, 0.1, "BINARY", random_state=1,
+        bias_generator=lambda k: rng.integers(-50, 51, size=k).astype(float))
+    runs = {}
+    for path, cut in (("dense", 0.0), ("sparse", 2.0)):
+        monkeypatch.setattr(sampler, "SPARSE_BELOW", cut)
+        runs[path] = QroundSampler("anneal").sample(bqm, num_reads=3, seed=5, **options)
+        assert runs[path].info["matrix"] == path
+    assert np.array_equal(runs["dense"].record.sample, runs["sparse"].record.sample)
+    info = runs["dense"].info
+    if "beta_schedule" in options:
+        assert info["beta_schedule_type"] == "custom"
+        assert info["beta_range"] == [0.01, pytest.approx(3.0)]
+    else:
+        from dwave.samplers.sa.sampler import default_beta_range
+        assert info["beta_schedule_type"] == "linear"
+        assert info["beta_range"] == pytest.approx(list(default_beta_range(bqm)))
+    plain = QroundSampler("anneal").sample(bqm, num_reads=3, seed=5, num_sweeps=40)
+    assert not np.array_equal(plain.record.sample, runs["dense"].record.sample)
+
+
+def test_annealing_schedule_errors_are_qround_errors():
+    bqm = random_bqm(8, 2)
+    for options, match in ((dict(beta_schedule_type="custom"), "needs beta_schedule"),
+                           (dict(num_sweeps=10, num_sweeps_per_beta=4), "multiple"),
+                           (dict(beta_schedule=[1, 2], num_sweeps=3), "disagrees")):
+        with pytest.raises(QroundError, match=match):
+            QroundSampler("anneal").sample(bqm, **options)
+    with pytest.raises(QroundError, match="does not take"):
+        QroundSampler("tabu").sample(bqm, beta_schedule_type="linear")
+
+
 def test_sparse_bqms_too_large_for_a_dense_matrix_anneal():
     n = 40_000   # a dense matrix would take 12 GiB; the ring has n couplings
     bqm = dimod.BinaryQuadraticModel({i: 0.0 for i in range(n)},
