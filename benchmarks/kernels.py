@@ -76,8 +76,11 @@ def takes_compact(kernel) -> bool:
 
 def csr_tail(module, kernel) -> tuple:
     """The ``no_csr`` argument where the kernel takes it (anneal_kernel since the twelfth
-    session), else nothing."""
-    return (module.NO_CSR,) if "no_csr" in inspect.signature(kernel.py_func).parameters else ()
+    session), or ``time_limit_ns`` (tabu_kernel since the thirteenth), else nothing."""
+    params = inspect.signature(kernel.py_func).parameters
+    if "no_csr" in params:
+        return (module.NO_CSR,)
+    return (module.NO_TIME_LIMIT,) if "time_limit_ns" in params else ()
 
 
 def main(argv=None) -> int:

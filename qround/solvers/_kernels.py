@@ -22,8 +22,13 @@ gives the same result whatever the number of threads.
 """
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -243,6 +248,40 @@ def anneal_sparse_kernel(indptr, indices, data, hdiag, step, grad, start, fields
     return best_all, best_e_all
 
 
+# A monotonic clock inside compiled loops (tabu search's time limit): POSIX clock_gettime,
+# called directly.  Where there is none (Windows), HAS_CLOCK is False, the clock reads 0 and
+# the solvers refuse a time limit.
+HAS_CLOCK = os.name == "posix" and hasattr(time, "CLOCK_MONOTONIC")
+_CLOCK_ID = time.CLOCK_MONOTONIC if HAS_CLOCK else 0
+
+
+@intrinsic
+def _clock_gettime_ns(typingctx):
+    import llvmlite.ir as lir
+
+    def codegen(context, builder, signature, args):
+        i32, i64 = lir.IntType(32), lir.IntType(64)
+        timespec = lir.LiteralStructType([i64, i64])   # time_t, long: 64-bit on LP64 systems
+        ts = cgutils.alloca_once(builder, timespec)
+        fn = cgutils.get_or_insert_function(
+            builder.module, lir.FunctionType(i32, [i32, timespec.as_pointer()]), "clock_gettime")
+        builder.call(fn, [i32(_CLOCK_ID), ts])
+        sec = builder.load(builder.gep(ts, [i32(0), i32(0)]))
+        nsec = builder.load(builder.gep(ts, [i32(0), i32(1)]))
+        return builder.add(builder.mul(sec, i64(1_000_000_000)), nsec)
+
+    return types.int64(), codegen
+
+
+@njit(cache=True, inline="always")
+def _no_clock_ns():
+    return 0
+
+
+_now_ns = _clock_gettime_ns if HAS_CLOCK else _no_clock_ns
+NO_TIME_LIMIT = 0   # tabu_kernel's time_limit_ns when the search has none
+
+
 @njit(cache=True, inline="always")
 def _flip_update_deltas(i, b, d, f, grad, curv, row, delta):
     """Flip b_i, update the fields with row i of H and refresh every delta in the same pass.
@@ -288,10 +327,12 @@ def _take(i, e, best_e, at_best, b, d, f, grad, curv, row, delta, best, best_f):
 
 @njit(cache=True, inline="always")
 def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, perturb,
-                  reset_every, descent, tol, seed):
+                  reset_every, descent, tol, seed, time_limit_ns):
     """One channel of :func:`tabu_kernel`: h (n, n), s, g, b0, f0 (n,) its problem and start,
     e0 the start's energy, order (k,) its free variables (a fixed one has s = 0, so its delta
     is +inf and it is never picked).  Returns the best choices (n,) and their energy."""
+    t_end = _now_ns() + time_limit_ns if time_limit_ns > 0 else 0
+    out_of_time = False
     n = b0.shape[0]
     k = order.shape[0]
     state = np.empty(1, dtype=np.uint64)
@@ -306,6 +347,8 @@ def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, p
     tabu_until = np.zeros(n, dtype=np.int64)
     it = 0
     for r in range(rounds):
+        if out_of_time or (t_end > 0 and r > 0 and _now_ns() >= t_end):
+            break
         from_start = r == 0 or (reset_every > 0 and r % reset_every == 0)
         if from_start or not at_best:
             if at_best:
@@ -325,6 +368,9 @@ def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, p
                 e, best_e, at_best = _take(order[p], e, best_e, at_best, b, d, f, g, curv,
                                            h[order[p]], delta, best, best_f)
         for _ in range(k if descent else 0):  # first-improvement sweeps, random order
+            if t_end > 0 and _now_ns() >= t_end:
+                out_of_time = True
+                break
             _shuffle(order, k, state)
             improved = False
             for p in range(k):
@@ -337,8 +383,11 @@ def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, p
                 break
         tabu_until[:] = 0
         since_best = 0
-        for _ in range(max_iter):
+        for _ in range(0 if out_of_time else max_iter):
             it += 1
+            if t_end > 0 and (it & 255) == 0 and _now_ns() >= t_end:
+                out_of_time = True
+                break
             pick, pick_d = -1, np.inf
             for j in range(n):
                 dj = delta[j]
@@ -359,7 +408,8 @@ def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, p
 
 @njit(parallel=True, cache=True)
 def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure, max_iter,
-                stall, rounds, perturb, reset_every, descent, tol, seeds, compact):
+                stall, rounds, perturb, reset_every, descent, tol, seeds, compact,
+                time_limit_ns):
     """Iterated tabu search per channel; see :class:`qround.solvers.tabu.Tabu`.
 
     Each round: from the best state (from the start in round 0 and every ``reset_every``-th
@@ -368,7 +418,10 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
     variable with the lowest delta that is not tabu (a tabu flip that gives a new best is
     allowed: aspiration) and make it tabu for ``tenure[c]`` iterations; the round ends after
     ``max_iter`` iterations or ``stall`` without a new best.  compact: work on each channel's
-    free sub-problem (:func:`_compact_hessian`).
+    free sub-problem (:func:`_compact_hessian`).  time_limit_ns > 0: each channel's search
+    also ends once that many nanoseconds have passed since it began (checked every 256
+    iterations, every descent sweep and every round; the first round always starts), so its
+    result depends on the machine's speed; NO_TIME_LIMIT (0): no limit.
     Returns the best choices (m, n) float64 and energies (m,).
     """
     m, n = start.shape
@@ -386,13 +439,14 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
                 _compact_hessian(h, idx), _gather(step[c], idx), _gather(grad[c], idx),
                 _gather(start[c], idx), _gather(fields[c], idx), energy[c], np.arange(k),
                 tenure[c], max_iter, stall, rounds, perturb[c], reset_every, descent, tol[c],
-                seeds[c])
+                seeds[c], time_limit_ns)
             for a in range(k):
                 best_all[c, idx[a]] = best[a]
         else:
             best, best_e = _tabu_channel(
                 h, step[c], grad[c], start[c], fields[c], energy[c], idx.copy(), tenure[c],
-                max_iter, stall, rounds, perturb[c], reset_every, descent, tol[c], seeds[c])
+                max_iter, stall, rounds, perturb[c], reset_every, descent, tol[c], seeds[c],
+                time_limit_ns)
             best_all[c] = best
         best_e_all[c] = best_e
     return best_all, best_e_all

@@ -50,7 +50,7 @@ METHODS = {"tabu": Tabu, "anneal": Anneal}
 # the solver parameters a sample() call takes, by method (those of the solver's constructor)
 _SOLVER_PARAMETERS = {
     "tabu": ("max_iter", "restarts", "tenure", "stall", "perturb", "iters_per_var", "descent",
-             "reset_every"),
+             "reset_every", "time_limit", "timeout"),
     "anneal": ("num_sweeps", "restarts", "order", "beta_range", "beta_schedule_type",
                "num_sweeps_per_beta", "beta_schedule"),
 }
@@ -210,6 +210,8 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         ``info["timing"]`` (seconds of the search and of the whole call); for annealing also
         ``info["beta_range"]`` (the first and last inverse temperatures),
         ``info["beta_schedule_type"]`` and ``info["matrix"]`` (``"dense"`` or ``"sparse"``).
+        Tabu search takes dwave-samplers' ``timeout`` (milliseconds per read: rounds run
+        until it is up, unless ``restarts`` bounds them) or ``time_limit`` (seconds).
         Annealing takes dwave-samplers' schedule options: ``beta_range``,
         ``beta_schedule_type`` ("geometric", "linear" or "custom" with ``beta_schedule``) and
         ``num_sweeps_per_beta``.
@@ -222,6 +224,8 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         if unknown:
             raise QroundError(f"QroundSampler({self.method!r}) does not take {unknown}; its "
                               f"parameters: {sorted(self.parameters)}")
+        if "timeout" in solver_parameters:   # dwave-samplers' TabuSampler: ms per read
+            solver_parameters = _from_timeout(solver_parameters)
         solver = METHODS[self.method](**solver_parameters)
         check_int(num_reads, "num_reads", 1, allow_none=True)
         rng = spawn_rng(seed)  # seed checked here; the starts get their own stream from it
@@ -275,6 +279,22 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
             info["beta_schedule_type"] = solver.beta_schedule_type
             info["matrix"] = "sparse" if sparse else "dense"
         return dimod.SampleSet.from_samples_bqm((samples, variables), bqm, info=info)
+
+
+def _from_timeout(parameters: dict) -> dict:
+    """dwave-samplers' ``timeout`` (milliseconds per read; the search restarts until it is up)
+    as Tabu's ``time_limit`` (seconds), with unbounded rounds unless ``restarts`` is given."""
+    parameters = dict(parameters)
+    timeout = parameters.pop("timeout")
+    if "time_limit" in parameters:
+        raise QroundError("give timeout (milliseconds, as dwave-samplers) or time_limit "
+                          "(seconds), not both")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer,
+                                                             np.floating)):
+        raise QroundError(f"timeout must be a number of milliseconds, got {timeout!r}")
+    parameters["time_limit"] = float(timeout) / 1e3   # checked by Tabu
+    parameters.setdefault("restarts", None)
+    return parameters
 
 
 def _default_beta_range(linear, rows, cols, quad) -> tuple[float, float]:

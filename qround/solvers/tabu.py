@@ -23,6 +23,10 @@ from ..problems.rounding import RoundingProblem
 from . import _kernels
 from .base import Solver
 
+MAX_COUNT = 10 ** 12          # rounds, iterations and the like: far above any useful value
+MAX_ITERS_PER_VAR = 1e6
+MAX_TIME_LIMIT = 7 * 86400.0  # seconds
+
 
 def _round_off(problem: RoundingProblem) -> np.ndarray:
     """Per channel, the smallest energy gain a descent takes (m,), so round-off never cycles."""
@@ -40,7 +44,12 @@ class Tabu(Solver):
     exists); stall: end a round after this many iterations without a new best (None: never
     early); perturb: random flips at the start of a restart (None: ``max(2, nfree // 20)``);
     descent: first-improvement sweeps before the tabu iterations of each round; reset_every:
-    every this many rounds restart from the start instead of the best (0: never).
+    every this many rounds restart from the start instead of the best (0: never);
+    time_limit: seconds of search per channel, after which its search ends wherever it is
+    (None: no limit).  With a time limit the result depends on the machine's speed, as
+    dwave-samplers' ``timeout`` does; ``restarts=None`` then runs rounds until the time is up.
+    Every channel's search runs for at most time_limit, but the channels share the CPU's
+    threads, so a layer takes about ``channels x time_limit / threads``.
 
     Work per channel is O(rounds x max_iter x n): the defaults (5 rounds of 10 n iterations)
     took about 10 ms of CPU per 384-input channel (MiniLM layer, numba, 2 cores).
@@ -48,19 +57,28 @@ class Tabu(Solver):
 
     name = "tabu"
 
-    def __init__(self, max_iter: int | None = None, restarts: int = 4, tenure: int | None = None,
-                 stall: int | None = None, perturb: int | None = None,
-                 iters_per_var: float = 10.0, descent: bool = True, reset_every: int = 2):
-        self.max_iter = check_int(max_iter, "max_iter", 1, allow_none=True)
-        self.restarts = check_int(restarts, "restarts", 0)
-        self.tenure = check_int(tenure, "tenure", 0, allow_none=True)
-        self.stall = check_int(stall, "stall", 1, allow_none=True)
-        self.perturb = check_int(perturb, "perturb", 1, allow_none=True)
-        self.iters_per_var = check_real(iters_per_var, "iters_per_var", 0, lo_open=True)
+    def __init__(self, max_iter: int | None = None, restarts: int | None = 4,
+                 tenure: int | None = None, stall: int | None = None,
+                 perturb: int | None = None, iters_per_var: float = 10.0,
+                 descent: bool = True, reset_every: int = 2, time_limit: float | None = None):
+        self.max_iter = check_int(max_iter, "max_iter", 1, allow_none=True, maximum=MAX_COUNT)
+        self.restarts = check_int(restarts, "restarts", 0, allow_none=True, maximum=MAX_COUNT)
+        self.tenure = check_int(tenure, "tenure", 0, allow_none=True, maximum=MAX_COUNT)
+        self.stall = check_int(stall, "stall", 1, allow_none=True, maximum=MAX_COUNT)
+        self.perturb = check_int(perturb, "perturb", 1, allow_none=True, maximum=MAX_COUNT)
+        self.iters_per_var = check_real(iters_per_var, "iters_per_var", 0, MAX_ITERS_PER_VAR,
+                                        lo_open=True)
         if not isinstance(descent, (bool, np.bool_)):
             raise QroundError(f"descent must be True or False, got {descent!r}")
         self.descent = bool(descent)
-        self.reset_every = check_int(reset_every, "reset_every", 0)
+        self.reset_every = check_int(reset_every, "reset_every", 0, maximum=MAX_COUNT)
+        self.time_limit = (None if time_limit is None else
+                           check_real(time_limit, "time_limit", 0, MAX_TIME_LIMIT, lo_open=True))
+        if self.time_limit is not None and not _kernels.HAS_CLOCK:
+            raise QroundError("time_limit needs a POSIX monotonic clock (clock_gettime), which "
+                              "this system lacks; bound the search with restarts instead")
+        if self.restarts is None and self.time_limit is None:
+            raise QroundError("restarts=None (rounds until the time is up) needs a time_limit")
 
     def _solve(self, problem, start, rng):
         args = _kernels.kernel_inputs(problem, start, rng)
@@ -76,10 +94,16 @@ class Tabu(Solver):
         if max_iter is None:
             max_iter = max(1, int(round(self.iters_per_var * int(nfree.max(initial=0)))))
         stall = max_iter if self.stall is None else self.stall
+        rounds = MAX_COUNT if self.restarts is None else self.restarts + 1
+        limit = (_kernels.NO_TIME_LIMIT if self.time_limit is None
+                 else max(1, int(self.time_limit * 1e9)))
         best, _ = _kernels.tabu_kernel(
             args["hess"], args["step"], args["grad"], args["start"], args["fields"],
             args["energy"], args["free_idx"], nfree, tenure.astype(np.int64), max_iter, stall,
-            self.restarts + 1, perturb.astype(np.int64), self.reset_every, self.descent,
+            rounds, perturb.astype(np.int64), self.reset_every, self.descent,
             _round_off(problem), args["seeds"],
-            _kernels.compact_pays(problem.num_inputs, nfree, 2.0 * (self.restarts + 1) * max_iter))
-        return best.astype(bool), {"max_iter": max_iter, "rounds": self.restarts + 1}
+            _kernels.compact_pays(problem.num_inputs, nfree, 2.0 * rounds * max_iter), limit)
+        info = {"max_iter": max_iter, "rounds": None if self.restarts is None else rounds}
+        if self.time_limit is not None:
+            info["time_limit"] = self.time_limit
+        return best.astype(bool), info

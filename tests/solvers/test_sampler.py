@@ -328,3 +328,28 @@ def test_warm_up_takes_samplers_and_nan_spin_biases_are_named_as_such():
     bad = dimod.BinaryQuadraticModel({0: np.nan, 1: 1.0}, {(0, 1): 1.0}, 0.0, "SPIN")
     with pytest.raises(QroundError, match="NaN or infinite"):
         QroundSampler().sample(bad)
+
+
+def test_tabu_takes_dwave_samplers_timeout():
+    """``timeout`` is dwave-samplers' (milliseconds per read, rounds until it is up); with
+    ``restarts`` the rounds are bounded too, and a limit that never binds changes nothing."""
+    from qround.solvers import sampler as sampler_module
+
+    bqm = random_bqm(40, 3)
+    ss = QroundSampler("tabu").sample(bqm, num_reads=2, seed=1, timeout=20)
+    assert len(ss) == 2
+    assert np.all(ss.record.energy <= QroundSampler("tabu").sample(
+        bqm, num_reads=2, seed=1, restarts=0, iters_per_var=0.01).record.energy.max() + 1e-9)
+    bounded = QroundSampler("tabu").sample(bqm, num_reads=2, seed=1, timeout=3.6e6, restarts=2)
+    plain = QroundSampler("tabu").sample(bqm, num_reads=2, seed=1, restarts=2)
+    assert np.array_equal(bounded.record.sample, plain.record.sample)
+    assert sampler_module._from_timeout({"timeout": 250}) == {"time_limit": 0.25,
+                                                               "restarts": None}
+    for options, match in ((dict(timeout="fast"), "milliseconds"),
+                           (dict(timeout=True), "milliseconds"),
+                           (dict(timeout=-5), "time_limit"),
+                           (dict(timeout=10, time_limit=0.01), "not both")):
+        with pytest.raises(QroundError, match=match):
+            QroundSampler("tabu").sample(bqm, **options)
+    with pytest.raises(QroundError, match="does not take"):
+        QroundSampler("anneal").sample(bqm, timeout=10)

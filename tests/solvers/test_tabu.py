@@ -20,7 +20,8 @@ def _run_kernel(p, start, rounds=3, perturb=2, tenure=3, max_iter=40, descent=Tr
     return _kernels.tabu_kernel(
         args["hess"], args["step"], args["grad"], args["start"], args["fields"], args["energy"],
         args["free_idx"], args["nfree"], np.full(m, tenure), max_iter, max_iter, rounds,
-        np.full(m, perturb), reset_every, descent, _round_off(p), args["seeds"], compact)
+        np.full(m, perturb), reset_every, descent, _round_off(p), args["seeds"], compact,
+        _kernels.NO_TIME_LIMIT)
 
 
 @settings(max_examples=25, deadline=None)
@@ -170,3 +171,53 @@ def test_kernel_inputs_energy_is_the_problem_energy(per_channel):
     args = _kernels.kernel_inputs(p, b, np.random.default_rng(0))
     np.testing.assert_allclose(args["energy"], p.energies(b), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(args["fields"], p.local_fields(b), rtol=1e-12, atol=1e-12)
+
+
+def test_a_time_limit_that_never_binds_changes_nothing():
+    """The clock checks make no decision of their own: a limit far above the search's time
+    gives the same result as none."""
+    p = make_problem(m=5, n=30, seed=11)
+    plain = Tabu(restarts=3).solve(p, seed=4)
+    limited = Tabu(restarts=3, time_limit=3600.0).solve(p, seed=4)
+    np.testing.assert_array_equal(plain.choices, limited.choices)
+    assert limited.info["time_limit"] == 3600.0
+
+
+def test_unbounded_rounds_end_when_the_time_is_up():
+    """restarts=None runs rounds until time_limit; the search then returns a valid state never
+    worse than its start (a generous bound on the wall time checks it did stop)."""
+    import time
+
+    p = make_problem(m=3, n=40, seed=12)
+    start = p.rtn_choices()
+    t0 = time.perf_counter()
+    sol = Tabu(restarts=None, time_limit=0.05).solve(p, init=start, seed=0)
+    assert time.perf_counter() - t0 < 30.0
+    assert np.all(sol.energy <= p.energies(start) + 1e-12)
+    np.testing.assert_allclose(sol.energy, p.energies(sol.choices), rtol=1e-9, atol=1e-12)
+    tiny = Tabu(restarts=None, time_limit=1e-9).solve(p, init=start, seed=0)
+    assert np.all(tiny.energy <= p.energies(start) + 1e-12)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(restarts=None), "restarts=None .* needs a time_limit"),
+    (dict(time_limit=0), "time_limit"),
+    (dict(time_limit=-1.0), "time_limit"),
+    (dict(time_limit=float("nan")), "time_limit"),
+    (dict(time_limit="1s"), "time_limit"),
+    (dict(time_limit=1e12), "time_limit"),
+    (dict(restarts=2 ** 70), "restarts=.* is too large"),
+    (dict(max_iter=2 ** 70), "max_iter=.* is too large"),
+    (dict(iters_per_var=1e30), "iters_per_var"),
+])
+def test_time_limit_and_sizes_are_checked(kwargs, match):
+    with pytest.raises(QroundError, match=match):
+        Tabu(**kwargs)
+
+
+def test_a_time_limit_is_refused_without_a_clock(monkeypatch):
+    monkeypatch.setattr(_kernels, "HAS_CLOCK", False)
+    with pytest.raises(QroundError, match="clock_gettime"):
+        Tabu(time_limit=1.0)
+    Tabu(restarts=2)   # without a limit nothing needs the clock
+
