@@ -58,30 +58,26 @@ SUBSET_ONLY = ("cem", "hopfield", "hopfield-10k", "hopfield-classic", "hopfield+
 
 def extra_solvers(sweeps_factor: int = 10) -> dict:
     """Solvers with explicit parameters: the outside references (dimod samplers), AdaRound's
-    relaxation at 10k iterations, and earlier definitions of the named defaults to compare
-    with: ``quality-v1``, the ``quality`` of the fourth to ninth sessions (GPTQ, then the
-    better of iterated tabu and anneal + tabu); ``quality-v2``, that of the tenth to twelfth
-    (a third branch, mean-field annealing + tabu); ``fast-v1``, ``fast`` until the twelfth.
-    They keep the tabu tenure of their time, 10 (the default cap was raised to 20 in the
-    thirteenth session; on channels of 20 or more free inputs, as on every packaged layer,
-    ``tenure=10`` is the old default exactly)."""
+    relaxation at 10k iterations, ``quality-v1``, the ``quality`` of the fourth to ninth
+    sessions (GPTQ, then the better of iterated tabu and anneal + tabu), and ``quality-t20`` /
+    ``fast-t20``, the named defaults with dwave-samplers' tabu tenure cap of 20 instead of 10
+    (tried in the thirteenth session, BENCHMARKS.md 1m), to compare with."""
     from .solvers import GPTQ, Anneal, BestOf, Chain, MeanField, Relaxation, Tabu
 
-    def tabu(**kw):
-        return Tabu(tenure=10, **kw)
+    def quality(tenure=None):
+        def tabu():
+            return Tabu(stall=4000, restarts=2, tenure=tenure)
+        return BestOf(tabu(), Chain(Anneal(order="sequential"), tabu()),
+                      Chain(MeanField(), tabu()))
 
     return {
         "hopfield-10k": Relaxation(iterations=10_000),
-        "quality-v1": Chain(GPTQ(), BestOf(tabu(stall=4000), Chain(Anneal(order="sequential"),
-                                                                   tabu(stall=4000))),
+        "quality-v1": Chain(GPTQ(), BestOf(Tabu(stall=4000), Chain(Anneal(order="sequential"),
+                                                                   Tabu(stall=4000))),
                             label="quality-v1"),
-        "quality-v2": Chain(GPTQ(), BestOf(tabu(stall=4000, restarts=2),
-                                           Chain(Anneal(order="sequential"),
-                                                 tabu(stall=4000, restarts=2)),
-                                           Chain(MeanField(), tabu(stall=4000, restarts=2))),
-                            label="quality-v2"),
-        "fast-v1": Chain(GPTQ(), tabu(restarts=0, iters_per_var=1.0, descent=False),
-                         label="fast-v1"),
+        "quality-t20": Chain(GPTQ(), quality(tenure=20), label="quality-t20"),
+        "fast-t20": Chain(GPTQ(), Tabu(restarts=0, iters_per_var=1.0, descent=False, tenure=20),
+                          label="fast-t20"),
         "neal": DimodSolver("neal"),
         f"neal-{sweeps_factor}x": DimodSolver("neal", num_sweeps=1000 * sweeps_factor),
         "dwave-tabu": DimodSolver("dwave-tabu", timeout=100, num_reads=4),

@@ -33,16 +33,30 @@ def check_real(value, name: str, lo: float | None = None, hi: float | None = Non
                lo_open: bool = False, hi_open: bool = False) -> float:
     """A finite real parameter in ``[lo, hi]`` (ends open where asked), as a float; a
     QroundError naming it otherwise (NaN, infinities, strings and booleans included)."""
+    bad = QroundError(f"{name} must be a finite number, got {value!r}")
     if isinstance(value, (bool, np.bool_)) or not isinstance(
-            value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
-        raise QroundError(f"{name} must be a finite number, got {value!r}")
-    v = float(value)
+            value, (int, float, np.integer, np.floating)):
+        raise bad
+    try:
+        v = float(value)   # an int too large for a float64 overflows here
+    except OverflowError:
+        raise bad from None
+    if not np.isfinite(v):
+        raise bad
     if (lo is not None and (v <= lo if lo_open else v < lo)) or \
             (hi is not None and (v >= hi if hi_open else v > hi)):
         span = (f"{'(' if lo_open or lo is None else '['}{'-inf' if lo is None else lo}, "
                 f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
         raise QroundError(f"{name} must lie in {span}, got {value!r}")
     return v
+
+
+def check_bool(value, name: str) -> bool:
+    """A True/False flag: a string such as ``'False'`` or a number is refused, not taken as its
+    truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise QroundError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_positive_pair(value, name: str) -> tuple[float, float]:

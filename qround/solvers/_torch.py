@@ -38,7 +38,19 @@ def resolve_device(device) -> "torch.device":
                               "device(s) present")
     elif dev.type != "cpu":
         raise QroundError(f"device={device!r} is not supported: use 'cpu' or 'cuda'")
+    elif dev.index not in (None, 0):
+        raise QroundError(f"device={device!r}: there is one CPU device; use 'cpu'")
     return dev
+
+
+MAX_STEPS = 10 ** 7   # steps of the torch relaxations: their schedules are per-step arrays
+
+
+def check_device_dtype(device, dtype):
+    """(device, dtype) as given, after checking them as the solve will (a misspelt device, CUDA
+    where there is none, an unsupported dtype), so a solver is refused when it is built."""
+    resolve_dtype(dtype, resolve_device(device))
+    return device, dtype
 
 
 def resolve_dtype(dtype, device: "torch.device") -> "torch.dtype":

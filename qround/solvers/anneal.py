@@ -20,6 +20,7 @@ from .base import Solver
 SCHEDULE_TYPES = ("geometric", "linear", "custom")
 MAX_SWEEPS = 10 ** 7     # sweeps per run: the kernels hold an inverse temperature per sweep and channel
 MAX_RESTARTS = 10 ** 6
+MAX_SCHEDULE_BYTES = 2 ** 31
 
 
 def beta_schedule(problem: RoundingProblem, start: np.ndarray, num_sweeps: int,
@@ -128,6 +129,8 @@ class Anneal(Solver):
                                   "temperatures")
             if beta_range is not None:
                 raise QroundError("give beta_range or a custom beta_schedule, not both")
+            if np.asarray(beta_schedule).dtype == bool:
+                raise QroundError("beta_schedule must hold numbers, got booleans")
             schedule = as_float_array(beta_schedule, "beta_schedule", ndim=1)
             if schedule.size == 0:
                 raise QroundError("beta_schedule is empty")
@@ -167,6 +170,12 @@ class Anneal(Solver):
         ``num_sweeps_per_beta`` sweeps."""
         per = self.num_sweeps_per_beta
         count = self.num_sweeps // per
+        if 8 * channels * self.num_sweeps > MAX_SCHEDULE_BYTES:
+            raise QroundError(
+                f"anneal: {channels} channels x num_sweeps={self.num_sweeps} inverse "
+                f"temperatures take {8 * channels * self.num_sweeps / 2 ** 30:.1f} GiB (at most "
+                f"{MAX_SCHEDULE_BYTES / 2 ** 30:.0f} GiB): fewer sweeps, or solve fewer channels "
+                "at a time")
         if self.beta_schedule is not None:
             steps = np.tile(self.beta_schedule, (channels, 1))
         else:

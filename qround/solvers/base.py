@@ -232,16 +232,30 @@ class Solver(ABC):
         return f"{type(self).__name__}({args})"
 
 
+def _members(kind: str, solvers) -> list:
+    if not solvers:
+        raise QroundError(f"{kind} needs at least one solver")
+    for i, s in enumerate(solvers):
+        if not isinstance(s, Solver):
+            hint = " (build it with qround.get_solver)" if isinstance(s, str) else ""
+            raise QroundError(f"{kind}'s member {i} is not a Solver: {s!r}{hint}")
+    return list(solvers)
+
+
+def _check_label(label):
+    if label is not None and (not isinstance(label, str) or not label):
+        raise QroundError(f"label must be a non-empty string or None, got {label!r}")
+    return label
+
+
 class Chain(Solver):
     """Run solvers in sequence, each starting from the previous result (e.g. ``gptq+tabu``)."""
 
     name = "chain"
 
     def __init__(self, *solvers: Solver, label: str | None = None):
-        if not solvers:
-            raise QroundError("Chain needs at least one solver")
-        self.solvers = list(solvers)
-        self._label = label
+        self.solvers = _members("Chain", solvers)
+        self._label = _check_label(label)
 
     @property
     def label(self) -> str:
@@ -264,14 +278,13 @@ class BestOf(Solver):
 
     name = "best"
 
-    def __init__(self, *solvers: Solver):
-        if not solvers:
-            raise QroundError("BestOf needs at least one solver")
-        self.solvers = list(solvers)
+    def __init__(self, *solvers: Solver, label: str | None = None):
+        self.solvers = _members("BestOf", solvers)
+        self._label = _check_label(label)
 
     @property
     def label(self) -> str:
-        return "|".join(s.label for s in self.solvers)
+        return self.__dict__.get("_label") or "|".join(s.label for s in self.solvers)
 
     def _solve(self, problem, start, rng):
         return self._solve_from(problem, start, problem.energies(start), rng)

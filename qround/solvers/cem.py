@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from ..errors import check_int, check_real
+from ..errors import QroundError, check_int, check_real
 from ..problems import energy
 from ..problems.rounding import RoundingProblem
 from . import _torch
@@ -41,12 +41,14 @@ class CrossEntropy(Solver):
     def __init__(self, samples: int = 128, iterations: int = 100, elite: float = 0.1,
                  alpha: float = 0.5, p_min: float = 1e-3, tol: float = 1e-3,
                  device="cpu", dtype=None, max_elements: int | None = None):
-        check_int(samples, "samples", 2)
-        check_int(iterations, "iterations", 1)
+        check_int(samples, "samples", 2, maximum=10 ** 6)
+        check_int(iterations, "iterations", 1, maximum=_torch.MAX_STEPS)
         check_real(elite, "elite", 0, 1, lo_open=True)
         check_real(alpha, "alpha", 0, 1, lo_open=True)
-        check_real(p_min, "p_min", 0, 0.5, hi_open=True)
-        check_real(tol, "tol", 0)
+        # p_min > 0: the clamp is what keeps a variable from freezing for good
+        check_real(p_min, "p_min", 0, 0.5, lo_open=True, hi_open=True)
+        # a probability moves by less than 1 per iteration: tol >= 0.5 stops at once
+        check_real(tol, "tol", 0, 0.5, hi_open=True)
         check_int(max_elements, "max_elements", 1, allow_none=True)
         self.samples = int(samples)
         self.iterations = int(iterations)
@@ -54,8 +56,7 @@ class CrossEntropy(Solver):
         self.alpha = float(alpha)
         self.p_min = float(p_min)
         self.tol = float(tol)
-        self.device = device
-        self.dtype = dtype
+        self.device, self.dtype = _torch.check_device_dtype(device, dtype)
         self.max_elements = None if max_elements is None else int(max_elements)
 
     def _solve(self, problem: RoundingProblem, start: np.ndarray, rng: np.random.Generator):
@@ -69,6 +70,12 @@ class CrossEntropy(Solver):
         # torch's broadcast matmul materialises a per-channel H once per sample
         per_channel = (self.samples + 1) * n * (1 if problem.shared_hessian else n)
         budget = self.max_elements or (2 ** 27 if dev.type == "cuda" else 2 ** 24)
+        if per_channel > budget:
+            raise QroundError(
+                f"cem: one channel's {self.samples} samples take {per_channel} numbers "
+                f"({'(samples + 1) x n' if problem.shared_hessian else '(samples + 1) x n x n'}"
+                f" with n = {n}), above max_elements={budget}: lower samples or raise "
+                "max_elements")
         for sl in _torch.channel_chunks(problem.num_channels, per_channel, budget):
             best[sl], iters[sl] = self._run(tp.channels(sl), best[sl], gen)
         return _torch.to_numpy_choices(best), {"iterations": int(iters.max(initial=0)),

@@ -11,8 +11,10 @@ import inspect
 
 import numpy as np
 
-from ..errors import QroundError
+from ..errors import QroundError, check_int
 from .base import Solver
+
+SAMPLER_NAMES = ("neal", "dwave-tabu", "dwave-steepest", "exact-dimod")
 
 
 def _make_sampler(name: str):
@@ -31,8 +33,8 @@ def _make_sampler(name: str):
     if name == "exact-dimod":
         import dimod
         return dimod.ExactSolver()
-    raise QroundError(f"unknown dimod sampler {name!r}: use neal, dwave-tabu, dwave-steepest, "
-                      "exact-dimod, or pass a sampler object")
+    raise QroundError(f"unknown dimod sampler {name!r}: use {', '.join(SAMPLER_NAMES)}, or pass "
+                      "a sampler object")
 
 
 class DimodSolver(Solver):
@@ -48,15 +50,41 @@ class DimodSolver(Solver):
     name = "dimod"
 
     def __init__(self, sampler="neal", channels=None, **sample_kwargs):
+        if isinstance(sampler, str):
+            if sampler not in SAMPLER_NAMES:
+                raise QroundError(f"unknown dimod sampler {sampler!r}: use "
+                                  f"{', '.join(SAMPLER_NAMES)}, or pass a sampler object")
+        elif not callable(getattr(sampler, "sample", None)):
+            raise QroundError(f"sampler must be a name ({', '.join(SAMPLER_NAMES)}) or a dimod "
+                              f"sampler (an object with a sample method), got {sampler!r}")
         self.sampler = sampler
-        if channels is not None and not isinstance(channels, slice):
+        if isinstance(channels, slice):
+            if not all(v is None or (isinstance(v, (int, np.integer)) and
+                                     not isinstance(v, bool))
+                       for v in (channels.start, channels.stop, channels.step)):
+                raise QroundError(f"channels: a slice of integers, got {channels!r}")
+            if channels.step == 0:
+                raise QroundError("channels: a slice step cannot be zero")
+        elif channels is not None:
             arr = np.asarray(channels)
             if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
                 raise QroundError(f"channels must be None or a non-empty list of channel "
                                   f"indices, got {channels!r}")
             channels = [int(c) for c in arr]
         self.channels = channels
+        if "num_reads" in sample_kwargs and sample_kwargs["num_reads"] is not None:
+            check_int(sample_kwargs["num_reads"], "num_reads", 1, maximum=10 ** 6)
         self.sample_kwargs = sample_kwargs
+        self._check_kwargs(_make_sampler(sampler) if isinstance(sampler, str) else sampler)
+
+    def _check_kwargs(self, sampler) -> None:
+        """Refuse keyword arguments the sampler does not declare: dwave's samplers take
+        ``**kwargs`` and ignore a misspelt name."""
+        declared = set(getattr(sampler, "parameters", {}) or {})
+        unknown = sorted(set(self.sample_kwargs) - declared - {"seed", "initial_states"})
+        if declared and unknown:
+            raise QroundError(f"sampler {self.label!r} does not take {unknown}; its parameters: "
+                              f"{sorted(declared)}")
 
     @property
     def label(self) -> str:
@@ -71,14 +99,13 @@ class DimodSolver(Solver):
             params |= set(getattr(sampler, "parameters", {}) or {})
         except (TypeError, ValueError):
             params = set()
-        declared = set(getattr(sampler, "parameters", {}) or {})
-        unknown = sorted(set(self.sample_kwargs) - declared - {"seed", "initial_states"})
-        if declared and unknown:  # dwave's samplers take **kwargs and ignore a misspelt name
-            raise QroundError(f"sampler {self.label!r} does not take {unknown}; its parameters: "
-                              f"{sorted(declared)}")
+        self._check_kwargs(sampler)   # again: a sampler object may have changed
         channels = (range(problem.num_channels) if self.channels is None else
                     range(problem.num_channels)[self.channels]
                     if isinstance(self.channels, slice) else self.channels)
+        if len(channels) == 0:
+            raise QroundError(f"channels={self.channels!r} selects none of the problem's "
+                              f"{problem.num_channels} channels")
         out = start.copy()
         for c in channels:
             c = problem._channel(c)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import QroundError, check_int, check_real
+from ..errors import QroundError, check_bool, check_int, check_real
 from ..problems.rounding import RoundingProblem
 from . import _kernels, _torch
 from .base import Solver
@@ -137,12 +137,11 @@ class GPTQ(Solver):
 
     def __init__(self, act_order: bool = True, damp: float = 0.01, retries: int = 4,
                  block: int = 128, device="cpu", dtype=None):
-        self.act_order = bool(act_order)
+        self.act_order = check_bool(act_order, "act_order")
         self.damp = check_real(damp, "damp", 0)
-        self.retries = check_int(retries, "retries", 0)
+        self.retries = check_int(retries, "retries", 0, maximum=64)
         self.block = check_int(block, "block", 1)
-        self.device = device
-        self.dtype = dtype
+        self.device, self.dtype = _torch.check_device_dtype(device, dtype)
 
     def _solve(self, problem: RoundingProblem, start: np.ndarray, rng: np.random.Generator):
         dev = _torch.resolve_device(self.device)

@@ -38,7 +38,7 @@ from abc import abstractmethod
 import numpy as np
 import torch
 
-from ..errors import QroundError, check_int, check_positive_pair, check_real
+from ..errors import QroundError, check_bool, check_int, check_positive_pair, check_real
 from ..problems import energy
 from ..problems.rounding import RoundingProblem
 from . import _torch
@@ -75,15 +75,14 @@ class _GradientRounding(Solver):
 
     def __init__(self, iterations: int, lr: float, eval_every: int, device, dtype,
                  graph: bool = True):
-        check_int(iterations, "iterations", 1)
+        check_int(iterations, "iterations", 1, maximum=_torch.MAX_STEPS)
         check_int(eval_every, "eval_every", 1)
         check_real(lr, "lr", 0, lo_open=True)
         self.iterations = int(iterations)
         self.lr = float(lr)
         self.eval_every = int(eval_every)
-        self.device = device
-        self.dtype = dtype
-        self.graph = bool(graph)
+        self.device, self.dtype = _torch.check_device_dtype(device, dtype)
+        self.graph = check_bool(graph, "graph")
 
     # subclass hooks ------------------------------------------------------------------------
     @abstractmethod
@@ -229,6 +228,9 @@ class Relaxation(_GradientRounding):
         self.reg_weighting = reg_weighting
         check_real(reg, "reg (lambda)", 0)
         beta = check_positive_pair(beta, "beta")
+        if not beta[0] >= beta[1] >= 1:   # |x|^(beta - 1) is unbounded near x = 0 for beta < 1
+            raise QroundError(f"beta anneals from start down to end, both >= 1: need "
+                              f"start >= end >= 1, got {tuple(beta)!r}")
         check_real(warmup, "warmup", 0, 1, hi_open=True)
         self.reg = float(reg)
         self.beta = (float(beta[0]), float(beta[1]))
@@ -287,6 +289,9 @@ class HopfieldClassic(_GradientRounding):
                  device="cpu", dtype=None, graph: bool = True):
         super().__init__(iterations, lr, eval_every, device, dtype, graph)
         self.temperature = check_positive_pair(temperature, "temperature")
+        if self.temperature[0] < self.temperature[1]:
+            raise QroundError(f"temperature anneals from start down to end: need start >= end, "
+                              f"got {tuple(temperature)!r}")
 
     def temperature_at(self, t: int) -> float:
         t0, t1 = self.temperature

@@ -53,7 +53,8 @@ class MeanField(Solver):
     with strong couplings take smaller steps (see the module docstring); eval_every: steps
     between evaluations of the rounded means; device: "cpu" or "cuda"; dtype: float32 by
     default on every device (the means need no more, and float32 products are the faster
-    ones; the result's energies are then computed exactly, in float64, as for every solver).
+    ones; the result's energies are then computed exactly, in float64, as for every solver),
+    "float64", or None (float64 on the CPU, float32 on CUDA, as the other torch solvers).
     """
 
     name = "meanfield"
@@ -61,15 +62,14 @@ class MeanField(Solver):
     def __init__(self, iterations: int = 400, beta: tuple[float, float] = (1.0, 1000.0),
                  damping: float = 0.02, eval_every: int = 10, device="cpu",
                  dtype="float32"):
-        self.iterations = check_int(iterations, "iterations", 1)
+        self.iterations = check_int(iterations, "iterations", 1, maximum=_torch.MAX_STEPS)
         self.eval_every = check_int(eval_every, "eval_every", 1)
         b0, b1 = check_positive_pair(beta, "beta")
         if b0 > b1:
             raise QroundError(f"beta must grow: start <= end, got {beta!r}")
         self.beta = (b0, b1)
         self.damping = check_real(damping, "damping", 0, 1, lo_open=True)
-        self.device = device
-        self.dtype = dtype
+        self.device, self.dtype = _torch.check_device_dtype(device, dtype)
 
     def betas(self) -> np.ndarray:
         """The inverse temperature of every step (geometric from beta[0] to beta[1])."""

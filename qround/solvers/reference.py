@@ -23,8 +23,8 @@ class Stochastic(Solver):
     name = "stochastic"
 
     def __init__(self, samples: int = 64, batch: int = 16):
-        self.samples = check_int(samples, "samples", 1)
-        self.batch = check_int(batch, "batch", 1)
+        self.samples = check_int(samples, "samples", 1, maximum=10 ** 9)
+        self.batch = check_int(batch, "batch", 1, maximum=4096)   # a batch is (batch, m, n)
 
     def _solve(self, problem, start, rng):
         best, best_e = start, problem.energies(start)
@@ -55,7 +55,7 @@ class Exact(Solver):
         self.max_free = check_int(max_free, "max_free", 1)
         if self.max_free > 30:
             raise QroundError(f"max_free must lie in 1..30, got {max_free!r}")
-        self.block_bits = check_int(block_bits, "block_bits", 1)
+        self.block_bits = check_int(block_bits, "block_bits", 1, maximum=20)  # 2^bits rows
 
     def _solve(self, problem: RoundingProblem, start, rng):
         nfree = problem.free.sum(axis=1)

@@ -117,12 +117,12 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
                               "Solver instance (or use qround.solvers.place)")
         return spec
     if device is not None:
-        solver = get_solver(spec, **kwargs)
         asked = _spec_devices(spec) | ({kwargs["device"]} if "device" in kwargs else set())
         if any(str(d) != str(device) for d in asked):
             raise QroundError(f"solver spec {normalize_spec(spec)!r} names device(s) "
                               f"{sorted(map(str, asked))} but device={device!r} was given: "
                               "give the device in one place")
+        solver = get_solver(spec, **kwargs)
         return place(solver, device)
     spec = normalize_spec(spec)
     alternatives = _split_top(spec, "|", spec)

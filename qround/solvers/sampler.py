@@ -56,6 +56,7 @@ _SOLVER_PARAMETERS = {
 }
 # annealing works on H in CSR form below this fraction of the possible couplings
 SPARSE_BELOW = 0.25
+MAX_READS = 10 ** 6
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         if "timeout" in solver_parameters:   # dwave-samplers' TabuSampler: ms per read
             solver_parameters = _from_timeout(solver_parameters)
         solver = METHODS[self.method](**solver_parameters)
-        check_int(num_reads, "num_reads", 1, allow_none=True)
+        check_int(num_reads, "num_reads", 1, allow_none=True, maximum=MAX_READS)
         rng = spawn_rng(seed)  # seed checked here; the starts get their own stream from it
         try:
             parsed = self.parse_initial_states(
@@ -247,6 +248,9 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
                 info={"timing": {"search_s": 0.0, "total_s": time.perf_counter() - t_call},
                       "method": self.method})
         n = len(variables)
+        if 8 * reads * n > MAX_DENSE_BYTES:   # the kernels hold a few (reads, n) arrays
+            raise QroundError(f"{reads} reads of {n} variables: the search state alone would "
+                              f"take {8 * reads * n / 2 ** 30:.1f} GiB per array; fewer reads")
         linear, rows, cols, quad, _ = qubo_vectors(bqm, variables)
         order = [starts.variables.index(v) for v in variables]
         start = np.asarray(starts.record.sample)[:, order]

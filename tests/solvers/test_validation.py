@@ -1,0 +1,151 @@
+"""Solver arguments are checked when the solver is built: a clear QroundError naming the
+argument, never a raw error from numpy, numba or torch at solve time, and never a value taken
+for something it does not mean (``act_order='False'`` as True)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qround import QroundError, get_solver
+from qround.errors import check_bool, check_int, check_real
+from qround.solvers import (GPTQ, Anneal, BestOf, Chain, CrossEntropy, DimodSolver, Exact,
+                            HopfieldClassic, MeanField, QroundSampler, Relaxation, Stochastic, Tabu)
+
+from ..conftest import make_problem
+
+
+@pytest.mark.parametrize("value", [-(2 ** 2000), 10 ** 400])
+def test_check_real_refuses_integers_too_large_for_a_float(value):
+    with pytest.raises(QroundError, match="x must be a finite number"):
+        check_real(value, "x")
+    assert check_real(2 ** 70, "x") == float(2 ** 70)   # large, but a float64
+
+
+def test_check_bool_and_check_int_maximum():
+    assert check_bool(np.bool_(True), "flag") is True
+    for bad in ("False", "x", 0, 1, None, [True]):
+        with pytest.raises(QroundError, match="flag must be True or False"):
+            check_bool(bad, "flag")
+    assert check_int(5, "k", 1, maximum=5) == 5
+    with pytest.raises(QroundError, match="k=6 is too large: at most 5"):
+        check_int(6, "k", 1, maximum=5)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: GPTQ(act_order="False"), "act_order must be True or False"),
+    (lambda: GPTQ(act_order=None), "act_order must be True or False"),
+    (lambda: Relaxation(graph="no"), "graph must be True or False"),
+    (lambda: HopfieldClassic(graph=2), "graph must be True or False"),
+    (lambda: GPTQ(damp=10 ** 400), "damp must be a finite number"),
+    (lambda: Tabu(iters_per_var=2 ** 70), "iters_per_var must lie in"),
+    (lambda: CrossEntropy(tol=1.5), "tol must lie in"),
+    (lambda: CrossEntropy(tol=0.5), "tol must lie in"),
+    (lambda: CrossEntropy(p_min=0), "p_min must lie in"),
+    (lambda: CrossEntropy(samples=10 ** 9), "samples=.* is too large"),
+    (lambda: Relaxation(iterations=10 ** 9), "iterations=.* is too large"),
+    (lambda: HopfieldClassic(iterations=2 ** 70), "iterations=.* is too large"),
+    (lambda: MeanField(iterations=10 ** 9), "iterations=.* is too large"),
+    (lambda: Relaxation(beta=(2.0, 20.0)), "start >= end >= 1"),
+    (lambda: Relaxation(beta=(0.5, 0.01)), "start >= end >= 1"),
+    (lambda: HopfieldClassic(temperature=(0.02, 1.0)), "temperature anneals"),
+    (lambda: Stochastic(batch=2 ** 40), "batch=.* is too large"),
+    (lambda: Exact(block_bits=30), "block_bits=.* is too large"),
+    (lambda: Anneal(beta_schedule=[True, False]), "booleans"),
+])
+def test_meaningless_values_are_refused_when_built(make, match):
+    with pytest.raises(QroundError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("cls", [CrossEntropy, GPTQ, Relaxation, HopfieldClassic, MeanField])
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device="cdua"), "not a torch device"),
+    (dict(device="cpu:5"), "one CPU device"),
+    (dict(device="tpu"), "not a torch device|not supported"),
+    (dict(dtype="float16"), "dtype='float16' is not supported"),
+    (dict(dtype="x"), "not supported"),
+])
+def test_torch_solvers_check_device_and_dtype_when_built(cls, kwargs, match):
+    with pytest.raises(QroundError, match=match):
+        cls(**kwargs)
+
+
+def test_cuda_is_refused_when_built_where_there_is_none():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    for cls in (CrossEntropy, GPTQ, Relaxation, HopfieldClassic, MeanField):
+        with pytest.raises(QroundError, match="asked for CUDA"):
+            cls(device="cuda")
+    with pytest.raises(QroundError, match="asked for CUDA"):
+        get_solver("gptq", device="cuda")
+
+
+def test_cpu_device_spellings_still_work():
+    p = make_problem(m=2, n=6, seed=0)
+    for device in ("cpu", "cpu:0"):
+        GPTQ(device=device).solve(p, seed=0)
+    MeanField(dtype=None).solve(p, seed=0)
+
+
+def test_cem_refuses_a_channel_that_does_not_fit_its_memory_budget():
+    p = make_problem(m=2, n=16, seed=1)
+    with pytest.raises(QroundError, match="above max_elements=100"):
+        CrossEntropy(samples=64, max_elements=100).solve(p, seed=0)
+    CrossEntropy(samples=4, max_elements=100, iterations=3).solve(p, seed=0)  # 5 x 16 fits
+
+
+def test_anneal_refuses_a_schedule_too_large_to_hold():
+    p = make_problem(m=300, n=4, seed=2)
+    with pytest.raises(QroundError, match="inverse temperatures take .* GiB"):
+        Anneal(num_sweeps=10 ** 7).solve(p, seed=0)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: DimodSolver(sampler=1), "sampler must be a name"),
+    (lambda: DimodSolver(sampler=None), "sampler must be a name"),
+    (lambda: DimodSolver(sampler="nael"), "unknown dimod sampler 'nael'"),
+    (lambda: DimodSolver("neal", foo=1), r"does not take \['foo'\]"),
+    (lambda: DimodSolver("neal", num_reads=-1), "num_reads must be an integer >= 1"),
+    (lambda: DimodSolver("neal", num_reads="x"), "num_reads must be an integer >= 1"),
+    (lambda: DimodSolver("neal", num_reads=2 ** 70), "num_reads=.* is too large"),
+    (lambda: DimodSolver("neal", channels=slice("a")), "a slice of integers"),
+    (lambda: DimodSolver("neal", channels=slice(0, 4, 0)), "step cannot be zero"),
+])
+def test_dimod_solver_arguments_are_checked_when_built(make, match):
+    with pytest.raises(QroundError, match=match):
+        make()
+
+
+def test_dimod_solver_refuses_an_empty_channel_selection():
+    p = make_problem(m=4, n=5, seed=3)
+    with pytest.raises(QroundError, match="selects none of the problem's 4 channels"):
+        DimodSolver("neal", channels=slice(5, 9), num_sweeps=10).solve(p, seed=0)
+    sol = DimodSolver("neal", channels=slice(2, 9), num_sweeps=10).solve(p, seed=0)
+    assert sol.info["channels"] == 2
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: Chain(GPTQ(), "tabu"), "Chain's member 1 is not a Solver.*get_solver"),
+    (lambda: BestOf(Tabu(), None), "BestOf's member 1 is not a Solver"),
+    (lambda: Chain(1), "Chain's member 0 is not a Solver"),
+    (lambda: Chain(Tabu(), label=5), "label must be a non-empty string"),
+    (lambda: BestOf(Tabu(), label=""), "label must be a non-empty string"),
+])
+def test_composites_check_their_members_and_label(make, match):
+    with pytest.raises(QroundError, match=match):
+        make()
+
+
+def test_best_of_keeps_the_label_it_is_given():
+    assert BestOf(Tabu(), Anneal(), label="mine").label == "mine"
+    assert BestOf(Tabu(), Anneal()).label == "tabu|anneal"
+
+
+def test_sampler_bounds_reads_and_their_memory():
+    import dimod
+
+    bqm = dimod.BinaryQuadraticModel({0: 1.0, 1: -1.0}, {(0, 1): 0.5}, 0.0, "BINARY")
+    with pytest.raises(QroundError, match="num_reads=.* is too large"):
+        QroundSampler("tabu").sample(bqm, num_reads=2 ** 70)
