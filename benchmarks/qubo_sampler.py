@@ -14,6 +14,8 @@ Per instance and seed, in one run (one read each, from a random start):
 - ``dwave-tabu =t``: dwave's tabu with its timeout set to qround-tabu's wall time on the same
   instance (rounded up to whole ms): equal time;
 - ``dwave-tabu 20ms``: dwave's tabu with its default timeout;
+- ``qround-tabu 20ms``: ``QroundSampler("tabu")`` with dwave's ``timeout=20`` (rounds until
+  20 ms have passed): the same budget per read;
 - ``qround-anneal``: ``QroundSampler("anneal")``, 1000 sweeps (the default);
 - ``neal``: dwave's simulated annealing, 1000 sweeps (its default).
 
@@ -43,8 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--first-instance", type=int, default=0,
+                   help="index of the first bqp instance of each size (another index range "
+                        "is another set of instances; default: %(default)s)")
+    p.add_argument("--tabu-variants", default="",
+                   help="';'-separated QroundSampler tabu options to run as well, each as "
+                        "'tabu(tenure=20)' (default: none)")
     p.add_argument("--json", help="write the rows to this JSON file")
     args = p.parse_args(argv)
+    if args.first_instance < 0:
+        p.error("--first-instance must be >= 0")
     args.sizes = int_list(args.sizes, "--sizes", p, 2)
     args.seeds = int_list(args.seeds, "--seeds", p, 0)
     if args.instances < 1 or args.channels < 1:
@@ -68,7 +78,7 @@ def bqp(n: int, index: int, density: float = 0.1):
 
 def instances(args):
     for n in args.sizes:
-        for k in range(args.instances):
+        for k in range(args.first_instance, args.first_instance + args.instances):
             yield f"bqp{n}.{k}", bqp(n, k)
     if args.layers_file:
         from solvers_gpu import read_layers
@@ -99,7 +109,15 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
+    from qround.solvers.registry import normalize_spec, parse_part
+
     ours_tabu, ours_anneal = QroundSampler("tabu"), QroundSampler("anneal")
+    variants = []
+    for spec in (v.strip() for v in args.tabu_variants.split(";") if v.strip()):
+        method, options = parse_part(spec)
+        if method != "tabu":
+            raise SystemExit(f"--tabu-variants: {spec!r} is not a tabu spec")
+        variants.append((f"qround-{normalize_spec(spec)}", options))
     dw_tabu, neal = TabuSampler(), SimulatedAnnealingSampler()
 
     def timed(sampler, bqm, **kw):
@@ -114,6 +132,7 @@ def main(argv=None) -> int:
             warm = dimod.generators.gnp_random_bqm(60, density, "BINARY", random_state=0)
             for s in (ours_tabu, ours_anneal, dw_tabu, neal):
                 s.sample(warm, num_reads=1, seed=0)
+            ours_tabu.sample(warm, num_reads=1, seed=0, timeout=1)   # the clock's code path
         for name, bqm in instances(args):
             runs = []
             for seed in args.seeds:
@@ -123,6 +142,10 @@ def main(argv=None) -> int:
                 runs.append(("dwave-tabu =t", seed, *timed(dw_tabu, bqm, seed=seed, timeout=ms)))
                 runs.append(("dwave-tabu 20ms", seed, *timed(dw_tabu, bqm, seed=seed,
                                                                timeout=20)))
+                runs.append(("qround-tabu 20ms", seed, *timed(ours_tabu, bqm, seed=seed,
+                                                                timeout=20)))
+                for label, options in variants:
+                    runs.append((label, seed, *timed(ours_tabu, bqm, seed=seed, **options)))
                 runs.append(("qround-anneal", seed, *timed(ours_anneal, bqm, seed=seed)))
                 runs.append(("neal", seed, *timed(neal, bqm, seed=seed, num_sweeps=1000)))
             best = min(r[2] for r in runs)

@@ -353,3 +353,23 @@ def test_tabu_takes_dwave_samplers_timeout():
             QroundSampler("tabu").sample(bqm, **options)
     with pytest.raises(QroundError, match="does not take"):
         QroundSampler("anneal").sample(bqm, timeout=10)
+
+
+def test_tabu_tenure_defaults_to_dwaves_cap(monkeypatch):
+    """Without ``tenure`` the sampler's tabu search uses min(20, n // 2), not the layer
+    solver's 10; a given tenure is kept."""
+    from qround.solvers import Tabu
+
+    used = []
+    solve = Tabu._solve
+
+    def spy(self, problem, start, rng):
+        used.append(self.tenure)
+        return solve(self, problem, start, rng)
+
+    monkeypatch.setattr(Tabu, "_solve", spy)
+    for n, tenure, expected in ((100, None, 20), (30, None, 15), (100, 7, 7)):
+        options = {} if tenure is None else {"tenure": tenure}
+        QroundSampler("tabu").sample(random_bqm(n, 1), num_reads=1, seed=0, restarts=0,
+                                     **options)
+        assert used[-1] == expected, (n, tenure)
