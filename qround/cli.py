@@ -3,7 +3,7 @@
     qround solve FILE.npz [FILE.npz ...] --solver NAME [--bits B] [--json] [--out SOL.npz]
     qround export-layer --model minilm|digits-cnn|digits-resnet --layer NAME --out FILE.npz
     qround export-qubo FILE.npz --out DIR [--channels 0:16] [--solver quality]
-    qround sample FILE.qubo [FILE.qubo ...] [--method "tabu(restarts=8)"] [--reads 4] [--out S.json]
+    qround sample FILE.qubo|FILE.bqm [...] [--method "tabu(restarts=8)"] [--reads 4] [--out S.json]
     qround quantize --model minilm|digits-cnn|digits-resnet --wbits B --solver NAME --out FILE.safetensors
     qround quantize --model MODEL.pt --calibration INPUTS.pt ...   (your own torch.save(model))
     qround evaluate --model minilm|digits-cnn|digits-resnet --quantized FILE.safetensors
@@ -130,11 +130,12 @@ def cmd_export_qubo(args) -> int:
 
 # ---------------------------------------------------------------------------------- sample
 def cmd_sample(args) -> int:
-    """qround's tabu search or annealing (QroundSampler) on qbsolv ``.qubo`` files; where a
-    ``manifest.json`` of ``qround export-qubo`` lists the file, its cost against RTN's too."""
+    """qround's tabu search or annealing (QroundSampler) on qbsolv ``.qubo`` files or dimod BQM
+    files; where a ``manifest.json`` of ``qround export-qubo`` lists the file, its cost against
+    RTN's too."""
     import os
 
-    from .problems.qubo_files import MANIFEST, read_qubo_bqm
+    from .problems.qubo_files import DIMOD_MAGIC, MANIFEST, read_bqm_file
     from .solvers import QroundSampler, warm_up
     from .solvers.registry import normalize_spec, parse_part
 
@@ -153,13 +154,21 @@ def cmd_sample(args) -> int:
     rows, samples = [], {}
     warm_up(sampler, **options)  # kernel loading stays out of the first file's seconds
     for path in args.files:
-        bqm = read_qubo_bqm(path)
+        bqm = read_bqm_file(path)
         ss = sampler.sample(bqm, num_reads=args.reads, seed=args.seed, **options)
         best = ss.first
-        x = np.array([best.sample[i] for i in range(bqm.num_variables)], dtype=np.int8)
         row = {"file": str(path), "variables": int(bqm.num_variables),
                "energy": best.energy - bqm.offset, "cost": best.energy, "reads": args.reads,
                "seconds": ss.info["timing"]["total_s"]}
+        with open(path, "rb") as f:
+            dimod_file = f.read(len(DIMOD_MAGIC)) == DIMOD_MAGIC
+        if dimod_file:   # any labels and vartype: the sample as label / value pairs
+            samples[str(path)] = {**row, "vartype": bqm.vartype.name,
+                                  "sample": [[_json_label(v), int(best.sample[v])]
+                                             for v in bqm.variables]}
+            rows.append(row)
+            continue
+        x = np.array([best.sample[i] for i in range(bqm.num_variables)], dtype=np.int8)
         known = _manifest_energies(os.path.join(os.path.dirname(os.path.abspath(path)),
                                                 MANIFEST), os.path.basename(path))
         if "rtn" in known:
@@ -185,6 +194,22 @@ def cmd_sample(args) -> int:
         write_json_atomic(args.out, {"method": label, "seed": args.seed, "reads": args.reads,
                                      "samples": samples})
     return 0
+
+
+def _json_label(label):
+    """A BQM variable label as JSON can hold it: numbers and strings as they are, tuples as
+    lists, anything else as its repr."""
+    if isinstance(label, (bool, np.bool_)):
+        return repr(label)
+    if isinstance(label, (int, np.integer)):
+        return int(label)
+    if isinstance(label, (float, np.floating)):
+        return float(label)
+    if isinstance(label, str):
+        return label
+    if isinstance(label, tuple):
+        return [_json_label(v) for v in label]
+    return repr(label)
 
 
 def _manifest_energies(manifest: str, name: str) -> dict[str, float]:
@@ -533,11 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     xq.set_defaults(func=cmd_export_qubo)
 
     sm = sub.add_parser("sample", help="qround's tabu search or annealing on qbsolv .qubo files "
-                                       "(cost against RTN's where an export-qubo manifest "
-                                       "lists the file)")
+                                       "or dimod BQM files (cost against RTN's where an "
+                                       "export-qubo manifest lists the file)")
     sm.add_argument("files", nargs="+", help=".qubo files (qbsolv format; every variable "
                                              "0..maxNodes-1 is searched, those without "
-                                             "entries too)")
+                                             "entries too), or files of dimod's "
+                                             "BinaryQuadraticModel.to_file()")
     sm.add_argument("--method", default="tabu",
                     help="tabu or anneal, with options as in 'tabu(restarts=8)' or "
                          "'anneal(num_sweeps=5000)' (default: %(default)s)")

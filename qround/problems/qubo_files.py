@@ -106,6 +106,38 @@ def read_qubo_bqm(path: str | os.PathLike):
     return bqm
 
 
+DIMOD_MAGIC = b"DIMODBQM"   # dimod's own serialisation (``bqm.to_file()``)
+
+
+def read_bqm_file(path: str | os.PathLike):
+    """A BQM file as a dimod ``BinaryQuadraticModel``: dimod's own serialisation (what
+    ``bqm.to_file()`` writes; any labels, BINARY or SPIN), recognised by its header, or else a
+    qbsolv ``.qubo`` text file (:func:`read_qubo_bqm`)."""
+    import dimod
+
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(DIMOD_MAGIC))
+    except OSError as exc:
+        raise QroundError(f"cannot read BQM file {path!r}: {exc}") from exc
+    if head != DIMOD_MAGIC:
+        if head.startswith(b"DIMOD"):
+            raise QroundError(f"{path!r} is a dimod file of another model "
+                              f"({head.decode('ascii', 'replace')}), not a binary quadratic "
+                              "model")
+        return read_qubo_bqm(path)
+    try:
+        with open(path, "rb") as f:
+            bqm = dimod.BinaryQuadraticModel.from_file(f)
+    except Exception as exc:   # dimod raises what its parsers raise on a damaged file
+        raise QroundError(f"{path!r} is not a readable dimod BQM file: "
+                          f"{type(exc).__name__}: {exc}") from None
+    if bqm.num_variables > MAX_NODES:
+        raise QroundError(f"{path!r} has {bqm.num_variables} variables (at most {MAX_NODES})")
+    return bqm
+
+
 def _parse_qubo(path: str, dense: bool):
     """(maxNodes, offset, [(i, j, value)], sorted node indices) of a ``.qubo`` file, checked:
     header counts, indices in range, finite values; ``dense``: refuse what a dense matrix

@@ -294,3 +294,50 @@ def test_the_sparse_reader_gives_the_dense_readers_energies(seed):
     for x in rng.integers(0, 2, size=(5, n)):
         assert bqm.energy(dict(enumerate(x))) == pytest.approx(dense.energy(x) + dense.offset,
                                                                abs=1e-12)
+
+
+def test_cli_sample_reads_dimod_bqm_files(tmp_path, capsys):
+    """A file from ``bqm.to_file()`` (any labels, SPIN or BINARY) samples from the shell; the
+    --out file gives each label's value, and its energy is dimod's."""
+    import dimod
+
+    bqm = dimod.BinaryQuadraticModel(
+        {"a": 1.0, ("x", 2): -0.5, 7: 0.25}, {("a", ("x", 2)): -2.0, ("a", 7): 1.5}, 0.75,
+        "SPIN")
+    path = tmp_path / "model.bqm"
+    with open(path, "wb") as f:
+        f.write(bqm.to_file().read())
+    out = tmp_path / "s.json"
+    assert main(["sample", str(path), "--method", "tabu", "--reads", "2", "--out", str(out),
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    ground = dimod.ExactSolver().sample(bqm).first.energy
+    assert row["cost"] == pytest.approx(ground) and row["variables"] == 3
+    saved = json.loads(out.read_text())["samples"][str(path)]
+    assert saved["vartype"] == "SPIN"
+    sample = {("x", 2) if label == ["x", 2] else label: value
+              for label, value in saved["sample"]}
+    assert set(sample.values()) <= {-1, 1}
+    assert bqm.energy(sample) == pytest.approx(row["cost"])
+
+
+def test_damaged_and_other_dimod_files_are_named(tmp_path, capsys):
+    import dimod
+
+    from qround.problems.qubo_files import read_bqm_file
+
+    bqm = dimod.generators.gnp_random_bqm(6, 0.5, "BINARY", random_state=0)
+    good = bqm.to_file().read()
+    damaged = tmp_path / "damaged.bqm"
+    damaged.write_bytes(good[:len(good) // 2])
+    with pytest.raises(QroundError, match="not a readable dimod BQM file"):
+        read_bqm_file(damaged)
+    cqm = tmp_path / "model.cqm"
+    cqm.write_bytes(dimod.ConstrainedQuadraticModel().to_file().read())
+    with pytest.raises(QroundError, match="another model"):
+        read_bqm_file(cqm)
+    assert main(["sample", str(damaged)]) == 2
+    assert "not a readable dimod BQM file" in capsys.readouterr().err
+    text = tmp_path / "tiny.qubo"     # qbsolv files still read as before
+    text.write_text("p qubo 0 3 2 1\n0 0 -1\n2 2 -1\n0 2 3\n")
+    assert read_bqm_file(text).num_variables == 3
