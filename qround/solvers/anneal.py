@@ -50,14 +50,17 @@ def _beta_ends(problem, start, hot_accept, cold_accept, cold_quantile) -> np.nda
     """(beta_min, beta_max) per channel, (m, 2), as :func:`beta_schedule` describes; (1, 1)
     where nothing can flip or no flip changes the energy (any temperature will do)."""
     deltas = np.abs(problem.flip_deltas(start))
+    counted = problem.free & (deltas > 0)
     ends = np.ones((problem.num_channels, 2))
-    for c in range(problem.num_channels):
-        d = deltas[c][problem.free[c] & (deltas[c] > 0)]
-        if d.size == 0:
-            continue
-        b_min = -np.log(hot_accept) / np.median(d)
-        b_max = max(-np.log(cold_accept) / np.quantile(d, cold_quantile), b_min)
-        ends[c] = b_min, b_max
+    some = counted.any(axis=1)
+    if not some.any():
+        return ends
+    # all channels at once: the deltas that do not count are NaN, which nanmedian and
+    # nanquantile skip (the same values as the median and quantile of each channel's own)
+    d = np.where(counted[some], deltas[some], np.nan)
+    b_min = -np.log(hot_accept) / np.nanmedian(d, axis=1)
+    b_max = np.maximum(-np.log(cold_accept) / np.nanquantile(d, cold_quantile, axis=1), b_min)
+    ends[some, 0], ends[some, 1] = b_min, b_max
     return ends
 
 
