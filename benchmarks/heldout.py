@@ -54,18 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def save_layers(path: str) -> None:
-    from qround.bench import BenchConfig, load_layers
-    from qround.report import write_npz_atomic
+    from solvers_gpu import save_layers as save
 
-    layers = load_layers(BenchConfig(minilm_layers=HELDOUT_MINILM, cnn_layers=2,
-                                     seed=HELDOUT_CNN_SEED))
-    arrays = {}
-    for i, (name, w, h) in enumerate(layers):
-        arrays[f"name{i}"] = np.str_(name)
-        arrays[f"weight{i}"] = np.asarray(w, dtype=np.float32)
-        arrays[f"hessian{i}"] = np.asarray(h, dtype=np.float64)
-    write_npz_atomic(path, count=np.int64(len(layers)), **arrays)
-    print(f"wrote {len(layers)} layers to {path}: " + ", ".join(n for n, _, _ in layers))
+    save(path, cnn_layers=2, seed=HELDOUT_CNN_SEED, minilm_layers=HELDOUT_MINILM)
 
 
 def build(spec: str):

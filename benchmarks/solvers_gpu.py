@@ -48,11 +48,13 @@ def make_solver(spec: str, device: str):
     return get_solver(spec, device=device)
 
 
-def save_layers(path: str, cnn_layers: int, seed: int) -> None:
+def save_layers(path: str, cnn_layers: int, seed: int, minilm_layers=None) -> None:
+    """Write ``qround bench``'s layers (or the MiniLM layers named) for :func:`read_layers`."""
     from qround.bench import BenchConfig, load_layers
     from qround.report import write_npz_atomic
 
-    layers = load_layers(BenchConfig(cnn_layers=cnn_layers, seed=seed))
+    names = {} if minilm_layers is None else {"minilm_layers": tuple(minilm_layers)}
+    layers = load_layers(BenchConfig(cnn_layers=cnn_layers, seed=seed, **names))
     arrays = {}
     for i, (name, w, h) in enumerate(layers):
         arrays[f"name{i}"] = np.str_(name)

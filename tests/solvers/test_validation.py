@@ -83,10 +83,15 @@ def test_cuda_is_refused_when_built_where_there_is_none():
 
 
 def test_cpu_device_spellings_still_work():
+    import torch
+
     p = make_problem(m=2, n=6, seed=0)
-    for device in ("cpu", "cpu:0"):
-        GPTQ(device=device).solve(p, seed=0)
-    MeanField(dtype=None).solve(p, seed=0)
+    reference = GPTQ().solve(p, seed=0).choices
+    for device in ("cpu", "cpu:0", torch.device("cpu")):
+        np.testing.assert_array_equal(GPTQ(device=device).solve(p, seed=0).choices, reference)
+    for dtype in (None, "float64", torch.float32, np.float64):
+        sol = MeanField(dtype=dtype).solve(p, seed=0)
+        assert np.all(sol.energy <= p.rtn_energies() + 1e-12)
 
 
 def test_cem_refuses_a_channel_that_does_not_fit_its_memory_budget():
