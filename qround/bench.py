@@ -60,8 +60,9 @@ def extra_solvers(sweeps_factor: int = 10) -> dict:
     """Solvers with explicit parameters: the outside references (dimod samplers), AdaRound's
     relaxation at 10k iterations, ``quality-v1``, the ``quality`` of the fourth to ninth
     sessions (GPTQ, then the better of iterated tabu and anneal + tabu), and ``quality-t20`` /
-    ``fast-t20``, the named defaults with dwave-samplers' tabu tenure cap of 20 instead of 10
-    (tried in the thirteenth session, BENCHMARKS.md 1m), to compare with."""
+    ``fast-t20``, the named defaults with a tabu tenure of 20 in every tabu stage instead of
+    the default min(10, nfree // 2) (tried in the thirteenth session, BENCHMARKS.md 1m), to
+    compare with."""
     from .solvers import GPTQ, Anneal, BestOf, Chain, MeanField, Relaxation, Tabu
 
     def quality(tenure=None):

@@ -52,11 +52,13 @@ def check_real(value, name: str, lo: float | None = None, hi: float | None = Non
 
 
 def check_bool(value, name: str) -> bool:
-    """A True/False flag: a string such as ``'False'`` or a number is refused, not taken as its
-    truth value."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise QroundError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+    """A True/False flag (or the integers 0 and 1): a string such as ``'False'``, None or any
+    other number is refused, not taken as its truth value."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    raise QroundError(f"{name} must be True or False, got {value!r}")
 
 
 def check_positive_pair(value, name: str) -> tuple[float, float]:

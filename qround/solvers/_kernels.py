@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -250,9 +251,10 @@ def anneal_sparse_kernel(indptr, indices, data, hdiag, step, grad, start, fields
 
 # A monotonic clock inside compiled loops (tabu search's time limit): POSIX clock_gettime,
 # called directly.  Where there is none (Windows), HAS_CLOCK is False, the clock reads 0 and
-# the solvers refuse a time limit.
-HAS_CLOCK = os.name == "posix" and hasattr(time, "CLOCK_MONOTONIC")
-_CLOCK_ID = time.CLOCK_MONOTONIC if HAS_CLOCK else 0
+# the solvers refuse a time limit.  With NUMBA_DISABLE_JIT=1 it is time.monotonic_ns.
+_POSIX_CLOCK = os.name == "posix" and hasattr(time, "CLOCK_MONOTONIC")
+HAS_CLOCK = _POSIX_CLOCK or bool(numba.config.DISABLE_JIT)   # pure Python has time.monotonic_ns
+_CLOCK_ID = time.CLOCK_MONOTONIC if _POSIX_CLOCK else 0
 
 
 @intrinsic
@@ -278,7 +280,10 @@ def _no_clock_ns():
     return 0
 
 
-_now_ns = _clock_gettime_ns if HAS_CLOCK else _no_clock_ns
+if numba.config.DISABLE_JIT:   # NUMBA_DISABLE_JIT=1: the kernels run as Python
+    _now_ns = time.monotonic_ns
+else:
+    _now_ns = _clock_gettime_ns if _POSIX_CLOCK else _no_clock_ns
 NO_TIME_LIMIT = 0   # tabu_kernel's time_limit_ns when the search has none
 
 
@@ -327,11 +332,11 @@ def _take(i, e, best_e, at_best, b, d, f, grad, curv, row, delta, best, best_f):
 
 @njit(cache=True, inline="always")
 def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, perturb,
-                  reset_every, descent, tol, seed, time_limit_ns):
+                  reset_every, descent, tol, seed, t_end):
     """One channel of :func:`tabu_kernel`: h (n, n), s, g, b0, f0 (n,) its problem and start,
     e0 the start's energy, order (k,) its free variables (a fixed one has s = 0, so its delta
-    is +inf and it is never picked).  Returns the best choices (n,) and their energy."""
-    t_end = _now_ns() + time_limit_ns if time_limit_ns > 0 else 0
+    is +inf and it is never picked); t_end the clock reading (ns) at which the search ends (0:
+    none).  Returns the best choices (n,) and their energy."""
     out_of_time = False
     n = b0.shape[0]
     k = order.shape[0]
@@ -419,9 +424,9 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
     allowed: aspiration) and make it tabu for ``tenure[c]`` iterations; the round ends after
     ``max_iter`` iterations or ``stall`` without a new best.  compact: work on each channel's
     free sub-problem (:func:`_compact_hessian`).  time_limit_ns > 0: each channel's search
-    also ends once that many nanoseconds have passed since it began (checked every 256
-    iterations, every descent sweep and every round; the first round always starts), so its
-    result depends on the machine's speed; NO_TIME_LIMIT (0): no limit.
+    also ends once that many nanoseconds have passed since the channel began, its set-up
+    included (the clock is read every 256 iterations, every descent sweep and every round), so
+    its result depends on the machine's speed; NO_TIME_LIMIT (0): no limit.
     Returns the best choices (m, n) float64 and energies (m,).
     """
     m, n = start.shape
@@ -432,6 +437,8 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
         k = nfree[c]
         if k == 0:
             continue
+        # the channel's clock starts before its set-up (the compaction is O(k^2))
+        t_end = _now_ns() + time_limit_ns if time_limit_ns > 0 else 0
         h = hess[0] if shared else hess[c]
         idx = free_idx[c, :k]
         if compact:
@@ -439,14 +446,14 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
                 _compact_hessian(h, idx), _gather(step[c], idx), _gather(grad[c], idx),
                 _gather(start[c], idx), _gather(fields[c], idx), energy[c], np.arange(k),
                 tenure[c], max_iter, stall, rounds, perturb[c], reset_every, descent, tol[c],
-                seeds[c], time_limit_ns)
+                seeds[c], t_end)
             for a in range(k):
                 best_all[c, idx[a]] = best[a]
         else:
             best, best_e = _tabu_channel(
                 h, step[c], grad[c], start[c], fields[c], energy[c], idx.copy(), tenure[c],
                 max_iter, stall, rounds, perturb[c], reset_every, descent, tol[c], seeds[c],
-                time_limit_ns)
+                t_end)
             best_all[c] = best
         best_e_all[c] = best_e
     return best_all, best_e_all

@@ -23,6 +23,9 @@ from . import _torch
 from .base import Solver
 
 
+MAX_CHANNEL_BYTES = 8 * 2 ** 30   # one channel's batch of samples (with a per-channel H: x n)
+
+
 class CrossEntropy(Solver):
     """Cross-entropy method on the per-channel QUBOs, batched over channels (torch, any device).
 
@@ -70,12 +73,12 @@ class CrossEntropy(Solver):
         # torch's broadcast matmul materialises a per-channel H once per sample
         per_channel = (self.samples + 1) * n * (1 if problem.shared_hessian else n)
         budget = self.max_elements or (2 ** 27 if dev.type == "cuda" else 2 ** 24)
-        if per_channel > budget:
+        # a channel above the budget still runs alone (a chunk of one), up to a hard ceiling
+        if per_channel * torch.finfo(dtype).bits // 8 > MAX_CHANNEL_BYTES:
             raise QroundError(
                 f"cem: one channel's {self.samples} samples take {per_channel} numbers "
                 f"({'(samples + 1) x n' if problem.shared_hessian else '(samples + 1) x n x n'}"
-                f" with n = {n}), above max_elements={budget}: lower samples or raise "
-                "max_elements")
+                f" with n = {n}), above {MAX_CHANNEL_BYTES / 2 ** 30:.0f} GiB: lower samples")
         for sl in _torch.channel_chunks(problem.num_channels, per_channel, budget):
             best[sl], iters[sl] = self._run(tp.channels(sl), best[sl], gen)
         return _torch.to_numpy_choices(best), {"iterations": int(iters.max(initial=0)),

@@ -39,13 +39,13 @@ from dataclasses import dataclass
 import dimod
 import numpy as np
 
-from ..errors import QroundError, check_int
+from ..errors import QroundError, check_int, check_real
 from ..problems import energy as _energy
 from ..problems.qubo_files import MAX_DENSE_BYTES
 from . import _kernels
 from .anneal import Anneal
 from .base import single_threaded_blas, spawn_rng
-from .tabu import Tabu
+from .tabu import MAX_TIME_LIMIT, Tabu
 
 METHODS = {"tabu": Tabu, "anneal": Anneal}
 # the solver parameters a sample() call takes, by method (those of the solver's constructor)
@@ -264,7 +264,7 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         if bqm.vartype is dimod.SPIN:
             start = (start + 1) // 2
         start = start.astype(bool)
-        if self.method == "tabu" and "tenure" not in solver_parameters:
+        if self.method == "tabu" and solver_parameters.get("tenure") is None:
             solver = copy.copy(solver)
             solver.tenure = min(TENURE_CAP, n // 2)
         sparse = self.method == "anneal" and n > 1 and rows.size < SPARSE_BELOW * n * (n - 1) / 2
@@ -300,13 +300,14 @@ def _from_timeout(parameters: dict) -> dict:
     as Tabu's ``time_limit`` (seconds), with unbounded rounds unless ``restarts`` is given."""
     parameters = dict(parameters)
     timeout = parameters.pop("timeout")
+    if timeout is None:   # dwave's "no time limit"
+        return parameters
     if "time_limit" in parameters:
         raise QroundError("give timeout (milliseconds, as dwave-samplers) or time_limit "
                           "(seconds), not both")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer,
-                                                             np.floating)):
-        raise QroundError(f"timeout must be a number of milliseconds, got {timeout!r}")
-    parameters["time_limit"] = float(timeout) / 1e3   # checked by Tabu
+    ms = check_real(timeout, "timeout (milliseconds per read)", 0, 1e3 * MAX_TIME_LIMIT,
+                    lo_open=True)
+    parameters["time_limit"] = ms / 1e3
     parameters.setdefault("restarts", None)
     return parameters
 

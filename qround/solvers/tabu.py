@@ -49,8 +49,9 @@ class Tabu(Solver):
     time_limit: seconds of search per channel, after which its search ends wherever it is
     (None: no limit).  With a time limit the result depends on the machine's speed, as
     dwave-samplers' ``timeout`` does; ``restarts=None`` then runs rounds until the time is up.
-    Every channel's search runs for at most time_limit, but the channels share the CPU's
-    threads, so a layer takes about ``channels x time_limit / threads``.
+    A channel's clock starts with its set-up and is read every 256 iterations, so it stops
+    within a few hundred iterations of time_limit; the channels share the CPU's threads, so a
+    layer takes about ``channels x time_limit / threads``.
 
     Work per channel is O(rounds x max_iter x n): the defaults (5 rounds of 10 n iterations)
     took about 10 ms of CPU per 384-input channel (MiniLM layer, numba, 2 cores).
@@ -81,11 +82,20 @@ class Tabu(Solver):
         if self.restarts is None and self.time_limit is None:
             raise QroundError("restarts=None (rounds until the time is up) needs a time_limit")
 
+    def _passes(self, max_iter: int, rounds: int, n: int) -> float:
+        """O(n) passes the search makes per channel, for :func:`_kernels.compact_pays`: two per
+        iteration; under a time limit no more than fit in it (about a nanosecond per element
+        of a pass), since the gathering it would pay for runs on the channel's clock too."""
+        passes = 2.0 * max_iter * rounds
+        if self.time_limit is not None:
+            passes = min(passes, self.time_limit / (1e-9 * max(n, 1)))
+        return passes
+
     def _solve(self, problem, start, rng):
         args = _kernels.kernel_inputs(problem, start, rng)
         nfree = args["nfree"]
         # tenure 10 beat 20 (dwave's min(20, n/4)) on 384-input layers; nfree // 2 is better
-        # than n/4 on small channels, where a short memory cycles between a few states.  A cap of
+        # than n/4 on small channels, where a short memory cycles between a few states.  Tenure
         # 20 was tried again in the thirteenth session: lower cost on held-out layers (MiniLM
         # layers 2-5, another digits CNN), higher on the benchmark's MiniLM layers; not adopted
         # (BENCHMARKS.md 1m)
@@ -106,7 +116,8 @@ class Tabu(Solver):
             args["energy"], args["free_idx"], nfree, tenure.astype(np.int64), max_iter, stall,
             rounds, perturb.astype(np.int64), self.reset_every, self.descent,
             _round_off(problem), args["seeds"],
-            _kernels.compact_pays(problem.num_inputs, nfree, 2.0 * rounds * max_iter), limit)
+            _kernels.compact_pays(problem.num_inputs, nfree, self._passes(
+                max_iter, rounds, problem.num_inputs)), limit)
         info = {"max_iter": max_iter, "rounds": None if self.restarts is None else rounds}
         if self.time_limit is not None:
             info["time_limit"] = self.time_limit

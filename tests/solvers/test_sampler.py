@@ -347,12 +347,23 @@ def test_tabu_takes_dwave_samplers_timeout():
                                                                "restarts": None}
     for options, match in ((dict(timeout="fast"), "milliseconds"),
                            (dict(timeout=True), "milliseconds"),
-                           (dict(timeout=-5), "time_limit"),
+                           (dict(timeout=-5), r"timeout \(milliseconds per read\) must lie"),
+                           (dict(timeout=0), r"timeout \(milliseconds per read\) must lie"),
                            (dict(timeout=10, time_limit=0.01), "not both")):
         with pytest.raises(QroundError, match=match):
             QroundSampler("tabu").sample(bqm, **options)
     with pytest.raises(QroundError, match="does not take"):
         QroundSampler("anneal").sample(bqm, timeout=10)
+    none = QroundSampler("tabu").sample(bqm, num_reads=2, seed=1, restarts=2, timeout=None)
+    assert np.array_equal(none.record.sample, plain.record.sample)   # dwave's "no limit"
+
+
+def test_the_timeout_is_spent_by_every_read():
+    """Rounds run until each read's budget is up: the search lasts at least the budget (the
+    reads share the threads, so up to reads x budget), and a generous bound shows it ends."""
+    bqm = random_bqm(60, 4)
+    ss = QroundSampler("tabu").sample(bqm, num_reads=4, seed=0, timeout=30)
+    assert 0.03 <= ss.info["timing"]["search_s"] < 10.0
 
 
 def test_tabu_tenure_defaults_to_dwaves_cap(monkeypatch):
@@ -368,8 +379,10 @@ def test_tabu_tenure_defaults_to_dwaves_cap(monkeypatch):
         return solve(self, problem, start, rng)
 
     monkeypatch.setattr(Tabu, "_solve", spy)
-    for n, tenure, expected in ((100, None, 20), (30, None, 15), (100, 7, 7)):
-        options = {} if tenure is None else {"tenure": tenure}
+    for n, tenure, expected in ((100, None, 20), (30, None, 15), (100, 7, 7),
+                                (100, "None", 20)):
+        options = ({} if tenure is None else {"tenure": None} if tenure == "None"
+                   else {"tenure": tenure})
         QroundSampler("tabu").sample(random_bqm(n, 1), num_reads=1, seed=0, restarts=0,
                                      **options)
         assert used[-1] == expected, (n, tenure)

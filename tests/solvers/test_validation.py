@@ -23,7 +23,8 @@ def test_check_real_refuses_integers_too_large_for_a_float(value):
 
 def test_check_bool_and_check_int_maximum():
     assert check_bool(np.bool_(True), "flag") is True
-    for bad in ("False", "x", 0, 1, None, [True]):
+    assert check_bool(0, "flag") is False and check_bool(1, "flag") is True   # old configs
+    for bad in ("False", "x", 2, -1, 0.0, None, [True]):
         with pytest.raises(QroundError, match="flag must be True or False"):
             check_bool(bad, "flag")
     assert check_int(5, "k", 1, maximum=5) == 5
@@ -94,11 +95,16 @@ def test_cpu_device_spellings_still_work():
         assert np.all(sol.energy <= p.rtn_energies() + 1e-12)
 
 
-def test_cem_refuses_a_channel_that_does_not_fit_its_memory_budget():
-    p = make_problem(m=2, n=16, seed=1)
-    with pytest.raises(QroundError, match="above max_elements=100"):
-        CrossEntropy(samples=64, max_elements=100).solve(p, seed=0)
-    CrossEntropy(samples=4, max_elements=100, iterations=3).solve(p, seed=0)  # 5 x 16 fits
+def test_cem_runs_a_channel_above_its_budget_alone_and_refuses_absurd_batches(monkeypatch):
+    from qround.solvers import cem
+
+    p = make_problem(m=3, n=16, seed=1, per_channel=True)   # 65 x 16 x 16 numbers a channel
+    small = CrossEntropy(samples=64, max_elements=100, iterations=5).solve(p, seed=0)
+    large = CrossEntropy(samples=64, iterations=5).solve(p, seed=0)
+    assert small.ratio <= 1.0 and large.ratio <= 1.0
+    monkeypatch.setattr(cem, "MAX_CHANNEL_BYTES", 10_000)
+    with pytest.raises(QroundError, match=r"\(samples \+ 1\) x n x n with n = 16"):
+        CrossEntropy(samples=64).solve(p, seed=0)
 
 
 def test_anneal_refuses_a_schedule_too_large_to_hold():
