@@ -21,9 +21,9 @@ Starts follow dimod's ``Initialized`` conventions (``initial_states``, with
 ``initial_states_generator`` "random", "tile" or "none"); a sample is the best state its read
 saw, never worse than its start.  Tabu search's tenure is ``min(20, n // 2)`` unless given
 (dwave-samplers' cap; the layer solver's is 10).  Tabu search holds the matrix dense (n
-variables take ``8 n^2`` bytes); annealing holds it in CSR form below :data:`SPARSE_BELOW` density, with a
-kernel that makes the dense one's decisions (up to round-off in the start's fields) at a cost
-per flip of the variable's couplings.
+variables take ``8 n^2`` bytes); annealing holds it in CSR form below :data:`SPARSE_BELOW`
+density, with a kernel that makes the dense one's decisions (up to round-off in the start's
+fields) at a cost per flip of the variable's couplings.
 
 Annealing takes its inverse temperatures from the BQM's biases, as dwave-samplers' simulated
 annealing does (``default_beta_range``), unless ``beta_range`` is given: the layer solver's
@@ -61,8 +61,8 @@ MAX_READS = 10 ** 6
 # tabu tenure min(TENURE_CAP, n // 2) unless given: dwave-samplers' cap (its rule is
 # min(20, n / 4)), not the layer solver's 10.  On general QUBOs (bqp-style instances other than
 # the benchmark's, BENCHMARKS.md 1m) it found the best energy of all runs in 20 of 24 runs
-# against 5 of 24 with tenure 10, in the same time; on rounding problems the evidence for 20
-# was mixed, so the layer solver keeps 10.
+# against 5 of 24 with tenure 10, at 0.97-1.31x the time; on rounding problems the evidence
+# for 20 was mixed, so the layer solver keeps 10.
 TENURE_CAP = 20
 
 
@@ -336,8 +336,9 @@ def _check_dense_size(n: int) -> None:
 
 
 def _anneal_sparse(solver, n, linear, rows, cols, half, start, rng) -> np.ndarray:
-    """``Anneal`` (with its ``beta_range`` or custom schedule) on the QUBO in CSR form: the draws and decisions of
-    the dense path (same seeds, same order of visits) up to round-off in the start's fields
+    """``Anneal`` (with its ``beta_range`` or custom schedule) on the QUBO in CSR form: the
+    draws and decisions of the dense path (same seeds, same order of visits) up to round-off
+    in the start's fields
     (scipy's sparse product and BLAS sum in other orders; exact for integer or dyadic biases),
     at a cost per accepted flip of the variable's couplings instead of n."""
     (indptr, indices, data), h = _sparse(n, rows, cols, half)

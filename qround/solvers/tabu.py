@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QroundError, check_int, check_real
+from ..errors import QroundError, check_bool, check_int, check_real
 from ..problems.rounding import RoundingProblem
 from . import _kernels
 from .base import Solver
@@ -70,9 +70,7 @@ class Tabu(Solver):
         self.perturb = check_int(perturb, "perturb", 1, allow_none=True, maximum=MAX_COUNT)
         self.iters_per_var = check_real(iters_per_var, "iters_per_var", 0, MAX_ITERS_PER_VAR,
                                         lo_open=True)
-        if not isinstance(descent, (bool, np.bool_)):
-            raise QroundError(f"descent must be True or False, got {descent!r}")
-        self.descent = bool(descent)
+        self.descent = check_bool(descent, "descent")
         self.reset_every = check_int(reset_every, "reset_every", 0, maximum=MAX_COUNT)
         self.time_limit = (None if time_limit is None else
                            check_real(time_limit, "time_limit", 0, MAX_TIME_LIMIT, lo_open=True))
