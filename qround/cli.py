@@ -163,6 +163,7 @@ def cmd_sample(args) -> int:
         with open(path, "rb") as f:
             dimod_file = f.read(len(DIMOD_MAGIC)) == DIMOD_MAGIC
         if dimod_file:   # any labels and vartype: the sample as label / value pairs
+            row["energy"] = best.energy   # the offset is the model's own: dimod's energy
             samples[str(path)] = {**row, "vartype": bqm.vartype.name,
                                   "sample": [[_json_label(v), int(best.sample[v])]
                                              for v in bqm.variables]}
@@ -571,8 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="independent searches per file from random starts; the best is "
                          "reported (default: %(default)s)")
     sm.add_argument("--seed", type=int_at_least(0), default=0,
-                    help="seeds the random starts and the search: equal seeds, equal results "
-                         "(default: %(default)s)")
+                    help="seeds the random starts and the search: equal seeds, equal results, "
+                         "except under a time budget (tabu's timeout), where the result "
+                         "depends on the machine's speed (default: %(default)s)")
     sm.add_argument("--json", action="store_true", help="one JSON line per file")
     sm.add_argument("--out", help="write every file's best bit string and energy to this JSON")
     sm.set_defaults(func=cmd_sample)

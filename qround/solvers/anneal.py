@@ -65,7 +65,8 @@ def _beta_ends(problem, start, hot_accept, cold_accept, cold_quantile) -> np.nda
 
 
 class Anneal(Solver):
-    """Simulated annealing with a geometric beta schedule, batched over channels (numba).
+    """Simulated annealing (geometric, linear or custom beta schedule), batched over channels
+    (numba).
 
     num_sweeps: sweeps per run (each visits every free variable once); restarts: independent
     runs from the start, the best state of all is kept; order: ``"random"`` (a fresh

@@ -55,6 +55,17 @@ _SOLVER_PARAMETERS = {
     "anneal": ("num_sweeps", "restarts", "order", "beta_range", "beta_schedule_type",
                "num_sweeps_per_beta", "beta_schedule"),
 }
+# dwave-samplers' arguments that QroundSampler spells otherwise or does not have
+DWAVE_NAMES = {
+    "num_restarts": "dwave's num_restarts is restarts here",
+    "randomize_order": "dwave's randomize_order is order='random' or 'sequential' here",
+    "energy_threshold": "energy_threshold is not supported",
+    "interrupt_function": "interrupt_function is not supported",
+    "proposal_acceptance_criteria": "only Metropolis acceptance is supported",
+    "coefficient_z_first": "dwave's tabu tuning coefficients have no counterpart here",
+    "coefficient_z_restart": "dwave's tabu tuning coefficients have no counterpart here",
+    "lower_bound_z": "dwave's tabu tuning coefficients have no counterpart here",
+}
 # annealing works on H in CSR form below this fraction of the possible couplings
 SPARSE_BELOW = 0.25
 MAX_READS = 10 ** 6
@@ -216,7 +227,7 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
 
         Returns a ``dimod.SampleSet`` in the BQM's vartype, its energies from ``bqm``, and
         ``info["timing"]`` (seconds of the search and of the whole call); for annealing also
-        ``info["beta_range"]`` (the first and last inverse temperatures),
+        ``info["beta_range"]`` (the inverse temperatures' range; None with a custom schedule),
         ``info["beta_schedule_type"]`` and ``info["matrix"]`` (``"dense"`` or ``"sparse"``).
         Tabu search takes dwave-samplers' ``timeout`` (milliseconds per read: rounds run
         until it is up, unless ``restarts`` bounds them) or ``time_limit`` (seconds).
@@ -230,7 +241,9 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
                               f"{type(bqm).__name__}")
         unknown = sorted(set(solver_parameters) - set(_SOLVER_PARAMETERS[self.method]))
         if unknown:
-            raise QroundError(f"QroundSampler({self.method!r}) does not take {unknown}; its "
+            hints = [DWAVE_NAMES[u] for u in unknown if u in DWAVE_NAMES]
+            raise QroundError(f"QroundSampler({self.method!r}) does not take {unknown}"
+                              f"{' (' + '; '.join(hints) + ')' if hints else ''}; its "
                               f"parameters: {sorted(self.parameters)}")
         if "timeout" in solver_parameters:   # dwave-samplers' TabuSampler: ms per read
             solver_parameters = _from_timeout(solver_parameters)
@@ -287,9 +300,9 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         info = {"timing": {"search_s": search, "total_s": time.perf_counter() - t_call},
                 "method": self.method}
         if self.method == "anneal":  # as dwave's simulated annealing reports it
-            custom = solver.beta_schedule
-            info["beta_range"] = (list(solver.beta_range) if custom is None
-                                  else [float(custom[0]), float(custom[-1])])
+            # as dwave's: the range used, None with a custom schedule (it has none)
+            info["beta_range"] = (None if solver.beta_schedule is not None
+                                  else list(solver.beta_range))
             info["beta_schedule_type"] = solver.beta_schedule_type
             info["matrix"] = "sparse" if sparse else "dense"
         return dimod.SampleSet.from_samples_bqm((samples, variables), bqm, info=info)

@@ -41,8 +41,8 @@ class Tabu(Solver):
 
     max_iter: tabu iterations per round (None: ``iters_per_var`` x the largest number of free
     variables of a channel); restarts: rounds after the first; tenure: iterations a flipped
-    variable stays tabu (None: ``min(10, nfree // 2)``, capped at ``nfree - 1`` so a move always
-    exists); stall: end a round after this many iterations without a new best (None: never
+    variable stays tabu (None: ``min(10, nfree // 2)``; any tenure is capped at ``nfree - 1``
+    per channel, so a move always exists); stall: end a round after this many iterations without a new best (None: never
     early); perturb: random flips at the start of a restart (None: ``max(2, nfree // 20)``);
     descent: first-improvement sweeps before the tabu iterations of each round; reset_every:
     every this many rounds restart from the start instead of the best (0: never);

@@ -313,6 +313,7 @@ def test_cli_sample_reads_dimod_bqm_files(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out.strip())
     ground = dimod.ExactSolver().sample(bqm).first.energy
     assert row["cost"] == pytest.approx(ground) and row["variables"] == 3
+    assert row["energy"] == row["cost"]   # a dimod file's offset is its own: dimod's energy
     saved = json.loads(out.read_text())["samples"][str(path)]
     assert saved["vartype"] == "SPIN"
     sample = {("x", 2) if label == ["x", 2] else label: value

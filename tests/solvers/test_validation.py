@@ -160,3 +160,9 @@ def test_sampler_bounds_reads_and_their_memory():
     bqm = dimod.BinaryQuadraticModel({0: 1.0, 1: -1.0}, {(0, 1): 0.5}, 0.0, "BINARY")
     with pytest.raises(QroundError, match="num_reads=.* is too large"):
         QroundSampler("tabu").sample(bqm, num_reads=2 ** 70)
+
+
+def test_an_unquoted_string_in_a_spec_gets_a_hint():
+    with pytest.raises(QroundError, match="strings need quotes: order='sequential'"):
+        get_solver("anneal(order=sequential)")
+    assert get_solver("anneal(order='sequential', beta_schedule=[0.1, 1.0])").num_sweeps == 2
