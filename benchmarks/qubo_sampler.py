@@ -48,9 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--first-instance", type=int, default=0,
                    help="index of the first bqp instance of each size (another index range "
                         "is another set of instances; default: %(default)s)")
-    p.add_argument("--tabu-variants", default="",
-                   help="';'-separated QroundSampler tabu options to run as well, each as "
-                        "'tabu(tenure=20)' (default: none)")
+    p.add_argument("--variants", "--tabu-variants", dest="variants", default="",
+                   help="';'-separated QroundSampler settings to run as well, each as "
+                        "'tabu(tenure=20)' or 'anneal(order=\'sequential\')' (default: none)")
     p.add_argument("--json", help="write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.first_instance < 0:
@@ -112,12 +112,13 @@ def main(argv=None) -> int:
     from qround.solvers.registry import normalize_spec, parse_part
 
     ours_tabu, ours_anneal = QroundSampler("tabu"), QroundSampler("anneal")
+    ours = {"tabu": ours_tabu, "anneal": ours_anneal}
     variants = []
-    for spec in (v.strip() for v in args.tabu_variants.split(";") if v.strip()):
+    for spec in (v.strip() for v in args.variants.split(";") if v.strip()):
         method, options = parse_part(spec)
-        if method != "tabu":
-            raise SystemExit(f"--tabu-variants: {spec!r} is not a tabu spec")
-        variants.append((f"qround-{normalize_spec(spec)}", options))
+        if method not in ours:
+            raise SystemExit(f"--variants: {spec!r} is not a tabu or anneal spec")
+        variants.append((f"qround-{normalize_spec(spec)}", ours[method], options))
     dw_tabu, neal = TabuSampler(), SimulatedAnnealingSampler()
 
     def timed(sampler, bqm, **kw):
@@ -144,8 +145,8 @@ def main(argv=None) -> int:
                                                                timeout=20)))
                 runs.append(("qround-tabu 20ms", seed, *timed(ours_tabu, bqm, seed=seed,
                                                                 timeout=20)))
-                for label, options in variants:
-                    runs.append((label, seed, *timed(ours_tabu, bqm, seed=seed, **options)))
+                for label, sampler, options in variants:
+                    runs.append((label, seed, *timed(sampler, bqm, seed=seed, **options)))
                 runs.append(("qround-anneal", seed, *timed(ours_anneal, bqm, seed=seed)))
                 runs.append(("neal", seed, *timed(neal, bqm, seed=seed, num_sweeps=1000)))
             best = min(r[2] for r in runs)
