@@ -141,3 +141,28 @@ def split_specs(text: str) -> list[str]:
     except ImportError:
         return [t.strip() for t in text.split(",") if t.strip()]
     return split(text)
+
+
+def first_channels_runs(layers, bits_list, channels: int, solvers: dict, seed: int, log=None):
+    """Each solver on the first ``channels`` channels of every layer (name, W, H) at every
+    width (per-channel symmetric MSE grid): rows of layer, bits, solver label, channels, cost
+    / RTN and seconds of the solve.  ``log(row)`` is called after each solve."""
+    import time
+
+    from qround.grid import GridSpec
+    from qround.problems import RoundingProblem
+
+    rows = []
+    for name, w, h in layers:
+        for bits in bits_list:
+            problem = RoundingProblem.from_weight(w, h, GridSpec(bits=bits), name=name)
+            sub = problem.subproblem(slice(0, min(channels, problem.num_channels)))
+            for label, solver in solvers.items():
+                t0 = time.perf_counter()
+                sol = solver.solve(sub, seed=seed)
+                rows.append({"layer": name, "bits": bits, "solver": label,
+                             "channels": sub.num_channels, "ratio": sol.ratio,
+                             "seconds": time.perf_counter() - t0})
+                if log is not None:
+                    log(rows[-1])
+    return rows

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 
-from _common import int_list, write_results  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import first_channels_runs, int_list, write_results  # noqa: E402 (benchmarks/ is on sys.path)
 
 HELDOUT_MINILM = tuple(f"0.model.encoder.layer.{i}.{name}" for i, name in (
     (2, "attention.self.query"), (3, "attention.self.key"), (4, "attention.output.dense"),
@@ -76,8 +75,6 @@ def main(argv=None) -> int:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from qround.grid import GridSpec
-    from qround.problems import RoundingProblem
     from qround.report import format_table
     from qround.solvers import warm_up
     from solvers_gpu import read_layers
@@ -87,21 +84,14 @@ def main(argv=None) -> int:
     solvers = {spec: build(spec) for spec in args.solvers}   # bad specs fail before any work
     for solver in solvers.values():
         warm_up(solver)
-    rows = []
     with threadpool_limits(args.threads):
-        for name, w, h in read_layers(args.layers_file):
-            for bits in args.bits:
-                problem = RoundingProblem.from_weight(w, h, GridSpec(bits=bits), name=name)
-                sub = problem.subproblem(slice(0, min(args.channels, problem.num_channels)))
-                for spec, solver in solvers.items():
-                    t0 = time.perf_counter()
-                    sol = solver.solve(sub, seed=args.seed)
-                    seconds = time.perf_counter() - t0
-                    rows.append({"layer": name, "bits": bits, "solver": spec,
-                                 "channels": sub.num_channels, "ratio": sol.ratio,
-                                 "ms_per_ch": 1e3 * seconds / sub.num_channels})
-                    print(f"{name} W{bits} {spec}: {sol.ratio:.4f} of RTN, "
-                          f"{rows[-1]['ms_per_ch']:.2f} ms/ch", file=sys.stderr, flush=True)
+        runs = first_channels_runs(
+            read_layers(args.layers_file), args.bits, args.channels, solvers, args.seed,
+            log=lambda r: print(f"{r['layer']} W{r['bits']} {r['solver']}: {r['ratio']:.4f} "
+                                f"of RTN, {1e3 * r['seconds'] / r['channels']:.2f} ms/ch",
+                                file=sys.stderr, flush=True))
+    rows = [{**{k: r[k] for k in ("layer", "bits", "solver", "channels", "ratio")},
+             "ms_per_ch": 1e3 * r["seconds"] / r["channels"]} for r in runs]
     table = [{"layer": r["layer"], "bits": r["bits"],
               **{f"{spec}": next(f"{x['ratio']:.4f}" for x in rows
                                  if x["layer"] == r["layer"] and x["bits"] == r["bits"]

@@ -21,9 +21,8 @@ cost / RTN and seconds per channel.
 from __future__ import annotations
 
 import argparse
-import time
 
-from _common import int_list, write_results  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import first_channels_runs, int_list, write_results  # noqa: E402 (benchmarks/ is on sys.path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,22 +84,15 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 16))
     tiny = RoundingProblem.from_weight(rng.normal(size=(2, 16)), x.T @ x / 64, GridSpec(bits=2))
-    rows = []
     with threadpool_limits(limits=args.threads):
         for solver in todo.values():
             solver.solve(tiny, seed=args.seed)  # warm-up, not timed
-        for name, w, h in layers:
-            for bits in args.bits:
-                problem = RoundingProblem.from_weight(w, h, GridSpec(bits=bits), name=name)
-                sub = problem.subproblem(slice(0, min(args.channels, problem.num_channels)))
-                for label, solver in todo.items():
-                    t0 = time.perf_counter()
-                    sol = solver.solve(sub, seed=args.seed)
-                    seconds = time.perf_counter() - t0
-                    rows.append({"layer": name, "bits": bits, "solver": label,
-                                 "ratio": sol.ratio, "s_per_ch": seconds / sub.num_channels})
-                    print(f"{name} W{bits} {label}: {sol.ratio:.4f} of RTN, "
-                          f"{seconds / sub.num_channels:.4g} s/ch", flush=True)
+        runs = first_channels_runs(
+            layers, args.bits, args.channels, todo, args.seed,
+            log=lambda r: print(f"{r['layer']} W{r['bits']} {r['solver']}: {r['ratio']:.4f} "
+                                f"of RTN, {r['seconds'] / r['channels']:.4g} s/ch", flush=True))
+    rows = [{"layer": r["layer"], "bits": r["bits"], "solver": r["solver"], "ratio": r["ratio"],
+             "s_per_ch": r["seconds"] / r["channels"]} for r in runs]
     table = format_table(rows, ["layer", "bits", "solver", "ratio", "s_per_ch"])
     print(table)
     if args.json:
