@@ -17,6 +17,9 @@ class Nearest(Solver):
         return problem.rtn_choices()
 
 
+MAX_BATCH_BYTES = 2 ** 31
+
+
 class Stochastic(Solver):
     """Stochastic rounding (Gupta et al. 2015): P(up) = fractional part; best of ``samples``."""
 
@@ -27,6 +30,12 @@ class Stochastic(Solver):
         self.batch = check_int(batch, "batch", 1, maximum=4096)   # a batch is (batch, m, n)
 
     def _solve(self, problem, start, rng):
+        k = min(self.batch, self.samples)
+        size = 8 * k * problem.num_channels * problem.num_inputs
+        if size > MAX_BATCH_BYTES:   # a batch of candidates and their products with H
+            raise QroundError(f"stochastic: a batch of {k} samples of this {problem.num_channels}"
+                              f"x{problem.num_inputs} layer takes {size / 2 ** 30:.1f} GiB (at "
+                              f"most {MAX_BATCH_BYTES / 2 ** 30:.0f} GiB): lower batch")
         best, best_e = start, problem.energies(start)
         left = self.samples
         while left > 0:

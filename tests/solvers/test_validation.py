@@ -166,3 +166,13 @@ def test_an_unquoted_string_in_a_spec_gets_a_hint():
     with pytest.raises(QroundError, match="strings need quotes: order='sequential'"):
         get_solver("anneal(order=sequential)")
     assert get_solver("anneal(order='sequential', beta_schedule=[0.1, 1.0])").num_sweeps == 2
+
+
+def test_stochastic_refuses_a_batch_too_large_to_hold(monkeypatch):
+    from qround.solvers import reference
+
+    p = make_problem(m=4, n=8, seed=5)
+    monkeypatch.setattr(reference, "MAX_BATCH_BYTES", 8 * 16 * 4 * 8 - 1)
+    with pytest.raises(QroundError, match="a batch of 16 samples of this 4x8 layer"):
+        Stochastic(batch=16).solve(p, seed=0)
+    assert Stochastic(batch=8).solve(p, seed=0).ratio <= 1.0
