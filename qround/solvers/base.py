@@ -333,6 +333,9 @@ def warm_up(*solvers, **sample_options) -> None:
                 for density in (0.5, 0.05):  # QroundSampler anneals sparse BQMs apart
                     bqm = dimod.generators.gnp_random_bqm(60, density, "BINARY",
                                                           random_state=0)
-                    solver.sample(bqm, num_reads=2, seed=0, **sample_options)
+                    try:
+                        solver.sample(bqm, num_reads=2, seed=0, **sample_options)
+                    except (ValueError, TypeError):  # a dwave sampler's refusal of an option:
+                        break                        # the real call reports it
         except QroundError:  # e.g. a DimodSolver restricted to channels the tiny one lacks:
             pass             # the real call reports its own errors

@@ -342,3 +342,24 @@ def test_damaged_and_other_dimod_files_are_named(tmp_path, capsys):
     text = tmp_path / "tiny.qubo"     # qbsolv files still read as before
     text.write_text("p qubo 0 3 2 1\n0 0 -1\n2 2 -1\n0 2 3\n")
     assert read_bqm_file(text).num_variables == 3
+
+
+def test_cli_sample_runs_dwave_samplers_to_compare(tmp_path, capsys):
+    """`qround sample --method dwave-tabu(timeout=5)` (or neal) runs dwave-samplers' own
+    sampler on the same files, with the same table; misspelt options are refused."""
+    pytest.importorskip("dwave.samplers", reason="needs dwave-samplers")
+    import dimod
+
+    path = tmp_path / "tiny.qubo"
+    path.write_text("p qubo 0 3 2 1\n0 0 -1\n2 2 -1\n0 2 3\n")
+    ground = dimod.ExactSolver().sample(
+        dimod.BinaryQuadraticModel({0: -1.0, 2: -1.0, 1: 0.0}, {(0, 2): 3.0}, 0.0,
+                                   "BINARY")).first.energy
+    for method in ("dwave-tabu(timeout=5)", "neal(num_sweeps=50)", "dwave-steepest"):
+        assert main(["sample", str(path), "--method", method, "--reads", "2", "--json"]) == 0
+        row = json.loads(capsys.readouterr().out.strip())
+        assert row["energy"] == pytest.approx(ground) and row["method"] == method
+    assert main(["sample", str(path), "--method", "neal(num_sweep=50)"]) == 2
+    assert "does not take ['num_sweep']" in capsys.readouterr().err
+    assert main(["sample", str(path), "--method", "neal(num_sweeps=-3)"]) == 2
+    assert "refused" in capsys.readouterr().err
