@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__
 from .cliargs import PLOT_SUFFIXES, check_format, check_paths, int_at_least
-from .errors import QroundError, check_bits
+from .errors import QroundError, check_bits, check_int
 from .report import SolveRecord, format_table, totals, write_json_atomic, write_npz_atomic
 from .solvers import available_solvers, get_solver, warm_up
 from .solvers.registry import DEFAULT_SOLVER, split_specs
@@ -140,7 +140,9 @@ def cmd_sample(args) -> int:
     from .problems.qubo_files import DIMOD_MAGIC, MANIFEST, read_bqm_file
     from .solvers import QroundSampler, warm_up
     from .solvers.registry import normalize_spec, parse_part
+    from .solvers.sampler import MAX_READS
 
+    check_int(args.reads, "--reads", 1, maximum=MAX_READS)   # dwave's samplers have no bound
     method, options = parse_part(args.method)
     taken = sorted({"seed", "num_reads", "initial_states", "initial_states_generator"}
                    & set(options))
@@ -163,10 +165,16 @@ def cmd_sample(args) -> int:
     warm_up(sampler, **options)  # kernel loading stays out of the first file's seconds
     for path in args.files:
         bqm = read_bqm_file(path)
+        if bqm.num_variables == 0:   # nothing to search (dwave's tabu returns no sample)
+            row = {"file": str(path), "variables": 0, "energy": 0.0, "cost": bqm.offset,
+                   "reads": args.reads, "seconds": 0.0}
+            rows.append(row)
+            samples[str(path)] = {**row, "x": ""}
+            continue
         t0 = time.perf_counter()
         try:
             ss = sampler.sample(bqm, num_reads=args.reads, seed=args.seed, **options)
-        except (ValueError, TypeError) as exc:   # a dwave sampler's own check of a value
+        except (ValueError, TypeError, OverflowError) as exc:   # a dwave sampler's refusal
             if isinstance(exc, QroundError):
                 raise
             raise QroundError(f"--method {args.method!r} refused: {exc}") from None
@@ -603,8 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "reported (default: %(default)s)")
     sm.add_argument("--seed", type=int_at_least(0), default=0,
                     help="seeds the random starts and the search: equal seeds, equal results, "
-                         "except under a time budget (tabu's timeout), where the result "
-                         "depends on the machine's speed (default: %(default)s)")
+                         "except under a time budget (a timeout; dwave-tabu always has one), "
+                         "where the result depends on the machine's speed "
+                         "(default: %(default)s)")
     sm.add_argument("--json", action="store_true", help="one JSON line per file")
     sm.add_argument("--out", help="write every file's best bit string and energy to this JSON")
     sm.set_defaults(func=cmd_sample)

@@ -335,7 +335,7 @@ def warm_up(*solvers, **sample_options) -> None:
                                                           random_state=0)
                     try:
                         solver.sample(bqm, num_reads=2, seed=0, **sample_options)
-                    except (ValueError, TypeError):  # a dwave sampler's refusal of an option:
-                        break                        # the real call reports it
+                    except (ValueError, TypeError, OverflowError):  # a dwave sampler's
+                        break       # refusal of an option: the real call reports it
         except QroundError:  # e.g. a DimodSolver restricted to channels the tiny one lacks:
             pass             # the real call reports its own errors

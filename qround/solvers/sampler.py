@@ -56,15 +56,17 @@ _SOLVER_PARAMETERS = {
                "num_sweeps_per_beta", "beta_schedule"),
 }
 # dwave-samplers' arguments that QroundSampler spells otherwise or does not have
-DWAVE_NAMES = {
-    "num_restarts": "dwave's num_restarts is restarts here",
-    "randomize_order": "dwave's randomize_order is order='random' or 'sequential' here",
-    "energy_threshold": "energy_threshold is not supported",
-    "interrupt_function": "interrupt_function is not supported",
-    "proposal_acceptance_criteria": "only Metropolis acceptance is supported",
-    "coefficient_z_first": "dwave's tabu tuning coefficients have no counterpart here",
-    "coefficient_z_restart": "dwave's tabu tuning coefficients have no counterpart here",
-    "lower_bound_z": "dwave's tabu tuning coefficients have no counterpart here",
+DWAVE_NAMES = {   # by (method, name); None: any method
+    ("tabu", "num_restarts"): "dwave's num_restarts is restarts here",
+    ("anneal", "randomize_order"): "dwave's randomize_order is order='random' or "
+                                   "'sequential' here",
+    ("anneal", "timeout"): "annealing has no time budget; set num_sweeps",
+    (None, "energy_threshold"): "energy_threshold is not supported",
+    (None, "interrupt_function"): "interrupt_function is not supported",
+    ("anneal", "proposal_acceptance_criteria"): "only Metropolis acceptance is supported",
+    ("tabu", "coefficient_z_first"): "dwave's tabu tuning coefficients have no counterpart",
+    ("tabu", "coefficient_z_restart"): "dwave's tabu tuning coefficients have no counterpart",
+    ("tabu", "lower_bound_z"): "dwave's tabu tuning coefficients have no counterpart",
 }
 # annealing works on H in CSR form below this fraction of the possible couplings
 SPARSE_BELOW = 0.25
@@ -241,7 +243,9 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
                               f"{type(bqm).__name__}")
         unknown = sorted(set(solver_parameters) - set(_SOLVER_PARAMETERS[self.method]))
         if unknown:
-            hints = [DWAVE_NAMES[u] for u in unknown if u in DWAVE_NAMES]
+            hints = [DWAVE_NAMES.get((self.method, u)) or DWAVE_NAMES.get((None, u))
+                     for u in unknown]
+            hints = list(dict.fromkeys(h for h in hints if h))
             raise QroundError(f"QroundSampler({self.method!r}) does not take {unknown}"
                               f"{' (' + '; '.join(hints) + ')' if hints else ''}; its "
                               f"parameters: {sorted(self.parameters)}")

@@ -363,3 +363,22 @@ def test_cli_sample_runs_dwave_samplers_to_compare(tmp_path, capsys):
     assert "does not take ['num_sweep']" in capsys.readouterr().err
     assert main(["sample", str(path), "--method", "neal(num_sweeps=-3)"]) == 2
     assert "refused" in capsys.readouterr().err
+
+
+def test_cli_sample_edge_cases_with_dwave_samplers(tmp_path, capsys):
+    """An empty model reports its offset without sampling (dwave's tabu returns no sample for
+    it); reads are bounded for every sampler; a dwave sampler's overflow is one line."""
+    pytest.importorskip("dwave.samplers", reason="needs dwave-samplers")
+    empty = tmp_path / "empty.qubo"
+    empty.write_text("c offset 2.5\np qubo 0 0 0 0\n")
+    for method in ("dwave-tabu", "tabu"):
+        assert main(["sample", str(empty), "--method", method, "--json"]) == 0
+        row = json.loads(capsys.readouterr().out.strip())
+        assert row["variables"] == 0 and row["cost"] == 2.5
+    path = tmp_path / "tiny.qubo"
+    path.write_text("p qubo 0 3 2 1\n0 0 -1\n2 2 -1\n0 2 3\n")
+    assert main(["sample", str(path), "--method", "neal", "--reads", str(10 ** 15)]) == 2
+    assert "--reads=" in capsys.readouterr().err
+    assert main(["sample", str(path), "--method", f"dwave-tabu(timeout={10 ** 20})"]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "Traceback" not in err
