@@ -230,6 +230,12 @@ def _reference_sampler(name: str, options: dict):
 
     sampler = _make_sampler(name)
     DimodSolver(name, **options)   # refuses options the sampler does not declare
+    if name == "dwave-tabu" and "timeout" in options:
+        timeout = options["timeout"]
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise QroundError(f"dwave-tabu(timeout={timeout!r}): give a positive number of "
+                              "milliseconds (without one dwave's tabu search runs its 10^6 "
+                              "restarts, minutes on a small model)")
     return sampler
 
 

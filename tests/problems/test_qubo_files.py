@@ -382,3 +382,6 @@ def test_cli_sample_edge_cases_with_dwave_samplers(tmp_path, capsys):
     assert main(["sample", str(path), "--method", f"dwave-tabu(timeout={10 ** 20})"]) == 2
     err = capsys.readouterr().err
     assert "refused" in err and "Traceback" not in err
+    for timeout in ("-5", "None", "0"):
+        assert main(["sample", str(path), "--method", f"dwave-tabu(timeout={timeout})"]) == 2
+        assert "give a positive number of milliseconds" in capsys.readouterr().err
