@@ -31,7 +31,7 @@ from .calibrate import ForwardFn, default_forward
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, fit_grid
 from .pipeline import QuantConfig, _check_calibration, _own_rng, _select, _stream, _trace
-from .problems.layers import layer_weight
+from .problems.layers import layer_weight, linearize_conv1d
 from .solvers.gptq import inverse_cholesky
 from .writeback import QuantizedWeight, apply_to_layer
 
@@ -140,7 +140,7 @@ def rtn_model(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, float]:
         raise QroundError("rtn_model: scale_method='mse-output' needs calibration data; use "
                           "'minmax' or 'mse'")
     start = time.perf_counter()
-    qmodel = copy_module(model)
+    qmodel, _ = linearize_conv1d(copy_module(model))  # transformers' Conv1D as nn.Linear
     names, _ = _select(qmodel, config)
     modules = dict(qmodel.named_modules())
     for index, name in enumerate(names):
@@ -173,7 +173,7 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
     start = time.perf_counter()
     forward = forward or default_forward
     first_batch = _check_calibration(calibration)
-    qmodel = copy_module(model)
+    qmodel, _ = linearize_conv1d(copy_module(model))  # transformers' Conv1D as nn.Linear
     names, _ = _select(qmodel, config)
     modules = dict(qmodel.named_modules())
     for name in names:

@@ -1,6 +1,6 @@
 """Streaming layer statistics from forward hooks.
 
-For each chosen ``nn.Linear`` / ``nn.Conv2d`` the input vectors ``x`` of the layer are streamed
+For each chosen ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``, read as its Linear) the input vectors ``x`` of the layer are streamed
 into float64 sums, one batch at a time, and divided by the number of vectors at the end:
 
 - ``capture_hessians``: ``H = E[x x^T]`` (AdaRound eq. 20/21).
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import QroundError
+from .problems.layers import is_hf_conv1d
 
 LayerFilter = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -52,10 +53,20 @@ def token_mask(mask: torch.Tensor) -> Iterator[None]:
         _TOKEN_MASK.reset(tok)
 
 
+def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a Linear-like layer: nn.Linear, or transformers' Conv1D (weight (in, out));
+    None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_hf_conv1d(module):
+        return tuple(module.weight.shape)
+    return None
+
+
 def _active_mask(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The flattened token mask that applies to this Linear input, or None."""
     mask = _TOKEN_MASK.get()
-    if mask is None or not isinstance(module, nn.Linear) or tuple(x.shape[:-1]) != tuple(mask.shape):
+    if mask is None or _linear_dims(module) is None or tuple(x.shape[:-1]) != tuple(mask.shape):
         return None
     return mask.reshape(-1).to(x.device)
 
@@ -93,14 +104,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def select_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, nn.Module]:
-    """The Linear/Conv2d modules to capture, by name, in ``named_modules`` (forward) order.
+    """The Linear/Conv2d modules (and transformers' Conv1D) to capture, by name, in
+    ``named_modules`` (forward) order.
 
     layers: None (all), a name or list of names, or a predicate ``(name, module) -> bool``.
     """
-    supported = (nn.Linear, nn.Conv2d)
+    def supported(m):
+        return isinstance(m, (nn.Linear, nn.Conv2d)) or is_hf_conv1d(m)
+
     if layers is None or callable(layers):
         chosen = {n: m for n, m in model.named_modules()
-                  if isinstance(m, supported) and (layers is None or layers(n, m))}
+                  if supported(m) and (layers is None or layers(n, m))}
         if not chosen:
             raise QroundError("layers selected no nn.Linear or nn.Conv2d module of the model")
         return chosen
@@ -112,9 +126,9 @@ def select_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, nn.
     for n in names:
         if n not in modules:
             raise QroundError(f"layer {n!r} does not exist in the model")
-        if not isinstance(modules[n], supported):
-            raise QroundError(f"layer {n!r} is a {type(modules[n]).__name__}, not nn.Linear or "
-                              "nn.Conv2d")
+        if not supported(modules[n]):
+            raise QroundError(f"layer {n!r} is a {type(modules[n]).__name__}, not nn.Linear, "
+                              "nn.Conv2d or transformers' Conv1D")
         chosen[n] = modules[n]
     return chosen
 
@@ -164,9 +178,10 @@ def _layer_input(name: str, module: nn.Module, args: tuple) -> torch.Tensor:
     x = args[0].detach()
     if not torch.isfinite(x).all():
         raise QroundError(f"layer {name!r} received non-finite (NaN/Inf) inputs")
-    if isinstance(module, nn.Linear):
+    dims = _linear_dims(module)
+    if dims is not None:
         mask = _active_mask(module, x)
-        x = x.reshape(-1, module.in_features)
+        x = x.reshape(-1, dims[0])
         return x if mask is None else x[mask]
     return x if x.dim() == 4 else x.unsqueeze(0)  # conv: (N, C, H, W), unbatched made batched
 
@@ -188,7 +203,7 @@ def _vectors(module: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
     ``i * L + l`` = sample i at output position l, entries ordered (c_in/groups, kh, kw).
     """
     x = x.to(device=device, dtype=torch.float64)
-    if isinstance(module, nn.Linear):
+    if _linear_dims(module) is not None:
         return x.unsqueeze(0)
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     pads = _conv_padding(module)
@@ -203,24 +218,27 @@ def _vectors(module: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
 def _output_rows(module: nn.Module, grad: torch.Tensor, device) -> torch.Tensor:
     """Output gradients (rows, out) float64 in the row order of :func:`_vectors`."""
     grad = grad.to(device=device, dtype=torch.float64)
-    if isinstance(module, nn.Linear):
-        return grad.reshape(-1, module.out_features)
+    dims = _linear_dims(module)
+    if dims is not None:
+        return grad.reshape(-1, dims[1])
     grad = grad if grad.dim() == 4 else grad.unsqueeze(0)
     return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
 
 
 def _block_shape(module: nn.Module) -> tuple[int, int]:
     """(groups, n_g): number of blocks and length of the input vector of each."""
-    if isinstance(module, nn.Linear):
-        return 1, module.in_features
+    dims = _linear_dims(module)
+    if dims is not None:
+        return 1, dims[0]
     kh, kw = module.kernel_size
     return module.groups, module.in_channels // module.groups * kh * kw
 
 
 def _geometry(module: nn.Module) -> tuple | None:
     """What fixes a layer's input vectors: type and shapes (stride, padding ... of a conv)."""
-    if isinstance(module, nn.Linear):
-        return ("linear", module.in_features, module.out_features)
+    dims = _linear_dims(module)
+    if dims is not None:  # a Conv1D reads its input as the Linear it equals
+        return ("linear", *dims)
     if isinstance(module, nn.Conv2d):
         return ("conv2d", module.in_channels, module.out_channels, module.kernel_size,
                 module.stride, module.padding, module.dilation, module.groups,

@@ -280,9 +280,14 @@ DIGITS_MODELS = {"digits-cnn": "plain", "digits-resnet": "residual"}
 
 
 def _load_named_model(name: str, seed: int = 0, sentences: int = 256):
-    """(model, calibration batches, forward) for a packaged model name."""
+    """(model, calibration batches, forward) for a packaged model name or a transformers
+    checkpoint folder (the packaged calibration sentences)."""
     from . import zoo
+    from .zoo.hf import is_hf_folder, load_hf
 
+    if is_hf_folder(name):
+        hf = load_hf(name)
+        return hf.model, hf.batches(zoo.sentences("calibration", n=sentences)), hf.forward
     if name == "minilm":
         model = zoo.load_minilm()
         batches = zoo.minilm_batches(model, zoo.sentences("calibration", n=sentences))
@@ -292,7 +297,8 @@ def _load_named_model(name: str, seed: int = 0, sentences: int = 256):
         calib = data.calib_images
         batches = [calib[i:i + 64] for i in range(0, len(calib), 64)]
         return model, batches, None
-    raise QroundError(f"unknown model {name!r}: use minilm, {' or '.join(DIGITS_MODELS)}")
+    raise QroundError(f"unknown model {name!r}: use minilm, {', '.join(DIGITS_MODELS)} or a "
+                      "transformers checkpoint folder (with config.json)")
 
 
 def cmd_export_layer(args) -> int:
@@ -301,6 +307,7 @@ def cmd_export_layer(args) -> int:
     from .calibrate import capture_hessians
     from .grid import GridSpec
     from .problems.io import save_layer_stats_from_module
+    from .problems.layers import is_hf_conv1d
 
     check_bits(args.bits, "--bits")
     check_paths({"--out": args.out})
@@ -311,16 +318,17 @@ def cmd_export_layer(args) -> int:
                     scale_method=args.scale_method)  # bad grid options fail before any work
     torch.set_num_threads(args.threads)
     model, batches, forward = _load_named_model(args.model)
-    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or is_hf_conv1d(m)]
     if args.list or not args.layer:
         print("\n".join(names))
         if args.list:
             return 0
-        raise QroundError(f"give --layer NAME, one of the {len(names)} Linear/Conv2d layers "
-                          "listed above")
+        raise QroundError(f"give --layer NAME, one of the {len(names)} layers listed above")
     if args.layer not in names:
         raise QroundError(f"layer {args.layer!r} not found; `qround export-layer --model "
-                          f"{args.model} --list` lists the {len(names)} Linear/Conv2d layers")
+                          f"{args.model} --list` lists the {len(names)} layers that can be "
+                          "rounded")
     hessians = capture_hessians(model, batches, layers=[args.layer], forward=forward)
     module = dict(model.named_modules())[args.layer]
     save_layer_stats_from_module(args.out, module, hessians[args.layer], spec, name=args.layer)
@@ -337,11 +345,15 @@ def _model_and_calibration(args):
     """(float model, calibration batches, forward, default layer regex) for --model."""
     import torch
 
+    from .zoo.hf import is_hf_folder
+
     if args.model == "minilm" or args.model in DIGITS_MODELS:
         model, batches, forward = _load_named_model(args.model, seed=args.seed,
                                                     sentences=args.calibration_size)
         return model, batches, forward, MINILM_ENCODER if args.model == "minilm" else None
     _check_model_file(args)
+    if is_hf_folder(args.model):
+        return _checkpoint_and_calibration(args)
     model = _torch_load(args.model, "--model", weights_only=False)
     inputs = _torch_load(args.calibration, "--calibration", weights_only=True)
     if isinstance(model, torch.jit.ScriptModule):
@@ -373,10 +385,42 @@ def _model_and_calibration(args):
     return model, batches, None, None
 
 
+def _checkpoint_and_calibration(args):
+    """(model, batches, forward, None) for a transformers checkpoint folder: texts from
+    --calibration (a text file, one text per line) or the packaged calibration sentences."""
+    from . import zoo
+    from .zoo.hf import load_hf
+
+    if args.calibration:
+        try:
+            with open(args.calibration, encoding="utf-8") as f:
+                texts = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise QroundError(f"--calibration {args.calibration!r} could not be read as UTF-8 "
+                              f"text ({type(exc).__name__}: {exc})") from None
+        if not texts:
+            raise QroundError(f"--calibration {args.calibration!r} holds no text (one text per "
+                              "line)")
+    else:
+        texts = zoo.sentences("calibration", n=args.calibration_size)
+    hf = load_hf(args.model)
+    return hf.model, hf.batches(texts, args.batch_size), hf.forward, None
+
+
 def _check_model_file(args) -> None:
-    """--model names a packaged model or an existing file that comes with --calibration."""
+    """--model names a packaged model, a transformers checkpoint folder (--calibration: an
+    optional text file) or an existing file that comes with --calibration."""
     import os
 
+    from .zoo.hf import is_hf_folder
+
+    if is_hf_folder(args.model):
+        if args.calibration and not os.path.isfile(args.calibration):
+            raise QroundError(f"--calibration {args.calibration!r}: no such file")
+        if args.calibration and args.calibration.endswith((".pt", ".pth")):
+            raise QroundError(f"--calibration {args.calibration!r}: a checkpoint folder takes "
+                              "calibration text (a text file, one text per line)")
+        return
     if args.model == "minilm" or args.model in DIGITS_MODELS:
         if args.calibration:
             raise QroundError(f"--calibration is for a model file; {args.model} comes with its "
@@ -384,7 +428,8 @@ def _check_model_file(args) -> None:
         return
     if not os.path.isfile(args.model):
         raise QroundError(f"--model {args.model!r} is neither a packaged model (minilm, "
-                          f"{', '.join(DIGITS_MODELS)}) nor an existing file")
+                          f"{', '.join(DIGITS_MODELS)}), a transformers checkpoint folder (with "
+                          "config.json) nor an existing file")
     if not args.calibration:
         raise QroundError("a model file needs --calibration INPUTS.pt (a tensor of inputs, "
                           "batched along dim 0, or a list of batches)")
@@ -495,11 +540,20 @@ def cmd_evaluate(args) -> int:
     from . import export, zoo
     from .evaluate import digits_accuracy, minilm_metrics
 
-    if args.model == "minilm" and args.abits is not None:
-        raise QroundError("--abits applies to the digits models; MiniLM is evaluated with the "
-                          "activation quantisers its file carries, if any")
+    from .zoo.hf import hf_metrics, is_hf_folder, load_hf
+
+    folder = is_hf_folder(args.model)
+    if (args.model == "minilm" or folder) and args.abits is not None:
+        raise QroundError("--abits applies to the digits models; MiniLM and checkpoint folders "
+                          "are evaluated with the activation quantisers their file carries, if "
+                          "any")
     torch.set_num_threads(args.threads)
-    if args.model == "minilm":
+    if folder:
+        hf = load_hf(args.model)
+        quant = export.load(hf.model, args.quantized)
+        metrics = hf_metrics(hf, quant, zoo.sentences("evaluation", n=args.sentences))
+        metrics["sentences"] = args.sentences
+    elif args.model == "minilm":
         model = zoo.load_minilm()
         quant = export.load(model, args.quantized)
         metrics = minilm_metrics(model, quant, zoo.sentences("evaluation", n=args.sentences))
@@ -519,8 +573,9 @@ def cmd_evaluate(args) -> int:
                    "abits": saved_abits if saved_abits is not None else args.abits,
                    "model_seed": seed}
     else:
-        raise QroundError("evaluate knows the metrics of minilm and the digits models; for "
-                          "your own model load it with qround.export.load(model, FILE)")
+        raise QroundError("evaluate knows the metrics of minilm, the digits models and "
+                          "transformers checkpoint folders (with config.json); for your own "
+                          "model load it with qround.export.load(model, FILE)")
     meta = export.read_metadata(args.quantized)
     metrics.update(file=str(args.quantized), wbits=int(meta["config"]["wbits"]),
                    solver=meta["solver"])
@@ -625,8 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("export-layer", help="write a layer statistics file from a real model layer")
-    e.add_argument("--model", default="minilm", choices=["minilm", *DIGITS_MODELS],
-                   help="(default: %(default)s)")
+    e.add_argument("--model", default="minilm",
+                   help="minilm | digits-cnn | digits-resnet | a transformers checkpoint folder "
+                        "(default: %(default)s)")
     e.add_argument("--layer", help="module name (see --list)")
     e.add_argument("--list", action="store_true", help="list the Linear/Conv2d layers and exit")
     e.add_argument("--out", help="output .npz")
@@ -639,14 +695,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantise a whole model's weights with a chosen solver")
     q.add_argument("--model", default="minilm",
-                   help="minilm | digits-cnn | digits-resnet | a file from torch.save(model) "
+                   help="minilm | digits-cnn | digits-resnet | a transformers checkpoint folder "
+                        "(save_pretrained's, with its tokenizer) | a file from torch.save(model) "
                         "(with --calibration) (default: %(default)s)")
-    q.add_argument("--calibration", help="for a model file: a tensor file of calibration inputs")
+    q.add_argument("--calibration",
+                   help="for a model file: a tensor file of calibration inputs; for a "
+                        "checkpoint folder: a text file, one text per line (default: the "
+                        "packaged sentences)")
     q.add_argument("--calibration-size", type=int_at_least(1), default=256,
-                   help="MiniLM calibration sentences (default: %(default)s)")
+                   help="packaged calibration sentences for MiniLM or a checkpoint folder "
+                        "(default: %(default)s)")
     q.add_argument("--batch-size", type=int_at_least(1), default=32,
                    help="a model file: calibration samples per batch when --calibration holds "
-                        "one tensor (default: %(default)s)")
+                        "one tensor; a checkpoint folder: texts per batch (default: "
+                        "%(default)s)")
     q.add_argument("--wbits", type=int, default=4, help="weight bits (default: %(default)s)")
     q.add_argument("--solver", default=DEFAULT_SOLVER,
                    help="solver spec for every layer (default: %(default)s)")
@@ -713,10 +775,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     ev = sub.add_parser("evaluate", help="metrics of a saved quantised model against the float one")
-    ev.add_argument("--model", default="minilm", choices=["minilm", *DIGITS_MODELS],
-                    help="(default: %(default)s)")
+    ev.add_argument("--model", default="minilm",
+                    help="minilm | digits-cnn | digits-resnet | a transformers checkpoint "
+                         "folder: perplexity for a causal language model, else the mean-pooled "
+                         "last hidden state's cosine, Spearman and top-10 (default: "
+                         "%(default)s)")
     ev.add_argument("--quantized", required=True, help="file written by qround quantize --out")
-    ev.add_argument("--sentences", type=int_at_least(11), default=1000, help="MiniLM evaluation sentences, at least 11 (default: %(default)s)")
+    ev.add_argument("--sentences", type=int_at_least(11), default=1000, help="evaluation sentences for MiniLM or a checkpoint folder, at least 11 (default: "
+                         "%(default)s)")
     ev.add_argument("--abits", type=int, default=None, help="digits: activation bits (e.g. 8)")
     ev.add_argument("--seed", type=int_at_least(0), default=None,
                     help="digits: the float model's seed (default: the seed the file records, "

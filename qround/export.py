@@ -28,7 +28,7 @@ from torch import nn
 from .activations import QuantizedLayer, replace_module
 from .errors import QroundError, copy_module
 from .files import atomic_write
-from .problems.layers import weight_not_writable
+from .problems.layers import contiguous_weights, linear_view, weight_not_writable
 from .writeback import QuantizedWeight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -194,11 +194,14 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     saved weights and biases of the file at ``path``.
 
     The architecture must match: every saved layer must exist in ``model`` as a Linear/Conv2d
-    of the same weight shape, else QroundError listing the mismatches.
+    of the same weight shape, else QroundError listing the mismatches.  transformers' Conv1D
+    layers (GPT-2) count as the nn.Linear that ``quantize_model`` rounded them as: the returned
+    model holds nn.Linear in their place, as the quantised model did.
     """
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
     layers = read_metadata(path)["layers"]
+    model, converted = linear_view(model)  # transformers' Conv1D layers were saved as nn.Linear
     modules = dict(model.named_modules())
     problems = []
     for name, info in layers.items():
@@ -223,6 +226,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                           + "; ".join(problems[:5]) + more)
     codes = load_codes(path)
     new = copy_module(model)
+    contiguous_weights(new, converted)
     new_modules = dict(new.named_modules())
 
     def fill(f):

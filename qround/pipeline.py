@@ -49,7 +49,8 @@ from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
 from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
-from .problems.layers import layer_weight, problems_from_layer, weight_not_writable
+from .problems.layers import (contiguous_weights, layer_weight, linear_view, linearize_conv1d,
+                              problems_from_layer, weight_not_writable)
 from .reconstruct import ReconstructConfig, ReconstructResult
 from .report import format_table
 from .scales import solve_refitting
@@ -249,6 +250,7 @@ class QuantConfig:
 class LayerReport:
     """One quantised layer: summed costs over channels (and conv groups), times in seconds.
 
+    kind: Linear, Conv2d or Conv1D (transformers', rounded as the nn.Linear it equals);
     shape: the rounded matrix (out, in) (a conv's in = c_in/groups * kh * kw); seconds: solver
     time; capture_seconds: this layer's share of the capture pass it took part in.
     """
@@ -800,7 +802,8 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
                    *, forward: ForwardFn | None = None,
                    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                    inplace: bool = False) -> QuantizedModel:
-    """Quantise every chosen nn.Linear / nn.Conv2d of ``model``, sequentially in forward order.
+    """Quantise every chosen nn.Linear / nn.Conv2d of ``model`` (and transformers' Conv1D, as
+    the nn.Linear it equals), sequentially in forward order.
 
     calibration: a re-iterable collection of batches; ``forward(model, batch)`` runs one
     (default ``model(batch)`` / ``model(**batch)`` / ``model(*batch)``).  ``loss_fn(output,
@@ -857,6 +860,10 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
         raise QroundError("statistics='fisher' needs loss_fn(output, batch) -> scalar loss")
     if loss_fn is not None and config.statistics != "fisher":
         log.warning("loss_fn is only used with statistics='fisher'; ignoring it")
+    # transformers' Conv1D layers (GPT-2) are rounded as the nn.Linear they equal: every check
+    # and the float model's captures read a view with Linear layers over the same tensors
+    target = model
+    model, converted = linear_view(model)
     names, skipped = _select(model, config)
     if config.activation_stage:
         _check_single_names(model, names)
@@ -876,7 +883,12 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     solver = _build_solver(config)
 
     float_model = copy_module(model) if inplace else model
-    qmodel = model if inplace else copy_module(model)
+    qmodel = copy_module(model) if not inplace else (
+        linearize_conv1d(target)[0] if converted else target)
+    contiguous_weights(float_model if inplace else qmodel, converted)  # a copy of the view
+    if converted:
+        log.info("%d transformers Conv1D layers are rounded as nn.Linear (weight transposed); "
+                 "the quantised model holds nn.Linear in their place", len(converted))
     # the plan's traced forward also gives every module's span for the capture caches
     plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward, names,
                                             config)
@@ -923,7 +935,8 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
                 layers[layer.name] = qweight
                 label = (f"{solver.label} ({config.refits} refits)" if config.refits
                          else solver.label) + (" + widen" if config.widen else "")
-                row = LayerReport(layer.name, layer.kind, tuple(weight.shape), layer.bits,
+                kind = "Conv1D" if layer.name in converted else layer.kind
+                row = LayerReport(layer.name, kind, tuple(weight.shape), layer.bits,
                                   label, cost, rtn, cost / rtn if rtn > 0 else 1.0,
                                   seconds, capture_share)
                 report.append(row)

@@ -312,6 +312,16 @@ def _detach(obj):
     return obj
 
 
+def _kv_cache(args, kwargs) -> str | None:
+    """The type name of a key-value cache among a block's inputs (an object of transformers'
+    Cache API, which a decoder layer appends to on every call), or None."""
+    for value in (*args, *kwargs.values()):
+        if hasattr(value, "get_seq_length") and hasattr(value, "update") \
+                and not isinstance(value, (torch.Tensor, Mapping)):
+            return type(value).__name__
+    return None
+
+
 def _nbytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -380,6 +390,13 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
                               f"{budget_mb} MB; use fewer calibration samples or raise cache_mb")
 
     def pre(module, args, kwargs):
+        cache = _kv_cache(args, kwargs)
+        if cache is not None:
+            raise QroundError(
+                f"block {name!r} is called with a key-value cache ({cache}): reconstruction "
+                "calls the block many times on its recorded inputs, and the cache would grow "
+                "with every call. Calibrate without one, e.g. forward=lambda model, batch: "
+                "model(batch, use_cache=False)")
         item = (_detach(tuple(args)), _detach(dict(kwargs)))
         account(item)
         inputs.append(item)

@@ -58,6 +58,17 @@ class QuantizedWeight:
         return self.grid.dequantize(self.codes).reshape(self.weight_shape)
 
 
+def _check_layer(module: nn.Module) -> None:
+    """QroundError for a module whose weight this module cannot write: not a Linear or Conv2d.
+    A transformers Conv1D stores its weight transposed; the rounding of its problems (made by
+    ``problems_from_layer``, on ``W^T``) goes into the nn.Linear it equals."""
+    if layer_kind(module) == "hf-conv1d":
+        raise QroundError("a transformers Conv1D stores its weight transposed (in, out): write "
+                          "the rounding into the nn.Linear it equals, "
+                          "qround.problems.layers.linear_from_conv1d(module) (and "
+                          "linearize_conv1d(model) for a whole model; quantize_model does this)")
+
+
 def _choices(problem: RoundingProblem, solution) -> np.ndarray:
     b = solution.choices if isinstance(solution, Solution) else np.asarray(solution)
     if b.shape != problem.weight.shape:
@@ -113,7 +124,7 @@ def weight_from_codes(problems: RoundingProblem | Sequence[RoundingProblem], cod
     zero = np.concatenate([p.grid.zero_point for p in problems])
     shape = tuple(codes.shape)
     if module is not None:
-        layer_kind(module)
+        _check_layer(module)
         shape = tuple(module.weight.shape)
         if int(np.prod(shape)) != codes.size or shape[0] != codes.shape[0]:
             raise QroundError(f"module weight {shape} does not match the problems' "
@@ -128,7 +139,7 @@ def weight_from_codes(problems: RoundingProblem | Sequence[RoundingProblem], cod
 def apply_to_layer(module: nn.Module, qweight: QuantizedWeight, inplace: bool = False) -> nn.Module:
     """Return the layer with its weight set to ``qweight.dequantized`` (in the weight's own dtype
     and device): a deep copy, or ``module`` itself when ``inplace=True``.  Bias is unchanged."""
-    layer_kind(module)
+    _check_layer(module)
     why = weight_not_writable(module)
     if why:
         raise QroundError(f"cannot write a rounded weight into this {type(module).__name__}: "

