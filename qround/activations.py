@@ -616,7 +616,7 @@ def insert_act_quantizers(model: nn.Module, layers: LayerFilter = None,
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
     inside = {n for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
-    chosen = select_layers(model, layers)
+    chosen = select_layers(model, layers, conv1d=False)  # QuantizedLayer wraps no Conv1D
     chosen = {n: m for n, m in chosen.items()
               if not any(n.startswith(p + ".") for p in inside)}
     if not chosen:

@@ -30,8 +30,9 @@ from torch import nn
 from .calibrate import ForwardFn, default_forward
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, fit_grid
-from .pipeline import QuantConfig, _check_calibration, _own_rng, _select, _stream, _trace
-from .problems.layers import layer_weight, linearize_conv1d
+from .pipeline import (QuantConfig, _check_calibration, _conv1d_selection, _own_rng,
+                       _select, _stream, _trace)
+from .problems.layers import layer_weight, linearize_conv1d, restore_conv1d
 from .solvers.gptq import inverse_cholesky
 from .writeback import QuantizedWeight, apply_to_layer
 
@@ -140,14 +141,15 @@ def rtn_model(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, float]:
         raise QroundError("rtn_model: scale_method='mse-output' needs calibration data; use "
                           "'minmax' or 'mse'")
     start = time.perf_counter()
-    qmodel, _ = linearize_conv1d(copy_module(model))  # transformers' Conv1D as nn.Linear
+    # transformers' Conv1D layers are rounded as Linear views of their weights, then restored
+    qmodel, replaced = linearize_conv1d(copy_module(model), share=True)
     names, _ = _select(qmodel, config)
     modules = dict(qmodel.named_modules())
     for index, name in enumerate(names):
         w = layer_weight(modules[name])
         grid = fit_grid(w, config.grid_spec(_layer_bits(config, index, len(names))))
         _write(modules[name], grid.quantize(w), grid)
-    return qmodel, time.perf_counter() - start
+    return restore_conv1d(qmodel, replaced), time.perf_counter() - start
 
 
 def gptq_model(model: nn.Module, calibration: Iterable, config: QuantConfig,
@@ -173,7 +175,9 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
     start = time.perf_counter()
     forward = forward or default_forward
     first_batch = _check_calibration(calibration)
-    qmodel, _ = linearize_conv1d(copy_module(model))  # transformers' Conv1D as nn.Linear
+    # the Conv1D layers the forward calls are rounded as Linear views of their weights
+    convert, _ = _conv1d_selection(model, config, first_batch, forward)
+    qmodel, replaced = linearize_conv1d(copy_module(model), share=True, names=convert)
     names, _ = _select(qmodel, config)
     modules = dict(qmodel.named_modules())
     for name in names:
@@ -198,4 +202,4 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
             codes = gptq_quantize(w, h, grid, act_order=act_order, percdamp=percdamp,
                                   blocksize=blocksize)
             _write(module, codes, grid)
-    return qmodel, time.perf_counter() - start
+    return restore_conv1d(qmodel, replaced), time.perf_counter() - start

@@ -63,6 +63,12 @@ def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _out_channels(module: nn.Module) -> int:
+    """Output channels of a layer (a Conv1D's weight is (in, out))."""
+    dims = _linear_dims(module)
+    return dims[1] if dims is not None else int(module.weight.shape[0])
+
+
 def _active_mask(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The flattened token mask that applies to this Linear input, or None."""
     mask = _TOKEN_MASK.get()
@@ -103,20 +109,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def select_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, nn.Module]:
-    """The Linear/Conv2d modules (and transformers' Conv1D) to capture, by name, in
-    ``named_modules`` (forward) order.
+def select_layers(model: nn.Module, layers: LayerFilter = None,
+                  conv1d: bool = True) -> dict[str, nn.Module]:
+    """The Linear/Conv2d modules (and transformers' Conv1D unless ``conv1d`` is False) to
+    capture, by name, in ``named_modules`` (forward) order.
 
     layers: None (all), a name or list of names, or a predicate ``(name, module) -> bool``.
     """
     def supported(m):
-        return isinstance(m, (nn.Linear, nn.Conv2d)) or is_hf_conv1d(m)
+        return isinstance(m, (nn.Linear, nn.Conv2d)) or (conv1d and is_hf_conv1d(m))
 
     if layers is None or callable(layers):
         chosen = {n: m for n, m in model.named_modules()
                   if supported(m) and (layers is None or layers(n, m))}
         if not chosen:
-            raise QroundError("layers selected no nn.Linear or nn.Conv2d module of the model")
+            raise QroundError("layers selected no nn.Linear or nn.Conv2d module of the model"
+                              + (" (nor a transformers Conv1D)" if conv1d else ""))
         return chosen
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
@@ -127,8 +135,8 @@ def select_layers(model: nn.Module, layers: LayerFilter = None) -> dict[str, nn.
         if n not in modules:
             raise QroundError(f"layer {n!r} does not exist in the model")
         if not supported(modules[n]):
-            raise QroundError(f"layer {n!r} is a {type(modules[n]).__name__}, not nn.Linear, "
-                              "nn.Conv2d or transformers' Conv1D")
+            raise QroundError(f"layer {n!r} is a {type(modules[n]).__name__}, not nn.Linear or "
+                              "nn.Conv2d" + (" or transformers' Conv1D" if conv1d else ""))
         chosen[n] = modules[n]
     return chosen
 
@@ -384,7 +392,7 @@ class _ChannelMoment:
 
     def __init__(self, module: nn.Module):
         self.groups, _ = _block_shape(module)
-        self.out_g = module.weight.shape[0] // self.groups
+        self.out_g = _out_channels(module) // self.groups
         self.total: torch.Tensor | None = None
         self.rows = 0
 
@@ -413,7 +421,7 @@ class _ChannelMoment:
 def fisher_bytes(module: nn.Module) -> int:
     """Memory of a layer's per-channel Fisher blocks: ``out * n_g * n_g * 8`` bytes."""
     _, n = _block_shape(module)
-    return int(module.weight.shape[0]) * n * n * 8
+    return int(_out_channels(module)) * n * n * 8
 
 
 def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, Any], torch.Tensor],

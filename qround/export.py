@@ -28,7 +28,8 @@ from torch import nn
 from .activations import QuantizedLayer, replace_module
 from .errors import QroundError, copy_module
 from .files import atomic_write
-from .problems.layers import contiguous_weights, linear_view, weight_not_writable
+from .problems.layers import (is_hf_conv1d, linear_view, linearize_conv1d, restore_conv1d,
+                              weight_not_writable)
 from .writeback import QuantizedWeight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,6 +44,8 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
     from . import __version__
 
     modules = dict(qmodel.model.named_modules())
+    # Conv1D layers the activation stage wrapped hold the nn.Linear they were rounded as
+    from_conv1d = {r.layer for r in qmodel.report if r.kind == "Conv1D"}
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
     for name, qw in qmodel.layers.items():
@@ -50,10 +53,14 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         wrapper = module if isinstance(module, QuantizedLayer) else None
         if wrapper is not None:  # from the activation stage: the weight is its hard codes
             module = wrapper.layer
-        if module is None or tuple(module.weight.shape) != tuple(qw.weight_shape):
+        # a transformers Conv1D holds W^T; its codes and saved weight are those of the Linear
+        conv1d = module is not None and is_hf_conv1d(module)
+        shape = None if module is None else tuple(module.weight.shape)[::-1 if conv1d else 1]
+        if shape != tuple(qw.weight_shape):
             raise QroundError(f"layer {name!r} of the report does not match qmodel.model")
         codes_dtype = np.int8 if qw.symmetric else np.uint8  # bits <= 8 fit either way
-        weight = module.weight if wrapper is None else _hard_weight(wrapper)
+        weight = (module.weight.t() if conv1d else module.weight) if wrapper is None \
+            else _hard_weight(wrapper)
         tensors[f"{name}.weight"] = weight.detach().cpu().contiguous().clone()
         tensors[f"{name}.codes"] = torch.from_numpy(qw.codes.astype(codes_dtype))
         tensors[f"{name}.scale"] = torch.from_numpy(np.array(qw.scale, dtype=np.float64))
@@ -61,7 +68,8 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
             tensors[f"{name}.zero_point"] = torch.from_numpy(qw.zero_point.astype(np.int32))
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous().clone()
-        layers[name] = {"kind": "Linear" if isinstance(module, nn.Linear) else "Conv2d",
+        layers[name] = {"kind": "Conv1D" if conv1d or name in from_conv1d
+                        else "Linear" if isinstance(module, nn.Linear) else "Conv2d",
                         "bits": qw.bits, "symmetric": qw.symmetric, "group_size": qw.group_size,
                         "weight_shape": list(qw.weight_shape), "bias": module.bias is not None}
         if wrapper is not None and wrapper.act is not None:
@@ -144,7 +152,7 @@ def _check_layers(layers, path) -> None:
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise bad(f"entry {name!r} lacks {key!r} of type {kind.__name__} "
                           f"(got {value!r})")
-        if info["kind"] not in ("Linear", "Conv2d"):
+        if info["kind"] not in ("Linear", "Conv2d", "Conv1D"):
             raise bad(f"entry {name!r} has kind {info['kind']!r}")
         shape = info["weight_shape"]
         if len(shape) not in (2, 4) or not all(isinstance(d, int) and not isinstance(d, bool)
@@ -194,14 +202,20 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     saved weights and biases of the file at ``path``.
 
     The architecture must match: every saved layer must exist in ``model`` as a Linear/Conv2d
-    of the same weight shape, else QroundError listing the mismatches.  transformers' Conv1D
-    layers (GPT-2) count as the nn.Linear that ``quantize_model`` rounded them as: the returned
-    model holds nn.Linear in their place, as the quantised model did.
+    of the same weight shape (a transformers Conv1D where the file has one, its weight (in,
+    out)), else QroundError listing the mismatches.  Conv1D layers stay Conv1D, except those
+    whose inputs the file quantises: they are the nn.Linear inside the input quantiser, as in
+    the quantised model.
     """
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
     layers = read_metadata(path)["layers"]
-    model, converted = linear_view(model)  # transformers' Conv1D layers were saved as nn.Linear
+    # transformers' Conv1D layers were rounded (and saved) as the nn.Linear they equal: the
+    # checks read a view of the model with those Linear layers
+    conv1d = [name for name, info in layers.items() if info.get("kind") == "Conv1D"]
+    float_model = model
+    model, view_replaced = linear_view(model, names=[
+        n for n in conv1d if is_hf_conv1d(dict(model.named_modules()).get(n))])
     modules = dict(model.named_modules())
     problems = []
     for name, info in layers.items():
@@ -210,6 +224,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if module is None:
             problems.append(f"{name!r} is missing from the model")
         elif not isinstance(module, (nn.Linear, nn.Conv2d)) or info["kind"] != (
+                "Conv1D" if name in view_replaced else
                 "Linear" if isinstance(module, nn.Linear) else "Conv2d"):
             problems.append(f"{name!r} is a {type(module).__name__}, the file has a "
                             f"{info['kind']}")
@@ -225,8 +240,10 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise QroundError(f"the model's architecture does not match {path}: "
                           + "; ".join(problems[:5]) + more)
     codes = load_codes(path)
-    new = copy_module(model)
-    contiguous_weights(new, converted)
+    # the loaded weights go through Linear views into the copy's own Conv1D layers, which come
+    # back at the end (those wrapped with input quantisers stay the Linear inside the wrapper)
+    new, replaced = linearize_conv1d(copy_module(float_model), share=True,
+                                     names=list(view_replaced))
     new_modules = dict(new.named_modules())
 
     def fill(f):
@@ -261,7 +278,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     acts = {name: info["act"] for name, info in layers.items() if "act" in info}
     if acts:
         new = _wrap_act_quantizers(new, acts, path)
-    return new
+    return restore_conv1d(new, replaced)
 
 
 def _wrap_act_quantizers(model: nn.Module, acts: dict[str, dict], path) -> nn.Module:

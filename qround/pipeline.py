@@ -49,9 +49,10 @@ from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
 from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
-from .problems.layers import (contiguous_weights, layer_weight, linear_view, linearize_conv1d,
-                              problems_from_layer, weight_not_writable)
-from .reconstruct import ReconstructConfig, ReconstructResult
+from .problems.layers import (conv1d_refusals, is_hf_conv1d, layer_weight, linear_view,
+                              linearize_conv1d, problems_from_layer, restore_conv1d,
+                              weight_not_writable)
+from .reconstruct import ReconstructConfig, ReconstructResult, _kv_cache
 from .report import format_table
 from .scales import solve_refitting
 from .solvers import Solver, get_solver
@@ -335,8 +336,11 @@ class _Layer:
     group: int
 
 
-def _select(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str, str]]:
-    """Names of the Linear/Conv2d layers to quantise, and the weight-holding modules left out."""
+def _select(model: nn.Module, config: QuantConfig, float_conv1d=()
+            ) -> tuple[list[str], dict[str, str]]:
+    """Names of the Linear/Conv2d layers to quantise, and the weight-holding modules left out.
+    float_conv1d: transformers Conv1D layers left in float for their own reasons, which the
+    ``layers`` / ``exclude`` patterns may match (a pattern must match some layer)."""
     candidates, skipped = [], {}
     modules = dict(model.named_modules())
     for name, m in modules.items():
@@ -353,7 +357,7 @@ def _select(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str,
         if pattern is None:
             continue
         hits = {n for n in candidates if re.search(pattern, n)}
-        if not hits:
+        if not hits and not any(re.search(pattern, n) for n in float_conv1d):
             raise QroundError(f"{field_name}={pattern!r} matches no nn.Linear/nn.Conv2d layer; "
                               f"layer names look like {candidates[:3]}")
         for n in chosen:
@@ -863,8 +867,10 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     # transformers' Conv1D layers (GPT-2) are rounded as the nn.Linear they equal: every check
     # and the float model's captures read a view with Linear layers over the same tensors
     target = model
-    model, converted = linear_view(model)
-    names, skipped = _select(model, config)
+    convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward)
+    model, _ = linear_view(model, names=convert)
+    names, skipped = _select(model, config, float_conv1d=conv_skipped)
+    skipped.update(conv_skipped)
     if config.activation_stage:
         _check_single_names(model, names)
     if config.reconstruction is not None:  # bad schemes and k fail before any forward...
@@ -881,14 +887,13 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
                               f"{fisher_bytes(module) / 2**20:.1f} MB, over fisher_budget_mb="
                               f"{config.fisher_budget_mb}; exclude it or use 'covariance'")
     solver = _build_solver(config)
+    _check_no_kv_cache(model, config, first_batch, forward)
 
     float_model = copy_module(model) if inplace else model
-    qmodel = copy_module(model) if not inplace else (
-        linearize_conv1d(target)[0] if converted else target)
-    contiguous_weights(float_model if inplace else qmodel, converted)  # a copy of the view
-    if converted:
-        log.info("%d transformers Conv1D layers are rounded as nn.Linear (weight transposed); "
-                 "the quantised model holds nn.Linear in their place", len(converted))
+    # the layers being rounded are Linear views of the Conv1D weights (written through), and
+    # get their Conv1D back at the end
+    qmodel, replaced = linearize_conv1d(target if inplace else copy_module(target), share=True,
+                                        names=convert)
     # the plan's traced forward also gives every module's span for the capture caches
     plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward, names,
                                             config)
@@ -935,7 +940,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
                 layers[layer.name] = qweight
                 label = (f"{solver.label} ({config.refits} refits)" if config.refits
                          else solver.label) + (" + widen" if config.widen else "")
-                kind = "Conv1D" if layer.name in converted else layer.kind
+                kind = "Conv1D" if layer.name in replaced else layer.kind
                 row = LayerReport(layer.name, kind, tuple(weight.shape), layer.bits,
                                   label, cost, rtn, cost / rtn if rtn > 0 else 1.0,
                                   seconds, capture_share)
@@ -960,5 +965,88 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
                         "not lower their loss): %s; more iterations may help",
                         len(reverted), len(result.reconstruction.blocks),
                         ", ".join(reverted[:5]) + (" ..." if len(reverted) > 5 else ""))
+    # the Conv1D layers back, holding their rounded weights (those an activation stage wrapped
+    # stay the nn.Linear inside the wrapper)
+    result.model = restore_conv1d(result.model, replaced)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _conv1d_selection(model: nn.Module, config: QuantConfig, first_batch, forward
+                      ) -> tuple[list[str], dict[str, str]]:
+    """The transformers Conv1D layers to round, and why the others stay in float: a Conv1D is
+    rounded when it is selected (``layers``/``exclude``),
+    :func:`~qround.problems.layers.conv1d_refusals` allows it, and the forward calls it (one
+    forward of the first batch, only for a model with Conv1D layers).  A selected Conv1D whose
+    weight cannot be written is an error, as for a Linear."""
+    convs = [n for n, m in model.named_modules() if is_hf_conv1d(m)]
+    if not convs:
+        return [], {}
+    refused = conv1d_refusals(model)
+    modules = dict(model.named_modules())
+    skipped, chosen = {}, []
+    for n in convs:
+        if config.layers is not None and not re.search(config.layers, n):
+            skipped[n] = "not matched by config.layers"
+        elif config.exclude is not None and re.search(config.exclude, n):
+            skipped[n] = "excluded by config.exclude"
+        elif weight_not_writable(modules[n]):   # as for a Linear: an error, before any work
+            raise QroundError(f"cannot round these layers' weights: {n!r}: "
+                              f"{weight_not_writable(modules[n])}; or leave them out with "
+                              "config.exclude")
+        elif n in refused:
+            skipped[n] = refused[n]
+        else:
+            chosen.append(n)
+    called = _called(model, chosen, first_batch, forward)
+    for n in chosen:
+        if n not in called:
+            skipped[n] = ("never called by the forward (its weight may be used directly by its "
+                          "parent module): left in float")
+    return [n for n in chosen if n in called], skipped
+
+
+def _called(model: nn.Module, names, batch, forward, check=None) -> set[str]:
+    """The modules among ``names`` that one forward of ``batch`` calls (without gradients, in
+    eval mode); ``check(name, args, kwargs)`` runs on each call."""
+    modules = dict(model.named_modules())
+    called = set()
+
+    def pre(name):
+        def hook(module, args, kwargs):
+            called.add(name)
+            if check is not None:
+                check(name, args, kwargs)
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(pre(n), with_kwargs=True) for n in names]
+    try:
+        with eval_mode(model), torch.no_grad():
+            forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return called
+
+
+def _check_no_kv_cache(model: nn.Module, config: QuantConfig, first_batch, forward) -> None:
+    """With block reconstruction of units larger than a layer: QroundError, before any solve,
+    when one forward of the first batch passes a key-value cache to a module (the
+    reconstruction's replays of a unit would grow it)."""
+    if config.reconstruction is None or config.granularity == "layer":
+        return
+    found = {}
+
+    def check(name, args, kwargs):
+        kind = _kv_cache(args, kwargs)
+        if kind is not None:
+            found.setdefault(name, kind)
+
+    _called(model, [n for n, _ in model.named_modules()], first_batch, forward, check)
+    if found:
+        name, kind = next(iter(found.items()))
+        raise QroundError(
+            f"module {name or 'model'!r} is called with a key-value cache ({kind}): block "
+            "reconstruction calls its units many times on their recorded inputs, and the cache "
+            "would grow with every call. Calibrate without one, e.g. forward=lambda model, "
+            "batch: model(batch, use_cache=False)")

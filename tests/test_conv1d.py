@@ -1,5 +1,9 @@
 """transformers' Conv1D (GPT-2's projections, weight stored (in, out)) is rounded as the
-nn.Linear it equals: statistics, problems, whole-model quantisation, save / load, baselines."""
+nn.Linear it equals and comes back as a Conv1D: statistics, problems, whole-model quantisation,
+save / load, baselines, and the layers that must stay in float (tied to another kind, a
+subclass with its own forward, never called, parametrized)."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -7,17 +11,20 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (examples extra)")
 
-from qround.calibrate import capture_hessians  # noqa: E402
+from qround.activations import QuantizedLayer, insert_act_quantizers  # noqa: E402
+from qround.calibrate import capture_fisher, capture_hessians, fisher_bytes  # noqa: E402
 from qround.errors import QroundError  # noqa: E402
 from qround.export import load  # noqa: E402
 from qround.grid import GridSpec  # noqa: E402
 from qround.pipeline import QuantConfig, quantize_model  # noqa: E402
 from qround.problems.layers import (is_hf_conv1d, layer_weight, linear_from_conv1d,  # noqa: E402
-                                    linear_view, linearize_conv1d, problems_from_layer)
-from qround.solvers import get_solver  # noqa: E402
+                                    linear_view, linearize_conv1d, problems_from_layer,
+                                    restore_conv1d)
+from qround.solvers import Solver, get_solver  # noqa: E402
 from qround.writeback import apply_to_layer, quantized_weight  # noqa: E402
 
 Conv1D = transformers.pytorch_utils.Conv1D
+FAST = dict(solver="fast", progress=False)
 
 
 def tiny_gpt2(seed=0):
@@ -40,73 +47,105 @@ CONV1D_NAMES = [f"transformer.h.{i}.{n}" for i in range(2)
                 for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
 
 
+def conv(nf, nx, seed=0):
+    torch.manual_seed(seed)
+    layer = Conv1D(nf, nx)
+    nn.init.normal_(layer.bias)
+    return layer
+
+
+def on_grid_transposed(conv_weight, qw):
+    """The Conv1D's weight is W_hat^T, W_hat = the codes' dequantised values (out, in)."""
+    return np.allclose(conv_weight.detach().double().numpy().T, qw.dequantized, rtol=1e-6,
+                       atol=1e-8)
+
+
 def test_linear_from_conv1d_is_the_same_layer():
-    torch.manual_seed(0)
-    conv = Conv1D(6, 4)                       # nf=6 outputs, nx=4 inputs: weight (4, 6)
-    nn.init.normal_(conv.bias)
+    layer = conv(6, 4)                       # nf=6 outputs, nx=4 inputs: weight (4, 6)
     x = torch.randn(3, 5, 4)
-    lin = linear_from_conv1d(conv)
+    lin = linear_from_conv1d(layer)
     assert isinstance(lin, nn.Linear) and lin.weight.shape == (6, 4) and lin.weight.is_contiguous()
-    torch.testing.assert_close(lin(x), conv(x))
-    assert lin.weight.data_ptr() != conv.weight.data_ptr()   # a copy unless share=True
-    shared = linear_from_conv1d(conv, share=True)
-    assert shared.weight.data_ptr() == conv.weight.data_ptr() and shared.bias is conv.bias
-    torch.testing.assert_close(shared(x), conv(x))
-    assert is_hf_conv1d(conv) and not is_hf_conv1d(lin)
-    np.testing.assert_array_equal(layer_weight(conv), conv.weight.detach().double().numpy().T)
+    torch.testing.assert_close(lin(x), layer(x))
+    assert lin.weight.data_ptr() != layer.weight.data_ptr()   # a copy unless share=True
+    shared = linear_from_conv1d(layer, share=True)
+    assert shared.weight.data_ptr() == layer.weight.data_ptr() and shared.bias is layer.bias
+    torch.testing.assert_close(shared(x), layer(x))
+    assert is_hf_conv1d(layer) and not is_hf_conv1d(lin)
+    np.testing.assert_array_equal(layer_weight(layer), layer.weight.detach().double().numpy().T)
     with pytest.raises(QroundError, match="needs a transformers Conv1D"):
         linear_from_conv1d(lin)
 
 
 def test_linear_view_shares_tensors_and_leaves_the_model_alone():
     model = tiny_gpt2()
+    model.transformer.extra = torch.ones(3)           # a plain tensor attribute: shared too
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    view, names = linear_view(model)
-    assert names == CONV1D_NAMES
-    assert all(isinstance(dict(model.named_modules())[n], Conv1D) for n in names)
+    view, replaced = linear_view(model)
+    assert list(replaced) == CONV1D_NAMES
+    mods = dict(model.named_modules())
+    assert all(isinstance(mods[n], Conv1D) for n in CONV1D_NAMES)
+    assert view.transformer.extra is model.transformer.extra
     vm = dict(view.named_modules())
-    for n in names:
+    for n in CONV1D_NAMES:
         assert isinstance(vm[n], nn.Linear)
-        assert vm[n].weight.data_ptr() == dict(model.named_modules())[n].weight.data_ptr()
+        assert vm[n].weight.data_ptr() == mods[n].weight.data_ptr()
     b = batches(1)[0]
     torch.testing.assert_close(logits(view, b), logits(model, b))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     plain = nn.Sequential(nn.Linear(3, 2))
-    assert linear_view(plain) == (plain, [])   # nothing to convert: no copy
-    root = Conv1D(3, 2)
-    new, root_names = linearize_conv1d(root)
-    assert isinstance(new, nn.Linear) and root_names == [""]
+    assert linear_view(plain) == (plain, {})   # nothing to convert: no copy
+    root = conv(3, 2)
+    new, root_replaced = linearize_conv1d(root)
+    assert isinstance(new, nn.Linear) and root_replaced == {"": root}
+    assert restore_conv1d(new, root_replaced) is root
 
 
 def test_capture_and_problems_read_conv1d_as_its_linear():
     model = tiny_gpt2()
     data = batches()
-    fwd = logits
-    stats = capture_hessians(model, data, forward=fwd)
+    stats = capture_hessians(model, data, forward=logits)
     assert set(CONV1D_NAMES) <= set(stats)
     view, _ = linear_view(model)
-    ref = capture_hessians(view, data, forward=fwd, layers=CONV1D_NAMES)
+    ref = capture_hessians(view, data, forward=logits, layers=CONV1D_NAMES)
     for n in CONV1D_NAMES:
         np.testing.assert_allclose(stats[n], ref[n], rtol=1e-12, atol=0)
-    conv = dict(model.named_modules())["transformer.h.0.mlp.c_fc"]
-    [problem] = problems_from_layer(conv, stats["transformer.h.0.mlp.c_fc"], GridSpec(bits=3))
-    assert problem.weight.shape == (conv.nf, conv.weight.shape[0])
+    layer = dict(model.named_modules())["transformer.h.0.mlp.c_fc"]
+    [problem] = problems_from_layer(layer, stats["transformer.h.0.mlp.c_fc"], GridSpec(bits=3))
+    assert problem.weight.shape == (layer.nf, layer.weight.shape[0])
     sol = get_solver("fast").solve(problem, seed=0)
     assert sol.total_cost <= problem.rtn_costs().sum() * (1 + 1e-12)
     with pytest.raises(QroundError, match="linear_from_conv1d"):
-        apply_to_layer(conv, quantized_weight(problem, sol))
+        apply_to_layer(layer, quantized_weight(problem, sol))
     with pytest.raises(QroundError, match="linear_from_conv1d"):
-        quantized_weight(problem, sol, module=conv)
-    lin = apply_to_layer(linear_from_conv1d(conv), quantized_weight(problem, sol))
+        quantized_weight(problem, sol, module=layer)
+    lin = apply_to_layer(linear_from_conv1d(layer), quantized_weight(problem, sol))
     np.testing.assert_allclose(lin.weight.detach().double().numpy(),
                                problem.grid.dequantize(problem.codes(sol.choices)), rtol=1e-6)
 
 
-def test_quantize_model_rounds_conv1d_layers_as_linear():
+def test_fisher_statistics_of_conv1d_layers():
+    model = tiny_gpt2()
+    data = batches(2)
+
+    def loss(out, batch):
+        return out.pow(2).mean()
+
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"]
+    ours = capture_fisher(model, data, loss, names, forward=logits)
+    view, _ = linear_view(model)
+    ref = capture_fisher(view, data, loss, names, forward=logits)
+    mods, vmods = dict(model.named_modules()), dict(view.named_modules())
+    for n in names:
+        assert ours[n].shape == (mods[n].nf, mods[n].weight.shape[0], mods[n].weight.shape[0])
+        np.testing.assert_allclose(ours[n], ref[n], rtol=1e-10, atol=1e-30)
+        assert fisher_bytes(mods[n]) == fisher_bytes(vmods[n])
+
+
+def test_quantize_model_rounds_conv1d_layers_and_gives_them_back():
     model = tiny_gpt2()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = batches()
-    config = QuantConfig(wbits=3, solver="fast", progress=False)
+    config = QuantConfig(wbits=3, **FAST)
     qm = quantize_model(model, data, config, forward=logits)
     # the float model is untouched, module types included
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -116,12 +155,11 @@ def test_quantize_model_rounds_conv1d_layers_as_linear():
     qmods = dict(qm.model.named_modules())
     for n in CONV1D_NAMES:
         qw = qm.layers[n]
-        conv = dict(model.named_modules())[n]
-        assert isinstance(qmods[n], nn.Linear) and qw.weight_shape == (conv.nf, conv.weight.shape[0])
-        np.testing.assert_allclose(qmods[n].weight.detach().double().numpy(), qw.dequantized,
-                                   rtol=1e-6, atol=1e-8)
-        # floor or ceil of the float weight (transposed) on the layer's grid
-        w = conv.weight.detach().double().numpy().T
+        float_layer = dict(model.named_modules())[n]
+        assert isinstance(qmods[n], Conv1D) and qmods[n].weight.is_contiguous()
+        assert qw.weight_shape == (float_layer.nf, float_layer.weight.shape[0])
+        assert on_grid_transposed(qmods[n].weight, qw)
+        w = float_layer.weight.detach().double().numpy().T
         ratio = w / np.repeat(qw.scale, w.shape[1] // qw.scale.shape[1], axis=1)
         assert np.all((qw.codes == np.floor(ratio)) | (qw.codes == np.ceil(ratio))
                       | (qw.codes == qw.qmin) | (qw.codes == qw.qmax))
@@ -130,22 +168,24 @@ def test_quantize_model_rounds_conv1d_layers_as_linear():
     ref = quantize_model(mine, data, config, forward=logits)
     for n in CONV1D_NAMES:
         np.testing.assert_array_equal(qm.layers[n].codes, ref.layers[n].codes)
-    b = data[0]
-    torch.testing.assert_close(logits(qm.model, b), logits(ref.model, b))
+    torch.testing.assert_close(logits(qm.model, data[0]), logits(ref.model, data[0]))
     assert sum(r.cost for r in qm.report) < sum(r.rtn_cost for r in qm.report)
 
 
 def test_conv1d_model_saves_and_loads(tmp_path):
     model = tiny_gpt2()
     data = batches()
-    qm = quantize_model(model, data, QuantConfig(wbits=4, solver="fast", progress=False),
-                        forward=logits)
+    qm = quantize_model(model, data, QuantConfig(wbits=4, **FAST), forward=logits)
     path = tmp_path / "gpt2.safetensors"
     qm.save(path)
     loaded = load(model, path)
-    b = data[0]
-    assert torch.equal(logits(loaded, b), logits(qm.model, b))
+    assert all(isinstance(dict(loaded.named_modules())[n], Conv1D) for n in CONV1D_NAMES)
+    assert torch.equal(logits(loaded, data[0]), logits(qm.model, data[0]))
     assert all(isinstance(dict(model.named_modules())[n], Conv1D) for n in CONV1D_NAMES)
+    # transformers' own save / load of the quantised model (its architecture is GPT-2's)
+    qm.model.save_pretrained(tmp_path / "hf")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(logits(again, data[0]), logits(qm.model, data[0]))
     other = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=2, n_embd=64, n_head=4, vocab_size=50, n_positions=16, bos_token_id=0,
         eos_token_id=0))
@@ -153,42 +193,161 @@ def test_conv1d_model_saves_and_loads(tmp_path):
         load(other, path)
 
 
-def test_inplace_replaces_the_users_conv1d_layers():
-    model = tiny_gpt2()
-    qm = quantize_model(model, batches(), QuantConfig(wbits=4, solver="fast", progress=False),
-                        forward=logits, inplace=True)
-    assert qm.model is model
-    for n in CONV1D_NAMES:
-        module = dict(model.named_modules())[n]
-        assert isinstance(module, nn.Linear)
-        np.testing.assert_allclose(module.weight.detach().double().numpy(),
-                                   qm.layers[n].dequantized, rtol=1e-6, atol=1e-8)
-
-
-def test_baselines_take_conv1d_models():
-    from qround.baselines import gptq_model, rtn_model
-
-    model = tiny_gpt2()
-    data = batches()
-    for copy in (gptq_model(model, data, QuantConfig(wbits=4), forward=logits)[0],
-                 rtn_model(model, QuantConfig(wbits=4))[0]):
-        mods = dict(copy.named_modules())
-        assert all(isinstance(mods[n], nn.Linear) for n in CONV1D_NAMES)
-        w = mods[CONV1D_NAMES[0]].weight.detach()
-        float_w = dict(model.named_modules())[CONV1D_NAMES[0]].weight.detach().T
-        assert not torch.equal(w, float_w) and torch.allclose(w, float_w, atol=0.1)
-    assert all(isinstance(dict(model.named_modules())[n], Conv1D) for n in CONV1D_NAMES)
-
-
-def test_reconstruction_refuses_a_key_value_cache_and_runs_without():
+def test_activation_stage_wraps_the_linear_and_round_trips(tmp_path):
     from qround.reconstruct import ReconstructConfig
 
     model = tiny_gpt2()
     data = batches(2)
-    config = QuantConfig(wbits=4, abits=8, solver="fast", progress=False, granularity="block",
+    config = QuantConfig(wbits=4, abits=8, **FAST, granularity="block",
+                         reconstruction=ReconstructConfig(iterations=5))
+    qm = quantize_model(model, data, config, forward=logits)
+    qmods = dict(qm.model.named_modules())
+    assert all(isinstance(qmods[n], QuantizedLayer) and type(qmods[n].layer) is nn.Linear
+               for n in CONV1D_NAMES)
+    assert qm.units.as_dict()["units"] == [["transformer.h.0"], ["transformer.h.1"]]
+    path = tmp_path / "w4a8.safetensors"
+    qm.save(path)
+    loaded = load(model, path)
+    torch.testing.assert_close(logits(loaded, data[0]), logits(qm.model, data[0]))
+
+
+def test_inplace_rounds_the_users_own_conv1d_layers():
+    model = tiny_gpt2()
+    layers = {n: dict(model.named_modules())[n] for n in CONV1D_NAMES}
+    seen = []
+    handle = layers[CONV1D_NAMES[0]].register_forward_hook(lambda m, a, o: seen.append(1))
+    qm = quantize_model(model, batches(), QuantConfig(wbits=4, **FAST), forward=logits,
+                        inplace=True)
+    assert qm.model is model and seen   # the user's hook ran during calibration
+    for n, layer in layers.items():
+        assert dict(model.named_modules())[n] is layer     # the same module objects
+        assert on_grid_transposed(layer.weight, qm.layers[n])
+    handle.remove()
+    seen.clear()
+    logits(model, batches(1)[0])
+    assert not seen                                       # the user's handle still works
+    root = conv(4, 6)
+    qroot = quantize_model(root, [torch.randn(5, 6)], QuantConfig(wbits=4, **FAST),
+                           inplace=True)
+    assert qroot.model is root and on_grid_transposed(root.weight, qroot.layers[""])
+
+
+class TwoNames(nn.Module):
+    """One Conv1D under two names, and two Conv1D layers sharing one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = conv(8, 8, seed=1)
+        self.alias = self.a
+        self.b = conv(8, 8, seed=2)
+        self.c = conv(8, 8, seed=3)
+        self.c.weight = self.b.weight
+
+    def forward(self, x):
+        return self.c(self.b(self.alias(self.a(x))))
+
+
+def test_aliased_and_tied_conv1d_layers_are_rounded_once():
+    model = TwoNames()
+    data = [torch.randn(16, 8) for _ in range(2)]
+    qm = quantize_model(model, data, QuantConfig(wbits=4, **FAST))
+    assert [r.layer for r in qm.report] == ["a", "b"]
+    assert "rounded once" in qm.skipped["c"]
+    assert qm.model.alias is qm.model.a and qm.model.c.weight is qm.model.b.weight
+    assert on_grid_transposed(qm.model.a.weight, qm.layers["a"])
+    assert on_grid_transposed(qm.model.c.weight, qm.layers["b"])
+    assert model.c.weight is model.b.weight and isinstance(model.alias, Conv1D)
+
+
+class Special(Conv1D):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class Odd(nn.Module):
+    """A Conv1D tied to an embedding, a subclass with its own forward, one whose weight its
+    parent reads directly (never called), and a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(8, 8)
+        self.tied = conv(8, 8, seed=1)
+        self.tied.weight = self.emb.weight
+        self.special = Special(8, 8)
+        self.direct = conv(8, 8, seed=2)
+        self.plain = conv(8, 8, seed=3)
+
+    def forward(self, x):
+        return self.plain(self.special(self.tied(x)) @ self.direct.weight)
+
+
+def test_conv1d_layers_that_stay_in_float():
+    model = Odd()
+    data = [torch.randn(16, 8) for _ in range(2)]
+    qm = quantize_model(model, data, QuantConfig(wbits=4, **FAST))
+    assert [r.layer for r in qm.report] == ["plain"]
+    assert "tied" in qm.skipped["tied"] and "'emb'" in qm.skipped["tied"]
+    assert "own forward" in qm.skipped["special"]
+    assert "never called" in qm.skipped["direct"]
+    for name in ("tied", "special", "direct"):
+        kept = getattr(qm.model, name)
+        assert type(kept) is type(getattr(model, name))
+        assert torch.equal(kept.weight, getattr(model, name).weight)
+    # the quantised model is the float one with only `plain` rounded
+    expected = copy.deepcopy(model)
+    with torch.no_grad():
+        expected.plain.weight.copy_(torch.as_tensor(qm.layers["plain"].dequantized.T))
+    torch.testing.assert_close(qm.model(data[0]), expected(data[0]))
+
+
+def test_parametrized_conv1d_is_refused_unless_excluded():
+    model = nn.Sequential(conv(8, 8, seed=1), conv(8, 8, seed=2))
+    torch.nn.utils.parametrizations.weight_norm(model[1])
+    data = [torch.randn(16, 8)]
+    with pytest.raises(QroundError, match="'1'.*parametrized"):
+        quantize_model(model, data, QuantConfig(wbits=4, **FAST))
+    qm = quantize_model(model, data, QuantConfig(wbits=4, **FAST, exclude="^1$"))
+    assert [r.layer for r in qm.report] == ["0"] and qm.skipped["1"] == "excluded by config.exclude"
+
+
+def test_act_quantizers_leave_conv1d_layers_alone():
+    model = tiny_gpt2()
+    wrapped = insert_act_quantizers(model, None, abits=8, calib_batches=batches(1),
+                                    forward=logits)
+    mods = dict(wrapped.named_modules())
+    assert isinstance(mods["lm_head"], QuantizedLayer)
+    assert all(isinstance(mods[n], Conv1D) for n in CONV1D_NAMES)
+    with pytest.raises(QroundError, match="not nn.Linear or nn.Conv2d"):
+        insert_act_quantizers(model, [CONV1D_NAMES[0]], abits=8)
+
+
+class Refuses(Solver):
+    name = "refuses"
+
+    def _solve(self, problem, start, rng):
+        raise AssertionError("a solve started")
+
+
+def test_a_key_value_cache_is_refused_before_any_solve():
+    from qround.reconstruct import ReconstructConfig
+
+    config = QuantConfig(wbits=4, abits=8, solver=Refuses(), progress=False, granularity="block",
                          reconstruction=ReconstructConfig(iterations=5))
     with pytest.raises(QroundError, match="use_cache=False"):
-        quantize_model(model, data, config, forward=lambda m, b: m(b).logits)  # GPT-2 caches
-    qm = quantize_model(model, data, config, forward=logits)
-    assert qm.units.as_dict()["units"] == [["transformer.h.0"], ["transformer.h.1"]]
-    assert torch.isfinite(logits(qm.model, data[0])).all()
+        quantize_model(tiny_gpt2(), batches(2), config, forward=lambda m, b: m(b).logits)
+
+
+def test_baselines_give_conv1d_models_back():
+    from qround.baselines import gptq_model, rtn_model
+
+    model = tiny_gpt2()
+    data = batches()
+    for quantised in (gptq_model(model, data, QuantConfig(wbits=4), forward=logits)[0],
+                 rtn_model(model, QuantConfig(wbits=4))[0]):
+        mods = dict(quantised.named_modules())
+        assert all(isinstance(mods[n], Conv1D) for n in CONV1D_NAMES)
+        w = mods[CONV1D_NAMES[0]].weight.detach()
+        float_w = dict(model.named_modules())[CONV1D_NAMES[0]].weight.detach()
+        assert not torch.equal(w, float_w) and torch.allclose(w, float_w, atol=0.1)
+        assert torch.isfinite(logits(quantised, data[0])).all()
+    assert all(isinstance(dict(model.named_modules())[n], Conv1D) for n in CONV1D_NAMES)

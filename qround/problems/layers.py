@@ -43,73 +43,184 @@ def layer_kind(module) -> str:
                       "nn.Conv2d and transformers' Conv1D can be rounded")
 
 
+def _conv1d_class(module):
+    """The transformers ``Conv1D`` class in ``module``'s MRO (None if it has none)."""
+    return next((c for c in type(module).__mro__ if c.__name__ == "Conv1D"
+                 and c.__module__.split(".")[0] == "transformers"), None)
+
+
+def conv1d_refusals(model) -> dict[str, str]:
+    """The transformers ``Conv1D`` layers of ``model`` that cannot be rounded as an nn.Linear,
+    by name (every name of a layer held under two), with the reason:
+
+    - a subclass with its own ``forward`` (the Linear would compute something else);
+    - a weight that cannot be written (:func:`weight_not_writable`);
+    - a weight shared with a module that is not a Conv1D (tied: the Linear holds the transposed
+      weight, so the tie could not be kept)."""
+    owners: dict[int, list] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((name, module))
+    out = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not is_hf_conv1d(module):
+            continue
+        base = _conv1d_class(module)
+        why = weight_not_writable(module)
+        others = [n for n, m in owners.get(id(module.weight), []) if not is_hf_conv1d(m)]
+        if type(module).forward is not base.forward:
+            out[name] = (f"{type(module).__name__} subclasses transformers' Conv1D with its own "
+                         "forward: left in float")
+        elif why:
+            out[name] = f"cannot round this Conv1D: {why}"
+        elif others:
+            out[name] = (f"shares its weight with {others[0]!r}, which is not a Conv1D (tied "
+                         "weights): left in float")
+    return out
+
+
 def linear_from_conv1d(module, share: bool = False):
     """The ``nn.Linear`` equal to a transformers ``Conv1D``: weight ``W^T`` (out, in), the same
-    bias, device, dtype and ``requires_grad``, and the Conv1D's forward hooks.  ``share``: the
-    Linear's weight is a transposed view of the Conv1D's and the bias the same parameter (no
-    copy; for a read-only view of a model); else both are fresh contiguous copies."""
+    bias, device, dtype and ``requires_grad``, and the Conv1D's forward hooks (the same hook
+    dicts: a handle of the Conv1D removes its hook from both).  ``share``: the Linear's weight is
+    a transposed view of the Conv1D's and the bias the same parameter (no copy; for a read-only
+    view of a model); else both are fresh contiguous copies."""
+    return _linear_from_conv1d(module, share, {})
+
+
+def _linear_from_conv1d(module, share: bool, made: dict):
+    """:func:`linear_from_conv1d`; ``made`` ({id(old parameter): new parameter}) keeps a weight
+    or bias that two Conv1D layers share shared by their Linear layers too."""
+    import torch
     from torch import nn
 
     if not is_hf_conv1d(module):
         raise QroundError(f"linear_from_conv1d needs a transformers Conv1D, got "
                           f"{type(module).__name__}")
-    if weight_not_writable(module):
-        raise QroundError(f"cannot round this Conv1D: {weight_not_writable(module)}")
+    why = conv1d_refusals(module).get("")
+    if why:
+        raise QroundError(why)
     w, b = module.weight, module.bias
     linear = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device="meta")
-    weight = w.detach().t() if share else w.detach().t().contiguous().clone()
-    linear.weight = nn.Parameter(weight, requires_grad=w.requires_grad)
+    if id(w) not in made:
+        weight = w.detach().t() if share else w.detach().t().clone(
+            memory_format=torch.contiguous_format)
+        made[id(w)] = nn.Parameter(weight, requires_grad=w.requires_grad)
+    linear.weight = made[id(w)]
     if b is not None:
-        linear.bias = b if share else nn.Parameter(b.detach().clone(),
-                                                   requires_grad=b.requires_grad)
+        if id(b) not in made:
+            made[id(b)] = b if share else nn.Parameter(b.detach().clone(),
+                                                       requires_grad=b.requires_grad)
+        linear.bias = made[id(b)]
     linear.train(module.training)
     for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
                   "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
         if hasattr(module, hooks):
-            setattr(linear, hooks, getattr(module, hooks).copy())
+            setattr(linear, hooks, getattr(module, hooks))
     return linear
 
 
-def linearize_conv1d(model, share: bool = False):
-    """Replace every transformers ``Conv1D`` inside ``model`` by its :func:`linear_from_conv1d`
-    (in place: the parents' children change; a Conv1D held under two names is replaced once,
-    under both).  Returns ``(model, names)``: the model (a new module when ``model`` itself is
-    a Conv1D) and the names of the replaced layers, in ``named_modules`` order.  The outputs are
-    those of the Conv1D layers (the same product, the weight read transposed)."""
+def linearize_conv1d(model, share: bool = False, names=None):
+    """Replace transformers ``Conv1D`` layers inside ``model`` by their
+    :func:`linear_from_conv1d`, in place (the parents' children change).
+
+    names: the layers to replace (None: every Conv1D that :func:`conv1d_refusals` does not
+    refuse; a refused one named here is an error).  A layer held under two names is replaced
+    under both, and Conv1D layers that share a weight become Linear layers that share one.
+    Returns ``(model, replaced)``: the model (a new module when ``model`` itself is a Conv1D)
+    and ``{name: the Conv1D it replaced}`` for every name (aliases included), in
+    ``named_modules`` order; :func:`restore_conv1d` puts them back.  The outputs are those of
+    the Conv1D layers (the same product, the weight read transposed)."""
+    refused = conv1d_refusals(model)
+    if names is not None:
+        names = set(names)
+        bad = sorted(names & set(refused))
+        if bad:
+            raise QroundError(f"{bad[0]!r}: {refused[bad[0]]}")
+    made_params: dict = {}
     if is_hf_conv1d(model):
-        return linear_from_conv1d(model, share), [""]
-    names, done = [], {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not is_hf_conv1d(module):
+        if names is not None and "" not in names or "" in refused:
+            return model, {}
+        return _linear_from_conv1d(model, share, made_params), {"": model}
+    chosen = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if is_hf_conv1d(module) and name not in refused and (names is None or name in names):
+            chosen[name] = module
+    # every name of a chosen layer is replaced, the aliases not asked for too (one module)
+    ids = {id(m) for m in chosen.values()}
+    replaced, made = {}, {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) not in ids:
             continue
-        if id(module) not in done:
-            done[id(module)] = linear_from_conv1d(module, share)
+        if id(module) not in made:
+            made[id(module)] = _linear_from_conv1d(module, share, made_params)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        parent._modules[child] = done[id(module)]
-        names.append(name)
-    return model, names
+        parent._modules[child] = made[id(module)]
+        replaced[name] = module
+    return model, replaced
 
 
-def linear_view(model):
-    """``(view, names)``: ``model`` itself when it holds no transformers ``Conv1D``; else a copy
-    of its structure that shares every parameter and buffer with it, with each Conv1D replaced
-    by an ``nn.Linear`` over a transposed view of its weight.  ``model`` is not changed, and no
-    weight is copied; the view is for reading (capturing statistics, checking shapes)."""
-    if not any(is_hf_conv1d(m) for m in model.modules()):
-        return model, []
+def restore_conv1d(model, replaced: dict):
+    """Undo :func:`linearize_conv1d`: every name of ``replaced`` ({name: Conv1D}) that holds a
+    plain ``nn.Linear`` again holds its Conv1D, with the Linear's weight (transposed) and bias
+    copied into the Conv1D's own parameters.  A name whose module is something else (a wrapper
+    of the activation stage) keeps it.  Returns the model (the Conv1D when the model itself was
+    one)."""
+    import torch
+    from torch import nn
+
+    for name, conv in replaced.items():
+        current = model.get_submodule(name) if name else model
+        if type(current) is not nn.Linear:
+            continue
+        with torch.no_grad():
+            src = current.weight.t()
+            if not (src.data_ptr() == conv.weight.data_ptr() and src.stride() ==
+                    conv.weight.stride()):   # a view of the Conv1D's weight is already there
+                conv.weight.copy_(src)
+            if current.bias is not None and current.bias is not conv.bias:
+                if conv.bias is None:
+                    conv.bias = nn.Parameter(torch.zeros_like(current.bias),
+                                             requires_grad=current.bias.requires_grad)
+                conv.bias.copy_(current.bias)
+        if not name:
+            return conv
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        parent._modules[child] = conv
+    return model
+
+
+def linear_view(model, names=None):
+    """``(view, replaced)``: ``model`` itself and {} when it has no Conv1D to replace; else a
+    copy of its structure that shares every parameter, buffer and tensor attribute with it, with
+    the transformers Conv1D layers (``names``, None: every one :func:`conv1d_refusals` allows)
+    replaced by nn.Linear layers over transposed views of their weights.  ``model`` is not
+    changed, and no weight is copied; the view is for reading (capturing statistics, checking
+    shapes)."""
+    import torch
+
+    if not any(is_hf_conv1d(m) for m in model.modules()) or (names is not None and not names):
+        return model, {}
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return linearize_conv1d(copy_module(model, memo=memo), share=True)
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor):
+                memo[id(value)] = value
+    view, replaced = linearize_conv1d(copy_module(model, memo=memo), share=True, names=names)
+    if not replaced:
+        return model, {}
+    return view, replaced
 
 
 def contiguous_weights(model, names) -> None:
     """Make the weights of the layers ``names`` of ``model`` contiguous in place (the Linear
     layers a deep copy of a :func:`linear_view` holds are transposed views)."""
-    modules = dict(model.named_modules())
     for name in names:
-        weight = modules[name].weight
-        if not weight.is_contiguous():
-            weight.data = weight.data.contiguous()
+        module = model.get_submodule(name) if name else model
+        if not module.weight.is_contiguous():
+            module.weight.data = module.weight.data.contiguous()
 
 
 def weight_not_writable(module) -> str | None:
