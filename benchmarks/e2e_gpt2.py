@@ -2,10 +2,13 @@
 real English, quantised weights-only, scored by perplexity on held-out sentences.
 
 No pretrained GPT-2 is available offline, so one is trained with a fixed seed: a byte-level
-BPE tokenizer (``--vocab`` tokens) and a ``--layers``-layer, ``--width``-wide GPT-2 on the first
-1500 sentences of the packaged evaluation pool, ``--train-steps`` AdamW steps.  The checkpoint is
-saved as a transformers folder in ``~/.cache/qround/gpt2`` (reused when the recipe is the same),
-which ``qround quantize --model FOLDER`` also takes.  Calibration: the first
+BPE tokenizer (``--vocab`` tokens) and a ``--layers``-layer, ``--width``-wide GPT-2 (dropout 0.1,
+weight decay 0.1, ``--train-steps`` AdamW steps in batches of 32, on one torch thread so that the
+weights do not depend on ``--threads``) on 2500 packaged sentences: the calibration pool (as
+GPTQ calibrates on text of the training distribution) and the first 1500 of the evaluation
+pool.  The checkpoint is saved as a
+transformers folder in ``~/.cache/qround/gpt2`` (reused when the recipe is the same), which
+``qround quantize --model FOLDER`` also takes.  Calibration: the first
 ``--calib-sentences`` sentences of the calibration pool.  Evaluation: perplexity on the last
 500 sentences of the evaluation pool, which training never saw.
 
@@ -39,7 +42,7 @@ from _common import e2e_finish, e2e_parser, plan, refits_of  # noqa: E402 (bench
 WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g64": (3, 64), "W2g64": (2, 64)}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers", "reconstruct")
 TRAIN_SENTENCES = 1500    # evaluation pool [0, 1500): training; [1500, 2000): perplexity
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary (default: 1024)")
     p.add_argument("--layers", type=int, default=4, help="transformer blocks (default: 4)")
     p.add_argument("--width", type=int, default=128, help="hidden size (default: 128)")
-    p.add_argument("--train-steps", type=int, default=1500, help="AdamW steps (default: 1500)")
+    p.add_argument("--train-steps", type=int, default=800, help="AdamW steps (default: 800)")
     p.add_argument("--rec-iterations", type=int, default=100,
                    help="Adam steps per block of the 'reconstruct' method")
     p.add_argument("--bias-correction", action="store_true",
@@ -68,7 +71,7 @@ def checkpoint(args) -> str:
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    texts = zoo.sentences("evaluation")[:TRAIN_SENTENCES]
+    texts = zoo.sentences("calibration") + zoo.sentences("evaluation")[:TRAIN_SENTENCES]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -82,15 +85,17 @@ def checkpoint(args) -> str:
     config = transformers.GPT2Config(
         n_layer=args.layers, n_embd=args.width, n_head=4, n_positions=128,
         vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        eos_token_id=tokenizer.eos_token_id, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     model = transformers.GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.train_steps,
                                                 pct_start=0.1)
     gen = torch.Generator().manual_seed(args.seed)
     encoded = tokenizer([end + t + end for t in texts], truncation=True, max_length=128)["input_ids"]
     model.train()
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the trained weights do not depend on --threads
     for step in range(args.train_steps):
         idx = torch.randint(len(encoded), (32,), generator=gen).tolist()
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
@@ -101,8 +106,11 @@ def checkpoint(args) -> str:
         opt.step()
         sched.step()
         if step % 250 == 0 or step + 1 == args.train_steps:
-            print(f"  train step {step}: loss {float(loss):.3f} "
+            print(f"  train step {step}: loss {loss.item():.3f} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    torch.set_num_threads(threads)
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):   # the saved model runs without
+        setattr(model.config, key, 0.0)
     model.eval()
     # written beside, then renamed: an interrupted run leaves no half checkpoint in the cache
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
     float_ppl = perplexity(hf.model, held_out)
     runs, notes = plan(args)
     header = (f"GPT-2 e2e: {args.layers} blocks x {args.width} wide, vocabulary {args.vocab}, "
-              f"trained {args.train_steps} steps on {TRAIN_SENTENCES} packaged sentences "
+              f"trained {args.train_steps} steps on {1000 + TRAIN_SENTENCES} packaged sentences "
               f"(seed {args.seed}; {folder}); weights only, every Conv1D layer, per-channel "
               f"symmetric; calibration {args.calib_sentences} sentences; perplexity on "
               f"{len(zoo.sentences('evaluation')) - TRAIN_SENTENCES} held-out sentences "
