@@ -43,9 +43,10 @@ _TOKEN_MASK: ContextVar = ContextVar("qround_token_mask", default=None)
 @contextmanager
 def token_mask(mask: torch.Tensor) -> Iterator[None]:
     """Count only the real tokens: inside this context, a Linear layer whose input has leading
-    dims equal to ``mask.shape`` (e.g. (batch, tokens)) contributes only the rows where ``mask``
-    is true.  A ``forward`` function wraps its model call in it to keep padding out of ``H``
-    (padded positions never reach a masked attention or a masked mean pooling)."""
+    dims equal to ``mask.shape`` (e.g. (batch, tokens)), or is 2-D with one row per token (the
+    tokens flattened in order), contributes only the rows where ``mask`` is true.  A
+    ``forward`` function wraps its model call in it to keep padding out of ``H`` (padded
+    positions never reach a masked attention or a masked mean pooling)."""
     tok = _TOKEN_MASK.set(mask.detach().bool())
     try:
         yield
@@ -72,7 +73,11 @@ def _out_channels(module: nn.Module) -> int:
 def _active_mask(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The flattened token mask that applies to this Linear input, or None."""
     mask = _TOKEN_MASK.get()
-    if mask is None or _linear_dims(module) is None or tuple(x.shape[:-1]) != tuple(mask.shape):
+    if mask is None or _linear_dims(module) is None:
+        return None
+    # (B, T, in), or the tokens flattened in order, (B * T, in) (OPT's MLP)
+    if tuple(x.shape[:-1]) != tuple(mask.shape) and not (
+            x.dim() == 2 and x.shape[0] == mask.numel()):
         return None
     return mask.reshape(-1).to(x.device)
 

@@ -349,7 +349,7 @@ def _model_and_calibration(args):
 
     if args.model == "minilm" or args.model in DIGITS_MODELS:
         model, batches, forward = _load_named_model(args.model, seed=args.seed,
-                                                    sentences=args.calibration_size)
+                                                    sentences=_calibration_size(args))
         return model, batches, forward, MINILM_ENCODER if args.model == "minilm" else None
     _check_model_file(args)
     if is_hf_folder(args.model):
@@ -391,9 +391,12 @@ def _checkpoint_and_calibration(args):
     from . import zoo
     from .zoo.hf import load_hf
 
+    if args.calibration and args.calibration_size is not None:
+        raise QroundError("--calibration-size counts packaged sentences; with --calibration every "
+                          "line of the file is used: leave one of them out")
     if args.calibration:
         try:
-            with open(args.calibration, encoding="utf-8") as f:
+            with open(args.calibration, encoding="utf-8-sig") as f:   # a BOM is not text
                 texts = [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise QroundError(f"--calibration {args.calibration!r} could not be read as UTF-8 "
@@ -402,9 +405,25 @@ def _checkpoint_and_calibration(args):
             raise QroundError(f"--calibration {args.calibration!r} holds no text (one text per "
                               "line)")
     else:
-        texts = zoo.sentences("calibration", n=args.calibration_size)
+        texts = zoo.sentences("calibration", n=_calibration_size(args))
     hf = load_hf(args.model)
-    return hf.model, hf.batches(texts, args.batch_size), hf.forward, None
+    # an encoder's pooler is not on the path of the last hidden state that evaluate scores
+    pooler = not hf.causal and any(n.split(".")[0] == "pooler"
+                                   for n, _ in hf.model.named_modules())
+    return (hf.model, hf.batches(texts, args.batch_size), hf.forward,
+            r"^(?!pooler\.|pooler$)" if pooler else None)
+
+
+def _calibration_size(args) -> int:
+    """--calibration-size (default 256), checked against the packaged calibration pool."""
+    from . import zoo
+
+    n = 256 if args.calibration_size is None else args.calibration_size
+    available = len(zoo.sentences("calibration"))
+    if n > available:
+        raise QroundError(f"--calibration-size {n}: the packaged calibration pool holds "
+                          f"{available} sentences")
+    return n
 
 
 def _check_model_file(args) -> None:
@@ -702,9 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a model file: a tensor file of calibration inputs; for a "
                         "checkpoint folder: a text file, one text per line (default: the "
                         "packaged sentences)")
-    q.add_argument("--calibration-size", type=int_at_least(1), default=256,
+    q.add_argument("--calibration-size", type=int_at_least(1), default=None,
                    help="packaged calibration sentences for MiniLM or a checkpoint folder "
-                        "(default: %(default)s)")
+                        "(default: 256)")
     q.add_argument("--batch-size", type=int_at_least(1), default=32,
                    help="a model file: calibration samples per batch when --calibration holds "
                         "one tensor; a checkpoint folder: texts per batch (default: "

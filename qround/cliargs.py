@@ -51,14 +51,22 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
         return os.path.normcase(os.path.realpath(os.fspath(path)))
 
     seen: dict[str, str] = {}
+    folders: dict[str, str] = {}   # input folders (a checkpoint): nothing may be written inside
     for flag, path in (inputs or {}).items():
         if path is not None and os.path.exists(path):
             seen[key(path)] = f"the input {flag}"
+            if os.path.isdir(path):
+                folders[key(path)] = flag
     for flag, path in outputs.items():
         if path is None:
             continue
         if os.path.isdir(path):
             raise QroundError(f"{flag} {path!r} is a folder; give a file name")
+        inside = next((f for k, f in folders.items()
+                       if key(path).startswith(k.rstrip(os.sep) + os.sep)), None)
+        if inside:
+            raise QroundError(f"{flag} {path!r} lies inside the input {inside} folder, which "
+                              "holds the float model; write it elsewhere")
         parent = os.path.dirname(os.path.abspath(os.fspath(path)))
         while parent and not os.path.exists(parent):  # the part of the path that exists
             parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""

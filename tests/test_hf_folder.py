@@ -167,3 +167,75 @@ def test_minilm_folder_quantises_and_evaluates(tmp_path, capsys):
                  "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0.99 < metrics["cosine"] <= 1 + 1e-9 and metrics["sentences"] == 30
+
+
+def _copy_tokenizer(src, dst):
+    for name in os.listdir(src):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+def test_folders_qround_cannot_take_whole_are_refused(gpt2_folder, tmp_path):
+    torch.manual_seed(0)
+    small = dict(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=32)
+    head = tmp_path / "cls"
+    transformers.GPT2ForSequenceClassification(
+        transformers.GPT2Config(num_labels=2, pad_token_id=0, **small)).save_pretrained(head)
+    _copy_tokenizer(gpt2_folder, head)
+    with pytest.raises(QroundError, match="GPT2ForSequenceClassification.*task head"):
+        load_hf(str(head))
+    t5 = tmp_path / "t5"
+    transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                          vocab_size=300).save_pretrained(t5)
+    _copy_tokenizer(gpt2_folder, t5)
+    with pytest.raises(QroundError, match="encoder-decoder"):
+        load_hf(str(t5))
+    missing = tmp_path / "missing"
+    shutil.copytree(gpt2_folder, missing)
+    config = json.loads((missing / "config.json").read_text())
+    config["n_layer"] = 3                      # the weights hold 2 blocks
+    (missing / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QroundError, match="lack .*transformer.h.2"):
+        load_hf(str(missing))
+
+
+def test_outputs_inside_the_checkpoint_folder_are_refused(gpt2_folder, tmp_path, capsys):
+    before = {n: open(os.path.join(gpt2_folder, n), "rb").read() for n in os.listdir(gpt2_folder)}
+    for flag, name in (("--out", "model.safetensors"), ("--json", "config.json")):
+        capsys.readouterr()
+        assert main(["quantize", "--model", gpt2_folder, "--no-progress", flag,
+                     os.path.join(gpt2_folder, name)]) != 0
+        assert "lies inside the input --model folder" in capsys.readouterr().err
+    assert {n: open(os.path.join(gpt2_folder, n), "rb").read()
+            for n in os.listdir(gpt2_folder)} == before
+    text = tmp_path / "t.txt"
+    text.write_text("one line of text\n", encoding="utf-8")
+    assert main(["quantize", "--model", gpt2_folder, "--calibration", str(text),
+                 "--calibration-size", "5", "--no-progress"]) != 0
+    assert "leave one of them out" in capsys.readouterr().err
+
+
+def test_padding_stays_out_of_h_when_tokens_are_flattened():
+    """OPT's MLP reads its tokens as (B * T, H): the token mask applies there too."""
+    from qround.calibrate import capture_hessians, token_mask
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x.reshape(-1, x.shape[-1]))
+
+    torch.manual_seed(0)
+    model = Flat()
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+
+    def forward(m, batch):
+        with token_mask(mask):
+            return m(batch)
+
+    h = capture_hessians(model, [x], forward=forward)["fc"]
+    real = x[mask.bool()].double()
+    np.testing.assert_allclose(h, (real.T @ real / len(real)).numpy(), rtol=1e-12)

@@ -71,13 +71,34 @@ def load_hf(path, device: str = "cpu") -> HFModel:
     try:
         with _quiet_transformers():
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-            causal = any(a.endswith(("ForCausalLM", "LMHeadModel"))
-                         for a in (getattr(config, "architectures", None) or []))
-            auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-            model = auto.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 (transformers raises many types for a bad folder)
         raise QroundError(f"transformers could not load the model in {path} "
                           f"({type(exc).__name__}: {_first_line(exc)})") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if getattr(config, "is_encoder_decoder", False):
+        raise QroundError(f"{path} holds an encoder-decoder model ({', '.join(architectures)}): "
+                          "the checkpoint-folder path takes causal language models and "
+                          "encoders; quantise it from Python with quantize_model and your own "
+                          "forward")
+    if not causal and any(not a.endswith("Model") for a in architectures):
+        raise QroundError(f"{path} holds a {architectures[0]}: the checkpoint-folder path takes "
+                          "causal language models (...ForCausalLM, ...LMHeadModel) and bare "
+                          "encoders (...Model), whose last hidden state it evaluates; a task "
+                          "head would be lost. Quantise it from Python with quantize_model")
+    try:
+        with _quiet_transformers():
+            auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+            model, info = auto.from_pretrained(path, local_files_only=True,
+                                               output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 (transformers raises many types for a bad folder)
+        raise QroundError(f"transformers could not load the model in {path} "
+                          f"({type(exc).__name__}: {_first_line(exc)})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise QroundError(f"the weights in {path} lack {', '.join(missing[:3])}{more}: "
+                          "transformers would start them at random")
     try:
         with _quiet_transformers():
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -91,6 +112,7 @@ def load_hf(path, device: str = "cpu") -> HFModel:
         raise QroundError(f"the tokenizer loaded from {path} turns text into no tokens: the "
                           "folder lacks the tokenizer files (save the tokenizer there too, "
                           "tokenizer.save_pretrained)")
+    tokenizer.padding_side = "right"   # left padding would shift absolute positions (GPT-2)
     if tokenizer.pad_token is None:
         fill = tokenizer.eos_token or tokenizer.unk_token
         if fill is None:
@@ -139,8 +161,9 @@ def _takes_use_cache(model: nn.Module) -> bool:
 
 def hf_forward(model: nn.Module, batch: dict, causal: bool) -> torch.Tensor:
     """Run ``model`` on a batch of :func:`hf_batches` and return its logits (causal) or last
-    hidden state, (B, T, ...).  Padding stays out of the layer statistics
-    (:func:`qround.calibrate.token_mask`), and no key-value cache is built (``use_cache=False``
+    hidden state, (B, T, ...).  Padding stays out of the weight statistics (the H of each
+    layer, :func:`qround.calibrate.token_mask`; the activation quantisers' steps and block
+    reconstruction's losses still see padded positions), and no key-value cache is built (``use_cache=False``
     where the model takes it: block reconstruction replays the layers many times)."""
     from ..calibrate import token_mask
 
