@@ -1,12 +1,13 @@
 """The ``qround`` command line.
 
     qround solve FILE.npz [FILE.npz ...] --solver NAME [--bits B] [--json] [--out SOL.npz]
-    qround export-layer --model minilm|digits-cnn|digits-resnet --layer NAME --out FILE.npz
+    qround export-layer --model minilm|digits-cnn|digits-resnet|FOLDER --layer NAME --out FILE.npz
     qround export-qubo FILE.npz --out DIR [--channels 0:16] [--solver quality]
     qround sample FILE.qubo|FILE.bqm [...] [--method "tabu(restarts=8)"] [--reads 4] [--out S.json]
     qround quantize --model minilm|digits-cnn|digits-resnet --wbits B --solver NAME --out FILE.safetensors
     qround quantize --model MODEL.pt --calibration INPUTS.pt ...   (your own torch.save(model))
-    qround evaluate --model minilm|digits-cnn|digits-resnet --quantized FILE.safetensors
+    qround quantize --model FOLDER [--calibration TEXTS.txt] ...   (a transformers checkpoint)
+    qround evaluate --model minilm|digits-cnn|digits-resnet|FOLDER --quantized FILE.safetensors
     qround demo [--json FILE] [--channels N] [--solvers a,b,...] [--journey digits-cnn|minilm|none]
     qround bench ...            (the solver benchmark, see benchmarks/solvers.py)
     qround solvers              (the registry)
@@ -703,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minilm | digits-cnn | digits-resnet | a transformers checkpoint folder "
                         "(default: %(default)s)")
     e.add_argument("--layer", help="module name (see --list)")
-    e.add_argument("--list", action="store_true", help="list the Linear/Conv2d layers and exit")
+    e.add_argument("--list", action="store_true", help="list the layers that can be rounded (Linear, Conv2d, transformers' Conv1D) "
+                        "and exit")
     e.add_argument("--out", help="output .npz")
     e.add_argument("--bits", type=int, default=4, help="(default: %(default)s)")
     e.add_argument("--asymmetric", action="store_true")
