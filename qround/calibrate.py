@@ -248,10 +248,12 @@ def _block_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def _geometry(module: nn.Module) -> tuple | None:
-    """What fixes a layer's input vectors: type and shapes (stride, padding ... of a conv)."""
+    """What fixes a layer's input vectors: type and shapes (stride, padding ... of a conv).  A
+    Linear's are its inputs alone, whatever its width: q, k and v of grouped-query attention
+    (k and v narrower) read the same vectors."""
     dims = _linear_dims(module)
     if dims is not None:  # a Conv1D reads its input as the Linear it equals
-        return ("linear", *dims)
+        return ("linear", dims[0])
     if isinstance(module, nn.Conv2d):
         return ("conv2d", module.in_channels, module.out_channels, module.kernel_size,
                 module.stride, module.padding, module.dilation, module.groups,
@@ -347,7 +349,8 @@ def capture_asymmetric(float_model: nn.Module, quant_model: nn.Module, batches: 
     quant_modules = {}
     for name, fm in float_modules.items():
         qm = quant_named.get(name)
-        if qm is None or _geometry(qm) != _geometry(fm):
+        if qm is None or _geometry(qm) != _geometry(fm) or \
+                tuple(qm.weight.shape) != tuple(fm.weight.shape):
             raise QroundError(f"layer {name!r} of quant_model does not match the float model's "
                               f"{fm}")
         quant_modules[name] = qm

@@ -351,3 +351,26 @@ def test_baselines_give_conv1d_models_back():
         assert not torch.equal(w, float_w) and torch.allclose(w, float_w, atol=0.1)
         assert torch.isfinite(logits(quantised, data[0])).all()
     assert all(isinstance(dict(model.named_modules())[n], Conv1D) for n in CONV1D_NAMES)
+
+
+class GroupedQuery(nn.Module):
+    """q, k and v read one input; k and v are narrower (grouped-query attention)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.o = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.o(torch.cat([self.q(x), self.k(x), self.v(x)], -1))
+
+
+def test_first_last_bits_cover_narrower_k_and_v():
+    qm = quantize_model(GroupedQuery(), [torch.randn(32, 8)],
+                        QuantConfig(wbits=3, first_last_bits=8, **FAST))
+    assert {r.layer: r.bits for r in qm.report} == {"q": 8, "k": 8, "v": 8, "o": 8}
+    qm = quantize_model(nn.Sequential(GroupedQuery(), nn.ReLU(), nn.Linear(8, 8)),
+                        [torch.randn(32, 8)], QuantConfig(wbits=3, first_last_bits=8, **FAST))
+    assert {r.layer: r.bits for r in qm.report} == {"0.q": 8, "0.k": 8, "0.v": 8, "0.o": 3,
+                                                    "2": 8}
