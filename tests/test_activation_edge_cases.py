@@ -138,7 +138,11 @@ def test_first_and_last_layers_are_the_same_for_weights_and_inputs():
         abits = None if layer.act is None else layer.act.bits
         assert (wbits == 8) == (abits in (None, 8)), (name, wbits, abits)
     assert layers["fc1"].act is None                      # the first layer called: float input
-    assert q.layers["skip"].bits == 8 and layers["skip"].act.bits == 8   # the last called
+    # `skip` is the last layer called, and it reads the model's input as fc1 does: it belongs
+    # to the first layer's group (as k and v do to q's, whatever their widths), so its input
+    # stays in float too
+    assert q.layers["skip"].bits == 8 and layers["skip"].act is None
+    assert q.layers["fc2"].bits == 2 and layers["fc2"].act.bits == 4
 
 
 def test_a_single_layer_model_with_quantised_input_reloads(tmp_path):
