@@ -21,6 +21,25 @@ def write_results(path: str, benchmark: str, header: str, args: argparse.Namespa
                              "machine": platform.machine(), "rows": rows})
 
 
+def e2e_write(path: str | None, benchmark: str, header: str, notes: list[str], args,
+              rows: list[dict], **extra) -> None:
+    """An end-to-end benchmark's rows so far as JSON (atomically; nothing when ``path`` is
+    None), with its header, notes, settings (``args`` without ``json`` and ``progress``), any
+    ``extra`` fields and the torch / Python / machine it ran on.  Called after every row, so
+    that a long run interrupted keeps what it has."""
+    if not path:
+        return
+    import torch
+
+    from qround.report import write_json_atomic
+
+    write_json_atomic(path, {"benchmark": benchmark, "header": header, "notes": notes, **extra,
+                             "settings": {k: v for k, v in vars(args).items()
+                                          if k not in ("json", "progress")},
+                             "torch": torch.__version__, "python": platform.python_version(),
+                             "machine": platform.machine(), "rows": rows})
+
+
 def int_list(text: str, flag: str, parser, lo: int, hi: int | None = None) -> list[int]:
     """Comma-separated integers in [lo, hi] (hi None: no upper bound), or a parser error."""
     try:

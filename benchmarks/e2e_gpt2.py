@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import time
@@ -35,9 +34,9 @@ import torch
 
 from qround import zoo
 from qround.baselines import gptq_model, rtn_model
-from qround.report import format_table, write_json_atomic
+from qround.report import format_table
 from qround.zoo.hf import load_hf, perplexity
-from _common import e2e_finish, e2e_parser, plan, refits_of  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import e2e_finish, e2e_parser, e2e_write, plan, refits_of  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g64": (3, 64), "W2g64": (2, 64)}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers", "reconstruct")
@@ -172,14 +171,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
 
     def save() -> None:
-        if args.json:
-            write_json_atomic(args.json, {
-                "benchmark": "e2e_gpt2", "header": header, "notes": notes,
-                "float_perplexity": float_ppl,
-                "settings": {k: v for k, v in vars(args).items()
-                             if k not in ("json", "progress")},
-                "torch": torch.__version__, "python": platform.python_version(),
-                "machine": platform.machine(), "rows": rows})
+        e2e_write(args.json, "e2e_gpt2", header, notes, args, rows, float_perplexity=float_ppl)
 
     for width in args.bits:
         bits, group_size = WIDTHS[width]

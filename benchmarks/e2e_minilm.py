@@ -21,7 +21,6 @@ overlap; ``seconds``: wall time of the quantisation call (statistics capture inc
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 
@@ -30,8 +29,8 @@ import torch
 from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import embedding_metrics
-from qround.report import format_table, write_json_atomic
-from _common import e2e_finish, e2e_parser, plan, refits_of  # noqa: E402 (benchmarks/ is on sys.path)
+from qround.report import format_table
+from _common import e2e_finish, e2e_parser, e2e_write, plan, refits_of  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g128": (3, 128), "W2": (2, None)}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers", "reconstruct")
@@ -113,14 +112,8 @@ def main(argv=None) -> int:
 
     rows: list[dict] = []
 
-    def save() -> None:  # after every row, so that a long run interrupted keeps what it has
-        if args.json:
-            write_json_atomic(args.json, {
-                "benchmark": "e2e_minilm", "header": header, "notes": notes,
-                "settings": {k: v for k, v in vars(args).items()
-                             if k not in ("json", "progress")},
-                "torch": torch.__version__, "python": platform.python_version(),
-                "machine": platform.machine(), "rows": rows})
+    def save() -> None:
+        e2e_write(args.json, "e2e_minilm", header, notes, args, rows)
 
     for width in args.bits:
         bits, group_size = WIDTHS[width]
