@@ -358,8 +358,10 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=()
             continue
         hits = {n for n in candidates if re.search(pattern, n)}
         if not hits and not any(re.search(pattern, n) for n in float_conv1d):
+            known = set(candidates) | set(float_conv1d)
             raise QroundError(f"{field_name}={pattern!r} matches no nn.Linear/nn.Conv2d layer; "
-                              f"layer names look like {candidates[:3]}")
+                              f"layer names look like "
+                              f"{[n for n in modules if n in known][:3]}")
         for n in chosen:
             if (n in hits) != keep:
                 skipped[n] = ("excluded by config.exclude" if not keep

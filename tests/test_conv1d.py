@@ -374,3 +374,9 @@ def test_first_last_bits_cover_narrower_k_and_v():
                         [torch.randn(32, 8)], QuantConfig(wbits=3, first_last_bits=8, **FAST))
     assert {r.layer: r.bits for r in qm.report} == {"0.q": 8, "0.k": 8, "0.v": 8, "0.o": 3,
                                                     "2": 8}
+
+
+def test_a_pattern_that_matches_nothing_shows_conv1d_names():
+    with pytest.raises(QroundError, match=r"look like \['transformer.h.0.attn.c_attn'"):
+        quantize_model(tiny_gpt2(), batches(1), QuantConfig(wbits=4, layers="nomatch", **FAST),
+                       forward=logits)
