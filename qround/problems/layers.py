@@ -214,15 +214,6 @@ def linear_view(model, names=None):
     return view, replaced
 
 
-def contiguous_weights(model, names) -> None:
-    """Make the weights of the layers ``names`` of ``model`` contiguous in place (the Linear
-    layers a deep copy of a :func:`linear_view` holds are transposed views)."""
-    for name in names:
-        module = model.get_submodule(name) if name else model
-        if not module.weight.is_contiguous():
-            module.weight.data = module.weight.data.contiguous()
-
-
 def weight_not_writable(module) -> str | None:
     """Why a layer's weight cannot be rounded and written back, or None when it can: a weight
     recomputed from other tensors on every access or forward (a parametrization such as
