@@ -358,7 +358,7 @@ class QuantizedLayer(nn.Module):
         kk = module.kernel_size[0] * module.kernel_size[1] if self.is_conv else 1
         fusion_size = kk if (fusion and self.is_conv and borders != "none") else 1
         self.act = None if abits is None else ActQuantizer(abits, borders, self.elements,
-                                                           fusion_size)
+                                                           fusion_size).to(w.device)
         if self.act is not None and w.dtype == torch.float64:
             self.act.double()  # its step and borders meet float64 inputs in convs and products
         self.act_mode = "float" if abits is None else ("nearest" if borders == "none"

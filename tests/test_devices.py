@@ -179,3 +179,79 @@ def test_model_on_cuda_with_borders_reconstruction_and_reload(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(batches[1]), result.model(batches[1]),
                                    rtol=1e-5, atol=1e-5)
+
+
+# Paths of the pipeline that the tests above do not take, each on a model that lives on CUDA.
+CUDA_PIPELINES = {
+    "fisher-refits-widen-bias-groups": dict(statistics="fisher", refits=1, widen=True,
+                                            bias_correction=True, group_size=2),
+    "asymmetric-damp-first-last": dict(inputs="asymmetric", damp=0.01, first_last_bits=8),
+    "linear-borders-qdrop-loss-granularity": dict(abits=4, borders="linear", granularity="loss",
+                                                  k=1),
+    "nearest-acts-modcap": dict(abits=4, granularity="modcap"),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(CUDA_PIPELINES))
+def test_pipeline_paths_on_cuda(name):
+    import torch.nn.functional as F
+
+    from qround.reconstruct import ReconstructConfig
+
+    from .test_pipeline import batches, mlp2
+
+    model = mlp2().cuda()
+    data = [b.cuda() for b in batches((16, 10))]
+    gen = torch.Generator().manual_seed(3)
+    pairs = [(b, torch.randn(b.shape[0], 6, generator=gen).cuda()) for b in data]
+    before = state(model)
+    options = dict(CUDA_PIPELINES[name])
+    if "abits" in options:
+        options["reconstruction"] = ReconstructConfig(iterations=20, batch_size=8, seed=1,
+                                                      qdrop=0.5)
+    qm = quantize_model(model, pairs, QuantConfig(**FAST, solver="fast", device="cuda", **options),
+                        forward=lambda m, b: m(b[0]),
+                        loss_fn=lambda out, b: F.mse_loss(out, b[1]))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.device.type == "cuda" for p in qm.model.parameters())
+    assert list(qm.layers) == ["0", "2"]
+    with torch.no_grad():
+        assert torch.isfinite(qm.model(data[0])).all()
+
+
+@needs_cuda
+def test_conv1d_model_on_cuda():
+    transformers = pytest.importorskip("transformers", reason="GPT-2's Conv1D is transformers'")
+    from .test_conv1d import CONV1D_NAMES, batches, tiny_gpt2
+
+    model = tiny_gpt2().cuda()
+    data = [b.cuda() for b in batches()]
+    qm = quantize_model(model, data, QuantConfig(**FAST, solver="fast", device="cuda"),
+                        forward=lambda m, b: m(b, use_cache=False))
+    conv1d = transformers.pytorch_utils.Conv1D
+    modules = dict(qm.model.named_modules())
+    assert set(CONV1D_NAMES) <= set(qm.layers)
+    assert all(isinstance(modules[n], conv1d) and modules[n].weight.is_cuda for n in CONV1D_NAMES)
+    for n in CONV1D_NAMES:
+        qw = qm.layers[n]
+        assert np.allclose(modules[n].weight.detach().double().cpu().numpy().T, qw.dequantized,
+                           rtol=1e-6, atol=1e-8)
+
+
+@needs_cuda
+def test_baselines_on_cuda():
+    from qround.baselines import gptq_model, rtn_model
+
+    from .test_pipeline import build
+
+    model, data = build("cnn")
+    model = model.cuda()
+    data = [b.cuda() for b in data]
+    before = state(model)
+    cfg = QuantConfig(**FAST, device="cuda", exclude="grouped")  # gptq_model: no grouped convs
+    for quantized in (rtn_model(model, cfg)[0], gptq_model(model, data, cfg)[0]):
+        assert all(p.device.type == "cuda" for p in quantized.parameters())
+        with torch.no_grad():
+            assert torch.isfinite(quantized(data[0])).all()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
