@@ -568,14 +568,15 @@ def cmd_evaluate(args) -> int:
                           "are evaluated with the activation quantisers their file carries, if "
                           "any")
     torch.set_num_threads(args.threads)
+    check = not args.no_source_check
     if folder:
         hf = load_hf(args.model)
-        quant = export.load(hf.model, args.quantized)
+        quant = export.load(hf.model, args.quantized, check_source=check)
         metrics = hf_metrics(hf, quant, zoo.sentences("evaluation", n=args.sentences))
         metrics["sentences"] = args.sentences
     elif args.model == "minilm":
         model = zoo.load_minilm()
-        quant = export.load(model, args.quantized)
+        quant = export.load(model, args.quantized, check_source=check)
         metrics = minilm_metrics(model, quant, zoo.sentences("evaluation", n=args.sentences))
         metrics["sentences"] = args.sentences
     elif args.model in DIGITS_MODELS:
@@ -583,7 +584,7 @@ def cmd_evaluate(args) -> int:
         seed = args.seed if args.seed is not None else \
             export.read_metadata(args.quantized)["config"].get("seed", 0)
         model, data = zoo.train_digits_cnn(DIGITS_MODELS[args.model], seed=seed)
-        quant = export.load(model, args.quantized)
+        quant = export.load(model, args.quantized, check_source=check)
         saved_abits = export.read_metadata(args.quantized)["config"].get("abits")
         if saved_abits is not None and args.abits is not None:
             raise QroundError(f"{args.quantized} carries its own {saved_abits}-bit activation "
@@ -809,6 +810,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="digits: the float model's seed (default: the seed the file records, "
                          "which `qround quantize` also trained its float model with)")
     ev.add_argument("--threads", type=int_at_least(1), default=2)
+    ev.add_argument("--no-source-check", action="store_true",
+                    help="evaluate even when --model is not the float model the file was made "
+                         "from (its header's fingerprint); the comparison is then against "
+                         "another model")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 

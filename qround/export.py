@@ -7,13 +7,19 @@ layer has one (bias correction may have changed or created it).  A layer whose i
 quantised also has ``<name>.act.step`` and, with borders, ``<name>.act.b0``/``b1``/``b2``.  The
 header metadata (str -> str, JSON where structured) records the format, the qround version, the
 config, the layers with their bits and shapes (and input quantisers), the report, the layers left
-in float and the reconstruction units (``units``).
+in float, the reconstruction units (``units``) and ``source``: a fingerprint of the float model
+the file was made from (every tensor of its ``state_dict``: dtype, shape and an 8-byte BLAKE2b
+digest of its bytes, :func:`fingerprint`).  :func:`load` takes the rest of the model (embeddings,
+norms, layers left in float) from the model it is given, so it checks that model against
+``source`` and refuses another checkpoint of the same architecture, which would give a model
+that runs and is silently wrong.
 
 Files are written atomically (temp file in the same folder, then ``os.replace``): a failed save
 leaves any earlier file as it was.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -91,8 +97,74 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         "skipped": json.dumps(qmodel.skipped),
         "units": json.dumps(None if qmodel.units is None else qmodel.units.as_dict()),
     }
+    if qmodel.source is not None:
+        metadata["source"] = json.dumps(qmodel.source)
     with atomic_write(path, what="quantised model", make_folder=True) as f:
         f.write(safetensors.torch.save(tensors, metadata=metadata))
+
+
+def fingerprint(model: nn.Module) -> dict[str, str]:
+    """Every tensor of ``model.state_dict()`` by name: ``"<dtype> <shape> <digest>"``, the
+    digest an 8-byte BLAKE2b of the tensor's bytes (on the CPU, contiguous).  Tensors whose
+    bytes cannot be read (meta, sparse, quantised) get ``-`` as digest and are compared by dtype
+    and shape only.  Tied tensors are hashed once.  Reads every byte of the model once (0.18 s for
+    MiniLM's 91 MB on the development machine: about 2 s per GB)."""
+    if not isinstance(model, nn.Module):
+        raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    out: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):
+            continue   # extra state of a module (get_extra_state) is not a tensor
+        t = t.detach()
+        head = f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+        digest = "-"
+        if t.layout == torch.strided and not t.is_meta and not t.is_quantized:
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
+                   tuple(t.stride()), t.dtype, tuple(t.shape))
+            if key not in seen:
+                data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                seen[key] = hashlib.blake2b(data, digest_size=8).hexdigest()
+            digest = seen[key]
+        out[name] = f"{head} {digest}"
+    return out
+
+
+def verify_source(model: nn.Module, path: str | os.PathLike) -> None:
+    """QroundError unless ``model`` is the float model the file at ``path`` was made from (its
+    header's ``source`` fingerprint, :func:`fingerprint`).  Files written before qround
+    recorded the fingerprint have none: nothing to check."""
+    source = read_metadata(path).get("source")
+    if source is None:
+        return
+    now = fingerprint(model)
+
+    def same(a: str, b: str) -> bool:
+        if a == b:
+            return True
+        (ha, da), (hb, db) = a.rsplit(" ", 1), b.rsplit(" ", 1)
+        return ha == hb and "-" in (da, db)   # unreadable bytes: dtype and shape only
+
+    def describe(name: str) -> str:
+        here, there = now[name].rsplit(" ", 1)[0], source[name].rsplit(" ", 1)[0]
+        return (f"{name!r} ({here} here, {there} in the file)" if here != there
+                else f"{name!r} (other values)")
+
+    differ = [describe(n) for n in source if n in now and not same(now[n], source[n])]
+    missing = [repr(n) for n in source if n not in now]
+    extra = [repr(n) for n in now if n not in source]
+    if not (differ or missing or extra):
+        return
+    parts = []
+    for label, items in (("differ", differ), ("are missing from the model", missing),
+                         ("are new in the model", extra)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {label}: " + ", ".join(items[:3]) + more)
+    raise QroundError(
+        f"{path} was made from another float model than the one given ({len(source)} tensors "
+        f"recorded; " + "; ".join(parts) + "). Load it onto the float model it was quantised "
+        "from; to load it anyway, pass check_source=False (shell: --no-source-check)")
 
 
 def _hard_weight(layer: QuantizedLayer) -> torch.Tensor:
@@ -121,13 +193,19 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if str(meta.get("format_version", "1")) != FORMAT_VERSION:
         raise QroundError(f"{path} has format version {meta.get('format_version')!r}; this "
                           f"qround reads version {FORMAT_VERSION}")
-    meta = {"units": "null", **meta}  # files before the activation stage have no units
-    for key in (*keys, "units"):
+    meta = {"units": "null", "source": "null", **meta}  # older files have neither
+    for key in (*keys, "units", "source"):
         try:
             out[key] = json.loads(meta[key])
         except ValueError as exc:
             raise QroundError(f"{path}: header field {key!r} is not valid JSON ({exc})") from None
     _check_layers(out["layers"], path)
+    src = out["source"]
+    if src is not None and not (isinstance(src, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and len(v.rsplit(" ", 1)) == 2
+            for k, v in src.items())):
+        raise QroundError(f"{path}: header field 'source' must map tensor names to "
+                          "'<dtype> <shape> <digest>' (the file is damaged or was edited)")
     return out
 
 
@@ -197,9 +275,15 @@ def load_codes(path: str | os.PathLike) -> dict[str, QuantizedWeight]:
     return _open(path, read)
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, check_source: bool = True) -> nn.Module:
     """A runnable quantised model: a deep copy of the float ``model`` (left untouched) with the
     saved weights and biases of the file at ``path``.
+
+    ``model`` must be the float model the file was made from: the file holds only the quantised
+    layers, the rest comes from ``model``.  With ``check_source`` (default) a model whose tensors
+    differ from the file's fingerprint (:func:`verify_source`; another checkpoint of the same
+    architecture, a model converted to another dtype, or one already quantised in place) is
+    refused before anything is loaded; ``check_source=False`` loads it anyway.
 
     The architecture must match: every saved layer must exist in ``model`` as a Linear/Conv2d
     of the same weight shape (a transformers Conv1D where the file has one, its weight (in,
@@ -210,6 +294,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
     layers = read_metadata(path)["layers"]
+    if not isinstance(check_source, bool):
+        raise QroundError(f"check_source must be True or False, got {check_source!r}")
     # transformers' Conv1D layers were rounded (and saved) as the nn.Linear they equal: the
     # checks read a view of the model with those Linear layers
     conv1d = [name for name, info in layers.items() if info.get("kind") == "Conv1D"]
@@ -239,6 +325,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise QroundError(f"the model's architecture does not match {path}: "
                           + "; ".join(problems[:5]) + more)
+    if check_source:
+        verify_source(float_model, path)
     codes = load_codes(path)
     # the loaded weights go through Linear views into the copy's own Conv1D layers, which come
     # back at the end (those wrapped with input quantisers stay the Linear inside the wrapper)

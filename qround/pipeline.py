@@ -45,6 +45,7 @@ from .activations import BORDERS, INITS
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
                         capture_fisher, default_forward, eval_mode, fisher_bytes, layer_hooks)
 from .errors import QroundError, check_bits, check_int, check_real, copy_module
+from .export import fingerprint
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
@@ -285,6 +286,9 @@ class QuantizedModel:
     seconds: float
     reconstruction: ReconstructResult | None = None  # the activation stage's, when it ran
     units: Selection | None = None    # its reconstruction units (granularity), when it ran
+    # the float model's fingerprint (qround.export.fingerprint): saved files record it, and
+    # qround.export.load checks the model it is given against it
+    source: dict[str, str] | None = None
 
     def totals(self) -> dict:
         cost = sum(r.cost for r in self.report)
@@ -891,6 +895,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     solver = _build_solver(config)
     _check_no_kv_cache(model, config, first_batch, forward)
 
+    source = fingerprint(target)   # before anything is written, also in place
     float_model = copy_module(model) if inplace else model
     # the layers being rounded are Linear views of the Conv1D weights (written through), and
     # get their Conv1D back at the end
@@ -954,7 +959,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
                 bar.update(1)
     finally:
         bar.close()
-    result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0)
+    result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0, source=source)
     if config.activation_stage:
         result.reconstruction, result.units = quantize_activations(
             result, float_model, list(calibration), forward, config,

@@ -458,8 +458,13 @@ def test_evaluate_compares_with_the_float_model_the_file_came_from(tmp_path, cap
     res = json.loads(capsys.readouterr().out)
     assert res["model_seed"] == 3
     assert abs(res["quantized_accuracy"] - res["float_accuracy"]) <= 0.01  # 8 bits: ~float
+    # another seed is another float model: refused, unless the user says so
     assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--seed", "0",
-                 "--json", "--threads", "1"]) == 0   # an explicit seed is the user's to give
+                 "--json", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "was made from another float model" in err and "'conv1.weight'" in err
+    assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--seed", "0",
+                 "--json", "--threads", "1", "--no-source-check"]) == 0
     assert json.loads(capsys.readouterr().out)["model_seed"] == 0
 
 

@@ -229,3 +229,93 @@ def test_damaged_codes_are_named(tmp_path):
         safetensors.torch.save_file({**tensors, key: value.contiguous()}, bad, metadata=meta)
         with pytest.raises(QroundError, match=match):
             load_codes(bad)
+
+
+# ------------------------------------------------------------------ the float model's fingerprint
+def test_the_file_records_the_float_model_and_load_checks_it(saved):
+    from qround.export import fingerprint
+
+    model, data, qm, path = saved
+    source = read_metadata(path)["source"]
+    assert source == qm.source == fingerprint(model)
+    assert list(source) == list(model.state_dict())   # parameters and buffers (BatchNorm stats)
+    other = build("cnn", seed=1)[0]                   # same architecture, other weights
+    with pytest.raises(QroundError, match=r"another float model .* differ: 'conv.weight' "
+                                          r"\(other values\)") as err:
+        load(other, path)
+    assert "check_source=False" in str(err.value)
+    loaded = load(other, path, check_source=False)    # the user's call
+    with torch.no_grad():
+        assert not torch.equal(loaded(data[0]), qm.model(data[0]))  # another model indeed
+    with pytest.raises(QroundError, match="check_source must be True or False"):
+        load(model, path, check_source="no")
+
+
+def test_a_converted_or_changed_model_is_refused_with_what_changed(saved):
+    model, _, qm, path = saved
+    with pytest.raises(QroundError, match=r"'conv.weight' \(float64 \[8, 3, 3, 3\] here, "
+                                          r"float32 \[8, 3, 3, 3\] in the file\)"):
+        load(build("cnn")[0].double(), path)
+    changed = build("cnn")[0]
+    with torch.no_grad():
+        changed.bn.running_mean.add_(1e-3)            # a buffer the file does not hold
+    with pytest.raises(QroundError, match=r"1 differ: 'bn.running_mean'"):
+        load(changed, path)
+    # the quantised model itself is not the float model: its rounded layers differ
+    with pytest.raises(QroundError, match="another float model"):
+        load(qm.model, path)
+    wider = build("cnn")[0]
+    wider.register_buffer("extra", torch.zeros(2))
+    with pytest.raises(QroundError, match=r"1 are new in the model: 'extra'"):
+        load(wider, path)
+
+
+def test_files_without_a_fingerprint_still_load(tmp_path):
+    model, qm, path = _small(tmp_path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {k: v for k, v in f.metadata().items() if k != "source"}
+    old = tmp_path / "old.safetensors"
+    safetensors.torch.save_file(tensors, old, metadata=meta)
+    assert read_metadata(old)["source"] is None
+    other = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    load(other, old)                                   # nothing to check against
+    with pytest.raises(QroundError, match="another float model"):
+        load(other, path)
+
+
+@pytest.mark.parametrize("source", ["[1]", json.dumps({"0.weight": 3}),
+                                    json.dumps({"0.weight": "nospace"})])
+def test_a_damaged_fingerprint_is_named(tmp_path, source):
+    model, _, path = _small(tmp_path)
+    bad = _rewrite_header(path, tmp_path / "bad.safetensors", source=source)
+    with pytest.raises(QroundError, match="header field 'source'"):
+        load(model, bad)
+
+
+def test_fingerprint_of_tied_low_precision_and_meta_tensors():
+    from qround.export import fingerprint
+
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)).to(torch.bfloat16)
+    model[1].weight = model[0].weight                  # tied, as an LM head
+    prints = fingerprint(model)
+    assert prints["0.weight"] == prints["1.weight"]
+    assert prints["0.weight"].startswith("bfloat16 [5, 4] ")
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1
+    assert fingerprint(model)["0.weight"] != prints["0.weight"]
+    with torch.device("meta"):
+        meta = nn.Linear(3, 2)
+    assert fingerprint(meta) == {"weight": "float32 [2, 3] -", "bias": "float32 [2] -"}
+    with pytest.raises(QroundError, match="nn.Module"):
+        fingerprint("model")
+
+
+def test_in_place_quantisation_records_the_model_before_it_changed():
+    from qround.export import fingerprint
+
+    model, data = build("branchy")
+    before = fingerprint(model)
+    qm = quantize_model(model, data, QuantConfig(wbits=3, progress=False), inplace=True)
+    assert qm.model is model
+    assert qm.source == before != fingerprint(model)
