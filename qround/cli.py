@@ -348,6 +348,9 @@ def _model_and_calibration(args):
 
     from .zoo.hf import is_hf_folder
 
+    if args.max_length is not None and not is_hf_folder(args.model):
+        raise QroundError("--max-length sets the tokens per text of a checkpoint folder's "
+                          f"calibration; --model {args.model} takes no text")
     if args.model == "minilm" or args.model in DIGITS_MODELS:
         model, batches, forward = _load_named_model(args.model, seed=args.seed,
                                                     sentences=_calibration_size(args))
@@ -407,12 +410,17 @@ def _checkpoint_and_calibration(args):
                               "line)")
     else:
         texts = zoo.sentences("calibration", n=_calibration_size(args))
-    hf = load_hf(args.model)
+    hf = load_hf(args.model, max_length=args.max_length)
     # an encoder's pooler is not on the path of the last hidden state that evaluate scores
     pooler = not hf.causal and any(n.split(".")[0] == "pooler"
                                    for n, _ in hf.model.named_modules())
-    return (hf.model, hf.batches(texts, args.batch_size), hf.forward,
-            r"^(?!pooler\.|pooler$)" if pooler else None)
+    batches = hf.batches(texts, args.batch_size)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    cut = sum(int(b["attention_mask"][:, -1].sum()) for b in batches
+              if b["attention_mask"].shape[1] == hf.max_length)
+    print(f"calibration: {len(texts)} texts, {tokens} tokens (at most {hf.max_length} per "
+          f"text; {cut} texts reach that length and may be cut)", flush=True)
+    return (hf.model, batches, hf.forward, r"^(?!pooler\.|pooler$)" if pooler else None)
 
 
 def _calibration_size(args) -> int:
@@ -520,7 +528,8 @@ def cmd_quantize(args) -> int:
                          first_last_bits=args.first_last_bits, seed=args.seed,
                          capture_cache_mb=args.capture_cache_mb,
                          device=args.device, progress=not args.no_progress,
-                         layers=args.layers, abits=args.abits,
+                         layers=args.layers, exclude=args.exclude, damp=args.damp,
+                         abits=args.abits,
                          borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
                          granularity="scheme" if args.scheme else (args.granularity or "block"),
                          k=args.k,
@@ -727,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-size", type=int_at_least(1), default=None,
                    help="packaged calibration sentences for MiniLM or a checkpoint folder "
                         "(default: 256)")
+    q.add_argument("--max-length", type=int_at_least(1), default=None, metavar="TOKENS",
+                   help="a checkpoint folder: tokens per calibration text, at most (default: "
+                        "128, or the model's positions if fewer)")
     q.add_argument("--batch-size", type=int_at_least(1), default=32,
                    help="a model file: calibration samples per batch when --calibration holds "
                         "one tensor; a checkpoint folder: texts per batch (default: "
@@ -757,6 +769,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "while that lowers a channel's cost: codes may leave floor/ceil")
     q.add_argument("--first-last-bits", type=int, default=None)
     q.add_argument("--layers", default=None, help="regex of layer names to quantise")
+    q.add_argument("--exclude", default=None,
+                   help="regex of layer names to leave in float, e.g. 'lm_head' (AutoGPTQ "
+                        "keeps an untied LM head in float; qround rounds it unless excluded)")
+    q.add_argument("--damp", type=float, default=0.0, metavar="D",
+                   help="add D x mean(diag H) x ||w_hat - w||^2 to every channel's cost: pulls "
+                        "the rounding towards the float weight where H is ill-conditioned "
+                        "(default: %(default)s)")
     q.add_argument("--seed", type=int_at_least(0), default=0)
     q.add_argument("--device", default="cpu",
                    help="cpu or cuda: where layer statistics are accumulated and the torch "

@@ -98,6 +98,41 @@ def test_quantize_and_evaluate_a_gpt2_folder(gpt2_folder, tmp_path, capsys):
         metrics["quantized_perplexity"] / metrics["float_perplexity"])
 
 
+def test_quantize_options_of_a_gptq_user(gpt2_folder, tmp_path, capsys):
+    """--max-length cuts the calibration texts (and says how many tokens it used), --exclude
+    leaves layers in float, --damp reaches the config the file records."""
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", "--model", gpt2_folder, "--calibration-size", "16", "--wbits", "3",
+                 "--max-length", "8", "--exclude", r"mlp\.", "--damp", "0.05", "--no-progress",
+                 "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    line = next(x for x in said.splitlines() if x.startswith("calibration:"))
+    texts, tokens = int(line.split()[1]), int(line.split()[3])
+    assert texts == 16 and 16 < tokens <= 16 * 8 and "at most 8 per text" in line
+    hf = load_hf(gpt2_folder, max_length=8)
+    assert tokens == sum(int(b["attention_mask"].sum())
+                         for b in hf.batches(sentences("calibration", n=16)))
+    from qround.export import read_metadata
+    meta = read_metadata(out)
+    assert meta["config"]["damp"] == 0.05 and meta["config"]["exclude"] == r"mlp\."
+    assert sorted(meta["layers"]) == [f"transformer.h.{i}.attn.{n}" for i in range(2)
+                                      for n in ("c_attn", "c_proj")]
+    assert all(meta["skipped"][f"transformer.h.{i}.mlp.{n}"] == "excluded by config.exclude"
+               for i in range(2) for n in ("c_fc", "c_proj"))
+    for argv, message in (
+            (["--max-length", "65"], "takes at most 64 positions"),
+            (["--damp", "-1"], "damp"),
+            (["--max-length", "0"], "--max-length"),
+    ):
+        assert main(["quantize", "--model", gpt2_folder, "--no-progress", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert main(["quantize", "--model", "digits-cnn", "--max-length", "8", "--no-progress"]) == 2
+    assert "--model digits-cnn takes no text" in capsys.readouterr().err
+    with pytest.raises(QroundError, match="max_length must be a positive integer"):
+        load_hf(gpt2_folder, max_length=True)
+
+
 def test_export_layer_lists_and_writes_conv1d_layers(gpt2_folder, tmp_path, capsys):
     assert main(["export-layer", "--model", gpt2_folder, "--list"]) == 0
     listed = capsys.readouterr().out.split()

@@ -58,11 +58,16 @@ class HFModel:
         return hf_forward(model, batch, self.causal)
 
 
-def load_hf(path, device: str = "cpu") -> HFModel:
+def load_hf(path, device: str = "cpu", max_length: int | None = None) -> HFModel:
     """The checkpoint in the folder ``path``, offline (``local_files_only``; ``HF_HUB_OFFLINE``
     and ``TRANSFORMERS_OFFLINE`` are set when unset).  A tokenizer without a padding token pads
-    with its end-of-text token (or unknown token).  QroundError when the folder is not a
+    with its end-of-text token (or unknown token).  max_length: tokens per text in
+    :meth:`HFModel.batches` (None: ``MAX_LENGTH`` = 128, or the model's positions if fewer;
+    more than the model's positions is refused).  QroundError when the folder is not a
     checkpoint, or its model or tokenizer cannot be loaded."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(
+            max_length, int) or max_length < 1):
+        raise QroundError(f"max_length must be a positive integer, got {max_length!r}")
     if not is_hf_folder(path):
         raise QroundError(f"{path!r} is not a transformers checkpoint folder (no config.json)")
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -75,6 +80,12 @@ def load_hf(path, device: str = "cpu") -> HFModel:
         raise QroundError(f"transformers could not load the model in {path} "
                           f"({type(exc).__name__}: {_first_line(exc)})") from None
     architectures = list(getattr(config, "architectures", None) or [])
+    positions = [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    known = [p for p in positions if isinstance(p, int) and p > 0]
+    limit = min(known or [MAX_LENGTH])
+    if max_length is not None and known and max_length > limit:
+        raise QroundError(f"max_length={max_length}: the model in {path} takes at most {limit} "
+                          "positions")
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     if getattr(config, "is_encoder_decoder", False):
         raise QroundError(f"{path} holds an encoder-decoder model ({', '.join(architectures)}): "
@@ -123,9 +134,8 @@ def load_hf(path, device: str = "cpu") -> HFModel:
         model = model.to(device).eval()
     except (RuntimeError, TypeError) as exc:
         raise QroundError(f"device={device!r}: {_first_line(exc)}") from None
-    positions = [getattr(model.config, k, None) for k in ("max_position_embeddings", "n_positions")]
-    limit = min([p for p in positions if isinstance(p, int) and p > 0] or [MAX_LENGTH])
-    return HFModel(model, tokenizer, causal, min(MAX_LENGTH, limit))
+    return HFModel(model, tokenizer, causal, min(MAX_LENGTH, limit) if max_length is None
+                   else max_length)
 
 
 def _first_line(exc: BaseException) -> str:
