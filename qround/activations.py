@@ -76,8 +76,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .border_conv import sparse_border_conv
-from .calibrate import (ForwardFn, LayerFilter, _conv_padding, default_forward, eval_mode,
-                        layer_hooks, select_layers)
+from .calibrate import (ForwardFn, LayerFilter, _active_mask, _conv_padding, default_forward,
+                        eval_mode, layer_hooks, select_layers)
 from .errors import QroundError, check_bits
 from .grid import GridSpec, fit_grid, qrange
 from .solvers.hopfield import inverse_rectified_sigmoid, rectified_sigmoid
@@ -657,7 +657,11 @@ def insert_act_quantizers(model: nn.Module, layers: LayerFilter = None,
         def hook(name, module, args, out):
             if not args or not isinstance(args[0], torch.Tensor):
                 raise QroundError(f"layer {name!r} was called without a tensor input")
-            observers[name].add(name, args[0])
+            x = args[0]
+            mask = _active_mask(module, x)   # padded tokens stay out of the steps' start
+            if mask is not None:
+                x = x.reshape(-1, x.shape[-1])[mask]
+            observers[name].add(name, x)
 
         count = 0
         with eval_mode(model), torch.no_grad(), layer_hooks(

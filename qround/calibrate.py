@@ -46,7 +46,10 @@ def token_mask(mask: torch.Tensor) -> Iterator[None]:
     dims equal to ``mask.shape`` (e.g. (batch, tokens)), or is 2-D with one row per token (the
     tokens flattened in order), contributes only the rows where ``mask`` is true.  A
     ``forward`` function wraps its model call in it to keep padding out of ``H`` (padded
-    positions never reach a masked attention or a masked mean pooling)."""
+    positions never reach a masked attention or a masked mean pooling).  The activation stage
+    reads it too: the inputs that start the activation steps (such a Linear's rows) and the
+    block outputs that reconstruction compares (outputs whose leading dims are the mask's, or
+    one row per token) count only the real tokens."""
     tok = _TOKEN_MASK.set(mask.detach().bool())
     try:
         yield

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .activations import QuantizedLayer, qdrop, quantized_layers
-from .calibrate import ForwardFn, default_forward, eval_mode
+from .calibrate import _TOKEN_MASK, ForwardFn, default_forward, eval_mode
 from .errors import QroundError
 from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
 
@@ -347,11 +347,30 @@ def _main_tensor(out, name: str) -> torch.Tensor:
                       "tensor")
 
 
-class _BlockData:
-    """Cached block inputs (args, kwargs) and float targets, per calibration batch."""
+def _target_mask(mask: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor | None:
+    """The token mask (:func:`qround.calibrate.token_mask`, e.g. (batch, tokens)) as it applies
+    to a block's output: itself where the output's leading dims are the mask's, flattened where
+    the output is 2-D with one row per token, else None (the output is not per token)."""
+    if mask is None:
+        return None
+    if target.dim() > mask.dim() and tuple(target.shape[:mask.dim()]) == tuple(mask.shape):
+        return mask.to(target.device)
+    if target.dim() == 2 and target.shape[0] == mask.numel():
+        return mask.reshape(-1).to(target.device)
+    return None
 
-    def __init__(self, inputs: list, targets: list[torch.Tensor]):
+
+class _BlockData:
+    """Cached block inputs (args, kwargs), float targets and the targets' token masks (None
+    where the calibration has none), per calibration batch."""
+
+    def __init__(self, inputs: list, targets: list[torch.Tensor],
+                 masks: list[torch.Tensor | None] | None = None):
         self.inputs, self.targets = inputs, targets
+        masks = [None] * len(targets) if masks is None else masks
+        if any(m is None for m in masks):   # padding is masked in every batch or in none
+            masks = [None] * len(targets)
+        self.masks = masks
         simple = all(len(a) == 1 and isinstance(a[0], torch.Tensor) and not k
                      for a, k in inputs)
         # rows are drawn along dim 0 of input and target together: only where it is the same
@@ -362,16 +381,18 @@ class _BlockData:
                 and len({t.shape[1:] for t in targets}) == 1:
             self.x = torch.cat([a[0] for a, _ in inputs])
             self.y = torch.cat(targets)
+            self.m = None if masks[0] is None else torch.cat(masks)
         else:
-            self.x = self.y = None
+            self.x = self.y = self.m = None
 
     def sample(self, gen: torch.Generator, batch_size: int):
+        """(args, kwargs, target, target's token mask or None) of a random mini-batch."""
         if self.x is not None:
             idx = torch.randperm(self.x.shape[0], generator=gen)[:batch_size].to(self.x.device)
-            return (self.x[idx],), {}, self.y[idx]
+            return (self.x[idx],), {}, self.y[idx], None if self.m is None else self.m[idx]
         i = int(torch.randint(len(self.inputs), (1,), generator=gen))
         args, kwargs = self.inputs[i]
-        return args, kwargs, self.targets[i]
+        return args, kwargs, self.targets[i], self.masks[i]
 
 
 def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, budget_mb,
@@ -381,6 +402,7 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
     at)), or None: every pass runs from the model's first module."""
     inputs: list = []
     targets: list[torch.Tensor] = []
+    masks: list[torch.Tensor | None] = []
     used = [0]
 
     def account(obj):
@@ -406,6 +428,8 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         y = _main_tensor(out, name).detach()
         account(y)
         targets.append(y)
+        # padded tokens (a forward inside qround.calibrate.token_mask) stay out of the losses
+        masks.append(_target_mask(_TOKEN_MASK.get(), y))
         raise _Stop
 
     off = (disabled(), 0)
@@ -428,7 +452,7 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         finally:
             handle.remove()
         cache.finish()
-    return _BlockData(inputs, targets)
+    return _BlockData(inputs, targets, masks)
 
 
 def _order_units(quant_model, units: list[Unit], batch, forward
@@ -520,10 +544,16 @@ class _UnitForward:
 
 
 # ------------------------------------------------------------------------------ training
-def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _rec_loss(out: torch.Tensor, target: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error summed over features (channels of NCHW, last axis otherwise), mean over
-    the rest (BRECQ's reconstruction loss)."""
+    the rest (BRECQ's reconstruction loss); with a token ``mask`` (the target's leading dims,
+    :func:`_target_mask`) the mean is over the real tokens only."""
     err = (out - target) ** 2
+    if mask is not None:
+        per_token = err.reshape(*mask.shape, -1).sum(-1)
+        keep = mask.to(per_token.dtype)
+        return (per_token * keep).sum() / keep.sum().clamp_min(1)
     if err.dim() < 2:
         return err.mean()
     return err.sum(1 if err.dim() == 4 else -1).mean()
@@ -531,11 +561,18 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _mse(block, data: _BlockData, name: str) -> float:
+    """Mean squared error of the block's output over every element of the targets (over the
+    real tokens' elements where the calibration masks padding)."""
     total, count = 0.0, 0
-    for (args, kwargs), y in zip(data.inputs, data.targets):
-        out = _main_tensor(block(*args, **kwargs), name)
-        total += float(((out - y) ** 2).sum())
-        count += y.numel()
+    for (args, kwargs), y, mask in zip(data.inputs, data.targets, data.masks):
+        err = (_main_tensor(block(*args, **kwargs), name) - y) ** 2
+        if mask is None:
+            total += float(err.sum())
+            count += y.numel()
+        else:
+            keep = mask.to(err.dtype)
+            total += float((err.reshape(*mask.shape, -1).sum(-1) * keep).sum())
+            count += int(mask.sum()) * (y.numel() // max(mask.numel(), 1))
     return total / max(count, 1)
 
 
@@ -573,10 +610,10 @@ def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
             m.weight_mode = "soft"
         with torch.enable_grad():
             for t in range(config.iterations):
-                args, kwargs, y = data.sample(gen, config.batch_size)
+                args, kwargs, y, mask = data.sample(gen, config.batch_size)
                 with qdrop(layers.values(), config.qdrop, gen):
                     out = _main_tensor(block(*args, **kwargs), name)
-                loss = _rec_loss(out, y)
+                loss = _rec_loss(out, y, mask)
                 beta = _beta(t, config)
                 if rounding and beta is not None and config.reg_weight > 0:
                     reg = sum((1 - (2 * m.soft_weight_fraction() - 1).abs().pow(beta)).sum()

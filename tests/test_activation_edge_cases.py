@@ -314,3 +314,58 @@ def test_reverted_units_are_reported(caplog, monkeypatch):
     with caplog.at_level("WARNING", logger="qround.pipeline"):
         quantize_model(_Skip(), _batches(16, 6), _config(abits=4, reconstruction=REC))
     assert "kept the start of 1 of 2 units" in caplog.text and ": a;" in caplog.text
+
+
+class _PerToken(nn.Module):
+    """Two per-token layers and a block around them: (B, T, 4) -> (B, T, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        self.block = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        with torch.no_grad():
+            for p in self.block.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def forward(self, x):
+        return self.block(x)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_padded_tokens_stay_out_of_the_activation_stage(flatten):
+    """Inside qround.calibrate.token_mask, padded positions reach neither the activation steps
+    nor block reconstruction's losses: whatever the padding holds, the result is the same (and
+    without the mask it is not, so the check can fail)."""
+    from qround.calibrate import token_mask
+
+    gen = torch.Generator().manual_seed(0)
+    real = [torch.randn(4, 6, 4, generator=gen) for _ in range(2)]
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[0, 3:] = mask[2, 1:] = False
+
+    def padded(fill):
+        out = [x.clone() for x in real]
+        for x in out:
+            x[~mask] = fill
+        return [x.reshape(-1, 4) if flatten else x for x in out]   # (B*T, 4): tokens flattened
+
+    def run(batches, masked):
+        def forward(model, batch):
+            if not masked:
+                return model(batch)
+            with token_mask(mask):
+                return model(batch)
+
+        qm = quantize_model(_PerToken(), batches, _config(
+            abits=3, reconstruction=ReconstructConfig(iterations=30, batch_size=3, seed=1)),
+            forward=forward)
+        layers = quantized_layers(qm.model)
+        steps = [float(layers[n].act.step.detach()) for n in ("block.0", "block.2")]
+        codes = [layers[n].w_codes.clone() for n in ("block.0", "block.2")]
+        return steps, codes, [(b.loss_before, b.loss_after) for b in qm.reconstruction.blocks]
+
+    quiet, loud = run(padded(0.0), True), run(padded(40.0), True)
+    assert quiet[0] == loud[0] and quiet[2] == loud[2]
+    assert all(torch.equal(a, b) for a, b in zip(quiet[1], loud[1]))
+    unmasked = run(padded(40.0), False)
+    assert unmasked[0] != loud[0] and unmasked[2] != loud[2]

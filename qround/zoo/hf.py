@@ -172,8 +172,8 @@ def _takes_use_cache(model: nn.Module) -> bool:
 def hf_forward(model: nn.Module, batch: dict, causal: bool) -> torch.Tensor:
     """Run ``model`` on a batch of :func:`hf_batches` and return its logits (causal) or last
     hidden state, (B, T, ...).  Padding stays out of the weight statistics (the H of each
-    layer, :func:`qround.calibrate.token_mask`; the activation quantisers' steps and block
-    reconstruction's losses still see padded positions), and no key-value cache is built (``use_cache=False``
+    layer), the activation quantisers' initial steps and block reconstruction's losses
+    (:func:`qround.calibrate.token_mask`), and no key-value cache is built (``use_cache=False``
     where the model takes it: block reconstruction replays the layers many times)."""
     from ..calibrate import token_mask
 
