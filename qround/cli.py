@@ -399,15 +399,7 @@ def _checkpoint_and_calibration(args):
         raise QroundError("--calibration-size counts packaged sentences; with --calibration every "
                           "line of the file is used: leave one of them out")
     if args.calibration:
-        try:
-            with open(args.calibration, encoding="utf-8-sig") as f:   # a BOM is not text
-                texts = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise QroundError(f"--calibration {args.calibration!r} could not be read as UTF-8 "
-                              f"text ({type(exc).__name__}: {exc})") from None
-        if not texts:
-            raise QroundError(f"--calibration {args.calibration!r} holds no text (one text per "
-                              "line)")
+        texts = _read_texts(args.calibration, "--calibration")
     else:
         texts = zoo.sentences("calibration", n=_calibration_size(args))
     hf = load_hf(args.model, max_length=args.max_length)
@@ -421,6 +413,19 @@ def _checkpoint_and_calibration(args):
     print(f"calibration: {len(texts)} texts, {tokens} tokens (at most {hf.max_length} per "
           f"text; {cut} texts reach that length and may be cut)", flush=True)
     return (hf.model, batches, hf.forward, r"^(?!pooler\.|pooler$)" if pooler else None)
+
+
+def _read_texts(path: str, flag: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (a byte-order mark is not text)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            texts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QroundError(f"{flag} {path!r} could not be read as UTF-8 text "
+                          f"({type(exc).__name__}: {exc})") from None
+    if not texts:
+        raise QroundError(f"{flag} {path!r} holds no text (one text per line)")
+    return texts
 
 
 def _calibration_size(args) -> int:
@@ -563,6 +568,13 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _enough_texts(texts: list[str], args) -> None:
+    """An encoder's metrics (Spearman, top-10 agreement) need more than ten texts."""
+    if len(texts) < 11:
+        raise QroundError(f"--texts {args.texts!r} holds {len(texts)} texts; an encoder's "
+                          "metrics (Spearman, top-10 agreement) need at least 11")
+
+
 def cmd_evaluate(args) -> int:
     import torch
 
@@ -576,18 +588,35 @@ def cmd_evaluate(args) -> int:
         raise QroundError("--abits applies to the digits models; MiniLM and checkpoint folders "
                           "are evaluated with the activation quantisers their file carries, if "
                           "any")
+    if args.model in DIGITS_MODELS and (args.texts or args.sentences is not None):
+        raise QroundError("--texts and --sentences choose the text of MiniLM or a checkpoint "
+                          "folder; the digits models are scored on the digits' test images")
+    if args.max_length is not None and not folder:
+        raise QroundError("--max-length sets the tokens per text of a checkpoint folder; "
+                          f"--model {args.model} is not one")
+    if args.texts and args.sentences is not None:
+        raise QroundError("--sentences counts packaged evaluation sentences; with --texts every "
+                          "line of the file is used: leave one of them out")
+    texts = None
+    if args.model == "minilm" or folder:
+        texts = (_read_texts(args.texts, "--texts") if args.texts else
+                 zoo.sentences("evaluation", n=1000 if args.sentences is None
+                               else args.sentences))
     torch.set_num_threads(args.threads)
     check = not args.no_source_check
     if folder:
-        hf = load_hf(args.model)
+        hf = load_hf(args.model, max_length=args.max_length)
+        if not hf.causal:
+            _enough_texts(texts, args)
         quant = export.load(hf.model, args.quantized, check_source=check)
-        metrics = hf_metrics(hf, quant, zoo.sentences("evaluation", n=args.sentences))
-        metrics["sentences"] = args.sentences
+        metrics = hf_metrics(hf, quant, texts)
+        metrics["sentences"] = len(texts)
     elif args.model == "minilm":
+        _enough_texts(texts, args)
         model = zoo.load_minilm()
         quant = export.load(model, args.quantized, check_source=check)
-        metrics = minilm_metrics(model, quant, zoo.sentences("evaluation", n=args.sentences))
-        metrics["sentences"] = args.sentences
+        metrics = minilm_metrics(model, quant, texts)
+        metrics["sentences"] = len(texts)
     elif args.model in DIGITS_MODELS:
         # `qround quantize` trains the float model with its --seed, which the file records
         seed = args.seed if args.seed is not None else \
@@ -822,8 +851,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "last hidden state's cosine, Spearman and top-10 (default: "
                          "%(default)s)")
     ev.add_argument("--quantized", required=True, help="file written by qround quantize --out")
-    ev.add_argument("--sentences", type=int_at_least(11), default=1000, help="evaluation sentences for MiniLM or a checkpoint folder, at least 11 (default: "
-                         "%(default)s)")
+    ev.add_argument("--sentences", type=int_at_least(11), default=None,
+                    help="packaged evaluation sentences for MiniLM or a checkpoint folder, at "
+                         "least 11 (default: 1000)")
+    ev.add_argument("--texts", default=None,
+                    help="MiniLM or a checkpoint folder: score your own text file instead, one "
+                         "text per line (at least 11)")
+    ev.add_argument("--max-length", type=int_at_least(1), default=None, metavar="TOKENS",
+                    help="a checkpoint folder: tokens per text, at most (default: 128, or the "
+                         "model's positions if fewer)")
     ev.add_argument("--abits", type=int, default=None, help="digits: activation bits (e.g. 8)")
     ev.add_argument("--seed", type=int_at_least(0), default=None,
                     help="digits: the float model's seed (default: the seed the file records, "

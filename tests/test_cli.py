@@ -472,3 +472,11 @@ def test_bench_says_its_own_solvers_take_no_options(layer_file, capsys):
     assert main(["bench", str(layer_file), "--solvers", "neal-10x(num_reads=2)",
                  "--no-progress"]) == 2
     assert "take no options and do not compose" in capsys.readouterr().err
+
+
+def test_evaluate_texts_for_an_encoder_need_eleven(tmp_path, capsys):
+    few = tmp_path / "few.txt"
+    few.write_text("\n".join(f"text number {i}." for i in range(10)), encoding="utf-8")
+    assert main(["evaluate", "--model", "minilm", "--quantized", str(tmp_path / "q.safetensors"),
+                 "--texts", str(few)]) == 2
+    assert "holds 10 texts; an encoder's metrics" in capsys.readouterr().err

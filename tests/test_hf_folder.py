@@ -133,6 +133,35 @@ def test_quantize_options_of_a_gptq_user(gpt2_folder, tmp_path, capsys):
         load_hf(gpt2_folder, max_length=True)
 
 
+def test_evaluate_on_your_own_texts(gpt2_folder, tmp_path, capsys):
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", "--model", gpt2_folder, "--calibration-size", "16", "--wbits", "3",
+                 "--no-progress", "--out", str(out)]) == 0
+    texts = tmp_path / "mine.txt"
+    mine = sentences("evaluation", n=1000)[-5:]     # not the first (packaged) ones
+    texts.write_text("\ufeff" + "\n".join(mine) + "\n\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["evaluate", "--model", gpt2_folder, "--quantized", str(out), "--texts",
+                 str(texts), "--max-length", "16", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["sentences"] == 5                        # a causal LM needs no 11 texts
+    hf = load_hf(gpt2_folder, max_length=16)
+    assert got["float_perplexity"] == pytest.approx(perplexity(hf.model, hf.batches(mine)),
+                                                    rel=1e-9)
+    for argv, message in (
+            (["--texts", str(texts), "--sentences", "20"], "leave one of them out"),
+            (["--texts", str(tmp_path / "none.txt")], "could not be read"),
+            (["--max-length", "100"], "takes at most 64 positions"),
+    ):
+        assert main(["evaluate", "--model", gpt2_folder, "--quantized", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    for argv, message in ((["--texts", str(texts)], "scored on the digits' test images"),
+                          (["--max-length", "8"], "is not one")):
+        assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_export_layer_lists_and_writes_conv1d_layers(gpt2_folder, tmp_path, capsys):
     assert main(["export-layer", "--model", gpt2_folder, "--list"]) == 0
     listed = capsys.readouterr().out.split()
