@@ -380,11 +380,12 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=()
         raise QroundError("cannot round these layers' weights: " + "; ".join(refused[:3])
                           + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")
                           + ("" if computed else "; or leave them out with config.exclude"))
+    wanted = chosen
     chosen = _untie(model, chosen, skipped)
-    if not chosen:
-        why = "; ".join(f"{n!r}: {r}" for n, r in list(skipped.items())[:3])
+    if not chosen:   # the reasons of the chosen layers, not of the modules never chosen
+        why = "; ".join(f"{n!r}: {skipped[n]}" for n in wanted[:3])
         raise QroundError("nothing to quantise: every chosen layer shares its weight with a "
-                          f"module that stays in float (tied weights). Left out: {why}")
+                          f"module that stays in float (tied weights): {why}")
     return chosen, skipped
 
 

@@ -193,6 +193,10 @@ def test_tied_weights_are_rounded_once_and_never_behind_a_float_module():
     q = quantize_model(model, [torch.randint(0, 10, (16, 3))], _quick())
     assert "head" not in q.layers and "stays in float" in q.skipped["head"]
     assert torch.equal(q.model.emb.weight, before) and torch.equal(model.emb.weight, before)
+    # choosing only that head leaves nothing, and the error gives the head's reason first
+    with pytest.raises(QroundError, match=r"tied weights\): 'head': shares its weight with "
+                                          r"'emb'"):
+        quantize_model(model, [torch.randint(0, 10, (16, 3))], _quick(layers="head"))
 
 
 class _Noisy(nn.Module):
