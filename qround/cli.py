@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Sequence
@@ -501,6 +502,25 @@ def _reconstruction_options(args) -> int:
     return args.iterations
 
 
+def _check_compressed_options(args) -> None:
+    """--save-compressed: what the compressed-tensors format cannot hold, before any work."""
+    from .zoo.hf import is_hf_folder
+
+    if not is_hf_folder(args.model):
+        raise QroundError("--save-compressed writes a transformers checkpoint folder: --model "
+                          "must be one")
+    if args.asymmetric_grid:
+        raise QroundError("--save-compressed writes symmetric grids only (asymmetric ones did "
+                          "not load in transformers with compressed-tensors): leave out "
+                          "--asymmetric-grid")
+    if args.abits is not None:
+        raise QroundError("--save-compressed holds weights only: leave out --abits")
+    from .interop import _require_compressed_tensors
+    _require_compressed_tensors()
+    if os.path.exists(args.save_compressed):
+        raise QroundError(f"--save-compressed {args.save_compressed!r} exists: give a new folder")
+
+
 def cmd_quantize(args) -> int:
     import torch
 
@@ -514,7 +534,10 @@ def cmd_quantize(args) -> int:
     if args.borders != "none" and args.abits is None:
         raise QroundError(f"--borders {args.borders} needs quantised inputs: give --abits")
     iterations = _reconstruction_options(args)
-    check_paths({"--out": args.out, "--json": args.json, "--loss-plot": args.loss_plot},
+    if args.save_compressed:
+        _check_compressed_options(args)
+    check_paths({"--out": args.out, "--json": args.json, "--loss-plot": args.loss_plot,
+                 "--save-compressed": args.save_compressed},
                 {"--model": args.model, "--calibration": args.calibration})
     check_format("--out", args.out, "a safetensors file", (".safetensors",))
     check_format("--json", args.json, "JSON", (".json",))
@@ -542,6 +565,11 @@ def cmd_quantize(args) -> int:
                              u.strip() for u in args.scheme.split(",") if u.strip()))
     _check_model_file(args)
     model, batches, forward, default_layers = _model_and_calibration(args)
+    if args.save_compressed:
+        from .problems.layers import is_hf_conv1d
+        if any(is_hf_conv1d(m) for m in model.modules()):
+            raise QroundError("--save-compressed: compressed-tensors packs nn.Linear weights; "
+                              "this model's layers are transformers' Conv1D (GPT-2): use --out")
     if args.layers is None and default_layers:
         from dataclasses import replace
         config = replace(config, layers=default_layers)
@@ -556,6 +584,14 @@ def cmd_quantize(args) -> int:
     if args.out:
         qmodel.save(args.out)
         print(f"wrote {args.out}")
+    if args.save_compressed:
+        import transformers
+
+        from .interop import save_compressed_tensors
+        # the folder's own tokenizer, as it was saved (not the padding qround set up)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        save_compressed_tensors(qmodel, args.save_compressed, tokenizer=tokenizer)
+        print(f"wrote {args.save_compressed} (compressed-tensors, pack-quantized)")
     if args.json:
         write_json_atomic(args.json, {"totals": qmodel.totals(), "config": config.as_dict(),
                                       "layers": [r.as_dict() for r in qmodel.report],
@@ -840,6 +876,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--loss-plot", default=None,
                    help="PNG of the reconstruction loss along depth, oscillation points marked")
     q.add_argument("--out", help="safetensors file: dequantised weights, codes, scales, metadata")
+    q.add_argument("--save-compressed", metavar="FOLDER",
+                   help="a checkpoint folder: also write the result there as a compressed-"
+                        "tensors pack-quantized checkpoint (llm-compressor's format; "
+                        "transformers loads it with compressed-tensors installed), tokenizer "
+                        "included; symmetric grids, weights only, nn.Linear layers")
     q.add_argument("--json", help="also write the report as JSON")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_quantize)

@@ -1,0 +1,198 @@
+"""compressed-tensors checkpoints (llm-compressor's pack-quantized format): written by qround,
+read back by transformers, outputs equal to qround's quantised model."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (examples extra)")
+pytest.importorskip("compressed_tensors", reason="needs compressed-tensors (examples extra)")
+
+from qround.errors import QroundError  # noqa: E402
+from qround.interop import save_compressed_tensors  # noqa: E402
+from qround.pipeline import QuantConfig, quantize_model  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def tiny_llama(seed=0, vocab=100):
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=vocab, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+BATCHES = [torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(i))
+           for i in range(3)]
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(batch, use_cache=False).logits
+
+
+def quantise(model, **options):
+    config = QuantConfig(**{"wbits": 4, "solver": "fast", "progress": False,
+                            "exclude": "lm_head", **options})
+    return quantize_model(model, BATCHES, config, forward=logits)
+
+
+def load(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("options", [{}, {"wbits": 3, "group_size": 32}])
+def test_transformers_loads_what_qround_wrote(tmp_path, monkeypatch, options):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qm = quantise(model, **options)
+    out = tmp_path / "llama-ct"
+    save_compressed_tensors(qm, out)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    [group] = config["config_groups"].values()
+    assert group["targets"] == ["Linear"] and config["ignore"] == ["lm_head"]
+    assert group["weights"]["num_bits"] == options.get("wbits", 4)
+    assert group["weights"]["strategy"] == ("group" if "group_size" in options else "channel")
+    loaded = load(out)
+    for batch in BATCHES:
+        torch.testing.assert_close(logits(loaded, batch), logits(qm.model, batch),
+                                   rtol=1e-5, atol=1e-5)
+    # the decompressed weights are qround's codes on qround's grids
+    for name, qw in qm.layers.items():
+        weight = dict(loaded.named_modules())[name].weight.detach().double().numpy()
+        np.testing.assert_allclose(weight, qw.dequantized, rtol=1e-6, atol=1e-7)
+    # and it is a different model from the float one, which is untouched
+    assert not torch.allclose(logits(loaded, BATCHES[0]), logits(model, BATCHES[0]))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_several_schemes_and_shards(tmp_path, monkeypatch):
+    """first_last_bits gives two schemes (each group names its layers); small shards get an
+    index whose entries name the packed tensors."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    qm = quantise(tiny_llama(1), wbits=3, first_last_bits=8)
+    out = tmp_path / "two"
+    save_compressed_tensors(qm, out, max_shard_size="40KB")
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    by_bits = {g["weights"]["num_bits"]: g["targets"] for g in groups.values()}
+    assert set(by_bits) == {3, 8}
+    assert sorted(by_bits[3] + by_bits[8]) == sorted(qm.layers)
+    assert "model.layers.0.self_attn.q_proj" in by_bits[8]    # the first layer and its k, v
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    assert all(f"{n}.weight" not in index and f"{n}.weight_packed" in index for n in qm.layers)
+    torch.testing.assert_close(logits(load(out), BATCHES[0]), logits(qm.model, BATCHES[0]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path):
+    from .test_conv1d import tiny_gpt2
+
+    model = tiny_llama()
+    cases = [
+        (quantise(model, symmetric=False), "asymmetric grids"),
+        (quantize_model(tiny_gpt2(), [torch.randint(0, 50, (2, 12))],
+                        QuantConfig(wbits=4, progress=False),
+                        forward=lambda m, b: m(b, use_cache=False).logits), "are Conv1D"),
+        (quantize_model(nn.Sequential(nn.Linear(8, 8)), [torch.randn(16, 8)],
+                        QuantConfig(wbits=4, progress=False)), "not a transformers model"),
+    ]
+    for qm, message in cases:
+        with pytest.raises(QroundError, match=message):
+            save_compressed_tensors(qm, tmp_path / "x")
+        assert not (tmp_path / "x").exists()
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(QroundError, match="exists"):
+        save_compressed_tensors(quantise(model), tmp_path / "taken")
+
+
+def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    import qround.interop
+
+    qm = quantise(tiny_llama())
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(qround.interop, "_pack_weights", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_compressed_tensors(qm, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """The tiny Llama saved as a checkpoint folder, with a small BPE tokenizer trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from qround.zoo import sentences
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(sentences("calibration", n=200), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    folder = tmp_path_factory.mktemp("llama")
+    tiny_llama(vocab=len(hf_tok)).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_quantize_save_compressed_from_the_shell(llama_folder, tmp_path, monkeypatch, capsys):
+    from qround import export
+    from qround.cli import main
+    from qround.zoo.hf import load_hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out, saved = tmp_path / "w4-ct", tmp_path / "w4.safetensors"
+    assert main(["quantize", "--model", llama_folder, "--calibration-size", "16", "--wbits", "4",
+                 "--group-size", "32", "--exclude", "lm_head", "--no-progress",
+                 "--out", str(saved), "--save-compressed", str(out)]) == 0
+    assert "compressed-tensors" in capsys.readouterr().out
+    assert transformers.AutoTokenizer.from_pretrained(out)("a test.")["input_ids"]
+    hf = load_hf(llama_folder)
+    ours = export.load(hf.model, saved)
+    [batch] = hf.batches(["The rounding of every weight is chosen.", "A second text."])
+    with torch.no_grad():
+        torch.testing.assert_close(load(out)(**batch).logits, ours(**batch).logits,
+                                   rtol=1e-5, atol=1e-5)
+    for argv, message in ((["--asymmetric-grid"], "symmetric grids only"),
+                          (["--abits", "8"], "weights only"),
+                          ([], "exists: give a new folder")):
+        assert main(["quantize", "--model", llama_folder, "--no-progress", "--save-compressed",
+                     str(out), *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["quantize", "--model", "digits-cnn", "--no-progress", "--save-compressed",
+                 str(tmp_path / "d")]) == 2
+    assert "--model must be one" in capsys.readouterr().err
+    assert main(["quantize", "--model", llama_folder, "--no-progress", "--save-compressed",
+                 os.path.join(llama_folder, "inside")]) == 2
+    assert "inside the input --model folder" in capsys.readouterr().err
+
+
+def test_a_gpt2_folder_is_refused_before_any_work(llama_folder, tmp_path, capsys):
+    import shutil
+
+    from qround.cli import main
+
+    folder = tmp_path / "gpt2"
+    vocab = transformers.AutoTokenizer.from_pretrained(llama_folder).__len__()
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=4, vocab_size=vocab, n_positions=64)).save_pretrained(folder)
+    for name in os.listdir(llama_folder):
+        if "token" in name:
+            shutil.copy(os.path.join(llama_folder, name), folder / name)
+    assert main(["quantize", "--model", str(folder), "--calibration-size", "8", "--no-progress",
+                 "--save-compressed", str(tmp_path / "out")]) == 2
+    assert "layers are transformers' Conv1D (GPT-2)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
