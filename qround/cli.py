@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .cliargs import PLOT_SUFFIXES, check_format, check_paths, int_at_least
+from .cliargs import PLOT_SUFFIXES, check_format, check_paths, finite_at_least, int_at_least
 from .errors import QroundError, check_bits, check_int
 from .report import SolveRecord, format_table, totals, write_json_atomic, write_npz_atomic
 from .solvers import available_solvers, get_solver, warm_up
@@ -351,7 +351,7 @@ def _model_and_calibration(args):
 
     if args.max_length is not None and not is_hf_folder(args.model):
         raise QroundError("--max-length sets the tokens per text of a checkpoint folder's "
-                          f"calibration; --model {args.model} takes no text")
+                          f"calibration; --model {args.model} is not a checkpoint folder")
     if args.model == "minilm" or args.model in DIGITS_MODELS:
         model, batches, forward = _load_named_model(args.model, seed=args.seed,
                                                     sentences=_calibration_size(args))
@@ -629,7 +629,7 @@ def cmd_evaluate(args) -> int:
                           "folder; the digits models are scored on the digits' test images")
     if args.max_length is not None and not folder:
         raise QroundError("--max-length sets the tokens per text of a checkpoint folder; "
-                          f"--model {args.model} is not one")
+                          f"--model {args.model} is not a checkpoint folder")
     if args.texts and args.sentences is not None:
         raise QroundError("--sentences counts packaged evaluation sentences; with --texts every "
                           "line of the file is used: leave one of them out")
@@ -837,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude", default=None,
                    help="regex of layer names to leave in float, e.g. 'lm_head' (AutoGPTQ "
                         "keeps an untied LM head in float; qround rounds it unless excluded)")
-    q.add_argument("--damp", type=float, default=0.0, metavar="D",
+    q.add_argument("--damp", type=finite_at_least(0.0), default=0.0, metavar="D",
                    help="add D x mean(diag H) x ||w_hat - w||^2 to every channel's cost: pulls "
                         "the rounding towards the float weight where H is ill-conditioned "
                         "(default: %(default)s)")

@@ -6,6 +6,7 @@ one-line error (argparse's, or a QroundError) instead of a traceback or a lost f
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Callable
 
@@ -23,6 +24,20 @@ def int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
         return value
     parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def finite_at_least(low: float) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number ``>= low``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low}, got {text}")
+        return value
+    parse.__name__ = f"number >= {low}"
     return parse
 
 

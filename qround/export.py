@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,8 @@ from .writeback import QuantizedWeight
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import QuantizedModel
+
+log = logging.getLogger(__name__)
 
 FORMAT = "qround.quantized-model"
 FORMAT_VERSION = "1"
@@ -103,64 +107,109 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         f.write(safetensors.torch.save(tensors, metadata=metadata))
 
 
+_SOURCE_VALUE = re.compile(r"(buffer )?[A-Za-z0-9_.]+ \[[0-9, ]*\] ([0-9a-f]{16}|-)")
+
+
 def fingerprint(model: nn.Module) -> dict[str, str]:
-    """Every tensor of ``model.state_dict()`` by name: ``"<dtype> <shape> <digest>"``, the
-    digest an 8-byte BLAKE2b of the tensor's bytes (on the CPU, contiguous).  Tensors whose
-    bytes cannot be read (meta, sparse, quantised) get ``-`` as digest and are compared by dtype
-    and shape only.  Tied tensors are hashed once.  Reads every byte of the model once (0.18 s for
-    MiniLM's 91 MB on the development machine: about 2 s per GB)."""
+    """Every tensor of ``model.state_dict()`` by name: ``"<dtype> <shape> <digest>"`` for a
+    parameter, ``"buffer <dtype> <shape> <digest>"`` for a buffer; the digest is an 8-byte
+    BLAKE2b of the tensor's bytes (on the CPU, contiguous).  Tensors whose bytes cannot be read
+    (meta, sparse, quantised) get ``-`` as digest and are compared by dtype and shape only.
+    Tied tensors are hashed once.  Reads every byte of the model once (0.18 s for MiniLM's
+    91 MB on the development machine: about 2 s per GB)."""
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     out: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         if not isinstance(t, torch.Tensor):
             continue   # extra state of a module (get_extra_state) is not a tensor
         t = t.detach()
-        head = f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+        head = ("" if name in params else "buffer ") + \
+            f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
         digest = "-"
         if t.layout == torch.strided and not t.is_meta and not t.is_quantized:
             key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
                    tuple(t.stride()), t.dtype, tuple(t.shape))
             if key not in seen:
-                data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                plain = t.resolve_conj().resolve_neg().cpu().contiguous()
+                data = plain.reshape(-1).view(torch.uint8).numpy()
                 seen[key] = hashlib.blake2b(data, digest_size=8).hexdigest()
             digest = seen[key]
         out[name] = f"{head} {digest}"
     return out
 
 
+def _read_source(meta: dict, path) -> tuple[dict[str, str] | None, str | None]:
+    """The header's ``source`` fingerprint and, where it is damaged, why (else None)."""
+    raw = meta.get("source")
+    if raw is None:
+        return None, None   # written before qround recorded one
+    try:
+        source = json.loads(raw)
+    except ValueError as exc:
+        return None, f"is not valid JSON ({exc})"
+    if not isinstance(source, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _SOURCE_VALUE.fullmatch(v)
+            for k, v in source.items()):
+        return None, "must map tensor names to '[buffer ]<dtype> <shape> <digest>'"
+    return source, None
+
+
 def verify_source(model: nn.Module, path: str | os.PathLike) -> None:
     """QroundError unless ``model`` is the float model the file at ``path`` was made from (its
-    header's ``source`` fingerprint, :func:`fingerprint`).  Files written before qround
+    header's ``source`` fingerprint, :func:`fingerprint`): a recorded tensor with other values,
+    dtype or shape, or a parameter missing or new, is refused.  Buffers that only appear or
+    disappear (transformers has moved buffers such as BERT's ``position_ids`` in and out of
+    the state dict between versions) are logged, not refused.  Files written before qround
     recorded the fingerprint have none: nothing to check."""
-    source = read_metadata(path).get("source")
+    meta = read_metadata(path)
+    if meta.get("source_damaged"):
+        raise QroundError(f"{path}: header field 'source' {meta['source_damaged']} (the file is "
+                          "damaged or was edited); to load it without checking the model, pass "
+                          "check_source=False (shell: --no-source-check)")
+    source = meta.get("source")
     if source is None:
         return
     now = fingerprint(model)
 
+    def split(value: str) -> tuple[str, str]:
+        head, digest = value.rsplit(" ", 1)
+        return head.removeprefix("buffer "), digest
+
     def same(a: str, b: str) -> bool:
-        if a == b:
-            return True
-        (ha, da), (hb, db) = a.rsplit(" ", 1), b.rsplit(" ", 1)
-        return ha == hb and "-" in (da, db)   # unreadable bytes: dtype and shape only
+        (ha, da), (hb, db) = split(a), split(b)
+        return ha == hb and (da == db or "-" in (da, db))  # unreadable bytes: dtype and shape
 
     def describe(name: str) -> str:
-        here, there = now[name].rsplit(" ", 1)[0], source[name].rsplit(" ", 1)[0]
+        here, there = split(now[name])[0], split(source[name])[0]
         return (f"{name!r} ({here} here, {there} in the file)" if here != there
                 else f"{name!r} (other values)")
 
+    def buffer(value: str) -> bool:
+        return value.startswith("buffer ")
+
     differ = [describe(n) for n in source if n in now and not same(now[n], source[n])]
-    missing = [repr(n) for n in source if n not in now]
-    extra = [repr(n) for n in now if n not in source]
+    missing = [n for n in source if n not in now]
+    extra = [n for n in now if n not in source]
+    moved = [n for n in missing if buffer(source[n])] + [n for n in extra if buffer(now[n])]
+    missing = [repr(n) for n in missing if not buffer(source[n])]
+    extra = [repr(n) for n in extra if not buffer(now[n])]
+    if moved and not (differ or missing or extra):
+        log.warning("%s: the model's tensors match the file's, but the buffers %s are in the "
+                    "state dict on one side only (another transformers version?)", path,
+                    moved[:3])
     if not (differ or missing or extra):
         return
     parts = []
-    for label, items in (("differ", differ), ("are missing from the model", missing),
-                         ("are new in the model", extra)):
+    for label, items in (("differs", differ), ("is missing from the model", missing),
+                         ("is new in the model", extra)):
         if items:
             more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-            parts.append(f"{len(items)} {label}: " + ", ".join(items[:3]) + more)
+            verb = label if len(items) == 1 else label.replace("differs", "differ").replace(
+                "is ", "are ")
+            parts.append(f"{len(items)} {verb}: " + ", ".join(items[:3]) + more)
     raise QroundError(
         f"{path} was made from another float model than the one given ({len(source)} tensors "
         f"recorded; " + "; ".join(parts) + "). Load it onto the float model it was quantised "
@@ -193,19 +242,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if str(meta.get("format_version", "1")) != FORMAT_VERSION:
         raise QroundError(f"{path} has format version {meta.get('format_version')!r}; this "
                           f"qround reads version {FORMAT_VERSION}")
-    meta = {"units": "null", "source": "null", **meta}  # older files have neither
-    for key in (*keys, "units", "source"):
+    out["source"], damaged = _read_source(meta, path)
+    if damaged:
+        out["source_damaged"] = damaged   # refused by verify_source, ignored without the check
+    meta = {"units": "null", **meta}  # files before the activation stage have no units
+    for key in (*keys, "units"):
         try:
             out[key] = json.loads(meta[key])
         except ValueError as exc:
             raise QroundError(f"{path}: header field {key!r} is not valid JSON ({exc})") from None
     _check_layers(out["layers"], path)
-    src = out["source"]
-    if src is not None and not (isinstance(src, dict) and all(
-            isinstance(k, str) and isinstance(v, str) and len(v.rsplit(" ", 1)) == 2
-            for k, v in src.items())):
-        raise QroundError(f"{path}: header field 'source' must map tensor names to "
-                          "'<dtype> <shape> <digest>' (the file is damaged or was edited)")
     return out
 
 

@@ -103,15 +103,18 @@ def test_quantize_options_of_a_gptq_user(gpt2_folder, tmp_path, capsys):
     leaves layers in float, --damp reaches the config the file records."""
     out = tmp_path / "q.safetensors"
     assert main(["quantize", "--model", gpt2_folder, "--calibration-size", "16", "--wbits", "3",
-                 "--max-length", "8", "--exclude", r"mlp\.", "--damp", "0.05", "--no-progress",
+                 "--max-length", "48", "--exclude", r"mlp\.", "--damp", "0.05", "--no-progress",
                  "--out", str(out)]) == 0
     said = capsys.readouterr().out
     line = next(x for x in said.splitlines() if x.startswith("calibration:"))
     texts, tokens = int(line.split()[1]), int(line.split()[3])
-    assert texts == 16 and 16 < tokens <= 16 * 8 and "at most 8 per text" in line
-    hf = load_hf(gpt2_folder, max_length=8)
-    assert tokens == sum(int(b["attention_mask"].sum())
-                         for b in hf.batches(sentences("calibration", n=16)))
+    assert texts == 16 and 16 < tokens <= 16 * 48 and "at most 48 per text" in line
+    hf = load_hf(gpt2_folder, max_length=48)
+    calibration = sentences("calibration", n=16)
+    assert tokens == sum(int(b["attention_mask"].sum()) for b in hf.batches(calibration))
+    full = [len(hf.tokenizer(t)["input_ids"]) for t in calibration]   # untruncated lengths
+    assert f"; {sum(n >= 48 for n in full)} texts reach that length" in line
+    assert 0 < sum(n >= 48 for n in full) < 16   # some cut, some not
     from qround.export import read_metadata
     meta = read_metadata(out)
     assert meta["config"]["damp"] == 0.05 and meta["config"]["exclude"] == r"mlp\."
@@ -121,14 +124,14 @@ def test_quantize_options_of_a_gptq_user(gpt2_folder, tmp_path, capsys):
                for i in range(2) for n in ("c_fc", "c_proj"))
     for argv, message in (
             (["--max-length", "65"], "takes at most 64 positions"),
-            (["--damp", "-1"], "damp"),
+            (["--damp", "-1"], "argument --damp: must be a finite number >= 0.0, got -1"),
             (["--max-length", "0"], "--max-length"),
     ):
         assert main(["quantize", "--model", gpt2_folder, "--no-progress", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert main(["quantize", "--model", "digits-cnn", "--max-length", "8", "--no-progress"]) == 2
-    assert "--model digits-cnn takes no text" in capsys.readouterr().err
+    assert "--model digits-cnn is not a checkpoint folder" in capsys.readouterr().err
     with pytest.raises(QroundError, match="max_length must be a positive integer"):
         load_hf(gpt2_folder, max_length=True)
 
@@ -157,9 +160,36 @@ def test_evaluate_on_your_own_texts(gpt2_folder, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     for argv, message in ((["--texts", str(texts)], "scored on the digits' test images"),
-                          (["--max-length", "8"], "is not one")):
+                          (["--max-length", "8"], "is not a checkpoint folder")):
         assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_max_length_fits_what_the_model_takes(gpt2_folder, tmp_path):
+    """RoBERTa's positions start after its padding index: 34 positions take 32 tokens.  A
+    BERT tokenizer adds [CLS] and [SEP]: a max_length of 2 leaves no text."""
+    tok = load_hf(gpt2_folder).tokenizer
+    roberta = tmp_path / "roberta"
+    transformers.RobertaModel(transformers.RobertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        vocab_size=len(tok), max_position_embeddings=34, pad_token_id=1)).save_pretrained(roberta)
+    tok.save_pretrained(roberta)
+    assert load_hf(str(roberta)).max_length == 32         # stepped down from the 34 positions
+    assert load_hf(str(roberta), max_length=32).max_length == 32
+    with pytest.raises(QroundError, match="cannot take 33 tokens"):
+        load_hf(str(roberta), max_length=33)
+    bert = tmp_path / "bert"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "rounding", "of", "a", "layer"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        vocab_size=len(words), max_position_embeddings=16)).save_pretrained(bert)
+    transformers.BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(bert)
+    with pytest.raises(QroundError, match="leaves no room for text: the tokenizer in .* adds 2"):
+        load_hf(str(bert), max_length=2)
+    hf = load_hf(str(bert), max_length=3)
+    [batch] = hf.batches(["the rounding of a layer", "the layer"])
+    assert batch["input_ids"].shape == (2, 3)             # [CLS] the [SEP]
 
 
 def test_export_layer_lists_and_writes_conv1d_layers(gpt2_folder, tmp_path, capsys):

@@ -263,3 +263,16 @@ def test_embed_matches_sentence_transformers_encode(minilm):
                              "Return the cosine of x (measured in radians).",
                              "Format a stack trace and the exception information."])
     assert a @ b > a @ c + 0.2
+
+
+def test_digits_training_does_not_depend_on_the_callers_threads():
+    pytest.importorskip("sklearn", reason="the digits need scikit-learn")
+    from qround.zoo import train_digits_cnn
+
+    weights = []
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        model, _ = train_digits_cnn("residual", seed=0, epochs=2, cache=False)
+        assert torch.get_num_threads() == threads            # restored
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

@@ -130,12 +130,45 @@ def load_hf(path, device: str = "cpu", max_length: int | None = None) -> HFModel
             raise QroundError(f"the tokenizer in {path} has no padding, end-of-text or unknown "
                               "token to pad batches with")
         tokenizer.pad_token = fill
+    specials = tokenizer.num_special_tokens_to_add(pair=False)
+    if max_length is not None and max_length <= specials:
+        raise QroundError(f"max_length={max_length} leaves no room for text: the tokenizer in "
+                          f"{path} adds {specials} special tokens to every text")
     try:
         model = model.to(device).eval()
     except (RuntimeError, TypeError) as exc:
         raise QroundError(f"device={device!r}: {_first_line(exc)}") from None
-    return HFModel(model, tokenizer, causal, min(MAX_LENGTH, limit) if max_length is None
-                   else max_length)
+    hf = HFModel(model, tokenizer, causal, min(MAX_LENGTH, limit) if max_length is None
+                 else max_length)
+    _check_length(hf, path, given=max_length is not None)
+    return hf
+
+
+def _check_length(hf: HFModel, path, given: bool) -> None:
+    """Run the model once on ``hf.max_length`` tokens: the positions a config names are not
+    always the tokens a model takes (RoBERTa's positions start after its padding index, so
+    514 positions take 512 tokens).  A length the user gave that does not fit is refused; the
+    default steps down (at most 8 tokens) to one that fits."""
+    ids = hf.tokenizer("the", add_special_tokens=False)["input_ids"] or [0]
+    for length in range(hf.max_length, max(hf.max_length - 8, 0), -1):
+        batch = {"input_ids": torch.full((1, length), ids[0], dtype=torch.long,
+                                         device=_device(hf.model)),
+                 "attention_mask": torch.ones((1, length), dtype=torch.long,
+                                              device=_device(hf.model))}
+        try:
+            with torch.no_grad():
+                hf_forward(hf.model, batch, hf.causal)
+        except Exception as exc:  # noqa: BLE001 (any error of the model's forward)
+            if given:
+                raise QroundError(f"the model in {path} cannot take {length} tokens "
+                                  f"({type(exc).__name__}: {_first_line(exc)}); give a smaller "
+                                  "max_length") from None
+            error = exc
+            continue
+        hf.max_length = length
+        return
+    raise QroundError(f"the model in {path} does not run on {hf.max_length} tokens or a few "
+                      f"fewer ({type(error).__name__}: {_first_line(error)})")
 
 
 def _first_line(exc: BaseException) -> str:
