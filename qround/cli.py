@@ -502,7 +502,7 @@ def _reconstruction_options(args) -> int:
     return args.iterations
 
 
-def _check_compressed_options(args) -> None:
+def _check_compressed_options(args, iterations: int) -> None:
     """--save-compressed: what the compressed-tensors format cannot hold, before any work."""
     from .zoo.hf import is_hf_folder
 
@@ -515,6 +515,10 @@ def _check_compressed_options(args) -> None:
                           "--asymmetric-grid")
     if args.abits is not None:
         raise QroundError("--save-compressed holds weights only: leave out --abits")
+    if iterations > 0:
+        raise QroundError("--save-compressed holds plain Linear weights: block reconstruction "
+                          "(--iterations, --granularity, --qdrop, --scheme, --k, --loss-plot) "
+                          "wraps the layers; leave it out, or write qround's file with --out")
     from .interop import _require_compressed_tensors
     _require_compressed_tensors()
     if os.path.exists(args.save_compressed):
@@ -535,7 +539,7 @@ def cmd_quantize(args) -> int:
         raise QroundError(f"--borders {args.borders} needs quantised inputs: give --abits")
     iterations = _reconstruction_options(args)
     if args.save_compressed:
-        _check_compressed_options(args)
+        _check_compressed_options(args, iterations)
     check_paths({"--out": args.out, "--json": args.json, "--loss-plot": args.loss_plot,
                  "--save-compressed": args.save_compressed},
                 {"--model": args.model, "--calibration": args.calibration})
@@ -570,6 +574,12 @@ def cmd_quantize(args) -> int:
         if any(is_hf_conv1d(m) for m in model.modules()):
             raise QroundError("--save-compressed: compressed-tensors packs nn.Linear weights; "
                               "this model's layers are transformers' Conv1D (GPT-2): use --out")
+        if args.bias_correction and any(isinstance(m, torch.nn.Linear) and m.bias is None
+                                        for m in model.modules()):
+            raise QroundError("--save-compressed with --bias-correction: bias correction gives "
+                              "this model's bias-free Linear layers a bias, which its config "
+                              "has no place for (transformers would drop it on loading); leave "
+                              "out --bias-correction")
     if args.layers is None and default_layers:
         from dataclasses import replace
         config = replace(config, layers=default_layers)

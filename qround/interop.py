@@ -5,8 +5,12 @@
 transformers and vLLM read): the integer codes packed into int32 words (``weight_packed``), the
 scales (``weight_scale``, in the model's dtype), the weight shapes, and the scheme in
 ``config.json``'s ``quantization_config``.  With ``compressed-tensors`` installed,
-``transformers.AutoModelForCausalLM.from_pretrained(folder)`` gives back the quantised model (its
-outputs equal qround's to float rounding; tested).  Packing uses compressed-tensors' own
+``transformers.AutoModelForCausalLM.from_pretrained(folder)`` gives back the quantised model:
+for a float32 model its outputs equal qround's to float rounding (tested).  A bfloat16 or
+float16 model's scales are stored in that dtype, as llm-compressor stores them, and the loader
+multiplies in it: its weights then differ from qround's by that rounding (on a tiny bfloat16
+Llama 8 % of the weights differed by a bfloat16 rounding step and the logits by up to 4e-3;
+storing float32 scales did not change that).  Packing uses compressed-tensors' own
 ``pack_to_int32``.
 
 What the format holds, and so what is refused with the reason: ``nn.Linear`` weights on a
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import QroundError
+from .files import _umask
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import QuantizedModel
@@ -59,8 +64,21 @@ def compressed_tensors_refusals(qmodel: "QuantizedModel") -> list[str]:
         why.append(f"the model is a {type(model).__name__}, not a transformers model "
                    "(save_pretrained and config are needed for a checkpoint folder)")
     if any(isinstance(m, QuantizedLayer) for m in model.modules()):
-        why.append("it has activation quantisers (abits): the pack-quantized format holds "
-                   "weights only")
+        why.append("its layers are wrapped by qround's activation stage (activation "
+                   "quantisers or block reconstruction): the pack-quantized format holds plain "
+                   "Linear weights only")
+    elif hasattr(model, "config"):
+        # a bias that bias correction created has no place in this architecture's config:
+        # transformers would drop it as an unexpected key, silently
+        with torch.device("meta"):
+            fresh = type(model)(model.config)
+        plain = dict(fresh.named_modules())
+        new = [n for n, m in model.named_modules() if n in qmodel.layers and
+               getattr(m, "bias", None) is not None and getattr(plain.get(n), "bias", 0) is None]
+        if new:
+            why.append(f"bias correction gave {new[:3]} a bias that this architecture's config "
+                       "has no place for (transformers would drop it on loading); quantise "
+                       "without bias correction")
     kinds = {r.layer: r.kind for r in qmodel.report}
     other = [n for n, k in kinds.items() if k != "Linear"]
     if other:
@@ -143,7 +161,11 @@ def save_compressed_tensors(qmodel: "QuantizedModel", folder: str | os.PathLike,
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's folder is private; a new one is not
+        try:
+            os.replace(tmp, folder)
+        except OSError as exc:
+            raise QroundError(f"cannot write {folder}: {exc} (did it appear meanwhile?)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -157,6 +179,7 @@ def _pack_weights(folder: Path, qmodel: "QuantizedModel", pack_to_int32) -> None
         raise QroundError("save_pretrained wrote no safetensors file (safe_serialization off?)")
     placed: dict[str, str] = {}    # new key -> its file
     packed: set[str] = set()
+    total = 0                      # bytes of every tensor written
     for path in files:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
@@ -173,6 +196,7 @@ def _pack_weights(folder: Path, qmodel: "QuantizedModel", pack_to_int32) -> None
                 placed[f"{name}.{key}"] = path.name
             packed.add(name)
         safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
     missing = [n for n in qmodel.layers if n not in packed]
     if missing:
         raise QroundError(f"save_pretrained wrote no weight for {missing[:3]} (tied or renamed "
@@ -184,4 +208,6 @@ def _pack_weights(folder: Path, qmodel: "QuantizedModel", pack_to_int32) -> None
                       if not (k.endswith(".weight") and k[:-len(".weight")] in packed)}
         weight_map.update(placed)
         data["weight_map"] = dict(sorted(weight_map.items()))
+        if isinstance(data.get("metadata"), dict) and "total_size" in data["metadata"]:
+            data["metadata"]["total_size"] = total   # packed tensors are smaller
         index.write_text(json.dumps(data, indent=2), encoding="utf-8")

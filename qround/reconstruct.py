@@ -382,6 +382,10 @@ class _BlockData:
             self.x = torch.cat([a[0] for a, _ in inputs])
             self.y = torch.cat(targets)
             self.m = None if masks[0] is None else torch.cat(masks)
+            if self.m is not None and self.m.dim() == 1:
+                # one row per token (flattened): mini-batches are drawn from the real rows
+                keep = self.m.to(self.x.device)
+                self.x, self.y, self.m = self.x[keep], self.y[keep.to(self.y.device)], None
         else:
             self.x = self.y = self.m = None
 

@@ -335,7 +335,8 @@ class _PerToken(nn.Module):
 def test_padded_tokens_stay_out_of_the_activation_stage(flatten):
     """Inside qround.calibrate.token_mask, padded positions reach neither the activation steps
     nor block reconstruction's losses: whatever the padding holds, the result is the same (and
-    without the mask it is not, so the check can fail)."""
+    without the mask it is not, so the check can fail).  QDrop's random draws still cover the
+    padded positions, so the padded length (not tested here) changes which inputs it drops."""
     from qround.calibrate import token_mask
 
     gen = torch.Generator().manual_seed(0)
@@ -369,3 +370,37 @@ def test_padded_tokens_stay_out_of_the_activation_stage(flatten):
     assert all(torch.equal(a, b) for a, b in zip(quiet[1], loud[1]))
     unmasked = run(padded(40.0), False)
     assert unmasked[0] != loud[0] and unmasked[2] != loud[2]
+
+
+def test_flattened_tokens_train_on_real_rows_whatever_the_padded_length():
+    """A unit that sees one row per token (OPT's MLP) draws its mini-batches from the real rows
+    only: padding the same texts to a longer length changes nothing (QDrop off, since its draws
+    cover the padded positions)."""
+    from qround.calibrate import token_mask
+
+    gen = torch.Generator().manual_seed(0)
+    real = [torch.randn(4, 6, 4, generator=gen) for _ in range(2)]
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[0, 3:] = mask[2, 1:] = False
+
+    def run(extra):
+        m = torch.cat([mask, torch.zeros(4, extra, dtype=torch.bool)], 1)
+        batches = [torch.cat([x, torch.full((4, extra, 4), 7.0)], 1).reshape(-1, 4)
+                   for x in real]
+
+        def forward(model, batch):
+            with token_mask(m):
+                return model(batch)
+
+        qm = quantize_model(_PerToken(), batches, _config(abits=3, reconstruction=ReconstructConfig(
+            iterations=30, batch_size=5, seed=1, qdrop=0.0)), forward=forward)
+        layers = quantized_layers(qm.model)
+        return ([float(layers[n].act.step.detach()) for n in ("block.0", "block.2")],
+                [layers[n].w_codes.clone() for n in ("block.0", "block.2")],
+                [(b.loss_before, b.loss_after) for b in qm.reconstruction.blocks])
+
+    short, long = run(0), run(3)
+    assert short[0] == long[0]
+    assert all(torch.equal(a, b) for a, b in zip(short[1], long[1]))
+    flat = [v for pair in short[2] for v in pair], [v for pair in long[2] for v in pair]
+    assert flat[0] == pytest.approx(flat[1], rel=1e-6)

@@ -178,6 +178,13 @@ def test_max_length_fits_what_the_model_takes(gpt2_folder, tmp_path):
     assert load_hf(str(roberta), max_length=32).max_length == 32
     with pytest.raises(QroundError, match="cannot take 33 tokens"):
         load_hf(str(roberta), max_length=33)
+    small = tmp_path / "small-vocab"   # a tokenizer of another model: named as such
+    transformers.RobertaModel(transformers.RobertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        vocab_size=5, max_position_embeddings=34, pad_token_id=1)).save_pretrained(small)
+    tok.save_pretrained(small)
+    with pytest.raises(QroundError, match="belongs to another model"):
+        load_hf(str(small))
     bert = tmp_path / "bert"
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "rounding", "of", "a", "layer"]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers", reason="needs transformers (e
 pytest.importorskip("compressed_tensors", reason="needs compressed-tensors (examples extra)")
 
 from qround.errors import QroundError  # noqa: E402
+from qround.files import _umask  # noqa: E402
 from qround.interop import save_compressed_tensors  # noqa: E402
 from qround.pipeline import QuantConfig, quantize_model  # noqa: E402
 
@@ -86,9 +87,17 @@ def test_several_schemes_and_shards(tmp_path, monkeypatch):
     assert set(by_bits) == {3, 8}
     assert sorted(by_bits[3] + by_bits[8]) == sorted(qm.layers)
     assert "model.layers.0.self_attn.q_proj" in by_bits[8]    # the first layer and its k, v
-    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    data = json.loads((out / "model.safetensors.index.json").read_text())
+    index = data["weight_map"]
     assert len(set(index.values())) > 1
     assert all(f"{n}.weight" not in index and f"{n}.weight_packed" in index for n in qm.layers)
+    import safetensors
+    stored = 0
+    for name in set(index.values()):
+        with safetensors.safe_open(str(out / name), framework="pt") as f:
+            stored += sum(f.get_tensor(k).nbytes for k in f.keys())
+    assert data["metadata"]["total_size"] == stored      # the packed sizes, not the float ones
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~_umask())   # not mkdtemp's private 0700
     torch.testing.assert_close(logits(load(out), BATCHES[0]), logits(qm.model, BATCHES[0]),
                                rtol=1e-5, atol=1e-5)
 
@@ -99,6 +108,7 @@ def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path):
     model = tiny_llama()
     cases = [
         (quantise(model, symmetric=False), "asymmetric grids"),
+        (quantise(model, bias_correction=True), "has no place for"),   # Llama: no biases
         (quantize_model(tiny_gpt2(), [torch.randint(0, 50, (2, 12))],
                         QuantConfig(wbits=4, progress=False),
                         forward=lambda m, b: m(b, use_cache=False).logits), "are Conv1D"),
@@ -126,6 +136,16 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_compressed_tensors(qm, tmp_path / "out")
     assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+
+    def appears(*args):   # the folder appears while qround writes
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "theirs.txt").write_text("x")
+
+    monkeypatch.setattr(qround.interop, "_pack_weights", appears)
+    with pytest.raises(QroundError, match="did it appear meanwhile"):
+        save_compressed_tensors(qm, tmp_path / "out")
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == ["theirs.txt"]
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +186,17 @@ def test_quantize_save_compressed_from_the_shell(llama_folder, tmp_path, monkeyp
     with torch.no_grad():
         torch.testing.assert_close(load(out)(**batch).logits, ours(**batch).logits,
                                    rtol=1e-5, atol=1e-5)
+    fresh = tmp_path / "new"
     for argv, message in ((["--asymmetric-grid"], "symmetric grids only"),
                           (["--abits", "8"], "weights only"),
-                          ([], "exists: give a new folder")):
+                          (["--iterations", "5"], "block reconstruction"),
+                          (["--bias-correction", "--calibration-size", "8"], "has no place")):
         assert main(["quantize", "--model", llama_folder, "--no-progress", "--save-compressed",
-                     str(out), *argv]) == 2
-        assert message in capsys.readouterr().err
+                     str(fresh), *argv]) == 2
+        assert message in capsys.readouterr().err and not fresh.exists()
+    assert main(["quantize", "--model", llama_folder, "--no-progress", "--save-compressed",
+                 str(out)]) == 2
+    assert "exists: give a new folder" in capsys.readouterr().err
     assert main(["quantize", "--model", "digits-cnn", "--no-progress", "--save-compressed",
                  str(tmp_path / "d")]) == 2
     assert "--model must be one" in capsys.readouterr().err

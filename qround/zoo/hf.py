@@ -150,7 +150,11 @@ def _check_length(hf: HFModel, path, given: bool) -> None:
     514 positions take 512 tokens).  A length the user gave that does not fit is refused; the
     default steps down (at most 8 tokens) to one that fits."""
     ids = hf.tokenizer("the", add_special_tokens=False)["input_ids"] or [0]
-    for length in range(hf.max_length, max(hf.max_length - 8, 0), -1):
+    size = getattr(hf.model.get_input_embeddings(), "num_embeddings", None)
+    if size is not None and ids[0] >= size:   # not a question of length
+        raise QroundError(f"the tokenizer makes token id {ids[0]}, but the model embeds only "
+                          f"{size} tokens: the folder's tokenizer belongs to another model")
+    for length in range(hf.max_length, max(hf.max_length - 9, 0), -1):
         batch = {"input_ids": torch.full((1, length), ids[0], dtype=torch.long,
                                          device=_device(hf.model)),
                  "attention_mask": torch.ones((1, length), dtype=torch.long,
