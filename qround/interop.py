@@ -70,9 +70,12 @@ def compressed_tensors_refusals(qmodel: "QuantizedModel") -> list[str]:
     elif hasattr(model, "config"):
         # a bias that bias correction created has no place in this architecture's config:
         # transformers would drop it as an unexpected key, silently
-        with torch.device("meta"):
-            fresh = type(model)(model.config)
-        plain = dict(fresh.named_modules())
+        try:
+            with torch.device("meta"):
+                fresh = type(model)(model.config)
+            plain = dict(fresh.named_modules())
+        except Exception:  # noqa: BLE001 (a class that cannot be rebuilt from its config)
+            plain = {}
         new = [n for n, m in model.named_modules() if n in qmodel.layers and
                getattr(m, "bias", None) is not None and getattr(plain.get(n), "bias", 0) is None]
         if new:
