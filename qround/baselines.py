@@ -29,9 +29,9 @@ from torch import nn
 
 from .calibrate import ForwardFn, default_forward
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
-from .grid import Grid, fit_grid
-from .pipeline import (QuantConfig, _check_calibration, _conv1d_selection, _own_rng,
-                       _select, _stream, _trace)
+from .grid import Grid, GridSpec, fit_grid
+from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match,
+                       _conv1d_selection, _own_rng, _select, _stream, _trace)
 from .problems.layers import layer_weight, linearize_conv1d, restore_conv1d
 from .solvers.gptq import inverse_cholesky
 from .writeback import QuantizedWeight, apply_to_layer
@@ -111,10 +111,10 @@ def layer_cost(weight, dequantized, hessian) -> float:
 
 
 # ----------------------------------------------------------------------------- whole models
-def _layer_bits(config, index: int, count: int) -> int:
-    if config.first_last_bits is not None and index in (0, count - 1):
-        return int(config.first_last_bits)
-    return int(config.wbits)
+def _layer_grid(config, name: str, index: int, count: int) -> GridSpec:
+    """The grid of layer ``name``, the ``index``-th of ``count`` in order: ``first_last_bits``
+    at the ends, and the layer's ``overrides`` (which win over it), as quantize_model has it."""
+    return config.grid_spec(int(config.layer_bits(name, index in (0, count - 1))), name)
 
 
 def _write(module: nn.Module, codes: np.ndarray, grid: Grid) -> None:
@@ -134,20 +134,22 @@ def _check_config(config) -> QuantConfig:
 def rtn_model(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, float]:
     """Rounding-to-nearest of the layers ``quantize_model`` would choose for ``config`` (a
     ``QuantConfig``: wbits, symmetric, group_size, scale_method ``minmax`` or ``mse``, layers,
-    exclude, first_last_bits) on a deep copy of ``model``.  Without data, "first" and "last"
-    follow module order.  Returns (quantised copy, seconds)."""
+    exclude, first_last_bits, and the grid settings of ``overrides``) on a deep copy of
+    ``model``.  Without data, "first" and "last" follow module order.  Returns (quantised copy, seconds)."""
     _check_config(config)
-    if config.scale_method == "mse-output":
-        raise QroundError("rtn_model: scale_method='mse-output' needs calibration data; use "
-                          "'minmax' or 'mse'")
     start = time.perf_counter()
     # transformers' Conv1D layers are rounded as Linear views of their weights, then restored
     qmodel, replaced = linearize_conv1d(copy_module(model), share=True)
     names, _ = _select(qmodel, config)
+    _check_overrides_match(config, names)
+    output = [n for n in names if config.layer_options(n)["scale_method"] == "mse-output"]
+    if output:
+        raise QroundError(f"rtn_model: scale_method='mse-output' (layer {output[0]!r}) needs "
+                          "calibration data; use 'minmax' or 'mse'")
     modules = dict(qmodel.named_modules())
     for index, name in enumerate(names):
         w = layer_weight(modules[name])
-        grid = fit_grid(w, config.grid_spec(_layer_bits(config, index, len(names))))
+        grid = fit_grid(w, _layer_grid(config, name, index, len(names)))
         _write(modules[name], grid.quantize(w), grid)
     return restore_conv1d(qmodel, replaced), time.perf_counter() - start
 
@@ -179,6 +181,7 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
     convert, _ = _conv1d_selection(model, config, first_batch, forward)
     qmodel, replaced = linearize_conv1d(copy_module(model), share=True, names=convert)
     names, _ = _select(qmodel, config)
+    _check_overrides_match(config, names)
     modules = dict(qmodel.named_modules())
     for name in names:
         if isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1:
@@ -197,8 +200,8 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
         for layer in group:
             module, h = modules[layer.name], stats[layer.leader]["hessian"]
             w = layer_weight(module)
-            grid = fit_grid(w, config.grid_spec(_layer_bits(config, position[layer.name],
-                                                            len(plan))), hessian=h)
+            grid = fit_grid(w, _layer_grid(config, layer.name, position[layer.name],
+                                           len(plan)), hessian=h)
             codes = gptq_quantize(w, h, grid, act_order=act_order, percdamp=percdamp,
                                   blocksize=blocksize)
             _write(module, codes, grid)

@@ -525,6 +525,61 @@ def _check_compressed_options(args, iterations: int) -> None:
         raise QroundError(f"--save-compressed {args.save_compressed!r} exists: give a new folder")
 
 
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _override_value(pattern: str, key: str, text: str):
+    """One ``KEY=VALUE`` of ``--override`` as the Python value QuantConfig checks."""
+    where = f"--override {pattern!r} {key}={text}"
+    try:
+        if key in ("wbits", "group_size"):
+            if key == "group_size" and text.lower() in ("none", "-1"):
+                return None  # per channel
+            return int(text)
+        if key == "damp":
+            return float(text)
+    except ValueError:
+        kind = "an integer (or none: per channel)" if key == "group_size" else (
+            "an integer" if key == "wbits" else "a number")
+        raise QroundError(f"{where}: {key} must be {kind}") from None
+    if key == "symmetric":
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise QroundError(f"{where}: symmetric must be true or false")
+    return text  # scale_method, solver: QuantConfig checks them
+
+
+def _parse_overrides(items) -> dict | None:
+    """``--override PATTERN KEY=VALUE ...`` (repeatable) as QuantConfig's ``overrides``: the
+    keys are QuantConfig's names (dashes taken for underscores)."""
+    from .pipeline import OVERRIDE_KEYS
+
+    if not items:
+        return None
+    out: dict[str, dict] = {}
+    for pattern, *pairs in items:
+        if not pairs:
+            raise QroundError(f"--override {pattern!r} needs settings after the pattern, e.g. "
+                              f"--override {pattern!r} wbits=8 group_size=128")
+        if pattern in out:
+            raise QroundError(f"--override {pattern!r} is given twice")
+        options = {}
+        for pair in pairs:
+            key, sep, text = pair.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or not text.strip():
+                raise QroundError(f"--override {pattern!r}: {pair!r} is not KEY=VALUE (keys: "
+                                  f"{', '.join(OVERRIDE_KEYS)})")
+            if key not in OVERRIDE_KEYS:
+                raise QroundError(f"--override {pattern!r}: unknown setting {key!r}; the "
+                                  f"settings are {', '.join(OVERRIDE_KEYS)}")
+            if key in options:
+                raise QroundError(f"--override {pattern!r}: {key} is given twice")
+            options[key] = _override_value(pattern, key, text.strip())
+        out[pattern] = options
+    return out
+
+
 def cmd_quantize(args) -> int:
     import torch
 
@@ -557,7 +612,8 @@ def cmd_quantize(args) -> int:
                          solver=args.solver, inputs=args.inputs,
                          bias_correction=args.bias_correction, refits=args.refits,
                          widen=args.widen, correction=args.correction,
-                         first_last_bits=args.first_last_bits, seed=args.seed,
+                         first_last_bits=args.first_last_bits,
+                         overrides=_parse_overrides(args.override), seed=args.seed,
                          capture_cache_mb=args.capture_cache_mb,
                          device=args.device, progress=not args.no_progress,
                          layers=args.layers, exclude=args.exclude, damp=args.damp,
@@ -567,6 +623,12 @@ def cmd_quantize(args) -> int:
                          k=args.k,
                          scheme=None if args.scheme is None else tuple(
                              u.strip() for u in args.scheme.split(",") if u.strip()))
+    if args.save_compressed:
+        asym = [p for p, o in config.overrides or () if o.get("symmetric") is False]
+        if asym:
+            raise QroundError(f"--save-compressed writes symmetric grids only: --override "
+                              f"{asym[0]!r} symmetric=false cannot be written; write qround's "
+                              "file with --out")
     _check_model_file(args)
     model, batches, forward, default_layers = _model_and_calibration(args)
     if args.save_compressed:
@@ -843,6 +905,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the solver (and refits), move codes by +-1 on the whole grid "
                         "while that lowers a channel's cost: codes may leave floor/ceil")
     q.add_argument("--first-last-bits", type=int, default=None)
+    q.add_argument("--override", nargs="+", action="append", default=None,
+                   metavar=("PATTERN", "KEY=VALUE"),
+                   help="per-layer settings for the layers whose names match the regex PATTERN "
+                        "(re.search), e.g. --override 'mlp\\.down_proj' wbits=8 group_size=128; "
+                        "keys: wbits, group_size (none: per channel), symmetric (true/false), "
+                        "scale_method, damp, solver; repeatable, the first matching pattern "
+                        "wins, and wins over --first-last-bits")
     q.add_argument("--layers", default=None, help="regex of layer names to quantise")
     q.add_argument("--exclude", default=None,
                    help="regex of layer names to leave in float, e.g. 'lm_head' (AutoGPTQ "

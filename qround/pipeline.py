@@ -78,6 +78,72 @@ class _StopForward(BaseException):
 
 
 # ---------------------------------------------------------------------------------- config
+OVERRIDE_KEYS = ("wbits", "group_size", "symmetric", "scale_method", "damp", "solver")
+
+
+def _check_overrides(config) -> tuple[tuple[str, dict], ...] | None:
+    """``config.overrides`` as ((pattern, options), ...) in matching order, every pattern and
+    value checked as the config's own fields are (QroundError naming the pattern)."""
+    value = config.overrides
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise QroundError("overrides must be a dict {regex: {option: value}} or a sequence of "
+                          f"(regex, {{option: value}}) pairs, got {type(value).__name__}")
+    if not items:
+        return None
+    out, seen = [], set()
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise QroundError(f"overrides: each entry is a (regex, {{option: value}}) pair, got "
+                              f"{item!r}")
+        pattern, options = item
+        if not isinstance(pattern, str) or not pattern:
+            raise QroundError(f"overrides: a pattern must be a non-empty regex string, got "
+                              f"{pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise QroundError(f"overrides: {pattern!r} is not a valid regex: {exc}") from None
+        if pattern in seen:
+            raise QroundError(f"overrides: pattern {pattern!r} is given twice")
+        seen.add(pattern)
+        where = f"overrides[{pattern!r}]"
+        if not isinstance(options, Mapping) or not options:
+            raise QroundError(f"{where} must be a non-empty dict of options ({', '.join(OVERRIDE_KEYS)}), "
+                              f"got {options!r}")
+        unknown = [k for k in options if k not in OVERRIDE_KEYS]
+        if unknown:
+            raise QroundError(f"{where}: unknown option {unknown[0]!r}; a layer override sets "
+                              f"{', '.join(OVERRIDE_KEYS)}")
+        options = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in options.items()}
+        merged = {key: getattr(config, key) for key in OVERRIDE_KEYS} | options
+        try:
+            check_bits(merged["wbits"], "wbits")
+            if not isinstance(merged["symmetric"], bool):
+                raise QroundError(f"symmetric must be True or False, got {merged['symmetric']!r}")
+            GridSpec(bits=merged["wbits"], symmetric=merged["symmetric"],
+                     group_size=merged["group_size"], scale_method=merged["scale_method"])
+            check_real(merged["damp"], "damp", 0)
+            if "solver" in options:
+                if not isinstance(options["solver"], (str, Solver)):
+                    raise QroundError(f"solver must be a registry spec or a Solver, got "
+                                      f"{options['solver']!r}")
+                try:
+                    get_solver(options["solver"])
+                except TypeError as exc:
+                    raise QroundError(f"solver {options['solver']!r} cannot be built from its "
+                                      f"name alone: {exc}") from None
+        except QroundError as exc:
+            raise QroundError(f"{where}: {exc}") from None
+        out.append((pattern, options))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """What to quantise and how; checked when built (model-dependent checks in quantize_model)."""
@@ -90,6 +156,8 @@ class QuantConfig:
     layers: str | None = None           # regex on module names (re.search); None = all
     exclude: str | None = None          # regex of names to leave in float
     first_last_bits: int | None = None  # e.g. 8: first and last quantised layer at 8 bits
+    overrides: Any = None               # per-layer settings, {regex: {"wbits": 8, ...}}: the
+                                        # first pattern that re.search-es a layer's name wins
     inputs: str = "quantized"           # statistics source: float | quantized | asymmetric
     statistics: str = "covariance"      # covariance | fisher  (fisher needs loss_fn)
     fisher_budget_mb: float = 1024.0
@@ -136,6 +204,7 @@ class QuantConfig:
                 raise QroundError(f"{name} must be True or False, got {getattr(self, name)!r}")
         GridSpec(bits=self.wbits, symmetric=self.symmetric, group_size=self.group_size,
                  scale_method=self.scale_method)  # checks group_size and scale_method
+        object.__setattr__(self, "overrides", _check_overrides(self))
         for name in ("layers", "exclude"):
             pattern = getattr(self, name)
             if pattern is not None:
@@ -233,9 +302,35 @@ class QuantConfig:
         """Whether quantize_model runs the activation stage (abits or reconstruction set)."""
         return self.abits is not None or self.reconstruction is not None
 
-    def grid_spec(self, bits: int) -> GridSpec:
-        return GridSpec(bits=bits, symmetric=self.symmetric, group_size=self.group_size,
-                        scale_method=self.scale_method)
+    def override(self, name: str) -> tuple[str | None, dict]:
+        """The first ``overrides`` pattern that matches layer ``name`` (re.search) and its
+        options, or (None, {})."""
+        for pattern, options in self.overrides or ():
+            if re.search(pattern, name):
+                return pattern, options
+        return None, {}
+
+    def layer_options(self, name: str) -> dict:
+        """The settings ``overrides`` may change (wbits, group_size, symmetric, scale_method,
+        damp, solver) as they apply to layer ``name``.  ``wbits`` is the override's or the
+        config's; ``first_last_bits`` is applied by quantize_model, and an override's ``wbits``
+        wins over it."""
+        options = {key: getattr(self, key) for key in OVERRIDE_KEYS}
+        options.update(self.override(name)[1])
+        return options
+
+    def layer_bits(self, name: str, end: bool) -> int:
+        """Weight bits of layer ``name``; ``end``: it is the first or last quantised layer."""
+        options = self.override(name)[1]
+        if "wbits" in options:
+            return options["wbits"]
+        return self.first_last_bits if end and self.first_last_bits is not None else self.wbits
+
+    def grid_spec(self, bits: int, name: str | None = None) -> GridSpec:
+        """The grid of a layer at ``bits``; with ``name``, that layer's overrides apply."""
+        options = self.layer_options(name) if name is not None else vars(self)
+        return GridSpec(bits=bits, symmetric=options["symmetric"],
+                        group_size=options["group_size"], scale_method=options["scale_method"])
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -244,6 +339,10 @@ class QuantConfig:
         if not isinstance(self.solver, str):
             d["solver"] = self.solver.label
             d["solver_repr"] = repr(self.solver)  # a Solver instance: its parameters too
+        if self.overrides is not None:  # JSON: [pattern, options] pairs, in matching order
+            d["overrides"] = [[pattern, {k: (v if isinstance(v, str) or k != "solver"
+                                             else v.label) for k, v in options.items()}]
+                              for pattern, options in self.overrides]
         return d
 
 
@@ -702,9 +801,10 @@ def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
         stats = _centered(stats, config.correction)
     rng = np.random.default_rng([config.seed, zlib.crc32(layer.name.encode())])
     try:
-        problems = problems_from_layer(module, stats["hessian"], config.grid_spec(layer.bits),
-                                       layer.name, cross=stats["cross"],
-                                       float_hessian=stats["float_hessian"], damp=config.damp)
+        problems = problems_from_layer(module, stats["hessian"],
+                                       config.grid_spec(layer.bits, layer.name), layer.name,
+                                       cross=stats["cross"], float_hessian=stats["float_hessian"],
+                                       damp=config.layer_options(layer.name)["damp"])
         if config.refits:
             pairs = [solve_refitting(p, solver, rounds=config.refits, seed=rng) for p in problems]
             problems = [p for p, _ in pairs]
@@ -766,10 +866,34 @@ def _correct_bias(module: nn.Module, weight: np.ndarray, qweight: QuantizedWeigh
         module.bias.add_(torch.as_tensor(corr, dtype=module.bias.dtype, device=w.device))
 
 
-def _build_solver(config: QuantConfig) -> Solver:
-    if isinstance(config.solver, str):  # built here, so ours to place on config.device
-        return get_solver(config.solver, device=config.device)
-    return config.solver
+def _build_solver(config: QuantConfig, solver=None) -> Solver:
+    solver = config.solver if solver is None else solver
+    if isinstance(solver, str):  # built here, so ours to place on config.device
+        return get_solver(solver, device=config.device)
+    return solver
+
+
+def _build_solvers(config: QuantConfig) -> dict[str | None, Solver]:
+    """The solver of every ``overrides`` pattern (its own, or the config's), and of the layers
+    no pattern matches (key None)."""
+    default = _build_solver(config)
+    return {None: default, **{pattern: _build_solver(config, options["solver"])
+                              if "solver" in options else default
+                              for pattern, options in config.overrides or ()}}
+
+
+def _check_overrides_match(config: QuantConfig, names: list[str]) -> None:
+    """Every ``overrides`` pattern matches a layer being quantised, and is the first to match
+    at least one (a pattern shadowed by earlier ones would never apply)."""
+    for pattern, _ in config.overrides or ():
+        hits = [n for n in names if re.search(pattern, n)]
+        if not hits:
+            raise QroundError(f"overrides[{pattern!r}] matches none of the {len(names)} layers "
+                              f"being quantised; their names look like {names[:3]}")
+        if not any(config.override(n)[0] == pattern for n in hits):
+            raise QroundError(f"overrides[{pattern!r}] never applies: every layer it matches "
+                              f"({hits[:3]}) is matched by an earlier pattern first (the first "
+                              "match wins)")
 
 
 def _plan_and_caches(qmodel: nn.Module, float_model: nn.Module, first_batch, forward: ForwardFn,
@@ -883,17 +1007,22 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     if config.reconstruction is not None:  # bad schemes and k fail before any forward...
         check_units(model, names, config)
     float_modules = dict(model.named_modules())
+    _check_overrides_match(config, names)
     for name in names:
         module = float_modules[name]
         n = layer_weight(module).shape[1]
-        if config.group_size is not None and config.group_size < n and n % config.group_size:
-            raise QroundError(f"group_size={config.group_size} does not divide the {n} inputs "
+        group_size = config.layer_options(name)["group_size"]
+        if group_size is not None and group_size < n and n % group_size:
+            pattern = config.override(name)[0]
+            where = (f" (from overrides[{pattern!r}])"
+                     if pattern is not None and "group_size" in config.override(name)[1] else "")
+            raise QroundError(f"group_size={group_size}{where} does not divide the {n} inputs "
                               f"of layer {name!r}")
         if config.statistics == "fisher" and fisher_bytes(module) > config.fisher_budget_mb * 2**20:
             raise QroundError(f"Fisher blocks of layer {name!r} need "
                               f"{fisher_bytes(module) / 2**20:.1f} MB, over fisher_budget_mb="
                               f"{config.fisher_budget_mb}; exclude it or use 'covariance'")
-    solver = _build_solver(config)
+    solvers = _build_solvers(config)
     _check_no_kv_cache(model, config, first_batch, forward)
 
     source = fingerprint(target)   # before anything is written, also in place
@@ -919,9 +1048,8 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
         check_units(model, [x.name for x in plan], config, batch=first_batch, forward=forward)
     for i, layer in enumerate(plan):
         # the first layer (with every layer that reads its input: q, k and v) and the last one
-        ends = config.first_last_bits is not None and (
-            layer.leader == plan[0].leader or i == len(plan) - 1)
-        layer.bits = config.first_last_bits if ends else config.wbits
+        ends = layer.leader == plan[0].leader or i == len(plan) - 1
+        layer.bits = config.layer_bits(layer.name, ends)
     q_modules = dict(qmodel.named_modules())
 
     layers: dict[str, QuantizedWeight] = {}
@@ -940,6 +1068,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
                 bar.set_postfix_str(layer.name)
                 module = q_modules[layer.name]
                 weight = layer_weight(module)
+                solver = solvers[config.override(layer.name)[0]]
                 qweight, cost, rtn, seconds = _solve_layer(layer, module, stats[layer.name],
                                                            solver, config)
                 apply_to_layer(module, qweight, inplace=True)

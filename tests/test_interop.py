@@ -102,6 +102,27 @@ def test_several_schemes_and_shards(tmp_path, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_per_layer_overrides_give_their_own_schemes(tmp_path, monkeypatch):
+    """Mixed precision by layer name (down_proj at 8 bits, the MLP's other layers in groups of
+    32): one scheme per (bits, group size), and transformers reads it back as qround has it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    qm = quantise(tiny_llama(2), wbits=3, overrides={"down_proj": {"wbits": 8},
+                                                     "mlp": {"group_size": 32}})
+    out = tmp_path / "mixed"
+    save_compressed_tensors(qm, out)
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    schemes = {(g["weights"]["num_bits"], g["weights"]["group_size"]): sorted(g["targets"])
+               for g in groups.values()}
+    layers = sorted(qm.layers)
+    assert schemes == {
+        (8, None): [n for n in layers if "down_proj" in n],
+        (3, 32): [n for n in layers if "gate_proj" in n or "up_proj" in n],
+        (3, None): [n for n in layers if "self_attn" in n]}
+    for batch in BATCHES:
+        torch.testing.assert_close(logits(load(out), batch), logits(qm.model, batch),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path):
     from .test_conv1d import tiny_gpt2
 

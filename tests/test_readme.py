@@ -39,9 +39,10 @@ def _python_blocks() -> list[str]:
 
 def test_readme_has_the_python_examples():
     blocks = _python_blocks()
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     assert "encoder.0.fc1" in blocks[0] and "quantize_model" in blocks[1]
-    assert "register(" in blocks[3] and "QroundSampler" in blocks[4]
+    assert "overrides=" in blocks[2]
+    assert "register(" in blocks[4] and "QroundSampler" in blocks[5]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -61,7 +62,13 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for block in _python_blocks():
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 (our own README)
+        if "overrides=" in block:
+            config = namespace["config"]   # the per-layer settings, as the README explains them
     out = capsys.readouterr().out
+    assert config.layer_options("model.layers.0.mlp.down_proj")["wbits"] == 8
+    assert config.layer_options("model.layers.0.mlp.down_proj")["group_size"] == 128
+    assert config.layer_options("model.layers.0.self_attn.k_proj")["group_size"] is None
+    assert config.layer_options("model.layers.0.self_attn.v_proj")["group_size"] == 128
     ratios = {}
     for name in ("nearest", "greedy", "gptq+tabu", "quality"):
         found = re.search(rf"^{re.escape(name)} ([0-9.e-]+) [0-9.e-]+$", out, flags=re.M)
