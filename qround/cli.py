@@ -167,11 +167,17 @@ def cmd_sample(args) -> int:
     warm_up(sampler, **options)  # kernel loading stays out of the first file's seconds
     for path in args.files:
         bqm = read_bqm_file(path)
+        with open(path, "rb") as f:
+            dimod_file = f.read(len(DIMOD_MAGIC)) == DIMOD_MAGIC
         if bqm.num_variables == 0:   # nothing to search (dwave's tabu returns no sample)
             row = {"file": str(path), "variables": 0, "energy": 0.0, "cost": bqm.offset,
                    "reads": args.reads, "seconds": 0.0}
+            if dimod_file:   # as for any dimod file: dimod's energy holds the offset
+                row["energy"] = bqm.offset
+                samples[str(path)] = {**row, "vartype": bqm.vartype.name, "sample": []}
+            else:
+                samples[str(path)] = {**row, "x": ""}
             rows.append(row)
-            samples[str(path)] = {**row, "x": ""}
             continue
         t0 = time.perf_counter()
         try:
@@ -185,8 +191,6 @@ def cmd_sample(args) -> int:
         row = {"file": str(path), "variables": int(bqm.num_variables),
                "energy": best.energy - bqm.offset, "cost": best.energy, "reads": args.reads,
                "seconds": seconds}
-        with open(path, "rb") as f:
-            dimod_file = f.read(len(DIMOD_MAGIC)) == DIMOD_MAGIC
         if dimod_file:   # any labels and vartype: the sample as label / value pairs
             row["energy"] = best.energy   # the offset is the model's own: dimod's energy
             samples[str(path)] = {**row, "vartype": bqm.vartype.name,
@@ -744,8 +748,13 @@ def cmd_evaluate(args) -> int:
                           "transformers checkpoint folders (with config.json); for your own "
                           "model load it with qround.export.load(model, FILE)")
     meta = export.read_metadata(args.quantized)
+    sizes = {name: (int(info["bits"]), int(np.prod(info["weight_shape"])))
+             for name, info in meta["layers"].items()}
+    weights = sum(count for _, count in sizes.values())
+    # the mean over the quantised weights: differs from wbits with overrides or first_last_bits
+    mean_bits = sum(b * count for b, count in sizes.values()) / weights if weights else 0.0
     metrics.update(file=str(args.quantized), wbits=int(meta["config"]["wbits"]),
-                   solver=meta["solver"])
+                   mean_wbits=round(mean_bits, 3), solver=meta["solver"])
     if args.json:
         print(json.dumps(metrics))
     else:

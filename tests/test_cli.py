@@ -249,12 +249,18 @@ def test_quantize_and_evaluate_digits(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="needs the examples extra")
     out = tmp_path / "digits.safetensors"
     assert main(["quantize", "--model", "digits-cnn", "--wbits", "4", "--solver", "fast",
-                 "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+                 "--override", "^fc$", "wbits=8", "--out", str(out), "--no-progress",
+                 "--threads", "1"]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--json",
                  "--threads", "1"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["solver"] == "fast" and str(res["wbits"]) == "4"
+    from qround.export import load_codes
+    sizes = {name: qw.codes.size for name, qw in load_codes(out).items()}
+    assert load_codes(out)["fc"].bits == 8 and 4 < res["mean_wbits"] < 8
+    assert res["mean_wbits"] == round((4 * sum(sizes.values()) + 4 * sizes["fc"])
+                                      / sum(sizes.values()), 3)
     assert res["quantized_accuracy"] >= res["float_accuracy"] - 0.02
 
 

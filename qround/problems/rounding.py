@@ -104,8 +104,9 @@ class RoundingProblem:
         if cross is None:
             if float_hessian is not None:
                 raise QroundError("float_hessian is only used together with cross (C)")
-            r = _energy.hessian_times(w, h)
-            k = np.sum(w * r, axis=1)
+            with np.errstate(over="ignore", invalid="ignore"):  # refused in _assemble
+                r = _energy.hessian_times(w, h)
+                k = np.sum(w * r, axis=1)
         else:
             if h.ndim != 2:
                 raise QroundError("asymmetric reconstruction (cross=) needs a shared (n, n) hessian")
@@ -143,9 +144,16 @@ class RoundingProblem:
         hi = np.clip(fl + z + 1, grid.qmin, grid.qmax)
         free = lo != hi
         u = s * (lo - z)
-        hu = _energy.hessian_times(u, h)
-        grad = 2.0 * (hu - r)
-        const = np.sum(u * hu, axis=1) - 2.0 * np.sum(u * r, axis=1) + k
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+            hu = _energy.hessian_times(u, h)
+            grad = 2.0 * (hu - r)
+            const = np.sum(u * hu, axis=1) - 2.0 * np.sum(u * r, axis=1) + k
+            overflow = not (np.isfinite(grad).all() and np.isfinite(const).all())
+        if overflow:
+            raise QroundError(f"the cost of {'layer ' + repr(name) if name else 'this layer'} "
+                              "overflows float64: weights or hessian entries are too large "
+                              f"(max |w| {np.abs(w).max():.3g}, max |H| {np.abs(h).max():.3g}); "
+                              "rescale them")
         arrays = dict(weight=w, hessian=h, scale=s, zero_point=z, floor_codes=lo.astype(np.int64),
                       free=free, step=np.where(free, s, 0.0), grad=grad, const=const,
                       frac=np.where(free, frac, 0.0))

@@ -196,6 +196,10 @@ class Solver(ABC):
         if choices.shape != problem.weight.shape:
             raise RuntimeError(f"{self.label} returned shape {choices.shape}, "
                                f"expected {problem.weight.shape}")
+        if choices.dtype != bool and not np.isin(choices, (0, 1)).all():
+            raise RuntimeError(f"{self.label} returned values other than 0 and 1 (a choice per "
+                               "weight: 1 rounds up); integer codes become choices with "
+                               "problem.choices_from_codes")
         masked = choices.astype(bool) & problem.free
         # energies a composite passes on hold for its choices exactly as returned
         e_new = (energy if energy is not None and choices.dtype == bool

@@ -160,6 +160,9 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
             raise
         raise QroundError(f"solver {name!r}: a value of the wrong type in {kwargs}: "
                           f"{exc}") from None
+    if not isinstance(solver, Solver):   # a plugin's factory that returns something else
+        raise QroundError(f"solver {name!r}: its factory returned {type(solver).__name__}, not "
+                          "a qround Solver (wrap a dimod sampler in DimodSolver)")
     if solver.label != spec:  # an alias (tabu-fast, neal...) or options: the spec asked for
         solver._label = spec
     return solver

@@ -322,6 +322,22 @@ def test_cli_sample_reads_dimod_bqm_files(tmp_path, capsys):
     assert bqm.energy(sample) == pytest.approx(row["cost"])
 
 
+def test_an_empty_dimod_file_is_reported_as_dimod_files_are(tmp_path, capsys):
+    """No variables: no search, but the energy is still dimod's (the offset), and --out keeps
+    the vartype and an empty sample, as for a dimod file with variables."""
+    import dimod
+
+    path = tmp_path / "empty.bqm"
+    with open(path, "wb") as f:
+        f.write(dimod.BinaryQuadraticModel({}, {}, 2.5, "SPIN").to_file().read())
+    out = tmp_path / "s.json"
+    assert main(["sample", str(path), "--out", str(out), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    assert row["variables"] == 0 and row["energy"] == row["cost"] == 2.5
+    saved = json.loads(out.read_text())["samples"][str(path)]
+    assert saved["vartype"] == "SPIN" and saved["sample"] == [] and "x" not in saved
+
+
 def test_damaged_and_other_dimod_files_are_named(tmp_path, capsys):
     import dimod
 

@@ -125,6 +125,17 @@ def test_zero_or_negative_scale_rejected():
         fit_grid(w, GridSpec(bits=4), scale=np.array([0.1, 0.0]))
 
 
+@pytest.mark.parametrize("scale_w, scale_h", [(1e160, 1.0), (1e100, 1e120)])
+def test_a_cost_that_overflows_is_refused(scale_w, scale_h):
+    """Finite inputs whose cost w^T H w overflows float64 would give NaN costs (and a ratio
+    of 1) from every solver: refused when the problem is built, naming the layer."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(2, 6)) * scale_w
+    h = correlated_hessian(6, rng) * scale_h
+    with pytest.raises(QroundError, match="cost of layer 'big' overflows float64"):
+        RoundingProblem.from_weight(w, h, GridSpec(bits=4), name="big")
+
+
 def test_bad_choices_rejected(problem):
     with pytest.raises(QroundError, match="shape"):
         problem.energies(np.zeros((3, 3)))

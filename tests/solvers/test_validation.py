@@ -176,3 +176,41 @@ def test_stochastic_refuses_a_batch_too_large_to_hold(monkeypatch):
     with pytest.raises(QroundError, match="a batch of 16 samples of this 4x8 layer"):
         Stochastic(batch=16).solve(p, seed=0)
     assert Stochastic(batch=8).solve(p, seed=0).ratio <= 1.0
+
+
+def test_a_factory_that_returns_no_solver_is_named(monkeypatch):
+    """A plugin whose factory returns something else (a dimod sampler, None) is a one-line
+    QroundError, alone and inside a composite, not an AttributeError."""
+    from qround.solvers import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
+    registry.register("broken", lambda: None, "returns None")
+    for spec in ("broken", "gptq+broken"):
+        with pytest.raises(QroundError, match="'broken': its factory returned NoneType, not a "
+                                              "qround Solver"):
+            get_solver(spec)
+
+
+def test_a_solver_that_returns_codes_instead_of_choices_is_stopped():
+    """A custom _solve that returns integer codes (not 0/1 choices) is an error, not choices
+    read as 'nonzero rounds up' and then hidden by the no-worse-than-start guard."""
+    from qround.solvers import Solver
+
+    class Codes(Solver):
+        name = "codes"
+
+        def _solve(self, problem, start, rng):
+            return problem.codes(start)
+
+    p = make_problem(2, 8, bits=3, seed=0)
+    with pytest.raises(RuntimeError, match="returned values other than 0 and 1"):
+        Codes().solve(p)
+
+    class ZeroOne(Solver):   # 0/1 integers are choices: accepted
+        name = "zero-one"
+
+        def _solve(self, problem, start, rng):
+            return start.astype(np.int64)
+
+    assert ZeroOne().solve(p).ratio == 1.0
