@@ -216,8 +216,15 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
                 res[:, g] = np.sum(he * e, axis=1)
             return res
     else:
+        # Errors are scaled per group by a power of two near the group's range before squaring:
+        # the comparison between shrinks is then exact as before, and weights near the float64
+        # limit do not overflow the square (their layer cost is refused later, by name).
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        unit = np.exp2(np.floor(np.log2(np.where(amax > 0, amax, 1.0))))[..., None]
+
         def score(err):
-            return np.sum(np.square(err, out=err), axis=2)  # err is a scratch buffer
+            np.divide(err, unit, out=err)  # err is a scratch buffer
+            return np.sum(np.square(err, out=err), axis=2)
 
     best = score(_rtn_error(wg, best_s, best_z, qmin, qmax))
     for shrink in np.linspace(1.0, spec.min_shrink, spec.shrink_steps)[1:]:

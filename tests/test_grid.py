@@ -82,3 +82,22 @@ def test_rtn_error_in_one_buffer_equals_the_plain_expression(seed, bits, symmetr
     q = np.clip(np.floor(wg / s[..., None] + 0.5) + z[..., None], qmin, qmax)
     expected = s[..., None] * (q - z[..., None]) - wg
     np.testing.assert_array_equal(_rtn_error(wg, s, z, qmin, qmax), expected)
+
+
+@pytest.mark.parametrize("magnitude", [1e-300, 1e-30, 1.0, 1e30, 1e300])
+def test_mse_search_is_scale_free_and_does_not_overflow(magnitude):
+    """The mse search scores errors relative to a power of two near each group's range: the
+    grid of ``w * 2**k`` is the grid of ``w`` times ``2**k`` (the search picks the same shrink),
+    and weights near the float64 limit give no overflow warning."""
+    import warnings
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(6, 32))
+    k = int(np.round(np.log2(magnitude)))
+    spec = GridSpec(bits=3, scale_method="mse", group_size=16)
+    ref = fit_grid(w, spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = fit_grid(w * 2.0 ** k, spec)
+    np.testing.assert_array_equal(g.scale, ref.scale * 2.0 ** k)
+    np.testing.assert_array_equal(g.zero_point, ref.zero_point)
