@@ -7,6 +7,7 @@
     qround quantize --model minilm|digits-cnn|digits-resnet --wbits B --solver NAME --out FILE.safetensors
     qround quantize --model MODEL.pt --calibration INPUTS.pt ...   (your own torch.save(model))
     qround quantize --model FOLDER [--calibration TEXTS.txt] ...   (a transformers checkpoint)
+    qround sensitivity --model minilm|digits-cnn|FOLDER|MODEL.pt [--bits 2,3,4,8] [--mean-bits 3.5]
     qround evaluate --model minilm|digits-cnn|digits-resnet|FOLDER --quantized FILE.safetensors
     qround demo [--json FILE] [--channels N] [--solvers a,b,...] [--journey digits-cnn|minilm|none]
     qround bench ...            (the solver benchmark, see benchmarks/solvers.py)
@@ -584,6 +585,31 @@ def _parse_overrides(items) -> dict | None:
     return out
 
 
+def _overrides_from(path: str) -> list:
+    """--overrides-from FILE: the overrides of `qround sensitivity --json`'s allocation, of
+    `qround quantize --json`'s config, or a JSON list of [pattern, {settings}] pairs."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise QroundError(f"--overrides-from {path!r} could not be read as JSON "
+                          f"({type(exc).__name__}: {exc})") from None
+    if isinstance(data, dict):
+        if isinstance(data.get("allocation"), dict):
+            data = data["allocation"].get("overrides")
+        elif isinstance(data.get("config"), dict):
+            data = data["config"].get("overrides")
+        else:
+            data = data.get("overrides")
+    if not isinstance(data, list) or not data or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+            and isinstance(p[1], dict) for p in data):
+        raise QroundError(f"--overrides-from {path!r} holds no overrides: expected `qround "
+                          "sensitivity --mean-bits ... --json`'s file, `qround quantize "
+                          "--json`'s, or a list of [pattern, {settings}] pairs")
+    return [(p, o) for p, o in data]  # QuantConfig checks the settings
+
+
 def cmd_quantize(args) -> int:
     import torch
 
@@ -596,12 +622,16 @@ def cmd_quantize(args) -> int:
                           f"{args.granularity}")
     if args.borders != "none" and args.abits is None:
         raise QroundError(f"--borders {args.borders} needs quantised inputs: give --abits")
+    if args.overrides_from and args.override:
+        raise QroundError("--overrides-from and --override both give the per-layer settings: "
+                          "use one of them")
     iterations = _reconstruction_options(args)
     if args.save_compressed:
         _check_compressed_options(args, iterations)
     check_paths({"--out": args.out, "--json": args.json, "--loss-plot": args.loss_plot,
                  "--save-compressed": args.save_compressed},
-                {"--model": args.model, "--calibration": args.calibration})
+                {"--model": args.model, "--calibration": args.calibration,
+                 "--overrides-from": args.overrides_from})
     check_format("--out", args.out, "a safetensors file", (".safetensors",))
     check_format("--json", args.json, "JSON", (".json",))
     check_format("--loss-plot", args.loss_plot, "a PNG image", PLOT_SUFFIXES)
@@ -617,7 +647,8 @@ def cmd_quantize(args) -> int:
                          bias_correction=args.bias_correction, refits=args.refits,
                          widen=args.widen, correction=args.correction,
                          first_last_bits=args.first_last_bits,
-                         overrides=_parse_overrides(args.override), seed=args.seed,
+                         overrides=(_overrides_from(args.overrides_from) if args.overrides_from
+                                    else _parse_overrides(args.override)), seed=args.seed,
                          capture_cache_mb=args.capture_cache_mb,
                          device=args.device, progress=not args.no_progress,
                          layers=args.layers, exclude=args.exclude, damp=args.damp,
@@ -676,6 +707,66 @@ def cmd_quantize(args) -> int:
                                       else [b.as_dict() for b in qmodel.reconstruction.blocks],
                                       "units": None if qmodel.units is None
                                       else qmodel.units.as_dict()})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    """--bits 2,3,4,8 as checked widths."""
+    try:
+        widths = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise QroundError(f"--bits {text!r} must be comma-separated integers, e.g. 2,3,4,8") \
+            from None
+    if not widths:
+        raise QroundError(f"--bits {text!r} names no width")
+    return tuple(sorted({check_bits(b, "--bits") for b in widths}))
+
+
+def cmd_sensitivity(args) -> int:
+    import shlex
+
+    import torch
+
+    from .pipeline import QuantConfig
+    from .sensitivity import layer_sensitivity
+
+    check_paths({"--json": args.json}, {"--model": args.model, "--calibration": args.calibration})
+    check_format("--json", args.json, "JSON", (".json",))
+    widths = _bits_list(args.bits)
+    if args.mean_bits is not None and not widths[0] <= args.mean_bits:
+        raise QroundError(f"--mean-bits {args.mean_bits} is below the narrowest of --bits "
+                          f"({widths[0]})")
+    torch.set_num_threads(args.threads)
+    config = QuantConfig(symmetric=not args.asymmetric_grid, group_size=args.group_size,
+                         scale_method=args.scale_method, first_last_bits=args.first_last_bits,
+                         overrides=_parse_overrides(args.override), seed=args.seed,
+                         layers=args.layers, exclude=args.exclude, progress=False)
+    _check_model_file(args)
+    model, batches, forward, default_layers = _model_and_calibration(args)
+    if args.layers is None and default_layers:
+        from dataclasses import replace
+        config = replace(config, layers=default_layers)
+    sens = layer_sensitivity(model, batches, config, bits=widths, forward=forward)
+    print(sens.table())
+    print(f"{len(sens.layers)} layers, {len(widths)} widths: {sens.seconds:.1f} s")
+    allocation = None
+    if args.mean_bits is not None:
+        allocation = sens.allocate(args.mean_bits)
+        counts = {}
+        for b in allocation.bits.values():
+            counts[b] = counts.get(b, 0) + 1
+        print(f"allocation for at most {args.mean_bits:g} bits per weight: "
+              f"{allocation.mean_bits:.4g} bits per weight ("
+              + ", ".join(f"{n} layers at W{b}" for b, n in sorted(counts.items()))
+              + f"), predicted output error {allocation.predicted_error:.3e}")
+        print("quantise with: qround quantize " + shlex.join(
+            [a for a in ("--model", args.model) if args.model != "minilm"]
+            + allocation.cli_args()))
+    if args.json:
+        write_json_atomic(args.json, {"config": config.as_dict(), "sensitivity": sens.as_dict(),
+                                      "allocation": None if allocation is None
+                                      else allocation.as_dict()})
         print(f"wrote {args.json}")
     return 0
 
@@ -786,6 +877,28 @@ def cmd_solvers(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- parser
+def _add_model_arguments(q) -> None:
+    """--model and its calibration options, as quantize and sensitivity take them."""
+    q.add_argument("--model", default="minilm",
+                   help="minilm | digits-cnn | digits-resnet | a transformers checkpoint folder "
+                        "(save_pretrained's, with its tokenizer) | a file from torch.save(model) "
+                        "(with --calibration) (default: %(default)s)")
+    q.add_argument("--calibration",
+                   help="for a model file: a tensor file of calibration inputs; for a "
+                        "checkpoint folder: a text file, one text per line (default: the "
+                        "packaged sentences)")
+    q.add_argument("--calibration-size", type=int_at_least(1), default=None,
+                   help="packaged calibration sentences for MiniLM or a checkpoint folder "
+                        "(default: 256)")
+    q.add_argument("--max-length", type=int_at_least(1), default=None, metavar="TOKENS",
+                   help="a checkpoint folder: tokens per calibration text, at most (default: "
+                        "128, or the model's positions if fewer)")
+    q.add_argument("--batch-size", type=int_at_least(1), default=32,
+                   help="a model file: calibration samples per batch when --calibration holds "
+                        "one tensor; a checkpoint folder: texts per batch (default: "
+                        "%(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qround", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -871,24 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export_layer)
 
     q = sub.add_parser("quantize", help="quantise a whole model's weights with a chosen solver")
-    q.add_argument("--model", default="minilm",
-                   help="minilm | digits-cnn | digits-resnet | a transformers checkpoint folder "
-                        "(save_pretrained's, with its tokenizer) | a file from torch.save(model) "
-                        "(with --calibration) (default: %(default)s)")
-    q.add_argument("--calibration",
-                   help="for a model file: a tensor file of calibration inputs; for a "
-                        "checkpoint folder: a text file, one text per line (default: the "
-                        "packaged sentences)")
-    q.add_argument("--calibration-size", type=int_at_least(1), default=None,
-                   help="packaged calibration sentences for MiniLM or a checkpoint folder "
-                        "(default: 256)")
-    q.add_argument("--max-length", type=int_at_least(1), default=None, metavar="TOKENS",
-                   help="a checkpoint folder: tokens per calibration text, at most (default: "
-                        "128, or the model's positions if fewer)")
-    q.add_argument("--batch-size", type=int_at_least(1), default=32,
-                   help="a model file: calibration samples per batch when --calibration holds "
-                        "one tensor; a checkpoint folder: texts per batch (default: "
-                        "%(default)s)")
+    _add_model_arguments(q)
     q.add_argument("--wbits", type=int, default=4, help="weight bits (default: %(default)s)")
     q.add_argument("--solver", default=DEFAULT_SOLVER,
                    help="solver spec for every layer (default: %(default)s)")
@@ -921,6 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "keys: wbits, group_size (none: per channel), symmetric (true/false), "
                         "scale_method, damp, solver; repeatable, the first matching pattern "
                         "wins, and wins over --first-last-bits")
+    q.add_argument("--overrides-from", metavar="FILE",
+                   help="the per-layer settings of a JSON file: `qround sensitivity --mean-bits "
+                        "B --json FILE`'s allocation, or `qround quantize --json`'s config")
     q.add_argument("--layers", default=None, help="regex of layer names to quantise")
     q.add_argument("--exclude", default=None,
                    help="regex of layer names to leave in float, e.g. 'lm_head' (AutoGPTQ "
@@ -972,6 +1071,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", help="also write the report as JSON")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_quantize)
+
+    se = sub.add_parser("sensitivity",
+                        help="per-layer sensitivity to rounding, and a bit allocation for a mean "
+                             "width (mixed precision)")
+    _add_model_arguments(se)
+    se.add_argument("--bits", default="2,3,4,8",
+                    help="widths to measure and allocate from (default: %(default)s)")
+    se.add_argument("--mean-bits", type=finite_at_least(1.0), default=None, metavar="B",
+                    help="choose a width per layer for at most B bits per weight on average "
+                         "(the widths of least summed output error), and print the "
+                         "`qround quantize --override ...` arguments that give it")
+    se.add_argument("--group-size", type=int, default=None)
+    se.add_argument("--scale-method", default="mse", choices=["minmax", "mse"])
+    se.add_argument("--asymmetric-grid", action="store_true", help="unsigned grid with zero point")
+    se.add_argument("--first-last-bits", type=int, default=None,
+                    help="hold the first and last layers at this width (not allocated)")
+    se.add_argument("--override", nargs="+", action="append", default=None,
+                    metavar=("PATTERN", "KEY=VALUE"),
+                    help="per-layer settings as for quantize; a layer given a wbits is held at "
+                         "it (not allocated), other settings apply to its measured grids")
+    se.add_argument("--layers", default=None, help="regex of layer names to measure")
+    se.add_argument("--exclude", default=None, help="regex of layer names to leave in float")
+    se.add_argument("--seed", type=int_at_least(0), default=0)
+    se.add_argument("--threads", type=int_at_least(1), default=2)
+    se.add_argument("--json", help="also write the measurements and the allocation as JSON")
+    se.set_defaults(func=cmd_sensitivity)
 
     ev = sub.add_parser("evaluate", help="metrics of a saved quantised model against the float one")
     ev.add_argument("--model", default="minilm",

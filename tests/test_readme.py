@@ -39,10 +39,10 @@ def _python_blocks() -> list[str]:
 
 def test_readme_has_the_python_examples():
     blocks = _python_blocks()
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     assert "encoder.0.fc1" in blocks[0] and "quantize_model" in blocks[1]
-    assert "overrides=" in blocks[2]
-    assert "register(" in blocks[4] and "QroundSampler" in blocks[5]
+    assert "overrides=" in blocks[2] and "allocate(" in blocks[3]
+    assert "register(" in blocks[5] and "QroundSampler" in blocks[6]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -78,6 +78,11 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     assert ratios["quality"] < 1.0 and ratios["quality"] <= ratios["greedy"] + 1e-9
     assert (tmp_path / "model-w3.safetensors").is_file()
     assert (tmp_path / "w2a4.safetensors").is_file()
+    # the sensitivity example: every chosen layer measured, quantised at its allocated width
+    sens, plan, mixed = namespace["sens"], namespace["plan"], namespace["qm_mixed"]
+    assert [s.name for s in sens.layers] == ["encoder.0.fc1", "encoder.0.fc2", "encoder.1.fc1",
+                                             "encoder.1.fc2", "head"]
+    assert plan.mean_bits <= 3.5 and {r.layer: r.bits for r in mixed.report} == plan.bits
     # "+ activation steps, border coefficients, reconstruction units"
     from qround.export import read_metadata
 

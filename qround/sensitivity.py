@@ -1,0 +1,286 @@
+"""Per-layer sensitivity and bit allocation: which layers to give more bits.
+
+:func:`layer_sensitivity` rounds one layer at a time to nearest at each candidate width, the
+rest of the model in float, and measures how far the model's output moves: the relative squared
+error ``sum ||f_q(x) - f(x)||^2 / sum ||f(x)||^2`` over the calibration batches and every
+floating tensor the forward returns.  That is the measurement of AIMET's per-layer sensitivity
+analysis (AMP), on the model's output instead of a task metric, so it needs no labels.
+
+:meth:`Sensitivity.allocate` then chooses a width per layer for a mean number of bits per weight
+(weighted by the layers' weight counts, as ``qround evaluate``'s ``mean_wbits``).  It assumes
+that the layers' output errors add up and picks the widths of least summed error within the
+budget, exactly: a multiple-choice knapsack solved as an integer program, as HAWQ-V3 does.  The result is a set of
+``overrides`` for :class:`qround.pipeline.QuantConfig`: ``allocation.config`` is the measured
+config with them, ready for ``quantize_model``.  RTN at a layer is a proxy for what the solver
+will leave there; the ranking of the layers is what the allocation uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .calibrate import ForwardFn, default_forward, eval_mode
+from .errors import QroundError, check_bits, copy_module
+from .grid import fit_grid
+from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match, _conv1d_selection,
+                       _own_rng, _select, _trace)
+from .problems.layers import layer_weight, linearize_conv1d
+
+DEFAULT_BITS = (2, 3, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSensitivity:
+    """One layer: its weight count and the model's relative output error with only this layer
+    rounded to nearest, per width (``errors[bits]``); ``held``: the config fixes its width
+    (an override's ``wbits``, or ``first_last_bits`` at the first or last layer), so it was not
+    measured (``errors`` is empty) and the allocation keeps it at ``held``."""
+    name: str
+    weights: int
+    errors: Mapping[int, float]
+    held: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "weights": self.weights, "held": self.held,
+                "errors": {str(b): e for b, e in self.errors.items()}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """Widths chosen by :meth:`Sensitivity.allocate`.
+
+    bits: layer name -> weight bits (held layers included); mean_bits: their mean per weight;
+    predicted_error: the sum of the chosen widths' measured errors (held layers not counted);
+    overrides: the config's ``overrides`` that give these widths (one pattern per group of
+    layers with the same options, the config's own patterns merged in); config: the measured
+    config with them.
+    """
+    bits: Mapping[str, int]
+    mean_bits: float
+    predicted_error: float
+    overrides: tuple
+    config: QuantConfig
+
+    def cli_args(self) -> list[str]:
+        """``qround quantize`` arguments that give the same overrides."""
+        out = []
+        for pattern, options in self.overrides:
+            out += ["--override", pattern]
+            for key, value in options.items():
+                if key == "group_size" and value is None:
+                    value = "none"
+                elif isinstance(value, bool):
+                    value = str(value).lower()
+                elif not isinstance(value, (int, float, str)):
+                    raise QroundError(f"override {pattern!r} has a {key} that the shell cannot "
+                                      f"give ({type(value).__name__})")
+                out.append(f"{key}={value}")
+        return out
+
+    def as_dict(self) -> dict:
+        return {"bits": dict(self.bits), "mean_bits": self.mean_bits,
+                "predicted_error": self.predicted_error,
+                "overrides": [[p, dict(o)] for p, o in self.overrides]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sensitivity:
+    """The result of :func:`layer_sensitivity`: ``layers`` in forward order, the widths
+    measured, the config measured with, and the seconds it took."""
+    layers: tuple[LayerSensitivity, ...]
+    bits: tuple[int, ...]
+    config: QuantConfig
+    seconds: float
+
+    def table(self) -> str:
+        head = ["layer", "weights"] + [f"W{b}" for b in self.bits]
+        rows = [[s.name, str(s.weights)]
+                + ([f"held at W{s.held}"] + [""] * (len(self.bits) - 1) if s.held is not None
+                   else [f"{s.errors[b]:.3e}" for b in self.bits]) for s in self.layers]
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(r, widths)))
+        return "\n".join(["relative output error with one layer rounded to nearest "
+                          "(the rest in float)", line(head)] + [line(r) for r in rows])
+
+    def as_dict(self) -> dict:
+        return {"bits": list(self.bits), "seconds": self.seconds,
+                "layers": [s.as_dict() for s in self.layers]}
+
+    def allocate(self, mean_bits: float) -> Allocation:
+        """Widths from ``self.bits`` for a mean of at most ``mean_bits`` per weight (see the
+        module docstring); QroundError when even the narrowest widths exceed it."""
+        if isinstance(mean_bits, bool) or not isinstance(mean_bits, (int, float)) \
+                or not np.isfinite(mean_bits):
+            raise QroundError(f"mean_bits must be a finite number, got {mean_bits!r}")
+        total = sum(s.weights for s in self.layers)
+        budget = float(mean_bits) * total
+        bits = {s.name: (s.held if s.held is not None else self.bits[0]) for s in self.layers}
+        used = sum(bits[s.name] * s.weights for s in self.layers)
+        if used > budget * (1 + 1e-12):
+            raise QroundError(f"mean_bits={mean_bits} is below the narrowest allocation: "
+                              f"{used / total:.4g} bits per weight with every layer at "
+                              f"W{self.bits[0]} (and the held layers at their widths)")
+        free = [s for s in self.layers if s.held is None]
+        if free:
+            bits.update(_knapsack(free, self.bits, budget - used + self.bits[0] * sum(
+                s.weights for s in free)))
+            used = sum(bits[s.name] * s.weights for s in self.layers)
+        error = float(sum(s.errors[bits[s.name]] for s in free))
+        overrides = self._overrides(bits)
+        config = dataclasses.replace(self.config, overrides=overrides or None)
+        return Allocation(bits=bits, mean_bits=used / total, predicted_error=error,
+                          overrides=overrides, config=config)
+
+    def _overrides(self, bits: Mapping[str, int]) -> tuple:
+        """One exact-name pattern per group of free layers with equal options (each with the
+        options of the config's own pattern for it, plus its width), then the config's
+        patterns that still match a held layer."""
+        groups: dict[tuple, list[str]] = {}
+        for s in self.layers:
+            if s.held is None:
+                options = {**self.config.override(s.name)[1], "wbits": bits[s.name]}
+                groups.setdefault(tuple(options.items()), []).append(s.name)
+        out = [(f"^(?:{'|'.join(re.escape(n) for n in names)})$", dict(key))
+               for key, names in sorted(groups.items(), key=lambda kv: -dict(kv[0])["wbits"])]
+        held = [s.name for s in self.layers if s.held is not None]
+        out += [(p, o) for p, o in self.config.overrides or ()
+                if any(self.config.override(n)[0] == p for n in held)]
+        return tuple(out)
+
+
+def _knapsack(layers, widths, budget: float) -> dict[str, int]:
+    """The widths (one per layer, from ``widths``) of least summed error whose weight-bits
+    stay within ``budget``: a multiple-choice knapsack, solved exactly as an integer program
+    (HiGHS via scipy.optimize.milp; HAWQ-V3's formulation)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    nl, nb = len(layers), len(widths)
+    cost = np.array([[b * s.weights for b in widths] for s in layers], dtype=float)
+    error = np.array([[s.errors[b] for b in widths] for s in layers], dtype=float)
+    scale = float(np.max(cost))  # the budget row in units of the largest layer's cost
+    one = np.kron(np.eye(nl), np.ones(nb))                        # each layer: one width
+    rows = [LinearConstraint(one, 1, 1),
+            LinearConstraint(cost.ravel()[None] / scale, -np.inf, budget / scale + 1e-9)]
+    res = milp(error.ravel() / max(float(np.max(error)), 1e-300), constraints=rows,
+               integrality=np.ones(nl * nb), bounds=Bounds(0, 1))
+    if res.x is None:
+        raise QroundError(f"the bit allocation found no solution ({res.message})")
+    choice = np.round(res.x).reshape(nl, nb).argmax(axis=1)
+    return {s.name: int(widths[c]) for s, c in zip(layers, choice)}
+
+
+def _float_tensors(out: Any, path: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """The floating tensors of a forward's output (tensors, tuples/lists, dicts and
+    ModelOutputs, nested), with where they are."""
+    if isinstance(out, torch.Tensor):
+        return [(path, out)] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for k, v in out.items() for t in _float_tensors(v, f"{path}[{k!r}]")]
+    if isinstance(out, (tuple, list)):
+        return [t for i, v in enumerate(out) for t in _float_tensors(v, f"{path}[{i}]")]
+    return []
+
+
+def _outputs(model: nn.Module, calibration, forward) -> list[list[torch.Tensor]]:
+    outs = []
+    for batch in calibration:
+        tensors = _float_tensors(forward(model, batch))
+        if not tensors:
+            raise QroundError("the forward returns no floating tensor to compare: give a "
+                              "forward(model, batch) that returns the model's output tensor")
+        outs.append([t.detach().to("cpu", torch.float64) for _, t in tensors])
+    return outs
+
+
+def layer_sensitivity(model: nn.Module, calibration: Iterable, config: QuantConfig = QuantConfig(),
+                      bits: Sequence[int] = DEFAULT_BITS,
+                      forward: ForwardFn | None = None) -> Sensitivity:
+    """Per-layer sensitivity to rounding-to-nearest at each of ``bits`` (see the module
+    docstring), for the layers ``quantize_model`` would choose with ``config`` (its
+    ``layers``, ``exclude``, grid settings, ``first_last_bits`` and ``overrides``; the widths
+    come from ``bits``).  ``calibration``: a re-iterable list of batches, run with
+    ``forward(model, batch)`` (default ``model(batch)``, ``model(**batch)``, ``model(*batch)``).
+    Works on a copy: ``model`` is not changed.  One forward over the calibration per layer and
+    width."""
+    if not isinstance(config, QuantConfig):
+        raise QroundError(f"config must be a qround.pipeline.QuantConfig, got "
+                          f"{type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if isinstance(bits, (int, str)) or not isinstance(bits, Sequence) or not bits:
+        raise QroundError(f"bits must be a non-empty sequence of widths, e.g. (2, 3, 4), "
+                          f"got {bits!r}")
+    widths = tuple(sorted({check_bits(b) for b in bits}))
+    with _own_rng(config, model):
+        return _measure(model, calibration, config, widths, forward or default_forward)
+
+
+def _measure(model, calibration, config, widths, forward) -> Sensitivity:
+    start = time.perf_counter()
+    first_batch = _check_calibration(calibration)
+    convert, _ = _conv1d_selection(model, config, first_batch, forward)
+    qmodel, _ = linearize_conv1d(copy_module(model), share=True, names=convert)
+    names, _ = _select(qmodel, config)
+    _check_overrides_match(config, names)
+    plan = _trace(qmodel, first_batch, forward, names)
+    if not plan:
+        raise QroundError("none of the chosen layers is called by the forward")
+    order = [layer.name for layer in plan]
+    output = [n for n in order if config.layer_options(n)["scale_method"] == "mse-output"]
+    if output:
+        raise QroundError(f"layer_sensitivity rounds to nearest without statistics: "
+                          f"scale_method='mse-output' (layer {output[0]!r}) needs them; use "
+                          "'minmax' or 'mse'")
+    modules = dict(qmodel.named_modules())
+    held = {}
+    for index, name in enumerate(order):
+        fixed = config.layer_bits(name, index in (0, len(order) - 1))
+        if "wbits" in config.override(name)[1] or (
+                index in (0, len(order) - 1) and config.first_last_bits is not None):
+            held[name] = fixed
+    layers = []
+    with eval_mode(qmodel), torch.no_grad():
+        reference = _outputs(qmodel, calibration, forward)
+        norm = sum(float(torch.sum(t * t)) for ts in reference for t in ts)
+        if not norm > 0:
+            raise QroundError("the model's outputs on the calibration are all zero: a relative "
+                              "output error is undefined")
+        for name in order:
+            module = modules[name]
+            count = int(module.weight.numel())
+            if name in held:
+                layers.append(LayerSensitivity(name, count, {}, held[name]))
+                continue
+            w = layer_weight(module)
+            original = module.weight.detach().clone()
+            errors = {}
+            try:
+                for b in widths:
+                    grid = fit_grid(w, config.grid_spec(b, name))
+                    deq = grid.dequantize(grid.quantize(w))
+                    # a Conv2d's weight is (out, c, kh, kw); a Conv1D is a Linear view here
+                    module.weight.copy_(torch.as_tensor(deq.reshape(tuple(module.weight.shape)),
+                                                        dtype=module.weight.dtype))
+                    outs = _outputs(qmodel, calibration, forward)
+                    if len(outs) != len(reference) or any(
+                            len(a) != len(r) or any(x.shape != y.shape for x, y in zip(a, r))
+                            for a, r in zip(outs, reference)):
+                        raise QroundError("the forward's outputs changed shape between passes "
+                                          "over the calibration: it must be re-iterable in the "
+                                          "same order")
+                    errors[b] = sum(float(torch.sum((x - y) ** 2))
+                                    for a, r in zip(outs, reference) for x, y in zip(a, r)) / norm
+            finally:
+                module.weight.copy_(original)
+            layers.append(LayerSensitivity(name, count, errors))
+    return Sensitivity(tuple(layers), widths, config, time.perf_counter() - start)
+
+
+__all__ = ["layer_sensitivity", "Sensitivity", "LayerSensitivity", "Allocation", "DEFAULT_BITS"]

@@ -1,0 +1,237 @@
+"""Per-layer sensitivity and bit allocation (qround.sensitivity, qround sensitivity)."""
+import copy
+import itertools
+import json
+import random
+import shlex
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qround import QroundError
+from qround.cli import _parse_overrides, main
+from qround.grid import fit_grid
+from qround.pipeline import QuantConfig, quantize_model
+from qround.problems.layers import layer_weight
+from qround.sensitivity import LayerSensitivity, Sensitivity, layer_sensitivity
+
+from .test_pipeline import build, state
+
+torch.set_num_threads(1)
+
+
+def direct_error(model, batches, name, spec):
+    """The relative output error with only ``name`` rounded to nearest, by hand."""
+    modules = dict(model.named_modules())
+    qmodel = copy.deepcopy(model).eval()
+    module = dict(qmodel.named_modules())[name]
+    w = layer_weight(modules[name])
+    grid = fit_grid(w, spec)
+    with torch.no_grad():
+        module.weight.copy_(torch.as_tensor(grid.dequantize(grid.quantize(w)))
+                            .reshape(module.weight.shape))
+        ref = [model.eval()(b).double() for b in batches]
+        out = [qmodel(b).double() for b in batches]
+    return float(sum(((o - r) ** 2).sum() for o, r in zip(out, ref))
+                 / sum((r ** 2).sum() for r in ref))
+
+
+@pytest.mark.parametrize("kind", ["branchy", "cnn"])
+def test_errors_are_the_relative_output_error_of_one_rounded_layer(kind):
+    model, cal = build(kind)
+    before = state(model)
+    np_state, py_state, torch_state = np.random.get_state(), random.getstate(), torch.get_rng_state()
+    config = QuantConfig(group_size=None)
+    sens = layer_sensitivity(model, cal, config, bits=(4, 2, 3))
+    assert sens.bits == (2, 3, 4)
+    # the model and the caller's random states are untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+    assert random.getstate() == py_state and torch.equal(torch.get_rng_state(), torch_state)
+    names = [s.name for s in sens.layers]
+    assert names and len(set(names)) == len(names)
+    for s in sens.layers:
+        assert s.held is None and set(s.errors) == {2, 3, 4}
+        assert s.weights == dict(model.named_modules())[s.name].weight.numel()
+        for b in sens.bits:
+            expected = direct_error(model, cal, s.name, config.grid_spec(b, s.name))
+            assert s.errors[b] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+        assert s.errors[2] > s.errors[4] > 0
+    if kind == "cnn":  # the grouped conv is measured; the Conv1d is not a quantised layer
+        assert "grouped" in names and "conv1d" not in names
+    text = sens.table()
+    assert all(n in text for n in names) and "W3" in text
+    assert json.loads(json.dumps(sens.as_dict()))["bits"] == [2, 3, 4]
+
+
+def test_deterministic():
+    model, cal = build("branchy")
+    a = layer_sensitivity(model, cal, bits=(2, 3))
+    b = layer_sensitivity(model, cal, bits=(2, 3))
+    assert [s.errors for s in a.layers] == [s.errors for s in b.layers]
+
+
+def fake(errors_by_layer, weights, bits=(2, 3, 4, 8), held=None, config=QuantConfig()):
+    held = held or {}
+    layers = tuple(LayerSensitivity(f"l{i}", w, {} if i in held else dict(zip(bits, e)),
+                                    held.get(i))
+                   for i, (e, w) in enumerate(zip(errors_by_layer, weights)))
+    return Sensitivity(layers, tuple(bits), config, 0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(1, 5), mean=st.floats(2.0, 8.0))
+def test_allocation_is_the_best_within_the_budget(data, n, mean):
+    """Against brute force over every width assignment (the additive model's optimum)."""
+    bits = (2, 3, 4, 8)
+    errors = [sorted(data.draw(st.lists(st.floats(1e-6, 1.0), min_size=4, max_size=4)),
+                     reverse=True) for _ in range(n)]
+    weights = data.draw(st.lists(st.integers(1, 5000), min_size=n, max_size=n))
+    sens = fake(errors, weights, bits)
+    alloc = sens.allocate(mean)
+    total = sum(weights)
+    chosen = [alloc.bits[f"l{i}"] for i in range(n)]
+    used = sum(b * w for b, w in zip(chosen, weights))
+    assert used <= mean * total * (1 + 1e-9)
+    assert alloc.mean_bits == pytest.approx(used / total)
+    got = sum(e[bits.index(b)] for e, b in zip(errors, chosen))
+    assert alloc.predicted_error == pytest.approx(got)
+    best = min(sum(e[bits.index(b)] for e, b in zip(errors, combo))
+               for combo in itertools.product(bits, repeat=n)
+               if sum(b * w for b, w in zip(combo, weights)) <= mean * total * (1 + 1e-9))
+    assert got <= best * (1 + 1e-7) + 1e-12
+
+
+def test_allocation_errors_and_extremes():
+    sens = fake([[0.5, 0.2, 0.1, 0.01], [0.9, 0.3, 0.05, 0.001]], [100, 300])
+    assert set(sens.allocate(2).bits.values()) == {2}
+    assert set(sens.allocate(8).bits.values()) == {8}
+    for bad in (1.5, float("nan"), "3", True):
+        with pytest.raises(QroundError, match="mean_bits"):
+            sens.allocate(bad)
+
+
+def test_held_layers_count_in_the_budget_and_keep_the_configs_options():
+    config = QuantConfig(overrides={"^l0$": {"wbits": 8}, "l[12]": {"group_size": None,
+                                                                     "symmetric": False}})
+    sens = fake([None, [0.5, 0.2, 0.1, 0.0], [0.5, 0.45, 0.3, 0.0]], [100, 100, 100],
+                held={0: 8}, config=config)
+    with pytest.raises(QroundError, match="narrowest"):
+        sens.allocate(3.9)  # 800 + 2 x 200 = 1200 bits > 3.9 x 300
+    alloc = sens.allocate(4.0)
+    assert alloc.bits == {"l0": 8, "l1": 2, "l2": 2}
+    alloc = sens.allocate(5.0)
+    # within 1500 - 800 = 700 bits: (3, 3) 0.65, (4, 3) 0.55, (3, 4) 0.5 (700 bits each)
+    assert alloc.bits == {"l0": 8, "l1": 3, "l2": 4}
+    assert alloc.predicted_error == pytest.approx(0.5)
+    # each allocated layer keeps the options of the config's pattern for it; the config's
+    # wbits pattern stays for the held layer; the result is a valid config
+    options = {p: o for p, o in alloc.overrides}
+    assert options["^l0$"] == {"wbits": 8}
+    for name, b in (("l1", 3), ("l2", 4)):
+        assert alloc.config.override(name)[1] == {"group_size": None, "symmetric": False,
+                                                  "wbits": b}
+    assert alloc.config.override("l0")[1] == {"wbits": 8}
+    assert _parse_overrides([shlex.split(x) for x in _groups(alloc.cli_args())]) == dict(
+        alloc.config.overrides)
+
+
+def _groups(args):
+    """cli_args() split back into one --override's words each, as argparse gives them."""
+    out, cur = [], None
+    for a in args:
+        if a == "--override":
+            cur = []
+            out.append(cur)
+        else:
+            cur.append(a)
+    return [shlex.join(c) for c in out]
+
+
+def test_allocated_config_quantises_each_layer_at_its_width():
+    model, cal = build("branchy")
+    sens = layer_sensitivity(model, cal, QuantConfig(progress=False, solver="greedy"),
+                             bits=(2, 4, 8))
+    alloc = sens.allocate(3.0)  # between all at W2 and all at W4
+    assert len(set(alloc.bits.values())) > 1, alloc.bits  # a mixed allocation to check
+    qm = quantize_model(model, cal, alloc.config)
+    assert {r.layer: r.bits for r in qm.report} == alloc.bits
+
+
+def test_first_last_bits_hold_the_ends():
+    model, cal = build("branchy")
+    sens = layer_sensitivity(model, cal, QuantConfig(first_last_bits=8), bits=(2, 3))
+    held = {s.name: s.held for s in sens.layers}
+    assert held == {"inp": 8, "head_a": None, "head_b": None, "out": 8}
+    assert sens.layers[0].errors == {}
+    alloc = sens.allocate(8.0)
+    assert alloc.bits["inp"] == alloc.bits["out"] == 8
+    assert alloc.bits["head_a"] == alloc.bits["head_b"] == 3
+
+
+def test_bad_input_is_refused_up_front():
+    model, cal = build("mlp2")
+    with pytest.raises(QroundError, match="bits"):
+        layer_sensitivity(model, cal, bits=())
+    with pytest.raises(QroundError, match="bits"):
+        layer_sensitivity(model, cal, bits=(1, 3))
+    with pytest.raises(QroundError, match="bits"):
+        layer_sensitivity(model, cal, bits=3)
+    with pytest.raises(QroundError, match="empty"):
+        layer_sensitivity(model, [], bits=(2,))
+    with pytest.raises(QroundError, match="mse-output"):
+        layer_sensitivity(model, cal, QuantConfig(scale_method="mse-output"), bits=(2,))
+    with pytest.raises(QroundError, match="config"):
+        layer_sensitivity(model, cal, {"wbits": 3}, bits=(2,))
+    with pytest.raises(QroundError, match="nn.Module"):
+        layer_sensitivity(lambda x: x, cal, bits=(2,))
+    with pytest.raises(QroundError, match="no floating tensor"):
+        layer_sensitivity(model, cal, bits=(2,), forward=lambda m, b: m(b).argmax(-1))
+    with pytest.raises(QroundError, match="matches none"):
+        layer_sensitivity(model, cal, QuantConfig(overrides={"nothing": {"wbits": 8}}),
+                          bits=(2,))
+
+
+def test_cli_prints_the_table_and_an_allocation_that_quantize_takes(tmp_path, capsys):
+    out = tmp_path / "sens.json"
+    assert main(["sensitivity", "--model", "digits-cnn", "--bits", "2,4,8", "--mean-bits", "4",
+                 "--threads", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "conv1" in text and "W8" in text and "quantise with: qround quantize" in text
+    data = json.loads(out.read_text())
+    bits = data["allocation"]["bits"]
+    assert set(bits) == {"conv1", "conv2", "conv3", "fc"}
+    assert data["allocation"]["mean_bits"] <= 4
+    args = shlex.split(text.split("quantise with: qround quantize", 1)[1].splitlines()[0])
+    report = tmp_path / "q.json"
+    assert main(["quantize", *args, "--solver", "greedy", "--threads", "1", "--no-progress",
+                 "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["layers"]
+    assert {r["layer"]: r["bits"] for r in rows} == bits
+    # the JSON file is quantize's input too
+    report2 = tmp_path / "q2.json"
+    assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(out), "--solver",
+                 "greedy", "--threads", "1", "--no-progress", "--json", str(report2)]) == 0
+    assert {r["layer"]: r["bits"] for r in json.loads(report2.read_text())["layers"]} == bits
+    # and quantize's own report (its config's overrides) again
+    assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(report2),
+                 "--solver", "greedy", "--threads", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"overrides": [["conv1", 8]]}')
+    assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(bad)]) == 2
+    assert "holds no overrides" in capsys.readouterr().err
+    assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(out),
+                 "--override", "fc", "wbits=8"]) == 2
+    assert "use one of them" in capsys.readouterr().err
+    assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(out),
+                 "--json", str(out)]) == 2
+    assert "would be overwritten" in capsys.readouterr().err
+    assert json.loads(out.read_text())["allocation"]["bits"] == bits  # not overwritten
+    assert main(["sensitivity", "--model", "digits-cnn", "--bits", "2,x"]) == 2
+    assert main(["sensitivity", "--model", "digits-cnn", "--bits", "2,3",
+                 "--mean-bits", "1.5"]) == 2
+    assert "below the narrowest" in capsys.readouterr().err
