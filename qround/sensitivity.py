@@ -3,7 +3,8 @@
 :func:`layer_sensitivity` rounds one layer at a time to nearest at each candidate width, the
 rest of the model in float, and measures how far the model's output moves: the relative squared
 error ``sum ||f_q(x) - f(x)||^2 / sum ||f(x)||^2`` over the calibration batches and every
-floating tensor the forward returns.  That is the measurement of AIMET's per-layer sensitivity
+floating tensor the forward returns (of a tokenised batch, at its real tokens: a (B, T, ...)
+output is masked with the batch's ``attention_mask``).  That is the measurement of AIMET's per-layer sensitivity
 analysis (AMP), on the model's output instead of a task metric, so it needs no labels.
 
 :meth:`Sensitivity.allocate` then chooses a width per layer for a mean number of bits per weight
@@ -188,14 +189,40 @@ def _float_tensors(out: Any, path: str = "output") -> list[tuple[str, torch.Tens
     return []
 
 
+MAX_REFERENCE_BYTES = 2 << 30
+
+
+def _token_mask(batch) -> torch.Tensor | None:
+    """A tokenised batch's attention mask (B, T) as booleans, or None."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            return mask.to("cpu").bool()
+    return None
+
+
 def _outputs(model: nn.Module, calibration, forward) -> list[list[torch.Tensor]]:
-    outs = []
+    """Per batch, the floating tensors of the forward's output, on the CPU (float32, or
+    float64 as they are); a tokenised batch's (B, T, ...) outputs at its real tokens only."""
+    outs, size = [], 0
     for batch in calibration:
         tensors = _float_tensors(forward(model, batch))
         if not tensors:
             raise QroundError("the forward returns no floating tensor to compare: give a "
                               "forward(model, batch) that returns the model's output tensor")
-        outs.append([t.detach().to("cpu", torch.float64) for _, t in tensors])
+        mask, kept = _token_mask(batch), []
+        for _, t in tensors:
+            t = t.detach().to("cpu")
+            if mask is not None and t.ndim >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
+                t = t[mask]  # padding's outputs are not the model's
+            kept.append(t if t.dtype == torch.float64 else t.float())
+            size += kept[-1].numel() * kept[-1].element_size()
+        if size > MAX_REFERENCE_BYTES:
+            raise QroundError(f"the model's outputs on the calibration take more than "
+                              f"{MAX_REFERENCE_BYTES >> 30} GiB (a language model's logits?): "
+                              "use fewer calibration batches, or a forward that returns a "
+                              "smaller tensor (e.g. the last hidden state)")
+        outs.append(kept)
     return outs
 
 
@@ -248,7 +275,7 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
     layers = []
     with eval_mode(qmodel), torch.no_grad():
         reference = _outputs(qmodel, calibration, forward)
-        norm = sum(float(torch.sum(t * t)) for ts in reference for t in ts)
+        norm = sum(float(torch.sum(t.double() ** 2)) for ts in reference for t in ts)
         if not norm > 0:
             raise QroundError("the model's outputs on the calibration are all zero: a relative "
                               "output error is undefined")
@@ -275,7 +302,7 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
                         raise QroundError("the forward's outputs changed shape between passes "
                                           "over the calibration: it must be re-iterable in the "
                                           "same order")
-                    errors[b] = sum(float(torch.sum((x - y) ** 2))
+                    errors[b] = sum(float(torch.sum((x.double() - y.double()) ** 2))
                                     for a, r in zip(outs, reference) for x, y in zip(a, r)) / norm
             finally:
                 module.weight.copy_(original)

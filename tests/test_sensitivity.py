@@ -235,3 +235,46 @@ def test_cli_prints_the_table_and_an_allocation_that_quantize_takes(tmp_path, ca
     assert main(["sensitivity", "--model", "digits-cnn", "--bits", "2,3",
                  "--mean-bits", "1.5"]) == 2
     assert "below the narrowest" in capsys.readouterr().err
+
+
+class _Tokens(torch.nn.Module):
+    """model(x=(B, T, 6), attention_mask=(B, T)) -> (B, T, 4), as a tokenised model's output."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Linear(6, 8)
+        self.b = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+    def forward(self, x, attention_mask):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_tokenised_batch_is_scored_at_its_real_tokens(monkeypatch):
+    import qround.sensitivity as sensitivity
+
+    gen = torch.Generator().manual_seed(1)
+    model = _Tokens()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    cal = [{"x": torch.randn(2, 5, 6, generator=gen), "attention_mask": mask}]
+    config = QuantConfig()
+    sens = layer_sensitivity(model, cal, config, bits=(2,))
+    for s in sens.layers:
+        qmodel = copy.deepcopy(model)
+        module = dict(qmodel.named_modules())[s.name]
+        w = layer_weight(module)
+        grid = fit_grid(w, config.grid_spec(2, s.name))
+        with torch.no_grad():
+            module.weight.copy_(torch.as_tensor(grid.dequantize(grid.quantize(w))))
+            ref, out = model(**cal[0]).double(), qmodel(**cal[0]).double()
+        real = mask.bool()
+        expected = float(((out - ref)[real] ** 2).sum() / (ref[real] ** 2).sum())
+        assert s.errors[2] == pytest.approx(expected, rel=1e-6)
+        unmasked = float(((out - ref) ** 2).sum() / (ref ** 2).sum())
+        assert abs(unmasked - expected) > 1e-6 * expected  # the padding would have counted
+    monkeypatch.setattr(sensitivity, "MAX_REFERENCE_BYTES", 100)
+    with pytest.raises(QroundError, match="fewer calibration batches"):
+        layer_sensitivity(model, cal, config, bits=(2,))
