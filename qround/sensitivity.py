@@ -165,6 +165,10 @@ def _knapsack(layers, widths, budget: float) -> dict[str, int]:
     nl, nb = len(layers), len(widths)
     cost = np.array([[b * s.weights for b in widths] for s in layers], dtype=float)
     error = np.array([[s.errors[b] for b in widths] for s in layers], dtype=float)
+    finite = np.isfinite(error)
+    if not finite.all():  # a width whose output overflowed: chosen only when nothing else fits
+        top = float(np.max(error[finite])) if finite.any() else 1.0
+        error = np.where(finite, error, 2 * nl * max(top, 1e-300))
     scale = float(np.max(cost))  # the budget row in units of the largest layer's cost
     one = np.kron(np.eye(nl), np.ones(nb))                        # each layer: one width
     rows = [LinearConstraint(one, 1, 1),
@@ -174,6 +178,8 @@ def _knapsack(layers, widths, budget: float) -> dict[str, int]:
     if res.x is None:
         raise QroundError(f"the bit allocation found no solution ({res.message})")
     choice = np.round(res.x).reshape(nl, nb).argmax(axis=1)
+    if cost[np.arange(nl), choice].sum() > budget * (1 + 1e-6):
+        raise QroundError("the bit allocation's solution exceeds the budget (solver tolerance)")
     return {s.name: int(widths[c]) for s, c in zip(layers, choice)}
 
 
@@ -276,6 +282,9 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
     with eval_mode(qmodel), torch.no_grad():
         reference = _outputs(qmodel, calibration, forward)
         norm = sum(float(torch.sum(t.double() ** 2)) for ts in reference for t in ts)
+        if not np.isfinite(norm):
+            raise QroundError("the model's outputs on the calibration are not finite (NaN or "
+                              "Inf) before any rounding")
         if not norm > 0:
             raise QroundError("the model's outputs on the calibration are all zero: a relative "
                               "output error is undefined")

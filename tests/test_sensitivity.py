@@ -278,3 +278,15 @@ def test_a_tokenised_batch_is_scored_at_its_real_tokens(monkeypatch):
     monkeypatch.setattr(sensitivity, "MAX_REFERENCE_BYTES", 100)
     with pytest.raises(QroundError, match="fewer calibration batches"):
         layer_sensitivity(model, cal, config, bits=(2,))
+
+
+def test_an_overflowing_width_is_chosen_last():
+    sens = fake([[float("inf"), 0.2, 0.1, 0.0], [0.5, 0.4, 0.3, 0.0]], [100, 100])
+    assert sens.allocate(2.5).bits == {"l0": 3, "l1": 2}
+    assert sens.allocate(2.0).bits == {"l0": 2, "l1": 2}  # nothing else fits
+
+
+def test_non_finite_float_outputs_are_named():
+    model, cal = build("mlp2")
+    with pytest.raises(QroundError, match="not finite"):
+        layer_sensitivity(model, [cal[0] * float("nan")], bits=(2,))
