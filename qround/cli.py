@@ -768,6 +768,10 @@ def cmd_sensitivity(args) -> int:
                                       "allocation": None if allocation is None
                                       else allocation.as_dict()})
         print(f"wrote {args.json}")
+        if allocation is not None:
+            print("or: qround quantize " + shlex.join(
+                [a for a in ("--model", args.model) if args.model != "minilm"]
+                + ["--overrides-from", args.json]))
     return 0
 
 
