@@ -194,12 +194,21 @@ def _check_units_on(shadow, model, names, config, batch, forward) -> None:
                  if not any(isinstance(x, QuantizedLayer) for x in named[m].modules())]
         if empty:
             raise QroundError(f"scheme modules hold no quantised layer: {empty}")
-        from .reconstruct import _order_units, _resolve_blocks
+        from .reconstruct import _check_connected, _order_units, _resolve_blocks
 
         units = _resolve_blocks(shadow, model, units)  # overlaps
         if batch is not None:
-            with eval_mode(shadow), torch.no_grad():
-                _order_units(shadow, units, batch, forward or default_forward)
+            with eval_mode(shadow):
+                with torch.no_grad():
+                    units = _order_units(shadow, units, batch, forward or default_forward)[0]
+                _check_connected(shadow, units, batch, forward or default_forward)
+    elif batch is not None and config.granularity in ("block", "modcap", "loss"):
+        from .reconstruct import _order_units
+
+        # the blocks found by name must be called by the forward (checked here, before the
+        # solves, instead of when the reconstruction starts)
+        with eval_mode(shadow), torch.no_grad():
+            _order_units(shadow, base_units(shadow, "block"), batch, forward or default_forward)
 
 
 def act_state(layer: QuantizedLayer) -> dict[str, Any]:

@@ -55,10 +55,10 @@ import torch
 from torch import nn
 
 from .activations import quantized_layers
-from .calibrate import ForwardFn
+from .calibrate import ForwardFn, default_forward, eval_mode
 from .errors import QroundError
-from .reconstruct import (ReconstructConfig, ReconstructResult, Unit, find_blocks, plan_units,
-                          reconstruct)
+from .reconstruct import (ReconstructConfig, ReconstructResult, Unit, disconnected_modules,
+                          find_blocks, plan_units, reconstruct)
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,29 @@ class Selection:
         return format_table(rows)
 
 
+def _connected_merges(quant_model: nn.Module, units: Sequence[Unit], merges: Sequence[int],
+                      batch, forward: ForwardFn | None) -> list[int]:
+    """``merges`` without those whose run would hold a module that does not feed the run's
+    last one (parallel modules such as q_proj and k_proj, with ``base="layer"``): a joint unit
+    is trained on its last module's output only (a warning names what was left apart)."""
+    merged = merge_runs(units, merges)
+    with eval_mode(quant_model):
+        bad = disconnected_modules(quant_model, merged, batch, forward or default_forward)
+    if not bad:
+        return list(merges)
+    runs: list[list[int]] = []
+    for i in range(len(units)):
+        if i in set(merges):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    dropped = {i for run, unit in zip(runs, merged) if unit in bad for i in run[1:]}
+    log.warning("not merged, since a module's output does not reach the merged unit's last "
+                "module (a joint unit is trained on that output only): %s",
+                ", ".join(str(u) for u in merged if u in bad))
+    return [i for i in merges if i not in dropped]
+
+
 def select_units(float_model: nn.Module, quant_model: nn.Module, calibration: Iterable,
                  granularity: str = "block", *, k: int | None = None, scheme=None,
                  base: str = "block", config: ReconstructConfig = ReconstructConfig(),
@@ -314,7 +337,7 @@ def select_units(float_model: nn.Module, quant_model: nn.Module, calibration: It
                          search_seconds=time.perf_counter() - start)
     if granularity == "modcap":
         caps = [_unit_capacity(quant_model, u, wbits) for u in units]
-        merges = _modcap_merges(caps)
+        merges = _connected_merges(quant_model, units, _modcap_merges(caps), batches[0], forward)
         return Selection(granularity, tuple(merge_runs(units, merges)), tuple(units),
                          tuple(merges), capacities=tuple(caps),
                          search_seconds=time.perf_counter() - start)
@@ -328,7 +351,7 @@ def select_units(float_model: nn.Module, quant_model: nn.Module, calibration: It
         raise QroundError(f"metric={metric!r}: units {undefined} have a float output that is "
                           "identically zero and a nonzero error, so their relative loss is "
                           "undefined; use metric='mse'")
-    merges = _loss_merges(losses, k)
+    merges = _connected_merges(quant_model, units, _loss_merges(losses, k), batches[0], forward)
     return Selection(granularity, tuple(merge_runs(units, merges)), tuple(units), tuple(merges),
                      base_losses=tuple(losses), k=k, search_seconds=time.perf_counter() - start)
 

@@ -1042,9 +1042,11 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     if not plan:
         raise QroundError("none of the chosen layers is called by the forward on the first "
                           "calibration batch")
-    if config.reconstruction is not None and (len(plan) < len(names) or config.scheme):
+    if config.reconstruction is not None and (len(plan) < len(names) or config.scheme
+                                              or config.granularity != "layer"):
         # ...and again on the layers the forward calls (fewer units: k may not fit any more),
-        # with one forward that checks a scheme's units are consecutive
+        # with one forward that checks a scheme's units are consecutive and connected, or
+        # that the blocks found by name are called
         check_units(model, [x.name for x in plan], config, batch=first_batch, forward=forward)
     for i, layer in enumerate(plan):
         # the first layer (with every layer that reads its input: q, k and v) and the last one

@@ -487,7 +487,9 @@ def _order_units(quant_model, units: list[Unit], batch, forward
     wanted = [m for u in units for m in u.modules]
     missing = [m for m in wanted if m not in marked]
     if missing:
-        raise QroundError(f"blocks {missing} are not called by the model's forward")
+        raise QroundError(f"blocks {missing} are not called by the model's forward (a module "
+                          "whose parent calls its children directly is no block of its own): "
+                          "give units of called modules (a scheme), or granularity='layer'")
     rank = {n: i for i, n in enumerate(n for n in seen if n in set(wanted))}
     ordered = sorted((Unit(tuple(sorted(u.modules, key=rank.__getitem__))) for u in units),
                      key=lambda u: rank[u.modules[0]])
@@ -513,6 +515,96 @@ def _order_units(quant_model, units: list[Unit], batch, forward
                 raise QroundError(f"unit {u.name!r}: no common ancestor module of its modules "
                                   "is called by the forward (the model itself is not called?)")
     return ordered, lca, {n: i for i, n in enumerate(seen)}
+
+
+def _check_connected(model: nn.Module, units: Sequence[Unit], batch, forward) -> None:
+    """QroundError for a joint unit with a module whose output does not reach its last one."""
+    for u, missing in disconnected_modules(model, units, batch, forward).items():
+        raise QroundError(f"unit {u.name!r}: the output of {missing} does not reach "
+                          f"{u.modules[-1]!r}, the unit's last module (parallel modules, like "
+                          "q_proj and k_proj); a joint unit is trained on its last module's "
+                          "output, so their rounding would go unseen: give them separate units")
+
+
+def _first_float(out):
+    """(the first floating tensor of a module's output (a tensor, or in a tuple/list), a
+    function that puts a replacement for it back), or (None, None)."""
+    if isinstance(out, torch.Tensor):
+        return (out, lambda t: t) if out.is_floating_point() else (None, None)
+    if isinstance(out, (tuple, list)):
+        for i, x in enumerate(out):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                return x, lambda t, i=i: type(out)([*out[:i], t, *out[i + 1:]]) \
+                    if type(out) in (tuple, list) else out
+    return None, None
+
+
+def disconnected_modules(model: nn.Module, units: Sequence[Unit], batch,
+                         forward: ForwardFn) -> dict[Unit, list[str]]:
+    """For each unit of several modules, the modules before its last one whose output does
+    not reach the last one's output (parallel modules, like q_proj and k_proj: a joint unit is
+    trained on its last module's output, so their rounding would go unseen).  One forward of
+    ``batch`` with autograd on: a zero scalar that requires grad is added to each earlier
+    module's output, and the last output's graph is asked for it.  An output that is no
+    floating tensor is not checked; a forward that autograd cannot trace gives {} (a debug
+    log), as the check is advisory to the training that follows."""
+    joint = [u for u in units if len(u.modules) > 1]
+    if not joint:
+        return {}
+    named = dict(model.named_modules())
+    taps: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+
+    def tap(name):
+        def hook(module, args, out):
+            first, put = _first_float(out)
+            if name in taps or first is None:
+                return None
+            leaf = torch.zeros((), dtype=first.dtype, device=first.device, requires_grad=True)
+            taps[name] = leaf
+            return put(first + leaf)
+        return hook
+
+    def keep(name):
+        def hook(module, args, out):
+            first, _ = _first_float(out)
+            if first is not None:
+                outs.setdefault(name, first)
+        return hook
+
+    handles = []
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)  # the graph then starts at the taps only
+        for u in joint:
+            handles += [named[m].register_forward_hook(tap(m)) for m in u.modules[:-1]]
+            handles.append(named[u.modules[-1]].register_forward_hook(keep(u.modules[-1])))
+        with torch.enable_grad():
+            forward(model, batch)
+            found = {}
+            for u in joint:
+                earlier = [m for m in u.modules[:-1] if m in taps]
+                last = outs.get(u.modules[-1])
+                if not earlier or last is None:
+                    continue
+                if not last.requires_grad:
+                    found[u] = earlier
+                    continue
+                grads = torch.autograd.grad(last.sum(), [taps[m] for m in earlier],
+                                            allow_unused=True, retain_graph=True)
+                missing = [m for m, g in zip(earlier, grads) if g is None]
+                if missing:
+                    found[u] = missing
+    except (RuntimeError, _Carry) as exc:
+        log.debug("joint-unit connectivity not checked: %s", exc)
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return found
 
 
 class _Carry(Exception):
@@ -644,7 +736,9 @@ def plan_units(float_model: nn.Module, quant_model: nn.Module, calibration: Iter
     batches = _check_inputs(float_model, quant_model, calibration)
     units = _resolve_blocks(quant_model, float_model, blocks)
     with eval_mode(quant_model):
-        return _order_units(quant_model, units, batches[0], forward or default_forward)[0]
+        ordered = _order_units(quant_model, units, batches[0], forward or default_forward)[0]
+        _check_connected(quant_model, ordered, batches[0], forward or default_forward)
+        return ordered
 
 
 def _check_inputs(float_model, quant_model, calibration) -> list:
@@ -702,6 +796,7 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
             f_cache = PrefixCache(float_model, f_spans, budget, [], f_starts)
         else:
             units, lca, call_rank = _order_units(model, units, batches[0], forward)
+        _check_connected(model, units, batches[0], forward)
         for unit in units:
             t0 = time.perf_counter()
             name, last = unit.name, unit.modules[-1]

@@ -311,3 +311,91 @@ def test_loss_along_depth_and_plot(residual, tmp_path):
     assert nested.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(QroundError, match="loss_along_depth"):
         plot_losses({"layer": {"loss": [1.0]}}, str(path))
+
+
+# ------------------------------------------------------------------- joint units that cannot be
+class Parallel(nn.Module):
+    """Two Linears reading the same input (like q_proj and k_proj), then one on both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(8, 4)
+        self.out = nn.Linear(20, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(torch.cat([self.a(x), self.b(x)], -1)))
+
+
+VECTORS = [torch.randn(16, 8, generator=gen(i)) for i in range(2)]
+
+
+def test_a_joint_unit_of_parallel_modules_is_refused():
+    net = Parallel()
+    q = quantise(net, VECTORS)
+    with pytest.raises(QroundError, match=r"output of \['a'\] does not reach 'b'"):
+        reconstruct(net, q, VECTORS, [("a", "b")], FAST)
+    with pytest.raises(QroundError, match="does not reach"):
+        plan_units(net, q, VECTORS, [("a", "b")])
+    # a unit whose modules feed each other is fine
+    assert [u.name for u in plan_units(net, q, VECTORS, [("b", "out")])] == ["a", "b+out"]
+
+
+def test_modcap_does_not_merge_parallel_modules(caplog):
+    net = Parallel()
+    q = quantise(net, VECTORS)
+    # b has the smaller capacity, so ModCap would join it to a; b's output never reaches a's
+    sel = select_units(net, q, VECTORS, "modcap", base="layer")
+    assert sel.capacities[1] < sel.capacities[0]
+    assert [u.name for u in sel.units] == ["a", "b", "out"] and 1 not in sel.merges
+    assert "not merged" in caplog.text
+
+
+def test_a_scheme_of_parallel_modules_fails_before_any_solve(monkeypatch):
+    import qround.pipeline as pipeline
+    from qround.pipeline import QuantConfig, quantize_model
+
+    solves = []
+    monkeypatch.setattr(pipeline, "_solve_layer",
+                        lambda *a, **k: solves.append(1) or pytest.fail("solved"))
+    config = QuantConfig(wbits=2, abits=4, solver="greedy", progress=False,
+                         reconstruction=FAST, granularity="scheme", scheme=("a+b", "out"))
+    with pytest.raises(QroundError, match="does not reach"):
+        quantize_model(Parallel(), VECTORS, config)
+    assert not solves
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+
+class UncalledBlock(nn.Module):
+    """A module taken as a block by name whose own forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 1, 3, padding=1)
+        self.block = _Inner()
+        self.fc = nn.Linear(2 * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.block.conv(self.stem(x))).flatten(1))
+
+
+_Inner.__name__ = "ConvBlock"  # find_blocks takes class names ending in Block
+
+
+@pytest.mark.parametrize("granularity,k", [("block", None), ("modcap", None), ("loss", 1)])
+def test_an_uncalled_block_is_named_before_any_solve(monkeypatch, granularity, k):
+    import qround.pipeline as pipeline
+    from qround.pipeline import QuantConfig, quantize_model
+
+    monkeypatch.setattr(pipeline, "_solve_layer", lambda *a, **kw: pytest.fail("solved"))
+    config = QuantConfig(wbits=2, abits=4, solver="greedy", progress=False,
+                         reconstruction=FAST, granularity=granularity, k=k)
+    with pytest.raises(QroundError, match=r"blocks \['block'\] are not called.*granularity='layer'"):
+        quantize_model(UncalledBlock(), IMAGES, config)
