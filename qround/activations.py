@@ -694,3 +694,16 @@ def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
         for name, child in list(parent._modules.items()):
             if child is old:
                 parent._modules[name] = new
+    _no_fused_path(root)
+
+
+def _no_fused_path(root: nn.Module) -> None:
+    """An nn.TransformerEncoderLayer (and the nn.TransformerEncoder around it) has a fused
+    inference path that reads its Linear layers' weights itself and never calls them, so a
+    wrapper's input quantiser would not run.  Its ``activation_relu_or_gelu`` flag only tells
+    that path which activation to fuse; at 0 torch takes the module-by-module path, which
+    computes the same function and calls the wrappers."""
+    for m in root.modules():
+        if (isinstance(m, nn.TransformerEncoderLayer) and getattr(m, "activation_relu_or_gelu", 0)
+                and any(isinstance(c, QuantizedLayer) for c in m.modules())):
+            m.activation_relu_or_gelu = 0

@@ -111,10 +111,11 @@ def layer_cost(weight, dequantized, hessian) -> float:
 
 
 # ----------------------------------------------------------------------------- whole models
-def _layer_grid(config, name: str, index: int, count: int) -> GridSpec:
-    """The grid of layer ``name``, the ``index``-th of ``count`` in order: ``first_last_bits``
-    at the ends, and the layer's ``overrides`` (which win over it), as quantize_model has it."""
-    return config.grid_spec(int(config.layer_bits(name, index in (0, count - 1))), name)
+def _layer_grid(config, name: str, end: bool) -> GridSpec:
+    """The grid of layer ``name``; ``end``: it is (or reads the input of) the first layer, or
+    it is the last: ``first_last_bits`` there, and the layer's ``overrides`` (which win over
+    it), as quantize_model has it."""
+    return config.grid_spec(int(config.layer_bits(name, end)), name)
 
 
 def _write(module: nn.Module, codes: np.ndarray, grid: Grid) -> None:
@@ -149,7 +150,7 @@ def rtn_model(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, float]:
     modules = dict(qmodel.named_modules())
     for index, name in enumerate(names):
         w = layer_weight(modules[name])
-        grid = fit_grid(w, _layer_grid(config, name, index, len(names)))
+        grid = fit_grid(w, _layer_grid(config, name, index in (0, len(names) - 1)))
         _write(modules[name], grid.quantize(w), grid)
     return restore_conv1d(qmodel, replaced), time.perf_counter() - start
 
@@ -200,8 +201,10 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
         for layer in group:
             module, h = modules[layer.name], stats[layer.leader]["hessian"]
             w = layer_weight(module)
-            grid = fit_grid(w, _layer_grid(config, layer.name, position[layer.name],
-                                           len(plan)), hessian=h)
+            # the first layer with every layer that reads its input (q, k and v), and the
+            # last one, as quantize_model has them
+            end = layer.group == plan[0].group or position[layer.name] == len(plan) - 1
+            grid = fit_grid(w, _layer_grid(config, layer.name, end), hessian=h)
             codes = gptq_quantize(w, h, grid, act_order=act_order, percdamp=percdamp,
                                   blocksize=blocksize)
             _write(module, codes, grid)

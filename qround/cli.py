@@ -27,7 +27,7 @@ import numpy as np
 
 from . import __version__
 from .cliargs import PLOT_SUFFIXES, check_format, check_paths, finite_at_least, int_at_least
-from .errors import QroundError, check_bits, check_int
+from .errors import MAX_SEED, QroundError, check_bits, check_int
 from .report import SolveRecord, format_table, totals, write_json_atomic, write_npz_atomic
 from .solvers import available_solvers, get_solver, warm_up
 from .solvers.registry import DEFAULT_SOLVER, split_specs
@@ -671,15 +671,21 @@ def cmd_quantize(args) -> int:
         if any(is_hf_conv1d(m) for m in model.modules()):
             raise QroundError("--save-compressed: compressed-tensors packs nn.Linear weights; "
                               "this model's layers are transformers' Conv1D (GPT-2): use --out")
-        if args.bias_correction and any(isinstance(m, torch.nn.Linear) and m.bias is None
-                                        for m in model.modules()):
-            raise QroundError("--save-compressed with --bias-correction: bias correction gives "
-                              "this model's bias-free Linear layers a bias, which its config "
-                              "has no place for (transformers would drop it on loading); leave "
-                              "out --bias-correction")
     if args.layers is None and default_layers:
         from dataclasses import replace
         config = replace(config, layers=default_layers)
+    if args.save_compressed and args.bias_correction:
+        from .pipeline import _select
+
+        modules = dict(model.named_modules())
+        bare = [n for n in _select(model, config)[0]   # the layers to round (tied ones not)
+                if isinstance(modules[n], torch.nn.Linear) and modules[n].bias is None]
+        if bare:
+            raise QroundError(f"--save-compressed with --bias-correction: bias correction gives "
+                              f"this model's bias-free Linear layers ({bare[0]!r}"
+                              + (f" and {len(bare) - 1} more" if len(bare) > 1 else "")
+                              + ") a bias, which its config has no place for (transformers "
+                              "would drop it on loading); leave out --bias-correction")
     qmodel = quantize_model(model, batches, config, forward=forward)
     print(qmodel.table())
     if qmodel.units is not None and qmodel.units.granularity in ("modcap", "loss"):
@@ -919,7 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid bits when the file has no scale (default: the file's bits)")
     s.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],
                    help="scale search when the file has no scale")
-    s.add_argument("--seed", type=int_at_least(0), default=0)
+    s.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     s.add_argument("--device", default=None,
                    help="cpu or cuda: where the torch solvers (cem, hopfield, meanfield, gptq) "
                         "run")
@@ -944,7 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
     xq.add_argument("--bits", type=int, default=None,
                     help="grid bits when the file has no scale (default: the file's bits)")
     xq.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
-    xq.add_argument("--seed", type=int_at_least(0), default=0)
+    xq.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     xq.add_argument("--device", default=None, help="cpu or cuda, for the torch solvers")
     xq.set_defaults(func=cmd_export_qubo)
 
@@ -963,7 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--reads", type=int_at_least(1), default=4,
                     help="independent searches per file from random starts; the best is "
                          "reported (default: %(default)s)")
-    sm.add_argument("--seed", type=int_at_least(0), default=0,
+    sm.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
                     help="seeds the random starts and the search: equal seeds, equal results, "
                          "except under a time budget (a timeout; dwave-tabu always has one), "
                          "where the result depends on the machine's speed "
@@ -1032,7 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add D x mean(diag H) x ||w_hat - w||^2 to every channel's cost: pulls "
                         "the rounding towards the float weight where H is ill-conditioned "
                         "(default: %(default)s)")
-    q.add_argument("--seed", type=int_at_least(0), default=0)
+    q.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     q.add_argument("--device", default="cpu",
                    help="cpu or cuda: where layer statistics are accumulated and the torch "
                         "solvers (cem, hopfield, gptq) run; the model's forward stays on the CPU")
@@ -1097,7 +1103,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "it (not allocated), other settings apply to its measured grids")
     se.add_argument("--layers", default=None, help="regex of layer names to measure")
     se.add_argument("--exclude", default=None, help="regex of layer names to leave in float")
-    se.add_argument("--seed", type=int_at_least(0), default=0)
+    se.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     se.add_argument("--threads", type=int_at_least(1), default=2)
     se.add_argument("--json", help="also write the measurements and the allocation as JSON")
     se.set_defaults(func=cmd_sensitivity)
@@ -1119,7 +1125,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a checkpoint folder: tokens per text, at most (default: 128, or the "
                          "model's positions if fewer)")
     ev.add_argument("--abits", type=int, default=None, help="digits: activation bits (e.g. 8)")
-    ev.add_argument("--seed", type=int_at_least(0), default=None,
+    ev.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=None,
                     help="digits: the float model's seed (default: the seed the file records, "
                          "which `qround quantize` also trained its float model with)")
     ev.add_argument("--threads", type=int_at_least(1), default=2)
@@ -1134,7 +1140,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--channels", type=int_at_least(1), default=32, help="output channels per layer")
     d.add_argument("--solvers", default=None, help="comma-separated solver specs (default: all)")
     d.add_argument("--threads", type=int_at_least(1), default=2, help="torch CPU threads")
-    d.add_argument("--seed", type=int_at_least(0), default=0)
+    d.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     d.add_argument("--json", help="also write the results as JSON to this file")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--journey", default="digits-cnn", choices=["digits-cnn", "minilm", "none"],

@@ -13,8 +13,8 @@ from typing import Callable
 from .errors import MAX_BITS, MIN_BITS, QroundError
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer ``>= low``."""
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= low`` (and ``<= high`` when given)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -22,6 +22,8 @@ def int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
     parse.__name__ = f"integer >= {low}"
     return parse

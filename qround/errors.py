@@ -14,6 +14,10 @@ class QroundError(ValueError):
     """Bad input or configuration: the message names the argument and what is wrong."""
 
 
+# torch's generators take seeds below 2**64 (numpy's take any): the largest seed qround accepts
+MAX_SEED = 2 ** 64 - 1
+
+
 def check_int(value, name: str, minimum: int, allow_none: bool = False,
               maximum: int | None = None) -> int | None:
     """An integer parameter in ``[minimum, maximum]`` (or None where allowed); QroundError

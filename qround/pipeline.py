@@ -44,7 +44,7 @@ from .activation_stage import WEIGHT_STARTS, check_units, quantize_activations
 from .activations import BORDERS, INITS
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
                         capture_fisher, default_forward, eval_mode, fisher_bytes, layer_hooks)
-from .errors import QroundError, check_bits, check_int, check_real, copy_module
+from .errors import MAX_SEED, QroundError, check_bits, check_int, check_real, copy_module
 from .export import fingerprint
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
@@ -230,8 +230,9 @@ class QuantConfig:
         check_real(self.fisher_budget_mb, "fisher_budget_mb", 0, lo_open=True)
         check_budget(self.capture_cache_mb, "capture_cache_mb")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
-                or self.seed < 0:
-            raise QroundError(f"seed must be a non-negative integer, got {self.seed!r}")
+                or not 0 <= self.seed <= MAX_SEED:
+            raise QroundError(f"seed must be an integer in [0, 2**64 - 1] (torch's generators "
+                              f"take no more), got {self.seed!r}")
         resolve_device(self.device)
         if not isinstance(self.device, str):  # torch.device, or a CUDA index: saved as JSON
             object.__setattr__(self, "device", str(torch.device(
@@ -439,6 +440,33 @@ class _Layer:
     group: int
 
 
+def _base(m: nn.Module) -> type:
+    return nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
+
+
+def _own_forward(m: nn.Module) -> bool:
+    """A subclass of nn.Linear / nn.Conv2d that computes its own output (timm's StdConv2d, a
+    scaled Linear): its forward (or a conv's ``_conv_forward``) is not the base class's."""
+    base, kind = _base(m), type(m)
+    return kind.forward is not base.forward or (
+        base is nn.Conv2d and kind._conv_forward is not nn.Conv2d._conv_forward)
+
+
+def _run_first(model: nn.Module, batch, forward: ForwardFn) -> None:
+    """``forward(model, batch)`` on the first calibration batch: an error of the user's model
+    or forward (a batch of the wrong shape, dtype or device) is a QroundError naming it."""
+    try:
+        forward(model, batch)
+    except QroundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (any error of the user's forward)
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise QroundError(f"the model's forward failed on the first calibration batch "
+                          f"({type(exc).__name__}: {text}); check that the batches fit the "
+                          "model (shape, dtype, device) and, for batches that are not the "
+                          "model's positional input, the forward function") from exc
+
+
 def _select(model: nn.Module, config: QuantConfig, float_conv1d=()
             ) -> tuple[list[str], dict[str, str]]:
     """Names of the Linear/Conv2d layers to quantise, and the weight-holding modules left out.
@@ -447,13 +475,19 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=()
     candidates, skipped = [], {}
     modules = dict(model.named_modules())
     for name, m in modules.items():
-        if isinstance(m, SUPPORTED):
+        if isinstance(m, SUPPORTED) and _own_forward(m):
+            skipped[name] = (f"{type(m).__name__} subclasses {_base(m).__name__} with its own "
+                             "forward: its output need not be x W^T + b, so its rounding cost "
+                             "would be another layer's; left in float")
+        elif isinstance(m, SUPPORTED):
             candidates.append(name)
         elif not isinstance(m, _NORMS) and any(True for _ in m.parameters(recurse=False)):
             skipped[name] = (f"{type(m).__name__} is not an nn.Linear or nn.Conv2d: its own "
                              "parameters stay in float")
     if not candidates:
-        raise QroundError("model has no nn.Linear or nn.Conv2d layer to quantise")
+        own = [f"{n!r}: {why}" for n, why in skipped.items() if "own forward" in why]
+        raise QroundError("model has no nn.Linear or nn.Conv2d layer to quantise"
+                          + (f" ({own[0]})" if own else ""))
     chosen = candidates
     for field_name, keep in (("layers", True), ("exclude", False)):
         pattern = getattr(config, field_name)
@@ -557,7 +591,7 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> lis
                 inputs.append((weakref.ref(x), x._version, name))
 
     with eval_mode(model), torch.no_grad(), layer_hooks({n: modules[n] for n in names}, hook):
-        forward(model, batch)
+        _run_first(model, batch, forward)
     plan: dict[str, _Layer] = {}
     for name in owner:  # dicts keep insertion order: the order of first calls
         kind = "Linear" if isinstance(modules[name], nn.Linear) else "Conv2d"
@@ -986,11 +1020,36 @@ def _own_rng(config: QuantConfig, model: nn.Module):
             random.setstate(py_state)
 
 
+def _samples(batch) -> int | None:
+    """The number of samples of a batch: the first dimension of its tensor, of the first tensor
+    of a tuple/list, or of a dict's ``input_ids`` (else its first tensor); None if unknown."""
+    if isinstance(batch, Mapping):
+        values = [batch["input_ids"]] if "input_ids" in batch else list(batch.values())
+    elif isinstance(batch, (tuple, list)):
+        values = list(batch)
+    else:
+        values = [batch]
+    first = next((v for v in values if isinstance(v, torch.Tensor) and v.ndim >= 1), None)
+    return None if first is None else int(first.shape[0])
+
+
+def _check_no_empty_batch(calibration) -> None:
+    """The activation stage (steps, borders, reconstruction) averages over every batch's
+    samples: a batch of none is refused before any work (the weight stage just skips it)."""
+    empty = [i for i, b in enumerate(calibration) if _samples(b) == 0]
+    if empty:
+        raise QroundError(f"calibration batch {empty[0]} holds no samples (its first dimension "
+                          "is 0): drop it; activation quantisation and reconstruction average "
+                          "over every batch's samples")
+
+
 def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> QuantizedModel:
     """:func:`quantize_model` inside :func:`_own_rng`."""
     t_start = time.perf_counter()
     forward = forward or default_forward
     first_batch = _check_calibration(calibration)
+    if config.activation_stage and isinstance(calibration, (list, tuple)):
+        _check_no_empty_batch(calibration)
     if config.statistics == "fisher" and loss_fn is None:
         raise QroundError("statistics='fisher' needs loss_fn(output, batch) -> scalar loss")
     if loss_fn is not None and config.statistics != "fisher":
@@ -1050,7 +1109,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
         check_units(model, [x.name for x in plan], config, batch=first_batch, forward=forward)
     for i, layer in enumerate(plan):
         # the first layer (with every layer that reads its input: q, k and v) and the last one
-        ends = layer.leader == plan[0].leader or i == len(plan) - 1
+        ends = layer.group == plan[0].group or i == len(plan) - 1
         layer.bits = config.layer_bits(layer.name, ends)
     q_modules = dict(qmodel.named_modules())
 
@@ -1096,7 +1155,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
         result.reconstruction, result.units = quantize_activations(
             result, float_model, list(calibration), forward, config,
             call_order=[x.name for x in plan],
-            first=[x.name for x in plan if x.leader == plan[0].leader])
+            first=[x.name for x in plan if x.group == plan[0].group])
         reverted = [b.block for b in (result.reconstruction.blocks
                                       if result.reconstruction is not None else []) if b.reverted]
         if reverted:
@@ -1161,7 +1220,7 @@ def _called(model: nn.Module, names, batch, forward, check=None) -> set[str]:
     handles = [modules[n].register_forward_pre_hook(pre(n), with_kwargs=True) for n in names]
     try:
         with eval_mode(model), torch.no_grad():
-            forward(model, batch)
+            _run_first(model, batch, forward)
     finally:
         for h in handles:
             h.remove()

@@ -54,7 +54,7 @@ from torch import nn
 
 from .activations import QuantizedLayer, qdrop, quantized_layers
 from .calibrate import _TOKEN_MASK, ForwardFn, default_forward, eval_mode
-from .errors import QroundError
+from .errors import MAX_SEED, QroundError
 from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,11 @@ class ReconstructConfig:
     def __post_init__(self):
         for name in ("iterations", "batch_size", "seed"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1) \
+                    or (name == "seed" and v > MAX_SEED):
                 raise QroundError(f"ReconstructConfig.{name} must be an integer >= "
-                                  f"{0 if name == 'seed' else 1}, got {v!r}")
+                                  f"{0 if name == 'seed' else 1}"
+                                  + (" and < 2**64" if name == "seed" else "") + f", got {v!r}")
         for name in ("lr_rounding", "lr_step", "lr_border", "cache_mb"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):

@@ -273,11 +273,13 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
                           "'minmax' or 'mse'")
     modules = dict(qmodel.named_modules())
     held = {}
-    for index, name in enumerate(order):
-        fixed = config.layer_bits(name, index in (0, len(order) - 1))
-        if "wbits" in config.override(name)[1] or (
-                index in (0, len(order) - 1) and config.first_last_bits is not None):
-            held[name] = fixed
+    for index, layer in enumerate(plan):
+        # the first layer with every layer that reads its input, and the last, as
+        # quantize_model has them
+        end = layer.group == plan[0].group or index == len(plan) - 1
+        if "wbits" in config.override(layer.name)[1] or (end and config.first_last_bits
+                                                         is not None):
+            held[layer.name] = config.layer_bits(layer.name, end)
     layers = []
     with eval_mode(qmodel), torch.no_grad():
         reference = _outputs(qmodel, calibration, forward)

@@ -205,3 +205,38 @@ def test_inplace_with_activations_quantises_the_weights_and_wraps_a_new_model():
         result.layers["block.conv1"].dequantized), rtol=1e-6, atol=1e-7)
     assert isinstance(dict(result.model.named_modules())["block.conv1"], QuantizedLayer)
     assert not any(isinstance(m, QuantizedLayer) for m in net.modules())
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True,
+                                              dropout=0.0)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.enc(self.inp(x)))
+
+
+def test_a_transformer_encoder_layer_calls_its_wrapped_linears():
+    """torch's fused inference path of nn.TransformerEncoderLayer reads linear1/linear2's
+    weights itself; with their inputs quantised it must not run (the quantisers would not)."""
+    model = _Encoder().eval()
+    cal = [torch.randn(8, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    qm = quantize_model(model, cal, QuantConfig(wbits=4, abits=2, solver="greedy",
+                                                progress=False))
+    assert qm.model.enc.linear1.act is not None
+    calls = []
+    handle = qm.model.enc.linear1.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        qm.model.eval()(cal[0])
+    handle.remove()
+    assert calls, "the fused path skipped the quantised layer"
+    # the float model keeps its fused path (untouched)
+    assert model.enc.activation_relu_or_gelu == 1
+    # block reconstruction trains through it
+    config = QuantConfig(wbits=4, abits=2, solver="greedy", progress=False,
+                         reconstruction=ReconstructConfig(iterations=3, batch_size=4))
+    quantize_model(model, cal, config)

@@ -234,3 +234,41 @@ def test_gptq_quantize_arguments_are_named(kwargs, match):
     w = np.ones((2, 4))
     with pytest.raises(QroundError, match=match):
         gptq_quantize(w, np.eye(4), fit_grid(w, GridSpec(bits=3)), **kwargs)
+
+
+# ------------------------------------------------- first_last_bits covers the first layer's group
+class _InputReaders(nn.Module):
+    """q, k and v read the model's input (as in attention), and a 1x1-kernel-like skip of
+    another width too; mid and out follow."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 12)
+        self.mid = nn.Linear(28, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(torch.cat([self.q(x), self.k(x), self.v(x)], -1))
+        return self.out(torch.relu(self.mid(h)))
+
+
+def _levels(module) -> int:
+    """The most distinct weight values in a row (a 2-bit grid has at most 4)."""
+    return max(len(torch.unique(row)) for row in module.weight.detach())
+
+
+def test_gptq_model_gives_first_last_bits_to_every_layer_reading_the_input():
+    from qround.baselines import gptq_model
+    from qround.pipeline import QuantConfig, quantize_model
+
+    model = _InputReaders()
+    batches = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    config = QuantConfig(wbits=2, first_last_bits=8, solver="greedy", progress=False)
+    qm = quantize_model(model, batches, config)
+    bits = {r.layer: r.bits for r in qm.report}
+    assert bits == {"q": 8, "k": 8, "v": 8, "mid": 2, "out": 8}
+    gptq, _ = gptq_model(model, batches, config)
+    for name, b in bits.items():
+        levels = _levels(getattr(gptq, name))
+        assert (levels <= 4) == (b == 2), (name, levels)

@@ -497,3 +497,74 @@ def test_a_model_file_whose_class_cannot_be_imported_gets_a_hint(tmp_path, capsy
     assert main(["quantize", "--model", str(tmp_path / "m.pt"), "--calibration",
                  str(tmp_path / "c.pt"), "--no-progress"]) == 2
     assert "PYTHONPATH" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- second quantisation review
+class _ScaledLinear(nn.Linear):
+    """A Linear whose forward uses 4 W: not x W^T + b."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, 4 * self.weight, self.bias)
+
+
+class _StdConv(nn.Conv2d):
+    """timm's StdConv2d pattern: the conv standardises its weight in _conv_forward."""
+
+    def _conv_forward(self, x, weight, bias):
+        w = (weight - weight.mean((1, 2, 3), keepdim=True)) / (weight.std((1, 2, 3),
+                                                                           keepdim=True) + 1e-6)
+        return super()._conv_forward(x, w, bias)
+
+
+class _Plain(nn.Linear):
+    """A subclass that keeps nn.Linear's forward (like MultiheadAttention's out_proj)."""
+
+
+def test_subclasses_with_their_own_forward_stay_in_float():
+    torch.manual_seed(0)
+    model = nn.Sequential(_StdConv(2, 4, 3), nn.Flatten(), _Plain(4 * 4 * 4, 8), nn.ReLU(),
+                          _ScaledLinear(8, 3))
+    batches = [torch.randn(4, 2, 6, 6) for _ in range(2)]
+    qm = quantize_model(model, batches, QuantConfig(wbits=3, solver="greedy", progress=False))
+    assert [r.layer for r in qm.report] == ["2"]
+    for name, kind in (("0", "_StdConv"), ("4", "_ScaledLinear")):
+        assert f"{kind} subclasses" in qm.skipped[name] and "own forward" in qm.skipped[name]
+    with pytest.raises(QroundError, match="no nn.Linear or nn.Conv2d layer.*own forward"):
+        quantize_model(nn.Sequential(_ScaledLinear(4, 2)), [torch.randn(3, 4)],
+                       QuantConfig(progress=False))
+
+
+def test_seed_range():
+    QuantConfig(seed=2 ** 64 - 1)
+    ReconstructConfig(seed=2 ** 64 - 1)
+    with pytest.raises(QroundError, match="seed"):
+        QuantConfig(seed=2 ** 64)
+    with pytest.raises(QroundError, match="seed"):
+        ReconstructConfig(seed=2 ** 64)
+    model = nn.Sequential(nn.Linear(4, 3))
+    qm = quantize_model(model, [torch.randn(5, 4)], QuantConfig(seed=2 ** 64 - 1,
+                                                                progress=False))
+    assert len(qm.report) == 1
+
+
+@pytest.mark.parametrize("batch,kind", [(torch.randn(8, 15), "shapes cannot be multiplied"),
+                                        (torch.ones(8, 16, dtype=torch.int64), "dtype"),
+                                        (np.ones((8, 16), dtype=np.float32), "TypeError")])
+def test_a_batch_that_does_not_fit_the_model_is_named(batch, kind):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.raises(QroundError, match=f"forward failed on the first calibration batch.*{kind}"):
+        quantize_model(model, [batch], QuantConfig(progress=False))
+
+
+def test_an_empty_batch_is_refused_before_the_activation_stage(monkeypatch):
+    import qround.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_solve_layer", lambda *a, **k: pytest.fail("solved"))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    batches = [torch.randn(4, 1, 6, 6), torch.empty(0, 1, 6, 6)]
+    with pytest.raises(QroundError, match="calibration batch 1 holds no samples"):
+        quantize_model(model, batches, QuantConfig(abits=4, progress=False))
+    for batch in ({"input_ids": torch.empty(0, 5, dtype=torch.long)},
+                  (torch.empty(0, 3), torch.ones(0))):
+        assert pipeline._samples(batch) == 0
+    assert pipeline._samples({"x": torch.ones(2, 3)}) == 2 and pipeline._samples(1.0) is None

@@ -242,3 +242,36 @@ def test_a_gpt2_folder_is_refused_before_any_work(llama_folder, tmp_path, capsys
                  "--save-compressed", str(tmp_path / "out")]) == 2
     assert "layers are transformers' Conv1D (GPT-2)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_bias_correction_is_refused_only_for_layers_that_are_rounded(llama_folder, tmp_path,
+                                                                     monkeypatch, capsys):
+    """OPT: every projection has a bias; its bias-free lm_head is tied to the embedding and
+    stays in float, so --bias-correction --save-compressed has nothing to refuse."""
+    from qround.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = transformers.AutoTokenizer.from_pretrained(llama_folder)
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    word_embed_proj_dim=32, max_position_embeddings=64)
+    folder = tmp_path / "opt"
+    transformers.OPTForCausalLM(config).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out, saved = tmp_path / "opt-ct", tmp_path / "opt.safetensors"
+    assert main(["quantize", "--model", str(folder), "--calibration-size", "8", "--wbits", "4",
+                 "--bias-correction", "--threads", "1", "--no-progress", "--out", str(saved),
+                 "--save-compressed", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "lm_head" in text and "tied weights" in text
+    from qround import export
+    from qround.zoo.hf import load_hf
+
+    hf = load_hf(str(folder))
+    ours = export.load(hf.model, saved)
+    [batch] = hf.batches(["The rounding of every weight is chosen.", "A second text."])
+    with torch.no_grad():
+        theirs = load(out)(**batch).logits
+        torch.testing.assert_close(theirs, ours(**batch).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(theirs, hf.model(**batch).logits)  # it was quantised

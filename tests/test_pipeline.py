@@ -591,3 +591,30 @@ def test_digits_cnn_w4_greedy_keeps_accuracy():
     assert list(qm.layers) == ["conv1", "conv2", "conv3", "fc"]
     assert quant_acc >= float_acc - 0.03
     assert all(r.ratio < 1 for r in qm.report)
+
+
+class _SkipFromInput(nn.Module):
+    """A 3x3 stem and a 1x1 skip conv both read the model's input (different geometries)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.skip = nn.Conv2d(2, 4, 1)
+        self.mid = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.mid(torch.relu(self.stem(x)))) + self.skip(x)
+        return self.fc(h.flatten(1))
+
+
+def test_first_last_bits_cover_a_skip_of_another_kernel_from_the_input():
+    model = _SkipFromInput()
+    cal = batches((8, 2, 6, 6))
+    qm = quantize_model(model, cal, QuantConfig(wbits=2, first_last_bits=8, abits=4,
+                                                solver="greedy", progress=False))
+    assert {r.layer: r.bits for r in qm.report} == {"stem": 8, "skip": 8, "mid": 2, "fc": 8}
+    # the input of the first layers stays in float, the others are quantised
+    assert qm.model.stem.act is None and qm.model.skip.act is None
+    assert qm.model.mid.act is not None and qm.model.fc.act is not None
