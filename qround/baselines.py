@@ -179,9 +179,9 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
     forward = forward or default_forward
     first_batch = _check_calibration(calibration)
     # the Conv1D layers the forward calls are rounded as Linear views of their weights
-    convert, _ = _conv1d_selection(model, config, first_batch, forward)
+    convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward)
     qmodel, replaced = linearize_conv1d(copy_module(model), share=True, names=convert)
-    names, _ = _select(qmodel, config)
+    names, _ = _select(qmodel, config, float_conv1d=conv_skipped)
     _check_overrides_match(config, names)
     modules = dict(qmodel.named_modules())
     for name in names:

@@ -595,6 +595,9 @@ def _overrides_from(path: str) -> list:
         raise QroundError(f"--overrides-from {path!r} could not be read as JSON "
                           f"({type(exc).__name__}: {exc})") from None
     if isinstance(data, dict):
+        if "sensitivity" in data and not isinstance(data.get("allocation"), dict):
+            raise QroundError(f"--overrides-from {path!r} holds a sensitivity measurement "
+                              "without an allocation: run qround sensitivity with --mean-bits")
         if isinstance(data.get("allocation"), dict):
             data = data["allocation"].get("overrides")
         elif isinstance(data.get("config"), dict):
@@ -729,6 +732,25 @@ def _bits_list(text: str) -> tuple[int, ...]:
     return tuple(sorted({check_bits(b, "--bits") for b in widths}))
 
 
+def _measured_args(args) -> list[str]:
+    """The `qround quantize` options that repeat what `qround sensitivity` measured: the model
+    and its calibration, the grid settings, first/last bits and the layer selection (the
+    per-layer widths come from the allocation's overrides)."""
+    out = [] if args.model == "minilm" else ["--model", args.model]
+    for flag, value in (("--calibration", args.calibration),
+                        ("--calibration-size", args.calibration_size),
+                        ("--max-length", args.max_length),
+                        ("--batch-size", None if args.batch_size == 32 else args.batch_size),
+                        ("--group-size", args.group_size),
+                        ("--scale-method", None if args.scale_method == "mse"
+                         else args.scale_method),
+                        ("--first-last-bits", args.first_last_bits),
+                        ("--layers", args.layers), ("--exclude", args.exclude)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out + (["--asymmetric-grid"] if args.asymmetric_grid else [])
+
+
 def cmd_sensitivity(args) -> int:
     import shlex
 
@@ -767,8 +789,7 @@ def cmd_sensitivity(args) -> int:
               + ", ".join(f"{n} layers at W{b}" for b, n in sorted(counts.items()))
               + f"), predicted output error {allocation.predicted_error:.3e}")
         print("quantise with: qround quantize " + shlex.join(
-            [a for a in ("--model", args.model) if args.model != "minilm"]
-            + allocation.cli_args()))
+            _measured_args(args) + allocation.cli_args()))
     if args.json:
         write_json_atomic(args.json, {"config": config.as_dict(), "sensitivity": sens.as_dict(),
                                       "allocation": None if allocation is None
@@ -776,8 +797,7 @@ def cmd_sensitivity(args) -> int:
         print(f"wrote {args.json}")
         if allocation is not None:
             print("or: qround quantize " + shlex.join(
-                [a for a in ("--model", args.model) if args.model != "minilm"]
-                + ["--overrides-from", args.json]))
+                _measured_args(args) + ["--overrides-from", args.json]))
     return 0
 
 
@@ -1091,7 +1111,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--mean-bits", type=finite_at_least(1.0), default=None, metavar="B",
                     help="choose a width per layer for at most B bits per weight on average "
                          "(the widths of least summed output error), and print the "
-                         "`qround quantize --override ...` arguments that give it")
+                         "`qround quantize` command that quantises with it (the measured "
+                         "model, calibration, grid and layer options, and the widths as "
+                         "--override arguments)")
     se.add_argument("--group-size", type=int, default=None)
     se.add_argument("--scale-method", default="mse", choices=["minmax", "mse"])
     se.add_argument("--asymmetric-grid", action="store_true", help="unsigned grid with zero point")

@@ -30,7 +30,7 @@ from .calibrate import ForwardFn, default_forward, eval_mode
 from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid
 from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match, _conv1d_selection,
-                       _own_rng, _select, _trace)
+                       _own_rng, _samples, _select, _trace)
 from .problems.layers import layer_weight, linearize_conv1d
 
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -158,28 +158,47 @@ class Sensitivity:
 
 def _knapsack(layers, widths, budget: float) -> dict[str, int]:
     """The widths (one per layer, from ``widths``) of least summed error whose weight-bits
-    stay within ``budget``: a multiple-choice knapsack, solved exactly as an integer program
-    (HiGHS via scipy.optimize.milp; HAWQ-V3's formulation)."""
+    stay within ``budget``: a multiple-choice knapsack, solved as an integer program (HiGHS via
+    scipy.optimize.milp; HAWQ-V3's formulation).  The objective is in units of the smallest
+    error, so that HiGHS's absolute optimality gap (1e-6) stays below every difference that
+    matters, with no relative gap; a solution that exceeds the budget by the solver's
+    feasibility tolerance is brought back within it by the cheapest downgrades."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     nl, nb = len(layers), len(widths)
-    cost = np.array([[b * s.weights for b in widths] for s in layers], dtype=float)
+    cost = np.array([[b * s.weights for b in widths] for s in layers], dtype=np.int64)
+    limit = int(np.floor(budget * (1 + 1e-12)))   # weight-bits are integers
     error = np.array([[s.errors[b] for b in widths] for s in layers], dtype=float)
     finite = np.isfinite(error)
     if not finite.all():  # a width whose output overflowed: chosen only when nothing else fits
         top = float(np.max(error[finite])) if finite.any() else 1.0
         error = np.where(finite, error, 2 * nl * max(top, 1e-300))
-    scale = float(np.max(cost))  # the budget row in units of the largest layer's cost
+    positive = error[error > 0]
+    # (at most 12 decades below the largest: HiGHS takes coefficients from 1e20 as infinite)
+    unit = max(float(positive.min()), float(positive.max()) * 1e-12) if positive.size else 1.0
+    scale = float(cost.max())  # the budget row in units of the largest layer's cost
     one = np.kron(np.eye(nl), np.ones(nb))                        # each layer: one width
     rows = [LinearConstraint(one, 1, 1),
-            LinearConstraint(cost.ravel()[None] / scale, -np.inf, budget / scale + 1e-9)]
-    res = milp(error.ravel() / max(float(np.max(error)), 1e-300), constraints=rows,
-               integrality=np.ones(nl * nb), bounds=Bounds(0, 1))
+            LinearConstraint(cost.ravel()[None] / scale, -np.inf, limit / scale)]
+    res = milp(error.ravel() / unit, constraints=rows, integrality=np.ones(nl * nb),
+               bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
     if res.x is None:
         raise QroundError(f"the bit allocation found no solution ({res.message})")
     choice = np.round(res.x).reshape(nl, nb).argmax(axis=1)
-    if cost[np.arange(nl), choice].sum() > budget * (1 + 1e-6):
-        raise QroundError("the bit allocation's solution exceeds the budget (solver tolerance)")
+    rows_ = np.arange(nl)
+    while int(cost[rows_, choice].sum()) > limit:   # over by the solver's tolerance: repair
+        best = None
+        for i in range(nl):
+            for j in range(nb):
+                saved = int(cost[i, choice[i]] - cost[i, j])
+                if saved <= 0:
+                    continue
+                rate = (error[i, j] - error[i, choice[i]]) / saved
+                if best is None or rate < best[0]:
+                    best = (rate, i, j)
+        if best is None:
+            raise QroundError("the bit allocation cannot meet the budget")
+        choice[best[1]] = best[2]
     return {s.name: int(widths[c]) for s, c in zip(layers, choice)}
 
 
@@ -207,9 +226,19 @@ def _token_mask(batch) -> torch.Tensor | None:
     return None
 
 
-def _outputs(model: nn.Module, calibration, forward) -> list[list[torch.Tensor]]:
+def _reseed(model: nn.Module, seed: int) -> None:
+    """Seed torch's generators of the CPU and of the model's CUDA devices (all forked by
+    ``_own_rng``): a forward that draws random numbers draws the same in every pass."""
+    torch.default_generator.manual_seed(seed)
+    for d in {p.device.index for p in model.parameters() if p.device.type == "cuda"}:
+        torch.cuda.default_generators[d or 0].manual_seed(seed)
+
+
+def _outputs(model: nn.Module, calibration, forward, seed: int = 0) -> list[list[torch.Tensor]]:
     """Per batch, the floating tensors of the forward's output, on the CPU (float32, or
-    float64 as they are); a tokenised batch's (B, T, ...) outputs at its real tokens only."""
+    float64 as they are); a tokenised batch's (B, T, ...) outputs at its real tokens only.
+    The generators are seeded with ``seed`` first, as for every pass."""
+    _reseed(model, seed)
     outs, size = [], 0
     for batch in calibration:
         tensors = _float_tensors(forward(model, batch))
@@ -257,10 +286,18 @@ def layer_sensitivity(model: nn.Module, calibration: Iterable, config: QuantConf
 
 def _measure(model, calibration, config, widths, forward) -> Sensitivity:
     start = time.perf_counter()
-    first_batch = _check_calibration(calibration)
-    convert, _ = _conv1d_selection(model, config, first_batch, forward)
+    _check_calibration(calibration)
+    # every pass must see the same samples in the same order (a shuffling DataLoader would
+    # compare different ones): the batches are read once and kept
+    calibration = list(calibration)
+    first_batch = calibration[0]
+    empty = [i for i, b in enumerate(calibration) if _samples(b) == 0]
+    if empty:
+        raise QroundError(f"calibration batch {empty[0]} holds no samples (its first dimension "
+                          "is 0): drop it")
+    convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward)
     qmodel, _ = linearize_conv1d(copy_module(model), share=True, names=convert)
-    names, _ = _select(qmodel, config)
+    names, _ = _select(qmodel, config, float_conv1d=conv_skipped)
     _check_overrides_match(config, names)
     plan = _trace(qmodel, first_batch, forward, names)
     if not plan:
@@ -282,7 +319,7 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
             held[layer.name] = config.layer_bits(layer.name, end)
     layers = []
     with eval_mode(qmodel), torch.no_grad():
-        reference = _outputs(qmodel, calibration, forward)
+        reference = _outputs(qmodel, calibration, forward, config.seed)
         norm = sum(float(torch.sum(t.double() ** 2)) for ts in reference for t in ts)
         if not np.isfinite(norm):
             raise QroundError("the model's outputs on the calibration are not finite (NaN or "
@@ -306,7 +343,7 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
                     # a Conv2d's weight is (out, c, kh, kw); a Conv1D is a Linear view here
                     module.weight.copy_(torch.as_tensor(deq.reshape(tuple(module.weight.shape)),
                                                         dtype=module.weight.dtype))
-                    outs = _outputs(qmodel, calibration, forward)
+                    outs = _outputs(qmodel, calibration, forward, config.seed)
                     if len(outs) != len(reference) or any(
                             len(a) != len(r) or any(x.shape != y.shape for x, y in zip(a, r))
                             for a, r in zip(outs, reference)):

@@ -290,3 +290,93 @@ def test_non_finite_float_outputs_are_named():
     model, cal = build("mlp2")
     with pytest.raises(QroundError, match="not finite"):
         layer_sensitivity(model, [cal[0] * float("nan")], bits=(2,))
+
+
+# ------------------------------------------------------------------- found by a review
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(2, 5), mean=st.floats(2.0, 8.0))
+def test_allocation_is_exact_when_errors_span_many_decades(data, n, mean):
+    """HiGHS's absolute gap must not hide the small errors' differences."""
+    bits = (2, 3, 4, 8)
+    errors = [sorted((10.0 ** data.draw(st.floats(-12, 2)) for _ in range(4)), reverse=True)
+              for _ in range(n)]
+    weights = data.draw(st.lists(st.integers(1, 5000), min_size=n, max_size=n))
+    alloc = fake(errors, weights, bits).allocate(mean)
+    chosen = [alloc.bits[f"l{i}"] for i in range(n)]
+    total = sum(weights)
+    assert sum(b * w for b, w in zip(chosen, weights)) <= mean * total * (1 + 1e-12)
+    best = min(sum(e[bits.index(b)] for e, b in zip(errors, combo))
+               for combo in itertools.product(bits, repeat=n)
+               if sum(b * w for b, w in zip(combo, weights)) <= mean * total * (1 + 1e-12))
+    assert alloc.predicted_error <= best * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("short", [1, 2, 5])
+def test_the_budget_holds_to_the_weight_bit(short):
+    big, small = 100_000_000, 3
+    sens = Sensitivity((LayerSensitivity("big", big, {2: 1.0, 4: 0.01}),
+                        LayerSensitivity("small", small, {2: 0.5, 4: 0.001})), (2, 4),
+                       QuantConfig(), 0.0)
+    budget = 2 * big + 4 * small - short
+    alloc = sens.allocate(budget / (big + small))
+    assert alloc.bits["big"] * big + alloc.bits["small"] * small <= budget
+
+
+def test_a_shuffling_loader_and_a_random_forward_are_measured_consistently():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, cal = build("mlp2")
+    listed = layer_sensitivity(model, cal, bits=(8,))
+    data = torch.cat(cal)
+    loader = DataLoader(TensorDataset(data), batch_size=16, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    shuffled = layer_sensitivity(model, loader, bits=(8,), forward=lambda m, b: m(b[0]))
+    for a, b in zip(listed.layers, shuffled.layers):
+        assert b.errors[8] == pytest.approx(a.errors[8], rel=1e-4)   # the same samples
+        assert b.errors[8] < 1e-3
+    # a forward that samples (dropout kept on): every pass draws the same noise
+    noisy = layer_sensitivity(model, cal, bits=(8,),
+                              forward=lambda m, b: torch.nn.functional.dropout(m(b), 0.5,
+                                                                               training=True))
+    for a, b in zip(listed.layers, noisy.layers):
+        assert b.errors[8] < 10 * a.errors[8] + 1e-9
+
+
+def test_patterns_that_match_only_float_conv1d_layers_are_accepted():
+    transformers = pytest.importorskip("transformers", reason="needs transformers (examples)")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    cal = [torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(i))
+           for i in range(2)]
+    fwd = lambda m, b: m(b, use_cache=False).logits  # noqa: E731
+    config = QuantConfig(exclude="c_proj", progress=False, solver="greedy")
+    sens = layer_sensitivity(model, cal, config, bits=(2, 4), forward=fwd)
+    qm = quantize_model(model, cal, config, forward=fwd)
+    assert [s.name for s in sens.layers] == [r.layer for r in qm.report]
+
+
+def test_cli_prints_the_measured_options_and_refuses_a_file_without_allocation(tmp_path,
+                                                                              capsys):
+    out = tmp_path / "s.json"
+    assert main(["sensitivity", "--model", "digits-cnn", "--bits", "2,4,8", "--mean-bits", "4",
+                 "--group-size", "16", "--asymmetric-grid", "--first-last-bits", "8",
+                 "--threads", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    bits = json.loads(out.read_text())["allocation"]["bits"]
+    for line in ("quantise with: qround quantize", "or: qround quantize"):
+        args = shlex.split(text.split(line, 1)[1].splitlines()[0])
+        assert {"--group-size", "--first-last-bits", "--asymmetric-grid"} <= set(args)
+        report = tmp_path / "q.json"
+        assert main(["quantize", *args, "--solver", "greedy", "--threads", "1",
+                     "--no-progress", "--json", str(report)]) == 0
+        saved = json.loads(report.read_text())
+        assert {r["layer"]: r["bits"] for r in saved["layers"]} == bits
+        assert saved["config"]["group_size"] == 16 and saved["config"]["symmetric"] is False
+        assert saved["config"]["first_last_bits"] == 8
+    capsys.readouterr()
+    bare = tmp_path / "bare.json"
+    assert main(["sensitivity", "--model", "digits-cnn", "--bits", "2,4", "--threads", "1",
+                 "--json", str(bare)]) == 0
+    assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(bare)]) == 2
+    assert "without an allocation" in capsys.readouterr().err
