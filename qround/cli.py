@@ -769,7 +769,8 @@ def cmd_sensitivity(args) -> int:
     config = QuantConfig(symmetric=not args.asymmetric_grid, group_size=args.group_size,
                          scale_method=args.scale_method, first_last_bits=args.first_last_bits,
                          overrides=_parse_overrides(args.override), seed=args.seed,
-                         layers=args.layers, exclude=args.exclude, progress=False)
+                         layers=args.layers, exclude=args.exclude, progress=False,
+                         capture_cache_mb=args.capture_cache_mb)
     _check_model_file(args)
     model, batches, forward, default_layers = _model_and_calibration(args)
     if args.layers is None and default_layers:
@@ -1127,6 +1128,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--exclude", default=None, help="regex of layer names to leave in float")
     se.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     se.add_argument("--threads", type=int_at_least(1), default=2)
+    se.add_argument("--capture-cache-mb", type=float, default=1024.0, metavar="MB",
+                    help="outputs of the modules before the rounded layer kept and replayed "
+                         "instead of rerun (qround.prefix_cache); 0 = rerun every pass whole "
+                         "(default: %(default)s)")
     se.add_argument("--json", help="also write the measurements and the allocation as JSON")
     se.set_defaults(func=cmd_sensitivity)
 

@@ -31,6 +31,7 @@ from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid
 from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match, _conv1d_selection,
                        _own_rng, _samples, _select, _trace)
+from .prefix_cache import PrefixCache, disabled, trace_spans
 from .problems.layers import layer_weight, linearize_conv1d
 
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -234,14 +235,19 @@ def _reseed(model: nn.Module, seed: int) -> None:
         torch.cuda.default_generators[d or 0].manual_seed(seed)
 
 
-def _outputs(model: nn.Module, calibration, forward, seed: int = 0) -> list[list[torch.Tensor]]:
+def _outputs(model: nn.Module, calibration, forward, seed: int = 0,
+             cache: PrefixCache | None = None) -> list[list[torch.Tensor]]:
     """Per batch, the floating tensors of the forward's output, on the CPU (float32, or
     float64 as they are); a tokenised batch's (B, T, ...) outputs at its real tokens only.
-    The generators are seeded with ``seed`` first, as for every pass."""
+    The generators are seeded with ``seed`` first, as for every pass; ``cache`` (prepared)
+    replays recorded modules."""
     _reseed(model, seed)
+    cache = cache or disabled()
     outs, size = [], 0
-    for batch in calibration:
-        tensors = _float_tensors(forward(model, batch))
+    for j, batch in enumerate(calibration):
+        with cache.batch(j, batch):
+            out = forward(model, batch)
+        tensors = _float_tensors(out)
         if not tensors:
             raise QroundError("the forward returns no floating tensor to compare: give a "
                               "forward(model, batch) that returns the model's output tensor")
@@ -270,7 +276,8 @@ def layer_sensitivity(model: nn.Module, calibration: Iterable, config: QuantConf
     come from ``bits``).  ``calibration``: a re-iterable list of batches, run with
     ``forward(model, batch)`` (default ``model(batch)``, ``model(**batch)``, ``model(*batch)``).
     Works on a copy: ``model`` is not changed.  One forward over the calibration per layer and
-    width."""
+    width; the modules that run before the rounded layer are replayed from records
+    (``config.capture_cache_mb``, as quantize_model's capture passes; 0 turns it off)."""
     if not isinstance(config, QuantConfig):
         raise QroundError(f"config must be a qround.pipeline.QuantConfig, got "
                           f"{type(config).__name__}")
@@ -299,7 +306,9 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
     qmodel, _ = linearize_conv1d(copy_module(model), share=True, names=convert)
     names, _ = _select(qmodel, config, float_conv1d=conv_skipped)
     _check_overrides_match(config, names)
-    plan = _trace(qmodel, first_batch, forward, names)
+    plan = []
+    spans, starts = trace_spans(qmodel, lambda: plan.extend(_trace(qmodel, first_batch,
+                                                                   forward, names)))
     if not plan:
         raise QroundError("none of the chosen layers is called by the forward")
     order = [layer.name for layer in plan]
@@ -318,6 +327,10 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
                                                          is not None):
             held[layer.name] = config.layer_bits(layer.name, end)
     layers = []
+    # the modules that finish before the rounded layer starts give the float outputs in every
+    # pass: recorded once and replayed (qround.prefix_cache), within capture_cache_mb
+    cache = (PrefixCache(qmodel, spans, int(config.capture_cache_mb * 2 ** 20), order, starts)
+             if config.capture_cache_mb > 0 else disabled())
     with eval_mode(qmodel), torch.no_grad():
         reference = _outputs(qmodel, calibration, forward, config.seed)
         norm = sum(float(torch.sum(t.double() ** 2)) for ts in reference for t in ts)
@@ -343,7 +356,9 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
                     # a Conv2d's weight is (out, c, kh, kw); a Conv1D is a Linear view here
                     module.weight.copy_(torch.as_tensor(deq.reshape(tuple(module.weight.shape)),
                                                         dtype=module.weight.dtype))
-                    outs = _outputs(qmodel, calibration, forward, config.seed)
+                    cache.prepare(starts[name])
+                    outs = _outputs(qmodel, calibration, forward, config.seed, cache)
+                    cache.finish()
                     if len(outs) != len(reference) or any(
                             len(a) != len(r) or any(x.shape != y.shape for x, y in zip(a, r))
                             for a, r in zip(outs, reference)):

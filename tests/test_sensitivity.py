@@ -380,3 +380,27 @@ def test_cli_prints_the_measured_options_and_refuses_a_file_without_allocation(t
                  "--json", str(bare)]) == 0
     assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(bare)]) == 2
     assert "without an allocation" in capsys.readouterr().err
+
+
+class _Counted(torch.nn.Module):
+    """A ReLU that counts its calls (in every copy: the count is the class's)."""
+
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return torch.relu(x)
+
+
+def test_the_prefix_before_the_rounded_layer_is_replayed_with_the_same_errors():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), _Counted(), torch.nn.Linear(8, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    cal = [torch.randn(16, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    runs = {}
+    for mb in (0, 1024):
+        _Counted.calls = 0
+        sens = layer_sensitivity(model, cal, QuantConfig(capture_cache_mb=mb), bits=(2, 3, 4))
+        runs[mb] = ([s.errors for s in sens.layers], _Counted.calls)
+    assert runs[0][0] == runs[1024][0]          # bit for bit
+    assert runs[1024][1] < runs[0][1]           # '1' ran fewer times: its output was replayed
