@@ -2,6 +2,8 @@
 
 Importing this package registers the built-in solvers; ``available_solvers()`` lists them.
 """
+import functools
+
 from .anneal import Anneal
 from .base import BestOf, Chain, Solution, Solver, make_solution, warm_up
 from .cem import CrossEntropy
@@ -34,7 +36,7 @@ register("hopfield", Relaxation, "AdaRound continuous relaxation (rectified sigm
 register("meanfield", MeanField, "mean-field annealing, damped synchronous steps (torch)")
 register("hopfield-classic", HopfieldClassic,
          "classical Hopfield relaxation, sigmoid(V/T) with annealed T (torch)")
-register("tabu-fast", lambda **kw: Tabu(**{"restarts": 0, "iters_per_var": 1.0, **kw}),
+register("tabu-fast", functools.partial(Tabu, restarts=0, iters_per_var=1.0),
          "one short tabu round (about n flips per channel)")
 
 # Named defaults (chosen from benchmarks/solvers.py, see BENCHMARKS.md). Local search from RTN

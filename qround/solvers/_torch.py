@@ -101,14 +101,36 @@ class TorchProblem:
         return TorchProblem(self.step[idx], self.grad[idx], self.frac[idx], self.free[idx], h, hd)
 
 
-def to_torch(problem: RoundingProblem, device, dtype) -> TorchProblem:
-    """Copy the arrays a solver reads to ``device`` in ``dtype`` (torch.float32/float64)."""
-    def t(a):
-        return torch.as_tensor(np.array(a, dtype=np.float64), dtype=dtype, device=device)
+def _float32_units(problem: RoundingProblem) -> tuple[float, float]:
+    """(a, e): powers of two such that the problem with steps ``s / a`` and energies ``E / e``
+    (H scaled by a^2 / e, g by a / e) fits float32, when it would not as it is (a layer's
+    weights and statistics near 1e15 or 1e-15 overflow ``s^2 H`` or underflow it to zero).
+    Both are 1 otherwise, so ordinary problems are computed as before.  The argmin of E / e is
+    E's: the choices do not change, and solvers report energies in float64 from them."""
+    step = np.abs(np.asarray(problem.step, dtype=np.float64))
+    diag = np.abs(np.asarray(problem.hessian_diag, dtype=np.float64))
+    curvature = step ** 2 * diag
+    top_s, top_c = float(step.max(initial=0.0)), float(curvature.max(initial=0.0))
+    if (1e-15 < top_s < 1e15) and (top_c == 0 or 1e-30 < top_c < 1e30):
+        return 1.0, 1.0
+    a = float(2.0 ** np.round(np.log2(top_s))) if top_s > 0 else 1.0   # steps near 1
+    e = float(2.0 ** np.round(np.log2(top_c))) if top_c > 0 else 1.0   # curvatures near 1
+    return a, e
 
-    return TorchProblem(step=t(problem.step), grad=t(problem.grad), frac=t(problem.frac),
+
+def to_torch(problem: RoundingProblem, device, dtype) -> TorchProblem:
+    """Copy the arrays a solver reads to ``device`` in ``dtype`` (torch.float32/float64); in
+    float32, a problem outside float32's range in units chosen by :func:`_float32_units`."""
+    def t(a, factor=1.0):
+        return torch.as_tensor(np.array(a, dtype=np.float64) * factor, dtype=dtype,
+                               device=device)
+
+    a, e = _float32_units(problem) if dtype == torch.float32 else (1.0, 1.0)
+    return TorchProblem(step=t(problem.step, 1 / a), grad=t(problem.grad, a / e),
+                        frac=t(problem.frac),
                         free=torch.as_tensor(np.array(problem.free), device=device),
-                        hessian=t(problem.hessian), hessian_diag=t(problem.hessian_diag))
+                        hessian=t(problem.hessian, a * a / e),
+                        hessian_diag=t(problem.hessian_diag, a * a / e))
 
 
 def channel_chunks(m: int, per_channel: int, max_elements: int) -> list[slice]:

@@ -105,8 +105,13 @@ class Solution:
 
     @property
     def ratio(self) -> float:
-        """Summed cost relative to RTN (lower is better); 1.0 when RTN is already exact."""
+        """Summed cost relative to RTN (lower is better); 1.0 when RTN is already exact, NaN
+        when RTN's summed cost is negative: the costs of an asymmetric problem built without
+        ``float_hessian`` are relative (their constant is left out), and only differences of
+        them mean something (compare ``total_cost`` with ``total_rtn_cost``)."""
         rtn = self.total_rtn_cost
+        if rtn < 0:
+            return float("nan")
         return self.total_cost / rtn if rtn > 0 else 1.0
 
     def summary(self) -> dict[str, Any]:

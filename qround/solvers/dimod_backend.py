@@ -37,6 +37,41 @@ def _make_sampler(name: str):
                       "a sampler object")
 
 
+# options of dwave-samplers that must not be negative (a negative tabu timeout never ends)
+_NON_NEGATIVE = ("timeout", "num_sweeps", "num_restarts", "tenure", "num_sweeps_per_beta")
+
+
+def _numbers(value):
+    """The numbers inside an option value (a number, or a tuple/list of them, nested)."""
+    if isinstance(value, (bool, np.bool_)):
+        return []
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+def _check_values(kwargs: dict) -> None:
+    """Refuse NaN or infinite numbers in any option (dwave's samplers accept NaN temperatures
+    and do nothing, and overflow on an infinite timeout), negative values of the counts and
+    times in ``_NON_NEGATIVE``, and a ``beta_range`` that is not two positive numbers."""
+    for key, value in kwargs.items():
+        numbers = _numbers(value)
+        if any(not np.isfinite(float(x)) for x in numbers):
+            raise QroundError(f"{key} must be finite, got {value!r}")
+        if key == "timeout" and value is not None and any(x <= 0 for x in numbers):
+            raise QroundError(f"timeout must be a positive number of milliseconds, got "
+                              f"{value!r} (dwave's tabu search reads a negative one as no limit "
+                              "and runs its 10^6 restarts)")
+        if key in _NON_NEGATIVE and value is not None and any(x < 0 for x in numbers):
+            raise QroundError(f"{key} must not be negative, got {value!r}")
+    beta = kwargs.get("beta_range")
+    if beta is not None and (not isinstance(beta, (tuple, list)) or len(beta) != 2
+                             or len(_numbers(beta)) != 2 or min(_numbers(beta)) <= 0):
+        raise QroundError(f"beta_range must be two positive numbers (hot, cold), got {beta!r}")
+
+
 class DimodSolver(Solver):
     """Solve each channel's BQM with a dimod sampler.
 
@@ -74,6 +109,7 @@ class DimodSolver(Solver):
         self.channels = channels
         if "num_reads" in sample_kwargs and sample_kwargs["num_reads"] is not None:
             check_int(sample_kwargs["num_reads"], "num_reads", 1, maximum=10 ** 6)
+        _check_values(sample_kwargs)
         self.sample_kwargs = sample_kwargs
         self._check_kwargs(_make_sampler(sampler) if isinstance(sampler, str) else sampler)
 
@@ -124,7 +160,7 @@ class DimodSolver(Solver):
                     kwargs.setdefault("initial_states_generator", "tile")
             try:
                 sampleset = sampler.sample(bqm, **kwargs)
-            except (ValueError, TypeError) as exc:  # the sampler's own check of its arguments
+            except (ValueError, TypeError, OverflowError) as exc:  # the sampler's own checks
                 if isinstance(exc, QroundError):
                     raise
                 raise QroundError(f"sampler {self.label!r} refused {self.sample_kwargs}: "

@@ -378,7 +378,7 @@ def test_cli_sample_runs_dwave_samplers_to_compare(tmp_path, capsys):
     assert main(["sample", str(path), "--method", "neal(num_sweep=50)"]) == 2
     assert "does not take ['num_sweep']" in capsys.readouterr().err
     assert main(["sample", str(path), "--method", "neal(num_sweeps=-3)"]) == 2
-    assert "refused" in capsys.readouterr().err
+    assert "num_sweeps must not be negative" in capsys.readouterr().err
 
 
 def test_cli_sample_edge_cases_with_dwave_samplers(tmp_path, capsys):
@@ -400,4 +400,4 @@ def test_cli_sample_edge_cases_with_dwave_samplers(tmp_path, capsys):
     assert "refused" in err and "Traceback" not in err
     for timeout in ("-5", "None", "0"):
         assert main(["sample", str(path), "--method", f"dwave-tabu(timeout={timeout})"]) == 2
-        assert "give a positive number of milliseconds" in capsys.readouterr().err
+        assert "positive number of milliseconds" in capsys.readouterr().err

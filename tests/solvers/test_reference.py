@@ -96,8 +96,19 @@ def test_dimod_samplers_refuse_misspelt_options_and_wrap_their_errors():
     with pytest.raises(QroundError, match=r"does not take \['timeot'\]"):
         get_solver("dwave-tabu(timeot=1)").solve(p, seed=0)
     # the sampler's own refusal of a value comes as a QroundError naming the sampler
-    with pytest.raises(QroundError, match=r"sampler 'neal\(num_sweeps=-5\)' refused"):
-        get_solver("neal(num_sweeps=-5)").solve(p, seed=0)
+    with pytest.raises(QroundError, match=r"beta_schedule_type='bogus'.* refused"):
+        get_solver("neal(beta_schedule_type='bogus')").solve(p, seed=0)
+    # values dwave takes and then hangs on, does nothing with, or overflows on: refused first
+    for spec, message in (("neal(num_sweeps=-5)", "num_sweeps must not be negative"),
+                          ("dwave-tabu(timeout=-1)", "positive number of milliseconds"),
+                          ("dwave-tabu(timeout=0)", "positive number of milliseconds"),
+                          ("dwave-tabu(timeout=1e400)", "timeout must be finite"),
+                          ("neal(beta_range=(1.0, 1e400))", "beta_range must be finite"),
+                          ("neal(beta_range=(0, 2))", "two positive numbers")):
+        with pytest.raises(QroundError, match=message):
+            get_solver(spec)
+    with pytest.raises(QroundError, match="beta_range must be finite"):
+        get_solver("neal", beta_range=(float("nan"), 1.0))
     with pytest.raises(QroundError, match="num_reads must be an integer >= 1"):   # ours, first
         get_solver("neal(num_reads=0)")
     assert get_solver("neal(num_sweeps=50)").solve(p, seed=0).ratio <= 1.0
@@ -111,6 +122,9 @@ def test_cli_solve_reports_a_dimod_samplers_refusal_in_one_line(tmp_path, capsys
     p = make_problem(m=3, n=10, seed=2)
     path = tmp_path / "l.npz"
     save_layer_stats(path, p.weight, p.hessian, bits=4, name="toy")
-    assert main(["solve", str(path), "--solver", "neal(num_sweeps=-5)"]) == 2
+    assert main(["solve", str(path), "--solver", "neal(beta_schedule_type='bogus')"]) == 2
     err = capsys.readouterr().err
     assert "refused" in err and "Traceback" not in err
+    assert main(["solve", str(path), "--solver", "neal(num_sweeps=-5)"]) == 2
+    err = capsys.readouterr().err
+    assert "num_sweeps must not be negative" in err and "Traceback" not in err

@@ -1,0 +1,54 @@
+"""Solver inputs at the edges (found by a fuzzing review): float32 torch solvers on problems
+whose scale leaves float32's range, the ratio of relative costs, a registered variant's
+unknown options."""
+import math
+
+import numpy as np
+import pytest
+
+from qround import QroundError, get_solver
+from qround.grid import Grid, GridSpec
+from qround.problems.rounding import RoundingProblem
+
+
+def _scaled(scale: float) -> RoundingProblem:
+    rng = np.random.default_rng(0)
+    m, n = 8, 24
+    w = rng.normal(size=(m, n))
+    x = rng.normal(size=(64, n))
+    h = x.T @ x / 64
+    base = RoundingProblem.from_weight(w, h, GridSpec(bits=3))
+    grid = Grid(base.grid.scale * scale, base.grid.zero_point, 3, True, None, n)
+    return RoundingProblem.from_weight(w * scale, h * scale, grid)
+
+
+@pytest.mark.parametrize("spec", ["meanfield", "cem(dtype='float32')",
+                                  "hopfield(iterations=300, dtype='float32')"])
+def test_float32_solvers_work_at_any_scale(spec):
+    """s^2 H of 1e45 or 1e-45 leaves float32: the solvers work in units that fit, and find
+    what they find at scale 1."""
+    ratios = {sc: get_solver(spec).solve(_scaled(sc), seed=0).ratio
+              for sc in (1.0, 1e-15, 1e15)}
+    assert ratios[1.0] < 0.95
+    for sc in (1e-15, 1e15):
+        assert ratios[sc] == pytest.approx(ratios[1.0], rel=1e-3), ratios
+
+
+def test_ratio_is_nan_when_costs_are_relative():
+    """An asymmetric problem without float_hessian has costs up to a constant: a negative RTN
+    total gives no ratio (NaN), while costs still compare."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(4, 12))
+    x = rng.normal(size=(64, 12))
+    xq = x + 0.3 * rng.normal(size=x.shape)
+    p = RoundingProblem.from_weight(w, xq.T @ xq / 64, GridSpec(bits=2), cross=xq.T @ x / 64)
+    sol = get_solver("tabu").solve(p, seed=0)
+    assert sol.total_rtn_cost < 0
+    assert math.isnan(sol.ratio) and sol.total_cost <= sol.total_rtn_cost
+
+
+def test_a_registered_variant_names_its_unknown_option():
+    with pytest.raises(QroundError, match=r"'tabu-fast' does not take \['foo'\]; it takes"):
+        get_solver("tabu-fast(foo=1)")
+    s = get_solver("tabu-fast(restarts=2)")
+    assert s.restarts == 2 and s.iters_per_var == 1.0
