@@ -77,7 +77,9 @@ class _GradientRounding(Solver):
                  graph: bool = True):
         check_int(iterations, "iterations", 1, maximum=_torch.MAX_STEPS)
         check_int(eval_every, "eval_every", 1)
-        check_real(lr, "lr", 0, lo_open=True)
+        # an Adam step on V (a logit: |V| of a few units decides the rounding) far above 1
+        # only saturates every sigmoid in the first step (1e308 overflowed)
+        check_real(lr, "lr", 0, 1e3, lo_open=True)
         self.iterations = int(iterations)
         self.lr = float(lr)
         self.eval_every = int(eval_every)
@@ -289,6 +291,9 @@ class HopfieldClassic(_GradientRounding):
                  device="cpu", dtype=None, graph: bool = True):
         super().__init__(iterations, lr, eval_every, device, dtype, graph)
         self.temperature = check_positive_pair(temperature, "temperature")
+        if not all(1e-8 <= t <= 1e8 for t in self.temperature):
+            raise QroundError(f"temperature must lie in [1e-8, 1e8] (V / T of a logit V), got "
+                              f"{tuple(temperature)!r}")
         if self.temperature[0] < self.temperature[1]:
             raise QroundError(f"temperature anneals from start down to end: need start >= end, "
                               f"got {tuple(temperature)!r}")

@@ -52,3 +52,11 @@ def test_a_registered_variant_names_its_unknown_option():
         get_solver("tabu-fast(foo=1)")
     s = get_solver("tabu-fast(restarts=2)")
     assert s.restarts == 2 and s.iters_per_var == 1.0
+
+
+@pytest.mark.parametrize("spec,message", [("hopfield(lr=1e308)", "lr must lie in"),
+                                          ("hopfield-classic(temperature=(1e300, 1e-300))",
+                                           r"temperature must lie in \[1e-8, 1e8\]")])
+def test_absurd_relaxation_options_are_refused(spec, message):
+    with pytest.raises(QroundError, match=message):
+        get_solver(spec)
