@@ -213,6 +213,14 @@ def check_solvers(cfg: BenchConfig) -> None:
     if not specs:
         raise QroundError("no solver to benchmark: give --solvers, --subset-solvers or "
                           "--references")
+    seen: dict[str, str] = {}
+    for flag, group in (("--solvers", cfg.solvers), ("--subset-solvers", cfg.subset_solvers),
+                        ("--references", cfg.references)):
+        for spec in group:
+            if spec in seen:
+                raise QroundError(f"{spec!r} is given twice ({seen[spec]} and {flag}): each "
+                                  "solver has one row per layer; give it once")
+            seen[spec] = flag
     extra, known = extra_solvers(), available_solvers()
     for spec in specs:
         if spec in extra:
@@ -355,11 +363,15 @@ def _gptq_reference_row(name, bits, problem, weight, hessian) -> dict:
             "ratio": cost / rtn if rtn > 0 else 1.0}
 
 
-def _gap(cost: float, best: float) -> float:
+def _gap(cost: float, best: float, rtn: float) -> float:
     """``cost / best - 1``, the relative gap to the best found; 0 when both are 0 (a layer
-    whose every rounding costs nothing) and inf when only ``best`` is."""
+    whose every rounding costs nothing) and inf when only ``best`` is.  Where costs are
+    relative (a file with ``cross`` but no ``float_hessian``: the best is negative), the
+    shift-free ``(cost - best) / (rtn - best)``, RTN's cost on the same channels."""
     if best > 0:
         return cost / best - 1
+    if best < 0:
+        return (cost - best) / (rtn - best) if rtn > best else 0.0
     return 0.0 if cost <= best else float("inf")
 
 
@@ -374,14 +386,17 @@ def _layer_rows(name, bits, shape, results, cfg):
         row = {"layer": name, "bits": bits, "shape": list(shape), "solver": label, "kind": r["kind"]}
         if r["full"] is not None:
             f = r["full"]
-            row.update(ratio=f.ratio, gap_best=_gap(f.total_cost, best_full), seconds=f.seconds)
+            row.update(ratio=f.ratio, gap_best=_gap(f.total_cost, best_full, f.total_rtn_cost),
+                       seconds=f.seconds)
         if r["sub"] is not None:
             s = r["sub"]
-            row.update(sub_ratio=s.ratio, sub_gap_best=_gap(s.total_cost, best_sub),
+            row.update(sub_ratio=s.ratio, sub_gap_best=_gap(s.total_cost, best_sub,
+                                                            s.total_rtn_cost),
                        sub_s_per_ch=s.seconds / s.choices.shape[0])
         if r["slow"] is not None:
             s = r["slow"]
-            row.update(slow_ratio=s.ratio, slow_gap_best=_gap(s.total_cost, best_slow),
+            row.update(slow_ratio=s.ratio, slow_gap_best=_gap(s.total_cost, best_slow,
+                                                              s.total_rtn_cost),
                        slow_s_per_ch=s.seconds / s.choices.shape[0])
         rows.append(row)
     return rows
@@ -446,15 +461,26 @@ def plot(result: dict, path: str) -> None:
     if not keys:
         raise QroundError("the benchmark has no rows to plot (no solver ran on the shared "
                           "channel sample)")
-    channels = result.get("config", {}).get("ref_channels", "the first")
+    ref_channels = result.get("config", {}).get("ref_channels")
     cols = min(3, len(keys))
     rows_n = int(np.ceil(len(keys) / cols))
     fig = new_figure(figsize=(5.5 * cols, 4.2 * rows_n))
     axes = fig.subplots(rows_n, cols, squeeze=False)
     for ax, (layer, bits) in zip(axes.flat, keys):
-        for r in rows:
-            if (r["layer"], r["bits"]) != (layer, bits):
-                continue
+        mine = [r for r in rows if (r["layer"], r["bits"]) == (layer, bits)]
+        out = mine[0]["shape"][0] if mine and mine[0].get("shape") else None
+        channels = (min(ref_channels, out) if ref_channels and out else
+                    ref_channels or "the first")
+        ax.set_title(f"{layer} W{bits}, {channels} channels", fontsize=9)
+        finite = [r for r in mine if r["sub_ratio"] is not None
+                  and np.isfinite(r["sub_ratio"])]
+        if not finite:  # relative costs (cross without float_hessian): no ratio to RTN
+            ax.text(0.5, 0.5, "no cost / RTN ratio:\nthe costs are relative", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        for r in finite:
             x, y = max(r["sub_s_per_ch"], 1e-6), r["sub_ratio"]
             ours = r["kind"] == "ours"
             ax.scatter([x], [y], facecolors=None if ours else "none",
@@ -462,7 +488,6 @@ def plot(result: dict, path: str) -> None:
             ax.annotate(r["solver"], (x, y), fontsize=7, xytext=(3, 2),
                         textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_title(f"{layer} W{bits}, {channels} channels", fontsize=9)
         ax.set_xlabel("seconds per channel (filled: batched solvers; hollow: the others)")
         ax.set_ylabel("cost / RTN")
         ax.grid(alpha=0.3)
@@ -533,8 +558,8 @@ def main(argv=None) -> int:
                       device=a.device)
     result = run(cfg, progress=not a.no_progress)
     print(summarise(result))
-    if a.plot:  # first: a run with nothing to plot then writes no JSON either
-        plot(result, a.plot)
-    if a.json:
+    if a.json:  # first: the results are kept whatever happens to the plot
         write_json_atomic(a.json, result)
+    if a.plot:
+        plot(result, a.plot)
     return 0

@@ -28,7 +28,8 @@ import numpy as np
 from . import __version__
 from .cliargs import PLOT_SUFFIXES, check_format, check_paths, finite_at_least, int_at_least
 from .errors import MAX_SEED, QroundError, check_bits, check_int
-from .report import SolveRecord, format_table, totals, write_json_atomic, write_npz_atomic
+from .report import (SolveRecord, format_table, json_text, totals, write_json_atomic,
+                     write_npz_atomic)
 from .solvers import available_solvers, get_solver, warm_up
 from .solvers.registry import DEFAULT_SOLVER, split_specs
 
@@ -70,8 +71,7 @@ def cmd_solve(args) -> int:
                          bits=np.int64(problem.grid.bits), cost=sol.cost, rtn_cost=sol.rtn_cost,
                          solver=np.str_(sol.solver))
     if args.json:
-        print(json.dumps({**tot, "solver": label,
-                          "layers": [r.as_dict() for r in records]}))
+        print(json_text({**tot, "solver": label, "layers": [r.as_dict() for r in records]}))
     else:
         rows = [r.as_dict() for r in records]
         if len(rows) > 1:
@@ -96,7 +96,11 @@ def channel_selection(text: str):
             if len(parts) > 3 or (len(parts) == 3 and parts[2] is not None and parts[2] < 1):
                 raise ValueError
             return slice(*parts)
-        return [int(p) for p in text.split(",")]
+        indices = [int(p) for p in text.split(",")]
+        if any(i < 0 for i in indices):
+            raise argparse.ArgumentTypeError(f"{text!r}: channel indices count from 0 "
+                                             "(no negative ones)")
+        return indices
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not 'all', a range like 0:16 or indices like 3,5,9") from None
@@ -125,8 +129,13 @@ def cmd_export_qubo(args) -> int:
         choices[idx] = sol.choices
         known[solver.label] = choices
     export_qubos(args.out, problem, idx, known, source=str(args.file))
-    best = (f"; {solver.label} reaches {sol.ratio:.4f} of RTN's cost on them"
-            if args.solver else "")
+    if not args.solver:
+        best = ""
+    elif np.isfinite(sol.ratio):
+        best = f"; {solver.label} reaches {sol.ratio:.4f} of RTN's cost on them"
+    else:  # relative costs (no float_hessian in the file): their difference means something
+        best = (f"; {solver.label} lowers the (relative) cost by "
+                f"{sol.total_rtn_cost - sol.total_cost:.4g} from RTN's on them")
     print(f"wrote {len(names)} QUBO files ({names[0]}...) and manifest.json to "
           f"{args.out}{best}")
     return 0
@@ -159,7 +168,9 @@ def cmd_sample(args) -> int:
     else:
         raise QroundError(f"--method {args.method!r}: method must be tabu or anneal (qround's) "
                           f"or {', '.join(REFERENCE_SAMPLERS)} (dwave-samplers', to compare)")
-    check_paths({"--out": args.out}, {f"FILE {f}": f for f in args.files})
+    manifests = {os.path.join(os.path.dirname(os.path.abspath(f)), MANIFEST) for f in args.files}
+    check_paths({"--out": args.out}, {**{f"FILE {f}": f for f in args.files},
+                                      **{f"manifest {m}": m for m in sorted(manifests)}})
     check_format("--out", args.out, "JSON", (".json",))
     repeated = sorted({f for f in args.files if args.files.count(f) > 1})
     if repeated:
@@ -201,10 +212,11 @@ def cmd_sample(args) -> int:
             continue
         x = np.array([best.sample[i] for i in range(bqm.num_variables)], dtype=np.int8)
         known = _manifest_energies(os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                MANIFEST), os.path.basename(path))
+                                                MANIFEST), os.path.basename(path), bqm)
         if "rtn" in known:
             row["rtn_cost"] = known["rtn"] + bqm.offset
-            row["ratio"] = row["cost"] / row["rtn_cost"] if row["rtn_cost"] > 0 else 1.0
+            rtn = row["rtn_cost"]   # as Solution.ratio: no ratio of relative costs
+            row["ratio"] = row["cost"] / rtn if rtn > 0 else (1.0 if rtn == 0 else float("nan"))
             others = {k: v for k, v in known.items() if k != "rtn"}
             if others:  # the best solution the manifest knows (export-qubo's --solver)
                 label = min(others, key=others.get)
@@ -215,7 +227,7 @@ def cmd_sample(args) -> int:
     label = normalize_spec(args.method)
     if args.json:
         for row in rows:
-            print(json.dumps({**row, "method": label}))
+            print(json_text({**row, "method": label}))
     else:
         columns = ["file", "variables", "energy", "cost", *(
             ["rtn_cost", "ratio"] if any("ratio" in r for r in rows) else []), *(
@@ -262,10 +274,13 @@ def _json_label(label):
     return repr(label)
 
 
-def _manifest_energies(manifest: str, name: str) -> dict[str, float]:
+def _manifest_energies(manifest: str, name: str, bqm=None) -> dict[str, float]:
     """The energies an export-qubo manifest beside ``name`` records for it, by label (``rtn``
     and export-qubo's ``--solver``); empty when there is no manifest, it does not list the
-    file, or it is not readable as one."""
+    file, it is not readable as one, or (given the file's ``bqm``) its entry's offset is not
+    the file's or it counts more free variables than the file holds (a file copied beside
+    another layer's manifest)."""
+    import math
     import os
 
     if not os.path.isfile(manifest):
@@ -274,8 +289,18 @@ def _manifest_energies(manifest: str, name: str) -> dict[str, float]:
         with open(manifest, encoding="utf-8") as f:
             channels = json.load(f)["channels"]
         for entry in channels:
-            if entry["file"] == name:
-                return {str(k): float(v["energy"]) for k, v in entry["solutions"].items()}
+            if entry["file"] != name:
+                continue
+            if bqm is not None and (   # (a file holds every input, fixed ones as zeros)
+                    ("variables" in entry and int(entry["variables"]) > bqm.num_variables)
+                    or ("offset" in entry and not math.isclose(
+                        float(entry["offset"]), float(bqm.offset), rel_tol=1e-9,
+                        abs_tol=1e-12))):
+                log.warning("%s lists %s with another offset or more variables than the file "
+                            "has (another layer's manifest?): RTN's cost is not shown",
+                            manifest, name)
+                return {}
+            return {str(k): float(v["energy"]) for k, v in entry["solutions"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         log.warning("%s is not an export-qubo manifest: RTN's cost is not shown", manifest)
     return {}
@@ -878,7 +903,7 @@ def cmd_evaluate(args) -> int:
     metrics.update(file=str(args.quantized), wbits=int(meta["config"]["wbits"]),
                    mean_wbits=round(mean_bits, 3), solver=meta["solver"])
     if args.json:
-        print(json.dumps(metrics))
+        print(json_text(metrics))
     else:
         print(format_table([metrics]))
     return 0

@@ -102,7 +102,8 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
 _FORMATS = {".npz": "an .npz archive", ".npy": "a numpy array",
             ".safetensors": "a safetensors file", ".pt": "a torch.save file",
             ".pth": "a torch.save file", ".json": "JSON", ".png": "an image", ".pdf": "a PDF",
-            ".svg": "an SVG image", ".txt": "text", ".csv": "CSV"}
+            ".svg": "an SVG image", ".txt": "text", ".csv": "CSV",
+            ".qubo": "a qbsolv QUBO file", ".bqm": "a dimod BQM file"}
 PLOT_SUFFIXES = (".png",)   # qround.report.save_figure_atomic writes PNG
 
 

@@ -71,7 +71,9 @@ def totals(records: Iterable[SolveRecord]) -> dict:
     records = list(records)
     cost = sum(r.cost for r in records)
     rtn = sum(r.rtn_cost for r in records)
-    return {"cost": cost, "rtn_cost": rtn, "ratio": cost / rtn if rtn > 0 else 1.0,
+    # as Solution.ratio: NaN where RTN's summed cost is negative (relative costs)
+    ratio = cost / rtn if rtn > 0 else (1.0 if rtn == 0 else float("nan"))
+    return {"cost": cost, "rtn_cost": rtn, "ratio": ratio,
             "seconds": sum(r.seconds for r in records)}
 
 
@@ -93,9 +95,30 @@ def _json_value(value):
     return str(value)
 
 
+def _finite(value):
+    """``value`` with every NaN or infinite float (a ratio of relative costs, a gap to a best
+    of zero) as None: JSON has no NaN, and readers other than Python's refuse it."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(data, indent: int | None = None) -> str:
+    """``data`` as strict JSON: numpy values as Python's, non-finite numbers as null."""
+    return json.dumps(_finite(data), indent=indent, allow_nan=False,
+                      default=lambda v: _finite(_json_value(v)))
+
+
 def write_json_atomic(path: str | os.PathLike, data) -> None:
-    """``data`` as indented JSON, written atomically (see :func:`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(data, indent=2, default=_json_value) + "\n")
+    """``data`` as indented strict JSON (:func:`json_text`), written atomically (see
+    :func:`write_text_atomic`)."""
+    write_text_atomic(path, json_text(data, indent=2) + "\n")
 
 
 def write_npz_atomic(path: str | os.PathLike, **arrays) -> None:

@@ -166,3 +166,43 @@ def test_cli_bench_takes_none_for_an_empty_solver_list(layer_files, capsys):
     assert main(["bench", str(layer_files[1]), "--solvers", "nearest", "--subset-solvers",
                  "none", "--references", "none", "--no-progress"]) == 0
     assert "nearest" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- found by a review
+@pytest.fixture
+def relative_file(tmp_path):
+    """A layer file with an asymmetric target (cross) and no float_hessian: costs relative,
+    RTN's summed cost negative."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(6, 16))
+    h = correlated_hessian(16, rng)
+    path = tmp_path / "rel.npz"
+    save_layer_stats(path, w, h, bits=2, cross=h, name="rel")
+    assert load_layer_stats(path).problem().rtn_costs().sum() < 0
+    return path
+
+
+def test_bench_on_relative_costs_writes_strict_json_finite_gaps_and_a_plot(relative_file,
+                                                                           tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert main(["bench", str(relative_file), "--solvers", "nearest,greedy,fast",
+                 "--subset-solvers", "none", "--references", "none", "--ref-channels", "4",
+                 "--no-progress", "--json", str(out), "--plot", str(png)]) == 0
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text      # strict JSON
+    rows = {r["solver"]: r for r in json.loads(text)["rows"] if r["kind"] == "ours"}
+    assert all(r["ratio"] is None for r in rows.values())    # no ratio of relative costs
+    assert rows["nearest"]["gap_best"] == pytest.approx(1.0)  # (rtn - best) / (rtn - best)
+    assert all(0 <= r["gap_best"] <= 1 for r in rows.values())
+    assert min(r["gap_best"] for r in rows.values()) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["solve", str(relative_file), "--solver", "greedy", "--json"]) == 0
+    solved = json.loads(capsys.readouterr().out)
+    assert solved["ratio"] is None and solved["layers"][0]["ratio"] is None
+
+
+def test_a_solver_given_twice_is_refused_before_any_work(layer_files, capsys):
+    assert main(["bench", str(layer_files[1]), "--solvers", "nearest,tabu", "--subset-solvers",
+                 "tabu", "--references", "none", "--no-progress"]) == 2
+    assert "'tabu' is given twice (--solvers and --subset-solvers)" in capsys.readouterr().err

@@ -161,6 +161,7 @@ def test_cli_export_qubo(layer_file, tmp_path, capsys):
 @pytest.mark.parametrize("channels, message", [
     ("1:x", "is not 'all', a range"), ("a,b", "is not 'all', a range"),
     ("20", "channels must lie in"), ("5:5", "select nothing"),
+    ("-1", "count from 0"), ("2,-3", "count from 0"),
 ])
 def test_cli_export_qubo_bad_channels(layer_file, tmp_path, channels, message, capsys):
     out = tmp_path / "q"
@@ -401,3 +402,39 @@ def test_cli_sample_edge_cases_with_dwave_samplers(tmp_path, capsys):
     for timeout in ("-5", "None", "0"):
         assert main(["sample", str(path), "--method", f"dwave-tabu(timeout={timeout})"]) == 2
         assert "positive number of milliseconds" in capsys.readouterr().err
+
+
+def test_cli_sample_keeps_its_inputs_and_checks_the_manifest(layer_file, tmp_path, capsys,
+                                                             caplog):
+    """--out may not replace the manifest it reads nor name a .qubo file; a file beside
+    another layer's manifest gets no RTN columns from it."""
+    out = tmp_path / "q"
+    assert main(["export-qubo", str(layer_file), "--out", str(out), "--channels", "0:2"]) == 0
+    before = (out / MANIFEST).read_bytes()
+    assert main(["sample", str(out / "c0000.qubo"), "--out", str(out / MANIFEST)]) == 2
+    assert "same file as the input manifest" in capsys.readouterr().err
+    assert main(["sample", str(out / "c0000.qubo"), "--out", str(out / "c0001.qubo")]) == 2
+    assert "a qbsolv QUBO file" in capsys.readouterr().err
+    assert (out / MANIFEST).read_bytes() == before
+    # another layer's file beside this manifest, under a listed name
+    other = make_problem(m=2, n=12, bits=3, seed=9)
+    save_layer_stats(tmp_path / "other.npz", other.weight, other.hessian, bits=3)
+    assert main(["export-qubo", str(tmp_path / "other.npz"), "--out", str(tmp_path / "o"),
+                 "--channels", "0"]) == 0
+    (out / "c0000.qubo").write_bytes((tmp_path / "o" / "c0000.qubo").read_bytes())
+    capsys.readouterr()
+    assert main(["sample", str(out / "c0000.qubo"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert "rtn_cost" not in row and "another offset" in caplog.text
+
+
+def test_cli_sample_of_relative_costs_has_no_ratio(tmp_path, capsys):
+    problem = make_problem(m=3, n=10, bits=2, seed=4)
+    path = tmp_path / "rel.npz"
+    save_layer_stats(path, problem.weight, problem.hessian, bits=2, cross=problem.hessian)
+    assert main(["export-qubo", str(path), "--out", str(tmp_path / "q"), "--solver",
+                 "greedy"]) == 0
+    assert "relative" in capsys.readouterr().out
+    assert main(["sample", str(tmp_path / "q" / "c0000.qubo"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["rtn_cost"] < 0 and row["ratio"] is None
