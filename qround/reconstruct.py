@@ -529,15 +529,15 @@ def _check_connected(model: nn.Module, units: Sequence[Unit], batch, forward) ->
 
 
 def _first_float(out):
-    """(the first floating tensor of a module's output (a tensor, or in a tuple/list), a
-    function that puts a replacement for it back), or (None, None)."""
+    """(the first floating tensor of a module's output (a tensor, or in a plain tuple/list), a
+    function that puts a replacement for it back), or (None, None): other containers
+    (named tuples, model outputs) are not taken apart, and their modules are not checked."""
     if isinstance(out, torch.Tensor):
         return (out, lambda t: t) if out.is_floating_point() else (None, None)
-    if isinstance(out, (tuple, list)):
+    if type(out) in (tuple, list):
         for i, x in enumerate(out):
             if isinstance(x, torch.Tensor) and x.is_floating_point():
-                return x, lambda t, i=i: type(out)([*out[:i], t, *out[i + 1:]]) \
-                    if type(out) in (tuple, list) else out
+                return x, lambda t, i=i: type(out)([*out[:i], t, *out[i + 1:]])
     return None, None
 
 

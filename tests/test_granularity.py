@@ -399,3 +399,32 @@ def test_an_uncalled_block_is_named_before_any_solve(monkeypatch, granularity, k
                          reconstruction=FAST, granularity=granularity, k=k)
     with pytest.raises(QroundError, match=r"blocks \['block'\] are not called.*granularity='layer'"):
         quantize_model(UncalledBlock(), IMAGES, config)
+
+
+def test_a_joint_unit_whose_first_module_returns_a_named_tuple_is_not_refused():
+    """Outputs the check cannot take apart are not checked (no false refusal)."""
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "h extra")
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return Pair(torch.relu(self.fc(x)), 0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.head = Head()
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.head(x).h)
+
+    net = Net()
+    q = quantise(net, VECTORS)
+    assert [u.name for u in plan_units(net, q, VECTORS, [("head", "out")])] == ["head+out"]
