@@ -196,38 +196,32 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
     best_s, best_z = _range_to_grid(lo, hi, qmin, qmax, spec.symmetric)
     if spec.scale_method == "minmax":
         return Grid(best_s, best_z, spec.bits, spec.symmetric, group_size, w.shape[1])
+    shrinks = np.linspace(1.0, spec.min_shrink, spec.shrink_steps)
+    if spec.scale_method == "mse":
+        best_s, best_z = _mse_search(wg, lo, hi, shrinks, qmin, qmax, spec.symmetric)
+        return Grid(best_s, best_z, spec.bits, spec.symmetric, group_size, w.shape[1])
 
-    if spec.scale_method == "mse-output":
-        if hessian is None:
-            raise QroundError("scale_method='mse-output' needs the layer's hessian")
-        h = as_float_array(hessian, "hessian", ndim=(2, 3))
-        if h.shape[-2:] != (w.shape[1], w.shape[1]) or (h.ndim == 3 and h.shape[0] != out):
-            raise QroundError(f"hessian shape {h.shape} does not match weight shape {w.shape}")
-        # Per group the diagonal block of H scores the group's error; cross-group terms are
-        # ignored so that groups can be searched independently.
-        blocks = [slice(g * gs, (g + 1) * gs) for g in range(groups)]
+    # mse-output
+    if hessian is None:
+        raise QroundError("scale_method='mse-output' needs the layer's hessian")
+    h = as_float_array(hessian, "hessian", ndim=(2, 3))
+    if h.shape[-2:] != (w.shape[1], w.shape[1]) or (h.ndim == 3 and h.shape[0] != out):
+        raise QroundError(f"hessian shape {h.shape} does not match weight shape {w.shape}")
+    # Per group the diagonal block of H scores the group's error; cross-group terms are
+    # ignored so that groups can be searched independently.
+    blocks = [slice(g * gs, (g + 1) * gs) for g in range(groups)]
 
-        def score(err):  # err (out, groups, gs) -> (out, groups)
-            res = np.empty(err.shape[:2])
-            for g, sl in enumerate(blocks):
-                e = err[:, g, :]
-                hb = h[..., sl, sl]
-                he = e @ hb if hb.ndim == 2 else np.einsum("mij,mj->mi", hb, e)
-                res[:, g] = np.sum(he * e, axis=1)
-            return res
-    else:
-        # Errors are scaled per group by a power of two near the group's range before squaring:
-        # the comparison between shrinks is then exact as before, and weights near the float64
-        # limit do not overflow the square (their layer cost is refused later, by name).
-        amax = np.maximum(np.abs(lo), np.abs(hi))
-        unit = np.exp2(np.floor(np.log2(np.where(amax > 0, amax, 1.0))))[..., None]
-
-        def score(err):
-            np.divide(err, unit, out=err)  # err is a scratch buffer
-            return np.sum(np.square(err, out=err), axis=2)
+    def score(err):  # err (out, groups, gs) -> (out, groups)
+        res = np.empty(err.shape[:2])
+        for g, sl in enumerate(blocks):
+            e = err[:, g, :]
+            hb = h[..., sl, sl]
+            he = e @ hb if hb.ndim == 2 else np.einsum("mij,mj->mi", hb, e)
+            res[:, g] = np.sum(he * e, axis=1)
+        return res
 
     best = score(_rtn_error(wg, best_s, best_z, qmin, qmax))
-    for shrink in np.linspace(1.0, spec.min_shrink, spec.shrink_steps)[1:]:
+    for shrink in shrinks[1:]:
         s, z = _range_to_grid(lo * shrink, hi * shrink, qmin, qmax, spec.symmetric)
         err = score(_rtn_error(wg, s, z, qmin, qmax))
         better = err < best
@@ -235,3 +229,53 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
         best_s = np.where(better, s, best_s)
         best_z = np.where(better, z, best_z)
     return Grid(best_s, best_z, spec.bits, spec.symmetric, group_size, w.shape[1])
+
+
+def _mse_unit(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """A power of two near each group's range (out, groups): errors are divided by it before
+    squaring, so that the comparison between shrinks is exact as before and weights near the
+    float64 limit do not overflow the square (their layer cost is refused later, by name)."""
+    amax = np.maximum(np.abs(lo), np.abs(hi))
+    return np.exp2(np.floor(np.log2(np.where(amax > 0, amax, 1.0))))
+
+
+def _mse_candidates(lo, hi, shrinks, qmin, qmax, symmetric):
+    """Candidate scales and zero points (k, out, groups), one per shrink of the range."""
+    pairs = [_range_to_grid(lo * shrink, hi * shrink, qmin, qmax, symmetric) for shrink in shrinks]
+    return (np.stack([p[0] for p in pairs]).astype(np.float64),
+            np.stack([p[1] for p in pairs]).astype(np.float64))
+
+
+def _mse_search(wg, lo, hi, shrinks, qmin, qmax, symmetric):
+    """Scale search of ``scale_method='mse'`` (the compiled kernel of :mod:`qround._grid_kernel`):
+    per group the first shrink whose rounding-to-nearest has the smallest squared weight error.
+    Returns the best (scale, zero_point), each (out, groups)."""
+    from ._grid_kernel import mse_search
+
+    cand_s, cand_z = _mse_candidates(lo, hi, shrinks, qmin, qmax, symmetric)
+    idx = mse_search(np.ascontiguousarray(wg, dtype=np.float64), cand_s, cand_z,
+                     _mse_unit(lo, hi), float(qmin), float(qmax))
+    rows = np.arange(wg.shape[0])[:, None]
+    cols = np.arange(wg.shape[1])[None, :]
+    return cand_s[idx, rows, cols], cand_z[idx, rows, cols]
+
+
+def _mse_search_numpy(wg, lo, hi, shrinks, qmin, qmax, symmetric):
+    """The same search as :func:`_mse_search` in numpy, one candidate at a time over the whole
+    layer (the reference the tests compare the kernel with; nine passes per candidate)."""
+    unit = _mse_unit(lo, hi)[..., None]
+
+    def score(err):
+        np.divide(err, unit, out=err)  # err is a scratch buffer
+        return np.sum(np.square(err, out=err), axis=2)
+
+    best_s, best_z = _range_to_grid(lo * shrinks[0], hi * shrinks[0], qmin, qmax, symmetric)
+    best = score(_rtn_error(wg, best_s, best_z, qmin, qmax))
+    for shrink in shrinks[1:]:
+        s, z = _range_to_grid(lo * shrink, hi * shrink, qmin, qmax, symmetric)
+        err = score(_rtn_error(wg, s, z, qmin, qmax))
+        better = err < best
+        best = np.where(better, err, best)
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, z, best_z)
+    return best_s, best_z

@@ -101,3 +101,39 @@ def test_mse_search_is_scale_free_and_does_not_overflow(magnitude):
         g = fit_grid(w * 2.0 ** k, spec)
     np.testing.assert_array_equal(g.scale, ref.scale * 2.0 ** k)
     np.testing.assert_array_equal(g.zero_point, ref.zero_point)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 1100), seed=st.integers(0, 10_000))
+def test_pairwise_sum_is_numpys_sum(n, seed):
+    """The kernel's sum follows numpy's pairwise order, so it gives np.sum bit for bit."""
+    from qround._grid_kernel import _pairwise_sum
+
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=n) ** 2 * 10.0 ** rng.uniform(-8, 8, size=n)
+    assert _pairwise_sum(a, n) == np.sum(a)
+    assert _pairwise_sum(a, n) == np.sum(a[None, None, :], axis=2)[0, 0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 8), symmetric=st.booleans(),
+       groups=st.integers(1, 3), group_size=st.integers(1, 300), steps=st.integers(1, 90),
+       min_shrink=st.floats(0.05, 1.0), ties=st.booleans())
+def test_compiled_mse_search_equals_the_numpy_search(seed, bits, symmetric, groups, group_size,
+                                                     steps, min_shrink, ties):
+    """``scale_method='mse'`` runs a compiled kernel; it picks exactly the scales and zero points
+    of the numpy search it replaced, ties included (coarse weights make many shrinks equal)."""
+    from qround.grid import _mse_search, _mse_search_numpy
+
+    rng = np.random.default_rng(seed)
+    wg = rng.normal(size=(5, groups, group_size)) * 10.0 ** rng.uniform(-4, 4)
+    if ties:
+        wg = np.round(wg * 2) / 2
+    wg[0, 0] = 0.0  # an all-zero group
+    qmin, qmax = qrange(bits, symmetric)
+    lo, hi = wg.min(axis=2), wg.max(axis=2)
+    shrinks = np.linspace(1.0, min_shrink, steps)
+    s, z = _mse_search(wg, lo, hi, shrinks, qmin, qmax, symmetric)
+    s_ref, z_ref = _mse_search_numpy(wg, lo, hi, shrinks, qmin, qmax, symmetric)
+    np.testing.assert_array_equal(s, s_ref)
+    np.testing.assert_array_equal(z, z_ref)

@@ -487,6 +487,41 @@ def gptq_block_kernel(w, lower, step, upper, i1, i2, b, err):
                 row[c] -= e[c] * u
 
 
+@njit(parallel=True, cache=True)
+def descent_kernel(hess, step, grad, b, fields, hdiag, thresh, limit):
+    """Steepest descent of ``greedy`` (:func:`qround.solvers.local.steepest_descent`), one
+    channel per thread: flip the variable with the most negative delta (the first of equal
+    ones, as ``np.argmin``) while its gain is below ``thresh[c]``, at most ``limit`` times.
+
+    hess (k, n, n), hdiag (k, n) with k 1 or m; step, grad (m, n) read-only; b, fields (m, n)
+    updated in place; thresh (m,).  The deltas and field updates are the float operations of
+    :func:`qround.problems.energy.flip_deltas` and ``local_fields``, so the flips are those of
+    the batched numpy loop.  Returns, per channel, the passes over its deltas (flips, plus the
+    last pass that found none unless ``limit`` stopped it).
+    """
+    m, n = b.shape
+    passes = np.zeros(m, dtype=np.int64)
+    shared = hess.shape[0] == 1
+    for c in prange(m):
+        h = hess[0] if shared else hess[c]
+        hd = hdiag[0] if shared else hdiag[c]
+        bc, f, s, g = b[c], fields[c], step[c], grad[c]
+        it = 0
+        while it < limit:
+            it += 1
+            best, at = np.inf, -1
+            for i in range(n):
+                d = s[i] * (1.0 - 2.0 * bc[i])
+                v = d * (2.0 * f[i] + g[i]) + d * d * hd[i]
+                if v < best:
+                    best, at = v, i
+            if not best < thresh[c]:
+                break
+            _flip(at, bc, f, s, h)
+        passes[c] = it
+    return passes
+
+
 def kernel_inputs(problem, start: np.ndarray, rng: np.random.Generator) -> dict:
     """The arrays both kernels take, computed with :mod:`qround.problems.energy`.
 
