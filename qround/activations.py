@@ -386,9 +386,9 @@ class QuantizedLayer(nn.Module):
         w_floor = floor + zero
         self.w_qmin, self.w_qmax, self.w_group_size = grid.qmin, grid.qmax, grid.group_size
         # scale and zero point per (channel, group) as in qround.grid.Grid
-        self.register_buffer("w_scale", torch.as_tensor(grid.scale, dtype=torch.float32,
+        self.register_buffer("w_scale", torch.as_tensor(grid.scale.copy(), dtype=torch.float32,
                                                         device=w.device))
-        self.register_buffer("w_zero", torch.as_tensor(grid.zero_point, dtype=torch.float32,
+        self.register_buffer("w_zero", torch.as_tensor(grid.zero_point.copy(), dtype=torch.float32,
                                                        device=w.device))
         self.register_buffer("w_floor", w_floor.float().to(w.device))
         rtn = (w_floor + (frac >= 0.5).double()).clamp(grid.qmin, grid.qmax)

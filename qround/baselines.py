@@ -31,7 +31,7 @@ from .calibrate import ForwardFn, default_forward
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, GridSpec, fit_grid
 from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match,
-                       _conv1d_selection, _own_rng, _select, _stream, _trace)
+                       _conv1d_selection, _own_rng, _select, _stream, _trace, check_group_sizes)
 from .problems.layers import layer_weight, linearize_conv1d, restore_conv1d
 from .solvers.gptq import inverse_cholesky
 from .writeback import QuantizedWeight, apply_to_layer
@@ -143,11 +143,12 @@ def rtn_model(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, float]:
     qmodel, replaced = linearize_conv1d(copy_module(model), share=True)
     names, _ = _select(qmodel, config)
     _check_overrides_match(config, names)
+    modules = dict(qmodel.named_modules())
+    check_group_sizes(modules, names, config)
     output = [n for n in names if config.layer_options(n)["scale_method"] == "mse-output"]
     if output:
         raise QroundError(f"rtn_model: scale_method='mse-output' (layer {output[0]!r}) needs "
                           "calibration data; use 'minmax' or 'mse'")
-    modules = dict(qmodel.named_modules())
     for index, name in enumerate(names):
         w = layer_weight(modules[name])
         grid = fit_grid(w, _layer_grid(config, name, index in (0, len(names) - 1)))
@@ -184,6 +185,7 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
     names, _ = _select(qmodel, config, float_conv1d=conv_skipped)
     _check_overrides_match(config, names)
     modules = dict(qmodel.named_modules())
+    check_group_sizes(modules, names, config)
     for name in names:
         if isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1:
             raise QroundError(f"gptq_model: layer {name!r} is a grouped conv, not supported")

@@ -339,7 +339,7 @@ def cmd_export_layer(args) -> int:
     from .calibrate import capture_hessians
     from .grid import GridSpec
     from .problems.io import save_layer_stats_from_module
-    from .problems.layers import is_hf_conv1d
+    from .problems.layers import is_hf_conv1d, layer_weight
 
     check_bits(args.bits, "--bits")
     check_paths({"--out": args.out})
@@ -361,8 +361,12 @@ def cmd_export_layer(args) -> int:
         raise QroundError(f"layer {args.layer!r} not found; `qround export-layer --model "
                           f"{args.model} --list` lists the {len(names)} layers that can be "
                           "rounded")
-    hessians = capture_hessians(model, batches, layers=[args.layer], forward=forward)
     module = dict(model.named_modules())[args.layer]
+    n = layer_weight(module).shape[1]
+    if args.group_size is not None and args.group_size < n and n % args.group_size:
+        raise QroundError(f"--group-size {args.group_size} does not divide the {n} inputs of "
+                          f"layer {args.layer!r}")   # before the model runs
+    hessians = capture_hessians(model, batches, layers=[args.layer], forward=forward)
     save_layer_stats_from_module(args.out, module, hessians[args.layer], spec, name=args.layer)
     print(f"wrote {args.out}: {args.layer} {tuple(module.weight.shape)}, {args.bits}-bit, "
           f"scale {args.scale_method}")
@@ -969,8 +973,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'tabu(restarts=8)'; default: %(default)s, as for quantize)")
     s.add_argument("--bits", type=int, default=None,
                    help="grid bits when the file has no scale (default: the file's bits)")
-    s.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],
-                   help="scale search when the file has no scale")
+    s.add_argument("--scale-method", default=None, choices=["minmax", "mse", "mse-output"],
+                   help="scale search when the file has no scale (default: mse; refused for a "
+                        "file with stored scales)")
     s.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     s.add_argument("--device", default=None,
                    help="cpu or cuda: where the torch solvers (cem, hopfield, meanfield, gptq) "
@@ -995,7 +1000,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     xq.add_argument("--bits", type=int, default=None,
                     help="grid bits when the file has no scale (default: the file's bits)")
-    xq.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
+    xq.add_argument("--scale-method", default=None, choices=["minmax", "mse", "mse-output"],
+                    help="scale search when the file has no scale (default: mse; refused for a "
+                         "file with stored scales)")
     xq.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     xq.add_argument("--device", default=None, help="cpu or cuda, for the torch solvers")
     xq.set_defaults(func=cmd_export_qubo)

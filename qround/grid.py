@@ -85,6 +85,19 @@ class Grid:
             raise QroundError(f"Grid zero_point must be integers in [{self.qmin}, {self.qmax}]")
         if self.symmetric and np.any(zero != 0):
             raise QroundError("a symmetric Grid has zero_point 0")
+        groups, gs = scale.shape[1], self.group_size
+        whole = self.in_features // groups
+        if not (gs is None and groups == 1 or isinstance(gs, (int, np.integer))
+                and not isinstance(gs, (bool, np.bool_)) and gs == whole):
+            want = "None (one group)" if groups == 1 else f"{whole}"
+            raise QroundError(f"Grid group_size={gs!r} contradicts its {groups} group(s) of "
+                              f"{self.in_features} inputs: expected {want}")
+        # private read-only copies: a later change to the caller's arrays (or to these) would
+        # silently change every weight written from this grid
+        for name, value in (("scale", scale), ("zero_point", zero)):
+            value = np.array(value, dtype=np.float64)
+            value.flags.writeable = False
+            object.__setattr__(self, name, value)
 
     @property
     def qmin(self) -> int:
@@ -106,7 +119,11 @@ class Grid:
     def quantize(self, weight: np.ndarray) -> np.ndarray:
         """Rounding-to-nearest integer codes (out, in), clipped to the grid."""
         s, z = self.expand()
-        return np.clip(np.floor(weight / s + 0.5) + z, self.qmin, self.qmax).astype(np.int64)
+        x = weight / s
+        fl = np.floor(x)
+        # ties up, as RoundingProblem.rtn_choices (frac >= 1/2): floor(x + 1/2) would round
+        # x = 1/2 - 2**-54 up, since x + 1/2 rounds to 1 in float64
+        return np.clip(fl + (x - fl >= 0.5) + z, self.qmin, self.qmax).astype(np.int64)
 
     def dequantize(self, codes: np.ndarray) -> np.ndarray:
         """Values ``s * (q - z)`` (out, in) for integer codes (out, in)."""
@@ -175,7 +192,8 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
         s = as_float_array(scale, "scale", ndim=(1, 2))
         s = s.reshape(out, -1) if s.ndim == 1 and s.shape[0] == out else s
         if s.shape != (out, groups):
-            raise QroundError(f"scale must have shape ({out},) or ({out}, {groups}), got {np.shape(scale)}")
+            want = f"({out},) or ({out}, 1)" if groups == 1 else f"({out}, {groups}), one per group"
+            raise QroundError(f"scale must have shape {want}, got {np.shape(scale)}")
         if np.any(s <= 0):
             raise QroundError(f"scale must be positive; {int(np.sum(s <= 0))} entries are <= 0")
         if zero_point is None:
@@ -186,8 +204,8 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
             z = as_float_array(zero_point, "zero_point", ndim=(1, 2))
             z = z.reshape(out, -1) if z.ndim == 1 and z.shape[0] == out else z
             if z.shape != (out, groups):
-                raise QroundError(f"zero_point must have shape ({out},) or ({out}, {groups}), "
-                                  f"got {np.shape(zero_point)}")
+                want = f"({out},) or ({out}, 1)" if groups == 1 else f"({out}, {groups}), one per group"
+                raise QroundError(f"zero_point must have shape {want}, got {np.shape(zero_point)}")
             if np.any(z != np.round(z)) or np.any(z < qmin) or np.any(z > qmax):
                 raise QroundError(f"zero_point must be integers in [{qmin}, {qmax}]")
         return Grid(s, z, spec.bits, spec.symmetric, group_size, w.shape[1])

@@ -916,6 +916,20 @@ def _build_solvers(config: QuantConfig) -> dict[str | None, Solver]:
                               for pattern, options in config.overrides or ()}}
 
 
+def check_group_sizes(modules: dict, names, config: "QuantConfig") -> None:
+    """Every chosen layer's ``group_size`` (the config's, or its override's) divides its inputs
+    (or covers them all); else a QroundError naming the layer, before any work."""
+    for name in names:
+        n = layer_weight(modules[name]).shape[1]
+        group_size = config.layer_options(name)["group_size"]
+        if group_size is not None and group_size < n and n % group_size:
+            pattern = config.override(name)[0]
+            where = (f" (from overrides[{pattern!r}])"
+                     if pattern is not None and "group_size" in config.override(name)[1] else "")
+            raise QroundError(f"group_size={group_size}{where} does not divide the {n} inputs "
+                              f"of layer {name!r}")
+
+
 def _check_overrides_match(config: QuantConfig, names: list[str]) -> None:
     """Every ``overrides`` pattern matches a layer being quantised, and is the first to match
     at least one (a pattern shadowed by earlier ones would never apply)."""
@@ -1067,16 +1081,9 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
         check_units(model, names, config)
     float_modules = dict(model.named_modules())
     _check_overrides_match(config, names)
+    check_group_sizes(float_modules, names, config)
     for name in names:
         module = float_modules[name]
-        n = layer_weight(module).shape[1]
-        group_size = config.layer_options(name)["group_size"]
-        if group_size is not None and group_size < n and n % group_size:
-            pattern = config.override(name)[0]
-            where = (f" (from overrides[{pattern!r}])"
-                     if pattern is not None and "group_size" in config.override(name)[1] else "")
-            raise QroundError(f"group_size={group_size}{where} does not divide the {n} inputs "
-                              f"of layer {name!r}")
         if config.statistics == "fisher" and fisher_bytes(module) > config.fisher_budget_mb * 2**20:
             raise QroundError(f"Fisher blocks of layer {name!r} need "
                               f"{fisher_bytes(module) / 2**20:.1f} MB, over fisher_budget_mb="

@@ -40,6 +40,14 @@ def refit_scales(problem: RoundingProblem, codes, ridge: float = 1e-9) -> Grid:
     if q.shape != problem.weight.shape:
         raise QroundError(f"codes must have shape {problem.weight.shape}, got {q.shape}")
     g = problem.grid
+    if q.dtype == bool or not (np.issubdtype(q.dtype, np.integer)
+                               or np.issubdtype(q.dtype, np.floating)):
+        raise QroundError(f"codes must be integers in [{g.qmin}, {g.qmax}], got dtype {q.dtype}")
+    if q.size and not (np.all(np.isfinite(q)) and np.all(q == np.round(q))
+                       and q.min() >= g.qmin and q.max() <= g.qmax):
+        raise QroundError(f"codes must be integers in [{g.qmin}, {g.qmax}] (the grid's codes); "
+                          f"got values from {q.min()} to {q.max()}"
+                          + ("" if np.all(q == np.round(q)) else ", not all integers"))
     if g.in_features != problem.num_inputs:
         raise QroundError("refit_scales needs a whole layer's problem, not a restricted one")
     m, n = problem.weight.shape

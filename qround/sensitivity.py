@@ -30,7 +30,7 @@ from .calibrate import ForwardFn, default_forward, eval_mode
 from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid
 from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match, _conv1d_selection,
-                       _own_rng, _samples, _select, _trace)
+                       _own_rng, _samples, _select, _trace, check_group_sizes)
 from .prefix_cache import PrefixCache, disabled, trace_spans
 from .problems.layers import layer_weight, linearize_conv1d
 
@@ -318,6 +318,7 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
                           f"scale_method='mse-output' (layer {output[0]!r}) needs them; use "
                           "'minmax' or 'mse'")
     modules = dict(qmodel.named_modules())
+    check_group_sizes(modules, order, config)
     held = {}
     for index, layer in enumerate(plan):
         # the first layer with every layer that reads its input, and the last, as

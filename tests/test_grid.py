@@ -137,3 +137,54 @@ def test_compiled_mse_search_equals_the_numpy_search(seed, bits, symmetric, grou
     s_ref, z_ref = _mse_search_numpy(wg, lo, hi, shrinks, qmin, qmax, symmetric)
     np.testing.assert_array_equal(s, s_ref)
     np.testing.assert_array_equal(z, z_ref)
+
+
+def test_grid_refuses_a_group_size_its_scales_contradict():
+    """A Grid's group_size must match its scale columns: a grouped grid labelled per channel
+    was written to compressed-tensors as ('channel', None) with (out, groups) scales."""
+    from qround.grid import Grid
+
+    s, z = np.full((3, 4), 0.1), np.zeros((3, 4))
+    for bad in (None, 3, 0, -5, True, 8.0):
+        with pytest.raises(QroundError, match="contradicts its 4 group"):
+            Grid(s, z, 4, True, bad, 32)
+    assert Grid(s, z, 4, True, 8, 32).group_size == 8
+    one = np.full((3, 1), 0.1)
+    with pytest.raises(QroundError, match="expected None"):
+        Grid(one, np.zeros((3, 1)), 4, True, 16, 32)
+    assert Grid(one, np.zeros((3, 1)), 4, True, None, 32).groups == 1
+
+
+def test_grid_keeps_private_read_only_arrays():
+    """An explicit scale is copied: a later change of the caller's array cannot change the
+    weights written from the grid, and the grid's own arrays cannot be changed in place."""
+    from qround.grid import Grid
+
+    w = np.random.default_rng(0).normal(size=(2, 8))
+    s = np.array([0.3, 0.5])
+    g = fit_grid(w, GridSpec(bits=4), scale=s)
+    s[:] = 7.0
+    np.testing.assert_array_equal(g.scale[:, 0], [0.3, 0.5])
+    with pytest.raises(ValueError):
+        g.scale[0, 0] = 1.0
+    listed = Grid([[0.1]] * 3, [[0.0]] * 3, 4, True, None, 8)  # lists become arrays
+    assert listed.groups == 1 and listed.scale.dtype == np.float64
+
+
+def test_grid_quantize_rounds_ties_as_the_problems_rtn():
+    """x = 1/2 - 2**-54 is below one half: floor(x + 1/2) rounded it up (x + 1/2 is 1.0 in
+    float64); Grid.quantize now agrees with RoundingProblem.rtn_choices and `nearest`."""
+    from qround import RoundingProblem, get_solver
+
+    x = np.nextafter(0.5, 0.0)
+    w = np.array([[x, 3.0]])
+    g = fit_grid(w, GridSpec(bits=4), scale=np.array([1.0]))
+    assert g.quantize(w).tolist() == [[0, 3]]
+    p = RoundingProblem.from_weight(w, np.eye(2), g)
+    np.testing.assert_array_equal(p.codes(p.rtn_choices()), g.quantize(w))
+    np.testing.assert_array_equal(p.codes(get_solver("nearest").solve(p).choices), g.quantize(w))
+
+
+def test_explicit_scale_shape_error_says_one_per_group():
+    with pytest.raises(QroundError, match=r"\(3, 2\), one per group, got \(3,\)"):
+        fit_grid(np.ones((3, 6)), GridSpec(group_size=3), scale=np.full(3, 0.1))

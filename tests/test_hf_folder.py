@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -214,6 +215,14 @@ def test_export_layer_lists_and_writes_conv1d_layers(gpt2_folder, tmp_path, caps
     capsys.readouterr()
     assert main(["solve", str(out), "--solver", "fast", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ratio"] < 1
+    # a group size that does not divide the layer's inputs is named with the layer, before
+    # the model runs (it used to say "... of the layer" after capturing H)
+    capsys.readouterr()
+    assert main(["export-layer", "--model", gpt2_folder, "--layer", "transformer.h.0.mlp.c_fc",
+                 "--group-size", "5", "--out", str(tmp_path / "bad.npz")]) != 0
+    assert re.search(r"--group-size 5 does not divide the \d+ inputs of layer "
+                     r"'transformer.h.0.mlp.c_fc'", capsys.readouterr().err)
+    assert not (tmp_path / "bad.npz").exists()
 
 
 def test_folder_errors_are_one_line(gpt2_folder, tmp_path, capsys):

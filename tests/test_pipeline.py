@@ -618,3 +618,18 @@ def test_first_last_bits_cover_a_skip_of_another_kernel_from_the_input():
     # the input of the first layers stays in float, the others are quantised
     assert qm.model.stem.act is None and qm.model.skip.act is None
     assert qm.model.mid.act is not None and qm.model.fc.act is not None
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_named_by_every_entry_point():
+    """quantize_model, rtn_model, gptq_model and layer_sensitivity name the layer (and refuse
+    before any forward); they used to differ ("... of the layer" from deep in fit_grid)."""
+    from qround.baselines import gptq_model, rtn_model
+    from qround.sensitivity import layer_sensitivity
+
+    model, data = build("branchy")
+    config = QuantConfig(**{**FAST, "group_size": 5})
+    for call in (lambda: rtn_model(model, config), lambda: gptq_model(model, data, config),
+                 lambda: layer_sensitivity(model, data, config, bits=(2, 3))):
+        with pytest.raises(QroundError, match=r"group_size=5 does not divide the \d+ inputs of "
+                                              r"layer '"):
+            call()

@@ -156,3 +156,16 @@ def test_refit_and_with_grid_reject_mismatched_input():
                          g.in_features))
     with pytest.raises(QroundError, match="whole layer"):
         refit_scales(p.restrict([0, 1, 2], p.rtn_choices()), np.zeros((4, 3), dtype=np.int64))
+
+
+def test_refit_refuses_codes_off_the_grid():
+    """Codes outside [qmin, qmax] or not integers fitted a scale without a word (0.108 -> 0.003
+    for codes + 100); the writeback refuses the same codes, so the refit does too."""
+    p = make_problem(m=4, n=8, symmetric=False, bits=3)
+    codes = p.codes(p.rtn_choices())
+    for bad in (codes + 100, codes - 100, codes + 0.5, np.where(codes == codes, np.nan, 0.0)):
+        with pytest.raises(QroundError, match=r"codes must be integers in \[0, 7\]"):
+            refit_scales(p, bad)
+    with pytest.raises(QroundError, match="dtype bool"):
+        refit_scales(p, codes > 3)
+    assert refit_scales(p, codes.astype(np.float64)).scale.shape == p.grid.scale.shape

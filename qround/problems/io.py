@@ -99,21 +99,26 @@ class LayerStats:
         return GridSpec(bits=self.bits if bits is None else bits, symmetric=self.symmetric,
                         group_size=self.group_size, scale_method=scale_method)
 
-    def problem(self, bits: int | None = None, scale_method: str = "mse") -> RoundingProblem:
+    def problem(self, bits: int | None = None, scale_method: str | None = None) -> RoundingProblem:
         """The rounding problem of the layer.
 
         With a stored ``scale`` the grid is used as given (a ``bits`` different from the file's
-        is an error: the scales were fitted for it); otherwise a grid is fitted with
-        ``scale_method`` at ``bits`` (default: the file's).
+        is an error: the scales were fitted for it, and so is a ``scale_method``: nothing is
+        searched); otherwise a grid is fitted with ``scale_method`` (default ``mse``) at
+        ``bits`` (default: the file's).
         """
         if self.scale is not None:
             if bits is not None and bits != self.bits:
                 raise QroundError(f"bits={bits} differs from the file's bits={self.bits}, for "
                                   "which its scales were fitted; drop bits= or the stored scale")
+            if scale_method is not None:
+                raise QroundError(f"scale_method={scale_method!r} is not used: the file stores "
+                                  "its scales (no search runs); drop it, or drop the stored scale")
             grid = fit_grid(self.weight, self._spec(), scale=self.scale,
                             zero_point=self.zero_point)
         else:
-            grid = fit_grid(self.weight, self._spec(bits, scale_method), hessian=self.hessian)
+            grid = fit_grid(self.weight, self._spec(bits, scale_method or "mse"),
+                            hessian=self.hessian)
         return RoundingProblem.from_weight(self.weight, self.hessian, grid, cross=self.cross,
                                            float_hessian=self.float_hessian, name=self.name)
 

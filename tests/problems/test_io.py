@@ -66,6 +66,13 @@ def test_stored_scale_is_used_and_bits_override_refused(tmp_path):
     np.testing.assert_array_equal(stats.problem(bits=4).grid.scale[:, 0], scale)
     with pytest.raises(QroundError, match="bits=3 differs from the file's bits=4"):
         stats.problem(bits=3)
+    # a scale method is not searched on a file with stored scales: refused, not ignored
+    with pytest.raises(QroundError, match="scale_method='minmax' is not used: the file stores"):
+        stats.problem(scale_method="minmax")
+    from qround.cli import main
+
+    assert main(["solve", str(path), "--scale-method", "minmax"]) != 0
+    assert main(["solve", str(path)]) == 0
 
 
 def test_from_module_stores_fitted_grid_and_bias(tmp_path):
