@@ -60,7 +60,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, args):
                          widen=args.widen and bool(spec))
     start = time.perf_counter()
     if label.startswith("rtn"):
-        qmodel, _ = rtn_model(model, config)
+        qmodel, _ = rtn_model(model, config, example=calibration[0])
     elif label == "gptq":
         qmodel, _ = gptq_model(model, calibration, config)
     else:

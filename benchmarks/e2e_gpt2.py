@@ -142,7 +142,7 @@ def quantise(label, spec, hf, calibration, bits, group_size, args):
                          widen=args.widen and bool(spec))
     start = time.perf_counter()
     if label.startswith("rtn"):
-        qmodel, _ = rtn_model(hf.model, config)
+        qmodel, _ = rtn_model(hf.model, config, example=calibration[0], forward=hf.forward)
     elif label == "gptq":
         qmodel, _ = gptq_model(hf.model, calibration, config, forward=hf.forward)
     else:

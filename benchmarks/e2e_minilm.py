@@ -84,7 +84,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
                          weight_start=args.weight_start)
     start = time.perf_counter()
     if label.startswith("rtn"):
-        qmodel, _ = rtn_model(model, config)
+        qmodel, _ = rtn_model(model, config, example=calibration[0], forward=zoo.minilm_forward)
     elif label == "gptq":
         qmodel, _ = gptq_model(model, calibration, config, forward=zoo.minilm_forward)
     else:

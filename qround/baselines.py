@@ -21,6 +21,7 @@ and choose the same layers as ``quantize_model``; GPTQ reuses the pipeline's cap
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Iterable
 
 import numpy as np
@@ -132,16 +133,28 @@ def _check_config(config) -> QuantConfig:
     return config
 
 
-def rtn_model(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, float]:
+def rtn_model(model: nn.Module, config: QuantConfig, example=None,
+              forward: ForwardFn | None = None) -> tuple[nn.Module, float]:
     """Rounding-to-nearest of the layers ``quantize_model`` would choose for ``config`` (a
     ``QuantConfig``: wbits, symmetric, group_size, scale_method ``minmax`` or ``mse``, layers,
     exclude, first_last_bits, and the grid settings of ``overrides``) on a deep copy of
-    ``model``.  Without data, "first" and "last" follow module order.  Returns (quantised copy, seconds)."""
+    ``model``.  Returns (quantised copy, seconds).
+
+    With ``first_last_bits``, give one ``example`` batch (``forward(model, example)``, default
+    :func:`qround.calibrate.default_forward`): the first layer the forward calls, with every
+    layer reading the same input (q, k and v), and the last one get those bits, as in
+    ``quantize_model`` and ``gptq_model``.  Without an example they follow module order (only
+    the first module, not its siblings), with a warning."""
     _check_config(config)
     start = time.perf_counter()
     # transformers' Conv1D layers are rounded as Linear views of their weights, then restored
-    qmodel, replaced = linearize_conv1d(copy_module(model), share=True)
-    names, _ = _select(qmodel, config)
+    forward = forward or default_forward
+    if example is not None:
+        convert, conv_skipped = _conv1d_selection(model, config, example, forward)
+    else:
+        convert, conv_skipped = None, {}
+    qmodel, replaced = linearize_conv1d(copy_module(model), share=True, names=convert)
+    names, _ = _select(qmodel, config, float_conv1d=conv_skipped)
     _check_overrides_match(config, names)
     modules = dict(qmodel.named_modules())
     check_group_sizes(modules, names, config)
@@ -149,9 +162,23 @@ def rtn_model(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, float]:
     if output:
         raise QroundError(f"rtn_model: scale_method='mse-output' (layer {output[0]!r}) needs "
                           "calibration data; use 'minmax' or 'mse'")
-    for index, name in enumerate(names):
+    ends = {names[0], names[-1]}
+    if config.first_last_bits is not None:
+        if example is None:
+            warnings.warn("rtn_model: first_last_bits without an example batch takes the first "
+                          "and last layers in module order (not the layers sharing the first "
+                          "one's input, as quantize_model does); pass example=a_batch",
+                          stacklevel=2)
+        else:
+            with torch.no_grad(), _own_rng(config, qmodel):
+                plan = _trace(qmodel, example, forward, names)
+            if not plan:
+                raise QroundError("none of the chosen layers is called by the forward")
+            ends = {layer.name for layer in plan if layer.group == plan[0].group}
+            ends.add(plan[-1].name)
+    for name in names:
         w = layer_weight(modules[name])
-        grid = fit_grid(w, _layer_grid(config, name, index in (0, len(names) - 1)))
+        grid = fit_grid(w, _layer_grid(config, name, name in ends))
         _write(modules[name], grid.quantize(w), grid)
     return restore_conv1d(qmodel, replaced), time.perf_counter() - start
 

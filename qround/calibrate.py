@@ -150,8 +150,16 @@ def select_layers(model: nn.Module, layers: LayerFilter = None,
 
 
 def default_forward(model: nn.Module, batch) -> Any:
-    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``."""
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``.
+
+    A dict with a 2-D tensor ``attention_mask`` (a tokenised batch) runs inside
+    :func:`token_mask`: padded positions stay out of the statistics, as with the CLI's forward
+    for transformers folders (they used to count, and move every layer's H toward padding)."""
     if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            with token_mask(mask):
+                return model(**batch)
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         try:

@@ -26,7 +26,8 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .cliargs import PLOT_SUFFIXES, check_format, check_paths, finite_at_least, int_at_least
+from .cliargs import (PLOT_SUFFIXES, check_format, check_paths, finite_at_least, group_size_arg,
+                      int_at_least)
 from .errors import MAX_SEED, QroundError, check_bits, check_int
 from .report import (SolveRecord, format_table, json_text, totals, write_json_atomic,
                      write_npz_atomic)
@@ -614,6 +615,23 @@ def _parse_overrides(items) -> dict | None:
     return out
 
 
+_SOURCE_CONFIG: dict[str, dict] = {}   # --overrides-from FILE's whole config, when it has one
+
+
+def _note_other_settings(path: str, config) -> None:
+    """--overrides-from takes a `qround quantize --json` run's overrides only: say which of
+    that run's other layer settings this run does not repeat (they used to drop silently)."""
+    source = _SOURCE_CONFIG.get(path)
+    if not source:
+        return
+    keys = ("wbits", "first_last_bits", "group_size", "symmetric", "scale_method", "solver")
+    differ = [f"{k}={source[k]!r} (here {getattr(config, k)!r})" for k in keys
+              if k in source and source[k] != getattr(config, k)]
+    if differ:
+        print(f"qround: note: --overrides-from takes {path!r}'s overrides only; its run also "
+              f"had {', '.join(differ)}: repeat those options to get them", file=sys.stderr)
+
+
 def _overrides_from(path: str) -> list:
     """--overrides-from FILE: the overrides of `qround sensitivity --json`'s allocation, of
     `qround quantize --json`'s config, or a JSON list of [pattern, {settings}] pairs."""
@@ -630,6 +648,7 @@ def _overrides_from(path: str) -> list:
         if isinstance(data.get("allocation"), dict):
             data = data["allocation"].get("overrides")
         elif isinstance(data.get("config"), dict):
+            _SOURCE_CONFIG[path] = data["config"]
             data = data["config"].get("overrides")
         else:
             data = data.get("overrides")
@@ -690,6 +709,8 @@ def cmd_quantize(args) -> int:
                          k=args.k,
                          scheme=None if args.scheme is None else tuple(
                              u.strip() for u in args.scheme.split(",") if u.strip()))
+    if args.overrides_from:
+        _note_other_settings(args.overrides_from, config)
     if args.save_compressed:
         asym = [p for p, o in config.overrides or () if o.get("symmetric") is False]
         if asym:
@@ -1041,7 +1062,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output .npz")
     e.add_argument("--bits", type=int, default=4, help="(default: %(default)s)")
     e.add_argument("--asymmetric", action="store_true")
-    e.add_argument("--group-size", type=int, default=None)
+    e.add_argument("--group-size", type=group_size_arg, default=None,
+                    help="inputs per scale (default: none, one scale per output channel; "
+                         "-1 also means none)")
     e.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
     e.add_argument("--threads", type=int_at_least(1), default=2, help="torch CPU threads")
     e.set_defaults(func=cmd_export_layer)
@@ -1051,7 +1074,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--wbits", type=int, default=4, help="weight bits (default: %(default)s)")
     q.add_argument("--solver", default=DEFAULT_SOLVER,
                    help="solver spec for every layer (default: %(default)s)")
-    q.add_argument("--group-size", type=int, default=None)
+    q.add_argument("--group-size", type=group_size_arg, default=None,
+                    help="inputs per scale (default: none, one scale per output channel; "
+                         "-1 also means none)")
     q.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
     q.add_argument("--asymmetric-grid", action="store_true", help="unsigned grid with zero point")
     q.add_argument("--inputs", default=INPUTS_DEFAULT, choices=["float", "quantized", "asymmetric"],
@@ -1147,7 +1172,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "`qround quantize` command that quantises with it (the measured "
                          "model, calibration, grid and layer options, and the widths as "
                          "--override arguments)")
-    se.add_argument("--group-size", type=int, default=None)
+    se.add_argument("--group-size", type=group_size_arg, default=None,
+                     help="inputs per scale (default: none, one scale per output channel; "
+                          "-1 also means none)")
     se.add_argument("--scale-method", default="mse", choices=["minmax", "mse"])
     se.add_argument("--asymmetric-grid", action="store_true", help="unsigned grid with zero point")
     se.add_argument("--first-last-bits", type=int, default=None,

@@ -121,3 +121,22 @@ def check_format(flag: str, path: str | None, writes: str, suffixes: tuple[str, 
         held = _FORMATS.get(suffix, f"a {suffix} file") if suffix else "no format"
         raise QroundError(f"{flag} {os.fspath(path)!r}: this writes {writes}, but the name "
                           f"says {held}; end it in {' or '.join(suffixes)}")
+
+
+def group_size_arg(text: str) -> int | None:
+    """An argparse ``type`` for ``--group-size``: a positive integer, or ``none`` / ``-1`` (GPTQ's
+    convention) for one scale per output channel, as ``--override ... group_size=none``."""
+    if text.strip().lower() in ("none", "-1"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, or none (-1) for one "
+                                         f"scale per channel, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, or none (-1) for one "
+                                         f"scale per channel, got {value}")
+    return value
+
+
+group_size_arg.__name__ = "group size"

@@ -188,7 +188,8 @@ def test_rtn_model_rounds_the_chosen_layers_to_nearest():
     np.testing.assert_allclose(layer_weight(qnet[0]), grid.dequantize(grid.quantize(w)),
                                rtol=1e-6, atol=1e-7)
     assert torch.equal(qnet[2].weight, net[2].weight)  # excluded: left in float
-    wide, _ = rtn_model(net, QuantConfig(wbits=2, first_last_bits=8, progress=False))
+    with pytest.warns(UserWarning, match="module order"):
+        wide, _ = rtn_model(net, QuantConfig(wbits=2, first_last_bits=8, progress=False))
     assert len(torch.unique(wide[2].weight[0])) > 4  # 8 bits on the last layer, not 2
     with pytest.raises(QroundError, match="mse-output"):
         rtn_model(net, QuantConfig(scale_method="mse-output", progress=False))
@@ -272,3 +273,36 @@ def test_gptq_model_gives_first_last_bits_to_every_layer_reading_the_input():
     for name, b in bits.items():
         levels = _levels(getattr(gptq, name))
         assert (levels <= 4) == (b == 2), (name, levels)
+
+
+def test_rtn_model_first_last_bits_follow_the_forward_with_an_example():
+    """With an example batch, rtn_model gives first_last_bits to every layer that reads the
+    first layer's input (q, k and v), as quantize_model does; in module order only the first
+    module got them (k and v stayed at 3 bits, an RTN baseline unlike qround's own)."""
+    from qround.baselines import rtn_model
+    from qround.pipeline import QuantConfig, quantize_model
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.q, self.k, self.v = (nn.Linear(32, 32) for _ in range(3))
+            self.out = nn.Linear(32, 32)
+            self.head = nn.Linear(32, 3)
+            for p in self.parameters():
+                p.data = torch.randn(p.shape, generator=gen)
+
+        def forward(self, x):
+            return self.head(self.out(self.q(x) * self.k(x) + self.v(x)))
+
+    net = QKV()
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    config = QuantConfig(wbits=3, first_last_bits=8, solver="nearest", scale_method="minmax",
+                         progress=False)
+    levels = lambda m: max(len(torch.unique(row)) for row in m.weight)  # noqa: E731
+    rtn, _ = rtn_model(net, config, example=x)
+    assert [levels(getattr(rtn, n)) > 8 for n in ("q", "k", "v", "out", "head")] == \
+        [True, True, True, False, True]
+    qm = quantize_model(net, [x], config)
+    for name in ("q", "k", "v", "out", "head"):
+        torch.testing.assert_close(getattr(rtn, name).weight, getattr(qm.model, name).weight)

@@ -372,3 +372,30 @@ def test_token_mask_excludes_padding_rows():
     np.testing.assert_allclose(h, (rows.T @ rows / rows.shape[0]).numpy(), rtol=1e-12)
     h_all = capture_hessians(lin, [x])[""]
     assert not np.allclose(h, h_all)
+
+
+def test_default_forward_keeps_padding_out_of_tokenised_batches():
+    """A dict batch with a 2-D attention_mask is masked by the default forward too (the Python
+    API counted padding while the CLI's transformers forward did not)."""
+    from qround.calibrate import capture_hessians
+
+    class Tok(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 6)
+            self.fc = torch.nn.Linear(6, 3)
+
+        def forward(self, input_ids, attention_mask):
+            return self.fc(self.emb(input_ids))
+
+    torch.manual_seed(0)
+    model = Tok()
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    h = capture_hessians(model, [{"input_ids": ids, "attention_mask": mask}])["fc"]
+    rows = model.emb(ids)[mask.bool()].detach().double()
+    np.testing.assert_allclose(h, (rows.T @ rows / rows.shape[0]).numpy(), rtol=1e-12)
+    # without a mask every position counts, as before
+    h_all = capture_hessians(model, [{"input_ids": ids}], forward=lambda m, b: m(b["input_ids"], None))
+    every = model.emb(ids).reshape(-1, 6).detach().double()
+    np.testing.assert_allclose(h_all["fc"], (every.T @ every / 8).numpy(), rtol=1e-12)

@@ -215,6 +215,9 @@ def test_quantize_refuses_to_overwrite_its_inputs_or_outputs(tmp_path, capsys, o
     (["quantize", "--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
     (["quantize", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
     (["quantize", "--iterations", "-1"], "argument --iterations: must be an integer >= 0"),
+    (["quantize", "--group-size", "0"], "argument --group-size: must be a positive integer, "
+                                         "or none"),
+    (["sensitivity", "--group-size", "x"], "argument --group-size: must be a positive integer"),
     (["evaluate", "--quantized", "x", "--sentences", "5"], "argument --sentences: must be an "
                                                              "integer >= 11"),
     (["demo", "--threads", "-2"], "argument --threads"),
@@ -486,3 +489,12 @@ def test_evaluate_texts_for_an_encoder_need_eleven(tmp_path, capsys):
     assert main(["evaluate", "--model", "minilm", "--quantized", str(tmp_path / "q.safetensors"),
                  "--texts", str(few)]) == 2
     assert "holds 10 texts; an encoder's metrics" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,value", [("none", None), ("-1", None), ("None", None), ("32", 32)])
+def test_group_size_option_takes_none_and_minus_one_as_per_channel(text, value):
+    """GPTQ's -1 and the `none` of --override mean one scale per channel at the top level too."""
+    from qround.cli import build_parser
+
+    for command in (["quantize"], ["sensitivity"], ["export-layer"]):
+        assert build_parser().parse_args(command + ["--group-size", text]).group_size == value
