@@ -22,9 +22,11 @@ Per layer size and solver, one child process (so that its peak memory is its own
   ``greedy-numpy``: ``greedy``'s descent as the batched numpy loop its compiled kernel replaced
   (checked to make the same flips);
 - ``cost/RTN`` on the channels solved;
-- ``peak MiB``: the child's peak resident memory (``ru_maxrss``), and ``held MiB`` the part
-  above what it held after loading W and H and the first calls (the problem's arrays and the
-  solver's work).
+- ``peak MiB``: the child's peak resident size during the build or the solve (the larger);
+  ``build MiB``: the build's peak above what the child held before it (the problem's arrays
+  and temporaries); ``solve MiB``: the solve's peak above what the child held after the build
+  (the solver's own work, beyond memory the build freed to the allocator).  The kernel's peak
+  counter (``VmHWM``, which ``ru_maxrss`` also reads) is reset before each.
 
 torch, numba and numpy's BLAS run at ``--threads``.
 
@@ -35,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -105,12 +106,19 @@ def make_layer(n: int, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return w, h
 
 
-def _rss_mib() -> float:
+def _status_mib(key: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak since the last :func:`_reset_peak`)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's resident peak (``VmHWM``) to the current size (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def child(args) -> dict:
@@ -138,12 +146,16 @@ def child(args) -> dict:
         else:
             solver = qround.get_solver(args.solver)
             warm_up(solver)
-        held0 = _rss_mib()
+        held0 = _status_mib("VmRSS")
+        _reset_peak()
         t0 = time.perf_counter()
         problem = qround.RoundingProblem.from_weight(w, h, qround.GridSpec(bits=args.bits))
         build = time.perf_counter() - t0
         sub = problem.subproblem(np.arange(args.channels)) if args.channels else problem
         rtn = float(sub.rtn_costs().sum())
+        build_peak = _status_mib("VmHWM")
+        held1 = _status_mib("VmRSS")
+        _reset_peak()
         if args.solver == "gptq-reference":
             t0 = time.perf_counter()
             codes = gptq_quantize(w, h, problem.grid)
@@ -180,10 +192,11 @@ def child(args) -> dict:
             sol = solver.solve(sub, seed=args.seed)
             seconds = time.perf_counter() - t0
             cost = float(sol.total_cost)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        solve_peak = _status_mib("VmHWM")
     return {"build_s": build, "solve_s": seconds, "channels": sub.num_channels,
-            "ratio": cost / rtn if rtn > 0 else float("nan"), "peak_mib": peak,
-            "held_mib": peak - held0}
+            "ratio": cost / rtn if rtn > 0 else float("nan"),
+            "build_peak_mib": build_peak, "solve_peak_mib": solve_peak,
+            "build_mib": build_peak - held0, "solve_mib": solve_peak - held1}
 
 
 def main(argv=None) -> None:
@@ -193,7 +206,8 @@ def main(argv=None) -> None:
         return
     rows = []
     header = (f"{'layer (in x out)':>17} {'solver':>15} {'channels':>8} {'build s':>8} "
-              f"{'solve s':>9} {'s/channel':>10} {'cost/RTN':>9} {'peak MiB':>9} {'held MiB':>9}")
+              f"{'solve s':>9} {'s/channel':>10} {'cost/RTN':>9} {'peak MiB':>9} "
+              f"{'build MiB':>9} {'solve MiB':>9}")   # peak: the larger of build's and solve's
     print(f"synthetic layers, {args.bits}-bit per-channel mse grid, {args.threads} threads")
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +236,9 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print(f"{n:>7} x {m:<7} {solver:>15} {r['channels']:>8} {r['build_s']:>8.2f} "
                       f"{r['solve_s']:>9.3f} {row['seconds_per_channel']:>10.5f} "
-                      f"{r['ratio']:>9.4f} {r['peak_mib']:>9.0f} {r['held_mib']:>9.0f}",
+                      f"{r['ratio']:>9.4f} "
+                      f"{max(r['build_peak_mib'], r['solve_peak_mib']):>9.0f} {r['build_mib']:>9.0f} "
+                      f"{r['solve_mib']:>9.0f}",
                       flush=True)
                 if args.json:
                     write_results(args.json, "scaling", header, args, rows)

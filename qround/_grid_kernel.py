@@ -7,7 +7,8 @@ against) makes nine passes over an (out, in) buffer per candidate; on a 2048 x 2
 80 candidates took 3 s, more than GPTQ on the same layer.  This kernel visits each group once
 per candidate, in cache, with the channels in parallel.
 
-The result is bit-identical to the numpy version: each element's error is computed with the
+The result is bit-identical to the numpy version (on C-contiguous weights, which both use
+whatever the caller's layout): each element's error is computed with the
 same float operations in the same order (``s * (clip(floor(w / s + 1/2) + z) - z) - w``, then
 divided by the group's power-of-two unit and squared), and the sum over a group follows numpy's
 pairwise summation (:func:`_pairwise_sum`, the order of ``np.add.reduce`` over a contiguous

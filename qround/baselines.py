@@ -140,42 +140,46 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
     exclude, first_last_bits, and the grid settings of ``overrides``) on a deep copy of
     ``model``.  Returns (quantised copy, seconds).
 
-    With ``first_last_bits``, give one ``example`` batch (``forward(model, example)``, default
-    :func:`qround.calibrate.default_forward`): the first layer the forward calls, with every
-    layer reading the same input (q, k and v), and the last one get those bits, as in
-    ``quantize_model`` and ``gptq_model``.  Without an example they follow module order (only
-    the first module, not its siblings), with a warning."""
+    With one ``example`` batch (``forward(model, example)``, default
+    :func:`qround.calibrate.default_forward`, random draws from ``config.seed``) the choice
+    is ``quantize_model``'s: layers the forward never calls stay in float, and with
+    ``first_last_bits`` the first layer the forward calls, with every layer reading the same
+    input (q, k and v), and the last one get those bits.  Without an example every selected
+    layer is rounded and first/last follow module order (only the first module, not its
+    siblings; a warning says so when ``first_last_bits`` is set)."""
     _check_config(config)
     start = time.perf_counter()
     # transformers' Conv1D layers are rounded as Linear views of their weights, then restored
     forward = forward or default_forward
-    if example is not None:
-        convert, conv_skipped = _conv1d_selection(model, config, example, forward)
-    else:
-        convert, conv_skipped = None, {}
-    qmodel, replaced = linearize_conv1d(copy_module(model), share=True, names=convert)
-    names, _ = _select(qmodel, config, float_conv1d=conv_skipped)
-    _check_overrides_match(config, names)
-    modules = dict(qmodel.named_modules())
-    check_group_sizes(modules, names, config)
-    output = [n for n in names if config.layer_options(n)["scale_method"] == "mse-output"]
-    if output:
-        raise QroundError(f"rtn_model: scale_method='mse-output' (layer {output[0]!r}) needs "
-                          "calibration data; use 'minmax' or 'mse'")
-    ends = {names[0], names[-1]}
-    if config.first_last_bits is not None:
-        if example is None:
+    with _own_rng(config, model):   # the example's forwards draw from config.seed, not yours
+        if example is not None:
+            convert, conv_skipped = _conv1d_selection(model, config, example, forward)
+        else:
+            convert, conv_skipped = None, {}
+        qmodel, replaced = linearize_conv1d(copy_module(model), share=True, names=convert)
+        names, _ = _select(qmodel, config, float_conv1d=conv_skipped)
+        _check_overrides_match(config, names)
+        modules = dict(qmodel.named_modules())
+        check_group_sizes(modules, names, config)
+        output = [n for n in names if config.layer_options(n)["scale_method"] == "mse-output"]
+        if output:
+            raise QroundError(f"rtn_model: scale_method='mse-output' (layer {output[0]!r}) "
+                              "needs calibration data; use 'minmax' or 'mse'")
+        ends = {names[0], names[-1]}
+        if example is not None:
+            with torch.no_grad():
+                plan = _trace(qmodel, example, forward, names)
+            if not plan:
+                raise QroundError("none of the chosen layers is called by the forward")
+            # as quantize_model: layers the forward never calls stay in float
+            names = [layer.name for layer in plan]
+            ends = {layer.name for layer in plan if layer.group == plan[0].group}
+            ends.add(plan[-1].name)
+        elif config.first_last_bits is not None:
             warnings.warn("rtn_model: first_last_bits without an example batch takes the first "
                           "and last layers in module order (not the layers sharing the first "
                           "one's input, as quantize_model does); pass example=a_batch",
                           stacklevel=2)
-        else:
-            with torch.no_grad(), _own_rng(config, qmodel):
-                plan = _trace(qmodel, example, forward, names)
-            if not plan:
-                raise QroundError("none of the chosen layers is called by the forward")
-            ends = {layer.name for layer in plan if layer.group == plan[0].group}
-            ends.add(plan[-1].name)
     for name in names:
         w = layer_weight(modules[name])
         grid = fit_grid(w, _layer_grid(config, name, name in ends))

@@ -149,15 +149,33 @@ def select_layers(model: nn.Module, layers: LayerFilter = None,
     return chosen
 
 
+def _padding_mask(batch: Mapping) -> torch.Tensor | None:
+    """The (batch, tokens) padding mask of a tokenised dict batch, or None (see
+    :func:`default_forward`)."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.is_floating_point() \
+            or mask.is_complex() or any(isinstance(k, str) and k.startswith("decoder_")
+                                        for k in batch):
+        return None
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        return None
+    if bool(mask.all()):  # no padding: nothing to leave out
+        return None
+    return mask
+
+
 def default_forward(model: nn.Module, batch) -> Any:
     """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``.
 
-    A dict with a 2-D tensor ``attention_mask`` (a tokenised batch) runs inside
-    :func:`token_mask`: padded positions stay out of the statistics, as with the CLI's forward
-    for transformers folders (they used to count, and move every layer's H toward padding)."""
+    A tokenised batch, a dict whose ``attention_mask`` is a (batch, tokens) tensor of 0/1 or
+    booleans with some padding (zeros), runs inside :func:`token_mask`: padded positions stay
+    out of the statistics, as with the CLI's forward for transformers folders (they used to
+    count, and move every layer's H toward padding).  Masks of other kinds are left alone: a
+    float (additive, -inf for padding) mask, and any batch with ``decoder_*`` inputs (the
+    decoder's tokens are not the mask's).  A forward of your own can call :func:`token_mask`."""
     if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+        mask = _padding_mask(batch)
+        if mask is not None:
             with token_mask(mask):
                 return model(**batch)
         return model(**batch)

@@ -624,7 +624,8 @@ def _note_other_settings(path: str, config) -> None:
     source = _SOURCE_CONFIG.get(path)
     if not source:
         return
-    keys = ("wbits", "first_last_bits", "group_size", "symmetric", "scale_method", "solver")
+    keys = ("wbits", "first_last_bits", "group_size", "symmetric", "scale_method", "damp",
+            "solver")
     differ = [f"{k}={source[k]!r} (here {getattr(config, k)!r})" for k in keys
               if k in source and source[k] != getattr(config, k)]
     if differ:

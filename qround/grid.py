@@ -280,7 +280,10 @@ def _mse_search(wg, lo, hi, shrinks, qmin, qmax, symmetric):
 
 def _mse_search_numpy(wg, lo, hi, shrinks, qmin, qmax, symmetric):
     """The same search as :func:`_mse_search` in numpy, one candidate at a time over the whole
-    layer (the reference the tests compare the kernel with; nine passes per candidate)."""
+    layer (the reference the tests compare the kernel with; nine passes per candidate).  On a
+    C-contiguous copy: numpy sums an F-ordered buffer in another order, so the scales of the
+    search used to depend, in the last bit of near-ties, on the weight's memory layout."""
+    wg = np.ascontiguousarray(wg)
     unit = _mse_unit(lo, hi)[..., None]
 
     def score(err):

@@ -399,3 +399,32 @@ def test_default_forward_keeps_padding_out_of_tokenised_batches():
     h_all = capture_hessians(model, [{"input_ids": ids}], forward=lambda m, b: m(b["input_ids"], None))
     every = model.emb(ids).reshape(-1, 6).detach().double()
     np.testing.assert_allclose(h_all["fc"], (every.T @ every / 8).numpy(), rtol=1e-12)
+
+
+def test_default_forward_leaves_other_masks_alone():
+    """Only a 0/1 (or bool) padding mask of a batch without decoder inputs is applied: an
+    additive float mask (0 keep, -inf pad) would have kept the padding rows only, and a
+    decoder's tokens are not the encoder mask's."""
+    from qround.calibrate import capture_hessians
+
+    class Tok(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 6)
+            self.fc = torch.nn.Linear(6, 3)
+
+        def forward(self, input_ids, attention_mask, decoder_input_ids=None):
+            return self.fc(self.emb(input_ids if decoder_input_ids is None else decoder_input_ids))
+
+    torch.manual_seed(0)
+    model = Tok()
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    every = model.emb(ids).reshape(-1, 6).detach().double()
+    want = (every.T @ every / 8).numpy()
+    additive = torch.tensor([[0.0, 0.0, 0.0, -float("inf")], [0.0, 0.0, -float("inf"), -float("inf")]])
+    counts = torch.tensor([[1, 1, 1, 0], [2, 1, 0, 0]])   # not 0/1: not a padding mask
+    for batch in ({"input_ids": ids, "attention_mask": additive},
+                  {"input_ids": ids, "attention_mask": counts},
+                  {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+                   "decoder_input_ids": ids}):
+        np.testing.assert_allclose(capture_hessians(model, [batch])["fc"], want, rtol=1e-12)

@@ -380,3 +380,29 @@ def test_a_pattern_that_matches_nothing_shows_conv1d_names():
     with pytest.raises(QroundError, match=r"look like \['transformer.h.0.attn.c_attn'"):
         quantize_model(tiny_gpt2(), batches(1), QuantConfig(wbits=4, layers="nomatch", **FAST),
                        forward=logits)
+
+
+def test_rtn_model_with_an_example_leaves_the_callers_rng_and_uncalled_layers_alone():
+    """With an example batch, rtn_model runs the forward (Conv1D selection, the trace) under
+    config.seed, so a forward that samples does not move the caller's RNG; and, as
+    quantize_model, it leaves layers the forward never calls in float."""
+    from qround.baselines import rtn_model
+
+    model = tiny_gpt2()
+    data = batches(1)
+    spare = nn.Linear(32, 32)      # a layer the forward never calls
+    model.spare = spare
+
+    def noisy(m, b):
+        return m(b + 0 * torch.randint(0, 2, b.shape), use_cache=False).logits
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    quantised, _ = rtn_model(model, QuantConfig(wbits=4), example=data[0], forward=noisy)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(quantised.spare.weight, spare.weight)   # never called: float
+    mods = dict(quantised.named_modules())
+    assert not torch.equal(mods[CONV1D_NAMES[0]].weight,
+                           dict(model.named_modules())[CONV1D_NAMES[0]].weight)
+    without, _ = rtn_model(model, QuantConfig(wbits=4))       # no example: every layer
+    assert not torch.equal(without.spare.weight, spare.weight)

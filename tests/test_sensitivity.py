@@ -223,11 +223,12 @@ def test_cli_prints_the_table_and_an_allocation_that_quantize_takes(tmp_path, ca
     assert "note" not in capsys.readouterr().err    # nothing else differs
     # the run's other settings are not taken: said, not dropped silently
     assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(report2),
-                 "--solver", "nearest", "--first-last-bits", "8", "--threads", "1",
-                 "--no-progress"]) == 0
+                 "--solver", "nearest", "--first-last-bits", "8", "--damp", "0.05", "--threads",
+                 "1", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "takes" in err and "overrides only" in err
     assert "first_last_bits=None (here 8)" in err and "solver='greedy' (here 'nearest')" in err
+    assert "damp=0.0 (here 0.05)" in err
     bad = tmp_path / "bad.json"
     bad.write_text('{"overrides": [["conv1", 8]]}')
     assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(bad)]) == 2
