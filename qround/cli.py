@@ -615,13 +615,10 @@ def _parse_overrides(items) -> dict | None:
     return out
 
 
-_SOURCE_CONFIG: dict[str, dict] = {}   # --overrides-from FILE's whole config, when it has one
-
-
-def _note_other_settings(path: str, config) -> None:
+def _note_other_settings(path: str, source: dict | None, config) -> None:
     """--overrides-from takes a `qround quantize --json` run's overrides only: say which of
-    that run's other layer settings this run does not repeat (they used to drop silently)."""
-    source = _SOURCE_CONFIG.get(path)
+    that run's other layer settings (``source``, its config) this run does not repeat (they
+    used to drop silently)."""
     if not source:
         return
     keys = ("wbits", "first_last_bits", "group_size", "symmetric", "scale_method", "damp",
@@ -633,15 +630,17 @@ def _note_other_settings(path: str, config) -> None:
               f"had {', '.join(differ)}: repeat those options to get them", file=sys.stderr)
 
 
-def _overrides_from(path: str) -> list:
+def _overrides_from(path: str) -> tuple[list, dict | None]:
     """--overrides-from FILE: the overrides of `qround sensitivity --json`'s allocation, of
-    `qround quantize --json`'s config, or a JSON list of [pattern, {settings}] pairs."""
+    `qround quantize --json`'s config, or a JSON list of [pattern, {settings}] pairs; and the
+    quantize run's whole config when the file is one."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
         raise QroundError(f"--overrides-from {path!r} could not be read as JSON "
                           f"({type(exc).__name__}: {exc})") from None
+    source = None
     if isinstance(data, dict):
         if "sensitivity" in data and not isinstance(data.get("allocation"), dict):
             raise QroundError(f"--overrides-from {path!r} holds a sensitivity measurement "
@@ -649,7 +648,7 @@ def _overrides_from(path: str) -> list:
         if isinstance(data.get("allocation"), dict):
             data = data["allocation"].get("overrides")
         elif isinstance(data.get("config"), dict):
-            _SOURCE_CONFIG[path] = data["config"]
+            source = data["config"]
             data = data["config"].get("overrides")
         else:
             data = data.get("overrides")
@@ -659,7 +658,7 @@ def _overrides_from(path: str) -> list:
         raise QroundError(f"--overrides-from {path!r} holds no overrides: expected `qround "
                           "sensitivity --mean-bits ... --json`'s file, `qround quantize "
                           "--json`'s, or a list of [pattern, {settings}] pairs")
-    return [(p, o) for p, o in data]  # QuantConfig checks the settings
+    return [(p, o) for p, o in data], source  # QuantConfig checks the settings
 
 
 def cmd_quantize(args) -> int:
@@ -693,14 +692,15 @@ def cmd_quantize(args) -> int:
         reconstruction = ReconstructConfig(iterations=iterations, seed=args.seed,
                                            qdrop=0.5 if args.qdrop is None else args.qdrop,
                                            capture_cache_mb=args.capture_cache_mb)
+    overrides, source = (_overrides_from(args.overrides_from) if args.overrides_from
+                         else (_parse_overrides(args.override), None))
     config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
                          group_size=args.group_size, scale_method=args.scale_method,
                          solver=args.solver, inputs=args.inputs,
                          bias_correction=args.bias_correction, refits=args.refits,
                          widen=args.widen, correction=args.correction,
                          first_last_bits=args.first_last_bits,
-                         overrides=(_overrides_from(args.overrides_from) if args.overrides_from
-                                    else _parse_overrides(args.override)), seed=args.seed,
+                         overrides=overrides, seed=args.seed,
                          capture_cache_mb=args.capture_cache_mb,
                          device=args.device, progress=not args.no_progress,
                          layers=args.layers, exclude=args.exclude, damp=args.damp,
@@ -711,7 +711,7 @@ def cmd_quantize(args) -> int:
                          scheme=None if args.scheme is None else tuple(
                              u.strip() for u in args.scheme.split(",") if u.strip()))
     if args.overrides_from:
-        _note_other_settings(args.overrides_from, config)
+        _note_other_settings(args.overrides_from, source, config)
     if args.save_compressed:
         asym = [p for p, o in config.overrides or () if o.get("symmetric") is False]
         if asym:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibrate import ForwardFn, default_forward, eval_mode
+from .calibrate import ForwardFn, _padding_mask, default_forward, eval_mode
 from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid
 from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match, _conv1d_selection,
@@ -219,12 +219,10 @@ MAX_REFERENCE_BYTES = 2 << 30
 
 
 def _token_mask(batch) -> torch.Tensor | None:
-    """A tokenised batch's attention mask (B, T) as booleans, or None."""
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            return mask.to("cpu").bool()
-    return None
+    """A tokenised batch's padding mask (B, T) as booleans, or None: the mask the default
+    forward keeps padding out of the statistics with (:func:`qround.calibrate._padding_mask`)."""
+    mask = _padding_mask(batch) if isinstance(batch, Mapping) else None
+    return None if mask is None else mask.to("cpu").bool()
 
 
 def _reseed(model: nn.Module, seed: int) -> None:
