@@ -150,7 +150,7 @@ def cmd_sample(args) -> int:
     time of each ``sample`` call, whatever the sampler."""
     import os
 
-    from .problems.qubo_files import DIMOD_MAGIC, MANIFEST, read_bqm_file
+    from .problems.qubo_files import MANIFEST, _read_bqm_file
     from .solvers import QroundSampler, warm_up
     from .solvers.registry import normalize_spec, parse_part
     from .solvers.sampler import MAX_READS
@@ -176,12 +176,15 @@ def cmd_sample(args) -> int:
     repeated = sorted({f for f in args.files if args.files.count(f) > 1})
     if repeated:
         raise QroundError(f"FILE {repeated[0]!r} is given more than once")
-    rows, samples = [], {}
-    warm_up(sampler, **options)  # kernel loading stays out of the first file's seconds
+    missing = [f for f in args.files if not os.path.exists(f)]
+    if missing:
+        raise QroundError(f"FILE {missing[0]!r} does not exist")
+    rows, samples, warm = [], {}, False
     for path in args.files:
-        bqm = read_bqm_file(path)
-        with open(path, "rb") as f:
-            dimod_file = f.read(len(DIMOD_MAGIC)) == DIMOD_MAGIC
+        bqm, dimod_file = _read_bqm_file(path)   # read once: a pipe works too
+        if not warm:   # kernel loading stays out of the first file's seconds
+            warm_up(sampler, **options)
+            warm = True
         if bqm.num_variables == 0:   # nothing to search (dwave's tabu returns no sample)
             row = {"file": str(path), "variables": 0, "energy": 0.0, "cost": bqm.offset,
                    "reads": args.reads, "seconds": 0.0}
@@ -233,7 +236,9 @@ def cmd_sample(args) -> int:
         columns = ["file", "variables", "energy", "cost", *(
             ["rtn_cost", "ratio"] if any("ratio" in r for r in rows) else []), *(
             ["known", "known_cost"] if any("known" in r for r in rows) else []), "seconds"]
-        print(format_table(rows, columns))
+        # costs of single channels are small: significant digits, not decimals
+        print(format_table(rows, columns, significant=("energy", "cost", "rtn_cost",
+                                                       "known_cost")))
     if args.out:
         write_json_atomic(args.out, {"method": label, "seed": args.seed, "reads": args.reads,
                                      "samples": samples})
@@ -813,6 +818,8 @@ def cmd_sensitivity(args) -> int:
     check_paths({"--json": args.json}, {"--model": args.model, "--calibration": args.calibration})
     check_format("--json", args.json, "JSON", (".json",))
     widths = _bits_list(args.bits)
+    if args.tie_inputs and args.mean_bits is None:
+        raise QroundError("--tie-inputs ties the widths of an allocation: give --mean-bits too")
     if args.mean_bits is not None and not widths[0] <= args.mean_bits:
         raise QroundError(f"--mean-bits {args.mean_bits} is below the narrowest of --bits "
                           f"({widths[0]})")
@@ -832,7 +839,7 @@ def cmd_sensitivity(args) -> int:
     print(f"{len(sens.layers)} layers, {len(widths)} widths: {sens.seconds:.1f} s")
     allocation = None
     if args.mean_bits is not None:
-        allocation = sens.allocate(args.mean_bits)
+        allocation = sens.allocate(args.mean_bits, tie_inputs=args.tie_inputs)
         counts = {}
         for b in allocation.bits.values():
             counts[b] = counts.get(b, 0) + 1
@@ -840,6 +847,10 @@ def cmd_sensitivity(args) -> int:
               f"{allocation.mean_bits:.4g} bits per weight ("
               + ", ".join(f"{n} layers at W{b}" for b, n in sorted(counts.items()))
               + f"), predicted output error {allocation.predicted_error:.3e}")
+        if args.tie_inputs:
+            print(f"tied (one width each): {len(allocation.tied)} groups of layers that read "
+                  "the same input" + "".join(f"\n  W{allocation.bits[t[0]]}: " + ", ".join(t)
+                                             for t in allocation.tied))
         print("quantise with: qround quantize " + shlex.join(
             _measured_args(args) + allocation.cli_args()))
     if args.json:
@@ -1173,6 +1184,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "`qround quantize` command that quantises with it (the measured "
                          "model, calibration, grid and layer options, and the widths as "
                          "--override arguments)")
+    se.add_argument("--tie-inputs", action="store_true",
+                    help="with --mean-bits: one width for the layers that read the same input "
+                         "(q/k/v, gate/up), as serving engines that fuse them (vLLM) need")
     se.add_argument("--group-size", type=group_size_arg, default=None,
                      help="inputs per scale (default: none, one scale per output channel; "
                           "-1 also means none)")

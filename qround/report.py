@@ -38,7 +38,9 @@ class SolveRecord:
         return d
 
 
-def _fmt(v) -> str:
+def _fmt(v, significant: bool = False) -> str:
+    if isinstance(v, float) and significant:
+        return f"{v:.6g}"
     if isinstance(v, float):
         if v == 0 or math.isnan(v):
             return f"{v:.4g}"
@@ -48,12 +50,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """A plain-text table of dict rows (monospace, right-aligned numbers)."""
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None,
+                 significant: Sequence[str] = ()) -> str:
+    """A plain-text table of dict rows (monospace, right-aligned numbers); floats with four
+    decimals between 1e-3 and 1e4, the ``significant`` columns' with six significant digits."""
     if not rows:
         return "(no rows)"
     columns = list(columns or rows[0].keys())
-    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    cells = [[_fmt(r.get(c, ""), c in significant) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     numeric = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in columns]
 

@@ -42,14 +42,19 @@ class LayerSensitivity:
     """One layer: its weight count and the model's relative output error with only this layer
     rounded to nearest, per width (``errors[bits]``); ``held``: the config fixes its width
     (an override's ``wbits``, or ``first_last_bits`` at the first or last layer), so it was not
-    measured (``errors`` is empty) and the allocation keeps it at ``held``."""
+    measured (``errors`` is empty) and the allocation keeps it at ``held``; ``input_of``: the
+    first layer (in forward order) that reads the same input tensor, where that is another
+    layer (``k_proj`` and ``v_proj`` have ``q_proj``'s), else None.  ``allocate(...,
+    tie_inputs=True)`` gives such layers one width."""
     name: str
     weights: int
     errors: Mapping[int, float]
     held: int | None = None
+    input_of: str | None = None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "weights": self.weights, "held": self.held,
+                "input_of": self.input_of,
                 "errors": {str(b): e for b, e in self.errors.items()}}
 
 
@@ -58,16 +63,18 @@ class Allocation:
     """Widths chosen by :meth:`Sensitivity.allocate`.
 
     bits: layer name -> weight bits (held layers included); mean_bits: their mean per weight;
-    predicted_error: the sum of the chosen widths' measured errors (held layers not counted);
-    overrides: the config's ``overrides`` that give these widths (one pattern per group of
-    layers with the same options, the config's own patterns merged in); config: the measured
-    config with them.
+    predicted_error: the sum of the chosen widths' measured errors (held layers, and layers
+    tied to one, not counted); overrides: the config's ``overrides`` that give these widths (one
+    pattern per group of layers with the same options, the config's own patterns merged in);
+    config: the measured config with them; tied: with ``tie_inputs``, the groups of two or more
+    layers that read the same input and were given one width (in forward order), else empty.
     """
     bits: Mapping[str, int]
     mean_bits: float
     predicted_error: float
     overrides: tuple
     config: QuantConfig
+    tied: tuple[tuple[str, ...], ...] = ()
 
     def cli_args(self) -> list[str]:
         """``qround quantize`` arguments that give the same overrides."""
@@ -88,7 +95,8 @@ class Allocation:
     def as_dict(self) -> dict:
         return {"bits": dict(self.bits), "mean_bits": self.mean_bits,
                 "predicted_error": self.predicted_error,
-                "overrides": [[p, dict(o)] for p, o in self.overrides]}
+                "overrides": [[p, dict(o)] for p, o in self.overrides],
+                "tied": [list(t) for t in self.tied]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,35 +123,77 @@ class Sensitivity:
         return {"bits": list(self.bits), "seconds": self.seconds,
                 "layers": [s.as_dict() for s in self.layers]}
 
-    def allocate(self, mean_bits: float) -> Allocation:
+    def allocate(self, mean_bits: float, tie_inputs: bool = False) -> Allocation:
         """Widths from ``self.bits`` for a mean of at most ``mean_bits`` per weight (see the
-        module docstring); QroundError when even the narrowest widths exceed it."""
+        module docstring); QroundError when even the narrowest widths exceed it.
+
+        tie_inputs: give the layers that read the same input one width (``input_of``): q/k/v
+        projections, gate/up.  Serving engines that fuse them into one matrix (vLLM's
+        QKVParallelLinear and MergedColumnParallelLinear) need one scheme for the fused
+        matrix.  A tied group is allocated as one unit (its weights and measured errors
+        summed); a group with a held layer is held at its width (the config must not hold
+        its layers at different widths)."""
         if isinstance(mean_bits, bool) or not isinstance(mean_bits, (int, float)) \
                 or not np.isfinite(mean_bits):
             raise QroundError(f"mean_bits must be a finite number, got {mean_bits!r}")
+        if not isinstance(tie_inputs, bool):
+            raise QroundError(f"tie_inputs must be True or False, got {tie_inputs!r}")
+        units = self._units(tie_inputs)
+        bits, free = {}, []
+        for unit in units:
+            held = sorted({s.held for s in unit if s.held is not None})
+            if len(held) > 1:
+                raise QroundError(
+                    "tie_inputs: layers " + ", ".join(repr(s.name) for s in unit)
+                    + " read the same input, but the config holds them at different widths ("
+                    + ", ".join(f"{s.name!r} at W{s.held}" for s in unit if s.held is not None)
+                    + "): give them one wbits, or allocate without tie_inputs")
+            if held:
+                bits.update({s.name: held[0] for s in unit})
+            else:
+                bits.update({s.name: self.bits[0] for s in unit})
+                free.append(unit)
         total = sum(s.weights for s in self.layers)
         budget = float(mean_bits) * total
-        bits = {s.name: (s.held if s.held is not None else self.bits[0]) for s in self.layers}
         used = sum(bits[s.name] * s.weights for s in self.layers)
         if used > budget * (1 + 1e-12):
             raise QroundError(f"mean_bits={mean_bits} is below the narrowest allocation: "
                               f"{used / total:.4g} bits per weight with every layer at "
-                              f"W{self.bits[0]} (and the held layers at their widths)")
-        free = [s for s in self.layers if s.held is None]
+                              f"W{self.bits[0]} (and the held layers"
+                              + (", and the layers tied to them," if tie_inputs else "")
+                              + " at their widths)")
         if free:
-            bits.update(_knapsack(free, self.bits, budget - used + self.bits[0] * sum(
-                s.weights for s in free)))
+            # a unit is allocated as one layer: its weights and its errors summed (one layer
+            # alone: the layer itself)
+            merged = [LayerSensitivity(u[0].name, sum(s.weights for s in u),
+                                       {b: sum(s.errors[b] for s in u) for b in self.bits})
+                      for u in free]
+            chosen = _knapsack(merged, self.bits, budget - used + self.bits[0] * sum(
+                m.weights for m in merged))
+            bits.update({s.name: chosen[u[0].name] for u in free for s in u})
             used = sum(bits[s.name] * s.weights for s in self.layers)
-        error = float(sum(s.errors[bits[s.name]] for s in free))
+        error = float(sum(s.errors[bits[s.name]] for u in free for s in u))
         overrides = self._overrides(bits)
         config = dataclasses.replace(self.config, overrides=overrides or None)
         return Allocation(bits=bits, mean_bits=used / total, predicted_error=error,
-                          overrides=overrides, config=config)
+                          overrides=overrides, config=config,
+                          tied=tuple(tuple(s.name for s in u) for u in units if len(u) > 1))
+
+    def _units(self, tie_inputs: bool) -> list[list[LayerSensitivity]]:
+        """The layers as allocation units, in forward order: each alone, or with
+        ``tie_inputs`` grouped by the input they read."""
+        if not tie_inputs:
+            return [[s] for s in self.layers]
+        units: dict[str, list[LayerSensitivity]] = {}
+        for s in self.layers:
+            units.setdefault(s.input_of or s.name, []).append(s)
+        return list(units.values())
 
     def _overrides(self, bits: Mapping[str, int]) -> tuple:
         """One exact-name pattern per group of free layers with equal options (each with the
-        options of the config's own pattern for it, plus its width), then the config's
-        patterns that still match a held layer."""
+        options of the config's own pattern for it, plus its width; a free layer tied to a
+        held one has the held width), then the config's patterns that still match a held
+        layer."""
         groups: dict[tuple, list[str]] = {}
         for s in self.layers:
             if s.held is None:
@@ -339,11 +389,17 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
         if not norm > 0:
             raise QroundError("the model's outputs on the calibration are all zero: a relative "
                               "output error is undefined")
+        # per input group, the first layer reading it (the group's others name it)
+        first_of = {}
+        for layer in plan:
+            first_of.setdefault(layer.group, layer.name)
+        input_of = {layer.name: (None if first_of[layer.group] == layer.name
+                                 else first_of[layer.group]) for layer in plan}
         for name in order:
             module = modules[name]
             count = int(module.weight.numel())
             if name in held:
-                layers.append(LayerSensitivity(name, count, {}, held[name]))
+                layers.append(LayerSensitivity(name, count, {}, held[name], input_of[name]))
                 continue
             w = layer_weight(module)
             original = module.weight.detach().clone()
@@ -368,7 +424,7 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
                                     for a, r in zip(outs, reference) for x, y in zip(a, r)) / norm
             finally:
                 module.weight.copy_(original)
-            layers.append(LayerSensitivity(name, count, errors))
+            layers.append(LayerSensitivity(name, count, errors, input_of=input_of[name]))
     return Sensitivity(tuple(layers), widths, config, time.perf_counter() - start)
 
 

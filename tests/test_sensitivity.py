@@ -413,3 +413,113 @@ def test_the_prefix_before_the_rounded_layer_is_replayed_with_the_same_errors():
         runs[mb] = ([s.errors for s in sens.layers], _Counted.calls)
     assert runs[0][0] == runs[1024][0]          # bit for bit
     assert runs[1024][1] < runs[0][1]           # '1' ran fewer times: its output was replayed
+
+
+def fake_tied(errors_by_layer, weights, input_of, bits=(2, 3, 4, 8), held=None):
+    held = held or {}
+    layers = tuple(LayerSensitivity(f"l{i}", w, {} if i in held else dict(zip(bits, e)),
+                                    held.get(i), None if input_of[i] is None
+                                    else f"l{input_of[i]}")
+                   for i, (e, w) in enumerate(zip(errors_by_layer, weights)))
+    return Sensitivity(layers, tuple(bits), QuantConfig(), 0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(1, 6), mean=st.floats(2.0, 8.0))
+def test_tied_allocation_is_the_best_with_one_width_per_input(data, n, mean):
+    """tie_inputs: layers that read the same input get one width, and the widths are the best
+    within the budget among such assignments (brute force over the groups' widths)."""
+    bits = (2, 3, 4, 8)
+    errors = [sorted(data.draw(st.lists(st.floats(1e-6, 1.0), min_size=4, max_size=4)),
+                     reverse=True) for _ in range(n)]
+    weights = data.draw(st.lists(st.integers(1, 5000), min_size=n, max_size=n))
+    # each layer reads the input of an earlier group's first layer, or its own
+    input_of = [None]
+    for i in range(1, n):
+        firsts = [j for j in range(i) if input_of[j] is None]
+        input_of.append(data.draw(st.sampled_from([None] + firsts)))
+    sens = fake_tied(errors, weights, input_of, bits)
+    alloc = sens.allocate(mean, tie_inputs=True)
+    group = [i if input_of[i] is None else input_of[i] for i in range(n)]
+    firsts = sorted(set(group))
+    chosen = [alloc.bits[f"l{i}"] for i in range(n)]
+    assert all(chosen[i] == chosen[group[i]] for i in range(n))
+    assert sorted(alloc.tied) == sorted(
+        tuple(f"l{i}" for i in range(n) if group[i] == g) for g in firsts
+        if group.count(g) > 1)
+    total = sum(weights)
+    used = sum(b * w for b, w in zip(chosen, weights))
+    assert used <= mean * total * (1 + 1e-9)
+    got = sum(e[bits.index(b)] for e, b in zip(errors, chosen))
+    assert alloc.predicted_error == pytest.approx(got)
+    best = None
+    for combo in itertools.product(bits, repeat=len(firsts)):
+        width = dict(zip(firsts, combo))
+        assign = [width[group[i]] for i in range(n)]
+        if sum(b * w for b, w in zip(assign, weights)) <= mean * total * (1 + 1e-9):
+            err = sum(e[bits.index(b)] for e, b in zip(errors, assign))
+            best = err if best is None else min(best, err)
+    assert got <= best * (1 + 1e-7) + 1e-12
+    # without ties every layer is its own unit: never worse than tied
+    assert sens.allocate(mean).predicted_error <= got * (1 + 1e-7) + 1e-12
+
+
+def test_tied_groups_follow_a_held_layer_and_refuse_conflicting_ones():
+    e = [0.5, 0.2, 0.1, 0.01]
+    # l1 reads l0's input; l0 is held at 8: l1 follows it, and is not counted in the error
+    sens = fake_tied([None, e, e], [100, 100, 100], [None, 0, None], held={0: 8})
+    alloc = sens.allocate(7.0, tie_inputs=True)   # 2100 bits: 1600 + 400
+    assert alloc.bits == {"l0": 8, "l1": 8, "l2": 4}
+    assert alloc.predicted_error == pytest.approx(0.1)
+    assert alloc.tied == (("l0", "l1"),)
+    assert alloc.config.override("l1")[1]["wbits"] == 8
+    with pytest.raises(QroundError, match="narrowest.*tied to them"):
+        sens.allocate(5.0, tie_inputs=True)   # 1600 + 200 bits > 5 x 300
+    assert sens.allocate(5.0).bits["l1"] < 8   # untied: l1 is allocated
+    both = fake_tied([None, None, e], [100, 100, 100], [None, 0, None], held={0: 8, 1: 4})
+    with pytest.raises(QroundError, match="'l0' at W8, 'l1' at W4"):
+        both.allocate(8.0, tie_inputs=True)
+    assert both.allocate(8.0).bits == {"l0": 8, "l1": 4, "l2": 8}
+    with pytest.raises(QroundError, match="tie_inputs"):
+        sens.allocate(5.0, tie_inputs="yes")
+
+
+def test_layers_reading_one_input_are_named_and_tied_end_to_end():
+    model, cal = build("branchy")
+    sens = layer_sensitivity(model, cal, QuantConfig(progress=False, solver="greedy"),
+                             bits=(2, 8))
+    assert {s.name: s.input_of for s in sens.layers} == {
+        "inp": None, "head_a": None, "head_b": "head_a", "out": None}
+    assert json.loads(json.dumps(sens.as_dict()))["layers"][2]["input_of"] == "head_a"
+    # the heads' errors differ: at a budget between their widths, untied would split them
+    a, b = (next(s for s in sens.layers if s.name == n) for n in ("head_a", "head_b"))
+    assert a.errors != b.errors
+    means = (2.5, 3.5, 5.0, 6.5)
+    assert any(sens.allocate(m).bits["head_a"] != sens.allocate(m).bits["head_b"]
+               for m in means)   # untied, some budget splits them
+    for mean in means:
+        alloc = sens.allocate(mean, tie_inputs=True)
+        assert alloc.bits["head_a"] == alloc.bits["head_b"]
+        assert alloc.tied == (("head_a", "head_b"),)
+        qm = quantize_model(model, cal, alloc.config)
+        assert {r.layer: r.bits for r in qm.report} == alloc.bits
+
+
+def test_cli_tie_inputs(tmp_path, capsys):
+    from .test_pipeline import branchy
+
+    torch.save(branchy(), tmp_path / "model.pt")
+    torch.save(torch.randn(64, 12, generator=torch.Generator().manual_seed(0)),
+               tmp_path / "calib.pt")
+    common = ["sensitivity", "--model", str(tmp_path / "model.pt"), "--calibration",
+              str(tmp_path / "calib.pt"), "--bits", "2,8", "--threads", "1"]
+    assert main(common + ["--tie-inputs"]) == 2
+    assert "give --mean-bits too" in capsys.readouterr().err
+    out = tmp_path / "s.json"
+    assert main(common + ["--mean-bits", "5", "--tie-inputs", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tied (one width each): 1 groups" in text and "head_a, head_b" in text
+    data = json.loads(out.read_text())
+    assert data["allocation"]["tied"] == [["head_a", "head_b"]]
+    bits = data["allocation"]["bits"]
+    assert bits["head_a"] == bits["head_b"]

@@ -79,7 +79,7 @@ def write_qubo(path: str | os.PathLike, problem: RoundingProblem, channel: int,
 def read_qubo(path: str | os.PathLike) -> QuboFile:
     """Read a ``.qubo`` file (qbsolv format); QroundError naming the file and line otherwise."""
     path = os.fspath(path)
-    size, offset, entries, nodes = _parse_qubo(path, dense=True)
+    size, offset, entries, nodes = _parse_qubo(path, _read_bytes(path, "QUBO file"), dense=True)
     q = np.zeros((size, size))
     for i, j, v in entries:
         a, b = min(i, j), max(i, j)
@@ -91,10 +91,15 @@ def read_qubo_bqm(path: str | os.PathLike):
     """A ``.qubo`` file as a dimod ``BinaryQuadraticModel`` (BINARY, variables ``0..maxNodes-1``,
     the ``c offset`` line as its offset), built from the entries without a dense matrix, so
     sparse files of any size read; entries given twice add up, as in :func:`read_qubo`."""
+    path = os.fspath(path)
+    return _qubo_bqm(path, _read_bytes(path, "QUBO file"))
+
+
+def _qubo_bqm(path: str, data: bytes):
+    """:func:`read_qubo_bqm` of the file's bytes ``data``."""
     import dimod
 
-    path = os.fspath(path)
-    size, offset, entries, _ = _parse_qubo(path, dense=False)
+    size, offset, entries, _ = _parse_qubo(path, data, dense=False)
     arr = np.array(entries, dtype=np.float64).reshape(-1, 3)
     i, j, v = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2]
     on = i == j
@@ -112,41 +117,52 @@ DIMOD_MAGIC = b"DIMODBQM"   # dimod's own serialisation (``bqm.to_file()``)
 def read_bqm_file(path: str | os.PathLike):
     """A BQM file as a dimod ``BinaryQuadraticModel``: dimod's own serialisation (what
     ``bqm.to_file()`` writes; any labels, BINARY or SPIN), recognised by its header, or else a
-    qbsolv ``.qubo`` text file (:func:`read_qubo_bqm`)."""
+    qbsolv ``.qubo`` text file (:func:`read_qubo_bqm`).  The file is read once, so a pipe
+    (``/dev/stdin``, ``<(...)``) works too."""
+    return _read_bqm_file(path)[0]
+
+
+def _read_bytes(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise QroundError(f"cannot read {what} {path!r}: {exc}") from exc
+
+
+def _read_bqm_file(path: str | os.PathLike):
+    """(the BQM of :func:`read_bqm_file`, whether the file is dimod's serialisation)."""
+    import io
+
     import dimod
 
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(DIMOD_MAGIC))
-    except OSError as exc:
-        raise QroundError(f"cannot read BQM file {path!r}: {exc}") from exc
+    data = _read_bytes(path, "BQM file")
+    head = data[:len(DIMOD_MAGIC)]
     if head != DIMOD_MAGIC:
         if head.startswith(b"DIMOD"):
             raise QroundError(f"{path!r} is a dimod file of another model "
                               f"({head.decode('ascii', 'replace')}), not a binary quadratic "
                               "model")
-        return read_qubo_bqm(path)
+        return _qubo_bqm(path, data), False
     try:
-        with open(path, "rb") as f:
-            bqm = dimod.BinaryQuadraticModel.from_file(f)
+        bqm = dimod.BinaryQuadraticModel.from_file(io.BytesIO(data))
     except Exception as exc:   # dimod raises what its parsers raise on a damaged file
         raise QroundError(f"{path!r} is not a readable dimod BQM file: "
                           f"{type(exc).__name__}: {exc}") from None
     if bqm.num_variables > MAX_NODES:
         raise QroundError(f"{path!r} has {bqm.num_variables} variables (at most {MAX_NODES})")
-    return bqm
+    return bqm, True
 
 
-def _parse_qubo(path: str, dense: bool):
-    """(maxNodes, offset, [(i, j, value)], sorted node indices) of a ``.qubo`` file, checked:
-    header counts, indices in range, finite values; ``dense``: refuse what a dense matrix
-    could not hold."""
+def _parse_qubo(path: str, data: bytes, dense: bool):
+    """(maxNodes, offset, [(i, j, value)], sorted node indices) of a ``.qubo`` file's bytes,
+    checked: header counts, indices in range, finite values; ``dense``: refuse what a dense
+    matrix could not hold.  As qbsolv reads them, a line that starts with ``c`` or ``C`` is a
+    comment (qround's first ``c offset <float>`` line excepted) and the header may start with
+    ``p`` or ``P``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise QroundError(f"cannot read QUBO file {path!r}: {exc}") from exc
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise QroundError(f"QUBO file {path!r} is not UTF-8 text: {exc}") from None
     offset, header, entries = None, None, []
@@ -156,11 +172,12 @@ def _parse_qubo(path: str, dense: bool):
         try:
             if not parts:
                 continue
-            if parts[0] == "c":
-                if offset is None and len(parts) == 3 and parts[1] == "offset":
+            if parts[0][0] in "cC":
+                if offset is None and len(parts) == 3 and parts[0] == "c" \
+                        and parts[1] == "offset":
                     offset = float(parts[2])   # the first 'c offset <float>'; others: comments
-            elif parts[0] == "p":
-                if header is not None or len(parts) != 6 or parts[1] != "qubo":
+            elif parts[0] in ("p", "P"):
+                if header is not None or len(parts) != 6 or parts[1].lower() != "qubo":
                     raise ValueError("expected one header 'p qubo 0 maxNodes nNodes nCouplers'")
                 header = [int(v) for v in parts[3:]]
                 if min(header) < 0:
@@ -171,7 +188,10 @@ def _parse_qubo(path: str, dense: bool):
                 if header[0] > MAX_NODES:
                     raise ValueError(f"{header[0]} variables: at most {MAX_NODES} are read")
             else:
-                if header is None or len(parts) != 3:
+                if header is None:
+                    raise ValueError("expected the header 'p qubo 0 maxNodes nNodes nCouplers' "
+                                     "before the entries (or a comment line starting with c)")
+                if len(parts) != 3:
                     raise ValueError("expected 'i j value' after the 'p qubo' header")
                 entries.append((int(parts[0]), int(parts[1]), float(parts[2])))
         except (ValueError, IndexError) as exc:

@@ -339,12 +339,32 @@ def warm_up(*solvers, **sample_options) -> None:
             else:
                 import dimod
 
+                options = _small_budget(sample_options)
                 for density in (0.5, 0.05):  # QroundSampler anneals sparse BQMs apart
                     bqm = dimod.generators.gnp_random_bqm(60, density, "BINARY",
                                                           random_state=0)
                     try:
-                        solver.sample(bqm, num_reads=2, seed=0, **sample_options)
+                        solver.sample(bqm, num_reads=2, seed=0, **options)
                     except (ValueError, TypeError, OverflowError):  # a dwave sampler's
                         break       # refusal of an option: the real call reports it
         except QroundError:  # e.g. a DimodSolver restricted to channels the tiny one lacks:
             pass             # the real call reports its own errors
+
+
+# a sampler's budget options, and the most a warm-up spends of each (it loads kernels, it does
+# not search): tabu's timeout (ms) and time_limit (s), restarts and iterations, sweeps
+_WARM_UP_BUDGET = {"timeout": 1.0, "time_limit": 1e-3, "restarts": 1, "num_restarts": 1,
+                   "max_iter": 100, "num_sweeps": 10, "num_sweeps_per_beta": 1}
+
+
+def _small_budget(options: dict) -> dict:
+    """``options`` with each numeric budget option at most its warm-up value; others as given
+    (an invalid value stays, so the warm-up's sample call refuses it as the real one would)."""
+    out = dict(options)
+    for key, most in _WARM_UP_BUDGET.items():
+        if key.startswith("num_sweeps") and out.get("beta_schedule") is not None:
+            continue   # a custom schedule fixes the sweeps
+        value = out.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > most:
+            out[key] = int(most) if isinstance(value, int) and most >= 1 else float(most)
+    return out

@@ -254,6 +254,12 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         solver = METHODS[self.method](**solver_parameters)
         check_int(num_reads, "num_reads", 1, allow_none=True, maximum=MAX_READS)
         rng = spawn_rng(seed)  # seed checked here; the starts get their own stream from it
+        # the size limits need only the counts: checked before any per-variable work
+        n = bqm.num_variables
+        if n and num_reads is not None:
+            _check_state_size(num_reads, n)
+        if n and self.method == "tabu":
+            _check_dense_size(n)
         try:
             parsed = self.parse_initial_states(
                 bqm, initial_states=initial_states,
@@ -271,10 +277,7 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
                 (np.empty((reads, 0), dtype=np.int8), variables), bqm,
                 info={"timing": {"search_s": 0.0, "total_s": time.perf_counter() - t_call},
                       "method": self.method})
-        n = len(variables)
-        if 8 * reads * n > MAX_DENSE_BYTES:   # the kernels hold a few (reads, n) arrays
-            raise QroundError(f"{reads} reads of {n} variables: the search state alone would "
-                              f"take {8 * reads * n / 2 ** 30:.1f} GiB per array; fewer reads")
+        _check_state_size(reads, n)   # reads from initial_states, when num_reads is None
         linear, rows, cols, quad, _ = qubo_vectors(bqm, variables)
         order = [starts.variables.index(v) for v in variables]
         start = np.asarray(starts.record.sample)[:, order]
@@ -335,6 +338,8 @@ def _default_beta_range(linear, rows, cols, quad) -> tuple[float, float]:
     annealing uses.  A QUBO whose flips all cost nothing gets (1, 1): any temperature will do."""
     from dwave.samplers.sa.sampler import default_beta_range
 
+    if not (np.any(np.asarray(linear) != 0) or np.any(np.asarray(quad) != 0)):
+        return 1.0, 1.0   # dwave's would warn and give (0.1, 1); every state is optimal
     bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(linear, (rows, cols, quad), 0.0,
                                                         dimod.BINARY)
     with np.errstate(all="ignore"):
@@ -342,6 +347,12 @@ def _default_beta_range(linear, rows, cols, quad) -> tuple[float, float]:
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
         return 1.0, 1.0
     return lo, hi
+
+
+def _check_state_size(reads: int, n: int) -> None:
+    if 8 * reads * n > MAX_DENSE_BYTES:   # the kernels hold a few (reads, n) arrays
+        raise QroundError(f"{reads} reads of {n} variables: the search state alone would "
+                          f"take {8 * reads * n / 2 ** 30:.1f} GiB per array; fewer reads")
 
 
 def _check_dense_size(n: int) -> None:

@@ -390,3 +390,61 @@ def test_tabu_tenure_defaults_to_dwaves_cap(monkeypatch):
         QroundSampler("tabu").sample(random_bqm(n, 1), num_reads=1, seed=0, restarts=0,
                                      **options)
         assert used[-1] == expected, (n, tenure)
+
+
+def test_size_limits_are_checked_before_any_per_variable_work(monkeypatch):
+    """A request whose search state cannot fit is refused by name before the starts, labels
+    or matrix are built (it was a MemoryError deep in numpy's random)."""
+    def fail(*args, **kwargs):
+        raise AssertionError("per-variable work before the size check")
+
+    monkeypatch.setattr(QroundSampler, "parse_initial_states", fail)
+    line = dimod.BinaryQuadraticModel.from_numpy_vectors(np.ones(4000), ([], [], []), 0.0,
+                                                          "BINARY")
+    with pytest.raises(QroundError, match="reads of 4000 variables"):
+        QroundSampler("anneal").sample(line, num_reads=10 ** 6, seed=0)
+    big = dimod.BinaryQuadraticModel.from_numpy_vectors(np.ones(10 ** 6), ([], [], []), 0.0,
+                                                         "BINARY")
+    with pytest.raises(QroundError, match="dense matrix would take"):
+        QroundSampler("tabu").sample(big, num_reads=1, seed=0)
+
+
+def test_an_all_zero_bqm_anneals_at_beta_one_without_dwaves_warning():
+    import warnings
+
+    bqm = dimod.BinaryQuadraticModel({"a": 0.0, "b": 0.0}, {("a", "b"): 0.0}, 0.0, "BINARY")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ss = QroundSampler("anneal").sample(bqm, num_reads=2, seed=0)
+    assert ss.info["beta_range"] == [1.0, 1.0]
+    assert list(ss.record.energy) == [0.0, 0.0]
+    # a model with any nonzero bias keeps dwave's range
+    from dwave.samplers.sa.sampler import default_beta_range
+
+    one = dimod.BinaryQuadraticModel({"a": 0.5, "b": 0.0}, {("a", "b"): 0.0}, 0.0, "BINARY")
+    got = QroundSampler("anneal").sample(one, num_reads=1, seed=0).info["beta_range"]
+    assert got == pytest.approx(list(default_beta_range(one)))
+
+
+def test_a_warm_up_loads_kernels_without_spending_the_search_budget():
+    """warm_up(sampler, **options) samples with each budget option capped (a 3 s timeout
+    used to be spent twice before the first file); other options are passed as given."""
+    from qround.solvers import warm_up
+    from qround.solvers.base import _small_budget
+
+    seen = []
+
+    class Recorder:
+        def sample(self, bqm, **kwargs):
+            seen.append(kwargs)
+
+    warm_up(Recorder(), timeout=3000, restarts=50, tenure=7, num_sweeps=10 ** 6,
+            time_limit=5, max_iter=10 ** 5)
+    assert len(seen) == 2
+    for options in seen:
+        assert options == {"num_reads": 2, "seed": 0, "timeout": 1, "restarts": 1, "tenure": 7,
+                           "num_sweeps": 10, "time_limit": 1e-3, "max_iter": 100}
+    assert _small_budget({"timeout": 0.5, "restarts": None}) == {"timeout": 0.5,
+                                                                 "restarts": None}
+    custom = {"beta_schedule": [0.1, 1.0], "num_sweeps": 2 ** 20}
+    assert _small_budget(custom) == custom   # a custom schedule fixes the sweeps
