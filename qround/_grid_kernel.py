@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._parallel import parallel_kernel
+
 
 @njit(cache=True, inline="always")
 def _block_sum(a, lo, n):
@@ -89,7 +91,7 @@ def _pairwise_sum(a, n):
     return vals[0]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def mse_search(wg, cand_s, cand_z, unit, qmin, qmax):
     """Index of the best candidate grid per channel and group.
 

@@ -181,6 +181,10 @@ def _check_units_on(shadow, model, names, config, batch, forward) -> None:
         setattr(modules[parent] if parent else shadow, child, QuantizedLayer(modules[n]))
     if config.granularity == "loss":
         n_units = len(base_units(shadow, "block"))
+        if n_units < 2:
+            raise QroundError(f"granularity='loss' merges adjacent reconstruction blocks; the "
+                              f"model has {n_units}, so there is nothing to merge: use "
+                              "granularity='block' or 'layer'")
         if not 1 <= _k(config) <= n_units - 1:
             raise QroundError(f"k={_k(config)} must lie in [1, {n_units - 1}]: the model has "
                               f"{n_units} reconstruction blocks, {n_units - 1} adjacent pairs")

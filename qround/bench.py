@@ -36,7 +36,7 @@ from .errors import QroundError
 from .grid import GridSpec
 from .problems.io import LayerStats, load_layer_stats
 from .problems.rounding import RoundingProblem
-from .report import format_table, write_json_atomic
+from .report import format_table, require_pyplot, write_json_atomic
 from .solvers import DimodSolver, Exact, get_solver, place
 from .solvers.base import warm_up_problem
 
@@ -549,6 +549,8 @@ def main(argv=None) -> int:
     check_paths({"--json": a.json, "--plot": a.plot}, {f"FILE {f}": f for f in a.files})
     check_format("--json", a.json, "JSON", (".json",))
     check_format("--plot", a.plot, "a PNG image", PLOT_SUFFIXES)
+    if a.plot:
+        require_pyplot()   # before the benchmark, not after it
     specs = lambda s: tuple(x for x in split_specs(s) if x.lower() != "none")
     cfg = BenchConfig(bits=a.bits, solvers=specs(a.solvers),
                       subset_solvers=specs(a.subset_solvers),

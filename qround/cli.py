@@ -317,23 +317,34 @@ INPUTS_DEFAULT = "quantized"  # QuantConfig's default
 DIGITS_MODELS = {"digits-cnn": "plain", "digits-resnet": "residual"}
 
 
-def _load_named_model(name: str, seed: int = 0, sentences: int = 256):
+def _load_named_model(name: str, seed: int = 0, sentences: int = 256,
+                      batch_size: int | None = None, images: int | None = None):
     """(model, calibration batches, forward) for a packaged model name or a transformers
-    checkpoint folder (the packaged calibration sentences)."""
+    checkpoint folder (the packaged calibration sentences, in batches of ``batch_size``,
+    default 32); a digits model's calibration split (its first ``images``, default all, in
+    batches of ``batch_size``, default 64)."""
     from . import zoo
     from .zoo.hf import is_hf_folder, load_hf
 
     if is_hf_folder(name):
         hf = load_hf(name)
-        return hf.model, hf.batches(zoo.sentences("calibration", n=sentences)), hf.forward
+        return hf.model, hf.batches(zoo.sentences("calibration", n=sentences),
+                                    batch_size or 32), hf.forward
     if name == "minilm":
         model = zoo.load_minilm()
-        batches = zoo.minilm_batches(model, zoo.sentences("calibration", n=sentences))
+        batches = zoo.minilm_batches(model, zoo.sentences("calibration", n=sentences),
+                                     batch_size or 32)
         return model, batches, zoo.minilm_forward
     if name in DIGITS_MODELS:
         model, data = zoo.train_digits_cnn(DIGITS_MODELS[name], seed=seed)
         calib = data.calib_images
-        batches = [calib[i:i + 64] for i in range(0, len(calib), 64)]
+        if images is not None:
+            if images > len(calib):
+                raise QroundError(f"--calibration-size {images}: the {name} calibration split "
+                                  f"holds {len(calib)} images")
+            calib = calib[:images]
+        size = batch_size or 64
+        batches = [calib[i:i + size] for i in range(0, len(calib), size)]
         return model, batches, None
     raise QroundError(f"unknown model {name!r}: use minilm, {', '.join(DIGITS_MODELS)} or a "
                       "transformers checkpoint folder (with config.json)")
@@ -392,10 +403,16 @@ def _model_and_calibration(args):
     if args.max_length is not None and not is_hf_folder(args.model):
         raise QroundError("--max-length sets the tokens per text of a checkpoint folder's "
                           f"calibration; --model {args.model} is not a checkpoint folder")
-    if args.model == "minilm" or args.model in DIGITS_MODELS:
+    if args.model == "minilm":
         model, batches, forward = _load_named_model(args.model, seed=args.seed,
-                                                    sentences=_calibration_size(args))
-        return model, batches, forward, MINILM_ENCODER if args.model == "minilm" else None
+                                                    sentences=_calibration_size(args),
+                                                    batch_size=args.batch_size)
+        return model, batches, forward, MINILM_ENCODER
+    if args.model in DIGITS_MODELS:
+        model, batches, forward = _load_named_model(args.model, seed=args.seed,
+                                                    batch_size=args.batch_size,
+                                                    images=args.calibration_size)
+        return model, batches, forward, None
     _check_model_file(args)
     if is_hf_folder(args.model):
         return _checkpoint_and_calibration(args)
@@ -413,7 +430,8 @@ def _model_and_calibration(args):
                               "inputs or a non-empty list of such batches")
         batches = list(inputs)
     elif isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and len(inputs):
-        batches = [inputs[i:i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
+        size = args.batch_size or 32
+        batches = [inputs[i:i + size] for i in range(0, len(inputs), size)]
     else:
         raise QroundError(f"{args.calibration} must hold a non-empty tensor (N, ...) of inputs "
                           "or a non-empty list of such batches")
@@ -447,7 +465,7 @@ def _checkpoint_and_calibration(args):
     # an encoder's pooler is not on the path of the last hidden state that evaluate scores
     pooler = not hf.causal and any(n.split(".")[0] == "pooler"
                                    for n, _ in hf.model.named_modules())
-    batches = hf.batches(texts, args.batch_size)
+    batches = hf.batches(texts, args.batch_size or 32)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     cut = sum(int(b["attention_mask"][:, -1].sum()) for b in batches
               if b["attention_mask"].shape[1] == hf.max_length)
@@ -673,11 +691,21 @@ def cmd_quantize(args) -> int:
 
     from .reconstruct import ReconstructConfig
 
+    if args.scheme is not None and not any(u.strip() for u in args.scheme.split(",")):
+        raise QroundError(f"--scheme {args.scheme!r} names no unit: give units separated by "
+                          "commas, each one module or modules joined by '+' (e.g. "
+                          "'stem,block1+block2,head')")
     if args.scheme is not None and args.granularity not in (None, "scheme"):
         raise QroundError(f"--scheme gives the units itself: leave out --granularity "
                           f"{args.granularity}")
     if args.borders != "none" and args.abits is None:
         raise QroundError(f"--borders {args.borders} needs quantised inputs: give --abits")
+    if args.qdrop is not None and args.abits is None:
+        raise QroundError("--qdrop drops the quantisation of a layer's input at random: it "
+                          "needs quantised inputs: give --abits")
+    if args.loss_plot:
+        from .report import require_pyplot
+        require_pyplot()   # before the work, not after it
     if args.overrides_from and args.override:
         raise QroundError("--overrides-from and --override both give the per-layer settings: "
                           "use one of them")
@@ -749,10 +777,6 @@ def cmd_quantize(args) -> int:
     print(qmodel.table())
     if qmodel.units is not None and qmodel.units.granularity in ("modcap", "loss"):
         print(qmodel.units.table())
-    if args.loss_plot:
-        from .granularity import plot_losses
-        plot_losses({config.granularity: qmodel.reconstruction}, args.loss_plot)
-        print(f"wrote {args.loss_plot}")
     if args.out:
         qmodel.save(args.out)
         print(f"wrote {args.out}")
@@ -773,6 +797,10 @@ def cmd_quantize(args) -> int:
                                       "units": None if qmodel.units is None
                                       else qmodel.units.as_dict()})
         print(f"wrote {args.json}")
+    if args.loss_plot:   # last: the model and report are written whatever the plot does
+        from .granularity import plot_losses
+        plot_losses({config.granularity: qmodel.reconstruction}, args.loss_plot)
+        print(f"wrote {args.loss_plot}")
     return 0
 
 
@@ -796,7 +824,7 @@ def _measured_args(args) -> list[str]:
     for flag, value in (("--calibration", args.calibration),
                         ("--calibration-size", args.calibration_size),
                         ("--max-length", args.max_length),
-                        ("--batch-size", None if args.batch_size == 32 else args.batch_size),
+                        ("--batch-size", args.batch_size),
                         ("--group-size", args.group_size),
                         ("--scale-method", None if args.scale_method == "mse"
                          else args.scale_method),
@@ -982,14 +1010,15 @@ def _add_model_arguments(q) -> None:
                         "packaged sentences)")
     q.add_argument("--calibration-size", type=int_at_least(1), default=None,
                    help="packaged calibration sentences for MiniLM or a checkpoint folder "
-                        "(default: 256)")
+                        "(default: 256); for the digits models, the first images of their "
+                        "calibration split (default: all 179)")
     q.add_argument("--max-length", type=int_at_least(1), default=None, metavar="TOKENS",
                    help="a checkpoint folder: tokens per calibration text, at most (default: "
                         "128, or the model's positions if fewer)")
-    q.add_argument("--batch-size", type=int_at_least(1), default=32,
-                   help="a model file: calibration samples per batch when --calibration holds "
-                        "one tensor; a checkpoint folder: texts per batch (default: "
-                        "%(default)s)")
+    q.add_argument("--batch-size", type=int_at_least(1), default=None,
+                   help="calibration samples per batch: texts for MiniLM and a checkpoint "
+                        "folder, images for the digits models, rows of --calibration's tensor "
+                        "for a model file (default: 32; 64 for the digits models)")
 
 
 def build_parser() -> argparse.ArgumentParser:

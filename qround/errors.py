@@ -118,26 +118,38 @@ def check_psd(h: np.ndarray, name: str = "hessian", rtol: float = 1e-6) -> None:
     """
     if h.shape[-1] != h.shape[-2]:
         raise QroundError(f"{name} must be square, got shape {h.shape}")
-    scale = float(np.max(np.abs(h))) if h.size else 0.0
-    if scale == 0.0:
+    if h.size == 0:
         return
-    asym = float(np.max(np.abs(h - np.swapaxes(h, -1, -2))))
-    if asym > rtol * scale * 10:
-        raise QroundError(f"{name} is not symmetric: max |H - H^T| = {asym:.3g} "
-                          f"(max |H| = {scale:.3g})")
+    # each matrix of a stack against its own largest entry: a small negative-definite channel
+    # beside a large one is not PSD "within tolerance"
+    scale = np.max(np.abs(h), axis=(-2, -1), keepdims=True)
+    if not np.any(scale > 0):
+        return
+    asym = np.max(np.abs(h - np.swapaxes(h, -1, -2)), axis=(-2, -1), keepdims=True)
+    bad = np.flatnonzero((asym > rtol * scale * 10).ravel())
+    if bad.size:
+        i = int(bad[0])
+        where = f" (channel {i})" if h.ndim == 3 else ""
+        raise QroundError(f"{name} is not symmetric{where}: max |H - H^T| = "
+                          f"{float(asym.ravel()[i]):.3g} (max |H| = {float(scale.ravel()[i]):.3g})")
     # A Cholesky factorisation of H + tol*I succeeds iff H is PSD within tol; it is ~10x faster
-    # than eigenvalues, which are computed only to explain a failure.
-    tol = 1e-6 * scale * max(1, h.shape[-1]) ** 0.5
+    # than eigenvalues, which are computed only to explain a failure.  An all-zero matrix is
+    # PSD: any positive tol lets it factorise.
+    tol = np.where(scale > 0, 1e-6 * scale * max(1, h.shape[-1]) ** 0.5, 1.0)
     try:
         np.linalg.cholesky(h + tol * np.eye(h.shape[-1]))
         return
     except np.linalg.LinAlgError:
         pass
-    eig_min = float(np.min(np.linalg.eigvalsh(h)))
-    if eig_min < -tol:
-        raise QroundError(f"{name} is not positive semi-definite: smallest eigenvalue {eig_min:.3g} "
-                          f"(max |H| = {scale:.3g}); statistics E[x x^T] are PSD by construction, "
-                          "so check how it was computed")
+    eig_min = np.min(np.linalg.eigvalsh(h), axis=-1).reshape(-1)
+    bad = np.flatnonzero(eig_min < -tol.reshape(-1))
+    if bad.size:
+        i = int(bad[0])
+        where = f" (channel {i})" if h.ndim == 3 else ""
+        raise QroundError(f"{name} is not positive semi-definite{where}: smallest eigenvalue "
+                          f"{float(eig_min[i]):.3g} (max |H| = {float(scale.ravel()[i]):.3g}); "
+                          "statistics E[x x^T] are PSD by construction, so check how it was "
+                          "computed")
 
 
 def copy_module(module, what: str = "model", memo: dict | None = None):

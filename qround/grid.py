@@ -17,6 +17,7 @@ import numpy as np
 from .errors import QroundError, as_float_array, check_bits
 
 SCALE_METHODS = ("minmax", "mse", "mse-output")
+MAX_SHRINK_STEPS = 10_000   # candidates of the scale search (each a pass over the weights)
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -49,16 +50,20 @@ class GridSpec:
                                             or self.group_size < 1):
             raise QroundError(f"group_size must be a positive integer or None, got {self.group_size!r}")
         if (not isinstance(self.shrink_steps, (int, np.integer))
-                or isinstance(self.shrink_steps, (bool, np.bool_)) or self.shrink_steps < 1):
-            raise QroundError(f"shrink_steps must be an integer >= 1, got {self.shrink_steps!r}")
+                or isinstance(self.shrink_steps, (bool, np.bool_))
+                or not 1 <= self.shrink_steps <= MAX_SHRINK_STEPS):
+            raise QroundError(f"shrink_steps must be an integer in [1, {MAX_SHRINK_STEPS}], got "
+                              f"{self.shrink_steps!r}")
         if not isinstance(self.min_shrink, (int, float, np.integer, np.floating)) or \
                 not 0 < self.min_shrink <= 1:
             raise QroundError(f"min_shrink must lie in (0, 1], got {self.min_shrink!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Grid:
-    """A fitted grid. ``scale``/``zero_point``: (out, groups); codes live in ``[qmin, qmax]``."""
+    """A fitted grid. ``scale``/``zero_point``: (out, groups); codes live in ``[qmin, qmax]``.
+    Grids compare by identity (their arrays have no single truth value); compare ``scale`` and
+    ``zero_point`` for equal values."""
 
     scale: np.ndarray
     zero_point: np.ndarray
@@ -69,7 +74,10 @@ class Grid:
 
     def __post_init__(self):
         check_bits(self.bits)
-        scale, zero = np.asarray(self.scale), np.asarray(self.zero_point)
+        if not isinstance(self.symmetric, (bool, np.bool_)):
+            raise QroundError(f"Grid symmetric must be True or False, got {self.symmetric!r}")
+        scale = as_float_array(self.scale, "Grid scale")
+        zero = as_float_array(self.zero_point, "Grid zero_point")
         if scale.ndim != 2 or zero.shape != scale.shape:
             raise QroundError(f"Grid scale and zero_point must both be (out, groups), got "
                               f"{scale.shape} and {zero.shape}")
@@ -116,8 +124,17 @@ class Grid:
         reps = self.in_features // self.groups
         return np.repeat(self.scale, reps, axis=1), np.repeat(self.zero_point, reps, axis=1)
 
-    def quantize(self, weight: np.ndarray) -> np.ndarray:
-        """Rounding-to-nearest integer codes (out, in), clipped to the grid."""
+    def _check_shape(self, arr: np.ndarray, name: str) -> None:
+        want = (self.scale.shape[0], self.in_features)
+        if arr.shape != want:
+            raise QroundError(f"{name} must have the grid's shape {want} (out, in), got "
+                              f"{arr.shape}")
+
+    def quantize(self, weight) -> np.ndarray:
+        """Rounding-to-nearest integer codes (out, in), clipped to the grid; ``weight`` (out,
+        in) finite (numpy or torch)."""
+        weight = as_float_array(weight, "weight", ndim=2)
+        self._check_shape(weight, "weight")
         s, z = self.expand()
         x = weight / s
         fl = np.floor(x)
@@ -125,10 +142,17 @@ class Grid:
         # x = 1/2 - 2**-54 up, since x + 1/2 rounds to 1 in float64
         return np.clip(fl + (x - fl >= 0.5) + z, self.qmin, self.qmax).astype(np.int64)
 
-    def dequantize(self, codes: np.ndarray) -> np.ndarray:
-        """Values ``s * (q - z)`` (out, in) for integer codes (out, in)."""
+    def dequantize(self, codes) -> np.ndarray:
+        """Values ``s * (q - z)`` (out, in) for integer codes (out, in) in ``[qmin, qmax]``."""
+        q = as_float_array(codes, "codes", ndim=2)
+        self._check_shape(q, "codes")
+        if q.size and not (np.all(q == np.round(q)) and q.min() >= self.qmin
+                           and q.max() <= self.qmax):
+            raise QroundError(f"codes must be integers in [{self.qmin}, {self.qmax}] (the "
+                              f"grid's codes); got values from {q.min():g} to {q.max():g}"
+                              + ("" if np.all(q == np.round(q)) else ", not all integers"))
         s, z = self.expand()
-        return s * (np.asarray(codes, dtype=np.float64) - z)
+        return s * (q - z)
 
 
 def _group_view(weight: np.ndarray, group_size: int | None) -> np.ndarray:
@@ -180,6 +204,11 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
     ``hessian``: (in, in), or (out, in, in) per channel; needed by ``mse-output``.
     ``scale``/``zero_point``: given explicitly as (out,) or (out, groups); then no search runs.
     """
+    if spec is None:
+        spec = GridSpec()
+    if not isinstance(spec, GridSpec):
+        raise QroundError(f"spec must be a qround.GridSpec (or None for the default), got "
+                          f"{type(spec).__name__}")
     w = as_float_array(weight, "weight", ndim=2)
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise QroundError(f"weight must be non-empty, got shape {w.shape}")

@@ -24,15 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from ._parallel import parallel_kernel
 from .errors import QroundError
 from .problems.rounding import RoundingProblem
 
 __all__ = ["GridDescent", "grid_descent"]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _descent_kernel(hess, step, fields, codes, qmin, qmax, max_moves, moves):
     """Steepest descent per channel: ``hess`` (k, n, n) with k == 1 (shared) or m;
     ``step`` (m, n) the scale of each weight; ``fields`` (m, n) ``H w_hat - r`` and ``codes``

@@ -471,9 +471,11 @@ def _order_units(quant_model, units: list[Unit], batch, forward
     named = dict(quant_model.named_modules())
     seen: list[str] = []
     marked: set[str] = set()
+    calls: dict[str, int] = {}
 
     def note(name):
         def hook(module, args):
+            calls[name] = calls.get(name, 0) + 1
             if name not in marked:
                 marked.add(name)
                 seen.append(name)
@@ -492,6 +494,11 @@ def _order_units(quant_model, units: list[Unit], batch, forward
         raise QroundError(f"blocks {missing} are not called by the model's forward (a module "
                           "whose parent calls its children directly is no block of its own): "
                           "give units of called modules (a scheme), or granularity='layer'")
+    again = [m for m in wanted if calls[m] > 1]
+    if again:
+        log.warning("blocks %s are called more than once per forward: a block is reconstructed "
+                    "on its first call's input and output only (its later calls are not in "
+                    "the loss)", again)
     rank = {n: i for i, n in enumerate(n for n in seen if n in set(wanted))}
     ordered = sorted((Unit(tuple(sorted(u.modules, key=rank.__getitem__))) for u in units),
                      key=lambda u: rank[u.modules[0]])

@@ -133,14 +133,21 @@ def write_npz_atomic(path: str | os.PathLike, **arrays) -> None:
         np.savez(f, **arrays)
 
 
-def new_figure(**kwargs):
-    """A matplotlib ``Figure`` not registered with pyplot (no backend switch, no global state
-    touched; nothing to close), or QroundError when matplotlib is not installed."""
+def require_pyplot() -> None:
+    """QroundError when matplotlib is not installed (check before work whose end is a plot)."""
     try:
-        from matplotlib.figure import Figure
+        import matplotlib.figure  # noqa: F401
     except ImportError:
         raise QroundError("plots need matplotlib: pip install 'qround[examples]' or "
                           "pip install matplotlib") from None
+
+
+def new_figure(**kwargs):
+    """A matplotlib ``Figure`` not registered with pyplot (no backend switch, no global state
+    touched; nothing to close), or QroundError when matplotlib is not installed."""
+    require_pyplot()
+    from matplotlib.figure import Figure
+
     return Figure(**kwargs)
 
 

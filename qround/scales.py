@@ -48,8 +48,12 @@ def refit_scales(problem: RoundingProblem, codes, ridge: float = 1e-9) -> Grid:
         raise QroundError(f"codes must be integers in [{g.qmin}, {g.qmax}] (the grid's codes); "
                           f"got values from {q.min()} to {q.max()}"
                           + ("" if np.all(q == np.round(q)) else ", not all integers"))
-    if g.in_features != problem.num_inputs:
+    if g.in_features != problem.num_inputs or problem.restricted:
         raise QroundError("refit_scales needs a whole layer's problem, not a restricted one")
+    if isinstance(ridge, (bool, np.bool_)) or not isinstance(
+            ridge, (int, float, np.integer, np.floating)) or not (np.isfinite(ridge)
+                                                                 and ridge >= 0):
+        raise QroundError(f"ridge must be a finite number >= 0, got {ridge!r}")
     m, n = problem.weight.shape
     groups = g.groups
     gs = n // groups

@@ -206,3 +206,18 @@ def test_a_solver_given_twice_is_refused_before_any_work(layer_files, capsys):
     assert main(["bench", str(layer_files[1]), "--solvers", "nearest,tabu", "--subset-solvers",
                  "tabu", "--references", "none", "--no-progress"]) == 2
     assert "'tabu' is given twice (--solvers and --subset-solvers)" in capsys.readouterr().err
+
+
+def test_bench_plot_without_matplotlib_is_refused_before_the_benchmark(monkeypatch, tmp_path,
+                                                                        capsys):
+    import sys
+
+    from qround import bench
+    from qround.cli import main
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("the benchmark started")))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["bench", "--plot", str(tmp_path / "p.png"), "--no-progress"]) == 2
+    assert "plots need matplotlib" in capsys.readouterr().err

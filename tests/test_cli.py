@@ -498,3 +498,40 @@ def test_group_size_option_takes_none_and_minus_one_as_per_channel(text, value):
 
     for command in (["quantize"], ["sensitivity"], ["export-layer"]):
         assert build_parser().parse_args(command + ["--group-size", text]).group_size == value
+
+
+def test_quantize_refuses_before_any_work(monkeypatch, tmp_path, capsys):
+    """Options that cannot work are refused before the model is even loaded: --qdrop without
+    quantised inputs, --loss-plot without matplotlib (it used to fail after all the work,
+    with --out unwritten), an empty --scheme."""
+    import sys
+
+    from qround import cli
+
+    monkeypatch.setattr(cli, "_model_and_calibration",
+                        lambda args: (_ for _ in ()).throw(AssertionError("work started")))
+    base = ["quantize", "--model", "digits-resnet", "--wbits", "2", "--solver", "nearest"]
+    assert main(base + ["--qdrop", "0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "--qdrop" in err and "give --abits" in err
+    assert main(base + ["--scheme", " , "]) == 2
+    assert "names no unit" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import fails
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(base + ["--abits", "4", "--granularity", "loss", "--loss-plot",
+                        str(tmp_path / "l.png"), "--out", str(tmp_path / "q.safetensors")]) == 2
+    assert "plots need matplotlib" in capsys.readouterr().err
+
+
+def test_digits_models_take_calibration_size_and_batch_size():
+    from qround.cli import _model_and_calibration, build_parser
+
+    def batches(*extra):
+        args = build_parser().parse_args(["quantize", "--model", "digits-cnn", *extra])
+        return [b.shape[0] for b in _model_and_calibration(args)[1]]
+
+    assert batches() == [64, 64, 51]                      # the whole split, as before
+    assert batches("--calibration-size", "8") == [8]
+    assert batches("--calibration-size", "100", "--batch-size", "40") == [40, 40, 20]
+    with pytest.raises(QroundError, match="calibration split holds 179 images"):
+        batches("--calibration-size", "1000")

@@ -428,3 +428,50 @@ def test_a_joint_unit_whose_first_module_returns_a_named_tuple_is_not_refused():
     net = Net()
     q = quantise(net, VECTORS)
     assert [u.name for u in plan_units(net, q, VECTORS, [("head", "out")])] == ["head+out"]
+
+
+def test_capacity_counts_float_layers_beside_quantised_ones():
+    """A layer left out of quantisation (not wrapped) inside a unit with quantised layers
+    counts at 32 bits, as a module without any quantised layer does."""
+    net = ResidualDigitsCNN(0)
+    q = insert_act_quantizers(net, ["block1.conv1"], 4, calib_batches=IMAGES,
+                              weights=GridSpec(bits=2, symmetric=False))
+    assert "block1.conv2" not in quantized_layers(q)
+    assert capacity(q.block1) == 16 * 16 * 9 * 2 + 16 * 16 * 9 * 32
+    assert capacity(q.block1) > capacity(q.block1.conv2)
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.blk = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+
+    def forward(self, x):
+        return self.out(self.blk(-4 * self.blk(self.inp(x))))
+
+
+def test_a_block_called_twice_is_named_in_a_warning(caplog):
+    from qround.reconstruct import _order_units
+
+    net = _Twice()
+    batch = torch.randn(4, 6, generator=gen(0))
+    with caplog.at_level("WARNING", logger="qround.reconstruct"):
+        _order_units(net, [Unit(("inp",)), Unit(("blk",)), Unit(("out",))], batch,
+                     lambda m, b: m(b))
+    assert "['blk'] are called more than once" in caplog.text
+    assert "first call" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qround.reconstruct"):
+        _order_units(net, [Unit(("inp",)), Unit(("out",))], batch, lambda m, b: m(b))
+    assert caplog.text == ""
+
+
+def test_loss_granularity_on_a_model_with_one_block_says_so():
+    from qround.pipeline import QuantConfig, quantize_model
+
+    net = nn.Linear(6, 3)
+    config = QuantConfig(wbits=4, abits=8, solver="nearest", granularity="loss",
+                         reconstruction=ReconstructConfig(iterations=2), progress=False)
+    with pytest.raises(QroundError, match="the model has 1, so there is nothing to merge"):
+        quantize_model(net, [torch.randn(4, 6, generator=gen(0))], config)

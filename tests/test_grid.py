@@ -200,3 +200,52 @@ def test_mse_scales_do_not_depend_on_the_weights_memory_layout():
     f_ordered = np.asfortranarray(w)
     np.testing.assert_array_equal(fit_grid(f_ordered, spec).scale, fit_grid(w, spec).scale)
     np.testing.assert_array_equal(fit_grid(w.T.copy().T, spec).scale, fit_grid(w, spec).scale)
+
+
+def test_grid_quantize_and_dequantize_check_their_input():
+    """A NaN weight used to get code -2^63, a (1, in) weight broadcast to every channel, codes
+    off the grid dequantised to values off it."""
+    import torch
+
+    from qround.grid import Grid
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 16))
+    g = fit_grid(w, GridSpec(bits=4, group_size=8))
+    q = g.quantize(w)
+    assert np.array_equal(g.quantize(torch.as_tensor(w)), q)   # a tensor, as fit_grid takes
+    bad = w.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(QroundError, match="NaN"):
+        g.quantize(bad)
+    for shape_bad in (w[:1], w[:, :8]):
+        with pytest.raises(QroundError, match=r"grid's shape \(4, 16\)"):
+            g.quantize(shape_bad)
+    with pytest.raises(QroundError, match="2 dimensions"):
+        g.quantize(w[0])
+    assert np.array_equal(g.dequantize(q), g.dequantize(q.astype(np.float64)))
+    for codes, match in ((np.full((4, 16), 100), "integers in \\[-8, 7\\]"),
+                         (np.full((4, 16), 0.5), "not all integers"),
+                         (q[0], "2 dimensions"), (q[:, :8], "grid's shape")):
+        with pytest.raises(QroundError, match=match):
+            g.dequantize(codes)
+    with pytest.raises(QroundError, match="symmetric must be True or False"):
+        Grid(g.scale, g.zero_point, 4, "no", 8, 16)
+    with pytest.raises(QroundError, match="Grid scale must be numeric"):
+        Grid(np.full((4, 2), "a"), g.zero_point, 4, True, 8, 16)
+
+
+def test_grids_compare_by_identity_and_hash():
+    w = np.random.default_rng(1).standard_normal((3, 8))
+    a, b = fit_grid(w, GridSpec()), fit_grid(w, GridSpec())
+    assert a == a and a != b and a in [b, a] and len({a, b}) == 2   # no ValueError
+    assert np.array_equal(a.scale, b.scale)
+
+
+def test_fit_grid_spec_is_checked():
+    w = np.random.default_rng(2).standard_normal((3, 8))
+    assert np.array_equal(fit_grid(w, None).scale, fit_grid(w, GridSpec()).scale)
+    with pytest.raises(QroundError, match="spec must be a qround.GridSpec"):
+        fit_grid(w, {"bits": 3})
+    with pytest.raises(QroundError, match="shrink_steps must be an integer in"):
+        GridSpec(shrink_steps=10 ** 9)

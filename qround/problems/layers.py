@@ -245,6 +245,9 @@ def layer_weight(module) -> np.ndarray:
     transformers Conv1D's its (in, out) weight transposed."""
     kind = layer_kind(module)
     w = module.weight.detach().to("cpu").double().numpy()
+    if w.size == 0:
+        raise QroundError(f"the layer's weight is empty (shape {tuple(w.shape)}): nothing to "
+                          "round")
     if kind == "hf-conv1d":
         return w.T.copy()
     return w.reshape(w.shape[0], -1).copy()

@@ -37,6 +37,8 @@ class RoundingProblem:
       ``const`` (m,): energy + const = absolute cost.
     - ``frac`` (m, n): fractional part of ``w/s`` in [0, 1) (0 where fixed): P(up) of stochastic
       rounding and the start of relaxations.
+    - ``restricted``: made by :meth:`restrict` over other inputs than the layer's, in its
+      order: ``grid`` still describes the whole layer, not these columns.
     """
 
     weight: np.ndarray
@@ -51,6 +53,7 @@ class RoundingProblem:
     const: np.ndarray
     frac: np.ndarray
     name: str = ""
+    restricted: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -272,6 +275,9 @@ class RoundingProblem:
         two problems are comparable, both being the absolute cost of the dequantised weights."""
         if not isinstance(grid, Grid):
             raise QroundError(f"grid must be a Grid, got {type(grid).__name__}")
+        if self.restricted:
+            raise QroundError("with_grid needs a whole layer's problem: a restricted one's "
+                              "columns are not the layer grid's")
         if grid.scale.shape[0] != self.num_channels or grid.in_features != self.num_inputs:
             raise QroundError(f"grid fitted for {grid.scale.shape[0]} x {grid.in_features} "
                               f"weights, problem is {self.num_channels} x {self.num_inputs}")
@@ -342,7 +348,8 @@ class RoundingProblem:
         arrays = {k: getattr(self, k)[idx] for k in ("weight", "scale", "zero_point", "floor_codes",
                                                        "free", "step", "grad", "const", "frac")}
         arrays["hessian"] = self.hessian if self.shared_hessian else self.hessian[idx]
-        return RoundingProblem(grid=grid, name=self.name, **_frozen(arrays))
+        return RoundingProblem(grid=grid, name=self.name, restricted=self.restricted,
+                               **_frozen(arrays))
 
     def restrict(self, inputs, held) -> "RoundingProblem":
         """The problem over a subset of inputs, every other variable held at ``held``.
@@ -370,9 +377,11 @@ class RoundingProblem:
         arrays["grad"] = self.grad[:, idx] + 2.0 * f_rest[:, idx]
         arrays["const"] = self.const + e_rest
         arrays["hessian"] = np.ascontiguousarray(h)
-        # the grid object keeps describing the full layer; a restricted problem has no layer grid
+        # the grid object keeps describing the full layer; a restricted problem has no layer
+        # grid (unless it keeps every input in order)
+        restricted = self.restricted or not np.array_equal(idx, np.arange(self.num_inputs))
         return RoundingProblem(grid=grid, name=f"{self.name}[{idx.size} inputs]",
-                               **_frozen(arrays))
+                               restricted=restricted, **_frozen(arrays))
 
     def __repr__(self) -> str:
         kind = "shared" if self.shared_hessian else "per-channel"

@@ -31,6 +31,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .._parallel import parallel_kernel
+
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -190,7 +192,7 @@ def _diagonal(h):
 NO_CSR = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, betas, restarts,
                   random_order, seeds, compact, no_csr):
     """Simulated annealing (Metropolis single flips), ``restarts`` runs per channel from start.
@@ -228,7 +230,7 @@ def anneal_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, beta
     return best_all, best_e_all
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def anneal_sparse_kernel(indptr, indices, data, hdiag, step, grad, start, fields, energy,
                          betas, restarts, random_order, seeds):
     """:func:`anneal_kernel` for one H in CSR form (``indptr``, ``indices``, ``data``; its
@@ -411,7 +413,7 @@ def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, p
     return best, best_e
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure, max_iter,
                 stall, rounds, perturb, reset_every, descent, tol, seeds, compact,
                 time_limit_ns):
@@ -487,7 +489,7 @@ def gptq_block_kernel(w, lower, step, upper, i1, i2, b, err):
                 row[c] -= e[c] * u
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def descent_kernel(hess, step, grad, b, fields, hdiag, thresh, limit):
     """Steepest descent of ``greedy`` (:func:`qround.solvers.local.steepest_descent`), one
     channel per thread: flip the variable with the most negative delta (the first of equal

@@ -229,3 +229,51 @@ def test_damping_adds_trust_region(seed, damp, asym):
                                rtol=1e-9, atol=1e-12)
     with pytest.raises(QroundError, match="damp"):
         RoundingProblem.from_weight(w, h, grid, damp=-1.0)
+
+
+def test_a_stack_of_hessians_is_checked_matrix_by_matrix():
+    """The tolerance is each matrix's own: a small negative-definite channel beside a large
+    PSD one used to pass, and its solvers then maximised the error."""
+    w = np.random.default_rng(0).standard_normal((2, 4))
+    eye = np.eye(4)
+    with pytest.raises(QroundError, match=r"not positive semi-definite \(channel 1\)"):
+        RoundingProblem.from_weight(w, np.stack([eye, -1e-7 * eye]))
+    skew = np.stack([eye, 1e-7 * (eye + np.triu(np.ones((4, 4)), 1))])
+    with pytest.raises(QroundError, match=r"not symmetric \(channel 1\)"):
+        RoundingProblem.from_weight(w, skew)
+    p = RoundingProblem.from_weight(w, np.stack([eye, 0 * eye]))   # an all-zero channel is PSD
+    assert np.all(p.rtn_costs() >= 0)
+    with pytest.raises(QroundError, match=r"not positive semi-definite: smallest"):
+        RoundingProblem.from_weight(w, -eye)   # one shared matrix: no channel named
+
+
+def test_a_restricted_problem_in_another_order_keeps_no_layer_grid():
+    from qround.scales import refit_scales
+
+    p = make_problem(3, 8, bits=3, group_size=4, seed=2)
+    b = p.rtn_choices()
+    perm = p.restrict(np.r_[4:8, 0:4], b)   # every input, other order: groups swapped
+    assert perm.restricted and perm.subproblem([0, 1]).restricted
+    with pytest.raises(QroundError, match="restricted"):
+        perm.with_grid(perm.grid)
+    with pytest.raises(QroundError, match="restricted"):
+        refit_scales(perm, perm.codes(b[:, np.r_[4:8, 0:4]]))
+    same = p.restrict(np.arange(8), b)   # the layer itself, in order
+    assert not same.restricted
+    assert np.allclose(same.with_grid(same.grid).rtn_costs(), p.rtn_costs())
+    with pytest.raises(QroundError, match="ridge"):
+        refit_scales(p, p.codes(b), ridge=-1)
+    with pytest.raises(QroundError, match="ridge"):
+        refit_scales(p, p.codes(b), ridge=float("nan"))
+
+
+def test_a_layer_without_outputs_is_named():
+    import torch
+
+    from qround.problems import problems_from_layer
+
+    with pytest.warns(UserWarning, match="zero-element"):   # torch's, on construction
+        layers = [(torch.nn.Linear(3, 0), 3), (torch.nn.Conv2d(4, 0, 3), 36)]
+    for layer, n in layers:
+        with pytest.raises(QroundError, match="weight is empty"):
+            problems_from_layer(layer, np.eye(n), GridSpec())

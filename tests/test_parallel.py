@@ -1,0 +1,75 @@
+"""Compiled parallel kernels keep working in a child process forked after the parent ran them
+(GNU OpenMP, numba's layer without TBB, terminates such a child: qround._parallel)."""
+import multiprocessing as mp
+
+import dimod
+import numpy as np
+import pytest
+
+import qround
+from qround._parallel import ParallelKernel, serial_after_fork
+from qround.grid import GridSpec, fit_grid
+from qround.lattice import grid_descent
+from qround.solvers import QroundSampler, _kernels
+
+from .conftest import make_problem
+
+pytestmark = pytest.mark.skipif("fork" not in mp.get_all_start_methods(),
+                                reason="needs the fork start method (POSIX)")
+
+
+def _work():
+    """One call of every parallel kernel: mse scale search, anneal, sparse anneal, tabu,
+    greedy's descent, grid descent; the results as arrays."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 40))
+    out = {"scale": fit_grid(w, GridSpec(bits=3)).scale}
+    problem = make_problem(5, 12, seed=1)
+    for name in ("anneal(num_sweeps=50)", "tabu", "greedy"):
+        out[name] = qround.get_solver(name).solve(problem, seed=0).choices
+    out["grid_descent"] = grid_descent(problem, problem.codes(problem.rtn_choices())).codes
+    ring = dimod.BinaryQuadraticModel({i: 0.1 * (i % 3) for i in range(300)},
+                                      {(i, (i + 1) % 300): -1.0 for i in range(300)}, 0.0,
+                                      "SPIN")   # sparse: the CSR annealing kernel
+    ss = QroundSampler("anneal").sample(ring, num_reads=2, seed=0, num_sweeps=20)
+    assert ss.info["matrix"] == "sparse"
+    out["sparse"] = ss.record.sample
+    return out
+
+
+def _child(queue):
+    try:
+        queue.put((serial_after_fork(), _work()))
+    except BaseException as exc:   # noqa: BLE001 (reported to the parent)
+        queue.put(repr(exc))
+
+
+def test_a_forked_child_runs_every_kernel_with_the_parents_results():
+    import numba
+
+    parent = _work()   # the parent launches every parallel kernel first
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue,))
+    proc.start()
+    got = queue.get(timeout=300)
+    proc.join(60)
+    assert proc.exitcode == 0, got
+    assert not isinstance(got, str), got
+    serial, child = got
+    # with OpenMP (numba without TBB) the child runs the serial compilations
+    assert serial == (numba.threading_layer() == "omp")
+    assert not serial_after_fork()   # the parent is unchanged
+    assert child.keys() == parent.keys()
+    for key, value in parent.items():
+        assert np.array_equal(child[key], value), key
+
+
+def test_every_parallel_kernel_is_wrapped():
+    kernels = [_kernels.anneal_kernel, _kernels.anneal_sparse_kernel, _kernels.tabu_kernel,
+               _kernels.descent_kernel]
+    from qround import _grid_kernel, lattice
+
+    kernels += [_grid_kernel.mse_search, lattice._descent_kernel]
+    assert all(isinstance(k, ParallelKernel) for k in kernels)
+    assert _kernels.tabu_kernel.__doc__ and _kernels.tabu_kernel.__name__ == "tabu_kernel"
