@@ -174,7 +174,7 @@ class _ThreeBlocks(nn.Module):
 
 @pytest.mark.parametrize("model, config, match", [
     (_ThreeBlocks, dict(granularity="loss", k=3), r"k=3 must lie in \[1, 2\]"),
-    (lambda: nn.Linear(6, 3), dict(granularity="loss"), r"k=1 must lie in \[1, 0\]"),
+    (lambda: nn.Linear(6, 3), dict(granularity="loss"), r"the model has 1, so there is nothing"),
     (lambda: nn.Linear(6, 3), dict(borders="linear", first_last_bits=8),
      "need a quantised input"),
 ])

@@ -228,8 +228,8 @@ def test_quantize_refuses_to_overwrite_its_inputs_or_outputs(tmp_path, capsys, o
     (["bench", "--minilm-layers=", "--cnn-layers", "0"], "no layers to benchmark"),
     (["quantize", "--model", "no-such-model", "--scheme", "a,b", "--granularity", "modcap"],
      "--scheme gives the units itself"),
-    (["quantize", "--model", "no-such-model", "--qdrop", "0.3", "--iterations", "0"],
-     "--qdrop acts only through block reconstruction"),
+    (["quantize", "--model", "no-such-model", "--qdrop", "0.3", "--abits", "4", "--iterations",
+      "0"], "--qdrop acts only through block reconstruction"),
     (["quantize", "--model", "minlm"], "neither a packaged model"),
     (["evaluate", "--quantized", "x.safetensors", "--abits", "8"], "--abits applies to the digits"),
     (["demo", "--solvers", ","], "names no solver"),
@@ -307,7 +307,7 @@ def test_quantize_bad_activation_options_fail_before_work(argv, match, capsys):
 
 @pytest.mark.parametrize("argv, iterations", [
     ([], None), (["--granularity", "modcap"], 300), (["--scheme", "a,b"], 300),
-    (["--granularity", "loss", "--k", "1"], 300), (["--qdrop", "0.3"], 300),
+    (["--granularity", "loss", "--k", "1"], 300), (["--qdrop", "0.3", "--abits", "4"], 300),
     (["--granularity", "layer", "--iterations", "20"], 20),
     (["--granularity", "layer", "--capture-cache-mb", "0"], 300),
 ])
