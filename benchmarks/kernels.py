@@ -60,6 +60,7 @@ def load_kernels_at(rev: str):
     except (OSError, subprocess.CalledProcessError) as exc:
         raise SystemExit(f"error: cannot read the kernels at {rev!r}: {exc}")
     text = text.replace("from ..errors import", "from qround.errors import")
+    text = text.replace("from .._parallel import", "from qround._parallel import")
     folder = tempfile.mkdtemp(prefix="qround_kernels_")
     path = os.path.join(folder, "kernels_old.py")
     with open(path, "w") as f:

@@ -1,34 +1,41 @@
 """Parallel numba kernels that keep working in a forked child process.
 
 numba runs ``prange`` loops on a threading layer chosen at the first parallel launch.  Without
-TBB installed that is OpenMP, and GNU OpenMP cannot be used again after ``fork()``: a child that
-launches a parallel kernel its parent already ran is terminated ("fork() called from a process
-already using GNU OpenMP, this is unsafe").  ``multiprocessing``'s default start method on Linux
-before Python 3.14 is fork, so a pool of workers that fit grids or solve layers after the
-parent did would die.
+TBB installed that is OpenMP, and GNU OpenMP cannot be used again after ``fork()``: a child
+whose parent already ran OpenMP threads (numba's, or torch's own intra-op threads) is
+terminated ("fork() called from a process already using GNU OpenMP, this is unsafe") or hangs
+in its first parallel kernel.  ``multiprocessing``'s default start method on Linux before Python
+3.14 is fork, so a pool of workers that fit grids or solve layers after the parent calibrated
+would die or hang.
 
-:func:`parallel_kernel` compiles a function as ``njit(parallel=True, cache=True)`` and, in a
-child forked after the parent's OpenMP launch, runs a serial compilation of the same function
-instead (compiled on first use and cached on disk like the parallel one; the kernels' results
-do not depend on the thread count, only their speed does).  Elsewhere the parallel kernel runs as before.
+:func:`parallel_kernel` compiles a function as ``njit(parallel=True, cache=True)``; in a forked
+child it runs a serial compilation of the same function instead, unless numba's layer is a
+fork-safe one (TBB or workqueue: launched in the parent, or set with
+``NUMBA_THREADING_LAYER=workqueue``).  The serial one is compiled on first use and cached on
+disk like the parallel one; the kernels' results do not depend on the thread count, only their
+speed does.  Processes started with spawn or forkserver run the parallel kernels.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import types
 
 import numba
 from numba import njit
 
-_STATE = {"serial": False}   # set in a child forked after an OpenMP launch
+_STATE = {"serial": False}   # set in a forked child unless numba's layer is fork-safe
+FORK_SAFE_LAYERS = ("tbb", "workqueue")
 
 
 def _after_fork_in_child() -> None:
     try:
-        layer = numba.threading_layer()   # ValueError: no parallel launch yet
+        layer = numba.threading_layer()   # ValueError: numba launched nothing yet
     except ValueError:
-        return
-    if layer == "omp":   # GNU OpenMP is not fork-safe (Intel's is, but numba cannot tell)
+        # the layer is chosen at the first launch; only an explicit workqueue is sure to be
+        # fork-safe here (the parent may have run OpenMP threads of its own, as torch does)
+        layer = str(numba.config.THREADING_LAYER).lower()
+    if layer not in FORK_SAFE_LAYERS:
         _STATE["serial"] = True
 
 
@@ -37,8 +44,17 @@ if hasattr(os, "register_at_fork"):
 
 
 def serial_after_fork() -> bool:
-    """Whether this process runs the serial versions (a child forked after OpenMP ran)."""
+    """Whether this process runs the serial versions (a forked child, see the module
+    docstring)."""
     return _STATE["serial"]
+
+
+def _load(module: str, qualname: str):
+    """The kernel ``qualname`` of ``module`` (how a ParallelKernel is unpickled)."""
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class ParallelKernel:
@@ -51,7 +67,12 @@ class ParallelKernel:
         self._serial = None
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__
+        self.__qualname__ = fn.__qualname__
+        self.__module__ = fn.__module__
         self.__wrapped__ = fn
+
+    def __reduce__(self):   # the module's own kernel, as numba's dispatchers pickle
+        return _load, (self.__module__, self.__qualname__)
 
     def serial(self):
         """The serial compilation (made on first use).  It compiles a copy of the function

@@ -821,7 +821,8 @@ def _measured_args(args) -> list[str]:
     and its calibration, the grid settings, first/last bits and the layer selection (the
     per-layer widths come from the allocation's overrides)."""
     out = [] if args.model == "minilm" else ["--model", args.model]
-    for flag, value in (("--calibration", args.calibration),
+    for flag, value in (("--seed", args.seed or None),   # it trains the digits models too
+                        ("--calibration", args.calibration),
                         ("--calibration-size", args.calibration_size),
                         ("--max-length", args.max_length),
                         ("--batch-size", args.batch_size),
@@ -867,7 +868,14 @@ def cmd_sensitivity(args) -> int:
     print(f"{len(sens.layers)} layers, {len(widths)} widths: {sens.seconds:.1f} s")
     allocation = None
     if args.mean_bits is not None:
-        allocation = sens.allocate(args.mean_bits, tie_inputs=args.tie_inputs)
+        try:
+            allocation = sens.allocate(args.mean_bits, tie_inputs=args.tie_inputs)
+        except QroundError:
+            if args.json:   # the measurement took the time: keep it
+                write_json_atomic(args.json, {"config": config.as_dict(),
+                                              "sensitivity": sens.as_dict(), "allocation": None})
+                print(f"wrote {args.json} (the measurement; no allocation)")
+            raise
         counts = {}
         for b in allocation.bits.values():
             counts[b] = counts.get(b, 0) + 1

@@ -147,7 +147,8 @@ class Sensitivity:
                     "tie_inputs: layers " + ", ".join(repr(s.name) for s in unit)
                     + " read the same input, but the config holds them at different widths ("
                     + ", ".join(f"{s.name!r} at W{s.held}" for s in unit if s.held is not None)
-                    + "): give them one wbits, or allocate without tie_inputs")
+                    + "): give them one wbits, or allocate without tie_inputs "
+                    "(--tie-inputs)")
             if held:
                 bits.update({s.name: held[0] for s in unit})
             else:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import qround
-from qround._parallel import ParallelKernel, serial_after_fork
+from qround._parallel import FORK_SAFE_LAYERS, ParallelKernel, serial_after_fork
 from qround.grid import GridSpec, fit_grid
 from qround.lattice import grid_descent
 from qround.solvers import QroundSampler, _kernels
@@ -58,7 +58,7 @@ def test_a_forked_child_runs_every_kernel_with_the_parents_results():
     assert not isinstance(got, str), got
     serial, child = got
     # with OpenMP (numba without TBB) the child runs the serial compilations
-    assert serial == (numba.threading_layer() == "omp")
+    assert serial == (numba.threading_layer() not in FORK_SAFE_LAYERS)
     assert not serial_after_fork()   # the parent is unchanged
     assert child.keys() == parent.keys()
     for key, value in parent.items():
@@ -73,3 +73,45 @@ def test_every_parallel_kernel_is_wrapped():
     kernels += [_grid_kernel.mse_search, lattice._descent_kernel]
     assert all(isinstance(k, ParallelKernel) for k in kernels)
     assert _kernels.tabu_kernel.__doc__ and _kernels.tabu_kernel.__name__ == "tabu_kernel"
+
+
+_TORCH_THEN_FORK = """
+import multiprocessing as mp, sys
+import numpy as np, torch
+torch.set_num_threads(2)
+a = torch.randn(600, 600)
+(a @ a).sum()                       # torch's OpenMP threads run; numba has launched nothing
+from qround.grid import GridSpec, fit_grid
+w = np.random.default_rng(0).standard_normal((8, 64))
+def child(q):
+    q.put(fit_grid(w, GridSpec(bits=3)).scale)
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+got = q.get(timeout=240)
+p.join(30)
+sys.exit(0 if p.exitcode == 0 and np.array_equal(got, fit_grid(w, GridSpec(bits=3)).scale)
+         else 1)
+"""
+
+
+def test_a_child_forked_after_torchs_openmp_threads_ran_does_not_hang():
+    """The parent ran torch's OpenMP threads but no numba kernel: the child's first parallel
+    kernel used to hang (GNU OpenMP after fork); it now runs the serial one."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TORCH_THEN_FORK], timeout=300,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_kernels_pickle_as_themselves():
+    import pickle
+
+    from qround import _grid_kernel
+
+    for kernel in (_grid_kernel.mse_search, _kernels.tabu_kernel):
+        assert pickle.loads(pickle.dumps(kernel)) is kernel
+    assert _kernels.tabu_kernel.__module__ == "qround.solvers._kernels"

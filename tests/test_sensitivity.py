@@ -523,3 +523,31 @@ def test_cli_tie_inputs(tmp_path, capsys):
     assert data["allocation"]["tied"] == [["head_a", "head_b"]]
     bits = data["allocation"]["bits"]
     assert bits["head_a"] == bits["head_b"]
+
+
+def test_cli_keeps_the_measurement_when_the_allocation_fails(tmp_path, capsys):
+    from .test_pipeline import branchy
+
+    torch.save(branchy(), tmp_path / "model.pt")
+    torch.save(torch.randn(64, 12, generator=torch.Generator().manual_seed(0)),
+               tmp_path / "calib.pt")
+    out = tmp_path / "s.json"
+    assert main(["sensitivity", "--model", str(tmp_path / "model.pt"), "--calibration",
+                 str(tmp_path / "calib.pt"), "--bits", "2,8", "--threads", "1", "--mean-bits",
+                 "5", "--tie-inputs", "--override", "head_a", "wbits=8", "--override", "head_b",
+                 "wbits=4", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'head_a' at W8, 'head_b' at W4" in err and "--tie-inputs" in err
+    data = json.loads(out.read_text())
+    assert data["allocation"] is None
+    assert {s["name"] for s in data["sensitivity"]["layers"]} == {"inp", "head_a", "head_b",
+                                                                 "out"}
+
+
+def test_the_printed_command_repeats_the_seed():
+    from qround.cli import _measured_args, build_parser
+
+    args = build_parser().parse_args(["sensitivity", "--model", "digits-cnn", "--seed", "3"])
+    assert _measured_args(args)[:4] == ["--model", "digits-cnn", "--seed", "3"]
+    args = build_parser().parse_args(["sensitivity", "--model", "digits-cnn"])
+    assert "--seed" not in _measured_args(args)

@@ -176,6 +176,11 @@ def _parse_qubo(path: str, data: bytes, dense: bool):
                 if offset is None and len(parts) == 3 and parts[0] == "c" \
                         and parts[1] == "offset":
                     offset = float(parts[2])   # the first 'c offset <float>'; others: comments
+                elif parts[0].lower() == "c" and len(parts) >= 2 \
+                        and parts[1].lower().rstrip(":=") == "offset" and offset is None:
+                    # a comment qbsolv would skip, but a cost shifted by a lost offset is silent
+                    raise ValueError("an offset line is read only as 'c offset <float>' "
+                                     "(lower case, one number)")
             elif parts[0] in ("p", "P"):
                 if header is not None or len(parts) != 6 or parts[1].lower() != "qubo":
                     raise ValueError("expected one header 'p qubo 0 maxNodes nNodes nCouplers'")

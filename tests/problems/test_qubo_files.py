@@ -105,6 +105,8 @@ def test_export_overwrites_nothing_and_checks_before_writing(tmp_path):
     ("p qubo 0 -1 0 0\n", "negative count"),
     ("p qubo 0 10000000000 0 0\n", "the dense matrix would take"),
     (b"c caf\xe9\np qubo 0 1 1 0\n0 0 1.0\n", "not UTF-8"),
+    ("C offset 3.0\np qubo 0 1 1 0\n0 0 1.0\n", "read only as 'c offset <float>'"),
+    ("c offset: 3.0\np qubo 0 1 1 0\n0 0 1.0\n", "read only as 'c offset <float>'"),
 ])
 def test_bad_qubo_files_are_named(tmp_path, text, message):
     path = tmp_path / "bad.qubo"
