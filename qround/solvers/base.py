@@ -323,8 +323,8 @@ def warm_up(*solvers, **sample_options) -> None:
     """Solve a small problem with each solver, untimed, so that later calls time the work only.
 
     The first call in a process of a numba solver (``tabu``, ``anneal``, ``gptq``...) loads its
-    compiled kernels from numba's cache (about 0.3 s; a compilation after an upgrade takes
-    seconds), torch solvers pay their first-call setup, and dimod samplers import their
+    compiled kernels from numba's cache (about 0.3 s; the first process after an install or
+    upgrade compiles them, up to a minute on 2 cores), torch solvers pay their first-call setup, and dimod samplers import their
     libraries.  That time lands in the first ``Solution.seconds`` unless a warm-up took it:
     ``qround solve``, ``qround demo``, ``qround bench`` and ``qround sample`` warm up before
     timing.  A dimod sampler (``QroundSampler`` or any object with ``sample``) samples a small
