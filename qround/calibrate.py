@@ -117,6 +117,36 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+@contextmanager
+def kept_buffers(model: nn.Module) -> Iterator[nn.Module]:
+    """On exit, every buffer of ``model`` holds its value from entry again (the same tensor
+    object, refilled), and buffers registered meanwhile are gone: a forward that writes a buffer
+    (a counter, an observer's statistics, a cache) leaves no trace in a model qround only reads.
+    The buffers are cloned once on entry."""
+    saved = []
+    for m in model.modules():
+        for key, t in m._buffers.items():
+            saved.append((m, key, t, None if t is None else t.detach().clone()))
+    keys = {id(m): set(m._buffers) for m in model.modules()}
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m in model.modules():
+                for key in [k for k in m._buffers if k not in keys.get(id(m), ())]:
+                    del m._buffers[key]
+                    m._non_persistent_buffers_set.discard(key)
+            for m, key, t, value in saved:
+                m._buffers[key] = t
+                if t is None:
+                    continue
+                if t.shape == value.shape and t.dtype == value.dtype:
+                    if not torch.equal(t, value):
+                        t.copy_(value)
+                else:
+                    t.data = value
+
+
 def select_layers(model: nn.Module, layers: LayerFilter = None,
                   conv1d: bool = True) -> dict[str, nn.Module]:
     """The Linear/Conv2d modules (and transformers' Conv1D unless ``conv1d`` is False) to

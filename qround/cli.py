@@ -359,7 +359,7 @@ def cmd_export_layer(args) -> int:
     from .problems.layers import is_hf_conv1d, layer_weight
 
     check_bits(args.bits, "--bits")
-    check_paths({"--out": args.out})
+    check_paths({"--out": args.out}, {"--model": args.model})
     check_format("--out", args.out, "an .npz archive", (".npz",))
     if not args.list and not args.out:
         raise QroundError("--out FILE.npz is required")

@@ -68,6 +68,7 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
         return os.path.normcase(os.path.realpath(os.fspath(path)))
 
     seen: dict[str, str] = {}
+    outputs_seen: dict[str, str] = {}
     folders: dict[str, str] = {}   # input folders (a checkpoint): nothing may be written inside
     for flag, path in (inputs or {}).items():
         if path is not None and os.path.exists(path):
@@ -94,7 +95,16 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
         if k in seen:
             raise QroundError(f"{flag} {path!r} is the same file as {seen[k]}; it would be "
                               "overwritten: give another name")
+        # one output inside another (a file under --save-compressed's new folder, or under a
+        # file's name): the second write would fail after all the work
+        for other, other_flag in outputs_seen.items():
+            if k.startswith(other.rstrip(os.sep) + os.sep) or \
+                    other.startswith(k.rstrip(os.sep) + os.sep):
+                inner, outer = (flag, other_flag) if len(k) > len(other) else (other_flag, flag)
+                raise QroundError(f"{inner} lies inside {outer}'s path: the two outputs would "
+                                  "collide; write them to separate places")
         seen[k] = flag
+        outputs_seen[k] = flag
 
 
 # what a file name's suffix says it holds: an output whose name promises another format is

@@ -71,7 +71,12 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         codes_dtype = np.int8 if qw.symmetric else np.uint8  # bits <= 8 fit either way
         weight = (module.weight.t() if conv1d else module.weight) if wrapper is None \
             else _hard_weight(wrapper)
-        tensors[f"{name}.weight"] = weight.detach().cpu().contiguous().clone()
+        weight = weight.detach().cpu().contiguous().clone()
+        if not _on_codes(qw.dequantized, weight):
+            raise QroundError(f"the weight of {name!r} is no longer its codes' dequantised value "
+                              "(was the quantised model changed after quantising?): the file "
+                              "would not load; quantise again, or save before changing it")
+        tensors[f"{name}.weight"] = weight
         tensors[f"{name}.codes"] = torch.from_numpy(qw.codes.astype(codes_dtype))
         tensors[f"{name}.scale"] = torch.from_numpy(np.array(qw.scale, dtype=np.float64))
         if not qw.symmetric:
@@ -105,6 +110,17 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         metadata["source"] = json.dumps(qmodel.source)
     with atomic_write(path, what="quantised model", make_folder=True) as f:
         f.write(safetensors.torch.save(tensors, metadata=metadata))
+
+
+def _on_codes(deq: np.ndarray, weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is the dequantised value ``deq`` rounded to the weight's dtype (float16
+    and bfloat16 too): a few of that dtype's ulps are allowed."""
+    if tuple(weight.shape) != tuple(np.shape(deq)):
+        return False
+    eps = max(float(torch.finfo(weight.dtype).eps), 1e-7) if weight.dtype.is_floating_point \
+        else 1e-7
+    return bool(np.allclose(deq, weight.double().numpy(), rtol=4 * eps,
+                            atol=4 * eps * float(np.abs(deq).max(initial=0.0))))
 
 
 _SOURCE_VALUE = re.compile(r"(buffer )?[A-Za-z0-9_.]+ \[[0-9, ]*\] ([0-9a-f]{16}|-)")
@@ -385,13 +401,7 @@ def load(model: nn.Module, path: str | os.PathLike, check_source: bool = True) -
             for name, info in layers.items():
                 module = new_modules[name]
                 weight = f.get_tensor(f"{name}.weight")
-                deq = codes[name].dequantized
-                # the stored weight is the dequantised value rounded to the weight's dtype
-                # (float16 and bfloat16 too): allow a few of that dtype's ulps
-                eps = max(float(torch.finfo(weight.dtype).eps), 1e-7) if \
-                    weight.dtype.is_floating_point else 1e-7
-                if not np.allclose(deq, weight.double().numpy(), rtol=4 * eps,
-                                   atol=4 * eps * float(np.abs(deq).max(initial=0.0))):
+                if not _on_codes(codes[name].dequantized, weight):
                     raise QroundError(f"{path}: weight of {name!r} is not its codes' dequantised "
                                       "value (the file is corrupt)")
                 module.weight.copy_(weight)

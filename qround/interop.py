@@ -131,8 +131,8 @@ def save_compressed_tensors(qmodel: "QuantizedModel", folder: str | os.PathLike,
     if folder.exists():
         raise QroundError(f"{folder} exists: compressed-tensors output goes to a new folder")
     parent = folder.absolute().parent
-    if not parent.is_dir():
-        raise QroundError(f"cannot write {folder}: its folder {parent} does not exist")
+    if parent.exists() and not parent.is_dir():
+        raise QroundError(f"cannot write {folder}: {parent} is a file")
     model = qmodel.model
     groups: dict[tuple[int, int | None], list[str]] = {}
     for name, qw in qmodel.layers.items():
@@ -146,6 +146,7 @@ def save_compressed_tensors(qmodel: "QuantizedModel", folder: str | os.PathLike,
         config_groups = {f"group_{i}": _scheme(bits, gs, names)
                          for i, ((bits, gs), names) in enumerate(groups.items())}
     try:
+        parent.mkdir(parents=True, exist_ok=True)   # as qround's own files
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
     except OSError as exc:
         raise QroundError(f"cannot write {folder}: {exc}") from None

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from .activation_stage import WEIGHT_STARTS, check_units, quantize_activations
 from .activations import BORDERS, INITS
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
-                        capture_fisher, default_forward, eval_mode, fisher_bytes, layer_hooks)
+                        capture_fisher, default_forward, eval_mode, fisher_bytes, kept_buffers,
+                        layer_hooks)
 from .errors import MAX_SEED, QroundError, check_bits, check_int, check_real, copy_module
 from .export import fingerprint
 from .granularity import GRANULARITIES, Selection
@@ -1004,17 +1005,23 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
         raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
         raise QroundError(f"config must be a QuantConfig, got {type(config).__name__}")
-    with _own_rng(config, model):
+    with _own_rng(config, model, keep_buffers=not inplace):
         return _quantize_model(model, calibration, config, forward, loss_fn, inplace)
 
 
 @contextmanager
-def _own_rng(config: QuantConfig, model: nn.Module):
+def _own_rng(config: QuantConfig, model: nn.Module, keep_buffers: bool = True):
     """Random torch draws inside (a model's own forward that samples) come from torch's global
     generators seeded with ``config.seed``, so a run depends on the seed, not on the caller's
     state; the caller's torch (CPU and CUDA) states are restored afterwards, and numpy's and
-    ``random``'s too, should the forward draw from those."""
+    ``random``'s too, should the forward draw from those.  With ``keep_buffers``, buffers of
+    ``model`` that its forward writes (counters, observers) get their values back too."""
     import random
+
+    if keep_buffers:
+        with kept_buffers(model), _own_rng(config, model, keep_buffers=False):
+            yield
+        return
 
     devices = {p.device.index for p in model.parameters() if p.device.type == "cuda"}
     if config.device.startswith("cuda"):

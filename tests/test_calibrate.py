@@ -428,3 +428,25 @@ def test_default_forward_leaves_other_masks_alone():
                   {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
                    "decoder_input_ids": ids}):
         np.testing.assert_allclose(capture_hessians(model, [batch])["fc"], want, rtol=1e-12)
+
+
+def test_kept_buffers_restores_values_objects_and_removes_new_buffers():
+    from qround.calibrate import kept_buffers
+
+    m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    m[0].register_buffer("cache", torch.zeros(3))
+    m[0].register_buffer("empty", None)
+    mean, cache = m[1].running_mean, m[0].cache
+    with kept_buffers(m):
+        m[1].running_mean += 5.0               # in place
+        m[0].cache = torch.ones(7)             # replaced, another shape
+        m[0].register_buffer("lazy", torch.ones(1), persistent=False)
+        m[0].empty = torch.ones(2)
+    assert m[1].running_mean is mean and torch.equal(mean, torch.zeros(2))
+    assert m[0].cache is cache and torch.equal(cache, torch.zeros(3))
+    assert "lazy" not in m[0]._buffers and "lazy" not in m[0]._non_persistent_buffers_set
+    assert m[0].empty is None
+    with pytest.raises(RuntimeError, match="boom"), kept_buffers(m):
+        mean.fill_(1.0)
+        raise RuntimeError("boom")
+    assert torch.equal(mean, torch.zeros(2))

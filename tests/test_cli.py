@@ -200,6 +200,7 @@ def test_quantize_model_files_that_torch_cannot_read(tmp_path, capsys):
     (["--out", "{d}/calib.pt"], "the same file as the input --calibration"),
     (["--out", "{d}/model.pt"], "the same file as the input --model"),
     (["--out", "{d}"], "is a folder"),
+    (["--out", "{d}/x/w.st", "--json", "{d}/x"], "--out lies inside --json's path"),
 ])
 def test_quantize_refuses_to_overwrite_its_inputs_or_outputs(tmp_path, capsys, outputs, clash):
     _model_files(tmp_path, seed=0)

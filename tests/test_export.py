@@ -347,3 +347,61 @@ def _with_buffer(name, value):
     module = nn.Module()
     module.register_buffer(name, value)
     return module
+
+
+def test_save_refuses_a_weight_changed_after_quantising(tmp_path, saved):
+    """A quantised model edited afterwards (a fine-tuning step) no longer matches its codes:
+    save says so, instead of writing a file that load calls corrupt."""
+    model, data, qm, _ = saved
+    edited = quantize_model(model, data, QuantConfig(wbits=3, solver="nearest", progress=False))
+    with torch.no_grad():
+        edited.model.fc.weight.add_(0.01)
+    target = tmp_path / "edited.safetensors"
+    with pytest.raises(QroundError, match="'fc' is no longer its codes' dequantised value"):
+        edited.save(target)
+    assert not target.exists()
+
+
+class _Counting(nn.Module):
+    """A forward that writes a buffer (a sample counter, as observers and EMA statistics do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("inputs", ["quantized", "float", "asymmetric"])
+def test_a_forward_writing_buffers_leaves_the_float_model_as_it_was(tmp_path, inputs):
+    g = torch.Generator().manual_seed(0)
+    model = _Counting()
+    data = [torch.randn(16, 8, generator=g) for _ in range(4)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qm = quantize_model(model, data, QuantConfig(wbits=3, solver="nearest", progress=False,
+                                                 inputs=inputs))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    path = tmp_path / "counting.safetensors"
+    qm.save(path)
+    load(model, path)    # the file was made from this model, and still says so
+    # in place, the model is the quantised one: its forwards counted
+    quantize_model(model, data, QuantConfig(wbits=3, solver="nearest", progress=False,
+                                            inputs=inputs), inplace=True)
+    assert int(model.seen) > 0
+
+
+def test_baselines_and_sensitivity_leave_written_buffers_as_they_were():
+    from qround.baselines import gptq_model, rtn_model
+    from qround.sensitivity import layer_sensitivity
+
+    g = torch.Generator().manual_seed(1)
+    model = _Counting()
+    data = [torch.randn(16, 8, generator=g) for _ in range(2)]
+    config = QuantConfig(wbits=3, progress=False)
+    rtn_model(model, config, example=data[0])
+    gptq_model(model, data, config)
+    layer_sensitivity(model, data, config, bits=(2, 4))
+    assert int(model.seen) == 0

@@ -223,6 +223,12 @@ def test_export_layer_lists_and_writes_conv1d_layers(gpt2_folder, tmp_path, caps
     assert re.search(r"--group-size 5 does not divide the \d+ inputs of layer "
                      r"'transformer.h.0.mlp.c_fc'", capsys.readouterr().err)
     assert not (tmp_path / "bad.npz").exists()
+    # nothing is written inside the checkpoint folder
+    inside = os.path.join(gpt2_folder, "stats.npz")
+    assert main(["export-layer", "--model", gpt2_folder, "--layer", "transformer.h.0.mlp.c_fc",
+                 "--out", inside]) == 2
+    assert "lies inside the input --model folder" in capsys.readouterr().err
+    assert not os.path.exists(inside)
 
 
 def test_folder_errors_are_one_line(gpt2_folder, tmp_path, capsys):

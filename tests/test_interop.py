@@ -54,7 +54,7 @@ def test_transformers_loads_what_qround_wrote(tmp_path, monkeypatch, options):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     qm = quantise(model, **options)
-    out = tmp_path / "llama-ct"
+    out = tmp_path / "made" / "llama-ct"    # missing folders are made, as for qround's files
     save_compressed_tensors(qm, out)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
@@ -224,6 +224,11 @@ def test_quantize_save_compressed_from_the_shell(llama_folder, tmp_path, monkeyp
     assert main(["quantize", "--model", llama_folder, "--no-progress", "--save-compressed",
                  os.path.join(llama_folder, "inside")]) == 2
     assert "inside the input --model folder" in capsys.readouterr().err
+    # --out inside the new folder would make it exist before the compressed export
+    assert main(["quantize", "--model", llama_folder, "--no-progress", "--save-compressed",
+                 str(fresh), "--out", str(fresh / "w4.safetensors")]) == 2
+    assert "--out lies inside --save-compressed's path" in capsys.readouterr().err
+    assert not fresh.exists()
 
 
 def test_a_gpt2_folder_is_refused_before_any_work(llama_folder, tmp_path, capsys):
