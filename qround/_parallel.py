@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import types
 
 import numba
@@ -91,7 +92,17 @@ class ParallelKernel:
     def __call__(self, *args):
         if _STATE["serial"]:
             return self.serial()(*args)
-        return self.parallel(*args)
+        torch = sys.modules.get("torch")   # not imported here: a numba-only user needs none
+        if torch is None:
+            return self.parallel(*args)
+        # numba's OpenMP layer starts its pool with omp_set_num_threads(NUMBA_NUM_THREADS) in
+        # the OpenMP runtime torch shares: the caller's torch.set_num_threads is kept
+        threads = torch.get_num_threads()
+        try:
+            return self.parallel(*args)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
     def __getattr__(self, name):
         if name in ("parallel", "_fn", "_serial"):   # not yet set (copying, unpickling)

@@ -229,6 +229,8 @@ class ActQuantizer(nn.Module):
                               f"{self.b0.numel() // (kh * kw) if self.borders != 'none' else 0} "
                               f"channels, got fusion_size={self.fusion_size} and {c} channels")
         b0, c1, c2 = self.coefficients()
+        if _lower_precision(vp.dtype, b0.dtype):   # a float16/bfloat16 model's input
+            vp = vp.to(b0.dtype)
         kk = kh * kw
         out = F.conv2d(vp, (c1 / kk).view(c, 1, kh, kw), b0.view(c, kk).mean(1), stride,
                        padding, dilation, c)
@@ -298,13 +300,24 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor, dim: int = -1, features: int | None = None,
                 use_border: bool = True, border: torch.Tensor | None = None) -> torch.Tensor:
-        """Fake-quantised ``x`` (same shape): ``s * clip(floor(x/s + 1 - B), qmin, qmax)``."""
+        """Fake-quantised ``x`` (same shape and dtype): ``s * clip(floor(x/s + 1 - B), qmin,
+        qmax)``.  A float16/bfloat16 ``x`` is rounded in the step's dtype (float32), where the
+        step and borders live, and the result is cast back."""
+        dtype = x.dtype
+        if _lower_precision(dtype, self.step.dtype):
+            x = x.to(self.step.dtype)
         q, s = self.codes(x, dim, features, use_border, border)
-        return q.mul_(s) if not q.requires_grad and not s.requires_grad else q * s
+        out = q.mul_(s) if not q.requires_grad and not s.requires_grad else q * s
+        return out.to(dtype)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, signed={bool(self.signed)}, borders={self.borders!r}, "
                 f"fusion_size={self.fusion_size}")
+
+
+def _lower_precision(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether ``dtype`` is a float16/bfloat16 beside the quantiser's float32 (or 64)."""
+    return dtype in (torch.float16, torch.bfloat16) and than in (torch.float32, torch.float64)
 
 
 # ------------------------------------------------------------------------------ wrapped layer

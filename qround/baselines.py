@@ -32,7 +32,8 @@ from .calibrate import ForwardFn, default_forward
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, GridSpec, fit_grid
 from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match,
-                       _conv1d_selection, _own_rng, _select, _stream, _trace, check_group_sizes)
+                       _conv1d_selection, _own_rng, _select, _stream, _trace, check_group_sizes,
+                       same_passes)
 from .problems.layers import layer_weight, linearize_conv1d, restore_conv1d
 from .solvers.gptq import inverse_cholesky
 from .writeback import QuantizedWeight, apply_to_layer
@@ -210,6 +211,7 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
     start = time.perf_counter()
     forward = forward or default_forward
     first_batch = _check_calibration(calibration)
+    calibration = same_passes(calibration)
     # the Conv1D layers the forward calls are rounded as Linear views of their weights
     convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward)
     qmodel, replaced = linearize_conv1d(copy_module(model), share=True, names=convert)

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -112,7 +112,6 @@ class BenchConfig:
     device: str = "cpu"             # where the torch solvers run (cem, hopfield, gptq)
     seed: int = 0
     gptq_reference: bool = True  # time and cost of unrestricted GPTQ (qround.baselines)
-    skipped: list = field(default_factory=list)
 
 
 def load_layers(cfg: BenchConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -268,6 +267,7 @@ def _run(cfg, progress, tqdm):
     resolve_device(cfg.device)  # a device that is not there stops the run, not each solver
     check_solvers(cfg)
     extra = extra_solvers()
+    skipped: list[dict] = []   # this run's, in its result
 
     def build(specs):
         out = {}
@@ -276,7 +276,7 @@ def _run(cfg, progress, tqdm):
                 out[spec] = place(extra[spec] if spec in extra else get_solver(spec),
                                   cfg.device)
             except QroundError as exc:
-                cfg.skipped.append({"solver": spec, "reason": str(exc)})
+                skipped.append({"solver": spec, "reason": str(exc)})
                 log.warning("skipping %s: %s", spec, exc)
         return out
 
@@ -311,32 +311,32 @@ def _run(cfg, progress, tqdm):
         for label, solver in ours.items():
             full, err = _solve(solver, problem, cfg.seed)
             if err:
-                cfg.skipped.append({"layer": name, "bits": bits, "solver": label, "reason": err})
+                skipped.append({"layer": name, "bits": bits, "solver": label, "reason": err})
                 continue
             part, _ = _solve(solver, sub, cfg.seed)
             part_slow, _ = _solve(solver, slow_sub, cfg.seed)
             results[label] = dict(full=full, sub=part, slow=part_slow, kind="ours")
         if cfg.gptq_reference and isinstance(ref_h, str):
-            cfg.skipped.append({"layer": name, "bits": bits, "solver": "gptq-reference",
+            skipped.append({"layer": name, "bits": bits, "solver": "gptq-reference",
                                 "reason": ref_h})
         elif cfg.gptq_reference:
             rows.append(_gptq_reference_row(name, bits, problem, w, ref_h))
         for label, solver in refs.items():
             slow = label.startswith("neal-")
             if slow and n > cfg.slow_ref_max_inputs:
-                cfg.skipped.append({"layer": name, "bits": bits, "solver": label,
+                skipped.append({"layer": name, "bits": bits, "solver": label,
                                     "reason": f"n={n} > {cfg.slow_ref_max_inputs} (too slow)"})
                 continue
             part, err = _solve(solver, slow_sub if slow else sub, cfg.seed)
             if err:
-                cfg.skipped.append({"layer": name, "bits": bits, "solver": label, "reason": err})
+                skipped.append({"layer": name, "bits": bits, "solver": label, "reason": err})
                 continue
             results[label] = dict(full=None, sub=None if slow else part,
                                   slow=part if slow else None, kind=kinds[label])
         rows += _layer_rows(name, bits, (m, n), results, cfg)
         exact_rows += _exact_gaps(name, problem, {**ours, **refs}, cfg)
-    return {"config": {k: v for k, v in vars(cfg).items() if k != "skipped"},
-            "rows": rows, "exact": exact_rows, "skipped": cfg.skipped, "load_seconds": load_s}
+    return {"config": dict(vars(cfg)),
+            "rows": rows, "exact": exact_rows, "skipped": skipped, "load_seconds": load_s}
 
 
 def direct_cost(problem: RoundingProblem, weight, hessian, codes) -> float:

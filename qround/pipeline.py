@@ -239,6 +239,10 @@ class QuantConfig:
             object.__setattr__(self, "device", str(torch.device(
                 f"cuda:{self.device}" if isinstance(self.device, int) else self.device)))
         self._check_activation_stage()
+        if self.reconstruction is not None and self.reconstruction.seed is None:
+            # one seed for the whole run: reconstruction's draws follow it too
+            object.__setattr__(self, "reconstruction", dataclasses.replace(
+                self.reconstruction, seed=int(self.seed)))
         try:
             get_solver(self.solver)
         except TypeError as exc:
@@ -439,6 +443,7 @@ class _Layer:
     leader: str          # the layer whose capture (same input tensor, same geometry) it shares
     calls: int           # forward calls per batch, from the order pass
     group: int
+    unbatched: bool = False   # its first input had no batch axis (1-D, or 3-D into a conv)
 
 
 def _base(m: nn.Module) -> type:
@@ -544,9 +549,26 @@ def _untie(model: nn.Module, chosen: list[str], skipped: dict[str, str]) -> list
     and not at all when a module left in float holds it too.  The others go to ``skipped``."""
     modules = dict(model.named_modules())
     holders: dict[int, list[str]] = {}
+    storages: dict[int, dict[int, str]] = {}   # memory -> {parameter: a module holding it}
     for name, m in modules.items():
-        for p in m.parameters(recurse=False):
+        for key, p in m._parameters.items():
+            if p is None:
+                continue
             holders.setdefault(id(p), []).append(name)
+            if p.device.type != "meta":
+                storages.setdefault(p.untyped_storage().data_ptr(), {}).setdefault(
+                    id(p), f"{name}.{key}" if name else key)
+    for name in chosen:
+        weight = modules[name].weight
+        if weight.device.type == "meta":
+            continue
+        sharing = storages.get(weight.untyped_storage().data_ptr(), {})
+        other = next((n for i, n in sharing.items() if i != id(weight)), None)
+        if other is not None:
+            raise QroundError(f"the weight of layer {name!r} shares its memory with {other!r}, "
+                              "another Parameter (tied through .data): a copy of the model "
+                              "would untie them, and writing both would overwrite one; tie "
+                              "them as one Parameter (b.weight = a.weight), or clone one")
     keep, owner = [], {}
     chosen_set = set(chosen)
     for name in chosen:
@@ -576,6 +598,7 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> lis
     calls: dict[str, int] = {}
     owner: dict[str, str | None] = {}
     inputs: list[tuple[weakref.ref, int, str]] = []  # weak refs: nothing is kept alive
+    unbatched: set[str] = set()
 
     def hook(name, module, args, out):
         calls[name] = calls.get(name, 0) + 1
@@ -583,6 +606,8 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> lis
             return
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         owner[name] = None
+        if x is not None and x.dim() == (1 if isinstance(module, nn.Linear) else 3):
+            unbatched.add(name)
         if x is not None:
             for ref, version, other in inputs:
                 if ref() is x and x._version == version:
@@ -596,7 +621,7 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> lis
     plan: dict[str, _Layer] = {}
     for name in owner:  # dicts keep insertion order: the order of first calls
         kind = "Linear" if isinstance(modules[name], nn.Linear) else "Conv2d"
-        layer = _Layer(name, kind, 0, name, calls[name], len(plan))
+        layer = _Layer(name, kind, 0, name, calls[name], len(plan), name in unbatched)
         first = owner[name]
         if first is not None and calls[name] == 1 and calls[first] == 1:
             layer.group = plan[first].group
@@ -981,6 +1006,33 @@ def _check_calibration(calibration) -> Any:
     return first
 
 
+class _SamePasses:
+    """A calibration that is not a list or tuple, read pass after pass: a full pass that yields
+    another number of batches than the first (a DataLoader over a one-shot stream yields none
+    the second time) is an error that says so, not a layer that "saw no inputs"."""
+
+    def __init__(self, calibration):
+        self.calibration, self.batches = calibration, None
+
+    def __iter__(self):
+        n = 0
+        for batch in self.calibration:
+            n += 1
+            yield batch
+        if self.batches is None:
+            self.batches = n
+        elif n != self.batches:
+            raise QroundError(f"calibration yielded {n} batches on this pass and "
+                              f"{self.batches} on the first: it is read once per capture "
+                              "pass and must yield the same batches each time (a list, or a "
+                              "DataLoader over a map-style dataset; not a one-shot stream)")
+
+
+def same_passes(calibration):
+    """``calibration`` itself when it is a list or tuple, else :class:`_SamePasses` over it."""
+    return calibration if isinstance(calibration, (list, tuple)) else _SamePasses(calibration)
+
+
 # ---------------------------------------------------------------------------------- pipeline
 def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig = QuantConfig(),
                    *, forward: ForwardFn | None = None,
@@ -997,8 +1049,9 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
 
     With the activation stage (``config.abits`` or ``config.reconstruction``), the returned
     model is a new module whose quantised layers are :class:`~qround.activations.
-    QuantizedLayer` wrappers (``inplace=True`` then quantises the given model's weights, and the
-    wrappers live in the returned model only); the report's costs are the solver's, and
+    QuantizedLayer` wrappers (``inplace=True`` then writes the final codes, after
+    reconstruction, into the given model's weights, and the wrappers live in the returned model
+    only); the report's costs are the solver's, and
     ``layers`` holds the final codes after reconstruction.
     """
     if not isinstance(model, nn.Module):
@@ -1011,10 +1064,10 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
 
 @contextmanager
 def _own_rng(config: QuantConfig, model: nn.Module, keep_buffers: bool = True):
-    """Random torch draws inside (a model's own forward that samples) come from torch's global
-    generators seeded with ``config.seed``, so a run depends on the seed, not on the caller's
-    state; the caller's torch (CPU and CUDA) states are restored afterwards, and numpy's and
-    ``random``'s too, should the forward draw from those.  With ``keep_buffers``, buffers of
+    """Random draws inside (a model's own forward that samples) come from torch's, numpy's and
+    ``random``'s global generators seeded with ``config.seed``, so a run depends on the seed,
+    not on the caller's state; the caller's states (torch CPU and CUDA, numpy, ``random``) are
+    restored afterwards.  With ``keep_buffers``, buffers of
     ``model`` that its forward writes (counters, observers) get their values back too."""
     import random
 
@@ -1032,6 +1085,8 @@ def _own_rng(config: QuantConfig, model: nn.Module, keep_buffers: bool = True):
     np_state, py_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=sorted(devices)):
         torch.default_generator.manual_seed(config.seed)
+        np.random.seed(config.seed % 2 ** 32)   # a forward drawing from these follows it too
+        random.seed(config.seed)
         for d in sorted(devices):
             torch.cuda.default_generators[d].manual_seed(config.seed)
         try:
@@ -1071,6 +1126,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     first_batch = _check_calibration(calibration)
     if config.activation_stage and isinstance(calibration, (list, tuple)):
         _check_no_empty_batch(calibration)
+    calibration = same_passes(calibration)
     if config.statistics == "fisher" and loss_fn is None:
         raise QroundError("statistics='fisher' needs loss_fn(output, batch) -> scalar loss")
     if loss_fn is not None and config.statistics != "fisher":
@@ -1115,6 +1171,11 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     if not plan:
         raise QroundError("none of the chosen layers is called by the forward on the first "
                           "calibration batch")
+    unbatched = next((x.name for x in plan if x.unbatched), None)
+    if config.reconstruction is not None and unbatched is not None:
+        raise QroundError(f"layer {unbatched!r} received an unbatched input (no batch axis): "
+                          "block reconstruction draws its mini-batches along the first axis; "
+                          "give calibration batches a leading batch axis (x.unsqueeze(0))")
     if config.reconstruction is not None and (len(plan) < len(names) or config.scheme
                                               or config.granularity != "layer"):
         # ...and again on the layers the forward calls (fewer units: k may not fit any more),
@@ -1177,6 +1238,10 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
                         "not lower their loss): %s; more iterations may help",
                         len(reverted), len(result.reconstruction.blocks),
                         ", ".join(reverted[:5]) + (" ..." if len(reverted) > 5 else ""))
+        if inplace:   # the given model holds the final codes too, and its own Conv1D layers
+            for name, qweight in result.layers.items():
+                apply_to_layer(q_modules[name], qweight, inplace=True)
+            restore_conv1d(qmodel, replaced)
     # the Conv1D layers back, holding their rounded weights (those an activation stage wrapped
     # stay the nn.Linear inside the wrapper)
     result.model = restore_conv1d(result.model, replaced)

@@ -24,7 +24,7 @@ capture stops with :class:`QroundError` when the bound is passed.  Capture passe
 block (an exception from a hook), so the rest of the model does not run.
 
 Randomness (mini-batch choice, QDrop masks) comes from one local ``torch.Generator`` seeded with
-``config.seed``; the global RNG is never touched, and a run is reproducible for a seed.
+``config.seed`` (``QuantConfig.seed`` when it is None, as by default); the global RNG is never touched, and a run is reproducible for a seed.
 
 Units of several modules (MRECG's joint reconstruction, :mod:`qround.granularity`).  A
 :class:`Unit` is a run of modules that are consecutive in forward order, e.g. ``("block1",
@@ -72,7 +72,9 @@ class ReconstructConfig:
     without it.  qdrop: probability of keeping a float activation while training (0 = off).
     train_*: which parameter kinds are trained.  cache_mb: bound on one block's cached data.
     capture_cache_mb: bound per model on the recorded outputs of finished modules replayed in
-    the capture passes (:mod:`qround.prefix_cache`; 0 runs every capture pass whole)."""
+    the capture passes (:mod:`qround.prefix_cache`; 0 runs every capture pass whole).  seed: of
+    the mini-batch and QDrop draws; None takes ``QuantConfig.seed`` inside ``quantize_model``,
+    and 0 when :func:`reconstruct` is called directly."""
 
     iterations: int = 500
     batch_size: int = 32
@@ -87,12 +89,14 @@ class ReconstructConfig:
     train_steps: bool = True
     train_borders: bool = True
     cache_mb: float = 1024.0
-    seed: int = 0
+    seed: int | None = None
     capture_cache_mb: float = 1024.0
 
     def __post_init__(self):
         for name in ("iterations", "batch_size", "seed"):
             v = getattr(self, name)
+            if name == "seed" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1) \
                     or (name == "seed" and v > MAX_SEED):
                 raise QroundError(f"ReconstructConfig.{name} must be an integer >= "
@@ -377,7 +381,7 @@ class _BlockData:
                      for a, k in inputs)
         # rows are drawn along dim 0 of input and target together: only where it is the same
         # samples axis in both (a block that flattens tokens, (N, T, F) -> (N*T, C), is not)
-        aligned = simple and all(a[0].shape[0] == t.shape[0]
+        aligned = simple and all(a[0].dim() >= 2 and t.dim() >= 2 and a[0].shape[0] == t.shape[0]
                                  for (a, _), t in zip(inputs, targets))
         if aligned and len({a[0].shape[1:] for a, _ in inputs}) == 1 \
                 and len({t.shape[1:] for t in targets}) == 1:
@@ -785,7 +789,7 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
     forward = forward or default_forward
     model = quant_model if inplace else copy.deepcopy(quant_model)
     qnamed, fnamed = dict(model.named_modules()), dict(float_model.named_modules())
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(0 if config.seed is None else config.seed)
     reports: list[BlockReport] = []
     with eval_mode(model), eval_mode(float_model):
         for m in quantized_layers(model).values():

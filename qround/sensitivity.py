@@ -278,8 +278,13 @@ def _token_mask(batch) -> torch.Tensor | None:
 
 def _reseed(model: nn.Module, seed: int) -> None:
     """Seed torch's generators of the CPU and of the model's CUDA devices (all forked by
-    ``_own_rng``): a forward that draws random numbers draws the same in every pass."""
+    ``_own_rng``), and numpy's and ``random``'s global ones (restored by ``_own_rng`` too): a
+    forward that draws random numbers draws the same in every pass."""
+    import random
+
     torch.default_generator.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
     for d in {p.device.index for p in model.parameters() if p.device.type == "cuda"}:
         torch.cuda.default_generators[d or 0].manual_seed(seed)
 

@@ -240,3 +240,71 @@ def test_a_transformer_encoder_layer_calls_its_wrapped_linears():
     config = QuantConfig(wbits=4, abits=2, solver="greedy", progress=False,
                          reconstruction=ReconstructConfig(iterations=3, batch_size=4))
     quantize_model(model, cal, config)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+# settings under which reconstruction moves some of the solver's codes of these tiny models
+STRONG = ReconstructConfig(iterations=1000, lr_rounding=0.1, warmup=0.0)
+
+
+def _tied_and_data():
+    torch.manual_seed(0)
+    return _Tied(), [torch.randn(64, 16) for _ in range(2)]
+
+
+def test_a_layer_tied_to_a_reconstructed_one_uses_its_final_codes(tmp_path):
+    model, data = _tied_and_data()
+    config = QuantConfig(wbits=2, abits=8, solver="greedy", progress=False, inputs="float",
+                         reconstruction=STRONG)
+    start = quantize_model(model, data, QuantConfig(wbits=2, solver="greedy", progress=False,
+                                                    inputs="float"))
+    qm = quantize_model(model, data, config)
+    assert "b" in qm.skipped
+    final = torch.as_tensor(qm.layers["a"].dequantized, dtype=torch.float32)
+    assert not torch.equal(final, torch.as_tensor(start.layers["a"].dequantized,
+                                                  dtype=torch.float32))  # codes moved
+    torch.testing.assert_close(qm.model.b.weight, final)                 # b uses them too
+    qm.save(tmp_path / "tied.safetensors")
+    loaded = export.load(model, tmp_path / "tied.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data[0]), qm.model(data[0]))
+
+
+def test_inplace_with_reconstruction_leaves_the_final_codes_in_the_given_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    data = [torch.randn(64, 16) for _ in range(2)]
+    start = quantize_model(model, data, QuantConfig(wbits=2, solver="greedy", progress=False,
+                                                    inputs="float"))
+    qm = quantize_model(model, data, QuantConfig(wbits=2, abits=8, solver="greedy",
+                                                 progress=False, inputs="float",
+                                                 reconstruction=STRONG), inplace=True)
+    assert any(not np.array_equal(qm.layers[n].codes, start.layers[n].codes) for n in ("0", "2"))
+    for name in ("0", "2"):
+        torch.testing.assert_close(model[int(name)].weight.double(),
+                                   torch.as_tensor(qm.layers[name].dequantized),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_quantconfig_seed_drives_reconstruction_unless_it_has_its_own():
+    rec = ReconstructConfig(iterations=20, batch_size=8, qdrop=0.5)
+    assert rec.seed is None
+    assert QuantConfig(**BASE, abits=4, seed=3, reconstruction=rec).reconstruction.seed == 3
+    own = dataclasses.replace(rec, seed=7)
+    assert QuantConfig(**BASE, abits=4, seed=3, reconstruction=own).reconstruction.seed == 7
+
+    def run(seed):
+        qm = quantize_model(TinyResNet(), BATCHES, QuantConfig(**BASE, abits=4, seed=seed,
+                                                               reconstruction=rec))
+        return [float(m.act.step.detach()) for m in quantized_layers(qm.model).values()]
+
+    assert run(0) == run(0) and run(0) != run(1)   # the mini-batch and QDrop draws follow it

@@ -90,6 +90,16 @@ def test_bench_on_layer_files_measures_each_file_at_its_own_grid(layer_files):
     assert {r["layer"] for r in result["exact"]} == set(labels)
 
 
+def test_each_run_reports_its_own_skips_and_leaves_the_config_alone(layer_files):
+    cfg = BenchConfig(layer_files=(str(layer_files[2]),), minilm_layers=(), cnn_layers=0,
+                      solvers=("nearest",), subset_solvers=(), references=())
+    before = dict(vars(cfg))
+    first = run(cfg, progress=False)
+    second = run(cfg, progress=False)
+    assert len(first["skipped"]) == len(second["skipped"]) == 1   # gptq-reference, per channel H
+    assert first["skipped"] is not second["skipped"] and dict(vars(cfg)) == before
+
+
 def test_bench_on_layer_files_at_other_widths(layer_files):
     result = run(_quick(layer_files[1:2], bits=(2, 4)), progress=False)
     assert sorted({r["bits"] for r in result["rows"]}) == [2, 4]

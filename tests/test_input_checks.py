@@ -45,6 +45,37 @@ def test_half_precision_models_reload(dtype, tmp_path):
     assert model[0].weight.dtype == dtype  # the float model is untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("conv", [False, True])
+def test_half_precision_models_take_borders_and_reconstruction(dtype, conv, tmp_path):
+    """The quantisers' step and borders stay float32: a float16/bfloat16 input is rounded there
+    and cast back (mat1/mat2 and conv bias dtype errors before)."""
+    g = torch.Generator().manual_seed(0)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3))
+        x = torch.randn(8, 3, 6, 6, generator=g)
+    else:
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        x = torch.randn(32, 8, generator=g)
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.5
+    cfg = QuantConfig(wbits=4, abits=4, borders="linear", solver="greedy", progress=False,
+                      reconstruction=ReconstructConfig(iterations=5))
+    with torch.no_grad():
+        reference = quantize_model(model, [x], cfg).model(x)
+        half = model.to(dtype)
+        q = quantize_model(half, [x.to(dtype)], cfg)
+        out = q.model(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    # the same rounding up to the half-precision inputs and products: close to float32's run
+    scale = float(reference.abs().max())
+    assert float((out.float() - reference).abs().max()) < 0.15 * scale
+    q.save(tmp_path / "h.safetensors")
+    loaded = export.load(half, tmp_path / "h.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(x.to(dtype)), out)
+
+
 def test_config_numpy_scalars_become_python_ones_and_save(tmp_path):
     model = nn.Sequential(nn.Linear(16, 8))
     cfg = QuantConfig(wbits=np.int64(3), seed=np.int64(2), refits=np.int64(1),
@@ -568,3 +599,82 @@ def test_an_empty_batch_is_refused_before_the_activation_stage(monkeypatch):
                   (torch.empty(0, 3), torch.ones(0))):
         assert pipeline._samples(batch) == 0
     assert pipeline._samples({"x": torch.ones(2, 3)}) == 2 and pipeline._samples(1.0) is None
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_unbatched_samples_are_refused_by_reconstruction_before_any_work(conv, monkeypatch):
+    """Reconstruction drew its mini-batches along the first axis: of features or channels for
+    unbatched samples (a crash, or training on shuffled features)."""
+    import qround.pipeline
+
+    if conv:
+        model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+        calib = [torch.randn(4, 8, 8) for _ in range(3)]
+    else:
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        calib = [torch.randn(16) for _ in range(3)]
+    quantize_model(model, calib, QuantConfig(wbits=4, solver="greedy", progress=False))
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("a layer was solved")
+
+    monkeypatch.setattr(qround.pipeline, "_capture", no_solve)
+    with pytest.raises(QroundError, match="layer '0' received an unbatched input"):
+        quantize_model(model, calib, QuantConfig(wbits=4, abits=8, solver="greedy",
+                                                 progress=False,
+                                                 reconstruction=ReconstructConfig(iterations=5)))
+
+
+def test_block_data_draws_rows_only_along_a_batch_axis():
+    from qround.reconstruct import _BlockData
+
+    vectors = _BlockData([((torch.randn(8),), {}) for _ in range(3)],
+                         [torch.randn(8) for _ in range(3)])
+    assert vectors.x is None     # one sample per batch: whole batches are drawn
+    rows = _BlockData([((torch.randn(5, 8),), {}) for _ in range(3)],
+                      [torch.randn(5, 2) for _ in range(3)])
+    assert rows.x.shape == (15, 8) and rows.y.shape == (15, 2)
+
+
+def test_two_parameters_over_one_memory_are_refused():
+    """Tied through .data, not as one Parameter: a copy unties them, and writing both in place
+    kept only the second rounding."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = nn.Parameter(model[0].weight.data)
+    for inplace in (False, True):
+        with pytest.raises(QroundError, match="weight of layer '0' shares its memory with "
+                                              "'2.weight'"):
+            quantize_model(model, [torch.randn(4, 8)], QuantConfig(wbits=4, solver="greedy",
+                                                                   progress=False),
+                           inplace=inplace)
+    model[2].weight = model[0].weight       # one Parameter: rounded once
+    qm = quantize_model(model, [torch.randn(4, 8)], QuantConfig(wbits=4, solver="greedy",
+                                                                progress=False))
+    assert "2" in qm.skipped and qm.model[0].weight is qm.model[2].weight
+
+
+class _OneShot(torch.utils.data.IterableDataset):
+    """Re-iterable in form, one-shot in fact: __iter__ hands back one stored generator."""
+
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(0)
+        self.it = (torch.randn(8, generator=g) for _ in range(n))
+
+    def __iter__(self):
+        return self.it
+
+
+@pytest.mark.parametrize("entry", ["quantize_model", "gptq_model"])
+def test_a_stream_that_runs_dry_on_a_later_pass_is_named(entry):
+    from qround.baselines import gptq_model
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    run = quantize_model if entry == "quantize_model" else gptq_model
+    with pytest.raises(QroundError, match="calibration yielded 0 batches on this pass and 3 "
+                                          "on the first"):
+        run(model, DataLoader(_OneShot(64), batch_size=16),
+            QuantConfig(wbits=4, solver="greedy", progress=False))
+    # a DataLoader over a map-style dataset gives the same batches every pass
+    data = DataLoader(TensorDataset(torch.randn(64, 8)), batch_size=16)
+    run(model, data, QuantConfig(wbits=4, solver="greedy", progress=False),
+        forward=lambda m, b: m(b[0]))

@@ -1,6 +1,7 @@
 """Compiled parallel kernels keep working in a child process forked after the parent ran them
 (GNU OpenMP, numba's layer without TBB, terminates such a child: qround._parallel)."""
 import multiprocessing as mp
+import os
 
 import dimod
 import numpy as np
@@ -115,3 +116,28 @@ def test_kernels_pickle_as_themselves():
     for kernel in (_grid_kernel.mse_search, _kernels.tabu_kernel):
         assert pickle.loads(pickle.dumps(kernel)) is kernel
     assert _kernels.tabu_kernel.__module__ == "qround.solvers._kernels"
+
+
+_THREADS_KEPT = """
+import sys
+import numpy as np, torch
+torch.set_num_threads(1)            # before torch's own threads ever ran
+import qround.pipeline              # as a user of quantize_model does
+from qround.grid import GridSpec, fit_grid
+fit_grid(np.random.default_rng(0).standard_normal((8, 64)), GridSpec(bits=3))  # a first launch
+print(torch.get_num_threads())
+"""
+
+
+def test_the_first_parallel_launch_keeps_torchs_thread_count():
+    """numba's OpenMP pool sets the OpenMP runtime torch shares to NUMBA_NUM_THREADS: a caller's
+    torch.set_num_threads(1) became 2 after the first kernel (seen intermittently here: it
+    depends on when the runtime's threads start)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _THREADS_KEPT], timeout=300,
+                          capture_output=True, text=True,
+                          env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1"]

@@ -558,6 +558,42 @@ def test_global_rng_untouched_and_seeded():
     assert all(np.array_equal(a.layers[k].codes, b.layers[k].codes) for k in a.layers)
 
 
+class _NumpyNoise(nn.Module):
+    """A forward that draws from numpy's and random's global generators."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        import random
+
+        noise = torch.as_tensor(np.random.normal(size=x.shape) * random.random(), dtype=x.dtype)
+        return self.b(torch.relu(self.a(x + noise)))
+
+
+def test_a_forward_drawing_from_numpy_or_random_follows_config_seed():
+    import random
+
+    from qround.sensitivity import layer_sensitivity
+
+    model = _NumpyNoise()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 8, generator=g) for _ in range(2)]
+    config = QuantConfig(wbits=2, solver="greedy", progress=False, inputs="float")
+    results = []
+    for user_seed in (1, 2):
+        np.random.seed(user_seed)
+        random.seed(user_seed)
+        state = np.random.get_state()
+        qm = quantize_model(model, data, config)
+        sens = layer_sensitivity(model, data, config, bits=(2, 4))
+        assert np.array_equal(np.random.get_state()[1], state[1])   # the caller's, restored
+        results.append(([r.cost for r in qm.report], sens.as_dict()["layers"]))
+    assert results[0] == results[1]
+
+
 def test_inplace_quantises_the_given_model():
     model, data = build("branchy")
     ref = quantize_model(model, data, QuantConfig(**FAST))
