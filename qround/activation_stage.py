@@ -87,9 +87,10 @@ def load_weight_codes(layer: QuantizedLayer, qweight: QuantizedWeight, float_wei
     floor = torch.floor(ratio) + zero.repeat_interleave(reps, dim=1)
     codes = torch.tensor(qweight.codes, dtype=torch.float64)
     layer.w_qmin, layer.w_qmax, layer.w_group_size = qweight.qmin, qweight.qmax, qweight.group_size
-    layer.w_scale = scale.float().to(device)
-    layer.w_zero = zero.float().to(device)
-    layer.w_floor = floor.float().to(device)
+    dt = layer.w_scale.dtype   # float32, or float64 for a float64 layer
+    layer.w_scale = scale.to(dt).to(device)
+    layer.w_zero = zero.to(dt).to(device)
+    layer.w_floor = floor.to(dt).to(device)
     layer.w_codes = codes.to(torch.int32).to(device)
     if start == "solver":
         # A clipped weight keeps one code: its choice is whatever lies in [floor, floor + 1].

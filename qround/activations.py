@@ -398,12 +398,14 @@ class QuantizedLayer(nn.Module):
         frac = ratio - floor
         w_floor = floor + zero
         self.w_qmin, self.w_qmax, self.w_group_size = grid.qmin, grid.qmax, grid.group_size
-        # scale and zero point per (channel, group) as in qround.grid.Grid
-        self.register_buffer("w_scale", torch.as_tensor(grid.scale.copy(), dtype=torch.float32,
+        # scale and zero point per (channel, group) as in qround.grid.Grid; in float32, or in
+        # float64 for a float64 layer (whose weights would otherwise leave the solver's grid)
+        dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+        self.register_buffer("w_scale", torch.as_tensor(grid.scale.copy(), dtype=dt,
                                                         device=w.device))
-        self.register_buffer("w_zero", torch.as_tensor(grid.zero_point.copy(), dtype=torch.float32,
+        self.register_buffer("w_zero", torch.as_tensor(grid.zero_point.copy(), dtype=dt,
                                                        device=w.device))
-        self.register_buffer("w_floor", w_floor.float().to(w.device))
+        self.register_buffer("w_floor", w_floor.to(dt).to(w.device))
         rtn = (w_floor + (frac >= 0.5).double()).clamp(grid.qmin, grid.qmax)
         self.register_buffer("w_codes", rtn.to(torch.int32).to(w.device))
         self.w_round = nn.Parameter(inverse_rectified_sigmoid(frac.float()).to(w.device))

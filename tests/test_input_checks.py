@@ -678,3 +678,26 @@ def test_a_stream_that_runs_dry_on_a_later_pass_is_named(entry):
     data = DataLoader(TensorDataset(torch.randn(64, 8)), batch_size=16)
     run(model, data, QuantConfig(wbits=4, solver="greedy", progress=False),
         forward=lambda m, b: m(b[0]))
+
+
+def test_a_float64_model_keeps_float64_scales_through_the_activation_stage(tmp_path):
+    """The wrappers held float32 scales: a float64 model's weights left the solver's grid by
+    about 1e-8 relative, and its saved scales were float32's."""
+    from qround.activations import quantized_layers
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+    data = [torch.randn(32, 8, generator=g, dtype=torch.float64)]
+    weights_only = quantize_model(model, data, QuantConfig(wbits=4, solver="greedy",
+                                                           progress=False))
+    qm = quantize_model(model, data, QuantConfig(wbits=4, abits=8, solver="greedy",
+                                                 progress=False))
+    for name, layer in quantized_layers(qm.model).items():
+        assert layer.w_scale.dtype == torch.float64
+        assert np.array_equal(qm.layers[name].scale, weights_only.layers[name].scale)
+        assert torch.equal(layer.quantized_weight(), torch.as_tensor(
+            qm.layers[name].dequantized).reshape(layer.layer.weight.shape))
+    qm.save(tmp_path / "d.safetensors")
+    with torch.no_grad():
+        assert torch.equal(export.load(model, tmp_path / "d.safetensors")(data[0]),
+                           qm.model(data[0]))
