@@ -25,6 +25,7 @@ equals the float weight and the solver's rounding is discarded).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -129,10 +130,13 @@ def quantize_activations(result: "QuantizedModel", float_model: nn.Module, calib
                           config.weight_start)
     rec = selection = None
     if config.reconstruction is not None:
+        rec_config = config.reconstruction
+        if rec_config.seed is None:   # one seed for the whole run
+            rec_config = dataclasses.replace(rec_config, seed=int(config.seed))
         rec, selection = reconstruct_with_granularity(
             float_model, wrapped, calibration, config.granularity, k=_k(config),
             scheme=None if config.scheme is None else list(config.scheme),
-            config=config.reconstruction, forward=forward, inplace=True)
+            config=rec_config, forward=forward, inplace=True)
         wrapped = rec.model
     layers = quantized_layers(wrapped)
     with torch.no_grad():   # the wrapped layers' own weights are the final ones, so that a

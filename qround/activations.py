@@ -324,7 +324,9 @@ def _lower_precision(dtype: torch.dtype, than: torch.dtype) -> bool:
 class QuantizedLayer(nn.Module):
     """A Linear/Conv2d with a quantised input and a float, hard or soft-rounded weight.
 
-    module: the layer (kept as child ``layer``; its parameters are frozen, never modified).
+    module: the layer (kept as child ``layer``; its parameters are frozen: quantize_model's
+    activation stage writes the final quantised weight into it at the end, for layers tied
+    to it).
     abits: input bits or None (float input).  borders/fusion: see :class:`ActQuantizer`.
     weight: a :class:`GridSpec` for the weight grid (per output channel of
     ``weight.reshape(out, -1)``; "minmax" or "mse" scales), or None for float weights.

@@ -120,31 +120,37 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 @contextmanager
 def kept_buffers(model: nn.Module) -> Iterator[nn.Module]:
     """On exit, every buffer of ``model`` holds its value from entry again (the same tensor
-    object, refilled), and buffers registered meanwhile are gone: a forward that writes a buffer
-    (a counter, an observer's statistics, a cache) leaves no trace in a model qround only reads.
-    The buffers are cloned once on entry."""
+    object, refilled), and buffers registered meanwhile in its modules are gone: a forward that
+    writes a buffer (a counter, an observer's statistics, a cache) leaves no trace in a model
+    qround only reads.  Dense buffers are cloned once on entry, to the CPU; a sparse or meta
+    buffer gets only its tensor object back.  Modules the forward creates keep their buffers."""
     saved = []
     for m in model.modules():
         for key, t in m._buffers.items():
-            saved.append((m, key, t, None if t is None else t.detach().clone()))
-    keys = {id(m): set(m._buffers) for m in model.modules()}
+            dense = t is not None and t.layout == torch.strided and not t.is_meta
+            # on the CPU: a model's large buffers (a static cache) need no second copy on its GPU
+            saved.append((m, key, t, t.detach().to("cpu", copy=True) if dense else None))
+    # a TorchScript module's buffers are refilled in place only (its attributes are fixed)
+    keys = {id(m): (m, set(m._buffers.keys())) for m in model.modules()
+            if not isinstance(m, torch.jit.ScriptModule)}
     try:
         yield model
     finally:
         with torch.no_grad():
-            for m in model.modules():
-                for key in [k for k in m._buffers if k not in keys.get(id(m), ())]:
+            for m, had in keys.values():
+                for key in [k for k in m._buffers if k not in had]:
                     del m._buffers[key]
                     m._non_persistent_buffers_set.discard(key)
             for m, key, t, value in saved:
-                m._buffers[key] = t
-                if t is None:
+                if id(m) in keys:
+                    m._buffers[key] = t
+                if value is None:
                     continue
                 if t.shape == value.shape and t.dtype == value.dtype:
-                    if not torch.equal(t, value):
+                    if not torch.equal(t.detach().cpu(), value):
                         t.copy_(value)
                 else:
-                    t.data = value
+                    t.data = value.to(t.device)
 
 
 def select_layers(model: nn.Module, layers: LayerFilter = None,

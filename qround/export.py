@@ -139,8 +139,8 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
     out: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        if not isinstance(t, torch.Tensor):
-            continue   # extra state of a module (get_extra_state) is not a tensor
+        if not isinstance(t, torch.Tensor) or nn.parameter.is_lazy(t):
+            continue   # extra state (get_extra_state), or a lazy module's uninitialised tensor
         t = t.detach()
         head = ("" if name in params else "buffer ") + \
             f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"

@@ -120,7 +120,8 @@ def save_compressed_tensors(qmodel: "QuantizedModel", folder: str | os.PathLike,
     One config group per (bits, group size) among the quantised layers; with one group its
     target is ``"Linear"`` and every Linear left in float is listed under ``ignore`` (the form
     llm-compressor writes), else each group names its layers.  The folder must not exist: it is
-    written beside it and renamed into place, so a failure leaves nothing half-written.
+    written beside it and renamed into place, so a failure leaves nothing half-written (missing
+    parent folders are made first, and stay).
     ``max_shard_size`` goes to ``save_pretrained``.
     """
     why = compressed_tensors_refusals(qmodel)

@@ -51,9 +51,9 @@ from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
 from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
-from .problems.layers import (conv1d_refusals, is_hf_conv1d, layer_weight, linear_view,
-                              linearize_conv1d, problems_from_layer, restore_conv1d,
-                              weight_not_writable)
+from .problems.layers import (conv1d_refusals, conv1d_source, is_hf_conv1d, layer_weight,
+                              linear_view, linearize_conv1d, problems_from_layer,
+                              restore_conv1d, weight_not_writable)
 from .reconstruct import ReconstructConfig, ReconstructResult, _kv_cache
 from .report import format_table
 from .scales import solve_refitting
@@ -239,10 +239,6 @@ class QuantConfig:
             object.__setattr__(self, "device", str(torch.device(
                 f"cuda:{self.device}" if isinstance(self.device, int) else self.device)))
         self._check_activation_stage()
-        if self.reconstruction is not None and self.reconstruction.seed is None:
-            # one seed for the whole run: reconstruction's draws follow it too
-            object.__setattr__(self, "reconstruction", dataclasses.replace(
-                self.reconstruction, seed=int(self.seed)))
         try:
             get_solver(self.solver)
         except TypeError as exc:
@@ -443,7 +439,7 @@ class _Layer:
     leader: str          # the layer whose capture (same input tensor, same geometry) it shares
     calls: int           # forward calls per batch, from the order pass
     group: int
-    unbatched: bool = False   # its first input had no batch axis (1-D, or 3-D into a conv)
+    unbatched: bool = False   # a Conv2d whose first input had no batch axis (C, H, W)
 
 
 def _base(m: nn.Module) -> type:
@@ -549,30 +545,32 @@ def _untie(model: nn.Module, chosen: list[str], skipped: dict[str, str]) -> list
     and not at all when a module left in float holds it too.  The others go to ``skipped``."""
     modules = dict(model.named_modules())
     holders: dict[int, list[str]] = {}
-    storages: dict[int, dict[int, str]] = {}   # memory -> {parameter: a module holding it}
+    spans: dict[int, tuple[int, int, str]] = {}   # parameter -> its memory [start, end), a name
     for name, m in modules.items():
         for key, p in m._parameters.items():
             if p is None:
                 continue
+            p = conv1d_source(p)   # a Linear view's weight is its Conv1D's
             holders.setdefault(id(p), []).append(name)
-            if p.device.type != "meta":
-                storages.setdefault(p.untyped_storage().data_ptr(), {}).setdefault(
-                    id(p), f"{name}.{key}" if name else key)
+            span = _memory_span(p)
+            if span is not None:
+                spans.setdefault(id(p), (*span, f"{name}.{key}" if name else key))
     for name in chosen:
-        weight = modules[name].weight
-        if weight.device.type == "meta":
+        weight = conv1d_source(modules[name].weight)
+        mine = spans.get(id(weight))
+        if mine is None:
             continue
-        sharing = storages.get(weight.untyped_storage().data_ptr(), {})
-        other = next((n for i, n in sharing.items() if i != id(weight)), None)
+        other = next((n for i, (lo, hi, n) in spans.items()
+                      if i != id(weight) and lo < mine[1] and mine[0] < hi), None)
         if other is not None:
-            raise QroundError(f"the weight of layer {name!r} shares its memory with {other!r}, "
-                              "another Parameter (tied through .data): a copy of the model "
-                              "would untie them, and writing both would overwrite one; tie "
+            raise QroundError(f"the weight of layer {name!r} overlaps the memory of {other!r}, "
+                              "another Parameter (tied through .data): writing one would "
+                              "change the other, and a copy of the model may untie them; tie "
                               "them as one Parameter (b.weight = a.weight), or clone one")
     keep, owner = [], {}
     chosen_set = set(chosen)
     for name in chosen:
-        weight = modules[name].weight
+        weight = conv1d_source(modules[name].weight)
         others = [h for h in holders[id(weight)] if h != name]
         floats = [h for h in others if h not in chosen_set]
         if floats:
@@ -585,6 +583,16 @@ def _untie(model: nn.Module, chosen: list[str], skipped: dict[str, str]) -> list
             owner[id(weight)] = name
             keep.append(name)
     return keep
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int] | None:
+    """The bytes ``[start, end)`` a strided tensor's elements lie in; None for an empty, meta
+    or sparse one."""
+    if t.layout != torch.strided or t.is_meta or t.numel() == 0:
+        return None
+    start = t.data_ptr()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + extent * t.element_size()
 
 
 def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> list[_Layer]:
@@ -606,7 +614,7 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> lis
             return
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         owner[name] = None
-        if x is not None and x.dim() == (1 if isinstance(module, nn.Linear) else 3):
+        if x is not None and isinstance(module, nn.Conv2d) and x.dim() == 3:
             unbatched.add(name)
         if x is not None:
             for ref, version, other in inputs:
@@ -1134,6 +1142,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     # transformers' Conv1D layers (GPT-2) are rounded as the nn.Linear they equal: every check
     # and the float model's captures read a view with Linear layers over the same tensors
     target = model
+    source = fingerprint(target)   # before any forward (which may write buffers) or write
     convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward)
     model, _ = linear_view(model, names=convert)
     names, skipped = _select(model, config, float_conv1d=conv_skipped)
@@ -1154,7 +1163,6 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     solvers = _build_solvers(config)
     _check_no_kv_cache(model, config, first_batch, forward)
 
-    source = fingerprint(target)   # before anything is written, also in place
     float_model = copy_module(model) if inplace else model
     # the layers being rounded are Linear views of the Conv1D weights (written through), and
     # get their Conv1D back at the end
@@ -1173,9 +1181,10 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
                           "calibration batch")
     unbatched = next((x.name for x in plan if x.unbatched), None)
     if config.reconstruction is not None and unbatched is not None:
-        raise QroundError(f"layer {unbatched!r} received an unbatched input (no batch axis): "
-                          "block reconstruction draws its mini-batches along the first axis; "
-                          "give calibration batches a leading batch axis (x.unsqueeze(0))")
+        raise QroundError(f"conv layer {unbatched!r} received an unbatched (C, H, W) input: "
+                          "block reconstruction draws its mini-batches along the first axis, "
+                          "which would be channels; give the conv batched (N, C, H, W) inputs "
+                          "(e.g. calibration batches with a leading batch axis, x.unsqueeze(0))")
     if config.reconstruction is not None and (len(plan) < len(names) or config.scheme
                                               or config.granularity != "layer"):
         # ...and again on the layers the forward calls (fewer units: k may not fit any more),

@@ -24,7 +24,8 @@ capture stops with :class:`QroundError` when the bound is passed.  Capture passe
 block (an exception from a hook), so the rest of the model does not run.
 
 Randomness (mini-batch choice, QDrop masks) comes from one local ``torch.Generator`` seeded with
-``config.seed`` (``QuantConfig.seed`` when it is None, as by default); the global RNG is never touched, and a run is reproducible for a seed.
+``config.seed`` (when it is None, as by default: ``QuantConfig.seed`` in quantize_model, 0
+here); the global RNG is never touched, and a run is reproducible for a seed.
 
 Units of several modules (MRECG's joint reconstruction, :mod:`qround.granularity`).  A
 :class:`Unit` is a run of modules that are consecutive in forward order, e.g. ``("block1",
@@ -381,7 +382,9 @@ class _BlockData:
                      for a, k in inputs)
         # rows are drawn along dim 0 of input and target together: only where it is the same
         # samples axis in both (a block that flattens tokens, (N, T, F) -> (N*T, C), is not)
-        aligned = simple and all(a[0].dim() >= 2 and t.dim() >= 2 and a[0].shape[0] == t.shape[0]
+        # (a 1-D input is one sample: whole batches are drawn then)
+        aligned = simple and all(a[0].dim() >= 2 and t.dim() >= 1
+                                 and a[0].shape[0] == t.shape[0]
                                  for (a, _), t in zip(inputs, targets))
         if aligned and len({a[0].shape[1:] for a, _ in inputs}) == 1 \
                 and len({t.shape[1:] for t in targets}) == 1:

@@ -450,3 +450,38 @@ def test_kept_buffers_restores_values_objects_and_removes_new_buffers():
         mean.fill_(1.0)
         raise RuntimeError("boom")
     assert torch.equal(mean, torch.zeros(2))
+
+
+def test_kept_buffers_takes_sparse_buffers_and_modules_made_meanwhile():
+    from qround.calibrate import kept_buffers
+
+    m = nn.Sequential(nn.Linear(2, 2))
+    adjacency = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.ones(2), (2, 2),
+                                        check_invariants=True)
+    m[0].register_buffer("adj", adjacency)    # equal/clone of sparse tensors failed before
+    with kept_buffers(m):
+        m[0].adj = adjacency * 2
+        m.add_module("norm", nn.BatchNorm1d(2))   # built lazily by a first forward
+    assert m[0].adj is adjacency
+    assert "num_batches_tracked" in m.norm._buffers   # a new module keeps its own buffers
+
+
+class _Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.seen += 1
+        return x
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_kept_buffers_refills_a_scripted_modules_buffers():
+    from qround.calibrate import kept_buffers
+
+    m = nn.Sequential(torch.jit.script(_Counter()), nn.Linear(2, 2))
+    with kept_buffers(m):
+        m(torch.ones(1, 2))
+        assert int(m[0].seen) == 1
+    assert int(m[0].seen) == 0

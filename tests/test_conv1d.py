@@ -259,6 +259,17 @@ def test_aliased_and_tied_conv1d_layers_are_rounded_once():
     assert model.c.weight is model.b.weight and isinstance(model.alias, Conv1D)
 
 
+def test_a_conv1d_tied_to_an_excluded_one_stays_in_float():
+    """The Linear view of b has a Parameter of its own over b's memory: the tie to the excluded
+    c was once missed (c rounded silently), then taken for a .data tie and refused."""
+    model = TwoNames()
+    data = [torch.randn(16, 8) for _ in range(2)]
+    before = model.c.weight.detach().clone()
+    qm = quantize_model(model, data, QuantConfig(wbits=4, exclude="^c$", **FAST))
+    assert "stays in float" in qm.skipped["b"] and "b" not in qm.layers
+    assert torch.equal(qm.model.c.weight, before) and qm.model.b.weight is qm.model.c.weight
+
+
 class Special(Conv1D):
     def forward(self, x):
         return super().forward(x) * 2

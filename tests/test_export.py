@@ -375,14 +375,22 @@ class _Counting(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-@pytest.mark.parametrize("inputs", ["quantized", "float", "asymmetric"])
-def test_a_forward_writing_buffers_leaves_the_float_model_as_it_was(tmp_path, inputs):
+@pytest.mark.parametrize("inputs, reconstruction", [
+    ("quantized", False), ("float", False), ("asymmetric", False), ("float", True)])
+def test_a_forward_writing_buffers_leaves_the_float_model_as_it_was(tmp_path, inputs,
+                                                                    reconstruction):
+    from qround.reconstruct import ReconstructConfig
+
     g = torch.Generator().manual_seed(0)
     model = _Counting()
     data = [torch.randn(16, 8, generator=g) for _ in range(4)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    # block granularity runs a forward in its checks, before the solves: the model's
+    # fingerprint is taken before that one too
+    extra = dict(abits=8, granularity="block", reconstruction=ReconstructConfig(
+        iterations=2, batch_size=8)) if reconstruction else {}
     qm = quantize_model(model, data, QuantConfig(wbits=3, solver="nearest", progress=False,
-                                                 inputs=inputs))
+                                                 inputs=inputs, **extra))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     path = tmp_path / "counting.safetensors"
     qm.save(path)

@@ -601,28 +601,63 @@ def test_an_empty_batch_is_refused_before_the_activation_stage(monkeypatch):
     assert pipeline._samples({"x": torch.ones(2, 3)}) == 2 and pipeline._samples(1.0) is None
 
 
-@pytest.mark.parametrize("conv", [False, True])
-def test_unbatched_samples_are_refused_by_reconstruction_before_any_work(conv, monkeypatch):
-    """Reconstruction drew its mini-batches along the first axis: of features or channels for
-    unbatched samples (a crash, or training on shuffled features)."""
+def test_unbatched_conv_samples_are_refused_by_reconstruction_before_any_work(monkeypatch):
+    """Reconstruction drew its mini-batches along the first axis: of channels for unbatched
+    (C, H, W) samples (a crash, or training on shuffled channels)."""
     import qround.pipeline
 
-    if conv:
-        model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
-        calib = [torch.randn(4, 8, 8) for _ in range(3)]
-    else:
-        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-        calib = [torch.randn(16) for _ in range(3)]
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    calib = [torch.randn(4, 8, 8) for _ in range(3)]
     quantize_model(model, calib, QuantConfig(wbits=4, solver="greedy", progress=False))
 
     def no_solve(*args, **kwargs):
         raise AssertionError("a layer was solved")
 
     monkeypatch.setattr(qround.pipeline, "_capture", no_solve)
-    with pytest.raises(QroundError, match="layer '0' received an unbatched input"):
+    with pytest.raises(QroundError, match="conv layer '0' received an unbatched"):
         quantize_model(model, calib, QuantConfig(wbits=4, abits=8, solver="greedy",
                                                  progress=False,
                                                  reconstruction=ReconstructConfig(iterations=5)))
+
+
+class _LearnedQuery(nn.Module):
+    """Attention pooling with a learned query vector: q_proj reads a 1-D input in a batched
+    model."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(16))
+        self.q_proj, self.k_proj, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):                      # x: (B, T, 16)
+        weights = torch.softmax(self.k_proj(x) @ self.q_proj(self.query), dim=1)
+        return self.out((weights.unsqueeze(-1) * x).sum(1))
+
+
+def test_one_dimensional_linear_inputs_are_reconstructed_batch_by_batch(monkeypatch):
+    """A 1-D input (a learned query, or unbatched samples) is one sample: reconstruction draws
+    whole cached batches for it, not rows of its features."""
+    import qround.reconstruct
+
+    drawn = []
+    original = qround.reconstruct._BlockData.sample
+
+    def spy(self, gen, batch_size):
+        args, kwargs, target, mask = original(self, gen, batch_size)
+        drawn.append((self.x is None, tuple(args[0].shape)))
+        return args, kwargs, target, mask
+
+    monkeypatch.setattr(qround.reconstruct._BlockData, "sample", spy)
+    torch.manual_seed(0)
+    config = QuantConfig(wbits=4, abits=8, solver="greedy", progress=False, granularity="layer",
+                         reconstruction=ReconstructConfig(iterations=4, batch_size=2))
+    quantize_model(_LearnedQuery(), [torch.randn(8, 5, 16) for _ in range(2)], config)
+    assert (True, (16,)) in drawn                 # q_proj: whole batches of its one vector
+    assert (False, (2, 16)) in drawn              # out: rows of (B, 16)
+    drawn.clear()
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    quantize_model(model, [torch.randn(16) for _ in range(3)], config)   # unbatched samples
+    assert drawn and all(whole and shape == (16,) for whole, shape in drawn)
 
 
 def test_block_data_draws_rows_only_along_a_batch_axis():
@@ -634,6 +669,10 @@ def test_block_data_draws_rows_only_along_a_batch_axis():
     rows = _BlockData([((torch.randn(5, 8),), {}) for _ in range(3)],
                       [torch.randn(5, 2) for _ in range(3)])
     assert rows.x.shape == (15, 8) and rows.y.shape == (15, 2)
+    scalars = _BlockData([((torch.randn(5, 8),), {}) for _ in range(3)],   # a (N,) output
+                         [torch.randn(5) for _ in range(3)])
+    args, _, target, _ = scalars.sample(torch.Generator().manual_seed(0), 4)
+    assert args[0].shape == (4, 8) and target.shape == (4,)
 
 
 def test_two_parameters_over_one_memory_are_refused():
@@ -642,7 +681,7 @@ def test_two_parameters_over_one_memory_are_refused():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     model[2].weight = nn.Parameter(model[0].weight.data)
     for inplace in (False, True):
-        with pytest.raises(QroundError, match="weight of layer '0' shares its memory with "
+        with pytest.raises(QroundError, match="weight of layer '0' overlaps the memory of "
                                               "'2.weight'"):
             quantize_model(model, [torch.randn(4, 8)], QuantConfig(wbits=4, solver="greedy",
                                                                    progress=False),
@@ -651,6 +690,17 @@ def test_two_parameters_over_one_memory_are_refused():
     qm = quantize_model(model, [torch.randn(4, 8)], QuantConfig(wbits=4, solver="greedy",
                                                                 progress=False))
     assert "2" in qm.skipped and qm.model[0].weight is qm.model[2].weight
+    # disjoint slices of one tensor (torch's vector_to_parameters) are not tied
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    flat = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    vector_to_parameters(parameters_to_vector(flat.parameters()).clone(), flat.parameters())
+    qm = quantize_model(flat, [torch.randn(4, 8)], QuantConfig(wbits=4, solver="greedy",
+                                                               progress=False), inplace=True)
+    assert not qm.skipped
+    for name in ("0", "2"):
+        assert torch.equal(flat[int(name)].weight.detach(),
+                           torch.as_tensor(qm.layers[name].dequantized, dtype=torch.float32))
 
 
 class _OneShot(torch.utils.data.IterableDataset):

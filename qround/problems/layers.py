@@ -106,6 +106,8 @@ def _linear_from_conv1d(module, share: bool, made: dict):
         weight = w.detach().t() if share else w.detach().t().clone(
             memory_format=torch.contiguous_format)
         made[id(w)] = nn.Parameter(weight, requires_grad=w.requires_grad)
+        if share:   # a view: tied-weight checks see the Conv1D's own Parameter through it
+            made[id(w)]._qround_conv1d_source = w
     linear.weight = made[id(w)]
     if b is not None:
         if id(b) not in made:
@@ -190,6 +192,12 @@ def restore_conv1d(model, replaced: dict):
         parent = model.get_submodule(parent_name) if parent_name else model
         parent._modules[child] = conv
     return model
+
+
+def conv1d_source(param):
+    """The Conv1D weight Parameter that ``param`` (the weight of a Linear made by
+    :func:`linearize_conv1d` with ``share=True``) is a transposed view of, else ``param``."""
+    return getattr(param, "_qround_conv1d_source", param)
 
 
 def linear_view(model, names=None):
