@@ -13,12 +13,13 @@ def write_results(path: str, benchmark: str, header: str, args: argparse.Namespa
     without ``json``) and the torch / Python / machine it ran on."""
     import torch
 
-    from qround.report import write_json_atomic
+    from qround.report import environment, write_json_atomic
 
     write_json_atomic(path, {"benchmark": benchmark, "header": header,
                              "settings": {k: v for k, v in vars(args).items() if k != "json"},
                              "torch": torch.__version__, "python": platform.python_version(),
-                             "machine": platform.machine(), "rows": rows})
+                             "machine": platform.machine(), "environment": environment(),
+                             "rows": rows})
 
 
 def e2e_write(path: str | None, benchmark: str, header: str, notes: list[str], args,
@@ -31,13 +32,14 @@ def e2e_write(path: str | None, benchmark: str, header: str, notes: list[str], a
         return
     import torch
 
-    from qround.report import write_json_atomic
+    from qround.report import environment, write_json_atomic
 
     write_json_atomic(path, {"benchmark": benchmark, "header": header, "notes": notes, **extra,
                              "settings": {k: v for k, v in vars(args).items()
                                           if k not in ("json", "progress")},
                              "torch": torch.__version__, "python": platform.python_version(),
-                             "machine": platform.machine(), "rows": rows})
+                             "machine": platform.machine(), "environment": environment(),
+                             "rows": rows})
 
 
 def int_list(text: str, flag: str, parser, lo: int, hi: int | None = None) -> list[int]:

@@ -36,7 +36,7 @@ from .errors import QroundError
 from .grid import GridSpec
 from .problems.io import LayerStats, load_layer_stats
 from .problems.rounding import RoundingProblem
-from .report import format_table, require_pyplot, write_json_atomic
+from .report import environment, format_table, require_pyplot, write_json_atomic
 from .solvers import DimodSolver, Exact, get_solver, place
 from .solvers.base import warm_up_problem
 
@@ -335,7 +335,7 @@ def _run(cfg, progress, tqdm):
                                   slow=part if slow else None, kind=kinds[label])
         rows += _layer_rows(name, bits, (m, n), results, cfg)
         exact_rows += _exact_gaps(name, problem, {**ours, **refs}, cfg)
-    return {"config": dict(vars(cfg)),
+    return {"config": dict(vars(cfg)), "environment": environment(),
             "rows": rows, "exact": exact_rows, "skipped": skipped, "load_seconds": load_s}
 
 

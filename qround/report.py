@@ -119,6 +119,28 @@ def json_text(data, indent: int | None = None) -> str:
                       default=lambda v: _finite(_json_value(v)))
 
 
+def environment() -> dict[str, str | int | None]:
+    """What a benchmark ran on: the versions of Python and of the numerical libraries (tabu
+    and annealing costs can differ in the 4th decimal between numba/numpy versions), and the
+    machine.  Libraries not installed read None."""
+    import importlib.metadata
+    import platform
+
+    from . import __version__
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"qround": __version__, "python": platform.python_version(),
+            **{name: version(name) for name in ("numpy", "scipy", "torch", "numba", "dimod",
+                                                 "dwave-samplers")},
+            "machine": platform.machine(), "processor": platform.processor() or None,
+            "cpus": os.cpu_count()}
+
+
 def write_json_atomic(path: str | os.PathLike, data) -> None:
     """``data`` as indented strict JSON (:func:`json_text`), written atomically (see
     :func:`write_text_atomic`)."""

@@ -2,6 +2,7 @@
 benchmark on the user's layer statistics files measures what a direct solve gives."""
 import json
 
+import numba
 import numpy as np
 import pytest
 
@@ -98,6 +99,8 @@ def test_each_run_reports_its_own_skips_and_leaves_the_config_alone(layer_files)
     second = run(cfg, progress=False)
     assert len(first["skipped"]) == len(second["skipped"]) == 1   # gptq-reference, per channel H
     assert first["skipped"] is not second["skipped"] and dict(vars(cfg)) == before
+    env = first["environment"]       # what it ran on, for comparing runs across machines
+    assert env["numba"] == numba.__version__ and env["numpy"] == np.__version__
 
 
 def test_bench_on_layer_files_at_other_widths(layer_files):
