@@ -75,21 +75,24 @@ class GridDescent:
     """Result of :func:`grid_descent`: ``codes`` (m, n) int64 in ``[qmin, qmax]``, ``cost``
     (m,) absolute cost per channel, ``start_cost`` (m,), ``moves`` (m,) codes moved per channel
     (0 where the start was kept), ``beyond`` the number of codes that are neither the floor nor
-    the ceil of their weight."""
+    the ceil of their weight, ``stopped`` (m,) bool: channels that reached ``max_moves``, which
+    may not be at a local minimum yet."""
 
     codes: np.ndarray
     cost: np.ndarray
     start_cost: np.ndarray
     moves: np.ndarray
     beyond: int
+    stopped: np.ndarray
 
 
 def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) -> GridDescent:
     """Lower each channel's cost of ``codes`` (m, n) by single +-1 code moves on the whole grid.
 
-    max_moves: per channel (default ``50 n``, a safety bound: each move lowers the cost, so the
-    descent ends at a local minimum of single moves on its own; ``GridDescent.moves`` shows
-    how many it took).
+    max_moves: per channel (default ``(qmax - qmin) n``, enough to carry every code across the
+    whole grid; a safety bound: each move lowers the cost, so the descent ends at a local
+    minimum of single moves on its own unless it reaches the bound first, which
+    ``GridDescent.stopped`` reports; ``GridDescent.moves`` shows how many it took).
     """
     if not isinstance(problem, RoundingProblem):
         raise QroundError(f"problem must be a RoundingProblem, got {type(problem).__name__}")
@@ -106,7 +109,7 @@ def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) 
                           f"[{q0.min()}, {q0.max()}]")
     m, n = q0.shape
     if max_moves is None:
-        max_moves = 50 * n
+        max_moves = max(problem.qmax - problem.qmin, 1) * n
     if isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer)) \
             or max_moves < 0:
         raise QroundError(f"max_moves must be a non-negative integer, got {max_moves!r}")
@@ -125,6 +128,7 @@ def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) 
     q = q0.copy()
     moves = np.zeros(m, dtype=np.int64)
     _descent_kernel(hess, step, fields, q, problem.qmin, problem.qmax, int(max_moves), moves)
+    stopped = moves >= max_moves
     cost = problem.cost_of_codes(q)
     worse = cost > start_cost
     if worse.any():   # round-off only: keep the start there
@@ -134,4 +138,6 @@ def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) 
     b = q - problem.floor_codes
     beyond = int(np.sum((b != 0) & ~((b == 1) & problem.free)))
     q.flags.writeable = False
-    return GridDescent(codes=q, cost=cost, start_cost=start_cost, moves=moves, beyond=beyond)
+    stopped &= ~worse
+    return GridDescent(codes=q, cost=cost, start_cost=start_cost, moves=moves, beyond=beyond,
+                       stopped=stopped)

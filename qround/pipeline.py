@@ -899,6 +899,9 @@ def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
     for p, r in zip(problems, results):
         log.debug("%s: widened %.6g -> %.6g, %d codes beyond floor/ceil", p.name,
                   r.start_cost.sum(), r.cost.sum(), r.beyond)
+        if r.stopped.any():
+            log.warning("%s: widening stopped at its move bound in %d channels, before a local "
+                        "minimum", p.name, int(r.stopped.sum()))
     qweight = weight_from_codes(problems, [r.codes for r in results], module)
     return qweight, float(sum(r.cost.sum() for r in results)), rtn, seconds
 

@@ -84,6 +84,9 @@ def refit_scales(problem: RoundingProblem, codes, ridge: float = 1e-9) -> Grid:
         # a group whose best scale is not positive stays where it was; the others refit
         pin = np.where(bad, 1e12, pin)
     new = np.where(np.isfinite(new) & (new > 0), new, old)
+    # a channel whose cost does not depend on its scales (every code at the zero point, or no
+    # input energy) keeps them exactly: its subnormal ridge solve only lost bits
+    new = np.where((np.trace(mat, axis1=1, axis2=2) > 0)[:, None], new, old)
     # the joint fit with pinned groups is still a minimiser; keep the old scales of any channel
     # that rounding noise made worse
     s_new = np.repeat(new, gs, axis=1)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qround import QroundError
+from qround import GridSpec, QroundError, RoundingProblem
 from qround.lattice import grid_descent
 from qround.solvers import get_solver
 
@@ -96,6 +96,22 @@ def test_max_moves_caps_the_descent():
     full = grid_descent(p, q0)
     assert np.all(full.moves > 2) and full.cost.sum() < capped.cost.sum()
     assert np.all(grid_descent(p, q0, max_moves=0).codes == q0)
+    assert capped.stopped.all() and not full.stopped.any()
+
+
+def test_the_default_bound_reaches_a_local_minimum_from_far_away():
+    """At 8 bits the old default (50 n moves) stopped before a local minimum, silently."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(2, 4))
+    w[:, 0] = 3.0
+    p = RoundingProblem.from_weight(w, np.eye(4), GridSpec(bits=8, scale_method="minmax"))
+    r = grid_descent(p, np.full((2, 4), p.qmin))
+    assert not r.stopped.any() and np.all(r.moves > 200)
+    for j in range(4):                      # no single +-1 move lowers the cost
+        for d in (-1, 1):
+            q = r.codes.copy()
+            q[:, j] = np.clip(q[:, j] + d, p.qmin, p.qmax)
+            assert np.all(p.cost_of_codes(q) >= r.cost - 1e-12 * (1 + r.cost))
 
 
 @pytest.mark.parametrize("codes,match", [

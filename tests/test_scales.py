@@ -92,6 +92,9 @@ def test_refit_keeps_a_scale_it_cannot_see():
     codes[1, :4] = 0
     grid = refit_scales(p, codes)
     assert grid.scale[1, 0] == pytest.approx(p.grid.scale[1, 0], rel=1e-6)
+    codes[1] = 0                  # a whole channel at zero: its scales stay exactly
+    grid = refit_scales(p, codes)
+    assert np.array_equal(grid.scale[1], p.grid.scale[1])
 
 
 @pytest.mark.parametrize("kind", ["shared", "per-channel", "grouped", "asymmetric-grid"])

@@ -172,9 +172,12 @@ class GPTQ(Solver):
             if local:
                 target = weight[order, sl]
             else:
-                # asymmetric target r: grad = 2 (H u - r), so w* = H^-1 r = u - H^-1 grad / 2,
-                # with H^-1 = U^T U
-                target = low - 0.5 * (upper.T @ (upper @ grad[order, sl]))
+                # asymmetric target r: grad = 2 (H u - r).  The damped minimiser, as the local
+                # path's w is: w* = (H + lam I)^-1 (r + lam w) = u - (H + lam I)^-1 (grad / 2 -
+                # lam (w - u)), with (H + lam I)^-1 = U^T U.  (Damping towards u instead, as
+                # before, penalised every round-up: a dead input always rounded down.)
+                rhs = 0.5 * grad[order, sl] - lam * (weight[order, sl] - low)
+                target = low - upper.T @ (upper @ rhs)
             out[order, sl] = round_columns(target, low, step[order, sl], upper, self.block)
         return _torch.to_numpy_choices(out.T), {"damping": max(damping)}
 
