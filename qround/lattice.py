@@ -34,10 +34,11 @@ __all__ = ["GridDescent", "grid_descent"]
 
 
 @parallel_kernel
-def _descent_kernel(hess, step, fields, codes, qmin, qmax, max_moves, moves):
+def _descent_kernel(hess, step, fields, codes, qmin, qmax, max_moves, moves, stopped):
     """Steepest descent per channel: ``hess`` (k, n, n) with k == 1 (shared) or m;
     ``step`` (m, n) the scale of each weight; ``fields`` (m, n) ``H w_hat - r`` and ``codes``
-    (m, n) int64, both updated in place; ``moves`` (m,) receives the number of moves."""
+    (m, n) int64, both updated in place; ``moves`` (m,) receives the number of moves, and
+    ``stopped`` (m,) bool whether an improving move was left when ``max_moves`` was reached."""
     m, n = codes.shape
     shared = hess.shape[0] == 1
     for c in prange(m):
@@ -46,7 +47,7 @@ def _descent_kernel(hess, step, fields, codes, qmin, qmax, max_moves, moves):
         q = codes[c]
         s = step[c]
         count = 0
-        while count < max_moves:
+        while True:
             best = 0.0
             at = -1
             sign = 0
@@ -60,6 +61,9 @@ def _descent_kernel(hess, step, fields, codes, qmin, qmax, max_moves, moves):
                     best, at, sign = quad - lin, j, -1
             # a move must lower the cost by more than round-off in the fields
             if at < 0 or best > -1e-13 * (abs(f[at]) * s[at] + s[at] * s[at] * h[at, at]):
+                break
+            if count >= max_moves:
+                stopped[c] = True
                 break
             q[at] += sign
             d = sign * s[at]
@@ -75,8 +79,8 @@ class GridDescent:
     """Result of :func:`grid_descent`: ``codes`` (m, n) int64 in ``[qmin, qmax]``, ``cost``
     (m,) absolute cost per channel, ``start_cost`` (m,), ``moves`` (m,) codes moved per channel
     (0 where the start was kept), ``beyond`` the number of codes that are neither the floor nor
-    the ceil of their weight, ``stopped`` (m,) bool: channels that reached ``max_moves``, which
-    may not be at a local minimum yet."""
+    the ceil of their weight, ``stopped`` (m,) bool: channels that reached ``max_moves`` with
+    an improving move left (not at a local minimum yet)."""
 
     codes: np.ndarray
     cost: np.ndarray
@@ -89,10 +93,10 @@ class GridDescent:
 def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) -> GridDescent:
     """Lower each channel's cost of ``codes`` (m, n) by single +-1 code moves on the whole grid.
 
-    max_moves: per channel (default ``(qmax - qmin) n``, enough to carry every code across the
-    whole grid; a safety bound: each move lowers the cost, so the descent ends at a local
-    minimum of single moves on its own unless it reaches the bound first, which
-    ``GridDescent.stopped`` reports; ``GridDescent.moves`` shows how many it took).
+    max_moves: per channel (default ``max(50, qmax - qmin) n``; a safety bound: each move
+    lowers the cost, so the descent ends at a local minimum of single moves on its own unless
+    it reaches the bound with an improving move left, which ``GridDescent.stopped`` reports;
+    ``GridDescent.moves`` shows how many it took).
     """
     if not isinstance(problem, RoundingProblem):
         raise QroundError(f"problem must be a RoundingProblem, got {type(problem).__name__}")
@@ -109,7 +113,7 @@ def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) 
                           f"[{q0.min()}, {q0.max()}]")
     m, n = q0.shape
     if max_moves is None:
-        max_moves = max(problem.qmax - problem.qmin, 1) * n
+        max_moves = max(50, problem.qmax - problem.qmin) * n
     if isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer)) \
             or max_moves < 0:
         raise QroundError(f"max_moves must be a non-negative integer, got {max_moves!r}")
@@ -127,8 +131,9 @@ def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) 
     fields = np.ascontiguousarray(fields)
     q = q0.copy()
     moves = np.zeros(m, dtype=np.int64)
-    _descent_kernel(hess, step, fields, q, problem.qmin, problem.qmax, int(max_moves), moves)
-    stopped = moves >= max_moves
+    stopped = np.zeros(m, dtype=np.bool_)
+    _descent_kernel(hess, step, fields, q, problem.qmin, problem.qmax, int(max_moves), moves,
+                    stopped)
     cost = problem.cost_of_codes(q)
     worse = cost > start_cost
     if worse.any():   # round-off only: keep the start there

@@ -97,16 +97,22 @@ def test_max_moves_caps_the_descent():
     assert np.all(full.moves > 2) and full.cost.sum() < capped.cost.sum()
     assert np.all(grid_descent(p, q0, max_moves=0).codes == q0)
     assert capped.stopped.all() and not full.stopped.any()
+    # the last allowed move landing on the minimum is not "stopped"
+    exact = grid_descent(p, q0, max_moves=int(full.moves.max()))
+    assert np.array_equal(exact.codes, full.codes) and not exact.stopped.any()
+    assert not grid_descent(p, full.codes, max_moves=0).stopped.any()
 
 
-def test_the_default_bound_reaches_a_local_minimum_from_far_away():
-    """At 8 bits the old default (50 n moves) stopped before a local minimum, silently."""
+@pytest.mark.parametrize("bits", [2, 8])
+def test_the_default_bound_reaches_a_local_minimum_from_far_away(bits):
+    """At 8 bits the old default (50 n moves) stopped before a local minimum, silently; at 2
+    bits a bound of (qmax - qmin) n was too small."""
     rng = np.random.default_rng(0)
     w = rng.normal(size=(2, 4))
     w[:, 0] = 3.0
-    p = RoundingProblem.from_weight(w, np.eye(4), GridSpec(bits=8, scale_method="minmax"))
+    p = RoundingProblem.from_weight(w, np.eye(4), GridSpec(bits=bits, scale_method="minmax"))
     r = grid_descent(p, np.full((2, 4), p.qmin))
-    assert not r.stopped.any() and np.all(r.moves > 200)
+    assert not r.stopped.any() and np.all(r.moves > (200 if bits == 8 else 0))
     for j in range(4):                      # no single +-1 move lowers the cost
         for d in (-1, 1):
             q = r.codes.copy()

@@ -11,9 +11,10 @@ Here ``q_i`` is whichever of floor or ceil *of the original weight* on its grid 
 the current, error-updated ``w_i`` (a clipped weight keeps its single code), so the result is a
 choice ``b`` of the same QUBO every other solver reads, and a strong start for local search.
 
-The weights that the error feedback starts from are the minimiser of the channel's cost,
-``w* = H^-1 r``: the float weights for the local-MSE target (``r = H w``), and ``H^-1 C w`` for
-asymmetric reconstruction (found from the problem's ``grad = 2 (H u - r)`` with the damped H).
+The weights that the error feedback starts from are the minimiser of the channel's damped cost,
+``w* = (H + lambda I)^-1 (r + lambda w)``: the float weights for the local-MSE target
+(``r = H w``), and that solve for asymmetric reconstruction (``r = C w``, found from the
+problem's ``grad = 2 (H u - r)``); an input that is always zero keeps its float weight there.
 
 Cost: one Cholesky factorisation and a triangular inverse (O(n^3)), the columns after each
 block of 128 updated by one matrix product (O(m n^2), BLAS), and the columns inside a block one
@@ -172,11 +173,13 @@ class GPTQ(Solver):
             if local:
                 target = weight[order, sl]
             else:
-                # asymmetric target r: grad = 2 (H u - r).  The damped minimiser, as the local
-                # path's w is: w* = (H + lam I)^-1 (r + lam w) = u - (H + lam I)^-1 (grad / 2 -
-                # lam (w - u)), with (H + lam I)^-1 = U^T U.  (Damping towards u instead, as
-                # before, penalised every round-up: a dead input always rounded down.)
-                rhs = 0.5 * grad[order, sl] - lam * (weight[order, sl] - low)
+                # asymmetric target r: grad = 2 (H u - r).  U factors H' + lam I, where H' is H
+                # with a dead input's zero diagonal set to 1 (D).  The damped minimiser, as the
+                # local path's w is: w* = (H' + lam I)^-1 (r + (lam + D) w) = u - U^T U (grad / 2
+                # - (lam + D) (w - u)), so a dead input's target is its w.  (Damping towards u
+                # instead, as before, penalised every round-up: dead inputs always rounded down.)
+                pull = lam + (torch.diagonal(h) == 0).to(dtype)[:, None]
+                rhs = 0.5 * grad[order, sl] - pull * (weight[order, sl] - low)
                 target = low - upper.T @ (upper @ rhs)
             out[order, sl] = round_columns(target, low, step[order, sl], upper, self.block)
         return _torch.to_numpy_choices(out.T), {"damping": max(damping)}

@@ -124,14 +124,16 @@ def test_the_local_objective_written_asymmetrically_rounds_alike(act_order):
     more often than the same objective in its local form (18 % of the choices differed)."""
     rng = np.random.default_rng(3)
     x = rng.normal(size=(40, 32)) @ rng.normal(size=(32, 32))
+    x[:, 5] = 0                          # a dead input (always rounded down before)
     h = x.T @ x / 40
     w = rng.normal(size=(64, 32))
     grid = fit_grid(w, GridSpec(bits=3), hessian=h)
     local = RoundingProblem.from_weight(w, h, grid)
     # nearly the same objective, r = C w with C = H + 1e-5 noise (C = H exactly would take the
-    # local shortcut): a cost difference far below any rounding decision here
-    asym = RoundingProblem.from_weight(w, h, grid, cross=h + 1e-5 * rng.normal(size=h.shape),
-                                       float_hessian=h)
+    # local shortcut): choices first differ at about 1e-3 here, a margin of about 100x
+    noise = 1e-5 * rng.normal(size=h.shape)
+    noise[5] = noise[:, 5] = 0
+    asym = RoundingProblem.from_weight(w, h, grid, cross=h + noise, float_hessian=h)
     solver = GPTQ(act_order=act_order)
     a = solver._solve(local, local.rtn_choices(), None)[0]
     b = solver._solve(asym, asym.rtn_choices(), None)[0]
@@ -177,15 +179,18 @@ def reference_gptq(p: RoundingProblem, local: bool, act_order: bool = True, damp
         h = (p.hessian if p.shared_hessian else p.hessian[sl][0]).copy()
         order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
         h = h[np.ix_(order, order)]
-        h[np.diag(h) == 0, np.diag(h) == 0] = 1.0
+        dead = np.diag(h) == 0
+        h[dead, dead] = 1.0
         lam = damp * np.mean(np.diag(h))
         hinv = np.linalg.inv(h + lam * np.eye(len(h)))
         u_fac = np.linalg.cholesky(hinv).T
         lower, step = lower_all[sl][:, order], p.step[sl][:, order]
         weight = p.weight[sl][:, order]
-        # the damped minimiser (H + lam I)^-1 (r + lam w), as the local path's w
+        # the damped minimiser (H' + lam I)^-1 (r + (lam + D) w), as the local path's w (H':
+        # dead diagonal set to 1, D marks it)
+        pull = lam + dead
         w = (weight if local else
-             lower - (0.5 * p.grad[sl][:, order] - lam * (weight - lower)) @ hinv).copy()
+             lower - (0.5 * p.grad[sl][:, order] - pull * (weight - lower)) @ hinv).copy()
         for i in range(len(h)):
             up = (w[:, i] - lower[:, i] >= 0.5 * step[:, i]) & (step[:, i] > 0)
             err = (w[:, i] - lower[:, i] - step[:, i] * up) / u_fac[i, i]
