@@ -975,8 +975,11 @@ def cmd_evaluate(args) -> int:
     mean_bits = sum(b * count for b, count in sizes.values()) / weights if weights else 0.0
     metrics.update(file=str(args.quantized), wbits=int(meta["config"]["wbits"]),
                    mean_wbits=round(mean_bits, 3), solver=meta["solver"])
+    metrics.setdefault("abits", meta["config"].get("abits"))
     if args.json:
-        print(json_text(metrics))
+        from .report import environment
+
+        print(json_text({**metrics, "environment": environment()}))
     else:
         print(format_table([metrics]))
     return 0

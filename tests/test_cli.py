@@ -260,6 +260,7 @@ def test_quantize_and_evaluate_digits(tmp_path, capsys):
                  "--threads", "1"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["solver"] == "fast" and str(res["wbits"]) == "4"
+    assert res["abits"] is None and res["environment"]["torch"] == torch.__version__
     from qround.export import load_codes
     sizes = {name: qw.codes.size for name, qw in load_codes(out).items()}
     assert load_codes(out)["fc"].bits == 8 and 4 < res["mean_wbits"] < 8
