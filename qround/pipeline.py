@@ -129,7 +129,7 @@ def _check_overrides(config) -> tuple[tuple[str, dict], ...] | None:
                 raise QroundError(f"symmetric must be True or False, got {merged['symmetric']!r}")
             GridSpec(bits=merged["wbits"], symmetric=merged["symmetric"],
                      group_size=merged["group_size"], scale_method=merged["scale_method"])
-            check_real(merged["damp"], "damp", 0)
+            check_real(merged["damp"], "damp", 0, 1e6)
             if "solver" in options:
                 if not isinstance(options["solver"], (str, Solver)):
                     raise QroundError(f"solver must be a registry spec or a Solver, got "
@@ -222,7 +222,7 @@ class QuantConfig:
             raise QroundError("statistics='fisher' has no asymmetric objective (it would run the "
                               "'quantized' one while bias correction followed the asymmetric "
                               "error): use inputs='quantized' or 'float' with it")
-        check_real(self.damp, "damp", 0)
+        check_real(self.damp, "damp", 0, 1e6)
         check_real(self.correction, "correction", 0, 1)
         if self.correction != 1.0 and self.inputs != "asymmetric":
             raise QroundError("correction only applies with inputs='asymmetric' (it blends the "

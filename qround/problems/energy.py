@@ -25,6 +25,12 @@ def hessian_times(y, hessian):
     """``H y`` for every channel: y (..., m, n) -> (..., m, n)."""
     if hessian.ndim == 2:
         return y @ hessian  # H is symmetric, so y H == (H y)^T
+    if y.ndim > 2 and hasattr(y, "permute"):
+        # torch: one batched product per channel, (m, n, n) @ (m, n, L); a broadcast
+        # (m, n, n) @ (..., m, n, 1) would copy every channel's H once per leading index
+        m, n = y.shape[-2:]
+        flat = y.reshape(-1, m, n).permute(1, 2, 0)
+        return (hessian @ flat).permute(2, 0, 1).reshape(y.shape)
     return (hessian @ y[..., None])[..., 0]
 
 

@@ -111,7 +111,11 @@ def _float32_units(problem: RoundingProblem) -> tuple[float, float]:
     diag = np.abs(np.asarray(problem.hessian_diag, dtype=np.float64))
     curvature = step ** 2 * diag
     top_s, top_c = float(step.max(initial=0.0)), float(curvature.max(initial=0.0))
-    if (1e-15 < top_s < 1e15) and (top_c == 0 or 1e-30 < top_c < 1e30):
+    # H and g themselves must fit too: tiny steps beside a huge H give an ordinary s^2 H
+    top_h = float(np.abs(problem.hessian).max(initial=0.0))
+    top_g = float(np.abs(problem.grad).max(initial=0.0))
+    if (1e-15 < top_s < 1e15) and (top_c == 0 or 1e-30 < top_c < 1e30) \
+            and top_h < 1e30 and top_g < 1e30:
         return 1.0, 1.0
     a = float(2.0 ** np.round(np.log2(top_s))) if top_s > 0 else 1.0   # steps near 1
     e = float(2.0 ** np.round(np.log2(top_c))) if top_c > 0 else 1.0   # curvatures near 1
@@ -126,11 +130,21 @@ def to_torch(problem: RoundingProblem, device, dtype) -> TorchProblem:
                                device=device)
 
     a, e = _float32_units(problem) if dtype == torch.float32 else (1.0, 1.0)
-    return TorchProblem(step=t(problem.step, 1 / a), grad=t(problem.grad, a / e),
-                        frac=t(problem.frac),
-                        free=torch.as_tensor(np.array(problem.free), device=device),
-                        hessian=t(problem.hessian, a * a / e),
-                        hessian_diag=t(problem.hessian_diag, a * a / e))
+    out = TorchProblem(step=t(problem.step, 1 / a), grad=t(problem.grad, a / e),
+                       frac=t(problem.frac),
+                       free=torch.as_tensor(np.array(problem.free), device=device),
+                       hessian=t(problem.hessian, a * a / e),
+                       hessian_diag=t(problem.hessian_diag, a * a / e))
+    check_fits(dtype, out.step, out.grad, out.hessian)
+    return out
+
+
+def check_fits(dtype, *tensors) -> None:
+    """QroundError when a problem's tensors overflowed ``dtype`` (float32: values near 1e38),
+    instead of a solve that silently keeps its start."""
+    if dtype == torch.float32 and not all(bool(torch.isfinite(x).all()) for x in tensors):
+        raise QroundError("this problem's values (weights, steps or statistics) lie beyond "
+                          "float32's range; use dtype='float64'")
 
 
 def channel_chunks(m: int, per_channel: int, max_elements: int) -> list[slice]:

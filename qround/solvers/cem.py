@@ -23,7 +23,7 @@ from . import _torch
 from .base import Solver
 
 
-MAX_CHANNEL_BYTES = 8 * 2 ** 30   # one channel's batch of samples (with a per-channel H: x n)
+MAX_CHANNEL_BYTES = 8 * 2 ** 30   # one channel's peak: about 4 copies of its batch of samples
 
 
 class CrossEntropy(Solver):
@@ -70,17 +70,27 @@ class CrossEntropy(Solver):
         best = torch.as_tensor(start, dtype=dtype, device=dev)
         iters = np.zeros(problem.num_channels, dtype=np.int64)
         n = problem.num_inputs
-        # torch's broadcast matmul materialises a per-channel H once per sample
-        per_channel = (self.samples + 1) * n * (1 if problem.shared_hessian else n)
+        # (samples + 1) x n per channel: the samples, their fields H y (a per-channel H is
+        # applied by one batched product, not copied per sample) and temporaries, about 4x
+        per_channel = (self.samples + 1) * n
         budget = self.max_elements or (2 ** 27 if dev.type == "cuda" else 2 ** 24)
         # a channel above the budget still runs alone (a chunk of one), up to a hard ceiling
-        if per_channel * torch.finfo(dtype).bits // 8 > MAX_CHANNEL_BYTES:
+        peak = 4 * per_channel * torch.finfo(dtype).bits // 8
+        if peak > MAX_CHANNEL_BYTES:
             raise QroundError(
-                f"cem: one channel's {self.samples} samples take {per_channel} numbers "
-                f"({'(samples + 1) x n' if problem.shared_hessian else '(samples + 1) x n x n'}"
-                f" with n = {n}), above {MAX_CHANNEL_BYTES / 2 ** 30:.0f} GiB: lower samples")
+                f"cem: one channel's {self.samples} samples of n = {n} inputs need about "
+                f"{peak / 2 ** 30:.1f} GiB at their peak (4 x (samples + 1) x n numbers), "
+                f"above {MAX_CHANNEL_BYTES / 2 ** 30:.0f} GiB: lower samples")
         for sl in _torch.channel_chunks(problem.num_channels, per_channel, budget):
-            best[sl], iters[sl] = self._run(tp.channels(sl), best[sl], gen)
+            try:
+                best[sl], iters[sl] = self._run(tp.channels(sl), best[sl], gen)
+            except (RuntimeError, MemoryError) as exc:   # torch.OutOfMemoryError included
+                if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower() \
+                        and "out of memory" not in str(exc).lower():
+                    raise
+                raise QroundError(f"cem ran out of memory on {dev.type} with {self.samples} "
+                                  f"samples of n = {n} inputs per channel: lower samples or "
+                                  f"max_elements ({exc.__class__.__name__})") from exc
         return _torch.to_numpy_choices(best), {"iterations": int(iters.max(initial=0)),
                                               "mean_iterations": float(iters.mean())}
 

@@ -47,7 +47,7 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, retries: int = 4):
     diag = torch.diagonal(h)
     dead = diag == 0
     diag[dead] = 1.0  # an input that is always zero: its weight does not matter (as GPTQ)
-    base = float(diag.mean())
+    base = float(diag.double().mean())   # a float32 sum of large entries could overflow
     if not np.isfinite(base) or base <= 0:
         raise QroundError("hessian has a non-positive or non-finite mean diagonal; gptq needs "
                           "E[x x^T] of real calibration data")
@@ -139,7 +139,7 @@ class GPTQ(Solver):
     def __init__(self, act_order: bool = True, damp: float = 0.01, retries: int = 4,
                  block: int = 128, device="cpu", dtype=None):
         self.act_order = check_bool(act_order, "act_order")
-        self.damp = check_real(damp, "damp", 0)
+        self.damp = check_real(damp, "damp", 0, 1e6)   # relative to mean(diag H)
         self.retries = check_int(retries, "retries", 0, maximum=64)
         self.block = check_int(block, "block", 1)
         self.device, self.dtype = _torch.check_device_dtype(device, dtype)
@@ -158,6 +158,7 @@ class GPTQ(Solver):
             [t(h) for h in problem.hessian]
         local = self._is_local_mse(weight, lower, grad, hessians)
         weight, lower, grad = weight.to(dtype), lower.to(dtype), grad.to(dtype)
+        _torch.check_fits(dtype, weight, lower, grad, *(h.to(dtype) for h in hessians))
         out = torch.empty(weight.shape, dtype=dtype, device=dev)   # (n, m)
         groups = ([slice(None)] if problem.shared_hessian
                   else [slice(c, c + 1) for c in range(problem.num_channels)])

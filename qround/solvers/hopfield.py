@@ -228,8 +228,11 @@ class Relaxation(_GradientRounding):
             raise QroundError("reg_weighting must be 'curvature' or 'uniform', "
                               f"got {reg_weighting!r}")
         self.reg_weighting = reg_weighting
-        check_real(reg, "reg (lambda)", 0)
+        # bounded like lr: float32 state turns to NaN (kept start, silently) beyond these
+        check_real(reg, "reg (lambda)", 0, 1e6)
         beta = check_positive_pair(beta, "beta")
+        if max(beta) > 1e8:
+            raise QroundError(f"beta must lie in [1, 1e8], got {tuple(beta)!r}")
         if not beta[0] >= beta[1] >= 1:   # |x|^(beta - 1) is unbounded near x = 0 for beta < 1
             raise QroundError(f"beta anneals from start down to end, both >= 1: need "
                               f"start >= end >= 1, got {tuple(beta)!r}")

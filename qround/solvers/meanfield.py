@@ -65,6 +65,8 @@ class MeanField(Solver):
         self.iterations = check_int(iterations, "iterations", 1, maximum=_torch.MAX_STEPS)
         self.eval_every = check_int(eval_every, "eval_every", 1)
         b0, b1 = check_positive_pair(beta, "beta")
+        if not (1e-8 <= b0 and b1 <= 1e8):   # float32 rounds 1e-50 to 0; 0 * inf is NaN
+            raise QroundError(f"beta must lie in [1e-8, 1e8], got {beta!r}")
         if b0 > b1:
             raise QroundError(f"beta must grow: start <= end, got {beta!r}")
         self.beta = (b0, b1)

@@ -34,6 +34,23 @@ def test_float32_solvers_work_at_any_scale(spec):
         assert ratios[sc] == pytest.approx(ratios[1.0], rel=1e-3), ratios
 
 
+@pytest.mark.parametrize("spec", ["meanfield", "cem(dtype='float32')",
+                                  "hopfield(iterations=300, dtype='float32')"])
+def test_float32_solvers_rescale_a_huge_hessian_beside_tiny_steps(spec):
+    """Steps near 1e-13 beside H near 1e39: s^2 H is ordinary, but H overflowed float32 and
+    the solve silently kept RTN (ratio 1)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 32)) * 3e19
+    w = rng.normal(size=(8, 32)) * 1e-13
+    p = RoundingProblem.from_weight(w, x.T @ x / 128, GridSpec(bits=3))
+    f32 = get_solver(spec).solve(p, seed=0).ratio
+    f64 = get_solver(spec.replace("float32", "float64") if "float32" in spec
+                     else "meanfield(dtype='float64')").solve(p, seed=0).ratio
+    assert f32 < 0.95 and f32 == pytest.approx(f64, rel=1e-2)
+    with pytest.raises(QroundError, match="beyond float32's range; use dtype='float64'"):
+        get_solver("gptq(dtype='float32')").solve(p)   # gptq does not rescale: it says so
+
+
 def test_ratio_is_nan_when_costs_are_relative():
     """An asymmetric problem without float_hessian has costs up to a constant: a negative RTN
     total gives no ratio (NaN), while costs still compare."""
@@ -55,6 +72,11 @@ def test_a_registered_variant_names_its_unknown_option():
 
 
 @pytest.mark.parametrize("spec,message", [("hopfield(lr=1e308)", "lr must lie in"),
+                                          ("hopfield(reg=1e39)", r"reg \(lambda\) must lie in"),
+                                          ("hopfield(beta=(1e39, 2.0))", "beta must lie in"),
+                                          ("meanfield(beta=(1e-50, 1000.0))",
+                                           r"beta must lie in \[1e-8, 1e8\]"),
+                                          ("gptq(damp=1e308)", "damp must lie in"),
                                           ("hopfield-classic(temperature=(1e300, 1e-300))",
                                            r"temperature must lie in \[1e-8, 1e8\]")])
 def test_absurd_relaxation_options_are_refused(spec, message):

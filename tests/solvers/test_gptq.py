@@ -137,7 +137,7 @@ def test_the_local_objective_written_asymmetrically_rounds_alike(act_order):
     solver = GPTQ(act_order=act_order)
     a = solver._solve(local, local.rtn_choices(), None)[0]
     b = solver._solve(asym, asym.rtn_choices(), None)[0]
-    assert not solver._is_local_mse(*(torch.as_tensor(v.T) for v in (
+    assert not solver._is_local_mse(*(torch.tensor(v.T) for v in (
         asym.weight, asym.scale * (asym.floor_codes - asym.zero_point), asym.grad)),
         [torch.as_tensor(h)])
     np.testing.assert_array_equal(a, b)

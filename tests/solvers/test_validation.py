@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qround import QroundError, get_solver
+from qround import GridSpec, QroundError, RoundingProblem, get_solver
 from qround.errors import check_bool, check_int, check_real
 from qround.solvers import (GPTQ, Anneal, BestOf, Chain, CrossEntropy, DimodSolver, Exact,
                             HopfieldClassic, MeanField, QroundSampler, Relaxation, Stochastic, Tabu)
@@ -98,13 +98,33 @@ def test_cpu_device_spellings_still_work():
 def test_cem_runs_a_channel_above_its_budget_alone_and_refuses_absurd_batches(monkeypatch):
     from qround.solvers import cem
 
-    p = make_problem(m=3, n=16, seed=1, per_channel=True)   # 65 x 16 x 16 numbers a channel
+    p = make_problem(m=3, n=16, seed=1, per_channel=True)   # 65 x 16 numbers a channel
     small = CrossEntropy(samples=64, max_elements=100, iterations=5).solve(p, seed=0)
     large = CrossEntropy(samples=64, iterations=5).solve(p, seed=0)
     assert small.ratio <= 1.0 and large.ratio <= 1.0
-    monkeypatch.setattr(cem, "MAX_CHANNEL_BYTES", 10_000)
-    with pytest.raises(QroundError, match=r"\(samples \+ 1\) x n x n with n = 16"):
+    monkeypatch.setattr(cem, "MAX_CHANNEL_BYTES", 10_000)   # 4 x 65 x 16 x 8 bytes = 33280
+    with pytest.raises(QroundError, match=r"4 x \(samples \+ 1\) x n numbers"):
         CrossEntropy(samples=64).solve(p, seed=0)
+    monkeypatch.setattr(cem, "MAX_CHANNEL_BYTES", 40_000)
+    assert CrossEntropy(samples=64, iterations=2).solve(p, seed=0).ratio <= 1.0
+
+
+def test_cem_takes_a_per_channel_hessian_without_copying_it_per_sample():
+    """A per-channel H was counted (and, for chunks of two or more channels, copied) once per
+    sample: n = 3000 with 128 samples was refused at 8 GiB; it needs a few MB."""
+    import torch
+
+    from qround.problems import energy
+
+    rng = np.random.default_rng(0)
+    h = torch.as_tensor(rng.normal(size=(3, 5, 5)))
+    y = torch.as_tensor(rng.normal(size=(7, 3, 5)))
+    want = torch.einsum("mij,kmj->kmi", h, y)
+    torch.testing.assert_close(energy.hessian_times(y, h), want)
+    np.testing.assert_allclose(energy.hessian_times(y.numpy(), h.numpy()), want.numpy())
+    big = RoundingProblem.from_weight(rng.normal(size=(1, 3000)), np.eye(3000)[None],
+                                      GridSpec(bits=3))
+    assert CrossEntropy(iterations=1).solve(big, seed=0).ratio <= 1.0
 
 
 def test_anneal_refuses_a_schedule_too_large_to_hold():
