@@ -1034,9 +1034,10 @@ class _SamePasses:
             self.batches = n
         elif n != self.batches:
             raise QroundError(f"calibration yielded {n} batches on this pass and "
-                              f"{self.batches} on the first: it is read once per capture "
-                              "pass and must yield the same batches each time (a list, or a "
-                              "DataLoader over a map-style dataset; not a one-shot stream)")
+                              f"{self.batches} on the first full one: it is read once per "
+                              "capture pass and must yield the same batches each time (a list, "
+                              "or a DataLoader over a map-style dataset; a one-shot stream "
+                              "runs dry, after losing the batch first read to check it)")
 
 
 def same_passes(calibration):

@@ -721,7 +721,7 @@ def test_a_stream_that_runs_dry_on_a_later_pass_is_named(entry):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     run = quantize_model if entry == "quantize_model" else gptq_model
     with pytest.raises(QroundError, match="calibration yielded 0 batches on this pass and 3 "
-                                          "on the first"):
+                                          "on the first full one"):
         run(model, DataLoader(_OneShot(64), batch_size=16),
             QuantConfig(wbits=4, solver="greedy", progress=False))
     # a DataLoader over a map-style dataset gives the same batches every pass
