@@ -959,10 +959,14 @@ def cmd_evaluate(args) -> int:
         if saved_abits is not None and args.abits is not None:
             raise QroundError(f"{args.quantized} carries its own {saved_abits}-bit activation "
                               "quantisers: leave out --abits")
-        metrics = {"float_accuracy": digits_accuracy(model, data, abits=args.abits),
-                   "quantized_accuracy": digits_accuracy(quant, data, abits=args.abits),
-                   "abits": saved_abits if saved_abits is not None else args.abits,
-                   "model_seed": seed}
+        metrics = {"float_accuracy": digits_accuracy(model, data)}
+        if args.abits is not None:
+            # the same activation rounding on the float weights: what the weights alone cost
+            metrics["float_weights_abits_accuracy"] = digits_accuracy(model, data,
+                                                                      abits=args.abits)
+        metrics.update(quantized_accuracy=digits_accuracy(quant, data, abits=args.abits),
+                       abits=saved_abits if saved_abits is not None else args.abits,
+                       model_seed=seed)
     else:
         raise QroundError("evaluate knows the metrics of minilm, the digits models and "
                           "transformers checkpoint folders (with config.json); for your own "
@@ -1265,7 +1269,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-length", type=int_at_least(1), default=None, metavar="TOKENS",
                     help="a checkpoint folder: tokens per text, at most (default: 128, or the "
                          "model's positions if fewer)")
-    ev.add_argument("--abits", type=int, default=None, help="digits: activation bits (e.g. 8)")
+    ev.add_argument("--abits", type=int, default=None, help="digits: fake-quantise every layer's input to this many bits "
+                    "(min-max ranges on the calibration images) for the quantised model; "
+                    "float_accuracy stays the float model's, and "
+                    "float_weights_abits_accuracy is the float weights with these activations")
     ev.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=None,
                     help="digits: the float model's seed (default: the seed the file records, "
                          "which `qround quantize` also trained its float model with)")

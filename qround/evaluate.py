@@ -181,11 +181,12 @@ def digits_accuracy(model: nn.Module, data: Any, abits: int | None = None,
         if not isinstance(getattr(data, field, None), torch.Tensor):
             raise QroundError(f"data must be a qround.zoo.DigitsData (no tensor {field!r})")
     if abits is None:
-        return accuracy(model, data.test_images, data.test_labels)
+        return accuracy(model, data.test_images, data.test_labels, batch_size=batch_size)
     check_bits(abits, "abits")
-    device = next(model.parameters()).device
-    calib = [data.calib_images[i:i + batch_size].to(device)
+    p = next(model.parameters())
+    to = dict(device=p.device, dtype=p.dtype) if p.is_floating_point() else dict(device=p.device)
+    calib = [data.calib_images[i:i + batch_size].to(**to)
              for i in range(0, len(data.calib_images), batch_size)]
     ranges = input_ranges(model, calib)
     with fake_quantized_inputs(model, ranges, abits):
-        return accuracy(model, data.test_images, data.test_labels)
+        return accuracy(model, data.test_images, data.test_labels, batch_size=batch_size)

@@ -469,6 +469,15 @@ def test_evaluate_compares_with_the_float_model_the_file_came_from(tmp_path, cap
     res = json.loads(capsys.readouterr().out)
     assert res["model_seed"] == 3
     assert abs(res["quantized_accuracy"] - res["float_accuracy"]) <= 0.01  # 8 bits: ~float
+    assert "float_weights_abits_accuracy" not in res
+    # 2-bit activations: float_accuracy stays the float model's, the float weights with those
+    # activations are reported beside it
+    assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--abits", "2",
+                 "--json", "--threads", "1"]) == 0
+    low = json.loads(capsys.readouterr().out)
+    assert low["float_accuracy"] == res["float_accuracy"] and low["abits"] == 2
+    assert low["float_weights_abits_accuracy"] < res["float_accuracy"] - 0.005
+    assert abs(low["quantized_accuracy"] - low["float_weights_abits_accuracy"]) <= 0.02
     # another seed is another float model: refused, unless the user says so
     assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--seed", "0",
                  "--json", "--threads", "1"]) == 2

@@ -154,6 +154,16 @@ def test_digits_accuracy_with_8_bit_activations_is_close_to_float():
     with pytest.raises(QroundError, match="DigitsData"):
         digits_accuracy(model, object())
 
+    # batch_size splits the test images too, not only the calibration images
+    sizes: list[int] = []
+    handle = model.conv1.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+    try:
+        assert digits_accuracy(model, data, batch_size=100) == full
+    finally:
+        handle.remove()
+    n = len(data.test_labels)
+    assert sizes == [100] * (n // 100) + [n % 100]
+
 
 # ----------------------------------------------------------------------------- MiniLM
 @pytest.fixture(scope="module")

@@ -75,6 +75,23 @@ def test_perplexity_is_transformers_own_loss(gpt2_folder):
     assert perplexity(hf.model, hf.batches(texts)) == pytest.approx(ours, rel=1e-5)
 
 
+def test_metrics_run_without_dropout_and_keep_each_modules_mode(gpt2_folder):
+    """hf_metrics on a quantised copy left in train mode: dropout made its numbers random."""
+    from qround.zoo.hf import pooled
+    hf = load_hf(gpt2_folder)
+    batches = hf.batches(sentences("evaluation", n=6))
+    ref, ref_pooled = perplexity(hf.model, batches), pooled(hf.model.transformer, batches)
+    try:
+        hf.model.train()
+        hf.model.transformer.h[0].eval()
+        flags = {n: m.training for n, m in hf.model.named_modules()}
+        assert perplexity(hf.model, batches) == ref
+        assert torch.equal(pooled(hf.model.transformer, batches), ref_pooled)
+        assert {n: m.training for n, m in hf.model.named_modules()} == flags
+    finally:
+        hf.model.eval()
+
+
 def test_quantize_and_evaluate_a_gpt2_folder(gpt2_folder, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(sentences("calibration", n=40)) + "\n\n", encoding="utf-8")

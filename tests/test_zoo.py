@@ -29,7 +29,11 @@ def one_thread():
 def test_sentence_splits_are_disjoint_full_and_clean():
     calib, evaluation = sentences("calibration"), sentences("evaluation")
     assert len(calib) == 1000 and len(evaluation) == 2000
-    assert not set(calib) & set(evaluation)
+    # an uncased tokenizer (MiniLM's) sees no case or spacing: compare the text it sees
+    def seen(texts):
+        return {" ".join(t.lower().split()) for t in texts}
+    assert not seen(calib) & seen(evaluation)
+    assert len(seen(calib)) == len(calib) and len(seen(evaluation)) == len(evaluation)
     for s in calib + evaluation:
         assert isinstance(s, str) and s.strip() and not s.startswith("#")
 
@@ -195,6 +199,46 @@ def test_accuracy_checks_and_restores_mode(data):
         accuracy(model, data.test_images[0], data.test_labels[:1])
 
 
+def test_accuracy_keeps_each_modules_own_mode_and_takes_the_models_dtype(data):
+    """A submodule the user froze in eval stays so (model.train() after model.eval() set them
+    all); a float64 model gets float64 images, not a dtype error from deep inside torch."""
+    model = DigitsCNN(seed=0).train()
+    model.fc.eval()
+    flags = {n: m.training for n, m in model.named_modules()}
+    images, labels = data.test_images[:64], data.test_labels[:64]
+    acc = accuracy(model, images, labels)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    wide = DigitsCNN(seed=0).double()
+    assert abs(accuracy(wide, images, labels) - acc) <= 2 / 64
+
+
+def test_accuracy_refuses_non_finite_images_and_outputs(data):
+    model = DigitsCNN(seed=0)
+    images = data.test_images[:8].clone()
+    images[3, 0, 2, 2] = float("nan")
+    with pytest.raises(QroundError, match="NaN or Inf"):
+        accuracy(model, images, data.test_labels[:8])
+    with torch.no_grad():
+        model.fc.bias[0] = float("inf")
+    with pytest.raises(QroundError, match="outputs .* NaN or Inf"):
+        accuracy(model, data.test_images[:8], data.test_labels[:8])
+
+
+def test_cache_with_damaged_data_is_retrained_over(tmp_path, monkeypatch, caplog, sklearn):
+    """The header still reads, the tensors do not: the digest written with them says so."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    reference, _ = train_digits_cnn("plain", seed=0, epochs=1, cache=True)
+    [path] = (tmp_path / "qround" / "digits").iterdir()
+    raw = bytearray(path.read_bytes())
+    raw[-4096:] = b"\xff" * 4096
+    path.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="qround.zoo.digits"):
+        model, _ = train_digits_cnn("plain", seed=0, epochs=1, cache=True)
+    assert "digest" in caplog.text
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(),
+                                                   reference.state_dict().values()))
+
+
 # ----------------------------------------------------------------------------- MiniLM
 
 
@@ -263,6 +307,21 @@ def test_embed_matches_sentence_transformers_encode(minilm):
                              "Return the cosine of x (measured in radians).",
                              "Format a stack trace and the exception information."])
     assert a @ b > a @ c + 0.2
+
+
+@pytest.mark.integration
+def test_embed_keeps_each_modules_own_mode(minilm):
+    from qround.zoo import embed
+    texts = sentences("evaluation", 4)
+    reference = embed(minilm, texts)
+    try:
+        minilm.train()
+        minilm[0].auto_model.embeddings.eval()
+        flags = {n: m.training for n, m in minilm.named_modules()}
+        assert torch.equal(embed(minilm, texts), reference)   # no dropout
+        assert {n: m.training for n, m in minilm.named_modules()} == flags
+    finally:
+        minilm.eval()
 
 
 def test_digits_training_does_not_depend_on_the_callers_threads():

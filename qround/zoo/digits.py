@@ -9,6 +9,7 @@ under ``$XDG_CACHE_HOME/qround`` (default ``~/.cache/qround``).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -307,7 +308,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on images (N, C, H, W) with labels (N,), in [0, 1].
 
-    Runs in eval mode and puts the model back in the mode it was in."""
+    Runs in eval mode and puts every module back in the mode it was in."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise QroundError(f"images must be a 4-d tensor (N, C, H, W), got "
                           f"{getattr(images, 'shape', type(images).__name__)}")
@@ -317,16 +318,21 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     if len(labels) == 0:
         raise QroundError("images is empty: accuracy of nothing is undefined")
     _check_int(batch_size, "batch_size", minimum=1)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        correct = 0
+    if not torch.isfinite(images).all():
+        raise QroundError("images contain NaN or Inf")
+    from ..calibrate import eval_mode
+
+    p = next(model.parameters())
+    # a float64 or half model gets its inputs in its own dtype
+    to = dict(device=p.device, dtype=p.dtype) if p.is_floating_point() else dict(device=p.device)
+    correct = 0
+    with eval_mode(model):
         for i in range(0, len(labels), batch_size):
-            pred = model(images[i:i + batch_size].to(device)).argmax(dim=1).cpu()
-            correct += int((pred == labels[i:i + batch_size].cpu()).sum())
-    finally:
-        model.train(was_training)
+            logits = model(images[i:i + batch_size].to(**to))
+            if not torch.isfinite(logits).all():
+                raise QroundError(f"the model's outputs on images {i}..{i + len(logits) - 1} "
+                                  f"contain NaN or Inf: its accuracy would be meaningless")
+            correct += int((logits.argmax(dim=1).cpu() == labels[i:i + batch_size].cpu()).sum())
     return correct / len(labels)
 
 
@@ -349,20 +355,35 @@ def _cache_path(arch: str, seed: int, epochs: int, batch_size: int, lr: float,
 def _load_cached(model: nn.Module, path: Path) -> bool:
     if not path.is_file():
         return False
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
         own = model.state_dict()
         # checked before anything is copied: load_state_dict copies the matching tensors of a
         # stale file before it raises, and training would then start from those
         if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
             raise ValueError("its tensors do not match the model's")
+        # a header that reads but data that were damaged since: the digest says so
+        if meta.get("blake2b") != _state_digest(state):
+            raise ValueError("its data do not match the digest written with them")
         model.load_state_dict(state)
     except Exception as exc:  # a corrupt or stale file is retrained over, not fatal
         log.warning("ignoring unreadable cached weights %s: %s", path, exc)
         return False
     log.info("loaded cached digits weights from %s", path)
     return True
+
+
+def _state_digest(state: dict[str, torch.Tensor]) -> str:
+    """BLAKE2b of the names, dtypes, shapes and bytes of ``state``, in name order."""
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _save_cached(model: nn.Module, path: Path) -> None:
@@ -374,7 +395,7 @@ def _save_cached(model: nn.Module, path: Path) -> None:
         os.close(fd)
         try:
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(state, tmp)
+            save_file(state, tmp, metadata={"blake2b": _state_digest(state)})
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

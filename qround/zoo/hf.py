@@ -227,8 +227,10 @@ def _device(model: nn.Module) -> torch.device:
 def perplexity(model: nn.Module, batches: Sequence[dict]) -> float:
     """exp of the mean next-token cross-entropy over the real (unpadded) tokens of ``batches``
     (a causal language model)."""
+    from ..calibrate import eval_mode
+
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for batch in batches:
             batch = {k: v.to(_device(model)) for k, v in batch.items()}
             logits = hf_forward(model, batch, causal=True).double()
@@ -246,8 +248,10 @@ def perplexity(model: nn.Module, batches: Sequence[dict]) -> float:
 
 def pooled(model: nn.Module, batches: Sequence[dict]) -> torch.Tensor:
     """Mean of the last hidden state over each text's real tokens, (N, d) float64 (CPU)."""
+    from ..calibrate import eval_mode
+
     rows = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for batch in batches:
             batch = {k: v.to(_device(model)) for k, v in batch.items()}
             hidden = hf_forward(model, batch, causal=False).double()

@@ -138,18 +138,15 @@ def embed(model: nn.Module, texts: Sequence[str], batch_size: int = 64,
     gradients.
 
     ``model`` may be a quantised copy of the MiniLM; it runs in eval mode and is put back in
-    the mode it was in.  Texts are batched by length (less padding), as ``model.encode`` does."""
+    the mode it was in (each module its own).  Texts are batched by length (less padding), as ``model.encode`` does."""
     texts = _check_texts(texts)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = [forward(model, b).float().cpu()
-                   for b in minilm_batches(model, [texts[i] for i in order], batch_size,
-                                           max_length)]
-    finally:
-        model.train(was_training)
+    from ..calibrate import eval_mode
+
+    with torch.no_grad(), eval_mode(model):
+        out = [forward(model, b).float().cpu()
+               for b in minilm_batches(model, [texts[i] for i in order], batch_size,
+                                       max_length)]
     result = torch.empty(len(texts), out[0].shape[1])
     result[torch.as_tensor(order)] = torch.cat(out)
     return result
