@@ -20,6 +20,7 @@ put in eval mode while capturing and every module's train/eval flag is restored 
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -49,7 +50,12 @@ def token_mask(mask: torch.Tensor) -> Iterator[None]:
     positions never reach a masked attention or a masked mean pooling).  The activation stage
     reads it too: the inputs that start the activation steps (such a Linear's rows) and the
     block outputs that reconstruction compares (outputs whose leading dims are the mask's, or
-    one row per token) count only the real tokens."""
+    one row per token) count only the real tokens.
+
+    Activations are taken as batch-first, (batch, tokens, features), as in transformers.  A
+    sequence-first input (tokens, batch, features) is not masked, with a warning; when batch
+    and tokens are equal the two layouts cannot be told apart and the mask is applied as if
+    batch-first."""
     tok = _TOKEN_MASK.set(mask.detach().bool())
     try:
         yield
@@ -81,6 +87,10 @@ def _active_mask(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     # (B, T, in), or the tokens flattened in order, (B * T, in) (OPT's MLP)
     if tuple(x.shape[:-1]) != tuple(mask.shape) and not (
             x.dim() == 2 and x.shape[0] == mask.numel()):
+        if mask.dim() == 2 and tuple(x.shape[:-1]) == tuple(mask.shape)[::-1]:
+            warnings.warn(f"a Linear input of shape {tuple(x.shape)} looks sequence-first "
+                          f"against the (batch, tokens) mask {tuple(mask.shape)}: its padding "
+                          "is counted (token_mask takes batch-first activations)", stacklevel=2)
         return None
     return mask.reshape(-1).to(x.device)
 
@@ -254,14 +264,17 @@ def _layer_input(name: str, module: nn.Module, args: tuple) -> torch.Tensor:
     if not args or not isinstance(args[0], torch.Tensor):
         raise QroundError(f"layer {name!r} was called without a tensor as first positional input")
     x = args[0].detach()
-    if not torch.isfinite(x).all():
-        raise QroundError(f"layer {name!r} received non-finite (NaN/Inf) inputs")
     dims = _linear_dims(module)
     if dims is not None:
         mask = _active_mask(module, x)
         x = x.reshape(-1, dims[0])
-        return x if mask is None else x[mask]
-    return x if x.dim() == 4 else x.unsqueeze(0)  # conv: (N, C, H, W), unbatched made batched
+        if mask is not None:   # padding may hold anything (NaN after a fully masked softmax)
+            x = x[mask]
+    elif x.dim() != 4:
+        x = x.unsqueeze(0)     # conv: (N, C, H, W), unbatched made batched
+    if not torch.isfinite(x).all():
+        raise QroundError(f"layer {name!r} received non-finite (NaN/Inf) inputs")
+    return x
 
 
 def _chunks(module: nn.Module, x: torch.Tensor) -> Iterator[slice]:

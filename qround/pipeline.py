@@ -1238,6 +1238,9 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
                 bar.update(1)
     finally:
         bar.close()
+        # the recorded outputs are of no use to the activation stage, which records its own:
+        # kept, they would double the memory budget the user set
+        caches.clear()
     result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0, source=source)
     if config.activation_stage:
         result.reconstruction, result.units = quantize_activations(

@@ -48,10 +48,13 @@ result equals a run without the cache (tests compare the codes).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import logging
 import math
 import random
+import types
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -139,15 +142,44 @@ def _sums(t: torch.Tensor) -> tuple[float, float, float, float]:
 
 
 def _fingerprint(value: Any) -> Any:
-    """A cheap summary of a calibration batch or of a module's inputs."""
+    """A cheap summary of a calibration batch or of a module's inputs.  Raises
+    :class:`Unprintable` for what it cannot summarise (the cache then keeps out of the way)."""
+    try:
+        return _summary(value)
+    except Unprintable:
+        raise
+    except Exception as exc:  # anything torch or numpy cannot sum: no replay from it
+        raise Unprintable(f"{type(exc).__name__}: {exc}") from exc
+
+
+class Unprintable(Exception):
+    """A value :func:`_fingerprint` cannot summarise."""
+
+
+def _summary(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:   # sparse: its coordinates and values
+            if value.is_meta:
+                raise Unprintable("a meta tensor holds no values")
+            coo = value.detach().to_sparse_coo().coalesce()
+            return ("sparse", str(value.layout), tuple(value.shape), str(value.dtype),
+                    _array_print(coo.indices()), _array_print(coo.values()))
+        if value.is_meta:
+            raise Unprintable("a meta tensor holds no values")
         return _array_print(value)
     if isinstance(value, np.ndarray):
-        return _array_print(torch.as_tensor(np.ascontiguousarray(value)))
+        if value.dtype.kind in "biufc":
+            return _array_print(torch.as_tensor(np.ascontiguousarray(value)))
+        if value.dtype.kind in "USMmV":   # strings, dates, records: their bytes are their value
+            data = np.ascontiguousarray(value)
+            return ("ndarray", value.dtype.str, value.shape,
+                    hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest())
+        return ("ndarray", value.dtype.str, value.shape,   # objects: each one
+                tuple(_summary(v) for v in value.ravel().tolist()))
     if isinstance(value, Mapping):
-        return tuple((repr(k), _fingerprint(value[k])) for k in sorted(value, key=repr))
+        return tuple((repr(k), _summary(value[k])) for k in sorted(value, key=repr))
     if isinstance(value, (tuple, list)):
-        return tuple(_fingerprint(v) for v in value)
+        return tuple(_summary(v) for v in value)
     return repr(value)
 
 
@@ -206,7 +238,18 @@ def _value_state(value: Any, depth: int = 0) -> Any:
         return ("set", id(value), len(value))
     if isinstance(value, tuple) and depth < 3:
         return ("tuple", tuple(_value_state(v, depth + 1) for v in value[:_CONTAINER_ITEMS]))
+    if depth < 3 and _plain_object(value):   # a namespace or config holding a generator...
+        items = itertools.islice(vars(value).items(), _CONTAINER_ITEMS)
+        return ("object", id(value), tuple((k, _value_state(v, depth + 1)) for k, v in items))
     return id(value)
+
+
+def _plain_object(value: Any) -> bool:
+    """An instance with its own attributes that is not a module, class or function."""
+    return (isinstance(getattr(value, "__dict__", None), dict)
+            and not isinstance(value, (type, nn.Module, types.FunctionType, types.MethodType,
+                                       types.BuiltinFunctionType, types.ModuleType,
+                                       functools.partial)))
 
 
 def _state(module: nn.Module) -> tuple:
@@ -214,7 +257,7 @@ def _state(module: nn.Module) -> tuple:
     attributes (by identity, and inside them the tensor versions, generator states and
     container items of :func:`_value_state`), and the versions of all parameters and buffers."""
     attrs = tuple(tuple((k, id(v)) if k in _MODULE_INTERNALS else (k, _value_state(v))
-                        for k, v in m.__dict__.items()) for m in module.modules())
+                        for k, v in m.__dict__.items() if k != "forward") for m in module.modules())
     versions = tuple(t._version for t in (*module.parameters(), *module.buffers()))
     return attrs, versions
 
@@ -408,7 +451,12 @@ class PrefixCache:
         if not self.enabled:
             yield
             return
-        fp = _fingerprint(batch)
+        try:
+            fp = _fingerprint(batch)
+        except Unprintable as exc:
+            self._drop(f"calibration batch {index} cannot be compared between passes ({exc})")
+            yield
+            return
         if index < len(self.prints):
             if self.prints[index] != fp:
                 self._drop(f"calibration batch {index} differs from the previous pass "
@@ -449,13 +497,26 @@ class PrefixCache:
 
     def _replay(self, name: str, record: tuple[Any, Any], original: Callable):
         expected, output = record
+        expected, state = expected
+        module = self.modules[name]
 
         def forward(*args, **kwargs):
             if self.enabled:
-                if _fingerprint((args, kwargs)) == expected:
+                try:
+                    same = _fingerprint((args, kwargs)) == expected
+                except Unprintable:
+                    same = False
+                # the module's own state too: an attribute set from outside between passes
+                # (a timestep, a shared observer) changes what its forward returns
+                if not same:
+                    self._drop(f"the inputs of {name!r} differ from the recorded ones "
+                               "(randomness in the forward function, or a direct call of "
+                               ".forward?)")
+                elif _state(module) != state:
+                    self._drop(f"an attribute, parameter or buffer of {name!r} changed since "
+                               "its outputs were recorded (set from outside its forward?)")
+                else:
                     return _clone(output)[0]
-                self._drop(f"the inputs of {name!r} differ from the recorded ones (randomness "
-                           "in the forward function, or a direct call of .forward?)")
             return original(*args, **kwargs)
         return forward
 
@@ -471,9 +532,15 @@ class PrefixCache:
             if tensors is None:
                 self._exclude(name, "takes an input that is not tensors or plain values")
                 return
+            try:
+                summary = _fingerprint((args, kwargs))
+            except Unprintable as exc:
+                self._exclude(name, f"takes an input that cannot be compared ({exc})")
+                return
             rec.pending = {"versions": [(t, t._version) for t in tensors],
-                           "inputs": _storages(tensors), "print": _fingerprint((args, kwargs)),
-                           "state": _state(module), "rng": _rng_states()}
+                           "inputs": _storages(tensors), "print": summary,
+                           "state": _state(module), "rng": _rng_states(),
+                           "containers": _value_state((args, kwargs)), "call": (args, kwargs)}
         return hook
 
     def _after_call(self, name: str, index: int):
@@ -486,6 +553,8 @@ class PrefixCache:
             outputs = _plain(out)
             if any(t._version != v for t, v in seen["versions"]):
                 why = "changes an input in place"
+            elif _value_state(seen["call"]) != seen["containers"]:
+                why = "changes a list or dict it takes"
             elif _state(module) != seen["state"]:
                 why = ("changes an attribute, parameter or buffer of itself, or draws from a "
                        "random generator it holds")
@@ -508,7 +577,7 @@ class PrefixCache:
                 self._exclude(name, f"would pass the {self.budget / 2**20:.0f} MB budget",
                               logging.INFO)
                 return
-            rec.by_batch[index] = (seen["print"], copy)
+            rec.by_batch[index] = ((seen["print"], seen["state"]), copy)
             self.bytes[name] = self.bytes.get(name, 0) + size
         return hook
 

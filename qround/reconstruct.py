@@ -664,8 +664,9 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor,
     err = (out - target) ** 2
     if mask is not None:
         per_token = err.reshape(*mask.shape, -1).sum(-1)
-        keep = mask.to(per_token.dtype)
-        return (per_token * keep).sum() / keep.sum().clamp_min(1)
+        keep = mask.bool()
+        # where, not a product: padding may hold NaN (a fully masked softmax), and 0 * NaN is NaN
+        return torch.where(keep, per_token, 0).sum() / keep.sum().clamp_min(1)
     if err.dim() < 2:
         return err.mean()
     return err.sum(1 if err.dim() == 4 else -1).mean()
@@ -682,8 +683,8 @@ def _mse(block, data: _BlockData, name: str) -> float:
             total += float(err.sum())
             count += y.numel()
         else:
-            keep = mask.to(err.dtype)
-            total += float((err.reshape(*mask.shape, -1).sum(-1) * keep).sum())
+            per_token = err.reshape(*mask.shape, -1).sum(-1)
+            total += float(torch.where(mask.bool(), per_token, 0).sum())
             count += int(mask.sum()) * (y.numel() // max(mask.numel(), 1))
     return total / max(count, 1)
 
@@ -842,6 +843,20 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
             before = _mse(block, data, name)
             saved = {m: copy.deepcopy(qnamed[m].state_dict()) for m in unit.modules}
             iterations = _train_block(block, layers, data, config, gen, name)
+            prefix = name if len(unit.modules) == 1 else ""   # joint units: full names
+            broken = [".".join(x for x in (prefix, n, k) if x)
+                      for n, m in layers.items() for k, p in m.named_parameters()
+                      if p.is_floating_point() and not torch.isfinite(p).all()]
+            if broken:
+                for m, state in saved.items():
+                    qnamed[m].load_state_dict(state)
+                raise QroundError(
+                    f"unit {name!r}: block reconstruction turned {broken[:3]} into NaN/Inf. "
+                    "Its gradients were not finite: a NaN or Inf inside the block, even at "
+                    "padded positions (a fully masked softmax) that the loss leaves out, "
+                    "reaches the weights' gradients. Make the block's values finite there "
+                    "(e.g. mask with a large negative number instead of -inf), or quantise "
+                    "without reconstruction")
             after = _mse(block, data, name)
             reverted = after > before
             if reverted:

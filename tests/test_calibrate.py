@@ -374,6 +374,94 @@ def test_token_mask_excludes_padding_rows():
     assert not np.allclose(h, h_all)
 
 
+class MaskedAttention(torch.nn.Module):
+    """Self-attention whose padded query rows are fully masked with -inf (NaN there), as in
+    implementations that mask with m[:, :, None] & m[:, None, :]; the padding never reaches
+    the output (masked mean pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.emb, self.qkv = torch.nn.Linear(6, 8), torch.nn.Linear(8, 24)
+        self.out, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x, attention_mask):
+        q, k, v = self.qkv(self.emb(x)).chunk(3, -1)
+        m = attention_mask.bool()
+        scores = (q @ k.transpose(1, 2)).masked_fill(~(m[:, :, None] & m[:, None, :]),
+                                                     float("-inf"))
+        h = torch.where(m[..., None], self.out(torch.softmax(scores, -1) @ v), 0.0)
+        return self.head(h.sum(1) / m.sum(1, keepdim=True))
+
+
+PAD = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+PADDED = [{"x": torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(i)),
+           "attention_mask": PAD} for i in range(3)]
+
+
+def test_nan_at_padded_positions_stays_out_of_the_statistics():
+    """The finiteness check came before the mask: NaN on rows about to be dropped stopped the
+    capture, though the model's outputs are finite."""
+    from qround.calibrate import capture_hessians
+    from qround.pipeline import QuantConfig, quantize_model
+
+    model = MaskedAttention()
+    h = capture_hessians(model, PADDED, layers="out")["out"]
+    rows = []
+    hook = model.out.register_forward_pre_hook(lambda mod, a: rows.append(a[0][PAD.bool()]))
+    with torch.no_grad():
+        for b in PADDED:
+            model(**b)
+    hook.remove()
+    real = torch.cat(rows).double()
+    assert torch.isfinite(real).all()
+    np.testing.assert_allclose(h, (real.T @ real / len(real)).numpy(), rtol=1e-10)
+    q = quantize_model(MaskedAttention(), PADDED, QuantConfig(wbits=4, solver="greedy",
+                                                              progress=False))
+    with torch.no_grad():
+        assert all(torch.isfinite(q.model(**b)).all() for b in PADDED)
+    # NaN on real tokens is still refused
+    bad = [dict(b, x=b["x"].clone()) for b in PADDED]
+    bad[1]["x"][0, 0, 0] = float("nan")
+    with pytest.raises(QroundError, match="non-finite"):
+        capture_hessians(MaskedAttention(), bad, layers="emb")
+
+
+def test_reconstruction_through_nan_padding_is_a_clear_error():
+    """0 x NaN is NaN: the weights' gradients cannot leave the padded NaN out, and training
+    turned the parameters NaN silently; now the unit is named and the user's model is intact."""
+    from qround.pipeline import QuantConfig, quantize_model
+    from qround.reconstruct import ReconstructConfig
+
+    model = MaskedAttention()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QroundError, match="unit 'out'.*NaN/Inf.*padded"):
+        quantize_model(model, PADDED, QuantConfig(
+            wbits=4, solver="greedy", abits=4, progress=False,
+            reconstruction=ReconstructConfig(iterations=5)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sequence_first_inputs_are_not_masked_and_say_so():
+    from qround.calibrate import capture_hessians, token_mask
+
+    lin = torch.nn.Linear(5, 3)
+    x = torch.randn(4, 2, 5, generator=torch.Generator().manual_seed(0))   # (T, B, C)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)     # (B, T)
+
+    def forward(model, batch):
+        with token_mask(mask):
+            return model(batch)
+
+    with pytest.warns(UserWarning, match="sequence-first"):
+        h = capture_hessians(lin, [x], forward=forward)[""]
+    every = x.reshape(-1, 5).double()
+    np.testing.assert_allclose(h, (every.T @ every / 8).numpy(), rtol=1e-12)
+
+
 def test_default_forward_keeps_padding_out_of_tokenised_batches():
     """A dict batch with a 2-D attention_mask is masked by the default forward too (the Python
     API counted padding while the CLI's transformers forward did not)."""

@@ -3,6 +3,7 @@ give the same statistics, hence the same codes, as running every pass whole."""
 from __future__ import annotations
 
 import logging
+import types
 import warnings
 
 import numpy as np
@@ -537,3 +538,204 @@ def test_fingerprint_sees_a_changed_element_and_swapped_rows_or_columns(rows, co
             assert pc._array_print(other) != base
     finally:
         pc._CHUNK = old
+
+
+# ------------------------------------------- cases from a second review (hidden state, inputs)
+class Stage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, feats: list):
+        h = torch.relu(self.fc(x))
+        feats.append(h)               # collects its feature map for a head (FPN, U-Net)
+        return h
+
+
+class ListNet(nn.Module):
+    """A stage appends to a list it is given; a replay must not skip the append."""
+
+    def __init__(self):
+        super().__init__()
+        self.s1, self.s2, self.mix, self.head = Stage(), Stage(), nn.Linear(8, 8), nn.Linear(8, 4)
+        _filled(self, 1)
+
+    def forward(self, x):
+        feats: list = []
+        h = self.s2(self.s1(x, feats), feats)
+        return self.head(torch.relu(self.mix(h)) + sum(feats[:-1], torch.zeros(())))
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.cfg = types.SimpleNamespace(gen=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        return self.fc(x) + 0.5 * torch.randn(x.shape, generator=self.cfg.gen)
+
+
+class NoisyNet(nn.Module):
+    """A generator held inside a plain object attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = Noisy(), nn.Linear(8, 8), nn.Linear(8, 4)
+        _filled(self, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class Temp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.t = nn.Linear(8, 8), 1.0
+
+    def forward(self, x):
+        return self.fc(x) / self.t
+
+
+class TempNet(nn.Module):
+    """The parent sets a child's attribute from a counter before calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.n = Temp(), nn.Linear(8, 8), nn.Linear(8, 4), 0
+        _filled(self, 2)
+
+    def forward(self, x):
+        self.n += 1
+        self.a.t = 1.0 + 0.1 * self.n
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class Reader(nn.Module):
+    def __init__(self, buf):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("scale", buf)
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+class Observer(nn.Module):
+    def __init__(self, buf):
+        super().__init__()
+        self.register_buffer("scale", buf)
+
+    def forward(self, x):
+        self.scale.mul_(0.5).add_(0.5 * x.abs().mean())
+        return x
+
+
+class ObserverNet(nn.Module):
+    """A buffer shared by a reader and a later observer that updates it (an EMA)."""
+
+    def __init__(self):
+        super().__init__()
+        buf = torch.ones(())
+        self.r, self.b, self.obs, self.c = Reader(buf), nn.Linear(8, 8), Observer(buf), \
+            nn.Linear(8, 4)
+        _filled(self, 4)
+
+    def forward(self, x):
+        return self.c(self.obs(torch.relu(self.b(torch.relu(self.r(x))))))
+
+
+class TimeEmbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.t = nn.Linear(8, 8), nn.Linear(8, 8), None
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x))) * self.t[:, None]
+
+
+class Denoiser(nn.Module):
+    """Conditioning set as an attribute by the forward function (a set_timestep API)."""
+
+    def __init__(self):
+        super().__init__()
+        self.temb, self.a, self.b = TimeEmbed(), nn.Linear(8, 8), nn.Linear(8, 4)
+        _filled(self, 13)
+
+    def set_timestep(self, t):
+        self.temb.t = t
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(self.temb(x))))
+
+
+def timestep_forward(model, x0):
+    model.set_timestep(torch.rand(len(x0)))   # the global RNG, seeded by config.seed
+    return model(x0)
+
+
+class GraphNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        _filled(self, 1)
+
+    def forward(self, x, adj):
+        h = torch.relu(torch.sparse.mm(adj, self.l1(x)))
+        return self.l3(torch.relu(torch.sparse.mm(adj, self.l2(h))))
+
+
+def _adjacency(n, seed):
+    i = torch.randint(0, n, (2, 3 * n), generator=gen(seed))
+    return torch.sparse_coo_tensor(i, torch.ones(3 * n), (n, n), check_invariants=True).coalesce()
+
+
+GRAPHS = [(torch.randn(10, 8, generator=gen(i)), _adjacency(10, i)) for i in range(3)]
+TEXT_ROWS = [{"x": np.random.default_rng(i).normal(size=(4, 8)).astype(np.float32),
+              "text": np.array(["a b", "c", "d e f", "g"])} for i in range(3)]
+
+
+@pytest.mark.parametrize("make, data, forward", [
+    (ListNet, X8, None), (NoisyNet, X8, None), (TempNet, X8, None), (ObserverNet, X8, None),
+    (Denoiser, X8, timestep_forward), (GraphNet, GRAPHS, None),
+    (lambda: _filled(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                   nn.Linear(8, 4)), 5), TEXT_ROWS,
+     lambda m, b: m(torch.as_tensor(b["x"]))),
+])
+def test_hidden_state_and_odd_batches_give_the_same_codes(make, data, forward):
+    """List arguments a module appends to, attributes set from outside between passes, a
+    generator inside a plain object, a shared buffer an observer updates; sparse tensors and
+    numpy string columns in the batches (the fingerprint crashed on them)."""
+    def run(mb):
+        q = quantize_model(make(), data, QuantConfig(wbits=3, solver="greedy", progress=False,
+                                                     capture_cache_mb=mb), forward=forward)
+        return {n: w.codes for n, w in q.layers.items()}, np.array([r.cost for r in q.report])
+    assert_same(run(0), run(1024))
+
+
+def test_the_weight_stages_records_are_freed_before_the_activation_stage(monkeypatch):
+    """Kept alive, they doubled the memory budget while reconstruction made its own."""
+    import gc
+    import weakref
+
+    from qround import pipeline
+    alive: list = []
+    made = pipeline._plan_and_caches
+
+    def tracked(*args, **kwargs):
+        plan, caches, starts = made(*args, **kwargs)
+        alive.extend(weakref.ref(c) for c in caches.values())
+        return plan, caches, starts
+
+    def check(*args, **kwargs):
+        gc.collect()
+        seen.append(sum(r() is not None for r in alive))
+        return real(*args, **kwargs)
+
+    seen: list[int] = []
+    real = pipeline.quantize_activations
+    monkeypatch.setattr(pipeline, "_plan_and_caches", tracked)
+    monkeypatch.setattr(pipeline, "quantize_activations", check)
+    quantize_model(TinyResNet(), BATCHES, QuantConfig(wbits=3, solver="greedy", abits=8,
+                                                      progress=False))
+    assert len(alive) == 2 and seen == [0]
