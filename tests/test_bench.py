@@ -111,6 +111,7 @@ def test_bench_on_layer_files_at_other_widths(layer_files):
 
 
 def test_cli_bench_on_layer_files_writes_table_json_and_plot(layer_files, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="writes a plot: needs matplotlib (examples extra)")
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     argv = ["bench", str(layer_files[1]), "--solvers", "nearest,fast", "--subset-solvers", "",
             "--references", "", "--ref-channels", "3", "--no-progress", "--json", str(out),
@@ -157,6 +158,7 @@ def test_summary_shows_the_slow_subset_columns_only_beside_a_slow_reference():
 
 def test_the_plot_compares_solvers_on_the_same_channels_only(tmp_path):
     """It used to put whole-layer results of ours beside references on 4 or 16 channels."""
+    pytest.importorskip("matplotlib", reason="writes a plot: needs matplotlib (examples extra)")
     from qround.bench import plot
 
     full_only = {"layer": "l", "bits": 2, "solver": "gptq-reference", "kind": "reference",
@@ -197,6 +199,7 @@ def relative_file(tmp_path):
 
 def test_bench_on_relative_costs_writes_strict_json_finite_gaps_and_a_plot(relative_file,
                                                                            tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="writes a plot: needs matplotlib (examples extra)")
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     assert main(["bench", str(relative_file), "--solvers", "nearest,greedy,fast",
                  "--subset-solvers", "none", "--references", "none", "--ref-channels", "4",

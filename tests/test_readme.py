@@ -40,6 +40,14 @@ def _python_blocks() -> list[str]:
 def test_readme_has_the_python_examples():
     blocks = _python_blocks()
     assert len(blocks) == 7
+    # every fenced block is python (run here), bash, toml or plain text: a block tagged `py`
+    # would be skipped silently
+    tags = set(re.findall(r"^```(\w+)$", README.read_text(), flags=re.M))
+    assert tags <= {"python", "bash", "toml", "text"}, tags
+    # the plugin group README documents is the one the registry reads
+    from qround.solvers import registry
+    assert '[project.entry-points."qround.solvers"]' in README.read_text()
+    assert registry.PLUGIN_GROUP == "qround.solvers"
     assert "encoder.0.fc1" in blocks[0] and "quantize_model" in blocks[1]
     assert "overrides=" in blocks[2] and "allocate(" in blocks[3]
     assert "register(" in blocks[5] and "QroundSampler" in blocks[6]
@@ -47,8 +55,7 @@ def test_readme_has_the_python_examples():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("dimod", reason="the first example builds a dimod BQM")
-    pytest.importorskip("dwave.samplers", reason="the last example plugs in its TabuSampler")
+    # dimod and dwave-samplers are core dependencies: no skip, a missing one fails here
     from qround.solvers import registry
 
     # the last example registers two solvers: the registry is the process's, so restore it

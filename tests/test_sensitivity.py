@@ -196,6 +196,7 @@ def test_bad_input_is_refused_up_front():
 
 
 def test_cli_prints_the_table_and_an_allocation_that_quantize_takes(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the digits data come from scikit-learn (examples extra)")
     out = tmp_path / "sens.json"
     assert main(["sensitivity", "--model", "digits-cnn", "--bits", "2,4,8", "--mean-bits", "4",
                  "--threads", "1", "--json", str(out)]) == 0
@@ -367,6 +368,7 @@ def test_patterns_that_match_only_float_conv1d_layers_are_accepted():
 
 def test_cli_prints_the_measured_options_and_refuses_a_file_without_allocation(tmp_path,
                                                                               capsys):
+    pytest.importorskip("sklearn", reason="the digits data come from scikit-learn (examples extra)")
     out = tmp_path / "s.json"
     assert main(["sensitivity", "--model", "digits-cnn", "--bits", "2,4,8", "--mean-bits", "4",
                  "--group-size", "16", "--asymmetric-grid", "--first-last-bits", "8",

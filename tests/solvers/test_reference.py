@@ -77,6 +77,8 @@ def test_polishers_never_worse_than_any_solution():
         base = get_solver(name).solve(p, seed=0)
         polished = get_solver("greedy").solve(p, init=base)
         assert np.all(polished.energy <= base.energy + 1e-12)
+        # by its own descent, not by the guard that keeps a start a solver made worse
+        assert polished.info.get("channels_kept_start", 0) == 0
 
 
 def test_stochastic_more_samples_not_worse():
