@@ -118,13 +118,18 @@ def layer_hooks(modules: Mapping[str, nn.Module],
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every module in eval mode; restore each module's own flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, m.training) for m in model.modules()]   # pre-order: parents first
     try:
         model.eval()
         yield model
     finally:
-        for m, training in flags:
-            m.training = training
+        # through train(), as model.train(flag) would: a module that overrides it (LoRA merges
+        # its update on eval and unmerges it on train) gets its own flag by its own method
+        if len({t for _, t in flags}) == 1:
+            model.train(flags[0][1])
+        else:
+            for m, training in flags:   # each call sets a subtree; children come later
+                m.train(training)
 
 
 @contextmanager

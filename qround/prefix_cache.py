@@ -54,6 +54,7 @@ import itertools
 import logging
 import math
 import random
+import threading
 import types
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -238,18 +239,29 @@ def _value_state(value: Any, depth: int = 0) -> Any:
         return ("set", id(value), len(value))
     if isinstance(value, tuple) and depth < 3:
         return ("tuple", tuple(_value_state(v, depth + 1) for v in value[:_CONTAINER_ITEMS]))
-    if depth < 3 and _plain_object(value):   # a namespace or config holding a generator...
-        items = itertools.islice(vars(value).items(), _CONTAINER_ITEMS)
-        return ("object", id(value), tuple((k, _value_state(v, depth + 1)) for k, v in items))
+    if depth < 3:   # a namespace or config holding a generator...
+        try:
+            if _plain_object(value):
+                items = list(itertools.islice(vars(value).items(), _CONTAINER_ITEMS))
+                return ("object", id(value),
+                        tuple((k, _value_state(v, depth + 1)) for k, v in items))
+        except Exception:   # a __dict__ that raises (a proxy): seen by identity
+            pass
     return id(value)
 
 
+# their attributes change with no effect on a forward (a logger's level cache is cleared by any
+# setLevel in the process): seen by identity
+_OPAQUE = (type, nn.Module, types.FunctionType, types.MethodType, types.BuiltinFunctionType,
+           types.ModuleType, functools.partial, logging.Logger, logging.LoggerAdapter,
+           logging.Handler, threading.Thread, type(threading.Lock()), type(threading.RLock()),
+           threading.Condition, threading.Event)
+
+
 def _plain_object(value: Any) -> bool:
-    """An instance with its own attributes that is not a module, class or function."""
-    return (isinstance(getattr(value, "__dict__", None), dict)
-            and not isinstance(value, (type, nn.Module, types.FunctionType, types.MethodType,
-                                       types.BuiltinFunctionType, types.ModuleType,
-                                       functools.partial)))
+    """An instance with its own attributes that is not a module, class, function, logger,
+    thread or lock."""
+    return isinstance(getattr(value, "__dict__", None), dict) and not isinstance(value, _OPAQUE)
 
 
 def _state(module: nn.Module) -> tuple:

@@ -739,3 +739,27 @@ def test_the_weight_stages_records_are_freed_before_the_activation_stage(monkeyp
     quantize_model(TinyResNet(), BATCHES, QuantConfig(wbits=3, solver="greedy", abits=8,
                                                       progress=False))
     assert len(alive) == 2 and seen == [0]
+
+
+def test_state_takes_loggers_locks_and_raising_dicts_by_identity():
+    """A logger's level cache is cleared by any setLevel in the process (the cache switched
+    itself off); a proxy whose __dict__ raises crashed the run."""
+    from qround.prefix_cache import _state
+
+    class Proxy:
+        @property
+        def __dict__(self):
+            raise RuntimeError("no context")
+
+    m = nn.Linear(2, 2)
+    m.log = logging.getLogger("qround.test.holder")
+    m.lock = __import__("threading").Lock()
+    m.proxy = Proxy()
+    m.log.isEnabledFor(logging.INFO)            # fills the logger's cache
+    before = _state(m)
+    logging.getLogger("qround.test.other").setLevel(logging.DEBUG)   # clears every cache
+    assert _state(m) == before
+    m.cfg = types.SimpleNamespace(scale=1.0)
+    before = _state(m)
+    m.cfg.scale = 2.0                           # a plain object is still looked into
+    assert _state(m) != before

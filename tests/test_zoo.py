@@ -227,6 +227,42 @@ def test_accuracy_refuses_non_finite_images_and_outputs(data):
         accuracy(model, data.test_images[:8], data.test_labels[:8])
 
 
+def test_a_cache_file_from_before_the_digest_still_loads(tmp_path, monkeypatch, sklearn):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    reference, _ = train_digits_cnn("plain", seed=0, epochs=1, cache=False)
+    path = digits_module._cache_path("plain", 0, 1, 64, 3e-3, torch.device("cpu"))
+    path.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    monkeypatch.setattr(digits_module, "_fit", lambda *a, **k: pytest.fail("retrained"))
+    model, _ = train_digits_cnn("plain", seed=0, epochs=1, cache=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(),
+                                                   reference.state_dict().values()))
+
+
+def test_accuracy_restores_modes_through_train_so_overrides_run(data):
+    """A LoRA-style layer merges its update on eval() and unmerges it on train(): a model
+    evaluated in the middle of training must come back unmerged."""
+    class Merging(nn.Linear):
+        merged = False
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.merged = not mode
+            return self
+
+    model = DigitsCNN(seed=0)
+    model.fc = Merging(model.fc.in_features, model.fc.out_features)
+    model.train()
+    accuracy(model, data.test_images[:16], data.test_labels[:16])
+    assert model.fc.training and not model.fc.merged
+    model.eval()
+    model.conv1.train()                                     # mixed flags: each its own
+    accuracy(model, data.test_images[:16], data.test_labels[:16])
+    assert model.fc.merged and not model.fc.training and model.conv1.training
+
+
 def test_cache_with_damaged_data_is_retrained_over(tmp_path, monkeypatch, caplog, sklearn):
     """The header still reads, the tensors do not: the digest written with them says so."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -365,9 +365,12 @@ def _load_cached(model: nn.Module, path: Path) -> bool:
         # stale file before it raises, and training would then start from those
         if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
             raise ValueError("its tensors do not match the model's")
-        # a header that reads but data that were damaged since: the digest says so
-        if meta.get("blake2b") != _state_digest(state):
+        # a header that reads but data that were damaged since: the digest says so (files
+        # written before the digest existed are checked for finite values only)
+        if "blake2b" in meta and meta["blake2b"] != _state_digest(state):
             raise ValueError("its data do not match the digest written with them")
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in state.values()):
+            raise ValueError("it holds NaN or Inf")
         model.load_state_dict(state)
     except Exception as exc:  # a corrupt or stale file is retrained over, not fatal
         log.warning("ignoring unreadable cached weights %s: %s", path, exc)
