@@ -85,6 +85,18 @@ def test_refit_is_the_least_squares_scale():
     np.testing.assert_allclose(s, want, rtol=1e-7)
 
 
+def test_refit_is_the_least_squares_scale_around_the_zero_point():
+    """Asymmetric grid: w_hat = s (q - z), so the fit reads q - z, not q."""
+    p = make_problem(m=5, n=9, bits=3, seed=6, symmetric=False)
+    assert np.any(p.grid.zero_point != 0)
+    codes = p.codes(p.rtn_choices())
+    s = refit_scales(p, codes).scale[:, 0]
+    e = codes.astype(float) - p.grid.zero_point
+    want = np.einsum("mi,ij,mj->m", e, p.hessian, p.weight) / np.einsum(
+        "mi,ij,mj->m", e, p.hessian, e)
+    np.testing.assert_allclose(s, want, rtol=1e-7)
+
+
 def test_refit_keeps_a_scale_it_cannot_see():
     """A group whose codes are all at the zero point says nothing about its scale."""
     p = make_problem(m=3, n=8, bits=3, seed=5, group_size=4)
