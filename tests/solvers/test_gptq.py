@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from qround.errors import QroundError
 from qround.grid import Grid, GridSpec, fit_grid
@@ -250,6 +250,7 @@ def test_compiled_kernel_matches_torch_loop(dtype):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 40), damp=st.sampled_from([0.0, 0.01]))
+@example(seed=1, n=37, damp=0.0)
 def test_inverse_cholesky_factors(seed, n, damp):
     """U upper with U^T U = (H + lambda I)^-1, and R upper with R R^T = H + lambda I."""
     h = correlated_hessian(n, np.random.default_rng(seed), rows=3 * n + 2)
@@ -259,8 +260,11 @@ def test_inverse_cholesky_factors(seed, n, damp):
     assert np.allclose(u, np.triu(u)) and np.allclose(r, np.triu(r)) and np.all(np.diag(u) > 0)
     np.testing.assert_allclose(r @ r.T, hd, rtol=1e-9, atol=1e-9 * np.abs(hd).max())
     np.testing.assert_allclose(u @ r, np.eye(n), atol=1e-8)
-    np.testing.assert_allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-6,
-                               atol=1e-9 * np.abs(np.linalg.inv(hd)).max())
+    # the inverse's own forward error grows with the condition number (about 1e13 at
+    # seed=1, n=37, damp=0, where a fixed 1e-9 failed on an error of 3.5e-6 of the largest entry)
+    inv = np.linalg.inv(hd)
+    slack = max(1e-9, 10 * np.linalg.cond(hd) * np.finfo(float).eps)
+    np.testing.assert_allclose(u.T @ u, inv, rtol=1e-6, atol=slack * np.abs(inv).max())
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

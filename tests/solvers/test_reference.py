@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qround import QroundError, get_solver
+from qround import GridSpec, QroundError, RoundingProblem, get_solver
 from qround.solvers import Exact, Greedy, Stochastic
 
 from ..conftest import make_problem
@@ -152,3 +152,16 @@ def test_cli_solve_reports_a_dimod_samplers_refusal_in_one_line(tmp_path, capsys
     assert main(["solve", str(path), "--solver", "neal(num_sweeps=-5)"]) == 2
     err = capsys.readouterr().err
     assert "num_sweeps must not be negative" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("start_up", [False, True])
+def test_greedy_leaves_an_input_the_cost_cannot_see_alone(start_up):
+    """A dead input's flips change nothing: accepting them (a threshold of +tol instead of
+    -tol) cycled until the iteration limit."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((30, 8))
+    a[:, 5] = 0.0
+    p = RoundingProblem.from_weight(rng.standard_normal((4, 8)), a.T @ a / 30, GridSpec(bits=3))
+    start = np.full(p.weight.shape, start_up) & p.free
+    sol = get_solver("greedy").solve(p, init=start)
+    np.testing.assert_array_equal(sol.choices[:, 5], start[:, 5])
