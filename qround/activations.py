@@ -485,12 +485,15 @@ class QuantizedLayer(nn.Module):
         if conv.padding_mode == "zeros":
             return self.act.patch_border(v, k, st, d, conv.padding)
         if vp is None:
-            vp = F.pad(v, _conv_padding(conv), mode=conv.padding_mode)
+            # as the inference path: no F.pad without padding (circular F.pad returns a
+            # contiguous copy of a channels_last tensor, whose sums round differently)
+            pads = _conv_padding(conv)
+            vp = F.pad(v, pads, mode=conv.padding_mode) if any(pads) else v
         return self.act.patch_border(vp, k, st, d)
 
     def _conv_unfold(self, x: torch.Tensor, w: torch.Tensor, use_border: bool) -> torch.Tensor:
         conv = self.layer
-        features = x[0].numel()
+        features = x.shape[1:].numel()
         pads = _conv_padding(conv)
         zeros = conv.padding_mode == "zeros"
         xp = F.pad(x, pads, mode="constant" if zeros else conv.padding_mode) if any(pads) else x
@@ -504,27 +507,42 @@ class QuantizedLayer(nn.Module):
         if zeros and any(pads) and q is not cols:
             q = q * self._pad_mask(x, pads)
         g = conv.groups
-        out = torch.matmul(w.reshape(g, w.shape[0] // g, -1), q.reshape(n, g, -1, length))
+        out = torch.matmul(w.reshape(g, w.shape[0] // g, -1),
+                           q.reshape(n, g, cols.shape[1] // g, length))
         out = out.reshape(n, w.shape[0], length)
         if conv.bias is not None:
             out = out + conv.bias.view(1, -1, 1)
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
         wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-        return out.view(n, -1, ho, wo)
+        return out.view(n, w.shape[0], ho, wo)
 
     def _sparse_ok(self, x: torch.Tensor) -> bool:
         """Whether a "border" conv may take :meth:`_conv_sparse`: no gradient is needed (no
         autograd, or no input/parameter requires one), no QDrop, a float32/64 CPU input."""
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in self.parameters()))
+        # non-finite inputs take im2col: the sparse path's bounds (max/min over the patches
+        # holding a position) would spread a NaN beyond its receptive field
         return (not needs_grad and self.qdrop_p == 0 and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.float64))
+                and x.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(x).all()))
 
     def _conv_sparse(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The "border" conv for inference without im2col (:func:`qround.border_conv.
         sparse_border_conv`): same codes as :meth:`_conv_unfold`.  x: (N, C, H, W)."""
         return sparse_border_conv(self, x, w)
+
+    def _check_conv_input(self, x: torch.Tensor) -> None:
+        conv = self.layer
+        if x.dim() not in (3, 4):
+            raise QroundError(f"{type(conv).__name__} input must be (N, C, H, W) or (C, H, W), "
+                              f"got shape {tuple(x.shape)}")
+        if x.shape[-3] != conv.in_channels:
+            raise QroundError(f"{type(conv).__name__} expects {conv.in_channels} input "
+                              f"channels, got {x.shape[-3]} (input shape {tuple(x.shape)})")
+        if x.shape[-1] == 0 or x.shape[-2] == 0:
+            raise QroundError(f"{type(conv).__name__} input has an empty spatial size: shape "
+                              f"{tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_mode not in ACT_MODES or (self.act_mode != "float" and self.act is None) or (
@@ -538,6 +556,7 @@ class QuantizedLayer(nn.Module):
         if not self.is_conv:
             xq = self._quantize(x, -1, x.numel() // max(x.shape[0], 1), border)
             return F.linear(xq, w, self.layer.bias)
+        self._check_conv_input(x)
         batched = x.dim() == 4
         x4 = x if batched else x.unsqueeze(0)
         if border and not self.force_unfold and self._sparse_ok(x4):
@@ -545,7 +564,7 @@ class QuantizedLayer(nn.Module):
         elif border or (self.force_unfold and self.act_mode != "float"):
             out = self._conv_unfold(x4, w, border)
         else:
-            out = self.layer._conv_forward(self._quantize(x4, 1, x4[0].numel(), False), w,
+            out = self.layer._conv_forward(self._quantize(x4, 1, x4.shape[1:].numel(), False), w,
                                            self.layer.bias)
         return out if batched else out.squeeze(0)
 

@@ -31,7 +31,7 @@ def sparse_border_conv(layer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     pads = _conv_padding(conv)
     zeros = conv.padding_mode == "zeros"
-    s = act.scale(x[0].numel())
+    s = act.scale(x.shape[1:].numel())
     v = x / s
     # positions that are activations: the real ones (padded zeros stay 0), or all of the
     # padded input when padding copies activations (reflect, replicate, circular)

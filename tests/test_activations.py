@@ -459,6 +459,64 @@ def test_inference_path_on_common_convs(kw, fusion):
         assert torch.equal(layer(x), train)
 
 
+
+def test_inference_path_on_channels_last_circular_convs_without_padding():
+    # circular F.pad returns a contiguous copy of a channels_last tensor even with zero pads;
+    # the training path padded anyway, the inference path did not, and near-tie codes differed
+    # (199 of 200 seeds before the fix)
+    for seed in range(20):
+        layer = exact_conv_layer(4, 4, 3, True, "linear", 2, True, seed, stride=2, padding=0,
+                                 padding_mode="circular", groups=4, bias=False)
+        random_borders(layer.act, seed, 2 ** -21)
+        x = tie_heavy_input((2, 4, 9, 9), layer.act, seed)
+        x = x.contiguous(memory_format=torch.channels_last)
+        train = layer(x).detach()
+        with torch.no_grad():
+            assert torch.equal(layer(x), train), seed
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+@pytest.mark.parametrize("mode", ["float", "nearest", "border"])
+def test_conv_layer_takes_an_empty_batch(fusion, mode):
+    layer = exact_conv_layer(2, 3, 3, fusion, "quadratic", 4, False, 0, padding=1)
+    layer.act_mode = mode
+    x = torch.zeros(0, 2, 5, 5)
+    expected = layer.layer(x)
+    assert layer(x).shape == expected.shape == (0, 3, 5, 5)
+    assert layer(x).detach().shape == (0, 3, 5, 5)      # training path (parameters need grad)
+    with torch.no_grad():
+        layer.force_unfold = True
+        assert layer(x).shape == (0, 3, 5, 5)
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_stays_in_its_receptive_field_on_the_inference_path(fusion, bad):
+    layer = exact_conv_layer(1, 1, 3, fusion, "linear", 4, False, 3, padding=1)
+    random_borders(layer.act, 3, 0.3)
+    x = torch.rand(2, 1, 9, 9, generator=gen(4))
+    x[0, 0, 5, 2] = bad
+    train = layer(x).detach()
+    with torch.no_grad():
+        fast = layer(x)
+    assert torch.equal(torch.isnan(fast), torch.isnan(train))
+    assert not torch.isnan(fast[1]).any()          # the other sample is untouched
+    assert torch.isnan(fast[0]).sum() <= 9         # the 3x3 outputs that see the pixel
+    ok = ~torch.isnan(train)
+    assert torch.equal(fast[ok], train[ok])
+
+
+@pytest.mark.parametrize("shape, match", [((5, 5), "must be"), ((2, 3, 5, 5), "3"),
+                                          ((2, 2, 0, 5), "empty spatial")])
+@pytest.mark.parametrize("mode", ["nearest", "border"])
+def test_conv_layer_refuses_a_wrong_input_shape(shape, match, mode):
+    layer = exact_conv_layer(2, 3, 3, False, "linear", 4, False, 0, padding=2)
+    layer.act_mode = mode
+    with pytest.raises(QroundError, match=match):
+        layer(torch.zeros(shape))
+    with torch.no_grad(), pytest.raises(QroundError, match=match):
+        layer(torch.zeros(shape))
+
 def brute_spread(b, k, stride, dilation, start, length):
     """max / min of b over the patches holding each position, by loops (1-D)."""
     hi, lo = torch.full((length,), -math.inf), torch.full((length,), math.inf)
