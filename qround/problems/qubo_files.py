@@ -9,7 +9,9 @@ One file per output channel::
     <i> <j> <Q_ij>            nCouplers lines, i < j: the quadratic terms, each pair once
 
 so ``E(x) = sum_i Q_ii x_i + sum_{i<j} Q_ij x_i x_j`` over ``x`` in {0, 1}^maxNodes.  Variable
-``i`` is the layer's input ``i``; ``x_i = 1`` rounds weight ``i`` of the channel up (ceil), 0
+``i`` is the problem's input ``i`` (the layer's input ``i``; for a problem made by
+:meth:`~qround.problems.RoundingProblem.restrict`, its ``i``-th kept input, and the manifest
+says ``"restricted": true``); ``x_i = 1`` rounds weight ``i`` of the channel up (ceil), 0
 down (floor).  Weights clipped to the grid's end are fixed: they are in no line, and their
 ``x_i`` does not change the energy.  Pairs with a zero coupling (dead inputs) are left out.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +49,24 @@ class QuboFile:
     nodes: np.ndarray
 
     def energy(self, x) -> float:
-        x = np.asarray(x, dtype=np.float64)
+        """``E(x) = x @ Q @ x`` (without the offset) of a binary ``x``: a 0/1 array or a bit
+        string (as in ``manifest.json``) of length maxNodes."""
+        size = self.Q.shape[0]
+        if isinstance(x, str):
+            if set(x) - {"0", "1"}:
+                raise QroundError("a bit string holds only the characters 0 and 1")
+            x = [int(ch) for ch in x]
+        x = np.asarray(x)
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.number)
+                                     or x.dtype == np.bool_):
+            raise QroundError(f"x must be a 0/1 vector, got dtype {x.dtype}")
+        if x.shape != (size,):
+            raise QroundError(f"x must hold {size} binary values (one per variable), "
+                              f"got shape {x.shape}")
+        x = x.astype(np.float64)
+        if not np.all((x == 0) | (x == 1)):
+            raise QroundError("x must be binary (0/1); a SPIN (-1/+1) sample converts as "
+                              "(s + 1) / 2")
         return float(x @ self.Q @ x)
 
 
@@ -81,9 +101,13 @@ def read_qubo(path: str | os.PathLike) -> QuboFile:
     path = os.fspath(path)
     size, offset, entries, nodes = _parse_qubo(path, _read_bytes(path, "QUBO file"), dense=True)
     q = np.zeros((size, size))
-    for i, j, v in entries:
-        a, b = min(i, j), max(i, j)
-        q[a, b] += v
+    with np.errstate(over="ignore"):                # checked below
+        for i, j, v in entries:
+            a, b = min(i, j), max(i, j)
+            q[a, b] += v
+    if not np.isfinite(q).all():
+        raise QroundError(f"QUBO file {path!r}: entries given more than once add up to an "
+                          "infinite value")
     return QuboFile(Q=q, offset=offset, nodes=nodes)
 
 
@@ -108,7 +132,15 @@ def _qubo_bqm(path: str, data: bytes):
     bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(
         linear, (np.minimum(i[~on], j[~on]), np.maximum(i[~on], j[~on]), v[~on]), offset,
         dimod.BINARY)
+    if not _finite_bqm(bqm):
+        raise QroundError(f"QUBO file {path!r}: entries given more than once add up to an "
+                          "infinite value")
     return bqm
+
+
+def _finite_bqm(bqm) -> bool:
+    lin, (_, _, quad), offset = bqm.to_numpy_vectors()
+    return bool(np.isfinite(lin).all() and np.isfinite(quad).all() and np.isfinite(offset))
 
 
 DIMOD_MAGIC = b"DIMODBQM"   # dimod's own serialisation (``bqm.to_file()``)
@@ -152,6 +184,8 @@ def _read_bqm_file(path: str | os.PathLike):
                           f"{type(exc).__name__}: {exc}") from None
     if bqm.num_variables > MAX_NODES:
         raise QroundError(f"{path!r} has {bqm.num_variables} variables (at most {MAX_NODES})")
+    if not _finite_bqm(bqm):
+        raise QroundError(f"{path!r} holds NaN or infinite biases (or offset)")
     return bqm, True
 
 
@@ -160,11 +194,12 @@ def _parse_qubo(path: str, data: bytes, dense: bool):
     checked: header counts, indices in range, finite values; ``dense``: refuse what a dense
     matrix could not hold.  As qbsolv reads them, a line that starts with ``c`` or ``C`` is a
     comment (qround's first ``c offset <float>`` line excepted) and the header may start with
-    ``p`` or ``P``."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise QroundError(f"QUBO file {path!r} is not UTF-8 text: {exc}") from None
+    ``p`` or ``P``.  A comment that gives an offset in another form (``c Offset: 3``,
+    ``c offset=3``) is refused rather than skipped: a cost shifted by a lost offset is silent.
+    Text is UTF-8 (a byte-order mark is skipped); other bytes are accepted in comments only."""
+    # undecodable bytes become U+FFFD: harmless in a comment, a parse error (with its line)
+    # anywhere else
+    text = data.decode("utf-8-sig", errors="replace")
     offset, header, entries = None, None, []
     for number, line in enumerate(text.splitlines(), 1):
         parts = line.split()
@@ -174,10 +209,9 @@ def _parse_qubo(path: str, data: bytes, dense: bool):
                 continue
             if parts[0][0] in "cC":
                 if offset is None and len(parts) == 3 and parts[0] == "c" \
-                        and parts[1] == "offset":
+                        and parts[1] == "offset" and _is_float(parts[2]):
                     offset = float(parts[2])   # the first 'c offset <float>'; others: comments
-                elif parts[0].lower() == "c" and len(parts) >= 2 \
-                        and parts[1].lower().rstrip(":=") == "offset" and offset is None:
+                elif offset is None and _offset_like(line):
                     # a comment qbsolv would skip, but a cost shifted by a lost offset is silent
                     raise ValueError("an offset line is read only as 'c offset <float>' "
                                      "(lower case, one number)")
@@ -198,7 +232,13 @@ def _parse_qubo(path: str, data: bytes, dense: bool):
                                      "before the entries (or a comment line starting with c)")
                 if len(parts) != 3:
                     raise ValueError("expected 'i j value' after the 'p qubo' header")
-                entries.append((int(parts[0]), int(parts[1]), float(parts[2])))
+                i, j, v = int(parts[0]), int(parts[1]), float(parts[2])
+                if not (0 <= i < header[0] and 0 <= j < header[0]):
+                    raise ValueError(f"index ({i}, {j}) outside the header's "
+                                     f"{header[0]} variables (0..{header[0] - 1})"
+                                     if header[0] else
+                                     f"index ({i}, {j}), but the header has 0 variables")
+                entries.append((i, j, v))
         except (ValueError, IndexError) as exc:
             raise QroundError(f"{where}: {exc}") from None
     if header is None:
@@ -209,13 +249,28 @@ def _parse_qubo(path: str, data: bytes, dense: bool):
     if len(nodes) != n_nodes or len(pairs) != n_couplers:
         raise QroundError(f"QUBO file {path!r}: the header announces {n_nodes} nodes and "
                           f"{n_couplers} couplers, the file has {len(nodes)} and {len(pairs)}")
-    for i, j, v in entries:
-        if not (0 <= i < size and 0 <= j < size):
-            raise QroundError(f"QUBO file {path!r}: index ({i}, {j}) outside 0..{size - 1}")
     offset = 0.0 if offset is None else offset
     if not all(np.isfinite(v) for _, _, v in entries) or not np.isfinite(offset):
         raise QroundError(f"QUBO file {path!r} holds NaN or infinite values")
     return size, offset, entries, np.array(sorted(i for i, _ in nodes), dtype=int)
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", re.IGNORECASE)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _offset_like(line: str) -> bool:
+    """Whether a comment line seems to give an offset: its text after ``c`` starts with
+    "offset" (any case, ``offset=3`` and ``offset: 3`` too) and holds a number."""
+    body = line.strip()[1:].strip()
+    return body.lower().startswith("offset") and _NUMBER.search(body[6:]) is not None
 
 
 def bit_string(choices_row) -> str:
@@ -255,12 +310,14 @@ def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=s
     folder = os.fspath(folder)
     solutions = {"rtn": problem.rtn_choices()}
     for label, choices in (known or {}).items():
+        if not isinstance(label, str):
+            raise QroundError(f"known solution labels must be strings, got {label!r}")
         if label in solutions:
             raise QroundError(f"known solution label {label!r} is reserved")
         b = problem.check_choices(choices, f"known[{label!r}]") > 0.5
         solutions[label] = b & problem.free
     energies = {label: problem.energies(b) for label, b in solutions.items()}
-    created = not os.path.exists(folder)
+    made = _missing_folders(folder)       # the folders this export creates, deepest first
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
@@ -285,7 +342,7 @@ def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=s
             "format": "qbsolv .qubo: E(x) = sum_i Q_ii x_i + sum_{i<j} Q_ij x_i x_j; "
                       "E(x) + offset = the channel's absolute cost (qround's layer objective)",
             "layer": problem.name, "source": source, "shape": [m, n], "bits": g.bits,
-            "symmetric": g.symmetric, "channels": rows}
+            "symmetric": g.symmetric, "restricted": bool(problem.restricted), "channels": rows}
         with atomic_write(os.path.join(folder, MANIFEST), binary=False,
                           what="QUBO manifest") as f:
             f.write(json.dumps(manifest, indent=1) + "\n")
@@ -293,7 +350,22 @@ def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=s
         for path in written:  # a failed export leaves no part of itself behind
             if os.path.exists(path):
                 os.remove(path)
-        if created and not os.listdir(folder):
-            os.rmdir(folder)
+        for path in made:
+            try:
+                os.rmdir(path)          # only when empty: whatever else is there stays
+            except OSError:
+                break
         raise
     return manifest
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
