@@ -47,11 +47,20 @@ def _descent_kernel(hess, step, fields, codes, qmin, qmax, max_moves, moves, sto
         q = codes[c]
         s = step[c]
         count = 0
+        # an input whose H_jj is round-off next to the largest (constant on the calibration
+        # data, under bias correction) has no cost to lower: its moves would follow the noise
+        # of its fields and walk its codes to the grid's ends
+        hmax = 0.0
+        for j in range(n):
+            hmax = max(hmax, h[j, j])
+        dead = 1e-12 * hmax
         while True:
             best = 0.0
             at = -1
             sign = 0
             for j in range(n):
+                if h[j, j] <= dead:
+                    continue
                 sj = s[j]
                 quad = sj * sj * h[j, j]
                 lin = 2.0 * sj * f[j]
@@ -107,16 +116,17 @@ def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) 
         if not np.issubdtype(q0.dtype, np.floating) or not np.all(np.isfinite(q0)) \
                 or np.any(q0 != np.round(q0)):
             raise QroundError("codes must be integers")
-    q0 = q0.astype(np.int64)
-    if q0.size and (q0.min() < problem.qmin or q0.max() > problem.qmax):
+    if q0.size and (q0.min() < problem.qmin or q0.max() > problem.qmax):   # before any cast
         raise QroundError(f"codes must lie in [{problem.qmin}, {problem.qmax}], got "
                           f"[{q0.min()}, {q0.max()}]")
+    q0 = q0.astype(np.int64)
     m, n = q0.shape
     if max_moves is None:
         max_moves = max(50, problem.qmax - problem.qmin) * n
     if isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer)) \
             or max_moves < 0:
         raise QroundError(f"max_moves must be a non-negative integer, got {max_moves!r}")
+    max_moves = min(int(max_moves), np.iinfo(np.int64).max)      # the kernel counts in int64
     start_cost = problem.cost_of_codes(q0)
     r, _ = problem.target()
     step = np.ascontiguousarray(problem.scale, dtype=np.float64)
@@ -135,8 +145,8 @@ def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) 
     _descent_kernel(hess, step, fields, q, problem.qmin, problem.qmax, int(max_moves), moves,
                     stopped)
     cost = problem.cost_of_codes(q)
-    worse = cost > start_cost
-    if worse.any():   # round-off only: keep the start there
+    worse = (cost >= start_cost) & (moves > 0)
+    if worse.any():   # no gain beyond round-off: keep the start there
         q[worse] = q0[worse]
         cost = np.where(worse, start_cost, cost)
         moves[worse] = 0

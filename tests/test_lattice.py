@@ -148,3 +148,44 @@ def test_user_codes_not_modified():
     keep = q0.copy()
     grid_descent(p, q0)
     np.testing.assert_array_equal(q0, keep)
+
+
+def test_huge_max_moves_and_codes_that_would_wrap_in_a_cast():
+    p = make_problem(m=6, n=10, bits=3)
+    r = grid_descent(p, p.floor_codes, max_moves=2 ** 64 - 1)       # numba's int64: clamped
+    assert np.array_equal(r.codes, grid_descent(p, p.floor_codes).codes)
+    with pytest.raises(QroundError, match=r"lie in \[-4, 3\], got \[\d+, 18446744073709551615\]"):
+        grid_descent(p, np.full(p.weight.shape, 2 ** 64 - 1, dtype=np.uint64))
+    with pytest.raises(QroundError, match=r"got \[1e\+30"):
+        grid_descent(p, np.full(p.weight.shape, 1e30))
+
+
+def test_an_input_constant_on_the_calibration_data_keeps_its_codes():
+    """Under bias correction a constant input's row of H is round-off (H_jj == 0, neighbours
+    ~1e-17): the descent used to walk its codes to the grid's ends (up to 15 steps at 4 bits)
+    for no gain, and a change of that input at inference then cost 54 % more output error."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from qround.pipeline import QuantConfig, quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Linear(16, 12)
+
+    def batch(i):
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(i))
+        x[:, 7] = 0.7
+        return x
+
+    data = [batch(i) for i in range(4)]
+    w = model.weight.detach().double().numpy()
+    codes = {}
+    for widen in (False, True):
+        qm = quantize_model(model, data, QuantConfig(wbits=4, bias_correction=True, widen=widen,
+                                                     progress=False))
+        qw = qm.layers[""]
+        s, z = qw.grid.expand()
+        codes[widen] = qw.codes
+        step_from_floor = qw.codes - (np.floor(w / s) + z)
+        assert np.all((step_from_floor[:, 7] == 0) | (step_from_floor[:, 7] == 1)), widen
+    assert np.array_equal(codes[True][:, 7], codes[False][:, 7])
