@@ -72,7 +72,7 @@ def gptq_quantize(weight, hessian, grid: Grid, act_order: bool = True, percdamp:
     dead = np.diag(h)[order] == 0
     hp = torch.from_numpy(np.ascontiguousarray(h[np.ix_(order, order)]))
     try:
-        upper, _, _ = inverse_cholesky(hp, float(percdamp), retries)
+        upper, _, _ = inverse_cholesky(hp, float(percdamp), retries, dead_diagonal=1.0)
     except QroundError as exc:
         raise QroundError(f"gptq_quantize (percdamp={percdamp}): {exc}") from exc
     codes = _fasterquant(w.T[order].copy(), upper.numpy(), scale.T[order].copy(),

@@ -535,15 +535,22 @@ def kernel_inputs(problem, start: np.ndarray, rng: np.random.Generator) -> dict:
     b = np.ascontiguousarray(start, dtype=np.float64)
     hess = problem.hessian
     hess = np.ascontiguousarray(hess[None] if hess.ndim == 2 else hess)
-    # stable argsort of ~free puts each channel's free variables first, in input order
-    free_idx = np.argsort(~problem.free, axis=1, kind="stable").astype(np.int64)
     fields = np.ascontiguousarray(problem.local_fields(b))
     # energy.energies, y^T (H y + g), from the fields at hand: one product with H, not two
     energies = np.sum(b * problem.step * (fields + problem.grad), axis=-1)
-    arrays = dict(hess=hess, step=np.ascontiguousarray(problem.step),
+    # variables the energy cannot see (a dead input: a zero row of H and no linear term, up to
+    # round-off) stay at the start and out of the search: each of their flips changes the
+    # energy by 0, which at a local minimum tabu always picks, cycling among them (with more
+    # of them than its tenure it never left the first local minimum); a step of 0 gives them
+    # an infinite delta in the kernels, as a fixed variable has
+    search = problem.free & ~_invisible(problem)
+    step = np.ascontiguousarray(np.where(search | ~problem.free, problem.step, 0.0))
+    # stable argsort of ~search puts each channel's searched variables first, in input order
+    free_idx = np.argsort(~search, axis=1, kind="stable").astype(np.int64)
+    arrays = dict(hess=hess, step=step,
                   grad=np.ascontiguousarray(problem.grad), start=b, fields=fields,
                   energy=np.ascontiguousarray(energies, dtype=np.float64),
-                  free_idx=free_idx, nfree=problem.free.sum(axis=1).astype(np.int64),
+                  free_idx=free_idx, nfree=search.sum(axis=1).astype(np.int64),
                   seeds=rng.integers(0, np.iinfo(np.int64).max, size=m, dtype=np.int64)
                   .astype(np.uint64))
     # numba compiles read-only and writeable arrays separately; problem arrays are read-only,
@@ -553,6 +560,18 @@ def kernel_inputs(problem, start: np.ndarray, rng: np.random.Generator) -> dict:
         a.flags.writeable = False
         arrays[key] = a
     return arrays
+
+
+def _invisible(problem) -> np.ndarray:
+    """(m, n) bool: variables whose flip changes the energy by round-off at most: curvature
+    ``s_j^2 H_jj`` and linear term ``|s_j g_j|`` both at most 1e-12 of the channel's largest
+    curvature (a constant or dead input).  None where the channel has no curvature at all."""
+    h = problem.hessian
+    hdiag = np.diagonal(h, axis1=-2, axis2=-1)
+    curv = problem.step ** 2 * (hdiag[None] if h.ndim == 2 else hdiag)
+    top = np.max(np.where(problem.free, curv, 0.0), axis=1, initial=0.0)[:, None]
+    tiny = 1e-12 * top
+    return (top > 0) & (curv <= tiny) & (np.abs(problem.step * problem.grad) <= tiny)
 
 
 def compact_pays(n: int, nfree: np.ndarray, passes: float) -> bool:

@@ -83,7 +83,9 @@ class Solution:
     """The result of a solver on one problem.
 
     choices (m, n) bool: round up; codes (m, n) int64: integer grid codes; energy, cost,
-    rtn_cost (m,): QUBO energy, absolute cost and RTN cost per channel; seconds: wall time.
+    rtn_cost (m,): QUBO energy, absolute cost and RTN cost per channel; seconds: wall time;
+    cost_noise: the round-off of the summed costs (energy + const cancels: weights already on
+    the grid cost about 1e-17, of either sign), below which :attr:`ratio` takes a sum for 0.
     """
 
     choices: np.ndarray
@@ -94,6 +96,7 @@ class Solution:
     seconds: float
     solver: str
     info: dict = field(default_factory=dict)
+    cost_noise: float = 0.0
 
     @property
     def total_cost(self) -> float:
@@ -110,9 +113,11 @@ class Solution:
         ``float_hessian`` are relative (their constant is left out), and only differences of
         them mean something (compare ``total_cost`` with ``total_rtn_cost``)."""
         rtn = self.total_rtn_cost
+        if abs(rtn) <= self.cost_noise:      # weights on the grid: 1.0, not NaN for -3e-17
+            return 1.0
         if rtn < 0:
             return float("nan")
-        return self.total_cost / rtn if rtn > 0 else 1.0
+        return self.total_cost / rtn
 
     def summary(self) -> dict[str, Any]:
         return {"solver": self.solver, "cost": self.total_cost, "rtn_cost": self.total_rtn_cost,
@@ -128,7 +133,18 @@ def make_solution(problem: RoundingProblem, choices: np.ndarray, seconds: float,
     # the Solution owns its arrays: the problem's cached RTN costs are read-only and shared
     return Solution(choices=b, codes=problem.codes(b), energy=e, cost=e + problem.const,
                     rtn_cost=problem.rtn_costs().copy(), seconds=seconds, solver=solver,
-                    info=dict(info or {}))
+                    info=dict(info or {}), cost_noise=cost_noise(problem))
+
+
+def cost_noise(problem: RoundingProblem) -> float:
+    """The round-off of a problem's summed costs: ``1e-13 n sum_c sum_j H_jj w_cj^2`` (the
+    cost's own scale, ``w^T H w`` for local MSE, bounded through the diagonal; the cancelling
+    sums run over n terms).  O(m n), computed once per problem."""
+    if "cost_noise" not in problem._cache:
+        hd = problem.hessian_diag
+        scale = float(np.sum(problem.weight ** 2 * (hd if hd.ndim == 2 else hd[None])))
+        problem._cache["cost_noise"] = 1e-13 * problem.num_inputs * scale
+    return problem._cache["cost_noise"]
 
 
 def _part_key(seen: dict, label: str, i: int) -> str:

@@ -32,10 +32,13 @@ from . import _kernels, _torch
 from .base import Solver
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp: float, retries: int = 4):
+def inverse_cholesky(hessian: torch.Tensor, damp: float, retries: int = 4,
+                     dead_diagonal: float | None = None):
     """Upper Cholesky factor of ``(H + lambda I)^-1``, an upper factor of ``H + lambda I``.
 
-    hessian (n, n).  ``lambda`` starts at ``damp * mean(diag H)`` and grows tenfold after every
+    hessian (n, n).  A zero diagonal entry (an input that is always zero) is set to
+    ``dead_diagonal``, by default :func:`dead_fill`.  ``lambda`` starts at
+    ``damp * mean(diag H)`` and grows tenfold after every
     failed factorisation, at most ``retries`` times.  The inverse is never formed: with ``J``
     the reversal of the inputs, the lower Cholesky factor ``L`` of ``J (H + lambda I) J`` gives
     ``H + lambda I = R R^T`` with ``R = J L J`` upper triangular, so ``(H + lambda I)^-1 =
@@ -46,7 +49,11 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, retries: int = 4):
     h = hessian.clone()
     diag = torch.diagonal(h)
     dead = diag == 0
-    diag[dead] = 1.0  # an input that is always zero: its weight does not matter (as GPTQ)
+    # an input that is always zero: its weight does not matter.  GPTQ sets its diagonal to 1
+    # (``dead_diagonal=1.0``, the baseline's); by default it gets the live inputs' mean
+    # diagonal, which keeps the result independent of H's scale (a 1 next to small entries
+    # made the damping many times the real diagonal: RTN-like rounding)
+    diag[dead] = dead_fill(diag) if dead_diagonal is None else dead_diagonal
     base = float(diag.double().mean())   # a float32 sum of large entries could overflow
     if not np.isfinite(base) or base <= 0:
         raise QroundError("hessian has a non-positive or non-finite mean diagonal; gptq needs "
@@ -67,6 +74,13 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float, retries: int = 4):
                       f"{lam:.3g} (= {lam / base:.3g} x mean diagonal, after {retries} retries); "
                       "the hessian is far from positive definite: collect more calibration "
                       "samples, use dtype='float64', or raise damp= or retries=")
+
+
+def dead_fill(diag: torch.Tensor) -> float:
+    """The diagonal :func:`inverse_cholesky` gives an always-zero input: the mean of the
+    others (1 when every input is dead)."""
+    live = diag[diag != 0].double()
+    return float(live.mean()) if live.numel() else 1.0
 
 
 def _triangular_inverse(r: torch.Tensor, eye: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -175,11 +189,12 @@ class GPTQ(Solver):
                 target = weight[order, sl]
             else:
                 # asymmetric target r: grad = 2 (H u - r).  U factors H' + lam I, where H' is H
-                # with a dead input's zero diagonal set to 1 (D).  The damped minimiser, as the
+                # with a dead input's zero diagonal set to dead_fill (D).  The damped minimiser, as the
                 # local path's w is: w* = (H' + lam I)^-1 (r + (lam + D) w) = u - U^T U (grad / 2
                 # - (lam + D) (w - u)), so a dead input's target is its w.  (Damping towards u
                 # instead, as before, penalised every round-up: dead inputs always rounded down.)
-                pull = lam + (torch.diagonal(h) == 0).to(dtype)[:, None]
+                diag = torch.diagonal(h)
+                pull = lam + dead_fill(diag) * (diag == 0).to(dtype)[:, None]
                 rhs = 0.5 * grad[order, sl] - pull * (weight[order, sl] - low)
                 target = low - upper.T @ (upper @ rhs)
             out[order, sl] = round_columns(target, low, step[order, sl], upper, self.block)

@@ -413,3 +413,36 @@ def test_warm_up_solves_a_small_problem_with_each_solver():
     assert seen == [(2, 16), (2, 16)]
     # a solver the small problem does not fit is skipped: its real call reports the error
     warm_up(get_solver("dimod(sampler='dwave-steepest', channels=[5])"))
+
+
+def test_weights_already_on_the_grid_have_ratio_one():
+    # costs are energy + const; on-grid weights cancel to about -3e-17, and ratio was NaN
+    from qround import GridSpec, RoundingProblem
+    from qround.grid import fit_grid
+
+    w = np.array([[0.2, -0.2, -0.3]])
+    p = RoundingProblem.from_weight(w, np.eye(3), fit_grid(w, GridSpec(bits=3),
+                                                           scale=np.array([0.1])))
+    sol = get_solver("nearest").solve(p)
+    assert abs(sol.total_rtn_cost) < 1e-15
+    assert sol.ratio == 1.0
+    rng = np.random.default_rng(0)
+    for _ in range(50):                                   # random layers already quantised
+        s = rng.uniform(0.01, 1.0, size=4)
+        w = s[:, None] * rng.integers(-4, 4, size=(4, 6))
+        x = rng.normal(size=(30, 6))
+        p = RoundingProblem.from_weight(w, x.T @ x, fit_grid(w, GridSpec(bits=3), scale=s))
+        for name in ("nearest", "greedy"):
+            assert get_solver(name).solve(p).ratio == 1.0
+
+
+def test_relative_costs_keep_a_nan_ratio():
+    from qround import GridSpec, RoundingProblem
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(3, 5))
+    x = rng.normal(size=(40, 5))
+    h = x.T @ x / 40
+    p = RoundingProblem.from_weight(w, h, GridSpec(bits=4), cross=h)    # no float_hessian
+    sol = get_solver("nearest").solve(p)
+    assert sol.total_rtn_cost < 0 and np.isnan(sol.ratio)

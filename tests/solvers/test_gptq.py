@@ -285,3 +285,38 @@ def test_local_target_is_recognised(per_channel):
         grad = grad.clone()
         grad[3, 5] += 1e-6 * grad.abs().max()
         assert not GPTQ._is_local_mse(w, lower, grad, hs)
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_rescaling_h_changes_nothing_with_a_dead_input(asymmetric):
+    """A dead input's diagonal was set to 1, an absolute value: with H's entries small, the
+    damping (its mean diagonal included the 1) grew to many times the real diagonal and the
+    choices drifted towards RTN (ratio 0.73 at scale 1, 0.91 at 1e-4)."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(40, 10)) @ rng.normal(size=(10, 10))
+    x[:, 2] = 0
+    h = x.T @ x / 40
+    w = rng.normal(size=(16, 10))
+    grid = fit_grid(w, GridSpec(bits=3), hessian=h)
+    noise = 1e-5 * rng.normal(size=h.shape)
+    noise[2] = noise[:, 2] = 0
+    choices = []
+    for scale in (1.0, 1e-3, 1e-4):
+        hs = scale * h
+        p = (RoundingProblem.from_weight(w, hs, grid, cross=hs + scale * noise, float_hessian=hs)
+             if asymmetric else RoundingProblem.from_weight(w, hs, grid))
+        choices.append(GPTQ()._solve(p, p.rtn_choices(), None)[0])
+    for b in choices[1:]:
+        np.testing.assert_array_equal(b, choices[0])
+
+
+def test_the_gptq_baseline_keeps_gptqs_own_dead_diagonal():
+    from qround.solvers.gptq import dead_fill, inverse_cholesky
+
+    h = torch.diag(torch.tensor([4.0, 0.0, 2.0], dtype=torch.float64))
+    assert dead_fill(torch.diagonal(h)) == 3.0
+    _, r, lam = inverse_cholesky(h, 0.1)
+    np.testing.assert_allclose(torch.diagonal(r @ r.T), [4.3, 3.3, 2.3])
+    _, r, lam = inverse_cholesky(h, 0.1, dead_diagonal=1.0)
+    np.testing.assert_allclose(torch.diagonal(r @ r.T), [4 + 7 / 30, 1 + 7 / 30, 2 + 7 / 30])
+    assert dead_fill(torch.zeros(3, dtype=torch.float64)) == 1.0
