@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .activations import QuantizedLayer, insert_act_quantizers, quantized_layers
-from .calibrate import ForwardFn, default_forward, eval_mode
+from .activations import ActQuantizer, QuantizedLayer, insert_act_quantizers, quantized_layers
+from .calibrate import ForwardFn, default_forward, eval_mode, kept_buffers
 from .errors import QroundError, copy_module
 from .granularity import base_units, parse_scheme, reconstruct_with_granularity
 from .grid import GridSpec
@@ -133,10 +133,12 @@ def quantize_activations(result: "QuantizedModel", float_model: nn.Module, calib
         rec_config = config.reconstruction
         if rec_config.seed is None:   # one seed for the whole run
             rec_config = dataclasses.replace(rec_config, seed=int(config.seed))
-        rec, selection = reconstruct_with_granularity(
-            float_model, wrapped, calibration, config.granularity, k=_k(config),
-            scheme=None if config.scheme is None else list(config.scheme),
-            config=rec_config, forward=forward, inplace=True)
+        # buffers the forwards write get their values back; the wrappers' own hold the codes
+        with kept_buffers(wrapped, skip=(QuantizedLayer, ActQuantizer)):
+            rec, selection = reconstruct_with_granularity(
+                float_model, wrapped, calibration, config.granularity, k=_k(config),
+                scheme=None if config.scheme is None else list(config.scheme),
+                config=rec_config, forward=forward, inplace=True)
         wrapped = rec.model
     layers = quantized_layers(wrapped)
     with torch.no_grad():   # the wrapped layers' own weights are the final ones, so that a

@@ -77,9 +77,10 @@ from torch import nn
 
 from .border_conv import sparse_border_conv
 from .calibrate import (ForwardFn, LayerFilter, _active_mask, _conv_padding, default_forward,
-                        eval_mode, layer_hooks, select_layers)
+                        eval_mode, kept_buffers, layer_hooks, select_layers)
 from .errors import QroundError, check_bits
 from .grid import GridSpec, fit_grid, qrange
+from .problems.layers import forward_hooks
 from .solvers.hopfield import inverse_rectified_sigmoid, rectified_sigmoid
 from .writeback import QuantizedWeight
 
@@ -657,6 +658,11 @@ def insert_act_quantizers(model: nn.Module, layers: LayerFilter = None,
               if not any(n.startswith(p + ".") for p in inside)}
     if not chosen:
         raise QroundError("layers selected no layer that is not already quantised")
+    for n, m in chosen.items():
+        if forward_hooks(m):
+            raise QroundError(f"layer {n!r} has a {' and a '.join(forward_hooks(m))} of its "
+                              "own, which QuantizedLayer would not run (it computes the layer "
+                              "itself): remove the hooks or register them on a parent module")
     names = list(chosen)
     bits = _per_layer(abits, names, "abits", None)
     kinds = _per_layer(borders, names, "borders", "none")
@@ -700,7 +706,8 @@ def insert_act_quantizers(model: nn.Module, layers: LayerFilter = None,
             observers[name].add(name, x)
 
         count = 0
-        with eval_mode(model), torch.no_grad(), layer_hooks(
+        # kept_buffers: a forward that writes a buffer (a counter, an average) leaves no trace
+        with kept_buffers(model), eval_mode(model), torch.no_grad(), layer_hooks(
                 {n: chosen[n] for n in observers}, hook):
             if isinstance(calib_batches, (torch.Tensor, np.ndarray)):
                 raise QroundError("calib_batches must be an iterable of batches; wrap a single "

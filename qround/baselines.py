@@ -234,6 +234,8 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
         leaders = [layer for layer in group if layer.leader == layer.name]
         stats = _stream(leaders, qmodel, None, calibration, forward, device, second=True)
         for layer in group:
+            if stats[layer.leader] is None:   # only empty inputs (an unused expert): float
+                continue
             module, h = modules[layer.name], stats[layer.leader]["hessian"]
             w = layer_weight(module)
             # the first layer with every layer that reads its input (q, k and v), and the

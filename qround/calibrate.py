@@ -133,21 +133,24 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def kept_buffers(model: nn.Module) -> Iterator[nn.Module]:
+def kept_buffers(model: nn.Module, skip: tuple[type, ...] = ()) -> Iterator[nn.Module]:
     """On exit, every buffer of ``model`` holds its value from entry again (the same tensor
     object, refilled), and buffers registered meanwhile in its modules are gone: a forward that
     writes a buffer (a counter, an observer's statistics, a cache) leaves no trace in a model
     qround only reads.  Dense buffers are cloned once on entry, to the CPU; a sparse or meta
-    buffer gets only its tensor object back.  Modules the forward creates keep their buffers."""
+    buffer gets only its tensor object back.  Modules the forward creates keep their buffers,
+    and so do modules of the types ``skip`` (qround's own, whose buffers hold results)."""
     saved = []
     for m in model.modules():
+        if isinstance(m, skip):
+            continue
         for key, t in m._buffers.items():
             dense = t is not None and t.layout == torch.strided and not t.is_meta
             # on the CPU: a model's large buffers (a static cache) need no second copy on its GPU
             saved.append((m, key, t, t.detach().to("cpu", copy=True) if dense else None))
     # a TorchScript module's buffers are refilled in place only (its attributes are fixed)
     keys = {id(m): (m, set(m._buffers.keys())) for m in model.modules()
-            if not isinstance(m, torch.jit.ScriptModule)}
+            if not isinstance(m, (torch.jit.ScriptModule, *skip))}
     try:
         yield model
     finally:

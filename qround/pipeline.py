@@ -25,6 +25,7 @@ passes (:mod:`qround.prefix_cache`, ``capture_cache_mb``), with identical result
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -51,9 +52,10 @@ from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
 from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
-from .problems.layers import (conv1d_refusals, conv1d_source, is_hf_conv1d, layer_weight,
-                              linear_view, linearize_conv1d, problems_from_layer,
-                              restore_conv1d, weight_not_writable)
+from .problems.layers import (bias_not_writable, conv1d_refusals, conv1d_source,
+                              forward_hooks, is_hf_conv1d, layer_weight, linear_view,
+                              linearize_conv1d, problems_from_layer, restore_conv1d,
+                              weight_not_writable)
 from .reconstruct import ReconstructConfig, ReconstructResult, _kv_cache
 from .report import format_table
 from .scales import solve_refitting
@@ -469,11 +471,13 @@ def _run_first(model: nn.Module, batch, forward: ForwardFn) -> None:
                           "model's positional input, the forward function") from exc
 
 
-def _select(model: nn.Module, config: QuantConfig, float_conv1d=()
+def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None, untie=True
             ) -> tuple[list[str], dict[str, str]]:
     """Names of the Linear/Conv2d layers to quantise, and the weight-holding modules left out.
     float_conv1d: transformers Conv1D layers left in float for their own reasons, which the
-    ``layers`` / ``exclude`` patterns may match (a pattern must match some layer)."""
+    ``layers`` / ``exclude`` patterns may match (a pattern must match some layer).  called: the
+    layers the forward calls, when known (:func:`_untie` gives a tied weight to one of them);
+    untie=False: every chosen layer, tied or not."""
     candidates, skipped = [], {}
     modules = dict(model.named_modules())
     for name, m in modules.items():
@@ -509,14 +513,18 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=()
     if not chosen:
         raise QroundError("config.exclude leaves no layer to quantise")
     refused = [f"{n!r}: {why}" for n in chosen
-               if (why := weight_not_writable(modules[n])) is not None]
+               if (why := weight_not_writable(modules[n]) or (
+                   bias_not_writable(modules[n]) if config.bias_correction else None))
+               is not None]
     if refused:
         computed = any("not a parameter" in r for r in refused)  # no copy of the model works
         raise QroundError("cannot round these layers' weights: " + "; ".join(refused[:3])
                           + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")
                           + ("" if computed else "; or leave them out with config.exclude"))
+    if not untie:
+        return chosen, skipped
     wanted = chosen
-    chosen = _untie(model, chosen, skipped)
+    chosen = _untie(model, chosen, skipped, called)
     if not chosen:   # the reasons of the chosen layers, not of the modules never chosen
         why = "; ".join(f"{n!r}: {skipped[n]}" for n in wanted[:3])
         raise QroundError("nothing to quantise: every chosen layer shares its weight with a "
@@ -524,13 +532,53 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=()
     return chosen, skipped
 
 
+def _check_names(model: nn.Module, names: list[str], config: QuantConfig) -> None:
+    """The checks of the chosen layers that run before any forward."""
+    if config.activation_stage:
+        _check_single_names(model, names)
+    if config.reconstruction is not None:  # bad schemes and k fail before any forward...
+        check_units(model, names, config)
+    modules = dict(model.named_modules())
+    _check_overrides_match(config, names)
+    check_group_sizes(modules, names, config)
+    for name in names:
+        module = modules[name]
+        if config.statistics == "fisher" and fisher_bytes(module) > config.fisher_budget_mb * 2**20:
+            raise QroundError(f"Fisher blocks of layer {name!r} need "
+                              f"{fisher_bytes(module) / 2**20:.1f} MB, over fisher_budget_mb="
+                              f"{config.fisher_budget_mb}; exclude it or use 'covariance'")
+
+
+def _tied_to_uncalled(model: nn.Module, names: list[str], called: set[str]) -> bool:
+    """Whether a chosen layer the forward does not call holds a weight that another module
+    shares (tied weights: that module may be called, and its weight would stay in float)."""
+    modules = dict(model.named_modules())
+    holders: dict[int, int] = {}
+    for m in modules.values():
+        for p in m._parameters.values():
+            if p is not None:
+                holders[id(conv1d_source(p))] = holders.get(id(conv1d_source(p)), 0) + 1
+    return any(holders.get(id(conv1d_source(modules[n].weight)), 0) > 1
+               for n in names if n not in called)
+
+
 def _check_single_names(model: nn.Module, names: list[str]) -> None:
     """The activation stage wraps a layer and reconstructs it by its name: a layer object
-    registered under several names (``self.tail = nn.Sequential(act, self.fc)``) is refused."""
+    registered under several names (``self.tail = nn.Sequential(act, self.fc)``) is refused,
+    and so is a layer with hooks of its own (the wrapper would not run them)."""
+    modules = dict(model.named_modules())
+    hooked = [(n, kinds) for n in names if (kinds := forward_hooks(modules[n]))]
+    if hooked:
+        name, kinds = hooked[0]
+        raise QroundError(f"layer {name!r} has a {' and a '.join(kinds)} of its own, which the "
+                          "activation-quantised wrapper would not run (it computes the layer "
+                          "itself): remove the hooks, register them on a parent module, or "
+                          "leave the layer out with config.exclude"
+                          + (f" ({len(hooked) - 1} more layers have hooks)"
+                             if len(hooked) > 1 else ""))
     paths: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(name)
-    modules = dict(model.named_modules())
     aliased = [paths[id(modules[n])] for n in names if len(paths[id(modules[n])]) > 1]
     if aliased:
         raise QroundError(f"layer {aliased[0][0]!r} is registered under several names "
@@ -539,10 +587,12 @@ def _check_single_names(model: nn.Module, names: list[str]) -> None:
                           "out with config.exclude")
 
 
-def _untie(model: nn.Module, chosen: list[str], skipped: dict[str, str]) -> list[str]:
+def _untie(model: nn.Module, chosen: list[str], skipped: dict[str, str], called=None
+           ) -> list[str]:
     """The chosen layers less those whose weight is shared (tied weights, e.g. a language-model
-    head tied to the embedding): a weight is rounded once, by the first chosen layer holding it,
-    and not at all when a module left in float holds it too.  The others go to ``skipped``."""
+    head tied to the embedding): a weight is rounded once, by the first chosen layer holding it
+    (the first one the forward calls, when ``called`` says which), and not at all when a module
+    left in float holds it too.  The others go to ``skipped``."""
     modules = dict(model.named_modules())
     holders: dict[int, list[str]] = {}
     spans: dict[int, tuple[int, int, str]] = {}   # parameter -> its memory [start, end), a name
@@ -569,7 +619,8 @@ def _untie(model: nn.Module, chosen: list[str], skipped: dict[str, str]) -> list
                               "them as one Parameter (b.weight = a.weight), or clone one")
     keep, owner = [], {}
     chosen_set = set(chosen)
-    for name in chosen:
+    first = chosen if called is None else sorted(chosen, key=lambda n: n not in called)
+    for name in first:
         weight = conv1d_source(modules[name].weight)
         others = [h for h in holders[id(weight)] if h != name]
         floats = [h for h in others if h not in chosen_set]
@@ -582,7 +633,7 @@ def _untie(model: nn.Module, chosen: list[str], skipped: dict[str, str]) -> list
         else:
             owner[id(weight)] = name
             keep.append(name)
-    return keep
+    return [n for n in chosen if n in keep]     # model order
 
 
 def _memory_span(t: torch.Tensor) -> tuple[int, int] | None:
@@ -613,16 +664,23 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> lis
         if calls[name] > 1:
             return
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is None:   # the capture reads the first positional input: fail before any work
+            raise QroundError(f"layer {name!r} was called without a tensor as first positional "
+                              "input (called with a keyword, input=x?); qround reads a layer's "
+                              "input from its first positional argument")
         owner[name] = None
         if x is not None and isinstance(module, nn.Conv2d) and x.dim() == 3:
             unbatched.add(name)
         if x is not None:
-            for ref, version, other in inputs:
-                if ref() is x and x._version == version:
+            # an inference tensor has no version counter: the same object is taken as the
+            # same input (an in-place change inside torch.inference_mode would go unseen)
+            version = None if x.is_inference() else x._version
+            for ref, seen, other in inputs:
+                if ref() is x and version == seen:
                     owner[name] = other
                     break
             else:
-                inputs.append((weakref.ref(x), x._version, name))
+                inputs.append((weakref.ref(x), version, name))
 
     with eval_mode(model), torch.no_grad(), layer_hooks({n: modules[n] for n in names}, hook):
         _run_first(model, batch, forward)
@@ -700,11 +758,12 @@ class _Sums:
             self.sum_x = s if self.sum_x is None else self.sum_x + s
             self.rows += v_hat.shape[1]
 
-    def result(self, name: str) -> dict[str, Any]:
+    def result(self, name: str) -> dict[str, Any] | None:
         """hessian (H_hat, or H when unpaired), cross / float_hessian (None when unpaired),
-        mean_x, mean_xhat (groups, n)."""
+        mean_x, mean_xhat (groups, n); None when the layer was only ever called with empty
+        inputs (an expert no token was routed to)."""
         if self.rows == 0:
-            raise QroundError(f"layer {name!r} saw no inputs during calibration")
+            return None
         out = {"mean_x": (self.sum_x / self.rows).cpu().numpy(),
                "mean_xhat": (self.sum_hat / self.rows).cpu().numpy(),
                "hessian": None, "cross": None, "float_hessian": None}
@@ -718,7 +777,14 @@ class _Sums:
 
 def _run_until(model, batch, forward, modules: dict[str, nn.Module], hook,
                calls: dict[str, int]) -> None:
-    """One forward with ``hook`` on ``modules``, stopped once each has run ``calls[name]`` times."""
+    """One forward with ``hook`` on ``modules``, stopped once each has run ``calls[name]`` times
+    (the calls of the first batch).  A module called more than once per batch (a cell of a
+    loop, a layer shared across positions) may be called another number of times on another
+    batch (a longer sequence): then the forward runs whole, every call counted."""
+    if any(v > 1 for v in calls.values()):
+        with layer_hooks(modules, hook):
+            forward(model, batch)
+        return
     left = dict(calls)
 
     def counted(name, module, args, out):
@@ -810,10 +876,12 @@ def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibra
         stats = _stream(leaders, float_model if paired else source,
                         quant_model if paired else None, calibration, forward, device, second,
                         caches, before)
-    out = {x.name: dict(stats.get(x.leader, {})) for x in unit}
-    if not second:
+    out = {x.name: (None if need_means and stats[x.leader] is None
+                    else dict(stats.get(x.leader, {}))) for x in unit}
+    wanted = [x.name for x in unit if out[x.name] is not None]
+    if not second and wanted:
         # per-channel Fisher blocks of the layers' actual inputs (the copy when asymmetric)
-        fisher = capture_fisher(source, calibration, loss_fn, [x.name for x in unit],
+        fisher = capture_fisher(source, calibration, loss_fn, wanted,
                                 config.fisher_budget_mb, forward, device)
         for name, h in fisher.items():
             out[name].update(hessian=h, cross=None, float_hessian=None)
@@ -1151,19 +1219,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     model, _ = linear_view(model, names=convert)
     names, skipped = _select(model, config, float_conv1d=conv_skipped)
     skipped.update(conv_skipped)
-    if config.activation_stage:
-        _check_single_names(model, names)
-    if config.reconstruction is not None:  # bad schemes and k fail before any forward...
-        check_units(model, names, config)
-    float_modules = dict(model.named_modules())
-    _check_overrides_match(config, names)
-    check_group_sizes(float_modules, names, config)
-    for name in names:
-        module = float_modules[name]
-        if config.statistics == "fisher" and fisher_bytes(module) > config.fisher_budget_mb * 2**20:
-            raise QroundError(f"Fisher blocks of layer {name!r} need "
-                              f"{fisher_bytes(module) / 2**20:.1f} MB, over fisher_budget_mb="
-                              f"{config.fisher_budget_mb}; exclude it or use 'covariance'")
+    _check_names(model, names, config)
     solvers = _build_solvers(config)
     _check_no_kv_cache(model, config, first_batch, forward)
 
@@ -1172,10 +1228,25 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     # get their Conv1D back at the end
     qmodel, replaced = linearize_conv1d(target if inplace else copy_module(target), share=True,
                                         names=convert)
+    # the copy's buffers that the calibration forwards write (a counter, an average) get the
+    # float model's values back after the weight stage, as the float model's do
+    restore = contextlib.ExitStack()
+    if not inplace:
+        restore.enter_context(kept_buffers(qmodel))
     # the plan's traced forward also gives every module's span for the capture caches
     plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward, names,
                                             config)
     called = {x.name for x in plan}
+    if len(called) < len(names) and _tied_to_uncalled(model, names, called):
+        # a tied weight went to a layer the forward never calls: give it to one it calls
+        everything, _ = _select(model, config, float_conv1d=conv_skipped, untie=False)
+        calls = {x.name for x in _trace(qmodel, first_batch, forward, everything)}
+        names, skipped = _select(model, config, float_conv1d=conv_skipped, called=calls)
+        skipped.update(conv_skipped)
+        _check_names(model, names, config)
+        plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward,
+                                                names, config)
+        called = {x.name for x in plan}
     for name in names:
         if name not in called:
             skipped[name] = ("never called by the forward (its weight may be used directly by "
@@ -1215,6 +1286,13 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
             capture_share = (time.perf_counter() - t0) / len(unit)
             for layer in unit:
                 bar.set_postfix_str(layer.name)
+                if stats[layer.name] is None:
+                    skipped[layer.name] = ("called only with empty inputs during calibration "
+                                           "(an expert no token was routed to?): no statistics "
+                                           "to round it by, left in float")
+                    log.warning("layer %s: %s", layer.name, skipped[layer.name])
+                    bar.update(1)
+                    continue
                 module = q_modules[layer.name]
                 weight = layer_weight(module)
                 solver = solvers[config.override(layer.name)[0]]
@@ -1241,6 +1319,10 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
         # the recorded outputs are of no use to the activation stage, which records its own:
         # kept, they would double the memory budget the user set
         caches.clear()
+        restore.close()
+    if not layers:
+        raise QroundError("no chosen layer received a non-empty input during calibration: "
+                          + "; ".join(f"{n!r}: {why}" for n, why in list(skipped.items())[:2]))
     result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0, source=source)
     if config.activation_stage:
         result.reconstruction, result.units = quantize_activations(

@@ -213,12 +213,19 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__)  # hooks, _parameters...: se
 _CONTAINER_ITEMS = 64  # a list or dict attribute is looked into up to this many items
 
 
+def version_of(t: torch.Tensor):
+    """``t._version``, the count of its in-place changes; an inference tensor
+    (``torch.inference_mode``) has none, and gets an object equal to nothing else: never
+    taken as unchanged."""
+    return object() if t.is_inference() else t._version
+
+
 def _value_state(value: Any, depth: int = 0) -> Any:
     """What a forward could change inside one attribute: a tensor's version, a random
     generator's state (torch, numpy or Python), a container's items (3 levels, 64 items each);
     anything else by identity."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", id(value), value._version)
+        return ("tensor", id(value), version_of(value))
     if isinstance(value, _SCALARS):
         return value
     if isinstance(value, torch.Generator):
@@ -270,7 +277,7 @@ def _state(module: nn.Module) -> tuple:
     container items of :func:`_value_state`), and the versions of all parameters and buffers."""
     attrs = tuple(tuple((k, id(v)) if k in _MODULE_INTERNALS else (k, _value_state(v))
                         for k, v in m.__dict__.items() if k != "forward") for m in module.modules())
-    versions = tuple(t._version for t in (*module.parameters(), *module.buffers()))
+    versions = tuple(version_of(t) for t in (*module.parameters(), *module.buffers()))
     return attrs, versions
 
 
@@ -544,12 +551,17 @@ class PrefixCache:
             if tensors is None:
                 self._exclude(name, "takes an input that is not tensors or plain values")
                 return
+            if any(t.is_inference() for t in (*tensors, *module.parameters(),
+                                               *module.buffers())):
+                self._exclude(name, "takes or holds inference tensors (torch.inference_mode), "
+                                    "whose in-place changes cannot be seen")
+                return
             try:
                 summary = _fingerprint((args, kwargs))
             except Unprintable as exc:
                 self._exclude(name, f"takes an input that cannot be compared ({exc})")
                 return
-            rec.pending = {"versions": [(t, t._version) for t in tensors],
+            rec.pending = {"versions": [(t, version_of(t)) for t in tensors],
                            "inputs": _storages(tensors), "print": summary,
                            "state": _state(module), "rng": _rng_states(),
                            "containers": _value_state((args, kwargs)), "call": (args, kwargs)}
@@ -563,7 +575,7 @@ class PrefixCache:
             seen, rec.pending = rec.pending, None
             why = None
             outputs = _plain(out)
-            if any(t._version != v for t, v in seen["versions"]):
+            if any(version_of(t) != v for t, v in seen["versions"]):
                 why = "changes an input in place"
             elif _value_state(seen["call"]) != seen["containers"]:
                 why = "changes a list or dict it takes"

@@ -41,6 +41,8 @@ above unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import logging
 import math
@@ -342,11 +344,17 @@ def _nbytes(obj) -> int:
 def _main_tensor(out, name: str) -> torch.Tensor:
     """The tensor a block's output is compared on: itself, or the first floating-point tensor
     of a tuple / mapping (HF layers return ``(hidden_states, ...)``; a whole sentence model
-    returns a dict that starts with the integer ``input_ids``)."""
+    returns a dict that starts with the integer ``input_ids``), or a dataclass's fields."""
     if isinstance(out, torch.Tensor):
         return out
-    items = list(out.values()) if isinstance(out, Mapping) else (
-        list(out) if isinstance(out, (tuple, list)) else [])
+    if isinstance(out, Mapping):
+        items = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        items = list(out)
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        items = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    else:
+        items = []
     for item in items:
         if isinstance(item, torch.Tensor) and item.is_floating_point():
             return item
@@ -726,6 +734,11 @@ def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
                 args, kwargs, y, mask = data.sample(gen, config.batch_size)
                 with qdrop(layers.values(), config.qdrop, gen):
                     out = _main_tensor(block(*args, **kwargs), name)
+                if not out.requires_grad:
+                    raise QroundError(f"unit {name!r}: its output does not depend on the "
+                                      "parameters being trained (does its forward run under "
+                                      "torch.no_grad() or inference_mode, or detach?); "
+                                      "reconstruction needs gradients through it")
                 loss = _rec_loss(out, y, mask)
                 beta = _beta(t, config)
                 if rounding and beta is not None and config.reg_weight > 0:

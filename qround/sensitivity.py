@@ -263,6 +263,9 @@ def _float_tensors(out: Any, path: str = "output") -> list[tuple[str, torch.Tens
         return [t for k, v in out.items() for t in _float_tensors(v, f"{path}[{k!r}]")]
     if isinstance(out, (tuple, list)):
         return [t for i, v in enumerate(out) for t in _float_tensors(v, f"{path}[{i}]")]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out)
+                for t in _float_tensors(getattr(out, f.name), f"{path}.{f.name}")]
     return []
 
 

@@ -243,6 +243,31 @@ def weight_not_writable(module) -> str | None:
     return None
 
 
+def bias_not_writable(module) -> str | None:
+    """Why bias correction cannot add to a layer's bias, or None when it can (a parameter, or
+    no bias: one is added): a parametrized or computed bias would lose the addition."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, "bias"):
+        return ("its bias is parametrized, so bias correction's addition would be lost: remove "
+                "that with torch.nn.utils.parametrize.remove_parametrizations(module, 'bias'), "
+                "or turn bias_correction off")
+    bias = getattr(module, "bias", None)
+    if bias is not None and not isinstance(bias, nn.Parameter):
+        return ("its bias is not a parameter but computed on every forward, so bias "
+                "correction's addition would be lost: turn bias_correction off")
+    return None
+
+
+def forward_hooks(module) -> list[str]:
+    """The kinds of hooks registered on ``module`` itself (forward, forward pre-, backward,
+    backward pre-hooks), which a wrapper calling its weight directly would not run."""
+    kinds = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+             "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+    return [label for attr, label in kinds.items() if getattr(module, attr, None)]
+
+
 def layer_groups(module) -> int:
     """Number of independent input groups: ``module.groups`` for a conv, 1 for a Linear."""
     return int(module.groups) if layer_kind(module) == "conv2d" else 1

@@ -1,0 +1,305 @@
+"""Full-model quantisation of models with unusual structure: inference tensors, hooks on a
+layer, tied weights held by a layer the forward never calls, a layer called a varying number
+of times, a parametrized bias, dataclass outputs, an expert no token reaches, a block that runs
+under no_grad, a layer called by keyword, and buffers a forward writes."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qround import QroundError
+from qround.pipeline import QuantConfig, quantize_model
+from qround.reconstruct import ReconstructConfig
+
+
+def _batches(n=3, shape=(16, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def _config(**kw):
+    return QuantConfig(**{"wbits": 4, "solver": "greedy", "progress": False, **kw})
+
+
+def test_inference_tensors_as_batches_and_inside_the_forward():
+    # "Inference tensors do not track version counter" was blamed on the user's batches
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        batches = _batches()
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    qm = quantize_model(model, batches, _config())
+    assert [r.layer for r in qm.report] == ["0", "2"]
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            with torch.inference_mode():
+                h = torch.relu(self.a(x))
+            return self.b(h.clone())
+
+    qm = quantize_model(Inner(), _batches(), _config())
+    assert [r.layer for r in qm.report] == ["a", "b"]
+
+
+class _Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_layer_with_its_own_hooks_is_refused_by_the_activation_stage():
+    # the wrapper computes the layer itself: the hook (here zeroing the output) silently stopped
+    torch.manual_seed(0)
+    model = _Two()
+    model.a.register_forward_hook(lambda mod, args, out: out * 0)
+    with pytest.raises(QroundError, match="'a' has a forward hook of its own"):
+        quantize_model(model, _batches(), _config(abits=8))
+    qm = quantize_model(model, _batches(), _config())          # weights only: the hook runs
+    x = _batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert torch.equal(qm.model(x), qm.model.b(torch.zeros(16, 8)))
+    from qround.activations import insert_act_quantizers
+    with pytest.raises(QroundError, match="forward hook"):
+        insert_act_quantizers(model, ["a"], 8, calib_batches=_batches())
+
+
+def test_a_tied_weight_goes_to_the_layer_the_forward_calls():
+    # the owner was the first holder in module order ('spare', never called): 'head' stayed in
+    # float while the report said it was rounded at 'spare'
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.spare, self.body, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.head.weight = self.spare.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    model = Tied()
+    qm = quantize_model(model, _batches(), _config())
+    assert [r.layer for r in qm.report] == ["body", "head"]
+    assert "rounded once" in qm.skipped["spare"]
+    assert qm.model.head.weight is qm.model.spare.weight
+    qw = qm.layers["head"]
+    np.testing.assert_allclose(qm.model.head.weight.detach().double().numpy(),
+                               qw.dequantized.reshape(8, 8), atol=1e-6)
+    assert not torch.equal(qm.model.head.weight, model.head.weight)
+
+
+def test_a_layer_called_a_varying_number_of_times_counts_every_call():
+    # each pass stopped after the first batch's call count: H came from half the rows
+    from qround.calibrate import capture_hessians
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.cell = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):                       # x (B, T, 4): T calls of cell
+            h = torch.zeros(x.shape[0], 4)
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.cell(h + self.inp(x[:, t])))
+            return h
+
+    torch.manual_seed(0)
+    model = Cell()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 2, 4, generator=g), torch.randn(16, 6, 4, generator=g)]
+    want = capture_hessians(model, batches, layers=["cell"])["cell"]
+    seen = {}
+    from qround import pipeline
+
+    original = pipeline._solve_layer
+
+    def spy(layer, module, stats, solver, config):
+        seen[layer.name] = stats["hessian"]
+        return original(layer, module, stats, solver, config)
+
+    pipeline._solve_layer = spy
+    try:
+        quantize_model(model, batches, _config(wbits=8, inputs="float"))
+        np.testing.assert_allclose(seen["cell"], want, rtol=1e-5, atol=1e-7)
+        quantize_model(model, batches, _config(wbits=8))      # quantised inputs: every call too
+        assert seen["cell"].shape == want.shape
+    finally:
+        pipeline._solve_layer = original
+    # with 8-bit weights the quantised inputs are close to the float ones
+    np.testing.assert_allclose(seen["cell"], want, atol=0.02 * np.abs(want).max())
+
+
+def test_bias_correction_refuses_a_parametrized_bias_before_any_work():
+    class Scale(nn.Module):
+        def forward(self, b):
+            return b * 1.0
+
+    model = _Two()
+    parametrize.register_parametrization(model.a, "bias", Scale())
+    with pytest.raises(QroundError, match="'a': its bias is parametrized"):
+        quantize_model(model, _batches(), _config(bias_correction=True))
+    quantize_model(model, _batches(), _config())                 # no bias correction: fine
+
+
+@dataclasses.dataclass
+class _Out:
+    hidden: torch.Tensor
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x.hidden if isinstance(x, _Out) else x
+        return _Out(torch.relu(self.fc(x)) + x)
+
+
+class _DataclassNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_Block() for _ in range(2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return _Out(self.head(x.hidden))
+
+
+def test_blocks_and_models_that_return_dataclasses():
+    torch.manual_seed(0)
+    model = _DataclassNet()
+    rec = ReconstructConfig(iterations=5, batch_size=8)
+    qm = quantize_model(model, _batches(), _config(abits=8, reconstruction=rec,
+                                                   granularity="block"))
+    assert len(qm.reconstruction.blocks) >= 2
+    from qround.sensitivity import layer_sensitivity
+    sens = layer_sensitivity(model, _batches(), _config(), bits=(4,))
+    assert {x.name for x in sens.layers} == {"layers.0.fc", "layers.1.fc", "head"}
+
+
+def test_an_expert_no_token_reaches_stays_in_float():
+    class MoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.router = nn.Linear(8, 8), nn.Linear(8, 3)
+            self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            h = self.inp(x)
+            r = self.router(h).argmax(-1)
+            r = torch.where(r == 2, torch.zeros_like(r), r)   # expert 2 never gets a token
+            out = torch.zeros_like(h)
+            for e, expert in enumerate(self.experts):
+                idx = (r == e).nonzero().flatten()
+                out[idx] = expert(h[idx])
+            return out
+
+    torch.manual_seed(0)
+    model = MoE()
+    for extra in ({}, {"bias_correction": True}, {"abits": 8}):
+        qm = quantize_model(model, _batches(), _config(**extra))
+        assert "experts.2" not in qm.layers and "empty inputs" in qm.skipped["experts.2"]
+        assert {"inp", "router", "experts.0", "experts.1"} <= set(qm.layers)
+        expert = dict(qm.model.named_modules())["experts.2"]
+        expert = getattr(expert, "layer", expert)
+        assert torch.equal(expert.weight, model.experts[2].weight)
+
+
+def test_a_block_under_no_grad_is_named_by_reconstruction():
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            with torch.no_grad():
+                return torch.relu(self.fc(x)) + x
+
+    model = nn.Sequential(Frozen(), Frozen(), nn.Linear(8, 3))
+    rec = ReconstructConfig(iterations=3, batch_size=8)
+    with pytest.raises(QroundError, match="unit '0'.*torch.no_grad"):
+        quantize_model(model, _batches(), _config(abits=8, reconstruction=rec,
+                                                  granularity="block"))
+
+
+def test_a_layer_called_by_keyword_is_refused_before_any_solve():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.c(input=self.a(x))
+
+    from qround import pipeline
+    calls = []
+    original = pipeline._solve_layer
+    pipeline._solve_layer = lambda *a, **k: calls.append(a) or original(*a, **k)
+    try:
+        with pytest.raises(QroundError, match="'c' was called without a tensor as first "
+                                              "positional input"):
+            quantize_model(Keyword(), _batches(), _config())
+    finally:
+        pipeline._solve_layer = original
+    assert calls == []
+
+
+class _Ema(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("avg", torch.zeros(8))
+
+    def forward(self, x):
+        self.avg.mul_(0.5).add_(0.5 * x.mean(0).detach())     # written in eval mode too
+        return self.fc(x) + self.avg
+
+
+@pytest.mark.parametrize("abits", [None, 8])
+def test_buffers_the_forward_writes_are_those_of_the_float_model(abits):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Ema(), nn.Linear(8, 2))
+    qm = quantize_model(model, _batches(), _config(abits=abits))
+    assert torch.equal(model[0].avg, torch.zeros(8))
+    buffers = {n: t for n, t in qm.model.named_buffers() if n.endswith("avg")}
+    assert len(buffers) == 1 and torch.equal(next(iter(buffers.values())), torch.zeros(8))
+
+
+def test_insert_act_quantizers_leaves_the_models_buffers_alone():
+    from qround.activations import insert_act_quantizers
+
+    model = nn.Sequential(_Ema(), nn.Linear(8, 2))
+    insert_act_quantizers(model, None, 8, calib_batches=_batches())
+    assert torch.equal(model[0].avg, torch.zeros(8))
+
+
+def test_f_linear_on_a_layers_weight_still_reads_the_rounded_weight():
+    # a sanity check of the README's rule for weights used directly: they are the rounded ones
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.linear(torch.relu(self.fc(x)), self.fc.weight)
+
+    torch.manual_seed(0)
+    qm = quantize_model(Direct(), _batches(), _config())
+    x = _batches(1, seed=3)[0]
+    with torch.no_grad():
+        w = qm.model.fc.weight
+        assert torch.allclose(qm.model(x), F.linear(torch.relu(qm.model.fc(x)), w))
