@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibrate import ForwardFn, default_forward
+from .calibrate import ForwardFn, default_forward, kept_buffers
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, GridSpec, fit_grid
 from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match,
-                       _conv1d_selection, _own_rng, _select, _stream, _trace, check_group_sizes,
-                       same_passes)
+                       _conv1d_selection, _mark_varying, _own_rng, _reselect, _select, _stream,
+                       _trace, check_group_sizes, same_passes)
 from .problems.layers import layer_weight, linearize_conv1d, restore_conv1d
 from .solvers.gptq import inverse_cholesky
 from .writeback import QuantizedWeight, apply_to_layer
@@ -168,8 +168,15 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
                               "needs calibration data; use 'minmax' or 'mse'")
         ends = {names[0], names[-1]}
         if example is not None:
-            with torch.no_grad():
+            with torch.no_grad(), kept_buffers(qmodel):
                 plan = _trace(qmodel, example, forward, names)
+                again = _reselect(qmodel, qmodel, config, conv_skipped, example, forward, names,
+                                  {x.name for x in plan})
+                if again is not None:     # a tied weight went to a layer never called
+                    names = again[0]
+                    _check_overrides_match(config, names)
+                    check_group_sizes(modules, names, config)
+                    plan = _trace(qmodel, example, forward, names)
             if not plan:
                 raise QroundError("none of the chosen layers is called by the forward")
             # as quantize_model: layers the forward never calls stay in float
@@ -222,9 +229,24 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
     for name in names:
         if isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1:
             raise QroundError(f"gptq_model: layer {name!r} is a grouped conv, not supported")
+    with kept_buffers(qmodel):   # buffers the forwards write keep the float model's values
+        return _gptq_passes(qmodel, replaced, modules, names, conv_skipped, first_batch,
+                            calibration, config, forward, act_order, percdamp, blocksize, start)
+
+
+def _gptq_passes(qmodel, replaced, modules, names, conv_skipped, first_batch, calibration,
+                 config, forward, act_order, percdamp, blocksize, start):
     plan = _trace(qmodel, first_batch, forward, names)
+    again = _reselect(qmodel, qmodel, config, conv_skipped, first_batch, forward, names,
+                      {x.name for x in plan})
+    if again is not None:     # a tied weight went to a layer the forward never calls
+        names = again[0]
+        _check_overrides_match(config, names)
+        check_group_sizes(modules, names, config)
+        plan = _trace(qmodel, first_batch, forward, names)
     if not plan:
         raise QroundError("none of the chosen layers is called by the forward")
+    _mark_varying(qmodel, calibration, forward, plan)
     groups: dict[int, list] = {}
     for layer in plan:
         groups.setdefault(layer.group, []).append(layer)

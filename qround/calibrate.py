@@ -132,6 +132,10 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
                 m.train(training)
 
 
+_SCALAR_TYPES = (int, float, complex, str, bytes, bool, type(None))
+_MISSING = object()
+
+
 @contextmanager
 def kept_buffers(model: nn.Module, skip: tuple[type, ...] = ()) -> Iterator[nn.Module]:
     """On exit, every buffer of ``model`` holds its value from entry again (the same tensor
@@ -139,11 +143,17 @@ def kept_buffers(model: nn.Module, skip: tuple[type, ...] = ()) -> Iterator[nn.M
     writes a buffer (a counter, an observer's statistics, a cache) leaves no trace in a model
     qround only reads.  Dense buffers are cloned once on entry, to the CPU; a sparse or meta
     buffer gets only its tensor object back.  Modules the forward creates keep their buffers,
-    and so do modules of the types ``skip`` (qround's own, whose buffers hold results)."""
-    saved = []
+    and so do modules of the types ``skip`` (qround's own, whose buffers hold results).  Plain
+    attributes holding a number, string, bool or None get their values back too: a lazy cache
+    that re-registers a longer buffer also counts its length in one (``max_seq_len_cached``),
+    and the two must stay in step."""
+    saved, scalars = [], []
     for m in model.modules():
         if isinstance(m, skip):
             continue
+        if not isinstance(m, torch.jit.ScriptModule):
+            scalars.append((m, {k: v for k, v in m.__dict__.items()
+                                if k != "training" and isinstance(v, _SCALAR_TYPES)}))
         for key, t in m._buffers.items():
             dense = t is not None and t.layout == torch.strided and not t.is_meta
             # on the CPU: a model's large buffers (a static cache) need no second copy on its GPU
@@ -155,6 +165,11 @@ def kept_buffers(model: nn.Module, skip: tuple[type, ...] = ()) -> Iterator[nn.M
         yield model
     finally:
         with torch.no_grad():
+            for m, attrs in scalars:
+                for k, v in attrs.items():
+                    now = m.__dict__.get(k, _MISSING)
+                    if now is not v and not (type(now) is type(v) and now == v):
+                        m.__dict__[k] = v
             for m, had in keys.values():
                 for key in [k for k in m._buffers if k not in had]:
                     del m._buffers[key]
@@ -527,7 +542,8 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
     (a scalar tensor; its reduction sets a per-batch factor, which does not change a channel's
     argmin).  Each layer's blocks must fit ``memory_budget_mb``, checked before any forward.
     Gradients are taken with ``torch.autograd.grad`` on the chosen weights, so no ``.grad`` of the
-    model is written; weights with ``requires_grad=False`` are switched on and restored.
+    model is written; weights with ``requires_grad=False`` are switched on and restored.  A
+    layer called only with empty inputs (an expert no token reached) maps to None.
     """
     modules = select_layers(model, layers)
     for name, module in modules.items():
@@ -537,9 +553,13 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
                               f"(out x n x n float64), over memory_budget_mb={memory_budget_mb}")
     forward = forward or default_forward
     moments = {name: _ChannelMoment(module) for name, module in modules.items()}
+    inputs = dict.fromkeys(modules, 0)     # input rows seen per layer
 
     def hook(name, module, args, out):
         x = _layer_input(name, module, args)
+        inputs[name] += x.shape[0]
+        if x.shape[0] == 0:   # an empty call (an expert no token reached): nothing to add
+            return None
         mask = _active_mask(module, args[0])
         if not isinstance(out, torch.Tensor) or not out.requires_grad:
             raise QroundError(f"layer {name!r}: output does not require grad (is the forward "
@@ -585,4 +605,4 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
     finally:
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
-    return {name: moments[name].mean(name) for name in modules}
+    return {name: moments[name].mean(name) if inputs[name] else None for name in modules}

@@ -1314,15 +1314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             verbose = prefix.parse_args(argv[:first]).verbose
         except SystemExit as exc:  # an unknown option before `bench` (already printed)
             return exc.code if isinstance(exc.code, int) else 2
-        _logging(bool(verbose))
-        return _run(lambda: bench_main(argv[first + 1:]))
+        return _run(lambda: bench_main(argv[first + 1:]), bool(verbose))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # a usage error (already printed) or --help: its exit status
         return exc.code if isinstance(exc.code, int) else 2
-    _logging(args.verbose)
-    return _run(lambda: args.func(args))
+    return _run(lambda: args.func(args), args.verbose)
 
 
 def _logging(verbose: bool) -> None:
@@ -1330,8 +1328,26 @@ def _logging(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-def _run(command) -> int:
-    """Run a command: a QroundError is one line on stderr and exit 2; Ctrl-C is exit 130."""
+def _run(command, verbose: bool = False) -> int:
+    """Run a command: a QroundError is one line on stderr and exit 2; Ctrl-C is exit 130.  A
+    caller's process (``main`` called from Python) gets its torch thread count and its root
+    logger (handlers, level) back afterwards."""
+    import torch
+
+    root = logging.getLogger()
+    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+    _logging(verbose)
+    try:
+        return _command(command)
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _command(command) -> int:
     try:
         return int(command() or 0)
     except SystemExit as exc:  # argparse inside `qround bench`: usage error or --help

@@ -27,6 +27,7 @@ def atomic_write(path: str | os.PathLike, binary: bool = True, what: str = "file
     if os.path.islink(path):
         path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    made = missing_folders(folder) if make_folder else []   # removed again on a failure
     if make_folder:
         try:
             os.makedirs(folder, exist_ok=True)
@@ -42,6 +43,7 @@ def atomic_write(path: str | os.PathLike, binary: bool = True, what: str = "file
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                    dir=folder)
     except OSError as exc:
+        remove_folders(made)
         raise QroundError(f"cannot write {what} {path!r}: {exc}") from exc
     try:
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
@@ -53,9 +55,31 @@ def atomic_write(path: str | os.PathLike, binary: bool = True, what: str = "file
     except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        remove_folders(made)
         if isinstance(exc, OSError):
             raise QroundError(f"cannot write {what} {path!r}: {exc}") from exc
         raise
+
+
+def missing_folders(folder: str | os.PathLike) -> list[str]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def remove_folders(folders: list[str]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: what a failed write created."""
+    for path in folders:
+        try:
+            os.rmdir(path)
+        except OSError:
+            break
 
 
 def _umask() -> int:

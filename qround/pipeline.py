@@ -51,7 +51,7 @@ from .export import fingerprint
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
-from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
+from .prefix_cache import PrefixCache, budget_bytes, check_budget, disabled, trace_spans
 from .problems.layers import (bias_not_writable, conv1d_refusals, conv1d_source,
                               forward_hooks, is_hf_conv1d, layer_weight, linear_view,
                               linearize_conv1d, problems_from_layer, restore_conv1d,
@@ -442,6 +442,7 @@ class _Layer:
     calls: int           # forward calls per batch, from the order pass
     group: int
     unbatched: bool = False   # a Conv2d whose first input had no batch axis (C, H, W)
+    varies: bool = False      # called another number of times on some batch than on the first
 
 
 def _base(m: nn.Module) -> type:
@@ -547,6 +548,21 @@ def _check_names(model: nn.Module, names: list[str], config: QuantConfig) -> Non
             raise QroundError(f"Fisher blocks of layer {name!r} need "
                               f"{fisher_bytes(module) / 2**20:.1f} MB, over fisher_budget_mb="
                               f"{config.fisher_budget_mb}; exclude it or use 'covariance'")
+
+
+def _reselect(model: nn.Module, traced: nn.Module, config: QuantConfig, conv_skipped: dict,
+              batch, forward: ForwardFn, names: list[str], called: set[str]):
+    """(names, skipped) chosen again when a tied weight went to a layer the forward never
+    calls (:func:`_tied_to_uncalled`), now giving it to one it calls; None when no weight did.
+    ``model`` is what :func:`_select` chose on, ``traced`` the copy one forward of ``batch``
+    runs on to see which layers are called."""
+    if len(called) == len(names) or not _tied_to_uncalled(model, names, called):
+        return None
+    everything, _ = _select(model, config, float_conv1d=conv_skipped, untie=False)
+    calls = {x.name for x in _trace(traced, batch, forward, everything)}
+    names, skipped = _select(model, config, float_conv1d=conv_skipped, called=calls)
+    skipped.update(conv_skipped)
+    return names, skipped
 
 
 def _tied_to_uncalled(model: nn.Module, names: list[str], called: set[str]) -> bool:
@@ -775,13 +791,37 @@ class _Sums:
         return out
 
 
+def _mark_varying(model: nn.Module, calibration, forward: ForwardFn, plan: list[_Layer]) -> None:
+    """Set ``varies`` on the plan's layers that the forward calls another number of times on
+    some calibration batch than on the first (a loop over a sequence's length, an expert
+    reached once or twice): their capture passes must run whole (:func:`_run_until`).  One
+    forward of every batch, counting calls only."""
+    modules = dict(model.named_modules())
+    want = {x.name: modules[x.name] for x in plan}
+    first = {x.name: x.calls for x in plan}
+    counts: dict[str, int] = {}
+    varies: set[str] = set()
+
+    def hook(name, module, args, out):
+        counts[name] = counts.get(name, 0) + 1
+
+    with eval_mode(model), torch.no_grad(), layer_hooks(want, hook):
+        for batch in calibration:
+            counts.clear()
+            forward(model, batch)
+            varies |= {n for n in want if counts.get(n, 0) != first[n]}
+    for x in plan:
+        x.varies = x.name in varies
+
+
 def _run_until(model, batch, forward, modules: dict[str, nn.Module], hook,
-               calls: dict[str, int]) -> None:
+               calls: dict[str, int], whole: bool = False) -> None:
     """One forward with ``hook`` on ``modules``, stopped once each has run ``calls[name]`` times
     (the calls of the first batch).  A module called more than once per batch (a cell of a
     loop, a layer shared across positions) may be called another number of times on another
-    batch (a longer sequence): then the forward runs whole, every call counted."""
-    if any(v > 1 for v in calls.values()):
+    batch (a longer sequence): then the forward runs whole, every call counted, and so it does
+    with ``whole`` (a module whose count varied between batches, :func:`_mark_varying`)."""
+    if whole or any(v > 1 for v in calls.values()):
         with layer_hooks(modules, hook):
             forward(model, batch)
         return
@@ -804,18 +844,21 @@ def _run_until(model, batch, forward, modules: dict[str, nn.Module], hook,
 
 def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Module | None,
             calibration: Iterable, forward: ForwardFn, device, second: bool,
-            caches: dict[int, PrefixCache] | None = None, before: int = 0
-            ) -> dict[str, dict[str, Any]]:
+            caches: dict[int, PrefixCache] | None = None, before: int = 0,
+            plan: list[_Layer] | None = None) -> dict[str, dict[str, Any]]:
     """Statistics of the leaders' inputs, streamed batch by batch.
 
     quant_model None: inputs from ``float_model`` only (x_hat = x).  Otherwise each batch runs
     the float model (holding this batch's inputs of the leaders) and then the quantised copy.
     caches: a PrefixCache per model (by id), prepared for a pass whose first layer starts at
-    event ``before``; models without one run whole.
+    event ``before``; models without one run whole.  plan (the first capture, unpaired): its
+    forwards run whole and count every plan layer's calls per batch, setting ``varies``
+    (:func:`_mark_varying`'s work, without a pass of its own).
     """
     f_mods = dict(float_model.named_modules())
     f_mods = {x.name: f_mods[x.name] for x in leaders}
     calls = {x.name: x.calls for x in leaders}
+    whole = any(x.varies for x in leaders)
     sums = {n: _Sums(m, device, second) for n, m in f_mods.items()}
     pending: dict[str, list[torch.Tensor]] = {}
 
@@ -843,9 +886,25 @@ def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Modul
         cache.prepare(before)
     with eval_mode(float_model), torch.no_grad():
         if quant_model is None:
-            for j, batch in enumerate(calibration):
-                with f_cache.batch(j, batch):
-                    _run_until(float_model, batch, forward, f_mods, single, calls)
+            counting = contextlib.ExitStack()
+            counts: dict[str, int] = {}
+            varies: set[str] = set()
+            if plan is not None:
+                every = dict(float_model.named_modules())
+                counting.enter_context(layer_hooks(
+                    {x.name: every[x.name] for x in plan},
+                    lambda name, module, args, out: counts.__setitem__(
+                        name, counts.get(name, 0) + 1)))
+            with counting:
+                for j, batch in enumerate(calibration):
+                    counts.clear()
+                    with f_cache.batch(j, batch):
+                        _run_until(float_model, batch, forward, f_mods, single, calls,
+                                   whole or plan is not None)
+                    if plan is not None:
+                        varies |= {x.name for x in plan if counts.get(x.name, 0) != x.calls}
+            for x in plan or ():
+                x.varies = x.name in varies
         else:
             q_mods = dict(quant_model.named_modules())
             q_mods = {n: q_mods[n] for n in f_mods}
@@ -853,9 +912,9 @@ def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Modul
                 for j, batch in enumerate(calibration):
                     pending.update({n: [] for n in f_mods})
                     with f_cache.batch(j, batch):
-                        _run_until(float_model, batch, forward, f_mods, store, calls)
+                        _run_until(float_model, batch, forward, f_mods, store, calls, whole)
                     with q_cache.batch(j, batch):
-                        _run_until(quant_model, batch, forward, q_mods, pair, calls)
+                        _run_until(quant_model, batch, forward, q_mods, pair, calls, whole)
         pending.clear()
     for cache in {id(f_cache): f_cache, id(q_cache): q_cache}.values():
         cache.finish()
@@ -864,8 +923,9 @@ def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Modul
 
 def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibration, forward,
              loss_fn, config: QuantConfig, caches: dict[int, PrefixCache] | None = None,
-             before: int = 0) -> dict[str, dict[str, Any]]:
-    """Statistics of every layer of a capture unit; followers share their leader's."""
+             before: int = 0, plan: list[_Layer] | None = None) -> dict[str, dict[str, Any]]:
+    """Statistics of every layer of a capture unit; followers share their leader's.  plan: for
+    the first unit, every layer's calls are counted on the way (:func:`_stream`)."""
     device = torch.device(config.device)
     leaders = [x for x in unit if x.leader == x.name]
     source = float_model if config.inputs == "float" else quant_model
@@ -875,7 +935,7 @@ def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibra
     if need_means:
         stats = _stream(leaders, float_model if paired else source,
                         quant_model if paired else None, calibration, forward, device, second,
-                        caches, before)
+                        caches, before, None if paired else plan)
     out = {x.name: (None if need_means and stats[x.leader] is None
                     else dict(stats.get(x.leader, {}))) for x in unit}
     wanted = [x.name for x in unit if out[x.name] is not None]
@@ -884,7 +944,10 @@ def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibra
         fisher = capture_fisher(source, calibration, loss_fn, wanted,
                                 config.fisher_budget_mb, forward, device)
         for name, h in fisher.items():
-            out[name].update(hessian=h, cross=None, float_hessian=None)
+            if h is None:
+                out[name] = None          # only empty inputs: left in float by the caller
+            else:
+                out[name].update(hessian=h, cross=None, float_hessian=None)
     return out
 
 
@@ -1060,7 +1123,7 @@ def _plan_and_caches(qmodel: nn.Module, float_model: nn.Module, first_batch, for
     plan = []
     spans, starts = trace_spans(qmodel, lambda: plan.extend(_trace(qmodel, first_batch,
                                                                    forward, names)))
-    budget = int(config.capture_cache_mb * 2 ** 20)
+    budget = budget_bytes(config.capture_cache_mb)
     caches = {id(m): PrefixCache(m, spans, budget, [x.name for x in plan], starts)
               for m in (qmodel, float_model)}
     return plan, caches, starts
@@ -1125,7 +1188,7 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
     (default ``model(batch)`` / ``model(**batch)`` / ``model(*batch)``).  ``loss_fn(output,
     batch)``: scalar loss, for ``statistics="fisher"``.  The float model is not modified unless
     ``inplace=True`` (then a float copy is kept while running, and a failure halfway leaves it
-    partly quantised).  Returns the quantised model, codes per layer and the per-layer report.
+    partly quantised, with its own Conv1D layers and its buffers' values back).  Returns the quantised model, codes per layer and the per-layer report.
 
     With the activation stage (``config.abits`` or ``config.reconstruction``), the returned
     model is a new module whose quantised layers are :class:`~qround.activations.
@@ -1138,8 +1201,14 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
         raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
         raise QroundError(f"config must be a QuantConfig, got {type(config).__name__}")
-    with _own_rng(config, model, keep_buffers=not inplace):
-        return _quantize_model(model, calibration, config, forward, loss_fn, inplace)
+    undo: list = []
+    with _own_rng(config, model):
+        try:
+            return _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo)
+        except BaseException:
+            for step in reversed(undo):   # inplace: the given model's own Conv1D layers back
+                step()
+            raise
 
 
 @contextmanager
@@ -1199,8 +1268,10 @@ def _check_no_empty_batch(calibration) -> None:
                           "over every batch's samples")
 
 
-def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> QuantizedModel:
-    """:func:`quantize_model` inside :func:`_own_rng`."""
+def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo: list
+                    ) -> QuantizedModel:
+    """:func:`quantize_model` inside :func:`_own_rng`; ``undo`` receives what a failure must
+    undo in the given model (its Conv1D layers, swapped for Linear views when ``inplace``)."""
     t_start = time.perf_counter()
     forward = forward or default_forward
     first_batch = _check_calibration(calibration)
@@ -1228,21 +1299,19 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     # get their Conv1D back at the end
     qmodel, replaced = linearize_conv1d(target if inplace else copy_module(target), share=True,
                                         names=convert)
+    if inplace:
+        undo.append(lambda: restore_conv1d(qmodel, replaced))
     # the copy's buffers that the calibration forwards write (a counter, an average) get the
     # float model's values back after the weight stage, as the float model's do
     restore = contextlib.ExitStack()
-    if not inplace:
-        restore.enter_context(kept_buffers(qmodel))
+    restore.enter_context(kept_buffers(qmodel))
     # the plan's traced forward also gives every module's span for the capture caches
     plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward, names,
                                             config)
     called = {x.name for x in plan}
-    if len(called) < len(names) and _tied_to_uncalled(model, names, called):
-        # a tied weight went to a layer the forward never calls: give it to one it calls
-        everything, _ = _select(model, config, float_conv1d=conv_skipped, untie=False)
-        calls = {x.name for x in _trace(qmodel, first_batch, forward, everything)}
-        names, skipped = _select(model, config, float_conv1d=conv_skipped, called=calls)
-        skipped.update(conv_skipped)
+    again = _reselect(model, qmodel, config, conv_skipped, first_batch, forward, names, called)
+    if again is not None:
+        names, skipped = again
         _check_names(model, names, config)
         plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward,
                                                 names, config)
@@ -1282,7 +1351,8 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
             # before any write-back x_hat == x
             paired = done > 0 and config.inputs == "asymmetric"
             stats = _capture(unit, float_model, qmodel, paired, calibration, forward, loss_fn,
-                             config, caches, min(starts.get(x.name, 0) for x in unit))
+                             config, caches, min(starts.get(x.name, 0) for x in unit),
+                             plan=plan if done == 0 else None)
             capture_share = (time.perf_counter() - t0) / len(unit)
             for layer in unit:
                 bar.set_postfix_str(layer.name)
@@ -1344,6 +1414,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace) -> Qu
     # stay the nn.Linear inside the wrapper)
     result.model = restore_conv1d(result.model, replaced)
     result.seconds = time.perf_counter() - t_start
+    undo.clear()
     return result
 
 

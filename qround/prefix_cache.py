@@ -613,6 +613,13 @@ def disabled() -> PrefixCache:
 
 def check_budget(value, name: str) -> None:
     """A capture-cache budget in MB: a finite number >= 0 (0 turns the cache off)."""
-    if isinstance(value, bool) or not (isinstance(value, (int, float))
-                                       and 0 <= value < float("inf")):
+    if isinstance(value, (bool, np.bool_)) or not (
+            isinstance(value, (int, float, np.integer, np.floating))
+            and 0 <= value < float("inf")):
         raise QroundError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def budget_bytes(mb: float) -> int:
+    """A budget in MB as bytes; beyond 2^40 MB (an exabyte) it is as good as unbounded, and an
+    int of 1e308 * 2^20 would overflow."""
+    return int(min(float(mb), 2.0 ** 40) * 2 ** 20)

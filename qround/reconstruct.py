@@ -52,13 +52,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from .activations import QuantizedLayer, qdrop, quantized_layers
-from .calibrate import _TOKEN_MASK, ForwardFn, default_forward, eval_mode
+from .activations import ActQuantizer, QuantizedLayer, qdrop, quantized_layers
+from .calibrate import _TOKEN_MASK, ForwardFn, default_forward, eval_mode, kept_buffers
 from .errors import MAX_SEED, QroundError
-from .prefix_cache import PrefixCache, check_budget, disabled, trace_spans
+from .prefix_cache import PrefixCache, budget_bytes, check_budget, disabled, trace_spans
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,9 @@ class ReconstructConfig:
                                   + (" and < 2**64" if name == "seed" else "") + f", got {v!r}")
         for name in ("lr_rounding", "lr_step", "lr_border", "cache_mb"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if isinstance(v, (bool, np.bool_)) or not (
+                    isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v)
+                    and v > 0):
                 raise QroundError(f"ReconstructConfig.{name} must be positive, got {v!r}")
         if not (isinstance(self.reg_weight, (int, float)) and math.isfinite(self.reg_weight)
                 and self.reg_weight >= 0):
@@ -796,7 +799,7 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
     QuantizedLayers outside all units are reconstructed alone.  ``forward(model, batch)`` runs
     one batch (default ``model(batch)`` / ``model(*batch)`` / ``model(**batch)``).
     Returns the model (a deep copy unless ``inplace``) with hard weights and per-unit reports
-    in forward order; ``float_model`` is never modified.
+    in forward order; ``float_model`` is never modified (buffers its forward writes included).
     """
     start = time.perf_counter()
     if not isinstance(config, ReconstructConfig):
@@ -808,7 +811,10 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
     qnamed, fnamed = dict(model.named_modules()), dict(float_model.named_modules())
     gen = torch.Generator().manual_seed(0 if config.seed is None else config.seed)
     reports: list[BlockReport] = []
-    with eval_mode(model), eval_mode(float_model):
+    # buffers the forwards write (a counter, a running average) keep their values, in the
+    # float model and in the model returned (qround's own wrappers hold results: theirs stay)
+    with eval_mode(model), eval_mode(float_model), kept_buffers(float_model), \
+            kept_buffers(model, skip=(QuantizedLayer, ActQuantizer)):
         for m in quantized_layers(model).values():
             if m.weight_spec is not None:
                 m.weight_mode = "hard"
@@ -820,7 +826,7 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
             with torch.no_grad():
                 f_spans, f_starts = trace_spans(float_model,
                                                 lambda: forward(float_model, batches[0]))
-            budget = int(config.capture_cache_mb * 2 ** 20)
+            budget = budget_bytes(config.capture_cache_mb)
             trained = list(quantized_layers(model))
             q_cache = PrefixCache(model, q_spans, budget, trained, q_starts)
             f_cache = PrefixCache(float_model, f_spans, budget, [], f_starts)

@@ -31,7 +31,7 @@ from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid
 from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match, _conv1d_selection,
                        _own_rng, _samples, _select, _trace, check_group_sizes)
-from .prefix_cache import PrefixCache, disabled, trace_spans
+from .prefix_cache import PrefixCache, budget_bytes, disabled, trace_spans
 from .problems.layers import layer_weight, linearize_conv1d
 
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -387,7 +387,7 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
     layers = []
     # the modules that finish before the rounded layer starts give the float outputs in every
     # pass: recorded once and replayed (qround.prefix_cache), within capture_cache_mb
-    cache = (PrefixCache(qmodel, spans, int(config.capture_cache_mb * 2 ** 20), order, starts)
+    cache = (PrefixCache(qmodel, spans, budget_bytes(config.capture_cache_mb), order, starts)
              if config.capture_cache_mb > 0 else disabled())
     with eval_mode(qmodel), torch.no_grad():
         reference = _outputs(qmodel, calibration, forward, config.seed)

@@ -582,3 +582,23 @@ def test_demo_the_main_job_runs_and_beats_rtn(tmp_path, capsys):
     assert journey["fast"]["test_accuracy"] >= journey["nearest"]["test_accuracy"]
     assert journey["fast"]["test_accuracy"] > 0.9
     assert all(r["ratio"] < 1 for r in res["journey"]["report"])
+
+
+def test_main_called_from_python_gives_back_threads_and_logging(tmp_path, capsys):
+    # quantize set torch's thread count (default 2) and basicConfig added a root handler for good
+    import logging
+
+    import torch
+
+    _model_files(tmp_path, seed=0)
+    root = logging.getLogger()
+    threads, handlers, level = torch.get_num_threads(), list(root.handlers), root.level
+    try:
+        torch.set_num_threads(1)
+        assert main(["-v", "quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+                     str(tmp_path / "calib.pt"), "--solver", "greedy", "--no-progress",
+                     "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 1
+        assert root.handlers == handlers and root.level == level
+    finally:
+        torch.set_num_threads(threads)

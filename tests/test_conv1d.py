@@ -417,3 +417,24 @@ def test_rtn_model_with_an_example_leaves_the_callers_rng_and_uncalled_layers_al
                            dict(model.named_modules())[CONV1D_NAMES[0]].weight)
     without, _ = rtn_model(model, QuantConfig(wbits=4))       # no example: every layer
     assert not torch.equal(without.spare.weight, spare.weight)
+
+
+@pytest.mark.parametrize("fail_at", [2, 4])
+def test_a_failed_inplace_run_gives_the_users_conv1d_layers_back(fail_at):
+    # an interruption left nn.Linear views in the user's model: its state_dict was transposed
+    model = tiny_gpt2()
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    calls = [0]
+
+    def forward(m, batch):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise KeyboardInterrupt
+        return m(batch, use_cache=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, batches(), QuantConfig(wbits=4, **FAST), forward=forward,
+                       inplace=True)
+    assert type(model.transformer.h[0].attn.c_attn) is Conv1D
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
+    transformers.GPT2LMHeadModel(model.config).load_state_dict(model.state_dict())

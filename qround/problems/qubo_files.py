@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import QroundError
-from ..files import atomic_write
+from ..files import atomic_write, missing_folders, remove_folders
 from .rounding import RoundingProblem, _select
 
 MANIFEST = "manifest.json"
@@ -255,7 +255,7 @@ def _parse_qubo(path: str, data: bytes, dense: bool):
     return size, offset, entries, np.array(sorted(i for i, _ in nodes), dtype=int)
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", re.IGNORECASE)
+_OFFSET_LIKE = re.compile(r"offset\s*[:=]?\s*[-+]?(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
 def _is_float(text: str) -> bool:
@@ -267,10 +267,10 @@ def _is_float(text: str) -> bool:
 
 
 def _offset_like(line: str) -> bool:
-    """Whether a comment line seems to give an offset: its text after ``c`` starts with
-    "offset" (any case, ``offset=3`` and ``offset: 3`` too) and holds a number."""
-    body = line.strip()[1:].strip()
-    return body.lower().startswith("offset") and _NUMBER.search(body[6:]) is not None
+    """Whether a comment line seems to give an offset: its text after ``c`` is "offset"
+    (any case), then optionally ``:`` or ``=``, then a number (``offset=3``, ``Offset: -2.5``;
+    not ``offsets are in manifest.json (v2)``)."""
+    return _OFFSET_LIKE.match(line.strip()[1:].strip()) is not None
 
 
 def bit_string(choices_row) -> str:
@@ -317,7 +317,7 @@ def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=s
         b = problem.check_choices(choices, f"known[{label!r}]") > 0.5
         solutions[label] = b & problem.free
     energies = {label: problem.energies(b) for label, b in solutions.items()}
-    made = _missing_folders(folder)       # the folders this export creates, deepest first
+    made = missing_folders(folder)        # the folders this export creates, deepest first
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
@@ -350,22 +350,6 @@ def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=s
         for path in written:  # a failed export leaves no part of itself behind
             if os.path.exists(path):
                 os.remove(path)
-        for path in made:
-            try:
-                os.rmdir(path)          # only when empty: whatever else is there stays
-            except OSError:
-                break
+        remove_folders(made)            # only while empty: whatever else is there stays
         raise
     return manifest
-
-
-def _missing_folders(folder: str) -> list[str]:
-    """``folder`` and those of its parents that do not exist yet, deepest first."""
-    missing, path = [], os.path.abspath(folder)
-    while not os.path.exists(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return missing

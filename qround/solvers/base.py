@@ -114,7 +114,10 @@ class Solution:
         them mean something (compare ``total_cost`` with ``total_rtn_cost``)."""
         rtn = self.total_rtn_cost
         if abs(rtn) <= self.cost_noise:      # weights on the grid: 1.0, not NaN for -3e-17
-            return 1.0
+            cost = self.total_cost
+            if abs(cost) <= self.cost_noise:
+                return 1.0
+            return float("inf") if cost > 0 else float("nan")
         if rtn < 0:
             return float("nan")
         return self.total_cost / rtn

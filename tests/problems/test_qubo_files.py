@@ -454,6 +454,8 @@ def test_cli_sample_of_relative_costs_has_no_ratio(tmp_path, capsys):
     "P qubo 0 2 2 1\n0 0 1.0\n1 1 -2.0\n0 1 0.5\n",
     "p qubo 0 2 2 1\n0 0 1.0\n1 1 -2.0\nc: links\n0 1 0.5\n",
     "c offset unknown\np qubo 0 2 2 1\n0 0 1.0\n1 1 -2.0\n0 1 0.5\n",     # no number: a comment
+    "c offsets are stored in manifest.json (v2)\np qubo 0 2 2 1\n0 0 1.0\n1 1 -2.0\n0 1 0.5\n",
+    "c offsetting by 0 is a no-op\np qubo 0 2 2 1\n0 0 1.0\n1 1 -2.0\n0 1 0.5\n",
     b"c Gr\xf6\xdfe (Latin-1)\np qubo 0 2 2 1\n0 0 1.0\n1 1 -2.0\n0 1 0.5\n",
     b"\xef\xbb\xbfp qubo 0 2 2 1\n0 0 1.0\n1 1 -2.0\n0 1 0.5\n",          # a UTF-8 byte-order mark
 ])

@@ -426,6 +426,9 @@ def test_weights_already_on_the_grid_have_ratio_one():
     sol = get_solver("nearest").solve(p)
     assert abs(sol.total_rtn_cost) < 1e-15
     assert sol.ratio == 1.0
+    from qround.solvers.base import make_solution
+    worse = make_solution(p, ~p.rtn_choices() & p.free, 0.0, "flipped")
+    assert worse.total_cost > 0.01 and worse.ratio == float("inf")     # not 1.0
     rng = np.random.default_rng(0)
     for _ in range(50):                                   # random layers already quantised
         s = rng.uniform(0.01, 1.0, size=4)
