@@ -549,7 +549,7 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
     for name, module in modules.items():
         need = fisher_bytes(module) / 2 ** 20
         if need > memory_budget_mb:
-            raise QroundError(f"Fisher blocks of layer {name!r} need {need:.1f} MB "
+            raise QroundError(f"Fisher blocks of layer {name!r} need {need:.3g} MB "
                               f"(out x n x n float64), over memory_budget_mb={memory_budget_mb}")
     forward = forward or default_forward
     moments = {name: _ChannelMoment(module) for name, module in modules.items()}

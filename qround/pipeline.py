@@ -546,7 +546,7 @@ def _check_names(model: nn.Module, names: list[str], config: QuantConfig) -> Non
         module = modules[name]
         if config.statistics == "fisher" and fisher_bytes(module) > config.fisher_budget_mb * 2**20:
             raise QroundError(f"Fisher blocks of layer {name!r} need "
-                              f"{fisher_bytes(module) / 2**20:.1f} MB, over fisher_budget_mb="
+                              f"{fisher_bytes(module) / 2**20:.3g} MB, over fisher_budget_mb="
                               f"{config.fisher_budget_mb}; exclude it or use 'covariance'")
 
 

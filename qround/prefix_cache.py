@@ -598,7 +598,7 @@ class PrefixCache:
                 return
             copy, size = _clone(out)
             if self.size + size > self.budget:
-                self._exclude(name, f"would pass the {self.budget / 2**20:.0f} MB budget",
+                self._exclude(name, f"would pass the {self.budget / 2**20:.3g} MB budget",
                               logging.INFO)
                 return
             rec.by_batch[index] = ((seen["print"], seen["state"]), copy)

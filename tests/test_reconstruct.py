@@ -144,3 +144,18 @@ def test_find_blocks_looks_inside_a_sequential_child_that_holds_blocks():
                                                 nn.Linear(4, 2)), None, None,
                                   weights=GridSpec(bits=4))
     assert find_blocks(plain) == ["0", "1"]
+
+
+def test_block_data_holds_one_copy_of_the_cached_tensors():
+    # the per-batch lists and their concatenation were two copies: twice what cache_mb counts
+    from qround.reconstruct import _BlockData
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 3, generator=g), torch.randn(5, 3, generator=g)]
+    ys = [torch.randn(4, 2, generator=g), torch.randn(5, 2, generator=g)]
+    data = _BlockData([((x,), {}) for x in xs], ys)
+    assert data.x is not None
+    for (args, _), y, x, y0 in zip(data.inputs, data.targets, xs, ys):
+        assert args[0].untyped_storage().data_ptr() == data.x.untyped_storage().data_ptr()
+        assert y.untyped_storage().data_ptr() == data.y.untyped_storage().data_ptr()
+        assert torch.equal(args[0], x) and torch.equal(y, y0)

@@ -162,11 +162,15 @@ class Anneal(Solver):
 
     def betas(self, problem, start) -> np.ndarray:
         """The inverse temperature of every channel and sweep, (m, num_sweeps)."""
-        ends = None
+        return self.steps(problem.num_channels, self._ends(problem, start))
+
+    def _ends(self, problem, start) -> np.ndarray | None:
+        """(m, 2) per-channel schedule ends from the start's flip deltas, or None when the
+        schedule or its range is given."""
         if self.beta_schedule is None and self.beta_range is None:
-            ends = _beta_ends(problem, start, self.hot_accept, self.cold_accept,
-                              self.cold_quantile)   # per channel, from the start's flip deltas
-        return self.steps(problem.num_channels, ends)
+            return _beta_ends(problem, start, self.hot_accept, self.cold_accept,
+                              self.cold_quantile)
+        return None
 
     def steps(self, channels: int, ends: np.ndarray | None = None) -> np.ndarray:
         """(channels, num_sweeps) inverse temperatures: the custom schedule, or the schedule
@@ -195,13 +199,23 @@ class Anneal(Solver):
 
     def _solve(self, problem, start, rng):
         args = _kernels.kernel_inputs(problem, start, rng)
-        betas = self.betas(problem, start)
-        best, _ = _kernels.anneal_kernel(
-            args["hess"], args["step"], args["grad"], args["start"], args["fields"],
-            args["energy"], args["free_idx"], args["nfree"], betas, self.restarts,
-            self.order == "random", args["seeds"],
-            # an accepted flip is one O(n) pass; about 5 % of proposals are accepted
-            _kernels.compact_pays(problem.num_inputs, args["nfree"],
-                                  0.05 * self.num_sweeps * self.restarts * args["nfree"].mean()),
-            _kernels.NO_CSR)
+        ends = self._ends(problem, start)
+        m = problem.num_channels
+        # the schedules of a chunk of channels at a time (each channel has its own seed, so
+        # the chunks give the codes of one call): a wide layer with many sweeps fits the memory
+        # its schedule may take
+        chunk = max(1, MAX_SCHEDULE_BYTES // (8 * self.num_sweeps))
+        best = np.empty(problem.weight.shape)
+        for lo in range(0, m, chunk):
+            sl = slice(lo, min(m, lo + chunk))
+            part = {k: (v if k == "hess" and v.shape[0] == 1 else v[sl]) for k, v in args.items()}
+            best[sl], _ = _kernels.anneal_kernel(
+                part["hess"], part["step"], part["grad"], part["start"], part["fields"],
+                part["energy"], part["free_idx"], part["nfree"],
+                self.steps(sl.stop - sl.start, None if ends is None else ends[sl]),
+                self.restarts, self.order == "random", part["seeds"],
+                # an accepted flip is one O(n) pass; about 5 % of proposals are accepted
+                _kernels.compact_pays(problem.num_inputs, args["nfree"], 0.05 * self.num_sweeps
+                                      * self.restarts * args["nfree"].mean()),
+                _kernels.NO_CSR)
         return best.astype(bool), {"sweeps": self.num_sweeps * self.restarts}

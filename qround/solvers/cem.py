@@ -34,9 +34,13 @@ class CrossEntropy(Solver):
     are clamped to [p_min, 1 - p_min] so no variable freezes for good; tol: a channel has
     converged when no probability moved more than tol in an iteration.
     device: "cpu" or "cuda"; dtype: None (float64 on CPU, float32 on CUDA), float32 or float64.
-    max_elements: memory budget, in numbers, of one batch of samples (K, chunk, n), or of
-    (K, chunk, n, n) with a per-channel H; channels are processed in chunks that fit.  None:
+    max_elements: memory budget, in numbers, of one batch of samples, ``(K + 1) x chunk x n``
+    (a per-channel H is applied by one batched product, not copied per sample); channels are
+    processed in chunks that fit.  None:
     2**24 on the CPU, 2**27 on CUDA (0.5 GB of float32 samples, about 3x that at the peak).
+    The channels of a chunk share one stream of random draws, so another ``max_elements`` (or
+    device, whose default differs) gives other samples, and other codes of about the same cost,
+    for the same seed; with the same settings a seed gives the same codes.
     """
 
     name = "cem"

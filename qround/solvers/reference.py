@@ -27,19 +27,22 @@ class Stochastic(Solver):
 
     def __init__(self, samples: int = 64, batch: int = 16):
         self.samples = check_int(samples, "samples", 1, maximum=10 ** 9)
-        self.batch = check_int(batch, "batch", 1, maximum=4096)   # a batch is (batch, m, n)
+        # a batch is (batch, m, n), smaller where that would pass MAX_BATCH_BYTES
+        self.batch = check_int(batch, "batch", 1, maximum=4096)
 
     def _solve(self, problem, start, rng):
-        k = min(self.batch, self.samples)
-        size = 8 * k * problem.num_channels * problem.num_inputs
-        if size > MAX_BATCH_BYTES:   # a batch of candidates and their products with H
-            raise QroundError(f"stochastic: a batch of {k} samples of this {problem.num_channels}"
-                              f"x{problem.num_inputs} layer takes {size / 2 ** 30:.1f} GiB (at "
-                              f"most {MAX_BATCH_BYTES / 2 ** 30:.0f} GiB): lower batch")
+        # a batch of candidates and their products with H within MAX_BATCH_BYTES: a smaller
+        # batch on a wide layer (the draws, and so the codes, do not depend on the batch)
+        one = 8 * problem.num_channels * problem.num_inputs
+        if one > MAX_BATCH_BYTES:
+            raise QroundError(f"stochastic: one sample of this {problem.num_channels}x"
+                              f"{problem.num_inputs} layer takes {one / 2 ** 30:.1f} GiB (at "
+                              f"most {MAX_BATCH_BYTES / 2 ** 30:.0f} GiB)")
+        batch = min(self.batch, MAX_BATCH_BYTES // one)
         best, best_e = start, problem.energies(start)
         left = self.samples
         while left > 0:
-            k = min(self.batch, left)
+            k = min(batch, left)
             left -= k
             cand = rng.random((k, *problem.frac.shape)) < problem.frac
             e = problem.energies(cand)                    # (k, m)

@@ -267,3 +267,33 @@ def test_every_restart_runs_and_the_best_is_kept():
     many = Anneal(num_sweeps=3, restarts=8).solve(p, seed=5)
     assert np.all(many.energy <= one.energy + 1e-12)
     assert np.any(many.energy < one.energy - 1e-9)
+
+
+def test_a_schedule_over_the_memory_bound_runs_in_chunks_with_the_same_codes(monkeypatch):
+    # the bound used to stop a whole-model run at the first wide layer, after the others
+    from qround.solvers import anneal as anneal_module
+
+    p = make_problem(m=9, n=12, seed=4)
+    want = get_solver("anneal(num_sweeps=100)").solve(p, seed=3).choices
+    monkeypatch.setattr(anneal_module, "MAX_SCHEDULE_BYTES", 8 * 100 * 2)   # 2 channels
+    got = get_solver("anneal(num_sweeps=100)").solve(p, seed=3).choices
+    np.testing.assert_array_equal(got, want)
+    per_channel = make_problem(m=5, n=8, seed=5, per_channel=True)
+    monkeypatch.setattr(anneal_module, "MAX_SCHEDULE_BYTES", 2 ** 31)
+    want = get_solver("anneal(num_sweeps=50)").solve(per_channel, seed=1).choices
+    monkeypatch.setattr(anneal_module, "MAX_SCHEDULE_BYTES", 8 * 50 * 3)
+    np.testing.assert_array_equal(get_solver("anneal(num_sweeps=50)").solve(
+        per_channel, seed=1).choices, want)
+
+
+def test_stochastic_shrinks_its_batch_under_the_memory_bound(monkeypatch):
+    from qround.solvers import reference
+
+    p = make_problem(m=6, n=10, seed=2)
+    want = get_solver("stochastic(samples=20)").solve(p, seed=5).choices
+    monkeypatch.setattr(reference, "MAX_BATCH_BYTES", 8 * 6 * 10 * 3)   # 3 samples a batch
+    np.testing.assert_array_equal(get_solver("stochastic(samples=20)").solve(p, seed=5).choices,
+                                  want)
+    monkeypatch.setattr(reference, "MAX_BATCH_BYTES", 8 * 6 * 10 - 1)
+    with pytest.raises(QroundError, match="one sample of this 6x10 layer"):
+        get_solver("stochastic").solve(p)
