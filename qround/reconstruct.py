@@ -691,12 +691,24 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor,
 
 
 @torch.no_grad()
+def _same_shape(out: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    """``out``, checked to have the float target's shape."""
+    if out.shape != target.shape:
+        raise QroundError(f"unit {name!r} gave an output of shape {tuple(out.shape)} where the "
+                          f"float model's is {tuple(target.shape)}: the rows it sees changed "
+                          "with the rounding (an expert whose tokens the router now sends "
+                          "elsewhere?); reconstruct the block that holds the router as one "
+                          "unit (granularity='block' or a scheme), or leave it out")
+    return out
+
+
+@torch.no_grad()
 def _mse(block, data: _BlockData, name: str) -> float:
     """Mean squared error of the block's output over every element of the targets (over the
     real tokens' elements where the calibration masks padding)."""
     total, count = 0.0, 0
     for (args, kwargs), y, mask in zip(data.inputs, data.targets, data.masks):
-        err = (_main_tensor(block(*args, **kwargs), name) - y) ** 2
+        err = (_same_shape(_main_tensor(block(*args, **kwargs), name), y, name) - y) ** 2
         if mask is None:
             total += float(err.sum())
             count += y.numel()
@@ -744,6 +756,7 @@ def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
                 args, kwargs, y, mask = data.sample(gen, config.batch_size)
                 with qdrop(layers.values(), config.qdrop, gen):
                     out = _main_tensor(block(*args, **kwargs), name)
+                _same_shape(out, y, name)
                 if not out.requires_grad:
                     raise QroundError(f"unit {name!r}: its output does not depend on the "
                                       "parameters being trained (does its forward run under "

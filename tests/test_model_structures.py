@@ -475,3 +475,27 @@ def test_huge_capture_cache_budgets_are_unbounded_not_an_overflow():
     ReconstructConfig(cache_mb=np.float64(2.0), capture_cache_mb=np.int64(3))   # numpy numbers
     with pytest.raises(QroundError, match="cache_mb must be positive"):
         ReconstructConfig(cache_mb=True)
+
+
+def test_layer_reconstruction_of_an_expert_whose_tokens_move_is_named():
+    # the router sends other rows to the expert once rounded: a raw size mismatch before
+    class MoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.router = nn.Linear(8, 8), nn.Linear(8, 2)
+            self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+        def forward(self, x):
+            h = self.inp(x)
+            r = self.router(h).argmax(-1)
+            out = torch.zeros_like(h)
+            for e, expert in enumerate(self.experts):
+                idx = (r == e).nonzero().flatten()
+                out[idx] = expert(h[idx])
+            return out
+
+    torch.manual_seed(0)
+    rec = ReconstructConfig(iterations=3, batch_size=8)
+    with pytest.raises(QroundError, match="unit 'experts.0' gave an output of shape"):
+        quantize_model(MoE(), [torch.randn(64, 8) for _ in range(3)],
+                       _config(wbits=2, abits=4, granularity="layer", reconstruction=rec))
