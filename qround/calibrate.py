@@ -167,8 +167,12 @@ def kept_buffers(model: nn.Module, skip: tuple[type, ...] = ()) -> Iterator[nn.M
         with torch.no_grad():
             for m, attrs in scalars:
                 for k, v in attrs.items():
+                    # only a value that is still a plain attribute: a name that became a
+                    # parameter, buffer or module (bias correction's new bias over a `bias =
+                    # None` attribute) left __dict__, and writing it back would hide it
                     now = m.__dict__.get(k, _MISSING)
-                    if now is not v and not (type(now) is type(v) and now == v):
+                    if now is not _MISSING and now is not v \
+                            and not (type(now) is type(v) and now == v):
                         m.__dict__[k] = v
             for m, had in keys.values():
                 for key in [k for k in m._buffers if k not in had]:

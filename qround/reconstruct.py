@@ -402,13 +402,13 @@ class _BlockData:
             self.x = torch.cat([a[0] for a, _ in inputs])
             self.y = torch.cat(targets)
             self.m = None if masks[0] is None else torch.cat(masks)
-            # the per-batch lists become views of the concatenation: one copy in memory, as
-            # cache_mb counts it
-            sizes = [a[0].shape[0] for a, _ in inputs]
-            self.inputs = [((x,), {}) for x in torch.split(self.x, sizes)]
-            self.targets = list(torch.split(self.y, sizes))
-            if self.m is not None:
-                self.masks = list(torch.split(self.m, sizes))
+            if self.m is None:
+                # the per-batch lists become views of the concatenation: one copy in memory,
+                # as cache_mb counts it (with a token mask the drawn rows are a subset, and the
+                # lists keep the whole batches)
+                sizes = [a[0].shape[0] for a, _ in inputs]
+                self.inputs = [((x,), {}) for x in torch.split(self.x, sizes)]
+                self.targets = list(torch.split(self.y, sizes))
             if self.m is not None and self.m.dim() == 1:
                 # one row per token (flattened): mini-batches are drawn from the real rows
                 keep = self.m.to(self.x.device)

@@ -499,3 +499,20 @@ def test_layer_reconstruction_of_an_expert_whose_tokens_move_is_named():
     with pytest.raises(QroundError, match="unit 'experts.0' gave an output of shape"):
         quantize_model(MoE(), [torch.randn(64, 8) for _ in range(3)],
                        _config(wbits=2, abits=4, granularity="layer", reconstruction=rec))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bias_correction_on_a_layer_whose_bias_is_a_plain_none_attribute(inplace):
+    # kept_buffers wrote `bias = None` back into __dict__, hiding the new bias parameter
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    del model[2].bias
+    model[2].bias = None
+    batches = [torch.randn(32, 16) + 1 for _ in range(2)]
+    qm = quantize_model(model, batches, _config(wbits=3, bias_correction=True), inplace=inplace)
+    layer = qm.model[2]
+    assert layer.bias is not None and layer.bias is layer._parameters["bias"]
+    x = batches[0]
+    with torch.no_grad():
+        manual = F.linear(qm.model[1](qm.model[0](x)), layer.weight, layer._parameters["bias"])
+        assert torch.allclose(qm.model(x), manual)
