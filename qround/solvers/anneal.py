@@ -182,8 +182,8 @@ class Anneal(Solver):
             raise QroundError(
                 f"anneal: {channels} channels x num_sweeps={self.num_sweeps} inverse "
                 f"temperatures take {8 * channels * self.num_sweeps / 2 ** 30:.1f} GiB (at most "
-                f"{MAX_SCHEDULE_BYTES / 2 ** 30:.0f} GiB): fewer sweeps, or solve fewer channels "
-                "at a time")
+                f"{MAX_SCHEDULE_BYTES / 2 ** 30:.0f} GiB): fewer sweeps (a solve runs its channels "
+                "in chunks that fit)")
         if self.beta_schedule is not None:
             steps = np.tile(self.beta_schedule, (channels, 1))
         else:
