@@ -196,25 +196,30 @@ def test_blocks_and_models_that_return_dataclasses():
     assert {x.name for x in sens.layers} == {"layers.0.fc", "layers.1.fc", "head"}
 
 
+class _MoE(nn.Module):
+    """Top-1 routing over ``experts`` experts; ``unused``: an expert that never gets a token."""
+
+    def __init__(self, experts=2, unused=None):
+        super().__init__()
+        self.unused = unused
+        self.inp, self.router = nn.Linear(8, 8), nn.Linear(8, experts)
+        self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(experts))
+
+    def forward(self, x):
+        h = self.inp(x)
+        r = self.router(h).argmax(-1)
+        if self.unused is not None:
+            r = torch.where(r == self.unused, torch.zeros_like(r), r)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            idx = (r == e).nonzero().flatten()
+            out[idx] = expert(h[idx])
+        return out
+
+
 def test_an_expert_no_token_reaches_stays_in_float():
-    class MoE(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp, self.router = nn.Linear(8, 8), nn.Linear(8, 3)
-            self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
-
-        def forward(self, x):
-            h = self.inp(x)
-            r = self.router(h).argmax(-1)
-            r = torch.where(r == 2, torch.zeros_like(r), r)   # expert 2 never gets a token
-            out = torch.zeros_like(h)
-            for e, expert in enumerate(self.experts):
-                idx = (r == e).nonzero().flatten()
-                out[idx] = expert(h[idx])
-            return out
-
     torch.manual_seed(0)
-    model = MoE()
+    model = _MoE(experts=3, unused=2)
     for extra in ({}, {"bias_correction": True}, {"abits": 8}):
         qm = quantize_model(model, _batches(), _config(**extra))
         assert "experts.2" not in qm.layers and "empty inputs" in qm.skipped["experts.2"]
@@ -472,25 +477,10 @@ def test_huge_capture_cache_budgets_are_unbounded_not_an_overflow():
 
 def test_layer_reconstruction_of_an_expert_whose_tokens_move_is_named():
     # the router sends other rows to the expert once rounded: a raw size mismatch before
-    class MoE(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp, self.router = nn.Linear(8, 8), nn.Linear(8, 2)
-            self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
-
-        def forward(self, x):
-            h = self.inp(x)
-            r = self.router(h).argmax(-1)
-            out = torch.zeros_like(h)
-            for e, expert in enumerate(self.experts):
-                idx = (r == e).nonzero().flatten()
-                out[idx] = expert(h[idx])
-            return out
-
     torch.manual_seed(0)
     rec = ReconstructConfig(iterations=3, batch_size=8)
     with pytest.raises(QroundError, match="unit 'experts.0' gave an output of shape"):
-        quantize_model(MoE(), [torch.randn(64, 8) for _ in range(3)],
+        quantize_model(_MoE(), [torch.randn(64, 8) for _ in range(3)],
                        _config(wbits=2, abits=4, granularity="layer", reconstruction=rec))
 
 
