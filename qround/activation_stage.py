@@ -157,13 +157,16 @@ def _k(config: "QuantConfig") -> int | None:
 
 
 def check_units(model: nn.Module, names: list[str], config: "QuantConfig", batch=None,
-                forward: ForwardFn | None = None) -> None:
+                forward: ForwardFn | None = None, calibration=None) -> None:
     """The model-dependent checks of the activation stage, before any solve: some layer has a
     quantised input where borders are asked for, the scheme's modules exist, hold quantised
     layers and do not overlap, and ``k`` is below the number of base units.  With ``batch``
     (and ``forward``), one forward of it also checks that each scheme unit is consecutive in
-    forward order.  names: the quantised layers the forward calls, in call order.  Works on a
-    cheap stand-in (a copy of ``model`` with those layers wrapped, nothing calibrated)."""
+    forward order.  names: the quantised layers the forward calls, in call order.  With
+    ``calibration`` (all batches) and a reconstruction, one forward per batch checks that the
+    units it will certainly train (the final ones, or the base units of ``modcap``/``loss``)
+    keep their cached data within ``cache_mb``.  Works on a cheap stand-in (a copy of
+    ``model`` with those layers wrapped, nothing calibrated)."""
     bits = input_bits(names, config)
     if config.borders != "none" and all(b is None for b in bits.values()):
         raise QroundError(f"borders={config.borders!r} need a quantised input, and none is left: "
@@ -176,13 +179,13 @@ def check_units(model: nn.Module, names: list[str], config: "QuantConfig", batch
     flags = [(p, p.requires_grad) for p in params]
     try:
         _check_units_on(copy_module(model, memo={id(p): p for p in params}), model, names,
-                        config, batch, forward)
+                        config, batch, forward, calibration)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
 
 
-def _check_units_on(shadow, model, names, config, batch, forward) -> None:
+def _check_units_on(shadow, model, names, config, batch, forward, calibration=None) -> None:
     modules = dict(shadow.named_modules())
     for n in names:
         if n == "":  # the model is a single layer: the stand-in is that layer, wrapped
@@ -224,6 +227,19 @@ def _check_units_on(shadow, model, names, config, batch, forward) -> None:
         # solves, instead of when the reconstruction starts)
         with eval_mode(shadow), torch.no_grad():
             _order_units(shadow, base_units(shadow, "block"), batch, forward or default_forward)
+    if calibration is not None and batch is not None and config.reconstruction is not None:
+        from .reconstruct import _order_units, _resolve_blocks, cache_bytes, check_cache
+
+        blocks = (parse_scheme(list(config.scheme)) if config.scheme is not None
+                  else None if config.granularity == "layer" else "auto")
+        forward = forward or default_forward
+        with eval_mode(shadow), torch.no_grad():
+            units, lca, _ = _order_units(shadow, _resolve_blocks(shadow, model, blocks), batch,
+                                         forward)
+            batches = list(calibration)
+            check_cache(cache_bytes(shadow, units, lca, batches, forward),
+                        config.reconstruction.cache_mb, len(batches),
+                        "ReconstructConfig.cache_mb")
 
 
 def act_state(layer: QuantizedLayer) -> dict[str, Any]:

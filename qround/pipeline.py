@@ -1329,12 +1329,13 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
                           "block reconstruction draws its mini-batches along the first axis, "
                           "which would be channels; give the conv batched (N, C, H, W) inputs "
                           "(e.g. calibration batches with a leading batch axis, x.unsqueeze(0))")
-    if config.reconstruction is not None and (len(plan) < len(names) or config.scheme
-                                              or config.granularity != "layer"):
+    if config.reconstruction is not None:
         # ...and again on the layers the forward calls (fewer units: k may not fit any more),
         # with one forward that checks a scheme's units are consecutive and connected, or
-        # that the blocks found by name are called
-        check_units(model, [x.name for x in plan], config, batch=first_batch, forward=forward)
+        # that the blocks found by name are called, and one forward per batch that checks the
+        # units' cached data fit cache_mb (before the solves, not after them)
+        check_units(model, [x.name for x in plan], config, batch=first_batch, forward=forward,
+                    calibration=calibration)
     for i, layer in enumerate(plan):
         # the first layer (with every layer that reads its input: q, k and v) and the last one
         ends = layer.group == plan[0].group or i == len(plan) - 1

@@ -19,9 +19,12 @@ Blocks are taken one at a time in forward order.  For block ``k``:
    the report says so (``reverted``).
 
 Memory: the cache holds one block's inputs and float outputs for the whole calibration set (the
-small calibration sets of PTQ, 1k images or the digits' 179); ``cache_mb`` bounds it and the
-capture stops with :class:`QroundError` when the bound is passed.  Capture passes stop at the
-block (an exception from a hook), so the rest of the model does not run.
+small calibration sets of PTQ, 1k images or the digits' 179); ``cache_mb`` bounds it.  Before
+the first unit trains, one forward per batch measures every unit's share
+(:func:`cache_bytes`) and a unit above the bound is refused with :class:`QroundError`
+(``quantize_model`` does this before its weight stage); the capture also stops when the bound
+is passed (a mixture of experts routes tokens by the rounded weights).  Capture passes stop at
+the block (an exception from a hook), so the rest of the model does not run.
 
 Randomness (mini-batch choice, QDrop masks) comes from one local ``torch.Generator`` seeded with
 ``config.seed`` (when it is None, as by default: ``QuantConfig.seed`` in quantize_model, 0
@@ -486,6 +489,63 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
     return _BlockData(inputs, targets, masks)
 
 
+def cache_bytes(model: nn.Module, units: Sequence[Unit], lca: dict, batches, forward
+                ) -> dict[str, int]:
+    """Bytes the capture of each unit holds over ``batches``, as ``cache_mb`` counts them: the
+    inputs of its entry module (the unit's module, or ``lca[unit]`` for a joint unit) and the
+    main output of its last module, at their first call per batch.  Measured by one forward per
+    batch of ``model`` (without gradients, hooks removed afterwards); the real capture takes
+    the outputs from the float model, whose shapes are the same unless routing depends on the
+    weights (a mixture of experts)."""
+    named = dict(model.named_modules())
+    need = {u.name: 0 for u in units}
+    seen: set = set()
+    handles = []
+
+    def pre(name):
+        def hook(module, args, kwargs):
+            if ("in", name) not in seen:
+                seen.add(("in", name))
+                need[name] += _nbytes((args, kwargs))
+        return hook
+
+    def post(name):
+        def hook(module, args, out):
+            if ("out", name) not in seen:
+                seen.add(("out", name))
+                need[name] += _nbytes(_main_tensor(out, name))
+        return hook
+
+    try:
+        for u in units:
+            entry = lca[u] if len(u.modules) > 1 else u.name
+            handles.append(named[entry].register_forward_pre_hook(pre(u.name),
+                                                                  with_kwargs=True))
+            handles.append(named[u.modules[-1]].register_forward_hook(post(u.name)))
+        with torch.no_grad():
+            for batch in batches:
+                seen.clear()
+                forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return need
+
+
+def check_cache(need: dict[str, int], cache_mb: float, n_batches: int,
+                setting: str = "cache_mb") -> None:
+    """QroundError naming the unit that needs most, when any unit's capture (``need``, from
+    :func:`cache_bytes`) is above ``cache_mb``; raised before any reconstruction."""
+    over = {n: b for n, b in need.items() if b > cache_mb * 2 ** 20}
+    if over:
+        name = max(over, key=over.__getitem__)
+        raise QroundError(
+            f"reconstruction unit {name!r} would cache {over[name] / 2 ** 20:.4g} MB of inputs "
+            f"and float outputs over the {n_batches} calibration batches, above "
+            f"{setting}={cache_mb:.4g} MB ({len(over)} of {len(need)} units are over); use "
+            f"fewer calibration samples or raise {setting}")
+
+
 def _order_units(quant_model, units: list[Unit], batch, forward
                  ) -> tuple[list[Unit], dict, dict[str, int]]:
     """Units sorted by forward order (each unit's modules too), checked to be consecutive: no
@@ -853,6 +913,9 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
         else:
             units, lca, call_rank = _order_units(model, units, batches[0], forward)
         _check_connected(model, units, batches[0], forward)
+        # every unit's cached data within cache_mb, before the first unit trains
+        check_cache(cache_bytes(model, units, lca, batches, forward), config.cache_mb,
+                    len(batches))
         for unit in units:
             t0 = time.perf_counter()
             name, last = unit.name, unit.modules[-1]

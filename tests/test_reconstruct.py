@@ -159,3 +159,97 @@ def test_block_data_holds_one_copy_of_the_cached_tensors():
         assert args[0].untyped_storage().data_ptr() == data.x.untyped_storage().data_ptr()
         assert y.untyped_storage().data_ptr() == data.y.untyped_storage().data_ptr()
         assert torch.equal(args[0], x) and torch.equal(y, y0)
+
+
+def _captured_bytes(net, q, units, batches):
+    """What the capture of each unit really holds (the cached inputs and float targets)."""
+    from qround.calibrate import default_forward
+    from qround.reconstruct import _capture, _nbytes, _order_units, _resolve_blocks
+
+    ordered, lca, _ = _order_units(q, _resolve_blocks(q, net, units), batches[0],
+                                   default_forward)
+    fnamed, qnamed = dict(net.named_modules()), dict(q.named_modules())
+    got = {}
+    for u in ordered:
+        entry = qnamed[lca[u] if len(u.modules) > 1 else u.name]
+        data = _capture(net, q, fnamed[u.modules[-1]], entry, u.name, batches, default_forward,
+                        1e9)
+        got[u.name] = _nbytes(data.inputs) + _nbytes(data.targets)
+    return ordered, lca, got
+
+
+@pytest.mark.parametrize("units", [None, "auto", [("stem", "block"), "head.1"]])
+def test_cache_bytes_are_what_the_capture_holds(units):
+    from qround.calibrate import default_forward
+    from qround.reconstruct import cache_bytes
+
+    net = TinyResNet()
+    q = quant_model(net)
+    batches = BATCHES + [torch.randn(5, 1, 6, 6, generator=gen(9))]
+    ordered, lca, got = _captured_bytes(net, q, units, batches)
+    assert cache_bytes(q, ordered, lca, batches, default_forward) == got
+    assert all(v > 0 for v in got.values())
+
+
+def test_cache_bytes_count_keyword_inputs():
+    from qround.calibrate import default_forward
+    from qround.reconstruct import cache_bytes
+
+    net = KwargsNet()
+    q = insert_act_quantizers(net, None, None, weights=GridSpec(bits=4))
+    g = gen(4)
+    batches = [{"x": torch.randn(3, 5, 5, generator=g), "mask": torch.ones(3, 5)}
+               for _ in range(2)]
+    ordered, lca, got = _captured_bytes(net, q, "auto", batches)
+    need = cache_bytes(q, ordered, lca, batches, default_forward)
+    assert need == got
+    # the mask, passed by keyword, is cached with the hidden states: 3 x 5 x (5 + 1 + 5)
+    # float32 numbers per batch
+    assert need["layer.0"] == 2 * 3 * 5 * 11 * 4
+
+
+class _WideEnd(nn.Module):
+    """Small first layer, wide last: only the last unit's capture is large."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4096)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_reconstruct_refuses_a_unit_over_cache_mb_before_training_any():
+    torch.manual_seed(0)
+    net = _WideEnd()
+    batches = [torch.randn(64, 4, generator=gen(i)) for i in range(2)]
+    q = insert_act_quantizers(net, None, None, weights=GridSpec(bits=3))
+    state = copy.deepcopy(q.state_dict())
+    # unit "b" holds 2 x 64 x (4 + 4096) floats, about 2.0 MB; unit "a" about 4 kB
+    config = dataclasses.replace(FAST, cache_mb=1.0)
+    with pytest.raises(QroundError, match=r"unit 'b' would cache 2\.00\d* MB .* above "
+                                          r"cache_mb=1 MB \(1 of 2 units"):
+        reconstruct(net, q, batches, None, config, inplace=True)
+    # raised before unit "a" trained (inplace: it would have changed q)
+    assert all(torch.equal(v, state[k]) for k, v in q.state_dict().items())
+    res = reconstruct(net, q, batches, None, dataclasses.replace(FAST, cache_mb=2.5))
+    assert [b.block for b in res.blocks] == ["a", "b"]
+
+
+def test_quantize_model_refuses_cache_mb_before_the_weight_stage(monkeypatch):
+    import qround.pipeline as pipeline
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("the weight stage ran")
+
+    monkeypatch.setattr(pipeline, "_solve_layer", no_solve)
+    net = _WideEnd()
+    batches = [torch.randn(64, 4, generator=gen(i)) for i in range(2)]
+    for granularity in ("layer", "block"):
+        config = pipeline.QuantConfig(wbits=3, solver="nearest", granularity=granularity,
+                                      reconstruction=dataclasses.replace(FAST, cache_mb=1.0),
+                                      progress=False)
+        with pytest.raises(QroundError, match=r"unit 'b' would cache .* above "
+                                              r"ReconstructConfig\.cache_mb=1 MB"):
+            pipeline.quantize_model(net, batches, config)
