@@ -202,7 +202,8 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
     """Fit a grid to ``weight`` (out, in).
 
     ``hessian``: (in, in), or (out, in, in) per channel; needed by ``mse-output``.
-    ``scale``/``zero_point``: given explicitly as (out,) or (out, groups); then no search runs.
+    ``scale``/``zero_point``: given explicitly as (out,) or (out, groups); then no search runs
+    (``zero_point`` only with ``scale``; an asymmetric grid needs both).
     """
     if spec is None:
         spec = GridSpec()
@@ -217,6 +218,9 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
     out, groups, gs = wg.shape
     group_size = None if groups == 1 else gs
 
+    if scale is None and zero_point is not None:
+        raise QroundError("zero_point is given without scale: give both (then no search runs), "
+                          "or neither")
     if scale is not None:
         s = as_float_array(scale, "scale", ndim=(1, 2))
         s = s.reshape(out, -1) if s.ndim == 1 and s.shape[0] == out else s

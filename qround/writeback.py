@@ -87,6 +87,9 @@ def quantized_weight(problems: RoundingProblem | Sequence[RoundingProblem],
     """
     if isinstance(problems, RoundingProblem):
         problems, solutions = [problems], [solutions]
+    if isinstance(solutions, Solution):
+        raise QroundError(f"problems is a list of {len(list(problems))}: give one solution per "
+                          "problem in a list too")
     problems, solutions = list(problems), list(solutions)
     if not problems or len(problems) != len(solutions):
         raise QroundError(f"need one solution per problem, got {len(problems)} problems and "
@@ -106,8 +109,15 @@ def weight_from_codes(problems: RoundingProblem | Sequence[RoundingProblem], cod
     if not problems or len(problems) != len(codes):
         raise QroundError(f"need one code matrix per problem, got {len(problems)} problems and "
                           f"{len(codes)} code matrices")
+    bad = next((p for p in problems if not isinstance(p, RoundingProblem)), None)
+    if bad is not None:
+        raise QroundError(f"problems must be RoundingProblems, got {type(bad).__name__}")
     first = problems[0].grid
     for p, c in zip(problems, codes):
+        if p.restricted:
+            raise QroundError(f"{p.name or 'problem'} is restricted to other inputs than its "
+                              "layer's (RoundingProblem.restrict): its codes are not a layer's "
+                              "weight; solve the whole problem to write it back")
         g = p.grid
         if (g.bits, g.symmetric, g.group_size, g.in_features, g.groups) != (
                 first.bits, first.symmetric, first.group_size, first.in_features, first.groups):

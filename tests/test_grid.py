@@ -65,6 +65,9 @@ def test_errors():
         GridSpec(scale_method="bogus")
     with pytest.raises(QroundError, match="zero_point"):
         fit_grid(w, GridSpec(symmetric=False), scale=np.ones(2))
+    # a zero point alone was dropped, and the search picked its own
+    with pytest.raises(QroundError, match="zero_point is given without scale"):
+        fit_grid(w, GridSpec(symmetric=False), zero_point=np.full(2, 2))
     with pytest.raises(QroundError, match="shape"):
         fit_grid(w, GridSpec(), scale=np.ones(3))
 

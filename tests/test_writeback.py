@@ -9,7 +9,7 @@ from torch import nn
 
 from qround import GridSpec, QroundError, RoundingProblem, get_solver
 from qround.problems import layer_weight, problems_from_layer
-from qround.writeback import QuantizedWeight, apply_to_layer, quantized_weight
+from qround.writeback import QuantizedWeight, apply_to_layer, quantized_weight, weight_from_codes
 
 torch.set_num_threads(1)
 
@@ -111,3 +111,26 @@ def test_shape_mismatches_are_errors():
     with pytest.raises(QroundError, match="ReLU"):
         apply_to_layer(nn.ReLU(), qw)
     assert isinstance(qw, QuantizedWeight)
+
+
+def test_restricted_problems_and_unpaired_solutions_are_refused():
+    # a problem over other inputs than its layer's (restrict) has codes in its own column
+    # order: written back, they landed in the wrong columns
+    rng = np.random.default_rng(0)
+    w, x = rng.normal(size=(3, 8)), rng.normal(size=(100, 8))
+    p = RoundingProblem.from_weight(w, x.T @ x / 100, GridSpec(bits=4))
+    r = p.restrict(np.arange(8)[::-1], p.rtn_choices())
+    assert r.restricted
+    with pytest.raises(QroundError, match="restricted to other inputs"):
+        quantized_weight(r, get_solver("nearest").solve(r))
+    with pytest.raises(QroundError, match="restricted to other inputs"):
+        weight_from_codes(r, r.codes(r.rtn_choices()))
+    # the same columns in the same order are the layer's: written back as usual
+    same = p.restrict(np.arange(8), p.rtn_choices())
+    assert not same.restricted
+    qw = quantized_weight(same, get_solver("nearest").solve(same))
+    assert np.array_equal(qw.codes, p.codes(p.rtn_choices()))
+    with pytest.raises(QroundError, match="one solution per problem in a list"):
+        quantized_weight([p], get_solver("nearest").solve(p))
+    with pytest.raises(QroundError, match="must be RoundingProblems"):
+        weight_from_codes(["p"], [np.zeros((3, 8), dtype=int)])

@@ -246,7 +246,7 @@ class RoundingProblem:
 
     def choices_from_codes(self, codes) -> np.ndarray:
         """Inverse of :meth:`codes`; raises if a code is not the floor or ceil of its weight."""
-        q = np.asarray(codes)
+        q = as_float_array(codes, "codes", ndim=2)
         if q.shape != self.weight.shape:
             raise QroundError(f"codes must have shape {self.weight.shape}, got {q.shape}")
         b = q - self.floor_codes
@@ -267,6 +267,8 @@ class RoundingProblem:
             hu = _energy.hessian_times(u, self.hessian)
             r = hu - 0.5 * self.grad
             k = self.const - np.sum(u * hu, axis=1) + 2.0 * np.sum(u * r, axis=1)
+            for a in (r, k):   # cached, and read by cost_of_codes and with_grid: read-only
+                a.flags.writeable = False
             self._cache["target"] = (r, k)
         return self._cache["target"]
 

@@ -118,9 +118,17 @@ class DimodSolver(Solver):
         ``**kwargs`` and ignore a misspelt name."""
         declared = set(getattr(sampler, "parameters", {}) or {})
         unknown = sorted(set(self.sample_kwargs) - declared - {"seed", "initial_states"})
-        if declared and unknown:
+        # a sampler object declaring nothing may not list what it takes; a named one (dimod's
+        # ExactSolver) declaring nothing takes nothing
+        if unknown and (declared or isinstance(self.sampler, str)):
             raise QroundError(f"sampler {self.label!r} does not take {unknown}; its parameters: "
                               f"{sorted(declared)}")
+
+    @property
+    def parameters(self) -> dict:
+        """The constructor's arguments, the sampler's keywords flat as they were given:
+        ``DimodSolver(**s.parameters)`` rebuilds ``s``."""
+        return {"sampler": self.sampler, "channels": self.channels, **self.sample_kwargs}
 
     @property
     def label(self) -> str:

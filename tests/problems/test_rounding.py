@@ -150,6 +150,23 @@ def test_bad_choices_rejected(problem):
 def test_arrays_are_read_only(problem):
     with pytest.raises(ValueError):
         problem.hessian[0, 0] = 1.0
+    # target()'s arrays are cached and read by cost_of_codes and with_grid: changing them
+    # changed every later cost
+    q = problem.codes(problem.rtn_choices())
+    before = problem.cost_of_codes(q)
+    r, k = problem.target()
+    with pytest.raises(ValueError):
+        k += 100
+    with pytest.raises(ValueError):
+        r[0, 0] = 1.0
+    assert np.array_equal(problem.cost_of_codes(q), before)
+
+
+def test_codes_that_are_no_numbers_are_named(problem):
+    with pytest.raises(QroundError, match="codes"):
+        problem.choices_from_codes(np.full(problem.weight.shape, "a"))
+    with pytest.raises(QroundError, match="codes"):
+        problem.choices_from_codes(np.full(problem.weight.shape, np.nan))
 
 
 def test_user_arrays_untouched():

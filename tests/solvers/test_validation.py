@@ -142,6 +142,8 @@ def test_anneal_refuses_a_schedule_too_large_to_hold(monkeypatch):
     (lambda: DimodSolver(sampler=None), "sampler must be a name"),
     (lambda: DimodSolver(sampler="nael"), "unknown dimod sampler 'nael'"),
     (lambda: DimodSolver("neal", foo=1), r"does not take \['foo'\]"),
+    # dimod's ExactSolver declares no parameters: it takes none (it ignored them with a warning)
+    (lambda: DimodSolver("exact-dimod", num_reads=3), r"does not take \['num_reads'\]"),
     (lambda: DimodSolver("neal", num_reads=-1), "num_reads must be an integer >= 1"),
     (lambda: DimodSolver("neal", num_reads="x"), "num_reads must be an integer >= 1"),
     (lambda: DimodSolver("neal", num_reads=2 ** 70), "num_reads=.* is too large"),
@@ -239,3 +241,14 @@ def test_a_solver_that_returns_codes_instead_of_choices_is_stopped():
             return start.astype(np.int64)
 
     assert ZeroOne().solve(p).ratio == 1.0
+
+
+def test_dimod_solver_rebuilds_from_its_parameters():
+    # parameters lists the constructor's arguments (as dimod samplers do): the sampler's
+    # keywords flat, not packed in a sample_kwargs the constructor does not take
+    s = get_solver("neal(num_reads=2, num_sweeps=50)")
+    assert s.parameters == {"sampler": "neal", "channels": None, "num_reads": 2,
+                            "num_sweeps": 50}
+    again = type(s)(**s.parameters)
+    assert again.parameters == s.parameters and repr(again) == repr(s)
+    assert repr(s) == "DimodSolver(sampler='neal', channels=None, num_reads=2, num_sweeps=50)"
