@@ -93,6 +93,12 @@ PerLayer = Union[Any, Mapping[str, Any]]
 
 
 # ------------------------------------------------------------------------------ autograd pieces
+def _tracing() -> bool:
+    """Whether the forward is being traced or compiled (``torch.jit.trace``, ``torch.compile``,
+    ``torch.export``): no branch on a tensor's value then, and no side effects."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 class _FloorSTE(torch.autograd.Function):
     """floor forward, identity backward (straight-through)."""
 
@@ -149,18 +155,42 @@ class ActQuantizer(nn.Module):
         self.step = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("signed", torch.tensor(False))
         self.register_buffer("calibrated", torch.tensor(False))
+        # (signed, calibrated) as Python values: read instead of the buffers while the forward
+        # is traced or compiled (a branch on a buffer's value cannot enter a graph)
+        self._flags = (False, False)
         if borders != "none":
             self.b0 = nn.Parameter(torch.full((elements,), 0.5))
             self.b1 = nn.Parameter(torch.zeros(elements))
             self.b2 = nn.Parameter(torch.zeros(elements)) if borders == "quadratic" else None
 
+    def flags(self) -> tuple[bool, bool]:
+        """``(signed, calibrated)``: from the buffers, or while the forward is traced or
+        compiled (jit.trace, torch.compile, torch.export) from their values at the last
+        calibration, state-dict load, :meth:`set_calibrated` or eager read."""
+        if _tracing() and getattr(self, "_flags", None) is not None:
+            return self._flags
+        self._flags = (bool(self.signed), bool(self.calibrated))
+        return self._flags
+
+    @torch.no_grad()
+    def set_calibrated(self, signed: bool) -> None:
+        """Mark the quantiser calibrated with the grid kind ``signed`` (its step and borders set
+        by the caller, e.g. when loading)."""
+        self.signed.fill_(bool(signed))
+        self.calibrated.fill_(True)
+        self._flags = (bool(signed), True)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._flags = (bool(self.signed), bool(self.calibrated))
+
     @property
     def qmin(self) -> int:
-        return qrange(self.bits, bool(self.signed))[0]
+        return qrange(self.bits, self.flags()[0])[0]
 
     @property
     def qmax(self) -> int:
-        return qrange(self.bits, bool(self.signed))[1]
+        return qrange(self.bits, self.flags()[0])[1]
 
     @property
     def span(self) -> int:
@@ -181,9 +211,8 @@ class ActQuantizer(nn.Module):
         signed = bool(flat.min() < 0)
         grid = fit_grid(flat.numpy()[None], GridSpec(bits=self.bits, symmetric=signed,
                                                      scale_method=method))
-        self.signed.fill_(signed)
         self.step.fill_(float(grid.scale[0, 0]))
-        self.calibrated.fill_(True)
+        self.set_calibrated(signed)
 
     def scale(self, features: int) -> torch.Tensor:
         """The step ``s`` used by the forward (0-dim), with LSQ's gradient scale for ``features``
@@ -249,7 +278,7 @@ class ActQuantizer(nn.Module):
         LSQ's gradient scale (default ``x.numel() / x.shape[0]``); border: a precomputed border
         (e.g. :meth:`patch_border`) broadcastable to ``x`` with its element axis split as in
         :meth:`border`, used instead of computing it."""
-        if not bool(self.calibrated):
+        if not self.flags()[1]:
             raise QroundError("ActQuantizer is not calibrated: call calibrate() (or build it "
                               "with insert_act_quantizers) first")
         dim = dim % x.dim()
@@ -302,8 +331,10 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor, dim: int = -1, features: int | None = None,
                 use_border: bool = True, border: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantised ``x`` (same shape and dtype): ``s * clip(floor(x/s + 1 - B), qmin,
-        qmax)``.  A float16/bfloat16 ``x`` is rounded in the step's dtype (float32), where the
-        step and borders live, and the result is cast back."""
+        qmax)``.  A float16/bfloat16 ``x`` is rounded in the step's dtype (float32 as built,
+        also for a half-precision model), where the step and borders live, and the result is
+        cast back.  Casting the quantised model afterwards (``.half()``, ``.bfloat16()``)
+        casts the steps too: quantise the model in the dtype it will run in instead."""
         dtype = x.dtype
         if _lower_precision(dtype, self.step.dtype):
             x = x.to(self.step.dtype)
@@ -312,7 +343,7 @@ class ActQuantizer(nn.Module):
         return out.to(dtype)
 
     def extra_repr(self) -> str:
-        return (f"bits={self.bits}, signed={bool(self.signed)}, borders={self.borders!r}, "
+        return (f"bits={self.bits}, signed={self.flags()[0]}, borders={self.borders!r}, "
                 f"fusion_size={self.fusion_size}")
 
 
@@ -383,6 +414,7 @@ class QuantizedLayer(nn.Module):
         self.qdrop_p = 0.0
         self.qdrop_generator: torch.Generator | None = None
         self._pad_masks: dict = {}
+        self.train(module.training)   # the wrapper and its quantiser follow the layer's mode
 
         self.weight_spec = weight
         if weight is None:
@@ -469,12 +501,18 @@ class QuantizedLayer(nn.Module):
     def _pad_mask(self, x: torch.Tensor, pads) -> torch.Tensor:
         """(1, C*kh*kw, L) ones at real input positions, zeros at padding, of the im2col."""
         key = (tuple(x.shape[1:]), x.device, x.dtype)
-        mask = self._pad_masks.get(key)
+        mask = None if _tracing() else self._pad_masks.get(key)
         if mask is None:
             conv = self.layer
-            ones = F.pad(torch.ones((1, *x.shape[1:]), device=x.device, dtype=x.dtype), pads)
-            mask = F.unfold(ones, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-            self._pad_masks = {key: mask}  # one shape at a time: bounded memory
+            # a normal tensor even under inference_mode: a later forward with autograd saves
+            # it for backward
+            with torch.inference_mode(False):
+                ones = F.pad(torch.ones((1, *x.shape[1:]), device=x.device, dtype=x.dtype),
+                             pads)
+                mask = F.unfold(ones, conv.kernel_size, dilation=conv.dilation,
+                                stride=conv.stride)
+            if not _tracing():   # a traced graph's tensor stays out of the eager cache
+                self._pad_masks = {key: mask}  # one shape at a time: bounded memory
         return mask
 
     def _patch_border(self, v: torch.Tensor, vp: torch.Tensor | None = None) -> torch.Tensor:
@@ -521,6 +559,10 @@ class QuantizedLayer(nn.Module):
     def _sparse_ok(self, x: torch.Tensor) -> bool:
         """Whether a "border" conv may take :meth:`_conv_sparse`: no gradient is needed (no
         autograd, or no input/parameter requires one), no QDrop, a float32/64 CPU input."""
+        if _tracing():
+            # the numba kernel writes through a numpy view, which a trace does not see (it
+            # recorded a correction of zeros), and a graph cannot branch on the input's values
+            return False
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in self.parameters()))
         # non-finite inputs take im2col: the sparse path's bounds (max/min over the patches

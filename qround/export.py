@@ -443,8 +443,7 @@ def _wrap_act_quantizers(model: nn.Module, acts: dict[str, dict], path) -> nn.Mo
             wrapped.act.to(module.weight.device)  # its steps and borders live by the layer
             wrapped.act_mode = info["mode"]
             with torch.no_grad():
-                wrapped.act.signed.fill_(bool(info["signed"]))
-                wrapped.act.calibrated.fill_(True)
+                wrapped.act.set_calibrated(bool(info["signed"]))
                 for key in ("step", "b0", "b1", "b2"):
                     target = getattr(wrapped.act, key, None)
                     if target is None:
