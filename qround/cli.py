@@ -849,13 +849,19 @@ def cmd_sensitivity(args) -> int:
     widths = _bits_list(args.bits)
     if args.tie_inputs and args.mean_bits is None:
         raise QroundError("--tie-inputs ties the widths of an allocation: give --mean-bits too")
-    if args.mean_bits is not None and not widths[0] <= args.mean_bits:
+    overrides = _parse_overrides(args.override)
+    # every layer is at one of --bits or held (at --first-last-bits, or an override's wbits)
+    held = [o["wbits"] for o in (overrides or {}).values() if "wbits" in o]
+    held += [] if args.first_last_bits is None else [args.first_last_bits]
+    narrowest = min([widths[0], *held])
+    if args.mean_bits is not None and not narrowest <= args.mean_bits:
         raise QroundError(f"--mean-bits {args.mean_bits} is below the narrowest of --bits "
-                          f"({widths[0]})")
+                          f"({widths[0]})" + (f" and of the held layers' widths ({narrowest})"
+                                              if narrowest < widths[0] else ""))
     torch.set_num_threads(args.threads)
     config = QuantConfig(symmetric=not args.asymmetric_grid, group_size=args.group_size,
                          scale_method=args.scale_method, first_last_bits=args.first_last_bits,
-                         overrides=_parse_overrides(args.override), seed=args.seed,
+                         overrides=overrides, seed=args.seed,
                          layers=args.layers, exclude=args.exclude, progress=False,
                          capture_cache_mb=args.capture_cache_mb)
     _check_model_file(args)

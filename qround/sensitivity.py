@@ -18,6 +18,8 @@ will leave there; the ranking of the layers is what the allocation uses.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 import time
 from typing import Any, Iterable, Mapping, Sequence
@@ -133,11 +135,14 @@ class Sensitivity:
         matrix.  A tied group is allocated as one unit (its weights and measured errors
         summed); a group with a held layer is held at its width (the config must not hold
         its layers at different widths)."""
-        if isinstance(mean_bits, bool) or not isinstance(mean_bits, (int, float)) \
-                or not np.isfinite(mean_bits):
+        # numpy's scalars too (np.int64, np.float32, np.bool_)
+        if isinstance(mean_bits, (bool, np.bool_)) or not isinstance(
+                mean_bits, (numbers.Real, np.integer, np.floating)) \
+                or not np.isfinite(float(mean_bits)):
             raise QroundError(f"mean_bits must be a finite number, got {mean_bits!r}")
-        if not isinstance(tie_inputs, bool):
+        if not isinstance(tie_inputs, (bool, np.bool_)):
             raise QroundError(f"tie_inputs must be True or False, got {tie_inputs!r}")
+        tie_inputs = bool(tie_inputs)
         units = self._units(tie_inputs)
         bits, free = {}, []
         for unit in units:
@@ -211,47 +216,114 @@ class Sensitivity:
 def _knapsack(layers, widths, budget: float) -> dict[str, int]:
     """The widths (one per layer, from ``widths``) of least summed error whose weight-bits
     stay within ``budget``: a multiple-choice knapsack, solved as an integer program (HiGHS via
-    scipy.optimize.milp; HAWQ-V3's formulation).  The objective is in units of the smallest
-    error, so that HiGHS's absolute optimality gap (1e-6) stays below every difference that
-    matters, with no relative gap; a solution that exceeds the budget by the solver's
-    feasibility tolerance is brought back within it by the cheapest downgrades."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
-    nl, nb = len(layers), len(widths)
+    scipy.optimize.milp; HAWQ-V3's formulation).  Exact in integer weight-bits: the budget row
+    holds each width's weight-bits above the layer's narrowest, divided by their gcd (integers),
+    and the answer is checked in integers.  One that HiGHS's feasibility tolerance let exceed
+    the budget (or no answer) falls back to a dynamic programme over the layers (exact), where
+    its table stays small, else to re-solving within a budget lowered by the overshoot, and to
+    upgrading greedily from the narrowest widths (which fit).  The objective is in units of the
+    smallest error, so that HiGHS's absolute optimality gap (1e-6) stays below every
+    difference that matters, with no relative gap."""
+    nl = len(layers)
     cost = np.array([[b * s.weights for b in widths] for s in layers], dtype=np.int64)
-    limit = int(np.floor(budget * (1 + 1e-12)))   # weight-bits are integers
     error = np.array([[s.errors[b] for b in widths] for s in layers], dtype=float)
     finite = np.isfinite(error)
     if not finite.all():  # a width whose output overflowed: chosen only when nothing else fits
         top = float(np.max(error[finite])) if finite.any() else 1.0
         error = np.where(finite, error, 2 * nl * max(top, 1e-300))
-    positive = error[error > 0]
+    # weight-bits are integers: above each layer's narrowest width, in units of their gcd
+    extra = cost - cost.min(axis=1, keepdims=True)
+    room = int(np.floor(budget * (1 + 1e-12))) - int(cost.min(axis=1).sum())
+    if room < 0:
+        raise QroundError("the bit allocation cannot meet the budget")
+    step = math.gcd(*extra.ravel().tolist()) or 1
+    extra, room = extra // step, room // step
+    allowed = extra <= room
+    rows = np.arange(nl)
+
+    def fits(c) -> bool:
+        return c is not None and int(extra[rows, c].sum()) <= room
+
+    choice = _milp_choice(error, extra, room, allowed)
+    if not fits(choice):
+        exact = _pareto_choice(error, extra, room, allowed)
+        if exact is not None:
+            choice = exact
+        else:
+            found = [_greedy_choice(error, extra, room, allowed)]
+            limit = room
+            for _ in range(8):   # the solver's overshoot, taken off the budget
+                if choice is None or fits(choice):
+                    break
+                limit -= int(extra[rows, choice].sum()) - limit
+                choice = (_milp_choice(error, extra, limit, allowed & (extra <= limit))
+                          if limit >= 0 else None)
+            if fits(choice):
+                found.append(choice)
+            choice = min(found, key=lambda c: float(error[rows, c].sum()))
+    return {s.name: int(widths[c]) for s, c in zip(layers, choice)}
+
+
+def _milp_choice(error, extra, limit: int, allowed):
+    """The knapsack as an integer program (one binary per layer and width); None when HiGHS
+    finds no solution.  Its answer may exceed ``limit`` by its feasibility tolerance."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    nl, nb = error.shape
+    positive = error[allowed & (error > 0)]
     # (at most 12 decades below the largest: HiGHS takes coefficients from 1e20 as infinite)
     unit = max(float(positive.min()), float(positive.max()) * 1e-12) if positive.size else 1.0
-    scale = float(cost.max())  # the budget row in units of the largest layer's cost
     one = np.kron(np.eye(nl), np.ones(nb))                        # each layer: one width
     rows = [LinearConstraint(one, 1, 1),
-            LinearConstraint(cost.ravel()[None] / scale, -np.inf, limit / scale)]
+            LinearConstraint(extra.ravel()[None].astype(float), -np.inf, float(limit))]
     res = milp(error.ravel() / unit, constraints=rows, integrality=np.ones(nl * nb),
-               bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
+               bounds=Bounds(0, allowed.ravel().astype(float)), options={"mip_rel_gap": 0.0})
     if res.x is None:
-        raise QroundError(f"the bit allocation found no solution ({res.message})")
-    choice = np.round(res.x).reshape(nl, nb).argmax(axis=1)
-    rows_ = np.arange(nl)
-    while int(cost[rows_, choice].sum()) > limit:   # over by the solver's tolerance: repair
-        best = None
-        for i in range(nl):
-            for j in range(nb):
-                saved = int(cost[i, choice[i]] - cost[i, j])
-                if saved <= 0:
-                    continue
-                rate = (error[i, j] - error[i, choice[i]]) / saved
-                if best is None or rate < best[0]:
-                    best = (rate, i, j)
-        if best is None:
-            raise QroundError("the bit allocation cannot meet the budget")
-        choice[best[1]] = best[2]
-    return {s.name: int(widths[c]) for s, c in zip(layers, choice)}
+        return None
+    return np.round(res.x).reshape(nl, nb).argmax(axis=1)
+
+
+def _pareto_choice(error, extra, limit: int, allowed, max_states: int = 200_000,
+                   max_kept: int = 5_000_000):
+    """The exact optimum by dynamic programming over the layers: after each, the (weight-bits,
+    error) sums that no other sum beats in both; None when they grow past ``max_states`` at
+    once or ``max_kept`` in all."""
+    costs, errs, back, kept = np.zeros(1, np.int64), np.zeros(1), [], 0
+    for i in range(error.shape[0]):
+        js = np.flatnonzero(allowed[i])
+        c = (costs[:, None] + extra[i, js][None]).ravel()
+        e = (errs[:, None] + error[i, js][None]).ravel()
+        order = np.flatnonzero(c <= limit)
+        order = order[np.lexsort((e[order], c[order]))]
+        # in order of weight-bits: those of less error than every cheaper one
+        before = np.minimum.accumulate(np.concatenate([[np.inf], e[order][:-1]]))
+        order = order[e[order] < before]
+        kept += order.size
+        if order.size > max_states or kept > max_kept:
+            return None
+        back.append((order // js.size, js[order % js.size]))
+        costs, errs = c[order], e[order]
+    k, choice = int(np.argmin(errs)), np.empty(error.shape[0], dtype=np.int64)
+    for i in reversed(range(error.shape[0])):
+        parent, js = back[i]
+        choice[i], k = js[k], int(parent[k])
+    return choice
+
+
+def _greedy_choice(error, extra, limit: int, allowed):
+    """From the narrowest widths (which fit) up: the upgrade of most error saved per
+    weight-bit that still fits, while one does."""
+    rows = np.arange(error.shape[0])
+    choice = extra.argmin(axis=1)
+    while True:
+        more = extra - extra[rows, choice][:, None]
+        saved = error[rows, choice][:, None] - error
+        ok = allowed & (more > 0) & (more <= limit - int(extra[rows, choice].sum())) & (saved > 0)
+        if not ok.any():
+            return choice
+        rate = np.where(ok, saved / np.maximum(more, 1), -np.inf)
+        i, j = np.unravel_index(int(np.argmax(rate)), rate.shape)
+        choice[i] = j
 
 
 def _float_tensors(out: Any, path: str = "output") -> list[tuple[str, torch.Tensor]]:
@@ -420,7 +492,7 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
                     # a Conv2d's weight is (out, c, kh, kw); a Conv1D is a Linear view here
                     module.weight.copy_(torch.as_tensor(deq.reshape(tuple(module.weight.shape)),
                                                         dtype=module.weight.dtype))
-                    cache.prepare(starts[name])
+                    cache.prepare(starts.get(name, 0))   # the root: not hooked, first
                     outs = _outputs(qmodel, calibration, forward, config.seed, cache)
                     cache.finish()
                     if len(outs) != len(reference) or any(

@@ -553,3 +553,155 @@ def test_the_printed_command_repeats_the_seed():
     assert _measured_args(args)[:4] == ["--model", "digits-cnn", "--seed", "3"]
     args = build_parser().parse_args(["sensitivity", "--model", "digits-cnn"])
     assert "--seed" not in _measured_args(args)
+
+
+# ------------------------------------------------------------------- found by a second review
+def _best(errors, weights, mean, bits=(2, 3, 4, 8)):
+    """The least summed error within ``mean`` bits per weight, by brute force."""
+    limit = mean * sum(weights) * (1 + 1e-12)
+    return min(sum(e[bits.index(b)] for e, b in zip(errors, combo))
+               for combo in itertools.product(bits, repeat=len(weights))
+               if sum(b * w for b, w in zip(combo, weights)) <= limit)
+
+
+def _check_best(errors, weights, mean, bits=(2, 3, 4, 8)):
+    alloc = fake(errors, weights, bits).allocate(mean)
+    chosen = [alloc.bits[f"l{i}"] for i in range(len(weights))]
+    assert sum(b * w for b, w in zip(chosen, weights)) <= mean * sum(weights) * (1 + 1e-12)
+    assert alloc.predicted_error <= _best(errors, weights, mean, bits) * (1 + 1e-9)
+    return alloc
+
+
+@pytest.mark.parametrize("errors, weights, mean", [
+    # HiGHS overshot the budget by a few hundred weight-bits, and the repair dropped the large
+    # layer a whole width
+    ([[0.04306, 0.00146, 0.000303, 2.2e-8], [0.7283, 0.06659, 2.74e-5, 1.8e-8]],
+     [16777216, 432], 3.0001227228035776),
+    ([[0.14, 0.043, 0.001, 5.8e-6], [0.0047, 5.1e-5, 8.7e-8, 8.7e-10],
+      [5.8e-6, 1.9e-6, 8.2e-7, 5.5e-10]], [525336576, 1536, 432], 7.999985936687715),
+    ([[0.68, 1.2e-6, 8.4e-9, 8.6e-10], [0.41, 0.00062, 6e-10, 1.1e-10],
+      [0.00043, 9.3e-7, 1.5e-8, 1.3e-8]], [525336576, 576, 27], 4.000000515859168),
+    ([[0.19, 0.043, 6.5e-7, 2.6e-10], [0.09, 0.00044, 4.5e-7, 1.4e-7],
+      [0.0057, 0.00029, 2.2e-7, 2.6e-9]], [16777216, 525336576, 432], 2.061901596590463),
+    # HiGHS called a budget that the narrowest widths and l2 at W4 fit infeasible
+    ([[.754, .114, 2.2e-5, 6.3e-6], [.72, .00166, .000537, 1.04e-5],
+      [.108, .00617, 1.8e-8, 2.6e-9]], [525336576, 1536, 432], 2.000002103405533),
+])
+def test_a_large_layer_beside_small_ones_gets_the_best_widths_within_the_budget(errors, weights,
+                                                                                 mean):
+    _check_best(errors, weights, mean)
+
+
+def test_allocation_is_exact_with_layers_of_very_different_sizes():
+    """Budgets a few thousand weight-bits above some assignment's, with a layer of millions of
+    weights: against brute force."""
+    rng = np.random.default_rng(0)
+    sizes = [16777216, 4194304, 525336576, 45088768, 1536, 432, 27, 576]
+    for _ in range(150):
+        n = int(rng.integers(2, 5))
+        weights = [int(rng.choice(sizes[:4]))] + [int(rng.choice(sizes)) for _ in range(n - 1)]
+        errors = [sorted(10.0 ** rng.uniform(-10, 0, 4), reverse=True) for _ in range(n)]
+        combo = rng.choice((2, 3, 4, 8), n)
+        mean = (sum(int(b) * w for b, w in zip(combo, weights))
+                + int(rng.integers(0, 3000))) / sum(weights)
+        _check_best(errors, weights, mean)
+
+
+def test_an_answer_over_the_budget_or_none_falls_back_to_a_plan_that_fits(monkeypatch):
+    """HiGHS's answer is checked in integers: one over the budget (or none) gives way to the
+    dynamic programme (exact), or where its table grows too large, to a plan that fits."""
+    import qround.sensitivity as sensitivity
+
+    # the dynamic programme is exact, and gives up past its table's size
+    error = np.array([[0.5, 0.2, 0.1], [0.4, 0.25, 0.01]])
+    extra = np.array([[0, 3, 5], [0, 2, 7]])
+    for limit in range(13):
+        best = min(itertools.product(range(3), repeat=2), key=lambda c: (
+            extra[[0, 1], c].sum() > limit, error[[0, 1], c].sum()))
+        got = sensitivity._pareto_choice(error, extra, limit, extra <= limit)
+        assert list(got) == list(best)
+    assert sensitivity._pareto_choice(error, extra, 7, extra <= 7, max_states=2) is None
+    rng = np.random.default_rng(1)
+    cases = []
+    for _ in range(40):
+        n = int(rng.integers(1, 5))
+        cases.append(([sorted(10.0 ** rng.uniform(-8, 0, 4), reverse=True) for _ in range(n)],
+                      [int(w) for w in rng.integers(1, 5000, n)], float(rng.uniform(2, 8))))
+
+    def widest(error, extra, limit, allowed):   # an answer far over the budget
+        return extra.argmax(axis=1)
+
+    for answer in (widest, lambda *a: None):
+        monkeypatch.setattr(sensitivity, "_milp_choice", answer)
+        for errors, weights, mean in cases:
+            _check_best(errors, weights, mean)
+    monkeypatch.setattr(sensitivity, "_pareto_choice", lambda *a: None)
+    for answer in (widest, lambda *a: None):
+        monkeypatch.setattr(sensitivity, "_milp_choice", answer)
+        for errors, weights, mean in cases:
+            alloc = fake(errors, weights).allocate(mean)
+            chosen = [alloc.bits[f"l{i}"] for i in range(len(weights))]
+            assert sum(b * w for b, w in zip(chosen, weights)) <= mean * sum(weights)
+
+
+def test_the_model_itself_can_be_the_layer(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    cal = [torch.randn(5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    config = QuantConfig(progress=False, solver="greedy")
+    for mb in (0, 1024):
+        sens = layer_sensitivity(model, cal, QuantConfig(capture_cache_mb=mb), bits=(2, 3))
+        assert [s.name for s in sens.layers] == [""]
+        for b in (2, 3):
+            assert sens.layers[0].errors[b] == pytest.approx(
+                direct_error(model, cal, "", config.grid_spec(b, "")), rel=1e-9, abs=1e-15)
+    sens = layer_sensitivity(model, cal, config, bits=(2, 3))
+    alloc = sens.allocate(3.0)
+    qm = quantize_model(model, cal, alloc.config)
+    assert [(r.layer, r.bits) for r in qm.report] == [("", 3)]
+    torch.save(model, tmp_path / "lin.pt")
+    torch.save(torch.cat(cal), tmp_path / "cal.pt")
+    assert main(["sensitivity", "--model", str(tmp_path / "lin.pt"), "--calibration",
+                 str(tmp_path / "cal.pt"), "--bits", "2,3", "--threads", "1"]) == 0
+    assert "W3" in capsys.readouterr().out
+
+
+def test_cli_mean_bits_counts_the_held_layers(tmp_path, capsys):
+    """Held layers narrower than --bits let the mean go below the narrowest of --bits."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 12))
+    torch.save(model, tmp_path / "m.pt")
+    torch.save(torch.randn(64, 12, generator=torch.Generator().manual_seed(0)),
+               tmp_path / "cal.pt")
+    common = ["sensitivity", "--model", str(tmp_path / "m.pt"), "--calibration",
+              str(tmp_path / "cal.pt"), "--bits", "4,8", "--threads", "1"]
+    weights = {"0": 192, "2": 256, "4": 256, "6": 192}
+    for held in (["--first-last-bits", "2"], ["--override", "^(0|6)$", "wbits=2"]):
+        out = tmp_path / "s.json"
+        assert main(common + held + ["--mean-bits", "3.8", "--json", str(out)]) == 0
+        bits = json.loads(out.read_text())["allocation"]["bits"]
+        assert bits == {"0": 2, "2": 4, "4": 4, "6": 2}   # 8 at a middle layer: 4.3 bits
+        assert sum(bits[n] * w for n, w in weights.items()) <= 3.8 * sum(weights.values())
+        capsys.readouterr()
+        # below the narrowest allocation (3.14): the allocation says so
+        assert main(common + held + ["--mean-bits", "3"]) == 2
+        assert "below the narrowest allocation" in capsys.readouterr().err
+        # below every width: refused before measuring
+        assert main(common + held + ["--mean-bits", "1.5"]) == 2
+        assert "below the narrowest of --bits (4) and of the held layers' widths (2)" in (
+            capsys.readouterr().err)
+
+
+def test_allocate_takes_numpy_scalars():
+    sens = fake_tied([[0.5, 0.2, 0.1, 0.01], [0.9, 0.3, 0.05, 0.001]], [100, 300], [None, 0])
+    for mean in (np.int64(3), np.float32(3.0), np.float64(3.0)):
+        assert sens.allocate(mean).bits == sens.allocate(3.0).bits
+        assert sens.allocate(mean, tie_inputs=np.bool_(True)).bits == sens.allocate(
+            3.0, tie_inputs=True).bits
+    for bad in (np.bool_(True), np.float64("nan"), np.array([3.0])):
+        with pytest.raises(QroundError, match="mean_bits"):
+            sens.allocate(bad)
+    with pytest.raises(QroundError, match="tie_inputs"):
+        sens.allocate(3.0, tie_inputs=np.int64(1))
