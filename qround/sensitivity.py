@@ -136,9 +136,13 @@ class Sensitivity:
         summed); a group with a held layer is held at its width (the config must not hold
         its layers at different widths)."""
         # numpy's scalars too (np.int64, np.float32, np.bool_)
-        if isinstance(mean_bits, (bool, np.bool_)) or not isinstance(
-                mean_bits, (numbers.Real, np.integer, np.floating)) \
-                or not np.isfinite(float(mean_bits)):
+        real = not isinstance(mean_bits, (bool, np.bool_)) and isinstance(
+            mean_bits, (numbers.Real, np.integer, np.floating))
+        try:
+            real = real and math.isfinite(float(mean_bits))
+        except OverflowError:   # an int beyond float's range
+            real = False
+        if not real:
             raise QroundError(f"mean_bits must be a finite number, got {mean_bits!r}")
         if not isinstance(tie_inputs, (bool, np.bool_)):
             raise QroundError(f"tie_inputs must be True or False, got {tie_inputs!r}")

@@ -700,7 +700,7 @@ def test_allocate_takes_numpy_scalars():
         assert sens.allocate(mean).bits == sens.allocate(3.0).bits
         assert sens.allocate(mean, tie_inputs=np.bool_(True)).bits == sens.allocate(
             3.0, tie_inputs=True).bits
-    for bad in (np.bool_(True), np.float64("nan"), np.array([3.0])):
+    for bad in (np.bool_(True), np.float64("nan"), np.array([3.0]), 10 ** 400):
         with pytest.raises(QroundError, match="mean_bits"):
             sens.allocate(bad)
     with pytest.raises(QroundError, match="tie_inputs"):
