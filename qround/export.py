@@ -15,7 +15,9 @@ norms, layers left in float) from the model it is given, so it checks that model
 that runs and is silently wrong.
 
 Files are written atomically (temp file in the same folder, then ``os.replace``): a failed save
-leaves any earlier file as it was.
+leaves any earlier file as it was.  A run repeated with the same seed writes the same bytes,
+except for the wall-clock times in the report (``seconds``, ``capture_seconds``, and
+``search_seconds`` of the units).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from torch import nn
 
 from .activations import QuantizedLayer, replace_module
 from .errors import QroundError, copy_module
-from .files import atomic_write
+from .files import atomic_write, safetensors_bytes
 from .problems.layers import (is_hf_conv1d, linear_view, linearize_conv1d, restore_conv1d,
                               weight_not_writable)
 from .writeback import QuantizedWeight
@@ -109,7 +111,7 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
     if qmodel.source is not None:
         metadata["source"] = json.dumps(qmodel.source)
     with atomic_write(path, what="quantised model", make_folder=True) as f:
-        f.write(safetensors.torch.save(tensors, metadata=metadata))
+        f.write(safetensors_bytes(tensors, metadata))
 
 
 def _on_codes(deq: np.ndarray, weight: torch.Tensor) -> bool:

@@ -94,3 +94,19 @@ def _umask() -> int:
     mask = os.umask(0o022)  # elsewhere: read by setting, then restore at once
     os.umask(mask)
     return mask
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save(tensors, metadata)`` with its header's keys sorted: the same
+    tensors and metadata give the same bytes in every process (safetensors writes the metadata
+    from a hash map whose order changes from one process to the next)."""
+    import json
+
+    import safetensors.torch
+
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)   # the format pads its header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]

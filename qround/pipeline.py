@@ -342,7 +342,9 @@ class QuantConfig:
             d["reconstruction"]["beta"] = list(self.reconstruction.beta)
         if not isinstance(self.solver, str):
             d["solver"] = self.solver.label
-            d["solver_repr"] = repr(self.solver)  # a Solver instance: its parameters too
+            # a Solver instance: its parameters too (without the memory addresses of objects
+            # among them, which change from run to run)
+            d["solver_repr"] = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(self.solver))
         if self.overrides is not None:  # JSON: [pattern, options] pairs, in matching order
             d["overrides"] = [[pattern, {k: (v if isinstance(v, str) or k != "solver"
                                              else v.label) for k, v in options.items()}]
