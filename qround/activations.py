@@ -164,13 +164,12 @@ class ActQuantizer(nn.Module):
             self.b2 = nn.Parameter(torch.zeros(elements)) if borders == "quadratic" else None
 
     def flags(self) -> tuple[bool, bool]:
-        """``(signed, calibrated)``: from the buffers, or while the forward is traced or
-        compiled (jit.trace, torch.compile, torch.export) from their values at the last
-        calibration, state-dict load, :meth:`set_calibrated` or eager read."""
-        if _tracing() and getattr(self, "_flags", None) is not None:
+        """``(signed, calibrated)``: from the buffers, or while the forward is compiled
+        (torch.compile, torch.export: its buffers have no values then) from their values at
+        the last calibration, state-dict load or :meth:`set_calibrated`."""
+        if torch.compiler.is_compiling() and getattr(self, "_flags", None) is not None:
             return self._flags
-        self._flags = (bool(self.signed), bool(self.calibrated))
-        return self._flags
+        return bool(self.signed), bool(self.calibrated)
 
     @torch.no_grad()
     def set_calibrated(self, signed: bool) -> None:

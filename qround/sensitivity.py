@@ -164,9 +164,11 @@ class Sensitivity:
                 bits.update({s.name: self.bits[0] for s in unit})
                 free.append(unit)
         total = sum(s.weights for s in self.layers)
-        budget = float(mean_bits) * total
+        # weight-bits are integers: the budget is floored once, with a tolerance for the
+        # rounding of mean_bits itself (a mean read back from an allocation fits again)
+        budget = math.floor(float(mean_bits) * total * (1 + 1e-12))
         used = sum(bits[s.name] * s.weights for s in self.layers)
-        if used > budget * (1 + 1e-12):
+        if used > budget:
             raise QroundError(f"mean_bits={mean_bits} is below the narrowest allocation: "
                               f"{used / total:.4g} bits per weight with every layer at "
                               f"W{self.bits[0]} (and the held layers"
@@ -217,7 +219,7 @@ class Sensitivity:
         return tuple(out)
 
 
-def _knapsack(layers, widths, budget: float) -> dict[str, int]:
+def _knapsack(layers, widths, budget: int) -> dict[str, int]:
     """The widths (one per layer, from ``widths``) of least summed error whose weight-bits
     stay within ``budget``: a multiple-choice knapsack, solved as an integer program (HiGHS via
     scipy.optimize.milp; HAWQ-V3's formulation).  Exact in integer weight-bits: the budget row
@@ -234,10 +236,12 @@ def _knapsack(layers, widths, budget: float) -> dict[str, int]:
     finite = np.isfinite(error)
     if not finite.all():  # a width whose output overflowed: chosen only when nothing else fits
         top = float(np.max(error[finite])) if finite.any() else 1.0
-        error = np.where(finite, error, 2 * nl * max(top, 1e-300))
+        if top > 0:   # in units of the largest finite error: the stand-in cannot overflow
+            error = error / top
+        error = np.where(finite, error, 2.0 * nl)
     # weight-bits are integers: above each layer's narrowest width, in units of their gcd
     extra = cost - cost.min(axis=1, keepdims=True)
-    room = int(np.floor(budget * (1 + 1e-12))) - int(cost.min(axis=1).sum())
+    room = int(budget) - int(cost.min(axis=1).sum())
     if room < 0:
         raise QroundError("the bit allocation cannot meet the budget")
     step = math.gcd(*extra.ravel().tolist()) or 1

@@ -69,6 +69,12 @@ def _check_layer(module: nn.Module) -> None:
                           "linearize_conv1d(model) for a whole model; quantize_model does this)")
 
 
+def _check_problems(problems: list) -> None:
+    bad = [p for p in problems if not isinstance(p, RoundingProblem)]
+    if bad:
+        raise QroundError(f"problems must be RoundingProblems, got {type(bad[0]).__name__}")
+
+
 def _choices(problem: RoundingProblem, solution) -> np.ndarray:
     b = solution.choices if isinstance(solution, Solution) else np.asarray(solution)
     if b.shape != problem.weight.shape:
@@ -94,6 +100,7 @@ def quantized_weight(problems: RoundingProblem | Sequence[RoundingProblem],
     if not problems or len(problems) != len(solutions):
         raise QroundError(f"need one solution per problem, got {len(problems)} problems and "
                           f"{len(solutions)} solutions")
+    _check_problems(problems)
     codes = [p.codes(_choices(p, s)) for p, s in zip(problems, solutions)]
     return weight_from_codes(problems, codes, module)
 
@@ -109,9 +116,7 @@ def weight_from_codes(problems: RoundingProblem | Sequence[RoundingProblem], cod
     if not problems or len(problems) != len(codes):
         raise QroundError(f"need one code matrix per problem, got {len(problems)} problems and "
                           f"{len(codes)} code matrices")
-    bad = next((p for p in problems if not isinstance(p, RoundingProblem)), None)
-    if bad is not None:
-        raise QroundError(f"problems must be RoundingProblems, got {type(bad).__name__}")
+    _check_problems(problems)
     first = problems[0].grid
     for p, c in zip(problems, codes):
         if p.restricted:

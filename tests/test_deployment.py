@@ -93,3 +93,18 @@ def test_a_mask_built_under_inference_mode_serves_a_later_backward():
     xg = x.clone().requires_grad_(True)
     q(xg).sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+def test_a_functional_call_with_other_buffers_leaves_the_compiled_grid_alone():
+    # an eager read recorded the swapped-in buffers' grid kind, and export used it afterwards
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 3)).eval()
+    signed = insert_act_quantizers(net, None, 4, calib_batches=[torch.randn(16, 6)],
+                                   weights=GridSpec(bits=4))
+    unsigned = insert_act_quantizers(net, None, 4, calib_batches=[torch.rand(16, 6)],
+                                     weights=GridSpec(bits=4))
+    assert signed[0].act.flags()[0] and not unsigned[0].act.flags()[0]
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.func.functional_call(signed, unsigned.state_dict(), (x,))
+        assert torch.equal(torch.export.export(signed, (x,)).module()(x), signed(x))

@@ -2,6 +2,7 @@
 import copy
 import itertools
 import json
+import math
 import random
 import shlex
 
@@ -705,3 +706,15 @@ def test_allocate_takes_numpy_scalars():
             sens.allocate(bad)
     with pytest.raises(QroundError, match="tie_inputs"):
         sens.allocate(3.0, tie_inputs=np.int64(1))
+
+
+def test_infinite_errors_beside_huge_finite_ones_and_a_budget_of_mostly_held_layers():
+    # the stand-in for an infinite error (2 x layers x the largest finite one) overflowed
+    sens = fake([[math.inf, 1e308], [1e308, 1.0]], [10, 10], (2, 3))
+    assert sens.allocate(2.5).bits == {"l0": 3, "l1": 2}
+    # the budget's tolerance was applied after the held layers' bits were taken off: an
+    # upgrade that fits exactly was lost when the free layers are a sliver of the weights
+    for held in (10 ** 6, 392889092260, 106325469465):
+        sens = fake([None, [0.9, 0.3]], [held, 1], (2, 3), held={0: 2})
+        total = held + 1
+        assert sens.allocate((2 * total + 1) / total).bits == {"l0": 2, "l1": 3}

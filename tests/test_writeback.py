@@ -132,5 +132,8 @@ def test_restricted_problems_and_unpaired_solutions_are_refused():
     assert np.array_equal(qw.codes, p.codes(p.rtn_choices()))
     with pytest.raises(QroundError, match="one solution per problem in a list"):
         quantized_weight([p], get_solver("nearest").solve(p))
-    with pytest.raises(QroundError, match="must be RoundingProblems"):
-        weight_from_codes(["p"], [np.zeros((3, 8), dtype=int)])
+    for bad in ("p", None, {"a": 1}):
+        with pytest.raises(QroundError, match="must be RoundingProblems"):
+            weight_from_codes([bad], [np.zeros((3, 8), dtype=int)])
+        with pytest.raises(QroundError, match="must be RoundingProblems"):
+            quantized_weight([bad], [p.rtn_choices()])
