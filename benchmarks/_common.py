@@ -150,6 +150,10 @@ def e2e_finish(p: argparse.ArgumentParser, argv, widths, methods) -> argparse.Na
     except QroundError as exc:
         p.error(f"--solvers: {exc}")
     args.refits = int_list(args.refits, "--refits", p, 0)
+    if args.widen and "reconstruct" in args.methods:
+        # refused by QuantConfig, but only when the reconstruct rows start
+        p.error("--widen cannot be combined with the 'reconstruct' method (its soft rounding "
+                "chooses floor or ceil only): leave it out with --methods")
     return args
 
 
