@@ -157,6 +157,18 @@ def e2e_finish(p: argparse.ArgumentParser, argv, widths, methods) -> argparse.Na
     return args
 
 
+def warm_up_solvers(specs) -> None:
+    """Load the compiled kernels of the run's solvers (and of the gptq and hopfield methods)
+    before any row is timed: the first call in a process pays it, and the first process after
+    an install compiles them (half a minute on 2 cores)."""
+    from qround.bench import extra_solvers
+    from qround.solvers import get_solver, warm_up
+
+    extra = extra_solvers()
+    warm_up(*(extra[s] if s in extra else get_solver(s)
+              for s in [*specs, "gptq", "hopfield"] if known_solver(s)))
+
+
 def split_specs(text: str) -> list[str]:
     """A comma-separated list of solver specs (``qround.solvers.registry.split_specs``: commas
     inside a solver's options stay with it).  ``solve_time.py --against REV`` runs this file

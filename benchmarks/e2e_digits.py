@@ -25,7 +25,7 @@ from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import digits_accuracy
 from qround.report import format_table, write_json_atomic
-from _common import e2e_finish, e2e_parser, plan, refits_of  # noqa: E402 (on sys.path)
+from _common import e2e_finish, e2e_parser, plan, refits_of, warm_up_solvers  # noqa: E402 (on sys.path)
 
 WIDTHS = {"W4": 4, "W3": 3, "W2": 2}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers")
@@ -77,6 +77,7 @@ def summarise(values: list[float]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    warm_up_solvers(args.solvers)   # kernel loading stays out of the first row's seconds
     abits = args.abits or None
     runs, notes = plan(args)
     header = (f"digits CNN (plain) e2e: all Conv2d/Linear weights, per-channel symmetric, "

@@ -36,7 +36,7 @@ from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.report import format_table
 from qround.zoo.hf import load_hf, perplexity
-from _common import e2e_finish, e2e_parser, e2e_write, plan, refits_of  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import e2e_finish, e2e_parser, e2e_write, plan, refits_of, warm_up_solvers  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g64": (3, 64), "W2g64": (2, 64)}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers", "reconstruct")
@@ -154,6 +154,7 @@ def quantise(label, spec, hf, calibration, bits, group_size, args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    warm_up_solvers(args.solvers)   # kernel loading stays out of the first row's seconds
     folder = checkpoint(args)
     hf = load_hf(folder)
     calibration = hf.batches(zoo.sentences("calibration", args.calib_sentences))

@@ -30,7 +30,7 @@ from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import embedding_metrics
 from qround.report import format_table
-from _common import e2e_finish, e2e_parser, e2e_write, plan, refits_of  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import e2e_finish, e2e_parser, e2e_write, plan, refits_of, warm_up_solvers  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g128": (3, 128), "W2": (2, None)}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers", "reconstruct")
@@ -95,6 +95,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    warm_up_solvers(args.solvers)   # kernel loading stays out of the first row's seconds
     model = zoo.load_minilm()
     layers = zoo.minilm_linear_layers(model)
     calibration = zoo.minilm_batches(model, zoo.sentences("calibration", args.calib_sentences))
