@@ -91,6 +91,21 @@ def _pairwise_sum(a, n):
     return vals[0]
 
 
+@njit(cache=True, inline="always")
+def _rounding_error(w, s, z, qmin, qmax):
+    """``s * (clip(round(w / s) + z) - z) - w`` (round half up), in the order the search has
+    always computed it."""
+    e = w / s
+    e += 0.5
+    e = np.floor(e)
+    e += z
+    e = min(max(e, qmin), qmax)
+    e -= z
+    e = s * e
+    e -= w
+    return e
+
+
 @parallel_kernel
 def mse_search(wg, cand_s, cand_z, unit, qmin, qmax):
     """Index of the best candidate grid per channel and group.
@@ -108,22 +123,21 @@ def mse_search(wg, cand_s, cand_z, unit, qmin, qmax):
         g = row - o * groups
         buf = np.empty(gs)
         u = unit[o, g]
+        # u is a power of two: e / u == e * (1 / u) exactly where 1 / u is finite, so the
+        # inner loop multiplies (a subnormal u, whose inverse overflows, keeps the division)
+        inv = 1.0 / u
         best_err = 0.0
         for j in range(k):
             s = cand_s[j, o, g]
             z = cand_z[j, o, g]
-            for i in range(gs):
-                w = wg[o, g, i]
-                e = w / s
-                e += 0.5
-                e = np.floor(e)
-                e += z
-                e = min(max(e, qmin), qmax)
-                e -= z
-                e = s * e
-                e -= w
-                e = e / u
-                buf[i] = e * e
+            if inv < np.inf:
+                for i in range(gs):
+                    e = _rounding_error(wg[o, g, i], s, z, qmin, qmax) * inv
+                    buf[i] = e * e
+            else:
+                for i in range(gs):
+                    e = _rounding_error(wg[o, g, i], s, z, qmin, qmax) / u
+                    buf[i] = e * e
             err = _pairwise_sum(buf, gs)
             if j == 0 or err < best_err:
                 best_err = err

@@ -98,17 +98,29 @@ def _active_mask(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------- hooks
 @contextmanager
 def layer_hooks(modules: Mapping[str, nn.Module],
-                hook: Callable[[str, nn.Module, tuple, Any], Any]) -> Iterator[None]:
+                hook: Callable[[str, nn.Module, tuple, Any], Any],
+                pre: bool = False) -> Iterator[None]:
     """Call ``hook(name, module, inputs, output)`` after every forward of each named module.
 
-    A hook that returns a value replaces the module's output (as in torch).  The hooks are
-    removed on exit, also when the body raises.
+    A hook that returns a value replaces the module's output (as in torch).  With ``pre``, the
+    hook runs before each forward instead, with output None, and its value is ignored (a
+    hook that only reads the inputs, or stops the pass, saves the module's own forward).  The
+    hooks are removed on exit, also when the body raises.
     """
     handles = []
+
+    def before(name):
+        def call(mod, args):
+            hook(name, mod, args, None)
+        return call
+
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(
-                lambda mod, args, out, _name=name: hook(_name, mod, args, out)))
+            if pre:
+                handles.append(module.register_forward_pre_hook(before(name)))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda mod, args, out, _name=name: hook(_name, mod, args, out)))
         yield
     finally:
         for h in handles:

@@ -837,7 +837,9 @@ def _run_until(model, batch, forward, modules: dict[str, nn.Module], hook,
         if all(v <= 0 for v in left.values()):
             raise _StopForward
 
-    with layer_hooks(modules, counted):
+    # before each call: the pass stops ahead of the last one's own forward, whose output
+    # nothing reads
+    with layer_hooks(modules, counted, pre=True):
         try:
             forward(model, batch)
         except _StopForward:
