@@ -141,10 +141,10 @@ def quantize_activations(result: "QuantizedModel", float_model: nn.Module, calib
                 config=rec_config, forward=forward, inplace=True)
         wrapped = rec.model
     layers = quantized_layers(wrapped)
-    # the wrapped layers' own weights are the final ones, so that a layer tied to one of them
-    # (left unwrapped) uses them too, and the forward uses them without dequantising the codes
-    for name in order:
-        layers[name].mark_synced()
+    with torch.no_grad():   # the wrapped layers' own weights are the final ones, so that a
+        for name in order:  # layer tied to one of them (left unwrapped) uses them too
+            inner = layers[name].layer.weight
+            inner.copy_(layers[name].quantized_weight())
     result.model = wrapped
     result.layers = {n: layers[n].quantized_weight_codes() for n in order}
     return rec, selection

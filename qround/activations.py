@@ -455,36 +455,15 @@ class QuantizedLayer(nn.Module):
         w = self.layer.weight
         if self.weight_mode == "float":
             return w
-        if self.weight_mode == "hard" and not _tracing() \
-                and getattr(self, "_synced", None) == self._sync_key():
-            return w   # it holds the hard weight (mark_synced), not changed since
         if self.weight_mode == "soft":
             q = (self.w_floor + self.soft_weight_fraction()).clamp(self.w_qmin, self.w_qmax)
         else:
             q = self.w_codes.to(self.w_scale.dtype)
-        reps = q.shape[1] // self.w_scale.shape[1]
-        scale = self.w_scale.repeat_interleave(reps, dim=1)
-        zero = self.w_zero.repeat_interleave(reps, dim=1)
-        return (scale * (q - zero)).reshape(w.shape).to(w.dtype)
-
-    def _sync_key(self) -> tuple:
-        return tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in (
-            self.layer.weight, self.w_codes, self.w_scale, self.w_zero))
-
-    @torch.no_grad()
-    def mark_synced(self) -> None:
-        """Write the hard weight into the wrapped layer's own weight; until that weight, the
-        codes or the grid change (in place or replaced), a forward in hard mode uses it as it
-        is instead of dequantising the codes on every call."""
-        if self.weight_spec is None:
-            return
-        mode = self.weight_mode
-        self.weight_mode, self._synced = "hard", None
-        try:
-            self.layer.weight.copy_(self.quantized_weight())
-        finally:
-            self.weight_mode = mode
-        self._synced = self._sync_key()
+        # (out, groups, group size) against (out, groups, 1): the grid broadcast, not repeated
+        m, groups = self.w_scale.shape
+        q = q.reshape(m, groups, -1)
+        return (self.w_scale[:, :, None] * (q - self.w_zero[:, :, None])).reshape(
+            w.shape).to(w.dtype)
 
     def quantized_weight_codes(self) -> QuantizedWeight:
         """The hard weight as :class:`qround.writeback.QuantizedWeight` (codes (out, n),

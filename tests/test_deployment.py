@@ -110,39 +110,23 @@ def test_a_functional_call_with_other_buffers_leaves_the_compiled_grid_alone():
         assert torch.equal(torch.export.export(signed, (x,)).module()(x), signed(x))
 
 
-def _recomputed(layer):
-    """The hard weight dequantised from the codes, bypassing the synced weight."""
-    synced, layer._synced = getattr(layer, "_synced", None), None
-    try:
-        return layer.quantized_weight().clone()
-    finally:
-        layer._synced = synced
-
-
-def test_the_returned_model_uses_its_synced_weights_until_the_codes_change():
-    from qround.pipeline import QuantConfig, quantize_model
-
+def test_hard_weights_broadcast_the_grid_as_the_codes_say():
+    # the grid is broadcast over each group instead of repeated per weight (a faster forward):
+    # the same numbers as s * (q - z) with s and z repeated
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
-    qm = quantize_model(net, [torch.randn(16, 6)], QuantConfig(wbits=3, abits=8,
-                                                              solver="greedy", progress=False))
-    layers = quantized_layers(qm.model)
-    x = torch.randn(4, 6)
-    for layer in layers.values():
-        # the forward takes the layer's own weight, which holds the hard weight: no
-        # dequantisation per call
-        assert layer.quantized_weight() is layer.layer.weight
-        assert torch.equal(layer.layer.weight, _recomputed(layer))
-    before = qm.model(x)
-    first = layers["0"]
-    with torch.no_grad():
-        first.w_codes[0, 0] += 1 if first.w_codes[0, 0] < first.w_qmax else -1
-    assert first.quantized_weight() is not first.layer.weight   # changed codes: recomputed
-    assert torch.equal(first.quantized_weight(), _recomputed(first))
-    assert not torch.equal(qm.model(x), before)
-    first.mark_synced()
-    assert first.quantized_weight() is first.layer.weight
-    last = layers["2"]
-    last.layer.weight.data = last.layer.weight.data.clone() * 2   # replaced, not in place
-    assert torch.equal(last.quantized_weight(), _recomputed(last))
-    assert torch.equal(last.quantized_weight(), last.layer.weight / 2)
+    for group_size, symmetric in ((None, True), (4, False), (8, True)):
+        q = insert_act_quantizers(nn.Sequential(nn.Linear(16, 5)), None, 8,
+                                  calib_batches=[torch.randn(8, 16)],
+                                  weights=GridSpec(bits=3, group_size=group_size,
+                                                   symmetric=symmetric))
+        layer = quantized_layers(q)["0"]
+        reps = 16 // layer.w_scale.shape[1]
+        codes = layer.w_codes.to(layer.w_scale.dtype)
+        want = layer.w_scale.repeat_interleave(reps, 1) * (
+            codes - layer.w_zero.repeat_interleave(reps, 1))
+        assert torch.equal(layer.quantized_weight(), want)
+        layer.weight_mode = "soft"
+        soft = (layer.w_floor + layer.soft_weight_fraction()).clamp(layer.w_qmin, layer.w_qmax)
+        want = layer.w_scale.repeat_interleave(reps, 1) * (
+            soft - layer.w_zero.repeat_interleave(reps, 1))
+        assert torch.equal(layer.quantized_weight(), want)
