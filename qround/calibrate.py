@@ -425,6 +425,13 @@ def capture_hessians(model: nn.Module, batches: Iterable, layers: LayerFilter = 
     forward = forward or default_forward
     moments = {name: _Moment() for name in modules}
 
+    def private(module, args):
+        # the layer saves (for its weight's gradient) and the hook reads a copy of its input,
+        # which a later in-place op of the forward (h += f(h)) cannot rewrite
+        if args and isinstance(args[0], torch.Tensor):
+            return (args[0].clone(), *args[1:])
+        return None
+
     def hook(name, module, args, out):
         x = _layer_input(name, module, args)
         dev = device if device is not None else x.device
@@ -549,14 +556,37 @@ def fisher_bytes(module: nn.Module) -> int:
     return int(_out_channels(module)) * n * n * 8
 
 
+def _fisher_error(exc: RuntimeError):
+    """Re-raise torch's error of a Fisher pass as a QroundError where it has a known cause."""
+    text = str(exc)
+    if "inplace operation" in text:
+        raise QroundError(
+            "Fisher statistics differentiate the model, and its forward changes in place a "
+            "tensor the backward needs (e.g. x += f(x) on a normalisation's input, or an "
+            "in-place activation of a saved output): write it out of place (x = x + f(x)), or "
+            f"use statistics='covariance' ({text[:200]})") from exc
+    if "nference tensor" in text:
+        raise QroundError(
+            "Fisher statistics differentiate the model, and tensors of this forward were made "
+            "under torch.inference_mode (the calibration batches, or the model's buffers): "
+            f"make them outside it, or use statistics='covariance' ({text[:200]})") from exc
+    raise exc
+
+
 def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, Any], torch.Tensor],
                    layers: LayerFilter, memory_budget_mb: float = 1024.0,
                    forward: ForwardFn | None = None, device=None) -> dict[str, np.ndarray]:
     """Per-channel Fisher blocks ``H_c = E[g_c^2 x x^T]`` of each chosen layer: (out, n_g, n_g).
 
     ``g_c = dL/dz_c`` at the position (token / pixel) of ``x``, ``L = loss_fn(output, batch)``
-    (a scalar tensor; its reduction sets a per-batch factor, which does not change a channel's
-    argmin).  Each layer's blocks must fit ``memory_budget_mb``, checked before any forward.
+    (a scalar tensor).  Its scale weighs its batch: with a mean-reduced loss, the samples of a
+    smaller batch (or of one with fewer label tokens) weigh more, by the square of the factor;
+    a sum-reduced loss (``reduction="sum"``, or a mean times its count) weighs every sample
+    alike, as ``E`` says.  With batches of one size either gives the same codes.  Each layer's
+    blocks must fit ``memory_budget_mb``, checked before any forward.  Each chosen layer reads
+    a private copy of its input, so an in-place change of that tensor later in the forward
+    (``h += f(h)``) leaves the gradients intact; another in-place change of a tensor the
+    backward needs is a QroundError.
     Gradients are taken with ``torch.autograd.grad`` on the chosen weights, so no ``.grad`` of the
     model is written; weights with ``requires_grad=False`` are switched on and restored.  A
     layer called only with empty inputs (an expert no token reached) maps to None.
@@ -570,6 +600,13 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
     forward = forward or default_forward
     moments = {name: _ChannelMoment(module) for name, module in modules.items()}
     inputs = dict.fromkeys(modules, 0)     # input rows seen per layer
+
+    def private(module, args):
+        # the layer saves (for its weight's gradient) and the hook reads a copy of its input,
+        # which a later in-place op of the forward (h += f(h)) cannot rewrite
+        if args and isinstance(args[0], torch.Tensor):
+            return (args[0].clone(), *args[1:])
+        return None
 
     def hook(name, module, args, out):
         x = _layer_input(name, module, args)
@@ -603,7 +640,10 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
     flags = [w.requires_grad for w in weights]
 
     def step(batch):
-        output = forward(model, batch)
+        try:
+            output = forward(model, batch)
+        except RuntimeError as exc:
+            _fisher_error(exc)
         loss = loss_fn(output, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise QroundError("loss_fn must return a scalar tensor")
@@ -611,14 +651,26 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
             raise QroundError(f"loss_fn returned a non-finite loss {float(loss):g}")
         if not loss.requires_grad:
             raise QroundError("the loss does not depend on the chosen layers' weights")
-        torch.autograd.grad(loss, weights, allow_unused=True)
+        try:
+            torch.autograd.grad(loss, weights, allow_unused=True)
+        except RuntimeError as exc:
+            _fisher_error(exc)
 
+    inference = [n for n, w in zip(modules, weights) if w.is_inference()]
+    if inference:
+        raise QroundError(f"the weights of {inference[:3]} are inference tensors (the model was "
+                          "built or loaded under torch.inference_mode): Fisher statistics need "
+                          "their gradients; build it outside inference_mode, or use "
+                          "statistics='covariance'")
+    pre = [m.register_forward_pre_hook(private) for m in modules.values()]
     try:
         for w in weights:
             w.requires_grad_(True)
         with eval_mode(model), torch.enable_grad(), layer_hooks(modules, hook):
             _run(batches, step)
     finally:
+        for h in pre:
+            h.remove()
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
     return {name: moments[name].mean(name) if inputs[name] else None for name in modules}

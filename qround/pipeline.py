@@ -1284,6 +1284,13 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
     calibration = same_passes(calibration)
     if config.statistics == "fisher" and loss_fn is None:
         raise QroundError("statistics='fisher' needs loss_fn(output, batch) -> scalar loss")
+    if config.statistics == "fisher" and isinstance(calibration, (list, tuple)):
+        sizes = sorted({n for n in map(_samples, calibration) if n is not None})
+        if len(sizes) > 1:
+            log.warning("statistics='fisher': the calibration batches hold %d to %d samples; a "
+                        "mean-reduced loss_fn weighs the samples of a smaller batch more "
+                        "(the Fisher blocks add squared gradients): use a sum-reduced loss, "
+                        "e.g. reduction='sum'", sizes[0], sizes[-1])
     if loss_fn is not None and config.statistics != "fisher":
         log.warning("loss_fn is only used with statistics='fisher'; ignoring it")
     # transformers' Conv1D layers (GPT-2) are rounded as the nn.Linear they equal: every check

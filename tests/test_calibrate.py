@@ -340,6 +340,66 @@ def test_fisher_budget_and_errors():
     assert no_hooks(model) and all(p.grad is None for p in model.parameters())
 
 
+class _InPlaceResidual(nn.Module):
+    """h = a(x); h += b(h): b's input changes in place after b read it."""
+
+    def __init__(self, in_place: bool = True):
+        super().__init__()
+        self.a, self.b, self.in_place = nn.Linear(6, 6), nn.Linear(6, 6), in_place
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.in_place:
+            h += self.b(h)
+        else:
+            h = h + self.b(h)
+        return h
+
+
+def test_fisher_through_an_in_place_residual_equals_the_out_of_place_model():
+    # b saved its input for its weight's gradient, and h += ... rewrote it: a raw autograd
+    # error; each layer now reads a private copy of its input
+    torch.manual_seed(0)
+    model = _InPlaceResidual().double()
+    plain = _InPlaceResidual(in_place=False).double()
+    plain.load_state_dict(model.state_dict())
+    batches = [torch.randn(5, 6, generator=gen(i), dtype=torch.float64) for i in range(2)]
+    loss_fn = lambda out, batch: (out ** 2).sum()  # noqa: E731
+    got = capture_fisher(model, batches, loss_fn, None)
+    want = capture_fisher(plain, batches, loss_fn, None)
+    assert set(got) == {"a", "b"}
+    for name in got:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-15)
+    assert no_hooks(model)
+
+
+def test_fisher_errors_of_in_place_ops_and_inference_tensors_are_named():
+    class SavedThenChanged(nn.Module):   # LayerNorm saved h, then h changes in place
+        def __init__(self):
+            super().__init__()
+            self.a, self.n, self.b = nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.a(x)
+            y = self.n(h)
+            h.mul_(2)
+            return self.b(y) + h
+
+    x = [torch.randn(4, 6, generator=gen(0))]
+    loss_fn = lambda out, batch: out.pow(2).sum()  # noqa: E731
+    with pytest.raises(QroundError, match="changes in place a tensor the backward needs"):
+        capture_fisher(SavedThenChanged(), x, loss_fn, None)
+    with torch.inference_mode():
+        frozen = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    with pytest.raises(QroundError, match="inference tensors"):
+        capture_fisher(frozen, x, loss_fn, None)
+    with torch.inference_mode():
+        made = [torch.randn(4, 6)]
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    # batches made under inference_mode: each layer's private copy is a normal tensor
+    assert set(capture_fisher(model, made, loss_fn, None)) == {"0", "2"}
+
+
 def test_chunked_streaming_gives_the_same_statistics(monkeypatch):
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(2, 4, 2, groups=2), nn.Tanh(), nn.Flatten(),

@@ -670,3 +670,17 @@ def test_a_group_size_that_does_not_divide_a_layer_is_named_by_every_entry_point
         with pytest.raises(QroundError, match=r"group_size=5 does not divide the \d+ inputs of "
                                               r"layer '"):
             call()
+
+
+def test_fisher_with_batches_of_different_sizes_warns_about_mean_losses(caplog):
+    model, data = build("mlp2")
+    uneven = [data[0], data[0][:1]]
+    with caplog.at_level("WARNING", logger="qround.pipeline"):
+        quantize_model(model, uneven, QuantConfig(statistics="fisher", **FAST),
+                       loss_fn=lambda out, batch: out.pow(2).sum())
+    assert "mean-reduced loss_fn weighs the samples of a smaller batch more" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qround.pipeline"):
+        quantize_model(model, [data[0], data[0]], QuantConfig(statistics="fisher", **FAST),
+                       loss_fn=lambda out, batch: out.pow(2).sum())
+    assert "mean-reduced" not in caplog.text
