@@ -470,11 +470,13 @@ class QuantizedLayer(nn.Module):
         scale/zero_point (out, groups)), e.g. for export."""
         if self.weight_spec is None:
             raise QroundError("this layer's weight is not quantised (weight=None)")
-        return QuantizedWeight(self.w_codes.cpu().numpy().astype(np.int64),
-                               self.w_scale.double().cpu().numpy(),
-                               self.w_zero.double().cpu().numpy(), self.weight_spec.bits,
-                               self.weight_spec.symmetric, self.w_group_size,
-                               tuple(self.layer.weight.shape))
+        arrays = (self.w_codes.cpu().numpy().astype(np.int64),
+                  self.w_scale.double().cpu().numpy().copy(),
+                  self.w_zero.double().cpu().numpy().copy())
+        for a in arrays:   # read-only, as weight_from_codes makes them
+            a.flags.writeable = False
+        return QuantizedWeight(*arrays, self.weight_spec.bits, self.weight_spec.symmetric,
+                               self.w_group_size, tuple(self.layer.weight.shape))
 
     @torch.no_grad()
     def harden(self) -> None:

@@ -100,6 +100,14 @@ class ReconstructConfig:
     capture_cache_mb: float = 1024.0
 
     def __post_init__(self):
+        # numpy scalars become Python ones: the config is saved as JSON with the model
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.generic):
+                object.__setattr__(self, f.name, v.item())
+            elif isinstance(v, (tuple, list)):
+                object.__setattr__(self, f.name, type(v)(
+                    x.item() if isinstance(x, np.generic) else x for x in v))
         for name in ("iterations", "batch_size", "seed"):
             v = getattr(self, name)
             if name == "seed" and v is None:

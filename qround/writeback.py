@@ -27,7 +27,10 @@ class QuantizedWeight:
 
     codes (out, n) int64 in ``[qmin, qmax]``; scale, zero_point (out, groups) where groups is the
     number of input groups of ``group_size`` (1 for per-channel); weight_shape: the module's
-    weight shape, e.g. (out, c_in/groups, kh, kw) for a conv.
+    weight shape, e.g. (out, c_in/groups, kh, kw) for a conv.  A transformers ``Conv1D``, which
+    stores its weight transposed (in, out), is described as the ``nn.Linear`` it equals:
+    ``weight_shape`` is (out, in) and ``dequantized`` is the transpose of ``module.weight``.
+    The arrays are read-only.
     """
 
     codes: np.ndarray

@@ -253,3 +253,30 @@ def test_quantize_model_refuses_cache_mb_before_the_weight_stage(monkeypatch):
         with pytest.raises(QroundError, match=r"unit 'b' would cache .* above "
                                               r"ReconstructConfig\.cache_mb=1 MB"):
             pipeline.quantize_model(net, batches, config)
+
+
+def test_numpy_numbers_in_the_config_become_python_ones_and_save():
+    # kept as numpy scalars, they made QuantizedModel.save fail after the whole run
+    import json
+
+    import numpy as np
+
+    from qround.pipeline import QuantConfig
+
+    rc = ReconstructConfig(iterations=np.int64(5), qdrop=np.float32(0.5),
+                           lr_rounding=np.float32(0.01), warmup=np.float64(0.2),
+                           beta=(np.int64(20), np.float32(2.0)))
+    assert type(rc.qdrop) is float and type(rc.iterations) is int
+    assert all(type(b) in (int, float) for b in rc.beta)
+    text = json.dumps(QuantConfig(abits=8, reconstruction=rc).as_dict())
+    assert '"qdrop": 0.5' in text
+
+
+def test_the_codes_after_the_activation_stage_are_read_only():
+    from qround.pipeline import QuantConfig, quantize_model
+
+    result = quantize_model(TinyResNet(), BATCHES, QuantConfig(wbits=3, solver="greedy",
+                                                               abits=8, progress=False))
+    for qw in result.layers.values():
+        for a in (qw.codes, qw.scale, qw.zero_point):
+            assert not a.flags.writeable
