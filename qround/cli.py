@@ -315,6 +315,7 @@ def _manifest_energies(manifest: str, name: str, bqm=None) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- export
 INPUTS_DEFAULT = "quantized"  # QuantConfig's default
 DIGITS_MODELS = {"digits-cnn": "plain", "digits-resnet": "residual"}
+MAX_THREADS = 1024   # --threads: torch's thread pools fail (or crash) far above the cores
 
 
 def _load_named_model(name: str, seed: int = 0, sentences: int = 256,
@@ -423,28 +424,45 @@ def _model_and_calibration(args):
                           "the nn.Module itself: torch.save(model, path)")
     if not isinstance(model, torch.nn.Module):
         raise QroundError(f"{args.model} does not hold a torch nn.Module (torch.save(model, path))")
+    if args.calibration_size is not None:
+        raise QroundError("--calibration-size counts packaged sentences or images; with a model "
+                          f"file every input in {args.calibration} is used: leave it out, or "
+                          "save fewer inputs")
+    tensors = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    if any(isinstance(t, torch.Tensor) and t.layout != torch.strided for t in tensors):
+        raise QroundError(f"{args.calibration} holds a sparse tensor: save dense inputs "
+                          "(tensor.to_dense())")
     if isinstance(inputs, (list, tuple)):  # batches as they are
         if not inputs or not all(isinstance(b, torch.Tensor) and b.ndim >= 1 and len(b)
                                  for b in inputs):
             raise QroundError(f"{args.calibration} must hold a non-empty tensor (N, ...) of "
                               "inputs or a non-empty list of such batches")
         batches = list(inputs)
+        # the model runs on the first batch below: the others must be like it
+        odd = next((i for i, b in enumerate(batches)
+                    if b.shape[1:] != batches[0].shape[1:] or b.dtype != batches[0].dtype), None)
+        if odd is not None:
+            raise QroundError(
+                f"batch {odd} of {args.calibration} is {batches[odd].dtype} "
+                f"{tuple(batches[odd].shape)}, batch 0 {batches[0].dtype} "
+                f"{tuple(batches[0].shape)}: every batch needs the same dtype and shape but "
+                "for its first dimension")
     elif isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and len(inputs):
         size = args.batch_size or 32
         batches = [inputs[i:i + size] for i in range(0, len(inputs), size)]
     else:
         raise QroundError(f"{args.calibration} must hold a non-empty tensor (N, ...) of inputs "
                           "or a non-empty list of such batches")
-    training = model.training
-    try:  # one small batch first: inputs that do not fit the model are named here
-        with torch.no_grad():
-            model.eval()(batches[0][:2])
+    from .calibrate import eval_mode, kept_buffers
+
+    try:  # one small batch first: inputs that do not fit the model are named here (buffers
+        # the forward writes get their values back: the saved file records the model as given)
+        with torch.no_grad(), eval_mode(model), kept_buffers(model):
+            model(batches[0][:2])
     except Exception as exc:  # noqa: BLE001 (any error of the user's forward)
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise QroundError(f"the model in {args.model} cannot run on the inputs in "
                           f"{args.calibration} ({type(exc).__name__}: {first})") from None
-    finally:
-        model.train(training)
     return model, batches, None, None
 
 
@@ -537,8 +555,8 @@ def _torch_load(path: str, flag: str, weights_only: bool):
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # unpickling raises many types; none should surface as a traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        hint = ("; the model's class must be importable here: run from its folder or put it "
-                "on PYTHONPATH" if isinstance(exc, (ModuleNotFoundError, AttributeError)) else "")
+        hint = ("; the model's class must be importable here: put its folder on PYTHONPATH, "
+                "or run python -m qround from that folder" if isinstance(exc, (ModuleNotFoundError, AttributeError)) else "")
         raise QroundError(f"{flag} {path!r} could not be read by torch.load "
                           f"({type(exc).__name__}: {first[:200]}){hint}") from exc
 
@@ -1128,7 +1146,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inputs per scale (default: none, one scale per output channel; "
                          "-1 also means none)")
     e.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
-    e.add_argument("--threads", type=int_at_least(1), default=2, help="torch CPU threads")
+    e.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2, help="torch CPU threads")
     e.set_defaults(func=cmd_export_layer)
 
     q = sub.add_parser("quantize", help="quantise a whole model's weights with a chosen solver")
@@ -1182,7 +1200,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu",
                    help="cpu or cuda: where layer statistics are accumulated and the torch "
                         "solvers (cem, hopfield, gptq) run; the model's forward stays on the CPU")
-    q.add_argument("--threads", type=int_at_least(1), default=2)
+    q.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2)
     q.add_argument("--capture-cache-mb", type=float, default=1024.0, metavar="MB",
                    help="outputs of finished modules kept per model and replayed in later "
                         "capture passes, instead of rerunning them (qround.prefix_cache); 0 = "
@@ -1251,7 +1269,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--layers", default=None, help="regex of layer names to measure")
     se.add_argument("--exclude", default=None, help="regex of layer names to leave in float")
     se.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
-    se.add_argument("--threads", type=int_at_least(1), default=2)
+    se.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2)
     se.add_argument("--capture-cache-mb", type=float, default=1024.0, metavar="MB",
                     help="outputs of the modules before the rounded layer kept and replayed "
                          "instead of rerun (qround.prefix_cache); 0 = rerun every pass whole "
@@ -1282,7 +1300,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=None,
                     help="digits: the float model's seed (default: the seed the file records, "
                          "which `qround quantize` also trained its float model with)")
-    ev.add_argument("--threads", type=int_at_least(1), default=2)
+    ev.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2)
     ev.add_argument("--no-source-check", action="store_true",
                     help="evaluate even when --model is not the float model the file was made "
                          "from (its header's fingerprint); the comparison is then against "
@@ -1293,7 +1311,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="solve real MiniLM layers with every solver vs RTN")
     d.add_argument("--channels", type=int_at_least(1), default=32, help="output channels per layer")
     d.add_argument("--solvers", default=None, help="comma-separated solver specs (default: all)")
-    d.add_argument("--threads", type=int_at_least(1), default=2, help="torch CPU threads")
+    d.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2, help="torch CPU threads")
     d.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     d.add_argument("--json", help="also write the results as JSON to this file")
     d.add_argument("--no-progress", action="store_true")

@@ -78,6 +78,8 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
     for flag, path in outputs.items():
         if path is None:
             continue
+        if not os.fspath(path).strip():
+            raise QroundError(f"{flag} is empty (an unset shell variable?); give a file name")
         if os.path.isdir(path):
             raise QroundError(f"{flag} {path!r} is a folder; give a file name")
         inside = next((f for k, f in folders.items()
@@ -91,6 +93,9 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
         if parent and not os.path.isdir(parent):
             raise QroundError(f"{flag} {path!r}: {parent!r} is a file, so no folder can be made "
                               "there; give another path")
+        if parent and not os.access(parent, os.W_OK | os.X_OK):
+            raise QroundError(f"{flag} {path!r}: the folder {parent!r} is not writable; give "
+                              "another path")
         k = key(path)
         if k in seen:
             raise QroundError(f"{flag} {path!r} is the same file as {seen[k]}; it would be "

@@ -602,3 +602,47 @@ def test_main_called_from_python_gives_back_threads_and_logging(tmp_path, capsys
         assert root.handlers == handlers and root.level == level
     finally:
         torch.set_num_threads(threads)
+
+
+class _Counter(torch.nn.Module):
+    """A forward that writes a buffer (saved by torch.save: defined at module level)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_model_file_inputs_checked_before_any_work(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Counter())
+    torch.save(model, tmp_path / "m.pt")
+    torch.save(torch.randn(32, 8), tmp_path / "x.pt")
+    common = ["quantize", "--model", str(tmp_path / "m.pt"), "--calibration",
+              str(tmp_path / "x.pt"), "--no-progress"]
+    # a later batch unlike the first: named before the pipeline, not a torch traceback
+    torch.save([torch.randn(10, 8), torch.randn(10, 7)], tmp_path / "bad.pt")
+    assert main(["quantize", "--model", str(tmp_path / "m.pt"), "--calibration",
+                 str(tmp_path / "bad.pt"), "--no-progress"]) == 2
+    assert "batch 1 of" in capsys.readouterr().err
+    torch.save(torch.randn(32, 8).to_sparse(), tmp_path / "sparse.pt")
+    assert main(["quantize", "--model", str(tmp_path / "m.pt"), "--calibration",
+                 str(tmp_path / "sparse.pt"), "--no-progress"]) == 2
+    assert "sparse tensor" in capsys.readouterr().err
+    # options that a model file does not take, and outputs that cannot be written
+    assert main(common + ["--calibration-size", "5"]) == 2
+    assert "--calibration-size counts packaged" in capsys.readouterr().err
+    assert main(common + ["--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    assert main(common + ["--threads", "100000"]) == 2
+    assert "at most 1024" in capsys.readouterr().err
+    # the check's forward leaves the model as given: the file loads onto the model file
+    out = tmp_path / "q.safetensors"
+    assert main(common + ["--out", str(out)]) == 0
+    from qround.export import load
+
+    load(torch.load(tmp_path / "m.pt", weights_only=False), str(out))

@@ -377,3 +377,14 @@ def test_padding_stays_out_of_h_when_tokens_are_flattened():
     h = capture_hessians(model, [x], forward=forward)["fc"]
     real = x[mask.bool()].double()
     np.testing.assert_allclose(h, (real.T @ real / len(real)).numpy(), rtol=1e-12)
+
+
+def test_a_bert_folder_without_tokenizer_files_is_refused(tmp_path):
+    # transformers 5 gives such a folder a BertTokenizer of its 5 special tokens: every word
+    # became [UNK], and calibration and evaluation ran on those
+    transformers = pytest.importorskip("transformers", reason="needs transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=37, vocab_size=100)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    with pytest.raises(QroundError, match="only special and unknown ones"):
+        load_hf(str(tmp_path / "bert"))

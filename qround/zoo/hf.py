@@ -118,11 +118,15 @@ def load_hf(path, device: str = "cpu", max_length: int | None = None) -> HFModel
                           f"({type(exc).__name__}: {_first_line(exc)}); qround tokenises its "
                           "calibration text with the checkpoint's own tokenizer") from None
     # transformers builds an empty tokenizer where the folder has no tokenizer files: every text
-    # would become zero tokens
-    if not tokenizer("The rounding of a layer.")["input_ids"]:
-        raise QroundError(f"the tokenizer loaded from {path} turns text into no tokens: the "
-                          "folder lacks the tokenizer files (save the tokenizer there too, "
-                          "tokenizer.save_pretrained)")
+    # would become zero tokens, or only special and unknown ones (a BERT vocabulary of its 5
+    # special tokens)
+    ids = tokenizer("The rounding of a layer.")["input_ids"]
+    special = set(tokenizer.all_special_ids) | ({tokenizer.unk_token_id}
+                                                - {None})
+    if not ids or all(i in special for i in ids):
+        raise QroundError(f"the tokenizer loaded from {path} turns text into no tokens, or only "
+                          "special and unknown ones: the folder lacks the tokenizer files (save "
+                          "the tokenizer there too, tokenizer.save_pretrained)")
     tokenizer.padding_side = "right"   # left padding would shift absolute positions (GPT-2)
     if tokenizer.pad_token is None:
         fill = tokenizer.eos_token or tokenizer.unk_token
