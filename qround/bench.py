@@ -524,7 +524,8 @@ def main(argv=None) -> int:
                    help="channels for --subset-solvers and --references (default: %(default)s)")
     p.add_argument("--slow-ref-channels", type=int_at_least(1), default=4,
                    help="channels for neal-10x (default: %(default)s)")
-    p.add_argument("--threads", type=int_at_least(1, 1024), default=1, help="torch and numba threads")
+    p.add_argument("--threads", type=int_at_least(1, 1024), default=1,
+                   help="torch and numba threads")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where the torch solvers (cem, hopfield, meanfield, gptq) "
                         "run")

@@ -425,13 +425,6 @@ def capture_hessians(model: nn.Module, batches: Iterable, layers: LayerFilter = 
     forward = forward or default_forward
     moments = {name: _Moment() for name in modules}
 
-    def private(module, args):
-        # the layer saves (for its weight's gradient) and the hook reads a copy of its input,
-        # which a later in-place op of the forward (h += f(h)) cannot rewrite
-        if args and isinstance(args[0], torch.Tensor):
-            return (args[0].clone(), *args[1:])
-        return None
-
     def hook(name, module, args, out):
         x = _layer_input(name, module, args)
         dev = device if device is not None else x.device

@@ -556,7 +556,8 @@ def _torch_load(path: str, flag: str, weights_only: bool):
     except Exception as exc:  # unpickling raises many types; none should surface as a traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         hint = ("; the model's class must be importable here: put its folder on PYTHONPATH, "
-                "or run python -m qround from that folder" if isinstance(exc, (ModuleNotFoundError, AttributeError)) else "")
+                "or run python -m qround from that folder"
+                if isinstance(exc, (ModuleNotFoundError, AttributeError)) else "")
         raise QroundError(f"{flag} {path!r} could not be read by torch.load "
                           f"({type(exc).__name__}: {first[:200]}){hint}") from exc
 
@@ -1146,7 +1147,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inputs per scale (default: none, one scale per output channel; "
                          "-1 also means none)")
     e.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
-    e.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2, help="torch CPU threads")
+    e.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
+                   help="torch CPU threads")
     e.set_defaults(func=cmd_export_layer)
 
     q = sub.add_parser("quantize", help="quantise a whole model's weights with a chosen solver")
@@ -1311,7 +1313,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="solve real MiniLM layers with every solver vs RTN")
     d.add_argument("--channels", type=int_at_least(1), default=32, help="output channels per layer")
     d.add_argument("--solvers", default=None, help="comma-separated solver specs (default: all)")
-    d.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2, help="torch CPU threads")
+    d.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
+                   help="torch CPU threads")
     d.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     d.add_argument("--json", help="also write the results as JSON to this file")
     d.add_argument("--no-progress", action="store_true")

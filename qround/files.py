@@ -4,6 +4,7 @@ A failed write never leaves a partial file and never damages an existing one.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -100,8 +101,6 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
     """``safetensors.torch.save(tensors, metadata)`` with its header's keys sorted: the same
     tensors and metadata give the same bytes in every process (safetensors writes the metadata
     from a hash map whose order changes from one process to the next)."""
-    import json
-
     import safetensors.torch
 
     data = safetensors.torch.save(tensors, metadata=metadata)
