@@ -641,7 +641,10 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise QroundError("loss_fn must return a scalar tensor")
         if not torch.isfinite(loss.detach()).all():
-            raise QroundError(f"loss_fn returned a non-finite loss {float(loss):g}")
+            empty = isinstance(output, torch.Tensor) and output.numel() == 0
+            raise QroundError(f"loss_fn returned a non-finite loss {float(loss.detach()):g}" + (
+                " on an empty output (an empty batch? a mean over no elements is nan)"
+                if empty else ""))
         if not loss.requires_grad:
             raise QroundError("the loss does not depend on the chosen layers' weights")
         try:
@@ -666,4 +669,11 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
             h.remove()
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
-    return {name: moments[name].mean(name) if inputs[name] else None for name in modules}
+    blocks = {name: moments[name].mean(name) if inputs[name] else None for name in modules}
+    flat = [name for name, b in blocks.items() if b is not None and not np.any(b)]
+    if flat:
+        warnings.warn(f"the Fisher blocks of {flat[:3]}{' ...' if len(flat) > 3 else ''} are all "
+                      "zero (the loss's gradient at their outputs is zero on every calibration "
+                      "input): their rounding stays at nearest, since every choice costs "
+                      "the same there", stacklevel=2)
+    return blocks

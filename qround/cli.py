@@ -418,7 +418,7 @@ def _model_and_calibration(args):
     if is_hf_folder(args.model):
         return _checkpoint_and_calibration(args)
     model = _torch_load(args.model, "--model", weights_only=False)
-    inputs = _torch_load(args.calibration, "--calibration", weights_only=True)
+    inputs = _calibration_inputs(args.calibration, model)
     if isinstance(model, torch.jit.ScriptModule):
         raise QroundError(f"{args.model} is a TorchScript archive (torch.jit.save); qround needs "
                           "the nn.Module itself: torch.save(model, path)")
@@ -545,6 +545,37 @@ def _check_model_file(args) -> None:
                           "batched along dim 0, or a list of batches)")
     if not os.path.isfile(args.calibration):
         raise QroundError(f"--calibration {args.calibration!r}: no such file")
+
+
+def _calibration_inputs(path: str, model):
+    """--calibration for a model file: torch.save's tensor or list of batches, or a numpy
+    ``.npy`` array (np.save).  A floating-point array takes the dtype of the model's first
+    floating-point parameter (numpy's default float64 would not run on a float32 model)."""
+    import numpy as np
+    import torch
+
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        if magic[:2] == b"PK" and str(path).endswith(".npz"):
+            raise QroundError(f"--calibration {path!r} is a numpy .npz archive: save one array "
+                              "with np.save (.npy) or a tensor with torch.save")
+        return _torch_load(path, "--calibration", weights_only=True)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 (a damaged file or an object array)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise QroundError(f"--calibration {path!r} could not be read by numpy.load "
+                          f"({type(exc).__name__}: {first})") from None
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) or \
+            np.iscomplexobj(array):
+        raise QroundError(f"--calibration {path!r} holds a {array.dtype} array; give numbers")
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.is_floating_point() and isinstance(model, torch.nn.Module):
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+    return tensor
 
 
 def _torch_load(path: str, flag: str, weights_only: bool):
@@ -729,6 +760,13 @@ def cmd_quantize(args) -> int:
         raise QroundError("--overrides-from and --override both give the per-layer settings: "
                           "use one of them")
     iterations = _reconstruction_options(args)
+    if args.k is not None and args.granularity != "loss":
+        raise QroundError("--k (the number of merges) applies to --granularity loss: give "
+                          "--granularity loss too")
+    if args.widen and iterations > 0:
+        raise QroundError("--widen cannot be combined with block reconstruction (--iterations "
+                          "or an option that implies it): its soft rounding chooses floor or "
+                          "ceil only, so the widened codes would be lost; leave out one of them")
     if args.save_compressed:
         _check_compressed_options(args, iterations)
     check_paths({"--out": args.out, "--json": args.json, "--loss-plot": args.loss_plot,
@@ -1045,7 +1083,8 @@ def _add_model_arguments(q) -> None:
                         "(save_pretrained's, with its tokenizer) | a file from torch.save(model) "
                         "(with --calibration) (default: %(default)s)")
     q.add_argument("--calibration",
-                   help="for a model file: a tensor file of calibration inputs; for a "
+                   help="for a model file: a file of calibration inputs (torch.save of a "
+                        "tensor or a list of batches, or np.save's .npy); for a "
                         "checkpoint folder: a text file, one text per line (default: the "
                         "packaged sentences)")
     q.add_argument("--calibration-size", type=int_at_least(1), default=None,

@@ -80,7 +80,7 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
             continue
         if not os.fspath(path).strip():
             raise QroundError(f"{flag} is empty (an unset shell variable?); give a file name")
-        if os.path.isdir(path):
+        if os.path.isdir(path) or os.fspath(path).endswith(("/", os.sep)):
             raise QroundError(f"{flag} {path!r} is a folder; give a file name")
         inside = next((f for k, f in folders.items()
                        if key(path).startswith(k.rstrip(os.sep) + os.sep)), None)

@@ -337,6 +337,12 @@ def test_fisher_budget_and_errors():
                                                                                        .detach()))
     with pytest.raises(QroundError, match="empty"):
         capture_fisher(model, [], lambda o, b: o.sum(), None)
+    with pytest.raises(QroundError, match=r"non-finite loss nan on an empty output"):
+        capture_fisher(model, [torch.randn(0, 64)], lambda o, b: o.mean(), None)
+    with pytest.warns(UserWarning, match=r"Fisher blocks of \['0'\] are all zero"):
+        flat = capture_fisher(model, x, lambda o, b: (0 * o).sum() + model[1].bias.sum(),
+                              ["0"])["0"]
+    assert flat.shape == (32, 64, 64) and not flat.any()
     assert no_hooks(model) and all(p.grad is None for p in model.parameters())
 
 

@@ -131,6 +131,34 @@ def test_quantize_model_file_and_reload(tmp_path, capsys):
         assert qw.codes.min() >= -4 and qw.codes.max() <= 3
 
 
+def test_quantize_model_file_with_numpy_calibration(tmp_path, capsys):
+    """np.save's float64 .npy array calibrates a float32 model like the same rows as a tensor;
+    an object array and an .npz archive get one-line errors."""
+    import torch
+    from qround import export
+
+    _model_files(tmp_path, seed=0)
+    rows = torch.load(tmp_path / "calib.pt")
+    np.save(tmp_path / "calib.npy", rows.double().numpy())
+    argv = ["quantize", "--model", str(tmp_path / "model.pt"), "--wbits", "3", "--solver",
+            "greedy", "--no-progress", "--threads", "1"]
+    for name in ("calib.pt", "calib.npy"):
+        assert main(argv + ["--calibration", str(tmp_path / name),
+                            "--out", str(tmp_path / f"{name}.safetensors")]) == 0
+    capsys.readouterr()
+    a, b = (export.load_codes(tmp_path / f"{n}.safetensors") for n in ("calib.pt", "calib.npy"))
+    assert set(a) == set(b) == {"0", "2"}
+    for name in a:
+        np.testing.assert_array_equal(a[name].codes, b[name].codes)
+    np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "arch.npz", x=rows.numpy())
+    for name, message in (("obj.npy", "could not be read by numpy.load"),
+                          ("arch.npz", "is a numpy .npz archive")):
+        assert main(argv + ["--calibration", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
 def test_quantize_with_scale_refits(tmp_path, capsys):
     from qround import export
 
@@ -200,6 +228,7 @@ def test_quantize_model_files_that_torch_cannot_read(tmp_path, capsys):
     (["--out", "{d}/calib.pt"], "the same file as the input --calibration"),
     (["--out", "{d}/model.pt"], "the same file as the input --model"),
     (["--out", "{d}"], "is a folder"),
+    (["--out", "{d}/newdir/"], "is a folder"),   # a missing folder: refused before the work
     (["--out", "{d}/x/w.st", "--json", "{d}/x"], "--out lies inside --json's path"),
 ])
 def test_quantize_refuses_to_overwrite_its_inputs_or_outputs(tmp_path, capsys, outputs, clash):
@@ -234,6 +263,10 @@ def test_quantize_refuses_to_overwrite_its_inputs_or_outputs(tmp_path, capsys, o
     (["quantize", "--model", "minlm"], "neither a packaged model"),
     (["evaluate", "--quantized", "x.safetensors", "--abits", "8"], "--abits applies to the digits"),
     (["demo", "--solvers", ","], "names no solver"),
+    (["quantize", "--model", "no-such-model", "--k", "2"], "--k (the number of merges) "
+     "applies to --granularity loss"),
+    (["quantize", "--model", "no-such-model", "--widen", "--iterations", "5"],
+     "--widen cannot be combined with block reconstruction"),
 ])
 def test_bad_command_lines_get_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
