@@ -336,6 +336,40 @@ class QuantConfig:
         return GridSpec(bits=bits, symmetric=options["symmetric"],
                         group_size=options["group_size"], scale_method=options["scale_method"])
 
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "QuantConfig":
+        """The config that :meth:`as_dict` described, e.g. a saved file's
+        ``export.read_metadata(path)["config"]``: ``QuantConfig.from_dict(c.as_dict()) == c``
+        for a config whose solver is a registry spec.  A Solver instance is saved as its label
+        (``solver_repr`` holds its parameters); its label is taken as the spec here, so a
+        solver built with options that the label does not show comes back with defaults."""
+        if not isinstance(d, Mapping):
+            raise QroundError(f"QuantConfig.from_dict takes a dict (as_dict's), got "
+                              f"{type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names - {"solver_repr"})
+        if unknown:
+            raise QroundError(f"QuantConfig.from_dict: unknown settings {unknown}; known: "
+                              f"{sorted(names)}")
+        kwargs = {k: v for k, v in d.items() if k in names}
+        rec = kwargs.get("reconstruction")
+        if isinstance(rec, Mapping):
+            rnames = {f.name for f in fields(ReconstructConfig)}
+            bad = sorted(set(rec) - rnames)
+            if bad:
+                raise QroundError(f"QuantConfig.from_dict: unknown reconstruction settings "
+                                  f"{bad}; known: {sorted(rnames)}")
+            rec = dict(rec)
+            if isinstance(rec.get("beta"), list):
+                rec["beta"] = tuple(rec["beta"])
+            kwargs["reconstruction"] = ReconstructConfig(**rec)
+        if isinstance(kwargs.get("scheme"), list):
+            kwargs["scheme"] = tuple(kwargs["scheme"])
+        if isinstance(kwargs.get("overrides"), list):
+            kwargs["overrides"] = [tuple(item) if isinstance(item, list) else item
+                                   for item in kwargs["overrides"]]
+        return cls(**kwargs)
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if self.reconstruction is not None:

@@ -84,6 +84,31 @@ def test_metadata(saved):
     assert "conv1d" in meta["skipped"]
 
 
+def test_saved_config_rebuilds_the_run(saved):
+    """QuantConfig.from_dict(the file's config) equals the config and quantises to the same
+    codes; as_dict -> JSON -> from_dict is the identity also with a reconstruction, overrides
+    and a scheme; unknown keys are named."""
+    model, data, qm, path = saved
+    config = QuantConfig.from_dict(read_metadata(path)["config"])
+    assert config == qm.config
+    again = quantize_model(model, data, config)
+    for name, qw in qm.layers.items():
+        assert np.array_equal(again.layers[name].codes, qw.codes)
+    from qround.reconstruct import ReconstructConfig
+
+    rich = QuantConfig(wbits=3, abits=8, borders="linear", overrides={"fc": {"wbits": 8,
+                                                                               "solver": "greedy"}},
+                       reconstruction=ReconstructConfig(iterations=10, beta=(10.0, 1.0)),
+                       granularity="scheme", scheme=("a", "b+c"), progress=False)
+    assert QuantConfig.from_dict(json.loads(json.dumps(rich.as_dict()))) == rich
+    instance = QuantConfig(solver=qround.get_solver("gptq+tabu(restarts=4)"))
+    assert QuantConfig.from_dict(instance.as_dict()).solver == "gptq+tabu(restarts=4)"
+    with pytest.raises(QroundError, match=r"unknown settings \['wbit'\]"):
+        QuantConfig.from_dict({"wbit": 3})
+    with pytest.raises(QroundError, match=r"unknown reconstruction settings \['iters'\]"):
+        QuantConfig.from_dict({"reconstruction": {"iters": 3}})
+
+
 def test_save_is_atomic(saved, tmp_path, monkeypatch):
     _, _, qm, path = saved
     target = tmp_path / "model.safetensors"
