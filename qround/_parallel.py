@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 import types
 
 import numba
@@ -27,9 +28,12 @@ from numba import njit
 
 _STATE = {"serial": False}   # set in a forked child unless numba's layer is fork-safe
 FORK_SAFE_LAYERS = ("tbb", "workqueue")
+_LAUNCH_LOCK = threading.Lock()  # one parallel launch at a time (ParallelKernel.__call__)
 
 
 def _after_fork_in_child() -> None:
+    global _LAUNCH_LOCK
+    _LAUNCH_LOCK = threading.Lock()   # a parent thread may have held it at the fork
     try:
         layer = numba.threading_layer()   # ValueError: numba launched nothing yet
     except ValueError:
@@ -92,17 +96,20 @@ class ParallelKernel:
     def __call__(self, *args):
         if _STATE["serial"]:
             return self.serial()(*args)
-        torch = sys.modules.get("torch")   # not imported here: a numba-only user needs none
-        if torch is None:
-            return self.parallel(*args)
-        # numba's OpenMP layer starts its pool with omp_set_num_threads(NUMBA_NUM_THREADS) in
-        # the OpenMP runtime torch shares: the caller's torch.set_num_threads is kept
-        threads = torch.get_num_threads()
-        try:
-            return self.parallel(*args)
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+        # One parallel launch at a time in the process: numba's workqueue layer aborts the
+        # process when two threads launch at once, and each launch takes every thread anyway
+        with _LAUNCH_LOCK:
+            torch = sys.modules.get("torch")  # not imported here: a numba-only user needs none
+            if torch is None:
+                return self.parallel(*args)
+            # numba's OpenMP layer starts its pool with omp_set_num_threads(NUMBA_NUM_THREADS)
+            # in the OpenMP runtime torch shares: the caller's torch.set_num_threads is kept
+            threads = torch.get_num_threads()
+            try:
+                return self.parallel(*args)
+            finally:
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
 
     def __getattr__(self, name):
         if name in ("parallel", "_fn", "_serial"):   # not yet set (copying, unpickling)

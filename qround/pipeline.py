@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import threading
 import time
 import weakref
 import zlib
@@ -1255,14 +1256,25 @@ def _own_rng(config: QuantConfig, model: nn.Module, keep_buffers: bool = True):
     ``random``'s global generators seeded with ``config.seed``, so a run depends on the seed,
     not on the caller's state; the caller's states (torch CPU and CUDA, numpy, ``random``) are
     restored afterwards.  With ``keep_buffers``, buffers of
-    ``model`` that its forward writes (counters, observers) get their values back too."""
+    ``model`` that its forward writes (counters, observers) get their values back too.
+    The generators are the process's: calls from several threads run here one at a time (an
+    RLock), or each would restore what another had seeded."""
     import random
 
-    if keep_buffers:
-        with kept_buffers(model), _own_rng(config, model, keep_buffers=False):
-            yield
-        return
+    with _RNG_LOCK:
+        if keep_buffers:
+            with kept_buffers(model), _seeded(config, model, random):
+                yield
+        else:
+            with _seeded(config, model, random):
+                yield
 
+
+_RNG_LOCK = threading.RLock()
+
+
+@contextmanager
+def _seeded(config: QuantConfig, model: nn.Module, random):
     devices = {p.device.index for p in model.parameters() if p.device.type == "cuda"}
     if config.device.startswith("cuda"):
         index = torch.device(config.device).index

@@ -141,3 +141,34 @@ def test_the_first_parallel_launch_keeps_torchs_thread_count():
                           env={**os.environ, "NUMBA_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["1"]
+
+
+_WORKQUEUE_THREADS = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np, numba, qround
+r = np.random.default_rng(0)
+W, X = r.standard_normal((32, 64)), r.standard_normal((256, 64))
+P = qround.RoundingProblem.from_weight(W, X.T @ X / 256, qround.GridSpec(bits=3))
+for name in ("tabu", "anneal"):
+    s = qround.get_solver(name)
+    want = s.solve(P, seed=0).total_cost
+    with ThreadPoolExecutor(2) as pool:
+        got = [f.result().total_cost for f in [pool.submit(s.solve, P, None, 0) for _ in range(4)]]
+    assert got == [want] * 4, (name, got, want)
+print(numba.threading_layer())
+"""
+
+
+def test_solves_from_two_threads_on_numbas_workqueue_layer():
+    """numba's workqueue layer (the fork-safe one README names) aborts the process when two
+    threads launch parallel kernels at once; launches take turns, with the serial results."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WORKQUEUE_THREADS], timeout=300,
+                          capture_output=True, text=True,
+                          env={**os.environ, "NUMBA_THREADING_LAYER": "workqueue",
+                               "NUMBA_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["workqueue"]

@@ -595,6 +595,34 @@ def test_a_forward_drawing_from_numpy_or_random_follows_config_seed():
     assert results[0] == results[1]
 
 
+def test_quantize_model_from_threads_follows_the_seed_and_restores_the_caller():
+    """Two quantize_model calls at once share the process's generators: they run one at a
+    time there, so each gets its seed's draws and the caller's state comes back."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 8, generator=g) for _ in range(2)]
+    models = [_NumpyNoise(), _NumpyNoise()]
+    config = QuantConfig(wbits=2, solver="greedy", progress=False, inputs="float", seed=7)
+    serial = [[qw.codes for qw in quantize_model(m, data, config).layers.values()]
+              for m in models]
+    for _ in range(4):
+        torch.manual_seed(123)
+        np.random.seed(123)
+        random.seed(123)
+        with ThreadPoolExecutor(2) as pool:
+            runs = [f.result() for f in [pool.submit(quantize_model, m, data, config)
+                                         for m in models]]
+        for want, qm in zip(serial, runs):
+            assert all(np.array_equal(a, b.codes) for a, b in zip(want, qm.layers.values()))
+        draws = (torch.rand(1).item(), np.random.rand(), random.random())
+        torch.manual_seed(123)
+        np.random.seed(123)
+        random.seed(123)
+        assert draws == (torch.rand(1).item(), np.random.rand(), random.random())
+
+
 def test_inplace_quantises_the_given_model():
     model, data = build("branchy")
     ref = quantize_model(model, data, QuantConfig(**FAST))

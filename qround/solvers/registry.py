@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+import threading
 from typing import Callable
 
 from ..errors import QroundError
@@ -30,6 +31,8 @@ PLUGIN_GROUP = "qround.solvers"  # entry points of installed packages: name = "m
 _REGISTRY: dict[str, Callable[..., Solver]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 _PLUGINS = {"loaded": False}
+_PLUGINS_LOCK = threading.RLock()
+_WARNINGS_LOCK = threading.Lock()
 
 
 def register(name: str, factory: Callable[..., Solver], description: str = "",
@@ -67,7 +70,20 @@ def load_plugins() -> None:
     """
     if _PLUGINS["loaded"]:
         return
-    _PLUGINS["loaded"] = True
+    # a second thread's first lookup waits for the first thread's loading (an RLock: a plugin
+    # whose import looks up a solver comes back here and returns)
+    with _PLUGINS_LOCK:
+        if _PLUGINS["loaded"] or _PLUGINS.get("loading"):
+            return
+        _PLUGINS["loading"] = True
+        try:
+            _load_entry_points()
+        finally:
+            _PLUGINS["loading"] = False
+            _PLUGINS["loaded"] = True
+
+
+def _load_entry_points() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=PLUGIN_GROUP):
@@ -302,8 +318,10 @@ def _parse_part(part: str) -> tuple[str, dict]:
     source = f"f({text})"
     example = "e.g. 'tabu(restarts=8,tenure=20)'"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # SyntaxWarnings of odd literals: we refuse them
+        # SyntaxWarnings of odd literals: we refuse them.  catch_warnings swaps the process's
+        # filter list, so two threads doing it at once could leave "ignore" behind for good
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             call = ast.parse(source, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         why = f" ({exc})" if isinstance(exc, ValueError) else ""

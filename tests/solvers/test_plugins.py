@@ -29,6 +29,19 @@ def _broken():
     raise AssertionError("never called: loading the entry point fails first")
 
 
+def _fake_entry_points(monkeypatch, eps):
+    """metadata.entry_points gives ``eps`` for qround's group; other callers (numba's first
+    compilation looks for its extensions) get the real answer."""
+    real = metadata.entry_points
+
+    def entry_points(**select):
+        if select.get("group") == registry.PLUGIN_GROUP:
+            return list(eps)
+        return real(**select)
+
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
+
+
 @pytest.fixture
 def plugins(monkeypatch):
     """Three declared plugins: a good one, one whose module does not exist, one that takes a
@@ -38,8 +51,7 @@ def plugins(monkeypatch):
            metadata.EntryPoint("fast", f"{__name__}:PluginSolver", registry.PLUGIN_GROUP),
            metadata.EntryPoint("self-registered", "tests.solvers._plugin_that_registers:Factory",
                                registry.PLUGIN_GROUP)]
-    monkeypatch.setattr(metadata, "entry_points",
-                        lambda group=None: [e for e in eps if e.group == group])
+    _fake_entry_points(monkeypatch, eps)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
     monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
@@ -71,3 +83,57 @@ def test_a_plugin_reaches_the_shell(plugins, tmp_path, capsys):
 def test_solver_names_are_checked(name):
     with pytest.raises(QroundError, match="may hold letters"):
         registry.register(name, PluginSolver)
+
+
+def test_a_plugin_loading_in_one_thread_is_waited_for_by_another(monkeypatch):
+    """Two threads' first lookups: the second waits for the first one's loading (a slow
+    plugin import) instead of finding a half-filled registry."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = threading.Event()
+
+    class SlowEntryPoint:
+        name, value, group = "slow-down", "slow:PluginSolver", registry.PLUGIN_GROUP
+
+        def load(self):
+            started.set()
+            time.sleep(0.5)
+            return PluginSolver
+
+    _fake_entry_points(monkeypatch, [SlowEntryPoint()])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
+    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
+
+    def first():
+        return type(get_solver("slow-down")).__name__
+
+    def second():
+        started.wait(5)
+        return type(get_solver("slow-down")).__name__
+
+    with ThreadPoolExecutor(2) as pool:
+        results = [f.result() for f in (pool.submit(first), pool.submit(second))]
+    assert results == ["PluginSolver", "PluginSolver"]
+
+
+def test_parsing_specs_in_threads_leaves_the_warning_filters_alone():
+    """Spec parsing silences SyntaxWarnings of odd literals with catch_warnings, which swaps
+    the process's filter list: two threads at once must not leave "ignore" behind."""
+    import sys
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = list(warnings.filters)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: [get_solver("gptq+tabu(restarts=4,tenure=8)|anneal("
+                                                "num_sweeps=50)") for _ in range(1500)],
+                          range(2)))
+    finally:
+        sys.setswitchinterval(interval)
+    assert warnings.filters == before
