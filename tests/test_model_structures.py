@@ -308,11 +308,14 @@ def test_f_linear_on_a_layers_weight_still_reads_the_rounded_weight():
             return F.linear(torch.relu(self.fc(x)), self.fc.weight)
 
     torch.manual_seed(0)
-    qm = quantize_model(Direct(), _batches(), _config())
+    model = Direct()
+    qm = quantize_model(model, _batches(), _config())
     x = _batches(1, seed=3)[0]
+    w_hat = torch.as_tensor(qm.layers["fc"].dequantized.reshape(8, 8), dtype=torch.float32)
+    assert not torch.equal(w_hat, model.fc.weight)       # the rounding moved the weight
     with torch.no_grad():
-        w = qm.model.fc.weight
-        assert torch.allclose(qm.model(x), F.linear(torch.relu(qm.model.fc(x)), w))
+        want = F.linear(torch.relu(F.linear(x, w_hat, qm.model.fc.bias)), w_hat)
+        assert torch.allclose(qm.model(x), want, atol=1e-6)
 
 
 class _Loop(nn.Module):
@@ -492,6 +495,8 @@ def test_bias_correction_on_a_layer_whose_bias_is_a_plain_none_attribute(inplace
     del model[2].bias
     model[2].bias = None
     batches = [torch.randn(32, 16) + 1 for _ in range(2)]
+    usual = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8, bias=False))
+    usual.load_state_dict(model.state_dict())   # before an in-place run changes `model`
     qm = quantize_model(model, batches, _config(wbits=3, bias_correction=True), inplace=inplace)
     layer = qm.model[2]
     assert layer.bias is not None and layer.bias is layer._parameters["bias"]
@@ -499,3 +504,7 @@ def test_bias_correction_on_a_layer_whose_bias_is_a_plain_none_attribute(inplace
     with torch.no_grad():
         manual = F.linear(qm.model[1](qm.model[0](x)), layer.weight, layer._parameters["bias"])
         assert torch.allclose(qm.model(x), manual)
+    # the same correction as on the model whose bias was left out the usual way
+    ref = quantize_model(usual, batches, _config(wbits=3, bias_correction=True))
+    assert torch.any(ref.model[2].bias != 0)
+    torch.testing.assert_close(layer.bias, ref.model[2].bias, rtol=0, atol=0)

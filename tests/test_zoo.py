@@ -192,6 +192,7 @@ def test_train_bad_arguments(kwargs, sklearn):
 def test_accuracy_checks_and_restores_mode(data):
     model = DigitsCNN(seed=0).train()
     acc = accuracy(model, data.test_images[:50], data.test_labels[:50])
+    assert model.training and all(m.training for m in model.modules())   # restored
     with torch.no_grad():
         direct = (model.eval()(data.test_images[:50]).argmax(1) == data.test_labels[:50])
     model.train()
