@@ -28,7 +28,7 @@ import numpy as np
 from . import __version__
 from .cliargs import (PLOT_SUFFIXES, check_format, check_paths, finite_at_least, group_size_arg,
                       int_at_least)
-from .errors import MAX_SEED, QroundError, check_bits, check_int
+from .errors import MAX_SEED, QroundError, check_bits, check_int, first_line
 from .report import (SolveRecord, format_table, json_text, totals, write_json_atomic,
                      write_npz_atomic)
 from .solvers import available_solvers, get_solver, warm_up
@@ -460,7 +460,7 @@ def _model_and_calibration(args):
         with torch.no_grad(), eval_mode(model), kept_buffers(model):
             model(batches[0][:2])
     except Exception as exc:  # noqa: BLE001 (any error of the user's forward)
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        first = first_line(exc)
         raise QroundError(f"the model in {args.model} cannot run on the inputs in "
                           f"{args.calibration} ({type(exc).__name__}: {first})") from None
     return model, batches, None, None
@@ -564,7 +564,7 @@ def _calibration_inputs(path: str, model):
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 (a damaged file or an object array)
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        first = first_line(exc)
         raise QroundError(f"--calibration {path!r} could not be read by numpy.load "
                           f"({type(exc).__name__}: {first})") from None
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) or \
@@ -585,7 +585,7 @@ def _torch_load(path: str, flag: str, weights_only: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # unpickling raises many types; none should surface as a traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc)
         hint = ("; the model's class must be importable here: put its folder on PYTHONPATH, "
                 "or run python -m qround from that folder"
                 if isinstance(exc, (ModuleNotFoundError, AttributeError)) else "")
@@ -873,6 +873,9 @@ def _bits_list(text: str) -> tuple[int, ...]:
     return tuple(sorted({check_bits(b, "--bits") for b in widths}))
 
 
+SUGGESTED_OUT = "quantized.safetensors"   # the file the printed `qround quantize` writes
+
+
 def _measured_args(args) -> list[str]:
     """The `qround quantize` options that repeat what `qround sensitivity` measured: the model
     and its calibration, the grid settings, first/last bits and the layer selection (the
@@ -951,7 +954,7 @@ def cmd_sensitivity(args) -> int:
                   "the same input" + "".join(f"\n  W{allocation.bits[t[0]]}: " + ", ".join(t)
                                              for t in allocation.tied))
         print("quantise with: qround quantize " + shlex.join(
-            _measured_args(args) + allocation.cli_args()))
+            _measured_args(args) + allocation.cli_args() + ["--out", SUGGESTED_OUT]))
     if args.json:
         write_json_atomic(args.json, {"config": config.as_dict(), "sensitivity": sens.as_dict(),
                                       "allocation": None if allocation is None
@@ -959,7 +962,7 @@ def cmd_sensitivity(args) -> int:
         print(f"wrote {args.json}")
         if allocation is not None:
             print("or: qround quantize " + shlex.join(
-                _measured_args(args) + ["--overrides-from", args.json]))
+                _measured_args(args) + ["--overrides-from", args.json, "--out", SUGGESTED_OUT]))
     return 0
 
 

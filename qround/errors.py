@@ -168,3 +168,19 @@ def copy_module(module, what: str = "model", memo: dict | None = None):
             f"cannot copy the {what} (qround works on a copy so that yours stays intact): a "
             "tensor attribute was computed with autograd. Make computed weights permanent "
             "first (torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm).") from None
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, for a one-line QroundError that wraps it.  An
+    exception without a message (transformers' ``BatchEncoding.__getattr__`` raises a bare
+    AttributeError) is described by where it was raised instead."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0][:limit]
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "no message"
+    code = tb.tb_frame.f_code
+    return f"no message; raised in {code.co_name} at {code.co_filename}:{tb.tb_lineno}"[:limit]

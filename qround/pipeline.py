@@ -47,7 +47,8 @@ from .activations import BORDERS, INITS
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
                         capture_fisher, default_forward, eval_mode, fisher_bytes, kept_buffers,
                         layer_hooks)
-from .errors import MAX_SEED, QroundError, check_bits, check_int, check_real, copy_module
+from .errors import (MAX_SEED, QroundError, check_bits, check_int, check_real, copy_module,
+                     first_line)
 from .export import fingerprint
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
@@ -502,9 +503,8 @@ def _run_first(model: nn.Module, batch, forward: ForwardFn) -> None:
     except QroundError:
         raise
     except Exception as exc:  # noqa: BLE001 (any error of the user's forward)
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise QroundError(f"the model's forward failed on the first calibration batch "
-                          f"({type(exc).__name__}: {text}); check that the batches fit the "
+                          f"({type(exc).__name__}: {first_line(exc, 300)}); check that the batches fit the "
                           "model (shape, dtype, device) and, for batches that are not the "
                           "model's positional input, the forward function") from exc
 
@@ -1553,4 +1553,5 @@ def _check_no_kv_cache(model: nn.Module, config: QuantConfig, first_batch, forwa
             f"module {name or 'model'!r} is called with a key-value cache ({kind}): block "
             "reconstruction calls its units many times on their recorded inputs, and the cache "
             "would grow with every call. Calibrate without one, e.g. forward=lambda model, "
-            "batch: model(batch, use_cache=False)")
+            "batch: model(**batch, use_cache=False) (a tokeniser's dict batches) or "
+            "model(batch, use_cache=False) (a tensor of token ids)")

@@ -460,7 +460,8 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
                 f"block {name!r} is called with a key-value cache ({cache}): reconstruction "
                 "calls the block many times on its recorded inputs, and the cache would grow "
                 "with every call. Calibrate without one, e.g. forward=lambda model, batch: "
-                "model(batch, use_cache=False)")
+                "model(**batch, use_cache=False) (a tokeniser's dict batches) or "
+                "model(batch, use_cache=False) (a tensor of token ids)")
         item = (_detach(tuple(args)), _detach(dict(kwargs)))
         account(item)
         inputs.append(item)

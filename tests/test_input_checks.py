@@ -587,6 +587,22 @@ def test_a_batch_that_does_not_fit_the_model_is_named(batch, kind):
         quantize_model(model, [batch], QuantConfig(progress=False))
 
 
+class _BatchEncodingLike(dict):
+    """As transformers' BatchEncoding: a missing attribute raises a bare AttributeError."""
+
+    def __getattr__(self, name):
+        raise AttributeError
+
+
+def test_an_error_without_a_message_is_named_by_where_it_was_raised():
+    model = nn.Sequential(nn.Linear(4, 3))
+    batch = _BatchEncodingLike(x=torch.randn(2, 4))
+    with pytest.raises(QroundError, match=r"\(AttributeError: no message; raised in __getattr__ "
+                                          r"at .*test_input_checks.py:\d+\)"):
+        quantize_model(model, [batch], QuantConfig(progress=False),
+                       forward=lambda m, b: m(b.input_ids))
+
+
 def test_an_empty_batch_is_refused_before_the_activation_stage(monkeypatch):
     import qround.pipeline as pipeline
 

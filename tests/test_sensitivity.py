@@ -196,8 +196,10 @@ def test_bad_input_is_refused_up_front():
                           bits=(2,))
 
 
-def test_cli_prints_the_table_and_an_allocation_that_quantize_takes(tmp_path, capsys):
+def test_cli_prints_the_table_and_an_allocation_that_quantize_takes(tmp_path, capsys,
+                                                                     monkeypatch):
     pytest.importorskip("sklearn", reason="the digits data come from scikit-learn (examples extra)")
+    monkeypatch.chdir(tmp_path)   # the printed command writes quantized.safetensors here
     out = tmp_path / "sens.json"
     assert main(["sensitivity", "--model", "digits-cnn", "--bits", "2,4,8", "--mean-bits", "4",
                  "--threads", "1", "--json", str(out)]) == 0
@@ -213,6 +215,8 @@ def test_cli_prints_the_table_and_an_allocation_that_quantize_takes(tmp_path, ca
                  "--json", str(report)]) == 0
     rows = json.loads(report.read_text())["layers"]
     assert {r["layer"]: r["bits"] for r in rows} == bits
+    assert args[-2:] == ["--out", "quantized.safetensors"]
+    assert (tmp_path / "quantized.safetensors").is_file()   # the printed command saves the model
     # the JSON file is quantize's input too
     report2 = tmp_path / "q2.json"
     assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(out), "--solver",
@@ -368,8 +372,10 @@ def test_patterns_that_match_only_float_conv1d_layers_are_accepted():
 
 
 def test_cli_prints_the_measured_options_and_refuses_a_file_without_allocation(tmp_path,
-                                                                              capsys):
+                                                                              capsys,
+                                                                              monkeypatch):
     pytest.importorskip("sklearn", reason="the digits data come from scikit-learn (examples extra)")
+    monkeypatch.chdir(tmp_path)   # the printed commands write quantized.safetensors here
     out = tmp_path / "s.json"
     assert main(["sensitivity", "--model", "digits-cnn", "--bits", "2,4,8", "--mean-bits", "4",
                  "--group-size", "16", "--asymmetric-grid", "--first-last-bits", "8",

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import QroundError
+from ..errors import QroundError, first_line
 from ._optional import require
 from .text import _quiet_transformers
 
@@ -180,8 +180,7 @@ def _check_length(hf: HFModel, path, given: bool) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
+    return first_line(exc)
 
 
 def hf_batches(tokenizer, texts: Sequence[str], batch_size: int = 32,
