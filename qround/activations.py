@@ -143,7 +143,8 @@ class ActQuantizer(nn.Module):
         self.bits = check_bits(bits, "abits")
         if borders not in BORDERS:
             raise QroundError(f"borders must be one of {BORDERS}, got {borders!r}")
-        if borders != "none" and (not isinstance(elements, int) or elements < 1):
+        if borders != "none" and (isinstance(elements, bool) or not isinstance(elements, int)
+                                   or elements < 1):
             raise QroundError(f"borders={borders!r} needs elements (input vector length) >= 1, "
                               f"got {elements!r}")
         if not isinstance(fusion_size, int) or fusion_size < 1 or (

@@ -414,6 +414,14 @@ def plot_losses(curves: Mapping[str, dict | ReconstructResult], path: str,
     for label, p in profiles.items():
         if not isinstance(p, Mapping) or not {"layers", "loss", "oscillation"} <= set(p):
             raise QroundError(f"curve {label!r} is not a loss_along_depth dict")
+        if len(p["layers"]) != len(p["loss"]):
+            raise QroundError(f"curve {label!r}: {len(p['layers'])} units in 'layers' but "
+                              f"{len(p['loss'])} values in 'loss'; they pair up one to one")
+        bad = [i for i in p["oscillation"] if isinstance(i, bool) or not isinstance(i, int)
+               or not 0 <= i < len(p["loss"])]
+        if bad:
+            raise QroundError(f"curve {label!r}: oscillation points {bad[:3]} are not unit "
+                              f"indices in [0, {len(p['loss'])})")
     order: list[str] = []
     for p in profiles.values():
         order += [layer for unit in p["layers"] for layer in unit if layer not in order]

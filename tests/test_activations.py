@@ -366,6 +366,8 @@ def test_act_quantizer_argument_errors():
         ActQuantizer(10)
     with pytest.raises(QroundError, match="elements"):
         ActQuantizer(4, "linear")
+    with pytest.raises(QroundError, match="elements"):
+        ActQuantizer(4, "linear", elements=True)
     with pytest.raises(QroundError, match="calibrate"):
         ActQuantizer(4)(torch.ones(2, 2))
     with pytest.raises(QroundError, match="NaN"):

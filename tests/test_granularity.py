@@ -312,6 +312,11 @@ def test_loss_along_depth_and_plot(residual, tmp_path):
     assert nested.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(QroundError, match="loss_along_depth"):
         plot_losses({"layer": {"loss": [1.0]}}, str(path))
+    short = dict(prof, loss=prof["loss"][:-1])     # an edited dict: a unit would go missing
+    with pytest.raises(QroundError, match="7 units in 'layers' but 6 values in 'loss'"):
+        plot_losses({"layer": short}, str(path))
+    with pytest.raises(QroundError, match=r"oscillation points \[7\] are not unit indices"):
+        plot_losses({"layer": dict(prof, oscillation=[7])}, str(path))
 
 
 # ------------------------------------------------------------------- joint units that cannot be
