@@ -17,6 +17,7 @@ speed does.  Processes started with spawn or forkserver run the parallel kernels
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -120,3 +121,23 @@ class ParallelKernel:
 def parallel_kernel(fn) -> ParallelKernel:
     """Decorator: ``njit(parallel=True, cache=True)`` that stays usable after ``fork()``."""
     return ParallelKernel(fn)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Inside: torch and numba use ``n`` CPU threads (numba at most its NUMBA_NUM_THREADS,
+    the size of its pool); the caller's counts come back afterwards.  None changes nothing."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    torch_before, numba_before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(numba_before)
+        if torch.get_num_threads() != torch_before:
+            torch.set_num_threads(torch_before)

@@ -16,9 +16,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Sequence
@@ -40,6 +42,19 @@ COLUMNS = ["layer", "shape", "solver", "cost", "rtn_cost", "ratio", "seconds"]
 
 
 # ---------------------------------------------------------------------------------- solve
+def _file_problem(stats, path: str, args):
+    """A statistics file's problem at --bits / --scale-method, named as flags: a file with
+    stored scales (every export-layer file) takes neither."""
+    if stats.scale is not None and ((args.bits is not None and args.bits != stats.bits)
+                                    or args.scale_method is not None):
+        flag = (f"--bits {args.bits}" if args.bits is not None and args.bits != stats.bits
+                else f"--scale-method {args.scale_method}")
+        raise QroundError(f"{flag}: {path} stores the scales of its {stats.bits}-bit grid "
+                          "(export-layer files do), so no grid is fitted; leave the option out, "
+                          "or export the layer again with other --bits/--scale-method")
+    return stats.problem(bits=args.bits, scale_method=args.scale_method)
+
+
 def cmd_solve(args) -> int:
     from .problems.io import load_layer_stats
 
@@ -54,7 +69,7 @@ def cmd_solve(args) -> int:
     records, solutions = [], []
     for path in args.files:
         stats = load_layer_stats(path)
-        problem = stats.problem(bits=args.bits, scale_method=args.scale_method)
+        problem = _file_problem(stats, path, args)
         if args.refits:
             from .scales import solve_refitting
 
@@ -114,7 +129,7 @@ def cmd_export_qubo(args) -> int:
     if args.bits is not None:
         check_bits(args.bits, "--bits")
     stats = load_layer_stats(args.file)
-    problem = stats.problem(bits=args.bits, scale_method=args.scale_method)
+    problem = _file_problem(stats, args.file, args)
     idx, names = plan_export(args.out, problem, args.channels)  # before any solve
     ch = args.channels
     if isinstance(ch, slice) and ch.stop is not None and ch.stop > problem.num_channels and \
@@ -433,6 +448,10 @@ def _model_and_calibration(args):
         raise QroundError(f"{args.calibration} holds a sparse tensor: save dense inputs "
                           "(tensor.to_dense())")
     if isinstance(inputs, (list, tuple)):  # batches as they are
+        if args.batch_size is not None:
+            raise QroundError(f"--batch-size splits a tensor of inputs; {args.calibration} holds "
+                              "a list of batches, used as they are: leave it out, or save one "
+                              "tensor")
         if not inputs or not all(isinstance(b, torch.Tensor) and b.ndim >= 1 and len(b)
                                  for b in inputs):
             raise QroundError(f"{args.calibration} must hold a non-empty tensor (N, ...) of "
@@ -734,6 +753,29 @@ def _overrides_from(path: str) -> tuple[list, dict | None]:
     return [(p, o) for p, o in data], source  # QuantConfig checks the settings
 
 
+_FLAG_NAMES = ("wbits", "first_last_bits", "abits", "device", "layers", "exclude", "damp",
+               "capture_cache_mb", "correction", "refits", "group_size", "seed")
+
+
+@contextlib.contextmanager
+def _settings_as_flags():
+    """QuantConfig's and ReconstructConfig's errors name their Python settings (``wbits=9``);
+    the shell user gave flags (``--wbits 9``).  --override values keep their key=value form."""
+    try:
+        yield
+    except QroundError as exc:
+        text = str(exc)
+        if text.startswith("overrides"):
+            raise
+        text = re.sub(r"\bReconstructConfig\.(\w+)",
+                      lambda m: "--" + m.group(1).replace("_", "-"), text)
+        text = text.replace("inputs='asymmetric'", "--inputs asymmetric")
+        text = re.sub(r"(?<![\w.-])(" + "|".join(_FLAG_NAMES) + r")(=|(?= only | must ))",
+                      lambda m: "--" + m.group(1).replace("_", "-")
+                      + (" " if m.group(2) == "=" else ""), text)
+        raise QroundError(text) from None
+
+
 def cmd_quantize(args) -> int:
     import torch
 
@@ -750,6 +792,9 @@ def cmd_quantize(args) -> int:
                           f"{args.granularity}")
     if args.borders != "none" and args.abits is None:
         raise QroundError(f"--borders {args.borders} needs quantised inputs: give --abits")
+    if not args.fusion and args.borders == "none":
+        raise QroundError("--no-fusion turns off the fusion of AQuant borders in convs: it "
+                          "needs --borders linear or quadratic")
     if args.qdrop is not None and args.abits is None:
         raise QroundError("--qdrop drops the quantisation of a layer's input at random: it "
                           "needs quantised inputs: give --abits")
@@ -779,27 +824,29 @@ def cmd_quantize(args) -> int:
     torch.set_num_threads(args.threads)
     reconstruction = None
     if iterations > 0:
-        reconstruction = ReconstructConfig(iterations=iterations, seed=args.seed,
-                                           qdrop=0.5 if args.qdrop is None else args.qdrop,
-                                           capture_cache_mb=args.capture_cache_mb)
+        with _settings_as_flags():
+            reconstruction = ReconstructConfig(iterations=iterations, seed=args.seed,
+                                               qdrop=0.5 if args.qdrop is None else args.qdrop,
+                                               capture_cache_mb=args.capture_cache_mb)
     overrides, source = (_overrides_from(args.overrides_from) if args.overrides_from
                          else (_parse_overrides(args.override), None))
-    config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
-                         group_size=args.group_size, scale_method=args.scale_method,
-                         solver=args.solver, inputs=args.inputs,
-                         bias_correction=args.bias_correction, refits=args.refits,
-                         widen=args.widen, correction=args.correction,
-                         first_last_bits=args.first_last_bits,
-                         overrides=overrides, seed=args.seed,
-                         capture_cache_mb=args.capture_cache_mb,
-                         device=args.device, progress=not args.no_progress,
-                         layers=args.layers, exclude=args.exclude, damp=args.damp,
-                         abits=args.abits,
-                         borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
-                         granularity="scheme" if args.scheme else (args.granularity or "block"),
-                         k=args.k,
-                         scheme=None if args.scheme is None else tuple(
-                             u.strip() for u in args.scheme.split(",") if u.strip()))
+    with _settings_as_flags():
+        config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
+                             group_size=args.group_size, scale_method=args.scale_method,
+                             solver=args.solver, inputs=args.inputs,
+                             bias_correction=args.bias_correction, refits=args.refits,
+                             widen=args.widen, correction=args.correction,
+                             first_last_bits=args.first_last_bits,
+                             overrides=overrides, seed=args.seed,
+                             capture_cache_mb=args.capture_cache_mb,
+                             device=args.device, progress=not args.no_progress,
+                             layers=args.layers, exclude=args.exclude, damp=args.damp,
+                             abits=args.abits,
+                             borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
+                             granularity="scheme" if args.scheme else (args.granularity or "block"),
+                             k=args.k,
+                             scheme=None if args.scheme is None else tuple(
+                                 u.strip() for u in args.scheme.split(",") if u.strip()))
     if args.overrides_from:
         _note_other_settings(args.overrides_from, source, config)
     if args.save_compressed:
@@ -919,11 +966,12 @@ def cmd_sensitivity(args) -> int:
                           f"({widths[0]})" + (f" and of the held layers' widths ({narrowest})"
                                               if narrowest < widths[0] else ""))
     torch.set_num_threads(args.threads)
-    config = QuantConfig(symmetric=not args.asymmetric_grid, group_size=args.group_size,
-                         scale_method=args.scale_method, first_last_bits=args.first_last_bits,
-                         overrides=overrides, seed=args.seed,
-                         layers=args.layers, exclude=args.exclude, progress=False,
-                         capture_cache_mb=args.capture_cache_mb)
+    with _settings_as_flags():
+        config = QuantConfig(symmetric=not args.asymmetric_grid, group_size=args.group_size,
+                             scale_method=args.scale_method, first_last_bits=args.first_last_bits,
+                             overrides=overrides, seed=args.seed,
+                             layers=args.layers, exclude=args.exclude, progress=False,
+                             capture_cache_mb=args.capture_cache_mb)
     _check_model_file(args)
     model, batches, forward, default_layers = _model_and_calibration(args)
     if args.layers is None and default_layers:
@@ -989,6 +1037,9 @@ def cmd_evaluate(args) -> int:
     if args.model in DIGITS_MODELS and (args.texts or args.sentences is not None):
         raise QroundError("--texts and --sentences choose the text of MiniLM or a checkpoint "
                           "folder; the digits models are scored on the digits' test images")
+    if args.seed is not None and args.model not in DIGITS_MODELS:
+        raise QroundError("--seed chooses the float digits model that qround trains; MiniLM and "
+                          "checkpoint folders are fixed: leave it out")
     if args.max_length is not None and not folder:
         raise QroundError("--max-length sets the tokens per text of a checkpoint folder; "
                           f"--model {args.model} is not a checkpoint folder")
@@ -1116,11 +1167,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="solver name or spec (a+b chains, a|b best-of, options as in "
                         "'tabu(restarts=8)'; default: %(default)s, as for quantize)")
     s.add_argument("--bits", type=int, default=None,
-                   help="grid bits when the file has no scale (default: the file's bits)")
+                   help="grid bits when the file has no scale (export-layer files store theirs: "
+                        "export again with --bits instead) (default: the file's bits)")
     s.add_argument("--scale-method", default=None, choices=["minmax", "mse", "mse-output"],
                    help="scale search when the file has no scale (default: mse; refused for a "
                         "file with stored scales)")
-    s.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
+    s.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
+                   help="of the solver (default: %(default)s)")
     s.add_argument("--device", default=None,
                    help="cpu or cuda: where the torch solvers (cem, hopfield, meanfield, gptq) "
                         "run")
@@ -1143,11 +1196,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="its solution goes into the manifest beside RTN's; '' for none "
                          "(default: %(default)s)")
     xq.add_argument("--bits", type=int, default=None,
-                    help="grid bits when the file has no scale (default: the file's bits)")
+                    help="grid bits when the file has no scale (export-layer files store theirs: "
+                        "export again with --bits instead) (default: the file's bits)")
     xq.add_argument("--scale-method", default=None, choices=["minmax", "mse", "mse-output"],
                     help="scale search when the file has no scale (default: mse; refused for a "
                          "file with stored scales)")
-    xq.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
+    xq.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
+                    help="of the solver (default: %(default)s)")
     xq.add_argument("--device", default=None, help="cpu or cuda, for the torch solvers")
     xq.set_defaults(func=cmd_export_qubo)
 
@@ -1184,13 +1239,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "and exit")
     e.add_argument("--out", help="output .npz")
     e.add_argument("--bits", type=int, default=4, help="(default: %(default)s)")
-    e.add_argument("--asymmetric", action="store_true")
+    e.add_argument("--asymmetric", action="store_true",
+                   help="unsigned grid with a zero point (default: symmetric)")
     e.add_argument("--group-size", type=group_size_arg, default=None,
                     help="inputs per scale (default: none, one scale per output channel; "
                          "-1 also means none)")
-    e.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
+    e.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],
+                   help="scale search per output channel (default: %(default)s)")
     e.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
-                   help="torch CPU threads")
+                   help="CPU threads of torch and of the compiled solvers (numba; at most its NUMBA_NUM_THREADS) (default: %(default)s)")
     e.set_defaults(func=cmd_export_layer)
 
     q = sub.add_parser("quantize", help="quantise a whole model's weights with a chosen solver")
@@ -1201,7 +1258,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=group_size_arg, default=None,
                     help="inputs per scale (default: none, one scale per output channel; "
                          "-1 also means none)")
-    q.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"])
+    q.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],
+                   help="scale search per output channel or group (default: %(default)s)")
     q.add_argument("--asymmetric-grid", action="store_true", help="unsigned grid with zero point")
     q.add_argument("--inputs", default=INPUTS_DEFAULT, choices=["float", "quantized", "asymmetric"],
                    help="statistics source: the float model's layer inputs, the partly quantised "
@@ -1221,7 +1279,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--widen", action="store_true",
                    help="after the solver (and refits), move codes by +-1 on the whole grid "
                         "while that lowers a channel's cost: codes may leave floor/ceil")
-    q.add_argument("--first-last-bits", type=int, default=None)
+    q.add_argument("--first-last-bits", type=int, default=None,
+                   help="weight bits of the first and last quantised layers (default: "
+                        "--wbits)")
     q.add_argument("--override", nargs="+", action="append", default=None,
                    metavar=("PATTERN", "KEY=VALUE"),
                    help="per-layer settings for the layers whose names match the regex PATTERN "
@@ -1232,7 +1292,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overrides-from", metavar="FILE",
                    help="the per-layer settings of a JSON file: `qround sensitivity --mean-bits "
                         "B --json FILE`'s allocation, or `qround quantize --json`'s config")
-    q.add_argument("--layers", default=None, help="regex of layer names to quantise")
+    q.add_argument("--layers", default=None,
+                   help="regex of layer names to quantise (re.search) (default: all; MiniLM: "
+                        "'\\.encoder\\.', and a checkpoint encoder's pooler stays in float)")
     q.add_argument("--exclude", default=None,
                    help="regex of layer names to leave in float, e.g. 'lm_head' (AutoGPTQ "
                         "keeps an untied LM head in float; qround rounds it unless excluded)")
@@ -1240,11 +1302,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add D x mean(diag H) x ||w_hat - w||^2 to every channel's cost: pulls "
                         "the rounding towards the float weight where H is ill-conditioned "
                         "(default: %(default)s)")
-    q.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
+    q.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
+                   help="of the solvers, reconstruction and the model's own random draws; "
+                        "trains the digits models too (default: %(default)s)")
     q.add_argument("--device", default="cpu",
                    help="cpu or cuda: where layer statistics are accumulated and the torch "
-                        "solvers (cem, hopfield, gptq) run; the model's forward stays on the CPU")
-    q.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2)
+                        "solvers (cem, hopfield, meanfield, gptq) run; the model's forward "
+                        "stays on the CPU (default: %(default)s)")
+    q.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
+                   help="CPU threads of torch and of the compiled solvers (numba; at most its NUMBA_NUM_THREADS) (default: %(default)s)")
     q.add_argument("--capture-cache-mb", type=float, default=1024.0, metavar="MB",
                    help="outputs of finished modules kept per model and replayed in later "
                         "capture passes, instead of rerunning them (qround.prefix_cache); 0 = "
@@ -1302,7 +1368,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--group-size", type=group_size_arg, default=None,
                      help="inputs per scale (default: none, one scale per output channel; "
                           "-1 also means none)")
-    se.add_argument("--scale-method", default="mse", choices=["minmax", "mse"])
+    se.add_argument("--scale-method", default="mse", choices=["minmax", "mse"],
+                    help="scale search per output channel or group (default: %(default)s)")
     se.add_argument("--asymmetric-grid", action="store_true", help="unsigned grid with zero point")
     se.add_argument("--first-last-bits", type=int, default=None,
                     help="hold the first and last layers at this width (not allocated)")
@@ -1312,8 +1379,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "it (not allocated), other settings apply to its measured grids")
     se.add_argument("--layers", default=None, help="regex of layer names to measure")
     se.add_argument("--exclude", default=None, help="regex of layer names to leave in float")
-    se.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
-    se.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2)
+    se.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
+                    help="of the model's own random draws; trains the digits models too "
+                         "(default: %(default)s)")
+    se.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
+                    help="CPU threads of torch and of the compiled solvers (numba; at most its NUMBA_NUM_THREADS) (default: %(default)s)")
     se.add_argument("--capture-cache-mb", type=float, default=1024.0, metavar="MB",
                     help="outputs of the modules before the rounded layer kept and replayed "
                          "instead of rerun (qround.prefix_cache); 0 = rerun every pass whole "
@@ -1333,7 +1403,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "least 11 (default: 1000)")
     ev.add_argument("--texts", default=None,
                     help="MiniLM or a checkpoint folder: score your own text file instead, one "
-                         "text per line (at least 11)")
+                         "text per line (an encoder's metrics need at least 11)")
     ev.add_argument("--max-length", type=int_at_least(1), default=None, metavar="TOKENS",
                     help="a checkpoint folder: tokens per text, at most (default: 128, or the "
                          "model's positions if fewer)")
@@ -1344,7 +1414,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=None,
                     help="digits: the float model's seed (default: the seed the file records, "
                          "which `qround quantize` also trained its float model with)")
-    ev.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2)
+    ev.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
+                    help="CPU threads of torch and of the compiled solvers (numba; at most its NUMBA_NUM_THREADS) (default: %(default)s)")
     ev.add_argument("--no-source-check", action="store_true",
                     help="evaluate even when --model is not the float model the file was made "
                          "from (its header's fingerprint); the comparison is then against "
@@ -1353,15 +1424,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="solve real MiniLM layers with every solver vs RTN")
-    d.add_argument("--channels", type=int_at_least(1), default=32, help="output channels per layer")
-    d.add_argument("--solvers", default=None, help="comma-separated solver specs (default: all)")
+    d.add_argument("--channels", type=int_at_least(1), default=32,
+                   help="first output channels per layer (default: %(default)s)")
+    d.add_argument("--solvers", default=None,
+                   help="comma-separated solver specs (default: every registered solver but "
+                        "dimod, which needs a sampler)")
     d.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
-                   help="torch CPU threads")
-    d.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
+                   help="CPU threads of torch and of the compiled solvers (numba; at most its NUMBA_NUM_THREADS) (default: %(default)s)")
+    d.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
+                   help="(default: %(default)s)")
     d.add_argument("--json", help="also write the results as JSON to this file")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--journey", default="digits-cnn", choices=["digits-cnn", "minilm", "none"],
-                   help="then quantise a whole model with `fast`, report per layer, evaluate")
+                   help="then quantise a whole model at W3 with `fast`, report per layer, "
+                        "evaluate (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
     sub.add_parser("bench", help="solver benchmark on real layers; `qround bench -h` for options")
@@ -1389,7 +1465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # a usage error (already printed) or --help: its exit status
         return exc.code if isinstance(exc.code, int) else 2
-    return _run(lambda: args.func(args), args.verbose)
+    return _run(lambda: args.func(args), args.verbose, getattr(args, "threads", None))
 
 
 def _logging(verbose: bool) -> None:
@@ -1397,23 +1473,27 @@ def _logging(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-def _run(command, verbose: bool = False) -> int:
+def _run(command, verbose: bool = False, threads: int | None = None) -> int:
     """Run a command: a QroundError is one line on stderr and exit 2; Ctrl-C is exit 130.  A
-    caller's process (``main`` called from Python) gets its torch thread count and its root
-    logger (handlers, level) back afterwards."""
+    command's ``--threads`` sets torch's and numba's thread counts.  A caller's process
+    (``main`` called from Python) gets its thread counts and its root logger (handlers,
+    level) back afterwards."""
     import torch
 
+    from ._parallel import cpu_threads
+
     root = logging.getLogger()
-    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+    handlers, level, threads_before = list(root.handlers), root.level, torch.get_num_threads()
     _logging(verbose)
     try:
-        return _command(command)
+        with cpu_threads(threads):
+            return _command(command)
     finally:
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
         root.setLevel(level)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
 
 
 def _command(command) -> int:
@@ -1427,6 +1507,13 @@ def _command(command) -> int:
     except KeyboardInterrupt:
         print("qround: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `qround solvers | head -3`: the reader left; say nothing more
+        try:   # flushing at exit would raise again: point stdout at nowhere
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):   # not a real file (captured output)
+            pass
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

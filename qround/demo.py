@@ -32,6 +32,14 @@ def demo_solvers() -> list[str]:
     return [n for n in available_solvers() if n not in SKIP]
 
 
+def _channels_text(channels: int, widths: list[int]) -> str:
+    if channels >= max(widths):
+        return "every output channel"
+    if channels >= min(widths):
+        return f"first {channels} output channels per layer (all of a narrower one)"
+    return f"first {channels} output channels per layer"
+
+
 def run_journey(model_name: str = "digits-cnn", wbits: int = 3, solver: str = "fast",
                 seed: int = 0, progress: bool = True, eval_sentences: int = 200) -> dict:
     """Quantise a whole packaged model with ``solver`` and with RTN, report per layer, evaluate."""
@@ -76,10 +84,10 @@ def run_demo(channels: int = 32, solvers: str | None = None, layers=DEMO_LAYERS,
 
     journey: after the solver table, quantise a whole model ("digits-cnn", "minilm", or
     None/"none" to stop after the table)."""
-    import torch
     from tqdm.auto import tqdm
 
     from . import zoo
+    from ._parallel import cpu_threads
     from .calibrate import capture_hessians
 
     if channels < 1:
@@ -87,9 +95,7 @@ def run_demo(channels: int = 32, solvers: str | None = None, layers=DEMO_LAYERS,
     names = demo_solvers() if solvers is None else split_specs(solvers)
     built = {n: get_solver(n) for n in names}  # fail on a bad name before any work starts
     warm_up(*built.values())  # kernel loading stays out of the first layer's seconds
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         t0 = time.perf_counter()
         model = zoo.load_minilm()
         batches = zoo.minilm_batches(model, zoo.sentences("calibration", n=sentences))
@@ -120,8 +126,9 @@ def run_demo(channels: int = 32, solvers: str | None = None, layers=DEMO_LAYERS,
             table += "\n\nskipped:\n" + "\n".join(f"  {s['solver']} on {s['layer']}: {s['reason']}"
                                                  for s in skipped)
         header = (f"all-MiniLM-L6-v2, {bits}-bit per-channel symmetric grid, MSE scales; "
-                  f"H from {sentences} calibration sentences; first {channels} output channels "
-                  f"per layer; torch threads {threads}; cost = sum_c (w_hat-w)^T H (w_hat-w)\n")
+                  f"H from {sentences} calibration sentences; "
+                  + _channels_text(channels, [modules[n].weight.shape[0] for n in layers]) +
+                  f"; threads {threads} (torch, numba); cost = sum_c (w_hat-w)^T H (w_hat-w)\n")
         result = {"table": header + table, "records": rows, "skipped": skipped,
                   "capture_seconds": capture_s, "channels": channels, "bits": bits,
                   "threads": threads, "sentences": sentences}
@@ -130,5 +137,3 @@ def run_demo(channels: int = 32, solvers: str | None = None, layers=DEMO_LAYERS,
             result["table"] += j.pop("table")
             result["journey"] = {"model": journey, **j}
         return result
-    finally:
-        torch.set_num_threads(prev_threads)

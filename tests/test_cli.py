@@ -80,7 +80,9 @@ def test_solve_table_with_composition(layer_file, capsys):
 @pytest.mark.parametrize("args, message", [
     (["solve", "missing.npz"], "does not exist"),
     (["solve", "{f}", "--solver", "nope"], "unknown solver"),
-    (["solve", "{f}", "--bits", "3"], "bits"),
+    (["solve", "{f}", "--bits", "3"], "--bits 3: {f} stores the scales of its 4-bit grid"),
+    (["solve", "{f}", "--scale-method", "minmax"], "--scale-method minmax: {f} stores the scales"),
+    (["export-qubo", "{f}", "--out", "qdir", "--bits", "3"], "--bits 3: {f} stores the scales"),
     (["solve", "{f}", "{f}", "--out", "x.npz"], "exactly one"),
     (["solve", "{f}", "--refits", "-2"], "argument --refits: must be an integer >= 0, got -2"),
     (["solve", "{f}", "--bits", "0"], "--bits=0 is out of range"),
@@ -89,7 +91,7 @@ def test_solve_table_with_composition(layer_file, capsys):
 def test_solve_errors_are_clear(layer_file, capsys, args, message):
     args = [a.format(f=layer_file) for a in args]
     assert main(args) == 2
-    assert message in capsys.readouterr().err
+    assert message.format(f=layer_file) in capsys.readouterr().err
 
 
 def test_solvers_lists_registry(capsys):
@@ -157,6 +159,48 @@ def test_quantize_model_file_with_numpy_calibration(tmp_path, capsys):
         assert main(argv + ["--calibration", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_batch_size_with_a_saved_list_of_batches_is_refused(tmp_path, capsys):
+    import torch
+
+    _model_files(tmp_path, seed=0)
+    rows = torch.load(tmp_path / "calib.pt")
+    torch.save([rows[:32], rows[32:]], tmp_path / "list.pt")
+    assert main(["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+                 str(tmp_path / "list.pt"), "--batch-size", "4", "--no-progress"]) == 2
+    assert "--batch-size splits a tensor of inputs" in capsys.readouterr().err
+
+
+def test_threads_sets_torch_and_numba_and_gives_them_back():
+    import numba
+    import torch
+
+    from qround.cli import _run
+
+    before = (torch.get_num_threads(), numba.get_num_threads())
+    seen = []
+    assert _run(lambda: seen.append((torch.get_num_threads(), numba.get_num_threads())),
+                threads=1) == 0
+    assert seen == [(1, 1)]
+    assert (torch.get_num_threads(), numba.get_num_threads()) == before
+    big = numba.config.NUMBA_NUM_THREADS + 3        # numba's pool is the most it can take
+    assert _run(lambda: seen.append(numba.get_num_threads()), threads=big) == 0
+    assert seen[-1] == numba.config.NUMBA_NUM_THREADS
+    assert (torch.get_num_threads(), numba.get_num_threads()) == before
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`qround solvers | head -1`: the pipe closes before the table is written."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "qround", "solvers"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()          # before the process writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
 def test_quantize_with_scale_refits(tmp_path, capsys):
@@ -267,6 +311,21 @@ def test_quantize_refuses_to_overwrite_its_inputs_or_outputs(tmp_path, capsys, o
      "applies to --granularity loss"),
     (["quantize", "--model", "no-such-model", "--widen", "--iterations", "5"],
      "--widen cannot be combined with block reconstruction"),
+    (["quantize", "--model", "no-such-model", "--no-fusion"], "--no-fusion turns off the fusion "
+     "of AQuant borders in convs: it needs --borders"),
+    (["evaluate", "--quantized", "x.safetensors", "--seed", "3"], "--seed chooses the float "
+     "digits model"),
+    # QuantConfig's and ReconstructConfig's refusals name the flags the user gave
+    (["quantize", "--model", "no-such-model", "--wbits", "9"], "error: --wbits 9 is out of range"),
+    (["quantize", "--model", "no-such-model", "--first-last-bits", "1"], "--first-last-bits 1 "
+     "is out of range"),
+    (["quantize", "--model", "no-such-model", "--abits", "4", "--qdrop", "-1"],
+     "error: --qdrop must lie in [0, 1]"),
+    (["quantize", "--model", "no-such-model", "--correction", "0.5"], "--correction only "
+     "applies with --inputs asymmetric"),
+    (["quantize", "--model", "no-such-model", "--layers", "("], "--layers '(' is not a valid"),
+    (["quantize", "--model", "no-such-model", "--override", "x", "wbits=9"],
+     "overrides['x']: wbits=9 is out of range"),   # the value as the user wrote it
 ])
 def test_bad_command_lines_get_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
@@ -606,6 +665,7 @@ def test_demo_the_main_job_runs_and_beats_rtn(tmp_path, capsys):
                  "--no-progress", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "digits-cnn: whole model at W3" in text
+    assert "first 4 output channels per layer; threads 1 (torch, numba)" in text
     res = json.loads(out.read_text())
     from qround.demo import DEMO_LAYERS
     assert not res["skipped"] and len(res["records"]) == 3 * len(DEMO_LAYERS)
