@@ -545,11 +545,11 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None,
                               f"{[n for n in modules if n in known][:3]}")
         for n in chosen:
             if (n in hits) != keep:
-                skipped[n] = ("excluded by config.exclude" if not keep
-                              else "not matched by config.layers")
+                skipped[n] = (f"excluded by exclude={pattern!r}" if not keep
+                              else f"not matched by layers={pattern!r}")
         chosen = [n for n in chosen if (n in hits) == keep]
     if not chosen:
-        raise QroundError("config.exclude leaves no layer to quantise")
+        raise QroundError(f"exclude={config.exclude!r} leaves no layer to quantise")
     refused = [f"{n!r}: {why}" for n in chosen
                if (why := weight_not_writable(modules[n]) or (
                    bias_not_writable(modules[n]) if config.bias_correction else None))
@@ -1491,9 +1491,9 @@ def _conv1d_selection(model: nn.Module, config: QuantConfig, first_batch, forwar
     skipped, chosen = {}, []
     for n in convs:
         if config.layers is not None and not re.search(config.layers, n):
-            skipped[n] = "not matched by config.layers"
+            skipped[n] = f"not matched by layers={config.layers!r}"
         elif config.exclude is not None and re.search(config.exclude, n):
-            skipped[n] = "excluded by config.exclude"
+            skipped[n] = f"excluded by exclude={config.exclude!r}"
         elif weight_not_writable(modules[n]):   # as for a Linear: an error, before any work
             raise QroundError(f"cannot round these layers' weights: {n!r}: "
                               f"{weight_not_writable(modules[n])}; or leave them out with "

@@ -287,7 +287,7 @@ def test_first_last_bits_cover_every_layer_that_reads_the_first_input():
 def test_the_table_names_what_stays_in_float():
     q = quantize_model(_QKV(), _batches(16, 6), _config(exclude="head"))
     table = q.table()
-    assert "left in float:" in table and "head: excluded by config.exclude" in table
+    assert "left in float:" in table and "head: excluded by exclude='head'" in table
     assert "<model>: _QKV is not an nn.Linear or nn.Conv2d: its own parameters stay in float" \
         in table
 

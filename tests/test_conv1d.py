@@ -318,7 +318,7 @@ def test_parametrized_conv1d_is_refused_unless_excluded():
     with pytest.raises(QroundError, match="'1'.*parametrized"):
         quantize_model(model, data, QuantConfig(wbits=4, **FAST))
     qm = quantize_model(model, data, QuantConfig(wbits=4, **FAST, exclude="^1$"))
-    assert [r.layer for r in qm.report] == ["0"] and qm.skipped["1"] == "excluded by config.exclude"
+    assert [r.layer for r in qm.report] == ["0"] and qm.skipped["1"] == "excluded by exclude='^1$'"
 
 
 def test_act_quantizers_leave_conv1d_layers_alone():

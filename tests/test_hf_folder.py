@@ -138,7 +138,7 @@ def test_quantize_options_of_a_gptq_user(gpt2_folder, tmp_path, capsys):
     assert meta["config"]["damp"] == 0.05 and meta["config"]["exclude"] == r"mlp\."
     assert sorted(meta["layers"]) == [f"transformer.h.{i}.attn.{n}" for i in range(2)
                                       for n in ("c_attn", "c_proj")]
-    assert all(meta["skipped"][f"transformer.h.{i}.mlp.{n}"] == "excluded by config.exclude"
+    assert all(meta["skipped"][f"transformer.h.{i}.mlp.{n}"] == "excluded by exclude='mlp\\\\.'"
                for i in range(2) for n in ("c_fc", "c_proj"))
     for argv, message in (
             (["--max-length", "65"], "takes at most 64 positions"),

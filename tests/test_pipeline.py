@@ -322,8 +322,8 @@ def test_layers_and_exclude_filters():
     model, data = build("branchy")
     qm = quantize_model(model, data, QuantConfig(layers="head|out", exclude="_b$", **FAST))
     assert list(qm.layers) == ["head_a", "out"]
-    assert qm.skipped == {"inp": "not matched by config.layers",
-                          "head_b": "excluded by config.exclude"}
+    assert qm.skipped == {"inp": "not matched by layers='head|out'",
+                          "head_b": "excluded by exclude='_b$'"}
     assert torch.equal(qm.model.inp.weight, model.inp.weight)
     assert torch.equal(qm.model.head_b.weight, model.head_b.weight)
 
