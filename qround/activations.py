@@ -93,10 +93,21 @@ PerLayer = Union[Any, Mapping[str, Any]]
 
 
 # ------------------------------------------------------------------------------ autograd pieces
+def _compiling() -> bool:
+    """``torch.compiler.is_compiling()``, which torch 2.1 and 2.2 do not have (their
+    ``torch._dynamo.is_compiling``)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    if check is None:
+        from torch import _dynamo
+
+        check = _dynamo.is_compiling
+    return check()
+
+
 def _tracing() -> bool:
     """Whether the forward is being traced or compiled (``torch.jit.trace``, ``torch.compile``,
     ``torch.export``): no branch on a tensor's value then, and no side effects."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return torch.jit.is_tracing() or _compiling()
 
 
 class _FloorSTE(torch.autograd.Function):
@@ -168,9 +179,20 @@ class ActQuantizer(nn.Module):
         """``(signed, calibrated)``: from the buffers, or while the forward is compiled
         (torch.compile, torch.export: its buffers have no values then) from their values at
         the last calibration, state-dict load or :meth:`set_calibrated`."""
-        if torch.compiler.is_compiling() and getattr(self, "_flags", None) is not None:
+        if _compiling() and getattr(self, "_flags", None) is not None:
             return self._flags
         return bool(self.signed), bool(self.calibrated)
+
+    def _flag(self, index: int) -> bool:
+        """One of :meth:`flags` (a buffer on the GPU costs a device sync per read)."""
+        if _compiling() and getattr(self, "_flags", None) is not None:
+            return self._flags[index]
+        return bool(self.signed if index == 0 else self.calibrated)
+
+    def _range(self) -> tuple[int, int, int]:
+        """``(qmin, qmax, span)`` from one read of the grid kind."""
+        lo, hi = qrange(self.bits, self._flag(0))
+        return lo, hi, max(-lo, hi)
 
     @torch.no_grad()
     def set_calibrated(self, signed: bool) -> None:
@@ -186,16 +208,16 @@ class ActQuantizer(nn.Module):
 
     @property
     def qmin(self) -> int:
-        return qrange(self.bits, self.flags()[0])[0]
+        return self._range()[0]
 
     @property
     def qmax(self) -> int:
-        return qrange(self.bits, self.flags()[0])[1]
+        return self._range()[1]
 
     @property
     def span(self) -> int:
         """Normaliser of the border's argument: ``t = v / span`` lies in [-1, 1] on the grid."""
-        return max(-self.qmin, self.qmax)
+        return self._range()[2]
 
     @torch.no_grad()
     def calibrate(self, values: torch.Tensor, method: str = "mse") -> None:
@@ -214,26 +236,30 @@ class ActQuantizer(nn.Module):
         self.step.fill_(float(grid.scale[0, 0]))
         self.set_calibrated(signed)
 
-    def scale(self, features: int) -> torch.Tensor:
+    def scale(self, features: int, qmax: int | None = None) -> torch.Tensor:
         """The step ``s`` used by the forward (0-dim), with LSQ's gradient scale for ``features``
-        input elements per sample (the forward value is ``step`` clamped at 1e-12)."""
-        g = 1.0 / math.sqrt(max(features, 1) * self.qmax)
+        input elements per sample (the forward value is ``step`` clamped at 1e-12).  ``qmax``:
+        the grid's, if the caller has it already."""
+        g = 1.0 / math.sqrt(max(features, 1) * (self.qmax if qmax is None else qmax))
         return _GradScale.apply(self.step, g).clamp_min(1e-12)
 
-    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def coefficients(self, span: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(b0, b1 / span, b2 / span^2)`` (each (n,), the last None for linear borders): the
         border's coefficients acting on ``v`` instead of ``t = v / span`` (the same polynomial;
-        scaling n coefficients is cheaper than scaling every element)."""
-        c2 = self.b2 / self.span ** 2 if self.b2 is not None else None
-        return self.b0, self.b1 / self.span, c2
+        scaling n coefficients is cheaper than scaling every element).  ``span``: the grid's,
+        if the caller has it already."""
+        span = self.span if span is None else span
+        c2 = self.b2 / span ** 2 if self.b2 is not None else None
+        return self.b0, self.b1 / span, c2
 
-    def border(self, v: torch.Tensor, dim: int) -> torch.Tensor:
+    def border(self, v: torch.Tensor, dim: int, span: int | None = None) -> torch.Tensor:
         """B(v) with the element axis at ``dim`` (length ``elements``) split into
         ``(elements / fusion_size, fusion_size)``; that second axis has length 1 when fused
         (the fused border broadcasts over the channel's ``k*k`` elements)."""
         shape = [1] * v.dim()
         shape[dim], shape[dim + 1] = -1, self.fusion_size
-        b0, c1, c2 = self.coefficients()
+        b0, c1, c2 = self.coefficients(span)
         poly = c1.view(shape)
         if c2 is not None:
             poly = poly + c2.view(shape) * v
@@ -278,27 +304,28 @@ class ActQuantizer(nn.Module):
         LSQ's gradient scale (default ``x.numel() / x.shape[0]``); border: a precomputed border
         (e.g. :meth:`patch_border`) broadcastable to ``x`` with its element axis split as in
         :meth:`border`, used instead of computing it."""
-        if not self.flags()[1]:
+        if not self._flag(1):
             raise QroundError("ActQuantizer is not calibrated: call calibrate() (or build it "
                               "with insert_act_quantizers) first")
+        grid = self._range()    # one read of each flag per call: on a GPU each read syncs
         dim = dim % x.dim()
         if features is None:
             features = x.numel() // max(x.shape[0], 1) if x.dim() > 1 else x.numel()
-        s = self.scale(features)
+        s = self.scale(features, grid[1])
         v = x / s
         with_border = border is not None or (use_border and self.borders != "none")
         if with_border and (self.borders == "none" or x.shape[dim] != self.b0.numel()):
             raise QroundError(f"input has {x.shape[dim]} elements along dim {dim}, the borders "
                               f"were built for {0 if self.borders == 'none' else self.b0.numel()}")
         if not self._needs_grad(x, border):
-            return self._codes_inplace(v, dim, border if with_border else False), s
+            return self._codes_inplace(v, dim, border if with_border else False, grid), s
         if with_border:
             v = v.unflatten(dim, (-1, self.fusion_size))
-            b = self.border(v, dim) if border is None else border
+            b = self.border(v, dim, grid[2]) if border is None else border
             t = (v + (1.0 - b)).flatten(dim, dim + 1)
         else:
             t = v + 0.5
-        return _FloorSTE.apply(t).clamp(self.qmin, self.qmax), s
+        return _FloorSTE.apply(t).clamp(grid[0], grid[1]), s
 
     def _needs_grad(self, x: torch.Tensor, border: torch.Tensor | None) -> bool:
         return torch.is_grad_enabled() and (
@@ -306,27 +333,28 @@ class ActQuantizer(nn.Module):
             or any(p.requires_grad for p in self.parameters()))
 
     @torch.no_grad()
-    def _codes_inplace(self, v: torch.Tensor, dim: int, border: torch.Tensor | None | bool
-                       ) -> torch.Tensor:
+    def _codes_inplace(self, v: torch.Tensor, dim: int, border: torch.Tensor | None | bool,
+                       grid: tuple[int, int, int]) -> torch.Tensor:
         """:meth:`codes` without autograd, overwriting ``v = x / s``: the same float operations
         (so the same codes) with fewer temporaries.  border: a precomputed border, None for
-        the layer's own borders, False for rounding to nearest."""
+        the layer's own borders, False for rounding to nearest; grid: ``(qmin, qmax, span)``."""
+        qmin, qmax, span = grid
         if border is False:
-            return v.add_(0.5).floor_().clamp_(self.qmin, self.qmax)
+            return v.add_(0.5).floor_().clamp_(qmin, qmax)
         vs = v.unflatten(dim, (-1, self.fusion_size))
         if border is None and self.fusion_size == 1:     # border() step by step, in place
             shape = [1] * vs.dim()
             shape[dim] = -1
-            b0, c1, c2 = self.coefficients()
+            b0, c1, c2 = self.coefficients(span)
             if c2 is None:
                 t = vs * c1.view(shape)
             else:
                 t = (vs * c2.view(shape)).add_(c1.view(shape)).mul_(vs)
             t = t.add_(b0.view(shape)).neg_().add_(1.0).add_(vs)   # -B + 1 rounds as 1 - B
         else:
-            b = self.border(vs, dim) if border is None else border
+            b = self.border(vs, dim, span) if border is None else border
             t = vs + (1.0 - b)
-        return t.flatten(dim, dim + 1).floor_().clamp_(self.qmin, self.qmax)
+        return t.flatten(dim, dim + 1).floor_().clamp_(qmin, qmax)
 
     def forward(self, x: torch.Tensor, dim: int = -1, features: int | None = None,
                 use_border: bool = True, border: torch.Tensor | None = None) -> torch.Tensor:

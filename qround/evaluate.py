@@ -176,6 +176,7 @@ def digits_accuracy(model: nn.Module, data: Any, abits: int | None = None,
     abits: None for float activations; else the input of every Conv2d/Linear is fake-quantised
     to ``abits`` bits with per-tensor min-max ranges measured on ``data.calib_images``."""
     from .zoo import accuracy
+    from .zoo.digits import input_placement
 
     for field in ("calib_images", "test_images", "test_labels"):
         if not isinstance(getattr(data, field, None), torch.Tensor):
@@ -183,8 +184,7 @@ def digits_accuracy(model: nn.Module, data: Any, abits: int | None = None,
     if abits is None:
         return accuracy(model, data.test_images, data.test_labels, batch_size=batch_size)
     check_bits(abits, "abits")
-    p = next(model.parameters())
-    to = dict(device=p.device, dtype=p.dtype) if p.is_floating_point() else dict(device=p.device)
+    to = input_placement(model)
     calib = [data.calib_images[i:i + batch_size].to(**to)
              for i in range(0, len(data.calib_images), batch_size)]
     ranges = input_ranges(model, calib)

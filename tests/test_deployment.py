@@ -130,3 +130,54 @@ def test_hard_weights_broadcast_the_grid_as_the_codes_say():
         want = layer.w_scale.repeat_interleave(reps, 1) * (
             soft - layer.w_zero.repeat_interleave(reps, 1))
         assert torch.equal(layer.quantized_weight(), want)
+
+
+@pytest.mark.parametrize("kind, borders, reads", [("linear", "none", 2), ("linear", "quadratic", 2),
+                                                  ("conv", "none", 2), ("conv", "quadratic", 4)])
+def test_a_forward_reads_the_quantisers_flags_a_few_times(kind, borders, reads, monkeypatch):
+    """Each read of the signed/calibrated buffers is a device sync on a GPU: a forward reads
+    them a fixed few times (it read them 8 to 18 times, once per qmin/qmax/span)."""
+    from qround.activations import QuantizedLayer
+
+    torch.manual_seed(0)
+    m = nn.Linear(16, 8) if kind == "linear" else nn.Conv2d(4, 8, 3, padding=1)
+    q = QuantizedLayer(m, abits=4, borders=borders, weight=GridSpec(bits=4))
+    x = torch.randn(2, 16) if kind == "linear" else torch.randn(2, 4, 6, 6)
+    q.act.calibrate(x)
+    q.force_unfold = True
+    count = [0]
+    real = torch.Tensor.__bool__
+
+    def counted(self):
+        count[0] += 1
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+    with torch.no_grad():
+        q(x)
+    assert count[0] == reads
+    count[0] = 0
+    q.weight_mode = "soft"
+    q(x.requires_grad_()).sum().backward()
+    assert count[0] == reads
+
+
+def test_quantisers_run_on_a_torch_without_torch_compiler_is_compiling(monkeypatch):
+    """torch 2.1 and 2.2 (pyproject allows >= 2.1) have torch._dynamo.is_compiling only."""
+    from qround.activations import QuantizedLayer
+
+    torch.manual_seed(0)
+    q = QuantizedLayer(nn.Linear(8, 4), abits=4, weight=GridSpec(bits=4))
+    x = torch.randn(3, 8)
+    q.act.calibrate(x)
+    with torch.no_grad():
+        want = q(x)
+    import importlib
+
+    dynamo = importlib.import_module("torch._dynamo")
+    calls = []   # today's dynamo.is_compiling calls the new name: stand in for the old one
+    monkeypatch.setattr(dynamo, "is_compiling", lambda: calls.append(1) or False)
+    monkeypatch.delattr(torch.compiler, "is_compiling")
+    with torch.no_grad():
+        assert torch.equal(q(x), want)
+    assert calls     # the old name answered

@@ -379,3 +379,24 @@ def test_digits_training_does_not_depend_on_the_callers_threads():
         assert torch.get_num_threads() == threads            # restored
         weights.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+@pytest.mark.parametrize("dtype, abits", [(torch.float64, None), (torch.float64, 4),
+                                          (torch.bfloat16, 4)])
+def test_accuracy_feeds_a_wrapped_model_in_its_layers_dtype(dtype, abits):
+    """A quantised first layer keeps float32 rounding variables beside its float64/bf16
+    weight: the images take the weight's dtype, not the first parameter's."""
+
+    from qround.activations import QuantizedLayer
+    from qround.grid import GridSpec
+
+    torch.manual_seed(0)
+    q = QuantizedLayer(nn.Conv2d(1, 4, 3).to(dtype), abits=abits, weight=GridSpec(bits=4))
+    if abits:
+        q.act.calibrate(torch.rand(100))
+    model = nn.Sequential(q, nn.Flatten(), nn.Linear(4 * 14 * 14, 10).to(dtype))
+    assert next(model.parameters()).dtype == torch.float32
+    images, labels = torch.rand(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        want = (model(images.to(dtype)).argmax(1) == labels).float().mean().item()
+    assert accuracy(model, images, labels) == want

@@ -172,7 +172,9 @@ class GPTQ(Solver):
             [t(h) for h in problem.hessian]
         local = self._is_local_mse(weight, lower, grad, hessians)
         weight, lower, grad = weight.to(dtype), lower.to(dtype), grad.to(dtype)
-        _torch.check_fits(dtype, weight, lower, grad, *(h.to(dtype) for h in hessians))
+        _torch.check_fits(dtype, weight, lower, grad)
+        for h in hessians:   # one channel's copy at a time (a per-channel H is m of them)
+            _torch.check_fits(dtype, h.to(dtype))
         out = torch.empty(weight.shape, dtype=dtype, device=dev)   # (n, m)
         groups = ([slice(None)] if problem.shared_hessian
                   else [slice(c, c + 1) for c in range(problem.num_channels)])

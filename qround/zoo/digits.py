@@ -304,6 +304,16 @@ def _augment(images: torch.Tensor, gen: torch.Generator, background: float,
 
 
 @torch.no_grad()
+def input_placement(model: nn.Module) -> dict:
+    """``.to()`` arguments that put images where the model's first layer is, in its dtype: the
+    weight of its first Linear/Conv2d (a quantised layer's wrapper keeps float32 rounding
+    variables of its own beside a float64 or half weight), else its first parameter."""
+    first = next((m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))),
+                 None)
+    p = first if first is not None else next(model.parameters())
+    return dict(device=p.device, dtype=p.dtype) if p.is_floating_point() else dict(device=p.device)
+
+
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on images (N, C, H, W) with labels (N,), in [0, 1].
@@ -322,9 +332,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         raise QroundError("images contain NaN or Inf")
     from ..calibrate import eval_mode
 
-    p = next(model.parameters())
     # a float64 or half model gets its inputs in its own dtype
-    to = dict(device=p.device, dtype=p.dtype) if p.is_floating_point() else dict(device=p.device)
+    to = input_placement(model)
     correct = 0
     with eval_mode(model):
         for i in range(0, len(labels), batch_size):
