@@ -15,6 +15,7 @@ from ..errors import QroundError, check_int
 from .base import Solver
 
 SAMPLER_NAMES = ("neal", "dwave-tabu", "dwave-steepest", "exact-dimod")
+EXACT_DIMOD_MAX_FREE = 22   # dimod.ExactSolver keeps every state: 2^22 x 22 bytes and energies
 
 
 def _make_sampler(name: str):
@@ -151,6 +152,13 @@ class DimodSolver(Solver):
             raise QroundError(f"channels={self.channels!r} selects none of the problem's "
                               f"{problem.num_channels} channels")
         out = start.copy()
+        if self.sampler == "exact-dimod":
+            free = int(problem.free[list(channels)].sum(axis=1).max(initial=0))
+            if free > EXACT_DIMOD_MAX_FREE:
+                raise QroundError(f"exact-dimod (dimod.ExactSolver) lists all 2^n states of a "
+                                  f"channel: a channel here has {free} free variables, at most "
+                                  f"{EXACT_DIMOD_MAX_FREE} fit; restrict the problem, or use "
+                                  "qround's 'exact' on a subproblem")
         for c in channels:
             c = problem._channel(c)
             idx = np.flatnonzero(problem.free[c])

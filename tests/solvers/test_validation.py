@@ -155,6 +155,16 @@ def test_dimod_solver_arguments_are_checked_when_built(make, match):
         make()
 
 
+def test_exact_dimod_refuses_a_channel_too_wide_to_enumerate():
+    """dimod.ExactSolver keeps all 2^n states: a 40-input channel failed inside numpy."""
+    wide = make_problem(m=2, n=40, seed=1, clip_some=False)
+    with pytest.raises(QroundError, match=r"a channel here has \d\d free variables, at most 22"):
+        DimodSolver("exact-dimod").solve(wide)
+    small = make_problem(m=3, n=8, seed=1)
+    got = DimodSolver("exact-dimod").solve(small, seed=0)
+    np.testing.assert_allclose(got.energy, Exact().solve(small).energy, rtol=1e-9, atol=1e-12)
+
+
 def test_dimod_solver_refuses_an_empty_channel_selection():
     p = make_problem(m=4, n=5, seed=3)
     with pytest.raises(QroundError, match="selects none of the problem's 4 channels"):
