@@ -471,7 +471,7 @@ def test_conv_write_back_is_on_the_grid_in_im2col_order(groups, cin_g, out_g, k,
        symmetric=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
        widen=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_conv1d_write_back_round_trips(nx, nf, bits, symmetric, dtype, widen, seed):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="Conv1D is transformers' (examples extra)")
     from qround.problems.layers import linearize_conv1d, restore_conv1d
 
     Conv1D = transformers.pytorch_utils.Conv1D
@@ -541,7 +541,7 @@ def test_quantize_model_widen_stays_on_the_grid_and_never_costs_more(kind, bits,
     grid and at floor/ceil without widen, the report's cost is the damped H-norm of the error,
     and widen never costs more."""
     if kind == "conv1d":
-        pytest.importorskip("transformers")
+        pytest.importorskip("transformers", reason="Conv1D is transformers' (examples extra)")
     from qround.pipeline import QuantConfig, quantize_model
 
     torch.manual_seed(seed)
