@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import threading
 import time
@@ -1271,6 +1272,15 @@ def _own_rng(config: QuantConfig, model: nn.Module, keep_buffers: bool = True):
 
 
 _RNG_LOCK = threading.RLock()
+
+
+def _after_fork_in_child() -> None:
+    global _RNG_LOCK
+    _RNG_LOCK = threading.RLock()   # another thread of the parent may have held it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextmanager

@@ -172,3 +172,50 @@ def test_solves_from_two_threads_on_numbas_workqueue_layer():
                                "NUMBA_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["workqueue"]
+
+
+def _quantize_in_child(queue):
+    import torch
+
+    from qround.pipeline import QuantConfig, quantize_model
+    try:
+        gen = torch.Generator().manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 4))
+        qm = quantize_model(model, [torch.randn(8, 6, generator=gen)],
+                            QuantConfig(solver="greedy", progress=False))
+        queue.put(len(qm.report))
+    except BaseException as exc:   # noqa: BLE001 (reported to the parent)
+        queue.put(repr(exc))
+
+
+def test_a_child_forked_while_another_thread_quantises_can_quantise():
+    """The lock that quantize_model holds on the process's generators was copied held into a
+    child forked meanwhile, and the child's own quantize_model waited for good."""
+    import threading
+
+    from qround import pipeline
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with pipeline._RNG_LOCK:   # as a quantize_model running in this thread
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(10)
+    try:
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_quantize_in_child, args=(queue,))
+        child.start()
+        child.join(120)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+    finally:
+        release.set()
+        thread.join()
+    assert not alive, "the forked child hung on the lock"
+    assert queue.get(timeout=10) == 1

@@ -400,3 +400,19 @@ def test_accuracy_feeds_a_wrapped_model_in_its_layers_dtype(dtype, abits):
     with torch.no_grad():
         want = (model(images.to(dtype)).argmax(1) == labels).float().mean().item()
     assert accuracy(model, images, labels) == want
+
+
+def test_accuracy_runs_the_model_without_autograd():
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            seen.append(torch.is_grad_enabled())
+            return self.fc(x.flatten(1))
+
+    accuracy(Probe(), torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
+    assert seen == [False]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import re
 import threading
 from typing import Callable
@@ -30,9 +31,22 @@ PLUGIN_GROUP = "qround.solvers"  # entry points of installed packages: name = "m
 
 _REGISTRY: dict[str, Callable[..., Solver]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
-_PLUGINS = {"loaded": False}
-_PLUGINS_LOCK = threading.RLock()
+_PLUGINS = {"loaded": False}    # and, while one thread loads them: "loader", "done"
+_PLUGINS_LOCK = threading.Lock()    # held only to claim the loading, never while loading
 _WARNINGS_LOCK = threading.Lock()
+PLUGIN_WAIT_S = 30.0   # how long another thread's first lookup waits for the loading
+
+
+def _after_fork_in_child() -> None:
+    global _PLUGINS_LOCK, _WARNINGS_LOCK
+    _PLUGINS_LOCK, _WARNINGS_LOCK = threading.Lock(), threading.Lock()
+    if not _PLUGINS["loaded"]:   # a loading thread of the parent does not exist here
+        _PLUGINS.pop("loader", None)
+        _PLUGINS.pop("done", None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register(name: str, factory: Callable[..., Solver], description: str = "",
@@ -68,19 +82,29 @@ def load_plugins() -> None:
     or a function returning one).  A plugin that fails to load, or whose name is taken, is
     skipped with a warning: it never breaks the built-in solvers.
     """
-    if _PLUGINS["loaded"]:
+    state = _PLUGINS
+    if state["loaded"]:
         return
-    # a second thread's first lookup waits for the first thread's loading (an RLock: a plugin
-    # whose import looks up a solver comes back here and returns)
-    with _PLUGINS_LOCK:
-        if _PLUGINS["loaded"] or _PLUGINS.get("loading"):
+    me = threading.get_ident()
+    with _PLUGINS_LOCK:   # claim the loading; no lock is held while plugins import
+        if state["loaded"]:
             return
-        _PLUGINS["loading"] = True
+        loader = state.get("loader")
+        if loader is None:
+            state["loader"], state["done"] = me, threading.Event()
+        done = state["done"]
+    if loader is None:    # this thread loads them
         try:
             _load_entry_points()
         finally:
-            _PLUGINS["loading"] = False
-            _PLUGINS["loaded"] = True
+            state["loaded"] = True
+            done.set()
+    elif loader != me:    # another thread's first lookup waits for the loading to finish
+        # (bounded: a plugin module that this thread is importing may be what it waits for)
+        if not done.wait(PLUGIN_WAIT_S):
+            log.warning("solver plugins are still loading in another thread after %g s; going "
+                        "on with the solvers registered so far", PLUGIN_WAIT_S)
+    # else: a plugin's import looked a solver up while this thread loads: the registry so far
 
 
 def _load_entry_points() -> None:

@@ -303,7 +303,6 @@ def _augment(images: torch.Tensor, gen: torch.Generator, background: float,
     return F.grid_sample(images - background, grid, align_corners=False) + background
 
 
-@torch.no_grad()
 def input_placement(model: nn.Module) -> dict:
     """``.to()`` arguments that put images where the model's first layer is, in its dtype: the
     weight of its first Linear/Conv2d (a quantised layer's wrapper keeps float32 rounding
@@ -314,6 +313,7 @@ def input_placement(model: nn.Module) -> dict:
     return dict(device=p.device, dtype=p.dtype) if p.is_floating_point() else dict(device=p.device)
 
 
+@torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on images (N, C, H, W) with labels (N,), in [0, 1].

@@ -137,3 +137,40 @@ def test_parsing_specs_in_threads_leaves_the_warning_filters_alone():
     finally:
         sys.setswitchinterval(interval)
     assert warnings.filters == before
+
+
+def test_a_plugin_module_that_looks_up_solvers_while_another_thread_imports_it(
+        monkeypatch, tmp_path, caplog):
+    """Thread B imports a plugin module whose import lists the solvers; thread A's first lookup
+    loads that entry point and waits for B's import.  B waits a bounded time for A's loading
+    (it used to wait for good: both threads hung), then both finish."""
+    import importlib
+    import threading
+    import time
+
+    (tmp_path / "qround_test_slowplug.py").write_text(
+        "import time\ntime.sleep(0.5)\n"
+        "from qround.solvers import available_solvers\navailable_solvers()\n"
+        "from tests.solvers.test_plugins import PluginSolver as Factory\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _fake_entry_points(monkeypatch, [metadata.EntryPoint(
+        "slow-import", "qround_test_slowplug:Factory", registry.PLUGIN_GROUP)])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
+    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
+    monkeypatch.setattr(registry, "PLUGIN_WAIT_S", 1.0)
+    monkeypatch.delitem(__import__("sys").modules, "qround_test_slowplug", raising=False)
+    results = {}
+    b = threading.Thread(target=lambda: results.setdefault(
+        "b", importlib.import_module("qround_test_slowplug")), daemon=True)
+    b.start()
+    time.sleep(0.2)   # B holds the module's import lock, sleeping
+    a = threading.Thread(target=lambda: results.setdefault("a", get_solver("slow-import")),
+                         daemon=True)
+    with caplog.at_level(logging.WARNING, logger="qround.solvers.registry"):
+        a.start()
+        a.join(30)
+        b.join(30)
+    assert not a.is_alive() and not b.is_alive()
+    assert type(results["a"]).__name__ == "PluginSolver"
+    assert "still loading in another thread" in caplog.text
