@@ -132,12 +132,18 @@ def cpu_threads(n: int | None):
         return
     import torch
 
-    torch_before, numba_before = torch.get_num_threads(), numba.get_num_threads()
+    torch_before = torch.get_num_threads()
+    try:   # starts numba's threading layer: one that cannot start fails at its first kernel
+        numba_before = numba.get_num_threads()
+    except Exception:  # noqa: BLE001 (e.g. NUMBA_THREADING_LAYER=tbb without tbb installed)
+        numba_before = None
     torch.set_num_threads(n)
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    if numba_before is not None:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     try:
         yield
     finally:
-        numba.set_num_threads(numba_before)
+        if numba_before is not None:
+            numba.set_num_threads(numba_before)
         if torch.get_num_threads() != torch_before:
             torch.set_num_threads(torch_before)

@@ -573,8 +573,12 @@ def _calibration_inputs(path: str, model):
     import numpy as np
     import torch
 
-    with open(path, "rb") as f:
-        magic = f.read(6)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise QroundError(f"--calibration {path!r} could not be read ({first_line(exc)})") \
+            from None
     if magic != b"\x93NUMPY":
         if magic[:2] == b"PK" and str(path).endswith(".npz"):
             raise QroundError(f"--calibration {path!r} is a numpy .npz archive: save one array "
@@ -589,7 +593,14 @@ def _calibration_inputs(path: str, model):
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) or \
             np.iscomplexobj(array):
         raise QroundError(f"--calibration {path!r} holds a {array.dtype} array; give numbers")
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if not array.dtype.isnative:   # saved on a machine of the other byte order
+        array = array.astype(array.dtype.newbyteorder("="))
+    try:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    except (TypeError, ValueError) as exc:   # e.g. long double, which torch has no type for
+        raise QroundError(f"--calibration {path!r} holds a {array.dtype} array, which torch "
+                          f"cannot take ({first_line(exc)}); save float32/float64 or integers") \
+            from None
     if tensor.is_floating_point() and isinstance(model, torch.nn.Module):
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         if dtype is not None:
@@ -754,26 +765,37 @@ def _overrides_from(path: str) -> tuple[list, dict | None]:
 
 
 _FLAG_NAMES = ("wbits", "first_last_bits", "abits", "device", "layers", "exclude", "damp",
-               "capture_cache_mb", "correction", "refits", "group_size", "seed")
+               "capture_cache_mb", "correction", "refits", "group_size", "seed", "inputs",
+               "granularity", "scheme", "k", "borders", "qdrop", "iterations")
+_QUOTED = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+def _as_flags(text: str) -> str:
+    """``wbits=9`` -> ``--wbits 9`` (and ``ReconstructConfig.qdrop`` -> ``--qdrop``) outside
+    quoted values: what the user typed (a regex, a solver spec) is left as it is."""
+    parts = _QUOTED.split(text)
+    for i in range(0, len(parts), 2):   # the even parts lie outside quotes
+        part = re.sub(r"\bReconstructConfig\.(\w+)",
+                      lambda m: "--" + m.group(1).replace("_", "-"), parts[i])
+        parts[i] = re.sub(r"(?<![\w.-])(" + "|".join(_FLAG_NAMES) + r")(=|(?= only | must ))",
+                          lambda m: "--" + m.group(1).replace("_", "-")
+                          + (" " if m.group(2) == "=" else ""), part)
+    return "".join(parts)
 
 
 @contextlib.contextmanager
 def _settings_as_flags():
     """QuantConfig's and ReconstructConfig's errors name their Python settings (``wbits=9``);
-    the shell user gave flags (``--wbits 9``).  --override values keep their key=value form."""
+    the shell user gave flags (``--wbits 9``).  --override values keep their key=value form,
+    and a solver's own refusals (its spec's options) are not about flags: the caller checks
+    the solver spec before this."""
     try:
         yield
     except QroundError as exc:
         text = str(exc)
         if text.startswith("overrides"):
             raise
-        text = re.sub(r"\bReconstructConfig\.(\w+)",
-                      lambda m: "--" + m.group(1).replace("_", "-"), text)
-        text = text.replace("inputs='asymmetric'", "--inputs asymmetric")
-        text = re.sub(r"(?<![\w.-])(" + "|".join(_FLAG_NAMES) + r")(=|(?= only | must ))",
-                      lambda m: "--" + m.group(1).replace("_", "-")
-                      + (" " if m.group(2) == "=" else ""), text)
-        raise QroundError(text) from None
+        raise QroundError(_as_flags(text)) from None
 
 
 def cmd_quantize(args) -> int:
@@ -830,6 +852,10 @@ def cmd_quantize(args) -> int:
                                                capture_cache_mb=args.capture_cache_mb)
     overrides, source = (_overrides_from(args.overrides_from) if args.overrides_from
                          else (_parse_overrides(args.override), None))
+    try:   # a spec's own refusals name its options, not flags: say which flag holds them
+        get_solver(args.solver)
+    except QroundError as exc:
+        raise QroundError(f"--solver {args.solver!r}: {exc}") from None
     with _settings_as_flags():
         config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
                              group_size=args.group_size, scale_method=args.scale_method,
@@ -1507,13 +1533,29 @@ def _command(command) -> int:
     except KeyboardInterrupt:
         print("qround: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:   # `qround solvers | head -3`: the reader left; say nothing more
-        try:   # flushing at exit would raise again: point stdout at nowhere
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError):   # not a real file (captured output)
-            pass
+    except BrokenPipeError:
+        if not _stdout_reader_left():
+            raise   # another pipe of the command's (or of an in-process caller's)
+        # `qround solvers | head -3`: the reader left; say nothing more.  Flushing at exit
+        # would raise again: point stdout at nowhere
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 1
+
+
+def _stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):   # not a real file (captured output)
+        return False
+    if not hasattr(select, "poll"):
+        return True   # no way to ask here: the usual case is stdout
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(event & select.POLLERR for _, event in poller.poll(0))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -51,6 +51,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -417,8 +418,8 @@ def plot_losses(curves: Mapping[str, dict | ReconstructResult], path: str,
         if len(p["layers"]) != len(p["loss"]):
             raise QroundError(f"curve {label!r}: {len(p['layers'])} units in 'layers' but "
                               f"{len(p['loss'])} values in 'loss'; they pair up one to one")
-        bad = [i for i in p["oscillation"] if isinstance(i, bool) or not isinstance(i, int)
-               or not 0 <= i < len(p["loss"])]
+        bad = [i for i in p["oscillation"] if isinstance(i, (bool, np.bool_))
+               or not isinstance(i, (int, np.integer)) or not 0 <= i < len(p["loss"])]
         if bad:
             raise QroundError(f"curve {label!r}: oscillation points {bad[:3]} are not unit "
                               f"indices in [0, {len(p['loss'])})")

@@ -340,12 +340,13 @@ class QuantConfig:
                         group_size=options["group_size"], scale_method=options["scale_method"])
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "QuantConfig":
+    def from_dict(cls, d: Mapping, **changes) -> "QuantConfig":
         """The config that :meth:`as_dict` described, e.g. a saved file's
         ``export.read_metadata(path)["config"]``: ``QuantConfig.from_dict(c.as_dict()) == c``
         for a config whose solver is a registry spec.  A Solver instance is saved as its label
         (``solver_repr`` holds its parameters); its label is taken as the spec here, so a
-        solver built with options that the label does not show comes back with defaults."""
+        solver built with options that the label does not show comes back with defaults.
+        ``changes`` replace settings, e.g. ``device="cpu"`` for a run made on a GPU."""
         if not isinstance(d, Mapping):
             raise QroundError(f"QuantConfig.from_dict takes a dict (as_dict's), got "
                               f"{type(d).__name__}")
@@ -354,7 +355,11 @@ class QuantConfig:
         if unknown:
             raise QroundError(f"QuantConfig.from_dict: unknown settings {unknown}; known: "
                               f"{sorted(names)}")
+        bad = sorted(set(changes) - names)
+        if bad:
+            raise QroundError(f"QuantConfig.from_dict: unknown settings {bad} among the changes")
         kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs.update(changes)
         rec = kwargs.get("reconstruction")
         if isinstance(rec, Mapping):
             rnames = {f.name for f in fields(ReconstructConfig)}

@@ -152,10 +152,20 @@ def test_quantize_model_file_with_numpy_calibration(tmp_path, capsys):
     assert set(a) == set(b) == {"0", "2"}
     for name in a:
         np.testing.assert_array_equal(a[name].codes, b[name].codes)
+    # the other byte order reads as the same numbers
+    np.save(tmp_path / "big.npy", rows.numpy().astype(">f4"))
+    assert main(argv + ["--calibration", str(tmp_path / "big.npy"),
+                        "--out", str(tmp_path / "big.safetensors")]) == 0
+    capsys.readouterr()
+    big = export.load_codes(tmp_path / "big.safetensors")
+    assert all(np.array_equal(a[n].codes, big[n].codes) for n in a)
     np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
     np.savez(tmp_path / "arch.npz", x=rows.numpy())
-    for name, message in (("obj.npy", "could not be read by numpy.load"),
-                          ("arch.npz", "is a numpy .npz archive")):
+    np.save(tmp_path / "long.npy", rows.numpy().astype(np.longdouble))
+    bad = [("obj.npy", "could not be read by numpy.load"), ("arch.npz", "is a numpy .npz archive")]
+    if np.dtype(np.longdouble).itemsize > 8:   # x86's 80-bit long double (elsewhere: float64)
+        bad.append(("long.npy", "which torch cannot take"))
+    for name, message in bad:
         assert main(argv + ["--calibration", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
@@ -188,6 +198,22 @@ def test_threads_sets_torch_and_numba_and_gives_them_back():
     assert _run(lambda: seen.append(numba.get_num_threads()), threads=big) == 0
     assert seen[-1] == numba.config.NUMBA_NUM_THREADS
     assert (torch.get_num_threads(), numba.get_num_threads()) == before
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_swallowed():
+    import os
+
+    from qround.cli import _run
+
+    read, write = os.pipe()
+    os.close(read)
+
+    def command():
+        with os.fdopen(write, "wb") as f:
+            f.write(b"x" * 100000)
+
+    with pytest.raises(BrokenPipeError):
+        _run(command)
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback():
@@ -322,8 +348,16 @@ def test_quantize_refuses_to_overwrite_its_inputs_or_outputs(tmp_path, capsys, o
     (["quantize", "--model", "no-such-model", "--abits", "4", "--qdrop", "-1"],
      "error: --qdrop must lie in [0, 1]"),
     (["quantize", "--model", "no-such-model", "--correction", "0.5"], "--correction only "
-     "applies with --inputs asymmetric"),
+     "applies with --inputs 'asymmetric'"),
     (["quantize", "--model", "no-such-model", "--layers", "("], "--layers '(' is not a valid"),
+    # only the settings' names outside quotes become flags; a spec's options stay its own
+    (["quantize", "--model", "no-such-model", "--layers", "damp=("], "--layers 'damp=(' is not"),
+    (["quantize", "--model", "no-such-model", "--solver", "gptq(damp=-1)"],
+     "error: --solver 'gptq(damp=-1)': damp must lie in"),
+    (["quantize", "--model", "no-such-model", "--solver", "gptq(damp=0.1"],
+     "solver spec 'gptq(damp=0.1' has an unclosed parenthesis"),
+    (["quantize", "--model", "no-such-model", "--granularity", "scheme", "--iterations", "3"],
+     "--granularity 'scheme' and --scheme (units...) go together"),
     (["quantize", "--model", "no-such-model", "--override", "x", "wbits=9"],
      "overrides['x']: wbits=9 is out of range"),   # the value as the user wrote it
 ])

@@ -1,4 +1,5 @@
 """Saved quantised models: safetensors round trip, metadata, atomic writes, architecture checks."""
+import dataclasses
 import json
 import os
 
@@ -105,6 +106,11 @@ def test_saved_config_rebuilds_the_run(saved):
     assert QuantConfig.from_dict(instance.as_dict()).solver == "gptq+tabu(restarts=4)"
     with pytest.raises(QroundError, match=r"unknown settings \['wbit'\]"):
         QuantConfig.from_dict({"wbit": 3})
+    gpu = dict(qm.config.as_dict(), device="cuda:0")   # a run made on a GPU, rebuilt here
+    assert QuantConfig.from_dict(gpu, device="cpu", seed=5) == dataclasses.replace(
+        qm.config, seed=5)
+    with pytest.raises(QroundError, match=r"unknown settings \['bits'\] among the changes"):
+        QuantConfig.from_dict(gpu, bits=3)
     with pytest.raises(QroundError, match=r"unknown reconstruction settings \['iters'\]"):
         QuantConfig.from_dict({"reconstruction": {"iters": 3}})
 

@@ -3,6 +3,7 @@ units of several modules, the loss-along-depth data and plot, and errors before 
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -317,6 +318,8 @@ def test_loss_along_depth_and_plot(residual, tmp_path):
         plot_losses({"layer": short}, str(path))
     with pytest.raises(QroundError, match=r"oscillation points \[7\] are not unit indices"):
         plot_losses({"layer": dict(prof, oscillation=[7])}, str(path))
+    plot_losses({"layer": dict(prof, oscillation=list(np.flatnonzero([0, 1, 0, 0, 0, 0, 1])))},
+                str(path))   # numpy indices, as np.flatnonzero gives
 
 
 # ------------------------------------------------------------------- joint units that cannot be

@@ -153,7 +153,8 @@ class DimodSolver(Solver):
                               f"{problem.num_channels} channels")
         out = start.copy()
         if self.sampler == "exact-dimod":
-            free = int(problem.free[list(channels)].sum(axis=1).max(initial=0))
+            free = max((int(problem.free[problem._channel(c)].sum()) for c in channels),
+                       default=0)
             if free > EXACT_DIMOD_MAX_FREE:
                 raise QroundError(f"exact-dimod (dimod.ExactSolver) lists all 2^n states of a "
                                   f"channel: a channel here has {free} free variables, at most "

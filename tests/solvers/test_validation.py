@@ -161,6 +161,8 @@ def test_exact_dimod_refuses_a_channel_too_wide_to_enumerate():
     with pytest.raises(QroundError, match=r"a channel here has \d\d free variables, at most 22"):
         DimodSolver("exact-dimod").solve(wide)
     small = make_problem(m=3, n=8, seed=1)
+    with pytest.raises(QroundError, match="channel 7"):
+        DimodSolver("exact-dimod", channels=[7]).solve(small)
     got = DimodSolver("exact-dimod").solve(small, seed=0)
     np.testing.assert_allclose(got.energy, Exact().solve(small).energy, rtol=1e-9, atol=1e-12)
 
