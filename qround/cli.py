@@ -767,7 +767,7 @@ def _overrides_from(path: str) -> tuple[list, dict | None]:
 _FLAG_NAMES = ("wbits", "first_last_bits", "abits", "device", "layers", "exclude", "damp",
                "capture_cache_mb", "correction", "refits", "group_size", "seed", "inputs",
                "granularity", "scheme", "k", "borders", "qdrop", "iterations")
-_QUOTED = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+_QUOTED = re.compile(r"""((?<!\w)'(?:[^'\\]|\\.)*'(?!\w)|(?<!\w)"(?:[^"\\]|\\.)*"(?!\w))""")
 
 
 def _as_flags(text: str) -> str:
