@@ -773,3 +773,14 @@ def test_model_file_inputs_checked_before_any_work(tmp_path, capsys):
     from qround.export import load
 
     load(torch.load(tmp_path / "m.pt", weights_only=False), str(out))
+
+
+def test_settings_become_flags_outside_quoted_values_only():
+    from qround.cli import _as_flags
+
+    assert _as_flags("the model's wbits=9 differs from the file's; layers='a=b' here") == \
+        "the model's --wbits 9 differs from the file's; --layers 'a=b' here"
+    assert _as_flags("ReconstructConfig.qdrop must lie in [0, 1]; exclude=\"it's=\"") == \
+        "--qdrop must lie in [0, 1]; --exclude \"it's=\""
+    assert _as_flags("granularity='scheme' and scheme=(units...)") == \
+        "--granularity 'scheme' and --scheme (units...)"
