@@ -856,6 +856,9 @@ def cmd_quantize(args) -> int:
         get_solver(args.solver)
     except QroundError as exc:
         raise QroundError(f"--solver {args.solver!r}: {exc}") from None
+    except TypeError as exc:   # a factory with a required argument (a plugin's)
+        raise QroundError(f"--solver {args.solver!r} cannot be built from its name alone: "
+                          f"{exc}") from None
     with _settings_as_flags():
         config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
                              group_size=args.group_size, scale_method=args.scale_method,
@@ -1555,7 +1558,8 @@ def _stdout_reader_left() -> bool:
         return True   # no way to ask here: the usual case is stdout
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    return any(event & select.POLLERR for _, event in poller.poll(0))
+    # a pipe reports POLLERR, a socket whose peer closed POLLHUP
+    return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
 
 
 if __name__ == "__main__":  # pragma: no cover

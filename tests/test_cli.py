@@ -775,6 +775,23 @@ def test_model_file_inputs_checked_before_any_work(tmp_path, capsys):
     load(torch.load(tmp_path / "m.pt", weights_only=False), str(out))
 
 
+def test_a_reader_on_a_socket_that_leaves_early_gets_no_traceback():
+    """stdout a Unix socket (Node's child_process pipes are socketpairs): the peer's close
+    shows as POLLHUP, not POLLERR."""
+    import socket
+    import subprocess
+    import sys
+
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-m", "qround", "solvers"], stdout=theirs,
+                            stderr=subprocess.PIPE)
+    theirs.close()
+    ours.close()     # before the process writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_settings_become_flags_outside_quoted_values_only():
     from qround.cli import _as_flags
 

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import threading
+import time
 from typing import Callable
 
 from ..errors import QroundError
@@ -41,8 +42,8 @@ def _after_fork_in_child() -> None:
     global _PLUGINS_LOCK, _WARNINGS_LOCK
     _PLUGINS_LOCK, _WARNINGS_LOCK = threading.Lock(), threading.Lock()
     if not _PLUGINS["loaded"]:   # a loading thread of the parent does not exist here
-        _PLUGINS.pop("loader", None)
-        _PLUGINS.pop("done", None)
+        for key in ("loader", "done", "deadline"):
+            _PLUGINS.pop(key, None)
 
 
 if hasattr(os, "register_at_fork"):
@@ -92,16 +93,25 @@ def load_plugins() -> None:
         loader = state.get("loader")
         if loader is None:
             state["loader"], state["done"] = me, threading.Event()
+            state["deadline"] = time.monotonic() + PLUGIN_WAIT_S
         done = state["done"]
     if loader is None:    # this thread loads them
+        finished = False
         try:
             _load_entry_points()
+            finished = True
         finally:
-            state["loaded"] = True
+            if finished:
+                state["loaded"] = True
+            else:   # interrupted (Ctrl-C): a later lookup loads them again
+                for key in ("loader", "deadline"):
+                    state.pop(key, None)
+            state.pop("done", None)
             done.set()
-    elif loader != me:    # another thread's first lookup waits for the loading to finish
-        # (bounded: a plugin module that this thread is importing may be what it waits for)
-        if not done.wait(PLUGIN_WAIT_S):
+    elif loader != me:    # another thread's first lookup waits for the loading to finish,
+        # until one deadline per loading: a plugin module that this thread is importing may be
+        # what the loading waits for
+        if not done.wait(max(0.0, state.get("deadline", 0.0) - time.monotonic())):
             log.warning("solver plugins are still loading in another thread after %g s; going "
                         "on with the solvers registered so far", PLUGIN_WAIT_S)
     # else: a plugin's import looked a solver up while this thread loads: the registry so far
@@ -111,6 +121,8 @@ def _load_entry_points() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=PLUGIN_GROUP):
+        if _DESCRIPTIONS.get(ep.name) == f"plugin {ep.value}":
+            continue   # loaded already (by a parent process before it forked this one)
         if ep.name in _REGISTRY:
             log.warning("solver plugin %r (%s) skipped: the name is taken", ep.name, ep.value)
             continue

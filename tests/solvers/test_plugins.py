@@ -141,16 +141,17 @@ def test_parsing_specs_in_threads_leaves_the_warning_filters_alone():
 
 def test_a_plugin_module_that_looks_up_solvers_while_another_thread_imports_it(
         monkeypatch, tmp_path, caplog):
-    """Thread B imports a plugin module whose import lists the solvers; thread A's first lookup
-    loads that entry point and waits for B's import.  B waits a bounded time for A's loading
-    (it used to wait for good: both threads hung), then both finish."""
+    """Thread B imports a plugin module whose import lists the solvers (three times); thread A's
+    first lookup loads that entry point and waits for B's import.  B waits a bounded time for
+    A's loading (it used to wait for good: both threads hung), then both finish."""
     import importlib
     import threading
     import time
 
     (tmp_path / "qround_test_slowplug.py").write_text(
         "import time\ntime.sleep(0.5)\n"
-        "from qround.solvers import available_solvers\navailable_solvers()\n"
+        "from qround.solvers import available_solvers\n"
+        "for _ in range(3):\n    available_solvers()\n"
         "from tests.solvers.test_plugins import PluginSolver as Factory\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     _fake_entry_points(monkeypatch, [metadata.EntryPoint(
@@ -158,7 +159,7 @@ def test_a_plugin_module_that_looks_up_solvers_while_another_thread_imports_it(
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
     monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
-    monkeypatch.setattr(registry, "PLUGIN_WAIT_S", 1.0)
+    monkeypatch.setattr(registry, "PLUGIN_WAIT_S", 4.0)
     monkeypatch.delitem(__import__("sys").modules, "qround_test_slowplug", raising=False)
     results = {}
     b = threading.Thread(target=lambda: results.setdefault(
@@ -168,9 +169,44 @@ def test_a_plugin_module_that_looks_up_solvers_while_another_thread_imports_it(
     a = threading.Thread(target=lambda: results.setdefault("a", get_solver("slow-import")),
                          daemon=True)
     with caplog.at_level(logging.WARNING, logger="qround.solvers.registry"):
+        start = time.monotonic()
         a.start()
         a.join(30)
         b.join(30)
+        seconds = time.monotonic() - start
     assert not a.is_alive() and not b.is_alive()
+    assert seconds < 10   # one deadline for the loading, not 4 s for each of B's 3 lookups
     assert type(results["a"]).__name__ == "PluginSolver"
     assert "still loading in another thread" in caplog.text
+
+
+def test_plugin_loading_interrupted_by_ctrl_c_is_tried_again(monkeypatch):
+    class InterruptedOnce:
+        name, value, group = "all-down-later", "x:PluginSolver", registry.PLUGIN_GROUP
+        calls = 0
+
+        def load(self):
+            InterruptedOnce.calls += 1
+            if InterruptedOnce.calls == 1:
+                raise KeyboardInterrupt
+            return PluginSolver
+
+    _fake_entry_points(monkeypatch, [InterruptedOnce()])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
+    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
+    with pytest.raises(KeyboardInterrupt):
+        get_solver("all-down-later")
+    assert type(get_solver("all-down-later")).__name__ == "PluginSolver"   # loaded this time
+
+
+def test_a_solver_that_needs_arguments_is_named_by_the_shell(monkeypatch, capsys):
+    from qround.solvers.local import Greedy
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
+    registry.register("needs-arg", lambda budget: Greedy())
+    assert main(["quantize", "--model", "no-such-model", "--solver", "needs-arg"]) == 2
+    err = capsys.readouterr().err
+    assert "--solver 'needs-arg' cannot be built from its name alone" in err
+    assert "Traceback" not in err
