@@ -1554,8 +1554,13 @@ def _stdout_reader_left() -> bool:
         fd = sys.stdout.fileno()
     except (AttributeError, ValueError, OSError):   # not a real file (captured output)
         return False
-    if not hasattr(select, "poll"):
-        return True   # no way to ask here: the usual case is stdout
+    if not hasattr(select, "poll"):   # Windows: stdout a pipe is the usual case
+        import stat
+
+        try:
+            return stat.S_ISFIFO(os.fstat(fd).st_mode)
+        except OSError:
+            return False
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     # a pipe reports POLLERR, a socket whose peer closed POLLHUP

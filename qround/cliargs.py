@@ -60,6 +60,13 @@ def bits_list(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(bits))  # each width once, in the order given
 
 
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = None) -> None:
     """Before any work: no output (``{flag: path}``) is a folder, names the same file as another
     output, or would overwrite an input (``{flag: path}``, e.g. ``--model``).  ``None`` paths are
@@ -68,11 +75,14 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
         return os.path.normcase(os.path.realpath(os.fspath(path)))
 
     seen: dict[str, str] = {}
+    existing: dict[str, str] = {}  # inputs that exist, by path: samefile catches a name that
+    # a case-insensitive disk (macOS's default) takes for the same file in another case
     outputs_seen: dict[str, str] = {}
     folders: dict[str, str] = {}   # input folders (a checkpoint): nothing may be written inside
     for flag, path in (inputs or {}).items():
         if path is not None and os.path.exists(path):
             seen[key(path)] = f"the input {flag}"
+            existing[os.fspath(path)] = f"the input {flag}"
             if os.path.isdir(path):
                 folders[key(path)] = flag
     for flag, path in outputs.items():
@@ -97,8 +107,12 @@ def check_paths(outputs: dict[str, str | None], inputs: dict[str, str | None] = 
             raise QroundError(f"{flag} {path!r}: the folder {parent!r} is not writable; give "
                               "another path")
         k = key(path)
-        if k in seen:
-            raise QroundError(f"{flag} {path!r} is the same file as {seen[k]}; it would be "
+        same = seen.get(k)
+        if same is None and os.path.exists(path):
+            same = next((what for other, what in existing.items()
+                         if _same_file(path, other)), None)
+        if same is not None:
+            raise QroundError(f"{flag} {path!r} is the same file as {same}; it would be "
                               "overwritten: give another name")
         # one output inside another (a file under --save-compressed's new folder, or under a
         # file's name): the second write would fail after all the work

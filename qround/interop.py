@@ -188,7 +188,9 @@ def _pack_weights(folder: Path, qmodel: "QuantizedModel", pack_to_int32) -> None
     for path in files:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # copies: the tensors would keep the file mapped, and Windows refuses to write a
+            # mapped file (safetensors#164)
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
         for name, qw in qmodel.layers.items():
             weight = tensors.pop(f"{name}.weight", None)
             if weight is None:

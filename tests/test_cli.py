@@ -792,6 +792,33 @@ def test_a_reader_on_a_socket_that_leaves_early_gets_no_traceback():
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
+def test_an_output_that_is_the_input_under_another_name_is_refused(tmp_path):
+    """A hard link here; on macOS's case-insensitive disk, the input's name in another case
+    (Layer.npz / layer.npz): the same file, which the names alone do not show."""
+    import os
+
+    from qround.cliargs import check_paths
+
+    src = tmp_path / "Layer.npz"
+    src.write_bytes(b"x")
+    os.link(src, tmp_path / "alias.npz")
+    with pytest.raises(QroundError, match="is the same file as the input FILE"):
+        check_paths({"--out": str(tmp_path / "alias.npz")}, {"FILE": str(src)})
+    check_paths({"--out": str(tmp_path / "other.npz")}, {"FILE": str(src)})   # a new file
+
+
+def test_without_poll_only_a_pipe_counts_as_a_reader_that_left(monkeypatch, tmp_path):
+    import select
+    import sys
+
+    from qround.cli import _stdout_reader_left
+
+    monkeypatch.delattr(select, "poll")
+    with open(tmp_path / "out.txt", "w") as f:
+        monkeypatch.setattr(sys, "stdout", f)
+        assert not _stdout_reader_left()     # a file's broken pipe is another pipe's
+
+
 def test_settings_become_flags_outside_quoted_values_only():
     from qround.cli import _as_flags
 
