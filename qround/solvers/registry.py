@@ -32,7 +32,7 @@ PLUGIN_GROUP = "qround.solvers"  # entry points of installed packages: name = "m
 
 _REGISTRY: dict[str, Callable[..., Solver]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
-_PLUGINS = {"loaded": False}    # and, while one thread loads them: "loader", "done"
+_PLUGINS = {"loaded": False}    # while one thread loads them: "loader", "done"...
 _PLUGINS_LOCK = threading.Lock()    # held only to claim the loading, never while loading
 _WARNINGS_LOCK = threading.Lock()
 PLUGIN_WAIT_S = 30.0   # how long another thread's first lookup waits for the loading
@@ -42,7 +42,7 @@ def _after_fork_in_child() -> None:
     global _PLUGINS_LOCK, _WARNINGS_LOCK
     _PLUGINS_LOCK, _WARNINGS_LOCK = threading.Lock(), threading.Lock()
     if not _PLUGINS["loaded"]:   # a loading thread of the parent does not exist here
-        for key in ("loader", "done", "deadline"):
+        for key in ("loader", "done", "deadline", "warned"):
             _PLUGINS.pop(key, None)
 
 
@@ -84,54 +84,65 @@ def load_plugins() -> None:
     skipped with a warning: it never breaks the built-in solvers.
     """
     state = _PLUGINS
-    if state["loaded"]:
-        return
     me = threading.get_ident()
-    with _PLUGINS_LOCK:   # claim the loading; no lock is held while plugins import
-        if state["loaded"]:
+    while not state["loaded"]:
+        with _PLUGINS_LOCK:   # claim the loading; no lock is held while plugins import
+            if state["loaded"]:
+                return
+            loader = state.get("loader")
+            if loader is None:
+                state["loader"], state["done"] = me, threading.Event()
+                state["deadline"] = time.monotonic() + PLUGIN_WAIT_S
+            done, deadline = state["done"], state["deadline"]
+        if loader is None:    # this thread loads them
+            finished = False
+            try:
+                _load_entry_points(state.setdefault("eps", set()))
+                finished = True
+            finally:
+                with _PLUGINS_LOCK:   # interrupted (Ctrl-C): a later lookup loads them again
+                    state["loaded"] = finished
+                    for key in ("loader", "done", "deadline", "warned"):
+                        state.pop(key, None)
+                done.set()
             return
-        loader = state.get("loader")
-        if loader is None:
-            state["loader"], state["done"] = me, threading.Event()
-            state["deadline"] = time.monotonic() + PLUGIN_WAIT_S
-        done = state["done"]
-    if loader is None:    # this thread loads them
-        finished = False
-        try:
-            _load_entry_points()
-            finished = True
-        finally:
-            if finished:
-                state["loaded"] = True
-            else:   # interrupted (Ctrl-C): a later lookup loads them again
-                for key in ("loader", "deadline"):
-                    state.pop(key, None)
-            state.pop("done", None)
-            done.set()
-    elif loader != me:    # another thread's first lookup waits for the loading to finish,
-        # until one deadline per loading: a plugin module that this thread is importing may be
-        # what the loading waits for
-        if not done.wait(max(0.0, state.get("deadline", 0.0) - time.monotonic())):
+        if loader == me:      # a plugin's import looked a solver up: the registry so far
+            return
+        # another thread's first lookup waits for the loading, until one deadline per loading:
+        # a plugin module that this thread is importing may be what the loading waits for
+        if done.wait(max(0.0, deadline - time.monotonic())):
+            continue          # loaded, or interrupted: then this thread loads them
+        with _PLUGINS_LOCK:
+            warn = state.get("done") is done and not state.get("warned")
+            if warn:
+                state["warned"] = True
+        if warn:
             log.warning("solver plugins are still loading in another thread after %g s; going "
                         "on with the solvers registered so far", PLUGIN_WAIT_S)
-    # else: a plugin's import looked a solver up while this thread loads: the registry so far
+        return
 
 
-def _load_entry_points() -> None:
+def _load_entry_points(loaded: set) -> None:
+    """Register each entry point of the group once per process (``loaded``: the (name, value)
+    pairs done, kept across an interrupted loading and a fork)."""
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=PLUGIN_GROUP):
-        if _DESCRIPTIONS.get(ep.name) == f"plugin {ep.value}":
-            continue   # loaded already (by a parent process before it forked this one)
+        if (ep.name, ep.value) in loaded:
+            continue
         if ep.name in _REGISTRY:
             log.warning("solver plugin %r (%s) skipped: the name is taken", ep.name, ep.value)
+            loaded.add((ep.name, ep.value))
             continue
         try:
             factory = ep.load()
             if ep.name not in _REGISTRY:  # its module may have registered it on import
                 register(ep.name, factory, f"plugin {ep.value}")
-        except Exception as exc:  # noqa: BLE001 (a broken plugin must not break qround)
-            log.warning("solver plugin %r (%s) could not be loaded: %s", ep.name, ep.value, exc)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 (a broken plugin must not
+            # break qround; a plugin that calls sys.exit on import is broken too)
+            log.warning("solver plugin %r (%s) could not be loaded: %s", ep.name, ep.value,
+                        exc if not isinstance(exc, SystemExit) else f"SystemExit({exc})")
+        loaded.add((ep.name, ep.value))
 
 
 def available_solvers() -> dict[str, str]:

@@ -210,3 +210,86 @@ def test_a_solver_that_needs_arguments_is_named_by_the_shell(monkeypatch, capsys
     err = capsys.readouterr().err
     assert "--solver 'needs-arg' cannot be built from its name alone" in err
     assert "Traceback" not in err
+
+
+def _fresh_registry(monkeypatch, eps):
+    _fake_entry_points(monkeypatch, eps)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
+    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
+
+
+def test_a_thread_waiting_on_an_interrupted_loading_loads_the_plugins_itself(monkeypatch):
+    """It woke up and went on without the plugins ("unknown solver")."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    started, go = threading.Event(), threading.Event()
+
+    class InterruptedFirst:
+        name, value, group = "late", "x:PluginSolver", registry.PLUGIN_GROUP
+        calls = 0
+
+        def load(self):
+            InterruptedFirst.calls += 1
+            if InterruptedFirst.calls == 1:
+                started.set()
+                go.wait(10)
+                raise KeyboardInterrupt
+            return PluginSolver
+
+    _fresh_registry(monkeypatch, [InterruptedFirst()])
+
+    def first():
+        try:
+            get_solver("late")
+        except KeyboardInterrupt:
+            return "interrupted"
+
+    def waiter():
+        started.wait(10)
+        return type(get_solver("late")).__name__
+
+    with ThreadPoolExecutor(2) as pool:
+        a, w = pool.submit(first), pool.submit(waiter)
+        started.wait(10)
+        time.sleep(0.2)   # the waiter is waiting (or, if not yet, claims after the reset)
+        go.set()
+        assert a.result(30) == "interrupted" and w.result(30) == "PluginSolver"
+
+
+def test_a_plugin_that_exits_on_import_is_skipped_with_a_warning(monkeypatch, caplog):
+    class Exits:
+        name, value, group = "exits", "x:y", registry.PLUGIN_GROUP
+
+        def load(self):
+            raise SystemExit("this plugin needs CUDA")
+
+    good = metadata.EntryPoint("all-down", f"{__name__}:PluginSolver", registry.PLUGIN_GROUP)
+    _fresh_registry(monkeypatch, [Exits(), good])
+    with caplog.at_level(logging.WARNING, logger="qround.solvers.registry"):
+        assert type(get_solver("all-down")).__name__ == "PluginSolver"
+    assert "'exits'" in caplog.text and "this plugin needs CUDA" in caplog.text
+    assert "exits" not in registry.available_solvers()
+
+
+def test_an_interrupted_loading_retried_does_not_warn_about_what_it_loaded(monkeypatch, caplog):
+    class InterruptsAfterTheFirst:
+        name, value, group = "second", "x:z", registry.PLUGIN_GROUP
+        calls = 0
+
+        def load(self):
+            InterruptsAfterTheFirst.calls += 1
+            if InterruptsAfterTheFirst.calls == 1:
+                raise KeyboardInterrupt
+            return PluginSolver
+
+    selfreg = metadata.EntryPoint("self-registered", "tests.solvers._plugin_that_registers:"
+                                  "Factory", registry.PLUGIN_GROUP)
+    _fresh_registry(monkeypatch, [selfreg, InterruptsAfterTheFirst()])
+    with pytest.raises(KeyboardInterrupt):
+        get_solver("second")
+    with caplog.at_level(logging.WARNING, logger="qround.solvers.registry"):
+        assert type(get_solver("second")).__name__ == "PluginSolver"
+    assert "name is taken" not in caplog.text
