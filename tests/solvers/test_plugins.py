@@ -42,6 +42,15 @@ def _fake_entry_points(monkeypatch, eps):
     monkeypatch.setattr(metadata, "entry_points", entry_points)
 
 
+def _fresh_registry(monkeypatch, eps):
+    """The declared plugins are ``eps``; the registry starts as the built-ins' and comes back
+    after the test."""
+    _fake_entry_points(monkeypatch, eps)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
+    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
+
+
 @pytest.fixture
 def plugins(monkeypatch):
     """Three declared plugins: a good one, one whose module does not exist, one that takes a
@@ -51,10 +60,7 @@ def plugins(monkeypatch):
            metadata.EntryPoint("fast", f"{__name__}:PluginSolver", registry.PLUGIN_GROUP),
            metadata.EntryPoint("self-registered", "tests.solvers._plugin_that_registers:Factory",
                                registry.PLUGIN_GROUP)]
-    _fake_entry_points(monkeypatch, eps)
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
-    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
+    _fresh_registry(monkeypatch, eps)
 
 
 def test_plugins_are_found_by_name_and_broken_ones_skipped(plugins, caplog):
@@ -102,10 +108,7 @@ def test_a_plugin_loading_in_one_thread_is_waited_for_by_another(monkeypatch):
             time.sleep(0.5)
             return PluginSolver
 
-    _fake_entry_points(monkeypatch, [SlowEntryPoint()])
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
-    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
+    _fresh_registry(monkeypatch, [SlowEntryPoint()])
 
     def first():
         return type(get_solver("slow-down")).__name__
@@ -154,11 +157,8 @@ def test_a_plugin_module_that_looks_up_solvers_while_another_thread_imports_it(
         "for _ in range(3):\n    available_solvers()\n"
         "from tests.solvers.test_plugins import PluginSolver as Factory\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    _fake_entry_points(monkeypatch, [metadata.EntryPoint(
+    _fresh_registry(monkeypatch, [metadata.EntryPoint(
         "slow-import", "qround_test_slowplug:Factory", registry.PLUGIN_GROUP)])
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
-    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
     monkeypatch.setattr(registry, "PLUGIN_WAIT_S", 4.0)
     monkeypatch.delitem(__import__("sys").modules, "qround_test_slowplug", raising=False)
     results = {}
@@ -191,10 +191,7 @@ def test_plugin_loading_interrupted_by_ctrl_c_is_tried_again(monkeypatch):
                 raise KeyboardInterrupt
             return PluginSolver
 
-    _fake_entry_points(monkeypatch, [InterruptedOnce()])
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
-    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
+    _fresh_registry(monkeypatch, [InterruptedOnce()])
     with pytest.raises(KeyboardInterrupt):
         get_solver("all-down-later")
     assert type(get_solver("all-down-later")).__name__ == "PluginSolver"   # loaded this time
@@ -210,13 +207,6 @@ def test_a_solver_that_needs_arguments_is_named_by_the_shell(monkeypatch, capsys
     err = capsys.readouterr().err
     assert "--solver 'needs-arg' cannot be built from its name alone" in err
     assert "Traceback" not in err
-
-
-def _fresh_registry(monkeypatch, eps):
-    _fake_entry_points(monkeypatch, eps)
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
-    monkeypatch.setattr(registry, "_PLUGINS", {"loaded": False})
 
 
 def test_a_thread_waiting_on_an_interrupted_loading_loads_the_plugins_itself(monkeypatch):
