@@ -180,18 +180,23 @@ def test_a_plugin_module_that_looks_up_solvers_while_another_thread_imports_it(
     assert "still loading in another thread" in caplog.text
 
 
+class _InterruptedOnce:
+    """An entry point whose first load is interrupted by Ctrl-C; later loads give the plugin."""
+
+    group = registry.PLUGIN_GROUP
+
+    def __init__(self, name: str):
+        self.name, self.value, self.calls = name, f"x:{name}", 0
+
+    def load(self):
+        self.calls += 1
+        if self.calls == 1:
+            raise KeyboardInterrupt
+        return PluginSolver
+
+
 def test_plugin_loading_interrupted_by_ctrl_c_is_tried_again(monkeypatch):
-    class InterruptedOnce:
-        name, value, group = "all-down-later", "x:PluginSolver", registry.PLUGIN_GROUP
-        calls = 0
-
-        def load(self):
-            InterruptedOnce.calls += 1
-            if InterruptedOnce.calls == 1:
-                raise KeyboardInterrupt
-            return PluginSolver
-
-    _fresh_registry(monkeypatch, [InterruptedOnce()])
+    _fresh_registry(monkeypatch, [_InterruptedOnce("all-down-later")])
     with pytest.raises(KeyboardInterrupt):
         get_solver("all-down-later")
     assert type(get_solver("all-down-later")).__name__ == "PluginSolver"   # loaded this time
@@ -265,19 +270,9 @@ def test_a_plugin_that_exits_on_import_is_skipped_with_a_warning(monkeypatch, ca
 
 
 def test_an_interrupted_loading_retried_does_not_warn_about_what_it_loaded(monkeypatch, caplog):
-    class InterruptsAfterTheFirst:
-        name, value, group = "second", "x:z", registry.PLUGIN_GROUP
-        calls = 0
-
-        def load(self):
-            InterruptsAfterTheFirst.calls += 1
-            if InterruptsAfterTheFirst.calls == 1:
-                raise KeyboardInterrupt
-            return PluginSolver
-
     selfreg = metadata.EntryPoint("self-registered", "tests.solvers._plugin_that_registers:"
                                   "Factory", registry.PLUGIN_GROUP)
-    _fresh_registry(monkeypatch, [selfreg, InterruptsAfterTheFirst()])
+    _fresh_registry(monkeypatch, [selfreg, _InterruptedOnce("second")])
     with pytest.raises(KeyboardInterrupt):
         get_solver("second")
     with caplog.at_level(logging.WARNING, logger="qround.solvers.registry"):
