@@ -524,6 +524,57 @@ def descent_kernel(hess, step, grad, b, fields, hdiag, thresh, limit):
     return passes
 
 
+@njit(cache=True)
+def _sweep_descent(h, csr, g, b, f, thresh, limit):
+    """Zero-temperature sweeps of one read of a QUBO ``E(b) = b^T H b + g^T b`` (H symmetric,
+    zero diagonal, unit steps): visit the variables in input order and flip each whose delta
+    ``(1 - 2 b_i)(2 f_i + g_i)`` is below ``thresh`` (< 0), until a sweep flips nothing or
+    ``limit`` flips were made.  ``h`` (n, n), or None and ``csr`` (indptr, indices, data) the
+    same in CSR form (the same decisions: a zero coupling adds nothing to a field).  A sweep
+    costs O(n) plus the flips' updates, so a large sparse BQM far from a local minimum takes a
+    few sweeps, not a pass over n per flip.  Updates b, f in place; returns the flips."""
+    n = b.shape[0]
+    indptr, indices, data = csr
+    ones = np.ones(n)   # unit steps, as the flip updates take them
+    flips = 0
+    changed = True
+    while changed and flips < limit:
+        changed = False
+        for i in range(n):
+            if (1.0 - 2.0 * b[i]) * (2.0 * f[i] + g[i]) < thresh:
+                if h is None:
+                    _flip_sparse(i, b, f, ones, indptr, indices, data)
+                else:
+                    _flip(i, b, f, ones, h)
+                flips += 1
+                changed = True
+                if flips >= limit:
+                    break
+    return flips
+
+
+@parallel_kernel
+def sweep_descent_kernel(hess, grad, b, fields, thresh, limit, no_csr):
+    """:func:`_sweep_descent` of every read (row of b, fields and grad) on the dense ``hess``
+    (n, n); ``no_csr``: :data:`NO_CSR`.  Returns the flips per read."""
+    m = b.shape[0]
+    flips = np.zeros(m, dtype=np.int64)
+    for c in prange(m):
+        flips[c] = _sweep_descent(hess, no_csr, grad[c], b[c], fields[c], thresh, limit)
+    return flips
+
+
+@parallel_kernel
+def sweep_descent_sparse_kernel(indptr, indices, data, grad, b, fields, thresh, limit):
+    """:func:`sweep_descent_kernel` with H in CSR form."""
+    m = b.shape[0]
+    flips = np.zeros(m, dtype=np.int64)
+    for c in prange(m):
+        flips[c] = _sweep_descent(None, (indptr, indices, data), grad[c], b[c], fields[c],
+                                  thresh, limit)
+    return flips
+
+
 def kernel_inputs(problem, start: np.ndarray, rng: np.random.Generator) -> dict:
     """The arrays both kernels take, computed with :mod:`qround.problems.energy`.
 

@@ -19,7 +19,10 @@ energy is recomputed by dimod from the BQM, so it is exact whatever the kernels 
 
 Starts follow dimod's ``Initialized`` conventions (``initial_states``, with
 ``initial_states_generator`` "random", "tile" or "none"); a sample is the best state its read
-saw, never worse than its start.  Tabu search's tenure is ``min(20, n // 2)`` unless given
+saw, never worse than its start.  Annealing then takes that state down to a local minimum by
+zero-temperature sweeps (every single flip that lowers the energy, in input order, until none
+does; ``descent=False`` returns the best state seen as it is): the best state seen can lie
+where one flip still improves it, when the anneal left it uphill before visiting that flip.  Tabu search's tenure is ``min(20, n // 2)`` unless given
 (dwave-samplers' cap; the layer solver's is 10).  Tabu search holds the matrix dense (n
 variables take ``8 n^2`` bytes); annealing holds it in CSR form below :data:`SPARSE_BELOW`
 density, with a kernel that makes the dense one's decisions (up to round-off in the start's
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 import dimod
 import numpy as np
 
-from ..errors import QroundError, check_int, check_real
+from ..errors import QroundError, check_bool, check_int, check_real
 from ..problems import energy as _energy
 from ..problems.qubo_files import MAX_DENSE_BYTES
 from . import _kernels
@@ -53,8 +56,12 @@ _SOLVER_PARAMETERS = {
     "tabu": ("max_iter", "restarts", "tenure", "stall", "perturb", "iters_per_var", "descent",
              "reset_every", "time_limit", "timeout"),
     "anneal": ("num_sweeps", "restarts", "order", "beta_range", "beta_schedule_type",
-               "num_sweeps_per_beta", "beta_schedule"),
+               "num_sweeps_per_beta", "beta_schedule", "descent"),
 }
+# the sampler's own parameters, by method (not the solver's): annealing's final descent
+_SAMPLER_PARAMETERS = {"tabu": (), "anneal": ("descent",)}
+# a descent flip must gain more than this times the BQM's largest bias (round-off never cycles)
+DESCENT_TOL = 1e-12
 # dwave-samplers' arguments that QroundSampler spells otherwise or does not have
 DWAVE_NAMES = {   # by (method, name); None: any method
     ("tabu", "num_restarts"): "dwave's num_restarts is restarts here",
@@ -230,12 +237,15 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         Returns a ``dimod.SampleSet`` in the BQM's vartype, its energies from ``bqm``, and
         ``info["timing"]`` (seconds of the search and of the whole call); for annealing also
         ``info["beta_range"]`` (the inverse temperatures' range; None with a custom schedule),
-        ``info["beta_schedule_type"]`` and ``info["matrix"]`` (``"dense"`` or ``"sparse"``).
+        ``info["beta_schedule_type"]``, ``info["matrix"]`` (``"dense"`` or ``"sparse"``) and
+        ``info["descent_flips"]`` (the flips of the final descent per read; None with
+        ``descent=False``).
         Tabu search takes dwave-samplers' ``timeout`` (milliseconds per read: rounds run
         until it is up, unless ``restarts`` bounds them) or ``time_limit`` (seconds).
         Annealing takes dwave-samplers' schedule options: ``beta_range``,
         ``beta_schedule_type`` ("geometric", "linear" or "custom" with ``beta_schedule``) and
-        ``num_sweeps_per_beta``.
+        ``num_sweeps_per_beta``, and ``descent`` (default True: each read ends at a local
+        minimum, see the module's description).
         """
         t_call = time.perf_counter()
         if not isinstance(bqm, dimod.BinaryQuadraticModel):
@@ -251,6 +261,9 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
                               f"parameters: {sorted(self.parameters)}")
         if "timeout" in solver_parameters:   # dwave-samplers' TabuSampler: ms per read
             solver_parameters = _from_timeout(solver_parameters)
+        own = {k: solver_parameters.pop(k) for k in _SAMPLER_PARAMETERS[self.method]
+               if k in solver_parameters}
+        descent = check_bool(own.get("descent", True), "descent")
         solver = METHODS[self.method](**solver_parameters)
         check_int(num_reads, "num_reads", 1, allow_none=True, maximum=MAX_READS)
         rng = spawn_rng(seed)  # seed checked here; the starts get their own stream from it
@@ -293,13 +306,22 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
             solver = copy.copy(solver)
             solver.beta_range = _default_beta_range(linear, rows, cols, quad)
         t0 = time.perf_counter()
+        flips = None
+        thresh = -DESCENT_TOL * max(np.abs(linear).max(initial=0.0),
+                                    np.abs(quad).max(initial=0.0))
         if sparse:
-            choices = _anneal_sparse(solver, n, linear, rows, cols, 0.5 * quad, start, rng)
+            (indptr, indices, data), h = _sparse(n, rows, cols, 0.5 * quad)
+            choices = _anneal_sparse(solver, (indptr, indices, data), h, linear, start, rng)
+            if descent:
+                choices, flips = _descend(choices, linear, thresh, csr=(indptr, indices, data),
+                                          h=h)
         else:
             _check_dense_size(n)
             problem = DenseQubos.from_matrix(_dense(n, rows, cols, 0.5 * quad), linear, reads)
             with single_threaded_blas():
                 choices = solver._solve(problem, start, rng)[0]
+                if self.method == "anneal" and descent:
+                    choices, flips = _descend(choices, linear, thresh, dense=problem.hessian)
         search = time.perf_counter() - t0
         samples = choices.astype(np.int8)
         if bqm.vartype is dimod.SPIN:
@@ -312,6 +334,8 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
                                   else list(solver.beta_range))
             info["beta_schedule_type"] = solver.beta_schedule_type
             info["matrix"] = "sparse" if sparse else "dense"
+            # the flips the final descent made, per read (None: no descent)
+            info["descent_flips"] = None if flips is None else flips.tolist()
         return dimod.SampleSet.from_samples_bqm((samples, variables), bqm, info=info)
 
 
@@ -363,13 +387,14 @@ def _check_dense_size(n: int) -> None:
                           f"at most {MAX_DENSE_BYTES / 2 ** 30:.0f} GiB)")
 
 
-def _anneal_sparse(solver, n, linear, rows, cols, half, start, rng) -> np.ndarray:
-    """``Anneal`` (with its ``beta_range`` or custom schedule) on the QUBO in CSR form: the
-    draws and decisions of the dense path (same seeds, same order of visits) up to round-off
-    in the start's fields
-    (scipy's sparse product and BLAS sum in other orders; exact for integer or dyadic biases),
-    at a cost per accepted flip of the variable's couplings instead of n."""
-    (indptr, indices, data), h = _sparse(n, rows, cols, half)
+def _anneal_sparse(solver, csr, h, linear, start, rng) -> np.ndarray:
+    """``Anneal`` (with its ``beta_range`` or custom schedule) on the QUBO in CSR form (``csr``
+    the kernel's arrays, ``h`` the scipy matrix, both from :func:`_sparse`): the draws and
+    decisions of the dense path (same seeds, same order of visits) up to round-off in the
+    start's fields (scipy's sparse product and BLAS sum in other orders; exact for integer or
+    dyadic biases), at a cost per accepted flip of the variable's couplings instead of n."""
+    indptr, indices, data = csr
+    n = h.shape[0]
     reads = start.shape[0]
     # C-ordered and writable for any number of reads: one compiled version of the kernel
     b = np.ascontiguousarray(start, dtype=np.float64)
@@ -383,6 +408,28 @@ def _anneal_sparse(solver, n, linear, rows, cols, half, start, rng) -> np.ndarra
         indptr, indices, data, np.zeros(n), np.ones((reads, n)), grad, b, fields, energy,
         betas, solver.restarts, solver.order == "random", seeds)
     return best.astype(bool)
+
+
+def _descend(choices, linear, thresh: float, dense: np.ndarray | None = None,
+             csr=None, h=None):
+    """Zero-temperature sweeps of every read to a local minimum, on the ``dense`` matrix or on
+    the CSR arrays ``csr`` and scipy matrix ``h`` (:func:`_sparse`; the same decisions):
+    annealing's reads are the best state each saw, which one flip can still improve.  Returns
+    (choices (reads, n) bool, flips per read)."""
+    b = np.array(choices, dtype=np.float64, order="C")
+    reads, n = b.shape
+    grad = np.tile(linear, (reads, 1))
+    limit = 10 * n + 10   # flips per read: reached only if round-off made a flip cycle
+    if dense is not None:
+        fields = np.ascontiguousarray(b @ dense)   # H symmetric
+        flips = _kernels.sweep_descent_kernel(dense, grad, b, fields, float(thresh), limit,
+                                              _kernels.NO_CSR)
+    else:
+        fields = np.ascontiguousarray((h @ b.T).T)
+        indptr, indices, data = csr
+        flips = _kernels.sweep_descent_sparse_kernel(indptr, indices, data, grad, b, fields,
+                                                     float(thresh), limit)
+    return b.astype(bool), flips
 
 
 def _finite_biases(bqm) -> bool:

@@ -448,3 +448,68 @@ def test_a_warm_up_loads_kernels_without_spending_the_search_budget():
                                                                  "restarts": None}
     custom = {"beta_schedule": [0.1, 1.0], "num_sweeps": 2 ** 20}
     assert _small_budget(custom) == custom   # a custom schedule fixes the sweeps
+
+
+def _one_flip_improvable(bqm, sampleset) -> int:
+    """How many reads one flip improves (by more than round-off)."""
+    count = 0
+    for sample, energy in sampleset.data(["sample", "energy"]):
+        for v in bqm.variables:
+            flipped = dict(sample)
+            flipped[v] = 1 - sample[v] if bqm.vartype is dimod.BINARY else -sample[v]
+            if bqm.energy(flipped) < energy - 1e-9 * (1 + abs(energy)):
+                count += 1
+                break
+    return count
+
+
+@pytest.mark.parametrize("density", [0.05, 0.5])   # the CSR and the dense kernels
+def test_annealing_reads_end_at_a_local_minimum(density):
+    """The best state an anneal saw can lie one flip above a better state (it left uphill
+    before visiting that flip); the final descent takes every read down to a local minimum,
+    never up, from the same anneal (same seed)."""
+    improvable = 0
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        bqm = dimod.generators.gnp_random_bqm(
+            200, density, "SPIN", random_state=seed,
+            bias_generator=lambda k: rng.uniform(-1, 1, size=k))
+        kept = QroundSampler("anneal").sample(bqm, num_reads=10, seed=seed, descent=False)
+        down = QroundSampler("anneal").sample(bqm, num_reads=10, seed=seed)
+        assert down.info["matrix"] == ("sparse" if density < 0.25 else "dense")
+        assert kept.info["descent_flips"] is None
+        flips = np.array(down.info["descent_flips"])
+        assert _one_flip_improvable(bqm, down) == 0
+        improvable += _one_flip_improvable(bqm, kept)
+        # read by read: the descent starts from the kept state and only goes down
+        assert np.all(down.record.energy <= kept.record.energy + 1e-9)
+        assert np.array_equal(flips > 0, down.record.energy < kept.record.energy - 1e-12)
+    assert improvable > 0   # these anneals do leave states one flip improves
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 30), seed=st.integers(0, 10_000), density=st.sampled_from([0.1, 0.7]))
+def test_the_final_descent_never_goes_up_and_both_matrix_forms_agree(n, seed, density):
+    from qround.solvers import sampler
+
+    bqm = random_bqm(n, seed, density=density)
+    variables = list(bqm.variables)
+    linear, rows, cols, quad, _ = sampler.qubo_vectors(bqm, variables)
+    starts = np.random.default_rng(seed).integers(0, 2, size=(3, n)).astype(bool)
+    thresh = -sampler.DESCENT_TOL * max(np.abs(linear).max(initial=0.0),
+                                        np.abs(quad).max(initial=0.0))
+    dense = sampler._dense(n, rows, cols, 0.5 * quad)
+    csr, h = sampler._sparse(n, rows, cols, 0.5 * quad)
+    down, flips = sampler._descend(starts, linear, thresh, dense=dense)
+    down_csr, flips_csr = sampler._descend(starts, linear, thresh, csr=csr, h=h)
+
+    def energy(b):
+        b = b.astype(float)
+        return np.einsum("ri,ij,rj->r", b, dense, b) + b @ linear
+
+    assert np.array_equal(down, down_csr) and np.array_equal(flips, flips_csr)
+    assert np.all(energy(down) <= energy(starts) + 1e-9)
+    # a local minimum: no single flip lowers the energy
+    b = down.astype(float)
+    deltas = (1 - 2 * b) * (2 * b @ dense + linear)
+    assert np.all(deltas >= thresh - 1e-9)
