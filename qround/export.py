@@ -181,7 +181,7 @@ def verify_source(model: nn.Module, path: str | os.PathLike) -> None:
     dtype or shape, or a parameter missing or new, is refused.  Buffers that only appear or
     disappear (transformers has moved buffers such as BERT's ``position_ids`` in and out of
     the state dict between versions) are logged, not refused.  Files written before qround
-    recorded the fingerprint have none: nothing to check."""
+    recorded the fingerprint have none: nothing to check, and a warning says so."""
     meta = read_metadata(path)
     if meta.get("source_damaged"):
         raise QroundError(f"{path}: header field 'source' {meta['source_damaged']} (the file is "
@@ -189,6 +189,9 @@ def verify_source(model: nn.Module, path: str | os.PathLike) -> None:
                           "check_source=False (shell: --no-source-check)")
     source = meta.get("source")
     if source is None:
+        log.warning("%s holds no fingerprint of the float model it was made from (written by "
+                    "an older qround, or saved without one): the model it is loaded onto is not "
+                    "checked to be that model", path)
         return
     now = fingerprint(model)
 
@@ -274,6 +277,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 _LAYER_FIELDS = {"kind": str, "bits": int, "symmetric": bool, "weight_shape": list, "bias": bool}
+# a layer entry's ``act`` (its input's quantiser), as :func:`save` writes it
+_ACT_FIELDS = {"bits": (int,), "signed": (bool,), "borders": (str, type(None)),
+               "fusion_size": (int,), "mode": (str,)}
 
 
 def _check_layers(layers, path) -> None:
@@ -300,9 +306,22 @@ def _check_layers(layers, path) -> None:
         if len(shape) not in (2, 4) or not all(isinstance(d, int) and not isinstance(d, bool)
                                                and d > 0 for d in shape):
             raise bad(f"entry {name!r} has weight_shape {shape!r}")
-        gs = info.get("group_size")
+        if "group_size" not in info:
+            raise bad(f"entry {name!r} lacks 'group_size' (an int, or null for per-channel)")
+        gs = info["group_size"]
         if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or gs < 1):
             raise bad(f"entry {name!r} has group_size {gs!r}")
+        if "act" in info:
+            act = info["act"]
+            if not isinstance(act, dict):
+                raise bad(f"entry {name!r} has 'act' that is not a dict")
+            for key, kinds in _ACT_FIELDS.items():
+                value = act.get(key)
+                if key not in act or not isinstance(value, kinds) or (
+                        isinstance(value, bool) and bool not in kinds):
+                    raise bad(f"entry {name!r} 'act' lacks {key!r} of type "
+                              f"{' or '.join('null' if k is type(None) else k.__name__ for k in kinds)}"
+                              f" (got {value!r})")
 
 
 def load_codes(path: str | os.PathLike) -> dict[str, QuantizedWeight]:

@@ -351,6 +351,7 @@ class QuantConfig:
             raise QroundError(f"QuantConfig.from_dict takes a dict (as_dict's), got "
                               f"{type(d).__name__}")
         names = {f.name for f in fields(cls)}
+        d = _migrate_config(d)
         unknown = sorted(set(d) - names - {"solver_repr"})
         if unknown:
             raise QroundError(f"QuantConfig.from_dict: unknown settings {unknown}; known: "
@@ -392,6 +393,34 @@ class QuantConfig:
                                              else v.label) for k, v in options.items()}]
                               for pattern, options in self.overrides]
         return d
+
+
+# settings renamed since files were first written: (old key, new key, old value -> new value)
+_RENAMED_SETTINGS = (
+    # the first saved files (before the activation stage) had `asymmetric`: True took the
+    # statistics from the partly quantised copy paired with the float model (now
+    # inputs="asymmetric"), False from the float model alone (inputs="float")
+    ("asymmetric", "inputs", {True: "asymmetric", False: "float"}),
+)
+
+
+def _migrate_config(d: Mapping) -> Mapping:
+    """A saved config with the names of an older qround, in today's names (the meaning kept),
+    so that an older file's settings rebuild its run."""
+    for old, new, values in _RENAMED_SETTINGS:
+        if old not in d:
+            continue
+        if new in d:
+            raise QroundError(f"QuantConfig.from_dict: {old!r} (an older qround's name) and "
+                              f"{new!r} (today's) are both given; keep {new!r}")
+        value = d[old]
+        if not isinstance(value, bool) or value not in values:
+            raise QroundError(f"QuantConfig.from_dict: {old!r} (an older qround's setting, "
+                              f"now {new!r}) must be one of {sorted(values)}, got {value!r}")
+        log.info("QuantConfig.from_dict: an older qround's %s=%r read as %s=%r", old, value,
+                 new, values[value])
+        d = {**{k: v for k, v in d.items() if k != old}, new: values[value]}
+    return d
 
 
 # ---------------------------------------------------------------------------------- results

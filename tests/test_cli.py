@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -596,7 +597,7 @@ def test_outputs_under_a_file_are_refused_before_any_work(tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_evaluate_compares_with_the_float_model_the_file_came_from(tmp_path, capsys):
+def test_evaluate_compares_with_the_float_model_the_file_came_from(tmp_path, capsys, caplog):
     pytest.importorskip("sklearn", reason="needs the examples extra")
     out = tmp_path / "s3.safetensors"
     assert main(["quantize", "--model", "digits-cnn", "--wbits", "8", "--solver", "nearest",
@@ -621,9 +622,27 @@ def test_evaluate_compares_with_the_float_model_the_file_came_from(tmp_path, cap
                  "--json", "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert "was made from another float model" in err and "'conv1.weight'" in err
+    assert "training recipe v" in err   # the digits model of an older qround is another one
     assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--seed", "0",
                  "--json", "--threads", "1", "--no-source-check"]) == 0
     assert json.loads(capsys.readouterr().out)["model_seed"] == 0
+    # a file of an older qround, without the fingerprint: scored, with a warning that says why
+    # the score may not be that file's
+    import safetensors
+    import safetensors.torch
+
+    with safetensors.safe_open(str(out), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "source"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old = tmp_path / "old.safetensors"
+    safetensors.torch.save_file(tensors, str(old), metadata=meta)
+    with caplog.at_level(logging.WARNING, logger="qround"):
+        assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(old), "--json",
+                     "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantized_accuracy"] == \
+        res["quantized_accuracy"]
+    warned = [r.getMessage() for r in caplog.records if "no fingerprint" in r.getMessage()]
+    assert len(warned) == 1 and "training recipe v" in warned[0]
 
 
 def test_bench_says_its_own_solvers_take_no_options(layer_file, capsys):

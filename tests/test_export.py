@@ -1,6 +1,7 @@
 """Saved quantised models: safetensors round trip, metadata, atomic writes, architecture checks."""
 import dataclasses
 import json
+import logging
 import os
 
 import numpy as np
@@ -115,6 +116,25 @@ def test_saved_config_rebuilds_the_run(saved):
         QuantConfig.from_dict({"reconstruction": {"iters": 3}})
 
 
+def test_configs_of_the_first_saved_files_rebuild_their_run():
+    """The config a file of the first saved format holds (commit a8ea3aa, verbatim): its
+    `asymmetric` became `inputs`, with the meaning kept (True: the quantised copy's inputs
+    paired with the float model's, False: the float model's alone)."""
+    old = {"wbits": 4, "symmetric": True, "group_size": None, "scale_method": "mse",
+           "solver": "greedy", "layers": None, "exclude": None, "first_last_bits": None,
+           "asymmetric": True, "statistics": "covariance", "fisher_budget_mb": 1024.0,
+           "bias_correction": False, "device": "cpu", "seed": 0, "progress": False}
+    config = QuantConfig.from_dict(old)
+    assert config == QuantConfig(wbits=4, solver="greedy", inputs="asymmetric",
+                                 bias_correction=False, progress=False)
+    assert QuantConfig.from_dict(dict(old, asymmetric=False)).inputs == "float"
+    assert "asymmetric" in old   # the caller's dict is left as it was
+    with pytest.raises(QroundError, match="'asymmetric' .* and 'inputs' .* are both given"):
+        QuantConfig.from_dict(dict(old, inputs="float"))
+    with pytest.raises(QroundError, match="'asymmetric' .* must be one of"):
+        QuantConfig.from_dict(dict(old, asymmetric="yes"))
+
+
 def test_save_is_atomic(saved, tmp_path, monkeypatch):
     _, _, qm, path = saved
     target = tmp_path / "model.safetensors"
@@ -212,6 +232,17 @@ def _rewrite_header(path, out, **changes):
                                   "weight_shape": 8}})}, "lacks 'weight_shape'"),
     ({"layers": json.dumps({"0": {"kind": "Lstm", "bits": 2, "symmetric": True, "bias": True,
                                   "weight_shape": [8, 8]}})}, "has kind 'Lstm'"),
+    ({"layers": json.dumps({"0": {"kind": "Linear", "bits": 2, "symmetric": True, "bias": True,
+                                  "weight_shape": [8, 8]}})}, "lacks 'group_size'"),
+    ({"layers": json.dumps({"0": {"kind": "Linear", "bits": 2, "symmetric": True, "bias": True,
+                                  "weight_shape": [8, 8], "group_size": None,
+                                  "act": {"bits": 4, "signed": False, "borders": None,
+                                          "fusion_size": 1}}})}, "'act' lacks 'mode'"),
+    ({"layers": json.dumps({"0": {"kind": "Linear", "bits": 2, "symmetric": True, "bias": True,
+                                  "weight_shape": [8, 8], "group_size": None,
+                                  "act": {"bits": True, "signed": False, "borders": None,
+                                          "fusion_size": 1, "mode": "x"}}})},
+     "'act' lacks 'bits' of type int"),
     ({"units": "{not json"}, "'units' is not valid JSON"),
     ({"format_version": "2"}, "format version '2'"),
 ])
@@ -282,6 +313,19 @@ def test_the_file_records_the_float_model_and_load_checks_it(saved):
         assert not torch.equal(loaded(data[0]), qm.model(data[0]))  # another model indeed
     with pytest.raises(QroundError, match="check_source must be True or False"):
         load(model, path, check_source="no")
+
+
+def test_a_file_without_the_fingerprint_loads_with_a_warning(saved, tmp_path, caplog):
+    """Files of an older qround hold no ``source``: nothing to check, and the user is told."""
+    model, data, qm, _ = saved
+    path = tmp_path / "old.safetensors"
+    dataclasses.replace(qm, source=None).save(path)
+    assert "source" not in read_metadata(path) or read_metadata(path)["source"] is None
+    with caplog.at_level(logging.WARNING, logger="qround"):
+        loaded = load(build("cnn", seed=1)[0], path)   # another model: cannot be caught
+    assert any("holds no fingerprint of the float model" in r.getMessage()
+               for r in caplog.records)
+    assert loaded is not None
 
 
 def test_a_converted_or_changed_model_is_refused_with_what_changed(saved):

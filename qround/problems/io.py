@@ -219,6 +219,9 @@ def load_layer_stats(path: str | os.PathLike) -> LayerStats:
     if version > FORMAT_VERSION:
         raise QroundError(f"{path!r} has format_version {version}; this qround reads up to "
                           f"{FORMAT_VERSION}")
+    if version < 1:   # versions count from 1: a damaged or hand-made file
+        raise QroundError(f"{path!r} has format_version {version}; versions start at 1 (the "
+                          "file is damaged or was not written by qround)")
     group_size = scalar("group_size", int)
     known = {f.name for f in fields(LayerStats)}
     kwargs = {key: value for key, value in contents.items() if key in known}

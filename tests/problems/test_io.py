@@ -140,6 +140,10 @@ def test_bad_files_and_arguments(tmp_path):
              group_size=-1, name="", format_version=99)
     with pytest.raises(QroundError, match="format_version 99"):
         load_layer_stats(tmp_path / "future.npz")
+    np.savez(tmp_path / "zero.npz", weight=w, hessian=h, bits=4, symmetric=True,
+             group_size=-1, name="", format_version=0)
+    with pytest.raises(QroundError, match="format_version 0; versions start at 1"):
+        load_layer_stats(tmp_path / "zero.npz")
     np.savez(tmp_path / "obj.npz", weight=np.array([object()]), hessian=h)
     with pytest.raises(QroundError, match="obj.npz"):
         load_layer_stats(tmp_path / "obj.npz")
