@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._warn import gathering
 from .border_conv import sparse_border_conv
 from .calibrate import (ForwardFn, LayerFilter, _active_mask, _conv_padding, default_forward,
                         eval_mode, kept_buffers, layer_hooks, select_layers)
@@ -707,6 +708,7 @@ def _per_layer(value, names, what: str, default) -> dict[str, Any]:
     return {n: value for n in names}
 
 
+@gathering
 def insert_act_quantizers(model: nn.Module, layers: LayerFilter = None,
                           abits: PerLayer = 4, borders: PerLayer = "none", fusion: bool = True,
                           init: str = "mse", calib_batches: Iterable | None = None, *,
@@ -773,7 +775,7 @@ def insert_act_quantizers(model: nn.Module, layers: LayerFilter = None,
             if not args or not isinstance(args[0], torch.Tensor):
                 raise QroundError(f"layer {name!r} was called without a tensor input")
             x = args[0]
-            mask = _active_mask(module, x)   # padded tokens stay out of the steps' start
+            mask = _active_mask(module, x, name)   # padded tokens stay out of the steps' start
             if mask is not None:
                 x = x.reshape(-1, x.shape[-1])[mask]
             observers[name].add(name, x)

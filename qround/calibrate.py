@@ -20,7 +20,6 @@ put in eval mode while capturing and every module's train/eval flag is restored 
 """
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._warn import gathering, warn_gathered
 from .errors import QroundError
 from .problems.layers import is_hf_conv1d
 
@@ -79,8 +79,22 @@ def _out_channels(module: nn.Module) -> int:
     return dims[1] if dims is not None else int(module.weight.shape[0])
 
 
-def _active_mask(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The flattened token mask that applies to this Linear input, or None."""
+def _sequence_first(names: list[str]) -> str:
+    return (f"the inputs of {_some(names, 'Linear layer')} look sequence-first (tokens, batch, "
+            "features) against the (batch, tokens) token mask: their padding is counted "
+            "(token_mask takes batch-first activations)")
+
+
+def _some(names: list[str], what: str, shown: int = 4) -> str:
+    """``"layer 'a'"``, ``"layers ['a', 'b']"`` or ``"layers ['a', ...] and 5 more"``."""
+    if len(names) == 1:
+        return f"{what} {names[0]!r}"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{what}s {names[:shown]}{more}"
+
+
+def _active_mask(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | None:
+    """The flattened token mask that applies to this Linear input (layer ``name``), or None."""
     mask = _TOKEN_MASK.get()
     if mask is None or _linear_dims(module) is None:
         return None
@@ -88,9 +102,7 @@ def _active_mask(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if tuple(x.shape[:-1]) != tuple(mask.shape) and not (
             x.dim() == 2 and x.shape[0] == mask.numel()):
         if mask.dim() == 2 and tuple(x.shape[:-1]) == tuple(mask.shape)[::-1]:
-            warnings.warn(f"a Linear input of shape {tuple(x.shape)} looks sequence-first "
-                          f"against the (batch, tokens) mask {tuple(mask.shape)}: its padding "
-                          "is counted (token_mask takes batch-first activations)", stacklevel=2)
+            warn_gathered("sequence-first", name, _sequence_first)
         return None
     return mask.reshape(-1).to(x.device)
 
@@ -305,7 +317,7 @@ def _layer_input(name: str, module: nn.Module, args: tuple) -> torch.Tensor:
     x = args[0].detach()
     dims = _linear_dims(module)
     if dims is not None:
-        mask = _active_mask(module, x)
+        mask = _active_mask(module, x, name)
         x = x.reshape(-1, dims[0])
         if mask is not None:   # padding may hold anything (NaN after a fully masked softmax)
             x = x[mask]
@@ -413,6 +425,7 @@ def _run(batches: Iterable, step: Callable[[Any], None]) -> int:
 
 
 # ---------------------------------------------------------------------------------- H = E[x x^T]
+@gathering
 def capture_hessians(model: nn.Module, batches: Iterable, layers: LayerFilter = None,
                      forward: ForwardFn | None = None, device=None) -> dict[str, np.ndarray]:
     """``H = E[x x^T]`` of each chosen layer over the calibration batches.
@@ -566,6 +579,7 @@ def _fisher_error(exc: RuntimeError):
     raise exc
 
 
+@gathering
 def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, Any], torch.Tensor],
                    layers: LayerFilter, memory_budget_mb: float = 1024.0,
                    forward: ForwardFn | None = None, device=None) -> dict[str, np.ndarray]:
@@ -606,7 +620,7 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
         inputs[name] += x.shape[0]
         if x.shape[0] == 0:   # an empty call (an expert no token reached): nothing to add
             return None
-        mask = _active_mask(module, args[0])
+        mask = _active_mask(module, args[0], name)
         if not isinstance(out, torch.Tensor) or not out.requires_grad:
             raise QroundError(f"layer {name!r}: output does not require grad (is the forward "
                               "run under no_grad or inference_mode?)")
@@ -670,10 +684,13 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
     blocks = {name: moments[name].mean(name) if inputs[name] else None for name in modules}
-    flat = [name for name, b in blocks.items() if b is not None and not np.any(b)]
-    if flat:
-        warnings.warn(f"the Fisher blocks of {flat[:3]}{' ...' if len(flat) > 3 else ''} are all "
-                      "zero (the loss's gradient at their outputs is zero on every calibration "
-                      "input): their rounding stays at nearest, since every choice costs "
-                      "the same there", stacklevel=2)
+    for name, b in blocks.items():
+        if b is not None and not np.any(b):
+            warn_gathered("fisher-zero", name, _zero_fisher)
     return blocks
+
+
+def _zero_fisher(names: list[str]) -> str:
+    return (f"the Fisher blocks of {_some(names, 'layer')} are all zero (the loss's gradient at "
+            "their outputs is zero on every calibration input): their rounding stays at "
+            "nearest, since every choice costs the same there")

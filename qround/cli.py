@@ -1209,7 +1209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qround", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"qround {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log progress details")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log progress details (-v: each layer's result; -vv: debug details "
+                        "such as solver steps and cache sizes)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="log errors only (no warnings; results are still printed)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("solve", help="solve the rounding problems of layer statistics files")
@@ -1506,25 +1510,61 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         prefix = argparse.ArgumentParser(prog="qround", add_help=False)
         prefix.add_argument("-v", "--verbose", action="count", default=0)
+        prefix.add_argument("-q", "--quiet", action="store_true")
         try:
-            verbose = prefix.parse_args(argv[:first]).verbose
+            given = prefix.parse_args(argv[:first])
+            if given.quiet and given.verbose:
+                prefix.error("-q/--quiet and -v/--verbose contradict each other")
         except SystemExit as exc:  # an unknown option before `bench` (already printed)
             return exc.code if isinstance(exc.code, int) else 2
-        return _run(lambda: bench_main(argv[first + 1:]), bool(verbose))
+        return _run(lambda: bench_main(argv[first + 1:]), _verbosity(given))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.quiet and args.verbose:
+            parser.error("-q/--quiet and -v/--verbose contradict each other")
     except SystemExit as exc:  # a usage error (already printed) or --help: its exit status
         return exc.code if isinstance(exc.code, int) else 2
-    return _run(lambda: args.func(args), args.verbose, getattr(args, "threads", None))
+    return _run(lambda: args.func(args), _verbosity(args), getattr(args, "threads", None))
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+def _verbosity(args) -> int:
+    """-1 with --quiet (errors only), else the count of -v (0: warnings)."""
+    return -1 if args.quiet else args.verbose
 
 
-def _run(command, verbose: bool = False, threads: int | None = None) -> int:
+class _BarSafeHandler(logging.StreamHandler):
+    """stderr, through ``tqdm.write``: a log line printed while a progress bar is open comes
+    on a line of its own, not glued to the bar's."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 (logging's own policy: report, do not raise)
+            self.handleError(record)
+
+
+def _logging(verbosity: int) -> None:
+    """The shell's logging: WARNING (the default), ERROR (-q), INFO (-v) or DEBUG (-vv), to
+    stderr.  A Python caller's own root handlers are kept (``main`` from a program with its
+    logging set up): only the level changes then, as logging.basicConfig leaves it."""
+    level = (logging.ERROR if verbosity < 0 else logging.WARNING if verbosity == 0
+             else logging.INFO if verbosity == 1 else logging.DEBUG)
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = _BarSafeHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _run(command, verbose: int = 0, threads: int | None = None) -> int:
     """Run a command: a QroundError is one line on stderr and exit 2; Ctrl-C is exit 130.  A
     command's ``--threads`` sets torch's and numba's thread counts.  A caller's process
     (``main`` called from Python) gets its thread counts and its root logger (handlers,

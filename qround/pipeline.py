@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .activation_stage import WEIGHT_STARTS, check_units, quantize_activations
 from .activations import BORDERS, INITS
+from ._warn import gathering
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
                         capture_fisher, default_forward, eval_mode, fisher_bytes, kept_buffers,
                         layer_hooks)
@@ -1251,6 +1252,7 @@ def same_passes(calibration):
 
 
 # ---------------------------------------------------------------------------------- pipeline
+@gathering
 def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig = QuantConfig(),
                    *, forward: ForwardFn | None = None,
                    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
@@ -1377,10 +1379,11 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
     if config.statistics == "fisher" and isinstance(calibration, (list, tuple)):
         sizes = sorted({n for n in map(_samples, calibration) if n is not None})
         if len(sizes) > 1:
-            log.warning("statistics='fisher': the calibration batches hold %d to %d samples; a "
-                        "mean-reduced loss_fn weighs the samples of a smaller batch more "
-                        "(the Fisher blocks add squared gradients): use a sum-reduced loss, "
-                        "e.g. reduction='sum'", sizes[0], sizes[-1])
+            log.warning("statistics='fisher': the calibration batches hold %d to %d samples; if "
+                        "loss_fn is mean-reduced, the samples of a smaller batch weigh more (the "
+                        "Fisher blocks add squared gradients): use a sum-reduced loss, e.g. "
+                        "reduction='sum' (nothing to do if yours is; this is not checked)",
+                        sizes[0], sizes[-1])
     if loss_fn is not None and config.statistics != "fisher":
         log.warning("loss_fn is only used with statistics='fisher'; ignoring it")
     # transformers' Conv1D layers (GPT-2) are rounded as the nn.Linear they equal: every check

@@ -1,6 +1,8 @@
 """Statistics capture: H = E[x x^T] from hooks against explicitly built input vectors."""
 import copy
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -339,7 +341,7 @@ def test_fisher_budget_and_errors():
         capture_fisher(model, [], lambda o, b: o.sum(), None)
     with pytest.raises(QroundError, match=r"non-finite loss nan on an empty output"):
         capture_fisher(model, [torch.randn(0, 64)], lambda o, b: o.mean(), None)
-    with pytest.warns(UserWarning, match=r"Fisher blocks of \['0'\] are all zero"):
+    with pytest.warns(UserWarning, match=r"Fisher blocks of layer '0' are all zero"):
         flat = capture_fisher(model, x, lambda o, b: (0 * o).sum() + model[1].bias.sum(),
                               ["0"])["0"]
     assert flat.shape == (32, 64, 64) and not flat.any()
@@ -528,6 +530,45 @@ def test_sequence_first_inputs_are_not_masked_and_say_so():
     np.testing.assert_allclose(h, (every.T @ every / 8).numpy(), rtol=1e-12)
 
 
+def test_repeated_warnings_come_once_per_call_at_the_callers_line():
+    """A warning raised in a forward hook for every layer and batch (a sequence-first input)
+    or for every unit (all-zero Fisher blocks) comes once per quantize_model call, naming every
+    layer, and points at the caller's line, not at qround's or torch's."""
+    import warnings
+
+    from qround.calibrate import capture_hessians, token_mask
+    from qround.pipeline import QuantConfig, quantize_model
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 2, 6, generator=g) for _ in range(3)]   # (T, B, C)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)     # (B, T)
+
+    def forward(model, batch):
+        with token_mask(mask):
+            return model(batch)
+
+    model = SeqFirst()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_model(model, batches, QuantConfig(wbits=4, solver="greedy", progress=False),
+                       forward=forward)
+        line = sys._getframe().f_lineno - 2
+        capture_hessians(model, batches, forward=forward)
+    ours = [w for w in caught if "sequence-first" in str(w.message)]
+    assert len(ours) == 2, [str(w.message) for w in caught]
+    assert "Linear layers ['a', 'b', 'c']" in str(ours[0].message)
+    assert all(w.filename == __file__ for w in ours)
+    assert ours[0].lineno == line and ours[1].lineno == line + 3
+
+
 def test_default_forward_keeps_padding_out_of_tokenised_batches():
     """A dict batch with a 2-D attention_mask is masked by the default forward too (the Python
     API counted padding while the CLI's transformers forward did not)."""
@@ -639,3 +680,29 @@ def test_kept_buffers_refills_a_scripted_modules_buffers():
         m(torch.ones(1, 2))
         assert int(m[0].seen) == 1
     assert int(m[0].seen) == 0
+
+
+def test_all_zero_fisher_blocks_of_several_units_come_in_one_warning():
+    import warnings
+
+    from qround.pipeline import QuantConfig, quantize_model
+
+    class Dead(nn.Module):   # b, c and d never reach the output: their gradients are zero
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = (nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            h = self.a(x)
+            return h + 0 * self.d(self.c(self.b(h)))
+
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_model(Dead(), [torch.randn(4, 8, generator=g) for _ in range(3)],
+                       QuantConfig(wbits=4, solver="greedy", progress=False,
+                                   statistics="fisher"),
+                       loss_fn=lambda out, b: (out ** 2).sum())
+    zero = [w for w in caught if "all zero" in str(w.message)]
+    assert len(zero) == 1 and "layers ['b', 'c', 'd']" in str(zero[0].message)
+    assert zero[0].filename == __file__

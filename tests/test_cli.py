@@ -847,3 +847,46 @@ def test_settings_become_flags_outside_quoted_values_only():
         "--qdrop must lie in [0, 1]; --exclude \"it's=\""
     assert _as_flags("granularity='scheme' and scheme=(units...)") == \
         "--granularity 'scheme' and --scheme (units...)"
+
+
+# ------------------------------------- found by the twenty-fifth session's review of logging
+@pytest.mark.parametrize("flags, level", [([], logging.WARNING), (["-q"], logging.ERROR),
+                                          (["-v"], logging.INFO), (["-vv"], logging.DEBUG)])
+def test_verbosity_flags_set_the_shells_log_level(flags, level, monkeypatch):
+    """-vv reaches the debug records and -q drops the warnings; the handler the shell adds
+    writes past an open progress bar on a line of its own."""
+    import io
+
+    from tqdm import tqdm
+
+    from qround import cli
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])   # a shell process: no handlers yet
+    monkeypatch.setattr(root, "level", root.level)
+    seen = {}
+
+    def command():
+        seen["level"] = root.level
+        seen["handlers"] = list(root.handlers)
+        return 0
+
+    assert cli._run(command, cli._verbosity(cli.build_parser().parse_args(
+        [*flags, "solvers"]))) == 0
+    assert seen["level"] == level and root.handlers == []   # restored afterwards
+    handler = seen["handlers"][0]
+    stream = io.StringIO()
+    handler.setStream(stream)
+    bar = tqdm(total=3, file=stream, desc="quantize", ascii=True, mininterval=0)
+    bar.update(1)
+    handler.emit(logging.LogRecord("qround.pipeline", logging.WARNING, __file__, 1,
+                                   "layer b: left in float", None, None))
+    bar.close()
+    lines = stream.getvalue().replace("\r", "\n").split("\n")
+    assert "WARNING qround.pipeline: layer b: left in float" in lines   # not glued to the bar
+
+
+def test_quiet_and_verbose_together_are_refused(capsys):
+    assert main(["-q", "-v", "solvers"]) == 2
+    assert "-q/--quiet and -v/--verbose contradict" in capsys.readouterr().err
+    assert main(["-q", "-v", "bench", "--help"]) == 2

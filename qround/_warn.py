@@ -1,0 +1,83 @@
+"""Warnings that point at the user's code, and one warning per call for what repeats.
+
+qround warns from inside forward hooks and capture loops, several frames (and torch's module
+call) away from the user's line, so a fixed ``stacklevel`` would name a qround file: the
+warning's location, and with it ``-W error::UserWarning:mymodule`` style filters and Python's
+once-per-location deduplication, would be qround's.  :func:`warn_user` attributes the warning
+to the innermost frame outside qround, torch and contextlib.
+
+Inside a call wrapped with :func:`gathering` (``quantize_model``, the capture functions),
+:func:`warn_gathered` collects what it is told per kind (a layer that looks sequence-first on
+every batch, a unit's Fisher blocks that are all zero) and the outermost such call warns once
+per kind at its end, naming every item, instead of once per layer, batch or unit.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import warnings
+from contextvars import ContextVar
+from typing import Callable, Iterator
+
+_QROUND_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_GATHERED: ContextVar = ContextVar("qround_gathered_warnings", default=None)
+
+
+def _internal_prefixes() -> tuple[str, ...]:
+    prefixes = [_QROUND_DIR, os.path.abspath(contextlib.__file__)]
+    torch = sys.modules.get("torch")   # not imported here: only its frames are skipped
+    if torch is not None and getattr(torch, "__file__", None):
+        prefixes.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    return tuple(prefixes)
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the innermost frame outside qround, torch and
+    contextlib: the user's line (their call into qround, or their own forward function)."""
+    prefixes = _internal_prefixes()
+    level, frame = 2, sys._getframe(1)   # level 2: warn_user's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(prefixes):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def warn_gathered(kind: str, item: str, message: Callable[[list[str]], str],
+                  category: type[Warning] = UserWarning) -> None:
+    """Warn ``message([item])`` now, or, inside :func:`gathering`, add ``item`` to the
+    ``kind`` of warning that the outermost gathering call gives once, as
+    ``message(all items in order)``."""
+    gathered = _GATHERED.get()
+    if gathered is None:
+        warn_user(message([item]), category)
+        return
+    entry = gathered.setdefault(kind, (message, category, {}))
+    entry[2].setdefault(item, None)
+
+
+@contextlib.contextmanager
+def gathered() -> Iterator[None]:
+    """Collect :func:`warn_gathered` calls inside; on a normal exit of the outermost one, one
+    warning per kind.  (An exception leaves without them: the error is what matters then.)"""
+    if _GATHERED.get() is not None:   # an outer call gathers and warns
+        yield
+        return
+    token = _GATHERED.set({})
+    try:
+        yield
+        pending = _GATHERED.get()
+    finally:
+        _GATHERED.reset(token)
+    for message, category, items in pending.values():
+        warn_user(message(list(items)), category)
+
+
+def gathering(fn):
+    """Decorator: ``fn`` runs inside :func:`gathered`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with gathered():
+            return fn(*args, **kwargs)
+    return wrapper
