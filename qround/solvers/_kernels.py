@@ -525,54 +525,58 @@ def descent_kernel(hess, step, grad, b, fields, hdiag, thresh, limit):
 
 
 @njit(cache=True)
-def _sweep_descent(h, csr, g, b, f, thresh, limit):
+def _sweep_descent(h, csr, g, b, f, thresh, max_sweeps):
     """Zero-temperature sweeps of one read of a QUBO ``E(b) = b^T H b + g^T b`` (H symmetric,
     zero diagonal, unit steps): visit the variables in input order and flip each whose delta
-    ``(1 - 2 b_i)(2 f_i + g_i)`` is below ``thresh`` (< 0), until a sweep flips nothing or
-    ``limit`` flips were made.  ``h`` (n, n), or None and ``csr`` (indptr, indices, data) the
-    same in CSR form (the same decisions: a zero coupling adds nothing to a field).  A sweep
-    costs O(n) plus the flips' updates, so a large sparse BQM far from a local minimum takes a
-    few sweeps, not a pass over n per flip.  Updates b, f in place; returns the flips."""
+    ``(1 - 2 b_i)(2 f_i + g_i)`` is below ``thresh[i]`` (<= 0), until a sweep flips nothing or
+    ``max_sweeps`` sweeps were made.  ``h`` (n, n), or None and ``csr`` (indptr, indices, data)
+    the same in CSR form (the same decisions: a zero coupling adds nothing to a field).  A
+    sweep costs O(n) plus the flips' updates, so a large sparse BQM far from a local minimum
+    takes a few sweeps, not a pass over n per flip.  Updates b, f in place; returns (flips,
+    whether the last sweep flipped nothing)."""
     n = b.shape[0]
     indptr, indices, data = csr
     ones = np.ones(n)   # unit steps, as the flip updates take them
     flips = 0
-    changed = True
-    while changed and flips < limit:
+    for _ in range(max_sweeps):
         changed = False
         for i in range(n):
-            if (1.0 - 2.0 * b[i]) * (2.0 * f[i] + g[i]) < thresh:
+            if (1.0 - 2.0 * b[i]) * (2.0 * f[i] + g[i]) < thresh[i]:
                 if h is None:
                     _flip_sparse(i, b, f, ones, indptr, indices, data)
                 else:
                     _flip(i, b, f, ones, h)
                 flips += 1
                 changed = True
-                if flips >= limit:
-                    break
-    return flips
+        if not changed:
+            return flips, True
+    return flips, False
 
 
 @parallel_kernel
-def sweep_descent_kernel(hess, grad, b, fields, thresh, limit, no_csr):
+def sweep_descent_kernel(hess, grad, b, fields, thresh, max_sweeps, no_csr):
     """:func:`_sweep_descent` of every read (row of b, fields and grad) on the dense ``hess``
-    (n, n); ``no_csr``: :data:`NO_CSR`.  Returns the flips per read."""
+    (n, n); ``no_csr``: :data:`NO_CSR`.  Returns the flips and whether each read ended at a
+    sweep without flips."""
     m = b.shape[0]
     flips = np.zeros(m, dtype=np.int64)
+    done = np.zeros(m, dtype=np.bool_)
     for c in prange(m):
-        flips[c] = _sweep_descent(hess, no_csr, grad[c], b[c], fields[c], thresh, limit)
-    return flips
+        flips[c], done[c] = _sweep_descent(hess, no_csr, grad[c], b[c], fields[c], thresh,
+                                           max_sweeps)
+    return flips, done
 
 
 @parallel_kernel
-def sweep_descent_sparse_kernel(indptr, indices, data, grad, b, fields, thresh, limit):
+def sweep_descent_sparse_kernel(indptr, indices, data, grad, b, fields, thresh, max_sweeps):
     """:func:`sweep_descent_kernel` with H in CSR form."""
     m = b.shape[0]
     flips = np.zeros(m, dtype=np.int64)
+    done = np.zeros(m, dtype=np.bool_)
     for c in prange(m):
-        flips[c] = _sweep_descent(None, (indptr, indices, data), grad[c], b[c], fields[c],
-                                  thresh, limit)
-    return flips
+        flips[c], done[c] = _sweep_descent(None, (indptr, indices, data), grad[c], b[c],
+                                           fields[c], thresh, max_sweeps)
+    return flips, done
 
 
 def kernel_inputs(problem, start: np.ndarray, rng: np.random.Generator) -> dict:

@@ -22,7 +22,9 @@ Starts follow dimod's ``Initialized`` conventions (``initial_states``, with
 saw, never worse than its start.  Annealing then takes that state down to a local minimum by
 zero-temperature sweeps (every single flip that lowers the energy, in input order, until none
 does; ``descent=False`` returns the best state seen as it is): the best state seen can lie
-where one flip still improves it, when the anneal left it uphill before visiting that flip.  Tabu search's tenure is ``min(20, n // 2)`` unless given
+where one flip still improves it, when the anneal left it uphill before visiting that flip.
+A flip counts as lowering the energy when it gains more than :data:`DESCENT_TOL` times the sum
+of the absolute biases on its variable (the round-off scale of its delta).  Tabu search's tenure is ``min(20, n // 2)`` unless given
 (dwave-samplers' cap; the layer solver's is 10).  Tabu search holds the matrix dense (n
 variables take ``8 n^2`` bytes); annealing holds it in CSR form below :data:`SPARSE_BELOW`
 density, with a kernel that makes the dense one's decisions (up to round-off in the start's
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 import dimod
 import numpy as np
 
+from .._warn import warn_user
 from ..errors import QroundError, check_bool, check_int, check_real
 from ..problems import energy as _energy
 from ..problems.qubo_files import MAX_DENSE_BYTES
@@ -60,8 +63,12 @@ _SOLVER_PARAMETERS = {
 }
 # the sampler's own parameters, by method (not the solver's): annealing's final descent
 _SAMPLER_PARAMETERS = {"tabu": (), "anneal": ("descent",)}
-# a descent flip must gain more than this times the BQM's largest bias (round-off never cycles)
+# a descent flip of variable i must gain more than this times the sum of |bias| on i (its
+# linear bias and its couplings): the round-off scale of that variable's own delta
 DESCENT_TOL = 1e-12
+# the final descent's sweeps per read, at most: 10 n + this (a descent takes a few sweeps; a
+# chain of flips that each enable the next, one per sweep, takes up to n)
+DESCENT_SWEEPS = 100
 # dwave-samplers' arguments that QroundSampler spells otherwise or does not have
 DWAVE_NAMES = {   # by (method, name); None: any method
     ("tabu", "num_restarts"): "dwave's num_restarts is restarts here",
@@ -232,14 +239,17 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
     def sample(self, bqm, initial_states=None, initial_states_generator: str = "random",
                num_reads: int | None = None, seed: int | None = None,
                **solver_parameters) -> dimod.SampleSet:
-        """Search ``bqm`` from ``num_reads`` starts; one sample (the best state seen) per read.
+        """Search ``bqm`` from ``num_reads`` starts; one sample per read: the best state the
+        read saw (annealing: taken on down to a local minimum, unless ``descent=False``).
 
         Returns a ``dimod.SampleSet`` in the BQM's vartype, its energies from ``bqm``, and
         ``info["timing"]`` (seconds of the search and of the whole call); for annealing also
         ``info["beta_range"]`` (the inverse temperatures' range; None with a custom schedule),
         ``info["beta_schedule_type"]``, ``info["matrix"]`` (``"dense"`` or ``"sparse"``) and
         ``info["descent_flips"]`` (the flips of the final descent per read; None with
-        ``descent=False``).
+        ``descent=False``).  A descent that has not reached a local minimum after
+        ``10 n + DESCENT_SWEEPS`` sweeps stops there with a warning (a long chain of flips
+        that each enable the next; not seen outside constructed BQMs).
         Tabu search takes dwave-samplers' ``timeout`` (milliseconds per read: rounds run
         until it is up, unless ``restarts`` bounds them) or ``time_limit`` (seconds).
         Annealing takes dwave-samplers' schedule options: ``beta_range``,
@@ -286,10 +296,12 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         starts = parsed.initial_states
         reads = parsed.num_reads
         if not variables:
+            info = {"timing": {"search_s": 0.0, "total_s": time.perf_counter() - t_call},
+                    "method": self.method}
+            if self.method == "anneal":   # nothing to descend: no flips in any read
+                info["descent_flips"] = [0] * reads if descent else None
             return dimod.SampleSet.from_samples_bqm(
-                (np.empty((reads, 0), dtype=np.int8), variables), bqm,
-                info={"timing": {"search_s": 0.0, "total_s": time.perf_counter() - t_call},
-                      "method": self.method})
+                (np.empty((reads, 0), dtype=np.int8), variables), bqm, info=info)
         _check_state_size(reads, n)   # reads from initial_states, when num_reads is None
         linear, rows, cols, quad, _ = qubo_vectors(bqm, variables)
         order = [starts.variables.index(v) for v in variables]
@@ -307,8 +319,7 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
             solver.beta_range = _default_beta_range(linear, rows, cols, quad)
         t0 = time.perf_counter()
         flips = None
-        thresh = -DESCENT_TOL * max(np.abs(linear).max(initial=0.0),
-                                    np.abs(quad).max(initial=0.0))
+        thresh = -descent_tolerance(n, linear, rows, cols, quad)
         if sparse:
             (indptr, indices, data), h = _sparse(n, rows, cols, 0.5 * quad)
             choices = _anneal_sparse(solver, (indptr, indices, data), h, linear, start, rng)
@@ -323,6 +334,11 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
                 if self.method == "anneal" and descent:
                     choices, flips = _descend(choices, linear, thresh, dense=problem.hessian)
         search = time.perf_counter() - t0
+        if flips is not None and not np.all(flips[1]):
+            warn_user(f"QroundSampler('anneal'): the final descent of {int(np.sum(~flips[1]))} "
+                      f"of {reads} reads stopped after {10 * n + DESCENT_SWEEPS} sweeps, before "
+                      "a local minimum (a long chain of improving flips); those samples are "
+                      "where it stopped")
         samples = choices.astype(np.int8)
         if bqm.vartype is dimod.SPIN:
             samples = 2 * samples - 1
@@ -335,7 +351,7 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
             info["beta_schedule_type"] = solver.beta_schedule_type
             info["matrix"] = "sparse" if sparse else "dense"
             # the flips the final descent made, per read (None: no descent)
-            info["descent_flips"] = None if flips is None else flips.tolist()
+            info["descent_flips"] = None if flips is None else flips[0].tolist()
         return dimod.SampleSet.from_samples_bqm((samples, variables), bqm, info=info)
 
 
@@ -410,26 +426,63 @@ def _anneal_sparse(solver, csr, h, linear, start, rng) -> np.ndarray:
     return best.astype(bool)
 
 
-def _descend(choices, linear, thresh: float, dense: np.ndarray | None = None,
+def descent_tolerance(n: int, linear, rows, cols, quad) -> np.ndarray:
+    """Per variable, the least gain a descent flip must make: :data:`DESCENT_TOL` times the
+    sum of the absolute biases on it (its linear bias and its couplings), which bounds the
+    magnitude of its delta and so the round-off in it.  Relative to each variable's own biases,
+    not the BQM's largest, so a part of the problem at a small scale is descended too."""
+    scale = np.abs(np.asarray(linear, dtype=np.float64))
+    weights = np.abs(np.asarray(quad, dtype=np.float64))
+    scale = scale + np.bincount(rows, weights, minlength=n) + np.bincount(cols, weights,
+                                                                          minlength=n)
+    return DESCENT_TOL * scale
+
+
+def _descend(choices, linear, thresh: np.ndarray, dense: np.ndarray | None = None,
              csr=None, h=None):
     """Zero-temperature sweeps of every read to a local minimum, on the ``dense`` matrix or on
     the CSR arrays ``csr`` and scipy matrix ``h`` (:func:`_sparse`; the same decisions):
-    annealing's reads are the best state each saw, which one flip can still improve.  Returns
-    (choices (reads, n) bool, flips per read)."""
+    annealing's reads are the best state each saw, which one flip can still improve.
+    ``thresh`` (n,): the delta a flip must be below (``-descent_tolerance``).  The sweeps
+    update the local fields incrementally; at their end the fields are computed anew and a
+    read that one flip still improves by them (round-off in the updates) sweeps again.
+    Returns (choices (reads, n) bool, (flips per read, whether each read reached a local
+    minimum within the sweep limit))."""
     b = np.array(choices, dtype=np.float64, order="C")
     reads, n = b.shape
-    grad = np.tile(linear, (reads, 1))
-    limit = 10 * n + 10   # flips per read: reached only if round-off made a flip cycle
-    if dense is not None:
-        fields = np.ascontiguousarray(b @ dense)   # H symmetric
-        flips = _kernels.sweep_descent_kernel(dense, grad, b, fields, float(thresh), limit,
-                                              _kernels.NO_CSR)
-    else:
-        fields = np.ascontiguousarray((h @ b.T).T)
-        indptr, indices, data = csr
-        flips = _kernels.sweep_descent_sparse_kernel(indptr, indices, data, grad, b, fields,
-                                                     float(thresh), limit)
-    return b.astype(bool), flips
+    linear = np.asarray(linear, dtype=np.float64)
+    thresh = np.ascontiguousarray(thresh, dtype=np.float64)
+    max_sweeps = 10 * n + DESCENT_SWEEPS
+
+    def fields_of(rows):
+        if dense is not None:
+            return np.ascontiguousarray(rows @ dense)   # H symmetric
+        return np.ascontiguousarray((h @ rows.T).T)
+
+    flips = np.zeros(reads, dtype=np.int64)
+    done = np.ones(reads, dtype=bool)
+    todo = np.arange(reads)
+    for _ in range(3):   # a read goes again only if round-off hid a flip: rare, and short
+        part = np.ascontiguousarray(b[todo])
+        grad = np.tile(linear, (todo.size, 1))
+        fields = fields_of(part)
+        if dense is not None:
+            more, finished = _kernels.sweep_descent_kernel(dense, grad, part, fields, thresh,
+                                                           max_sweeps, _kernels.NO_CSR)
+        else:
+            indptr, indices, data = csr
+            more, finished = _kernels.sweep_descent_sparse_kernel(
+                indptr, indices, data, grad, part, fields, thresh, max_sweeps)
+        b[todo] = part
+        flips[todo] += more
+        done[todo] = finished
+        deltas = (1.0 - 2.0 * part) * (2.0 * fields_of(part) + linear)
+        again = finished & np.any(deltas < thresh, axis=1)
+        done[todo[again]] = False
+        todo = todo[again]
+        if not todo.size:
+            break
+    return b.astype(bool), (flips, done)
 
 
 def _finite_biases(bqm) -> bool:

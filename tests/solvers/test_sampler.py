@@ -214,6 +214,7 @@ def test_object_biases_are_converted_and_overflow_is_refused():
 def test_empty_bqm_info_and_bad_descent():
     ss = QroundSampler("anneal").sample(dimod.BinaryQuadraticModel("SPIN"), num_reads=3)
     assert len(ss) == 3 and ss.info["method"] == "anneal"
+    assert ss.info["descent_flips"] == [0, 0, 0]
     with pytest.raises(QroundError, match="descent must be True or False"):
         QroundSampler().sample(random_bqm(4, 0), descent="no")
 
@@ -496,12 +497,12 @@ def test_the_final_descent_never_goes_up_and_both_matrix_forms_agree(n, seed, de
     variables = list(bqm.variables)
     linear, rows, cols, quad, _ = sampler.qubo_vectors(bqm, variables)
     starts = np.random.default_rng(seed).integers(0, 2, size=(3, n)).astype(bool)
-    thresh = -sampler.DESCENT_TOL * max(np.abs(linear).max(initial=0.0),
-                                        np.abs(quad).max(initial=0.0))
+    thresh = -sampler.descent_tolerance(n, linear, rows, cols, quad)
     dense = sampler._dense(n, rows, cols, 0.5 * quad)
     csr, h = sampler._sparse(n, rows, cols, 0.5 * quad)
-    down, flips = sampler._descend(starts, linear, thresh, dense=dense)
-    down_csr, flips_csr = sampler._descend(starts, linear, thresh, csr=csr, h=h)
+    down, (flips, done) = sampler._descend(starts, linear, thresh, dense=dense)
+    down_csr, (flips_csr, done_csr) = sampler._descend(starts, linear, thresh, csr=csr, h=h)
+    assert done.all() and done_csr.all()
 
     def energy(b):
         b = b.astype(float)
@@ -513,3 +514,65 @@ def test_the_final_descent_never_goes_up_and_both_matrix_forms_agree(n, seed, de
     b = down.astype(float)
     deltas = (1 - 2 * b) * (2 * b @ dense + linear)
     assert np.all(deltas >= thresh - 1e-9)
+
+
+# ------------------------------- found by the twenty-sixth session's review of the descent
+def _counter_bqm(k, m, pad=0):
+    """A chain y_1 .. y_k that the descent advances one link per sweep (y_k first in input
+    order), and m variables z that flip after every link: k + k m improving flips from all
+    zeros, with small integer biases (no round-off)."""
+    big = 4 * m + 4
+    bqm = dimod.BQM("BINARY")
+    for v in ([f"y{t:03d}" for t in range(k, 0, -1)] + [f"z{j:03d}" for j in range(m)]
+              + [f"p{i:03d}" for i in range(pad)]):
+        bqm.add_variable(v, 0.0)
+    bqm.add_linear("y001", -big)
+    for t in range(2, k + 1):
+        bqm.add_linear(f"y{t:03d}", big)
+        bqm.add_quadratic(f"y{t - 1:03d}", f"y{t:03d}", -2 * big)
+    for j in range(m):
+        bqm.add_linear(f"z{j:03d}", 1)
+        for t in range(1, k + 1):
+            bqm.add_quadratic(f"z{j:03d}", f"y{t:03d}", -2 * (-1) ** (t + 1))
+    return bqm
+
+
+@pytest.mark.parametrize("k, m, pad, matrix", [(30, 30, 0, "dense"), (40, 40, 36, "sparse")])
+def test_a_long_descent_goes_all_the_way_down(k, m, pad, matrix):
+    """More than 10 flips per variable, no round-off and no cycle: a cap on flips stopped it
+    above a local minimum (a flip then still gained up to 178)."""
+    bqm = _counter_bqm(k, m, pad)
+    zeros = {v: 0 for v in bqm.variables}
+    ss = QroundSampler("anneal").sample(bqm, initial_states=zeros, num_reads=1, seed=0,
+                                        beta_schedule=[1e6])
+    assert ss.info["matrix"] == matrix
+    assert ss.info["descent_flips"][0] > 10 * bqm.num_variables + 10
+    assert _one_flip_improvable(bqm, ss) == 0
+
+
+def test_a_descent_cut_short_by_the_sweep_limit_warns(monkeypatch):
+    from qround.solvers import sampler
+
+    bqm = _counter_bqm(30, 30)
+    monkeypatch.setattr(sampler, "DESCENT_SWEEPS", 5 - 10 * bqm.num_variables)  # 5 sweeps
+    zeros = {v: 0 for v in bqm.variables}
+    with pytest.warns(UserWarning, match=r"final descent of 1 of 1 reads stopped after 5 "
+                                         r"sweeps, before a local minimum"):
+        ss = QroundSampler("anneal").sample(bqm, initial_states=zeros, num_reads=1, seed=0,
+                                            beta_schedule=[1e6])
+    assert _one_flip_improvable(bqm, ss) == 1
+
+
+def test_the_descent_tolerance_is_each_variables_own_scale():
+    """Variables whose biases are 1e-12 of the BQM's largest still reach their minimum: a
+    tolerance from the largest bias left them where the anneal did."""
+    rng = np.random.default_rng(0)
+    bqm = dimod.generators.gnp_random_bqm(
+        40, 0.5, "BINARY", random_state=0,
+        bias_generator=lambda k: 1e12 * rng.integers(-5, 6, size=k).astype(float))
+    for i in range(10):
+        bqm.add_linear(f"s{i}", -0.5)   # independent: 1 lowers the energy by exactly 0.5
+    ss = QroundSampler("anneal").sample(bqm, num_reads=4, seed=0, num_sweeps=20,
+                                        beta_range=(1e-13, 1e-12))
+    for sample in ss.samples():
+        assert all(sample[f"s{i}"] == 1 for i in range(10))
