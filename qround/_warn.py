@@ -9,7 +9,7 @@ to the innermost frame outside qround, torch and contextlib.
 Inside a call wrapped with :func:`gathering` (``quantize_model``, the capture functions),
 :func:`warn_gathered` collects what it is told per kind (a layer that looks sequence-first on
 every batch, a unit's Fisher blocks that are all zero) and the outermost such call warns once
-per kind at its end, naming every item, instead of once per layer, batch or unit.
+per kind at its end, naming the items, instead of once per layer, batch or unit.
 """
 from __future__ import annotations
 
@@ -38,10 +38,19 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     contextlib: the user's line (their call into qround, or their own forward function)."""
     prefixes = _internal_prefixes()
     level, frame = 2, sys._getframe(1)   # level 2: warn_user's caller
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(prefixes):
+    while frame is not None and _internal(frame.f_code.co_filename, prefixes):
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def _internal(filename: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a frame's file is qround's, torch's or contextlib's.  A pseudo-filename
+    (``<string>``, ``<stdin>``, ``<ipython-input-...>``) is the user's code wherever the
+    working directory is (abspath would put it there)."""
+    if filename.startswith("<") and filename.endswith(">"):
+        return False
+    return os.path.abspath(filename).startswith(prefixes)
 
 
 def warn_gathered(kind: str, item: str, message: Callable[[list[str]], str],
@@ -59,17 +68,30 @@ def warn_gathered(kind: str, item: str, message: Callable[[list[str]], str],
 
 @contextlib.contextmanager
 def gathered() -> Iterator[None]:
-    """Collect :func:`warn_gathered` calls inside; on a normal exit of the outermost one, one
-    warning per kind.  (An exception leaves without them: the error is what matters then.)"""
+    """Collect :func:`warn_gathered` calls inside; at the exit of the outermost one, one
+    warning per kind.  An exception leaving it still gets them first (a layer that looked
+    sequence-first can be why its padding reached a NaN check), but a warning that the
+    filters turn into an error is dropped then, so that the exception is the one raised."""
     if _GATHERED.get() is not None:   # an outer call gathers and warns
         yield
         return
     token = _GATHERED.set({})
     try:
         yield
+    except Exception:
         pending = _GATHERED.get()
-    finally:
         _GATHERED.reset(token)
+        for message, category, items in pending.values():
+            try:
+                warn_user(message(list(items)), category)
+            except Exception:  # noqa: BLE001 (-W error: the original error goes on)
+                pass
+        raise
+    except BaseException:   # Ctrl-C, exit: nothing more
+        _GATHERED.reset(token)
+        raise
+    pending = _GATHERED.get()
+    _GATHERED.reset(token)
     for message, category, items in pending.values():
         warn_user(message(list(items)), category)
 

@@ -20,6 +20,7 @@ put in eval mode while capturing and every module's train/eval flag is restored 
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from torch import nn
 from ._warn import gathering, warn_gathered
 from .errors import QroundError
 from .problems.layers import is_hf_conv1d
+
+log = logging.getLogger(__name__)
 
 LayerFilter = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -85,11 +88,15 @@ def _sequence_first(names: list[str]) -> str:
             "(token_mask takes batch-first activations)")
 
 
-def _some(names: list[str], what: str, shown: int = 4) -> str:
-    """``"layer 'a'"``, ``"layers ['a', 'b']"`` or ``"layers ['a', ...] and 5 more"``."""
+def _some(names: list[str], what: str, shown: int = 8) -> str:
+    """``"layer 'a'"``, ``"layers ['a', 'b']"`` or ``"layers ['a', ...] and 5 more"`` (the
+    whole list then goes to the log at INFO: ``qround -v``)."""
     if len(names) == 1:
         return f"{what} {names[0]!r}"
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    more = ""
+    if len(names) > shown:
+        more = f" and {len(names) - shown} more (logged at INFO)"
+        log.info("all %d %ss of the warning below: %s", len(names), what, names)
     return f"{what}s {names[:shown]}{more}"
 
 
@@ -465,6 +472,7 @@ class AsymmetricStats:
     hessian: np.ndarray
 
 
+@gathering
 def capture_asymmetric(float_model: nn.Module, quant_model: nn.Module, batches: Iterable,
                        layers: LayerFilter, forward: ForwardFn | None = None,
                        device=None) -> dict[str, AsymmetricStats]:

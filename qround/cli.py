@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -1549,40 +1550,63 @@ class _BarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def _logging(verbosity: int) -> None:
-    """The shell's logging: WARNING (the default), ERROR (-q), INFO (-v) or DEBUG (-vv), to
-    stderr.  A Python caller's own root handlers are kept (``main`` from a program with its
-    logging set up): only the level changes then, as logging.basicConfig leaves it."""
+def _logging(verbosity: int):
+    """The shell's logging: qround's loggers at WARNING (the default), ERROR (-q), INFO (-v) or
+    DEBUG (-vv); other libraries' at WARNING (ERROR with -q), whatever -v says.  In a shell
+    process (no root handlers yet) the records go to stderr through :class:`_BarSafeHandler`,
+    and Python warnings go through logging too (one line each, past any progress bar, and
+    dropped by -q).  A Python caller's own root handlers, root level and warnings display are
+    kept (``main`` from a program with its logging set up): only qround's logger level
+    changes, so -v reaches their handlers.  Returns a function that undoes all of it."""
     level = (logging.ERROR if verbosity < 0 else logging.WARNING if verbosity == 0
              else logging.INFO if verbosity == 1 else logging.DEBUG)
-    root = logging.getLogger()
-    if root.handlers:
+    ours, root = logging.getLogger("qround"), logging.getLogger()
+    ours_level, root_level = ours.level, root.level
+    show = warnings.showwarning
+    ours.setLevel(level)
+    handler = None
+    if not root.handlers:
+        handler = _BarSafeHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(max(level, logging.WARNING))
+        warnings.showwarning = _warning_to_log
+
+    def undo():
+        ours.setLevel(ours_level)
+        if handler is not None:
+            root.removeHandler(handler)
+            root.setLevel(root_level)
+            warnings.showwarning = show
+    return undo
+
+
+def _warning_to_log(message, category, filename, lineno, file=None, line=None):
+    """``warnings.showwarning`` in a shell process: the warning as one log record of logger
+    ``py.warnings`` (logging.captureWarnings' name), without the source location (in the
+    shell, the console script's line)."""
+    if file is not None:   # warnings.warn_explicit(..., file=...): where the caller said
+        file.write(warnings.formatwarning(message, category, filename, lineno, line))
         return
-    handler = _BarSafeHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
 
 def _run(command, verbose: int = 0, threads: int | None = None) -> int:
     """Run a command: a QroundError is one line on stderr and exit 2; Ctrl-C is exit 130.  A
     command's ``--threads`` sets torch's and numba's thread counts.  A caller's process
-    (``main`` called from Python) gets its thread counts and its root logger (handlers,
-    level) back afterwards."""
+    (``main`` called from Python) gets its thread counts, its loggers (handlers, levels) and
+    its warnings display back afterwards."""
     import torch
 
     from ._parallel import cpu_threads
 
-    root = logging.getLogger()
-    handlers, level, threads_before = list(root.handlers), root.level, torch.get_num_threads()
-    _logging(verbose)
+    threads_before = torch.get_num_threads()
+    undo = _logging(verbose)
     try:
         with cpu_threads(threads):
             return _command(command)
     finally:
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-        root.setLevel(level)
+        undo()
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
 

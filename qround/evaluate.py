@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._warn import gathering
 from .calibrate import (ForwardFn, LayerFilter, _layer_input, default_forward, eval_mode,
                         layer_hooks, select_layers)
 from .errors import QroundError, as_float_array, check_bits
@@ -93,6 +94,7 @@ def minilm_metrics(float_model: nn.Module, quant_model: nn.Module, texts: Sequen
 
 
 # ----------------------------------------------------------------------------- activations
+@gathering
 def input_ranges(model: nn.Module, batches: Iterable, layers: LayerFilter = None,
                  forward: ForwardFn | None = None) -> dict[str, tuple[float, float]]:
     """Per-tensor ``(min, max)`` of the input of each chosen Conv2d/Linear over ``batches``

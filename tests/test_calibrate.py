@@ -1,6 +1,7 @@
 """Statistics capture: H = E[x x^T] from hooks against explicitly built input vectors."""
 import copy
 
+import logging
 import sys
 
 import numpy as np
@@ -706,3 +707,90 @@ def test_all_zero_fisher_blocks_of_several_units_come_in_one_warning():
     zero = [w for w in caught if "all zero" in str(w.message)]
     assert len(zero) == 1 and "layers ['b', 'c', 'd']" in str(zero[0].message)
     assert zero[0].filename == __file__
+
+
+# ------------------------------- found by the twenty-sixth session's review of the warnings
+def _sequence_first(layers: int = 2):
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(*[nn.Linear(6, 6) for _ in range(layers)])
+
+        def forward(self, x):
+            return self.layers(x)
+
+    from qround.calibrate import token_mask
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)     # (B, T)
+
+    def forward(model, batch):
+        with token_mask(mask):
+            return model(batch)
+
+    g = torch.Generator().manual_seed(0)
+    return SeqFirst(), [torch.randn(4, 2, 6, generator=g) for _ in range(3)], forward
+
+
+def test_an_error_still_brings_the_warning_that_explains_it():
+    """Padding that is NaN reaches the finite check because the layer is sequence-first (so
+    its padding is not masked): the error comes with the warning that says so, and a warning
+    the filters make an error does not replace the error."""
+    import warnings
+
+    from qround.calibrate import capture_hessians
+
+    model, batches, forward = _sequence_first()
+    batches[1][3, 1] = float("nan")   # a padded token of the second sequence
+    with pytest.warns(UserWarning, match="sequence-first"):
+        with pytest.raises(QroundError, match="non-finite"):
+            capture_hessians(model, batches, forward=forward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(QroundError, match="non-finite"):
+            capture_hessians(model, batches, forward=forward)
+    with pytest.warns(UserWarning, match="sequence-first"):   # the next call warns again
+        capture_hessians(model, batches[:1], forward=forward)
+
+
+def test_asymmetric_capture_and_input_ranges_warn_once_per_call():
+    import warnings
+
+    from qround.calibrate import capture_asymmetric
+    from qround.evaluate import input_ranges
+
+    model, batches, forward = _sequence_first()
+    for run in (lambda: capture_asymmetric(model, copy.deepcopy(model), batches, None,
+                                           forward=forward),
+                lambda: input_ranges(model, batches, forward=forward)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        ours = [w for w in caught if "sequence-first" in str(w.message)]
+        assert len(ours) == 1 and "['layers.0', 'layers.1']" in str(ours[0].message)
+        assert ours[0].filename == __file__
+
+
+def test_a_long_list_of_layers_is_cut_and_logged_in_full(caplog):
+    from qround.calibrate import capture_hessians
+
+    model, batches, forward = _sequence_first(layers=11)
+    with caplog.at_level(logging.INFO, logger="qround.calibrate"):
+        with pytest.warns(UserWarning, match=r"'layers\.7'\] and 3 more \(logged at INFO\)"):
+            capture_hessians(model, batches, forward=forward)
+    assert "'layers.10'" in caplog.text
+
+
+def test_code_run_from_a_string_is_the_users_wherever_the_working_directory_is(monkeypatch):
+    """``python -c`` from inside qround's own folder: '<string>' is not a qround file."""
+    import os
+    import warnings
+
+    import qround
+
+    monkeypatch.chdir(os.path.dirname(qround.__file__))
+    code = compile("from qround._warn import warn_user\nwarn_user('from a string')",
+                   "<string>", "exec")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(code, {})
+    assert [(w.filename, w.lineno) for w in caught] == [("<string>", 2)]

@@ -853,9 +853,12 @@ def test_settings_become_flags_outside_quoted_values_only():
 @pytest.mark.parametrize("flags, level", [([], logging.WARNING), (["-q"], logging.ERROR),
                                           (["-v"], logging.INFO), (["-vv"], logging.DEBUG)])
 def test_verbosity_flags_set_the_shells_log_level(flags, level, monkeypatch):
-    """-vv reaches the debug records and -q drops the warnings; the handler the shell adds
-    writes past an open progress bar on a line of its own."""
+    """-vv reaches qround's debug records (not every library's: numba's and matplotlib's
+    debug logging is hundreds of thousands of lines) and -q drops the warnings, Python's
+    warnings too; the handler the shell adds writes past an open progress bar on a line of its
+    own."""
     import io
+    import warnings
 
     from tqdm import tqdm
 
@@ -864,16 +867,30 @@ def test_verbosity_flags_set_the_shells_log_level(flags, level, monkeypatch):
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])   # a shell process: no handlers yet
     monkeypatch.setattr(root, "level", root.level)
+    show = warnings.showwarning
     seen = {}
+    stream = io.StringIO()
 
     def command():
-        seen["level"] = root.level
+        seen["qround"] = logging.getLogger("qround.pipeline").getEffectiveLevel()
+        seen["other"] = logging.getLogger("numba.core.ssa").getEffectiveLevel()
         seen["handlers"] = list(root.handlers)
+        root.handlers[0].setStream(stream)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("layer b: left in float", UserWarning)
         return 0
 
     assert cli._run(command, cli._verbosity(cli.build_parser().parse_args(
         [*flags, "solvers"]))) == 0
-    assert seen["level"] == level and root.handlers == []   # restored afterwards
+    assert seen["qround"] == level and seen["other"] == max(level, logging.WARNING)
+    assert root.handlers == [] and warnings.showwarning is show   # restored afterwards
+    assert logging.getLogger("qround").level == logging.NOTSET
+    logged = stream.getvalue()
+    if level == logging.ERROR:
+        assert logged == ""
+    else:   # one line, no source location
+        assert logged == "WARNING py.warnings: UserWarning: layer b: left in float\n"
     handler = seen["handlers"][0]
     stream = io.StringIO()
     handler.setStream(stream)
@@ -884,6 +901,36 @@ def test_verbosity_flags_set_the_shells_log_level(flags, level, monkeypatch):
     bar.close()
     lines = stream.getvalue().replace("\r", "\n").split("\n")
     assert "WARNING qround.pipeline: layer b: left in float" in lines   # not glued to the bar
+
+
+def test_verbose_reaches_a_python_callers_own_handlers(monkeypatch):
+    """main() from a program with its logging set up: its handlers and root level stay, and
+    -v still brings qround's INFO records to them."""
+    from qround import cli
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    root, kept = logging.getLogger(), Kept()
+    monkeypatch.setattr(root, "handlers", [kept])   # the program's own logging
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    seen = {}
+
+    def command():
+        seen["root"] = (list(root.handlers), root.level)
+        logging.getLogger("qround.pipeline").info("layer a: done")
+        logging.getLogger("numba.core.ssa").info("not ours")
+        return 0
+
+    assert cli._run(command, 1) == 0
+    assert seen["root"] == ([kept], logging.WARNING)
+    assert kept.messages == ["layer a: done"]
+    assert logging.getLogger("qround").level == logging.NOTSET
 
 
 def test_quiet_and_verbose_together_are_refused(capsys):
