@@ -1409,48 +1409,50 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
     # float model's values back after the weight stage, as the float model's do
     restore = contextlib.ExitStack()
     restore.enter_context(kept_buffers(qmodel))
-    # the plan's traced forward also gives every module's span for the capture caches
-    plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward, names,
-                                            config)
-    called = {x.name for x in plan}
-    again = _reselect(model, qmodel, config, conv_skipped, first_batch, forward, names, called)
-    if again is not None:
-        names, skipped = again
-        _check_names(model, names, config)
-        plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward,
-                                                names, config)
-        called = {x.name for x in plan}
-    for name in names:
-        if name not in called:
-            skipped[name] = ("never called by the forward (its weight may be used directly by "
-                             "its parent module): left in float")
-    if not plan:
-        raise QroundError("none of the chosen layers is called by the forward on the first "
-                          "calibration batch")
-    unbatched = next((x.name for x in plan if x.unbatched), None)
-    if config.reconstruction is not None and unbatched is not None:
-        raise QroundError(f"conv layer {unbatched!r} received an unbatched (C, H, W) input: "
-                          "block reconstruction draws its mini-batches along the first axis, "
-                          "which would be channels; give the conv batched (N, C, H, W) inputs "
-                          "(e.g. calibration batches with a leading batch axis, x.unsqueeze(0))")
-    if config.reconstruction is not None:
-        # ...and again on the layers the forward calls (fewer units: k may not fit any more),
-        # with one forward that checks a scheme's units are consecutive and connected, or
-        # that the blocks found by name are called, and one forward per batch that checks the
-        # units' cached data fit cache_mb (before the solves, not after them)
-        check_units(model, [x.name for x in plan], config, batch=first_batch, forward=forward,
-                    calibration=calibration)
-    for i, layer in enumerate(plan):
-        # the first layer (with every layer that reads its input: q, k and v) and the last one
-        ends = layer.group == plan[0].group or i == len(plan) - 1
-        layer.bits = config.layer_bits(layer.name, ends)
-    q_modules = dict(qmodel.named_modules())
-
-    layers: dict[str, QuantizedWeight] = {}
-    report: list[LayerReport] = []
-    done = 0
-    bar = tqdm(total=len(plan), desc="quantize", unit="layer", disable=not config.progress)
+    bar = caches = None   # a failure in the planning below closes ``restore`` too: left
+    # open, its generator would write the buffers back whenever the traceback is freed
     try:
+        # the plan's traced forward also gives every module's span for the capture caches
+        plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward, names,
+                                                config)
+        called = {x.name for x in plan}
+        again = _reselect(model, qmodel, config, conv_skipped, first_batch, forward, names, called)
+        if again is not None:
+            names, skipped = again
+            _check_names(model, names, config)
+            plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward,
+                                                    names, config)
+            called = {x.name for x in plan}
+        for name in names:
+            if name not in called:
+                skipped[name] = ("never called by the forward (its weight may be used directly by "
+                                 "its parent module): left in float")
+        if not plan:
+            raise QroundError("none of the chosen layers is called by the forward on the first "
+                              "calibration batch")
+        unbatched = next((x.name for x in plan if x.unbatched), None)
+        if config.reconstruction is not None and unbatched is not None:
+            raise QroundError(f"conv layer {unbatched!r} received an unbatched (C, H, W) input: "
+                              "block reconstruction draws its mini-batches along the first axis, "
+                              "which would be channels; give the conv batched (N, C, H, W) inputs "
+                              "(e.g. calibration batches with a leading batch axis, x.unsqueeze(0))")
+        if config.reconstruction is not None:
+            # ...and again on the layers the forward calls (fewer units: k may not fit any more),
+            # with one forward that checks a scheme's units are consecutive and connected, or
+            # that the blocks found by name are called, and one forward per batch that checks the
+            # units' cached data fit cache_mb (before the solves, not after them)
+            check_units(model, [x.name for x in plan], config, batch=first_batch, forward=forward,
+                        calibration=calibration)
+        for i, layer in enumerate(plan):
+            # the first layer (with every layer that reads its input: q, k and v) and the last one
+            ends = layer.group == plan[0].group or i == len(plan) - 1
+            layer.bits = config.layer_bits(layer.name, ends)
+        q_modules = dict(qmodel.named_modules())
+
+        layers: dict[str, QuantizedWeight] = {}
+        report: list[LayerReport] = []
+        done = 0
+        bar = tqdm(total=len(plan), desc="quantize", unit="layer", disable=not config.progress)
         for unit in _units(plan, q_modules, config):
             t0 = time.perf_counter()
             # before any write-back x_hat == x
@@ -1490,10 +1492,12 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
                 done += 1
                 bar.update(1)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         # the recorded outputs are of no use to the activation stage, which records its own:
         # kept, they would double the memory budget the user set
-        caches.clear()
+        if caches is not None:
+            caches.clear()
         restore.close()
     if not layers:
         raise QroundError("no chosen layer received a non-empty input during calibration: "

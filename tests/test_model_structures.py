@@ -508,3 +508,34 @@ def test_bias_correction_on_a_layer_whose_bias_is_a_plain_none_attribute(inplace
     ref = quantize_model(usual, batches, _config(wbits=3, bias_correction=True))
     assert torch.any(ref.model[2].bias != 0)
     torch.testing.assert_close(layer.bias, ref.model[2].bias, rtol=0, atol=0)
+
+
+def test_a_failed_inplace_run_leaves_the_buffers_as_they_were_for_good():
+    """A refusal after the copy's buffers were saved (here: reconstruction units that do not
+    fit cache_mb) left that save open: when the traceback was freed it wrote the buffers as
+    the check forwards had left them into the user's model, long after the error."""
+    import gc
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = Counting()
+    config = _config(wbits=3, abits=4,
+                     reconstruction=ReconstructConfig(iterations=3, cache_mb=0.001))
+
+    def run():
+        with pytest.raises(QroundError, match="would cache"):
+            quantize_model(model, [torch.randn(64, 8) for _ in range(3)], config, inplace=True)
+        assert model.calls.item() == 0
+
+    run()
+    gc.collect()
+    assert model.calls.item() == 0
