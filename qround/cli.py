@@ -169,7 +169,7 @@ def cmd_sample(args) -> int:
     from .problems.qubo_files import MANIFEST, _read_bqm_file
     from .solvers import QroundSampler, warm_up
     from .solvers.registry import normalize_spec, parse_part
-    from .solvers.sampler import MAX_READS
+    from .solvers.sampler import MAX_READS, check_search_parameters
 
     check_int(args.reads, "--reads", 1, maximum=MAX_READS)   # dwave's samplers have no bound
     method, options = parse_part(args.method)
@@ -181,6 +181,7 @@ def cmd_sample(args) -> int:
     if method in REFERENCE_SAMPLERS:   # dwave-samplers' own, to compare with in the shell
         sampler = _reference_sampler(method, options)
     elif method in ("tabu", "anneal"):
+        check_search_parameters(method, options, f"--method {args.method!r}")
         sampler = QroundSampler(method)
     else:
         raise QroundError(f"--method {args.method!r}: method must be tabu or anneal (qround's) "
@@ -189,9 +190,12 @@ def cmd_sample(args) -> int:
     check_paths({"--out": args.out}, {**{f"FILE {f}": f for f in args.files},
                                       **{f"manifest {m}": m for m in sorted(manifests)}})
     check_format("--out", args.out, "JSON", (".json",))
-    repeated = sorted({f for f in args.files if args.files.count(f) > 1})
-    if repeated:
-        raise QroundError(f"FILE {repeated[0]!r} is given more than once")
+    real = [os.path.realpath(f) for f in args.files]   # ./q/a.qubo is q/a.qubo
+    twice = next((r for r in real if real.count(r) > 1), None)
+    if twice is not None:
+        spellings = list(dict.fromkeys(f for f, r in zip(args.files, real) if r == twice))
+        raise QroundError(f"FILE {spellings[0]!r} is given more than once"
+                          + (f" (as {spellings[1:]})" if len(spellings) > 1 else ""))
     missing = [f for f in args.files if not os.path.exists(f)]
     if missing:
         raise QroundError(f"FILE {missing[0]!r} does not exist")

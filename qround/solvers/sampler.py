@@ -261,16 +261,16 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         if not isinstance(bqm, dimod.BinaryQuadraticModel):
             raise QroundError(f"QroundSampler samples a dimod.BinaryQuadraticModel, got "
                               f"{type(bqm).__name__}")
-        unknown = sorted(set(solver_parameters) - set(_SOLVER_PARAMETERS[self.method]))
-        if unknown:
-            hints = [DWAVE_NAMES.get((self.method, u)) or DWAVE_NAMES.get((None, u))
-                     for u in unknown]
-            hints = list(dict.fromkeys(h for h in hints if h))
-            raise QroundError(f"QroundSampler({self.method!r}) does not take {unknown}"
-                              f"{' (' + '; '.join(hints) + ')' if hints else ''}; its "
-                              f"parameters: {sorted(self.parameters)}")
+        check_search_parameters(self.method, solver_parameters, f"QroundSampler({self.method!r})",
+                                dimod_note=True)
         if "timeout" in solver_parameters:   # dwave-samplers' TabuSampler: ms per read
             solver_parameters = _from_timeout(solver_parameters)
+        if (self.method == "tabu" and "restarts" in solver_parameters
+                and solver_parameters["restarts"] is None
+                and solver_parameters.get("time_limit") is None):
+            raise QroundError("restarts=None (rounds until the time is up) needs a budget: "
+                              "timeout (milliseconds per read, as dwave-samplers) or "
+                              "time_limit (seconds)")
         own = {k: solver_parameters.pop(k) for k in _SAMPLER_PARAMETERS[self.method]
                if k in solver_parameters}
         descent = check_bool(own.get("descent", True), "descent")
@@ -355,6 +355,22 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         return dimod.SampleSet.from_samples_bqm((samples, variables), bqm, info=info)
 
 
+def check_search_parameters(method: str, names, who: str, dimod_note: bool = False) -> None:
+    """Refuse the names that are not ``method``'s search parameters, with dwave-samplers'
+    spelling where it differs (:data:`DWAVE_NAMES`).  ``dimod_note``: also say that dimod's
+    start and read parameters are taken (a ``sample`` call; the shell gives them as options)."""
+    unknown = sorted(set(names) - set(_SOLVER_PARAMETERS[method]))
+    if not unknown:
+        return
+    hints = [DWAVE_NAMES.get((method, u)) or DWAVE_NAMES.get((None, u)) for u in unknown]
+    hints = list(dict.fromkeys(h for h in hints if h))
+    note = (" (and dimod's initial_states, initial_states_generator, num_reads and seed)"
+            if dimod_note else "")
+    raise QroundError(f"{who} does not take {unknown}"
+                      f"{' (' + '; '.join(hints) + ')' if hints else ''}; its search "
+                      f"parameters: {sorted(_SOLVER_PARAMETERS[method])}{note}")
+
+
 def _from_timeout(parameters: dict) -> dict:
     """dwave-samplers' ``timeout`` (milliseconds per read; the search restarts until it is up)
     as Tabu's ``time_limit`` (seconds), with unbounded rounds unless ``restarts`` is given."""
@@ -362,7 +378,7 @@ def _from_timeout(parameters: dict) -> dict:
     timeout = parameters.pop("timeout")
     if timeout is None:   # dwave's "no time limit"
         return parameters
-    if "time_limit" in parameters:
+    if parameters.get("time_limit") is not None:   # None: no limit, as timeout=None
         raise QroundError("give timeout (milliseconds, as dwave-samplers) or time_limit "
                           "(seconds), not both")
     ms = check_real(timeout, "timeout (milliseconds per read)", 0, 1e3 * MAX_TIME_LIMIT,

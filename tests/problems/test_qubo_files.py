@@ -577,3 +577,17 @@ def test_the_manifest_says_whether_variables_are_the_layers_inputs(tmp_path):
     assert export_qubos(tmp_path / "full", problem)["restricted"] is False
     small = problem.restrict([4, 1, 2], problem.rtn_choices())
     assert export_qubos(tmp_path / "small", small)["restricted"] is True
+
+
+def test_cli_sample_lists_only_the_methods_search_options_and_sees_one_file_spelt_twice(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "tiny.qubo").write_text("p qubo 0 3 2 1\n0 0 -1\n2 2 -1\n0 2 3\n")
+    assert main(["sample", "q/tiny.qubo", "--method", "tabu(num_restarts=3)"]) == 2
+    err = capsys.readouterr().err
+    assert "dwave's num_restarts is restarts here" in err
+    assert "search parameters" in err and "num_reads" not in err and "seed" not in err
+    assert main(["sample", "q/tiny.qubo", "./q/tiny.qubo"]) == 2
+    assert "FILE 'q/tiny.qubo' is given more than once (as ['./q/tiny.qubo'])" in \
+        capsys.readouterr().err

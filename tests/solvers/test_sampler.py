@@ -576,3 +576,17 @@ def test_the_descent_tolerance_is_each_variables_own_scale():
                                         beta_range=(1e-13, 1e-12))
     for sample in ss.samples():
         assert all(sample[f"s{i}"] == 1 for i in range(10))
+
+
+# ------------------------------- found by the twenty-sixth session's review of the sampler
+def test_a_time_limit_of_none_is_no_second_budget_and_restarts_none_names_timeout():
+    bqm = random_bqm(12, 3)
+    with_none = QroundSampler("tabu").sample(bqm, num_reads=2, seed=1, timeout=5,
+                                             time_limit=None)
+    plain = QroundSampler("tabu").sample(bqm, num_reads=2, seed=1, timeout=5)
+    assert len(with_none) == len(plain) == 2
+    with pytest.raises(QroundError, match=r"restarts=None .* needs a budget: timeout "
+                                          r"\(milliseconds per read"):
+        QroundSampler("tabu").sample(bqm, restarts=None)
+    with pytest.raises(QroundError, match=r"its search parameters: \[.*\] \(and dimod's "):
+        QroundSampler("tabu").sample(bqm, num_restarts=3)
