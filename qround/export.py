@@ -319,9 +319,10 @@ def _check_layers(layers, path) -> None:
                 value = act.get(key)
                 if key not in act or not isinstance(value, kinds) or (
                         isinstance(value, bool) and bool not in kinds):
-                    raise bad(f"entry {name!r} 'act' lacks {key!r} of type "
-                              f"{' or '.join('null' if k is type(None) else k.__name__ for k in kinds)}"
-                              f" (got {value!r})")
+                    types = " or ".join("null" if k is type(None) else k.__name__
+                                        for k in kinds)
+                    raise bad(f"entry {name!r} 'act' lacks {key!r} of type {types} "
+                              f"(got {value!r})")
 
 
 def load_codes(path: str | os.PathLike) -> dict[str, QuantizedWeight]:

@@ -1433,9 +1433,10 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
         unbatched = next((x.name for x in plan if x.unbatched), None)
         if config.reconstruction is not None and unbatched is not None:
             raise QroundError(f"conv layer {unbatched!r} received an unbatched (C, H, W) input: "
-                              "block reconstruction draws its mini-batches along the first axis, "
-                              "which would be channels; give the conv batched (N, C, H, W) inputs "
-                              "(e.g. calibration batches with a leading batch axis, x.unsqueeze(0))")
+                              "block reconstruction draws its mini-batches along the first "
+                              "axis, which would be channels; give the conv batched (N, C, H, "
+                              "W) inputs (e.g. calibration batches with a leading batch axis, "
+                              "x.unsqueeze(0))")
         if config.reconstruction is not None:
             # ...and again on the layers the forward calls (fewer units: k may not fit any more),
             # with one forward that checks a scheme's units are consecutive and connected, or

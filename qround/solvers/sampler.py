@@ -24,8 +24,10 @@ zero-temperature sweeps (every single flip that lowers the energy, in input orde
 does; ``descent=False`` returns the best state seen as it is): the best state seen can lie
 where one flip still improves it, when the anneal left it uphill before visiting that flip.
 A flip counts as lowering the energy when it gains more than :data:`DESCENT_TOL` times the sum
-of the absolute biases on its variable (the round-off scale of its delta).  Tabu search's tenure is ``min(20, n // 2)`` unless given
-(dwave-samplers' cap; the layer solver's is 10).  Tabu search holds the matrix dense (n
+of the absolute biases on its variable (the round-off scale of its delta).
+
+Tabu search's tenure is ``min(20, n // 2)`` unless given (dwave-samplers' cap; the layer
+solver's is 10).  Tabu search holds the matrix dense (n
 variables take ``8 n^2`` bytes); annealing holds it in CSR form below :data:`SPARSE_BELOW`
 density, with a kernel that makes the dense one's decisions (up to round-off in the start's
 fields) at a cost per flip of the variable's couplings.
