@@ -75,25 +75,28 @@ def gathered() -> Iterator[None]:
     if _GATHERED.get() is not None:   # an outer call gathers and warns
         yield
         return
-    token = _GATHERED.set({})
+    pending: dict = {}
+    token = _GATHERED.set(pending)
     try:
         yield
     except Exception:
-        pending = _GATHERED.get()
         _GATHERED.reset(token)
-        for message, category, items in pending.values():
-            try:
-                warn_user(message(list(items)), category)
-            except Exception:  # noqa: BLE001 (-W error: the original error goes on)
-                pass
+        _emit(pending, during_error=True)
         raise
     except BaseException:   # Ctrl-C, exit: nothing more
         _GATHERED.reset(token)
         raise
-    pending = _GATHERED.get()
     _GATHERED.reset(token)
+    _emit(pending)
+
+
+def _emit(pending: dict, during_error: bool = False) -> None:
     for message, category, items in pending.values():
-        warn_user(message(list(items)), category)
+        try:
+            warn_user(message(list(items)), category)
+        except Exception:  # noqa: BLE001 (-W error while an error leaves: that error goes on)
+            if not during_error:
+                raise
 
 
 def gathering(fn):
