@@ -38,7 +38,7 @@ from .problems.io import LayerStats, load_layer_stats
 from .problems.rounding import RoundingProblem
 from .report import environment, format_table, require_pyplot, write_json_atomic
 from .solvers import DimodSolver, Exact, get_solver, place
-from .solvers.base import warm_up_problem
+from .solvers.base import warm_up, warm_up_problem
 
 log = logging.getLogger(__name__)
 
@@ -294,12 +294,11 @@ def _run(cfg, progress, tqdm):
         # warm-up, not timed: on its first call a solver compiles (or loads the cached) numba
         # kernels and torch / dimod load their libraries; without this the first row of each
         # solver carried that (a fresh cache once put 8 s on `fast`'s first layer)
-        tiny = warm_up_problem()
-        for solver in {**ours, **refs}.values():
-            _solve(solver, tiny, cfg.seed)
+        warm_up(*{**ours, **refs}.values())
         if cfg.gptq_reference:
             from .baselines import gptq_quantize
 
+            tiny = warm_up_problem()
             gptq_quantize(tiny.weight, tiny.hessian, tiny.grid)
     rows, exact_rows = [], []
     for name, bits, make_problem, w, ref_h in tqdm(work, desc="bench", disable=not progress):

@@ -861,9 +861,6 @@ def cmd_quantize(args) -> int:
         get_solver(args.solver)
     except QroundError as exc:
         raise QroundError(f"--solver {args.solver!r}: {exc}") from None
-    except TypeError as exc:   # a factory with a required argument (a plugin's)
-        raise QroundError(f"--solver {args.solver!r} cannot be built from its name alone: "
-                          f"{exc}") from None
     with _settings_as_flags():
         config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
                              group_size=args.group_size, scale_method=args.scale_method,

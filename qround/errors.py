@@ -14,6 +14,11 @@ class QroundError(ValueError):
     """Bad input or configuration: the message names the argument and what is wrong."""
 
 
+class SolverError(QroundError, RuntimeError):
+    """A solver broke its contract (the shape, values or form of what it returned): a defect
+    of that solver, named by its label.  A RuntimeError too, as it was before it had a class."""
+
+
 # torch's generators take seeds below 2**64 (numpy's take any): the largest seed qround accepts
 MAX_SEED = 2 ** 64 - 1
 

@@ -18,11 +18,11 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from ..errors import QroundError
+from ..errors import QroundError, SolverError
 from ..problems.rounding import RoundingProblem
 
 _blas_lock = threading.Lock()
@@ -215,15 +215,25 @@ class Solver(ABC):
         out = self._solve_from(problem, start.copy(), e_start, rng)
         seconds = time.perf_counter() - t0
         out = out if isinstance(out, tuple) else (out,)
+        # energies come only from a composite's _solve_from, which computes them exactly; a
+        # third item from a plain _solve would skip the recomputation and the start check
+        composite = type(self)._solve_from is not Solver._solve_from
+        if not 1 <= len(out) <= (3 if composite else 2):
+            raise SolverError(f"solver {self.label!r} returned a tuple of {len(out)} items; "
+                              "_solve returns choices or (choices, info dict)")
         choices, info, energy = out + ({}, None)[len(out) - 1:]
+        if not isinstance(info, Mapping):
+            raise SolverError(f"solver {self.label!r} returned info of type "
+                              f"{type(info).__name__}; _solve returns choices or (choices, "
+                              "info dict)")
         choices = np.asarray(choices)
         if choices.shape != problem.weight.shape:
-            raise RuntimeError(f"{self.label} returned shape {choices.shape}, "
-                               f"expected {problem.weight.shape}")
+            raise SolverError(f"solver {self.label!r} returned shape {choices.shape}, "
+                              f"expected {problem.weight.shape}")
         if choices.dtype != bool and not np.isin(choices, (0, 1)).all():
-            raise RuntimeError(f"{self.label} returned values other than 0 and 1 (a choice per "
-                               "weight: 1 rounds up); integer codes become choices with "
-                               "problem.choices_from_codes")
+            raise SolverError(f"solver {self.label!r} returned values other than 0 and 1 (a "
+                              "choice per weight: 1 rounds up); integer codes become choices "
+                              "with problem.choices_from_codes")
         masked = choices.astype(bool) & problem.free
         # energies a composite passes on hold for its choices exactly as returned
         e_new = (energy if energy is not None and choices.dtype == bool
@@ -366,8 +376,9 @@ def warm_up(*solvers, **sample_options) -> None:
                         solver.sample(bqm, num_reads=2, seed=0, **options)
                     except (ValueError, TypeError, OverflowError):  # a dwave sampler's
                         break       # refusal of an option: the real call reports it
-        except QroundError:  # e.g. a DimodSolver restricted to channels the tiny one lacks:
-            pass             # the real call reports its own errors
+        except Exception:  # noqa: BLE001 (e.g. a DimodSolver restricted to channels the tiny
+            pass           # problem lacks, a user's solver for wide layers only: the real call
+            #                reports its own errors, on the user's problem)
 
 
 # a sampler's budget options, and the most a warm-up spends of each (it loads kernels, it does

@@ -11,7 +11,7 @@ import inspect
 
 import numpy as np
 
-from ..errors import QroundError, check_int
+from ..errors import QroundError, SolverError, check_int
 from .base import Solver
 
 SAMPLER_NAMES = ("neal", "dwave-tabu", "dwave-steepest", "exact-dimod")
@@ -137,7 +137,28 @@ class DimodSolver(Solver):
             return self._label
         return self.sampler if isinstance(self.sampler, str) else type(self.sampler).__name__
 
+    def _best(self, sampleset, idx: np.ndarray) -> np.ndarray:
+        """The lowest-energy sample's values of variables ``idx`` as 0/1 choices: a SPIN
+        sample set (-1/+1) is read as spins, and one without the BQM's variables is refused."""
+        import dimod
+
+        if not isinstance(sampleset, dimod.SampleSet):
+            raise SolverError(f"sampler {self.label!r} returned {type(sampleset).__name__}, "
+                              "not a dimod.SampleSet")
+        if len(sampleset) == 0:
+            raise SolverError(f"sampler {self.label!r} returned no sample")
+        missing = sorted(set(int(i) for i in idx) - set(sampleset.variables))[:5]
+        if missing:
+            raise SolverError(f"sampler {self.label!r} returned samples without the BQM's "
+                              f"variables {missing} (its labels: the free inputs' indices)")
+        if sampleset.vartype is dimod.SPIN:
+            sampleset = sampleset.change_vartype(dimod.BINARY, inplace=False)
+        best = sampleset.first.sample
+        return np.array([best[int(i)] for i in idx], dtype=bool)
+
     def _solve(self, problem, start, rng):
+        import dimod
+
         sampler = _make_sampler(self.sampler) if isinstance(self.sampler, str) else self.sampler
         try:
             params = set(inspect.signature(sampler.sample).parameters)
@@ -152,11 +173,11 @@ class DimodSolver(Solver):
             raise QroundError(f"channels={self.channels!r} selects none of the problem's "
                               f"{problem.num_channels} channels")
         out = start.copy()
-        if self.sampler == "exact-dimod":
+        if isinstance(sampler, dimod.ExactSolver):   # by name (exact-dimod) or as an object
             free = max((int(problem.free[problem._channel(c)].sum()) for c in channels),
                        default=0)
             if free > EXACT_DIMOD_MAX_FREE:
-                raise QroundError(f"exact-dimod (dimod.ExactSolver) lists all 2^n states of a "
+                raise QroundError(f"{self.label} (dimod.ExactSolver) lists all 2^n states of a "
                                   f"channel: a channel here has {free} free variables, at most "
                                   f"{EXACT_DIMOD_MAX_FREE} fit; restrict the problem, or use "
                                   "qround's 'exact' on a subproblem")
@@ -180,9 +201,8 @@ class DimodSolver(Solver):
             except (ValueError, TypeError, OverflowError) as exc:  # the sampler's own checks
                 if isinstance(exc, QroundError):
                     raise
-                raise QroundError(f"sampler {self.label!r} refused {self.sample_kwargs}: "
-                                  f"{exc}") from None
-            best = sampleset.first.sample
-            out[c, idx] = np.array([best[int(i)] for i in idx], dtype=bool)
+                given = f" {self.sample_kwargs}" if self.sample_kwargs else " the BQM"
+                raise QroundError(f"sampler {self.label!r} refused{given}: {exc}") from None
+            out[c, idx] = self._best(sampleset, idx)
         return out, {"sampler": self.label,
                      "channels": problem.num_channels if self.channels is None else len(channels)}

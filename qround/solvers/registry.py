@@ -219,8 +219,9 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
     try:
         solver = factory(**kwargs)
     except TypeError as exc:  # the names were taken: a value of the wrong type
-        if not kwargs:
-            raise
+        if not kwargs:   # a factory with a required argument, or an abstract plugin class
+            raise QroundError(f"solver {name!r} cannot be built from its name alone: "
+                              f"{exc}") from None
         raise QroundError(f"solver {name!r}: a value of the wrong type in {kwargs}: "
                           f"{exc}") from None
     if not isinstance(solver, Solver):   # a plugin's factory that returns something else

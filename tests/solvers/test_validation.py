@@ -264,3 +264,110 @@ def test_dimod_solver_rebuilds_from_its_parameters():
     again = type(s)(**s.parameters)
     assert again.parameters == s.parameters and repr(again) == repr(s)
     assert repr(s) == "DimodSolver(sampler='neal', channels=None, num_reads=2, num_sweeps=50)"
+
+
+# ------------------------------ found by the twenty-sixth session's review of custom solvers
+def test_dimod_solver_reads_a_spin_sample_set_and_refuses_one_without_the_variables():
+    import dimod
+    from dwave.samplers import SteepestDescentSolver
+
+    class Spin(dimod.Sampler):   # returns its samples as spins (-1 read as "up" before)
+        parameters, properties = {"num_reads": [], "seed": [], "initial_states": []}, {}
+
+        def sample(self, bqm, seed=None, initial_states=None, **kwargs):
+            return SteepestDescentSolver().sample(
+                bqm, seed=seed, initial_states=initial_states, **kwargs).change_vartype(
+                "SPIN", inplace=False)
+
+    class Relabelled(dimod.Sampler):   # its own labels 0..k-1, not the free inputs'
+        parameters, properties = {}, {}
+
+        def sample(self, bqm, **kwargs):
+            n = bqm.num_variables
+            return dimod.SampleSet.from_samples(
+                (np.zeros((1, n), dtype=np.int8), list(range(100, 100 + n))), "BINARY", 0.0)
+
+    p = make_problem(4, 10, bits=3, seed=2)
+    spin = DimodSolver(Spin()).solve(p, seed=0)
+    binary = DimodSolver(SteepestDescentSolver()).solve(p, seed=0)
+    assert np.array_equal(spin.choices, binary.choices)
+    assert spin.ratio < 1 and "channels_kept_start" not in spin.info
+    with pytest.raises(QroundError, match=r"returned samples without the BQM's variables"):
+        DimodSolver(Relabelled()).solve(p)
+
+
+def test_exact_solver_as_an_object_gets_the_size_guard():
+    import dimod
+
+    p = make_problem(1, 24, bits=3, seed=0)   # one over the guard: 2^23 states, were it to go
+    assert int(p.free.sum()) == 23             # through (a few seconds, not 14.5 GiB at 29)
+    with pytest.raises(QroundError, match=r"ExactSolver \(dimod.ExactSolver\) lists all 2\^n "
+                                          r"states of a channel: a channel here has \d+ free"):
+        DimodSolver(dimod.ExactSolver()).solve(p)
+
+
+def test_a_solvers_broken_contract_is_a_solver_error_not_trusted():
+    from qround import SolverError
+    from qround.solvers import Solver
+
+    p = make_problem(3, 10, bits=3, seed=1)
+
+    class Claims(Solver):   # a third item: energies it made up
+        name = "claims"
+
+        def _solve(self, problem, start, rng):
+            return ~start & problem.free, {}, np.full(problem.num_channels, -1e9)
+
+    class BadInfo(Solver):
+        name = "bad-info"
+
+        def _solve(self, problem, start, rng):
+            return start, "info"
+
+    with pytest.raises(SolverError, match=r"solver 'claims' returned a tuple of 3 items"):
+        Claims().solve(p)
+    with pytest.raises(SolverError, match=r"info of type str"):
+        BadInfo().solve(p)
+    assert issubclass(SolverError, RuntimeError) and issubclass(SolverError, QroundError)
+
+
+def test_the_pipeline_names_a_broken_solver_without_linear_algebra_advice():
+    import torch
+    from torch import nn
+
+    from qround.pipeline import QuantConfig, quantize_model
+    from qround.solvers import Solver, register, registry
+
+    class Short(Solver):
+        name = "short"
+
+        def _solve(self, problem, start, rng):
+            return start[:, :-1]
+
+    class Wide(Solver):   # refuses the warm-up's 16 inputs, fine on the user's layer
+        name = "wide"
+
+        def _solve(self, problem, start, rng):
+            if problem.num_inputs < 20:
+                raise ValueError("only for wide layers")
+            return start
+
+    saved = dict(registry._REGISTRY), dict(registry._DESCRIPTIONS)
+    try:
+        register("short", Short)
+        register("wide", Wide)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(24, 8))
+        batches = [torch.randn(32, 24)]
+        with pytest.raises(QroundError) as info:
+            quantize_model(model, batches, QuantConfig(wbits=3, solver="short", progress=False))
+        assert "solver 'short' returned shape" in str(info.value)
+        assert "damping" not in str(info.value)
+
+        from qround.solvers import warm_up
+        warm_up(get_solver("wide"))   # the warm-up's refusal is not the user's error
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved[0])
+        registry._DESCRIPTIONS.clear()
+        registry._DESCRIPTIONS.update(saved[1])
