@@ -1579,6 +1579,9 @@ def _logging(verbosity: int):
             root.removeHandler(handler)
             root.setLevel(root_level)
             warnings.showwarning = show
+            # a command's logging.captureWarnings(True) kept ours as the display it restores
+            if getattr(logging, "_warnings_showwarning", None) is _warning_to_log:
+                logging._warnings_showwarning = show
     return undo
 
 

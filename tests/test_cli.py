@@ -937,3 +937,23 @@ def test_quiet_and_verbose_together_are_refused(capsys):
     assert main(["-q", "-v", "solvers"]) == 2
     assert "-q/--quiet and -v/--verbose contradict" in capsys.readouterr().err
     assert main(["-q", "-v", "bench", "--help"]) == 2
+
+
+def test_the_shells_warning_display_does_not_outlive_the_command(monkeypatch):
+    """A command that calls logging.captureWarnings(True) keeps the display it replaces for
+    captureWarnings(False) to restore: that must be the caller's, not the shell's."""
+    import warnings
+
+    from qround import cli
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    show = warnings.showwarning
+    try:
+        assert cli._run(lambda: logging.captureWarnings(True), 0) == 0
+        logging.captureWarnings(False)
+        assert warnings.showwarning is show
+    finally:
+        logging.captureWarnings(False)
+        warnings.showwarning = show
