@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import sys
 import threading
 import types
@@ -27,26 +26,17 @@ import types
 import numba
 from numba import njit
 
-_STATE = {"serial": False}   # set in a forked child unless numba's layer is fork-safe
-FORK_SAFE_LAYERS = ("tbb", "workqueue")
+from ._forkstate import FORK_SAFE_LAYERS, STATE as _STATE, in_forked_child  # noqa: F401
+
 _LAUNCH_LOCK = threading.Lock()  # one parallel launch at a time (ParallelKernel.__call__)
 
 
-def _after_fork_in_child() -> None:
+def _new_launch_lock() -> None:
     global _LAUNCH_LOCK
     _LAUNCH_LOCK = threading.Lock()   # a parent thread may have held it at the fork
-    try:
-        layer = numba.threading_layer()   # ValueError: numba launched nothing yet
-    except ValueError:
-        # the layer is chosen at the first launch; only an explicit workqueue is sure to be
-        # fork-safe here (the parent may have run OpenMP threads of its own, as torch does)
-        layer = str(numba.config.THREADING_LAYER).lower()
-    if layer not in FORK_SAFE_LAYERS:
-        _STATE["serial"] = True
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+in_forked_child(_new_launch_lock)
 
 
 def serial_after_fork() -> bool:

@@ -32,10 +32,10 @@ from . import __version__
 from .cliargs import (PLOT_SUFFIXES, check_format, check_paths, finite_at_least, group_size_arg,
                       int_at_least)
 from .errors import MAX_SEED, QroundError, check_bits, check_int, first_line
-from .report import (SolveRecord, format_table, json_text, totals, write_json_atomic,
-                     write_npz_atomic)
-from .solvers import available_solvers, get_solver, warm_up
-from .solvers.registry import DEFAULT_SOLVER, split_specs
+from ._defaults import DEFAULT_SOLVER
+
+# The report and solver modules (torch, numba, dimod) are imported by the commands that use
+# them, so that `qround --help` and `qround --version` answer at once.
 
 log = logging.getLogger("qround")
 
@@ -58,6 +58,8 @@ def _file_problem(stats, path: str, args):
 
 def cmd_solve(args) -> int:
     from .problems.io import load_layer_stats
+    from .report import SolveRecord, format_table, json_text, totals, write_npz_atomic
+    from .solvers import get_solver, warm_up
 
     if args.out and len(args.files) != 1:
         raise QroundError("--out writes the codes of one layer: give exactly one FILE.npz")
@@ -126,6 +128,7 @@ def channel_selection(text: str):
 def cmd_export_qubo(args) -> int:
     from .problems.io import load_layer_stats
     from .problems.qubo_files import export_qubos, plan_export
+    from .solvers import get_solver
 
     if args.bits is not None:
         check_bits(args.bits, "--bits")
@@ -164,9 +167,8 @@ def cmd_sample(args) -> int:
     sampler, on qbsolv ``.qubo`` files or dimod BQM files; where a ``manifest.json`` of
     ``qround export-qubo`` lists the file, its cost against RTN's too.  Seconds are the wall
     time of each ``sample`` call, whatever the sampler."""
-    import os
-
     from .problems.qubo_files import MANIFEST, _read_bqm_file
+    from .report import format_table, json_text, write_json_atomic
     from .solvers import QroundSampler, warm_up
     from .solvers.registry import normalize_spec, parse_part
     from .solvers.sampler import MAX_READS, check_search_parameters
@@ -807,6 +809,8 @@ def cmd_quantize(args) -> int:
     import torch
 
     from .pipeline import QuantConfig, quantize_model
+    from .report import write_json_atomic
+    from .solvers import get_solver
 
     from .reconstruct import ReconstructConfig
 
@@ -980,6 +984,7 @@ def cmd_sensitivity(args) -> int:
     import torch
 
     from .pipeline import QuantConfig
+    from .report import write_json_atomic
     from .sensitivity import layer_sensitivity
 
     check_paths({"--json": args.json}, {"--model": args.model, "--calibration": args.calibration})
@@ -1057,7 +1062,7 @@ def cmd_evaluate(args) -> int:
 
     from . import export, zoo
     from .evaluate import digits_accuracy, minilm_metrics
-
+    from .report import format_table, json_text
     from .zoo.hf import hf_metrics, is_hf_folder, load_hf
 
     folder = is_hf_folder(args.model)
@@ -1162,6 +1167,8 @@ def _load_onto_digits(export, model, args, check: bool):
 # ---------------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .report import write_json_atomic
+    from .solvers.registry import split_specs
 
     check_paths({"--json": args.json})
     check_format("--json", args.json, "JSON", (".json",))
@@ -1177,6 +1184,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_solvers(args) -> int:
+    from .report import format_table
+    from .solvers import available_solvers
     rows = [{"name": k, "description": v} for k, v in available_solvers().items()]
     print(format_table(rows))
     return 0

@@ -22,12 +22,12 @@ import threading
 import time
 from typing import Callable
 
+from .._defaults import DEFAULT_SOLVER  # noqa: F401 (qround.solvers.registry.DEFAULT_SOLVER)
 from ..errors import QroundError
 from .base import BestOf, Chain, Solver
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOLVER = "fast"   # what quantize_model and `qround quantize` use unless told otherwise
 PLUGIN_GROUP = "qround.solvers"  # entry points of installed packages: name = "module:factory"
 
 _REGISTRY: dict[str, Callable[..., Solver]] = {}

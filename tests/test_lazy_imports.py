@@ -1,0 +1,64 @@
+"""``import qround`` and the command line's --help/--version load no heavy library; the
+public names still resolve as if imported eagerly."""
+import subprocess
+import sys
+
+import pytest
+
+import qround
+
+HEAVY = ("torch", "numba", "dimod", "scipy")
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["quantize", "--help"],
+                                  ["sample", "--help"]])
+def test_cli_help_and_version_import_no_heavy_library(argv):
+    code = ("import contextlib, io\nfrom qround.cli import main\n"
+            f"with contextlib.redirect_stdout(io.StringIO()):\n    assert main({argv!r}) == 0")
+    loaded = _modules_after(code)
+    assert "qround.cli" in loaded
+    assert not [m for m in HEAVY if m in loaded], sorted(m for m in HEAVY if m in loaded)
+
+
+def test_import_qround_is_light_and_names_resolve_on_use():
+    loaded = _modules_after("import qround")
+    assert not [m for m in HEAVY if m in loaded]
+    loaded = _modules_after("import qround\nqround.get_solver('greedy')")
+    assert {"torch", "qround.solvers"} <= loaded
+
+
+def test_public_names_are_the_defining_modules_objects():
+    from qround.grid import Grid, GridSpec, fit_grid, qrange
+    from qround.problems import RoundingProblem
+    from qround.solvers import Solution, Solver, available_solvers, get_solver
+
+    expected = dict(Grid=Grid, GridSpec=GridSpec, fit_grid=fit_grid, qrange=qrange,
+                    RoundingProblem=RoundingProblem, Solution=Solution, Solver=Solver,
+                    available_solvers=available_solvers, get_solver=get_solver)
+    for name, obj in expected.items():
+        assert getattr(qround, name) is obj, name
+    assert set(qround.__all__) <= set(dir(qround))
+    namespace: dict = {}
+    exec("from qround import *", namespace)
+    assert set(qround.__all__) <= set(namespace)
+
+
+def test_submodules_load_on_attribute_access_and_unknown_names_fail():
+    assert qround.pipeline.quantize_model is not None     # not imported by `import qround`
+    with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
+        qround.no_such_thing
+    assert not hasattr(qround, "no_such_thing")
+
+
+def test_a_missing_dependency_inside_a_submodule_is_not_hidden(tmp_path, monkeypatch):
+    (tmp_path / "qround_missing_dep_probe.py").write_text("import qround_no_such_package\n")
+    monkeypatch.setattr(qround, "__path__", [*qround.__path__, str(tmp_path)])
+    # a module found under qround's path whose own import fails: ModuleNotFoundError stays
+    with pytest.raises(ModuleNotFoundError, match="qround_no_such_package"):
+        qround.__getattr__("qround_missing_dep_probe")
