@@ -864,7 +864,9 @@ def cmd_quantize(args) -> int:
     try:   # a spec's own refusals name its options, not flags: say which flag holds them
         get_solver(args.solver)
     except QroundError as exc:
-        raise QroundError(f"--solver {args.solver!r}: {exc}") from None
+        # where the refusal names the whole spec, the flag says it once
+        said = str(exc).replace(f"solver {args.solver!r}", "solver", 1)
+        raise QroundError(f"--solver {args.solver!r}: {said}") from None
     with _settings_as_flags():
         config = QuantConfig(wbits=args.wbits, symmetric=not args.asymmetric_grid,
                              group_size=args.group_size, scale_method=args.scale_method,

@@ -355,6 +355,8 @@ def test_quantize_refuses_to_overwrite_its_inputs_or_outputs(tmp_path, capsys, o
     (["quantize", "--model", "no-such-model", "--layers", "damp=("], "--layers 'damp=(' is not"),
     (["quantize", "--model", "no-such-model", "--solver", "gptq(damp=-1)"],
      "error: --solver 'gptq(damp=-1)': damp must lie in"),
+    (["quantize", "--model", "digits-cnn", "--solver", "nope"],   # the spec named once
+     "error: --solver 'nope': unknown solver; available: anneal, cem,"),
     (["quantize", "--model", "no-such-model", "--solver", "gptq(damp=0.1"],
      "solver spec 'gptq(damp=0.1' has an unclosed parenthesis"),
     (["quantize", "--model", "no-such-model", "--granularity", "scheme", "--iterations", "3"],
