@@ -201,9 +201,11 @@ def _loss_merges(losses: Sequence[float], k: int) -> list[int]:
     points = oscillation_points(values)
     # largest drop first; equal drops: the shallower point first
     ranked = sorted(points, key=lambda i: (-(values[i - 1] - values[i]), i))
-    if len(points) < k:
-        log.info("loss granularity: k=%d but only %d oscillation points; merging all", k,
-                 len(points))
+    if len(points) < k:   # the user asked for k merges: say that fewer were made
+        log.warning("loss granularity: k=%d, but the losses along depth have %d oscillation "
+                    "point(s): %s", k, len(points),
+                    f"merging those {len(points)}" if points else
+                    "nothing to merge, the units stay as they were")
     return sorted(ranked[:k])
 
 

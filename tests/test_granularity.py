@@ -2,6 +2,7 @@
 units of several modules, the loss-along-depth data and plot, and errors before any work."""
 import copy
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -143,13 +144,22 @@ def test_oscillation_points_are_exactly_the_drops(losses):
     assert points == sorted(points) and 0 not in points
 
 
-def test_loss_units_merge_the_k_largest_drops():
+def test_loss_units_merge_the_k_largest_drops(caplog):
     units = [Unit((n,)) for n in "abcdef"]
     losses = [1.0, 0.5, 2.0, 1.9, 3.0, 1.0]  # drops: b by 0.5, d by 0.1, f by 2.0
-    assert [u.name for u in loss_units(losses, units, 1)] == ["a", "b", "c", "d", "e+f"]
-    assert [u.name for u in loss_units(losses, units, 2)] == ["a+b", "c", "d", "e+f"]
-    # more k than oscillation points: all of them, no error
-    assert [u.name for u in loss_units(losses, units, 5)] == ["a+b", "c+d", "e+f"]
+    with caplog.at_level(logging.WARNING, logger="qround"):
+        assert [u.name for u in loss_units(losses, units, 1)] == ["a", "b", "c", "d", "e+f"]
+        assert [u.name for u in loss_units(losses, units, 2)] == ["a+b", "c", "d", "e+f"]
+    assert not caplog.records
+    # more k than oscillation points: all of them, no error, and a warning says so
+    with caplog.at_level(logging.WARNING, logger="qround"):
+        assert [u.name for u in loss_units(losses, units, 5)] == ["a+b", "c+d", "e+f"]
+    assert "k=5, but the losses along depth have 3 oscillation point(s): merging those 3" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qround"):   # none at all: nothing merged
+        assert loss_units([1.0, 2.0, 3.0], units[:3], 1) == units[:3]
+    assert "1 oscillation" not in caplog.text and "nothing to merge" in caplog.text
     with pytest.raises(QroundError, match=r"k=6 must lie in \[1, 5\]"):
         loss_units(losses, units, 6)
     with pytest.raises(QroundError, match="k=0"):
