@@ -123,18 +123,26 @@ class ReconstructConfig:
                     isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v)
                     and v > 0):
                 raise QroundError(f"ReconstructConfig.{name} must be positive, got {v!r}")
-        if not (isinstance(self.reg_weight, (int, float)) and math.isfinite(self.reg_weight)
-                and self.reg_weight >= 0):
+        if not (_is_number(self.reg_weight) and self.reg_weight >= 0):
             raise QroundError(f"ReconstructConfig.reg_weight must be >= 0, got {self.reg_weight!r}")
         if (not isinstance(self.beta, (tuple, list)) or len(self.beta) != 2
-                or not all(isinstance(b, (int, float)) and b > 0 for b in self.beta)):
+                or not all(_is_number(b) and b > 0 for b in self.beta)):
             raise QroundError(f"ReconstructConfig.beta must be two positive numbers, got "
                               f"{self.beta!r}")
         check_budget(self.capture_cache_mb, "ReconstructConfig.capture_cache_mb")
-        if not 0 <= self.warmup < 1:
+        if not (_is_number(self.warmup) and 0 <= self.warmup < 1):
             raise QroundError(f"ReconstructConfig.warmup must lie in [0, 1), got {self.warmup!r}")
-        if not 0 <= self.qdrop <= 1:
+        if not (_is_number(self.qdrop) and 0 <= self.qdrop <= 1):
             raise QroundError(f"ReconstructConfig.qdrop must lie in [0, 1], got {self.qdrop!r}")
+        for name in ("train_weights", "train_steps", "train_borders"):
+            if not isinstance(getattr(self, name), bool):   # "False" would be taken as true
+                raise QroundError(f"ReconstructConfig.{name} must be True or False, got "
+                                  f"{getattr(self, name)!r}")
+
+
+def _is_number(v) -> bool:
+    """A finite real number (not a bool, a string or None)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)

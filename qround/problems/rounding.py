@@ -406,6 +406,10 @@ def _select(index, size: int, what: str) -> np.ndarray:
     if isinstance(index, slice):
         if index.step == 0:
             raise QroundError(f"{what}: a slice step cannot be zero")
+        for part in (index.start, index.stop, index.step):
+            if part is not None and not isinstance(part, (int, np.integer)) \
+                    or isinstance(part, (bool, np.bool_)):
+                raise QroundError(f"{what}: a slice takes integers or None, got {index!r}")
         idx = np.arange(size)[index]
     else:
         arr = np.asarray(index)
