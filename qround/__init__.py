@@ -17,8 +17,9 @@ _LAZY = {"Grid": "grid", "GridSpec": "grid", "fit_grid": "grid", "qrange": "grid
          "RoundingProblem": "problems", "Solution": "solvers", "Solver": "solvers",
          "available_solvers": "solvers", "get_solver": "solvers"}
 
-__all__ = ["QroundError", "SolverError", "Grid", "GridSpec", "fit_grid", "qrange", "RoundingProblem",
-           "Solution", "Solver", "available_solvers", "get_solver", "__version__"]
+__all__ = ["QroundError", "SolverError", "Grid", "GridSpec", "fit_grid", "qrange",
+           "RoundingProblem", "Solution", "Solver", "available_solvers", "get_solver",
+           "__version__"]
 
 if TYPE_CHECKING:   # for type checkers and IDEs: the names as if imported here
     from .grid import Grid, GridSpec, fit_grid, qrange

@@ -153,7 +153,53 @@ def _check_overrides(config) -> tuple[tuple[str, dict], ...] | None:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What to quantise and how; checked when built (model-dependent checks in quantize_model)."""
+    """What to quantise and how; checked when built (model-dependent checks in quantize_model).
+
+    Weights:
+        wbits: weight bits, 2..8.  symmetric: a grid symmetric around zero, or an
+        asymmetric one with a zero point per scale.  group_size: inputs per scale (None: one
+        scale per output channel).  scale_method: "minmax", "mse" (weight error) or
+        "mse-output" (output error under the layer's statistics) for the scales.
+        solver: a registry spec ("fast", "quality", "gptq", "greedy", "tabu(restarts=8)",
+        "gptq+tabu"...) or a Solver; the solve's target is described in the module docstring.
+        layers / exclude: regular expressions (``re.search``) on module names: the layers to
+        quantise (None: every supported layer) and those to leave in float.
+        first_last_bits: e.g. 8: the first and the last quantised layer at these weight bits;
+        with ``abits`` also the activations: the first layer's input stays in float and the
+        last layer's input gets ``first_last_bits`` bits.
+        overrides: ``{regex: {"wbits": 8, "solver": "quality", ...}}`` per-layer settings; the
+        first pattern that ``re.search``-es a layer's name wins.
+    Statistics:
+        inputs: "quantized" (default), "float" or "asymmetric": whose layer inputs make the
+        statistics (see the module docstring).  statistics: "covariance" (E[x x^T]) or
+        "fisher" (per output channel ``H_c = E[g_c^2 x x^T]``; needs ``loss_fn`` in
+        :func:`quantize_model`, and a layer's matrices must fit in ``fisher_budget_mb`` MB).
+        capture_cache_mb: memory for the outputs of finished modules replayed in later
+        capture passes (0: every pass runs whole).
+        device: where statistics are accumulated and the torch solvers run ("cpu", "cuda").
+    After the solver:
+        bias_correction: zero the mean of the rounding error (Nagel et al. 2019) through the
+        bias; the solver then minimises what remains.  damp: lambda in
+        ``+ lambda ||w_hat - w||^2``, lambda = damp x mean(diag H).  refits: rounds of scale
+        refitting, each followed by another solve (:mod:`qround.scales`).  widen: then descend on
+        the whole grid (:mod:`qround.lattice`): codes may leave floor/ceil, a channel's cost
+        never rises.  correction: with inputs="asymmetric", the share of the earlier layers'
+        error corrected (1: all of it).
+    Activations and reconstruction (:mod:`qround.activation_stage`; off while ``abits`` and
+    ``reconstruction`` are None):
+        abits: bits of the quantised layers' inputs, 2..8 (LSQ steps; see first_last_bits).
+        act_init: "mse" or "minmax", the steps' initial values.  borders: "none", "linear" or
+        "quadratic" (AQuant's learned rounding borders; needs reconstruction).  fusion: fuse a
+        conv's borders over its kernel window.  reconstruction: a ReconstructConfig (block
+        reconstruction of the soft weight rounding, steps and borders), or None.
+        weight_start: "solver" (the soft rounding starts at the solver's choice) or "float".
+        granularity: the reconstruction units, "layer", "block", "modcap", "loss" (``k``
+        oscillation points merged, 1 when None) or "scheme" (``scheme``: units such as
+        "conv1+conv2", in forward order).
+    Run:
+        seed: every random draw (solvers, reconstruction); the caller's global RNG states are
+        restored afterwards.  progress: a progress bar per stage (tqdm).
+    """
 
     wbits: int = 4                      # 2..8
     symmetric: bool = True

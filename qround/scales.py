@@ -102,9 +102,10 @@ def solve_refitting(problem: RoundingProblem, solver: Solver | str, rounds: int 
     Returns ``(problem, solution)`` on the final grid (a channel keeps its previous grid when the
     refit did not lower its cost).  ``solution.rtn_cost`` stays the rounding-to-nearest cost on
     the original grid, ``solution.seconds`` covers all rounds, ``solution.solver`` reads
-    ``"<solver> (N refits)"``; ``solution.info["refits"]``
-    lists per round the summed cost and the number of channels that moved to the new grid.
-    Stops early once a round improves no channel by more than ``tol`` (relative).
+    ``"<solver> (N refits)"``, N the ``rounds`` asked for (a setting, the same for every layer
+    of a model); ``solution.info["refits"]`` lists per round run the summed cost and the number
+    of channels that moved to the new grid.  Stops early once a round improves no channel by
+    more than ``tol`` (relative): ``info["refits"]`` then has fewer than ``rounds`` entries.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
         raise QroundError(f"rounds must be a non-negative integer, got {rounds!r}")

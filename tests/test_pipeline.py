@@ -1,5 +1,6 @@
 """quantize_model: forward order, streamed (asymmetric) statistics, write-back, bias correction."""
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -712,3 +713,16 @@ def test_fisher_with_batches_of_different_sizes_warns_about_mean_losses(caplog):
         quantize_model(model, [data[0], data[0]], QuantConfig(statistics="fisher", **FAST),
                        loss_fn=lambda out, batch: out.pow(2).sum())
     assert "mean-reduced" not in caplog.text
+
+
+def test_every_config_field_is_documented_for_help():
+    """help(QuantConfig) and IDE hovers show the docstring, not the fields' comments."""
+    import dataclasses
+
+    from qround.reconstruct import ReconstructConfig
+
+    for cls in (QuantConfig, ReconstructConfig):
+        doc = " ".join(cls.__doc__.split())
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if not re.search(rf"(^|[\s/(`]){f.name}[`:\s/]", doc)]
+        assert not missing, (cls.__name__, missing)

@@ -72,6 +72,9 @@ class RoundingProblem:
         channel for a per-channel H): H becomes ``H + lambda I``.  A few thousand calibration
         vectors estimate the low-variance directions of H poorly, and an exact solver exploits
         them; this is GPTQ's damping written as a trust region around the float weights.
+        check: verify that H is symmetric positive semi-definite (a QroundError otherwise);
+        False skips the eigenvalue check for a caller that built H itself.  name: a label
+        carried into solutions and reports.
         """
         # private copies: the arrays are frozen below, and the user's own must stay writeable
         w = as_float_array(weight, "weight", ndim=2).copy()

@@ -196,7 +196,10 @@ class Solver(ABC):
         """Solve every channel of ``problem``.
 
         init: start (None = RTN): a Solution or (m, n) 0/1 choices.
-        seed: int, None or ``np.random.Generator``; equal seeds give equal results.
+        seed: int, None or ``np.random.Generator``; equal seeds give equal results, and
+        ``None`` draws fresh randomness from the operating system on every call (two calls may
+        differ; ``QuantConfig.seed`` defaults to 0 instead).  A Generator is advanced, never
+        numpy's, torch's or ``random``'s global state.
         """
         if not isinstance(problem, RoundingProblem):
             raise QroundError(f"solve() needs a RoundingProblem, got {type(problem).__name__}")

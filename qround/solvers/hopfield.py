@@ -213,6 +213,8 @@ class Relaxation(_GradientRounding):
     iterations: Adam steps; lr: Adam step size on V; reg: lambda (per normalised energy, see the
     module docstring); beta: (start, end) of the linear annealing; warmup: fraction of the steps
     without the regulariser; eval_every: steps between exact evaluations of the rounded V.
+    reg_weighting: "curvature" (each variable's regulariser weighted by its curvature, the
+    default) or "uniform" (AdaRound's); see the module docstring.
     device: "cpu" or "cuda"; dtype: None (float64 on CPU, float32 on CUDA), float32 or float64;
     graph: on CUDA, replay the steps as a CUDA graph (same arithmetic, no launch overhead).
     """

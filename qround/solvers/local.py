@@ -83,7 +83,10 @@ def steepest_descent_numpy(problem: RoundingProblem, start: np.ndarray,
 
 
 class Greedy(Solver):
-    """Steepest-descent single flips from any start (RTN by default), all channels at once."""
+    """Steepest-descent single flips from any start (RTN by default), all channels at once.
+
+    max_iter: flips per channel at most (None: 10 n + 10, more than a descent needs in
+    practice); ``info["iterations"]`` is the most any channel made."""
 
     name = "greedy"
 

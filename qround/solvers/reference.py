@@ -21,7 +21,10 @@ MAX_BATCH_BYTES = 2 ** 31
 
 
 class Stochastic(Solver):
-    """Stochastic rounding (Gupta et al. 2015): P(up) = fractional part; best of ``samples``."""
+    """Stochastic rounding (Gupta et al. 2015): P(up) = fractional part; best of ``samples``.
+
+    batch: samples drawn and evaluated together (fewer on a wide layer, within a memory
+    bound); it changes the speed, not the codes."""
 
     name = "stochastic"
 

@@ -253,7 +253,9 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         ``10 n + DESCENT_SWEEPS`` sweeps stops there with a warning (a long chain of flips
         that each enable the next; not seen outside constructed BQMs).
         Tabu search takes dwave-samplers' ``timeout`` (milliseconds per read: rounds run
-        until it is up, unless ``restarts`` bounds them) or ``time_limit`` (seconds).
+        until it is up, unless ``restarts`` bounds them) or ``time_limit`` (seconds per read,
+        an upper bound only: the rounds stay bounded by ``restarts``, 4 by default, so give
+        ``restarts=None`` to search until ``time_limit`` is up, as ``timeout`` does).
         Annealing takes dwave-samplers' schedule options: ``beta_range``,
         ``beta_schedule_type`` ("geometric", "linear" or "custom" with ``beta_schedule``) and
         ``num_sweeps_per_beta``, and ``descent`` (default True: each read ends at a local
