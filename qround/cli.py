@@ -1169,7 +1169,7 @@ def _load_onto_digits(export, model, args, check: bool):
 # ---------------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    from .report import write_json_atomic
+    from .report import environment, write_json_atomic
     from .solvers.registry import split_specs
 
     check_paths({"--json": args.json})
@@ -1180,7 +1180,8 @@ def cmd_demo(args) -> int:
                       seed=args.seed, progress=not args.no_progress, journey=args.journey)
     print(result["table"])
     if args.json:
-        write_json_atomic(args.json, {k: v for k, v in result.items() if k != "table"})
+        write_json_atomic(args.json, {**{k: v for k, v in result.items() if k != "table"},
+                                      "environment": environment()})
         print(f"\nwrote {args.json}")
     return 0
 

@@ -137,8 +137,33 @@ def environment() -> dict[str, str | int | None]:
     return {"qround": __version__, "python": platform.python_version(),
             **{name: version(name) for name in ("numpy", "scipy", "torch", "numba", "dimod",
                                                  "dwave-samplers")},
-            "machine": platform.machine(), "processor": platform.processor() or None,
-            "cpus": os.cpu_count()}
+            "machine": platform.machine(),
+            "processor": _cpu_model() or platform.processor() or None,
+            "cpus": os.cpu_count(), "torch_cpu_capability": _torch_cpu_capability()}
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name on Linux (platform.processor() is empty there).  Floating-point
+    results (torch's and BLAS's kernels, and so trained weights and solver trajectories) can
+    differ between CPUs, so a result file says which one it came from."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return None
+
+
+def _torch_cpu_capability() -> str | None:
+    """The vector instruction set torch's CPU kernels dispatch to ("AVX512", "AVX2"...)."""
+    try:
+        import torch
+
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (ImportError, AttributeError):
+        return None
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:

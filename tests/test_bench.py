@@ -1,6 +1,7 @@
 """qround.bench: the GPTQ reference row's cost is on the same scale as the solvers', and the
 benchmark on the user's layer statistics files measures what a direct solve gives."""
 import json
+import os
 
 import numba
 import numpy as np
@@ -101,6 +102,11 @@ def test_each_run_reports_its_own_skips_and_leaves_the_config_alone(layer_files)
     assert first["skipped"] is not second["skipped"] and dict(vars(cfg)) == before
     env = first["environment"]       # what it ran on, for comparing runs across machines
     assert env["numba"] == numba.__version__ and env["numpy"] == np.__version__
+    assert set(env) >= {"processor", "cpus", "torch_cpu_capability"}
+    if os.path.exists("/proc/cpuinfo"):   # Linux: the CPU's model name, not platform's ""
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        assert not names or not names[0] or env["processor"] == names[0]
 
 
 def test_bench_on_layer_files_at_other_widths(layer_files):

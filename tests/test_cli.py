@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import numpy as np
@@ -730,6 +731,10 @@ def test_demo_the_main_job_runs_and_beats_rtn(tmp_path, capsys):
     assert journey["fast"]["test_accuracy"] >= journey["nearest"]["test_accuracy"]
     assert journey["fast"]["test_accuracy"] > 0.9
     assert all(r["ratio"] < 1 for r in res["journey"]["report"])
+    # what it ran on: floating-point results (trained weights, solver paths) depend on the CPU
+    env = res["environment"]
+    assert env["torch"] == torch.__version__ and env["cpus"] == os.cpu_count()
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_main_called_from_python_gives_back_threads_and_logging(tmp_path, capsys):
