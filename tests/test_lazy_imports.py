@@ -62,3 +62,64 @@ def test_a_missing_dependency_inside_a_submodule_is_not_hidden(tmp_path, monkeyp
     # a module found under qround's path whose own import fails: ModuleNotFoundError stays
     with pytest.raises(ModuleNotFoundError, match="qround_no_such_package"):
         qround.__getattr__("qround_missing_dep_probe")
+
+
+_RACE = """
+import importlib, threading
+import qround
+first_uses = {first_uses}
+barrier = threading.Barrier(len(first_uses))
+errors = []
+def use(code):
+    barrier.wait()
+    try:
+        exec(code, {{"qround": qround, "importlib": importlib}})
+    except BaseException as exc:
+        errors.append(f"{{code}}: {{exc!r}}")
+threads = [threading.Thread(target=use, args=(code,)) for code in first_uses]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(errors or "ok")
+"""
+
+
+@pytest.mark.parametrize("first_uses", [
+    ["qround.RoundingProblem", "qround.get_solver('fast')", "qround.pipeline.quantize_model",
+     "qround.writeback"],
+    ["importlib.import_module('qround.problems')", "importlib.import_module('qround.solvers')",
+     "importlib.import_module('qround.pipeline')", "importlib.import_module('qround.calibrate')"],
+], ids=["attributes", "imports"])
+def test_first_use_from_several_threads_at_once(first_uses):
+    # the packages load on first use, and Python's import locks hand a thread a half-initialised
+    # module when one thread runs a package's __init__ while another imports its submodule
+    # (before qround/_core.py: "cannot import name 'RoundingProblem' from partially initialized
+    # module" in most runs)
+    out = subprocess.run([sys.executable, "-c", _RACE.format(first_uses=first_uses)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok", out.stdout
+
+
+def test_modules_importing_problem_or_solver_submodules_import_core_first():
+    # the rule that keeps the test above passing for every module, not only the ones it touches
+    import ast
+    import pathlib
+
+    root = pathlib.Path(qround.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        first_core = first_sub = None
+        for node in ast.parse(path.read_text()).body:   # module-level imports only
+            if not isinstance(node, ast.ImportFrom) or node.level != 1:
+                continue
+            if node.module is None and any(a.name == "_core" for a in node.names):
+                first_core = first_core if first_core is not None else node.lineno
+            elif (node.module or "").startswith(("problems.", "solvers.")):
+                first_sub = first_sub if first_sub is not None else node.lineno
+        if first_sub is not None:
+            assert first_core is not None and first_core < first_sub, path.name
+    # and the solvers package loads the problems package before its own modules
+    body = [n for n in ast.parse((root / "solvers" / "__init__.py").read_text()).body
+            if isinstance(n, ast.ImportFrom)]
+    assert (body[0].level, [a.name for a in body[0].names]) == (2, ["problems"])

@@ -4,6 +4,9 @@ Importing this package registers the built-in solvers; ``available_solvers()`` l
 """
 import functools
 
+# the problems package whole before any solver module imports from its submodules (see _core)
+from .. import problems as _problems  # noqa: F401
+
 from .anneal import Anneal
 from .base import BestOf, Chain, Solution, Solver, make_solution, warm_up
 from .cem import CrossEntropy
