@@ -43,8 +43,9 @@ def check_real(value, name: str, lo: float | None = None, hi: float | None = Non
     """A finite real parameter in ``[lo, hi]`` (ends open where asked), as a float; a
     QroundError naming it otherwise (NaN, infinities, strings and booleans included)."""
     bad = QroundError(f"{name} must be a finite number, got {value!r}")
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-            value, (int, float, np.integer, np.floating)):
+    if isinstance(value, (bool, np.bool_)):
+        raise QroundError(f"{name} must be a finite number, got the bool {value!r}")
+    if not isinstance(value, (int, float, np.integer, np.floating)):
         raise bad
     try:
         v = float(value)   # an int too large for a float64 overflows here

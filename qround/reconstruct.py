@@ -48,7 +48,6 @@ import dataclasses
 
 import copy
 import logging
-import math
 import re
 import time
 from collections.abc import Mapping
@@ -61,7 +60,7 @@ from torch import nn
 
 from .activations import ActQuantizer, QuantizedLayer, qdrop, quantized_layers
 from .calibrate import _TOKEN_MASK, ForwardFn, default_forward, eval_mode, kept_buffers
-from .errors import MAX_SEED, QroundError
+from .errors import MAX_SEED, QroundError, check_real
 from .prefix_cache import PrefixCache, budget_bytes, check_budget, disabled, trace_spans
 
 log = logging.getLogger(__name__)
@@ -119,31 +118,20 @@ class ReconstructConfig:
                                   f"{0 if name == 'seed' else 1}"
                                   + (" and < 2**64" if name == "seed" else "") + f", got {v!r}")
         for name in ("lr_rounding", "lr_step", "lr_border", "cache_mb"):
-            v = getattr(self, name)
-            if isinstance(v, (bool, np.bool_)) or not (
-                    isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v)
-                    and v > 0):
-                raise QroundError(f"ReconstructConfig.{name} must be positive, got {v!r}")
-        if not (_is_number(self.reg_weight) and self.reg_weight >= 0):
-            raise QroundError(f"ReconstructConfig.reg_weight must be >= 0, got {self.reg_weight!r}")
-        if (not isinstance(self.beta, (tuple, list)) or len(self.beta) != 2
-                or not all(_is_number(b) and b > 0 for b in self.beta)):
+            check_real(getattr(self, name), f"ReconstructConfig.{name}", lo=0, lo_open=True)
+        check_real(self.reg_weight, "ReconstructConfig.reg_weight", lo=0)
+        if not isinstance(self.beta, (tuple, list)) or len(self.beta) != 2:
             raise QroundError(f"ReconstructConfig.beta must be two positive numbers, got "
                               f"{self.beta!r}")
+        for i, b in enumerate(self.beta):
+            check_real(b, f"ReconstructConfig.beta[{i}]", lo=0, lo_open=True)
         check_budget(self.capture_cache_mb, "ReconstructConfig.capture_cache_mb")
-        if not (_is_number(self.warmup) and 0 <= self.warmup < 1):
-            raise QroundError(f"ReconstructConfig.warmup must lie in [0, 1), got {self.warmup!r}")
-        if not (_is_number(self.qdrop) and 0 <= self.qdrop <= 1):
-            raise QroundError(f"ReconstructConfig.qdrop must lie in [0, 1], got {self.qdrop!r}")
+        check_real(self.warmup, "ReconstructConfig.warmup", lo=0, hi=1, hi_open=True)
+        check_real(self.qdrop, "ReconstructConfig.qdrop", lo=0, hi=1)
         for name in ("train_weights", "train_steps", "train_borders"):
             if not isinstance(getattr(self, name), bool):   # "False" would be taken as true
                 raise QroundError(f"ReconstructConfig.{name} must be True or False, got "
                                   f"{getattr(self, name)!r}")
-
-
-def _is_number(v) -> bool:
-    """A finite real number (not a bool, a string or None)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)

@@ -128,17 +128,26 @@ def test_bad_seeds_are_named(seed):
     (lambda: make_problem(m=4, n=6).cost_of_codes(np.zeros((4, 6)), scale=np.ones(3)),
      "scale must have"),
     (lambda: ReconstructConfig(beta=3), "beta must be two positive numbers"),
-    (lambda: ReconstructConfig(beta=(True, 2.0)), "beta must be two positive numbers"),
-    (lambda: ReconstructConfig(warmup="0.1"), r"warmup must lie in \[0, 1\), got '0.1'"),
-    (lambda: ReconstructConfig(qdrop=None), r"qdrop must lie in \[0, 1\], got None"),
-    (lambda: ReconstructConfig(qdrop=float("nan")), "qdrop must lie in"),
-    (lambda: ReconstructConfig(reg_weight=True), "reg_weight must be >= 0"),
+    (lambda: ReconstructConfig(beta=(True, 2.0)), r"beta\[0\] must be a finite number, got the "
+     "bool True"),
+    (lambda: ReconstructConfig(warmup="0.1"), "warmup must be a finite number, got '0.1'"),
+    (lambda: ReconstructConfig(warmup=1.0), r"warmup must lie in \[0, 1\), got 1.0"),
+    (lambda: ReconstructConfig(warmup=10 ** 400), "warmup must be a finite number"),
+    (lambda: ReconstructConfig(qdrop=None), "qdrop must be a finite number, got None"),
+    (lambda: ReconstructConfig(qdrop=False), "qdrop must be a finite number, got the bool False"),
+    (lambda: ReconstructConfig(qdrop=float("nan")), "qdrop must be a finite number"),
+    (lambda: ReconstructConfig(qdrop=-0.5), r"qdrop must lie in \[0, 1\], got -0.5"),
+    (lambda: ReconstructConfig(reg_weight=True), "reg_weight must be a finite number, got the bool"),
+    (lambda: ReconstructConfig(beta=(20.0, 0)), r"beta\[1\] must lie in \(0, inf\), got 0"),
     # a string is true: "False" would have trained the weights
     (lambda: ReconstructConfig(train_weights="False"), "train_weights must be True or False"),
     (lambda: ReconstructConfig(train_borders=1), "train_borders must be True or False"),
     (lambda: make_problem(m=4, n=6).subproblem(slice("a", None)), "a slice takes integers"),
     (lambda: make_problem(m=4, n=6).restrict(slice(0, 2.5), np.zeros((4, 6))),
      "a slice takes integers"),
+    (lambda: make_problem(m=4, n=6).subproblem(slice(0, torch.tensor(True))),
+     "a slice takes integers"),
+    (lambda: make_problem(m=4, n=6).subproblem(slice(np.True_, None)), "a slice takes integers"),
     (lambda: get_solver("greedy+"), "empty part"),
     (lambda: get_solver("a++b"), "empty part"),
     (lambda: get_solver("|"), "empty part"),
@@ -778,3 +787,19 @@ def test_a_float64_model_keeps_float64_scales_through_the_activation_stage(tmp_p
     with torch.no_grad():
         assert torch.equal(export.load(model, tmp_path / "d.safetensors")(data[0]),
                            qm.model(data[0]))
+
+
+def test_slices_take_any_integer_python_can_index_with():
+    # numpy and 0-d torch integers have __index__, and Python's slicing takes them
+    p = make_problem(m=4, n=6)
+    for index in (slice(0, torch.tensor(2)), slice(np.int64(0), np.array(2)),
+                  slice(None, None, np.int32(2))):
+        sub = p.subproblem(index)
+        assert np.array_equal(sub.weight, p.weight[range(4)[slice(*map(_as_int, (
+            index.start, index.stop, index.step)))]])
+    assert p.restrict(slice(0, torch.tensor(3)), np.zeros((4, 6))).weight.shape == (4, 3)
+
+
+def _as_int(x):
+    return None if x is None else int(x)
+

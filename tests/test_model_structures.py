@@ -474,8 +474,10 @@ def test_huge_capture_cache_budgets_are_unbounded_not_an_overflow():
     for name in ref.layers:
         assert np.array_equal(qm.layers[name].codes, ref.layers[name].codes)
     ReconstructConfig(cache_mb=np.float64(2.0), capture_cache_mb=np.int64(3))   # numpy numbers
-    with pytest.raises(QroundError, match="cache_mb must be positive"):
+    with pytest.raises(QroundError, match="cache_mb must be a finite number, got the bool True"):
         ReconstructConfig(cache_mb=True)
+    with pytest.raises(QroundError, match=r"cache_mb must lie in \(0, inf\), got 0"):
+        ReconstructConfig(cache_mb=0)
 
 
 def test_layer_reconstruction_of_an_expert_whose_tokens_move_is_named():

@@ -15,6 +15,7 @@ the same code has no choice (``free == False``, always b=0 with its clipped code
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -402,18 +403,31 @@ def _frozen(arrays: dict) -> dict:
     return arrays
 
 
+def _slice_bound(part, index: slice, what: str) -> int | None:
+    """A slice's start, stop or step as a Python int (anything with ``__index__``: numpy and
+    0-d torch integers too) or None; a float, a string or a bool is a QroundError."""
+    if part is None:
+        return None
+    is_bool = isinstance(part, (bool, np.bool_)) or str(getattr(part, "dtype", "")) in (
+        "bool", "torch.bool")   # a 0-d bool array or tensor has an __index__ too
+    if not is_bool:
+        try:
+            return operator.index(part)
+        except TypeError:
+            pass
+    raise QroundError(f"{what}: a slice takes integers or None, got {index!r}")
+
+
 def _select(index, size: int, what: str) -> np.ndarray:
     """Integer positions (k,) of a non-empty selection of ``range(size)``: a slice, integer
     indices (negative ones count from the end; each at most once) or a boolean mask of length
     ``size``.  Anything else is a :class:`QroundError` naming ``what``."""
     if isinstance(index, slice):
-        if index.step == 0:
+        bounds = [_slice_bound(part, index, what) for part in (index.start, index.stop,
+                                                               index.step)]
+        if bounds[2] == 0:
             raise QroundError(f"{what}: a slice step cannot be zero")
-        for part in (index.start, index.stop, index.step):
-            if part is not None and not isinstance(part, (int, np.integer)) \
-                    or isinstance(part, (bool, np.bool_)):
-                raise QroundError(f"{what}: a slice takes integers or None, got {index!r}")
-        idx = np.arange(size)[index]
+        idx = np.arange(size)[slice(*bounds)]
     else:
         arr = np.asarray(index)
         if arr.size == 0:
