@@ -201,11 +201,12 @@ def _loss_merges(losses: Sequence[float], k: int) -> list[int]:
     points = oscillation_points(values)
     # largest drop first; equal drops: the shallower point first
     ranked = sorted(points, key=lambda i: (-(values[i - 1] - values[i]), i))
-    if len(points) < k:   # the user asked for k merges: say that fewer were made
+    if not points:   # a loss that never drops along depth: Theorem 1's ideal, not a problem
+        log.info("loss granularity: the losses along depth have no oscillation point; the "
+                 "units stay as they were")
+    elif len(points) < k:   # k >= 2 was asked for (the default is 1): fewer merges were made
         log.warning("loss granularity: k=%d, but the losses along depth have %d oscillation "
-                    "point(s): %s", k, len(points),
-                    f"merging those {len(points)}" if points else
-                    "nothing to merge, the units stay as they were")
+                    "point(s): merging those %d", k, len(points), len(points))
     return sorted(ranked[:k])
 
 

@@ -157,9 +157,12 @@ def test_loss_units_merge_the_k_largest_drops(caplog):
     assert "k=5, but the losses along depth have 3 oscillation point(s): merging those 3" \
         in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="qround"):   # none at all: nothing merged
+    # none at all: nothing merged, the ideal case of the default k=1, said at INFO only
+    with caplog.at_level(logging.INFO, logger="qround"):
         assert loss_units([1.0, 2.0, 3.0], units[:3], 1) == units[:3]
-    assert "1 oscillation" not in caplog.text and "nothing to merge" in caplog.text
+        assert loss_units([1.0, 2.0, 3.0], units[:3], 2) == units[:3]
+    assert [r.levelno for r in caplog.records] == [logging.INFO] * 2
+    assert "no oscillation point" in caplog.text
     with pytest.raises(QroundError, match=r"k=6 must lie in \[1, 5\]"):
         loss_units(losses, units, 6)
     with pytest.raises(QroundError, match="k=0"):
