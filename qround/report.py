@@ -143,18 +143,19 @@ def environment() -> dict[str, str | int | None]:
             "cpus": os.cpu_count(), "torch_cpu_capability": _torch_cpu_capability()}
 
 
-def _cpu_model() -> str | None:
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """The CPU's model name on Linux (platform.processor() is empty there).  Floating-point
     results (torch's and BLAS's kernels, and so trained weights and solver trajectories) can
     differ between CPUs, so a result file says which one it came from."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip() or None
+                key, colon, value = line.partition(":")
+                if colon and key.strip().lower() == "model name":
+                    return value.strip() or None
     except OSError:
         pass
-    return None
+    return None   # no such line on some ARM kernels, nor anywhere but Linux
 
 
 def _torch_cpu_capability() -> str | None:
@@ -163,7 +164,7 @@ def _torch_cpu_capability() -> str | None:
         import torch
 
         return str(torch.backends.cpu.get_cpu_capability())
-    except (ImportError, AttributeError):
+    except Exception:   # no torch, an old one, or a build that cannot tell: a fact left out
         return None
 
 

@@ -109,6 +109,28 @@ def test_each_run_reports_its_own_skips_and_leaves_the_config_alone(layer_files)
         assert not names or not names[0] or env["processor"] == names[0]
 
 
+def test_environment_facts_that_cannot_be_read_are_left_out(tmp_path, monkeypatch):
+    import torch
+
+    from qround.report import _cpu_model, _torch_cpu_capability, environment
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu\n")
+    arm = tmp_path / "arm"   # aarch64 kernels: no model name line
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n")
+    odd = tmp_path / "odd"
+    odd.write_text("model name\nmodel name  :  \n")
+    assert _cpu_model(str(x86)) == "Some CPU @ 2.0GHz"
+    assert _cpu_model(str(arm)) is None and _cpu_model(str(odd)) is None
+    assert _cpu_model(str(tmp_path / "missing")) is None and _cpu_model(str(tmp_path)) is None
+
+    def broken():
+        raise RuntimeError("cannot tell")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", broken)
+    assert _torch_cpu_capability() is None
+    assert environment()["torch_cpu_capability"] is None
+
+
 def test_bench_on_layer_files_at_other_widths(layer_files):
     result = run(_quick(layer_files[1:2], bits=(2, 4)), progress=False)
     assert sorted({r["bits"] for r in result["rows"]}) == [2, 4]

@@ -74,8 +74,10 @@ class RoundingProblem:
         vectors estimate the low-variance directions of H poorly, and an exact solver exploits
         them; this is GPTQ's damping written as a trust region around the float weights.
         check: verify that H is symmetric positive semi-definite (a QroundError otherwise);
-        False skips the eigenvalue check for a caller that built H itself.  name: a label
-        carried into solutions and reports.
+        False skips the whole check, for a caller that built H itself: a non-symmetric H is then
+        replaced by its symmetric part ``(H + H^T) / 2``, which has the same quadratic form.
+        name: a label shown in the problem's repr, carried into its sub-problems and into
+        exported QUBO files (their comments and manifest); solutions do not carry it.
         """
         # private copies: the arrays are frozen below, and the user's own must stay writeable
         w = as_float_array(weight, "weight", ndim=2).copy()

@@ -1,10 +1,11 @@
 """Any dimod sampler as a solver: one BQM per channel, started from the given solution.
 
-Built-in names: ``neal`` (dwave-neal / dwave-samplers simulated annealing), ``dwave-tabu``
-(dwave-samplers tabu search), ``dwave-steepest`` (dwave-samplers steepest descent),
-``exact-dimod`` (``dimod.ExactSolver``: every state, for channels of up to
-``EXACT_DIMOD_MAX_FREE`` free variables).  Any object
-with a dimod ``sample(bqm, **kwargs)`` method works too.  Samplers that accept
+Sampler names (``DimodSolver(name)``, or ``dimod(sampler=name)`` in a solver spec): ``neal``
+(dwave-neal / dwave-samplers simulated annealing), ``dwave-tabu`` (dwave-samplers tabu search),
+``dwave-steepest`` (dwave-samplers steepest descent), ``exact-dimod`` (``dimod.ExactSolver``:
+every state, for channels of up to ``EXACT_DIMOD_MAX_FREE`` free variables).  The first three
+are also registry names (``get_solver("neal")``); ``exact`` is qround's own enumeration.  Any
+object with a dimod ``sample(bqm, **kwargs)`` method works too.  Samplers that accept
 ``initial_states`` get the start (RTN by default), so they can only refine it.
 """
 from __future__ import annotations

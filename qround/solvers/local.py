@@ -86,7 +86,8 @@ class Greedy(Solver):
     """Steepest-descent single flips from any start (RTN by default), all channels at once.
 
     max_iter: flips per channel at most (None: 10 n + 10, more than a descent needs in
-    practice); ``info["iterations"]`` is the most any channel made."""
+    practice); ``info["iterations"]`` is the most passes any channel made, the last one
+    finding no improving flip (flips + 1 for a channel that reached a local minimum)."""
 
     name = "greedy"
 

@@ -47,6 +47,10 @@ def test_greedy_is_a_local_minimum_and_never_worse(seed, per_channel):
     assert np.all(sol.energy <= p.energies(start) + 1e-12)
     deltas = p.flip_deltas(sol.choices)
     assert np.all(deltas[p.free] >= -1e-9 * np.abs(sol.energy).max())
+    # info["iterations"] counts passes: flips + 1 (the pass that found none), so at least one
+    # more than the most inputs a channel changed, and 1 from a local minimum
+    assert sol.info["iterations"] >= 1 + (sol.choices != start).sum(axis=1).max()
+    assert Greedy().solve(p, init=sol.choices).info["iterations"] == 1
 
 
 @settings(max_examples=40, deadline=None)
