@@ -54,6 +54,8 @@ def test_submodules_load_on_attribute_access_and_unknown_names_fail():
     with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
         qround.no_such_thing
     assert not hasattr(qround, "no_such_thing")
+    assert not hasattr(qround, "") and not hasattr(qround, "solvers.tabu")   # not module names
+    assert not {"annotations", "importlib", "TYPE_CHECKING"} & set(dir(qround))
 
 
 def test_a_missing_dependency_inside_a_submodule_is_not_hidden(tmp_path, monkeypatch):
