@@ -498,7 +498,9 @@ def capture_asymmetric(float_model: nn.Module, quant_model: nn.Module, batches: 
     pending: dict[str, list[torch.Tensor]] = {}
 
     def store(name, module, args, out):
-        pending[name].append(_layer_input(name, module, args))
+        # a copy: it is read after the float forward, which may change the tensor in place
+        # later (h += f(h)) and so rewrite a view of the layer's input
+        pending[name].append(_layer_input(name, module, args).clone())
 
     def pair(name, module, args, out):
         x_hat = _layer_input(name, module, args)

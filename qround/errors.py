@@ -90,15 +90,20 @@ def check_bits(bits: int, name: str = "bits") -> int:
     return int(bits)
 
 
+def to_numpy(x) -> np.ndarray:
+    """``np.asarray(x)``, taking torch tensors too: detached (``requires_grad`` is fine), on the
+    CPU, floating ones as float64 (numpy has no bfloat16), bool and integer ones as they are."""
+    if hasattr(x, "detach") and hasattr(x, "is_floating_point"):   # without importing torch
+        x = x.detach().cpu()
+        x = x.double().numpy() if x.is_floating_point() else x.numpy()
+    return np.asarray(x)
+
+
 def as_float_array(x, name: str, ndim: int | tuple[int, ...] | None = None,
                    dtype=np.float64) -> np.ndarray:
     """Convert to a finite float array (torch tensors accepted), checking dimensionality."""
-    if hasattr(x, "detach"):  # torch tensor, without importing torch here
-        x = x.detach().cpu()
-        # float64 first: numpy has no bfloat16
-        x = x.double().numpy() if x.is_floating_point() else x.numpy()
     try:
-        arr = np.asarray(x)
+        arr = to_numpy(x)
     except Exception as exc:  # pragma: no cover - exotic inputs
         raise QroundError(f"{name} could not be read as an array: {exc}") from exc
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):

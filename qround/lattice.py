@@ -28,7 +28,7 @@ from numba import prange
 
 from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from ._parallel import parallel_kernel
-from .errors import QroundError
+from .errors import QroundError, to_numpy
 from .problems.rounding import RoundingProblem
 
 __all__ = ["GridDescent", "grid_descent"]
@@ -110,7 +110,7 @@ def grid_descent(problem: RoundingProblem, codes, max_moves: int | None = None) 
     """
     if not isinstance(problem, RoundingProblem):
         raise QroundError(f"problem must be a RoundingProblem, got {type(problem).__name__}")
-    q0 = np.asarray(codes)
+    q0 = to_numpy(codes)
     if q0.shape != problem.weight.shape:
         raise QroundError(f"codes must have shape {problem.weight.shape}, got {q0.shape}")
     if not np.issubdtype(q0.dtype, np.integer):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
-from .errors import QroundError
+from .errors import QroundError, to_numpy
 from .grid import Grid
 from .problems.layers import layer_kind, weight_not_writable
 from .problems.rounding import RoundingProblem
@@ -80,7 +80,7 @@ def _check_problems(problems: list) -> None:
 
 
 def _choices(problem: RoundingProblem, solution) -> np.ndarray:
-    b = solution.choices if isinstance(solution, Solution) else np.asarray(solution)
+    b = solution.choices if isinstance(solution, Solution) else to_numpy(solution)
     if b.shape != problem.weight.shape:
         raise QroundError(f"solution for {problem.name or 'problem'} has shape {b.shape}, the "
                           f"problem is {problem.weight.shape}")
@@ -116,7 +116,7 @@ def weight_from_codes(problems: RoundingProblem | Sequence[RoundingProblem], cod
     :func:`qround.lattice.grid_descent`)."""
     if isinstance(problems, RoundingProblem):
         problems, codes = [problems], [codes]
-    problems, codes = list(problems), [np.asarray(c) for c in codes]
+    problems, codes = list(problems), [to_numpy(c) for c in codes]
     if not problems or len(problems) != len(codes):
         raise QroundError(f"need one code matrix per problem, got {len(problems)} problems and "
                           f"{len(codes)} code matrices")

@@ -287,6 +287,42 @@ def test_asymmetric_same_model_and_mismatch():
                            None)
 
 
+class _InPlaceRepeated(nn.Module):
+    """fc's input is changed in place after fc read it (h += fc(h)), once or twice."""
+
+    def __init__(self, in_place: bool, calls: int):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.in_place, self.calls = in_place, calls
+
+    def forward(self, x):
+        h = x * 1.0
+        for _ in range(self.calls):
+            if self.in_place:
+                h += self.fc(h)
+            else:
+                h = h + self.fc(h)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_asymmetric_statistics_survive_an_in_place_change_of_the_input(calls):
+    # the float model's layer inputs are kept until the quantised copy's forward: a view of the
+    # model's tensor was rewritten by h += fc(h), and the statistics came out wrong (no error)
+    torch.manual_seed(0)
+    in_place = _InPlaceRepeated(True, calls).double()
+    plain = _InPlaceRepeated(False, calls).double()
+    plain.load_state_dict(in_place.state_dict())
+    batches = [torch.randn(16, 4, dtype=torch.float64, generator=gen(i)) for i in range(2)]
+    got = capture_asymmetric(in_place, copy.deepcopy(in_place), batches, ["fc"])["fc"]
+    want = capture_asymmetric(plain, copy.deepcopy(plain), batches, ["fc"])["fc"]
+    for field in ("hessian", "hessian_hat", "cross"):
+        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-12)
+    if calls == 1:   # and both are the float inputs' second moment
+        x = torch.cat(batches).numpy()
+        np.testing.assert_allclose(got.cross, x.T @ x / len(x), rtol=1e-12)
+
+
 # ------------------------------------------------------------------------ Fisher
 def test_fisher_linear_matches_per_token_gradients():
     torch.manual_seed(0)

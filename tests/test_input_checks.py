@@ -803,3 +803,39 @@ def test_slices_take_any_integer_python_can_index_with():
 def _as_int(x):
     return None if x is None else int(x)
 
+
+def test_choices_codes_and_starts_take_any_torch_tensor():
+    # requires_grad and bfloat16 tensors are taken as the weights are (they raised deep inside
+    # numpy or torch: "Can't call numpy() on Tensor that requires grad", "unsupported ScalarType")
+    from qround.lattice import grid_descent
+    from qround.writeback import quantized_weight, weight_from_codes
+
+    p = make_problem(m=4, n=6, seed=3)
+    b = np.random.default_rng(0).integers(0, 2, size=(4, 6)).astype(bool) & p.free
+    codes = p.codes(b)
+    for t in (torch.tensor(b, dtype=torch.float32).requires_grad_(),
+              torch.tensor(b, dtype=torch.bfloat16), torch.tensor(b)):
+        np.testing.assert_array_equal(p.energies(t), p.energies(b))
+        np.testing.assert_array_equal(p.flip_deltas(t), p.flip_deltas(b))
+        np.testing.assert_array_equal(p.codes(t), codes)
+        sol = get_solver("greedy").solve(p, init=t)
+        np.testing.assert_array_equal(sol.choices, get_solver("greedy").solve(p, init=b).choices)
+        np.testing.assert_array_equal(quantized_weight(p, t).codes, quantized_weight(p, b).codes)
+    np.testing.assert_array_equal(weight_from_codes(p, torch.tensor(codes)).codes, codes)
+    for t in (torch.tensor(codes, dtype=torch.float32).requires_grad_(),
+              torch.tensor(codes, dtype=torch.bfloat16)):
+        np.testing.assert_array_equal(grid_descent(p, t).codes, grid_descent(p, codes).codes)
+        with pytest.raises(QroundError, match="codes must be integers"):   # not a deep TypeError
+            weight_from_codes(p, t)
+
+
+def test_flip_deltas_checks_the_fields_it_is_given():
+    p = make_problem(m=4, n=6, seed=1)
+    b = np.zeros((4, 6))
+    b[:, ::2] = 1
+    fields = p.local_fields(b)
+    np.testing.assert_allclose(p.flip_deltas(b, fields=fields.tolist()), p.flip_deltas(b))
+    np.testing.assert_allclose(p.flip_deltas(b, fields=torch.tensor(fields)), p.flip_deltas(b))
+    with pytest.raises(QroundError, match=r"fields must have the shape of choices \(4, 6\)"):
+        p.flip_deltas(b, fields=fields[:1])   # was broadcast: row 0's fields for every channel
+

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import QroundError, as_float_array, check_psd
+from ..errors import QroundError, as_float_array, check_psd, to_numpy
 from ..grid import Grid, GridSpec, fit_grid
 from . import energy as _energy
 
@@ -197,7 +197,7 @@ class RoundingProblem:
     # ------------------------------------------------------------------ energies
     def check_choices(self, choices, name: str = "choices") -> np.ndarray:
         """Validate candidate choices (..., m, n) of 0/1 (or bool) and return them as float64."""
-        b = np.asarray(choices)
+        b = to_numpy(choices)
         if b.shape[-2:] != self.weight.shape:
             raise QroundError(f"{name} must have shape (..., {self.num_channels}, "
                               f"{self.num_inputs}), got {b.shape}")
@@ -222,6 +222,11 @@ class RoundingProblem:
         b = self.check_choices(choices)
         if fields is None:
             fields = _energy.local_fields(b, self.step, self.hessian)
+        else:
+            fields = as_float_array(fields, "fields")
+            if fields.shape != b.shape:
+                raise QroundError(f"fields must have the shape of choices {b.shape} (from "
+                                  f"local_fields(choices)), got {fields.shape}")
         return _energy.flip_deltas(b, self.step, self.grad, fields, self.hessian_diag)
 
     # ------------------------------------------------------------------ solutions

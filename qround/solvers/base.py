@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from ..errors import QroundError, SolverError
+from ..errors import QroundError, SolverError, to_numpy
 from ..problems.rounding import RoundingProblem
 
 _blas_lock = threading.Lock()
@@ -163,7 +163,7 @@ def resolve_start(problem: RoundingProblem, init) -> np.ndarray:
         return problem.rtn_choices()
     if isinstance(init, Solution):
         init = init.choices
-    arr = np.asarray(init)
+    arr = to_numpy(init)
     if arr.shape != problem.weight.shape:
         raise QroundError(f"init must have shape {problem.weight.shape}, got {arr.shape}")
     if arr.dtype != bool and not np.all((arr == 0) | (arr == 1)):
@@ -229,7 +229,7 @@ class Solver(ABC):
             raise SolverError(f"solver {self.label!r} returned info of type "
                               f"{type(info).__name__}; _solve returns choices or (choices, "
                               "info dict)")
-        choices = np.asarray(choices)
+        choices = to_numpy(choices)
         if choices.shape != problem.weight.shape:
             raise SolverError(f"solver {self.label!r} returned shape {choices.shape}, "
                               f"expected {problem.weight.shape}")

@@ -295,7 +295,9 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         except (TypeError, ValueError) as exc:
             if isinstance(exc, QroundError):
                 raise
-            raise QroundError(f"initial_states: {exc}") from None
+            hint = (" (dimod reads states of integer, float32 or float64 dtype)"
+                    if "No matching signature" in str(exc) else "")   # e.g. float16, from Cython
+            raise QroundError(f"initial_states: {exc}{hint}") from None
         variables = list(bqm.variables)
         starts = parsed.initial_states
         reads = parsed.num_reads

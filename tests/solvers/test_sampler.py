@@ -117,6 +117,8 @@ def test_solver_parameters_reach_the_solver():
     (lambda s, q: s.sample(q, seed=-3), "seed"),
     (lambda s, q: s.sample({"a": 1.0}), "BinaryQuadraticModel"),
     (lambda s, q: s.sample(q, initial_states=[[0, 1]]), "initial_states"),
+    (lambda s, q: s.sample(q, initial_states=(np.zeros((1, 5), np.float16), list(q.variables))),
+     "initial_states: .*integer, float32 or float64 dtype"),   # dimod's Cython says only that
 ])
 def test_bad_input_gets_a_clear_error(call, match):
     bqm = random_bqm(5, 0)
