@@ -984,7 +984,9 @@ def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Modul
         sums[name].add(_layer_input(name, module, args))
 
     def store(name, module, args, out):
-        pending[name].append(_layer_input(name, module, args))
+        # a copy: it is read after the float forward, which may change the tensor in place
+        # later (h += f(h) around a layer called more than once) and so rewrite a view of it
+        pending[name].append(_layer_input(name, module, args).clone())
 
     def pair(name, module, args, out):
         x_hat = _layer_input(name, module, args)

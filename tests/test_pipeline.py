@@ -726,3 +726,39 @@ def test_every_config_field_is_documented_for_help():
         missing = [f.name for f in dataclasses.fields(cls)
                    if not re.search(rf"(^|[\s/(`]){f.name}[`:\s/]", doc)]
         assert not missing, (cls.__name__, missing)
+
+
+class _SharedInPlace(nn.Module):
+    """pre, then fc twice on a residual stream changed in place (h += fc(h)) or not."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.pre, self.fc, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.in_place = in_place
+
+    def forward(self, x):
+        h = self.pre(x)
+        for _ in range(2):
+            if self.in_place:
+                h += self.fc(h)
+            else:
+                h = h + self.fc(h)
+        return self.out(h)
+
+
+def test_asymmetric_inputs_of_a_layer_called_twice_on_an_in_place_residual():
+    # a layer called twice makes the float forward run whole; its kept inputs were views that
+    # the later h += fc(h) rewrote before the quantised copy's forward paired them: fc's cross
+    # and float statistics (and so its costs) came out wrong, without an error
+    torch.manual_seed(0)
+    in_place = _SharedInPlace(True).double()
+    plain = _SharedInPlace(False).double()
+    plain.load_state_dict(in_place.state_dict())
+    batches = [torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    cfg = QuantConfig(wbits=3, solver="greedy", inputs="asymmetric", progress=False)
+    got = {r.layer: (r.cost, r.rtn_cost) for r in quantize_model(in_place, batches, cfg).report}
+    want = {r.layer: (r.cost, r.rtn_cost) for r in quantize_model(plain, batches, cfg).report}
+    assert got.keys() == want.keys() == {"pre", "fc", "out"}
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-9, err_msg=name)
