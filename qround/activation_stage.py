@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from .activations import ActQuantizer, QuantizedLayer, insert_act_quantizers, quantized_layers
 from .calibrate import ForwardFn, default_forward, eval_mode, kept_buffers
 from .errors import QroundError, copy_module

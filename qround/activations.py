@@ -75,7 +75,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from ._warn import gathering
 from .border_conv import sparse_border_conv
 from .calibrate import (ForwardFn, LayerFilter, _active_mask, _conv_padding, default_forward,

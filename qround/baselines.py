@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from .calibrate import ForwardFn, default_forward, kept_buffers
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, GridSpec, fit_grid

@@ -31,7 +31,6 @@ from functools import partial
 
 import numpy as np
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from .cliargs import PLOT_SUFFIXES, bits_list, check_format, check_paths, int_at_least
 from .errors import QroundError
 from .grid import GridSpec

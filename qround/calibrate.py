@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from ._warn import gathering, warn_gathered
 from .errors import QroundError
 from .problems.layers import is_hf_conv1d

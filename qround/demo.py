@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from .errors import QroundError
 from .grid import GridSpec
 from .problems.rounding import RoundingProblem

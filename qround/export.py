@@ -35,7 +35,6 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from .activations import QuantizedLayer, replace_module
 from .errors import QroundError, copy_module
 from .files import atomic_write, safetensors_bytes

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 from numba import prange
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from ._parallel import parallel_kernel
 from .errors import QroundError, to_numpy
 from .problems.rounding import RoundingProblem

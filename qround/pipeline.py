@@ -43,7 +43,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from .activation_stage import WEIGHT_STARTS, check_units, quantize_activations
 from .activations import BORDERS, INITS
 from ._warn import gathering

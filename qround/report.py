@@ -7,7 +7,6 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from .errors import QroundError
 from .files import atomic_write
 from .solvers.base import Solution

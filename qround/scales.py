@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from .errors import QroundError
 from .grid import Grid
 from .problems.rounding import RoundingProblem

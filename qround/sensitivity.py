@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from .calibrate import ForwardFn, _padding_mask, default_forward, eval_mode
 from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _core  # noqa: F401 (problems and solvers load whole first: see _core)
 from .errors import QroundError, to_numpy
 from .grid import Grid
 from .problems.layers import layer_kind, weight_not_writable

@@ -92,36 +92,25 @@ print(errors or "ok")
      "qround.writeback"],
     ["importlib.import_module('qround.problems')", "importlib.import_module('qround.solvers')",
      "importlib.import_module('qround.pipeline')", "importlib.import_module('qround.calibrate')"],
-], ids=["attributes", "imports"])
+    # a package's submodule imported directly while another thread's first use loads it
+    ["importlib.import_module('qround.solvers.tabu')", "qround.get_solver('fast')",
+     "importlib.import_module('qround.problems.rounding')", "qround.RoundingProblem"],
+], ids=["attributes", "imports", "submodules"])
 def test_first_use_from_several_threads_at_once(first_uses):
     # the packages load on first use, and Python's import locks hand a thread a half-initialised
     # module when one thread runs a package's __init__ while another imports its submodule
-    # (before qround/_core.py: "cannot import name 'RoundingProblem' from partially initialized
-    # module" in most runs)
+    # ("cannot import name 'RoundingProblem' from partially initialized module" in most runs
+    # while the package inits imported their submodules)
     out = subprocess.run([sys.executable, "-c", _RACE.format(first_uses=first_uses)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok", out.stdout
 
 
-def test_modules_importing_problem_or_solver_submodules_import_core_first():
-    # the rule that keeps the test above passing for every module, not only the ones it touches
-    import ast
-    import pathlib
-
-    root = pathlib.Path(qround.__file__).parent
-    for path in sorted(root.glob("*.py")):
-        first_core = first_sub = None
-        for node in ast.parse(path.read_text()).body:   # module-level imports only
-            if not isinstance(node, ast.ImportFrom) or node.level != 1:
-                continue
-            if node.module is None and any(a.name == "_core" for a in node.names):
-                first_core = first_core if first_core is not None else node.lineno
-            elif (node.module or "").startswith(("problems.", "solvers.")):
-                first_sub = first_sub if first_sub is not None else node.lineno
-        if first_sub is not None:
-            assert first_core is not None and first_core < first_sub, path.name
-    # and the solvers package loads the problems package before its own modules
-    body = [n for n in ast.parse((root / "solvers" / "__init__.py").read_text()).body
-            if isinstance(n, ast.ImportFrom)]
-    assert (body[0].level, [a.name for a in body[0].names]) == (2, ["problems"])
+def test_package_inits_import_no_submodule():
+    # what keeps the test above passing for direct submodule imports too (see qround/_lazy.py):
+    # no package __init__ holds its import lock while it imports a submodule
+    for package in ("qround", "qround.problems", "qround.solvers"):
+        loaded = {m for m in _modules_after(f"import {package}") if m.startswith("qround.")}
+        assert loaded <= {"qround._forkstate", "qround._lazy", "qround.errors", package}, \
+            (package, sorted(loaded))
