@@ -190,6 +190,10 @@ class DimodSolver(Solver):
             if idx.size == 0:
                 continue
             bqm = problem.to_bqm(c)
+            linear, (_, _, quadratic), _ = bqm.to_numpy_vectors()
+            if not (np.any(linear) or np.any(quadratic)):
+                continue   # every state costs the same (no input reaches it): keep the start,
+                # rather than let a sampler warn of "a value error" (dwave's SA does)
             kwargs = dict(self.sample_kwargs)
             if "seed" in params and "seed" not in kwargs:
                 kwargs["seed"] = int(rng.integers(2**31 - 1))

@@ -104,6 +104,21 @@ def test_dimod_solvers_reach_optimum_on_tiny_problem():
         np.testing.assert_allclose(sol.energy, opt.energy, atol=1e-9)
 
 
+def test_dimod_solvers_keep_the_start_of_a_channel_with_no_bias(recwarn):
+    # a channel no input reaches (H zero there): every state costs the same, and dwave's SA
+    # warned "All bqm biases are zero ... this is likely a value error"
+    pytest.importorskip("dwave.samplers", reason="dwave-samplers not installed")
+    w = np.random.default_rng(0).normal(size=(3, 6))
+    h = np.zeros((3, 6, 6))
+    h[1] = np.eye(6)   # only channel 1 has a cost
+    p = RoundingProblem.from_weight(w, h)
+    start = np.ones((3, 6), dtype=bool) & p.free
+    sol = get_solver("neal(num_reads=2, num_sweeps=20)").solve(p, init=start, seed=0)
+    np.testing.assert_array_equal(sol.choices[[0, 2]], start[[0, 2]])
+    np.testing.assert_allclose(sol.energy[1], Exact().solve(p).energy[1], atol=1e-9)
+    assert not [w for w in recwarn if "biases are zero" in str(w.message)]
+
+
 def test_dimod_any_sampler_object():
     import dimod
 
