@@ -42,7 +42,8 @@ def check_real(value, name: str, lo: float | None = None, hi: float | None = Non
                lo_open: bool = False, hi_open: bool = False) -> float:
     """A finite real parameter in ``[lo, hi]`` (ends open where asked), as a float; a
     QroundError naming it otherwise (NaN, infinities, strings and booleans included)."""
-    bad = QroundError(f"{name} must be a finite number, got {value!r}")
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."   # 10**400
+    bad = QroundError(f"{name} must be a finite number, got {shown}")
     if isinstance(value, (bool, np.bool_)):
         raise QroundError(f"{name} must be a finite number, got the bool {value!r}")
     if not isinstance(value, (int, float, np.integer, np.floating)):

@@ -132,7 +132,8 @@ def test_bad_seeds_are_named(seed):
      "bool True"),
     (lambda: ReconstructConfig(warmup="0.1"), "warmup must be a finite number, got '0.1'"),
     (lambda: ReconstructConfig(warmup=1.0), r"warmup must lie in \[0, 1\), got 1.0"),
-    (lambda: ReconstructConfig(warmup=10 ** 400), "warmup must be a finite number"),
+    (lambda: ReconstructConfig(warmup=10 ** 400), r"warmup must be a finite number, got "
+     r"10{56}\.\.\.$"),   # not all 401 digits
     (lambda: ReconstructConfig(qdrop=None), "qdrop must be a finite number, got None"),
     (lambda: ReconstructConfig(qdrop=False), "qdrop must be a finite number, got the bool False"),
     (lambda: ReconstructConfig(qdrop=float("nan")), "qdrop must be a finite number"),

@@ -1,6 +1,6 @@
 """Any dimod sampler as a solver: one BQM per channel, started from the given solution.
 
-Sampler names (``DimodSolver(name)``, or ``dimod(sampler=name)`` in a solver spec): ``neal``
+Sampler names (``DimodSolver(name)``, or ``dimod(sampler='name')`` in a spec): ``neal``
 (dwave-neal / dwave-samplers simulated annealing), ``dwave-tabu`` (dwave-samplers tabu search),
 ``dwave-steepest`` (dwave-samplers steepest descent), ``exact-dimod`` (``dimod.ExactSolver``:
 every state, for channels of up to ``EXACT_DIMOD_MAX_FREE`` free variables).  The first three

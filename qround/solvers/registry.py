@@ -398,8 +398,9 @@ def _parse_part(part: str) -> tuple[str, dict]:
         except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             given = ast.get_source_segment(source, kw.value) or "?"
             given = given if len(given) <= 60 else given[:57] + "..."
+            # a bare word, or one that Python reads as arithmetic (exact-dimod, a.b)
             hint = (f"; strings need quotes: {kw.arg}='{given}'"
-                    if isinstance(kw.value, ast.Name) else "")
+                    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", given) else "")
             raise QroundError(f"option {kw.arg!r} of {name!r} must be a Python literal (a "
                               f"number, string, True/False/None, a tuple or a list), got "
                               f"{given!r}{hint}") from None

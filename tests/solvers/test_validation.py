@@ -203,6 +203,12 @@ def test_sampler_bounds_reads_and_their_memory():
 def test_an_unquoted_string_in_a_spec_gets_a_hint():
     with pytest.raises(QroundError, match="strings need quotes: order='sequential'"):
         get_solver("anneal(order=sequential)")
+    # a name that Python reads as a subtraction, not a bare name
+    with pytest.raises(QroundError, match="strings need quotes: sampler='exact-dimod'"):
+        get_solver("dimod(sampler=exact-dimod)")
+    with pytest.raises(QroundError) as refused:   # an expression is not a word to quote
+        get_solver("tabu(restarts=2+3)")
+    assert "quotes" not in str(refused.value)
     assert get_solver("anneal(order='sequential', beta_schedule=[0.1, 1.0])").num_sweeps == 2
 
 
