@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from qround import GridSpec, QroundError
+from qround import GridSpec, QroundError, granularity
 from qround.activations import insert_act_quantizers, quantized_layers
 from qround.granularity import (Selection, Unit, base_units, capacity, loss_along_depth,
                                 loss_units, merge_runs, modcap_units, oscillation_points,
@@ -497,3 +497,70 @@ def test_loss_granularity_on_a_model_with_one_block_says_so():
                          reconstruction=ReconstructConfig(iterations=2), progress=False)
     with pytest.raises(QroundError, match="the model has 1, so there is nothing to merge"):
         quantize_model(net, [torch.randn(4, 6, generator=gen(0))], config)
+
+
+# ------------------------------------------------ found by mutation testing (helper-118)
+def test_equal_drops_shallower_first():   # G4
+    units = [Unit((n,)) for n in "abcd"]
+    assert [u.name for u in loss_units([2.0, 1.0, 3.0, 2.0], units, 1)] == ["a+b", "c", "d"]
+
+
+def test_merges_sorted():   # G5
+    assert granularity._loss_merges([3.0, 1.0, 5.0, 2.0], 2) == [1, 3]
+
+
+def test_no_warning_when_k_equals_points(caplog):   # G6
+    units = [Unit((n,)) for n in "abcdef"]
+    with caplog.at_level(logging.WARNING, logger="qround"):
+        loss_units([1.0, 0.5, 2.0, 1.9, 3.0, 1.0], units, 3)
+    assert not caplog.records
+
+
+def test_wbits_counts_for_float_modules():   # G10, G11
+    assert capacity(nn.Linear(5, 3), wbits=4) == 15 * 4
+    net = ResidualDigitsCNN(0)
+    q = insert_act_quantizers(net, ["block1.conv1"], 4, calib_batches=IMAGES,
+                              weights=GridSpec(bits=2, symmetric=False))
+    assert capacity(q.block1, wbits=8) == 16 * 16 * 9 * 8 + 16 * 16 * 9 * 32
+
+
+@pytest.mark.parametrize("metric", ["mse", "relative"])
+def test_quick_pass_settings_reach_reconstruct(monkeypatch, metric):   # G14 G15 G16 G17
+    net = ResidualDigitsCNN(0)
+    q = quantise(net)
+    seen = {}
+    real = granularity.reconstruct
+
+    def spy(f, qm, batches, units, cfg, **kw):
+        seen.update(iterations=cfg.iterations, batches=len(batches))
+        seen["res"] = real(f, qm, batches, units, cfg, **kw)
+        return seen["res"]
+
+    monkeypatch.setattr(granularity, "reconstruct", spy)
+    sel = select_units(net, q, IMAGES, "loss", k=1, base="block",
+                       config=ReconstructConfig(iterations=10, batch_size=8), search_batches=1,
+                       metric=metric)
+    assert seen["iterations"] == 2 and seen["batches"] == 1
+    want = seen["res"].losses if metric == "mse" else seen["res"].relative_losses
+    assert list(sel.base_losses) == list(want)
+    assert sel.k == 1
+
+
+def test_table_marks_the_merged_unit():   # G19
+    base = tuple(Unit((n,)) for n in "abc")
+    sel = Selection("modcap", (Unit(("a", "b")), Unit(("c",))), base, (1,), capacities=(3, 2, 5))
+    rows = [line for line in sel.table().splitlines()
+            if line.strip().startswith(("a ", "b ", "c "))]
+    marked = [r.split()[0] for r in rows if "yes" in r]
+    assert marked == ["b"], sel.table()
+
+
+def test_search_iterations_zero_refused():   # G23
+    net = ResidualDigitsCNN(0)
+    with pytest.raises(QroundError, match="search_iterations must be a positive"):
+        select_units(net, quantise(net), IMAGES, "loss", k=1, search_iterations=0)
+
+
+def test_losses_and_units_must_pair():   # G26
+    with pytest.raises(QroundError, match="2 losses for 3 units"):
+        loss_units([1.0, 0.5], [Unit((n,)) for n in "abc"], 1)

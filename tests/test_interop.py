@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,3 +281,53 @@ def test_bias_correction_is_refused_only_for_layers_that_are_rounded(llama_folde
         theirs = load(out)(**batch).logits
         torch.testing.assert_close(theirs, ours(**batch).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(theirs, hf.model(**batch).logits)  # it was quantised
+
+
+# ------------------------------------------------ found by mutation testing (helper-118)
+def test_group_as_wide_as_the_layer_is_per_channel(tmp_path):   # I1, I24
+    qm = quantise(tiny_llama(), group_size=64)     # in=64 layers: per channel; down_proj: 2 groups
+    save_compressed_tensors(qm, tmp_path / "o")
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    schemes = {(g["weights"]["strategy"], g["weights"]["group_size"]): sorted(g["targets"])
+               for g in cfg["config_groups"].values()}
+    assert schemes == {("channel", None): sorted(n for n in qm.layers if "down_proj" not in n),
+                       ("group", 64): sorted(n for n in qm.layers if "down_proj" in n)}
+    assert cfg["qround_solver"] == "fast"      # I19
+
+
+def test_bf16_scales_in_model_dtype(tmp_path):   # I10
+    import safetensors
+    qm = quantise(tiny_llama().to(torch.bfloat16))
+    save_compressed_tensors(qm, tmp_path / "o")
+    with safetensors.safe_open(str(tmp_path / "o" / "model.safetensors"), framework="pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith("weight_scale")}
+    assert dtypes == {torch.bfloat16}
+
+
+def test_activation_stage_refused(tmp_path):   # I15
+    qm = quantise(tiny_llama(), abits=8)
+    with pytest.raises(QroundError, match="activation stage"):
+        save_compressed_tensors(qm, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_quantised_weight_missing_from_the_saved_files_is_refused(tmp_path, monkeypatch):
+    # I18: save_pretrained leaving out a quantised layer's weight (tied or renamed) is refused,
+    # and no folder is left
+    import safetensors.torch
+
+    qm = quantise(tiny_llama())
+    name = next(iter(qm.layers))
+    real = type(qm.model).save_pretrained
+
+    def dropping(self, folder, **kwargs):
+        real(self, folder, **kwargs)
+        [path] = sorted(Path(folder).glob("*.safetensors"))
+        tensors = safetensors.torch.load_file(str(path))
+        del tensors[f"{name}.weight"]
+        safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+
+    monkeypatch.setattr(type(qm.model), "save_pretrained", dropping)
+    with pytest.raises(QroundError, match="wrote no weight"):
+        save_compressed_tensors(qm, tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qround import GridSpec, QroundError, RoundingProblem
+from qround import lattice
 from qround.lattice import grid_descent
 from qround.solvers import get_solver
 
@@ -189,3 +190,31 @@ def test_an_input_constant_on_the_calibration_data_keeps_its_codes():
         step_from_floor = qw.codes - (np.floor(w / s) + z)
         assert np.all((step_from_floor[:, 7] == 0) | (step_from_floor[:, 7] == 1)), widen
     assert np.array_equal(codes[True][:, 7], codes[False][:, 7])
+
+
+# ------------------------------------------------ found by mutation testing (helper-118)
+def test_beyond_counts_a_clipped_code_off_its_only_level():   # L12
+    p = make_problem(m=6, n=10, bits=3)
+    q = p.floor_codes.copy()
+    q[-1, -1] += 1            # weight -6 clipped to qmin (not free): qmin+1 is beyond
+    assert grid_descent(p, q, max_moves=0).beyond == 1
+
+
+def test_a_channel_the_kernel_made_worse_keeps_its_start(monkeypatch):   # L9, L13, L14
+    p = make_problem(m=6, n=10, bits=3)
+    q0 = p.codes(p.rtn_choices())
+    real = lattice._descent_kernel
+
+    def bad(hess, step, fields, codes, qmin, qmax, max_moves, moves, stopped):
+        real(hess, step, fields, codes, qmin, qmax, max_moves, moves, stopped)
+        codes[0] = qmax                  # far off: worse than the start
+        moves[0] = 3
+        stopped[0] = True
+
+    monkeypatch.setattr(lattice, "_descent_kernel", bad)
+    r = grid_descent(p, q0)
+    start = p.cost_of_codes(q0)
+    assert np.array_equal(r.codes[0], q0[0])
+    assert r.cost[0] == start[0]
+    assert r.moves[0] == 0 and not r.stopped[0]
+    np.testing.assert_allclose(r.cost, p.cost_of_codes(r.codes))

@@ -184,3 +184,71 @@ def test_refit_refuses_codes_off_the_grid():
     with pytest.raises(QroundError, match="dtype bool"):
         refit_scales(p, codes > 3)
     assert refit_scales(p, codes.astype(np.float64)).scale.shape == p.grid.scale.shape
+
+
+# ------------------------------------------------ found by mutation testing (helper-118)
+def _wide():
+    p = make_problem(m=8, n=16, bits=3, seed=10, clip_some=False)
+    g = p.grid
+    return p.with_grid(Grid(g.scale * 1.5, g.zero_point, g.bits, g.symmetric, g.group_size,
+                            g.in_features))
+
+
+def test_tol_stops_after_a_round_that_improves_nothing():   # S1, S4, S8
+    wide = _wide()
+    q, sol = solve_refitting(wide, "greedy", rounds=3, seed=0, tol=10.0)
+    assert sol.info["refits"] == [{"cost": pytest.approx(sol.total_cost), "channels": 0}]
+    assert np.array_equal(q.grid.scale, wide.grid.scale)
+    assert sol.solver == "greedy (3 refits)"
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_history_matches_the_result(rounds):   # S2, S3, S7, S10, S12
+    wide = _wide()
+    q, sol = solve_refitting(wide, "greedy", rounds=rounds, seed=0)
+    h = sol.info["refits"]
+    assert 1 <= len(h) <= rounds
+    if rounds == 1:
+        moved = np.any(q.grid.scale != wide.grid.scale, axis=1)
+        assert h[0]["channels"] == int(moved.sum()) > 0
+    assert h[-1]["cost"] == pytest.approx(sol.total_cost, rel=1e-12)
+    assert all(a["cost"] >= b["cost"] for a, b in zip(h, h[1:]))
+    assert "iterations" in sol.info   # the solver's own info is kept
+
+
+def test_a_group_with_a_negative_fit_is_pinned_and_the_others_refit():   # S13,S15,S16,S24
+    p = make_problem(m=3, n=8, bits=3, seed=5, group_size=4)
+    codes = p.codes(p.rtn_choices()).copy()
+    codes[1, :4] = -codes[1, :4]        # group 0 of channel 1: best scale negative
+    codes[1, :4] = np.clip(codes[1, :4], p.qmin, p.qmax)
+    g = refit_scales(p, codes)
+    assert g.scale[1, 0] == pytest.approx(p.grid.scale[1, 0], rel=1e-8)   # kept (pinned)
+    e1 = np.where(np.arange(8) >= 4, codes[1], 0).astype(float)
+    e0 = np.where(np.arange(8) < 4, codes[1], 0).astype(float)
+    want = e1 @ p.hessian @ (p.weight[1] - p.grid.scale[1, 0] * e0) / (e1 @ p.hessian @ e1)
+    assert g.scale[1, 1] == pytest.approx(want, rel=1e-6)
+
+
+def test_refit_refuses_a_code_one_past_qmax():   # S19
+    p = make_problem(m=4, n=8, bits=3)
+    codes = p.codes(p.rtn_choices()).copy()
+    codes[0, 0] = p.qmax + 1
+    with pytest.raises(QroundError, match="codes must be integers"):
+        refit_scales(p, codes)
+
+
+def test_later_rounds_start_from_the_previous_codes():   # S11, S21
+    wide = _wide()
+    solver = get_solver("greedy")
+    seen = []
+    orig = type(solver).solve
+
+    def spy(self, problem, init=None, seed=None, **kw):
+        seen.append((problem, init))
+        return orig(self, problem, init=init, seed=seed, **kw)
+
+    import unittest.mock as um
+    with um.patch.object(type(solver), "solve", spy):
+        solve_refitting(wide, solver, rounds=1, seed=0)
+    (_, first), (cand, init) = seen
+    assert init is not None and init.dtype == bool and not np.any(init & ~cand.free)

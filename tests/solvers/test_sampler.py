@@ -1,5 +1,6 @@
 """QroundSampler: qround's tabu search and annealing as dimod samplers on any BQM."""
 import unittest
+import warnings
 
 import dimod
 import dimod.testing
@@ -592,3 +593,60 @@ def test_a_time_limit_of_none_is_no_second_budget_and_restarts_none_names_timeou
         QroundSampler("tabu").sample(bqm, restarts=None)
     with pytest.raises(QroundError, match=r"its search parameters: \[.*\] \(and dimod's "):
         QroundSampler("tabu").sample(bqm, num_restarts=3)
+
+
+# ------------------------------------------------ found by mutation testing (helper-118)
+def test_spin_start_optimal_comes_back():   # P2
+    bqm = random_bqm(12, 7, "SPIN")
+    ground = dimod.ExactSolver().sample(bqm).first
+    ss = QroundSampler("anneal").sample(bqm, initial_states=ground.sample, num_reads=1, seed=0,
+                                        beta_schedule=[1e-9], descent=False)
+    assert ss.first.energy == pytest.approx(ground.energy)
+
+
+def test_start_in_other_variable_order():   # P29
+    bqm = random_bqm(12, 7, "BINARY")
+    ground = dimod.ExactSolver().sample(bqm).first
+    vs = list(bqm.variables)[::-1]
+    st = np.array([[ground.sample[v] for v in vs]])
+    ss = QroundSampler("anneal").sample(bqm, initial_states=(st, vs), seed=0,
+                                        beta_schedule=[1e-9], descent=False)
+    assert ss.first.energy == pytest.approx(ground.energy)
+
+
+def test_descent_no_warning_on_ties():   # P5
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        bqm = dimod.generators.gnp_random_bqm(30, 0.5, "BINARY", random_state=seed,
+                  bias_generator=lambda k: rng.integers(-2, 3, size=k).astype(float))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ss = QroundSampler("anneal").sample(bqm, num_reads=4, seed=seed, num_sweeps=20)
+        assert max(ss.info["descent_flips"]) < 10 * 30
+
+
+def test_empty_descent_false():   # P8
+    ss = QroundSampler("anneal").sample(dimod.BinaryQuadraticModel("SPIN"), num_reads=2,
+                                        descent=False)
+    assert ss.info["descent_flips"] is None
+
+
+def test_partial_cut_short_warns(monkeypatch):   # P10, P11
+    from qround.solvers import sampler
+    bqm = _counter_bqm(30, 30)
+    zeros = {v: 0 for v in bqm.variables}
+    down = QroundSampler("anneal").sample(bqm, initial_states=zeros, num_reads=1, seed=0,
+                                          beta_schedule=[1e6]).first.sample
+    monkeypatch.setattr(sampler, "DESCENT_SWEEPS", 5 - 10 * bqm.num_variables)
+    vs = list(bqm.variables)
+    st = np.array([[zeros[v] for v in vs], [down[v] for v in vs]])
+    with pytest.warns(UserWarning, match="final descent of 1 of 2 reads"):
+        QroundSampler("anneal").sample(bqm, initial_states=(st, vs), seed=0, beta_schedule=[1e6])
+
+
+def test_flip_overflow_refused():   # P14
+    from qround.errors import QroundError
+    bqm = dimod.BinaryQuadraticModel({0: 0.0, 1: 0.0, 2: 0.0},
+                                     {(0, 1): 1e308, (0, 2): 1e308}, 0.0, "BINARY")
+    with pytest.raises(QroundError, match="too large"):
+        QroundSampler("anneal").sample(bqm)
