@@ -596,11 +596,19 @@ def test_a_time_limit_of_none_is_no_second_budget_and_restarts_none_names_timeou
 
 
 # ------------------------------------------------ found by mutation testing (helper-118)
-def test_spin_start_optimal_comes_back():   # P2
+def test_spin_starts_are_read_as_given():   # P2
+    # zero temperature, one sweep, no final descent: each read only moves down from its start
+    # (reading -1/+1 as 1/0 turned every start into its complement, which the optimum as a
+    # start hid: one hot sweep flips every variable back)
     bqm = random_bqm(12, 7, "SPIN")
+    vs = list(bqm.variables)
+    starts = np.random.default_rng(0).choice([-1, 1], size=(20, 12)).astype(np.int8)
+    ss = QroundSampler("anneal").sample(bqm, initial_states=(starts, vs), seed=0,
+                                        beta_schedule=[1e9], descent=False)
+    assert np.all(ss.record.energy <= bqm.energies((starts, vs)) + 1e-9)
     ground = dimod.ExactSolver().sample(bqm).first
     ss = QroundSampler("anneal").sample(bqm, initial_states=ground.sample, num_reads=1, seed=0,
-                                        beta_schedule=[1e-9], descent=False)
+                                        beta_schedule=[1e9], descent=False)
     assert ss.first.energy == pytest.approx(ground.energy)
 
 
