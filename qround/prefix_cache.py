@@ -257,6 +257,13 @@ def _value_state(value: Any, depth: int = 0) -> Any:
     return id(value)
 
 
+
+def _call_state(args: tuple, kwargs: dict) -> Any:
+    """:func:`_value_state` of a call's arguments, each seen as deep as an attribute is (its
+    levels counted from the argument, not from the (args, kwargs) pair holding it): a list
+    inside a dict argument (``ctx["feats"].append(h)``) has its items compared."""
+    return _value_state((args, kwargs), depth=-2)
+
 # their attributes change with no effect on a forward (a logger's level cache is cleared by any
 # setLevel in the process): seen by identity
 _OPAQUE = (type, nn.Module, types.FunctionType, types.MethodType, types.BuiltinFunctionType,
@@ -564,7 +571,7 @@ class PrefixCache:
             rec.pending = {"versions": [(t, version_of(t)) for t in tensors],
                            "inputs": _storages(tensors), "print": summary,
                            "state": _state(module), "rng": _rng_states(),
-                           "containers": _value_state((args, kwargs)), "call": (args, kwargs)}
+                           "containers": _call_state(args, kwargs), "call": (args, kwargs)}
         return hook
 
     def _after_call(self, name: str, index: int):
@@ -577,7 +584,7 @@ class PrefixCache:
             outputs = _plain(out)
             if any(version_of(t) != v for t, v in seen["versions"]):
                 why = "changes an input in place"
-            elif _value_state(seen["call"]) != seen["containers"]:
+            elif _call_state(*seen["call"]) != seen["containers"]:
                 why = "changes a list or dict it takes"
             elif _state(module) != seen["state"]:
                 why = ("changes an attribute, parameter or buffer of itself, or draws from a "
