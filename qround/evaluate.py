@@ -24,7 +24,7 @@ from torch import nn
 from ._warn import gathering
 from .calibrate import (ForwardFn, LayerFilter, _layer_input, default_forward, eval_mode,
                         layer_hooks, select_layers)
-from .errors import QroundError, as_float_array, check_bits
+from .errors import QroundError, as_float_array, check_bits, check_int
 
 TOP_K = 10
 
@@ -52,8 +52,11 @@ def embedding_metrics(reference, other, k: int = TOP_K) -> dict[str, float]:
     cosine = float(np.mean(np.sum(ref * oth, axis=1)))
     sim_ref, sim_oth = ref @ ref.T, oth @ oth.T
     upper = np.triu_indices(n, k=1)
-    rho = spearmanr(sim_ref[upper], sim_oth[upper]).statistic
-    # A constant similarity matrix has no ranking; call that no agreement rather than NaN.
+    # A constant similarity matrix has no ranking; call that no agreement rather than NaN
+    # (and without scipy's ConstantInputWarning, since it is handled here).
+    a, b = sim_ref[upper], sim_oth[upper]
+    constant = np.ptp(a) == 0 or np.ptp(b) == 0
+    rho = np.nan if constant else spearmanr(a, b).statistic
     spearman = float(rho) if np.isfinite(rho) else 0.0
     overlap = _neighbours(sim_ref, k) & _neighbours(sim_oth, k)
     return {"cosine": cosine, "spearman": spearman,
@@ -183,6 +186,7 @@ def digits_accuracy(model: nn.Module, data: Any, abits: int | None = None,
     for field in ("calib_images", "test_images", "test_labels"):
         if not isinstance(getattr(data, field, None), torch.Tensor):
             raise QroundError(f"data must be a qround.zoo.DigitsData (no tensor {field!r})")
+    check_int(batch_size, "batch_size", 1)   # before the calibration batches are cut with it
     if abits is None:
         return accuracy(model, data.test_images, data.test_labels, batch_size=batch_size)
     check_bits(abits, "abits")

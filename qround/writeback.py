@@ -158,6 +158,9 @@ def apply_to_layer(module: nn.Module, qweight: QuantizedWeight, inplace: bool = 
     """Return the layer with its weight set to ``qweight.dequantized`` (in the weight's own dtype
     and device): a deep copy, or ``module`` itself when ``inplace=True``.  Bias is unchanged."""
     _check_layer(module)
+    if not isinstance(qweight, QuantizedWeight):
+        raise QroundError(f"qweight must be a QuantizedWeight (from quantized_weight or "
+                          f"weight_from_codes), got {type(qweight).__name__}")
     why = weight_not_writable(module)
     if why:
         raise QroundError(f"cannot write a rounded weight into this {type(module).__name__}: "

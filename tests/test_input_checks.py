@@ -138,7 +138,8 @@ def test_bad_seeds_are_named(seed):
     (lambda: ReconstructConfig(qdrop=False), "qdrop must be a finite number, got the bool False"),
     (lambda: ReconstructConfig(qdrop=float("nan")), "qdrop must be a finite number"),
     (lambda: ReconstructConfig(qdrop=-0.5), r"qdrop must lie in \[0, 1\], got -0.5"),
-    (lambda: ReconstructConfig(reg_weight=True), "reg_weight must be a finite number, got the bool"),
+    (lambda: ReconstructConfig(reg_weight=True), "reg_weight must be a finite number, got the "
+     "bool"),
     (lambda: ReconstructConfig(beta=(20.0, 0)), r"beta\[1\] must lie in \(0, inf\), got 0"),
     # a string is true: "False" would have trained the weights
     (lambda: ReconstructConfig(train_weights="False"), "train_weights must be True or False"),
