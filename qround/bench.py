@@ -37,7 +37,6 @@ from .grid import GridSpec
 from .problems.io import LayerStats, load_layer_stats
 from .problems.rounding import RoundingProblem
 from .report import environment, format_table, require_pyplot, write_json_atomic
-from .solvers import DimodSolver, Exact, get_solver, place
 from .solvers.base import warm_up, warm_up_problem
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,8 @@ def extra_solvers(sweeps_factor: int = 10) -> dict:
     ``fast-t20``, the named defaults with a tabu tenure of 20 in every tabu stage instead of
     the default min(10, nfree // 2) (tried in the thirteenth session, BENCHMARKS.md 1m), to
     compare with."""
-    from .solvers import GPTQ, Anneal, BestOf, Chain, MeanField, Relaxation, Tabu
+    from .solvers import (GPTQ, Anneal, BestOf, Chain, DimodSolver, MeanField, Relaxation,
+                          Tabu)
 
     def quality(tenure=None):
         def tabu():
@@ -262,6 +262,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
 
 
 def _run(cfg, progress, tqdm):
+    from .solvers import get_solver, place
     from .solvers._torch import resolve_device
 
     resolve_device(cfg.device)  # a device that is not there stops the run, not each solver
@@ -403,6 +404,8 @@ def _layer_rows(name, bits, shape, results, cfg):
 
 def _exact_gaps(name, problem, solvers, cfg):
     """Gap of each solver to the exact optimum on sub-problems cut from the real layer."""
+    from .solvers import Exact
+
     rng = np.random.default_rng(cfg.seed)
     m, n = problem.weight.shape
     k = min(cfg.exact_inputs, n)
@@ -497,6 +500,12 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    """``qround bench``: parse ``argv`` and run the benchmark."""
+    return run_args(parse_args(argv))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line of ``qround bench``; loads no solver (``--help`` stays fast)."""
     p = argparse.ArgumentParser(prog="qround bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="*", metavar="FILE.npz",
@@ -534,7 +543,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plot", help="write the cost/RTN-vs-time plot (PNG)")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run_args(a: argparse.Namespace) -> int:
+    """Run the benchmark that :func:`parse_args` read."""
     split = lambda s: tuple(x for x in s.split(",") if x and x.strip().lower() != "none")
     from .solvers._torch import resolve_device
     from .solvers.registry import split_specs

@@ -1520,7 +1520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     if argv[first:first + 1] == ["bench"]:  # the benchmark owns its own options
-        from .bench import main as bench_main
+        from .bench import parse_args, run_args
 
         prefix = argparse.ArgumentParser(prog="qround", add_help=False)
         prefix.add_argument("-v", "--verbose", action="count", default=0)
@@ -1531,7 +1531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prefix.error("-q/--quiet and -v/--verbose contradict each other")
         except SystemExit as exc:  # an unknown option before `bench` (already printed)
             return exc.code if isinstance(exc.code, int) else 2
-        return _run(lambda: bench_main(argv[first + 1:]), _verbosity(given))
+        try:   # before _run, which loads torch: --help and usage errors stay fast
+            args = parse_args(argv[first + 1:])
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 2
+        return _run(lambda: run_args(args), _verbosity(given))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

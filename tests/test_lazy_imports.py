@@ -17,7 +17,8 @@ def _modules_after(code: str) -> set[str]:
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["quantize", "--help"],
-                                  ["sample", "--help"]])
+                                  ["sample", "--help"], ["bench", "--help"],
+                                  ["-v", "bench", "-h"]])
 def test_cli_help_and_version_import_no_heavy_library(argv):
     code = ("import contextlib, io\nfrom qround.cli import main\n"
             f"with contextlib.redirect_stdout(io.StringIO()):\n    assert main({argv!r}) == 0")
