@@ -224,7 +224,8 @@ def kept_buffers(model: nn.Module, skip: tuple[type, ...] = ()) -> Iterator[nn.M
 def select_layers(model: nn.Module, layers: LayerFilter = None,
                   conv1d: bool = True) -> dict[str, nn.Module]:
     """The Linear/Conv2d modules (and transformers' Conv1D unless ``conv1d`` is False) to
-    capture, by name, in ``named_modules`` (forward) order.
+    capture, by name: in ``named_modules`` order for None or a predicate, in the given order
+    for names.
 
     layers: None (all), a name or list of names, or a predicate ``(name, module) -> bool``.
     """
