@@ -252,7 +252,7 @@ def _parse_qubo(path: str, data: bytes, dense: bool):
     offset = 0.0 if offset is None else offset
     if not all(np.isfinite(v) for _, _, v in entries) or not np.isfinite(offset):
         raise QroundError(f"QUBO file {path!r} holds NaN or infinite values")
-    return size, offset, entries, np.array(sorted(i for i, _ in nodes), dtype=int)
+    return size, offset, entries, np.array(sorted({i for i, _ in nodes}), dtype=int)
 
 
 _OFFSET_LIKE = re.compile(r"offset\s*[:=]?\s*[-+]?(\d|\.\d|inf|nan)", re.IGNORECASE)
@@ -315,6 +315,9 @@ def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=s
         if label in solutions:
             raise QroundError(f"known solution label {label!r} is reserved")
         b = problem.check_choices(choices, f"known[{label!r}]") > 0.5
+        if b.shape != problem.weight.shape:
+            raise QroundError(f"known[{label!r}] must be one solution of shape "
+                              f"{problem.weight.shape}, got shape {b.shape}")
         solutions[label] = b & problem.free
     energies = {label: problem.energies(b) for label, b in solutions.items()}
     made = missing_folders(folder)        # the folders this export creates, deepest first
