@@ -135,7 +135,7 @@ class Anneal(Solver):
                 raise QroundError("give beta_range or a custom beta_schedule, not both")
             if np.asarray(beta_schedule).dtype == bool:
                 raise QroundError("beta_schedule must hold numbers, got booleans")
-            schedule = as_float_array(beta_schedule, "beta_schedule", ndim=1)
+            schedule = as_float_array(beta_schedule, "beta_schedule", ndim=1).copy()
             if schedule.size == 0:
                 raise QroundError("beta_schedule is empty")
             if schedule.min() < 0:
