@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -240,12 +240,3 @@ def _check_units_on(shadow, model, names, config, batch, forward, calibration=No
             check_cache(cache_bytes(shadow, units, lca, batches, forward),
                         config.reconstruction.cache_mb, len(batches),
                         "ReconstructConfig.cache_mb")
-
-
-def act_state(layer: QuantizedLayer) -> dict[str, Any]:
-    """Metadata of a layer's input quantiser for export (None fields when its input is float)."""
-    act = layer.act
-    if act is None:
-        return {"abits": None}
-    return {"abits": act.bits, "signed": bool(act.signed), "borders": act.borders,
-            "fusion_size": act.fusion_size, "act_mode": layer.act_mode}

@@ -308,6 +308,9 @@ class ActQuantizer(nn.Module):
         if not self._flag(1):
             raise QroundError("ActQuantizer is not calibrated: call calibrate() (or build it "
                               "with insert_act_quantizers) first")
+        if x.dim() == 0:
+            raise QroundError("ActQuantizer needs a tensor with at least one dimension (the "
+                              "elements), got a 0-d tensor")
         grid = self._range()    # one read of each flag per call: on a GPU each read syncs
         dim = dim % x.dim()
         if features is None:
@@ -518,7 +521,7 @@ class QuantizedLayer(nn.Module):
         self.weight_mode = "hard"
 
     # -------------------------------------------------------------------------- activations
-    def _quantize(self, x: torch.Tensor, dim: int, features: int, use_border: bool,
+    def _quantize(self, x: torch.Tensor, dim: int, features: int | None, use_border: bool,
                   border: torch.Tensor | None = None):
         if self.act is None or self.act_mode == "float":
             return x
@@ -629,7 +632,7 @@ class QuantizedLayer(nn.Module):
         w = self.quantized_weight()
         border = self.act_mode == "border"
         if not self.is_conv:
-            xq = self._quantize(x, -1, x.numel() // max(x.shape[0], 1), border)
+            xq = self._quantize(x, -1, None, border)   # LSQ's N_F: as codes() reads it
             return F.linear(xq, w, self.layer.bias)
         self._check_conv_input(x)
         batched = x.dim() == 4
