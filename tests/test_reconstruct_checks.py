@@ -1,0 +1,386 @@
+"""Tests from mutation testing of qround.reconstruct (helper 126): config checks, unit names
+that share a prefix, the training flags and learning rates, QDrop during training, reverted
+units, in-place runs, the loss definitions, the reports' layers and target power."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from qround import GridSpec, QroundError
+from qround.activations import insert_act_quantizers, quantized_layers
+from qround.reconstruct import (ReconstructConfig, Unit, _BlockData, _main_tensor, _mse,
+                                _rec_loss, check_cache, plan_units, reconstruct)
+
+from .tiny_models import BATCHES, TinyResNet, gen
+
+torch.set_num_threads(1)
+
+FAST = ReconstructConfig(iterations=60, batch_size=8, lr_rounding=0.05, seed=3)
+
+
+def quant_model(net, borders="quadratic", abits=3, wbits=2):
+    return insert_act_quantizers(net, None, abits, borders=borders, calib_batches=BATCHES,
+                                 weights=GridSpec(bits=wbits, symmetric=False))
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("field, value", [
+    ("seed", 2 ** 64), ("iterations", True), ("batch_size", True), ("reg_weight", -0.5),
+    ("beta", (20.0, 2.0, 1.0)), ("train_steps", "False"), ("train_weights", 0.0),
+    ("train_borders", "no")])
+def test_config_refuses(field, value):
+    with pytest.raises(QroundError, match=f"ReconstructConfig.{field}"):
+        ReconstructConfig(**{field: value})
+
+
+def test_config_accepts_its_edges():
+    c = ReconstructConfig(seed=2 ** 64 - 1, reg_weight=0.0, qdrop=1.0, warmup=0.0)
+    assert (c.seed, c.reg_weight, c.qdrop, c.warmup) == (2 ** 64 - 1, 0.0, 1.0, 0.0)
+
+
+# ------------------------------------------------------------------------------ unit names
+class _Pair(nn.Module):
+    """Two layers whose names share a prefix ('fc', 'fc2'): neither is inside the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc(x)))
+
+
+PAIR_BATCHES = [torch.randn(8, 4, generator=gen(i)) for i in range(2)]
+
+
+def test_modules_sharing_a_name_prefix_neither_overlap_nor_cover_each_other():
+    net = _Pair()
+    q = insert_act_quantizers(net, None, None, weights=GridSpec(bits=3))
+    assert plan_units(net, q, PAIR_BATCHES, ["fc", "fc2"]) == [Unit(("fc",)), Unit(("fc2",))]
+    # 'fc2' is not inside the unit 'fc': it is reconstructed alone
+    assert plan_units(net, q, PAIR_BATCHES, ["fc"]) == [Unit(("fc",)), Unit(("fc2",))]
+    res = reconstruct(net, q, PAIR_BATCHES, ["fc"], ReconstructConfig(iterations=2, seed=0))
+    assert [b.block for b in res.blocks] == ["fc", "fc2"]
+
+
+def test_an_empty_list_of_blocks_is_refused():
+    net = _Pair()
+    q = insert_act_quantizers(net, None, None, weights=GridSpec(bits=3))
+    with pytest.raises(QroundError, match="empty list"):
+        plan_units(net, q, PAIR_BATCHES, [])
+    with pytest.raises(QroundError, match="empty list"):
+        reconstruct(net, q, PAIR_BATCHES, [], FAST)
+
+
+def test_a_unit_missing_from_the_float_model_is_named():
+    net = _Pair()
+    q = insert_act_quantizers(net, None, None, weights=GridSpec(bits=3))
+    other = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(QroundError, match=r"\['fc', 'fc2'\] exist in quant_model but not in "
+                                          "float_model"):
+        reconstruct(other, q, PAIR_BATCHES, "auto", FAST)
+
+
+class _SwappedBlock(nn.Module):
+    """Defined 'second' then 'first'; called 'first' then 'second'."""
+
+    def __init__(self):
+        super().__init__()
+        self.second = nn.Linear(4, 4)
+        self.first = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_a_reports_layers_are_in_call_order():
+    net = nn.Sequential(_SwappedBlock(), nn.Linear(4, 2))
+    q = insert_act_quantizers(net, None, None, weights=GridSpec(bits=3))
+    res = reconstruct(net, q, PAIR_BATCHES, "auto", ReconstructConfig(iterations=2, seed=0))
+    assert [b.block for b in res.blocks] == ["0", "1"]
+    assert res.blocks[0].layers == ("0.first", "0.second")
+
+
+class _Flatten(nn.Module):
+    """A block that flattens tokens: (N, T, F) in, (N*T, C) out."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(-1, x.shape[-1]))
+
+
+def test_a_block_that_flattens_its_rows_trains_on_whole_batches():
+    net = nn.Sequential(_Flatten())
+    batches = [torch.randn(4, 3, 5, generator=gen(i)) for i in range(2)]
+    q = insert_act_quantizers(net, None, 4, calib_batches=batches, weights=GridSpec(bits=3))
+    res = reconstruct(net, q, batches, "auto", ReconstructConfig(iterations=10, batch_size=2,
+                                                                  seed=0))
+    assert [b.block for b in res.blocks] == ["0"]
+    assert res.blocks[0].loss_after <= res.blocks[0].loss_before
+
+
+# ------------------------------------------------------------------------------ losses
+def test_rec_loss_sums_over_channels_of_nchw_and_over_the_last_axis_otherwise():
+    g = gen(5)
+    t4, t3 = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, generator=g)
+    assert torch.allclose(_rec_loss(torch.zeros_like(t4), t4), (t4 ** 2).sum(1).mean())
+    assert torch.allclose(_rec_loss(torch.zeros_like(t3), t3), (t3 ** 2).sum(-1).mean())
+
+
+def test_rec_loss_with_a_token_mask_averages_over_the_real_tokens_only():
+    target = torch.randn(2, 3, 4, generator=gen(6))
+    mask = torch.tensor([[1, 1, 0], [0, 0, 1]])
+    per_token = (target ** 2).sum(-1)
+    want = (per_token[0, 0] + per_token[0, 1] + per_token[1, 2]) / 3
+    assert torch.allclose(_rec_loss(torch.zeros_like(target), target, mask), want)
+
+
+def test_mse_with_a_token_mask_is_per_element_of_the_real_tokens():
+    g = gen(7)
+    x, y = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    mask = torch.tensor([[True, True, False], [False, False, True]])
+    data = _BlockData([((x,), {})], [y], [mask])
+    err = ((x - y) ** 2)[mask]   # (3 real tokens, 4 features)
+    assert _mse(nn.Identity(), data, "id") == pytest.approx(float(err.mean()), rel=1e-6)
+
+
+def test_main_tensor_skips_integer_tensors():
+    ids, h = torch.arange(6).reshape(2, 3), torch.randn(2, 3, 4)
+    assert _main_tensor({"input_ids": ids, "hidden": h}, "m") is h
+    assert _main_tensor((ids, h), "m") is h
+
+
+def test_check_cache_names_the_unit_that_needs_most():
+    need = {"a": 3 * 2 ** 20, "b": 5 * 2 ** 20, "c": 10}
+    with pytest.raises(QroundError, match=r"unit 'b' would cache 5 MB .*\(2 of 3 units"):
+        check_cache(need, 1.0, 2)
+    check_cache(need, 5.0, 2)   # at the bound: accepted
+
+
+# ------------------------------------------------------------------------------ training
+@pytest.mark.parametrize("flag", ["train_weights", "train_steps", "train_borders"])
+def test_a_training_flag_off_keeps_that_kind_of_parameter(flag):
+    net = TinyResNet()
+    q = quant_model(net)
+    res = reconstruct(net, q, BATCHES, config=dataclasses.replace(FAST, **{flag: False}))
+    assert not any(b.reverted for b in res.blocks if b.block == "block")
+
+    def kind(model, which):
+        out = []
+        for m in quantized_layers(model).values():
+            if which == "train_weights":
+                out.append(m.w_codes)
+            elif which == "train_steps":
+                out.append(m.act.step)
+            else:
+                out += [p for p in (m.act.b0, m.act.b1, m.act.b2) if p is not None]
+        return out
+
+    for which in ("train_weights", "train_steps", "train_borders"):
+        same = all(torch.equal(a, b) for a, b in zip(kind(res.model, which), kind(q, which)))
+        # the kind switched off is as it started; the others were trained
+        assert same == (which == flag), which
+
+
+def test_nothing_to_train_runs_no_step_and_changes_nothing():
+    net = TinyResNet()
+    q = quant_model(net)
+    cfg = dataclasses.replace(FAST, train_weights=False, train_steps=False, train_borders=False)
+    res = reconstruct(net, q, BATCHES, config=cfg)
+    assert [b.iterations for b in res.blocks] == [0, 0, 0]
+    assert all(b.loss_after == b.loss_before and not b.reverted for b in res.blocks)
+    assert _same_state(res.model, q)
+
+
+def test_each_parameter_kind_gets_its_own_learning_rate(monkeypatch):
+    seen = []
+
+    class Spy(torch.optim.Adam):
+        def __init__(self, groups, *args, **kwargs):
+            super().__init__(groups, *args, **kwargs)
+            seen.append([({id(p) for p in g["params"]}, g["lr"]) for g in self.param_groups])
+
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    net = TinyResNet()
+    q = quant_model(net)
+    cfg = dataclasses.replace(FAST, iterations=2, lr_rounding=0.011, lr_step=0.0021,
+                              lr_border=0.0031)
+    reconstruct(net, q, BATCHES, ["block"], cfg, inplace=True)
+    assert len(seen) == 3   # stem, block, head.1
+    layers = [q.block.conv1, q.block.conv2]
+    kinds = {0.011: {id(m.w_round) for m in layers},
+             0.0021: {id(m.act.step) for m in layers},
+             0.0031: {id(p) for m in layers for p in (m.act.b0, m.act.b1, m.act.b2)
+                      if p is not None}}
+    groups = seen[1]
+    assert sorted(lr for _, lr in groups) == sorted(kinds)
+    for params, lr in groups:
+        assert params == kinds[lr], lr
+
+
+def test_qdrop_acts_while_training_only_and_is_reset():
+    net = TinyResNet()
+    q = quant_model(net)
+    seen: dict[bool, set] = {True: set(), False: set()}
+
+    def hook(module, args):
+        seen[torch.is_grad_enabled()].add(module.qdrop_p)
+
+    for m in quantized_layers(q).values():
+        m.register_forward_pre_hook(hook)
+    reconstruct(net, q, BATCHES, config=dataclasses.replace(FAST, iterations=3, qdrop=0.3),
+                inplace=True)
+    assert seen[True] == {0.3}
+    assert seen[False] == {0.0}
+    assert all(m.qdrop_p == 0.0 and m.qdrop_generator is None
+               for m in quantized_layers(q).values())
+
+
+def test_a_unit_made_worse_is_restored_to_its_initial_state():
+    net = TinyResNet()
+    q = quant_model(net)
+    # one huge Adam step: every unit ends worse than it started
+    cfg = ReconstructConfig(iterations=3, batch_size=8, lr_rounding=100.0, lr_step=10.0,
+                            lr_border=10.0, seed=0)
+    res = reconstruct(net, q, BATCHES, config=cfg)
+    assert all(b.reverted and b.loss_after == b.loss_before for b in res.blocks)
+    assert _same_state(res.model, q)
+    assert all(m.weight_mode == "hard" for m in quantized_layers(res.model).values())
+
+
+def test_inplace_reconstructs_the_given_model():
+    net = TinyResNet()
+    q = quant_model(net)
+    before = copy.deepcopy(q)
+    res = reconstruct(net, q, BATCHES, config=dataclasses.replace(FAST, iterations=20),
+                      inplace=True)
+    assert res.model is q
+    assert not _same_state(q, before)
+    res2 = reconstruct(net, before, BATCHES, config=dataclasses.replace(FAST, iterations=20))
+    assert res2.model is not before and _same_state(res2.model, q)
+
+
+def test_target_power_is_the_mean_square_of_the_float_output():
+    net = TinyResNet()
+    q = quant_model(net)
+    outs = []
+    h = net.block.register_forward_hook(lambda m, a, out: outs.append(out.detach()))
+    with torch.no_grad():
+        for b in BATCHES:
+            net(b)
+    h.remove()
+    y = torch.cat(outs).double()
+    res = reconstruct(net, q, BATCHES, config=dataclasses.replace(FAST, iterations=2))
+    block = res.blocks[1]
+    assert block.block == "block"
+    assert block.target_power == pytest.approx(float((y ** 2).mean()), rel=1e-6)
+    assert block.relative_loss == pytest.approx(block.loss_after / float((y ** 2).mean()))
+
+
+def test_a_forward_that_catches_exceptions_does_not_swallow_the_capture():
+    def tolerant(model, batch):
+        try:
+            return model(batch)
+        except Exception:   # e.g. a forward that skips batches a model cannot take
+            return None
+
+    net = TinyResNet()
+    q = quant_model(net)
+    cfg = dataclasses.replace(FAST, iterations=5)
+    a = reconstruct(net, q, BATCHES, config=cfg, forward=tolerant)
+    b = reconstruct(net, q, BATCHES, config=cfg)
+    assert [r.block for r in a.blocks] == ["stem", "block", "head.1"]
+    assert _same_state(a.model, b.model)
+
+
+def test_a_tensor_as_calibration_is_refused():
+    net = TinyResNet()
+    q = quant_model(net)
+    with pytest.raises(QroundError, match="wrap a tensor in a list"):
+        reconstruct(net, q, BATCHES[0], config=FAST)
+    with pytest.raises(QroundError, match="wrap a tensor in a list"):
+        plan_units(net, q, BATCHES[0])
+
+
+class _Cache:
+    """Looks like transformers' Cache API: grows on every call of a layer."""
+
+    def __init__(self):
+        self.length = 0
+
+    def get_seq_length(self):
+        return self.length
+
+    def update(self, *args):
+        self.length += 1
+
+
+class _CachedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, past=None):
+        if past is not None:
+            past.update()
+        return self.fc(x)
+
+
+class _Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_CachedLayer()])
+
+    def forward(self, x):
+        cache = _Cache()
+        for layer in self.layers:
+            x = layer(x, past=cache)
+        return x
+
+
+def test_a_block_called_with_a_key_value_cache_is_refused():
+    net = _Decoder()
+    q = insert_act_quantizers(net, None, None, weights=GridSpec(bits=3))
+    with pytest.raises(QroundError, match=r"'layers\.0' is called with a key-value cache "
+                                          r"\(_Cache\)"):
+        reconstruct(net, q, PAIR_BATCHES, "auto", ReconstructConfig(iterations=2, seed=0))
+
+
+def test_rows_of_flattened_tokens_count_only_the_real_tokens():
+    from qround.calibrate import token_mask
+
+    g = gen(8)
+    batches = []
+    for i in range(2):
+        x = torch.randn(4, 3, 5, generator=g)
+        mask = torch.ones(4, 3, dtype=torch.bool)
+        mask[:, 2] = False
+        x[~mask] = 40.0   # padding: far from what the steps were fitted on
+        batches.append((x, mask))
+
+    def forward(model, batch):
+        x, mask = batch
+        with token_mask(mask):
+            return model(x)
+
+    net = nn.Sequential(_Flatten())
+    q = insert_act_quantizers(net, None, 3, calib_batches=batches, weights=GridSpec(bits=2),
+                              forward=forward)
+    with torch.no_grad():
+        err = [((q(x) - net(x)) ** 2)[mask.reshape(-1)] for x, mask in batches]
+        everything = torch.cat([((q(x) - net(x)) ** 2) for x, _ in batches]).mean()
+    want = float(torch.cat(err).mean())
+    assert want < 0.5 * float(everything)   # the padded rows would dominate
+    res = reconstruct(net, q, batches, "auto", ReconstructConfig(iterations=2, seed=0),
+                      forward=forward)
+    assert res.blocks[0].loss_before == pytest.approx(want, rel=1e-4)
