@@ -300,7 +300,20 @@ class Chain(Solver):
 
     @property
     def label(self) -> str:
-        return self._label or "+".join(s.label for s in self.solvers)
+        """The members' labels joined by ``+``; a member that is a choice (``a|b``) in
+        parentheses, so the label reads back as this chain (``'+'`` binds tighter)."""
+        if self._label:
+            return self._label
+        from .registry import _split_top
+
+        def member(label: str) -> str:
+            try:
+                choice = len(_split_top(label, "|", label)) > 1
+            except QroundError:   # a user's label that is no spec: shown as it is
+                choice = False
+            return f"({label})" if choice else label
+
+        return "+".join(member(s.label) for s in self.solvers)
 
     def _solve(self, problem, start, rng):
         return self._solve_from(problem, start, problem.energies(start), rng)

@@ -3,7 +3,8 @@
 A spec is a name (``greedy``), a name with options (``tabu(restarts=8, tenure=20)``: keyword
 arguments of the solver's factory, Python literals), a chain ``a+b`` (run ``a``, polish with
 ``b``), or a best-of ``a|b`` (per channel the better of ``a`` and ``b``, both from the same
-start); ``+`` binds tighter than ``|``, and a part's options may hold any of ``+|,``.  So the
+start); ``+`` binds tighter than ``|``, parentheses group (``gptq+(tabu|anneal)``: GPTQ, then
+the better of the two from GPTQ's result), and a part's options may hold any of ``+|,()``.  So the
 shell can tune a solver: ``qround solve --solver "gptq+tabu(restarts=16)"``.  ``register`` adds
 a factory; ``get_solver`` builds a solver from a spec; :func:`split_specs` splits a
 comma-separated list of specs.
@@ -197,11 +198,9 @@ def get_solver(spec: str | Solver, device=None, **kwargs) -> Solver:
                               "give the device in one place")
         solver = get_solver(spec, **kwargs)
         return place(solver, device)
-    spec = normalize_spec(spec)
+    spec = _ungroup(normalize_spec(spec))
     alternatives = _split_top(spec, "|", spec)
-    if any(not part for alt in alternatives for part in _split_top(alt, "+", spec)):
-        raise QroundError(f"solver spec {spec!r} has an empty part: write names joined by '+' "
-                          "(then) and '|' (better of), e.g. 'gptq+tabu|anneal'")
+    _check_no_empty_part(spec, alternatives)
     if len(alternatives) > 1:
         if kwargs:
             raise QroundError("keyword arguments apply to a single solver, not to a composition")
@@ -285,9 +284,38 @@ def spec_names(spec: str) -> list[str]:
 
 
 def _spec_parts(spec: str) -> list[tuple[str, dict]]:
-    spec = normalize_spec(spec)
-    return [_parse_part(part) for alt in _split_top(spec, "|", spec)
-            for part in _split_top(alt, "+", spec)]
+    spec = _ungroup(normalize_spec(spec))
+    alternatives = _split_top(spec, "|", spec)
+    _check_no_empty_part(spec, alternatives)
+    parts = alternatives if len(alternatives) > 1 else _split_top(spec, "+", spec)
+    if len(parts) > 1:
+        return [found for part in parts for found in _spec_parts(part)]
+    return [_parse_part(spec)]
+
+
+def _ungroup(spec: str) -> str:
+    """``spec`` without parentheses that enclose all of it: ``"(tabu|anneal)"`` ->
+    ``"tabu|anneal"``, so that ``"gptq+(tabu|anneal)"`` is GPTQ, then the better of the two."""
+    while spec.startswith("("):
+        depth = 0
+        for i, ch, quoted in _scan(spec, spec):
+            if not quoted:
+                depth += {"(": 1, ")": -1}.get(ch, 0)
+                if depth == 0:
+                    break
+        if depth != 0 or i != len(spec) - 1:
+            return spec   # "(a)+(b)", or unbalanced: _split_top says what is wrong
+        spec = spec[1:-1]
+        if not spec:
+            raise QroundError("solver spec '()' is empty")
+    return spec
+
+
+def _check_no_empty_part(spec: str, alternatives: list[str]) -> None:
+    if any(not part for alt in alternatives for part in _split_top(alt, "+", spec)):
+        raise QroundError(f"solver spec {spec!r} has an empty part: write names joined by '+' "
+                          "(then) and '|' (better of), e.g. 'gptq+tabu|anneal', grouped with "
+                          "parentheses, e.g. 'gptq+(tabu|anneal)'")
 
 
 def _spec_devices(spec: str) -> set:
