@@ -1374,7 +1374,9 @@ def _seeded(config: QuantConfig, model: nn.Module, random):
     np_state, py_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=sorted(devices)):
         torch.default_generator.manual_seed(config.seed)
-        np.random.seed(config.seed % 2 ** 32)   # a forward drawing from these follows it too
+        # a forward drawing from these follows the seed too; numpy takes 32-bit words
+        np.random.seed(config.seed if config.seed < 2 ** 32
+                       else [config.seed & 0xFFFFFFFF, config.seed >> 32])
         random.seed(config.seed)
         for d in sorted(devices):
             torch.cuda.default_generators[d].manual_seed(config.seed)

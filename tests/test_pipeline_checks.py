@@ -1,0 +1,167 @@
+"""Mutation-testing kills for qround.pipeline's configuration and selection side: override
+matching, config checks and conversions, RNG handling, inplace vs copy, the report."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qround import QroundError
+from qround.pipeline import QuantConfig, quantize_model
+from qround.solvers import Solver
+
+from .test_pipeline import build
+
+torch.set_num_threads(1)
+BASE = dict(wbits=2, progress=False, solver="greedy")
+
+
+# ----------------------------------------------------------------------------- the config
+def test_an_override_pattern_is_searched_anywhere_in_the_name():
+    # re.search, as documented: a pattern anchored at the end matches a layer whose name
+    # starts otherwise
+    config = QuantConfig(wbits=3, overrides={"_a$": {"wbits": 8}})
+    assert config.override("head_a") == ("_a$", {"wbits": 8})
+    assert config.layer_bits("head_a", end=False) == 8
+    model, data = build("branchy")
+    qm = quantize_model(model, data, QuantConfig(**BASE, overrides={"_a$": {"wbits": 8}}))
+    assert {r.layer: r.bits for r in qm.report} == {"inp": 2, "head_a": 8, "head_b": 2,
+                                                     "out": 2}
+
+
+def test_numpy_bools_become_python_bools():
+    config = QuantConfig(symmetric=np.bool_(False), bias_correction=np.bool_(True),
+                         widen=np.bool_(False), progress=np.bool_(False))
+    for name in ("symmetric", "bias_correction", "widen", "progress"):
+        assert type(getattr(config, name)) is bool
+    assert config.symmetric is False and config.bias_correction is True
+    json.dumps(config.as_dict())   # saved with the model
+
+
+def test_a_bool_seed_is_refused():
+    with pytest.raises(QroundError, match="seed must be"):
+        QuantConfig(seed=True)
+
+
+@pytest.mark.parametrize("name", ["layers", "exclude"])
+def test_a_layer_pattern_that_is_not_a_string_is_named(name):
+    with pytest.raises(QroundError, match=f"{name} must be a regex string"):
+        QuantConfig(**{name: 5})
+
+
+def test_progress_must_be_a_bool():
+    with pytest.raises(QroundError, match="progress must be True or False"):
+        QuantConfig(progress=1)
+
+
+def test_a_group_size_that_covers_every_input_is_accepted():
+    # group_size >= a layer's inputs: one group over them all (check_group_sizes' "or covers
+    # them all"); branchy's layers have 12 and 16 inputs
+    model, data = build("branchy")
+    qm = quantize_model(model, data, QuantConfig(**BASE, group_size=32))
+    assert list(qm.layers) == ["inp", "head_a", "head_b", "out"]
+
+
+# ----------------------------------------------------------------------------- the run
+class Draws(Solver):
+    """Rounding-to-nearest that records the first draw of the generator each problem gets."""
+
+    name = "draws"
+
+    def __init__(self):
+        self.draws = {}
+
+    def _solve(self, problem, start, rng):
+        self.draws[problem.name] = rng.random()
+        return start
+
+
+def _draws(seed):
+    model, data = build("branchy")
+    solver = Draws()
+    quantize_model(model, data, QuantConfig(**{**BASE, "solver": solver}, seed=seed))
+    return solver.draws
+
+
+def test_config_seed_reaches_every_layers_solver():
+    a, again, b = _draws(0), _draws(0), _draws(1)
+    assert list(a) == ["inp", "head_a", "head_b", "out"]
+    assert a == again                        # the seed decides the draws...
+    assert all(a[k] != b[k] for k in a)      # ...and another seed changes them
+    assert len(set(a.values())) == len(a)    # each layer has a stream of its own
+
+
+def test_totals_count_the_skipped_modules():
+    model, data = build("branchy")
+    qm = quantize_model(model, data, QuantConfig(**BASE, exclude="_b$"))
+    t = qm.totals()
+    assert (t["layers"], t["skipped"]) == (3, 1)
+    assert t["ratio"] == pytest.approx(t["cost"] / t["rtn_cost"])
+    assert "3 layers quantised, 1 left in float" in qm.table()
+
+
+def test_inplace_asymmetric_statistics_come_from_a_float_copy():
+    # inplace=True writes into the given model: the float inputs of the asymmetric target must
+    # come from a copy taken before, so the codes are those of a run on a copy
+    model, data = build("branchy")
+    config = QuantConfig(**BASE, inputs="asymmetric")
+    ref = quantize_model(model, data, config)
+    qm = quantize_model(model, data, config, inplace=True)
+    assert qm.model is model
+    for name, qw in ref.layers.items():
+        np.testing.assert_array_equal(qm.layers[name].codes, qw.codes)
+
+
+def test_a_forward_drawing_from_torch_follows_the_config_seed():
+    model = nn.Linear(8, 4)
+    data = [torch.randn(6, 8, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    seen = []
+
+    def forward(m, batch):   # draws from torch's global generator, as a noisy model would
+        seen.append(torch.rand(()).item())
+        return m(batch)
+
+    runs = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        state = torch.get_rng_state()
+        seen.clear()
+        quantize_model(model, data, QuantConfig(**BASE, seed=5), forward=forward)
+        assert torch.equal(torch.get_rng_state(), state)     # the caller's, restored
+        runs.append(list(seen))
+    assert runs[0] and runs[0] == runs[1]
+    assert runs[0][0] == torch.rand((), generator=torch.Generator().manual_seed(5)).item()
+
+
+def test_a_config_that_is_not_a_quantconfig_is_named():
+    model, data = build("branchy")
+    with pytest.raises(QroundError, match="config must be a QuantConfig"):
+        quantize_model(model, data, {"wbits": 4})
+
+
+def test_an_older_files_asymmetric_setting_must_be_a_bool():
+    assert QuantConfig.from_dict({"asymmetric": True}).inputs == "asymmetric"
+    assert QuantConfig.from_dict({"asymmetric": False}).inputs == "float"
+    with pytest.raises(QroundError, match="'asymmetric'.*must be one of"):
+        QuantConfig.from_dict({"asymmetric": 1})
+
+
+def test_a_forward_drawing_from_numpy_follows_every_bit_of_the_seed():
+    """numpy's legacy seed takes 32-bit words: seeds 0 and 2**32 must not give the same draws,
+    and a seed below 2**32 gives np.random.seed(seed)'s draws as before."""
+    model = nn.Linear(8, 4)
+    data = [torch.randn(6, 8, generator=torch.Generator().manual_seed(0))]
+    seen = []
+
+    def forward(m, batch):
+        seen.append(float(np.random.rand()))
+        return m(batch)
+
+    firsts = {}
+    for seed in (0, 2 ** 32, 2 ** 64 - 1):
+        seen.clear()
+        quantize_model(model, data, QuantConfig(**BASE, seed=seed), forward=forward)
+        firsts[seed] = seen[0]
+    assert len(set(firsts.values())) == 3
+    assert firsts[0] == np.random.RandomState(0).rand()
