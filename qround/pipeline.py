@@ -1363,6 +1363,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _seed_numpy(seed: int) -> None:
+    """Seed numpy's global generator with every bit of ``seed`` (up to 2**64 - 1): it takes
+    32-bit words, and a seed below 2**32 seeds it as ``np.random.seed(seed)`` does."""
+    np.random.seed(seed if seed < 2 ** 32 else [seed & 0xFFFFFFFF, seed >> 32])
+
+
 @contextmanager
 def _seeded(config: QuantConfig, model: nn.Module, random):
     devices = {p.device.index for p in model.parameters() if p.device.type == "cuda"}
@@ -1374,9 +1380,7 @@ def _seeded(config: QuantConfig, model: nn.Module, random):
     np_state, py_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=sorted(devices)):
         torch.default_generator.manual_seed(config.seed)
-        # a forward drawing from these follows the seed too; numpy takes 32-bit words
-        np.random.seed(config.seed if config.seed < 2 ** 32
-                       else [config.seed & 0xFFFFFFFF, config.seed >> 32])
+        _seed_numpy(config.seed)   # a forward drawing from these follows the seed too
         random.seed(config.seed)
         for d in sorted(devices):
             torch.cuda.default_generators[d].manual_seed(config.seed)

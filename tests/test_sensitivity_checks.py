@@ -1,7 +1,9 @@
 """Sensitivity allocation cases the first tests left open (found by mutation testing,
 helper-120)."""
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from qround import QroundError
 from qround.pipeline import QuantConfig, quantize_model
@@ -127,3 +129,18 @@ def test_greedy_fallback_uses_an_upgrade_that_fits_exactly(monkeypatch):
     sens = fake([[0.5, 0.2, 0.1, 0.01]], [100])
     assert sens.allocate(4.0).bits == {"l0": 4}
     assert sens.allocate(8.0).bits == {"l0": 8}
+
+
+def test_passes_reseed_numpy_with_every_bit_of_the_seed():
+    from qround.sensitivity import _reseed
+
+    state = np.random.get_state()
+    try:
+        draws = []
+        for seed in (0, 2 ** 32, 2 ** 64 - 1):
+            _reseed(nn.Linear(2, 2), seed)
+            draws.append(float(np.random.rand()))
+    finally:
+        np.random.set_state(state)
+    assert len(set(draws)) == 3
+    assert draws[0] == np.random.RandomState(0).rand()
