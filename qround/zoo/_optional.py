@@ -16,3 +16,17 @@ def require(module: str, package: str) -> ModuleType:
     except ImportError as exc:
         raise QroundError(f"{package} is needed for this (could not import {module!r}: {exc}); "
                           f"install it with: {INSTALL_HINT}") from exc
+
+
+def torch_device(device):
+    """``device`` as a ``torch.device``; QroundError when it is not one, or asks for CUDA on a
+    torch without it (torch's own AssertionError comes only when a model moves there)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise QroundError(f"device={device!r} is not a torch device: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QroundError(f"device={str(dev)!r} was asked for but CUDA is not available")
+    return dev

