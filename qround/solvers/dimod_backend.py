@@ -46,13 +46,15 @@ _NON_NEGATIVE = ("timeout", "num_sweeps", "num_restarts", "tenure", "num_sweeps_
 
 
 def _numbers(value):
-    """The numbers inside an option value (a number, or a tuple/list of them, nested)."""
+    """The numbers inside an option value (a number, or a tuple/list/array of them, nested)."""
     if isinstance(value, (bool, np.bool_)):
         return []
     if isinstance(value, (int, float, np.integer, np.floating)):
         return [value]
     if isinstance(value, (tuple, list)):
         return [x for v in value for x in _numbers(v)]
+    if isinstance(value, np.ndarray):
+        return [x for v in value.ravel().tolist() for x in _numbers(v)]
     return []
 
 
@@ -71,7 +73,7 @@ def _check_values(kwargs: dict) -> None:
         if key in _NON_NEGATIVE and value is not None and any(x < 0 for x in numbers):
             raise QroundError(f"{key} must not be negative, got {value!r}")
     beta = kwargs.get("beta_range")
-    if beta is not None and (not isinstance(beta, (tuple, list)) or len(beta) != 2
+    if beta is not None and (not isinstance(beta, (tuple, list, np.ndarray)) or np.size(beta) != 2
                              or len(_numbers(beta)) != 2 or min(_numbers(beta)) <= 0):
         raise QroundError(f"beta_range must be two positive numbers (hot, cold), got {beta!r}")
 
@@ -175,6 +177,10 @@ class DimodSolver(Solver):
         if len(channels) == 0:
             raise QroundError(f"channels={self.channels!r} selects none of the problem's "
                               f"{problem.num_channels} channels")
+        channels = [problem._channel(c) for c in channels]
+        if len(set(channels)) != len(channels):
+            raise QroundError(f"channels={self.channels!r} names a channel more than once (of "
+                              f"{problem.num_channels} channels)")
         out = start.copy()
         if isinstance(sampler, dimod.ExactSolver):   # by name (exact-dimod) or as an object
             free = max((int(problem.free[problem._channel(c)].sum()) for c in channels),
