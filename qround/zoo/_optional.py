@@ -19,8 +19,9 @@ def require(module: str, package: str) -> ModuleType:
 
 
 def torch_device(device):
-    """``device`` as a ``torch.device``; QroundError when it is not one, or asks for CUDA on a
-    torch without it (torch's own AssertionError comes only when a model moves there)."""
+    """``device`` as a ``torch.device``; QroundError when it is not one, or when it asks for
+    CUDA on a torch without it (torch itself raises an AssertionError, and only once a model
+    moves there)."""
     import torch
 
     try:
