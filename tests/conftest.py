@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from qround import GridSpec, RoundingProblem
 
@@ -44,3 +45,13 @@ def small_problem(request):
     if request.param == "per-channel":
         return make_problem(m=4, n=8, seed=2, per_channel=True)
     return make_problem(m=4, n=8, seed=3, symmetric=False, bits=2)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The test machines are small and shared: one intra-op thread for a module's tests,
+    the caller's count restored afterwards (``pytestmark = usefixtures("one_torch_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,12 +13,7 @@ from qround.evaluate import (activation_grid, embedding_metrics, fake_quantized_
                              input_ranges)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def clustered(n=60, d=16, seed=0):

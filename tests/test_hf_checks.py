@@ -59,12 +59,7 @@ def padded_tok(gpt2_folder):
     return load_hf(gpt2_folder).tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturbed(model, scale=0.05, seed=1):

@@ -13,15 +13,8 @@ from qround.zoo import (DigitsCNN, ResidualDigitsCNN, accuracy, load_digits_data
                         train_digits_cnn)
 from qround.zoo import digits as digits_module
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machines are small and shared: one intra-op thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # ----------------------------------------------------------------------------- sentences
 
