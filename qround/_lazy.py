@@ -1,13 +1,13 @@
 """Packages whose names load on first use (PEP 562).
 
 ``qround``, ``qround.problems``, ``qround.solvers`` and ``qround.zoo`` import none of their
-submodules when imported: ``qround --help`` answers without loading torch, numba and dimod, and no package's
-``__init__`` holds Python's import lock of the package while it imports submodules.  That
-matters for threads: one thread running such an ``__init__`` while another imports one of the
-submodules directly (``from qround.solvers.tabu import Tabu``) deadlocks in Python's
-per-module import locks, and Python breaks the deadlock by handing a thread a half-initialised
-module ("cannot import name ... from partially initialized module").  Imports among the
-submodules follow a graph without cycles, so those locks are always taken in one order.
+submodules when imported: ``qround --help`` answers without loading torch, numba and dimod,
+and no package's ``__init__`` holds Python's import lock of the package while it imports submodules.
+That matters for threads: one thread running such an ``__init__`` while another imports one of the
+submodules directly (``from qround.solvers.tabu import Tabu``) deadlocks in Python's per-module
+import locks, and Python breaks the deadlock by handing a thread a half-initialised module ("cannot
+import name ... from partially initialized module").  Imports among the submodules follow a graph
+without cycles, so those locks are always taken in one order.
 """
 from __future__ import annotations
 

@@ -383,7 +383,8 @@ def _layer_rows(name, bits, shape, results, cfg):
     best_full, best_sub, best_slow = best("full"), best("sub"), best("slow")
     rows = []
     for label, r in results.items():
-        row = {"layer": name, "bits": bits, "shape": list(shape), "solver": label, "kind": r["kind"]}
+        row = {"layer": name, "bits": bits, "shape": list(shape), "solver": label,
+               "kind": r["kind"]}
         if r["full"] is not None:
             f = r["full"]
             row.update(ratio=f.ratio, gap_best=_gap(f.total_cost, best_full, f.total_rtn_cost),

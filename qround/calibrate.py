@@ -1,7 +1,8 @@
 """Streaming layer statistics from forward hooks.
 
-For each chosen ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``, read as its Linear) the input vectors ``x`` of the layer are streamed
-into float64 sums, one batch at a time, and divided by the number of vectors at the end:
+For each chosen ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``, read as its Linear)
+the input vectors ``x`` of the layer are streamed into float64 sums, one batch at a time, and
+divided by the number of vectors at the end:
 
 - ``capture_hessians``: ``H = E[x x^T]`` (AdaRound eq. 20/21).
 - ``capture_asymmetric``: ``H_hat = E[x_hat x_hat^T]``, ``C = E[x_hat x^T]``, ``H = E[x x^T]``

@@ -4,7 +4,8 @@
     qround export-layer --model minilm|digits-cnn|digits-resnet|FOLDER --layer NAME --out FILE.npz
     qround export-qubo FILE.npz --out DIR [--channels 0:16] [--solver quality]
     qround sample FILE.qubo|FILE.bqm [...] [--method "tabu(restarts=8)"] [--reads 4] [--out S.json]
-    qround quantize --model minilm|digits-cnn|digits-resnet --wbits B --solver NAME --out FILE.safetensors
+    qround quantize --model minilm|digits-cnn|digits-resnet --wbits B --solver NAME
+                    --out FILE.safetensors
     qround quantize --model MODEL.pt --calibration INPUTS.pt ...   (your own torch.save(model))
     qround quantize --model FOLDER [--calibration TEXTS.txt] ...   (a transformers checkpoint)
     qround sensitivity --model minilm|digits-cnn|FOLDER|MODEL.pt [--bits 2,3,4,8] [--mean-bits 3.5]
@@ -338,6 +339,8 @@ def _manifest_energies(manifest: str, name: str, bqm=None) -> dict[str, float]:
 INPUTS_DEFAULT = "quantized"  # QuantConfig's default
 DIGITS_MODELS = {"digits-cnn": "plain", "digits-resnet": "residual"}
 MAX_THREADS = 1024   # --threads: torch's thread pools fail (or crash) far above the cores
+THREADS_HELP = ("CPU threads of torch and of the compiled solvers (numba; at most its "
+                "NUMBA_NUM_THREADS) (default: %(default)s)")
 
 
 def _load_named_model(name: str, seed: int = 0, sentences: int = 256,
@@ -879,7 +882,8 @@ def cmd_quantize(args) -> int:
                              device=args.device, progress=not args.no_progress,
                              layers=args.layers, exclude=args.exclude, damp=args.damp,
                              abits=args.abits,
-                             borders=args.borders, fusion=args.fusion, reconstruction=reconstruction,
+                             borders=args.borders, fusion=args.fusion,
+                             reconstruction=reconstruction,
                              granularity="scheme" if args.scheme else (args.granularity or "block"),
                              k=args.k,
                              scheme=None if args.scheme is None else tuple(
@@ -1304,8 +1308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minilm | digits-cnn | digits-resnet | a transformers checkpoint folder "
                         "(default: %(default)s)")
     e.add_argument("--layer", help="module name (see --list)")
-    e.add_argument("--list", action="store_true", help="list the layers that can be rounded (Linear, Conv2d, transformers' Conv1D) "
-                        "and exit")
+    e.add_argument("--list", action="store_true",
+                   help="list the layers that can be rounded (Linear, Conv2d, transformers' "
+                        "Conv1D) and exit")
     e.add_argument("--out", help="output .npz")
     e.add_argument("--bits", type=int, default=4, help="(default: %(default)s)")
     e.add_argument("--asymmetric", action="store_true",
@@ -1316,7 +1321,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scale-method", default="mse", choices=["minmax", "mse", "mse-output"],
                    help="scale search per output channel (default: %(default)s)")
     e.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
-                   help="CPU threads of torch and of the compiled solvers (numba; at most its NUMBA_NUM_THREADS) (default: %(default)s)")
+                   help=THREADS_HELP)
     e.set_defaults(func=cmd_export_layer)
 
     q = sub.add_parser("quantize", help="quantise a whole model's weights with a chosen solver")
@@ -1379,7 +1384,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "solvers (cem, hopfield, meanfield, gptq) run; the model's forward "
                         "stays on the CPU (default: %(default)s)")
     q.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
-                   help="CPU threads of torch and of the compiled solvers (numba; at most its NUMBA_NUM_THREADS) (default: %(default)s)")
+                   help=THREADS_HELP)
     q.add_argument("--capture-cache-mb", type=float, default=1024.0, metavar="MB",
                    help="outputs of finished modules kept per model and replayed in later "
                         "capture passes, instead of rerunning them (qround.prefix_cache); 0 = "
@@ -1452,7 +1457,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="of the model's own random draws; trains the digits models too "
                          "(default: %(default)s)")
     se.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
-                    help="CPU threads of torch and of the compiled solvers (numba; at most its NUMBA_NUM_THREADS) (default: %(default)s)")
+                    help=THREADS_HELP)
     se.add_argument("--capture-cache-mb", type=float, default=1024.0, metavar="MB",
                     help="outputs of the modules before the rounded layer kept and replayed "
                          "instead of rerun (qround.prefix_cache); 0 = rerun every pass whole "
@@ -1476,7 +1481,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-length", type=int_at_least(1), default=None, metavar="TOKENS",
                     help="a checkpoint folder: tokens per text, at most (default: 128, or the "
                          "model's positions if fewer)")
-    ev.add_argument("--abits", type=int, default=None, help="digits: fake-quantise every layer's input to this many bits "
+    ev.add_argument("--abits", type=int, default=None,
+                    help="digits: fake-quantise every layer's input to this many bits "
                     "(min-max ranges on the calibration images) for the quantised model; "
                     "float_accuracy stays the float model's, and "
                     "float_weights_abits_accuracy is the float weights with these activations")
@@ -1484,7 +1490,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="digits: the float model's seed (default: the seed the file records, "
                          "which `qround quantize` also trained its float model with)")
     ev.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
-                    help="CPU threads of torch and of the compiled solvers (numba; at most its NUMBA_NUM_THREADS) (default: %(default)s)")
+                    help=THREADS_HELP)
     ev.add_argument("--no-source-check", action="store_true",
                     help="evaluate even when --model is not the float model the file was made "
                          "from (its header's fingerprint); the comparison is then against "
@@ -1499,7 +1505,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated solver specs (default: every registered solver but "
                         "dimod, which needs a sampler)")
     d.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
-                   help="CPU threads of torch and of the compiled solvers (numba; at most its NUMBA_NUM_THREADS) (default: %(default)s)")
+                   help=THREADS_HELP)
     d.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
                    help="(default: %(default)s)")
     d.add_argument("--json", help="also write the results as JSON to this file")

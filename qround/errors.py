@@ -87,7 +87,8 @@ def check_bits(bits: int, name: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
         raise QroundError(f"{name} must be an integer, got {bits!r}")
     if not MIN_BITS <= int(bits) <= MAX_BITS:
-        raise QroundError(f"{name}={bits} is out of range: supported are {MIN_BITS}..{MAX_BITS} bits")
+        raise QroundError(f"{name}={bits} is out of range: supported are "
+                          f"{MIN_BITS}..{MAX_BITS} bits")
     return int(bits)
 
 

@@ -44,11 +44,13 @@ class GridSpec:
         if not isinstance(self.symmetric, (bool, np.bool_)):
             raise QroundError(f"symmetric must be True or False, got {self.symmetric!r}")
         if self.scale_method not in SCALE_METHODS:
-            raise QroundError(f"scale_method must be one of {SCALE_METHODS}, got {self.scale_method!r}")
+            raise QroundError(f"scale_method must be one of {SCALE_METHODS}, "
+                              f"got {self.scale_method!r}")
         if self.group_size is not None and (not isinstance(self.group_size, (int, np.integer))
                                             or isinstance(self.group_size, (bool, np.bool_))
                                             or self.group_size < 1):
-            raise QroundError(f"group_size must be a positive integer or None, got {self.group_size!r}")
+            raise QroundError(f"group_size must be a positive integer or None, "
+                              f"got {self.group_size!r}")
         if (not isinstance(self.shrink_steps, (int, np.integer))
                 or isinstance(self.shrink_steps, (bool, np.bool_))
                 or not 1 <= self.shrink_steps <= MAX_SHRINK_STEPS):
@@ -237,7 +239,8 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
             z = as_float_array(zero_point, "zero_point", ndim=(1, 2))
             z = z.reshape(out, -1) if z.ndim == 1 and z.shape[0] == out else z
             if z.shape != (out, groups):
-                want = f"({out},) or ({out}, 1)" if groups == 1 else f"({out}, {groups}), one per group"
+                want = (f"({out},) or ({out}, 1)" if groups == 1
+                        else f"({out}, {groups}), one per group")
                 raise QroundError(f"zero_point must have shape {want}, got {np.shape(zero_point)}")
             if np.any(z != np.round(z)) or np.any(z < qmin) or np.any(z > qmax):
                 raise QroundError(f"zero_point must be integers in [{qmin}, {qmax}]")

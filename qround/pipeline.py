@@ -121,8 +121,8 @@ def _check_overrides(config) -> tuple[tuple[str, dict], ...] | None:
         seen.add(pattern)
         where = f"overrides[{pattern!r}]"
         if not isinstance(options, Mapping) or not options:
-            raise QroundError(f"{where} must be a non-empty dict of options ({', '.join(OVERRIDE_KEYS)}), "
-                              f"got {options!r}")
+            raise QroundError(f"{where} must be a non-empty dict of options "
+                              f"({', '.join(OVERRIDE_KEYS)}), got {options!r}")
         unknown = [k for k in options if k not in OVERRIDE_KEYS]
         if unknown:
             raise QroundError(f"{where}: unknown option {unknown[0]!r}; a layer override sets "
@@ -582,9 +582,9 @@ def _run_first(model: nn.Module, batch, forward: ForwardFn) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 (any error of the user's forward)
         raise QroundError(f"the model's forward failed on the first calibration batch "
-                          f"({type(exc).__name__}: {first_line(exc, 300)}); check that the batches fit the "
-                          "model (shape, dtype, device) and, for batches that are not the "
-                          "model's positional input, the forward function") from exc
+                          f"({type(exc).__name__}: {first_line(exc, 300)}); check that the "
+                          "batches fit the model (shape, dtype, device) and, for batches that "
+                          "are not the model's positional input, the forward function") from exc
 
 
 def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None, untie=True
@@ -1308,7 +1308,8 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
     (default ``model(batch)`` / ``model(**batch)`` / ``model(*batch)``).  ``loss_fn(output,
     batch)``: scalar loss, for ``statistics="fisher"``.  The float model is not modified unless
     ``inplace=True`` (then a float copy is kept while running, and a failure halfway leaves it
-    partly quantised, with its own Conv1D layers and its buffers' values back).  Returns the quantised model, codes per layer and the per-layer report.
+    partly quantised, with its own Conv1D layers and its buffers' values back).  Returns the
+    quantised model, codes per layer and the per-layer report.
 
     With the activation stage (``config.abits`` or ``config.reconstruction``), the returned
     model is a new module whose quantised layers are :class:`~qround.activations.

@@ -77,11 +77,11 @@ class ReconstructConfig:
     the rounding regulariser; beta: its (start, end) exponent; warmup: fraction of the steps
     without it.  qdrop: probability of keeping a float activation while training (0 = off).
     train_weights / train_steps / train_borders: whether the soft weight rounding, the LSQ
-    steps and the borders are trained (the others stay as they start).  cache_mb: bound on one block's cached data.
-    capture_cache_mb: bound per model on the recorded outputs of finished modules replayed in
-    the capture passes (:mod:`qround.prefix_cache`; 0 runs every capture pass whole).  seed: of
-    the mini-batch and QDrop draws; None takes ``QuantConfig.seed`` inside ``quantize_model``,
-    and 0 when :func:`reconstruct` is called directly."""
+    steps and the borders are trained (the others stay as they start).  cache_mb: bound on one
+    block's cached data.  capture_cache_mb: bound per model on the recorded outputs of finished
+    modules replayed in the capture passes (:mod:`qround.prefix_cache`; 0 runs every capture pass
+    whole).  seed: of the mini-batch and QDrop draws; None takes ``QuantConfig.seed`` inside
+    ``quantize_model``, and 0 when :func:`reconstruct` is called directly."""
 
     iterations: int = 500
     batch_size: int = 32

@@ -4,16 +4,16 @@
 rest of the model in float, and measures how far the model's output moves: the relative squared
 error ``sum ||f_q(x) - f(x)||^2 / sum ||f(x)||^2`` over the calibration batches and every
 floating tensor the forward returns (of a tokenised batch, at its real tokens: a (B, T, ...)
-output is masked with the batch's ``attention_mask``).  That is the measurement of AIMET's per-layer sensitivity
-analysis (AMP), on the model's output instead of a task metric, so it needs no labels.
+output is masked with the batch's ``attention_mask``).  That is the measurement of AIMET's per-layer
+sensitivity analysis (AMP), on the model's output instead of a task metric, so it needs no labels.
 
 :meth:`Sensitivity.allocate` then chooses a width per layer for a mean number of bits per weight
 (weighted by the layers' weight counts, as ``qround evaluate``'s ``mean_wbits``).  It assumes
 that the layers' output errors add up and picks the widths of least summed error within the
-budget, exactly: a multiple-choice knapsack solved as an integer program, as HAWQ-V3 does.  The result is a set of
-``overrides`` for :class:`qround.pipeline.QuantConfig`: ``allocation.config`` is the measured
-config with them, ready for ``quantize_model``.  RTN at a layer is a proxy for what the solver
-will leave there; the ranking of the layers is what the allocation uses.
+budget, exactly: a multiple-choice knapsack solved as an integer program, as HAWQ-V3 does.  The
+result is a set of ``overrides`` for :class:`qround.pipeline.QuantConfig`: ``allocation.config`` is
+the measured config with them, ready for ``quantize_model``.  RTN at a layer is a proxy for what the
+solver will leave there; the ranking of the layers is what the allocation uses.
 """
 from __future__ import annotations
 

@@ -95,7 +95,8 @@ class RoundingProblem:
         if not np.array_equal(h, ht):  # within check_psd's tolerance: the energy code needs exact
             h = 0.5 * (h + ht)
         if isinstance(damp, (bool, np.bool_)) or not isinstance(
-                damp, (int, float, np.integer, np.floating)) or not (np.isfinite(damp) and damp >= 0):
+                damp, (int, float, np.integer, np.floating)) or not (
+                np.isfinite(damp) and damp >= 0):
             raise QroundError(f"damp must be a finite number >= 0, got {damp!r}")
         lam = None
         if damp > 0:
@@ -118,7 +119,8 @@ class RoundingProblem:
                 k = np.sum(w * r, axis=1)
         else:
             if h.ndim != 2:
-                raise QroundError("asymmetric reconstruction (cross=) needs a shared (n, n) hessian")
+                raise QroundError("asymmetric reconstruction (cross=) needs a shared (n, n) "
+                                  "hessian")
             c = as_float_array(cross, "cross", ndim=2)
             if c.shape != (n, n):
                 raise QroundError(f"cross shape {c.shape} does not match weight shape {w.shape}")
@@ -218,7 +220,8 @@ class RoundingProblem:
         return _energy.local_fields(self.check_choices(choices), self.step, self.hessian)
 
     def flip_deltas(self, choices, fields=None) -> np.ndarray:
-        """Energy change of each single flip (..., m, n); ``fields`` as from :meth:`local_fields`."""
+        """Energy change of each single flip (..., m, n); ``fields`` as from
+        :meth:`local_fields`."""
         b = self.check_choices(choices)
         if fields is None:
             fields = _energy.local_fields(b, self.step, self.hessian)
@@ -341,7 +344,8 @@ class RoundingProblem:
         iu, ju = np.triu_indices(len(idx), k=1)
         quad = 2.0 * q[iu, ju]
         bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(
-            lin, (iu, ju, quad), float(self.const[c]), dimod.BINARY, variable_order=list(map(int, idx)))
+            lin, (iu, ju, quad), float(self.const[c]), dimod.BINARY,
+            variable_order=list(map(int, idx)))
         return bqm
 
     def _channel(self, channel: int) -> int:
@@ -369,8 +373,8 @@ class RoundingProblem:
 
         inputs: (k,) input indices, the same for every channel, in the order the restricted
         problem's variables take (each at most once), or an (n,) boolean mask; held: (m, n)
-        choices of the others.  Costs stay absolute: ``restrict(I, b).costs(b[:, I]) == costs(b)``.  Useful for
-        small real instances (exact optima, dimod's ExactSolver) cut from a real layer.
+        choices of the others.  Costs stay absolute: ``restrict(I, b).costs(b[:, I]) == costs(b)``.
+        Useful for small real instances (exact optima, dimod's ExactSolver) cut from a real layer.
         """
         idx = _select(inputs, self.num_inputs, "inputs")
         held = self.check_choices(held, "held")

@@ -19,10 +19,10 @@ _LAZY = {"Solver": "base", "Solution": "base", "Chain": "base", "BestOf": "base"
          "Relaxation": "hopfield", "HopfieldClassic": "hopfield", "MeanField": "meanfield",
          "QroundSampler": "sampler"}
 
-__all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver", "place",
-           "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy", "DimodSolver",
-           "steepest_descent", "Anneal", "Tabu", "CrossEntropy", "GPTQ", "Relaxation", "HopfieldClassic",
-           "MeanField", "QroundSampler", "warm_up"]
+__all__ = ["Solver", "Solution", "Chain", "BestOf", "make_solution", "register", "get_solver",
+           "place", "available_solvers", "Nearest", "Stochastic", "Exact", "Greedy",
+           "DimodSolver", "steepest_descent", "Anneal", "Tabu", "CrossEntropy", "GPTQ",
+           "Relaxation", "HopfieldClassic", "MeanField", "QroundSampler", "warm_up"]
 
 if _typing.TYPE_CHECKING:   # for type checkers and IDEs: the names as if imported here
     from .anneal import Anneal

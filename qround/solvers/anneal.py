@@ -18,7 +18,8 @@ from . import _kernels
 from .base import Solver
 
 SCHEDULE_TYPES = ("geometric", "linear", "custom")
-MAX_SWEEPS = 10 ** 7     # sweeps per run: the kernels hold an inverse temperature per sweep and channel
+# sweeps per run: the kernels hold an inverse temperature per sweep and channel
+MAX_SWEEPS = 10 ** 7
 MAX_RESTARTS = 10 ** 6
 MAX_SCHEDULE_BYTES = 2 ** 31
 

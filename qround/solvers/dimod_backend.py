@@ -82,10 +82,10 @@ class DimodSolver(Solver):
     """Solve each channel's BQM with a dimod sampler.
 
     sampler: a name (see module docstring) or a dimod sampler object.
-    channels: optionally solve only these channel indices or this slice (others keep the start): dense BQMs of
-    large layers are slow to build and sample, so benchmarks use a subset.
-    sample_kwargs: forwarded to ``sampler.sample`` (e.g. ``num_reads``, ``num_sweeps``,
-    ``timeout`` for tabu in ms).
+    channels: optionally solve only these channel indices or this slice (others keep the start):
+    dense BQMs of large layers are slow to build and sample, so benchmarks use a subset.
+    sample_kwargs: forwarded to ``sampler.sample`` (e.g. ``num_reads``, ``num_sweeps``, ``timeout``
+    for tabu in ms).
     """
 
     name = "dimod"

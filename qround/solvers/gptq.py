@@ -191,10 +191,11 @@ class GPTQ(Solver):
                 target = weight[order, sl]
             else:
                 # asymmetric target r: grad = 2 (H u - r).  U factors H' + lam I, where H' is H
-                # with a dead input's zero diagonal set to dead_fill (D).  The damped minimiser, as the
-                # local path's w is: w* = (H' + lam I)^-1 (r + (lam + D) w) = u - U^T U (grad / 2
-                # - (lam + D) (w - u)), so a dead input's target is its w.  (Damping towards u
-                # instead, as before, penalised every round-up: dead inputs always rounded down.)
+                # with a dead input's zero diagonal set to dead_fill (D).  The damped minimiser,
+                # as the local path's w is: w* = (H' + lam I)^-1 (r + (lam + D) w)
+                # = u - U^T U (grad / 2 - (lam + D) (w - u)), so a dead input's target is its w.
+                # (Damping towards u instead, as before, penalised every round-up: dead inputs
+                # always rounded down.)
                 diag = torch.diagonal(h)
                 pull = lam + dead_fill(diag) * (diag == 0).to(dtype)[:, None]
                 rhs = 0.5 * grad[order, sl] - pull * (weight[order, sl] - low)

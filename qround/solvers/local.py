@@ -21,8 +21,8 @@ def _descent_inputs(problem: RoundingProblem, start: np.ndarray, tol: float):
     diag = problem.hessian_diag
     fields = energy.local_fields(b, problem.step, problem.hessian)
     # a flip must gain more than this to be taken (guards against cycling on round-off)
-    scale = np.max(np.abs(problem.step * problem.step * (diag if diag.ndim == 2 else diag[None, :])),
-                   axis=1)
+    diag2 = diag if diag.ndim == 2 else diag[None, :]
+    scale = np.max(np.abs(problem.step * problem.step * diag2), axis=1)
     thresh = -tol * np.maximum(scale, np.finfo(float).tiny)
     return b, fields, thresh
 
@@ -56,7 +56,8 @@ def steepest_descent(problem: RoundingProblem, start: np.ndarray, max_iter: int 
 
 
 def steepest_descent_numpy(problem: RoundingProblem, start: np.ndarray,
-                           max_iter: int | None = None, tol: float = 1e-12) -> tuple[np.ndarray, int]:
+                           max_iter: int | None = None,
+                           tol: float = 1e-12) -> tuple[np.ndarray, int]:
     """The same descent batched over channels in numpy, one flip per active channel per
     iteration (the reference the tests compare the kernel with; O(m n) per iteration)."""
     b, fields, thresh = _descent_inputs(problem, start, tol)

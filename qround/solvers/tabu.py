@@ -42,16 +42,16 @@ class Tabu(Solver):
     max_iter: tabu iterations per round (None: ``iters_per_var`` x the largest number of free
     variables of a channel); restarts: rounds after the first; tenure: iterations a flipped
     variable stays tabu (None: ``min(10, nfree // 2)``; any tenure is capped at ``nfree - 1``
-    per channel, so a move always exists); stall: end a round after this many iterations without a new best (None: never
-    early); perturb: random flips at the start of a restart (None: ``max(2, nfree // 20)``);
-    descent: first-improvement sweeps before the tabu iterations of each round; reset_every:
-    every this many rounds restart from the start instead of the best (0: never);
-    time_limit: seconds of search per channel, after which its search ends wherever it is
+    per channel, so a move always exists); stall: end a round after this many iterations without a
+    new best (None: never early); perturb: random flips at the start of a restart (None:
+    ``max(2, nfree // 20)``); descent: first-improvement sweeps before the tabu iterations of each
+    round; reset_every: every this many rounds restart from the start instead of the best (0:
+    never); time_limit: seconds of search per channel, after which its search ends wherever it is
     (None: no limit).  With a time limit the result depends on the machine's speed, as
-    dwave-samplers' ``timeout`` does; ``restarts=None`` then runs rounds until the time is up.
-    A channel's clock starts with its set-up and is read every 256 iterations, so it stops
-    within a few hundred iterations of time_limit; the channels share the CPU's threads, so a
-    layer takes about ``channels x time_limit / threads``.
+    dwave-samplers' ``timeout`` does; ``restarts=None`` then runs rounds until the time is up.  A
+    channel's clock starts with its set-up and is read every 256 iterations, so it stops within a
+    few hundred iterations of time_limit; the channels share the CPU's threads, so a layer takes
+    about ``channels x time_limit / threads``.
 
     Work per channel is O(rounds x max_iter x n): the defaults (5 rounds of 10 n iterations)
     took about 10 ms of CPU per 384-input channel (MiniLM layer, numba, 2 cores).

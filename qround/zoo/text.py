@@ -135,7 +135,8 @@ def embed(model: nn.Module, texts: Sequence[str], batch_size: int = 64,
     gradients.
 
     ``model`` may be a quantised copy of the MiniLM; it runs in eval mode and is put back in
-    the mode it was in (each module its own).  Texts are batched by length (less padding), as ``model.encode`` does."""
+    the mode it was in (each module its own).  Texts are batched by length (less padding), as
+    ``model.encode`` does."""
     texts = _check_texts(texts)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     from ..calibrate import eval_mode
