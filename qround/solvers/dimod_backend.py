@@ -45,8 +45,14 @@ def _make_sampler(name: str):
 _NON_NEGATIVE = ("timeout", "num_sweeps", "num_restarts", "tenure", "num_sweeps_per_beta")
 
 
+def _is_tensor(value) -> bool:
+    """A torch tensor, told apart without importing torch."""
+    return type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach")
+
+
 def _numbers(value):
-    """The numbers inside an option value (a number, or a tuple/list/array of them, nested)."""
+    """The numbers inside an option value (a number, or a tuple/list/array/tensor of them,
+    nested)."""
     if isinstance(value, (bool, np.bool_)):
         return []
     if isinstance(value, (int, float, np.integer, np.floating)):
@@ -55,6 +61,8 @@ def _numbers(value):
         return [x for v in value for x in _numbers(v)]
     if isinstance(value, np.ndarray):
         return [x for v in value.ravel().tolist() for x in _numbers(v)]
+    if _is_tensor(value):
+        return _numbers(value.detach().cpu().numpy())
     return []
 
 
@@ -73,7 +81,7 @@ def _check_values(kwargs: dict) -> None:
         if key in _NON_NEGATIVE and value is not None and any(x < 0 for x in numbers):
             raise QroundError(f"{key} must not be negative, got {value!r}")
     beta = kwargs.get("beta_range")
-    if beta is not None and (not isinstance(beta, (tuple, list, np.ndarray)) or np.size(beta) != 2
+    if beta is not None and (not isinstance(beta, (tuple, list, np.ndarray)) and not _is_tensor(beta)
                              or len(_numbers(beta)) != 2 or min(_numbers(beta)) <= 0):
         raise QroundError(f"beta_range must be two positive numbers (hot, cold), got {beta!r}")
 

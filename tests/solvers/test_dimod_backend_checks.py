@@ -220,3 +220,24 @@ def test_a_channel_named_twice_is_refused():
     for channels in ([-1, -1], [0, 2, -1]):
         with pytest.raises(QroundError, match="more than once"):
             DimodSolver("exact-dimod", channels=channels).solve(p)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(beta_range=[0.1, float("nan")]), "finite"),
+    (dict(beta_range=[0.0, 1.0]), "two positive numbers"),
+    (dict(beta_schedule_type="custom", beta_schedule=[0.1, float("inf")]), "finite"),
+    (dict(timeout=-1), "positive number of milliseconds"),
+    (dict(num_sweeps=-1), "must not be negative"),
+])
+def test_option_values_given_as_torch_tensors_are_checked(kwargs, match):
+    torch = pytest.importorskip("torch")
+    tensors = {k: v if isinstance(v, str) else torch.tensor(v) for k, v in kwargs.items()}
+    with pytest.raises(QroundError, match=match):
+        DimodSolver("dwave-tabu" if "timeout" in kwargs else "neal", **tensors)
+
+
+def test_beta_range_may_be_a_torch_tensor():
+    torch = pytest.importorskip("torch")
+    p = make_problem(m=2, n=6, seed=0, bits=3)
+    sol = DimodSolver("neal", beta_range=torch.tensor([0.1, 1.0]), num_reads=2).solve(p, seed=0)
+    assert sol.choices.shape == p.weight.shape
