@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import QroundError
+from ..errors import MAX_SEED, QroundError, check_int, check_real
 from ._optional import require, torch_device
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class DigitsData:
 def load_digits_data(seed: int = 0) -> DigitsData:
     """The digits split into train (~70%) / calibration (~10%) / test (~20%), stratified per
     class with ``np.random.default_rng(seed)``."""
-    _check_int(seed, "seed", minimum=0)
+    seed = check_int(seed, "seed", 0, maximum=MAX_SEED)
     datasets = require("sklearn.datasets", "scikit-learn")
     raw = datasets.load_digits()
     images = torch.as_tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797,1,8,8)
@@ -166,8 +166,7 @@ class DeepResidualDigitsCNN(nn.Module):
 
     def __init__(self, seed: int = 0, width: int = 16):
         super().__init__()
-        _check_int(width, "width", minimum=1)
-        w = width
+        w = check_int(width, "width", 1, maximum=1024)
         self.stem = nn.Conv2d(1, w, 3, stride=2, padding=1, device="meta")
         self.relu1 = nn.ReLU()
         self.block1 = ResidualBlock(w)
@@ -191,7 +190,7 @@ def _init_weights(model: nn.Module, seed: int) -> None:
     """Materialise ``meta`` parameters on the CPU: He-uniform weights, zero biases, drawn from a
     local generator.  The last conv of each residual block starts at a quarter scale so the
     blocks begin close to the identity (keeps the residual net trainable without BatchNorm)."""
-    _check_int(seed, "seed", minimum=0)
+    seed = check_int(seed, "seed", 0, maximum=MAX_SEED)
     model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -224,11 +223,10 @@ def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 20, devic
     """
     if arch not in ARCHS:
         raise QroundError(f"arch must be one of {ARCHS}, got {arch!r}")
-    _check_int(seed, "seed", minimum=0)
-    _check_int(epochs, "epochs", minimum=1)
-    _check_int(batch_size, "batch_size", minimum=1)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise QroundError(f"lr must be a positive finite number, got {lr!r}")
+    seed = check_int(seed, "seed", 0, maximum=MAX_SEED)
+    epochs = check_int(epochs, "epochs", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    lr = check_real(lr, "lr", 0, lo_open=True)
     device = torch_device(device)
 
     data = load_digits_data()
@@ -259,7 +257,7 @@ def _fit(model: nn.Module, data: DigitsData, seed: int, epochs: int, batch_size:
          device: torch.device) -> None:
     # A different stream from the initialisation's, still a function of the seed alone.  It lives
     # on the CPU so that the batch order and augmentation do not depend on the device.
-    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    gen = torch.Generator().manual_seed((seed + 1_000_003) % 2 ** 64)   # torch's range
     x, y = data.train_images, data.train_labels
     background = -data.mean / data.std  # value of an empty pixel after standardisation
     steps_per_epoch = math.ceil(len(y) / batch_size)
@@ -322,7 +320,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                           f"{getattr(labels, 'shape', type(labels).__name__)}")
     if len(labels) == 0:
         raise QroundError("images is empty: accuracy of nothing is undefined")
-    _check_int(batch_size, "batch_size", minimum=1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     if not torch.isfinite(images).all():
         raise QroundError("images contain NaN or Inf")
     from ..calibrate import eval_mode
@@ -409,9 +407,3 @@ def _save_cached(model: nn.Module, path: Path) -> None:
                 os.unlink(tmp)
     except OSError as exc:  # a read-only home must not break training
         log.warning("could not cache digits weights at %s: %s", path, exc)
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise QroundError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
