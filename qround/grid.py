@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import QroundError, as_float_array, check_bits
+from .errors import QroundError, as_float_array, check_bits, check_real
 
 SCALE_METHODS = ("minmax", "mse", "mse-output")
 MAX_SHRINK_STEPS = 10_000   # candidates of the scale search (each a pass over the weights)
@@ -56,9 +56,7 @@ class GridSpec:
                 or not 1 <= self.shrink_steps <= MAX_SHRINK_STEPS):
             raise QroundError(f"shrink_steps must be an integer in [1, {MAX_SHRINK_STEPS}], got "
                               f"{self.shrink_steps!r}")
-        if not isinstance(self.min_shrink, (int, float, np.integer, np.floating)) or \
-                not 0 < self.min_shrink <= 1:
-            raise QroundError(f"min_shrink must lie in (0, 1], got {self.min_shrink!r}")
+        check_real(self.min_shrink, "min_shrink", 0, 1, lo_open=True)   # bools refused too
 
 
 @dataclass(frozen=True, eq=False)

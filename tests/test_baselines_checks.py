@@ -1,0 +1,132 @@
+"""Baseline behaviours found unguarded by mutation testing of qround.baselines (helper-133)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qround.baselines import gptq_model, gptq_quantize, rtn_model
+from qround.calibrate import capture_hessians
+from qround.errors import QroundError
+from qround.grid import GridSpec, fit_grid
+from qround.pipeline import QuantConfig
+from qround.problems.layers import layer_weight
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _net_and_data(seed=0):
+    """Linear(12, 24) -> ReLU -> Linear(24, 6) and correlated inputs: (model, batches)."""
+    gen = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    mix = torch.randn(12, 12, generator=gen) / 3 + torch.eye(12)
+    x = torch.randn(128, 12, generator=gen) @ mix
+    return net, [x[i:i + 64] for i in range(0, 128, 64)]
+
+
+def _sequential_reference(net, qnet, batches, config, **kw):
+    """Each layer's expected weights: GPTQ with ``kw`` on the H of its input in ``qnet``."""
+    for name in ("0", "2"):
+        h = capture_hessians(qnet, batches, layers=[name])[name]
+        w = layer_weight(dict(net.named_modules())[name])
+        grid = fit_grid(w, config.grid_spec(config.wbits), hessian=h)
+        yield name, grid.dequantize(gptq_quantize(w, h, grid, **kw))
+
+
+@pytest.mark.parametrize("kw", [dict(act_order=False), dict(percdamp=0.5),
+                                dict(act_order=False, percdamp=2.0, blocksize=5)])
+def test_gptq_model_passes_its_gptq_options_to_every_layer(kw):
+    net, batches = _net_and_data(seed=2)
+    config = QuantConfig(wbits=3, progress=False)
+    qnet, _ = gptq_model(net, batches, config, **kw)
+    for name, expect in _sequential_reference(net, qnet, batches, config, **kw):
+        np.testing.assert_allclose(layer_weight(dict(qnet.named_modules())[name]), expect,
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_gptq_model_fits_mse_output_grids_with_the_captured_hessian():
+    net, batches = _net_and_data(seed=3)
+    config = QuantConfig(wbits=3, scale_method="mse-output", progress=False)
+    qnet, _ = gptq_model(net, batches, config)
+    for name, expect in _sequential_reference(net, qnet, batches, config):
+        np.testing.assert_allclose(layer_weight(dict(qnet.named_modules())[name]), expect,
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_rtn_model_leaves_the_callers_model_untouched():
+    net, batches = _net_and_data(seed=4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for example in (None, batches[0]):
+        qnet, _ = rtn_model(net, QuantConfig(wbits=2, scale_method="minmax", progress=False),
+                            example=example)
+        assert qnet is not net and qnet[0] is not net[0]
+        assert not torch.equal(qnet[0].weight, net[0].weight)
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
+class _WithSpare(nn.Module):
+    """``spare`` is a Linear the forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.spare, self.b = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_rtn_model_with_an_example_leaves_uncalled_layers_in_float():
+    net = _WithSpare()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    config = QuantConfig(wbits=2, scale_method="minmax", progress=False)
+    qnet, _ = rtn_model(net, config, example=x)
+    assert torch.equal(qnet.spare.weight, net.spare.weight)
+    assert not torch.equal(qnet.a.weight, net.a.weight)
+    plain, _ = rtn_model(net, config)        # no example: every selected layer is rounded
+    assert not torch.equal(plain.spare.weight, net.spare.weight)
+
+
+def test_gptq_quantize_refuses_a_grid_of_another_channel_count():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 6))
+    grid = fit_grid(w[:3], GridSpec(bits=3))
+    with pytest.raises(QroundError, match="grid was fitted for 3 x 6 weights, weight is 4 x 6"):
+        gptq_quantize(w, np.eye(6), grid)
+
+
+def test_gptq_model_refuses_a_grouped_conv():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 4 * 4, 3))
+    batches = [torch.randn(2, 4, 6, 6)]
+    with pytest.raises(QroundError, match="layer '0' is a grouped conv"):
+        gptq_model(net, batches, QuantConfig(wbits=3, progress=False))
+
+
+class _SometimesExpert(nn.Module):
+    """``expert`` only ever sees an empty batch (an unused MoE expert)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.expert, self.b = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        routed = h[h[:, 0] > 1e9]               # never true: zero rows
+        h = h.index_add(0, torch.zeros(len(routed), dtype=torch.long), self.expert(routed))
+        return self.b(h)
+
+
+def test_gptq_model_leaves_a_layer_that_only_sees_empty_inputs_in_float():
+    net = _SometimesExpert()
+    batches = [torch.randn(16, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    qnet, _ = gptq_model(net, batches, QuantConfig(wbits=3, progress=False))
+    assert torch.equal(qnet.expert.weight, net.expert.weight)
+    assert not torch.equal(qnet.a.weight, net.a.weight)
