@@ -37,7 +37,7 @@ from .grid import GridSpec
 from .problems.io import LayerStats, load_layer_stats
 from .problems.rounding import RoundingProblem
 from .report import environment, format_table, require_pyplot, write_json_atomic
-from .solvers.base import warm_up, warm_up_problem
+from .solvers.base import cost_noise, cost_ratio, warm_up, warm_up_problem
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def _gptq_reference_row(name, bits, problem, weight, hessian) -> dict:
     rtn = float(problem.rtn_costs().sum())
     return {"layer": name, "bits": bits, "shape": list(problem.weight.shape),
             "solver": "gptq-reference", "kind": "reference", "seconds": seconds,
-            "ratio": cost / rtn if rtn > 0 else 1.0}
+            "ratio": cost_ratio(cost, rtn, cost_noise(problem))}
 
 
 def _gap(cost: float, best: float, rtn: float) -> float:

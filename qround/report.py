@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 from .errors import QroundError
 from .files import atomic_write
-from .solvers.base import Solution
+from .solvers.base import Solution, cost_ratio
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,14 @@ class SolveRecord:
     ratio: float
     seconds: float
     channels: int
+    cost_noise: float = 0.0   # round-off of the summed costs (Solution.cost_noise)
 
     @classmethod
     def from_solution(cls, layer: str, solution: Solution) -> "SolveRecord":
         return cls(layer=layer, shape=tuple(solution.choices.shape), solver=solution.solver,
                    cost=solution.total_cost, rtn_cost=solution.total_rtn_cost,
                    ratio=solution.ratio, seconds=solution.seconds,
-                   channels=solution.choices.shape[0])
+                   channels=solution.choices.shape[0], cost_noise=solution.cost_noise)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -75,8 +76,7 @@ def totals(records: Iterable[SolveRecord]) -> dict:
     records = list(records)
     cost = sum(r.cost for r in records)
     rtn = sum(r.rtn_cost for r in records)
-    # as Solution.ratio: NaN where RTN's summed cost is negative (relative costs)
-    ratio = cost / rtn if rtn > 0 else (1.0 if rtn == 0 else float("nan"))
+    ratio = cost_ratio(cost, rtn, sum(r.cost_noise for r in records))   # as Solution.ratio
     return {"cost": cost, "rtn_cost": rtn, "ratio": ratio,
             "seconds": sum(r.seconds for r in records)}
 

@@ -112,15 +112,7 @@ class Solution:
         when RTN's summed cost is negative: the costs of an asymmetric problem built without
         ``float_hessian`` are relative (their constant is left out), and only differences of
         them mean something (compare ``total_cost`` with ``total_rtn_cost``)."""
-        rtn = self.total_rtn_cost
-        if abs(rtn) <= self.cost_noise:      # weights on the grid: 1.0, not NaN for -3e-17
-            cost = self.total_cost
-            if abs(cost) <= self.cost_noise:
-                return 1.0
-            return float("inf") if cost > 0 else float("nan")
-        if rtn < 0:
-            return float("nan")
-        return self.total_cost / rtn
+        return cost_ratio(self.total_cost, self.total_rtn_cost, self.cost_noise)
 
     def summary(self) -> dict[str, Any]:
         return {"solver": self.solver, "cost": self.total_cost, "rtn_cost": self.total_rtn_cost,
@@ -137,6 +129,20 @@ def make_solution(problem: RoundingProblem, choices: np.ndarray, seconds: float,
     return Solution(choices=b, codes=problem.codes(b), energy=e, cost=e + problem.const,
                     rtn_cost=problem.rtn_costs().copy(), seconds=seconds, solver=solver,
                     info=dict(info or {}), cost_noise=cost_noise(problem))
+
+
+def cost_ratio(cost: float, rtn: float, noise: float = 0.0) -> float:
+    """``cost / rtn`` as :attr:`Solution.ratio` reads it: a summed RTN cost within ``noise``
+    (the round-off of :func:`cost_noise`) is zero, so weights already on the grid give 1.0,
+    not NaN for -3e-17 or 0.0 for 0 / 6e-16; NaN where RTN's cost is negative (relative
+    costs)."""
+    if abs(rtn) <= noise:
+        if abs(cost) <= noise:
+            return 1.0
+        return float("inf") if cost > 0 else float("nan")
+    if rtn < 0:
+        return float("nan")
+    return cost / rtn
 
 
 def cost_noise(problem: RoundingProblem) -> float:
