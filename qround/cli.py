@@ -171,6 +171,7 @@ def cmd_sample(args) -> int:
     from .problems.qubo_files import MANIFEST, _read_bqm_file
     from .report import format_table, json_text, write_json_atomic
     from .solvers import QroundSampler, warm_up
+    from .solvers.base import cost_ratio
     from .solvers.registry import normalize_spec, parse_part
     from .solvers.sampler import MAX_READS, check_search_parameters
 
@@ -242,8 +243,7 @@ def cmd_sample(args) -> int:
                                                 MANIFEST), os.path.basename(path), bqm)
         if "rtn" in known:
             row["rtn_cost"] = known["rtn"] + bqm.offset
-            rtn = row["rtn_cost"]   # as Solution.ratio: no ratio of relative costs
-            row["ratio"] = row["cost"] / rtn if rtn > 0 else (1.0 if rtn == 0 else float("nan"))
+            row["ratio"] = cost_ratio(row["cost"], row["rtn_cost"])   # NaN for relative costs
             others = {k: v for k, v in known.items() if k != "rtn"}
             if others:  # the best solution the manifest knows (export-qubo's --solver)
                 label = min(others, key=others.get)

@@ -65,6 +65,7 @@ from .report import format_table
 from .scales import solve_refitting
 from .solvers import Solver, get_solver
 from .solvers._torch import resolve_device
+from .solvers.base import cost_ratio
 from .solvers.registry import DEFAULT_SOLVER
 from .writeback import QuantizedWeight, apply_to_layer, quantized_weight, weight_from_codes
 
@@ -486,6 +487,7 @@ class LayerReport:
     ratio: float
     seconds: float
     capture_seconds: float
+    cost_noise: float = 0.0   # round-off of the summed costs (Solution.cost_noise)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -513,7 +515,8 @@ class QuantizedModel:
         cost = sum(r.cost for r in self.report)
         rtn = sum(r.rtn_cost for r in self.report)
         return {"layers": len(self.report), "skipped": len(self.skipped), "cost": cost,
-                "rtn_cost": rtn, "ratio": cost / rtn if rtn > 0 else 1.0,
+                "rtn_cost": rtn,
+                "ratio": cost_ratio(cost, rtn, sum(r.cost_noise for r in self.report)),
                 "solve_seconds": sum(r.seconds for r in self.report),
                 "capture_seconds": sum(r.capture_seconds for r in self.report),
                 "seconds": self.seconds}
@@ -1113,7 +1116,7 @@ def _centered(stats: dict, alpha: float) -> dict:
 
 def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
                  config: QuantConfig):
-    """Problems of one layer, solved: (QuantizedWeight, cost, rtn_cost, seconds)."""
+    """Problems of one layer, solved: (QuantizedWeight, cost, rtn_cost, seconds, cost_noise)."""
     stats = _blend_target(stats, config.correction)
     if config.bias_correction and config.statistics == "covariance":
         stats = _centered(stats, config.correction)
@@ -1140,9 +1143,10 @@ def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
         log.debug("%s: %s ratio %.4f in %.3f s %s", p.name, s.solver, s.ratio, s.seconds, s.info)
     rtn = sum(s.total_rtn_cost for s in solutions)
     seconds = sum(s.seconds for s in solutions)
+    noise = sum(s.cost_noise for s in solutions)
     if not config.widen:
         qweight = quantized_weight(problems, solutions, module)
-        return qweight, sum(s.total_cost for s in solutions), rtn, seconds
+        return qweight, sum(s.total_cost for s in solutions), rtn, seconds, noise
     t0 = time.perf_counter()
     results = [grid_descent(p, s.codes) for p, s in zip(problems, solutions)]
     seconds += time.perf_counter() - t0
@@ -1153,7 +1157,7 @@ def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
             log.warning("%s: widening stopped at its move bound in %d channels, before a local "
                         "minimum", p.name, int(r.stopped.sum()))
     qweight = weight_from_codes(problems, [r.codes for r in results], module)
-    return qweight, float(sum(r.cost.sum() for r in results)), rtn, seconds
+    return qweight, float(sum(r.cost.sum() for r in results)), rtn, seconds, noise
 
 
 def _correct_bias(module: nn.Module, weight: np.ndarray, qweight: QuantizedWeight,
@@ -1525,8 +1529,8 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
                 module = q_modules[layer.name]
                 weight = layer_weight(module)
                 solver = solvers[config.override(layer.name)[0]]
-                qweight, cost, rtn, seconds = _solve_layer(layer, module, stats[layer.name],
-                                                           solver, config)
+                qweight, cost, rtn, seconds, noise = _solve_layer(
+                    layer, module, stats[layer.name], solver, config)
                 apply_to_layer(module, qweight, inplace=True)
                 if config.bias_correction:
                     _correct_bias(module, weight, qweight, stats[layer.name], config.correction)
@@ -1535,8 +1539,8 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
                          else solver.label) + (" + widen" if config.widen else "")
                 kind = "Conv1D" if layer.name in replaced else layer.kind
                 row = LayerReport(layer.name, kind, tuple(weight.shape), layer.bits,
-                                  label, cost, rtn, cost / rtn if rtn > 0 else 1.0,
-                                  seconds, capture_share)
+                                  label, cost, rtn, cost_ratio(cost, rtn, noise),
+                                  seconds, capture_share, noise)
                 report.append(row)
                 log.info("%s: %d-bit %s, cost %.4g vs RTN %.4g (ratio %.4f), solve %.2f s, "
                          "capture %.2f s", row.layer, row.bits, row.solver, row.cost,

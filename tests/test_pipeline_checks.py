@@ -1,5 +1,6 @@
 """Mutation-testing kills for qround.pipeline's configuration and selection side: override
 matching, config checks and conversions, RNG handling, inplace vs copy, the report."""
+import dataclasses
 import json
 
 import numpy as np
@@ -99,6 +100,28 @@ def test_totals_count_the_skipped_modules():
     assert (t["layers"], t["skipped"]) == (3, 1)
     assert t["ratio"] == pytest.approx(t["cost"] / t["rtn_cost"])
     assert "3 layers quantised, 1 left in float" in qm.table()
+
+
+def test_weights_on_the_grid_report_a_ratio_of_one():
+    """RTN is exact on weights already on the grid: the costs are round-off, which the report
+    reads as Solution.ratio does (within cost_noise: 1.0, never 0.0 for 0 / 6e-16)."""
+    rng = np.random.default_rng(5)
+    codes = rng.integers(-3, 4, size=(6, 12))
+    codes[:, 0] = 3                       # every row reaches qmax: min-max finds the scales
+    lin = nn.Linear(12, 6, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(codes * rng.uniform(0.05, 0.2, size=(6, 1))))
+    data = [torch.randn(16, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    qm = quantize_model(nn.Sequential(lin), data,
+                        QuantConfig(**{**BASE, "wbits": 3, "scale_method": "minmax"}))
+    [row] = qm.report
+    assert row.ratio == 1.0 and qm.totals()["ratio"] == 1.0
+    assert abs(row.rtn_cost) <= row.cost_noise and row.as_dict()["cost_noise"] > 0
+    # summed round-off: 0 against 6e-16 is no improvement over RTN
+    exact = dataclasses.replace(row, cost=0.0, rtn_cost=6e-16)
+    assert dataclasses.replace(qm, report=[exact, exact]).totals()["ratio"] == 1.0
+    relative = dataclasses.replace(row, cost=-2.0, rtn_cost=-1.0, cost_noise=0.0)
+    assert np.isnan(dataclasses.replace(qm, report=[relative]).totals()["ratio"])
 
 
 def test_inplace_asymmetric_statistics_come_from_a_float_copy():

@@ -81,8 +81,9 @@ def _check_values(kwargs: dict) -> None:
         if key in _NON_NEGATIVE and value is not None and any(x < 0 for x in numbers):
             raise QroundError(f"{key} must not be negative, got {value!r}")
     beta = kwargs.get("beta_range")
-    if beta is not None and (not isinstance(beta, (tuple, list, np.ndarray)) and not _is_tensor(beta)
-                             or len(_numbers(beta)) != 2 or min(_numbers(beta)) <= 0):
+    sequence = isinstance(beta, (tuple, list, np.ndarray)) or _is_tensor(beta)
+    if beta is not None and (not sequence or len(_numbers(beta)) != 2
+                             or min(_numbers(beta)) <= 0):
         raise QroundError(f"beta_range must be two positive numbers (hot, cold), got {beta!r}")
 
 
