@@ -524,7 +524,8 @@ class QuantizedModel:
     def table(self) -> str:
         """The per-layer report as a text table, then a line of totals."""
         t = self.totals()
-        return (format_table([r.as_dict() for r in self.report]) +
+        columns = [f.name for f in dataclasses.fields(LayerReport) if f.name != "cost_noise"]
+        return (format_table([r.as_dict() for r in self.report], columns) +
                 f"\ntotal: {t['layers']} layers quantised, {t['skipped']} left in float; cost "
                 f"{t['cost']:.4g} vs RTN {t['rtn_cost']:.4g} (ratio {t['ratio']:.4f}); solve "
                 f"{t['solve_seconds']:.2f} s, capture {t['capture_seconds']:.2f} s, "

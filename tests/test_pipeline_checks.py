@@ -117,6 +117,7 @@ def test_weights_on_the_grid_report_a_ratio_of_one():
     [row] = qm.report
     assert row.ratio == 1.0 and qm.totals()["ratio"] == 1.0
     assert abs(row.rtn_cost) <= row.cost_noise and row.as_dict()["cost_noise"] > 0
+    assert "cost_noise" not in qm.table()     # data for the ratio, not a column to read
     # summed round-off: 0 against 6e-16 is no improvement over RTN
     exact = dataclasses.replace(row, cost=0.0, rtn_cost=6e-16)
     assert dataclasses.replace(qm, report=[exact, exact]).totals()["ratio"] == 1.0
