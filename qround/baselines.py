@@ -31,7 +31,7 @@ from torch import nn
 from .calibrate import ForwardFn, default_forward, kept_buffers
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, GridSpec, fit_grid
-from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match,
+from .pipeline import (QuantConfig, _add_late, _check_calibration, _check_overrides_match,
                        _conv1d_selection, _mark_varying, _own_rng, _reselect, _select, _stream,
                        _trace, check_group_sizes, same_passes)
 from .problems.layers import layer_weight, linearize_conv1d, restore_conv1d
@@ -220,7 +220,7 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
     first_batch = _check_calibration(calibration)
     calibration = same_passes(calibration)
     # the Conv1D layers the forward calls are rounded as Linear views of their weights
-    convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward)
+    convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward, calibration)
     qmodel, replaced = linearize_conv1d(copy_module(model), share=True, names=convert)
     names, _ = _select(qmodel, config, float_conv1d=conv_skipped)
     _check_overrides_match(config, names)
@@ -244,6 +244,7 @@ def _gptq_passes(qmodel, replaced, modules, names, conv_skipped, first_batch, ca
         _check_overrides_match(config, names)
         check_group_sizes(modules, names, config)
         plan = _trace(qmodel, first_batch, forward, names)
+    plan = _add_late(qmodel, calibration, forward, names, plan)   # experts batch 0 skipped
     if not plan:
         raise QroundError("none of the chosen layers is called by the forward")
     _mark_varying(qmodel, calibration, forward, plan)

@@ -833,6 +833,40 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> lis
     return list(plan.values())
 
 
+def _add_late(model: nn.Module, calibration, forward: ForwardFn, names: list[str],
+              plan: list[_Layer]) -> list[_Layer]:
+    """The plan with the chosen layers that the first batch did not call but a later one does
+    (an expert of a mixture that no row of the first batch was routed to), each placed after
+    the layer it follows on the first batch that calls it, alone in its group (no shared
+    capture) and with ``calls=0``: its capture passes run whole (``varies``).  Batches are
+    traced until every chosen layer has been seen (one forward each); none when the first
+    batch called them all."""
+    missing = [n for n in names if n not in {x.name for x in plan}]
+    if not missing:
+        return plan
+    plan = list(plan)
+    group = max((x.group for x in plan), default=-1) + 1
+    for j, batch in enumerate(calibration):
+        if j == 0:
+            continue
+        seen = _trace(model, batch, forward, names)
+        new = {x.name for x in seen} & set(missing)
+        after = None   # the last layer of the plan traced before it on this batch
+        for x in seen:
+            if x.name in new:
+                at = 0 if after is None else next(i for i, y in enumerate(plan)
+                                                  if y.name == after) + 1
+                plan.insert(at, _Layer(x.name, x.kind, 0, x.name, 0, group, x.unbatched,
+                                       varies=True))
+                group += 1
+            if any(y.name == x.name for y in plan):
+                after = x.name
+        missing = [n for n in missing if n not in new]
+        if not missing:
+            break
+    return plan
+
+
 def _units(plan: list[_Layer], modules: dict[str, nn.Module], config: QuantConfig
            ) -> list[list[_Layer]]:
     """Layers grouped by capture pass: one group of shared input per pass when asymmetric (each
@@ -1446,7 +1480,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
     # and the float model's captures read a view with Linear layers over the same tensors
     target = model
     source = fingerprint(target)   # before any forward (which may write buffers) or write
-    convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward)
+    convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward, calibration)
     model, _ = linear_view(model, names=convert)
     names, skipped = _select(model, config, float_conv1d=conv_skipped)
     skipped.update(conv_skipped)
@@ -1479,12 +1513,15 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
             plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward,
                                                     names, config)
             called = {x.name for x in plan}
+        plan = _add_late(qmodel, calibration, forward, names, plan)
+        called = {x.name for x in plan}
         for name in names:
             if name not in called:
-                skipped[name] = ("never called by the forward (its weight may be used directly by "
-                                 "its parent module): left in float")
+                skipped[name] = ("never called by the forward on any calibration batch (its "
+                                 "weight may be used directly by its parent module): left in "
+                                 "float")
         if not plan:
-            raise QroundError("none of the chosen layers is called by the forward on the first "
+            raise QroundError("none of the chosen layers is called by the forward on any "
                               "calibration batch")
         unbatched = next((x.name for x in plan if x.unbatched), None)
         if config.reconstruction is not None and unbatched is not None:
@@ -1584,12 +1621,13 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
     return result
 
 
-def _conv1d_selection(model: nn.Module, config: QuantConfig, first_batch, forward
-                      ) -> tuple[list[str], dict[str, str]]:
+def _conv1d_selection(model: nn.Module, config: QuantConfig, first_batch, forward,
+                      calibration=None) -> tuple[list[str], dict[str, str]]:
     """The transformers Conv1D layers to round, and why the others stay in float: a Conv1D is
     rounded when it is selected (``layers``/``exclude``),
     :func:`~qround.problems.layers.conv1d_refusals` allows it, and the forward calls it (one
-    forward of the first batch, only for a model with Conv1D layers).  A selected Conv1D whose
+    forward of the first batch, only for a model with Conv1D layers; then of the later batches
+    of ``calibration`` while a selected one has not been called).  A selected Conv1D whose
     weight cannot be written is an error, as for a Linear."""
     convs = [n for n, m in model.named_modules() if is_hf_conv1d(m)]
     if not convs:
@@ -1611,6 +1649,11 @@ def _conv1d_selection(model: nn.Module, config: QuantConfig, first_batch, forwar
         else:
             chosen.append(n)
     called = _called(model, chosen, first_batch, forward)
+    for j, batch in enumerate(calibration or ()):
+        if len(called) == len(chosen):
+            break
+        if j > 0:   # an expert the first batch routed no row to
+            called |= _called(model, [n for n in chosen if n not in called], batch, forward)
     for n in chosen:
         if n not in called:
             skipped[n] = ("never called by the forward (its weight may be used directly by its "

@@ -438,3 +438,35 @@ def test_a_failed_inplace_run_gives_the_users_conv1d_layers_back(fail_at):
     assert type(model.transformer.h[0].attn.c_attn) is Conv1D
     assert {k: v.shape for k, v in model.state_dict().items()} == keys
     transformers.GPT2LMHeadModel(model.config).load_state_dict(model.state_dict())
+
+
+class Conv1DExperts(nn.Module):
+    """A router over two Conv1D experts that calls only the experts some row reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = conv(8, 6, seed=5)
+        self.e0, self.e1 = conv(4, 8, seed=6), conv(4, 8, seed=7)
+        with torch.no_grad():
+            self.gate.bias[0] = 0.0     # the router's output 0 takes both signs
+
+    def forward(self, x):
+        h = self.gate(x)
+        out = [e(h[m]) for e, m in ((self.e0, h[:, 0] > 0), (self.e1, h[:, 0] <= 0)) if m.any()]
+        return torch.cat(out)
+
+
+def test_a_conv1d_expert_first_reached_on_a_later_batch_is_rounded():
+    model = Conv1DExperts().eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        rows = torch.randn(96, 6, generator=g)
+        to_e0 = model.gate(rows)[:, 0] > 0
+        assert 8 <= int(to_e0.sum()) <= 88
+        # batch 0 reaches e0 only, the later ones both experts
+        data = [rows[to_e0][:8], rows[8:48], rows[48:]]
+        assert all((model.gate(b)[:, 0] <= 0).any() for b in data[1:])
+    qm = quantize_model(model, data, QuantConfig(wbits=3, solver="greedy", progress=False))
+    assert list(qm.layers) == ["gate", "e0", "e1"] and not qm.skipped
+    assert isinstance(qm.model.e1, Conv1D)
+    assert on_grid_transposed(qm.model.e1.weight, qm.layers["e1"])

@@ -1,0 +1,394 @@
+"""quantize_model's model-level machinery: which tensor counts as a shared input (_trace), how
+a layer's several calls are captured and paired (_stream), Fisher with bias correction
+(_capture), the bias bias correction creates (_correct_bias), shape checks of paired inputs,
+and the forwards the checks run on the caller's model (_called)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qround import QroundError
+from qround.calibrate import capture_hessians
+from qround.grid import Grid
+from qround.pipeline import QuantConfig, quantize_model
+from qround.problems import problems_from_layer
+from qround.writeback import apply_to_layer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def fill(model, seed, std=0.4):
+    g = gen(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def data(shape, n=3, seed=1):
+    g = gen(seed)
+    return [torch.randn(shape, generator=g) + 0.3 for _ in range(n)]
+
+
+def layer_grid(qw, n):
+    return Grid(np.array(qw.scale), np.array(qw.zero_point), qw.bits, qw.symmetric,
+                qw.group_size, n)
+
+
+def rtn_cost(module, hessian, qw):
+    """The RTN cost of a layer on the given statistics, on the layer's own grid."""
+    problems = problems_from_layer(module, hessian, layer_grid(qw, qw.codes.shape[1]), "x")
+    return float(sum(p.rtn_costs().sum() for p in problems))
+
+
+def inputs_of(model, name, batches):
+    """Every input row module ``name`` sees on the batches (all its calls), float64."""
+    seen = []
+    handle = dict(model.named_modules())[name].register_forward_hook(
+        lambda m, args, out: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+    finally:
+        handle.remove()
+    return torch.cat(seen).double()
+
+
+# ---------------------------------------------------------------------- shared inputs (_trace)
+class InPlaceBetween(nn.Module):
+    """Two heads with the same weights read the same tensor object, changed in place (x2)
+    between the two calls: head_b's input is 2 h, not h."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.head_a, self.head_b = nn.Linear(8, 8), nn.Linear(8, 8)
+        fill(self, 0)
+        self.head_b.load_state_dict(self.head_a.state_dict())
+
+    def forward(self, x):
+        h = F.relu(self.inp(x))
+        a = self.head_a(h)
+        h.mul_(2.0)
+        return a + self.head_b(h)
+
+
+def test_an_input_changed_in_place_between_two_layers_is_not_shared():
+    model, batches = InPlaceBetween(), data((16, 6))
+    qm = quantize_model(model, batches, QuantConfig(wbits=3, inputs="float", solver="nearest",
+                                                    progress=False))
+    rows = {r.layer: r for r in qm.report}
+    # same weights, same grid, the same rounding: the input twice as large costs 4x
+    np.testing.assert_array_equal(qm.layers["head_a"].codes, qm.layers["head_b"].codes)
+    assert rows["head_b"].rtn_cost == pytest.approx(4 * rows["head_a"].rtn_cost, rel=1e-6)
+
+
+class CalledTwiceSharing(nn.Module):
+    """head_b's first call reads head_a's input; it is called a second time on head_a's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.head_a, self.head_b = nn.Linear(8, 8), nn.Linear(8, 8)
+        fill(self, 3)
+
+    def forward(self, x):
+        h = F.relu(self.inp(x))
+        a = F.relu(self.head_a(h))
+        return self.head_b(h) + self.head_b(a)
+
+
+def test_a_layer_called_twice_is_captured_on_all_its_calls_even_when_its_first_shares():
+    model, batches = CalledTwiceSharing(), data((16, 6))
+    qm = quantize_model(model, batches, QuantConfig(wbits=3, inputs="float", solver="nearest",
+                                                    progress=False))
+    x = inputs_of(model, "head_b", batches)
+    assert x.shape[0] == 2 * 48
+    h = (x.T @ x / x.shape[0]).numpy()
+    row = {r.layer: r for r in qm.report}["head_b"]
+    assert row.rtn_cost == pytest.approx(rtn_cost(model.head_b, h, qm.layers["head_b"]),
+                                         rel=1e-6)
+
+
+# ---------------------------------------------------------------- calls of one layer (_stream)
+class Reused(nn.Module):
+    """first -> the same square layer applied twice (an unrolled loop)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.cell = nn.Linear(8, 8)
+        fill(self, 5)
+
+    def forward(self, x):
+        h = F.relu(self.first(x))
+        h = F.relu(self.cell(h))
+        return self.cell(h)
+
+
+def test_asymmetric_pairs_the_calls_of_a_reused_layer_in_call_order():
+    """Report cost == E||W x_i - W_hat x_hat_i||^2 over every call i: the float input of a
+    call is paired with the quantised input of the same call, not of another (x_hat: the
+    inputs in the model with only `first` rounded, as when `cell` was captured)."""
+    model, batches = Reused(), data((16, 6))
+    qm = quantize_model(model, batches, QuantConfig(wbits=2, inputs="asymmetric", solver="nearest",
+                                                    progress=False))
+    partial = copy.deepcopy(model)
+    apply_to_layer(partial.first, qm.layers["first"], inplace=True)
+    x = inputs_of(model, "cell", batches)
+    x_hat = inputs_of(partial, "cell", batches)
+    w = model.cell.weight.detach().double()
+    w_hat = torch.as_tensor(qm.layers["cell"].dequantized)
+    measured = ((x @ w.T - x_hat @ w_hat.T) ** 2).sum(1).mean().item()
+    row = {r.layer: r for r in qm.report}["cell"]
+    assert row.cost == pytest.approx(measured, rel=1e-6)
+
+
+class Loop(nn.Module):
+    """first -> cell applied once per 8 rows of the batch: 1 call on a batch of 8, 2 on 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.cell = nn.Linear(8, 8)
+        fill(self, 7)
+
+    def forward(self, x):
+        h = F.relu(self.first(x))
+        for _ in range(x.shape[0] // 8):
+            h = F.relu(self.cell(h))
+        return h
+
+
+def test_a_layer_called_more_often_on_a_later_batch_is_captured_on_every_call():
+    g = gen(2)
+    batches = [torch.randn(8, 6, generator=g), torch.randn(16, 6, generator=g)]
+    model = Loop()
+    qm = quantize_model(model, batches, QuantConfig(wbits=2, inputs="quantized", solver="nearest",
+                                                    progress=False))
+    partial = copy.deepcopy(model)
+    apply_to_layer(partial.first, qm.layers["first"], inplace=True)
+    x = inputs_of(partial, "cell", batches)
+    assert x.shape[0] == 8 + 2 * 16
+    h = (x.T @ x / x.shape[0]).numpy()
+    row = {r.layer: r for r in qm.report}["cell"]
+    assert row.rtn_cost == pytest.approx(rtn_cost(model.cell, h, qm.layers["cell"]), rel=1e-6)
+    ref = capture_hessians(partial, batches, ["cell"])["cell"]
+    assert row.rtn_cost == pytest.approx(rtn_cost(model.cell, ref, qm.layers["cell"]), rel=1e-6)
+
+
+class Routed(nn.Module):
+    """An expert reached by the rows whose first feature is positive (a router): rounding
+    `gate` changes how many rows reach `expert`."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(6, 8)
+        self.expert = nn.Linear(8, 4)
+        fill(self, 11)
+
+    def forward(self, x):
+        h = self.gate(x)
+        return self.expert(h[h[:, 0] > 0])
+
+
+def test_asymmetric_refuses_float_and_quantised_inputs_of_different_shapes():
+    model = Routed()
+    g = gen(4)
+    batches = [torch.randn(64, 6, generator=g) for _ in range(2)]
+    qm = quantize_model(model, batches, QuantConfig(wbits=2, inputs="float", solver="nearest",
+                                                    layers="gate", progress=False))
+    with torch.no_grad():   # the routing really differs once `gate` is rounded
+        assert any(int((model.gate(b)[:, 0] > 0).sum()) != int((qm.model.gate(b)[:, 0] > 0).sum())
+                   for b in batches)
+    with pytest.raises(QroundError, match="'expert'.*differ in shape"):
+        quantize_model(model, batches, QuantConfig(wbits=2, inputs="asymmetric",
+                                                   solver="nearest", progress=False))
+
+
+# ------------------------------------------------------------- Fisher and bias correction
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.head_a, self.head_b = nn.Linear(8, 4), nn.Linear(8, 4)
+        fill(self, 13)
+
+    def forward(self, x):
+        h = F.relu(self.inp(x))
+        return torch.cat([self.head_a(h), self.head_b(h)], -1)
+
+
+def test_fisher_with_bias_correction_keeps_each_layers_own_fisher_blocks():
+    """Bias correction adds means to the Fisher statistics; the heads sharing an input keep
+    their own Fisher blocks (the same rounding problems as without bias correction)."""
+    model, batches = Heads(), data((16, 6))
+    loss = lambda out, batch: (out ** 2).sum()   # noqa: E731
+    runs = {bc: quantize_model(model, batches, QuantConfig(
+        wbits=3, statistics="fisher", inputs="float", solver="nearest", bias_correction=bc,
+        progress=False), loss_fn=loss) for bc in (False, True)}
+    plain, corrected = ({r.layer: r for r in runs[bc].report} for bc in (False, True))
+    assert plain["head_a"].rtn_cost != pytest.approx(plain["head_b"].rtn_cost, rel=1e-3)
+    for name in ("inp", "head_a", "head_b"):
+        assert corrected[name].rtn_cost == pytest.approx(plain[name].rtn_cost, rel=1e-9)
+
+
+# ------------------------------------------------------------- the bias it creates
+def test_bias_correction_creates_a_bias_of_the_layers_dtype():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    fill(model, 17)
+    model = model.double()
+    batches = [b.double() for b in data((16, 6))]
+    qm = quantize_model(model, batches, QuantConfig(wbits=2, solver="nearest",
+                                                    bias_correction=True, progress=False))
+    bias = qm.model[2].bias
+    assert bias is not None and bias.dtype == torch.float64 and model[2].bias is None
+    with torch.no_grad():
+        out = qm.model(batches[0])
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------- forwards on the caller's model
+transformers = pytest.importorskip("transformers", reason="needs transformers (examples extra)")
+Conv1D = transformers.pytorch_utils.Conv1D
+
+
+class ConvBN(nn.Module):
+    """A GPT-2 Conv1D before a BatchNorm: its running statistics move on a forward in train
+    mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = Conv1D(8, 6)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 3)
+        fill(self, 19)
+        with torch.no_grad():
+            self.bn.weight.fill_(1.0)
+            self.bn.bias.zero_()
+
+    def forward(self, x):
+        return self.out(F.relu(self.bn(self.proj(x))))
+
+
+@pytest.mark.parametrize("rows", [16, 1])
+def test_a_conv1d_model_in_train_mode_keeps_its_buffers_and_runs_in_eval_mode(rows):
+    """Every forward runs in eval mode, the one that finds the called Conv1D layers included:
+    in train mode a BatchNorm would refuse batches of one sample."""
+    model = ConvBN().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qm = quantize_model(model, data((rows, 6)), QuantConfig(wbits=3, solver="nearest",
+                                                            progress=False))
+    assert set(qm.layers) == {"proj", "out"} and model.training
+    assert type(qm.model.proj) is Conv1D
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
+# ------------------------------------------------------------- experts
+class NeverRouted(nn.Module):
+    """`expert` is called on every batch, always with no rows (no token routed to it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(6, 8)
+        self.expert = nn.Linear(8, 8)
+        fill(self, 23)
+
+    def forward(self, x):
+        h = self.gate(x)
+        return h.index_add(0, torch.zeros(0, dtype=torch.long), self.expert(h[:0]))
+
+
+def test_every_chosen_layer_with_only_empty_inputs_is_an_error():
+    model, batches = NeverRouted(), data((16, 6))
+    qm = quantize_model(model, batches, QuantConfig(wbits=3, solver="nearest", progress=False))
+    assert list(qm.layers) == ["gate"] and "empty inputs" in qm.skipped["expert"]
+    with pytest.raises(QroundError, match="no chosen layer received a non-empty input.*'expert'"):
+        quantize_model(model, batches, QuantConfig(wbits=3, solver="nearest", layers="expert",
+                                                   progress=False))
+
+
+class SkipsUnreached(nn.Module):
+    """A router over two experts that skips an expert no row reaches (the loop over the
+    experts hit, as in many MoE implementations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(6, 16)
+        self.e0, self.e1 = nn.Linear(16, 4), nn.Linear(16, 4)
+        fill(self, 29)
+
+    def forward(self, x):
+        h = self.gate(x)
+        out = [e(h[m]) for e, m in ((self.e0, h[:, 0] > 0), (self.e1, h[:, 0] <= 0)) if m.any()]
+        return torch.cat(out)
+
+
+def _late_expert_batches(model):
+    g = gen(3)
+    first = torch.randn(32, 6, generator=g)
+    with torch.no_grad():
+        first = first[model.gate(first)[:, 0] > 0]      # every row of batch 0 goes to e0
+    batches = [first, torch.randn(16, 6, generator=g), torch.randn(16, 6, generator=g)]
+    with torch.no_grad():
+        assert all((model.gate(b)[:, 0] <= 0).any() for b in batches[1:])   # e1 is reached
+    return batches
+
+
+@pytest.mark.parametrize("options", [dict(inputs="float"),
+                                     dict(inputs="float", capture_cache_mb=0),
+                                     dict(inputs="float", bias_correction=True),
+                                     dict()])    # the quantised copy's inputs
+def test_an_expert_reached_only_on_later_batches_is_rounded(options):
+    """The plan is traced on the first batch; an expert first reached on a later one was left
+    in float as 'never called'.  It is rounded on the rows that reach it, in call order."""
+    model = SkipsUnreached()
+    batches = _late_expert_batches(model)
+    qm = quantize_model(model, batches, QuantConfig(wbits=3, solver="greedy", progress=False,
+                                                    **options))
+    assert list(qm.layers) == ["gate", "e0", "e1"] and not qm.skipped
+    assert [r.layer for r in qm.report] == ["gate", "e0", "e1"]
+    e1 = dict(model.named_modules())["e1"]
+    x = inputs_of(model, "e1", batches)
+    row = {r.layer: r for r in qm.report}["e1"]
+    if options.get("inputs") == "float":   # the float model's inputs: its E[x x^T]
+        h = (x.T @ x / len(x)).numpy()
+        if options.get("bias_correction"):      # centred statistics
+            mean = x.mean(0)
+            h = ((x - mean).T @ (x - mean) / len(x)).numpy()
+        assert row.rtn_cost == pytest.approx(rtn_cost(e1, h, qm.layers["e1"]), rel=1e-6)
+
+
+def test_a_layer_no_batch_calls_stays_in_float_and_is_named():
+    model = SkipsUnreached()
+    g = gen(4)
+    batches = []
+    for _ in range(2):
+        b = torch.randn(32, 6, generator=g)
+        with torch.no_grad():
+            batches.append(b[model.gate(b)[:, 0] > 0])
+    qm = quantize_model(model, batches, QuantConfig(wbits=3, solver="nearest", progress=False))
+    assert list(qm.layers) == ["gate", "e0"]
+    assert "never called by the forward on any calibration batch" in qm.skipped["e1"]
+
+
+def test_gptq_model_rounds_an_expert_first_reached_on_a_later_batch():
+    from qround.baselines import gptq_model
+
+    model = SkipsUnreached()
+    batches = _late_expert_batches(model)
+    quantised, _ = gptq_model(model, batches, QuantConfig(wbits=3, progress=False))
+    # it was left in float; now each row takes at most 2**3 values, as on a 3-bit grid
+    assert not torch.equal(quantised.e1.weight, model.e1.weight)
+    for name in ("e0", "e1"):
+        w = getattr(quantised, name).weight.detach()
+        assert w.shape[1] > 8 and all(len(row.unique()) <= 8 for row in w)
