@@ -392,3 +392,18 @@ def test_gptq_model_rounds_an_expert_first_reached_on_a_later_batch():
     for name in ("e0", "e1"):
         w = getattr(quantised, name).weight.detach()
         assert w.shape[1] > 8 and all(len(row.unique()) <= 8 for row in w)
+
+
+def test_with_block_reconstruction_a_late_expert_stays_in_float_with_the_reason():
+    """Block reconstruction orders its units by the first batch's forward, so an expert only
+    a later batch reaches is left out, saying so (not 'never called')."""
+    from qround.reconstruct import ReconstructConfig
+
+    model = SkipsUnreached()
+    batches = _late_expert_batches(model)
+    config = QuantConfig(wbits=3, solver="greedy", progress=False, exclude="gate",
+                         reconstruction=ReconstructConfig(iterations=5), granularity="layer")
+    qm = quantize_model(model, batches, config)
+    assert list(qm.layers) == ["e0"]
+    assert "only on a later one" in qm.skipped["e1"]
+    assert torch.equal(qm.model.e1.weight, model.e1.weight)
