@@ -577,15 +577,17 @@ def _own_forward(m: nn.Module) -> bool:
         base is nn.Conv2d and kind._conv_forward is not nn.Conv2d._conv_forward)
 
 
-def _run_first(model: nn.Module, batch, forward: ForwardFn) -> None:
-    """``forward(model, batch)`` on the first calibration batch: an error of the user's model
-    or forward (a batch of the wrong shape, dtype or device) is a QroundError naming it."""
+def _run_first(model: nn.Module, batch, forward: ForwardFn, index: int = 0) -> None:
+    """``forward(model, batch)`` on the first calibration batch (or batch ``index``): an error
+    of the user's model or forward (a batch of the wrong shape, dtype or device) is a
+    QroundError naming it."""
     try:
         forward(model, batch)
     except QroundError:
         raise
     except Exception as exc:  # noqa: BLE001 (any error of the user's forward)
-        raise QroundError(f"the model's forward failed on the first calibration batch "
+        which = "the first calibration batch" if index == 0 else f"calibration batch {index}"
+        raise QroundError(f"the model's forward failed on {which} "
                           f"({type(exc).__name__}: {first_line(exc, 300)}); check that the "
                           "batches fit the model (shape, dtype, device) and, for batches that "
                           "are not the model's positional input, the forward function") from exc
@@ -781,7 +783,8 @@ def _memory_span(t: torch.Tensor) -> tuple[int, int] | None:
     return start, start + extent * t.element_size()
 
 
-def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> list[_Layer]:
+def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str], index: int = 0
+           ) -> list[_Layer]:
     """Run one batch with hooks: the chosen layers in call order, grouped by shared input.
 
     A layer reads the same input as an earlier one if its first input is the same tensor object
@@ -818,7 +821,7 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str]) -> lis
                 inputs.append((weakref.ref(x), version, name))
 
     with eval_mode(model), torch.no_grad(), layer_hooks({n: modules[n] for n in names}, hook):
-        _run_first(model, batch, forward)
+        _run_first(model, batch, forward, index)
     plan: dict[str, _Layer] = {}
     for name in owner:  # dicts keep insertion order: the order of first calls
         kind = "Linear" if isinstance(modules[name], nn.Linear) else "Conv2d"
@@ -837,10 +840,11 @@ def _add_late(model: nn.Module, calibration, forward: ForwardFn, names: list[str
               plan: list[_Layer]) -> list[_Layer]:
     """The plan with the chosen layers that the first batch did not call but a later one does
     (an expert of a mixture that no row of the first batch was routed to), each placed after
-    the layer it follows on the first batch that calls it, alone in its group (no shared
-    capture) and with ``calls=0``: its capture passes run whole (``varies``).  Batches are
-    traced until every chosen layer has been seen (one forward each); none when the first
-    batch called them all."""
+    the layer it follows on the first batch that calls it, in the group of a layer whose input
+    it reads there (the first group's members get the first layer's bits), else alone, its own
+    leader (captured on its own) with ``calls=0``: its capture passes run whole (``varies``).
+    Batches are traced until every chosen layer has been seen (one forward each); none when
+    the first batch called them all."""
     missing = [n for n in names if n not in {x.name for x in plan}]
     if not missing:
         return plan
@@ -849,16 +853,21 @@ def _add_late(model: nn.Module, calibration, forward: ForwardFn, names: list[str
     for j, batch in enumerate(calibration):
         if j == 0:
             continue
-        seen = _trace(model, batch, forward, names)
+        seen = _trace(model, batch, forward, names, j)
         new = {x.name for x in seen} & set(missing)
+        known = {x.name: x.group for x in plan}
+        # this batch's groups (shared inputs) of layers already in the plan, as plan groups
+        groups = {x.group: known[x.name] for x in seen if x.name in known}
         after = None   # the last layer of the plan traced before it on this batch
         for x in seen:
             if x.name in new:
                 at = 0 if after is None else next(i for i, y in enumerate(plan)
                                                   if y.name == after) + 1
-                plan.insert(at, _Layer(x.name, x.kind, 0, x.name, 0, group, x.unbatched,
-                                       varies=True))
-                group += 1
+                if x.group not in groups:
+                    groups[x.group] = group
+                    group += 1
+                plan.insert(at, _Layer(x.name, x.kind, 0, x.name, 0, groups[x.group],
+                                       x.unbatched, varies=True))
             if any(y.name == x.name for y in plan):
                 after = x.name
         missing = [n for n in missing if n not in new]
@@ -1666,7 +1675,8 @@ def _conv1d_selection(model: nn.Module, config: QuantConfig, first_batch, forwar
         if len(called) == len(chosen):
             break
         if j > 0:   # an expert the first batch routed no row to
-            called |= _called(model, [n for n in chosen if n not in called], batch, forward)
+            called |= _called(model, [n for n in chosen if n not in called], batch, forward,
+                              index=j)
     for n in chosen:
         if n not in called:
             skipped[n] = ("never called by the forward (its weight may be used directly by its "
@@ -1674,7 +1684,7 @@ def _conv1d_selection(model: nn.Module, config: QuantConfig, first_batch, forwar
     return [n for n in chosen if n in called], skipped
 
 
-def _called(model: nn.Module, names, batch, forward, check=None) -> set[str]:
+def _called(model: nn.Module, names, batch, forward, check=None, index: int = 0) -> set[str]:
     """The modules among ``names`` that one forward of ``batch`` calls (without gradients, in
     eval mode); ``check(name, args, kwargs)`` runs on each call."""
     modules = dict(model.named_modules())
@@ -1690,7 +1700,7 @@ def _called(model: nn.Module, names, batch, forward, check=None) -> set[str]:
     handles = [modules[n].register_forward_pre_hook(pre(n), with_kwargs=True) for n in names]
     try:
         with eval_mode(model), torch.no_grad():
-            _run_first(model, batch, forward)
+            _run_first(model, batch, forward, index)
     finally:
         for h in handles:
             h.remove()

@@ -407,3 +407,41 @@ def test_with_block_reconstruction_a_late_expert_stays_in_float_with_the_reason(
     assert list(qm.layers) == ["e0"]
     assert "only on a later one" in qm.skipped["e1"]
     assert torch.equal(qm.model.e1.weight, model.e1.weight)
+
+
+class LateBesideFirst(nn.Module):
+    """b reads the model's input, as a does, but only when the batch's feature 0 is positive:
+    it belongs with the first layer whichever batch comes first."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        fill(self, 31)
+
+    def forward(self, x):
+        h = self.a(x)
+        if x[:, 0].mean() > 0:
+            h = h + self.b(x)
+        return self.head(torch.relu(h))
+
+
+def test_a_late_layer_reading_the_first_layers_input_gets_the_first_layers_bits():
+    from qround.baselines import gptq_model
+
+    model, g = LateBesideFirst(), gen(1)
+    skips, reaches = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    skips[:, 0], reaches[:, 0] = -1.0, 1.0
+    for batches in ([skips, reaches], [reaches, skips]):
+        config = QuantConfig(wbits=3, first_last_bits=8, solver="nearest", progress=False)
+        qm = quantize_model(model, batches, config)
+        assert {r.layer: r.bits for r in qm.report} == {"a": 8, "b": 8, "head": 8}
+        quantised, _ = gptq_model(model, batches, config)
+        assert max(len(row.unique()) for row in quantised.b.weight.detach()) > 8   # 8 bits
+
+
+def test_a_later_batch_that_fails_the_forward_is_named():
+    model = SkipsUnreached()
+    batches = _late_expert_batches(model)
+    batches[1] = torch.randn(16, 7)
+    with pytest.raises(QroundError, match="failed on calibration batch 1 "):
+        quantize_model(model, batches, QuantConfig(wbits=3, solver="nearest", progress=False))

@@ -62,7 +62,7 @@ def _numbers(value):
     if isinstance(value, np.ndarray):
         return [x for v in value.ravel().tolist() for x in _numbers(v)]
     if _is_tensor(value):
-        return _numbers(value.detach().cpu().numpy())
+        return _numbers(value.detach().cpu().tolist())   # any dtype (numpy has no bfloat16)
     return []
 
 

@@ -241,3 +241,10 @@ def test_beta_range_may_be_a_torch_tensor():
     p = make_problem(m=2, n=6, seed=0, bits=3)
     sol = DimodSolver("neal", beta_range=torch.tensor([0.1, 1.0]), num_reads=2).solve(p, seed=0)
     assert sol.choices.shape == p.weight.shape
+
+
+def test_bfloat16_tensor_options_are_checked():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(QroundError, match="finite"):
+        DimodSolver("neal", beta_range=torch.tensor([0.1, float("nan")], dtype=torch.bfloat16))
+    DimodSolver("neal", beta_range=torch.tensor([0.1, 5.0], dtype=torch.bfloat16))
