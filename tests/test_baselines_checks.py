@@ -13,19 +13,9 @@ from qround.grid import GridSpec, fit_grid
 from qround.pipeline import QuantConfig
 from qround.problems.layers import layer_weight
 
+from .test_baselines import small_net_and_data
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _net_and_data(seed=0):
-    """Linear(12, 24) -> ReLU -> Linear(24, 6) and correlated inputs: (model, batches)."""
-    gen = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    mix = torch.randn(12, 12, generator=gen) / 3 + torch.eye(12)
-    x = torch.randn(128, 12, generator=gen) @ mix
-    return net, [x[i:i + 64] for i in range(0, 128, 64)]
 
 
 def _sequential_reference(net, qnet, batches, config, **kw):
@@ -40,7 +30,7 @@ def _sequential_reference(net, qnet, batches, config, **kw):
 @pytest.mark.parametrize("kw", [dict(act_order=False), dict(percdamp=0.5),
                                 dict(act_order=False, percdamp=2.0, blocksize=5)])
 def test_gptq_model_passes_its_gptq_options_to_every_layer(kw):
-    net, batches = _net_and_data(seed=2)
+    net, batches = small_net_and_data(seed=2)
     config = QuantConfig(wbits=3, progress=False)
     qnet, _ = gptq_model(net, batches, config, **kw)
     for name, expect in _sequential_reference(net, qnet, batches, config, **kw):
@@ -49,7 +39,7 @@ def test_gptq_model_passes_its_gptq_options_to_every_layer(kw):
 
 
 def test_gptq_model_fits_mse_output_grids_with_the_captured_hessian():
-    net, batches = _net_and_data(seed=3)
+    net, batches = small_net_and_data(seed=3)
     config = QuantConfig(wbits=3, scale_method="mse-output", progress=False)
     qnet, _ = gptq_model(net, batches, config)
     for name, expect in _sequential_reference(net, qnet, batches, config):
@@ -58,7 +48,7 @@ def test_gptq_model_fits_mse_output_grids_with_the_captured_hessian():
 
 
 def test_rtn_model_leaves_the_callers_model_untouched():
-    net, batches = _net_and_data(seed=4)
+    net, batches = small_net_and_data(seed=4)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     for example in (None, batches[0]):
         qnet, _ = rtn_model(net, QuantConfig(wbits=2, scale_method="minmax", progress=False),
