@@ -205,6 +205,11 @@ def test_restrict_keeps_absolute_costs(seed, per_channel, k):
 @pytest.mark.parametrize("inputs, message", [
     ([1, 1, 2], "repeat an index"), ([1.5], "integer indices"), ([], "select nothing"),
     (np.ones(3, dtype=bool), "boolean mask must have shape"), ([-11], r"\[0, 10\)"),
+    (slice(0, 10, 0), "slice step cannot be zero"),
+    (slice(True, 5), "a slice takes integers or None"),
+    (slice(0, np.bool_(True)), "a slice takes integers or None"),
+    (slice(0.5, 5), "a slice takes integers or None"),
+    ([-1, 9], "must not repeat an index"), ([0, -10], "must not repeat an index"),
 ])
 def test_restrict_rejects_bad_inputs(inputs, message):
     p = make_problem(m=3, n=10, seed=0)
