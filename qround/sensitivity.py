@@ -31,8 +31,9 @@ from torch import nn
 from .calibrate import ForwardFn, _padding_mask, default_forward, eval_mode
 from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid
-from .pipeline import (QuantConfig, _check_calibration, _check_overrides_match, _conv1d_selection,
-                       _own_rng, _samples, _seed_numpy, _select, _trace, check_group_sizes)
+from .pipeline import (QuantConfig, _add_late, _check_calibration, _check_overrides_match,
+                       _conv1d_selection, _own_rng, _samples, _seed_numpy, _select, _trace,
+                       check_group_sizes)
 from .prefix_cache import PrefixCache, budget_bytes, disabled, trace_spans
 from .problems.layers import layer_weight, linearize_conv1d
 
@@ -439,15 +440,18 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
     if empty:
         raise QroundError(f"calibration batch {empty[0]} holds no samples (its first dimension "
                           "is 0): drop it")
-    convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward)
+    convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward, calibration)
     qmodel, _ = linearize_conv1d(copy_module(model), share=True, names=convert)
     names, _ = _select(qmodel, config, float_conv1d=conv_skipped)
     _check_overrides_match(config, names)
     plan = []
     spans, starts = trace_spans(qmodel, lambda: plan.extend(_trace(qmodel, first_batch,
                                                                    forward, names)))
+    # an expert the first batch routed no row to, reached by a later one, as quantize_model
+    plan = _add_late(qmodel, calibration, forward, names, plan)
     if not plan:
-        raise QroundError("none of the chosen layers is called by the forward")
+        raise QroundError("none of the chosen layers is called by the forward on any "
+                          "calibration batch")
     order = [layer.name for layer in plan]
     output = [n for n in order if config.layer_options(n)["scale_method"] == "mse-output"]
     if output:

@@ -724,3 +724,31 @@ def test_infinite_errors_beside_huge_finite_ones_and_a_budget_of_mostly_held_lay
         sens = fake([None, [0.9, 0.3]], [held, 1], (2, 3), held={0: 2})
         total = held + 1
         assert sens.allocate((2 * total + 1) / total).bits == {"l0": 2, "l1": 3}
+
+
+def test_an_expert_only_a_later_batch_reaches_is_measured():
+    """The plan was traced on the first batch only: an expert no row of it reached was left
+    out of the table (and kept the config's width in an allocation), though quantize_model
+    rounds it.  It is measured on the batches that reach it, in quantize_model's order."""
+    from qround.grid import GridSpec
+
+    from .test_pipeline_machinery import SkipsUnreached, _late_expert_batches
+
+    model = SkipsUnreached()
+    batches = _late_expert_batches(model)
+    sens = layer_sensitivity(model, batches, QuantConfig(group_size=None), bits=(2, 4))
+    assert [s.name for s in sens.layers] == ["gate", "e0", "e1"]
+    e1 = {s.name: s for s in sens.layers}["e1"]
+    assert e1.held is None and set(e1.errors) == {2, 4}
+    for b in (2, 4):
+        want = direct_error(model, batches, "e1", GridSpec(bits=b, group_size=None))
+        assert e1.errors[b] == pytest.approx(want, rel=1e-5) and want > 0
+    alloc = sens.allocate(3.0)
+    qm = quantize_model(model, batches, alloc.config)
+    assert {r.layer: r.bits for r in qm.report} == alloc.bits and "e1" in alloc.bits
+    # the ends held as quantize_model holds them: e1 comes last in its plan
+    config = QuantConfig(group_size=None, first_last_bits=8, progress=False, solver="nearest")
+    held = {s.name: s.held for s in layer_sensitivity(model, batches, config, bits=(2,)).layers}
+    assert held == {"gate": 8, "e0": None, "e1": 8}
+    assert {r.layer: r.bits for r in quantize_model(model, batches, config).report} == {
+        "gate": 8, "e0": config.wbits, "e1": 8}
