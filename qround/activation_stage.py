@@ -187,6 +187,9 @@ def check_units(model: nn.Module, names: list[str], config: "QuantConfig", batch
 
 def _check_units_on(shadow, model, names, config, batch, forward, calibration=None) -> None:
     modules = dict(shadow.named_modules())
+    # the later batches, traced while a unit is not called yet (an expert the first batch
+    # routed no row to)
+    later = list(calibration)[1:] if calibration is not None else ()
     for n in names:
         if n == "":  # the model is a single layer: the stand-in is that layer, wrapped
             shadow = QuantizedLayer(shadow)
@@ -218,7 +221,8 @@ def _check_units_on(shadow, model, names, config, batch, forward, calibration=No
         if batch is not None:
             with eval_mode(shadow):
                 with torch.no_grad():
-                    units = _order_units(shadow, units, batch, forward or default_forward)[0]
+                    units = _order_units(shadow, units, batch, forward or default_forward,
+                                         later)[0]
                 _check_connected(shadow, units, batch, forward or default_forward)
     elif batch is not None and config.granularity in ("block", "modcap", "loss"):
         from .reconstruct import _order_units
@@ -226,7 +230,8 @@ def _check_units_on(shadow, model, names, config, batch, forward, calibration=No
         # the blocks found by name must be called by the forward (checked here, before the
         # solves, instead of when the reconstruction starts)
         with eval_mode(shadow), torch.no_grad():
-            _order_units(shadow, base_units(shadow, "block"), batch, forward or default_forward)
+            _order_units(shadow, base_units(shadow, "block"), batch, forward or default_forward,
+                         later)
     if calibration is not None and batch is not None and config.reconstruction is not None:
         from .reconstruct import _order_units, _resolve_blocks, cache_bytes, check_cache
 
@@ -235,7 +240,7 @@ def _check_units_on(shadow, model, names, config, batch, forward, calibration=No
         forward = forward or default_forward
         with eval_mode(shadow), torch.no_grad():
             units, lca, _ = _order_units(shadow, _resolve_blocks(shadow, model, blocks), batch,
-                                         forward)
+                                         forward, later)
             batches = list(calibration)
             check_cache(cache_bytes(shadow, units, lca, batches, forward),
                         config.reconstruction.cache_mb, len(batches),

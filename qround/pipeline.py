@@ -1522,18 +1522,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
             plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward,
                                                     names, config)
             called = {x.name for x in plan}
-        first = called
         plan = _add_late(qmodel, calibration, forward, names, plan)
-        if config.reconstruction is not None:
-            # block reconstruction orders its units by one forward of the first batch
-            for x in plan:
-                if x.name not in first:
-                    skipped[x.name] = ("not called by the forward on the first calibration "
-                                       "batch, only on a later one; block reconstruction "
-                                       "orders its units by the first batch's forward: left "
-                                       "in float (put a batch that reaches it first)")
-                    log.warning("layer %s: %s", x.name, skipped[x.name])
-            plan = [x for x in plan if x.name in first]
         called = {x.name for x in plan}
         for name in names:
             if name in skipped:

@@ -436,13 +436,15 @@ class _BlockData:
 
 def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, budget_mb,
              caches: tuple | None = None):
-    """The block's inputs from the quantised model and its float outputs, per batch.  caches:
-    ((quant PrefixCache, event the entry starts at), (float PrefixCache, event the unit starts
-    at)), or None: every pass runs from the model's first module."""
-    inputs: list = []
-    targets: list[torch.Tensor] = []
-    masks: list[torch.Tensor | None] = []
+    """The block's inputs from the quantised model and its float outputs, per batch that calls
+    the block in both models (an expert a batch routes no row to has no data from it).
+    caches: ((quant PrefixCache, event the entry starts at), (float PrefixCache, event the
+    unit starts at)), or None: every pass runs from the model's first module."""
+    inputs: dict[int, tuple] = {}
+    targets: dict[int, torch.Tensor] = {}
+    masks: dict[int, torch.Tensor | None] = {}
     used = [0]
+    index = [0]   # the batch being run
 
     def account(obj):
         used[0] += _nbytes(obj)
@@ -461,15 +463,15 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
                 "model(batch, use_cache=False) (a tensor of token ids)")
         item = (_detach(tuple(args)), _detach(dict(kwargs)))
         account(item)
-        inputs.append(item)
+        inputs[index[0]] = item
         raise _Stop
 
     def post(module, args, out):
         y = _main_tensor(out, name).detach()
         account(y)
-        targets.append(y)
+        targets[index[0]] = y
         # padded tokens (a forward inside qround.calibrate.token_mask) stay out of the losses
-        masks.append(_target_mask(_TOKEN_MASK.get(), y))
+        masks[index[0]] = _target_mask(_TOKEN_MASK.get(), y)
         raise _Stop
 
     off = (disabled(), 0)
@@ -483,16 +485,30 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         try:
             with torch.no_grad():
                 for j, batch in enumerate(batches):
+                    index[0] = j
                     try:
                         with cache.batch(j, batch):
                             forward(model, batch)
                     except _Stop:
-                        continue
-                    raise QroundError(f"block {name!r} was not called by the model's forward")
+                        pass
         finally:
             handle.remove()
         cache.finish()
-    return _BlockData(inputs, targets, masks)
+    both = sorted(set(inputs) & set(targets))
+    if not both:
+        which = ("the model's forward" if not inputs and not targets else
+                 "the float model's forward" if inputs else "the quantised model's forward")
+        raise QroundError(f"block {name!r} was not called by {which} on any calibration batch"
+                          + ("" if not inputs and not targets else
+                             " that the other model calls it on (routing that depends on the "
+                             "weights?)"))
+    odd = sorted(set(inputs) ^ set(targets))
+    if odd:
+        log.warning("block %s: calibration batches %s call it in only one of the float and "
+                    "the quantised model (routing that depends on the weights?): left out of "
+                    "its loss", name, odd)
+    return _BlockData([inputs[j] for j in both], [targets[j] for j in both],
+                      [masks[j] for j in both])
 
 
 def cache_bytes(model: nn.Module, units: Sequence[Unit], lca: dict, batches, forward
@@ -552,38 +568,63 @@ def check_cache(need: dict[str, int], cache_mb: float, n_batches: int,
             f"fewer calibration samples or raise {setting}")
 
 
-def _order_units(quant_model, units: list[Unit], batch, forward
-                 ) -> tuple[list[Unit], dict, dict[str, int]]:
-    """Units sorted by forward order (each unit's modules too), checked to be consecutive: no
-    module of another unit runs between a unit's first and last module.  Returns the units,
-    for each unit of several modules the name of its lowest common ancestor that the forward
-    calls (where its input is taken), and every called module's rank in call order.  Runs one
-    forward pass of ``batch``."""
-    named = dict(quant_model.named_modules())
+def _call_order(model: nn.Module, batch, forward) -> tuple[list[str], dict[str, int]]:
+    """The names of the modules one forward of ``batch`` calls, in the order of their first
+    calls, and how often each is called."""
     seen: list[str] = []
-    marked: set[str] = set()
     calls: dict[str, int] = {}
 
     def note(name):
         def hook(module, args):
             calls[name] = calls.get(name, 0) + 1
-            if name not in marked:
-                marked.add(name)
+            if calls[name] == 1:
                 seen.append(name)
         return hook
 
-    handles = [m.register_forward_pre_hook(note(n)) for n, m in named.items()]
+    handles = [m.register_forward_pre_hook(note(n)) for n, m in model.named_modules()]
     try:
         with torch.no_grad():
-            forward(quant_model, batch)
+            forward(model, batch)
     finally:
         for h in handles:
             h.remove()
+    return seen, calls
+
+
+def _order_units(quant_model, units: list[Unit], batch, forward, later: Sequence = (),
+                 traced: tuple[list[str], dict[str, int]] | None = None
+                 ) -> tuple[list[Unit], dict, dict[str, int]]:
+    """Units sorted by forward order (each unit's modules too), checked to be consecutive: no
+    module of another unit runs between a unit's first and last module.  Returns the units,
+    for each unit of several modules the name of its lowest common ancestor that the forward
+    calls (where its input is taken), and every called module's rank in call order.  Runs one
+    forward pass of ``batch`` (none when ``traced`` gives its :func:`_call_order`), then one of
+    each of the ``later`` batches while a unit's module is still unseen (an expert of a mixture
+    that no row of the first batch was routed to): each module first seen there is placed
+    after the module it follows there."""
+    seen, calls = traced if traced is not None else _call_order(quant_model, batch, forward)
+    seen, calls = list(seen), dict(calls)
+    marked = set(seen)
     wanted = [m for u in units for m in u.modules]
+    for extra in later:
+        if all(m in marked for m in wanted):
+            break
+        order, extra_calls = _call_order(quant_model, extra, forward)
+        at = 0
+        for m in order:
+            if m in marked:
+                at = seen.index(m) + 1
+            else:
+                seen.insert(at, m)
+                marked.add(m)
+                calls[m] = extra_calls[m]
+                at += 1
     missing = [m for m in wanted if m not in marked]
     if missing:
-        raise QroundError(f"blocks {missing} are not called by the model's forward (a module "
-                          "whose parent calls its children directly is no block of its own): "
+        where = " on any calibration batch" if later else ""
+        raise QroundError(f"blocks {missing} are not called by the model's forward{where} (a "
+                          "module whose parent calls its children directly is no block of its "
+                          "own): "
                           "give units of called modules (a scheme), or granularity='layer'")
     again = [m for m in wanted if calls[m] > 1]
     if again:
@@ -851,11 +892,13 @@ def plan_units(float_model: nn.Module, quant_model: nn.Module, calibration: Iter
                forward: ForwardFn | None = None) -> list[Unit]:
     """The units :func:`reconstruct` would run, in forward order, with every check it makes
     before any training (names, overlaps, consecutiveness); one forward pass of the first
-    calibration batch.  ``quant_model`` is not modified."""
+    calibration batch, and of each later one while a unit is still unseen (an expert no row
+    of the batches before was routed to).  ``quant_model`` is not modified."""
     batches = _check_inputs(float_model, quant_model, calibration)
     units = _resolve_blocks(quant_model, float_model, blocks)
     with eval_mode(quant_model):
-        ordered = _order_units(quant_model, units, batches[0], forward or default_forward)[0]
+        ordered = _order_units(quant_model, units, batches[0], forward or default_forward,
+                               later=batches[1:])[0]
         _check_connected(quant_model, ordered, batches[0], forward or default_forward)
         return ordered
 
@@ -907,8 +950,11 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
         if config.capture_cache_mb > 0:
             found: list = []
             q_spans, q_starts = trace_spans(model, lambda: found.append(
-                _order_units(model, units, batches[0], forward)))
-            units, lca, call_rank = found[0]
+                _call_order(model, batches[0], forward)))
+            # the spans of the first batch's forward only: later ones, traced for a unit it
+            # does not call, would count every module's calls twice
+            units, lca, call_rank = _order_units(model, units, batches[0], forward,
+                                                 later=batches[1:], traced=found[0])
             with torch.no_grad():
                 f_spans, f_starts = trace_spans(float_model,
                                                 lambda: forward(float_model, batches[0]))
@@ -917,7 +963,8 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
             q_cache = PrefixCache(model, q_spans, budget, trained, q_starts)
             f_cache = PrefixCache(float_model, f_spans, budget, [], f_starts)
         else:
-            units, lca, call_rank = _order_units(model, units, batches[0], forward)
+            units, lca, call_rank = _order_units(model, units, batches[0], forward,
+                                                 later=batches[1:])
         _check_connected(model, units, batches[0], forward)
         # every unit's cached data within cache_mb, before the first unit trains
         check_cache(cache_bytes(model, units, lca, batches, forward), config.cache_mb,

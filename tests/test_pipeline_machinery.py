@@ -394,19 +394,33 @@ def test_gptq_model_rounds_an_expert_first_reached_on_a_later_batch():
         assert w.shape[1] > 8 and all(len(row.unique()) <= 8 for row in w)
 
 
-def test_with_block_reconstruction_a_late_expert_stays_in_float_with_the_reason():
-    """Block reconstruction orders its units by the first batch's forward, so an expert only
-    a later batch reaches is left out, saying so (not 'never called')."""
+@pytest.mark.parametrize("order", ["late", "skipped in the middle"])
+@pytest.mark.parametrize("granularity", ["layer", "scheme"])
+def test_block_reconstruction_trains_an_expert_on_the_batches_that_reach_it(order, granularity):
+    """An expert the first batch skips was left in float ("orders its units by the first
+    batch"); one a middle batch skips made the reconstruction fail after every solve ("block
+    'e1' was not called").  It is trained on the batches that reach it."""
     from qround.reconstruct import ReconstructConfig
 
     model = SkipsUnreached()
-    batches = _late_expert_batches(model)
-    config = QuantConfig(wbits=3, solver="greedy", progress=False, exclude="gate",
-                         reconstruction=ReconstructConfig(iterations=5), granularity="layer")
+    batches = _late_expert_batches(model)     # batch 0 reaches only e0
+    if order != "late":
+        batches = [batches[1], batches[0], batches[2]]
+    # the router stays in float: its rounding would move rows between the experts
+    config = QuantConfig(wbits=2, abits=4, solver="greedy", progress=False, exclude="gate",
+                         reconstruction=ReconstructConfig(iterations=300),
+                         granularity=granularity,
+                         scheme=["e0", "e1"] if granularity == "scheme" else None)
     qm = quantize_model(model, batches, config)
-    assert list(qm.layers) == ["e0"]
-    assert "only on a later one" in qm.skipped["e1"]
-    assert torch.equal(qm.model.e1.weight, model.e1.weight)
+    assert list(qm.layers) == ["e0", "e1"] and set(qm.skipped) == {"gate"}
+    rows = {b.block: b for b in qm.reconstruction.blocks}
+    assert list(rows) == ["e0", "e1"]
+    # e1's loss is measured on the rows that reach it, on the model before its training
+    x = inputs_of(model, "e1", batches).float()
+    with torch.no_grad():
+        want = float(((qm.model.e1(x) - model.e1(x)) ** 2).mean())
+    assert rows["e1"].loss_after == pytest.approx(want, rel=1e-4)
+    assert rows["e1"].loss_after < rows["e1"].loss_before
 
 
 class LateBesideFirst(nn.Module):

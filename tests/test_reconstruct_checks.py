@@ -384,3 +384,69 @@ def test_rows_of_flattened_tokens_count_only_the_real_tokens():
     res = reconstruct(net, q, batches, "auto", ReconstructConfig(iterations=2, seed=0),
                       forward=forward)
     assert res.blocks[0].loss_before == pytest.approx(want, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------ routed units
+class _Routed(nn.Module):
+    """``b`` runs on a batch whose mean first feature is above ``threshold`` (a router, as a
+    mixture's experts); the threshold is a plain attribute, so a copy can route differently."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.threshold = 0.0
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x[:, 0].mean() > self.threshold:
+            h = torch.relu(self.b(h))
+        return self.out(h)
+
+
+def _routed_batches():
+    batches = [torch.randn(16, 4, generator=gen(20 + i)) for i in range(3)]
+    batches[0][:, 0], batches[1][:, 0], batches[2][:, 0] = -1.0, 1.0, 2.0
+    return batches      # the first batch skips b, the others reach it
+
+
+def test_a_unit_the_first_batch_skips_is_ordered_and_trained_on_the_batches_that_reach_it():
+    net, batches = _Routed(), _routed_batches()
+    q = insert_act_quantizers(net, None, 3, calib_batches=batches,
+                              weights=GridSpec(bits=2, symmetric=False))
+    assert plan_units(net, q, batches, None) == [Unit(("a",)), Unit(("b",)), Unit(("out",))]
+    result = reconstruct(net, q, batches, None, FAST)
+    assert [r.block for r in result.blocks] == ["a", "b", "out"]
+    b = result.blocks[1]
+    assert b.iterations == FAST.iterations
+    # its target power is that of b's float output on the two batches that reach it
+    with torch.no_grad():
+        y = torch.cat([net.b(torch.relu(net.a(x))) for x in batches[1:]])
+    assert b.target_power == pytest.approx(float((y.double() ** 2).mean()), rel=1e-5)
+
+
+def test_a_unit_no_batch_calls_is_named_before_any_training():
+    net, batches = _Routed(), _routed_batches()
+    q = insert_act_quantizers(net, None, 3, calib_batches=batches,
+                              weights=GridSpec(bits=2, symmetric=False))
+    q.threshold = 10.0      # the quantised copy never calls b
+    with pytest.raises(QroundError, match=r"\['b'\] are not called by the model's forward on "
+                                          "any calibration batch"):
+        reconstruct(net, q, batches, None, FAST)
+
+
+def test_batches_that_call_a_unit_in_one_model_only_are_left_out_with_a_warning(caplog):
+    net, batches = _Routed(), _routed_batches()
+    q = insert_act_quantizers(net, None, 3, calib_batches=batches,
+                              weights=GridSpec(bits=2, symmetric=False))
+    q.threshold = -10.0     # the quantised copy calls b on batch 0 too, the float model not
+    with caplog.at_level("WARNING", logger="qround.reconstruct"):
+        result = reconstruct(net, q, batches, None, FAST)
+    assert "block b: calibration batches [0] call it in only one" in caplog.text
+    with torch.no_grad():
+        y = torch.cat([net.b(torch.relu(net.a(x))) for x in batches[1:]])
+    assert result.blocks[1].target_power == pytest.approx(float((y.double() ** 2).mean()),
+                                                          rel=1e-5)
+    net.threshold = 10.0    # now the float model calls b on no batch at all
+    with pytest.raises(QroundError, match="block 'b' was not called by the float model's "
+                                          "forward on any calibration batch that the other"):
+        reconstruct(net, q, batches, None, FAST)
