@@ -223,7 +223,7 @@ def _check_units_on(shadow, model, names, config, batch, forward, calibration=No
                 with torch.no_grad():
                     units = _order_units(shadow, units, batch, forward or default_forward,
                                          later)[0]
-                _check_connected(shadow, units, batch, forward or default_forward)
+                _check_connected(shadow, units, batch, forward or default_forward, later)
     elif batch is not None and config.granularity in ("block", "modcap", "loss"):
         from .reconstruct import _order_units
 

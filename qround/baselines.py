@@ -135,7 +135,8 @@ def _check_config(config) -> QuantConfig:
 
 
 def rtn_model(model: nn.Module, config: QuantConfig, example=None,
-              forward: ForwardFn | None = None) -> tuple[nn.Module, float]:
+              forward: ForwardFn | None = None, *,
+              calibration: Iterable | None = None) -> tuple[nn.Module, float]:
     """Rounding-to-nearest of the layers ``quantize_model`` would choose for ``config`` (a
     ``QuantConfig``: wbits, symmetric, group_size, scale_method ``minmax`` or ``mse``, layers,
     exclude, first_last_bits, and the grid settings of ``overrides``) on a deep copy of
@@ -147,14 +148,25 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
     ``first_last_bits`` the first layer the forward calls, with every layer reading the same
     input (q, k and v), and the last one get those bits.  Without an example every selected
     layer is rounded and first/last follow module order (only the first module, not its
-    siblings; a warning says so when ``first_last_bits`` is set)."""
+    siblings; a warning says so when ``first_last_bits`` is set).  With ``calibration`` (the
+    batches ``quantize_model`` gets) instead of ``example``, the choice follows all of them, as
+    ``quantize_model``'s: an expert the first batch routes no row to is rounded too (with one
+    example it stays in float)."""
     _check_config(config)
     start = time.perf_counter()
+    batches = None
+    if calibration is not None:
+        if example is not None:
+            raise QroundError("rtn_model: give example (one batch) or calibration (the "
+                              "batches), not both")
+        example = _check_calibration(calibration)
+        batches = calibration
     # transformers' Conv1D layers are rounded as Linear views of their weights, then restored
     forward = forward or default_forward
     with _own_rng(config, model):   # the example's forwards draw from config.seed, not yours
         if example is not None:
-            convert, conv_skipped = _conv1d_selection(model, config, example, forward)
+            convert, conv_skipped = _conv1d_selection(model, config, example, forward,
+                                                      batches)
         else:
             convert, conv_skipped = None, {}
         qmodel, replaced = linearize_conv1d(copy_module(model), share=True, names=convert)
@@ -170,13 +182,15 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
         if example is not None:
             with torch.no_grad(), kept_buffers(qmodel):
                 plan = _trace(qmodel, example, forward, names)
-                again = _reselect(qmodel, qmodel, config, conv_skipped, example, forward, names,
-                                  {x.name for x in plan})
+                again = _reselect(qmodel, qmodel, config, conv_skipped, batches or [example],
+                                  forward, names, {x.name for x in plan})
                 if again is not None:     # a tied weight went to a layer never called
                     names = again[0]
                     _check_overrides_match(config, names)
                     check_group_sizes(modules, names, config)
                     plan = _trace(qmodel, example, forward, names)
+                if batches is not None:     # experts the first batch skipped
+                    plan = _add_late(qmodel, batches, forward, names, plan)
             if not plan:
                 raise QroundError("none of the chosen layers is called by the forward")
             # as quantize_model: layers the forward never calls stay in float
@@ -237,7 +251,7 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
 def _gptq_passes(qmodel, replaced, modules, names, conv_skipped, first_batch, calibration,
                  config, forward, act_order, percdamp, blocksize, start):
     plan = _trace(qmodel, first_batch, forward, names)
-    again = _reselect(qmodel, qmodel, config, conv_skipped, first_batch, forward, names,
+    again = _reselect(qmodel, qmodel, config, conv_skipped, calibration, forward, names,
                       {x.name for x in plan})
     if again is not None:     # a tied weight went to a layer the forward never calls
         names = again[0]

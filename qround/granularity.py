@@ -58,8 +58,8 @@ from torch import nn
 from .activations import quantized_layers
 from .calibrate import ForwardFn, default_forward, eval_mode
 from .errors import QroundError
-from .reconstruct import (ReconstructConfig, ReconstructResult, Unit, disconnected_modules,
-                          find_blocks, plan_units, reconstruct)
+from .reconstruct import (ReconstructConfig, ReconstructResult, Unit, _call_order,
+                          disconnected_modules, find_blocks, plan_units, reconstruct)
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +266,14 @@ class Selection:
 
 
 def _connected_merges(quant_model: nn.Module, units: Sequence[Unit], merges: Sequence[int],
-                      batch, forward: ForwardFn | None) -> list[int]:
+                      batches: Sequence, forward: ForwardFn | None) -> list[int]:
     """``merges`` without those whose run would hold a module that does not feed the run's
     last one (parallel modules such as q_proj and k_proj, with ``base="layer"``): a joint unit
     is trained on its last module's output only (a warning names what was left apart)."""
     merged = merge_runs(units, merges)
     with eval_mode(quant_model):
-        bad = disconnected_modules(quant_model, merged, batch, forward or default_forward)
+        bad = disconnected_modules(quant_model, merged, batches[0], forward or default_forward,
+                                   batches[1:])
     if not bad:
         return list(merges)
     runs: list[list[int]] = []
@@ -345,10 +346,22 @@ def select_units(float_model: nn.Module, quant_model: nn.Module, calibration: It
                          search_seconds=time.perf_counter() - start)
     if granularity == "modcap":
         caps = [_unit_capacity(quant_model, u, wbits) for u in units]
-        merges = _connected_merges(quant_model, units, _modcap_merges(caps), batches[0], forward)
+        merges = _connected_merges(quant_model, units, _modcap_merges(caps), batches, forward)
         return Selection(granularity, tuple(merge_runs(units, merges)), tuple(units),
                          tuple(merges), capacities=tuple(caps),
                          search_seconds=time.perf_counter() - start)
+    if search_batches is not None and search_batches < len(batches):
+        # a unit first called by a later batch (an expert) has no data in the quick pass
+        seen: set[str] = set()
+        with eval_mode(quant_model):
+            for batch in batches[:search_batches]:
+                seen.update(_call_order(quant_model, batch, forward or default_forward)[0])
+        missing = [u.name for u in units if not all(m in seen for m in u.modules)]
+        if missing:
+            raise QroundError(f"units {missing} are not called on the first search_batches="
+                              f"{search_batches} calibration batches, which the quick "
+                              "reconstruction of granularity='loss' runs on (a later batch "
+                              "calls them): raise search_batches")
     quick = dataclasses.replace(
         config, iterations=search_iterations or max(1, config.iterations // 5))
     result = reconstruct(float_model, quant_model, batches[:search_batches or len(batches)],
@@ -359,7 +372,7 @@ def select_units(float_model: nn.Module, quant_model: nn.Module, calibration: It
         raise QroundError(f"metric={metric!r}: units {undefined} have a float output that is "
                           "identically zero and a nonzero error, so their relative loss is "
                           "undefined; use metric='mse'")
-    merges = _connected_merges(quant_model, units, _loss_merges(losses, k), batches[0], forward)
+    merges = _connected_merges(quant_model, units, _loss_merges(losses, k), batches, forward)
     return Selection(granularity, tuple(merge_runs(units, merges)), tuple(units), tuple(merges),
                      base_losses=tuple(losses), k=k, search_seconds=time.perf_counter() - start)
 

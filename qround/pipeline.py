@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from .activation_stage import WEIGHT_STARTS, check_units, quantize_activations
 from .activations import BORDERS, INITS
 from ._warn import gathering
+from ._orders import merge_orders
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
                         capture_fisher, default_forward, eval_mode, fisher_bytes, kept_buffers,
                         layer_hooks)
@@ -672,15 +673,17 @@ def _check_names(model: nn.Module, names: list[str], config: QuantConfig) -> Non
 
 
 def _reselect(model: nn.Module, traced: nn.Module, config: QuantConfig, conv_skipped: dict,
-              batch, forward: ForwardFn, names: list[str], called: set[str]):
+              batches, forward: ForwardFn, names: list[str], called: set[str]):
     """(names, skipped) chosen again when a tied weight went to a layer the forward never
     calls (:func:`_tied_to_uncalled`), now giving it to one it calls; None when no weight did.
-    ``model`` is what :func:`_select` chose on, ``traced`` the copy one forward of ``batch``
-    runs on to see which layers are called."""
+    ``model`` is what :func:`_select` chose on, ``traced`` the copy one forward of each of
+    ``batches`` runs on to see which layers are called (an expert the first batch skips is
+    called by a later one)."""
     if len(called) == len(names) or not _tied_to_uncalled(model, names, called):
         return None
     everything, _ = _select(model, config, float_conv1d=conv_skipped, untie=False)
-    calls = {x.name for x in _trace(traced, batch, forward, everything)}
+    calls = {x.name for j, batch in enumerate(batches)
+             for x in _trace(traced, batch, forward, everything, j)}
     names, skipped = _select(model, config, float_conv1d=conv_skipped, called=calls)
     skipped.update(conv_skipped)
     return names, skipped
@@ -836,44 +839,119 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str], index:
     return list(plan.values())
 
 
+class _InputKeys:
+    """Which chosen layers read one input, batch by batch, from hooks on them (the first call
+    of each per batch): a layer's key is the first layer that read the same tensor at the same
+    version, as :func:`_trace` groups them."""
+
+    def __init__(self):
+        self.batches: list[tuple[dict[str, str], dict[str, int]]] = []
+
+    def start(self) -> None:
+        """A new batch."""
+        self.inputs: list[tuple[weakref.ref, Any, str]] = []
+        self.key: dict[str, str] = {}
+        self.calls: dict[str, int] = {}
+        self.batches.append((self.key, self.calls))
+
+    def see(self, name: str, args) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.calls[name] > 1:
+            return
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self.key[name] = name
+        if x is None:
+            return
+        version = None if x.is_inference() else x._version
+        for ref, seen, other in self.inputs:
+            if ref() is x and version == seen:
+                self.key[name] = self.key[other]
+                return
+        self.inputs.append((weakref.ref(x), version, name))
+
+    def unshare(self, plan: list[_Layer]) -> list[str]:
+        """Make every follower whose leader reads another input on some batch (or is called
+        another number of times there) its own leader; their names."""
+        broken = []
+        for x in plan:
+            if x.leader == x.name:
+                continue
+            for key, calls in self.batches:
+                n, m = calls.get(x.name, 0), calls.get(x.leader, 0)
+                if n != m or n > 1 or (n == 1 and key[x.name] != key[x.leader]):
+                    broken.append(x.name)
+                    x.leader = x.name
+                    break
+        if broken:
+            log.debug("layers %s read their leader's input on the first batch but not on "
+                      "every batch: captured on their own", broken)
+        return broken
+
+
 def _add_late(model: nn.Module, calibration, forward: ForwardFn, names: list[str],
               plan: list[_Layer]) -> list[_Layer]:
-    """The plan with the chosen layers that the first batch did not call but a later one does
-    (an expert of a mixture that no row of the first batch was routed to), each placed after
-    the layer it follows on the first batch that calls it, in the group of a layer whose input
-    it reads there (the first group's members get the first layer's bits), else alone, its own
-    leader (captured on its own) with ``calls=0``: its capture passes run whole (``varies``).
-    Batches are traced until every chosen layer has been seen (one forward each); none when
-    the first batch called them all."""
-    missing = [n for n in names if n not in {x.name for x in plan}]
-    if not missing:
-        return plan
-    plan = list(plan)
-    group = max((x.group for x in plan), default=-1) + 1
+    """The plan of the first batch completed from the later ones, each traced (one forward)
+    when the first batch does not call every chosen layer.
+
+    - A layer the first batch did not call but a later one does (an expert of a mixture that
+      no row of the first batch was routed to) joins with ``calls=0``: its capture passes run
+      whole (``varies``).
+    - The order is every batch's call order merged (:func:`qround._orders.merge_orders`): a
+      late layer comes after the layers it follows on the batches that call it.
+    - Groups (layers reading one input: the first group's members get the first layer's
+      bits) hold layers that read one input on some batch and another on none; a layer
+      shares its leader's capture only when it reads the leader's input on every batch (it
+      is called on the same batches), else it is its own leader."""
+    names_in = {x.name for x in plan}
+    if all(n in names_in for n in names):
+        return plan   # a follower's sharing is checked on every batch by the first capture
+    traces = [plan]
     for j, batch in enumerate(calibration):
-        if j == 0:
-            continue
-        seen = _trace(model, batch, forward, names, j)
-        new = {x.name for x in seen} & set(missing)
-        known = {x.name: x.group for x in plan}
-        # this batch's groups (shared inputs) of layers already in the plan, as plan groups
-        groups = {x.group: known[x.name] for x in seen if x.name in known}
-        after = None   # the last layer of the plan traced before it on this batch
-        for x in seen:
-            if x.name in new:
-                at = 0 if after is None else next(i for i, y in enumerate(plan)
-                                                  if y.name == after) + 1
-                if x.group not in groups:
-                    groups[x.group] = group
-                    group += 1
-                plan.insert(at, _Layer(x.name, x.kind, 0, x.name, 0, groups[x.group],
-                                       x.unbatched, varies=True))
-            if any(y.name == x.name for y in plan):
-                after = x.name
-        missing = [n for n in missing if n not in new]
-        if not missing:
-            break
-    return plan
+        if j > 0:
+            traces.append(_trace(model, batch, forward, names, j))
+    order = merge_orders([[x.name for x in t] for t in traces])
+    # per layer and batch: the first layer of its input group there, or None (not called)
+    keys: dict[str, list[str | None]] = {n: [None] * len(traces) for n in order}
+    for t, trace in enumerate(traces):
+        first_of: dict[int, str] = {}
+        for x in trace:
+            keys[x.name][t] = first_of.setdefault(x.group, x.name)
+    by_name = {x.name: x for x in plan}
+    for trace in traces[1:]:
+        for x in trace:
+            if x.name not in by_name:   # late: its first trace's kind and input rank
+                by_name[x.name] = _Layer(x.name, x.kind, 0, x.name, 0, -1, x.unbatched,
+                                         varies=True)
+    modules = dict(model.named_modules())
+    groups: list[list[str]] = []
+    near: dict[tuple[int, str], list[int]] = {}   # (batch, input) -> groups reading it there
+    for name in order:
+        mine = keys[name]
+
+        def fits(g):    # never another input where both are called
+            return all(a is None or b is None or a == b for m in groups[g]
+                       for a, b in zip(mine, keys[m]))
+        # a group reading this layer's input on some batch
+        candidates = sorted({g for t, key in enumerate(mine) if key is not None
+                             for g in near.get((t, key), ())})
+        g = next((g for g in candidates if fits(g)), None)
+        if g is None:
+            g = len(groups)
+            groups.append([])
+        groups[g].append(name)
+        for t, key in enumerate(mine):
+            if key is not None and g not in near.setdefault((t, key), []):
+                near[(t, key)].append(g)
+    group_of = {n: i for i, g in enumerate(groups) for n in g}
+    out = []
+    for name in order:
+        layer = by_name[name]
+        layer.group = group_of[name]
+        geometry = _geometry(modules[name])
+        layer.leader = next((m for m in groups[layer.group] if keys[m] == keys[name]
+                             and _geometry(modules[m]) == geometry), name)
+        out.append(layer)
+    return out
 
 
 def _units(plan: list[_Layer], modules: dict[str, nn.Module], config: QuantConfig
@@ -956,24 +1034,26 @@ class _Sums:
 def _mark_varying(model: nn.Module, calibration, forward: ForwardFn, plan: list[_Layer]) -> None:
     """Set ``varies`` on the plan's layers that the forward calls another number of times on
     some calibration batch than on the first (a loop over a sequence's length, an expert
-    reached once or twice): their capture passes must run whole (:func:`_run_until`).  One
-    forward of every batch, counting calls only."""
+    reached once or twice): their capture passes must run whole (:func:`_run_until`); and
+    make a follower whose leader reads another input on some batch its own leader.  One
+    forward of every batch, with hooks on the plan's layers."""
     modules = dict(model.named_modules())
     want = {x.name: modules[x.name] for x in plan}
     first = {x.name: x.calls for x in plan}
-    counts: dict[str, int] = {}
+    keys = _InputKeys()
     varies: set[str] = set()
 
     def hook(name, module, args, out):
-        counts[name] = counts.get(name, 0) + 1
+        keys.see(name, args)
 
     with eval_mode(model), torch.no_grad(), layer_hooks(want, hook):
         for batch in calibration:
-            counts.clear()
+            keys.start()
             forward(model, batch)
-            varies |= {n for n in want if counts.get(n, 0) != first[n]}
+            varies |= {n for n in want if keys.calls.get(n, 0) != first[n]}
     for x in plan:
         x.varies = x.name in varies
+    keys.unshare(plan)
 
 
 def _run_until(model, batch, forward, modules: dict[str, nn.Module], hook,
@@ -1017,7 +1097,9 @@ def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Modul
     caches: a PrefixCache per model (by id), prepared for a pass whose first layer starts at
     event ``before``; models without one run whole.  plan (the first capture, unpaired): its
     forwards run whole and count every plan layer's calls per batch, setting ``varies``
-    (:func:`_mark_varying`'s work, without a pass of its own).
+    (:func:`_mark_varying`'s work, without a pass of its own), and make a follower whose
+    leader reads another input on some batch its own leader (:meth:`_InputKeys.unshare`):
+    the caller captures it.
     """
     f_mods = dict(float_model.named_modules())
     f_mods = {x.name: f_mods[x.name] for x in leaders}
@@ -1053,24 +1135,26 @@ def _stream(leaders: list[_Layer], float_model: nn.Module, quant_model: nn.Modul
     with eval_mode(float_model), torch.no_grad():
         if quant_model is None:
             counting = contextlib.ExitStack()
-            counts: dict[str, int] = {}
+            keys = _InputKeys()
             varies: set[str] = set()
             if plan is not None:
                 every = dict(float_model.named_modules())
                 counting.enter_context(layer_hooks(
                     {x.name: every[x.name] for x in plan},
-                    lambda name, module, args, out: counts.__setitem__(
-                        name, counts.get(name, 0) + 1)))
+                    lambda name, module, args, out: keys.see(name, args)))
             with counting:
                 for j, batch in enumerate(calibration):
-                    counts.clear()
+                    keys.start()
                     with f_cache.batch(j, batch):
                         _run_until(float_model, batch, forward, f_mods, single, calls,
                                    whole or plan is not None)
                     if plan is not None:
-                        varies |= {x.name for x in plan if counts.get(x.name, 0) != x.calls}
+                        varies |= {x.name for x in plan
+                                   if keys.calls.get(x.name, 0) != x.calls}
             for x in plan or ():
                 x.varies = x.name in varies
+            if plan is not None:
+                keys.unshare(plan)   # the caller captures those now leading on their own
         else:
             q_mods = dict(quant_model.named_modules())
             q_mods = {n: q_mods[n] for n in f_mods}
@@ -1102,6 +1186,12 @@ def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibra
         stats = _stream(leaders, float_model if paired else source,
                         quant_model if paired else None, calibration, forward, device, second,
                         caches, before, None if paired else plan)
+        # followers that the first capture found reading another input on some batch
+        alone = [x for x in unit if x.leader == x.name and x.name not in stats]
+        if alone:
+            stats.update(_stream(alone, float_model if paired else source,
+                                 quant_model if paired else None, calibration, forward, device,
+                                 second, caches, before))
     out = {x.name: (None if need_means and stats[x.leader] is None
                     else dict(stats.get(x.leader, {}))) for x in unit}
     wanted = [x.name for x in unit if out[x.name] is not None]
@@ -1515,7 +1605,8 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
         plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward, names,
                                                 config)
         called = {x.name for x in plan}
-        again = _reselect(model, qmodel, config, conv_skipped, first_batch, forward, names, called)
+        again = _reselect(model, qmodel, config, conv_skipped, calibration, forward, names,
+                          called)
         if again is not None:
             names, skipped = again
             _check_names(model, names, config)

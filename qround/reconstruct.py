@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._orders import merge_orders
 from .activations import ActQuantizer, QuantizedLayer, qdrop, quantized_layers
 from .calibrate import _TOKEN_MASK, ForwardFn, default_forward, eval_mode, kept_buffers
 from .errors import MAX_SEED, QroundError, check_real
@@ -435,11 +436,12 @@ class _BlockData:
 
 
 def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, budget_mb,
-             caches: tuple | None = None):
+             caches: tuple | None = None, joint: bool = False):
     """The block's inputs from the quantised model and its float outputs, per batch that calls
     the block in both models (an expert a batch routes no row to has no data from it).
     caches: ((quant PrefixCache, event the entry starts at), (float PrefixCache, event the
-    unit starts at)), or None: every pass runs from the model's first module."""
+    unit starts at)), or None: every pass runs from the model's first module.  joint: ``qblock``
+    is a joint unit's common ancestor (its input taken there), ``fblock`` its last module."""
     inputs: dict[int, tuple] = {}
     targets: dict[int, torch.Tensor] = {}
     masks: dict[int, torch.Tensor | None] = {}
@@ -503,7 +505,11 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
                              " that the other model calls it on (routing that depends on the "
                              "weights?)"))
     odd = sorted(set(inputs) ^ set(targets))
-    if odd:
+    if odd and joint and set(targets) <= set(inputs):
+        # the common ancestor runs on every batch: the last module does not (both models?)
+        log.debug("unit %s: its last module is not called on calibration batches %s in the "
+                  "float model: left out of its loss", name, odd)
+    elif odd:
         log.warning("block %s: calibration batches %s call it in only one of the float and "
                     "the quantised model (routing that depends on the weights?): left out of "
                     "its loss", name, odd)
@@ -598,27 +604,24 @@ def _order_units(quant_model, units: list[Unit], batch, forward, later: Sequence
     module of another unit runs between a unit's first and last module.  Returns the units,
     for each unit of several modules the name of its lowest common ancestor that the forward
     calls (where its input is taken), and every called module's rank in call order.  Runs one
-    forward pass of ``batch`` (none when ``traced`` gives its :func:`_call_order`), then one of
-    each of the ``later`` batches while a unit's module is still unseen (an expert of a mixture
-    that no row of the first batch was routed to): each module first seen there is placed
-    after the module it follows there."""
+    forward pass of ``batch`` (none when ``traced`` gives its :func:`_call_order`), and when
+    it does not call a unit's module (an expert of a mixture that no row of the first batch
+    was routed to), one of each of the ``later`` batches: the call order is then all of theirs
+    merged (:func:`qround._orders.merge_orders`)."""
     seen, calls = traced if traced is not None else _call_order(quant_model, batch, forward)
-    seen, calls = list(seen), dict(calls)
-    marked = set(seen)
+    calls = dict(calls)
     wanted = [m for u in units for m in u.modules]
-    for extra in later:
-        if all(m in marked for m in wanted):
-            break
-        order, extra_calls = _call_order(quant_model, extra, forward)
-        at = 0
-        for m in order:
-            if m in marked:
-                at = seen.index(m) + 1
-            else:
-                seen.insert(at, m)
-                marked.add(m)
-                calls[m] = extra_calls[m]
-                at += 1
+    if not set(wanted) <= set(seen) and later:
+        # every later batch: a module first seen there goes after what it follows on any batch
+        # that calls it (the one first calling it may skip the module before it)
+        orders = [seen]
+        for extra in later:
+            order, extra_calls = _call_order(quant_model, extra, forward)
+            orders.append(order)
+            for m in order:
+                calls.setdefault(m, extra_calls[m])
+        seen = merge_orders(orders)
+    marked = set(seen)
     missing = [m for m in wanted if m not in marked]
     if missing:
         where = " on any calibration batch" if later else ""
@@ -658,9 +661,10 @@ def _order_units(quant_model, units: list[Unit], batch, forward, later: Sequence
     return ordered, lca, {n: i for i, n in enumerate(seen)}
 
 
-def _check_connected(model: nn.Module, units: Sequence[Unit], batch, forward) -> None:
+def _check_connected(model: nn.Module, units: Sequence[Unit], batch, forward,
+                     later: Sequence = ()) -> None:
     """QroundError for a joint unit with a module whose output does not reach its last one."""
-    for u, missing in disconnected_modules(model, units, batch, forward).items():
+    for u, missing in disconnected_modules(model, units, batch, forward, later).items():
         raise QroundError(f"unit {u.name!r}: the output of {missing} does not reach "
                           f"{u.modules[-1]!r}, the unit's last module (parallel modules, like "
                           "q_proj and k_proj); a joint unit is trained on its last module's "
@@ -681,23 +685,48 @@ def _first_float(out):
 
 
 def disconnected_modules(model: nn.Module, units: Sequence[Unit], batch,
-                         forward: ForwardFn) -> dict[Unit, list[str]]:
+                         forward: ForwardFn, later: Sequence = ()) -> dict[Unit, list[str]]:
     """For each unit of several modules, the modules before its last one whose output does
     not reach the last one's output (parallel modules, like q_proj and k_proj: a joint unit is
     trained on its last module's output, so their rounding would go unseen).  One forward of
     ``batch`` with autograd on: a zero scalar that requires grad is added to each earlier
-    module's output, and the last output's graph is asked for it.  An output that is no
-    floating tensor is not checked; a forward that autograd cannot trace gives {} (a debug
-    log), as the check is advisory to the training that follows."""
+    module's output, and the last output's graph is asked for it.  A unit that ``batch`` does
+    not wholly call (an expert no row of it was routed to) is checked on the first of the
+    ``later`` batches that does.  An output that is no floating tensor is not checked; a
+    forward that autograd cannot trace gives {} (a debug log), as the check is advisory to the
+    training that follows."""
     joint = [u for u in units if len(u.modules) > 1]
-    if not joint:
-        return {}
     named = dict(model.named_modules())
+    found: dict[Unit, list[str]] = {}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)  # the graph then starts at the taps only
+        for one in [batch, *later]:
+            if not joint:
+                break
+            called = _connections(named, joint, one, forward, model, found)
+            joint = [u for u in joint if not all(m in called for m in u.modules)]
+    except (RuntimeError, _Carry) as exc:
+        log.debug("joint-unit connectivity not checked: %s", exc)
+        return {}
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return found
+
+
+def _connections(named: dict[str, nn.Module], joint: Sequence[Unit], batch, forward, model,
+                 found: dict[Unit, list[str]]) -> set[str]:
+    """One forward of :func:`disconnected_modules` on ``batch``: adds to ``found`` the units
+    it calls wholly with a disconnected module; returns the units' modules it calls."""
     taps: dict[str, torch.Tensor] = {}
     outs: dict[str, torch.Tensor] = {}
+    called: set[str] = set()
 
     def tap(name):
         def hook(module, args, out):
+            called.add(name)
             first, put = _first_float(out)
             if name in taps or first is None:
                 return None
@@ -708,23 +737,22 @@ def disconnected_modules(model: nn.Module, units: Sequence[Unit], batch,
 
     def keep(name):
         def hook(module, args, out):
+            called.add(name)
             first, _ = _first_float(out)
             if first is not None:
                 outs.setdefault(name, first)
         return hook
 
     handles = []
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)  # the graph then starts at the taps only
         for u in joint:
             handles += [named[m].register_forward_hook(tap(m)) for m in u.modules[:-1]]
             handles.append(named[u.modules[-1]].register_forward_hook(keep(u.modules[-1])))
         with torch.enable_grad():
             forward(model, batch)
-            found = {}
             for u in joint:
+                if not all(m in called for m in u.modules):
+                    continue    # a later batch that calls all of them checks it
                 earlier = [m for m in u.modules[:-1] if m in taps]
                 last = outs.get(u.modules[-1])
                 if not earlier or last is None:
@@ -737,15 +765,10 @@ def disconnected_modules(model: nn.Module, units: Sequence[Unit], batch,
                 missing = [m for m, g in zip(earlier, grads) if g is None]
                 if missing:
                     found[u] = missing
-    except (RuntimeError, _Carry) as exc:
-        log.debug("joint-unit connectivity not checked: %s", exc)
-        return {}
     finally:
         for h in handles:
             h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    return found
+    return called
 
 
 class _Carry(Exception):
@@ -899,7 +922,8 @@ def plan_units(float_model: nn.Module, quant_model: nn.Module, calibration: Iter
     with eval_mode(quant_model):
         ordered = _order_units(quant_model, units, batches[0], forward or default_forward,
                                later=batches[1:])[0]
-        _check_connected(quant_model, ordered, batches[0], forward or default_forward)
+        _check_connected(quant_model, ordered, batches[0], forward or default_forward,
+                         batches[1:])
         return ordered
 
 
@@ -965,7 +989,7 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
         else:
             units, lca, call_rank = _order_units(model, units, batches[0], forward,
                                                  later=batches[1:])
-        _check_connected(model, units, batches[0], forward)
+        _check_connected(model, units, batches[0], forward, batches[1:])
         # every unit's cached data within cache_mb, before the first unit trains
         check_cache(cache_bytes(model, units, lca, batches, forward), config.cache_mb,
                     len(batches))
@@ -994,7 +1018,7 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
                 caches = ((q_cache, q_starts.get(entry_name, 0)),
                           (f_cache, f_starts.get(first, f_starts.get(entry_name, 0))))
             data = _capture(float_model, model, fnamed[last], entry, name, batches, forward,
-                            config.cache_mb, caches)
+                            config.cache_mb, caches, joint=len(unit.modules) > 1)
             before = _mse(block, data, name)
             saved = {m: copy.deepcopy(qnamed[m].state_dict()) for m in unit.modules}
             iterations = _train_block(block, layers, data, config, gen, name)

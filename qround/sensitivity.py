@@ -32,8 +32,8 @@ from .calibrate import ForwardFn, _padding_mask, default_forward, eval_mode
 from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid
 from .pipeline import (QuantConfig, _add_late, _check_calibration, _check_overrides_match,
-                       _conv1d_selection, _own_rng, _samples, _seed_numpy, _select, _trace,
-                       check_group_sizes)
+                       _conv1d_selection, _own_rng, _reselect, _samples, _seed_numpy, _select,
+                       _trace, check_group_sizes)
 from .prefix_cache import PrefixCache, budget_bytes, disabled, trace_spans
 from .problems.layers import layer_weight, linearize_conv1d
 
@@ -447,6 +447,14 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
     plan = []
     spans, starts = trace_spans(qmodel, lambda: plan.extend(_trace(qmodel, first_batch,
                                                                    forward, names)))
+    again = _reselect(qmodel, qmodel, config, conv_skipped, calibration, forward, names,
+                      {x.name for x in plan})
+    if again is not None:   # a tied weight went to a layer never called: as quantize_model
+        names = again[0]
+        _check_overrides_match(config, names)
+        plan = []
+        spans, starts = trace_spans(qmodel, lambda: plan.extend(_trace(qmodel, first_batch,
+                                                                       forward, names)))
     # an expert the first batch routed no row to, reached by a later one, as quantize_model
     plan = _add_late(qmodel, calibration, forward, names, plan)
     if not plan:

@@ -459,3 +459,180 @@ def test_a_later_batch_that_fails_the_forward_is_named():
     batches[1] = torch.randn(16, 7)
     with pytest.raises(QroundError, match="failed on calibration batch 1 "):
         quantize_model(model, batches, QuantConfig(wbits=3, solver="nearest", progress=False))
+
+
+class Windowed(nn.Module):
+    """q reads every token; k and v read the last 4 (a sliding-window memory), which is the
+    very tensor q reads when the sequence is no longer than 4 (found by helper-138)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(8, 8) for _ in range(4))
+        fill(self, 33)
+
+    def forward(self, x):                       # x: (N, T, 8)
+        mem = x if x.shape[1] <= 4 else x[:, -4:]
+        a = torch.softmax(self.q(x) @ self.k(mem).transpose(1, 2), -1) @ self.v(mem)
+        return self.out(a)
+
+
+@pytest.mark.parametrize("inputs", ["float", "asymmetric"])
+def test_a_layer_sharing_an_input_on_the_first_batch_only_gets_its_own_statistics(inputs):
+    """Layers reading one input on the first batch shared its capture on every batch: with
+    the short batch first, k took q's statistics (every token), not its own (the last 4).
+    The first capture pass, which runs every batch whole, now checks the sharing."""
+    from qround.baselines import gptq_model
+
+    model, g = Windowed(), gen(5)
+    short = torch.randn(16, 4, 8, generator=g)
+    long_ = torch.randn(16, 12, 8, generator=g) * torch.linspace(0.2, 3, 12)[None, :, None]
+    x = inputs_of(model, "k", [long_, short])
+    h = (x.T @ x / len(x)).numpy()
+    codes, gptq = [], []
+    for batches in ([long_, short], [short, long_]):
+        calls = []
+        qm = quantize_model(model, batches, QuantConfig(wbits=3, solver="greedy", inputs=inputs,
+                                                        progress=False),
+                            forward=lambda m, b: calls.append(1) or m(b))
+        row = {r.layer: r for r in qm.report}["k"]
+        if inputs == "float":
+            assert row.rtn_cost == pytest.approx(rtn_cost(model.k, h, qm.layers["k"]), rel=1e-6)
+            # the order pass, the capture of every layer, and the capture of k and v alone
+            # when the first batch showed them sharing q's input
+            assert len(calls) == 1 + 2 * (1 if batches[0] is long_ else 2)
+        codes.append(qm.layers["k"].codes)
+        gptq.append(gptq_model(model, batches, QuantConfig(wbits=3, progress=False))[0]
+                    .k.weight.detach())
+    assert np.array_equal(*codes)
+    assert torch.allclose(*gptq, atol=1e-6)
+
+
+class Skips(nn.Module):
+    """c runs when the batch's feature 0 is positive, d when feature 1 is: a batch may skip
+    either (found by helper-137)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.d, self.out = (nn.Linear(6, 6) for _ in range(4))
+        fill(self, 35)
+
+    def forward(self, x):
+        h = self.a(x)
+        if x[:, 0].mean() > 0:
+            h = self.c(torch.relu(h))
+        if x[:, 1].mean() > 0:
+            h = self.d(torch.relu(h))
+        return self.out(h)
+
+
+def _skips_batches():
+    g = gen(6)
+    batches = [torch.randn(16, 6, generator=g) for _ in range(3)]
+    for b, (c, d) in zip(batches, ((1.0, -1.0), (-1.0, 1.0), (1.0, 1.0))):
+        b[:, 0], b[:, 1] = c, d
+    return batches      # c only, d only, then c and d
+
+
+def test_layers_first_seen_on_later_batches_keep_the_forward_order():
+    """d, first reached by a batch that skips c, was put before c (after a, the layer it
+    follows there), though c runs before d on the batch that calls both."""
+    from qround.baselines import gptq_model
+
+    model = Skips()
+    qm = quantize_model(model, _skips_batches(), QuantConfig(wbits=3, solver="nearest",
+                                                             first_last_bits=8,
+                                                             progress=False))
+    assert [r.layer for r in qm.report] == ["a", "c", "d", "out"]
+    assert [r.bits for r in qm.report] == [8, 3, 3, 8]
+    quantised, _ = gptq_model(model, _skips_batches(), QuantConfig(wbits=3, progress=False))
+    assert all(len(row.unique()) <= 8 for n in "acd" for row in getattr(quantised, n).weight)
+
+
+@pytest.mark.parametrize("late", [True, False])
+def test_parallel_experts_in_one_unit_are_refused_whichever_batch_comes_first(late):
+    """The check that a joint unit's modules feed its last one ran on the first batch only, and
+    passed e0+e1 when that batch skipped e1: e0's rounding was never in the loss (found by
+    helpers 137 and 138)."""
+    from qround.activations import insert_act_quantizers
+    from qround.granularity import select_units
+    from qround.grid import GridSpec
+    from qround.reconstruct import ReconstructConfig
+
+    model = SkipsUnreached()
+    batches = _late_expert_batches(model)     # batch 0 reaches only e0
+    if not late:
+        batches = [batches[1], batches[0], batches[2]]
+    config = QuantConfig(wbits=2, abits=4, solver="nearest", progress=False, exclude="gate",
+                         reconstruction=ReconstructConfig(iterations=5),
+                         granularity="scheme", scheme=["e0+e1"])
+    with pytest.raises(QroundError, match=r"the output of \['e0'\] does not reach 'e1'"):
+        quantize_model(model, batches, config)
+    # modcap would merge e0 with e1 (fewer bits): the merge is dropped, with a warning
+    q = insert_act_quantizers(model, ["e0", "e1"], 4, calib_batches=batches,
+                              weights={"e0": GridSpec(bits=4), "e1": GridSpec(bits=2)})
+    selection = select_units(model, q, batches, "modcap", base="layer")
+    assert [u.name for u in selection.units] == ["e0", "e1"]
+
+
+def test_loss_search_on_batches_that_miss_a_unit_is_refused_naming_search_batches():
+    """The quick pass of granularity='loss' runs on the first search_batches batches: an
+    expert only a later one reaches was refused as 'not called by the model's forward (a
+    module whose parent calls its children directly...)' (found by helpers 137 and 138)."""
+    from qround.activations import insert_act_quantizers
+    from qround.granularity import select_units
+    from qround.grid import GridSpec
+
+    model = SkipsUnreached()
+    batches = _late_expert_batches(model)
+    q = insert_act_quantizers(model, ["e0", "e1"], 4, calib_batches=batches,
+                              weights=GridSpec(bits=2, symmetric=False))
+    with pytest.raises(QroundError, match=r"units \['e1'\] are not called on the first "
+                                          "search_batches=1 calibration batches"):
+        select_units(model, q, batches, "loss", k=1, base="layer", search_batches=1)
+    selection = select_units(model, q, batches, "loss", k=1, base="layer", search_batches=2)
+    assert [u.name for u in selection.base_units] == ["e0", "e1"]
+
+
+def test_rtn_model_with_the_calibration_rounds_an_expert_the_first_batch_skips():
+    """With one example batch an expert it does not reach stays in float (documented);
+    rtn_model(calibration=...) chooses as quantize_model does (found by helper-138)."""
+    from qround.baselines import rtn_model
+
+    model = SkipsUnreached()
+    batches = _late_expert_batches(model)
+    config = QuantConfig(wbits=3, first_last_bits=8, progress=False)
+    quantised, _ = rtn_model(model, config, calibration=batches)
+    assert not torch.equal(quantised.e1.weight, model.e1.weight)
+    assert max(len(row.unique()) for row in quantised.e1.weight) > 8    # the last: 8 bits
+    assert max(len(row.unique()) for row in quantised.e0.weight) <= 8
+    quantised, _ = rtn_model(model, config, example=batches[0])
+    assert torch.equal(quantised.e1.weight, model.e1.weight)
+    with pytest.raises(QroundError, match="example .* or calibration .*, not both"):
+        rtn_model(model, config, example=batches[0], calibration=batches)
+
+
+class TiedToLate(SkipsUnreached):
+    """``spare``, never called and first in module order, holds e1's weight (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Linear(16, 4)
+        self.spare.weight = self.e1.weight
+        self._modules = {k: self._modules[k] for k in ("spare", "gate", "e0", "e1")}
+
+
+def test_a_weight_tied_to_a_late_expert_is_rounded_at_the_expert():
+    """The tied weight went to the layer that calls it on the first batch only; an expert
+    that batch skips kept it in float (found by helper-138)."""
+    from qround.baselines import gptq_model
+    from qround.sensitivity import layer_sensitivity
+
+    model = TiedToLate()
+    batches = _late_expert_batches(model)
+    qm = quantize_model(model, batches, QuantConfig(wbits=3, solver="greedy", progress=False))
+    assert list(qm.layers) == ["gate", "e0", "e1"] and "tied" in qm.skipped["spare"]
+    assert max(len(row.unique()) for row in qm.model.e1.weight) <= 8
+    quantised, _ = gptq_model(model, batches, QuantConfig(wbits=3, progress=False))
+    assert max(len(row.unique()) for row in quantised.e1.weight) <= 8
+    sens = layer_sensitivity(model, batches, QuantConfig(progress=False), bits=(3,))
+    assert [s.name for s in sens.layers] == ["gate", "e0", "e1"]

@@ -450,3 +450,50 @@ def test_batches_that_call_a_unit_in_one_model_only_are_left_out_with_a_warning(
     with pytest.raises(QroundError, match="block 'b' was not called by the float model's "
                                           "forward on any calibration batch that the other"):
         reconstruct(net, q, batches, None, FAST)
+
+
+class _Skips(nn.Module):
+    """c runs when the batch's feature 0 is positive, d when feature 1 is."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.d, self.out = (nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x[:, 0].mean() > 0:
+            h = torch.relu(self.c(h))
+        if x[:, 1].mean() > 0:
+            h = torch.relu(self.d(h))
+        return self.out(h)
+
+
+def test_a_late_module_is_ordered_by_every_batch_not_the_first_that_calls_it():
+    """d, first reached by a batch that skips c, was placed before c: the scheme unit c+d
+    became d+c, trained on c's output (d's rounding unseen), and a+c was refused as not
+    consecutive (found by helper-137)."""
+    batches = [torch.randn(16, 4, generator=gen(30 + i)) for i in range(3)]
+    for b, (c, d) in zip(batches, ((1.0, -1.0), (-1.0, 1.0), (1.0, 1.0))):
+        b[:, 0], b[:, 1] = c, d
+    net = _Skips()
+    q = insert_act_quantizers(net, None, 3, calib_batches=batches,
+                              weights=GridSpec(bits=2, symmetric=False))
+    assert [u.name for u in plan_units(net, q, batches, None)] == ["a", "c", "d", "out"]
+    assert plan_units(net, q, batches, [["d", "c"]])[1] == Unit(("c", "d"))
+    assert plan_units(net, q, batches, [["a", "c"]])[0] == Unit(("a", "c"))
+
+
+def test_a_joint_unit_whose_last_module_a_batch_skips_trains_without_a_routing_warning(
+        caplog):
+    """The input of a+b is taken at the model (called on every batch), its target at b: a batch
+    that skips b in both models was reported as routing that depends on the weights."""
+    net, batches = _Routed(), _routed_batches()
+    q = insert_act_quantizers(net, None, 3, calib_batches=batches,
+                              weights=GridSpec(bits=2, symmetric=False))
+    with caplog.at_level("WARNING", logger="qround.reconstruct"):
+        result = reconstruct(net, q, batches, [["a", "b"]], FAST)
+    assert "routing" not in caplog.text
+    with torch.no_grad():
+        y = torch.cat([net.b(torch.relu(net.a(x))) for x in batches[1:]])
+    assert result.blocks[0].target_power == pytest.approx(float((y.double() ** 2).mean()),
+                                                          rel=1e-5)

@@ -752,3 +752,26 @@ def test_an_expert_only_a_later_batch_reaches_is_measured():
     assert held == {"gate": 8, "e0": None, "e1": 8}
     assert {r.layer: r.bits for r in quantize_model(model, batches, config).report} == {
         "gate": 8, "e0": config.wbits, "e1": 8}
+
+
+def test_a_weight_tied_to_a_module_never_called_is_measured_at_the_called_one():
+    """quantize_model gives a tied weight to the layer the forward calls (_reselect); the
+    table left that layer out (found by helper-138)."""
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.spare = nn.Linear(16, 4)     # never called, first in module order
+            self.body, self.head = nn.Linear(6, 16), nn.Linear(16, 4)
+            self.head.weight = self.spare.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    model, g = Tied(), torch.Generator().manual_seed(1)
+    batches = [torch.randn(32, 6, generator=g) for _ in range(2)]
+    qm = quantize_model(model, batches, QuantConfig(wbits=3, solver="greedy", progress=False))
+    sens = layer_sensitivity(model, batches, QuantConfig(progress=False), bits=(3,))
+    assert [s.name for s in sens.layers] == list(qm.layers) == ["body", "head"]
