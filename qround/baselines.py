@@ -160,7 +160,7 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
             raise QroundError("rtn_model: give example (one batch) or calibration (the "
                               "batches), not both")
         example = _check_calibration(calibration)
-        batches = calibration
+        batches = same_passes(calibration)   # a pass that yields other batches is refused
     # transformers' Conv1D layers are rounded as Linear views of their weights, then restored
     forward = forward or default_forward
     with _own_rng(config, model):   # the example's forwards draw from config.seed, not yours
@@ -182,8 +182,9 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
         if example is not None:
             with torch.no_grad(), kept_buffers(qmodel):
                 plan = _trace(qmodel, example, forward, names)
-                again = _reselect(qmodel, qmodel, config, conv_skipped, batches or [example],
-                                  forward, names, {x.name for x in plan})
+                again = _reselect(qmodel, qmodel, config, conv_skipped,
+                                  [example] if batches is None else batches, forward, names,
+                                  {x.name for x in plan})
                 if again is not None:     # a tied weight went to a layer never called
                     names = again[0]
                     _check_overrides_match(config, names)
@@ -191,6 +192,11 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
                     plan = _trace(qmodel, example, forward, names)
                 if batches is not None:     # experts the first batch skipped
                     plan = _add_late(qmodel, batches, forward, names, plan)
+                    if not isinstance(batches, (list, tuple)):
+                        # a second pass: a one-shot stream, which ran dry in the first and
+                        # hid its later batches, is refused (pipeline._SamePasses)
+                        for _ in batches:
+                            pass
             if not plan:
                 raise QroundError("none of the chosen layers is called by the forward")
             # as quantize_model: layers the forward never calls stay in float

@@ -611,6 +611,36 @@ def test_rtn_model_with_the_calibration_rounds_an_expert_the_first_batch_skips()
         rtn_model(model, config, example=batches[0], calibration=batches)
 
 
+def test_rtn_model_takes_a_loader_without_a_length_and_refuses_a_one_shot_stream():
+    """``batches or [example]`` asked a DataLoader over an IterableDataset for its length (a
+    TypeError from torch), and a stream that runs dry after one pass left e1 in float (found
+    by helper-139)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from qround.baselines import rtn_model
+
+    model = SkipsUnreached()
+    batches = _late_expert_batches(model)
+
+    class Batches(IterableDataset):     # re-iterable, no __len__
+        def __iter__(self):
+            return iter(batches)
+
+    class Stream(IterableDataset):      # one pass only
+        def __init__(self):
+            self.it = iter(batches)
+
+        def __iter__(self):
+            return self.it
+
+    config = QuantConfig(wbits=3, progress=False)
+    quantised, _ = rtn_model(model, config,
+                             calibration=DataLoader(Batches(), batch_size=None))
+    assert max(len(row.unique()) for row in quantised.e1.weight) <= 8
+    with pytest.raises(QroundError, match="calibration yielded"):
+        rtn_model(model, config, calibration=DataLoader(Stream(), batch_size=None))
+
+
 class TiedToLate(SkipsUnreached):
     """``spare``, never called and first in module order, holds e1's weight (tied)."""
 
