@@ -452,30 +452,13 @@ def test_batches_that_call_a_unit_in_one_model_only_are_left_out_with_a_warning(
         reconstruct(net, q, batches, None, FAST)
 
 
-class _Skips(nn.Module):
-    """c runs when the batch's feature 0 is positive, d when feature 1 is."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.c, self.d, self.out = (nn.Linear(4, 4) for _ in range(4))
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        if x[:, 0].mean() > 0:
-            h = torch.relu(self.c(h))
-        if x[:, 1].mean() > 0:
-            h = torch.relu(self.d(h))
-        return self.out(h)
-
-
 def test_a_late_module_is_ordered_by_every_batch_not_the_first_that_calls_it():
     """d, first reached by a batch that skips c, was placed before c: the scheme unit c+d
     became d+c, trained on c's output (d's rounding unseen), and a+c was refused as not
     consecutive (found by helper-137)."""
-    batches = [torch.randn(16, 4, generator=gen(30 + i)) for i in range(3)]
-    for b, (c, d) in zip(batches, ((1.0, -1.0), (-1.0, 1.0), (1.0, 1.0))):
-        b[:, 0], b[:, 1] = c, d
-    net = _Skips()
+    from .test_pipeline_machinery import Skips, _skips_batches
+
+    batches, net = _skips_batches(), Skips()   # c only, d only, then c and d
     q = insert_act_quantizers(net, None, 3, calib_batches=batches,
                               weights=GridSpec(bits=2, symmetric=False))
     assert [u.name for u in plan_units(net, q, batches, None)] == ["a", "c", "d", "out"]
