@@ -58,10 +58,11 @@ the number of input elements of one sample.  Inputs with a calibrated minimum >=
 get an unsigned grid ``[0, 2^b - 1]``, others a signed one ``[-2^(b-1), 2^(b-1) - 1]``; the step
 starts at the min-max or MSE scale of :func:`qround.grid.fit_grid` on calibration inputs.
 
-:class:`QuantizedLayer` wraps a Linear/Conv2d with an input :class:`ActQuantizer` and a weight
-that is float, hard-quantised (integer codes) or soft-rounded ``s (floor(w/s) + z + h(V) - z)``
-(AdaRound, for reconstruction: :mod:`qround.reconstruct`).  :func:`insert_act_quantizers`
-returns a copy of a model with chosen layers wrapped and steps calibrated.
+:class:`QuantizedLayer` wraps a Linear/Conv2d/Conv1d with an input :class:`ActQuantizer` and a
+weight that is float, hard-quantised (integer codes) or soft-rounded
+``s (floor(w/s) + z + h(V) - z)`` (AdaRound, for reconstruction: :mod:`qround.reconstruct`).
+:func:`insert_act_quantizers` returns a copy of a model with chosen layers wrapped and steps
+calibrated.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ from .calibrate import (ForwardFn, LayerFilter, _active_mask, _conv_padding, def
                         eval_mode, kept_buffers, layer_hooks, select_layers)
 from .errors import QroundError, check_bits
 from .grid import GridSpec, fit_grid, qrange
-from .problems.layers import forward_hooks
+from .problems.layers import conv2d_view, forward_hooks
 from .solvers.hopfield import inverse_rectified_sigmoid, rectified_sigmoid
 from .writeback import QuantizedWeight
 
@@ -386,7 +387,9 @@ def _lower_precision(dtype: torch.dtype, than: torch.dtype) -> bool:
 
 # ------------------------------------------------------------------------------ wrapped layer
 class QuantizedLayer(nn.Module):
-    """A Linear/Conv2d with a quantised input and a float, hard or soft-rounded weight.
+    """A Linear/Conv2d/Conv1d with a quantised input and a float, hard or soft-rounded weight.
+    A Conv1d computes as the Conv2d with kernel (1, k) it equals (:func:`conv2d_view`,
+    ``conv_view``) on its input with a height axis of 1 added.
 
     module: the layer (kept as child ``layer``; its parameters are frozen: quantize_model's
     activation stage writes the final quantised weight into it at the end, for layers tied
@@ -422,19 +425,22 @@ class QuantizedLayer(nn.Module):
     def __init__(self, module: nn.Module, abits: int | None = None, borders: str = "none",
                  fusion: bool = True, weight: GridSpec | None = None):
         super().__init__()
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise QroundError(f"QuantizedLayer wraps nn.Linear or nn.Conv2d, got "
+        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)):
+            raise QroundError(f"QuantizedLayer wraps nn.Linear, nn.Conv2d or nn.Conv1d, got "
                               f"{type(module).__name__}")
         if abits is None and borders != "none":
             raise QroundError(f"borders={borders!r} on a layer with no quantised input "
                               "(abits=None)")
         self.layer = module
+        # the Conv2d that computes the conv (the layer itself, or a Conv1d's meta view): kept
+        # out of the module tree (no parameters, not in the state dict)
+        self.__dict__["conv_view"] = conv2d_view(module)
         for p in module.parameters():
             p.requires_grad_(False)
         w = module.weight.detach()
-        self.is_conv = isinstance(module, nn.Conv2d)
+        self.is_conv = not isinstance(module, nn.Linear)
         self.elements = w[0].numel() * (module.groups if self.is_conv else 1)
-        kk = module.kernel_size[0] * module.kernel_size[1] if self.is_conv else 1
+        kk = math.prod(module.kernel_size) if self.is_conv else 1
         fusion_size = kk if (fusion and self.is_conv and borders != "none") else 1
         self.act = None if abits is None else ActQuantizer(abits, borders, self.elements,
                                                            fusion_size).to(w.device)
@@ -538,7 +544,7 @@ class QuantizedLayer(nn.Module):
         key = (tuple(x.shape[1:]), x.device, x.dtype)
         mask = None if _tracing() else self._pad_masks.get(key)
         if mask is None:
-            conv = self.layer
+            conv = self.conv_view
             # a normal tensor even under inference_mode: a later forward with autograd saves
             # it for backward
             with torch.inference_mode(False):
@@ -554,7 +560,7 @@ class QuantizedLayer(nn.Module):
         """The conv's fused borders (N, C, Ho, Wo) from ``v = x / s`` (N, C, H, W), or from
         ``vp``, ``v`` padded, when padding copies activations: one computation shared by the
         training and the inference path."""
-        conv = self.layer
+        conv = self.conv_view
         k, st, d = conv.kernel_size, conv.stride, conv.dilation
         if conv.padding_mode == "zeros":
             return self.act.patch_border(v, k, st, d, conv.padding)
@@ -566,7 +572,8 @@ class QuantizedLayer(nn.Module):
         return self.act.patch_border(vp, k, st, d)
 
     def _conv_unfold(self, x: torch.Tensor, w: torch.Tensor, use_border: bool) -> torch.Tensor:
-        conv = self.layer
+        """The conv as im2col + matmul: x (N, C, H, W), w (out, C/groups, kh, kw)."""
+        conv = self.conv_view
         features = x.shape[1:].numel()
         pads = _conv_padding(conv)
         zeros = conv.padding_mode == "zeros"
@@ -584,8 +591,8 @@ class QuantizedLayer(nn.Module):
         out = torch.matmul(w.reshape(g, w.shape[0] // g, -1),
                            q.reshape(n, g, cols.shape[1] // g, length))
         out = out.reshape(n, w.shape[0], length)
-        if conv.bias is not None:
-            out = out + conv.bias.view(1, -1, 1)
+        if self.layer.bias is not None:
+            out = out + self.layer.bias.view(1, -1, 1)
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
         wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
@@ -612,13 +619,16 @@ class QuantizedLayer(nn.Module):
 
     def _check_conv_input(self, x: torch.Tensor) -> None:
         conv = self.layer
-        if x.dim() not in (3, 4):
-            raise QroundError(f"{type(conv).__name__} input must be (N, C, H, W) or (C, H, W), "
-                              f"got shape {tuple(x.shape)}")
-        if x.shape[-3] != conv.in_channels:
+        spatial = 1 if isinstance(conv, nn.Conv1d) else 2
+        if x.dim() not in (spatial + 1, spatial + 2):
+            want = "(N, C, L) or (C, L)" if spatial == 1 else "(N, C, H, W) or (C, H, W)"
+            raise QroundError(f"{type(conv).__name__} input must be {want}, got shape "
+                              f"{tuple(x.shape)}")
+        if x.shape[-spatial - 1] != conv.in_channels:
             raise QroundError(f"{type(conv).__name__} expects {conv.in_channels} input "
-                              f"channels, got {x.shape[-3]} (input shape {tuple(x.shape)})")
-        if x.shape[-1] == 0 or x.shape[-2] == 0:
+                              f"channels, got {x.shape[-spatial - 1]} (input shape "
+                              f"{tuple(x.shape)})")
+        if any(d == 0 for d in x.shape[-spatial:]):
             raise QroundError(f"{type(conv).__name__} input has an empty spatial size: shape "
                               f"{tuple(x.shape)}")
 
@@ -635,6 +645,9 @@ class QuantizedLayer(nn.Module):
             xq = self._quantize(x, -1, None, border)   # LSQ's N_F: as codes() reads it
             return F.linear(xq, w, self.layer.bias)
         self._check_conv_input(x)
+        one_d = isinstance(self.layer, nn.Conv1d)
+        if one_d:   # (N, C, L) -> (N, C, 1, L) for the Conv2d view
+            x, w = x.unsqueeze(-2), w.unsqueeze(-2)
         batched = x.dim() == 4
         x4 = x if batched else x.unsqueeze(0)
         if border and not self.force_unfold and self._sparse_ok(x4):
@@ -642,9 +655,10 @@ class QuantizedLayer(nn.Module):
         elif border or (self.force_unfold and self.act_mode != "float"):
             out = self._conv_unfold(x4, w, border)
         else:
-            out = self.layer._conv_forward(self._quantize(x4, 1, x4.shape[1:].numel(), False), w,
-                                           self.layer.bias)
-        return out if batched else out.squeeze(0)
+            out = self.conv_view._conv_forward(
+                self._quantize(x4, 1, x4.shape[1:].numel(), False), w, self.layer.bias)
+        out = out if batched else out.squeeze(0)
+        return out.squeeze(-2) if one_d else out
 
     def extra_repr(self) -> str:
         return f"act_mode={self.act_mode!r}, weight_mode={self.weight_mode!r}"
@@ -717,7 +731,8 @@ def insert_act_quantizers(model: nn.Module, layers: LayerFilter = None,
                           init: str = "mse", calib_batches: Iterable | None = None, *,
                           weights: PerLayer = None, forward: ForwardFn | None = None,
                           max_samples: int = 2 ** 18) -> nn.Module:
-    """A deep copy of ``model`` whose chosen Linear/Conv2d layers are :class:`QuantizedLayer`.
+    """A deep copy of ``model`` whose chosen Linear/Conv2d/Conv1d layers are
+    :class:`QuantizedLayer`.
 
     layers: as :func:`qround.calibrate.select_layers` (None = all).  abits: bits of every chosen
     layer's input, or a mapping name -> bits | None (missing names: float input).  borders:

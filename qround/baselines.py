@@ -247,7 +247,7 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
     modules = dict(qmodel.named_modules())
     check_group_sizes(modules, names, config)
     for name in names:
-        if isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1:
+        if not isinstance(modules[name], nn.Linear) and modules[name].groups != 1:
             raise QroundError(f"gptq_model: layer {name!r} is a grouped conv, not supported")
     with kept_buffers(qmodel):   # buffers the forwards write keep the float model's values
         return _gptq_passes(qmodel, replaced, modules, names, conv_skipped, first_batch,

@@ -26,8 +26,8 @@ from .calibrate import _conv_padding
 @torch.no_grad()
 def sparse_border_conv(layer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The "border" conv of ``layer`` (a :class:`~qround.activations.QuantizedLayer` wrapping
-    a Conv2d, act_mode "border") on x (N, C, H, W) with weight ``w``, for inference."""
-    conv, act = layer.layer, layer.act
+    a Conv2d or Conv1d, act_mode "border") on x (N, C, H, W) with weight ``w``, for inference."""
+    conv, act = layer.conv_view, layer.act   # a Conv1d's Conv2d view: x, w are 4-D here
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     pads = _conv_padding(conv)
     zeros = conv.padding_mode == "zeros"
@@ -71,10 +71,11 @@ def sparse_border_conv(layer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # (in place: -B + 1 and A + v round exactly as 1 - B and v + A)
     lo, hi = (b.neg_().add_(1.0).add_(grid).floor_().clamp_(act.qmin, act.qmax)
               for b in bounds)
+    bias = layer.layer.bias
     if zeros:
-        out = conv._conv_forward(lo * s, w, conv.bias)
+        out = conv._conv_forward(lo * s, w, bias)
     else:
-        out = F.conv2d(lo * s, w, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+        out = F.conv2d(lo * s, w, bias, conv.stride, 0, conv.dilation, conv.groups)
     g = conv.groups
     wt = w.reshape(g, w.shape[0] // g, -1).transpose(1, 2).contiguous()
     corr = out.new_zeros(out.shape[0], out.shape[2], out.shape[3], out.shape[1])

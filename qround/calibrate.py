@@ -1,6 +1,7 @@
 """Streaming layer statistics from forward hooks.
 
-For each chosen ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``, read as its Linear)
+For each chosen ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` (read as the Conv2d with kernel
+(1, k) that it equals) and transformers' ``Conv1D`` (read as its Linear)
 the input vectors ``x`` of the layer are streamed into float64 sums, one batch at a time, and
 divided by the number of vectors at the end:
 
@@ -34,7 +35,7 @@ from torch import nn
 
 from ._warn import gathering, warn_gathered
 from .errors import QroundError
-from .problems.layers import is_hf_conv1d
+from .problems.layers import conv2d_view, is_hf_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -224,20 +225,21 @@ def kept_buffers(model: nn.Module, skip: tuple[type, ...] = ()) -> Iterator[nn.M
 
 def select_layers(model: nn.Module, layers: LayerFilter = None,
                   conv1d: bool = True) -> dict[str, nn.Module]:
-    """The Linear/Conv2d modules (and transformers' Conv1D unless ``conv1d`` is False) to
+    """The Linear/Conv2d/Conv1d modules (and transformers' Conv1D unless ``conv1d`` is False) to
     capture, by name: in ``named_modules`` order for None or a predicate, in the given order
     for names.
 
     layers: None (all), a name or list of names, or a predicate ``(name, module) -> bool``.
     """
     def supported(m):
-        return isinstance(m, (nn.Linear, nn.Conv2d)) or (conv1d and is_hf_conv1d(m))
+        return isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)) or (conv1d and is_hf_conv1d(m))
 
     if layers is None or callable(layers):
         chosen = {n: m for n, m in model.named_modules()
                   if supported(m) and (layers is None or layers(n, m))}
         if not chosen:
-            raise QroundError("layers selected no nn.Linear or nn.Conv2d module of the model"
+            raise QroundError("layers selected no nn.Linear, nn.Conv2d or nn.Conv1d module of "
+                              "the model"
                               + (" (nor a transformers Conv1D)" if conv1d else ""))
         return chosen
     names = [layers] if isinstance(layers, str) else list(layers)
@@ -249,8 +251,9 @@ def select_layers(model: nn.Module, layers: LayerFilter = None,
         if n not in modules:
             raise QroundError(f"layer {n!r} does not exist in the model")
         if not supported(modules[n]):
-            raise QroundError(f"layer {n!r} is a {type(modules[n]).__name__}, not nn.Linear or "
-                              "nn.Conv2d" + (" or transformers' Conv1D" if conv1d else ""))
+            raise QroundError(f"layer {n!r} is a {type(modules[n]).__name__}, not nn.Linear, "
+                              "nn.Conv2d or nn.Conv1d"
+                              + (" or transformers' Conv1D" if conv1d else ""))
         chosen[n] = modules[n]
     return chosen
 
@@ -330,8 +333,11 @@ def _layer_input(name: str, module: nn.Module, args: tuple) -> torch.Tensor:
         x = x.reshape(-1, dims[0])
         if mask is not None:   # padding may hold anything (NaN after a fully masked softmax)
             x = x[mask]
-    elif x.dim() != 4:
-        x = x.unsqueeze(0)     # conv: (N, C, H, W), unbatched made batched
+    else:                      # conv: (N, C, H, W), unbatched made batched
+        if isinstance(module, nn.Conv1d):
+            x = x.unsqueeze(-2)  # (N, C, L) -> (N, C, 1, L): the Conv2d of conv2d_view
+        if x.dim() != 4:
+            x = x.unsqueeze(0)
     if not torch.isfinite(x).all():
         raise QroundError(f"layer {name!r} received non-finite (NaN/Inf) inputs")
     return x
@@ -340,8 +346,9 @@ def _layer_input(name: str, module: nn.Module, args: tuple) -> torch.Tensor:
 def _chunks(module: nn.Module, x: torch.Tensor) -> Iterator[slice]:
     """Slices along dim 0 whose unfolded float64 vectors stay under ``_CHUNK_BYTES``."""
     per_row = x.numel() // max(x.shape[0], 1) * 8
-    if isinstance(module, nn.Conv2d):
-        per_row *= module.kernel_size[0] * module.kernel_size[1]
+    conv = conv2d_view(module)
+    if conv is not None:
+        per_row *= conv.kernel_size[0] * conv.kernel_size[1]
     step = max(1, _CHUNK_BYTES // max(per_row, 1))
     for start in range(0, x.shape[0], step):
         yield slice(start, start + step)
@@ -352,10 +359,12 @@ def _vectors(module: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
 
     Linear: x (rows, in) -> (1, rows, in).  Conv2d: x (N, C, H, W) -> im2col patches, row
     ``i * L + l`` = sample i at output position l, entries ordered (c_in/groups, kh, kw).
+    Conv1d: x (N, C, 1, L) (from :func:`_layer_input`), as its :func:`conv2d_view`.
     """
     x = x.to(device=device, dtype=torch.float64)
     if _linear_dims(module) is not None:
         return x.unsqueeze(0)
+    module = conv2d_view(module)
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     pads = _conv_padding(module)
     if any(pads):
@@ -372,7 +381,8 @@ def _output_rows(module: nn.Module, grad: torch.Tensor, device) -> torch.Tensor:
     dims = _linear_dims(module)
     if dims is not None:
         return grad.reshape(-1, dims[1])
-    grad = grad if grad.dim() == 4 else grad.unsqueeze(0)
+    batched = 4 if isinstance(module, nn.Conv2d) else 3   # a Conv1d's output is (N, out, L)
+    grad = grad if grad.dim() == batched else grad.unsqueeze(0)
     return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
 
 
@@ -381,7 +391,7 @@ def _block_shape(module: nn.Module) -> tuple[int, int]:
     dims = _linear_dims(module)
     if dims is not None:
         return 1, dims[0]
-    kh, kw = module.kernel_size
+    kh, kw = conv2d_view(module).kernel_size
     return module.groups, module.in_channels // module.groups * kh * kw
 
 
@@ -392,8 +402,8 @@ def _geometry(module: nn.Module) -> tuple | None:
     dims = _linear_dims(module)
     if dims is not None:  # a Conv1D reads its input as the Linear it equals
         return ("linear", dims[0])
-    if isinstance(module, nn.Conv2d):
-        return ("conv2d", module.in_channels, module.out_channels, module.kernel_size,
+    if isinstance(module, (nn.Conv2d, nn.Conv1d)):
+        return (type(module).__name__, module.in_channels, module.out_channels, module.kernel_size,
                 module.stride, module.padding, module.dilation, module.groups,
                 module.padding_mode)
     return None

@@ -394,7 +394,8 @@ def cmd_export_layer(args) -> int:
     torch.set_num_threads(args.threads)
     model, batches, forward = _load_named_model(args.model)
     names = [n for n, m in model.named_modules()
-             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or is_hf_conv1d(m)]
+             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d))
+             or is_hf_conv1d(m)]
     if args.list or not args.layer:
         print("\n".join(names))
         if args.list:
@@ -1309,7 +1310,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     e.add_argument("--layer", help="module name (see --list)")
     e.add_argument("--list", action="store_true",
-                   help="list the layers that can be rounded (Linear, Conv2d, transformers' "
+                   help="list the layers that can be rounded (Linear, Conv2d, Conv1d, "
+                        "transformers' "
                         "Conv1D) and exit")
     e.add_argument("--out", help="output .npz")
     e.add_argument("--bits", type=int, default=4, help="(default: %(default)s)")

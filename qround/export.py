@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -86,7 +87,7 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous().clone()
         layers[name] = {"kind": "Conv1D" if conv1d or name in from_conv1d
-                        else "Linear" if isinstance(module, nn.Linear) else "Conv2d",
+                        else _kind(module),
                         "bits": qw.bits, "symmetric": qw.symmetric, "group_size": qw.group_size,
                         "weight_shape": list(qw.weight_shape), "bias": module.bias is not None}
         if wrapper is not None and wrapper.act is not None:
@@ -112,6 +113,11 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         metadata["source"] = json.dumps(qmodel.source)
     with atomic_write(path, what="quantised model", make_folder=True) as f:
         f.write(safetensors_bytes(tensors, metadata))
+
+
+def _kind(module: nn.Module) -> str:
+    """The saved ``kind`` of an nn.Linear, nn.Conv2d or nn.Conv1d (its class name)."""
+    return next(t.__name__ for t in (nn.Linear, nn.Conv2d, nn.Conv1d) if isinstance(module, t))
 
 
 def _on_codes(deq: np.ndarray, weight: torch.Tensor) -> bool:
@@ -300,11 +306,12 @@ def _check_layers(layers, path) -> None:
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise bad(f"entry {name!r} lacks {key!r} of type {kind.__name__} "
                           f"(got {value!r})")
-        if info["kind"] not in ("Linear", "Conv2d", "Conv1D"):
+        if info["kind"] not in ("Linear", "Conv2d", "Conv1d", "Conv1D"):
             raise bad(f"entry {name!r} has kind {info['kind']!r}")
         shape = info["weight_shape"]
-        if len(shape) not in (2, 4) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                               and d > 0 for d in shape):
+        rank = {"Conv2d": 4, "Conv1d": 3}.get(info["kind"], 2)
+        if len(shape) != rank or not all(isinstance(d, int) and not isinstance(d, bool)
+                                         and d > 0 for d in shape):
             raise bad(f"entry {name!r} has weight_shape {shape!r}")
         if "group_size" not in info:
             raise bad(f"entry {name!r} lacks 'group_size' (an int, or null for per-channel)")
@@ -369,9 +376,9 @@ def load(model: nn.Module, path: str | os.PathLike, check_source: bool = True) -
     architecture, a model converted to another dtype, or one already quantised in place) is
     refused before anything is loaded; ``check_source=False`` loads it anyway.
 
-    The architecture must match: every saved layer must exist in ``model`` as a Linear/Conv2d
-    of the same weight shape (a transformers Conv1D where the file has one, its weight (in,
-    out)), else QroundError listing the mismatches.  Conv1D layers stay Conv1D, except those
+    The architecture must match: every saved layer must exist in ``model`` as a Linear, Conv2d
+    or Conv1d of the same weight shape (a transformers Conv1D where the file has one, its weight
+    (in, out)), else QroundError listing the mismatches.  Conv1D layers stay Conv1D, except those
     whose inputs the file quantises: they are the nn.Linear inside the input quantiser, as in
     the quantised model.
     """
@@ -393,9 +400,8 @@ def load(model: nn.Module, path: str | os.PathLike, check_source: bool = True) -
         want = tuple(info["weight_shape"])
         if module is None:
             problems.append(f"{name!r} is missing from the model")
-        elif not isinstance(module, (nn.Linear, nn.Conv2d)) or info["kind"] != (
-                "Conv1D" if name in view_replaced else
-                "Linear" if isinstance(module, nn.Linear) else "Conv2d"):
+        elif not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)) or info["kind"] != (
+                "Conv1D" if name in view_replaced else _kind(module)):
             problems.append(f"{name!r} is a {type(module).__name__}, the file has a "
                             f"{info['kind']}")
         elif tuple(module.weight.shape) != want:
@@ -455,8 +461,7 @@ def _wrap_act_quantizers(model: nn.Module, acts: dict[str, dict], path) -> nn.Mo
     def fill(f):
         for name, info in acts.items():
             module = modules[name]
-            kk = (module.kernel_size[0] * module.kernel_size[1]
-                  if isinstance(module, nn.Conv2d) else 1)
+            kk = 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
             fused = info["fusion_size"] > 1
             if fused and info["fusion_size"] != kk:
                 raise QroundError(f"{path}: fusion size {info['fusion_size']} of {name!r} does "

@@ -127,11 +127,14 @@ def merge_runs(units: Sequence[Unit], merges: Iterable[int]) -> list[Unit]:
 
 
 # ------------------------------------------------------------------------------ ModCap
+_LAYERS = (nn.Linear, nn.Conv2d, nn.Conv1d)
+
+
 def capacity(module: nn.Module, wbits: int | None = None) -> int:
     """Module capacity ``sum_l numel(W_l) * b_l`` over the module's QuantizedLayers (``b_l``
     their weight bits, 32 for float weights; ``wbits`` overrides the bits of every layer with
-    a quantised weight) and its other Linear/Conv2d layers (left in float: 32 bits).  A module
-    without QuantizedLayers counts its Linear/Conv2d weights at ``wbits`` (default 32)."""
+    a quantised weight) and its other Linear/Conv2d/Conv1d layers (left in float: 32 bits).  A
+    module without QuantizedLayers counts those layers' weights at ``wbits`` (default 32)."""
     if wbits is not None and (isinstance(wbits, bool) or not isinstance(wbits, int)
                               or not 1 <= wbits <= 32):
         raise QroundError(f"wbits must be an integer in [1, 32] or None, got {wbits!r}")
@@ -139,13 +142,13 @@ def capacity(module: nn.Module, wbits: int | None = None) -> int:
     if layers:
         wrapped = {id(m.layer) for m in layers}
         floats = [m for m in module.modules()
-                  if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in wrapped]
+                  if isinstance(m, _LAYERS) and id(m) not in wrapped]
         return (sum(m.layer.weight.numel() * (32 if m.weight_spec is None
                                               else (wbits or m.weight_spec.bits))
                     for m in layers)
                 + sum(m.weight.numel() * 32 for m in floats))
     return sum(m.weight.numel() * (wbits or 32) for m in module.modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d)))
+               if isinstance(m, _LAYERS))
 
 
 def _unit_capacity(model: nn.Module, unit: Unit, wbits: int | None) -> int:

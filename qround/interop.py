@@ -15,9 +15,10 @@ storing float32 scales did not change that).  Packing uses compressed-tensors' o
 
 What the format holds, and so what is refused with the reason: ``nn.Linear`` weights on a
 symmetric grid (per channel or in groups), 2-8 bits, no activation quantisers.  transformers'
-``Conv1D`` (GPT-2) and ``nn.Conv2d`` are not packed by compressed-tensors; asymmetric grids
-(a packed zero point) did not load in transformers with compressed-tensors 0.20 (the loader
-allocates the unpacked zero-point shape), so they are refused rather than written unreadable.
+``Conv1D`` (GPT-2), ``nn.Conv2d`` and ``nn.Conv1d`` are not packed by compressed-tensors;
+asymmetric grids (a packed zero point) did not load in transformers with compressed-tensors
+0.20 (the loader allocates the unpacked zero-point shape), so they are refused rather than
+written unreadable.
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ from .writeback import QuantizedWeight, apply_to_layer, quantized_weight, weight
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = (nn.Linear, nn.Conv2d)
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.Conv1d)
 # Normalisation layers hold weights too but are conventionally kept in float: not "skipped".
 _NORMS = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                            getattr(nn, "RMSNorm", None)) if t is not None)
@@ -473,8 +473,9 @@ def _migrate_config(d: Mapping) -> Mapping:
 class LayerReport:
     """One quantised layer: summed costs over channels (and conv groups), times in seconds.
 
-    kind: Linear, Conv2d or Conv1D (transformers', rounded as the nn.Linear it equals);
-    shape: the rounded matrix (out, in) (a conv's in = c_in/groups * kh * kw); seconds: solver
+    kind: Linear, Conv2d, Conv1d (torch's) or Conv1D (transformers', rounded as the nn.Linear
+    it equals); shape: the rounded matrix (out, in) (a conv's in = c_in/groups * kh * kw, a
+    Conv1d's c_in/groups * k); seconds: solver
     time; capture_seconds: this layer's share of the capture pass it took part in.
     """
 
@@ -562,20 +563,21 @@ class _Layer:
     leader: str          # the layer whose capture (same input tensor, same geometry) it shares
     calls: int           # forward calls per batch, from the order pass
     group: int
-    unbatched: bool = False   # a Conv2d whose first input had no batch axis (C, H, W)
+    unbatched: bool = False   # a conv whose first input had no batch axis: (C, H, W), (C, L)
     varies: bool = False      # called another number of times on some batch than on the first
 
 
 def _base(m: nn.Module) -> type:
-    return nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
+    return next(t for t in SUPPORTED if isinstance(m, t))
 
 
 def _own_forward(m: nn.Module) -> bool:
-    """A subclass of nn.Linear / nn.Conv2d that computes its own output (timm's StdConv2d, a
-    scaled Linear): its forward (or a conv's ``_conv_forward``) is not the base class's."""
+    """A subclass of nn.Linear / nn.Conv2d / nn.Conv1d that computes its own output (timm's
+    StdConv2d, a scaled Linear): its forward (or a conv's ``_conv_forward``) is not the base
+    class's."""
     base, kind = _base(m), type(m)
     return kind.forward is not base.forward or (
-        base is nn.Conv2d and kind._conv_forward is not nn.Conv2d._conv_forward)
+        base is not nn.Linear and kind._conv_forward is not base._conv_forward)
 
 
 def _run_first(model: nn.Module, batch, forward: ForwardFn, index: int = 0) -> None:
@@ -611,11 +613,11 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None,
         elif isinstance(m, SUPPORTED):
             candidates.append(name)
         elif not isinstance(m, _NORMS) and any(True for _ in m.parameters(recurse=False)):
-            skipped[name] = (f"{type(m).__name__} is not an nn.Linear or nn.Conv2d: its own "
-                             "parameters stay in float")
+            skipped[name] = (f"{type(m).__name__} is not an nn.Linear, nn.Conv2d or "
+                             "nn.Conv1d: its own parameters stay in float")
     if not candidates:
         own = [f"{n!r}: {why}" for n, why in skipped.items() if "own forward" in why]
-        raise QroundError("model has no nn.Linear or nn.Conv2d layer to quantise"
+        raise QroundError("model has no nn.Linear, nn.Conv2d or nn.Conv1d layer to quantise"
                           + (f" ({own[0]})" if own else ""))
     chosen = candidates
     for field_name, keep in (("layers", True), ("exclude", False)):
@@ -625,7 +627,8 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None,
         hits = {n for n in candidates if re.search(pattern, n)}
         if not hits and not any(re.search(pattern, n) for n in float_conv1d):
             known = set(candidates) | set(float_conv1d)
-            raise QroundError(f"{field_name}={pattern!r} matches no nn.Linear/nn.Conv2d layer; "
+            raise QroundError(f"{field_name}={pattern!r} matches no nn.Linear/Conv2d/Conv1d "
+                              "layer; "
                               f"layer names look like "
                               f"{[n for n in modules if n in known][:3]}")
         for n in chosen:
@@ -810,7 +813,8 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str], index:
                               "input (called with a keyword, input=x?); qround reads a layer's "
                               "input from its first positional argument")
         owner[name] = None
-        if x is not None and isinstance(module, nn.Conv2d) and x.dim() == 3:
+        if x is not None and not isinstance(module, nn.Linear) and x.dim() == (
+                3 if isinstance(module, nn.Conv2d) else 2):
             unbatched.add(name)
         if x is not None:
             # an inference tensor has no version counter: the same object is taken as the
@@ -827,7 +831,7 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str], index:
         _run_first(model, batch, forward, index)
     plan: dict[str, _Layer] = {}
     for name in owner:  # dicts keep insertion order: the order of first calls
-        kind = "Linear" if isinstance(modules[name], nn.Linear) else "Conv2d"
+        kind = _base(modules[name]).__name__
         layer = _Layer(name, kind, 0, name, calls[name], len(plan), name in unbatched)
         first = owner[name]
         if first is not None and calls[name] == 1 and calls[first] == 1:
@@ -982,7 +986,7 @@ def _units(plan: list[_Layer], modules: dict[str, nn.Module], config: QuantConfi
 
 def _stat_bytes(module: nn.Module) -> int:
     n = layer_weight(module).shape[1]
-    groups = module.groups if isinstance(module, nn.Conv2d) else 1
+    groups = 1 if isinstance(module, nn.Linear) else module.groups
     return groups * n * n * 8
 
 
@@ -1627,7 +1631,8 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
                               "calibration batch")
         unbatched = next((x.name for x in plan if x.unbatched), None)
         if config.reconstruction is not None and unbatched is not None:
-            raise QroundError(f"conv layer {unbatched!r} received an unbatched (C, H, W) input: "
+            raise QroundError(f"conv layer {unbatched!r} received an unbatched input (no batch "
+                              "axis: (C, H, W), or (C, L) for a Conv1d): "
                               "block reconstruction draws its mini-batches along the first "
                               "axis, which would be channels; give the conv batched (N, C, H, "
                               "W) inputs (e.g. calibration batches with a leading batch axis, "

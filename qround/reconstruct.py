@@ -805,9 +805,10 @@ class _UnitForward:
 
 # ------------------------------------------------------------------------------ training
 def _rec_loss(out: torch.Tensor, target: torch.Tensor,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared error summed over features (channels of NCHW, last axis otherwise), mean over
-    the rest (BRECQ's reconstruction loss); with a token ``mask`` (the target's leading dims,
+              mask: torch.Tensor | None = None, channels_first: bool = False) -> torch.Tensor:
+    """Squared error summed over features (channels of NCHW, and of (N, C, L) when
+    ``channels_first``: a unit of 1-D convs; the last axis otherwise), mean over the rest
+    (BRECQ's reconstruction loss); with a token ``mask`` (the target's leading dims,
     :func:`_target_mask`) the mean is over the real tokens only."""
     err = (out - target) ** 2
     if mask is not None:
@@ -817,7 +818,7 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor,
         return torch.where(keep, per_token, 0).sum() / keep.sum().clamp_min(1)
     if err.dim() < 2:
         return err.mean()
-    return err.sum(1 if err.dim() == 4 else -1).mean()
+    return err.sum(1 if err.dim() == 4 or (channels_first and err.dim() == 3) else -1).mean()
 
 
 @torch.no_grad()
@@ -874,6 +875,8 @@ def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
     if not groups:
         return 0
     trainable = {id(p) for g in groups for p in g["params"]}
+    # a unit of 1-D convs outputs (N, C, L): its features are the channels, as a Conv2d's
+    channels_first = all(isinstance(m.layer, nn.Conv1d) for m in layers.values())
     flags = [(p, p.requires_grad) for p in block.parameters()]
     opt = torch.optim.Adam(groups)
     try:
@@ -892,7 +895,7 @@ def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
                                       "parameters being trained (does its forward run under "
                                       "torch.no_grad() or inference_mode, or detach?); "
                                       "reconstruction needs gradients through it")
-                loss = _rec_loss(out, y, mask)
+                loss = _rec_loss(out, y, mask, channels_first)
                 beta = _beta(t, config)
                 if rounding and beta is not None and config.reg_weight > 0:
                     reg = sum((1 - (2 * m.soft_weight_fraction() - 1).abs().pow(beta)).sum()

@@ -509,7 +509,8 @@ def _measure(model, calibration, config, widths, forward) -> Sensitivity:
                 for b in widths:
                     grid = fit_grid(w, config.grid_spec(b, name))
                     deq = grid.dequantize(grid.quantize(w))
-                    # a Conv2d's weight is (out, c, kh, kw); a Conv1D is a Linear view here
+                    # a conv's weight is (out, c, kh, kw) or (out, c, k); a Conv1D is a Linear
+                    # view here
                     module.weight.copy_(torch.as_tensor(deq.reshape(tuple(module.weight.shape)),
                                                         dtype=module.weight.dtype))
                     cache.prepare(starts.get(name, 0))   # the root: not hooked, first

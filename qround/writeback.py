@@ -62,7 +62,7 @@ class QuantizedWeight:
 
 
 def _check_layer(module: nn.Module) -> None:
-    """QroundError for a module whose weight this module cannot write: not a Linear or Conv2d.
+    """QroundError for a module whose weight this module cannot write: not a Linear or conv.
     A transformers Conv1D stores its weight transposed; the rounding of its problems (made by
     ``problems_from_layer``, on ``W^T``) goes into the nn.Linear it equals."""
     if layer_kind(module) == "hf-conv1d":

@@ -288,7 +288,8 @@ def test_the_table_names_what_stays_in_float():
     q = quantize_model(_QKV(), _batches(16, 6), _config(exclude="head"))
     table = q.table()
     assert "left in float:" in table and "head: excluded by exclude='head'" in table
-    assert "<model>: _QKV is not an nn.Linear or nn.Conv2d: its own parameters stay in float" \
+    assert "<model>: _QKV is not an nn.Linear, nn.Conv2d or nn.Conv1d: its own parameters stay " \
+           "in float" \
         in table
 
 

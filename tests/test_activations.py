@@ -372,8 +372,8 @@ def test_act_quantizer_argument_errors():
         ActQuantizer(4)(torch.ones(2, 2))
     with pytest.raises(QroundError, match="NaN"):
         ActQuantizer(4).calibrate(torch.tensor([1.0, float("nan")]))
-    with pytest.raises(QroundError, match="nn.Linear or nn.Conv2d"):
-        QuantizedLayer(nn.Conv1d(2, 2, 3), abits=4)
+    with pytest.raises(QroundError, match="nn.Linear, nn.Conv2d or nn.Conv1d, got Conv3d"):
+        QuantizedLayer(nn.Conv3d(2, 2, 3), abits=4)
 
 
 # ------------------------------------------------------------------------ inference path

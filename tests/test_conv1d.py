@@ -328,7 +328,7 @@ def test_act_quantizers_leave_conv1d_layers_alone():
     mods = dict(wrapped.named_modules())
     assert isinstance(mods["lm_head"], QuantizedLayer)
     assert all(isinstance(mods[n], Conv1D) for n in CONV1D_NAMES)
-    with pytest.raises(QroundError, match="not nn.Linear or nn.Conv2d"):
+    with pytest.raises(QroundError, match="not nn.Linear, nn.Conv2d or nn.Conv1d"):
         insert_act_quantizers(model, [CONV1D_NAMES[0]], abits=8)
 
 

@@ -83,7 +83,9 @@ def test_metadata(saved):
     assert list(meta["layers"]) == list(qm.layers)
     assert meta["layers"]["conv"]["bits"] == 8 and meta["layers"]["grouped"]["bits"] == 3
     assert [r["layer"] for r in meta["report"]] == [r.layer for r in qm.report]
-    assert "conv1d" in meta["skipped"]
+    assert meta["skipped"] == json.loads(json.dumps(qm.skipped))
+    assert meta["layers"]["conv1d"]["kind"] == "Conv1d"
+    assert meta["layers"]["conv1d"]["weight_shape"] == [8, 8, 1]
 
 
 def test_saved_config_rebuilds_the_run(saved):
@@ -304,6 +306,8 @@ def test_the_file_records_the_float_model_and_load_checks_it(saved):
     assert source == qm.source == fingerprint(model)
     assert list(source) == list(model.state_dict())   # parameters and buffers (BatchNorm stats)
     other = build("cnn", seed=1)[0]                   # same architecture, other weights
+    with torch.no_grad():   # ... and other BatchNorm statistics, which the file does not hold
+        other.bn.running_mean.add_(1.0)
     with pytest.raises(QroundError, match=r"another float model .* differ: 'conv.weight' "
                                           r"\(other values\)") as err:
         load(other, path)

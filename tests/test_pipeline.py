@@ -55,7 +55,7 @@ class Branchy(nn.Module):
 
 
 class TinyCNN(nn.Module):
-    """Conv -> BatchNorm -> grouped conv -> Conv1d (unsupported) -> Linear."""
+    """Conv -> BatchNorm -> grouped conv -> Conv1d -> Linear."""
 
     def __init__(self):
         super().__init__()
@@ -340,13 +340,17 @@ def test_first_last_bits():
 
 def test_unsupported_layers_skipped_and_grouped_conv_quantised():
     model, data = build("cnn")
+    model.table = nn.Embedding(5, 3)   # weights of a type qround does not round
     qm = quantize_model(model, data, QuantConfig(**FAST))
-    assert set(qm.layers) == {"conv", "grouped", "fc"}
-    assert "Conv1d" in qm.skipped["conv1d"] and "bn" not in qm.skipped
-    assert torch.equal(qm.model.conv1d.weight, model.conv1d.weight)
+    assert set(qm.layers) == {"conv", "grouped", "conv1d", "fc"}
+    assert "Embedding is not" in qm.skipped["table"] and "bn" not in qm.skipped
+    assert torch.equal(qm.model.table.weight, model.table.weight)
     row = {r.layer: r for r in qm.report}["grouped"]
     assert row.kind == "Conv2d" and row.shape == (8, 2 * 9)
     assert qm.layers["grouped"].weight_shape == (8, 2, 3, 3)
+    row = {r.layer: r for r in qm.report}["conv1d"]
+    assert row.kind == "Conv1d" and row.shape == (8, 8)
+    assert qm.layers["conv1d"].weight_shape == (8, 8, 1)
 
 
 def test_layer_never_called_is_skipped():

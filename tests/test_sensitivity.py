@@ -61,8 +61,8 @@ def test_errors_are_the_relative_output_error_of_one_rounded_layer(kind):
             expected = direct_error(model, cal, s.name, config.grid_spec(b, s.name))
             assert s.errors[b] == pytest.approx(expected, rel=1e-9, abs=1e-15)
         assert s.errors[2] > s.errors[4] > 0
-    if kind == "cnn":  # the grouped conv is measured; the Conv1d is not a quantised layer
-        assert "grouped" in names and "conv1d" not in names
+    if kind == "cnn":  # the grouped conv and the Conv1d are measured
+        assert "grouped" in names and "conv1d" in names
     text = sens.table()
     assert all(n in text for n in names) and "W3" in text
     assert json.loads(json.dumps(sens.as_dict()))["bits"] == [2, 3, 4]

@@ -125,8 +125,8 @@ class LayerStats:
     @classmethod
     def from_module(cls, module, hessian, spec: GridSpec = GridSpec(), *, name: str = "",
                     cross=None, float_hessian=None) -> "LayerStats":
-        """Statistics of a Linear or ungrouped Conv2d with its fitted grid (scale, zero point)
-        and bias.  hessian: (n, n) as from ``qround.calibrate.capture_hessians``."""
+        """Statistics of a Linear or ungrouped Conv2d/Conv1d with its fitted grid (scale, zero
+        point) and bias.  hessian: (n, n) as from ``qround.calibrate.capture_hessians``."""
         from .layers import layer_groups, layer_weight
 
         if layer_groups(module) != 1:

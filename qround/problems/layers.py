@@ -1,10 +1,12 @@
-"""Rounding problems of torch layers: ``nn.Linear`` and ``nn.Conv2d`` (grouped included), and
-the ``Conv1D`` of Hugging Face transformers (GPT-2 and its family), a Linear layer whose weight is
-stored transposed, (in, out).
+"""Rounding problems of torch layers: ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` (grouped
+included), and the ``Conv1D`` of Hugging Face transformers (GPT-2 and its family), a Linear layer
+whose weight is stored transposed, (in, out).
 
 A conv weight (out, c_in/groups, kh, kw) is rounded as the matrix ``weight.reshape(out, -1)``,
 whose columns follow the im2col patch order (c_in/groups, kh, kw) that ``qround.calibrate``
-uses for ``H`` (AdaRound appendix eq. 5-8).  A grouped conv is one independent problem per
+uses for ``H`` (AdaRound appendix eq. 5-8).  An ``nn.Conv1d`` (out, c_in/groups, k) is the
+Conv2d with kernel (1, k) on inputs (N, C, 1, L) (:func:`conv2d_view`): same matrix, same
+patch order.  A grouped conv is one independent problem per
 group: output channels of group ``j`` only see input channels of group ``j``, with their own
 ``H_j`` (groups, n_g, n_g).
 
@@ -29,18 +31,40 @@ def is_hf_conv1d(module) -> bool:
 
 
 def layer_kind(module) -> str:
-    """``"linear"``, ``"conv2d"`` or ``"hf-conv1d"`` (transformers' Conv1D); QroundError naming
-    the type for anything else."""
+    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (torch's nn.Conv1d) or ``"hf-conv1d"``
+    (transformers' Conv1D); QroundError naming the type for anything else."""
     from torch import nn
 
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
     if is_hf_conv1d(module):
         return "hf-conv1d"
     raise QroundError(f"unsupported layer type {type(module).__name__}: only nn.Linear, "
-                      "nn.Conv2d and transformers' Conv1D can be rounded")
+                      "nn.Conv2d, nn.Conv1d and transformers' Conv1D can be rounded")
+
+
+def conv2d_view(module):
+    """The ``nn.Conv2d`` that computes a conv layer: the module itself for an nn.Conv2d; for an
+    nn.Conv1d, a Conv2d on the meta device (no storage) with kernel, stride, padding and
+    dilation ``(1, k)``, ``(1, s)``, ``(0, p)``, ``(1, d)``, the same groups and padding mode.
+    ``conv1d(x)`` equals ``view._conv_forward(x.unsqueeze(-2), w.unsqueeze(-2), b).squeeze(-2)``
+    and its im2col patches are the Conv2d's, so the code written for Conv2d serves both.
+    None for any other module."""
+    from torch import nn
+
+    if isinstance(module, nn.Conv2d):
+        return module
+    if not isinstance(module, nn.Conv1d):
+        return None
+    padding = module.padding if isinstance(module.padding, str) else (0, module.padding[0])
+    return nn.Conv2d(module.in_channels, module.out_channels, (1, module.kernel_size[0]),
+                     stride=(1, module.stride[0]), padding=padding,
+                     dilation=(1, module.dilation[0]), groups=module.groups,
+                     bias=False, padding_mode=module.padding_mode, device="meta")
 
 
 def _conv1d_class(module):
@@ -270,7 +294,7 @@ def forward_hooks(module) -> list[str]:
 
 def layer_groups(module) -> int:
     """Number of independent input groups: ``module.groups`` for a conv, 1 for a Linear."""
-    return int(module.groups) if layer_kind(module) == "conv2d" else 1
+    return int(module.groups) if layer_kind(module) in ("conv2d", "conv1d") else 1
 
 
 def layer_weight(module) -> np.ndarray:

@@ -32,8 +32,12 @@ def test_layer_weight_shapes_and_errors():
     np.testing.assert_array_equal(w[4], conv.weight.detach().double()[4].flatten().numpy())
     with pytest.raises(QroundError, match="ReLU"):
         layer_weight(nn.ReLU())
-    with pytest.raises(QroundError, match="Conv1d"):
-        problems_from_layer(nn.Conv1d(2, 2, 3), np.eye(6))
+    with pytest.raises(QroundError, match="unsupported layer type Conv3d"):
+        problems_from_layer(nn.Conv3d(2, 2, 3), np.eye(54))
+    conv1d = nn.Conv1d(4, 6, 3, groups=2)   # (out, c/groups * k) per group, as its Conv2d
+    [a, b] = problems_from_layer(conv1d, np.stack([np.eye(6)] * 2))
+    np.testing.assert_array_equal(a.weight, conv1d.weight.detach().double()[:3].reshape(3, 6))
+    assert b.weight.shape == (3, 6)
 
 
 @settings(max_examples=25, deadline=None)

@@ -1,0 +1,207 @@
+"""torch's nn.Conv1d is rounded as the Conv2d with kernel (1, k) that it equals.
+
+The oracle: a 1-D conv net and its twin, the same net with every Conv1d replaced by that Conv2d
+(weights (out, c, 1, k), inputs (N, C, 1, L)), give the same statistics, the same codes and the
+same outputs through every path (weights only, quantised inputs with borders, block
+reconstruction, GPTQ, save and load).  (transformers' ``Conv1D``, a Linear, is
+tests/test_conv1d.py.)
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qround.calibrate import capture_hessians
+from qround.errors import QroundError
+from qround.pipeline import QuantConfig, quantize_model
+from qround.problems.layers import conv2d_view, layer_kind, problems_from_layer
+from qround.reconstruct import ReconstructConfig
+
+
+class Net(nn.Module):
+    """conv (padding 2) -> ReLU -> grouped strided conv (reflect padding) -> ReLU -> dilated
+    'same' conv -> mean over length -> Linear.  ``twin``: each Conv1d as its Conv2d."""
+
+    def __init__(self, twin: bool = False):
+        super().__init__()
+        conv = nn.Conv2d if twin else nn.Conv1d
+
+        def k(n):   # a Conv1d's kernel n, its twin's (1, n)
+            return (1, n) if twin else n
+
+        self.twin = twin
+        self.c1 = conv(3, 8, k(5), padding=(0, 2) if twin else 2)
+        self.c2 = conv(8, 8, k(3), stride=(1, 2) if twin else 2, padding=(0, 1) if twin else 1,
+                       groups=2, padding_mode="reflect")
+        self.c3 = conv(8, 6, k(3), dilation=(1, 2) if twin else 2, padding="same")
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        if self.twin:
+            x = x.unsqueeze(-2)
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        x = self.c3(x)
+        return self.fc(x.flatten(2).mean(-1))
+
+
+def _pair(seed=0):
+    torch.manual_seed(seed)
+    net = Net()
+    twin = Net(twin=True)
+    with torch.no_grad():
+        for name in ("c1", "c2", "c3"):
+            getattr(twin, name).weight.copy_(getattr(net, name).weight.unsqueeze(-2))
+            getattr(twin, name).bias.copy_(getattr(net, name).bias)
+        twin.fc.load_state_dict(net.fc.state_dict())
+    return net, twin
+
+
+def _batches(seed=1, n=3, length=17):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, length, generator=g) for _ in range(n)]
+
+
+def _same_weights(a, b):
+    for name in ("c1", "c2", "c3"):
+        wa, wb = getattr(a, name).weight, getattr(b, name).weight
+        assert torch.equal(wa.unsqueeze(-2), wb), name
+        assert torch.equal(getattr(a, name).bias, getattr(b, name).bias), name
+    assert torch.equal(a.fc.weight, b.fc.weight)
+
+
+def test_view_computes_the_conv1d():
+    net, _ = _pair()
+    x = torch.randn(2, 8, 13)
+    for name in ("c1", "c2", "c3"):
+        m = getattr(net, name)
+        if m.in_channels != x.shape[1]:
+            continue
+        view = conv2d_view(m)
+        assert view.weight.is_meta and not list(view.children())
+        want = m(x)
+        got = view._conv_forward(x.unsqueeze(-2), m.weight.unsqueeze(-2), m.bias).squeeze(-2)
+        torch.testing.assert_close(got, want)
+    assert layer_kind(net.c1) == "conv1d" and conv2d_view(net.fc) is None
+    assert conv2d_view(Net(twin=True).c1) is not None
+
+
+def test_hessians_and_problems_equal_the_twins():
+    net, twin = _pair()
+    batches = _batches()
+    h = capture_hessians(net, batches, layers=["c1", "c2", "c3"])
+    h2 = capture_hessians(twin, [x for x in batches], layers=["c1", "c2", "c3"])
+    for name in h:
+        assert h[name].shape == h2[name].shape
+        np.testing.assert_allclose(h[name], h2[name], rtol=1e-12, atol=1e-12)
+    # c2 is grouped: one problem per group, with the twin's weights and H
+    problems = problems_from_layer(net.c2, h["c2"], name="c2")
+    twin_problems = problems_from_layer(twin.c2, h2["c2"], name="c2")
+    assert len(problems) == 2
+    for p, q in zip(problems, twin_problems):
+        np.testing.assert_array_equal(p.weight, q.weight)
+        np.testing.assert_allclose(p.hessian, q.hessian, rtol=1e-12, atol=1e-12)
+
+
+def test_unbatched_conv1d_input_counts_as_one_sample():
+    net, _ = _pair()
+    x = torch.randn(3, 11)
+    h1 = capture_hessians(net.c1, [x])[""]
+    h2 = capture_hessians(net.c1, [x.unsqueeze(0)])[""]
+    np.testing.assert_allclose(h1, h2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["nearest", "quality"])
+def test_quantize_model_rounds_like_the_twin(solver):
+    net, twin = _pair()
+    batches = _batches()
+    config = QuantConfig(wbits=3, solver=solver, seed=0)
+    qa = quantize_model(net, batches, config)
+    qb = quantize_model(twin, batches, config)
+    assert [r.kind for r in qa.report] == ["Conv1d", "Conv1d", "Conv1d", "Linear"]
+    assert not qa.skipped
+    _same_weights(qa.model, qb.model)
+    for ra, rb in zip(qa.report, qb.report):
+        assert ra.shape == rb.shape and ra.cost == pytest.approx(rb.cost, rel=1e-9)
+    # the float model is untouched, and the codes lie on the grid
+    fresh, _ = _pair()
+    assert torch.equal(net.c1.weight, fresh.c1.weight)
+    for name, qw in qa.layers.items():
+        w = dict(qa.model.named_modules())[name].weight
+        np.testing.assert_allclose(qw.dequantized, w.detach().double().numpy(), atol=1e-6)
+    x = batches[0]
+    torch.testing.assert_close(qa.model(x), qb.model(x))
+    if solver == "quality":
+        rtn = quantize_model(net, batches, QuantConfig(wbits=3, solver="nearest", seed=0))
+        assert sum(r.cost for r in qa.report) < sum(r.cost for r in rtn.report)
+
+
+def test_quantised_inputs_borders_and_reconstruction_like_the_twin(tmp_path):
+    from qround.export import load, save
+
+    net, twin = _pair()
+    batches = _batches()
+    config = QuantConfig(wbits=3, abits=4, borders="linear", solver="tabu", seed=0,
+                         inputs="quantized",
+                         reconstruction=ReconstructConfig(iterations=100, batch_size=8))
+    qa = quantize_model(net, batches, config)
+    qb = quantize_model(twin, batches, config)
+    # the 1-D conv units trained (not reverted) and lost what the twin's did
+    trained = {r.block for r in qa.reconstruction.blocks if not r.reverted}
+    assert {"c1", "c2", "c3"} <= trained
+    for a, b in zip(qa.reconstruction.blocks, qb.reconstruction.blocks):
+        assert a.block == b.block and a.iterations == b.iterations == 100
+        assert a.loss_after == pytest.approx(b.loss_after, rel=1e-4)
+        assert a.loss_before == pytest.approx(b.loss_before, rel=1e-6)
+    x = batches[1]
+    out = qa.model(x)
+    torch.testing.assert_close(out, qb.model(x), rtol=1e-5, atol=1e-5)
+    for a, b in zip(qa.report, qb.report):
+        assert a.cost == pytest.approx(b.cost, rel=1e-6)
+    # the inference path (sparse border conv, no gradient) and the training path agree
+    wrapped = dict(qa.model.named_modules())["c1"]
+    assert type(wrapped).__name__ == "QuantizedLayer" and wrapped.act_mode == "border"
+    with torch.no_grad():
+        fast = wrapped(torch.relu(x))
+    wrapped.force_unfold = True
+    with torch.no_grad():
+        slow = wrapped(torch.relu(x))
+    wrapped.force_unfold = False
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    # an unbatched (C, L) input gives the batched result's row
+    torch.testing.assert_close(qa.model.c1(x[0]), qa.model.c1(x[:1])[0])
+    # saved and loaded: the same outputs
+    path = tmp_path / "net.safetensors"
+    save(qa, path)
+    loaded = load(net, path)
+    torch.testing.assert_close(loaded(x), out)
+
+
+def test_gptq_and_rtn_model_take_conv1d():
+    from qround.baselines import gptq_model, rtn_model
+
+    net, twin = _pair()
+    batches = _batches()
+    config = QuantConfig(wbits=3, seed=0)
+    with pytest.raises(QroundError, match="grouped conv"):
+        gptq_model(net, batches, config)
+    config = QuantConfig(wbits=3, seed=0, exclude="c2")
+    ga, gb = gptq_model(net, batches, config), gptq_model(twin, batches, config)
+    for name in ("c1", "c3"):
+        torch.testing.assert_close(getattr(ga[0], name).weight.unsqueeze(-2),
+                                   getattr(gb[0], name).weight)
+    assert torch.equal(ga[0].c2.weight, net.c2.weight)   # excluded: float
+    assert not torch.equal(ga[0].c1.weight, net.c1.weight)
+    ra, _ = rtn_model(net, QuantConfig(wbits=3), example=batches[0])
+    rb, _ = rtn_model(twin, QuantConfig(wbits=3), example=batches[0])
+    _same_weights(ra, rb)
+    assert not torch.equal(ra.c2.weight, net.c2.weight)
+
+
+def test_bad_conv1d_input_is_named():
+    net, _ = _pair()
+    q = quantize_model(net, _batches(), QuantConfig(wbits=4, abits=8, solver="nearest"))
+    with pytest.raises(QroundError, match=r"\(N, C, L\) or \(C, L\)"):
+        q.model.c1(torch.randn(2, 3, 1, 9))
+    with pytest.raises(QroundError, match="expects 3 input channels"):
+        q.model.c1(torch.randn(2, 4, 9))
