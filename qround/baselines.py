@@ -13,10 +13,11 @@ error-updated weight, so codes may move more than one step from the original wei
 the algorithm as published, with the grid (per-channel or grouped scales) fitted beforehand
 (GPTQ's ``static_groups``).
 
-:func:`gptq_model` and :func:`rtn_model` quantise whole models (the chosen Linear/Conv2d layers)
-and time it; GPTQ runs layer by layer in forward order with each layer's ``H`` captured from the
-partly quantised model (GPTQ's sequential mode).  Both take a ``qround.pipeline.QuantConfig``
-and choose the same layers as ``quantize_model``; GPTQ reuses the pipeline's capture plan.
+:func:`gptq_model` and :func:`rtn_model` quantise whole models (the chosen Linear, Conv2d and
+Conv1d layers) and time it; GPTQ runs layer by layer in forward order with each layer's ``H``
+captured from the partly quantised model (GPTQ's sequential mode).  Both take a
+``qround.pipeline.QuantConfig`` and choose the same layers as ``quantize_model``; GPTQ reuses the
+pipeline's capture plan.
 """
 from __future__ import annotations
 

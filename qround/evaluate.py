@@ -100,7 +100,7 @@ def minilm_metrics(float_model: nn.Module, quant_model: nn.Module, texts: Sequen
 @gathering
 def input_ranges(model: nn.Module, batches: Iterable, layers: LayerFilter = None,
                  forward: ForwardFn | None = None) -> dict[str, tuple[float, float]]:
-    """Per-tensor ``(min, max)`` of the input of each chosen Conv2d/Linear over ``batches``
+    """Per-tensor ``(min, max)`` of the input of each chosen Linear/conv over ``batches``
     (run without gradients, in eval mode).  Returns name -> (lo, hi) in module order."""
     modules = select_layers(model, layers)
     forward = forward or default_forward

@@ -598,8 +598,8 @@ def _run_first(model: nn.Module, batch, forward: ForwardFn, index: int = 0) -> N
 
 def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None, untie=True
             ) -> tuple[list[str], dict[str, str]]:
-    """Names of the Linear/Conv2d layers to quantise, and the weight-holding modules left out.
-    float_conv1d: transformers Conv1D layers left in float for their own reasons, which the
+    """Names of the Linear/Conv2d/Conv1d layers to quantise, and the weight-holding modules left
+    out.  float_conv1d: transformers Conv1D layers left in float for their own reasons, which the
     ``layers`` / ``exclude`` patterns may match (a pattern must match some layer).  called: the
     layers the forward calls, when known (:func:`_untie` gives a tied weight to one of them);
     untie=False: every chosen layer, tied or not."""
@@ -1443,8 +1443,8 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
                    *, forward: ForwardFn | None = None,
                    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                    inplace: bool = False) -> QuantizedModel:
-    """Quantise every chosen nn.Linear / nn.Conv2d of ``model`` (and transformers' Conv1D, as
-    the nn.Linear it equals), sequentially in forward order.
+    """Quantise every chosen nn.Linear / nn.Conv2d / nn.Conv1d of ``model`` (and transformers'
+    Conv1D, as the nn.Linear it equals), sequentially in forward order.
 
     calibration: a re-iterable collection of batches; ``forward(model, batch)`` runs one
     (default ``model(batch)`` / ``model(**batch)`` / ``model(*batch)``).  ``loss_fn(output,
