@@ -632,6 +632,18 @@ class QuantizedLayer(nn.Module):
             raise QroundError(f"{type(conv).__name__} input has an empty spatial size: shape "
                               f"{tuple(x.shape)}")
 
+    def _check_extent(self, x4: torch.Tensor, one_d: bool) -> None:
+        """QroundError, in the layer's own terms, for an input smaller than the kernel's extent
+        after padding (torch would name the Conv2d view's sizes of a Conv1d)."""
+        conv = self.conv_view
+        left, right, top, bottom = _conv_padding(conv)
+        size = (x4.shape[2] + top + bottom, x4.shape[3] + left + right)
+        extent = tuple(d * (k - 1) + 1 for d, k in zip(conv.dilation, conv.kernel_size))
+        if size[0] < extent[0] or size[1] < extent[1]:
+            got, want = (size[1], extent[1]) if one_d else (size, extent)
+            raise QroundError(f"{type(self.layer).__name__} input is smaller than its kernel: "
+                              f"{got} after padding, the dilated kernel spans {want}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_mode not in ACT_MODES or (self.act_mode != "float" and self.act is None) or (
                 self.act_mode == "border" and (self.act is None or self.act.borders == "none")):
@@ -650,6 +662,7 @@ class QuantizedLayer(nn.Module):
             x, w = x.unsqueeze(-2), w.unsqueeze(-2)
         batched = x.dim() == 4
         x4 = x if batched else x.unsqueeze(0)
+        self._check_extent(x4, one_d)
         if border and not self.force_unfold and self._sparse_ok(x4):
             out = self._conv_sparse(x4, w)
         elif border or (self.force_unfold and self.act_mode != "float"):

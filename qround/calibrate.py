@@ -403,9 +403,9 @@ def _geometry(module: nn.Module) -> tuple | None:
     if dims is not None:  # a Conv1D reads its input as the Linear it equals
         return ("linear", dims[0])
     if isinstance(module, (nn.Conv2d, nn.Conv1d)):
-        return (type(module).__name__, module.in_channels, module.out_channels, module.kernel_size,
-                module.stride, module.padding, module.dilation, module.groups,
-                module.padding_mode)
+        return ("conv2d" if isinstance(module, nn.Conv2d) else "conv1d", module.in_channels,
+                module.out_channels, module.kernel_size, module.stride, module.padding,
+                module.dilation, module.groups, module.padding_mode)
     return None
 
 

@@ -389,11 +389,14 @@ def _target_mask(mask: torch.Tensor | None, target: torch.Tensor) -> torch.Tenso
 
 class _BlockData:
     """Cached block inputs (args, kwargs), float targets and the targets' token masks (None
-    where the calibration has none), per calibration batch."""
+    where the calibration has none), per calibration batch.  channels_first: the targets are
+    (N, C, L), laid out as the output of an nn.Conv1d inside the unit (their features are the
+    channels, as a Conv2d's (N, C, H, W))."""
 
     def __init__(self, inputs: list, targets: list[torch.Tensor],
-                 masks: list[torch.Tensor | None] | None = None):
+                 masks: list[torch.Tensor | None] | None = None, channels_first: bool = False):
         self.inputs, self.targets = inputs, targets
+        self.channels_first = channels_first
         masks = [None] * len(targets) if masks is None else masks
         if any(m is None for m in masks):   # padding is masked in every batch or in none
             masks = [None] * len(targets)
@@ -445,6 +448,9 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
     inputs: dict[int, tuple] = {}
     targets: dict[int, torch.Tensor] = {}
     masks: dict[int, torch.Tensor | None] = {}
+    # per batch: whether the target has the (N, C, L) shape of a Conv1d output in the unit
+    conv_shapes: dict[int, set] = {}
+    channels: dict[int, bool] = {}
     used = [0]
     index = [0]   # the batch being run
 
@@ -468,12 +474,20 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         inputs[index[0]] = item
         raise _Stop
 
+    def conv_out(module, args, out):
+        if isinstance(out, torch.Tensor):
+            conv_shapes.setdefault(index[0], set()).add(tuple(out.shape))
+
     def post(module, args, out):
         y = _main_tensor(out, name).detach()
         account(y)
         targets[index[0]] = y
-        # padded tokens (a forward inside qround.calibrate.token_mask) stay out of the losses
-        masks[index[0]] = _target_mask(_TOKEN_MASK.get(), y)
+        first = y.dim() == 3 and (isinstance(module, nn.Conv1d) or tuple(y.shape) in
+                                  conv_shapes.get(index[0], ()))
+        channels[index[0]] = first
+        # padded tokens (a forward inside qround.calibrate.token_mask) stay out of the losses;
+        # a channels-first (N, C, L) output is not (batch, tokens, ...): not masked
+        masks[index[0]] = None if first else _target_mask(_TOKEN_MASK.get(), y)
         raise _Stop
 
     off = (disabled(), 0)
@@ -483,6 +497,9 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
             handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         else:
             handle = module.register_forward_hook(hook)
+            inner = [m.register_forward_hook(conv_out) for m in module.modules()
+                     if isinstance(m, nn.Conv1d) and m is not module]
+            handle = _Handles([handle, *inner])
         cache.prepare(before)
         try:
             with torch.no_grad():
@@ -514,7 +531,18 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
                     "the quantised model (routing that depends on the weights?): left out of "
                     "its loss", name, odd)
     return _BlockData([inputs[j] for j in both], [targets[j] for j in both],
-                      [masks[j] for j in both])
+                      [masks[j] for j in both], all(channels[j] for j in both))
+
+
+class _Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, handles):
+        self.handles = handles
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 def cache_bytes(model: nn.Module, units: Sequence[Unit], lca: dict, batches, forward
@@ -807,7 +835,7 @@ class _UnitForward:
 def _rec_loss(out: torch.Tensor, target: torch.Tensor,
               mask: torch.Tensor | None = None, channels_first: bool = False) -> torch.Tensor:
     """Squared error summed over features (channels of NCHW, and of (N, C, L) when
-    ``channels_first``: a unit of 1-D convs; the last axis otherwise), mean over the rest
+    ``channels_first``: a Conv1d's output layout; the last axis otherwise), mean over the rest
     (BRECQ's reconstruction loss); with a token ``mask`` (the target's leading dims,
     :func:`_target_mask`) the mean is over the real tokens only."""
     err = (out - target) ** 2
@@ -875,8 +903,6 @@ def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
     if not groups:
         return 0
     trainable = {id(p) for g in groups for p in g["params"]}
-    # a unit of 1-D convs outputs (N, C, L): its features are the channels, as a Conv2d's
-    channels_first = all(isinstance(m.layer, nn.Conv1d) for m in layers.values())
     flags = [(p, p.requires_grad) for p in block.parameters()]
     opt = torch.optim.Adam(groups)
     try:
@@ -895,7 +921,7 @@ def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
                                       "parameters being trained (does its forward run under "
                                       "torch.no_grad() or inference_mode, or detach?); "
                                       "reconstruction needs gradients through it")
-                loss = _rec_loss(out, y, mask, channels_first)
+                loss = _rec_loss(out, y, mask, data.channels_first)
                 beta = _beta(t, config)
                 if rounding and beta is not None and config.reg_weight > 0:
                     reg = sum((1 - (2 * m.soft_weight_fraction() - 1).abs().pow(beta)).sum()

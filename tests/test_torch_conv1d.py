@@ -205,3 +205,105 @@ def test_bad_conv1d_input_is_named():
         q.model.c1(torch.randn(2, 3, 1, 9))
     with pytest.raises(QroundError, match="expects 3 input channels"):
         q.model.c1(torch.randn(2, 4, 9))
+    # an input shorter than the kernel is named in the layer's terms, not its Conv2d view's
+    from qround.activations import QuantizedLayer
+    from qround.grid import GridSpec
+
+    short = QuantizedLayer(nn.Conv1d(2, 3, 5, dilation=2, padding=1), weight=GridSpec(bits=4))
+    with pytest.raises(QroundError, match=r"Conv1d input is smaller than its kernel: 8 after "
+                                          r"padding, the dilated kernel spans 9"):
+        short(torch.randn(1, 2, 6))
+    assert short(torch.randn(2, 7)).shape == (3, 1)
+    flat = QuantizedLayer(nn.Conv2d(2, 3, (3, 5)))
+    with pytest.raises(QroundError, match=r"Conv2d input is smaller than its kernel: \(2, 5\) "
+                                          r"after padding, the dilated kernel spans \(3, 5\)"):
+        flat(torch.randn(1, 2, 2, 5))
+
+
+
+class SEBlock(nn.Module):
+    """A Conv1d gated by two Linear layers (squeeze-excitation): output (N, C, L)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = conv, nn.Linear(8, 4), nn.Linear(4, 8)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.flatten(2).mean(-1)))))
+        return y * s.view(*s.shape, *([1] * (y.dim() - 2)))
+
+
+class SENet(nn.Module):
+    """A Conv1d stem, an :class:`SEBlock`, a Linear head; ``twin``: each Conv1d as its
+    Conv2d."""
+
+    def __init__(self, twin: bool = False):
+        super().__init__()
+        conv = nn.Conv2d if twin else nn.Conv1d
+        self.twin = twin
+        self.stem = conv(3, 8, (1, 5) if twin else 5, padding=(0, 2) if twin else 2)
+        self.block = SEBlock(conv(8, 8, (1, 3) if twin else 3, padding=(0, 1) if twin else 1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if self.twin:
+            x = x.unsqueeze(-2)
+        return self.head(self.block(torch.relu(self.stem(x))).flatten(2).mean(-1))
+
+
+def test_a_unit_mixing_conv1d_and_linear_sums_its_loss_over_channels():
+    """The block's output is (N, C, L) from its Conv1d, gated by Linear layers: its loss sums
+    over the channels, as the twin's (N, C, 1, L) (helper-140: it summed over L)."""
+    torch.manual_seed(0)
+    net, twin = SENet(), SENet(twin=True)
+    with torch.no_grad():
+        for name, m in net.named_modules():
+            t = dict(twin.named_modules())[name]
+            if isinstance(m, (nn.Conv1d, nn.Linear)):
+                t.weight.copy_(m.weight.reshape(t.weight.shape))
+                t.bias.copy_(m.bias)
+    batches = [torch.randn(16, 3, 64, generator=torch.Generator().manual_seed(i))
+               for i in range(4)]
+    config = QuantConfig(wbits=3, solver="nearest", seed=0, granularity="scheme",
+                         scheme=("stem", "block", "head"),
+                         reconstruction=ReconstructConfig(iterations=300, batch_size=16))
+    qa, qb = quantize_model(net, batches, config), quantize_model(twin, batches, config)
+    a, b = qa.reconstruction.blocks[1], qb.reconstruction.blocks[1]
+    assert a.block == "block" and not a.reverted
+    assert a.loss_after == pytest.approx(b.loss_after, rel=1e-4)
+    wa = qa.model.block.conv.layer.weight
+    assert torch.equal(wa.unsqueeze(-2), qb.model.block.conv.layer.weight)
+
+
+def test_a_channels_first_target_is_not_masked_as_tokens():
+    """A Conv1d's (N, C, L) output under a (batch, tokens) token mask with C == L: the mask is
+    not applied to the channels (helper-140: 12 of 16 channels were left out of the loss)."""
+    from qround.calibrate import token_mask
+    from qround.reconstruct import _capture
+
+    class TextCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.c1 = nn.Conv1d(16, 16, 3, padding=1)
+
+        def forward(self, ids):
+            return self.c1(self.emb(ids).transpose(1, 2))
+
+    def forward(model, batch):
+        with token_mask(batch["mask"]):
+            return model(batch["ids"])
+
+    torch.manual_seed(0)
+    model = TextCNN()
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, :5] = True
+    batches = [{"ids": torch.randint(0, 50, (4, 16)), "mask": mask}]
+    data = _capture(model, model, model.c1, model.c1, "c1", batches, forward, 100)
+    assert data.channels_first and data.masks == [None]
+    # a Linear's (N, T, F) output under the same mask keeps it
+    lin = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16))
+    data = _capture(lin, lin, lin[1], lin[1], "1", [{"ids": batches[0]["ids"], "mask": mask}],
+                    lambda m, b: forward(lambda ids: m(ids), b), 100)
+    assert not data.channels_first and torch.equal(data.masks[0], mask)
