@@ -482,12 +482,16 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         y = _main_tensor(out, name).detach()
         account(y)
         targets[index[0]] = y
-        first = y.dim() == 3 and (isinstance(module, nn.Conv1d) or tuple(y.shape) in
-                                  conv_shapes.get(index[0], ()))
+        # padded tokens (a forward inside qround.calibrate.token_mask) stay out of the losses
+        mask = _target_mask(_TOKEN_MASK.get(), y)
+        # a Conv1d's (N, C, L) layout: the unit is a Conv1d, or its output has the shape of a
+        # Conv1d output inside it and is not (batch, tokens, ...) under a token mask (a
+        # Conformer-style conv module transposes back to tokens: with T == F both shapes fit,
+        # and the tokens win)
+        first = y.dim() == 3 and (isinstance(module, nn.Conv1d) or (
+            mask is None and tuple(y.shape) in conv_shapes.get(index[0], ())))
         channels[index[0]] = first
-        # padded tokens (a forward inside qround.calibrate.token_mask) stay out of the losses;
-        # a channels-first (N, C, L) output is not (batch, tokens, ...): not masked
-        masks[index[0]] = None if first else _target_mask(_TOKEN_MASK.get(), y)
+        masks[index[0]] = None if first else mask
         raise _Stop
 
     off = (disabled(), 0)
