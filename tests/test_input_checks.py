@@ -582,7 +582,8 @@ def test_subclasses_with_their_own_forward_stay_in_float():
     assert [r.layer for r in qm.report] == ["2"]
     for name, kind in (("0", "_StdConv"), ("4", "_ScaledLinear")):
         assert f"{kind} subclasses" in qm.skipped[name] and "own forward" in qm.skipped[name]
-    with pytest.raises(QroundError, match="no nn.Linear, nn.Conv2d or nn.Conv1d layer.*own forward"):
+    with pytest.raises(QroundError,
+                       match="no nn.Linear, nn.Conv2d or nn.Conv1d layer.*own forward"):
         quantize_model(nn.Sequential(_ScaledLinear(4, 2)), [torch.randn(3, 4)],
                        QuantConfig(progress=False))
 
