@@ -615,6 +615,9 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None,
         elif not isinstance(m, _NORMS) and any(True for _ in m.parameters(recurse=False)):
             skipped[name] = (f"{type(m).__name__} is not an nn.Linear, nn.Conv2d or "
                              "nn.Conv1d: its own parameters stay in float")
+            if isinstance(m, nn.MultiheadAttention):
+                skipped[name] += (" (qround.attention.explicit_attention(model) gives a copy "
+                                  "whose attention projections are Linear layers)")
     if not candidates:
         own = [f"{n!r}: {why}" for n, why in skipped.items() if "own forward" in why]
         raise QroundError("model has no nn.Linear, nn.Conv2d or nn.Conv1d layer to quantise"
