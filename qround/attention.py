@@ -13,7 +13,10 @@ The attention itself is torch's own ``F.multi_head_attention_forward`` (masks, `
 ``bias_k``/``bias_v``, ``add_zero_attn``, dropout, attention weights), run on the projected
 inputs with identity projections: outputs equal ``nn.MultiheadAttention``'s up to float
 round-off (the packed and the separate products sum in other orders), at the cost of four
-products with an identity per call.
+products with an identity per call (about 1.7-2.2 times the attention's time for ViT-B sizes on
+one CPU thread).  torch's fused inference paths are not taken: at the padded positions of an
+``nn.TransformerEncoder`` with nested tensors, whose outputs torch's paths already disagree on,
+the explicit module gives the layer-by-layer path's values.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import QroundError, copy_module
-from .problems.layers import weight_not_writable
+from .problems.layers import forward_hooks, weight_not_writable
 
 __all__ = ["LinearMultiheadAttention", "explicit_attention", "fuse_attention"]
 
@@ -85,6 +88,11 @@ class LinearMultiheadAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True,
                 attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
+        for name, x, dim in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                             ("value", value, self.vdim)):
+            if x.shape[-1] != dim:
+                raise QroundError(f"attention {name} has {x.shape[-1]} features, the module "
+                                  f"expects {dim} (input shape {tuple(x.shape)})")
         is_batched = query.dim() == 3
         key_padding_mask = F._canonical_mask(
             mask=key_padding_mask, mask_name="key_padding_mask",
@@ -117,6 +125,10 @@ def _refusal(mha: nn.Module) -> str | None:
     """Why an nn.MultiheadAttention cannot be made explicit (None when it can)."""
     if type(mha).forward is not nn.MultiheadAttention.forward:
         return f"{type(mha).__name__} subclasses it with its own forward"
+    for m, where in ((mha, "it"), (mha.out_proj, "its out_proj")):
+        if forward_hooks(m):
+            return (f"{where} has a {' and a '.join(forward_hooks(m))}, which the new module "
+                    "would not carry: remove it, or register it on a parent module")
     for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
         p = getattr(mha, name, None)
         if p is not None and not isinstance(p, nn.Parameter):
@@ -143,9 +155,10 @@ def explicit_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
     """A copy of ``model`` (``model`` itself with ``inplace``) whose nn.MultiheadAttention
     modules are :class:`LinearMultiheadAttention`, so quantize_model rounds their projections.
     Every module is checked before anything changes; QroundError names one that cannot be made
-    explicit (a subclass with its own forward, a recomputed weight).  An nn.TransformerEncoder
-    around them takes its layer-by-layer path (``use_nested_tensor = False``), which computes
-    the same function."""
+    explicit (a subclass with its own forward, a recomputed weight, hooks of its own).  An
+    nn.TransformerEncoder around them takes its layer-by-layer path (``use_nested_tensor =
+    False``; :func:`fuse_attention` gives the setting back).  A model that is itself an
+    nn.MultiheadAttention comes back as a new module, ``inplace`` or not."""
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
     for name, m in model.named_modules():
@@ -157,7 +170,8 @@ def explicit_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
     new = model if inplace else copy_module(model)
     new, _ = _replace(new, nn.MultiheadAttention, LinearMultiheadAttention)
     for m in new.modules():
-        if isinstance(m, nn.TransformerEncoder):
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
+            m._qround_nested = True   # fuse_attention gives it back
             m.use_nested_tensor = False
     return new
 
@@ -165,25 +179,25 @@ def explicit_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
 def _fused(lin: LinearMultiheadAttention) -> nn.MultiheadAttention:
     same = lin.kdim == lin.embed_dim and lin.vdim == lin.embed_dim
     w = lin.out_proj.weight
+    projs = (lin.q_proj, lin.k_proj, lin.v_proj)
+    # one bias flag for all four: a projection without a bias gets zeros (bias correction may
+    # have given some of a bias-free attention's projections one)
+    biased = any(p.bias is not None for p in (*projs, lin.out_proj))
     mha = nn.MultiheadAttention(lin.embed_dim, lin.num_heads, dropout=lin.dropout,
-                                bias=lin.q_proj.bias is not None,
+                                bias=biased,
                                 add_bias_kv=lin.bias_k is not None,
                                 add_zero_attn=lin.add_zero_attn, kdim=lin.kdim, vdim=lin.vdim,
                                 batch_first=lin.batch_first, device=w.device, dtype=w.dtype)
-    if mha.out_proj.bias is not None and lin.out_proj.bias is None:
-        mha.out_proj.bias = None
     with torch.no_grad():
-        projs = (lin.q_proj, lin.k_proj, lin.v_proj)
         if same:
             mha.in_proj_weight.copy_(torch.cat([p.weight for p in projs]))
         else:
             for p, name in zip(projs, ("q_proj_weight", "k_proj_weight", "v_proj_weight")):
                 getattr(mha, name).copy_(p.weight)
-        if mha.in_proj_bias is not None:
-            mha.in_proj_bias.copy_(torch.cat([p.bias for p in projs]))
+        if biased:
+            mha.in_proj_bias.copy_(torch.cat([_bias(p) for p in projs]))
+            mha.out_proj.bias.copy_(_bias(lin.out_proj))
         mha.out_proj.weight.copy_(lin.out_proj.weight)
-        if lin.out_proj.bias is not None:
-            mha.out_proj.bias.copy_(lin.out_proj.bias)
         if lin.bias_k is not None:
             mha.bias_k.copy_(lin.bias_k)
             mha.bias_v.copy_(lin.bias_v)
@@ -193,17 +207,35 @@ def _fused(lin: LinearMultiheadAttention) -> nn.MultiheadAttention:
              "in_proj_bias": lin.q_proj.bias, "out_proj.weight": lin.out_proj.weight,
              "out_proj.bias": lin.out_proj.bias, "bias_k": lin.bias_k, "bias_v": lin.bias_v}
     for name, p in mha.named_parameters():
-        p.requires_grad_(flags[name].requires_grad)
+        p.requires_grad_(flags[name] is not None and flags[name].requires_grad
+                         or flags[name] is None and w.requires_grad)
     return mha
+
+
+def _bias(lin: nn.Linear) -> torch.Tensor:
+    """A Linear's bias, zeros where it has none."""
+    return lin.bias if lin.bias is not None else torch.zeros_like(lin.weight[:, 0])
+
+
+def _unwrapped(m: nn.Module) -> nn.Module:
+    """A projection wrapped by quantize_model without an input quantiser (weight-only block
+    reconstruction) is its Linear, which holds the rounded weight."""
+    from .activations import QuantizedLayer
+
+    return m.layer if isinstance(m, QuantizedLayer) and m.act is None else m
 
 
 def fuse_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Undo :func:`explicit_attention`: a copy of ``model`` (itself with ``inplace``) whose
     :class:`LinearMultiheadAttention` modules are nn.MultiheadAttention again, holding their
-    (rounded) weights.  QroundError when one of them cannot be fused: a projection wrapped by
-    an input quantiser (its input is quantised, which the fused module could not do) or one
-    that gained a bias the fused module has no place for (bias correction on a bias-free
-    attention)."""
+    (rounded) weights.  A projection that some have a bias and some not (bias correction on a
+    bias-free attention) gets zeros: the fused module has one bias flag.  QroundError when an
+    input quantiser wraps a projection (nn.MultiheadAttention could not quantise its input);
+    a wrapper without one (weight-only block reconstruction) gives its Linear.  An
+    nn.TransformerEncoderLayer whose fused fast path would read a bias it lacks (built with
+    bias=False, its attention given biases) takes its layer-by-layer path, which computes the
+    same function; an nn.TransformerEncoder gets back the nested-tensor setting that
+    :func:`explicit_attention` turned off."""
     from .activations import QuantizedLayer
 
     if not isinstance(model, nn.Module):
@@ -211,21 +243,28 @@ def fuse_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, m in model.named_modules():
         if not isinstance(m, LinearMultiheadAttention):
             continue
-        where = name or "<model>"
-        projs = (m.q_proj, m.k_proj, m.v_proj)
-        if any(isinstance(p, QuantizedLayer) for p in (*projs, m.out_proj)):
-            raise QroundError(f"attention {where!r} has quantised inputs (QuantizedLayer "
-                              "projections): nn.MultiheadAttention could not compute them; "
-                              "keep the explicit module")
-        if len({p.bias is None for p in projs}) > 1:
-            raise QroundError(f"attention {where!r}: some of q/k/v_proj have a bias and some "
-                              "not (bias correction on a bias-free attention?): "
-                              "nn.MultiheadAttention holds one bias for all three or none")
-        if m.out_proj.bias is not None and projs[0].bias is None:
-            raise QroundError(f"attention {where!r}: out_proj has a bias but q/k/v_proj have "
-                              "none; nn.MultiheadAttention has both or neither")
+        if any(isinstance(_unwrapped(p), QuantizedLayer)
+               for p in (m.q_proj, m.k_proj, m.v_proj, m.out_proj)):
+            raise QroundError(f"attention {name or '<model>'!r} has quantised inputs "
+                              "(QuantizedLayer projections with input quantisers): "
+                              "nn.MultiheadAttention could not compute them; keep the explicit "
+                              "module")
     if not any(isinstance(m, LinearMultiheadAttention) for m in model.modules()):
         raise QroundError("model has no LinearMultiheadAttention (from explicit_attention)")
     new = model if inplace else copy_module(model)
+    for m in new.modules():
+        if isinstance(m, LinearMultiheadAttention):
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                m._modules[proj] = _unwrapped(m._modules[proj])
     new, _ = _replace(new, LinearMultiheadAttention, _fused)
+    for m in new.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and isinstance(
+                m.self_attn, nn.MultiheadAttention) and m.self_attn.in_proj_bias is not None \
+                and any(t is None for t in (m.norm1.bias, m.norm2.bias, m.linear1.bias,
+                                            m.linear2.bias, m.self_attn.out_proj.bias)):
+            m.activation_relu_or_gelu = 0   # torch's flag: 0 takes the layer-by-layer path
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "_qround_nested", False) and all(
+                isinstance(layer.self_attn, nn.MultiheadAttention) for layer in m.layers):
+            m.use_nested_tensor = True
+            del m._qround_nested
     return new

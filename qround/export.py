@@ -399,7 +399,11 @@ def load(model: nn.Module, path: str | os.PathLike, check_source: bool = True) -
         module = modules.get(name)
         want = tuple(info["weight_shape"])
         if module is None:
-            problems.append(f"{name!r} is missing from the model")
+            parent = modules.get(name.rpartition(".")[0])
+            problems.append(f"{name!r} is missing from the model" + (
+                " (its nn.MultiheadAttention was quantised in the form of "
+                "qround.attention.explicit_attention(model): load into that)"
+                if isinstance(parent, nn.MultiheadAttention) else ""))
         elif not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)) or info["kind"] != (
                 "Conv1D" if name in view_replaced else _kind(module)):
             problems.append(f"{name!r} is a {type(module).__name__}, the file has a "

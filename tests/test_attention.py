@@ -177,7 +177,7 @@ def test_an_encoder_with_explicit_attention_quantises_with_quantised_inputs():
     assert torch.isfinite(out).all() and (out - ref).abs().mean() < 0.1 * ref.abs().mean()
 
 
-def test_refusals():
+def test_refusals(tmp_path):
     class OwnForward(nn.MultiheadAttention):
         def forward(self, q, k, v, **kw):
             return super().forward(q, k, v, **kw)
@@ -211,11 +211,57 @@ def test_refusals():
     with torch.no_grad():
         torch.testing.assert_close(fused(batches[0]), qm.model(batches[0]), rtol=1e-5,
                                    atol=1e-6)
-    odd = explicit_attention(bare)
-    odd.attn.q_proj.bias = nn.Parameter(torch.zeros(8))
-    with pytest.raises(QroundError, match="some of q/k/v_proj have a bias and some not"):
-        fuse_attention(odd)
-    odd = explicit_attention(bare)
-    odd.attn.out_proj.bias = nn.Parameter(torch.zeros(8))
-    with pytest.raises(QroundError, match="out_proj has a bias but q/k/v_proj have none"):
-        fuse_attention(odd)
+    # some projections with a bias and some without (helper-143: a fused module with
+    # out_proj.bias None crashed on torch's fast path): zeros where there is none
+    for excluded in ("attn.out_proj", "attn.q_proj"):
+        qm = quantize_model(explicit_attention(bare.eval()), batches,
+                            QuantConfig(wbits=3, solver="nearest", bias_correction=True,
+                                        exclude=excluded))
+        fused = fuse_attention(qm.model)
+        assert fused.attn.in_proj_bias is not None and fused.attn.out_proj.bias is not None
+        with torch.no_grad():   # eval and no grad: torch's fused path
+            torch.testing.assert_close(fused(batches[0]), qm.model(batches[0]), rtol=1e-5,
+                                       atol=1e-6)
+    # hooks of the attention's own would be lost
+    hooked = _Tiny()
+    hooked.attn.register_forward_hook(lambda m, a, o: None)
+    with pytest.raises(QroundError, match="'attn' explicit: it has a forward hook"):
+        explicit_attention(hooked)
+    # wrong feature counts are named
+    lin = LinearMultiheadAttention(nn.MultiheadAttention(8, 2, kdim=5))
+    with pytest.raises(QroundError, match="attention key has 8 features, the module expects 5"):
+        lin(torch.randn(3, 2, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8))
+    # a file of the explicit form loaded into the plain model says which form it needs
+    from qround.export import load
+
+    qm = quantize_model(explicit_attention(bare), batches, QuantConfig(wbits=3,
+                                                                       solver="nearest"))
+    qm.save(tmp_path / "m.safetensors")
+    with pytest.raises(QroundError, match="'attn.q_proj' is missing from the model \\(its "
+                                          "nn.MultiheadAttention was quantised in the form of "
+                                          "qround.attention.explicit_attention"):
+        load(bare, tmp_path / "m.safetensors", check_source=False)
+
+
+def test_fuse_after_weight_only_reconstruction_and_in_a_bias_free_encoder():
+    """Weight-only reconstruction leaves QuantizedLayer wrappers without input quantisers:
+    their Linear layers are fused (helper-143: refused as 'quantised inputs').  A bias-free
+    nn.TransformerEncoderLayer whose attention got biases from bias correction runs its
+    layer-by-layer path after fusing (its fused path read the missing norm biases)."""
+    from qround.reconstruct import ReconstructConfig
+
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 7, 16, generator=_gen(i)) for i in range(2)]
+    for bias, config in ((True, QuantConfig(wbits=4, solver="nearest", reconstruction=(
+            ReconstructConfig(iterations=5, batch_size=8)))),
+                         (False, QuantConfig(wbits=3, solver="nearest", bias_correction=True))):
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, bias=bias)
+        enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=bias).eval()
+        qm = quantize_model(explicit_attention(enc), batches, config)
+        fused = fuse_attention(qm.model)
+        attn = fused.layers[0].self_attn
+        assert type(attn) is nn.MultiheadAttention and attn.in_proj_bias is not None
+        assert fused.use_nested_tensor == enc.use_nested_tensor   # given back
+        with torch.no_grad():
+            torch.testing.assert_close(fused(batches[0]), qm.model(batches[0]), rtol=1e-5,
+                                       atol=1e-5)
