@@ -17,6 +17,14 @@ def own_hessian(model, name, batches):
     return (x.T @ x / len(x)).numpy()
 
 
+def assert_rtn_cost_on_own_inputs(qm, model, name, batches):
+    """Layer ``name``'s reported RTN cost is the one on its own inputs' statistics."""
+    row = {r.layer: r for r in qm.report}[name]
+    h = own_hessian(model, name, batches)
+    assert row.rtn_cost == pytest.approx(rtn_cost(getattr(model, name), h, qm.layers[name]),
+                                         rel=1e-6)
+
+
 @pytest.mark.parametrize("late_first", [True, False])
 def test_a_layer_reading_the_first_layers_input_on_some_batches_gets_its_own_statistics(
         late_first):
@@ -29,9 +37,7 @@ def test_a_layer_reading_the_first_layers_input_on_some_batches_gets_its_own_sta
     batches = [skips, reaches] if late_first else [reaches, skips]
     qm = quantize_model(model, batches, QuantConfig(wbits=3, solver="greedy", inputs="float",
                                                     progress=False))
-    row = {r.layer: r for r in qm.report}["b"]
-    h = own_hessian(model, "b", batches)
-    assert row.rtn_cost == pytest.approx(rtn_cost(model.b, h, qm.layers["b"]), rel=1e-6)
+    assert_rtn_cost_on_own_inputs(qm, model, "b", batches)
 
 
 class InPlaceOnLaterBatch(nn.Module):
@@ -58,10 +64,7 @@ def test_an_input_changed_in_place_on_a_later_batch_only_is_not_shared():
     batches[0][:, 0], batches[1][:, 0] = -1.0, 1.0      # shared on the first batch only
     qm = quantize_model(model, batches, QuantConfig(wbits=3, solver="greedy", inputs="float",
                                                     progress=False))
-    row = {r.layer: r for r in qm.report}["head_b"]
-    h = own_hessian(model, "head_b", batches)
-    assert row.rtn_cost == pytest.approx(rtn_cost(model.head_b, h, qm.layers["head_b"]),
-                                         rel=1e-6)
+    assert_rtn_cost_on_own_inputs(qm, model, "head_b", batches)
 
 
 class LoopOnLongBatches(nn.Module):
@@ -85,9 +88,7 @@ def test_a_follower_called_twice_on_a_later_batch_is_captured_on_its_own_inputs(
     batches = [torch.randn(8, 8, generator=g), torch.randn(16, 8, generator=g)]
     qm = quantize_model(model, batches, QuantConfig(wbits=3, solver="greedy", inputs="float",
                                                     progress=False))
-    row = {r.layer: r for r in qm.report}["k"]
-    h = own_hessian(model, "k", batches)
-    assert row.rtn_cost == pytest.approx(rtn_cost(model.k, h, qm.layers["k"]), rel=1e-6)
+    assert_rtn_cost_on_own_inputs(qm, model, "k", batches)
 
 
 class LateConvs(nn.Module):

@@ -64,6 +64,17 @@ def _batches(seed=1, n=3, length=17):
     return [torch.randn(8, 3, length, generator=g) for _ in range(n)]
 
 
+def copy_into_twin(net, twin):
+    """Give ``twin`` (``net`` with each Conv1d as its Conv2d) ``net``'s weights and biases."""
+    with torch.no_grad():
+        mods = dict(twin.named_modules())
+        for name, m in net.named_modules():
+            if isinstance(m, (nn.Conv1d, nn.Linear)):
+                mods[name].weight.copy_(m.weight.reshape(mods[name].weight.shape))
+                if m.bias is not None:
+                    mods[name].bias.copy_(m.bias)
+
+
 def _same_weights(a, b):
     for name in ("c1", "c2", "c3"):
         wa, wb = getattr(a, name).weight, getattr(b, name).weight
@@ -259,12 +270,7 @@ def test_a_unit_mixing_conv1d_and_linear_sums_its_loss_over_channels():
     over the channels, as the twin's (N, C, 1, L) (helper-140: it summed over L)."""
     torch.manual_seed(0)
     net, twin = SENet(), SENet(twin=True)
-    with torch.no_grad():
-        for name, m in net.named_modules():
-            t = dict(twin.named_modules())[name]
-            if isinstance(m, (nn.Conv1d, nn.Linear)):
-                t.weight.copy_(m.weight.reshape(t.weight.shape))
-                t.bias.copy_(m.bias)
+    copy_into_twin(net, twin)
     batches = [torch.randn(16, 3, 64, generator=torch.Generator().manual_seed(i))
                for i in range(4)]
     config = QuantConfig(wbits=3, solver="nearest", seed=0, granularity="scheme",

@@ -16,23 +16,14 @@ from qround.errors import QroundError
 from qround.pipeline import QuantConfig, quantize_model
 from qround.reconstruct import ReconstructConfig
 
+from .test_torch_conv1d import copy_into_twin
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batches(n=3, c=3, length=17, size=8):
     g = torch.Generator().manual_seed(1)
     return [torch.randn(size, c, length, generator=g) for _ in range(n)]
-
-
-def _copy_into_twin(net, twin):
-    """twin: net with each Conv1d as the Conv2d with kernel (1, k); same weights."""
-    with torch.no_grad():
-        tm = dict(twin.named_modules())
-        for name, m in net.named_modules():
-            if isinstance(m, (nn.Conv1d, nn.Linear)):
-                tm[name].weight.copy_(m.weight.reshape(tm[name].weight.shape))
-                if m.bias is not None:
-                    tm[name].bias.copy_(m.bias)
 
 
 class Stack(nn.Module):
@@ -56,7 +47,7 @@ def test_fisher_of_a_conv1d_equals_its_conv2d_twin():
     """The output gradient of a Conv1d (N, out, L) is read per position as its twin's."""
     torch.manual_seed(0)
     net, twin = Stack().double(), Stack(twin=True).double()
-    _copy_into_twin(net, twin)
+    copy_into_twin(net, twin)
     batches = [b.double() for b in _batches()]
     loss_fn = lambda out, batch: (out ** 2).sum()  # noqa: E731
     fa = capture_fisher(net, batches, loss_fn, ["c1", "c2"])
@@ -93,7 +84,7 @@ class Branches(nn.Module):
 def test_conv1d_layers_of_one_input_but_other_geometry_keep_their_own_statistics():
     torch.manual_seed(0)
     net, twin = Branches(), Branches(twin=True)
-    _copy_into_twin(net, twin)
+    copy_into_twin(net, twin)
     batches = _batches(length=12)
     for inputs in ("float", "quantized"):
         config = QuantConfig(wbits=3, solver="nearest", seed=0, inputs=inputs, progress=False)
