@@ -432,9 +432,6 @@ class QuantizedLayer(nn.Module):
             raise QroundError(f"borders={borders!r} on a layer with no quantised input "
                               "(abits=None)")
         self.layer = module
-        # the Conv2d that computes the conv (the layer itself, or a Conv1d's meta view): kept
-        # out of the module tree (no parameters, not in the state dict)
-        self.__dict__["conv_view"] = conv2d_view(module)
         for p in module.parameters():
             p.requires_grad_(False)
         w = module.weight.detach()
@@ -483,6 +480,19 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("w_codes", rtn.to(torch.int32).to(w.device))
         self.w_round = nn.Parameter(inverse_rectified_sigmoid(frac.float()).to(w.device))
         self.weight_mode = "hard"
+
+    @property
+    def conv_view(self) -> nn.Conv2d | None:
+        """The Conv2d that computes the wrapped conv: the layer itself, or a Conv1d's meta-device
+        view (:func:`conv2d_view`), cached outside the module tree (no parameters, not in the
+        state dict); None for a Linear."""
+        layer = self.layer
+        if not isinstance(layer, nn.Conv1d):
+            return conv2d_view(layer)
+        cached = self.__dict__.get("_conv_view")
+        if cached is None or cached[0] is not layer:
+            cached = self.__dict__["_conv_view"] = (layer, conv2d_view(layer))
+        return cached[1]
 
     # -------------------------------------------------------------------------- weights
     def soft_weight_fraction(self) -> torch.Tensor:
