@@ -672,7 +672,8 @@ class QuantizedLayer(nn.Module):
             x, w = x.unsqueeze(-2), w.unsqueeze(-2)
         batched = x.dim() == 4
         x4 = x if batched else x.unsqueeze(0)
-        self._check_extent(x4, one_d)
+        if not _tracing():   # shapes are known when tracing; a check would only warn
+            self._check_extent(x4, one_d)
         if border and not self.force_unfold and self._sparse_ok(x4):
             out = self._conv_sparse(x4, w)
         elif border or (self.force_unfold and self.act_mode != "float"):

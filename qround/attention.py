@@ -229,8 +229,9 @@ def fuse_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Undo :func:`explicit_attention`: a copy of ``model`` (itself with ``inplace``) whose
     :class:`LinearMultiheadAttention` modules are nn.MultiheadAttention again, holding their
     (rounded) weights.  A projection without a bias gets zeros when another has one (bias
-    correction on a bias-free attention): the fused module has one bias flag for all four.  QroundError when an
-    input quantiser wraps a projection (nn.MultiheadAttention could not quantise its input);
+    correction on a bias-free attention): the fused module has one bias flag for all four.
+    QroundError when an input quantiser wraps a projection (nn.MultiheadAttention could not
+    quantise its input);
     a wrapper without one (weight-only block reconstruction) gives its Linear.  An
     nn.TransformerEncoderLayer whose fused fast path would read a bias it lacks (built with
     bias=False, its attention given biases) takes its layer-by-layer path, which computes the

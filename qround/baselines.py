@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibrate import ForwardFn, default_forward, kept_buffers
+from .calibrate import ForwardFn, default_forward, eval_mode, kept_buffers, layer_hooks
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, GridSpec, fit_grid
 from .pipeline import (QuantConfig, _add_late, _check_calibration, _check_overrides_match,
-                       _conv1d_selection, _mark_varying, _own_rng, _reselect, _select, _stream,
-                       _trace, check_group_sizes, same_passes)
+                       _conv1d_selection, _mark_varying, _own_rng, _reselect, _run_first,
+                       _select, _stream, _trace, check_group_sizes, same_passes)
 from .problems.layers import layer_weight, linearize_conv1d, restore_conv1d
 from .solvers.gptq import inverse_cholesky
 from .writeback import QuantizedWeight, apply_to_layer
@@ -152,7 +152,8 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
     siblings; a warning says so when ``first_last_bits`` is set).  With ``calibration`` (the
     batches ``quantize_model`` gets) instead of ``example``, the choice follows all of them, as
     ``quantize_model``'s: an expert the first batch routes no row to is rounded too (with one
-    example it stays in float)."""
+    example it stays in float).  As in ``quantize_model``, a layer called only with empty
+    inputs (an expert no row reaches) stays in float."""
     _check_config(config)
     start = time.perf_counter()
     batches = None
@@ -181,8 +182,9 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
                               "needs calibration data; use 'minmax' or 'mse'")
         ends = {names[0], names[-1]}
         if example is not None:
+            nonempty: set[str] = set()
             with torch.no_grad(), kept_buffers(qmodel):
-                plan = _trace(qmodel, example, forward, names)
+                plan = _trace(qmodel, example, forward, names, nonempty=nonempty)
                 again = _reselect(qmodel, qmodel, config, conv_skipped,
                                   [example] if batches is None else batches, forward, names,
                                   {x.name for x in plan})
@@ -190,7 +192,7 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
                     names = again[0]
                     _check_overrides_match(config, names)
                     check_group_sizes(modules, names, config)
-                    plan = _trace(qmodel, example, forward, names)
+                    plan = _trace(qmodel, example, forward, names, nonempty=nonempty)
                 if batches is not None:     # experts the first batch skipped
                     plan = _add_late(qmodel, batches, forward, names, plan)
                     if not isinstance(batches, (list, tuple)):
@@ -198,10 +200,15 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
                         # hid its later batches, is refused (pipeline._SamePasses)
                         for _ in batches:
                             pass
+                # as quantize_model: a layer called only with empty inputs (an expert no row
+                # reached) stays in float; the later batches run only while one seems so
+                empty = [x.name for x in plan if x.name not in nonempty]
+                if empty and batches is not None:
+                    empty = _only_empty(qmodel, batches, forward, empty)
             if not plan:
                 raise QroundError("none of the chosen layers is called by the forward")
             # as quantize_model: layers the forward never calls stay in float
-            names = [layer.name for layer in plan]
+            names = [layer.name for layer in plan if layer.name not in empty]
             ends = {layer.name for layer in plan if layer.group == plan[0].group}
             ends.add(plan[-1].name)
         elif config.first_last_bits is not None:
@@ -214,6 +221,27 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
         grid = fit_grid(w, _layer_grid(config, name, name in ends))
         _write(modules[name], grid.quantize(w), grid)
     return restore_conv1d(qmodel, replaced), time.perf_counter() - start
+
+
+def _only_empty(model: nn.Module, batches, forward, names: list[str]) -> list[str]:
+    """Of ``names`` (layers the first batch called only with empty inputs), those that the
+    later batches also call with empty inputs only, or not at all: one forward per later batch
+    while one of them remains (the forwards stop there)."""
+    left = set(names)
+    modules = dict(model.named_modules())
+
+    def hook(name, module, args, out):
+        if args and isinstance(args[0], torch.Tensor) and args[0].numel() > 0:
+            left.discard(name)
+
+    with eval_mode(model), torch.no_grad(), kept_buffers(model), layer_hooks(
+            {n: modules[n] for n in names}, hook):
+        for j, batch in enumerate(batches):
+            if not left:
+                break
+            if j > 0:
+                _run_first(model, batch, forward, j)
+    return [n for n in names if n in left]
 
 
 def gptq_model(model: nn.Module, calibration: Iterable, config: QuantConfig,

@@ -792,13 +792,14 @@ def _memory_span(t: torch.Tensor) -> tuple[int, int] | None:
     return start, start + extent * t.element_size()
 
 
-def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str], index: int = 0
-           ) -> list[_Layer]:
+def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str], index: int = 0,
+           nonempty: set | None = None) -> list[_Layer]:
     """Run one batch with hooks: the chosen layers in call order, grouped by shared input.
 
     A layer reads the same input as an earlier one if its first input is the same tensor object
     at the same version (no in-place change in between).  Layers called more than once per
-    forward stay alone.  Layers never called are left out.
+    forward stay alone.  Layers never called are left out.  ``nonempty``: a set that receives
+    the layers called with a non-empty input at least once.
     """
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
@@ -808,6 +809,9 @@ def _trace(model: nn.Module, batch, forward: ForwardFn, names: list[str], index:
 
     def hook(name, module, args, out):
         calls[name] = calls.get(name, 0) + 1
+        if nonempty is not None and args and isinstance(args[0], torch.Tensor) \
+                and args[0].numel() > 0:
+            nonempty.add(name)
         if calls[name] > 1:
             return
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None

@@ -51,6 +51,22 @@ def test_jit_trace_under_no_grad_keeps_the_border_correction():
         assert torch.allclose(traced(x2), q(x2), atol=1e-6, rtol=0)
 
 
+def test_a_traced_model_computes_as_the_eager_model_with_gradients():
+    """Traced, a border conv takes the im2col path, as eager does when it computes gradients:
+    the same values.  Eager without gradients takes the sparse border conv, whose round-off
+    differs (README, deployment)."""
+    q, (x, x2) = _border_model()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(q, (x,), check_trace=False)
+        fast = q(x2)
+    with torch.enable_grad():
+        slow = q(x2).detach()
+    with torch.no_grad():
+        assert torch.equal(traced(x2), slow)
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["export", "compile"])
 def test_export_and_fullgraph_compile_match_eager(kind):
     # branches on the quantisers' buffers (calibrated, signed) made torch.export and
