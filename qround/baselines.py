@@ -153,7 +153,8 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
     batches ``quantize_model`` gets) instead of ``example``, the choice follows all of them, as
     ``quantize_model``'s: an expert the first batch routes no row to is rounded too (with one
     example it stays in float).  As in ``quantize_model``, a layer called only with empty
-    inputs (an expert no row reaches) stays in float."""
+    inputs (an expert no row reaches) stays in float, and QroundError says so when every chosen
+    layer is such a layer (nothing would be rounded)."""
     _check_config(config)
     start = time.perf_counter()
     batches = None
@@ -209,6 +210,8 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
                 raise QroundError("none of the chosen layers is called by the forward")
             # as quantize_model: layers the forward never calls stay in float
             names = [layer.name for layer in plan if layer.name not in empty]
+            if not names:
+                raise QroundError(_all_empty(empty))
             ends = {layer.name for layer in plan if layer.group == plan[0].group}
             ends.add(plan[-1].name)
         elif config.first_last_bits is not None:
@@ -302,11 +305,13 @@ def _gptq_passes(qmodel, replaced, modules, names, conv_skipped, first_batch, ca
         groups.setdefault(layer.group, []).append(layer)
     position = {layer.name: i for i, layer in enumerate(plan)}
     device = torch.device(config.device)
+    empty = []
     for group in groups.values():
         leaders = [layer for layer in group if layer.leader == layer.name]
         stats = _stream(leaders, qmodel, None, calibration, forward, device, second=True)
         for layer in group:
             if stats[layer.leader] is None:   # only empty inputs (an unused expert): float
+                empty.append(layer.name)
                 continue
             module, h = modules[layer.name], stats[layer.leader]["hessian"]
             w = layer_weight(module)
@@ -317,4 +322,15 @@ def _gptq_passes(qmodel, replaced, modules, names, conv_skipped, first_batch, ca
             codes = gptq_quantize(w, h, grid, act_order=act_order, percdamp=percdamp,
                                   blocksize=blocksize)
             _write(module, codes, grid)
+    if len(empty) == len(plan):
+        raise QroundError(_all_empty(empty))
     return restore_conv1d(qmodel, replaced), time.perf_counter() - start
+
+
+def _all_empty(names: list[str]) -> str:
+    """The error of a run whose chosen layers were all called only with empty inputs: as
+    quantize_model, nothing would be rounded."""
+    shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more"
+                                                   if len(names) > 3 else "")
+    return ("no chosen layer received a non-empty input during calibration: "
+            f"{shown} called only with empty inputs (experts no row reached?)")
