@@ -9,6 +9,8 @@ from qround.attention import LinearMultiheadAttention, explicit_attention, fuse_
 from qround.errors import QroundError
 from qround.pipeline import QuantConfig, quantize_model
 
+from .tiny_models import digit_rows_accuracy, fit_digit_rows
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -291,20 +293,10 @@ def test_a_transformer_trained_on_real_digits():
     gen = _gen(0)
     torch.manual_seed(0)
     model = Classifier()
-    x, y = data.train_images.squeeze(1), data.train_labels
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        idx = torch.randint(len(x), (64,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit_digit_rows(model, data, 150, 3e-3, gen)
 
     def acc(m):
-        with torch.no_grad():
-            return float((m(data.test_images.squeeze(1)).argmax(1) == data.test_labels)
-                         .float().mean())
+        return digit_rows_accuracy(m, data)
 
     calib = list(data.calib_images.squeeze(1).split(60))
     plain = quantize_model(model, calib, QuantConfig(wbits=3, solver="quality", seed=0))

@@ -17,6 +17,8 @@ from qround.pipeline import QuantConfig, quantize_model
 from qround.problems.layers import conv2d_view, layer_kind, problems_from_layer
 from qround.reconstruct import ReconstructConfig
 
+from .tiny_models import digit_rows_accuracy, fit_digit_rows
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -332,20 +334,10 @@ def test_a_1d_cnn_on_real_digits():
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.0))
-    x, y = data.train_images.squeeze(1), data.train_labels
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(80):
-        idx = torch.randint(len(x), (64,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit_digit_rows(model, data, 80, 0.01, gen)
 
     def acc(m):
-        with torch.no_grad():
-            return float((m(data.test_images.squeeze(1)).argmax(1) == data.test_labels)
-                         .float().mean())
+        return digit_rows_accuracy(m, data)
 
     calib = list(data.calib_images.squeeze(1).split(60))
     rtn = quantize_model(model, calib, QuantConfig(wbits=3, solver="nearest"))

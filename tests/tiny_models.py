@@ -68,3 +68,25 @@ class KwargsNet(nn.Module):
         for blk in self.layer:
             x = blk(x, mask=mask)[0]
         return x
+
+
+# --------------------------------------------------------------- the digits as 16 rows of 16
+def fit_digit_rows(model: nn.Module, data, steps: int, lr: float, generator) -> nn.Module:
+    """Train ``model`` (input (N, 16, 16): the upsampled digits' rows) with Adam on random
+    mini-batches of 64 drawn from ``generator``; returns it in eval mode."""
+    x, y = data.train_images.squeeze(1), data.train_labels
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (64,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def digit_rows_accuracy(model: nn.Module, data) -> float:
+    """Test accuracy of a model trained by :func:`fit_digit_rows`."""
+    with torch.no_grad():
+        return float((model(data.test_images.squeeze(1)).argmax(1) == data.test_labels)
+                     .float().mean())
