@@ -618,6 +618,9 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None,
             if isinstance(m, nn.MultiheadAttention):
                 skipped[name] += (" (qround.attention.explicit_attention(model) gives a copy "
                                   "whose attention projections are Linear layers)")
+            elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+                skipped[name] += (" (qround.conv_transpose.explicit_conv_transpose(model) "
+                                  "gives a copy in which it is the convolution it equals)")
     if not candidates:
         own = [f"{n!r}: {why}" for n, why in skipped.items() if "own forward" in why]
         raise QroundError("model has no nn.Linear, nn.Conv2d or nn.Conv1d layer to quantise"

@@ -1,0 +1,248 @@
+"""``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d`` as the convolution they equal, so they are
+rounded.
+
+A transposed convolution (the upsampling layers of U-Nets, autoencoder and GAN decoders,
+segmentation heads, HiFi-GAN's vocoder) is a convolution of its input with zeros inserted
+between the samples (``stride - 1`` of them), padded by ``dilation * (kernel - 1) - padding``
+on each side (and ``output_padding`` more at the end), with the kernel flipped and its two
+channel axes swapped.  :func:`explicit_conv_transpose` gives a copy of a model in which every
+such layer is a :class:`ConvTransposeAsConv`: that input expansion followed by an nn.Conv2d (or
+nn.Conv1d) named ``conv``, which quantize_model rounds as any other conv, one rounding problem
+per output channel of the transposed convolution.  :func:`fuse_conv_transpose` turns the rounded
+convs back into nn.ConvTranspose modules where no input quantiser wraps them.
+
+The explicit form computes the same function (up to float round-off: the products are summed in
+another order) with ``stride ** dims`` times the multiplications, most of them by the inserted
+zeros; the fused model has none of that cost.  Its statistics are exact: the input vectors
+``x`` of ``H = E[x x^T]`` are the patches of the expanded input, which are what each output
+position of the transposed convolution multiplies its weights with.
+
+The weight of the conv is ``(out, in / groups, *kernel)``, the transposed one's
+``(in, out / groups, *kernel)`` with the kernel flipped: ``group_size`` counts inputs in the
+conv's order (input channel, then the flipped kernel positions), so a ``group_size`` that is a
+multiple of the kernel's size groups whole input channels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import _replace
+from .errors import QroundError, copy_module
+from .problems.layers import forward_hooks, weight_not_writable
+
+__all__ = ["ConvTransposeAsConv", "explicit_conv_transpose", "fuse_conv_transpose",
+           "conv_weight", "transposed_weight"]
+
+_KINDS = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+_TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}
+
+
+def conv_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The weight ``(out, in/groups, *k)`` of the convolution that a transposed convolution of
+    weight ``(in, out/groups, *k)`` equals on the expanded input: channel axes swapped within
+    each group, kernel flipped.  A new tensor."""
+    c_in, out_g, *k = weight.shape
+    if c_in % groups:
+        raise QroundError(f"a weight of {c_in} input channels cannot have {groups} groups")
+    w = weight.reshape(groups, c_in // groups, out_g, *k).transpose(1, 2)
+    return w.reshape(groups * out_g, c_in // groups, *k).flip(list(range(2, 2 + len(k))))
+
+
+def transposed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of :func:`conv_weight`: a conv weight ``(out, in/groups, *k)`` as the weight
+    ``(in, out/groups, *k)`` of the transposed convolution it comes from."""
+    out, in_g, *k = weight.shape
+    if out % groups:
+        raise QroundError(f"a weight of {out} output channels cannot have {groups} groups")
+    w = weight.flip(list(range(2, 2 + len(k)))).reshape(groups, out // groups, in_g, *k)
+    return w.transpose(1, 2).reshape(groups * in_g, out // groups, *k)
+
+
+class ConvTransposeAsConv(nn.Module):
+    """What an ``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d`` computes, as an input expansion
+    (zeros inserted between samples, then padded or cropped) followed by ``conv``: an
+    nn.Conv1d / nn.Conv2d with stride 1, no padding, the same dilation and groups, the flipped
+    and transposed weight (:func:`conv_weight`) and the same bias.  Made from ``layer`` (its
+    weights copied); same ``forward(input, output_size=None)`` and results, up to float
+    round-off."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        why = _refusal(layer)
+        if why:
+            raise QroundError(f"cannot make this {type(layer).__name__} explicit: {why}")
+        self.dims = 1 if isinstance(layer, nn.ConvTranspose1d) else 2
+        self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+        self.kernel_size, self.stride = tuple(layer.kernel_size), tuple(layer.stride)
+        self.padding, self.dilation = tuple(layer.padding), tuple(layer.dilation)
+        self.output_padding, self.groups = tuple(layer.output_padding), layer.groups
+        w = layer.weight
+        self.conv = _CONV[self.dims](
+            self.in_channels, self.out_channels, self.kernel_size, dilation=self.dilation,
+            groups=self.groups, bias=layer.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            self.conv.weight.copy_(conv_weight(w, self.groups))
+            if layer.bias is not None:
+                self.conv.bias.copy_(layer.bias)
+        self.conv.weight.requires_grad_(w.requires_grad)
+        if layer.bias is not None:
+            self.conv.bias.requires_grad_(layer.bias.requires_grad)
+        self.train(layer.training)
+
+    def _extra(self, x: torch.Tensor, output_size) -> tuple[int, ...]:
+        """The output padding of this call: the layer's, or what ``output_size`` asks for."""
+        if output_size is None:
+            return self.output_padding
+        sizes = list(output_size)
+        batched = x.dim() == self.dims + 2
+        if len(sizes) == self.dims + (2 if batched else 1):
+            sizes = sizes[-self.dims:]
+        if len(sizes) != self.dims:
+            raise QroundError(f"output_size {list(output_size)} has {len(sizes)} sizes for a "
+                              f"{self.dims}-d transposed convolution's {x.dim()}-d input")
+        extra = []
+        for d in range(self.dims):
+            least = ((x.shape[d - self.dims] - 1) * self.stride[d] - 2 * self.padding[d]
+                     + self.dilation[d] * (self.kernel_size[d] - 1) + 1)
+            if not least <= sizes[d] < least + self.stride[d]:
+                raise QroundError(f"output_size {sizes} cannot come from an input of spatial "
+                                  f"size {tuple(x.shape[-self.dims:])}: dimension {d} can be "
+                                  f"{least} to {least + self.stride[d] - 1}")
+            extra.append(sizes[d] - least)
+        return tuple(extra)
+
+    def expand(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        """The input of ``conv``: ``stride - 1`` zeros between the samples of every spatial
+        dimension, then ``dilation * (kernel - 1) - padding`` zeros on both sides (a negative
+        number crops) and the output padding at the end."""
+        if x.dim() not in (self.dims + 1, self.dims + 2):
+            raise QroundError(f"a {self.dims}-d transposed convolution takes "
+                              f"{self.dims + 1}-d or {self.dims + 2}-d input, got shape "
+                              f"{tuple(x.shape)}")
+        if x.shape[-self.dims - 1] != self.in_channels:
+            raise QroundError(f"input has {x.shape[-self.dims - 1]} channels, the layer "
+                              f"expects {self.in_channels} (input shape {tuple(x.shape)})")
+        extra = self._extra(x, output_size)
+        if any(s > 1 for s in self.stride):
+            size = [(n - 1) * s + 1 for n, s in zip(x.shape[-self.dims:], self.stride)]
+            spread = x.new_zeros(*x.shape[:-self.dims], *size)
+            index = (...,) + tuple(slice(None, None, s) for s in self.stride)
+            spread[index] = x
+            x = spread
+        pads = []
+        for d in reversed(range(self.dims)):   # F.pad: last dimension first
+            side = self.dilation[d] * (self.kernel_size[d] - 1) - self.padding[d]
+            pads += [side, side + extra[d]]
+        return F.pad(x, pads) if any(pads) else x
+
+    def forward(self, input: torch.Tensor, output_size=None) -> torch.Tensor:
+        return self.conv(self.expand(input, output_size))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, "
+                f"output_padding={self.output_padding}")
+
+
+def _refusal(layer: nn.Module) -> str | None:
+    """Why a transposed convolution cannot be made explicit (None when it can)."""
+    kind = next((k for k in _KINDS if isinstance(layer, k)), None)
+    if kind is None:
+        return f"{type(layer).__name__} is not an nn.ConvTranspose1d or nn.ConvTranspose2d"
+    if type(layer).forward is not kind.forward:
+        return f"{type(layer).__name__} subclasses {kind.__name__} with its own forward"
+    why = weight_not_writable(layer)   # before hooks: a lazy module's is its initialiser
+    if why:
+        return why
+    if forward_hooks(layer):
+        return (f"it has a {' and a '.join(forward_hooks(layer))}, which the new module would "
+                "not carry: remove it, or register it on a parent module")
+    if layer.bias is not None and not isinstance(layer.bias, nn.Parameter):
+        return "its bias is not a parameter (computed on every forward?)"
+    if layer.padding_mode != "zeros":
+        return f"padding_mode {layer.padding_mode!r} (torch computes only 'zeros')"
+    return None
+
+
+def explicit_conv_transpose(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (``model`` itself with ``inplace``) whose nn.ConvTranspose1d /
+    nn.ConvTranspose2d modules are :class:`ConvTransposeAsConv`, so quantize_model rounds them
+    (as their ``conv``).  Every module is checked before anything changes; QroundError names
+    one that cannot be made explicit (a subclass with its own forward, a recomputed or lazy
+    weight, hooks of its own).  A model that is itself a transposed convolution comes back as a
+    new module, ``inplace`` or not."""
+    if not isinstance(model, nn.Module):
+        raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, _KINDS)]
+    for name, m in found:
+        if _refusal(m):
+            raise QroundError(f"cannot make {type(m).__name__} {name or '<model>'!r} explicit: "
+                              f"{_refusal(m)}")
+    if not found:
+        three = [n for n, m in model.named_modules() if isinstance(m, nn.ConvTranspose3d)]
+        raise QroundError("model has no nn.ConvTranspose1d or nn.ConvTranspose2d"
+                          + (f" (nn.ConvTranspose3d {three[0]!r} is not rounded: qround rounds "
+                             "no 3-d convolution)" if three else ""))
+    new = model if inplace else copy_module(model)
+    new, _ = _replace(new, _KINDS, ConvTransposeAsConv)
+    return new
+
+
+def _unwrapped(m: nn.Module) -> nn.Module:
+    """A conv wrapped by quantize_model without an input quantiser (weight-only block
+    reconstruction) is its conv, which holds the rounded weight."""
+    from .activations import QuantizedLayer
+
+    return m.layer if isinstance(m, QuantizedLayer) and m.act is None else m
+
+
+def _fused(explicit: ConvTransposeAsConv) -> nn.Module:
+    conv = explicit.conv
+    w = conv.weight
+    layer = _TRANSPOSED[explicit.dims](
+        explicit.in_channels, explicit.out_channels, explicit.kernel_size,
+        stride=explicit.stride, padding=explicit.padding,
+        output_padding=explicit.output_padding, groups=explicit.groups,
+        bias=conv.bias is not None, dilation=explicit.dilation, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(transposed_weight(w, explicit.groups))
+        if conv.bias is not None:
+            layer.bias.copy_(conv.bias)
+    layer.weight.requires_grad_(w.requires_grad)
+    if conv.bias is not None:
+        layer.bias.requires_grad_(conv.bias.requires_grad)
+    layer.train(explicit.training)
+    return layer
+
+
+def fuse_conv_transpose(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Undo :func:`explicit_conv_transpose`: a copy of ``model`` (itself with ``inplace``)
+    whose :class:`ConvTransposeAsConv` modules are nn.ConvTranspose1d / nn.ConvTranspose2d
+    again, holding their (rounded) weights and biases (a bias that bias correction added
+    included).  QroundError when an input quantiser wraps a ``conv`` (the transposed
+    convolution could not quantise its input: keep the explicit module); a wrapper without one
+    (weight-only block reconstruction) gives its conv."""
+    from .activations import QuantizedLayer
+
+    if not isinstance(model, nn.Module):
+        raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, ConvTransposeAsConv)]
+    if not found:
+        raise QroundError("model has no ConvTransposeAsConv (from explicit_conv_transpose)")
+    for name, m in found:
+        if isinstance(_unwrapped(m.conv), QuantizedLayer):
+            raise QroundError(f"{name or '<model>'!r} has a quantised input (its conv is a "
+                              "QuantizedLayer with an input quantiser): a transposed "
+                              "convolution could not compute it; keep the explicit module")
+        if not isinstance(_unwrapped(m.conv), (nn.Conv1d, nn.Conv2d)):
+            raise QroundError(f"{name or '<model>'!r}.conv is a {type(m.conv).__name__}, not "
+                              "the conv that explicit_conv_transpose made")
+    new = model if inplace else copy_module(model)
+    for m in new.modules():
+        if isinstance(m, ConvTransposeAsConv):
+            m._modules["conv"] = _unwrapped(m._modules["conv"])
+    new, _ = _replace(new, ConvTransposeAsConv, _fused)
+    return new
