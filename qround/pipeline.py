@@ -920,8 +920,11 @@ def _add_late(model: nn.Module, calibration, forward: ForwardFn, names: list[str
     if all(n in names_in for n in names):
         return plan   # a follower's sharing is checked on every batch by the first capture
     traces = [plan]
+    # a list's batch 0 is the traced first batch; another iterable's may be another batch (a
+    # shuffling DataLoader), which may be the only one to call a late layer: traced too
+    again = not isinstance(calibration, (list, tuple))
     for j, batch in enumerate(calibration):
-        if j > 0:
+        if j > 0 or again:
             traces.append(_trace(model, batch, forward, names, j))
     order = merge_orders([[x.name for x in t] for t in traces])
     # per layer and batch: the first layer of its input group there, or None (not called)

@@ -167,3 +167,39 @@ def test_a_late_layer_reading_another_input_on_some_batch_leads_from_the_start()
                    forward=lambda m, b: calls.append(1) or m(b))
     # the first batch's trace, the later batch's trace, the capture of every layer
     assert len(calls) == 1 + 1 + 2
+
+
+class Rotating:
+    """The same batches in another order on every pass, as a shuffling DataLoader gives them."""
+
+    def __init__(self, batches, start):
+        self.batches, self.passes = batches, start
+
+    def __iter__(self):
+        k = self.passes % len(self.batches)
+        self.passes += 1
+        return iter(self.batches[k:] + self.batches[:k])
+
+
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_a_late_layer_is_found_whatever_batch_a_reshuffled_pass_puts_first(start):
+    """b is called only by the third batch. Batches that come in another order on every pass
+    put it first on the pass that looks for late layers for one of the starts: it was not
+    traced there (taken for the first batch, already traced), so b stayed in float as "never
+    called"; quantize_model, gptq_model, rtn_model and layer_sensitivity must round it."""
+    from qround.baselines import gptq_model, rtn_model
+    from qround.sensitivity import layer_sensitivity
+
+    g = gen(1)
+    batches = [torch.randn(32, 16, generator=g) for _ in range(3)]
+    batches[0][:, 0] = batches[1][:, 0] = -1.0
+    batches[2][:, 0] = 1.0
+    model = LateBesideFirst()
+    config = QuantConfig(wbits=3, solver="nearest", progress=False)
+    qm = quantize_model(model, Rotating(batches, start), config)
+    assert [r.layer for r in qm.report] == ["a", "b", "head"] and not qm.skipped
+    for rounded, _ in (gptq_model(model, Rotating(batches, start), config),
+                       rtn_model(model, config, calibration=Rotating(batches, start))):
+        assert not torch.equal(rounded.b.weight, model.b.weight)
+    sens = layer_sensitivity(model, Rotating(batches, start), config, bits=(3,))
+    assert [s.name for s in sens.layers] == ["a", "b", "head"]
