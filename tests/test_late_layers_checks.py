@@ -169,16 +169,14 @@ def test_a_late_layer_reading_another_input_on_some_batch_leads_from_the_start()
     assert len(calls) == 1 + 1 + 2
 
 
-class Rotating:
-    """The same batches in another order on every pass, as a shuffling DataLoader gives them."""
+def Rotating(batches, start):
+    """The same batches in another order on every pass (as a shuffling DataLoader), the first
+    pass starting at batch ``start``."""
+    from .test_prefix_cache import Reshuffled
 
-    def __init__(self, batches, start):
-        self.batches, self.passes = batches, start
-
-    def __iter__(self):
-        k = self.passes % len(self.batches)
-        self.passes += 1
-        return iter(self.batches[k:] + self.batches[:k])
+    loader = Reshuffled(batches)
+    loader.passes = start - 1
+    return loader
 
 
 @pytest.mark.parametrize("start", [0, 1, 2])
