@@ -247,6 +247,10 @@ def test_refusals():
         fuse_conv_transpose(nn.Sequential(nn.ConvTranspose2d(1, 1, 1)))
     with pytest.raises(QroundError, match="must be an nn.Module"):
         explicit_conv_transpose("model")
+    from qround.problems.layers import problems_from_layer
+
+    with pytest.raises(QroundError, match="ConvTranspose2d.*explicit_conv_transpose"):
+        problems_from_layer(nn.ConvTranspose2d(2, 2, 1), torch.eye(2).numpy())
 
 
 def test_an_autoencoder_on_real_digits():

@@ -43,8 +43,11 @@ def layer_kind(module) -> str:
         return "conv1d"
     if is_hf_conv1d(module):
         return "hf-conv1d"
+    hint = (" (qround.conv_transpose.explicit_conv_transpose(model) makes each transposed "
+            "convolution the nn.Conv2d/Conv1d it equals, its `conv`)"
+            if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else "")
     raise QroundError(f"unsupported layer type {type(module).__name__}: only nn.Linear, "
-                      "nn.Conv2d, nn.Conv1d and transformers' Conv1D can be rounded")
+                      f"nn.Conv2d, nn.Conv1d and transformers' Conv1D can be rounded{hint}")
 
 
 def conv2d_view(module):
