@@ -69,7 +69,11 @@ class ConvTransposeAsConv(nn.Module):
     weights copied); same ``forward(input, output_size=None)`` and results, up to float
     round-off."""
 
-    def __init__(self, layer: nn.Module):
+    padding_mode = "zeros"   # the only one torch's transposed convolutions compute
+
+    def __init__(self, layer: nn.Module, shared: dict | None = None):
+        """``shared``: {id of a source parameter: the parameter made from it}, filled and read
+        so that layers sharing a weight (or bias) get one shared parameter."""
         super().__init__()
         why = _refusal(layer)
         if why:
@@ -90,7 +94,19 @@ class ConvTransposeAsConv(nn.Module):
         self.conv.weight.requires_grad_(w.requires_grad)
         if layer.bias is not None:
             self.conv.bias.requires_grad_(layer.bias.requires_grad)
+        _share(self.conv, layer, shared)
         self.train(layer.training)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The transposed layer's weight ``(in, out/groups, *kernel)``, computed from
+        ``conv``'s (read-only: a new tensor on every access)."""
+        return transposed_weight(self.conv.weight, self.groups)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """``conv``'s bias, which is the transposed layer's."""
+        return self.conv.bias
 
     def _extra(self, x: torch.Tensor, output_size) -> tuple[int, ...]:
         """The output padding of this call: the layer's, or what ``output_size`` asks for."""
@@ -147,6 +163,48 @@ class ConvTransposeAsConv(nn.Module):
                 f"output_padding={self.output_padding}")
 
 
+def _share(new: nn.Module, old: nn.Module, shared: dict | None) -> None:
+    """Give ``new`` the parameters already made from ``old``'s weight and bias (tied to
+    another layer's), or record its own as made from them."""
+    if shared is None:
+        return
+    for attr in ("weight", "bias"):
+        source, mine = getattr(old, attr), getattr(new, attr)
+        if source is None:
+            continue
+        made = shared.setdefault(id(source), mine)
+        if made is not mine:
+            setattr(new, attr, made)
+
+
+def _tie_refusal(model: nn.Module, kinds) -> str | None:
+    """Why the ``kinds`` layers' parameters cannot stay tied through the change of form: a
+    weight or bias shared with a module of another kind (a copy in another layout cannot stay
+    tied to it), or a weight shared by layers of different groups (None when every tie can be
+    kept)."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, m in model.named_modules():   # a module held under two names: once
+        for p in m._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append((name or "<model>", m))
+    for name, m in model.named_modules():
+        if not isinstance(m, kinds):
+            continue
+        for attr in ("weight", "bias"):
+            p = getattr(m, attr)
+            others = [(n, o) for n, o in holders.get(id(p), ()) if o is not m]
+            foreign = [n for n, o in others if not isinstance(o, kinds)]
+            if foreign:
+                return (f"{name or '<model>'!r} shares its {attr} with {foreign[0]!r} "
+                        f"({type(dict(others)[foreign[0]]).__name__}), which would keep the "
+                        "original layout: untie them (layer." + attr + " = nn.Parameter(layer."
+                        + attr + ".detach().clone())) to round them separately")
+            if attr == "weight" and any(o.groups != m.groups for _, o in others):
+                return (f"{name or '<model>'!r} shares its weight with a transposed convolution "
+                        "of other groups")
+    return None
+
+
 def _refusal(layer: nn.Module) -> str | None:
     """Why a transposed convolution cannot be made explicit (None when it can)."""
     kind = next((k for k in _KINDS if isinstance(layer, k)), None)
@@ -186,8 +244,12 @@ def explicit_conv_transpose(model: nn.Module, inplace: bool = False) -> nn.Modul
         raise QroundError("model has no nn.ConvTranspose1d or nn.ConvTranspose2d"
                           + (f" (nn.ConvTranspose3d {three[0]!r} is not rounded: qround rounds "
                              "no 3-d convolution)" if three else ""))
+    why = _tie_refusal(model, _KINDS)
+    if why:
+        raise QroundError(f"cannot make the transposed convolutions explicit: {why}")
     new = model if inplace else copy_module(model)
-    new, _ = _replace(new, _KINDS, ConvTransposeAsConv)
+    shared: dict = {}
+    new, _ = _replace(new, _KINDS, lambda layer: ConvTransposeAsConv(layer, shared))
     return new
 
 
@@ -199,7 +261,7 @@ def _unwrapped(m: nn.Module) -> nn.Module:
     return m.layer if isinstance(m, QuantizedLayer) and m.act is None else m
 
 
-def _fused(explicit: ConvTransposeAsConv) -> nn.Module:
+def _fused(explicit: ConvTransposeAsConv, shared: dict | None = None) -> nn.Module:
     conv = explicit.conv
     w = conv.weight
     layer = _TRANSPOSED[explicit.dims](
@@ -214,6 +276,7 @@ def _fused(explicit: ConvTransposeAsConv) -> nn.Module:
     layer.weight.requires_grad_(w.requires_grad)
     if conv.bias is not None:
         layer.bias.requires_grad_(conv.bias.requires_grad)
+    _share(layer, conv, shared)
     layer.train(explicit.training)
     return layer
 
@@ -244,5 +307,6 @@ def fuse_conv_transpose(model: nn.Module, inplace: bool = False) -> nn.Module:
     for m in new.modules():
         if isinstance(m, ConvTransposeAsConv):
             m._modules["conv"] = _unwrapped(m._modules["conv"])
-    new, _ = _replace(new, ConvTransposeAsConv, _fused)
+    shared: dict = {}
+    new, _ = _replace(new, ConvTransposeAsConv, lambda m: _fused(m, shared))
     return new

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import prune
 
 from qround.activations import QuantizedLayer
 from qround.conv_transpose import (ConvTransposeAsConv, conv_weight, explicit_conv_transpose,
@@ -329,3 +330,70 @@ def test_the_baselines_and_the_sensitivity_take_the_explicit_form():
     errors = {s.name: s.errors for s in sens.layers}
     assert {"up1.conv", "up2.conv"} <= set(errors)
     assert errors["up2.conv"][2] > errors["up2.conv"][4] > 0
+
+
+def test_tied_weights_stay_tied_and_are_rounded_once():
+    """Two transposed layers sharing one weight (helper-146): the explicit convs share one
+    parameter, quantize_model rounds it once (as two tied nn.Conv2d), and the fused layers
+    share one weight again.  A weight tied to a layer of another kind (a tied autoencoder's
+    encoder) cannot keep the tie through the flip: refused, with the way to untie."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 4, 3, 2, 1, 1), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 4, 3, 2, 1, 1)).double().eval()
+    model[2].weight = model[0].weight
+    explicit = explicit_conv_transpose(model)
+    assert explicit[0].conv.weight is explicit[2].conv.weight
+    assert explicit[0].conv.bias is not explicit[2].conv.bias
+    batches = [torch.randn(4, 4, 5, 5, generator=_gen(i), dtype=torch.float64)
+               for i in range(2)]
+    qm = quantize_model(explicit, batches, QuantConfig(wbits=3, solver="fast", seed=0))
+    assert [r.layer for r in qm.report] == ["0.conv"]
+    assert "tied" in qm.skipped["2.conv"]
+    fused = fuse_conv_transpose(qm.model)
+    assert fused[0].weight is fused[2].weight
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel()
+                                                             for p in model.parameters())
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(fused(b), qm.model(b), rtol=0, atol=1e-12)
+
+    class TiedAutoEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Conv2d(1, 4, 3, 2, 1)
+            self.dec = nn.ConvTranspose2d(4, 1, 3, 2, 1, 1)
+            self.dec.weight = self.enc.weight
+
+        def forward(self, x):
+            return self.dec(torch.relu(self.enc(x)))
+
+    with pytest.raises(QroundError, match="'dec' shares its weight with 'enc' .*untie"):
+        explicit_conv_transpose(TiedAutoEncoder())
+    with pytest.raises(QroundError, match="other groups"):
+        other = nn.Sequential(nn.ConvTranspose2d(4, 4, 1), nn.ConvTranspose2d(4, 8, 1, groups=2))
+        other[1].weight = other[0].weight
+        explicit_conv_transpose(other)
+
+
+def test_the_explicit_module_answers_for_its_weight_bias_and_padding_mode():
+    """A parent forward that reads the layer's weight, bias or padding_mode (x.to(up.weight
+    .dtype)) runs on the explicit form too (helper-146)."""
+    layer = _layer(2, kernel_size=3, stride=2, groups=2)
+    explicit = ConvTransposeAsConv(layer)
+    assert torch.equal(explicit.weight, layer.weight) and explicit.bias is explicit.conv.bias
+    assert torch.equal(explicit.bias, layer.bias) and explicit.padding_mode == "zeros"
+    assert not any(n in dict(explicit.named_parameters()) for n in ("weight", "bias"))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")   # the old weight_norm is deprecated
+@pytest.mark.parametrize("make, remedy", [
+    (lambda m: torch.nn.utils.spectral_norm(m), r"remove_spectral_norm\(module\)"),
+    (lambda m: torch.nn.utils.weight_norm(m), r"remove_weight_norm\(module\)"),
+    (lambda m: prune.l1_unstructured(m, "weight", 0.5),
+     r"prune.remove\(module, 'weight'\)"),
+])
+def test_a_weight_computed_by_a_hook_gets_its_own_remedy(make, remedy):
+    layer = nn.ConvTranspose2d(4, 4, 4, 2)
+    make(layer)
+    with pytest.raises(QroundError, match=remedy):
+        explicit_conv_transpose(nn.Sequential(layer))

@@ -264,9 +264,15 @@ def weight_not_writable(module) -> str | None:
     if isinstance(weight, nn.parameter.UninitializedParameter):
         return "it is a lazy module whose weight is not initialised yet: run one forward first"
     if not isinstance(weight, nn.Parameter):
+        params = dict(module.named_parameters(recurse=False))
+        buffers = dict(module.named_buffers(recurse=False))
+        fix = ("torch.nn.utils.prune.remove(module, 'weight')" if "weight_mask" in buffers else
+               "torch.nn.utils.remove_spectral_norm(module)" if "weight_u" in buffers else
+               "torch.nn.utils.remove_weight_norm(module)" if "weight_g" in params else
+               "torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm or "
+               "remove_spectral_norm")
         return ("its weight is not a parameter but computed on every forward (pruning, the old "
-                "weight_norm): make it permanent first (torch.nn.utils.prune.remove, "
-                "torch.nn.utils.remove_weight_norm)")
+                f"weight_norm or spectral_norm): make it permanent first ({fix})")
     return None
 
 
