@@ -230,8 +230,11 @@ def explicit_conv_transpose(model: nn.Module, inplace: bool = False) -> nn.Modul
     nn.ConvTranspose2d modules are :class:`ConvTransposeAsConv`, so quantize_model rounds them
     (as their ``conv``).  Every module is checked before anything changes; QroundError names
     one that cannot be made explicit (a subclass with its own forward, a recomputed or lazy
-    weight, hooks of its own).  A model that is itself a transposed convolution comes back as a
-    new module, ``inplace`` or not."""
+    weight, hooks of its own).  Transposed layers that share a weight (or a bias) share the
+    parameter made from it, so quantize_model rounds it once; one shared with a layer of
+    another kind (a tied autoencoder's encoder) is refused, as the flipped copy could not stay
+    tied to it.  A model that is itself a transposed convolution comes back as a new module,
+    ``inplace`` or not."""
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, _KINDS)]
