@@ -222,6 +222,11 @@ def _refusal(layer: nn.Module) -> str | None:
         return "its bias is not a parameter (computed on every forward?)"
     if layer.padding_mode != "zeros":
         return f"padding_mode {layer.padding_mode!r} (torch computes only 'zeros')"
+    if any(op >= max(s, d) for op, s, d in zip(layer.output_padding, layer.stride,
+                                                layer.dilation)):
+        return (f"output_padding {tuple(layer.output_padding)} is not below the larger of "
+                f"stride {tuple(layer.stride)} and dilation {tuple(layer.dilation)} in every "
+                "dimension: torch cannot run it")
     return None
 
 
