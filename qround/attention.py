@@ -137,6 +137,37 @@ def _refusal(mha: nn.Module) -> str | None:
     return f"its out_proj: {why}" if why else None
 
 
+def _tie_refusal(model: nn.Module) -> str | None:
+    """Why an nn.MultiheadAttention of ``model`` cannot be made explicit because a parameter of
+    it is shared with another module (its projections would be copies, untied), or None."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, m in model.named_modules():   # a module held under two names: once
+        for p in m._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append((name or "<model>", m))
+    names: dict[int, list[str]] = {}   # module -> every name it is held under
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.MultiheadAttention):
+            continue
+        mine = set(names[id(m)])   # an out_proj held elsewhere than in this attention
+        foreign = [n or "<model>" for n in names.get(id(m.out_proj), ())
+                   if n.rpartition(".")[0] not in mine]
+        if foreign:
+            return (f"attention {name or '<model>'!r} shares its out_proj with {foreign[0]!r}; "
+                    "the explicit module's out_proj is a copy, which would not stay tied: "
+                    "give each attention its own")
+        own = {id(m), id(m.out_proj)}
+        for pname, p in m.named_parameters():
+            others = [n for n, o in holders.get(id(p), ()) if id(o) not in own]
+            if others:
+                return (f"attention {name or '<model>'!r} shares its {pname} with "
+                        f"{others[0]!r}; the explicit module's Linear layers hold copies, which "
+                        "would not stay tied: untie them first (a clone of the parameter)")
+    return None
+
+
 def _replace(model: nn.Module, kind: type, make) -> tuple[nn.Module, int]:
     """Replace every ``kind`` child (under every name it has) by ``make(child)``."""
     made: dict[int, nn.Module] = {}
@@ -155,7 +186,8 @@ def explicit_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
     """A copy of ``model`` (``model`` itself with ``inplace``) whose nn.MultiheadAttention
     modules are :class:`LinearMultiheadAttention`, so quantize_model rounds their projections.
     Every module is checked before anything changes; QroundError names one that cannot be made
-    explicit (a subclass with its own forward, a recomputed weight, hooks of its own).  An
+    explicit (a subclass with its own forward, a recomputed weight, hooks of its own, a
+    parameter shared with another module: the copies would not stay tied).  An
     nn.TransformerEncoder around them takes its layer-by-layer path (``use_nested_tensor =
     False``; :func:`fuse_attention` gives the setting back).  A model that is itself an
     nn.MultiheadAttention comes back as a new module, ``inplace`` or not."""
@@ -167,6 +199,9 @@ def explicit_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
                               f"{_refusal(m)}")
     if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         raise QroundError("model has no nn.MultiheadAttention")
+    why = _tie_refusal(model)
+    if why:
+        raise QroundError(f"cannot make the attention explicit: {why}")
     new = model if inplace else copy_module(model)
     new, _ = _replace(new, nn.MultiheadAttention, LinearMultiheadAttention)
     for m in new.modules():

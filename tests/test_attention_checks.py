@@ -141,3 +141,24 @@ def test_a_bias_added_to_a_bias_free_attention_is_trainable_after_fusing():
     lin.q_proj.weight.requires_grad_(False)
     back = fuse_attention(nn.ModuleList([lin]))[0]
     assert not back.in_proj_bias.requires_grad and not back.in_proj_weight.requires_grad
+
+
+def test_an_attention_sharing_a_parameter_or_its_out_proj_is_refused():
+    """The explicit module holds copies of the projections: a parameter (or the out_proj)
+    shared with another module would be untied silently, so it is refused before any change;
+    the same attention under two names stays allowed (it is replaced once)."""
+    a, b = nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2)
+    b.out_proj = a.out_proj
+    with pytest.raises(QroundError, match="'0' shares its out_proj with '1.out_proj'"):
+        explicit_attention(nn.ModuleList([a, b]))
+    c, lin = nn.MultiheadAttention(8, 2), nn.Linear(8, 24)
+    c.in_proj_weight = lin.weight
+    with pytest.raises(QroundError, match="'0' shares its in_proj_weight with '1'"):
+        explicit_attention(nn.ModuleList([c, lin]))
+    d = nn.MultiheadAttention(8, 2)
+    with pytest.raises(QroundError, match="'att' shares its out_proj with 'proj'"):
+        explicit_attention(nn.ModuleDict({"att": d, "proj": d.out_proj}))
+    model = nn.ModuleList([d, d])
+    new = explicit_attention(model)
+    assert new[0] is new[1] and isinstance(new[0], LinearMultiheadAttention)
+    assert isinstance(explicit_attention(d), LinearMultiheadAttention)
