@@ -255,49 +255,26 @@ def test_refusals():
 
 
 def test_an_autoencoder_on_real_digits():
-    """Real data: a conv autoencoder of the 16x16 digits whose decoder is two
-    nn.ConvTranspose2d, trained here in about a second (fixed seed).  Made explicit and rounded
-    at W3, quality's layer costs are below nearest's in every layer, its reconstruction error
-    on the test digits is below half of nearest's, and the fused model computes the explicit
-    one (measured here: float 0.0022, nearest 0.0699, quality 0.0060)."""
+    """Real data: qround.zoo's conv autoencoder of the 16x16 digits, whose decoder is two
+    nn.ConvTranspose2d, trained here in seconds (fixed seed).  Made explicit and rounded at W3,
+    quality's layer costs are below nearest's in every layer, its reconstruction error on the
+    test digits is below half of nearest's, and the fused model computes the explicit one
+    (BENCHMARKS.md, "A conv autoencoder of the digits", has the numbers)."""
     pytest.importorskip("sklearn", reason="scikit-learn (the examples extra) loads the digits")
-    from qround.zoo import load_digits_data
+    from qround.zoo import reconstruction_error, train_digits_autoencoder
 
-    class AutoEncoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(),
-                                     nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
-            self.dec = nn.Sequential(nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.ReLU(),
-                                     nn.ConvTranspose2d(16, 1, 4, 2, 1))
-
-        def forward(self, x):
-            return self.dec(self.enc(x))
-
-    data = load_digits_data()
-    gen = _gen(0)
-    torch.manual_seed(0)
-    model = AutoEncoder()
-    x = data.train_images
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        idx = torch.randint(len(x), (64,), generator=gen)
-        loss = ((model(x[idx]) - x[idx]) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model, data = train_digits_autoencoder(seed=0)
 
     def error(m):
-        with torch.no_grad():
-            return float(((m(data.test_images) - data.test_images) ** 2).mean())
+        return reconstruction_error(m, data.test_images)
 
     calib = list(data.calib_images.split(60))
     explicit = explicit_conv_transpose(model)
     nearest = quantize_model(explicit, calib, QuantConfig(wbits=3, solver="nearest"))
     best = quantize_model(explicit, calib, QuantConfig(wbits=3, solver="quality", seed=0))
     rtn_cost = {r.layer: r.cost for r in nearest.report}
-    assert {r.layer for r in best.report} == {"enc.0", "enc.2", "dec.0.conv", "dec.2.conv"}
+    assert {r.layer for r in best.report} == {"encoder.0", "encoder.2", "decoder.0.conv",
+                                              "decoder.2.conv"}
     for r in best.report:
         assert r.cost < rtn_cost[r.layer], r.layer
     fused = fuse_conv_transpose(best.model)
