@@ -409,3 +409,28 @@ def test_accuracy_runs_the_model_without_autograd():
 
     accuracy(Probe(), torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
     assert seen == [False]
+
+
+def test_the_autoencoder_trains_deterministically_locally_and_learns(sklearn):
+    """train_digits_autoencoder: the same weights for a seed whatever the caller's threads
+    (restored), other weights for another seed, torch's global RNG untouched, eval mode, and a
+    reconstruction error far below the images' variance (about 1 after standardising)."""
+    from qround.zoo import DigitsAutoEncoder, reconstruction_error, train_digits_autoencoder
+
+    state = torch.get_rng_state()
+    built = DigitsAutoEncoder(seed=0)
+    assert built(torch.zeros(2, 1, 16, 16)).shape == (2, 1, 16, 16)
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in built.modules()) == 2
+    runs = []
+    for threads, seed in ((2, 0), (1, 0), (1, 1)):
+        torch.set_num_threads(threads)
+        model, data = train_digits_autoencoder(seed=seed, steps=30)
+        assert torch.get_num_threads() == threads and not model.training
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not torch.equal(runs[0][0], runs[2][0])
+    assert reconstruction_error(model, data.test_images) < 0.5 * float(data.test_images.var())
+    for kwargs in ({"seed": -1}, {"steps": 0}, {"lr": 0.0}, {"batch_size": 0}):
+        with pytest.raises(QroundError):
+            train_digits_autoencoder(**kwargs)
