@@ -1,6 +1,7 @@
 """Forward time of qround.attention.LinearMultiheadAttention against nn.MultiheadAttention.
 
-    python benchmarks/attention_overhead.py --threads 1 --json results/attention_overhead.json
+    python benchmarks/attention_overhead.py --threads 1 \
+        --json benchmarks/results/attention_overhead.json
 
 The explicit module (from ``qround.attention.explicit_attention``) runs torch's attention code on
 inputs its Linear layers projected, with identity projections: four extra products with an

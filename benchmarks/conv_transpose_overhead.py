@@ -2,7 +2,7 @@
 it is made from.
 
     python benchmarks/conv_transpose_overhead.py --threads 1 \
-        --json results/conv_transpose_overhead.json
+        --json benchmarks/results/conv_transpose_overhead.json
 
 The explicit module (from ``qround.conv_transpose.explicit_conv_transpose``) inserts
 ``stride - 1`` zeros between the input's samples and runs an ordinary convolution on the result:

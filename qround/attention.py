@@ -265,9 +265,10 @@ def fuse_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
     :class:`LinearMultiheadAttention` modules are nn.MultiheadAttention again, holding their
     (rounded) weights.  A projection without a bias gets zeros when another has one (bias
     correction on a bias-free attention): the fused module has one bias flag for all four.
-    QroundError when an input quantiser wraps a projection (nn.MultiheadAttention could not
-    quantise its input);
-    a wrapper without one (weight-only block reconstruction) gives its Linear.  An
+    An attention whose projection an input quantiser wraps stays explicit
+    (nn.MultiheadAttention could not quantise its input), the others are fused; QroundError
+    when every one has one.  A wrapper without an input quantiser (weight-only block
+    reconstruction) gives its Linear.  An
     nn.TransformerEncoderLayer whose fused fast path would read a bias it lacks (built with
     bias=False, its attention given biases) takes its layer-by-layer path, which computes the
     same function; an nn.TransformerEncoder gets back the nested-tensor setting that
@@ -276,23 +277,26 @@ def fuse_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
-    for name, m in model.named_modules():
-        if not isinstance(m, LinearMultiheadAttention):
-            continue
-        if any(isinstance(_unwrapped(p), QuantizedLayer)
-               for p in (m.q_proj, m.k_proj, m.v_proj, m.out_proj)):
-            raise QroundError(f"attention {name or '<model>'!r} has quantised inputs "
-                              "(QuantizedLayer projections with input quantisers): "
-                              "nn.MultiheadAttention could not compute them; keep the explicit "
-                              "module")
-    if not any(isinstance(m, LinearMultiheadAttention) for m in model.modules()):
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, LinearMultiheadAttention)]
+    if not found:
         raise QroundError("model has no LinearMultiheadAttention (from explicit_attention)")
+
+    def quantised(m):   # an input quantiser wraps a projection: it stays explicit
+        return any(isinstance(_unwrapped(p), QuantizedLayer)
+                   for p in (m.q_proj, m.k_proj, m.v_proj, m.out_proj))
+
+    if all(quantised(m) for _, m in found):
+        raise QroundError(f"attention {found[0][0] or '<model>'!r} has quantised inputs "
+                          "(QuantizedLayer projections with input quantisers), as every "
+                          "explicit attention here: nn.MultiheadAttention could not compute "
+                          "them; keep the explicit modules")
     new = model if inplace else copy_module(model)
     for m in new.modules():
-        if isinstance(m, LinearMultiheadAttention):
+        if isinstance(m, LinearMultiheadAttention) and not quantised(m):
             for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
                 m._modules[proj] = _unwrapped(m._modules[proj])
-    new, _ = _replace(new, LinearMultiheadAttention, _fused)
+    new, _ = _replace(new, LinearMultiheadAttention, lambda m: m if quantised(m) else _fused(m))
     for m in new.modules():
         if isinstance(m, nn.TransformerEncoderLayer) and isinstance(
                 m.self_attn, nn.MultiheadAttention) and m.self_attn.in_proj_bias is not None \

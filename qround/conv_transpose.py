@@ -12,8 +12,8 @@ per output channel of the transposed convolution.  :func:`fuse_conv_transpose` t
 convs back into nn.ConvTranspose modules where no input quantiser wraps them.
 
 The explicit form computes the same function (up to float round-off: the products are summed in
-another order) with ``stride ** dims`` times the multiplications, most of them by the inserted
-zeros; the fused model has none of that cost.  Its statistics are exact: the input vectors
+another order) with about ``stride ** dims`` times the multiplications (output positions over
+input positions), most of them by the inserted zeros; the fused model has none of that cost.  Its statistics are exact: the input vectors
 ``x`` of ``H = E[x x^T]`` are the patches of the expanded input, which are what each output
 position of the transposed convolution multiplies its weights with.
 
@@ -293,9 +293,10 @@ def fuse_conv_transpose(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Undo :func:`explicit_conv_transpose`: a copy of ``model`` (itself with ``inplace``)
     whose :class:`ConvTransposeAsConv` modules are nn.ConvTranspose1d / nn.ConvTranspose2d
     again, holding their (rounded) weights and biases (a bias that bias correction added
-    included).  QroundError when an input quantiser wraps a ``conv`` (the transposed
-    convolution could not quantise its input: keep the explicit module); a wrapper without one
-    (weight-only block reconstruction) gives its conv."""
+    included).  A module whose ``conv`` an input quantiser wraps stays explicit (a transposed
+    convolution could not quantise its input), the others are fused; QroundError when every
+    one has a quantised input.  A wrapper without an input quantiser (weight-only block
+    reconstruction, a ``first_last_bits`` layer whose input stays in float) gives its conv."""
     from .activations import QuantizedLayer
 
     if not isinstance(model, nn.Module):
@@ -304,17 +305,25 @@ def fuse_conv_transpose(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not found:
         raise QroundError("model has no ConvTransposeAsConv (from explicit_conv_transpose)")
     for name, m in found:
-        if isinstance(_unwrapped(m.conv), QuantizedLayer):
-            raise QroundError(f"{name or '<model>'!r} has a quantised input (its conv is a "
-                              "QuantizedLayer with an input quantiser): a transposed "
-                              "convolution could not compute it; keep the explicit module")
-        if not isinstance(_unwrapped(m.conv), (nn.Conv1d, nn.Conv2d)):
+        if not isinstance(_unwrapped(m.conv), (nn.Conv1d, nn.Conv2d, QuantizedLayer)):
             raise QroundError(f"{name or '<model>'!r}.conv is a {type(m.conv).__name__}, not "
                               "the conv that explicit_conv_transpose made")
+    if all(_quantised_input(m) for _, m in found):
+        raise QroundError(f"every ConvTransposeAsConv has a quantised input ({found[0][0]!r}'s "
+                          "conv is a QuantizedLayer with an input quantiser): a transposed "
+                          "convolution could not compute it; keep the explicit modules")
     new = model if inplace else copy_module(model)
     for m in new.modules():
-        if isinstance(m, ConvTransposeAsConv):
+        if isinstance(m, ConvTransposeAsConv) and not _quantised_input(m):
             m._modules["conv"] = _unwrapped(m._modules["conv"])
     shared: dict = {}
-    new, _ = _replace(new, ConvTransposeAsConv, lambda m: _fused(m, shared))
+    new, _ = _replace(new, ConvTransposeAsConv,
+                      lambda m: m if _quantised_input(m) else _fused(m, shared))
     return new
+
+
+def _quantised_input(m: ConvTransposeAsConv) -> bool:
+    """Whether an input quantiser wraps the module's conv (it then stays explicit)."""
+    from .activations import QuantizedLayer
+
+    return isinstance(_unwrapped(m.conv), QuantizedLayer)

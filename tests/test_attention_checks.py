@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 from qround.attention import LinearMultiheadAttention, explicit_attention, fuse_attention
 from qround.errors import QroundError
+from qround.pipeline import QuantConfig, quantize_model
 
 from .test_attention import _gen, _mha
 
@@ -162,3 +163,26 @@ def test_an_attention_sharing_a_parameter_or_its_out_proj_is_refused():
     new = explicit_attention(model)
     assert new[0] is new[1] and isinstance(new[0], LinearMultiheadAttention)
     assert isinstance(explicit_attention(d), LinearMultiheadAttention)
+
+
+def test_fuse_keeps_only_the_attentions_with_quantised_inputs_explicit():
+    """An attention whose projections are not wrapped by input quantisers is fused while
+    another, quantised, stays explicit; the model computes the quantised one's outputs."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.MultiheadAttention(4, 2), nn.MultiheadAttention(4, 2)
+
+        def forward(self, x):
+            return self.b(*(self.a(x, x, x)[0],) * 3)[0]
+
+    torch.manual_seed(0)
+    model = explicit_attention(Two().eval())
+    batches = [torch.randn(5, 3, 4, generator=_gen(i)) for i in range(2)]
+    qm = quantize_model(model, batches, QuantConfig(wbits=4, abits=8, solver="nearest",
+                                                    layers=r"^b\."))
+    fused = fuse_attention(qm.model)
+    assert type(fused.a) is nn.MultiheadAttention and type(fused.b) is LinearMultiheadAttention
+    with torch.no_grad():
+        for x in batches:
+            torch.testing.assert_close(fused(x), qm.model(x), rtol=1e-6, atol=1e-6)

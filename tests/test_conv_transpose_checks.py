@@ -207,3 +207,26 @@ def test_an_output_padding_torch_cannot_run_is_refused():
         layer(torch.zeros(1, 2, 4, 4))
     with pytest.raises(QroundError, match="output_padding .* not below"):
         ConvTransposeAsConv(layer)
+
+
+def test_fuse_keeps_only_the_layers_with_quantised_inputs_explicit():
+    """With first_last_bits, the first layer's input stays in float (a QuantizedLayer without
+    an input quantiser): it is fused, the others stay explicit, and the model computes what the
+    quantised one does (helper-148: one quantised input refused the whole fuse)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 3, 2), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 4, 3, 1), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 2, 3, 2)).double().eval()
+    batches = [_x(4, 3, 4, 4, seed=i) for i in range(2)]
+    qm = quantize_model(explicit_conv_transpose(model), batches, QuantConfig(
+        wbits=3, abits=4, first_last_bits=8, solver="fast", seed=0))
+    assert qm.model[0].conv.act is None and qm.model[2].conv.act is not None
+    fused = fuse_conv_transpose(qm.model)
+    assert type(fused[0]) is nn.ConvTranspose2d
+    assert type(fused[2]) is ConvTransposeAsConv and type(fused[4]) is ConvTransposeAsConv
+    assert type(qm.model[0]) is ConvTransposeAsConv   # not in place
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(fused(b), qm.model(b), rtol=0, atol=1e-12)
+    with pytest.raises(QroundError, match="every ConvTransposeAsConv has a quantised input"):
+        fuse_conv_transpose(nn.Sequential(fused[2], fused[4]))
