@@ -15,8 +15,8 @@ The explicit form computes the same function (up to float round-off: the product
 another order) with about ``stride ** dims`` times the multiplications (output positions over
 input positions), most of them by the inserted zeros; the fused model has none of that cost.
 Its statistics are exact: the input vectors ``x`` of ``H = E[x x^T]`` are the patches of the
-expanded input, which are what each output
-position of the transposed convolution multiplies its weights with.
+expanded input, which are what each output position of the transposed convolution multiplies
+its weights with.
 
 The weight of the conv is ``(out, in / groups, *kernel)``, the transposed one's
 ``(in, out / groups, *kernel)`` with the kernel flipped: ``group_size`` counts inputs in the
