@@ -201,8 +201,8 @@ def _tie_refusal(model: nn.Module, kinds) -> str | None:
                         "original layout: untie them (layer." + attr + " = nn.Parameter(layer."
                         + attr + ".detach().clone())) to round them separately")
             if attr == "weight" and any(o.groups != m.groups for _, o in others):
-                return (f"{name or '<model>'!r} shares its weight with a transposed convolution "
-                        "of other groups")
+                return (f"{name or '<model>'!r} shares its weight with a layer of other "
+                        "groups")
     return None
 
 

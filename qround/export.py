@@ -406,7 +406,10 @@ def load(model: nn.Module, path: str | os.PathLike, check_source: bool = True) -
                 if isinstance(parent, nn.MultiheadAttention) else
                 f" (its {type(parent).__name__} was quantised in the form of "
                 "qround.conv_transpose.explicit_conv_transpose(model): load into that)"
-                if isinstance(parent, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else ""))
+                if isinstance(parent, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else
+                " (its nn.Conv3d was quantised in the form of "
+                "qround.conv3d.explicit_conv3d(model): load into that)"
+                if isinstance(parent, nn.Conv3d) else ""))
         elif not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)) or info["kind"] != (
                 "Conv1D" if name in view_replaced else _kind(module)):
             problems.append(f"{name!r} is a {type(module).__name__}, the file has a "

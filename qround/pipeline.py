@@ -621,6 +621,9 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None,
             elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
                 skipped[name] += (" (qround.conv_transpose.explicit_conv_transpose(model) "
                                   "gives a copy in which it is the convolution it equals)")
+            elif isinstance(m, nn.Conv3d):
+                skipped[name] += (" (qround.conv3d.explicit_conv3d(model) gives a copy in "
+                                  "which it is an nn.Conv2d over depth-stacked channels)")
     if not candidates:
         own = [f"{n!r}: {why}" for n, why in skipped.items() if "own forward" in why]
         raise QroundError("model has no nn.Linear, nn.Conv2d or nn.Conv1d layer to quantise"

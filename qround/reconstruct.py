@@ -838,7 +838,7 @@ class _UnitForward:
 # ------------------------------------------------------------------------------ training
 def _rec_loss(out: torch.Tensor, target: torch.Tensor,
               mask: torch.Tensor | None = None, channels_first: bool = False) -> torch.Tensor:
-    """Squared error summed over features (channels of NCHW, and of (N, C, L) when
+    """Squared error summed over features (channels of NCHW and NCDHW, and of (N, C, L) when
     ``channels_first``: a Conv1d's output layout; the last axis otherwise), mean over the rest
     (BRECQ's reconstruction loss); with a token ``mask`` (the target's leading dims,
     :func:`_target_mask`) the mean is over the real tokens only."""
@@ -850,7 +850,8 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor,
         return torch.where(keep, per_token, 0).sum() / keep.sum().clamp_min(1)
     if err.dim() < 2:
         return err.mean()
-    return err.sum(1 if err.dim() == 4 or (channels_first and err.dim() == 3) else -1).mean()
+    return err.sum(1 if err.dim() in (4, 5) or (channels_first and err.dim() == 3) else -1
+                   ).mean()
 
 
 @torch.no_grad()

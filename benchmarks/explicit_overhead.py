@@ -1,17 +1,20 @@
-"""Forward time of qround.conv_transpose.ConvTransposeAsConv against the transposed convolution
-it is made from.
+"""Forward time of the explicit forms of qround.conv_transpose and qround.conv3d against the
+layers they are made from.
 
-    python benchmarks/conv_transpose_overhead.py --threads 1 \
-        --json benchmarks/results/conv_transpose_overhead.json
+    python benchmarks/explicit_overhead.py --threads 1 \
+        --json benchmarks/results/explicit_overhead.json
 
-The explicit module (from ``qround.conv_transpose.explicit_conv_transpose``) inserts
+``ConvTransposeAsConv`` (from ``qround.conv_transpose.explicit_conv_transpose``) inserts
 ``stride - 1`` zeros between the input's samples and runs an ordinary convolution on the result:
-about ``stride ** dims`` times the multiplications of torch's transposed convolution.  This
-measures what that costs in eval mode without gradients, on random inputs, for decoder layers
-of common shapes (U-Net up-convolutions, a DCGAN/autoencoder up-sampling, a HiFi-GAN-like 1-d
-up-sampling, and a stride-1 layer, where no zeros are inserted).  The two modules alternate
-call by call; two warm-up rounds are not timed; reported: the median wall milliseconds and
-their ratio (explicit / nn.ConvTranspose), measured in the same run.
+about ``stride ** dims`` times the multiplications of torch's transposed convolution.
+``Conv3dAsConv2d`` (from ``qround.conv3d.explicit_conv3d``) does the 3-d convolution's own
+products as one Conv2d over depth-stacked channels, after copying the input ``kernel_depth /
+depth_stride`` times over.  This measures what each costs in eval mode without gradients, on
+random inputs, for layers of common shapes (U-Net up-convolutions, a DCGAN/autoencoder
+up-sampling, a HiFi-GAN-like 1-d up-sampling, a stride-1 transposed layer, where no zeros are
+inserted; video and volumetric 3-d convolutions).  The two modules alternate call by call; two
+warm-up rounds are not timed; reported: the median wall milliseconds and their ratio (explicit
+/ native), measured in the same run.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import time
 import torch
 from torch import nn
 
+from qround.conv3d import Conv3dAsConv2d
 from qround.conv_transpose import ConvTransposeAsConv
 from qround.report import format_table
 
@@ -38,6 +42,10 @@ CASES = [
     ("hifigan 512->256 k16 s8 p4 (1-d)",
      lambda: nn.ConvTranspose1d(512, 256, 16, stride=8, padding=4), (4, 512, 256)),
     ("stride 1, 64->64 k3 p1", lambda: nn.ConvTranspose2d(64, 64, 3, padding=1), (4, 64, 64, 64)),
+    ("3-d video 64->64 k3 p1", lambda: nn.Conv3d(64, 64, 3, padding=1), (2, 64, 8, 28, 28)),
+    ("3-d video 64->128 k3 s2 p1", lambda: nn.Conv3d(64, 128, 3, stride=2, padding=1),
+     (2, 64, 8, 28, 28)),
+    ("3-d volume 32->32 k3 p1", lambda: nn.Conv3d(32, 32, 3, padding=1), (1, 32, 32, 32, 32)),
 ]
 
 
@@ -61,7 +69,8 @@ def main(argv=None) -> int:
     rows = []
     for name, make, shape in CASES:
         layer = make().eval()
-        explicit = ConvTransposeAsConv(layer).eval()
+        explicit = (Conv3dAsConv2d if isinstance(layer, nn.Conv3d)
+                    else ConvTransposeAsConv)(layer).eval()
         x = torch.randn(shape, generator=gen)
         times = {"native": [], "explicit": []}
         with torch.no_grad():
@@ -81,7 +90,7 @@ def main(argv=None) -> int:
     print(format_table(rows, ["layer", "input", "native_ms", "explicit_ms", "ratio",
                               "max_abs_diff"]))
     if args.json:
-        write_results(args.json, "conv_transpose_overhead", header, args, rows)
+        write_results(args.json, "explicit_overhead", header, args, rows)
     return 0
 
 
