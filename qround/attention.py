@@ -193,16 +193,25 @@ def explicit_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
     nn.MultiheadAttention comes back as a new module, ``inplace`` or not."""
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
-    for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention) and _refusal(m):
-            raise QroundError(f"cannot make attention {name or '<model>'!r} explicit: "
-                              f"{_refusal(m)}")
+    why = _explicit_refusal(model)
+    if why:
+        raise QroundError(why)
     if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         raise QroundError("model has no nn.MultiheadAttention")
+    return _explicit(model if inplace else copy_module(model))
+
+
+def _explicit_refusal(model: nn.Module) -> str | None:
+    """Why ``model``'s attention cannot be made explicit (the whole message), or None."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and _refusal(m):
+            return f"cannot make attention {name or '<model>'!r} explicit: {_refusal(m)}"
     why = _tie_refusal(model)
-    if why:
-        raise QroundError(f"cannot make the attention explicit: {why}")
-    new = model if inplace else copy_module(model)
+    return f"cannot make the attention explicit: {why}" if why else None
+
+
+def _explicit(new: nn.Module) -> nn.Module:
+    """:func:`explicit_attention` on a checked model, in place."""
     new, _ = _replace(new, nn.MultiheadAttention, LinearMultiheadAttention)
     for m in new.modules():
         if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
@@ -260,6 +269,14 @@ def _unwrapped(m: nn.Module) -> nn.Module:
     return m.layer if isinstance(m, QuantizedLayer) and m.act is None else m
 
 
+def _quantised_input(m: LinearMultiheadAttention) -> bool:
+    """Whether an input quantiser wraps one of the projections (the module stays explicit)."""
+    from .activations import QuantizedLayer
+
+    return any(isinstance(_unwrapped(p), QuantizedLayer)
+               for p in (m.q_proj, m.k_proj, m.v_proj, m.out_proj))
+
+
 def fuse_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Undo :func:`explicit_attention`: a copy of ``model`` (itself with ``inplace``) whose
     :class:`LinearMultiheadAttention` modules are nn.MultiheadAttention again, holding their
@@ -281,11 +298,7 @@ def fuse_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
              if isinstance(m, LinearMultiheadAttention)]
     if not found:
         raise QroundError("model has no LinearMultiheadAttention (from explicit_attention)")
-
-    def quantised(m):   # an input quantiser wraps a projection: it stays explicit
-        return any(isinstance(_unwrapped(p), QuantizedLayer)
-                   for p in (m.q_proj, m.k_proj, m.v_proj, m.out_proj))
-
+    quantised = _quantised_input
     if all(quantised(m) for _, m in found):
         raise QroundError(f"attention {found[0][0] or '<model>'!r} has quantised inputs "
                           "(QuantizedLayer projections with input quantisers), as every "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import _replace
-from .conv_transpose import _share, _tie_refusal
+from .conv_transpose import _quantised_input, _share, _tie_refusal, _unwrapped
 from .errors import QroundError, copy_module
 from .problems.layers import forward_hooks, weight_not_writable
 
@@ -156,33 +156,28 @@ def explicit_conv3d(model: nn.Module, inplace: bool = False) -> nn.Module:
     it).  A model that is itself an nn.Conv3d comes back as a new module, ``inplace`` or not."""
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv3d)]
-    for name, m in found:
-        if _refusal(m):
-            raise QroundError(f"cannot make {type(m).__name__} {name or '<model>'!r} explicit: "
-                              f"{_refusal(m)}")
-    if not found:
-        raise QroundError("model has no nn.Conv3d")
-    why = _tie_refusal(model, nn.Conv3d)
+    why = _explicit_refusal(model)
     if why:
-        raise QroundError(f"cannot make the 3-d convolutions explicit: {why}")
-    new = model if inplace else copy_module(model)
+        raise QroundError(why)
+    if not any(isinstance(m, nn.Conv3d) for m in model.modules()):
+        raise QroundError("model has no nn.Conv3d")
+    return _explicit(model if inplace else copy_module(model))
+
+
+def _explicit_refusal(model: nn.Module) -> str | None:
+    """Why ``model``'s 3-d convolutions cannot be made explicit (the whole message), or None."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv3d) and _refusal(m):
+            return f"cannot make {type(m).__name__} {name or '<model>'!r} explicit: {_refusal(m)}"
+    why = _tie_refusal(model, nn.Conv3d)
+    return f"cannot make the 3-d convolutions explicit: {why}" if why else None
+
+
+def _explicit(new: nn.Module) -> nn.Module:
+    """:func:`explicit_conv3d` on a checked model, in place."""
     shared: dict = {}
     new, _ = _replace(new, nn.Conv3d, lambda layer: Conv3dAsConv2d(layer, shared))
     return new
-
-
-def _unwrapped(m: nn.Module) -> nn.Module:
-    """A conv wrapped by quantize_model without an input quantiser is its conv."""
-    from .activations import QuantizedLayer
-
-    return m.layer if isinstance(m, QuantizedLayer) and m.act is None else m
-
-
-def _quantised_input(m: Conv3dAsConv2d) -> bool:
-    from .activations import QuantizedLayer
-
-    return isinstance(_unwrapped(m.conv), QuantizedLayer)
 
 
 def _fused(explicit: Conv3dAsConv2d, shared: dict) -> nn.Conv3d:

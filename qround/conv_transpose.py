@@ -243,20 +243,29 @@ def explicit_conv_transpose(model: nn.Module, inplace: bool = False) -> nn.Modul
     ``inplace`` or not."""
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, _KINDS)]
-    for name, m in found:
-        if _refusal(m):
-            raise QroundError(f"cannot make {type(m).__name__} {name or '<model>'!r} explicit: "
-                              f"{_refusal(m)}")
-    if not found:
+    why = _explicit_refusal(model)
+    if why:
+        raise QroundError(why)
+    if not any(isinstance(m, _KINDS) for m in model.modules()):
         three = [n for n, m in model.named_modules() if isinstance(m, nn.ConvTranspose3d)]
         raise QroundError("model has no nn.ConvTranspose1d or nn.ConvTranspose2d"
                           + (f" (nn.ConvTranspose3d {three[0]!r} is not rounded: qround rounds "
-                             "no 3-d convolution)" if three else ""))
+                             "no 3-d transposed convolution)" if three else ""))
+    return _explicit(model if inplace else copy_module(model))
+
+
+def _explicit_refusal(model: nn.Module) -> str | None:
+    """Why ``model``'s transposed convolutions cannot be made explicit (the whole message), or
+    None."""
+    for name, m in model.named_modules():
+        if isinstance(m, _KINDS) and _refusal(m):
+            return f"cannot make {type(m).__name__} {name or '<model>'!r} explicit: {_refusal(m)}"
     why = _tie_refusal(model, _KINDS)
-    if why:
-        raise QroundError(f"cannot make the transposed convolutions explicit: {why}")
-    new = model if inplace else copy_module(model)
+    return f"cannot make the transposed convolutions explicit: {why}" if why else None
+
+
+def _explicit(new: nn.Module) -> nn.Module:
+    """:func:`explicit_conv_transpose` on a checked model, in place."""
     shared: dict = {}
     new, _ = _replace(new, _KINDS, lambda layer: ConvTransposeAsConv(layer, shared))
     return new
@@ -323,8 +332,9 @@ def fuse_conv_transpose(model: nn.Module, inplace: bool = False) -> nn.Module:
     return new
 
 
-def _quantised_input(m: ConvTransposeAsConv) -> bool:
-    """Whether an input quantiser wraps the module's conv (it then stays explicit)."""
+def _quantised_input(m: nn.Module) -> bool:
+    """Whether an input quantiser wraps an explicit module's ``conv`` (it then stays
+    explicit)."""
     from .activations import QuantizedLayer
 
     return isinstance(_unwrapped(m.conv), QuantizedLayer)
