@@ -290,8 +290,6 @@ def fuse_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
     bias=False, its attention given biases) takes its layer-by-layer path, which computes the
     same function; an nn.TransformerEncoder gets back the nested-tensor setting that
     :func:`explicit_attention` turned off."""
-    from .activations import QuantizedLayer
-
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
     found = [(name, m) for name, m in model.named_modules()
