@@ -15,6 +15,11 @@ The explicit form computes the same function (up to float round-off) and the sam
 but copies the input ``kernel_depth / depth_stride`` times over (the stacked slices).  Its
 statistics are exact: each output position's input vector is its 3-d patch, ordered (input
 channel, depth, height, width) as the weight is, so ``group_size`` counts inputs in that order.
+
+With quantised inputs, the conv's input is the stacked slices: a depth-padding zero is an input
+like any other (height and width padding stay exact zeros), and AQuant's border fusion
+(``QuantConfig.fusion``) shares a border over the ``kh x kw`` window of each (channel, depth
+tap), not over the whole 3-d window; for a ``(k, 1, 1)`` kernel it changes nothing.
 """
 from __future__ import annotations
 
@@ -46,6 +51,9 @@ class Conv3dAsConv2d(nn.Module):
     padding, dilation and padding mode of the 3-d layer, the same groups, its weight reshaped to
     ``(out, in/groups * kd, kh, kw)`` and its bias.  Made from ``layer`` (its weights copied);
     same ``forward(input)`` and results, up to float round-off."""
+
+    # block reconstruction reads this module's (N, C, D, H, W) output as channels first
+    _qround_channels_first = True
 
     def __init__(self, layer: nn.Module, shared: dict | None = None):
         """``shared``: {id of a source parameter: the parameter made from it}, so that layers
@@ -120,8 +128,11 @@ class Conv3dAsConv2d(nn.Module):
         batched = input.dim() == 5
         x = input if batched else input.unsqueeze(0)
         n = x.shape[0]
+        front, back = self.depth_pads
+        span = self.dilation[0] * (self.kernel_size[0] - 1) + 1
+        d_out = (x.shape[2] + front + back - span) // self.stride[0] + 1
         out = self.conv(self.stack(x))                       # (N * D_out, out, H', W')
-        out = out.reshape(n, -1, *out.shape[1:]).transpose(1, 2)
+        out = out.reshape(n, d_out, *out.shape[1:]).transpose(1, 2)
         return out if batched else out.squeeze(0)
 
     def extra_repr(self) -> str:

@@ -438,6 +438,13 @@ class _BlockData:
         return args, kwargs, self.targets[i], self.masks[i]
 
 
+def _channels_first(module: nn.Module) -> bool:
+    """Whether the module's output is laid out (N, C, ...) with more than one spatial axis
+    read as features elsewhere: an nn.Conv1d's (N, C, L), or a module marked
+    ``_qround_channels_first`` (qround.conv3d's Conv3dAsConv2d: (N, C, D, H, W))."""
+    return isinstance(module, nn.Conv1d) or getattr(module, "_qround_channels_first", False)
+
+
 def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, budget_mb,
              caches: tuple | None = None, joint: bool = False):
     """The block's inputs from the quantised model and its float outputs, per batch that calls
@@ -448,7 +455,8 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
     inputs: dict[int, tuple] = {}
     targets: dict[int, torch.Tensor] = {}
     masks: dict[int, torch.Tensor | None] = {}
-    # per batch: whether the target has the (N, C, L) shape of a Conv1d output in the unit
+    # per batch: whether the target has the (N, C, L) shape of a Conv1d output in the unit, or
+    # the (N, C, D, H, W) one of a 3-d conv's (a module marked _qround_channels_first)
     conv_shapes: dict[int, set] = {}
     channels: dict[int, bool] = {}
     used = [0]
@@ -488,7 +496,7 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         # Conv1d output inside it and is not (batch, tokens, ...) under a token mask (a
         # Conformer-style conv module transposes back to tokens: with T == F both shapes fit,
         # and the tokens win)
-        first = y.dim() == 3 and (isinstance(module, nn.Conv1d) or (
+        first = y.dim() in (3, 5) and (_channels_first(module) or (
             mask is None and tuple(y.shape) in conv_shapes.get(index[0], ())))
         channels[index[0]] = first
         masks[index[0]] = None if first else mask
@@ -502,7 +510,7 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         else:
             handle = module.register_forward_hook(hook)
             inner = [m.register_forward_hook(conv_out) for m in module.modules()
-                     if isinstance(m, nn.Conv1d) and m is not module]
+                     if _channels_first(m) and m is not module]
             handle = _Handles([handle, *inner])
         cache.prepare(before)
         try:
@@ -838,8 +846,9 @@ class _UnitForward:
 # ------------------------------------------------------------------------------ training
 def _rec_loss(out: torch.Tensor, target: torch.Tensor,
               mask: torch.Tensor | None = None, channels_first: bool = False) -> torch.Tensor:
-    """Squared error summed over features (channels of NCHW and NCDHW, and of (N, C, L) when
-    ``channels_first``: a Conv1d's output layout; the last axis otherwise), mean over the rest
+    """Squared error summed over features (channels of NCHW, and of (N, C, L) and (N, C, D, H,
+    W) when ``channels_first``: a Conv1d's or a 3-d conv's output layout; the last axis
+    otherwise), mean over the rest
     (BRECQ's reconstruction loss); with a token ``mask`` (the target's leading dims,
     :func:`_target_mask`) the mean is over the real tokens only."""
     err = (out - target) ** 2
@@ -850,7 +859,7 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor,
         return torch.where(keep, per_token, 0).sum() / keep.sum().clamp_min(1)
     if err.dim() < 2:
         return err.mean()
-    return err.sum(1 if err.dim() in (4, 5) or (channels_first and err.dim() == 3) else -1
+    return err.sum(1 if err.dim() == 4 or (channels_first and err.dim() in (3, 5)) else -1
                    ).mean()
 
 

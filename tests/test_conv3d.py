@@ -173,12 +173,55 @@ def test_quantised_inputs_reconstruction_and_the_partial_fuse():
             torch.testing.assert_close(fused(b), weight_only.model(b), rtol=0, atol=1e-12)
 
 
-def test_the_5d_reconstruction_loss_sums_over_channels():
-    from qround.reconstruct import _rec_loss
+def test_the_5d_reconstruction_loss_sums_over_channels_of_3d_conv_outputs_only(monkeypatch):
+    """A unit whose 5-d output is a 3-d conv's (N, C, D, H, W) sums its loss over channels; a
+    unit of Linear layers on (B, T, H, W, C) tokens (a video transformer's MLP) over its last
+    axis, the features (helper-149: a rule from the rank alone summed it over T)."""
+    import qround.reconstruct as rec
 
     out, target = _x(2, 3, 4, 5, 6, seed=1), _x(2, 3, 4, 5, 6, seed=2)
-    want = ((out - target) ** 2).sum(1).mean()
-    assert torch.equal(_rec_loss(out, target), want)
+    assert torch.equal(rec._rec_loss(out, target, channels_first=True),
+                       ((out - target) ** 2).sum(1).mean())
+    assert torch.equal(rec._rec_loss(out, target), ((out - target) ** 2).sum(-1).mean())
+    seen = {}
+    real = rec._rec_loss
+
+    def spy(out, target, mask=None, channels_first=False):
+        seen.setdefault(out.dim(), set()).add(channels_first)
+        return real(out, target, mask, channels_first)
+
+    monkeypatch.setattr(rec, "_rec_loss", spy)
+
+    class Block3d(nn.Module):   # a residual 3-d block: the unit's output is (N, C, D, H, W)
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv3d(3, 3, 3, padding=1), nn.Conv3d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    blocks = nn.Sequential(Block3d(), Block3d()).double().eval()
+    config = QuantConfig(wbits=3, solver="nearest", granularity="block",
+                         reconstruction=ReconstructConfig(iterations=3, batch_size=4))
+    quantize_model(explicit_conv3d(blocks), _batches(), config)
+    assert seen[5] == {True}
+
+    class VideoMlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 6)
+
+        def forward(self, x):   # (B, T, H, W, C)
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    seen.clear()
+    torch.manual_seed(0)
+    mlp = nn.Sequential(VideoMlp(), VideoMlp()).double().eval()
+    quantize_model(mlp, [_x(4, 2, 3, 3, 6, seed=i) for i in range(2)],
+                   QuantConfig(wbits=3, solver="nearest", granularity="block",
+                               reconstruction=ReconstructConfig(iterations=3, batch_size=4)))
+    assert seen[5] == {False}
 
 
 def test_ties_flags_and_refusals():
@@ -212,6 +255,9 @@ def test_ties_flags_and_refusals():
 
     with pytest.raises(QroundError, match="own forward"):
         explicit_conv3d(nn.Sequential(Own(1, 1, 1)))
+    empty = nn.Conv3d(2, 3, 3, padding=1)   # an empty batch (helper-149: a reshape error)
+    x = torch.zeros(0, 2, 4, 5, 5)
+    assert Conv3dAsConv2d(empty)(x).shape == empty(x).shape == (0, 3, 4, 5, 5)
     explicit = Conv3dAsConv2d(nn.Conv3d(3, 2, 3))
     with pytest.raises(QroundError, match="2 channels, the layer expects 3"):
         explicit(torch.zeros(1, 2, 4, 4, 4))
