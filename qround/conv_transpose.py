@@ -18,6 +18,9 @@ Its statistics are exact: the input vectors ``x`` of ``H = E[x x^T]`` are the pa
 expanded input, which are what each output position of the transposed convolution multiplies
 its weights with.
 
+With quantised inputs, the conv's input is the expanded one: the inserted and padding zeros are
+inputs like any other, which round to 0 unless a learned AQuant border leaves (0, 1].
+
 The weight of the conv is ``(out, in / groups, *kernel)``, the transposed one's
 ``(in, out / groups, *kernel)`` with the kernel flipped: ``group_size`` counts inputs in the
 conv's order (input channel, then the flipped kernel positions), so a ``group_size`` that is a
