@@ -596,6 +596,24 @@ def _run_first(model: nn.Module, batch, forward: ForwardFn, index: int = 0) -> N
                           "are not the model's positional input, the forward function") from exc
 
 
+def _explicit_hint(m: nn.Module) -> str:
+    """Where a layer qround rounds in an explicit form is pointed to it (not a subclass with its
+    own forward, which that form would not compute)."""
+    for base, hint in ((nn.MultiheadAttention, "qround.attention.explicit_attention(model) "
+                        "gives a copy whose attention projections are Linear layers"),
+                       (nn.ConvTranspose1d, _TRANSPOSED_HINT), (nn.ConvTranspose2d,
+                                                                _TRANSPOSED_HINT),
+                       (nn.Conv3d, "qround.conv3d.explicit_conv3d(model) gives a copy in which "
+                        "it is an nn.Conv2d over depth-stacked channels")):
+        if isinstance(m, base) and type(m).forward is base.forward:
+            return f" ({hint})"
+    return ""
+
+
+_TRANSPOSED_HINT = ("qround.conv_transpose.explicit_conv_transpose(model) gives a copy in which "
+                    "it is the convolution it equals")
+
+
 def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None, untie=True
             ) -> tuple[list[str], dict[str, str]]:
     """Names of the Linear/Conv2d/Conv1d layers to quantise, and the weight-holding modules left
@@ -615,15 +633,7 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None,
         elif not isinstance(m, _NORMS) and any(True for _ in m.parameters(recurse=False)):
             skipped[name] = (f"{type(m).__name__} is not an nn.Linear, nn.Conv2d or "
                              "nn.Conv1d: its own parameters stay in float")
-            if isinstance(m, nn.MultiheadAttention):
-                skipped[name] += (" (qround.attention.explicit_attention(model) gives a copy "
-                                  "whose attention projections are Linear layers)")
-            elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
-                skipped[name] += (" (qround.conv_transpose.explicit_conv_transpose(model) "
-                                  "gives a copy in which it is the convolution it equals)")
-            elif isinstance(m, nn.Conv3d):
-                skipped[name] += (" (qround.conv3d.explicit_conv3d(model) gives a copy in "
-                                  "which it is an nn.Conv2d over depth-stacked channels)")
+            skipped[name] += _explicit_hint(m)
     if not candidates:
         own = [f"{n!r}: {why}" for n, why in skipped.items() if "own forward" in why]
         raise QroundError("model has no nn.Linear, nn.Conv2d or nn.Conv1d layer to quantise"

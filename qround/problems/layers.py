@@ -43,11 +43,14 @@ def layer_kind(module) -> str:
         return "conv1d"
     if is_hf_conv1d(module):
         return "hf-conv1d"
-    hint = (" (qround.conv_transpose.explicit_conv_transpose(model) makes each transposed "
-            "convolution the nn.Conv2d/Conv1d it equals, its `conv`)"
-            if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else
-            " (qround.conv3d.explicit_conv3d(model) makes each an nn.Conv2d over depth-stacked "
-            "channels, its `conv`)" if isinstance(module, nn.Conv3d) else "")
+    native = type(module).forward in (nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward,
+                                      nn.Conv3d.forward)   # a subclass's own is not rounded
+    hint = "" if not native else (
+        " (qround.conv_transpose.explicit_conv_transpose(model) makes each transposed "
+        "convolution the nn.Conv2d/Conv1d it equals, its `conv`)"
+        if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else
+        " (qround.conv3d.explicit_conv3d(model) makes each an nn.Conv2d over depth-stacked "
+        "channels, its `conv`)")
     raise QroundError(f"unsupported layer type {type(module).__name__}: only nn.Linear, "
                       f"nn.Conv2d, nn.Conv1d and transformers' Conv1D can be rounded{hint}")
 
