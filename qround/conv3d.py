@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import _replace
-from .conv_transpose import _quantised_input, _share, _tie_refusal, _unwrapped
+from .conv_transpose import _fuse_explicit, _share, _tie_refusal
+from .conv_transpose import _quantised_input  # noqa: F401 (qround.explicit reads it here)
 from .errors import QroundError, copy_module
 from .problems.layers import forward_hooks, weight_not_writable
 
@@ -216,26 +217,5 @@ def fuse_conv3d(model: nn.Module, inplace: bool = False) -> nn.Module:
     :class:`Conv3dAsConv2d` modules are nn.Conv3d again, holding their (rounded) weights and
     biases.  A module whose ``conv`` an input quantiser wraps stays explicit (nn.Conv3d could
     not quantise its input), the others are fused; QroundError when every one has one."""
-    from .activations import QuantizedLayer
-
-    if not isinstance(model, nn.Module):
-        raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv3dAsConv2d)]
-    if not found:
-        raise QroundError("model has no Conv3dAsConv2d (from explicit_conv3d)")
-    for name, m in found:
-        if not isinstance(_unwrapped(m.conv), (nn.Conv2d, QuantizedLayer)):
-            raise QroundError(f"{name or '<model>'!r}.conv is a {type(m.conv).__name__}, not "
-                              "the conv that explicit_conv3d made")
-    if all(_quantised_input(m) for _, m in found):
-        raise QroundError(f"every Conv3dAsConv2d has a quantised input ({found[0][0]!r}'s conv "
-                          "is a QuantizedLayer with an input quantiser): nn.Conv3d could not "
-                          "compute it; keep the explicit modules")
-    new = model if inplace else copy_module(model)
-    for m in new.modules():
-        if isinstance(m, Conv3dAsConv2d) and not _quantised_input(m):
-            m._modules["conv"] = _unwrapped(m._modules["conv"])
-    shared: dict = {}
-    new, _ = _replace(new, Conv3dAsConv2d,
-                      lambda m: m if _quantised_input(m) else _fused(m, shared))
-    return new
+    return _fuse_explicit(model, inplace, Conv3dAsConv2d, (nn.Conv2d,), _fused,
+                          "explicit_conv3d", "nn.Conv3d")

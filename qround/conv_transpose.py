@@ -310,28 +310,35 @@ def fuse_conv_transpose(model: nn.Module, inplace: bool = False) -> nn.Module:
     convolution could not quantise its input), the others are fused; QroundError when every
     one has a quantised input.  A wrapper without an input quantiser (weight-only block
     reconstruction, a ``first_last_bits`` layer whose input stays in float) gives its conv."""
+    return _fuse_explicit(model, inplace, ConvTransposeAsConv, (nn.Conv1d, nn.Conv2d), _fused,
+                          "explicit_conv_transpose", "a transposed convolution")
+
+
+def _fuse_explicit(model: nn.Module, inplace: bool, kind: type, convs: tuple, fused,
+                   maker: str, native: str) -> nn.Module:
+    """The fuse of explicit modules of type ``kind`` (their ``conv`` one of ``convs``, made by
+    ``maker``): ``fused(module, shared)`` for each whose conv has no input quantiser."""
     from .activations import QuantizedLayer
 
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, ConvTransposeAsConv)]
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
     if not found:
-        raise QroundError("model has no ConvTransposeAsConv (from explicit_conv_transpose)")
+        raise QroundError(f"model has no {kind.__name__} (from {maker})")
     for name, m in found:
-        if not isinstance(_unwrapped(m.conv), (nn.Conv1d, nn.Conv2d, QuantizedLayer)):
+        if not isinstance(_unwrapped(m.conv), (*convs, QuantizedLayer)):
             raise QroundError(f"{name or '<model>'!r}.conv is a {type(m.conv).__name__}, not "
-                              "the conv that explicit_conv_transpose made")
+                              f"the conv that {maker} made")
     if all(_quantised_input(m) for _, m in found):
-        raise QroundError(f"every ConvTransposeAsConv has a quantised input ({found[0][0]!r}'s "
-                          "conv is a QuantizedLayer with an input quantiser): a transposed "
-                          "convolution could not compute it; keep the explicit modules")
+        raise QroundError(f"every {kind.__name__} has a quantised input ({found[0][0]!r}'s "
+                          f"conv is a QuantizedLayer with an input quantiser): {native} could "
+                          "not compute it; keep the explicit modules")
     new = model if inplace else copy_module(model)
     for m in new.modules():
-        if isinstance(m, ConvTransposeAsConv) and not _quantised_input(m):
+        if isinstance(m, kind) and not _quantised_input(m):
             m._modules["conv"] = _unwrapped(m._modules["conv"])
     shared: dict = {}
-    new, _ = _replace(new, ConvTransposeAsConv,
-                      lambda m: m if _quantised_input(m) else _fused(m, shared))
+    new, _ = _replace(new, kind, lambda m: m if _quantised_input(m) else fused(m, shared))
     return new
 
 
