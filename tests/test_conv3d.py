@@ -15,6 +15,8 @@ from qround.export import load
 from qround.pipeline import QuantConfig, quantize_model
 from qround.reconstruct import ReconstructConfig
 
+from .tiny_models import output_error_per_position
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -118,19 +120,9 @@ def test_the_layer_cost_is_the_3d_layers_output_error(tmp_path):
         assert type(fused.c1) is nn.Conv3d and type(fused.c2) is nn.Conv3d
         costs[solver] = {r.layer: r.cost for r in qm.report}
         for name in ("c1", "c2"):
-            float_layer, rounded = getattr(model, name), getattr(fused, name)
-            inputs = []
-            handle = float_layer.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
-            total, rows = 0.0, 0
-            with torch.no_grad():
-                for b in batches:
-                    model(b)
-                handle.remove()
-                for x in inputs:
-                    diff = float_layer(x) - rounded(x)
-                    total += float((diff ** 2).sum())
-                    rows += diff[:, 0].numel()
-            assert costs[solver][f"{name}.conv"] == pytest.approx(total / rows, rel=1e-9)
+            error = output_error_per_position(model, getattr(model, name), getattr(fused, name),
+                                              batches)
+            assert costs[solver][f"{name}.conv"] == pytest.approx(error, rel=1e-9)
         with torch.no_grad():
             for b in batches:
                 torch.testing.assert_close(fused(b), qm.model(b), rtol=0, atol=1e-12)

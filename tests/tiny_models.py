@@ -90,3 +90,25 @@ def digit_rows_accuracy(model: nn.Module, data) -> float:
     with torch.no_grad():
         return float((model(data.test_images.squeeze(1)).argmax(1) == data.test_labels)
                      .float().mean())
+
+
+def output_error_per_position(model: nn.Module, layer: nn.Module, rounded: nn.Module,
+                              batches) -> float:
+    """Mean squared error of ``rounded`` against ``layer`` (a module of ``model``) on the
+    inputs ``layer`` gets when ``model`` runs ``batches``, per output position (the squared
+    error summed over channels, over samples times positions): a rounding's layer cost on
+    float inputs, computed from the layers themselves."""
+    inputs = []
+    handle = layer.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    total, rows = 0.0, 0
+    with torch.no_grad():
+        try:
+            for b in batches:
+                model(b)
+        finally:
+            handle.remove()
+        for x in inputs:
+            diff = layer(x) - rounded(x)
+            total += float((diff ** 2).sum())
+            rows += diff[:, 0].numel()
+    return total / rows
