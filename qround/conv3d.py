@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import _replace
-from .conv_transpose import _fuse_explicit, _share, _tie_refusal
+from .conv_transpose import _fuse_explicit, _take, _tie_refusal
 from .conv_transpose import _quantised_input  # noqa: F401 (qround.explicit reads it here)
 from .errors import QroundError, copy_module
 from .problems.layers import forward_hooks, weight_not_writable
@@ -77,14 +77,7 @@ class Conv3dAsConv2d(nn.Module):
                               dilation=self.dilation[1:], groups=self.groups,
                               bias=layer.bias is not None, padding_mode=self.padding_mode,
                               device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            self.conv.weight.copy_(w.reshape(self.conv.weight.shape))
-            if layer.bias is not None:
-                self.conv.bias.copy_(layer.bias)
-        self.conv.weight.requires_grad_(w.requires_grad)
-        if layer.bias is not None:
-            self.conv.bias.requires_grad_(layer.bias.requires_grad)
-        _share(self.conv, layer, shared)
+        _take(self.conv, layer, w.reshape(self.conv.weight.shape), shared)
         self.train(layer.training)
 
     @property
@@ -200,14 +193,7 @@ def _fused(explicit: Conv3dAsConv2d, shared: dict) -> nn.Conv3d:
                       dilation=explicit.dilation, groups=explicit.groups,
                       bias=conv.bias is not None, padding_mode=explicit.padding_mode,
                       device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(w.reshape(layer.weight.shape))
-        if conv.bias is not None:
-            layer.bias.copy_(conv.bias)
-    layer.weight.requires_grad_(w.requires_grad)
-    if conv.bias is not None:
-        layer.bias.requires_grad_(conv.bias.requires_grad)
-    _share(layer, conv, shared)
+    _take(layer, conv, w.reshape(layer.weight.shape), shared)
     layer.train(explicit.training)
     return layer
 

@@ -91,14 +91,7 @@ class ConvTransposeAsConv(nn.Module):
         self.conv = _CONV[self.dims](
             self.in_channels, self.out_channels, self.kernel_size, dilation=self.dilation,
             groups=self.groups, bias=layer.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            self.conv.weight.copy_(conv_weight(w, self.groups))
-            if layer.bias is not None:
-                self.conv.bias.copy_(layer.bias)
-        self.conv.weight.requires_grad_(w.requires_grad)
-        if layer.bias is not None:
-            self.conv.bias.requires_grad_(layer.bias.requires_grad)
-        _share(self.conv, layer, shared)
+        _take(self.conv, layer, conv_weight(w, self.groups), shared)
         self.train(layer.training)
 
     @property
@@ -165,6 +158,20 @@ class ConvTransposeAsConv(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, "
                 f"output_padding={self.output_padding}")
+
+
+def _take(new: nn.Module, old: nn.Module, weight: torch.Tensor, shared: dict | None) -> None:
+    """``new`` (a layer of the other form) takes ``weight`` (``old``'s, in ``new``'s layout)
+    and ``old``'s bias, their trainable flags, and the parameters already made from tied ones
+    (:func:`_share`)."""
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    if old.bias is not None:
+        new.bias.requires_grad_(old.bias.requires_grad)
+    _share(new, old, shared)
 
 
 def _share(new: nn.Module, old: nn.Module, shared: dict | None) -> None:
@@ -290,14 +297,7 @@ def _fused(explicit: ConvTransposeAsConv, shared: dict | None = None) -> nn.Modu
         stride=explicit.stride, padding=explicit.padding,
         output_padding=explicit.output_padding, groups=explicit.groups,
         bias=conv.bias is not None, dilation=explicit.dilation, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(transposed_weight(w, explicit.groups))
-        if conv.bias is not None:
-            layer.bias.copy_(conv.bias)
-    layer.weight.requires_grad_(w.requires_grad)
-    if conv.bias is not None:
-        layer.bias.requires_grad_(conv.bias.requires_grad)
-    _share(layer, conv, shared)
+    _take(layer, conv, transposed_weight(w, explicit.groups), shared)
     layer.train(explicit.training)
     return layer
 
