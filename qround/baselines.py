@@ -15,7 +15,8 @@ the algorithm as published, with the grid (per-channel or grouped scales) fitted
 
 :func:`gptq_model` and :func:`rtn_model` quantise whole models (the chosen Linear, Conv2d and
 Conv1d layers) and time it; GPTQ runs layer by layer in forward order with each layer's ``H``
-captured from the partly quantised model (GPTQ's sequential mode).  Both take a
+captured from the partly quantised model (GPTQ's sequential mode); a grouped conv is one GPTQ
+problem per group (its output channels, its inputs' H).  Both take a
 ``qround.pipeline.QuantConfig`` and choose the same layers as ``quantize_model``; GPTQ reuses the
 pipeline's capture plan.
 """
@@ -35,7 +36,7 @@ from .grid import Grid, GridSpec, fit_grid
 from .pipeline import (QuantConfig, _add_late, _check_calibration, _check_overrides_match,
                        _conv1d_selection, _mark_varying, _own_rng, _reselect, _run_first,
                        _select, _stream, _trace, check_group_sizes, same_passes)
-from .problems.layers import layer_weight, linearize_conv1d, restore_conv1d
+from .problems.layers import layer_groups, layer_weight, linearize_conv1d, restore_conv1d
 from .solvers.gptq import inverse_cholesky
 from .writeback import QuantizedWeight, apply_to_layer
 
@@ -278,9 +279,6 @@ def _gptq_model(model, calibration, config, forward, act_order, percdamp, blocks
     _check_overrides_match(config, names)
     modules = dict(qmodel.named_modules())
     check_group_sizes(modules, names, config)
-    for name in names:
-        if not isinstance(modules[name], nn.Linear) and modules[name].groups != 1:
-            raise QroundError(f"gptq_model: layer {name!r} is a grouped conv, not supported")
     with kept_buffers(qmodel):   # buffers the forwards write keep the float model's values
         return _gptq_passes(qmodel, replaced, modules, names, conv_skipped, first_batch,
                             calibration, config, forward, act_order, percdamp, blocksize, start)
@@ -313,18 +311,38 @@ def _gptq_passes(qmodel, replaced, modules, names, conv_skipped, first_batch, ca
             if stats[layer.leader] is None:   # only empty inputs (an unused expert): float
                 empty.append(layer.name)
                 continue
-            module, h = modules[layer.name], stats[layer.leader]["hessian"]
-            w = layer_weight(module)
             # the first layer with every layer that reads its input (q, k and v), and the
             # last one, as quantize_model has them
             end = layer.group == plan[0].group or position[layer.name] == len(plan) - 1
-            grid = fit_grid(w, _layer_grid(config, layer.name, end), hessian=h)
-            codes = gptq_quantize(w, h, grid, act_order=act_order, percdamp=percdamp,
-                                  blocksize=blocksize)
+            module = modules[layer.name]
+            codes, grid = _gptq_layer(layer_weight(module), stats[layer.leader]["hessian"],
+                                      _layer_grid(config, layer.name, end), layer_groups(module),
+                                      act_order, percdamp, blocksize)
             _write(module, codes, grid)
     if len(empty) == len(plan):
         raise QroundError(_all_empty(empty))
     return restore_conv1d(qmodel, replaced), time.perf_counter() - start
+
+
+def _gptq_layer(w: np.ndarray, h: np.ndarray, spec: GridSpec, groups: int, act_order: bool,
+                percdamp: float, blocksize: int) -> tuple[np.ndarray, Grid]:
+    """GPTQ codes (out, in) and grid of one layer's weight ``w`` (out, in) with its captured
+    ``h``: (in, in), or (groups, in, in) for a conv with ``groups`` groups, whose output
+    channels ``j * out/groups ...`` read only group ``j``'s inputs; each group is then its own
+    GPTQ problem (grid fitted on its rows with its H, errors spread over its inputs only)."""
+    if groups == 1:
+        grid = fit_grid(w, spec, hessian=h)
+        return gptq_quantize(w, h, grid, act_order=act_order, percdamp=percdamp,
+                             blocksize=blocksize), grid
+    out_g = w.shape[0] // groups
+    parts = [_gptq_layer(w[j * out_g:(j + 1) * out_g], h[j], spec, 1, act_order, percdamp,
+                         blocksize) for j in range(groups)]
+    first = parts[0][1]
+    grid = Grid(scale=np.concatenate([g.scale for _, g in parts]),
+                zero_point=np.concatenate([g.zero_point for _, g in parts]), bits=first.bits,
+                symmetric=first.symmetric, group_size=first.group_size,
+                in_features=first.in_features)
+    return np.concatenate([c for c, _ in parts]), grid
 
 
 def _all_empty(names: list[str]) -> str:

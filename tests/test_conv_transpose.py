@@ -290,8 +290,9 @@ def test_the_baselines_and_the_sensitivity_take_the_explicit_form():
         rounded = getattr(rtn, name).conv.weight
         assert torch.equal(rounded, getattr(nearest.model, name).conv.weight)
         assert not torch.equal(rounded, getattr(explicit, name).conv.weight)
-    gptq, _ = gptq_model(explicit, batches, QuantConfig(wbits=3, exclude="up1"))  # grouped
-    assert not torch.equal(gptq.up2.conv.weight, explicit.up2.conv.weight)
+    gptq, _ = gptq_model(explicit, batches, QuantConfig(wbits=3))   # up1 grouped
+    for name in ("up1", "up2"):
+        assert not torch.equal(getattr(gptq, name).conv.weight, getattr(explicit, name).conv.weight)
     fused = fuse_conv_transpose(gptq)
     with torch.no_grad():
         torch.testing.assert_close(fused(batches[0]), gptq(batches[0]), rtol=0, atol=1e-12)

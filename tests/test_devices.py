@@ -249,7 +249,7 @@ def test_baselines_on_cuda():
     model = model.cuda()
     data = [b.cuda() for b in data]
     before = state(model)
-    cfg = QuantConfig(**FAST, device="cuda", exclude="grouped")  # gptq_model: no grouped convs
+    cfg = QuantConfig(**FAST, device="cuda")
     for quantized in (rtn_model(model, cfg)[0], gptq_model(model, data, cfg)[0]):
         assert all(p.device.type == "cuda" for p in quantized.parameters())
         with torch.no_grad():
