@@ -389,12 +389,14 @@ def _target_mask(mask: torch.Tensor | None, target: torch.Tensor) -> torch.Tenso
 
 class _BlockData:
     """Cached block inputs (args, kwargs), float targets and the targets' token masks (None
-    where the calibration has none), per calibration batch.  channels_first: the targets are
-    (N, C, L), laid out as the output of an nn.Conv1d inside the unit (their features are the
-    channels, as a Conv2d's (N, C, H, W))."""
+    where the calibration has none), per calibration batch.  channels_first: where the
+    targets' features are (see :func:`_rec_loss`): True for (N, C, L) or (N, C, D, H, W) laid
+    out as the output of an nn.Conv1d or a 3-d conv inside the unit, False for a channels-last
+    (N, H, W, C) of a Linear's, None for the shape's default."""
 
     def __init__(self, inputs: list, targets: list[torch.Tensor],
-                 masks: list[torch.Tensor | None] | None = None, channels_first: bool = False):
+                 masks: list[torch.Tensor | None] | None = None,
+                 channels_first: bool | None = None):
         self.inputs, self.targets = inputs, targets
         self.channels_first = channels_first
         masks = [None] * len(targets) if masks is None else masks
@@ -458,7 +460,10 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
     # per batch: whether the target has the (N, C, L) shape of a Conv1d output in the unit, or
     # the (N, C, D, H, W) one of a 3-d conv's (a module marked _qround_channels_first)
     conv_shapes: dict[int, set] = {}
-    channels: dict[int, bool] = {}
+    # and the 4-d output shapes of the unit's nn.Linear and nn.Conv2d modules: a 4-d target a
+    # Linear gives and no Conv2d does is channels-last (N, H, W, C) (Swin, ConvNeXt's MLP)
+    shapes_4d: dict[tuple, set] = {}
+    channels: dict[int, bool | None] = {}
     used = [0]
     index = [0]   # the batch being run
 
@@ -486,6 +491,11 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         if isinstance(out, torch.Tensor):
             conv_shapes.setdefault(index[0], set()).add(tuple(out.shape))
 
+    def out_4d(module, args, out):
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            kind = "linear" if isinstance(module, nn.Linear) else "conv"
+            shapes_4d.setdefault((index[0], kind), set()).add(tuple(out.shape))
+
     def post(module, args, out):
         y = _main_tensor(out, name).detach()
         account(y)
@@ -498,7 +508,7 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
         # and the tokens win)
         first = y.dim() in (3, 5) and (_channels_first(module) or (
             mask is None and tuple(y.shape) in conv_shapes.get(index[0], ())))
-        channels[index[0]] = first
+        channels[index[0]] = True if first else _layout_4d(module, y, index[0], shapes_4d)
         masks[index[0]] = None if first else mask
         raise _Stop
 
@@ -511,6 +521,8 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
             handle = module.register_forward_hook(hook)
             inner = [m.register_forward_hook(conv_out) for m in module.modules()
                      if _channels_first(m) and m is not module]
+            inner += [m.register_forward_hook(out_4d) for m in module.modules()
+                      if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not module]
             handle = _Handles([handle, *inner])
         cache.prepare(before)
         try:
@@ -543,7 +555,27 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
                     "the quantised model (routing that depends on the weights?): left out of "
                     "its loss", name, odd)
     return _BlockData([inputs[j] for j in both], [targets[j] for j in both],
-                      [masks[j] for j in both], all(channels[j] for j in both))
+                      [masks[j] for j in both], _one_layout([channels[j] for j in both]))
+
+
+def _layout_4d(module: nn.Module, y: torch.Tensor, j: int, shapes: dict) -> bool | None:
+    """False where the 4-d target ``y`` of batch ``j`` is channels-last: the unit is an
+    nn.Linear, or a Linear inside it gave ``y``'s shape and no Conv2d did (a Conv2d's NCHW wins
+    a tie); None (the default, NCHW for 4-d) otherwise."""
+    if y.dim() != 4:
+        return None
+    if isinstance(module, nn.Linear):
+        return False
+    shape = tuple(y.shape)
+    if shape in shapes.get((j, "linear"), ()) and shape not in shapes.get((j, "conv"), ()):
+        return False
+    return None
+
+
+def _one_layout(values: list) -> bool | None:
+    """The layout of every batch's target where they agree, else None (each shape's
+    default)."""
+    return values[0] if values and all(v is values[0] for v in values) else None
 
 
 class _Handles:
@@ -845,10 +877,12 @@ class _UnitForward:
 
 # ------------------------------------------------------------------------------ training
 def _rec_loss(out: torch.Tensor, target: torch.Tensor,
-              mask: torch.Tensor | None = None, channels_first: bool = False) -> torch.Tensor:
-    """Squared error summed over features (channels of NCHW, and of (N, C, L) and (N, C, D, H,
-    W) when ``channels_first``: a Conv1d's or a 3-d conv's output layout; the last axis
-    otherwise), mean over the rest
+              mask: torch.Tensor | None = None, channels_first: bool | None = None
+              ) -> torch.Tensor:
+    """Squared error summed over features (axis 1 when ``channels_first`` is True: (N, C, L)
+    and (N, C, D, H, W), a Conv1d's or a 3-d conv's output layout; the last axis when it is
+    False; when None, the channels of a 4-d NCHW and the last axis of any other), mean over
+    the rest
     (BRECQ's reconstruction loss); with a token ``mask`` (the target's leading dims,
     :func:`_target_mask`) the mean is over the real tokens only."""
     err = (out - target) ** 2
@@ -859,8 +893,9 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor,
         return torch.where(keep, per_token, 0).sum() / keep.sum().clamp_min(1)
     if err.dim() < 2:
         return err.mean()
-    return err.sum(1 if err.dim() == 4 or (channels_first and err.dim() in (3, 5)) else -1
-                   ).mean()
+    if channels_first is None:
+        channels_first = err.dim() == 4
+    return err.sum(1 if channels_first else -1).mean()
 
 
 @torch.no_grad()

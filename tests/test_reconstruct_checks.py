@@ -137,6 +137,68 @@ def test_rec_loss_sums_over_channels_of_nchw_and_over_the_last_axis_otherwise():
     assert torch.allclose(_rec_loss(torch.zeros_like(t3), t3), (t3 ** 2).sum(-1).mean())
 
 
+def test_rec_loss_follows_the_layout_it_is_given():
+    t4 = torch.randn(2, 3, 4, 5, generator=gen(6))
+    zero = torch.zeros_like(t4)
+    assert torch.allclose(_rec_loss(zero, t4, channels_first=False), (t4 ** 2).sum(-1).mean())
+    assert torch.allclose(_rec_loss(zero, t4, channels_first=True), (t4 ** 2).sum(1).mean())
+
+
+class _SwinMlp(nn.Module):
+    """A channels-last block on (B, H, W, C) (Swin's, timm's layout)."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _ConvNeXtBlock(nn.Module):
+    """NCHW in and out, a depthwise conv, then Linear layers on the channels-last permutation
+    (ConvNeXt's block); H = W = C, so every 4-d shape inside is the same."""
+
+    def __init__(self, c=5):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        return x + self.fc2(torch.relu(self.fc1(y))).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_a_channels_last_4d_target_sums_its_loss_over_the_last_axis(monkeypatch, granularity):
+    """A 4-d target a Linear gives (a Swin or ConvNeXt MLP's (B, H, W, C)) has its features
+    last: summing it over axis 1 (H), as an NCHW conv output, weighed the loss against the
+    rounding regulariser by C / H.  A ConvNeXt block's NCHW output keeps the channels, also
+    where its Linear outputs have the same shape."""
+    import qround.reconstruct as rec
+    from qround.pipeline import QuantConfig, quantize_model
+    seen = {}
+    real = rec._rec_loss
+
+    def spy(out, target, mask=None, channels_first=None):
+        seen.setdefault(out.dim(), set()).add(channels_first)
+        return real(out, target, mask, channels_first)
+
+    monkeypatch.setattr(rec, "_rec_loss", spy)
+    config = QuantConfig(wbits=3, solver="nearest", granularity=granularity, progress=False,
+                         reconstruction=ReconstructConfig(iterations=2, batch_size=2))
+    torch.manual_seed(0)
+    swin = nn.Sequential(_SwinMlp(), _SwinMlp())
+    quantize_model(swin, [torch.randn(4, 3, 3, 6, generator=gen(i)) for i in range(2)], config)
+    assert seen == {4: {False}}
+    seen.clear()
+    convnext = nn.Sequential(_ConvNeXtBlock(), _ConvNeXtBlock())
+    quantize_model(convnext, [torch.randn(4, 5, 5, 5, generator=gen(i)) for i in range(2)],
+                   config)
+    # each block's output (block) and the conv's (layer) are NCHW; the Linears' (layer) last
+    assert seen == {4: {None} if granularity == "block" else {None, False}}
+
+
 def test_rec_loss_with_a_token_mask_averages_over_the_real_tokens_only():
     target = torch.randn(2, 3, 4, generator=gen(6))
     mask = torch.tensor([[1, 1, 0], [0, 0, 1]])
