@@ -847,6 +847,10 @@ def cmd_quantize(args) -> int:
         raise QroundError("--widen cannot be combined with block reconstruction (--iterations "
                           "or an option that implies it): its soft rounding chooses floor or "
                           "ceil only, so the widened codes would be lost; leave out one of them")
+    if args.save_compressed and args.explicit:
+        raise QroundError("--save-compressed writes the checkpoint's own layers for "
+                          "transformers to load; --explicit renames them (the explicit forms' "
+                          "Linear/conv layers): use --out")
     if args.save_compressed:
         _check_compressed_options(args, iterations)
     check_paths({"--out": args.out, "--json": args.json, "--loss-plot": args.loss_plot,
@@ -899,6 +903,7 @@ def cmd_quantize(args) -> int:
                               "file with --out")
     _check_model_file(args)
     model, batches, forward, default_layers = _model_and_calibration(args)
+    model = _explicit_if_asked(model, args)
     if args.save_compressed:
         from .problems.layers import is_hf_conv1d
         if any(is_hf_conv1d(m) for m in model.modules()):
@@ -921,11 +926,17 @@ def cmd_quantize(args) -> int:
                               "would drop it on loading); leave out --bias-correction")
     qmodel = quantize_model(model, batches, config, forward=forward)
     print(qmodel.table())
+    hinted = [n for n, why in qmodel.skipped.items() if "qround." in why and "explicit_" in why]
+    if hinted:
+        print(f"--explicit rounds {len(hinted)} layer(s) left in float here ({hinted[0]!r}"
+              + (f" and {len(hinted) - 1} more" if len(hinted) > 1 else "") + ")")
     if qmodel.units is not None and qmodel.units.granularity in ("modcap", "loss"):
         print(qmodel.units.table())
     if args.out:
         qmodel.save(args.out)
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}" + (" (the explicit model's weights: qround.export.load(path, "
+                                     "qround.explicit_layers(model)), then "
+                                     "qround.fuse_layers)" if args.explicit else ""))
     if args.save_compressed:
         import transformers
 
@@ -950,6 +961,18 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _explicit_if_asked(model, args):
+    """``model`` with its nn.MultiheadAttention, nn.ConvTranspose1d/2d and nn.Conv3d made
+    explicit (a copy) when --explicit was given."""
+    if not args.explicit:
+        return model
+    from .explicit import explicit_layers
+    try:
+        return explicit_layers(model)
+    except QroundError as exc:
+        raise QroundError(f"--explicit: {exc}") from None
+
+
 def _bits_list(text: str) -> tuple[int, ...]:
     """--bits 2,3,4,8 as checked widths."""
     try:
@@ -970,6 +993,7 @@ def _measured_args(args) -> list[str]:
     and its calibration, the grid settings, first/last bits and the layer selection (the
     per-layer widths come from the allocation's overrides)."""
     out = [] if args.model == "minilm" else ["--model", args.model]
+    out += ["--explicit"] if args.explicit else []
     for flag, value in (("--seed", args.seed or None),   # it trains the digits models too
                         ("--calibration", args.calibration),
                         ("--calibration-size", args.calibration_size),
@@ -1017,6 +1041,7 @@ def cmd_sensitivity(args) -> int:
                              capture_cache_mb=args.capture_cache_mb)
     _check_model_file(args)
     model, batches, forward, default_layers = _model_and_calibration(args)
+    model = _explicit_if_asked(model, args)
     if args.layers is None and default_layers:
         from dataclasses import replace
         config = replace(config, layers=default_layers)
@@ -1222,6 +1247,11 @@ def _add_model_arguments(q) -> None:
                    help="calibration samples per batch: texts for MiniLM and a checkpoint "
                         "folder, images for the digits models, rows of --calibration's tensor "
                         "for a model file (default: 32; 64 for the digits models)")
+    q.add_argument("--explicit", action="store_true",
+                   help="round the model's nn.MultiheadAttention, nn.ConvTranspose1d/2d and "
+                        "nn.Conv3d layers (otherwise left in float) through their explicit "
+                        "forms (qround.explicit_layers): layer names and saved weights are the "
+                        "explicit model's, e.g. 'attn.q_proj', 'up.conv'")
 
 
 def build_parser() -> argparse.ArgumentParser:

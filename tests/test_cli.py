@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -964,3 +965,95 @@ def test_the_shells_warning_display_does_not_outlive_the_command(monkeypatch):
     finally:
         logging.captureWarnings(False)
         warnings.showwarning = show
+
+
+
+class ExplicitNet(__import__("torch").nn.Module):
+    """A Conv3d, a transposed conv and attention (all left in float without --explicit), then
+    a Linear head; pickled by reference (tests.test_cli.ExplicitNet)."""
+
+    def __init__(self):
+        from torch import nn
+        super().__init__()
+        self.c3 = nn.Conv3d(1, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(16, 4, 3, stride=2, padding=1, output_padding=1)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4 * 64, 3)
+
+    def forward(self, x):   # (N, 1, 4, 4, 4)
+        import torch
+        x = torch.relu(self.c3(x)).flatten(1, 2)                # (N, 16, 4, 4)
+        x = torch.relu(self.up(x)).flatten(2).transpose(1, 2)   # (N, 64, 4)
+        x = self.attn(x, x, x, need_weights=False)[0]
+        return self.head(x.flatten(1))
+
+
+def _explicit_files(tmp_path):
+    import torch
+
+    torch.manual_seed(3)
+    model = ExplicitNet()
+    torch.save(model, tmp_path / "model.pt")
+    gen = torch.Generator().manual_seed(3)
+    torch.save(torch.randn(24, 1, 4, 4, 4, generator=gen), tmp_path / "calib.pt")
+    return model
+
+
+def test_quantize_explicit_rounds_conv3d_transposed_convs_and_attention(tmp_path, capsys):
+    """Without --explicit the three layers stay in float and the output says --explicit
+    rounds them; with it they are rounded in their explicit forms, the file loads into
+    explicit_layers(model), and fuse_layers gives back the native modules with the rounded
+    weights.  --save-compressed and a model without such layers are refused."""
+    import torch
+
+    from qround import export
+    from qround.explicit import explicit_layers, fuse_layers
+
+    model = _explicit_files(tmp_path)
+    base = ["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+            str(tmp_path / "calib.pt"), "--wbits", "3", "--solver", "greedy", "--no-progress",
+            "--threads", "1", "--inputs", "float"]
+    plain = tmp_path / "plain.json"
+    assert main(base + ["--json", str(plain)]) == 0
+    assert "--explicit rounds 3 layer(s) left in float here ('c3'" in capsys.readouterr().out
+    assert set(json.loads(plain.read_text())["skipped"]) == {"c3", "up", "attn", "attn.out_proj"}
+    out, report = tmp_path / "q.safetensors", tmp_path / "q.json"
+    assert main(base + ["--explicit", "--out", str(out), "--json", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "--explicit rounds" not in text and "qround.explicit_layers(model)" in text
+    result = json.loads(report.read_text())
+    assert result["skipped"] == {}
+    assert {r["layer"] for r in result["layers"]} == {
+        "c3.conv", "up.conv", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj",
+        "head"}
+    loaded = export.load(explicit_layers(model), out)
+    fused = fuse_layers(loaded)
+    assert type(fused.c3) is torch.nn.Conv3d and type(fused.up) is torch.nn.ConvTranspose2d
+    assert type(fused.attn) is torch.nn.MultiheadAttention
+    x = torch.load(tmp_path / "calib.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), loaded(x), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(fused.up.weight, model.up.weight)   # rounded, not the float one
+    assert main(base + ["--explicit", "--save-compressed", str(tmp_path / "c")]) == 2
+    assert "--explicit renames them" in capsys.readouterr().err
+    assert main(["quantize", "--model", "digits-cnn", "--explicit", "--no-progress",
+                 "--calibration-size", "8", "--solver", "nearest"]) == 2
+    assert "--explicit: model has no nn.MultiheadAttention" in capsys.readouterr().err
+
+
+def test_sensitivity_explicit_measures_the_explicit_layers_and_says_so_in_its_command(
+        tmp_path, capsys):
+    _explicit_files(tmp_path)
+    report = tmp_path / "s.json"
+    assert main(["sensitivity", "--model", str(tmp_path / "model.pt"), "--calibration",
+                 str(tmp_path / "calib.pt"), "--explicit", "--bits", "2,4", "--mean-bits", "3",
+                 "--threads", "1", "--json", str(report)]) == 0
+    text = capsys.readouterr().out
+    measured = {layer["name"] for layer in json.loads(report.read_text())["sensitivity"]["layers"]}
+    assert {"c3.conv", "up.conv", "attn.q_proj", "attn.out_proj"} <= measured
+    command = next(line for line in text.splitlines() if line.startswith("quantise with:"))
+    argv = shlex.split(command.removeprefix("quantise with: qround "))
+    assert "--explicit" in argv
+    argv[argv.index("--out") + 1] = str(tmp_path / "q.safetensors")
+    assert main(argv + ["--no-progress", "--threads", "1", "--solver", "nearest"]) == 0
+    assert "up.conv" in capsys.readouterr().out
