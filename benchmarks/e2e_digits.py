@@ -1,9 +1,11 @@
-"""End-to-end digits CNN benchmark: quantise every Conv2d/Linear weight of the plain digits CNN
-(``qround.zoo.train_digits_cnn('plain', seed=s)``) and measure test accuracy with activations
+"""End-to-end digits CNN benchmark: quantise every Conv2d/Linear weight of a digits CNN
+(``qround.zoo.train_digits_cnn(arch, seed=s)``, ``--arch``: plain by default; ``mobile`` is the
+MobileNetV2-style one with depthwise convs) and measure test accuracy with activations
 fake-quantised at ``--abits`` bits (per-tensor min-max ranges from the calibration split).
 
     python benchmarks/e2e_digits.py --json results/e2e_digits.json
     python benchmarks/e2e_digits.py --bits W3 --seeds 0 --methods rtn-mse,gptq
+    python benchmarks/e2e_digits.py --arch mobile --json results/e2e_digits_mobile.json
 
 Methods as in ``e2e_minilm.py``: ``rtn-minmax``, ``rtn-mse``, ``gptq`` (the real GPTQ, MSE
 scales, act-order, 1% damping, sequential), ``hopfield`` (AdaRound relaxation through
@@ -25,6 +27,7 @@ from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import digits_accuracy
 from qround.report import format_table, write_json_atomic
+from qround.zoo.digits import ARCHS
 from _common import e2e_finish, e2e_parser, plan, refits_of, warm_up_solvers  # noqa: E402 (on sys.path)
 
 WIDTHS = {"W4": 4, "W3": 3, "W2": 2}
@@ -34,6 +37,8 @@ METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers")
 def parse_args(argv=None) -> argparse.Namespace:
     p = e2e_parser(__doc__, WIDTHS, METHODS)
     p.add_argument("--seeds", default="0,1,2", help="training seeds (default: %(default)s)")
+    p.add_argument("--arch", default="plain", choices=ARCHS,
+                   help="which digits CNN (default: %(default)s)")
     p.add_argument("--abits", type=int, default=8,
                    help="activation bits at evaluation (0 = float activations; default 8)")
     p.add_argument("--first-last-bits", type=int, default=None,
@@ -80,7 +85,7 @@ def main(argv=None) -> int:
     warm_up_solvers(args.solvers)   # kernel loading stays out of the first row's seconds
     abits = args.abits or None
     runs, notes = plan(args)
-    header = (f"digits CNN (plain) e2e: all Conv2d/Linear weights, per-channel symmetric, "
+    header = (f"digits CNN ({args.arch}) e2e: all Conv2d/Linear weights, per-channel symmetric, "
               f"activations {'float' if abits is None else f'{abits}-bit'} at evaluation; "
               f"seeds {args.seeds}; torch threads {args.threads}, device {args.device}")
     print(header, flush=True)
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
         entry["seconds"].append(seconds)
 
     for seed in args.seeds:
-        model, data = zoo.train_digits_cnn("plain", seed=seed)
+        model, data = zoo.train_digits_cnn(args.arch, seed=seed)
         calibration = [data.calib_images[i:i + args.batch_size]
                        for i in range(0, len(data.calib_images), args.batch_size)]
         record("float", "float (W32A32)", digits_accuracy(model, data), 0.0)

@@ -1,15 +1,17 @@
 """The ``qround`` command line.
 
     qround solve FILE.npz [FILE.npz ...] --solver NAME [--bits B] [--json] [--out SOL.npz]
-    qround export-layer --model minilm|digits-cnn|digits-resnet|FOLDER --layer NAME --out FILE.npz
+    qround export-layer --model minilm|digits-cnn|digits-resnet|digits-mobilenet|FOLDER --layer NAME
+                        --out FILE.npz
     qround export-qubo FILE.npz --out DIR [--channels 0:16] [--solver quality]
     qround sample FILE.qubo|FILE.bqm [...] [--method "tabu(restarts=8)"] [--reads 4] [--out S.json]
-    qround quantize --model minilm|digits-cnn|digits-resnet --wbits B --solver NAME
+    qround quantize --model minilm|digits-cnn|digits-resnet|digits-mobilenet --wbits B --solver NAME
                     --out FILE.safetensors
     qround quantize --model MODEL.pt --calibration INPUTS.pt ...   (your own torch.save(model))
     qround quantize --model FOLDER [--calibration TEXTS.txt] ...   (a transformers checkpoint)
     qround sensitivity --model minilm|digits-cnn|FOLDER|MODEL.pt [--bits 2,3,4,8] [--mean-bits 3.5]
-    qround evaluate --model minilm|digits-cnn|digits-resnet|FOLDER --quantized FILE.safetensors
+    qround evaluate --model minilm|digits-cnn|digits-resnet|digits-mobilenet|FOLDER
+                    --quantized FILE.safetensors
     qround demo [--json FILE] [--channels N] [--solvers a,b,...] [--journey digits-cnn|minilm|none]
     qround bench ...            (the solver benchmark, see benchmarks/solvers.py)
     qround solvers              (the registry)
@@ -337,7 +339,8 @@ def _manifest_energies(manifest: str, name: str, bqm=None) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------- export
 INPUTS_DEFAULT = "quantized"  # QuantConfig's default
-DIGITS_MODELS = {"digits-cnn": "plain", "digits-resnet": "residual"}
+DIGITS_MODELS = {"digits-cnn": "plain", "digits-resnet": "residual",
+                 "digits-mobilenet": "mobile"}
 MAX_THREADS = 1024   # --threads: torch's thread pools fail (or crash) far above the cores
 THREADS_HELP = ("CPU threads of torch and of the compiled solvers (numba; at most its "
                 "NUMBA_NUM_THREADS) (default: %(default)s)")
@@ -1228,9 +1231,9 @@ def cmd_solvers(args) -> int:
 def _add_model_arguments(q) -> None:
     """--model and its calibration options, as quantize and sensitivity take them."""
     q.add_argument("--model", default="minilm",
-                   help="minilm | digits-cnn | digits-resnet | a transformers checkpoint folder "
-                        "(save_pretrained's, with its tokenizer) | a file from torch.save(model) "
-                        "(with --calibration) (default: %(default)s)")
+                   help="minilm | digits-cnn | digits-resnet | digits-mobilenet | a transformers "
+                        "checkpoint folder (save_pretrained's, with its tokenizer) | a file "
+                        "from torch.save(model) (with --calibration) (default: %(default)s)")
     q.add_argument("--calibration",
                    help="for a model file: a file of calibration inputs (torch.save of a "
                         "tensor or a list of batches, or np.save's .npy); for a "
@@ -1336,8 +1339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export-layer", help="write a layer statistics file from a real model layer")
     e.add_argument("--model", default="minilm",
-                   help="minilm | digits-cnn | digits-resnet | a transformers checkpoint folder "
-                        "(default: %(default)s)")
+                   help="minilm | digits-cnn | digits-resnet | digits-mobilenet | a transformers "
+                        "checkpoint folder (default: %(default)s)")
     e.add_argument("--layer", help="module name (see --list)")
     e.add_argument("--list", action="store_true",
                    help="list the layers that can be rounded (Linear, Conv2d, Conv1d, "
@@ -1499,9 +1502,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="metrics of a saved quantised model against the float one")
     ev.add_argument("--model", default="minilm",
-                    help="minilm | digits-cnn | digits-resnet | a transformers checkpoint "
-                         "folder: perplexity for a causal language model, else the mean-pooled "
-                         "last hidden state's cosine, Spearman and top-10 (default: "
+                    help="minilm | digits-cnn | digits-resnet | digits-mobilenet | a transformers "
+                         "checkpoint folder: perplexity for a causal language model, else the "
+                         "mean-pooled last hidden state's cosine, Spearman and top-10 (default: "
                          "%(default)s)")
     ev.add_argument("--quantized", required=True, help="file written by qround quantize --out")
     ev.add_argument("--sentences", type=int_at_least(11), default=None,

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from qround.errors import QroundError
-from qround.zoo import (DigitsCNN, ResidualDigitsCNN, accuracy, load_digits_data, sentences,
-                        train_digits_cnn)
+from qround.zoo import (DigitsCNN, DigitsMobileNet, ResidualDigitsCNN, accuracy, load_digits_data,
+                        sentences, train_digits_cnn)
 from qround.zoo import digits as digits_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,7 +96,7 @@ def test_digits_splits_are_disjoint_and_deterministic(data):
     assert not torch.equal(load_digits_data(seed=1).test_labels, data.test_labels)
 
 
-@pytest.mark.parametrize("cls", [DigitsCNN, ResidualDigitsCNN])
+@pytest.mark.parametrize("cls", [DigitsCNN, ResidualDigitsCNN, DigitsMobileNet])
 def test_models_build_without_touching_global_rng(cls):
     state = torch.get_rng_state()
     a, b, c = cls(seed=0), cls(seed=0), cls(seed=1)
@@ -108,7 +108,25 @@ def test_models_build_without_touching_global_rng(cls):
     assert len(convs) >= 3 and all(m.weight.std() > 0 for m in convs)
 
 
-@pytest.mark.parametrize("arch", ["plain", "residual"])
+def test_the_mobilenet_has_depthwise_convs_and_identity_batchnorms_at_the_start():
+    """Built on the meta device, its BatchNorms would hold whatever memory to_empty gave:
+    they start as the identity (weight 1, bias 0, running mean 0 and variance 1)."""
+    model = DigitsMobileNet(seed=0)
+    dw = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(dw) == 4 and all(m.groups == m.in_channels == m.out_channels for m in dw)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 14
+    for bn in bns:
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+        assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+        assert int(bn.num_batches_tracked) == 0
+    assert model.block2.residual and model.block4.residual
+    assert not model.block1.residual and not model.block3.residual
+
+
+@pytest.mark.parametrize("arch", ["plain", "residual", "mobile"])
 def test_training_is_deterministic_local_and_learns(arch, data):
     state = torch.get_rng_state()
     m1, d1 = train_digits_cnn(arch, seed=3, epochs=2, cache=False)

@@ -20,19 +20,22 @@ from .._lazy import lazy_names as _lazy_names
 _LAZY = {**dict.fromkeys(("DigitsCNN", "DigitsData", "ResidualBlock", "ResidualDigitsCNN",
                           "accuracy", "cache_dir", "load_digits_data", "train_digits_cnn",
                           "DigitsAutoEncoder", "train_digits_autoencoder",
-                          "reconstruction_error"), "digits"),
+                          "reconstruction_error", "DigitsMobileNet", "InvertedResidual"),
+                         "digits"),
          **dict.fromkeys(("embed", "load_minilm", "minilm_batches", "minilm_forward",
                           "minilm_linear_layers", "sentences"), "text")}
 
 __all__ = ["sentences", "load_minilm", "minilm_batches", "minilm_forward", "embed",
            "minilm_linear_layers", "DigitsData", "DigitsCNN", "ResidualBlock", "ResidualDigitsCNN",
            "load_digits_data", "train_digits_cnn", "accuracy", "cache_dir",
-           "DigitsAutoEncoder", "train_digits_autoencoder", "reconstruction_error"]
+           "DigitsAutoEncoder", "train_digits_autoencoder", "reconstruction_error",
+           "DigitsMobileNet", "InvertedResidual"]
 
 if _typing.TYPE_CHECKING:   # for type checkers and IDEs: the names as if imported here
-    from .digits import (DigitsAutoEncoder, DigitsCNN, DigitsData, ResidualBlock,
-                         ResidualDigitsCNN, accuracy, cache_dir, load_digits_data,
-                         reconstruction_error, train_digits_autoencoder, train_digits_cnn)
+    from .digits import (DigitsAutoEncoder, DigitsCNN, DigitsData, DigitsMobileNet,
+                         InvertedResidual, ResidualBlock, ResidualDigitsCNN, accuracy, cache_dir,
+                         load_digits_data, reconstruction_error, train_digits_autoencoder,
+                         train_digits_cnn)
     from .text import (embed, load_minilm, minilm_batches, minilm_forward,
                        minilm_linear_layers, sentences)
 

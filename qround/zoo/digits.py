@@ -29,7 +29,7 @@ from ._optional import require, torch_device
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("plain", "residual", "deep", "deep-narrow")
+ARCHS = ("plain", "residual", "deep", "deep-narrow", "mobile")
 IMAGE_SIZE = 16
 # Fractions of each class that go to calibration and test; the rest is the training set.
 CALIB_FRACTION, TEST_FRACTION = 0.1, 0.2
@@ -186,15 +186,74 @@ class DeepResidualDigitsCNN(nn.Module):
         return self.fc(self.relu3(self.squeeze(x)).flatten(1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 ``expand`` conv (``expand_ratio`` x channels) + BatchNorm +
+    ReLU6, 3x3 depthwise ``dw`` conv (``groups`` = its channels, ``stride``) + BatchNorm + ReLU6,
+    1x1 ``project`` conv + BatchNorm (a linear bottleneck), and the identity added when the
+    stride is 1 and the channels stay.  Convs have no bias (BatchNorm follows each, as in
+    MobileNetV2; quantisation rounds the convs and leaves the BatchNorms in float)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand_ratio: int = 3):
+        super().__init__()
+        hidden = c_in * expand_ratio
+        kw = dict(bias=False, device="meta")
+        self.expand = nn.Conv2d(c_in, hidden, 1, **kw)
+        self.bn1 = nn.BatchNorm2d(hidden, device="meta")
+        self.act1 = nn.ReLU6()
+        self.dw = nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, **kw)
+        self.bn2 = nn.BatchNorm2d(hidden, device="meta")
+        self.act2 = nn.ReLU6()
+        self.project = nn.Conv2d(hidden, c_out, 1, **kw)
+        self.bn3 = nn.BatchNorm2d(c_out, device="meta")
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act1(self.bn1(self.expand(x)))
+        y = self.bn3(self.project(self.act2(self.bn2(self.dw(y)))))
+        return x + y if self.residual else y
+
+
+class DigitsMobileNet(nn.Module):
+    """MobileNetV2-style CNN (``arch="mobile"``): depthwise convs, the classic hard case of
+    post-training quantisation.  Stem conv 1->16 (16x16) + BatchNorm + ReLU6; inverted residual
+    blocks ``block1`` 16->24 s2 (8x8), ``block2`` 24->24, ``block3`` 24->32 s2 (4x4),
+    ``block4`` 32->32 (each :class:`InvertedResidual`, expansion 3); 1x1 ``head`` conv 32->64 +
+    BatchNorm + ReLU6; flatten, Linear 1024->10.  Input (N, 1, 16, 16), logits (N, 10)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        kw = dict(device="meta")
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False, **kw)
+        self.bn_stem = nn.BatchNorm2d(16, **kw)
+        self.act_stem = nn.ReLU6()
+        self.block1 = InvertedResidual(16, 24, 2)
+        self.block2 = InvertedResidual(24, 24, 1)
+        self.block3 = InvertedResidual(24, 32, 2)
+        self.block4 = InvertedResidual(32, 32, 1)
+        self.head = nn.Conv2d(32, 64, 1, bias=False, **kw)
+        self.bn_head = nn.BatchNorm2d(64, **kw)
+        self.act_head = nn.ReLU6()
+        self.fc = nn.Linear(64 * 4 * 4, 10, **kw)
+        _init_weights(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act_stem(self.bn_stem(self.stem(x)))
+        x = self.block4(self.block3(self.block2(self.block1(x))))
+        return self.fc(self.act_head(self.bn_head(self.head(x))).flatten(1))
+
+
 def _init_weights(model: nn.Module, seed: int) -> None:
     """Materialise ``meta`` parameters on the CPU: He-uniform weights, zero biases, drawn from a
-    local generator.  The last conv of each residual block starts at a quarter scale so the
+    local generator; BatchNorms start as the identity (weight 1, bias 0, running mean 0,
+    variance 1).  The last conv of each residual block starts at a quarter scale so the
     blocks begin close to the identity (keeps the residual net trainable without BatchNorm)."""
     seed = check_int(seed, "seed", 0, maximum=MAX_SEED)
     model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, mod in model.named_modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.reset_parameters()   # draws nothing: ones, zeros and the running stats
             if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 gain = 1.0 if isinstance(mod, nn.Linear) else math.sqrt(2.0)
                 fan_in = mod.weight[0].numel()
@@ -266,8 +325,9 @@ def train_digits_autoencoder(seed: int = 0, steps: int = 600, lr: float = 3e-3,
 def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 20, device: str = "cpu",
                      cache: bool = True, batch_size: int = 64, lr: float = 3e-3
                      ) -> tuple[nn.Module, DigitsData]:
-    """Train ``DigitsCNN`` (``arch="plain"``), ``ResidualDigitsCNN`` (``"residual"``) or
-    ``DeepResidualDigitsCNN`` (``"deep"``, or ``"deep-narrow"`` at width 8) on the training split
+    """Train ``DigitsCNN`` (``arch="plain"``), ``ResidualDigitsCNN`` (``"residual"``),
+    ``DeepResidualDigitsCNN`` (``"deep"``, or ``"deep-narrow"`` at width 8) or
+    ``DigitsMobileNet`` (``"mobile"``) on the training split
     of ``load_digits_data()`` (split seed 0, fixed for every training seed).
 
     Adam with a cosine learning-rate decay, small random affine warps of the training images;
@@ -287,7 +347,8 @@ def train_digits_cnn(arch: str = "plain", seed: int = 0, epochs: int = 20, devic
 
     data = load_digits_data()
     model = {"plain": DigitsCNN, "residual": ResidualDigitsCNN, "deep": DeepResidualDigitsCNN,
-             "deep-narrow": partial(DeepResidualDigitsCNN, width=8)}[arch](seed)
+             "deep-narrow": partial(DeepResidualDigitsCNN, width=8),
+             "mobile": DigitsMobileNet}[arch](seed)
     path = _cache_path(arch, seed, epochs, batch_size, lr, device) if cache else None
     if path is not None and _load_cached(model, path):
         return model.to(device).eval(), data
