@@ -872,6 +872,8 @@ def cmd_quantize(args) -> int:
                                                capture_cache_mb=args.capture_cache_mb)
     overrides, source = (_overrides_from(args.overrides_from) if args.overrides_from
                          else (_parse_overrides(args.override), None))
+    if args.overrides_from:
+        _check_explicit_source(args)
     try:   # a spec's own refusals name its options, not flags: say which flag holds them
         get_solver(args.solver)
     except QroundError as exc:
@@ -929,17 +931,17 @@ def cmd_quantize(args) -> int:
                               "would drop it on loading); leave out --bias-correction")
     qmodel = quantize_model(model, batches, config, forward=forward)
     print(qmodel.table())
-    hinted = [n for n, why in qmodel.skipped.items() if "qround." in why and "explicit_" in why]
-    if hinted:
-        print(f"--explicit rounds {len(hinted)} layer(s) left in float here ({hinted[0]!r}"
-              + (f" and {len(hinted) - 1} more" if len(hinted) > 1 else "") + ")")
+    if not args.explicit:
+        _explicit_note(model, qmodel, config)
     if qmodel.units is not None and qmodel.units.granularity in ("modcap", "loss"):
         print(qmodel.units.table())
     if args.out:
         qmodel.save(args.out)
-        print(f"wrote {args.out}" + (" (the explicit model's weights: qround.export.load(path, "
-                                     "qround.explicit_layers(model)), then "
-                                     "qround.fuse_layers)" if args.explicit else ""))
+        print(f"wrote {args.out}" + (
+            " (the explicit model's layers: load with qround.export.load(qround.explicit."
+            "explicit_layers(model), path)" + (")" if args.abits is not None else
+                                               ", then qround.explicit.fuse_layers") + ")"
+            if args.explicit else ""))
     if args.save_compressed:
         import transformers
 
@@ -950,6 +952,7 @@ def cmd_quantize(args) -> int:
         print(f"wrote {args.save_compressed} (compressed-tensors, pack-quantized)")
     if args.json:
         write_json_atomic(args.json, {"totals": qmodel.totals(), "config": config.as_dict(),
+                                      "explicit": args.explicit,
                                       "layers": [r.as_dict() for r in qmodel.report],
                                       "skipped": qmodel.skipped,
                                       "reconstruction": None if qmodel.reconstruction is None
@@ -962,6 +965,42 @@ def cmd_quantize(args) -> int:
         plot_losses({config.granularity: qmodel.reconstruction}, args.loss_plot)
         print(f"wrote {args.loss_plot}")
     return 0
+
+
+def _explicit_note(model, qmodel, config) -> None:
+    """Print which of the layers left in float here --explicit would round (those its forms
+    hold that --layers / --exclude choose), unless it would refuse the model."""
+    if not any("qround." in why and "explicit_" in why for why in qmodel.skipped.values()):
+        return
+    from .explicit import _explicit_children
+
+    children, refusal = _explicit_children(model)
+    chosen = [c for name, cs in children.items() if name in qmodel.skipped for c in cs
+              if (config.layers is None or re.search(config.layers, c))
+              and not (config.exclude and re.search(config.exclude, c))]
+    if refusal is None and chosen:
+        print(f"--explicit would round {len(chosen)} more layer(s) ({chosen[0]!r}"
+              + (f" and {len(chosen) - 1} more" if len(chosen) > 1 else "") + ")")
+
+
+def _check_explicit_source(args) -> None:
+    """An --overrides-from file records whether its run had --explicit: its layer names are
+    the explicit forms' with it.  Refuse the mismatch that would match no layer; note the one
+    that leaves the newly rounded layers at --wbits."""
+    try:
+        with open(args.overrides_from, encoding="utf-8") as f:
+            made = json.load(f)
+    except (OSError, ValueError):   # _overrides_from read it: a race at most
+        return
+    made = made.get("explicit") if isinstance(made, dict) else None
+    if made is True and not args.explicit:
+        raise QroundError(f"--overrides-from {args.overrides_from!r} was made with --explicit: "
+                          "its layers are the explicit forms' (e.g. 'attn.q_proj', 'up.conv'); "
+                          "add --explicit")
+    if made is False and args.explicit:
+        print(f"qround: note: --overrides-from {args.overrides_from!r} was made without "
+              "--explicit: the layers --explicit adds get no override (--wbits, or "
+              "--first-last-bits)", file=sys.stderr)
 
 
 def _explicit_if_asked(model, args):
@@ -1058,6 +1097,7 @@ def cmd_sensitivity(args) -> int:
         except QroundError:
             if args.json:   # the measurement took the time: keep it
                 write_json_atomic(args.json, {"config": config.as_dict(),
+                                              "explicit": args.explicit,
                                               "sensitivity": sens.as_dict(), "allocation": None})
                 print(f"wrote {args.json} (the measurement; no allocation)")
             raise
@@ -1075,7 +1115,8 @@ def cmd_sensitivity(args) -> int:
         print("quantise with: qround quantize " + shlex.join(
             _measured_args(args) + allocation.cli_args() + ["--out", SUGGESTED_OUT]))
     if args.json:
-        write_json_atomic(args.json, {"config": config.as_dict(), "sensitivity": sens.as_dict(),
+        write_json_atomic(args.json, {"config": config.as_dict(), "explicit": args.explicit,
+                                      "sensitivity": sens.as_dict(),
                                       "allocation": None if allocation is None
                                       else allocation.as_dict()})
         print(f"wrote {args.json}")
@@ -1253,8 +1294,8 @@ def _add_model_arguments(q) -> None:
     q.add_argument("--explicit", action="store_true",
                    help="round the model's nn.MultiheadAttention, nn.ConvTranspose1d/2d and "
                         "nn.Conv3d layers (otherwise left in float) through their explicit "
-                        "forms (qround.explicit_layers): layer names and saved weights are the "
-                        "explicit model's, e.g. 'attn.q_proj', 'up.conv'")
+                        "forms (qround.explicit.explicit_layers): layer names and saved "
+                        "weights are the explicit model's, e.g. 'attn.q_proj', 'up.conv'")
 
 
 def build_parser() -> argparse.ArgumentParser:

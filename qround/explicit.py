@@ -50,6 +50,28 @@ def explicit_layers(model: nn.Module, inplace: bool = False) -> nn.Module:
     return new
 
 
+def _explicit_children(model: nn.Module) -> tuple[dict[str, list[str]], str | None]:
+    """What :func:`explicit_layers` would add, without copying anything: the rounded layers
+    of each native module's explicit form by the module's name (``attn`` -> ``attn.q_proj``,
+    ``attn.k_proj``, ``attn.v_proj``, ``attn.out_proj``; ``up`` -> ``up.conv``), and the
+    refusal it would raise (or None)."""
+    present = [form for form in _FORMS if any(isinstance(m, form[1]) for m in model.modules())]
+    for module, *_ in present:
+        why = module._explicit_refusal(model)
+        if why:
+            return {}, why
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            parts = ("q_proj", "k_proj", "v_proj", "out_proj")
+        elif any(isinstance(m, form[1]) for form in _FORMS):
+            parts = ("conv",)
+        else:
+            continue
+        out[name] = [f"{name}.{p}" if name else p for p in parts]
+    return out, None
+
+
 def fuse_layers(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Undo :func:`explicit_layers`: a copy of ``model`` (itself with ``inplace``) in which
     every explicit module without a quantised input is the native module again, holding its

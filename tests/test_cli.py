@@ -1015,12 +1015,15 @@ def test_quantize_explicit_rounds_conv3d_transposed_convs_and_attention(tmp_path
             "--threads", "1", "--inputs", "float"]
     plain = tmp_path / "plain.json"
     assert main(base + ["--json", str(plain)]) == 0
-    assert "--explicit rounds 3 layer(s) left in float here ('c3'" in capsys.readouterr().out
+    assert "--explicit would round 6 more layer(s) ('c3.conv' and 5 more)" in \
+        capsys.readouterr().out
     assert set(json.loads(plain.read_text())["skipped"]) == {"c3", "up", "attn", "attn.out_proj"}
     out, report = tmp_path / "q.safetensors", tmp_path / "q.json"
     assert main(base + ["--explicit", "--out", str(out), "--json", str(report)]) == 0
     text = capsys.readouterr().out
-    assert "--explicit rounds" not in text and "qround.explicit_layers(model)" in text
+    assert "--explicit would" not in text
+    assert ("load with qround.export.load(qround.explicit.explicit_layers(model), path), then "
+            "qround.explicit.fuse_layers)") in text
     result = json.loads(report.read_text())
     assert result["skipped"] == {}
     assert {r["layer"] for r in result["layers"]} == {
@@ -1034,6 +1037,16 @@ def test_quantize_explicit_rounds_conv3d_transposed_convs_and_attention(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(fused(x), loaded(x), rtol=1e-5, atol=1e-6)
         assert not torch.equal(fused.up.weight, model.up.weight)   # rounded, not the float one
+    # the note counts the layers --exclude leaves to round; the tie --explicit refuses, none
+    assert main(base + ["--exclude", "attn"]) == 0
+    assert "--explicit would round 2 more layer(s) ('c3.conv' and 1 more)" in \
+        capsys.readouterr().out
+    tied = ExplicitNet()
+    tied.enc = torch.nn.Conv2d(4, 16, 3)   # not called: the tie to another kind refuses
+    tied.enc.weight = tied.up.weight
+    torch.save(tied, tmp_path / "tied.pt")
+    assert main(base[:2] + [str(tmp_path / "tied.pt")] + base[3:]) == 0
+    assert "--explicit would" not in capsys.readouterr().out
     assert main(base + ["--explicit", "--save-compressed", str(tmp_path / "c")]) == 2
     assert "--explicit renames them" in capsys.readouterr().err
     assert main(["quantize", "--model", "digits-cnn", "--explicit", "--no-progress",
@@ -1057,3 +1070,18 @@ def test_sensitivity_explicit_measures_the_explicit_layers_and_says_so_in_its_co
     argv[argv.index("--out") + 1] = str(tmp_path / "q.safetensors")
     assert main(argv + ["--no-progress", "--threads", "1", "--solver", "nearest"]) == 0
     assert "up.conv" in capsys.readouterr().out
+    # the JSON records --explicit: its layer names need it
+    assert json.loads(report.read_text())["explicit"] is True
+    quantize = ["quantize", "--model", str(tmp_path / "model.pt"), "--calibration",
+                str(tmp_path / "calib.pt"), "--no-progress", "--threads", "1", "--solver",
+                "nearest", "--overrides-from"]
+    assert main(quantize + [str(report)]) == 2
+    assert "was made with --explicit" in capsys.readouterr().err
+    plain = tmp_path / "plain.json"
+    assert main(["sensitivity", "--model", str(tmp_path / "model.pt"), "--calibration",
+                 str(tmp_path / "calib.pt"), "--bits", "2,4", "--mean-bits", "3", "--threads",
+                 "1", "--json", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(quantize + [str(plain), "--explicit"]) == 0
+    assert "was made without --explicit: the layers --explicit adds get no override" in \
+        capsys.readouterr().err
