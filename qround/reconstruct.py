@@ -977,7 +977,10 @@ def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
                               for m in rounding)
                     loss = loss + config.reg_weight * reg
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    loss.backward()
+                except RuntimeError as exc:
+                    _backward_error(exc, name)
                 opt.step()
     finally:
         for m in rounding:
@@ -986,6 +989,24 @@ def _train_block(block, layers: dict[str, QuantizedLayer], data: _BlockData,
             p.requires_grad_(flag)
             p.grad = None
     return config.iterations
+
+
+def _backward_error(exc: RuntimeError, name: str):
+    """Re-raise torch's error of a unit's backward as a QroundError where it has a known
+    cause (as :func:`qround.calibrate._fisher_error` does for Fisher passes)."""
+    text = str(exc)
+    if "inplace operation" in text:
+        raise QroundError(
+            f"unit {name!r}: reconstruction trains through its forward, which changes in place "
+            "a tensor the backward needs (e.g. x += f(x) after a layer that saved x): write it "
+            "out of place (x = x + f(x)), or reconstruct layer by layer "
+            f"(granularity='layer') ({text[:200]})") from exc
+    if "nference tensor" in text:
+        raise QroundError(
+            f"unit {name!r}: reconstruction trains through its forward, and tensors it uses "
+            "were made under torch.inference_mode (the calibration batches, or the model's "
+            f"buffers): make them outside it ({text[:200]})") from exc
+    raise exc
 
 
 def plan_units(float_model: nn.Module, quant_model: nn.Module, calibration: Iterable,

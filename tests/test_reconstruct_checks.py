@@ -542,3 +542,35 @@ def test_a_joint_unit_whose_last_module_a_batch_skips_trains_without_a_routing_w
         y = torch.cat([net.b(torch.relu(net.a(x))) for x in batches[1:]])
     assert result.blocks[0].target_power == pytest.approx(float((y.double() ** 2).mean()),
                                                           rel=1e-5)
+
+
+class _InPlaceBlock(nn.Module):
+    """``x += b(relu(a(x)))``: the add changes in place the input ``a`` saved for its
+    backward (helper-152)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x += self.b(torch.relu(self.a(x)))
+        return x
+
+
+def test_a_block_that_changes_its_input_in_place_gets_an_error_naming_the_fix():
+    from qround.pipeline import QuantConfig, quantize_model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _InPlaceBlock(), nn.Flatten(),
+                          nn.Linear(512, 10)).eval()
+    batches = [torch.randn(16, 1, 8, 8, generator=gen(i)) for i in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = QuantConfig(wbits=4, progress=False, solver="nearest",
+                         reconstruction=ReconstructConfig(iterations=3, batch_size=4))
+    with pytest.raises(QroundError, match=r"unit '1'.*changes in place.*x = x \+ f\(x\).*"
+                                          r"granularity='layer'"):
+        quantize_model(model, batches, config)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the remedy it names works: each layer trains alone
+    from dataclasses import replace
+    qm = quantize_model(model, batches, replace(config, granularity="layer"))
+    assert qm.reconstruction is not None and len(qm.reconstruction.blocks) == 4
