@@ -1373,16 +1373,28 @@ def _build_solvers(config: QuantConfig) -> dict[str | None, Solver]:
 
 def check_group_sizes(modules: dict, names, config: "QuantConfig") -> None:
     """Every chosen layer's ``group_size`` (the config's, or its override's) divides its inputs
-    (or covers them all); else a QroundError naming the layer, before any work."""
+    (or covers them all); else a QroundError naming the layers, before any work."""
+    bad = []
     for name in names:
         n = layer_weight(modules[name]).shape[1]
         group_size = config.layer_options(name)["group_size"]
         if group_size is not None and group_size < n and n % group_size:
-            pattern = config.override(name)[0]
-            where = (f" (from overrides[{pattern!r}])"
-                     if pattern is not None and "group_size" in config.override(name)[1] else "")
-            raise QroundError(f"group_size={group_size}{where} does not divide the {n} inputs "
-                              f"of layer {name!r}")
+            bad.append((name, n, group_size))
+    if not bad:
+        return
+    name, n, group_size = bad[0]
+    source = config.override(name)[0]
+    where = (f" (from overrides[{source!r}])"
+             if source is not None and "group_size" in config.override(name)[1] else "")
+    pattern = "^" + re.escape(name) + "$"
+    more = "" if len(bad) == 1 else (
+        f"; nor those of {len(bad) - 1} more: " + ", ".join(f"{m!r} ({k})" for m, k, _ in bad[1:4])
+        + (f" and {len(bad) - 4} others" if len(bad) > 4 else ""))
+    raise QroundError(f"group_size={group_size}{where} does not divide the {n} inputs of layer "
+                      f"{name!r}{more}. Give them a size that divides their inputs, or one "
+                      f"scale per channel, with overrides (e.g. overrides=[({pattern!r}, "
+                      f"{{'group_size': None}})]; shell: --override {pattern!r} "
+                      "group_size=none)")
 
 
 def _check_overrides_match(config: QuantConfig, names: list[str]) -> None:

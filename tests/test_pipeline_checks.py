@@ -189,3 +189,25 @@ def test_a_forward_drawing_from_numpy_follows_every_bit_of_the_seed():
         firsts[seed] = seen[0]
     assert len(set(firsts.values())) == 3
     assert firsts[0] == np.random.RandomState(0).rand()
+
+
+def test_a_group_size_refusal_names_every_layer_it_fails_and_the_override_that_fixes_it():
+    """Depthwise convs (9 inputs) refuse a group size of 8 one layer after another unless the
+    message names them all (helper-152); the override it shows makes the run work."""
+    import re as _re
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(8, 8, 3, groups=8),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 16))
+    batches = [torch.randn(4, 4, 8, 8)]
+    config = QuantConfig(wbits=4, group_size=8, progress=False, solver="nearest")
+    with pytest.raises(QroundError) as info:
+        quantize_model(model, batches, config)
+    text = str(info.value)
+    assert "group_size=8 does not divide the 9 inputs of layer '0'; nor those of 1 more: " \
+           "'1' (9)" in text
+    shown = _re.search(r"overrides=\[\('(.*?)', \{'group_size': None\}\)\]", text).group(1)
+    assert "--override '^0$' group_size=none" in text
+    fixed = dataclasses.replace(config, overrides=[(shown, {"group_size": None}),
+                                       ("^1$", {"group_size": None})])
+    assert set(quantize_model(model, batches, fixed).layers) == {"0", "1", "3"}
