@@ -1085,3 +1085,22 @@ def test_sensitivity_explicit_measures_the_explicit_layers_and_says_so_in_its_co
     assert main(quantize + [str(plain), "--explicit"]) == 0
     assert "was made without --explicit: the layers --explicit adds get no override" in \
         capsys.readouterr().err
+
+
+def test_quantize_and_evaluate_the_digits_mobilenet(tmp_path, capsys):
+    """--model digits-mobilenet: every conv is rounded, the 4 depthwise ones included (one
+    problem per channel), and the file evaluates against the same trained model."""
+    pytest.importorskip("sklearn", reason="needs the examples extra")
+    from qround import export
+    out = tmp_path / "m.safetensors"
+    assert main(["quantize", "--model", "digits-mobilenet", "--wbits", "4", "--solver",
+                 "greedy", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert "15 layers quantised, 0 left in float" in capsys.readouterr().out
+    codes = export.load_codes(out)
+    assert {f"block{i}.dw" for i in (1, 2, 3, 4)} <= set(codes)
+    assert codes["block2.dw"].codes.shape == (72, 9)
+    assert main(["evaluate", "--model", "digits-mobilenet", "--quantized", str(out), "--json",
+                 "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["float_accuracy"] > 0.95
+    assert res["quantized_accuracy"] >= res["float_accuracy"] - 0.05
