@@ -197,16 +197,15 @@ def test_gptq_and_rtn_model_take_conv1d():
 
     net, twin = _pair()
     batches = _batches()
-    config = QuantConfig(wbits=3, seed=0)
-    with pytest.raises(QroundError, match="grouped conv"):
-        gptq_model(net, batches, config)
-    config = QuantConfig(wbits=3, seed=0, exclude="c2")
+    config = QuantConfig(wbits=3, seed=0)   # c2 grouped: one GPTQ problem per group
     ga, gb = gptq_model(net, batches, config), gptq_model(twin, batches, config)
-    for name in ("c1", "c3"):
+    for name in ("c1", "c2", "c3"):
         torch.testing.assert_close(getattr(ga[0], name).weight.unsqueeze(-2),
                                    getattr(gb[0], name).weight)
+        assert not torch.equal(getattr(ga[0], name).weight, getattr(net, name).weight)
+    config = QuantConfig(wbits=3, seed=0, exclude="c2")
+    ga = gptq_model(net, batches, config)
     assert torch.equal(ga[0].c2.weight, net.c2.weight)   # excluded: float
-    assert not torch.equal(ga[0].c1.weight, net.c1.weight)
     ra, _ = rtn_model(net, QuantConfig(wbits=3), example=batches[0])
     rb, _ = rtn_model(twin, QuantConfig(wbits=3), example=batches[0])
     _same_weights(ra, rb)
