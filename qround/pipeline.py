@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import threading
 import time
 import weakref
@@ -1289,7 +1290,8 @@ def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,
         problems = problems_from_layer(module, stats["hessian"],
                                        config.grid_spec(layer.bits, layer.name), layer.name,
                                        cross=stats["cross"], float_hessian=stats["float_hessian"],
-                                       damp=config.layer_options(layer.name)["damp"])
+                                       damp=config.layer_options(layer.name)["damp"],
+                                       merge_groups="auto")
         if config.refits:
             pairs = [solve_refitting(p, solver, rounds=config.refits, seed=rng) for p in problems]
             problems = [p for p, _ in pairs]
@@ -1386,14 +1388,16 @@ def check_group_sizes(modules: dict, names, config: "QuantConfig") -> None:
     source = config.override(name)[0]
     where = (f" (from overrides[{source!r}])"
              if source is not None and "group_size" in config.override(name)[1] else "")
-    pattern = "^" + re.escape(name) + "$"
+    names = [m for m, _, _ in bad]   # one pattern for them all: one override fixes the run
+    pattern = ("^" + re.escape(name) + "$" if len(names) == 1 else
+               "^(?:" + "|".join(re.escape(m) for m in names) + ")$")
     more = "" if len(bad) == 1 else (
         f"; nor those of {len(bad) - 1} more: " + ", ".join(f"{m!r} ({k})" for m, k, _ in bad[1:4])
         + (f" and {len(bad) - 4} others" if len(bad) > 4 else ""))
     raise QroundError(f"group_size={group_size}{where} does not divide the {n} inputs of layer "
                       f"{name!r}{more}. Give them a size that divides their inputs, or one "
                       f"scale per channel, with overrides (e.g. overrides=[({pattern!r}, "
-                      f"{{'group_size': None}})]; shell: --override {pattern!r} "
+                      f"{{'group_size': None}})]; shell: --override {shlex.quote(pattern)} "
                       "group_size=none)")
 
 

@@ -157,3 +157,28 @@ def test_gptq_model_leaves_a_layer_that_only_sees_empty_inputs_in_float():
     qnet, _ = gptq_model(net, batches, QuantConfig(wbits=3, progress=False))
     assert torch.equal(qnet.expert.weight, net.expert.weight)
     assert not torch.equal(qnet.a.weight, net.a.weight)
+
+
+@pytest.mark.parametrize("kw", [dict(percdamp=2.0), dict(act_order=False, percdamp=0.5,
+                                                          blocksize=5)])
+def test_gptq_model_passes_its_gptq_options_to_every_group_of_a_grouped_conv(kw):
+    """Each group's GPTQ problem gets the caller's percdamp / blocksize / act_order, as a
+    dense layer does (a group solved with the default damping gives other codes)."""
+    net, batches = _grouped_net(seed=2)
+    config = QuantConfig(wbits=3, progress=False)
+    qnet, _ = gptq_model(net, batches, config, **kw)
+    differs = False
+    for name, groups in (("0", 2), ("2", 8)):
+        h = capture_hessians(qnet, batches, layers=[name])[name]
+        w = layer_weight(dict(net.named_modules())[name])
+        out_g = w.shape[0] // groups
+        expect, default = [], []
+        for j in range(groups):
+            wj = w[j * out_g:(j + 1) * out_g]
+            g = fit_grid(wj, config.grid_spec(3), hessian=h[j])
+            expect.append(g.dequantize(gptq_quantize(wj, h[j], g, **kw)))
+            default.append(g.dequantize(gptq_quantize(wj, h[j], g)))
+        got = layer_weight(dict(qnet.named_modules())[name])
+        np.testing.assert_allclose(got, np.concatenate(expect), rtol=1e-6, atol=1e-7)
+        differs |= not np.allclose(np.concatenate(expect), np.concatenate(default))
+    assert differs   # the options matter on this problem: the check is not vacuous

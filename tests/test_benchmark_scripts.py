@@ -41,3 +41,28 @@ def test_widen_with_the_reconstruct_method_is_refused_before_any_row(script, ben
     assert "--widen cannot be combined with the 'reconstruct' method" in capsys.readouterr().err
     args = module.parse_args(["--widen", "--bits", "W3", "--methods", "rtn-mse,solvers"])
     assert args.widen and "reconstruct" not in args.methods
+
+
+def test_e2e_digits_trains_the_arch_it_is_given(monkeypatch):
+    """benchmarks/e2e_digits.py --arch mobile measures the MobileNet, not the plain CNN."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    try:
+        module = importlib.import_module("e2e_digits")
+        asked = []
+
+        class _Stop(Exception):
+            pass
+
+        def train(arch, seed=0, **kw):
+            asked.append((arch, seed))
+            raise _Stop
+
+        monkeypatch.setattr(module.zoo, "train_digits_cnn", train)
+        monkeypatch.setattr(module, "warm_up_solvers", lambda *a, **k: None)
+        with pytest.raises(_Stop):
+            module.main(["--arch", "mobile", "--seeds", "3", "--methods", "rtn-minmax",
+                         "--bits", "W4", "--threads", "1"])
+        assert asked == [("mobile", 3)]
+    finally:
+        for name in ("e2e_digits", "_common"):
+            sys.modules.pop(name, None)

@@ -193,21 +193,65 @@ def test_a_forward_drawing_from_numpy_follows_every_bit_of_the_seed():
 
 def test_a_group_size_refusal_names_every_layer_it_fails_and_the_override_that_fixes_it():
     """Depthwise convs (9 inputs) refuse a group size of 8 one layer after another unless the
-    message names them all (helper-152); the override it shows makes the run work."""
+    message names them all (helper-152); the one override it shows, in Python and for the
+    shell, makes the run work, also for dotted names (helper-153: the shell form was the
+    pattern's repr, whose doubled backslashes matched nothing)."""
     import re as _re
+    import shlex
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(8, 8, 3, groups=8),
-                          nn.Flatten(), nn.Linear(8 * 4 * 4, 16))
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(4, 8, 3, groups=4)),
+                          nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 16))
     batches = [torch.randn(4, 4, 8, 8)]
     config = QuantConfig(wbits=4, group_size=8, progress=False, solver="nearest")
     with pytest.raises(QroundError) as info:
         quantize_model(model, batches, config)
     text = str(info.value)
-    assert "group_size=8 does not divide the 9 inputs of layer '0'; nor those of 1 more: " \
+    assert "group_size=8 does not divide the 9 inputs of layer '0.0'; nor those of 1 more: " \
            "'1' (9)" in text
-    shown = _re.search(r"overrides=\[\('(.*?)', \{'group_size': None\}\)\]", text).group(1)
-    assert "--override '^0$' group_size=none" in text
-    fixed = dataclasses.replace(config, overrides=[(shown, {"group_size": None}),
-                                       ("^1$", {"group_size": None})])
-    assert set(quantize_model(model, batches, fixed).layers) == {"0", "1", "3"}
+    python = _re.search(r"overrides=\[\((.*?), \{'group_size': None\}\)\]", text).group(1)
+    shell = shlex.split(_re.search(r"shell: (--override .*? group_size=none)\)", text).group(1))
+    assert shell[0] == "--override" and shell[1] == eval(python)
+    fixed = dataclasses.replace(config, overrides=[(shell[1], {"group_size": None})])
+    assert set(quantize_model(model, batches, fixed).layers) == {"0.0", "1", "3"}
+
+
+@pytest.mark.parametrize("inputs", ["float", "asymmetric"])
+def test_a_depthwise_conv_is_solved_as_one_problem_with_the_per_group_answer(inputs,
+                                                                            monkeypatch):
+    """quantize_model merges a depthwise conv's groups into one problem (merge_groups='auto'):
+    with a deterministic solver the codes are the per-group problems' codes; asymmetric
+    statistics (a shared H needed) keep one problem per group and still run."""
+    from qround.calibrate import capture_hessians
+    from qround.problems import problems_from_layer
+    from qround.solvers import get_solver
+    from qround.writeback import quantized_weight
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 12, 1), nn.Conv2d(12, 12, 3, groups=12, padding=1)
+                          ).double()
+    batches = [torch.randn(8, 12, 6, 6, dtype=torch.float64) for _ in range(2)]
+    for b in batches:
+        b[:, 1:] += 0.6 * b[:, :-1].clone()
+    import qround.pipeline as pipeline
+    made = []
+    real = pipeline.problems_from_layer
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(pipeline, "problems_from_layer", spy)
+    config = QuantConfig(wbits=3, solver="gptq", inputs=inputs, progress=False)
+    qm = quantize_model(model, batches, config)
+    # the second layer's statistics pair float and quantised inputs when asymmetric
+    assert [len(m) for m in made] == [1, 12 if inputs == "asymmetric" else 1]
+    if inputs == "asymmetric":
+        assert qm.layers["1"].codes.shape == (12, 9)
+        return
+    h = capture_hessians(model, batches, layers=["1"])["1"]
+    apart = problems_from_layer(model[1], h, config.grid_spec(3), "1")
+    assert len(apart) == 12
+    solver = get_solver("gptq")
+    expect = quantized_weight(apart, [solver.solve(p, seed=0) for p in apart], model[1])
+    np.testing.assert_array_equal(qm.layers["1"].codes, expect.codes)
+    np.testing.assert_array_equal(qm.layers["1"].scale, expect.scale)

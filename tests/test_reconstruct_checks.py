@@ -10,8 +10,10 @@ from torch import nn
 
 from qround import GridSpec, QroundError
 from qround.activations import insert_act_quantizers, quantized_layers
-from qround.reconstruct import (ReconstructConfig, Unit, _BlockData, _main_tensor, _mse,
-                                _rec_loss, check_cache, plan_units, reconstruct)
+from qround.pipeline import QuantConfig, quantize_model
+from qround.reconstruct import (ReconstructConfig, Unit, _backward_error, _BlockData,
+                                _main_tensor, _mse, _one_layout, _rec_loss, check_cache,
+                                plan_units, reconstruct)
 
 from .tiny_models import BATCHES, TinyResNet, gen
 
@@ -176,7 +178,6 @@ def test_a_channels_last_4d_target_sums_its_loss_over_the_last_axis(monkeypatch,
     rounding regulariser by C / H.  A ConvNeXt block's NCHW output keeps the channels, also
     where its Linear outputs have the same shape."""
     import qround.reconstruct as rec
-    from qround.pipeline import QuantConfig, quantize_model
     seen = {}
     real = rec._rec_loss
 
@@ -558,7 +559,6 @@ class _InPlaceBlock(nn.Module):
 
 
 def test_a_block_that_changes_its_input_in_place_gets_an_error_naming_the_fix():
-    from qround.pipeline import QuantConfig, quantize_model
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _InPlaceBlock(), nn.Flatten(),
                           nn.Linear(512, 10)).eval()
@@ -574,3 +574,54 @@ def test_a_block_that_changes_its_input_in_place_gets_an_error_naming_the_fix():
     from dataclasses import replace
     qm = quantize_model(model, batches, replace(config, granularity="layer"))
     assert qm.reconstruction is not None and len(qm.reconstruction.blocks) == 4
+
+
+# helper-153: layouts that disagree across batches, backward errors
+@pytest.mark.parametrize("values, expect", [
+    ([False, False], False), ([True, True], True), ([None, None], None),
+    ([False, None], None), ([None, False], None), ([True, False], None), ([False, True], None)])
+def test_batches_whose_target_layouts_disagree_get_each_shapes_default(values, expect):
+    """One layout for the unit's loss only where every batch agrees; any disagreement gives
+    None (the shape's default), whatever the order of the batches."""
+    assert _one_layout(values) is expect
+
+
+class _Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("boom from a custom backward")
+
+
+class _BoomBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return _Boom.apply(self.a(x))
+
+
+def test_a_backward_error_without_a_known_cause_is_raised_as_is():
+    """A RuntimeError of the unit's backward that qround does not explain reaches the caller
+    unchanged (not swallowed: the training would go on without gradients)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _BoomBlock(), nn.Flatten(),
+                          nn.Linear(512, 10)).eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 1, 8, 8, generator=gen) for _ in range(2)]
+    config = QuantConfig(wbits=4, progress=False, solver="nearest",
+                         reconstruction=ReconstructConfig(iterations=2, batch_size=4))
+    with pytest.raises(RuntimeError, match="boom from a custom backward") as info:
+        quantize_model(model, batches, config)
+    assert not isinstance(info.value, QroundError)
+
+
+def test_a_backward_error_of_another_kind_is_re_raised_unchanged():
+    other = RuntimeError("something else")
+    with pytest.raises(RuntimeError) as info:
+        _backward_error(other, "blk")
+    assert info.value is other

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from qround.errors import QroundError
-from qround.zoo import (DigitsCNN, DigitsMobileNet, ResidualDigitsCNN, accuracy, load_digits_data,
-                        sentences, train_digits_cnn)
+from qround.zoo import (DigitsCNN, DigitsMobileNet, InvertedResidual, ResidualDigitsCNN,
+                        accuracy, load_digits_data, sentences, train_digits_cnn)
 from qround.zoo import digits as digits_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -452,3 +452,31 @@ def test_the_autoencoder_trains_deterministically_locally_and_learns(sklearn):
     for kwargs in ({"seed": -1}, {"steps": 0}, {"lr": 0.0}, {"batch_size": 0}):
         with pytest.raises(QroundError):
             train_digits_autoencoder(**kwargs)
+
+
+def _randomise(block, seed=0):
+    block.to_empty(device="cpu")   # built on the meta device, as ResidualBlock (the nets' init)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in block.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5 if "var" in name
+                        else torch.randn(t.shape, generator=gen) * 0.5)
+    return block.eval()
+
+
+@pytest.mark.parametrize("c_in, c_out, stride, residual", [
+    (8, 8, 1, True), (8, 12, 1, False), (8, 8, 2, False)])
+def test_inverted_residual_adds_the_identity_only_where_the_shape_stays(c_in, c_out, stride,
+                                                                        residual):
+    """A public block: stride 1 with new channels has no identity (it could not be added);
+    the output is the linear bottleneck, plus the input where residual."""
+    block = _randomise(InvertedResidual(c_in, c_out, stride))
+    assert block.residual is residual
+    x = torch.randn(2, c_in, 6, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = block.act1(block.bn1(block.expand(x)))
+        y = block.bn3(block.project(block.act2(block.bn2(block.dw(y)))))
+        out = block(x)
+    assert out.shape == (2, c_out, 6 // stride, 6 // stride)
+    torch.testing.assert_close(out, x + y if residual else y)

@@ -191,7 +191,9 @@ class InvertedResidual(nn.Module):
     ReLU6, 3x3 depthwise ``dw`` conv (``groups`` = its channels, ``stride``) + BatchNorm + ReLU6,
     1x1 ``project`` conv + BatchNorm (a linear bottleneck), and the identity added when the
     stride is 1 and the channels stay.  Convs have no bias (BatchNorm follows each, as in
-    MobileNetV2; quantisation rounds the convs and leaves the BatchNorms in float)."""
+    MobileNetV2; quantisation rounds the convs and leaves the BatchNorms in float).  Built on
+    the ``meta`` device, as :class:`ResidualBlock`: the network that holds it materialises and
+    initialises it (``to_empty`` and an initialisation, to use one alone)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, expand_ratio: int = 3):
         super().__init__()

@@ -87,6 +87,66 @@ def test_conv_energy_plus_const_is_output_mse(groups, cin_g, out_g, k, stride, p
     np.testing.assert_allclose(costs, direct, rtol=1e-8, atol=1e-12)
 
 
+@settings(max_examples=30, deadline=None)
+@given(groups=st.integers(2, 4), cin_g=st.integers(1, 2), out_g=st.integers(1, 3),
+       per_channel=st.booleans(), damp=st.sampled_from([0.0, 0.1]),
+       scales=st.sampled_from(["mse", "mse-output", "given"]), seed=st.integers(0, 2 ** 16))
+def test_merged_groups_are_the_per_group_problems_in_one(groups, cin_g, out_g, per_channel,
+                                                         damp, scales, seed):
+    """merge_groups=True: one problem whose per-channel H is each channel's group's; its grid,
+    RTN cost and cost of any choices equal the per-group problems' channel for channel."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(groups * cin_g, groups * out_g, 2, groups=groups).double()
+    rng = np.random.default_rng(seed)
+    n = cin_g * 4
+    a = rng.normal(size=(groups * out_g if per_channel else groups, n, n + 2))
+    h = a @ a.transpose(0, 2, 1)
+    grid = (fit_grid(layer_weight(conv), GridSpec(bits=3)) if scales == "given"
+            else GridSpec(bits=3, scale_method=scales))
+    apart = problems_from_layer(conv, h, grid, name="c", damp=damp)
+    [merged] = problems_from_layer(conv, h, grid, name="c", damp=damp, merge_groups=True)
+    assert len(apart) == groups and merged.name == "c" and not merged.shared_hessian
+    np.testing.assert_array_equal(merged.grid.scale, np.concatenate([p.grid.scale
+                                                                      for p in apart]))
+    choices = rng.random(merged.weight.shape) < 0.5
+    out_rows = np.split(choices, groups)
+    np.testing.assert_allclose(
+        merged.energies(choices) + merged.const,
+        np.concatenate([p.energies(b) + p.const for p, b in zip(apart, out_rows)]),
+        rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(merged.rtn_costs(), np.concatenate([p.rtn_costs() for p in apart]),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_merge_groups_auto_takes_small_groups_and_never_asymmetric_statistics():
+    rng = np.random.default_rng(0)
+
+    def stats(groups, n):
+        a = rng.normal(size=(groups, n, n + 1))
+        return a @ a.transpose(0, 2, 1)
+
+    depthwise = nn.Conv2d(16, 16, 3, groups=16)
+    assert len(problems_from_layer(depthwise, stats(16, 9), merge_groups="auto")) == 1
+    assert len(problems_from_layer(depthwise, stats(16, 9))) == 16        # default: apart
+    wide = nn.Conv2d(4, 36, 1, groups=2)                                  # 18 channels a group
+    assert len(problems_from_layer(wide, stats(2, 2), merge_groups="auto")) == 2
+    assert len(problems_from_layer(wide, stats(2, 2), merge_groups=True)) == 1
+    h = stats(16, 9)
+    assert len(problems_from_layer(depthwise, h, cross=h, merge_groups="auto")) == 16
+    with pytest.raises(QroundError, match="cross=.* need a shared one"):
+        problems_from_layer(depthwise, h, cross=h, merge_groups=True)
+    with pytest.raises(QroundError, match="merge_groups must be True, False or 'auto'"):
+        problems_from_layer(depthwise, h, merge_groups="yes")
+    import qround.problems.layers as layers_module
+    big = nn.Conv2d(8, 8, 3, groups=8)    # 8 x 9 x 9 x 8 bytes over a lowered bound: apart
+    old = layers_module._MERGE_BYTES
+    try:
+        layers_module._MERGE_BYTES = 8 * 9 * 9 * 8 - 1
+        assert len(problems_from_layer(big, stats(8, 9), merge_groups="auto")) == 8
+    finally:
+        layers_module._MERGE_BYTES = old
+
+
 def test_grouped_conv_problems_split_weights_and_statistics():
     conv = nn.Conv2d(4, 6, 2, groups=2).double()
     rng = np.random.default_rng(0)
