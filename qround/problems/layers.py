@@ -352,10 +352,10 @@ def _slice_grid(grid: Grid, rows: slice) -> Grid:
 
 
 # merge_groups="auto": groups of at most this many output channels (depthwise convs: 1), and
-# per-channel statistics of at most this many bytes; measured, 960 depthwise channels of 9
-# inputs: `quality` 12 s one group at a time, 0.33 s merged; 4 groups of 64 channels of 144
-# inputs: merged 2-7x slower (the per-group problems share H, which the solvers batch)
-_MERGE_CHANNELS, _MERGE_BYTES = 8, 64 * 2 ** 20
+# per-channel statistics of at most this many bytes.  benchmarks/grouped_merge.py: merged is
+# 3-25x faster for groups of 1-2 channels, 1.3-2.2x for 4, and 0.7-1.3x for 8 (the per-group
+# problems share H, which the solvers batch); 4 groups of 64 channels: 0.04-0.24x
+_MERGE_CHANNELS, _MERGE_BYTES = 4, 64 * 2 ** 20
 
 
 def problems_from_layer(module, hessian, grid: Grid | GridSpec = GridSpec(), name: str = "",
@@ -374,7 +374,7 @@ def problems_from_layer(module, hessian, grid: Grid | GridSpec = GridSpec(), nam
     problems, solved in one batch (a depthwise conv's groups have one channel each; solving
     them one at a time costs a solver call per channel).  Not with ``cross`` (asymmetric
     problems need a shared H).  ``"auto"`` (as ``quantize_model`` does): merge when the groups
-    have at most 8 output channels, there is no ``cross``, and the per-channel H takes at most
+    have at most 4 output channels, there is no ``cross``, and the per-channel H takes at most
     64 MiB.
     """
     w = layer_weight(module)

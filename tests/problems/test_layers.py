@@ -128,6 +128,9 @@ def test_merge_groups_auto_takes_small_groups_and_never_asymmetric_statistics():
     depthwise = nn.Conv2d(16, 16, 3, groups=16)
     assert len(problems_from_layer(depthwise, stats(16, 9), merge_groups="auto")) == 1
     assert len(problems_from_layer(depthwise, stats(16, 9))) == 16        # default: apart
+    four, five = nn.Conv2d(4, 16, 1, groups=4), nn.Conv2d(4, 20, 1, groups=4)   # the bound: 4
+    assert len(problems_from_layer(four, stats(4, 1), merge_groups="auto")) == 1
+    assert len(problems_from_layer(five, stats(4, 1), merge_groups="auto")) == 4
     wide = nn.Conv2d(4, 36, 1, groups=2)                                  # 18 channels a group
     assert len(problems_from_layer(wide, stats(2, 2), merge_groups="auto")) == 2
     assert len(problems_from_layer(wide, stats(2, 2), merge_groups=True)) == 1
