@@ -747,18 +747,20 @@ def _note_other_settings(path: str, source: dict | None, config) -> None:
               f"had {', '.join(differ)}: repeat those options to get them", file=sys.stderr)
 
 
-def _overrides_from(path: str) -> tuple[list, dict | None]:
+def _overrides_from(path: str) -> tuple[list, dict | None, bool | None]:
     """--overrides-from FILE: the overrides of `qround sensitivity --json`'s allocation, of
-    `qround quantize --json`'s config, or a JSON list of [pattern, {settings}] pairs; and the
-    quantize run's whole config when the file is one."""
+    `qround quantize --json`'s config, or a JSON list of [pattern, {settings}] pairs; the
+    quantize run's whole config when the file is one; and whether the file's run had
+    --explicit (None where it does not say)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
         raise QroundError(f"--overrides-from {path!r} could not be read as JSON "
                           f"({type(exc).__name__}: {exc})") from None
-    source = None
+    source, explicit = None, None
     if isinstance(data, dict):
+        explicit = data.get("explicit")
         if "sensitivity" in data and not isinstance(data.get("allocation"), dict):
             raise QroundError(f"--overrides-from {path!r} holds a sensitivity measurement "
                               "without an allocation: run qround sensitivity with --mean-bits")
@@ -775,7 +777,7 @@ def _overrides_from(path: str) -> tuple[list, dict | None]:
         raise QroundError(f"--overrides-from {path!r} holds no overrides: expected `qround "
                           "sensitivity --mean-bits ... --json`'s file, `qround quantize "
                           "--json`'s, or a list of [pattern, {settings}] pairs")
-    return [(p, o) for p, o in data], source  # QuantConfig checks the settings
+    return [(p, o) for p, o in data], source, explicit  # QuantConfig checks the settings
 
 
 _FLAG_NAMES = ("wbits", "first_last_bits", "abits", "device", "layers", "exclude", "damp",
@@ -870,10 +872,10 @@ def cmd_quantize(args) -> int:
             reconstruction = ReconstructConfig(iterations=iterations, seed=args.seed,
                                                qdrop=0.5 if args.qdrop is None else args.qdrop,
                                                capture_cache_mb=args.capture_cache_mb)
-    overrides, source = (_overrides_from(args.overrides_from) if args.overrides_from
-                         else (_parse_overrides(args.override), None))
-    if args.overrides_from:
-        _check_explicit_source(args)
+    overrides, source, made_explicit = (_overrides_from(args.overrides_from)
+                                        if args.overrides_from
+                                        else (_parse_overrides(args.override), None, None))
+    _check_explicit_source(args, made_explicit)
     try:   # a spec's own refusals name its options, not flags: say which flag holds them
         get_solver(args.solver)
     except QroundError as exc:
@@ -983,16 +985,10 @@ def _explicit_note(model, qmodel, config) -> None:
               + (f" and {len(chosen) - 1} more" if len(chosen) > 1 else "") + ")")
 
 
-def _check_explicit_source(args) -> None:
-    """An --overrides-from file records whether its run had --explicit: its layer names are
-    the explicit forms' with it.  Refuse the mismatch that would match no layer; note the one
-    that leaves the newly rounded layers at --wbits."""
-    try:
-        with open(args.overrides_from, encoding="utf-8") as f:
-            made = json.load(f)
-    except (OSError, ValueError):   # _overrides_from read it: a race at most
-        return
-    made = made.get("explicit") if isinstance(made, dict) else None
+def _check_explicit_source(args, made: bool | None) -> None:
+    """An --overrides-from file records whether its run had --explicit (``made``): its layer
+    names are the explicit forms' with it.  Refuse the mismatch that would match no layer;
+    note the one that leaves the newly rounded layers at --wbits."""
     if made is True and not args.explicit:
         raise QroundError(f"--overrides-from {args.overrides_from!r} was made with --explicit: "
                           "its layers are the explicit forms' (e.g. 'attn.q_proj', 'up.conv'); "

@@ -36,18 +36,31 @@ def explicit_layers(model: nn.Module, inplace: bool = False) -> nn.Module:
     QroundError names one that cannot be made explicit, or says the model has none of them."""
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be an nn.Module, got {type(model).__name__}")
-    present = [form for form in _FORMS if any(isinstance(m, form[1]) for m in model.modules())]
+    present = _present(model)
     if not present:
         raise QroundError("model has no " + ", ".join(form[4] for form in _FORMS[:-1])
                           + f" or {_FORMS[-1][4]}: nothing to make explicit")
-    for module, *_ in present:
-        why = module._explicit_refusal(model)
-        if why:
-            raise QroundError(why)
+    why = _refusal(model, present)
+    if why:
+        raise QroundError(why)
     new = model if inplace else copy_module(model)
     for module, *_ in present:
         new = module._explicit(new)
     return new
+
+
+def _present(model: nn.Module) -> list:
+    """The forms of ``_FORMS`` whose native layers ``model`` holds."""
+    return [form for form in _FORMS if any(isinstance(m, form[1]) for m in model.modules())]
+
+
+def _refusal(model: nn.Module, present: list) -> str | None:
+    """The first refusal of the ``present`` forms' checks, or None."""
+    for module, *_ in present:
+        why = module._explicit_refusal(model)
+        if why:
+            return why
+    return None
 
 
 def _explicit_children(model: nn.Module) -> tuple[dict[str, list[str]], str | None]:
@@ -55,11 +68,9 @@ def _explicit_children(model: nn.Module) -> tuple[dict[str, list[str]], str | No
     of each native module's explicit form by the module's name (``attn`` -> ``attn.q_proj``,
     ``attn.k_proj``, ``attn.v_proj``, ``attn.out_proj``; ``up`` -> ``up.conv``), and the
     refusal it would raise (or None)."""
-    present = [form for form in _FORMS if any(isinstance(m, form[1]) for m in model.modules())]
-    for module, *_ in present:
-        why = module._explicit_refusal(model)
-        if why:
-            return {}, why
+    why = _refusal(model, _present(model))
+    if why:
+        return {}, why
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
