@@ -49,7 +49,7 @@ from qround.report import format_table, write_json_atomic
 from _common import _choices  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W2A4": (2, 4), "W3A3": (3, 3), "W2A2": (2, 2), "W4A4": (4, 4)}
-ARCHS = ("residual", "deep", "deep-narrow")
+ARCHS = ("residual", "deep", "deep-narrow", "mobile")
 OUTER = ("stem", "fc")  # first and last layer: 8-bit weights, as BRECQ/QDrop/MRECG keep them
 
 

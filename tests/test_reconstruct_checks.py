@@ -625,3 +625,31 @@ def test_a_backward_error_of_another_kind_is_re_raised_unchanged():
     with pytest.raises(RuntimeError) as info:
         _backward_error(other, "blk")
     assert info.value is other
+
+
+def test_find_blocks_takes_mobilenet_and_efficientnet_blocks_by_class_name():
+    """MobileNetV2's InvertedResidual and EfficientNet's MBConv / FusedMBConv are blocks, as
+    ResNet's BasicBlock is: the digits MobileNet's blocks are units of their own."""
+    from qround.reconstruct import find_blocks
+    from qround.zoo import DigitsMobileNet
+    torch.manual_seed(0)
+    model = DigitsMobileNet(seed=0).eval()
+    q = insert_act_quantizers(model, None, 8, calib_batches=[torch.randn(4, 1, 16, 16)],
+                              weights=GridSpec(bits=4))
+    assert find_blocks(q) == ["stem", "block1", "block2", "block3", "block4", "head", "fc"]
+
+    class MBConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)))
+
+    FusedMBConv = type("FusedMBConv", (MBConv,), {})
+    net = nn.Module()
+    net.one, net.two, net.head = MBConv(), FusedMBConv(), nn.Linear(6, 2)
+    net.forward = lambda x: net.head(net.two(net.one(x)))
+    q = insert_act_quantizers(net, None, 8, calib_batches=[torch.randn(4, 6)],
+                              weights=GridSpec(bits=4))
+    assert find_blocks(q) == ["one", "two", "head"]
