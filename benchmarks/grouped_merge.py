@@ -5,7 +5,7 @@
 ``problems_from_layer(layer, H, spec, merge_groups=False)`` gives a grouped conv one problem per
 group, each with its group's shared H; ``merge_groups=True`` gives one problem whose H is per
 channel (each output channel its group's), the same cost per channel.  ``quantize_model`` merges
-(``merge_groups="auto"``) when the groups have at most 8 output channels.  This times both on one
+(``merge_groups="auto"``) when the groups have at most 4 output channels.  This times both on one
 layer per case, with statistics of correlated random inputs (no model is run): problem builds
 (grid fits, checks) plus solves, for each solver, one thread by default, in the same run; the
 solvers' kernels are loaded before timing.  Reported: seconds apart and merged, their ratio, and

@@ -1271,12 +1271,24 @@ def _centered(stats: dict, alpha: float) -> dict:
         o = np.einsum("gi,gj->gij", a, b)
         return o[0] if h.ndim == 2 else o
 
-    out = {**stats, "hessian": h - outer(mu_hat, mu_hat)}
+    out = {**stats, "hessian": _covariance(h, outer(mu_hat, mu_hat))}
     if stats["cross"] is not None:
         mu_t = mu_hat + alpha * (stats["mean_x"] - mu_hat)
         out["cross"] = stats["cross"] - outer(mu_hat, mu_t)
-        out["float_hessian"] = stats["float_hessian"] - outer(mu_t, mu_t)
+        out["float_hessian"] = _covariance(stats["float_hessian"], outer(mu_t, mu_t))
     return out
+
+
+def _covariance(second: np.ndarray, mean_outer: np.ndarray) -> np.ndarray:
+    """``second - mean_outer`` per matrix, with a matrix left as round-off of the subtraction
+    (inputs constant over the calibration data: a padding-free grouped conv on a constant
+    plane, a saturated ReLU6) set to exact zeros: its small negative eigenvalues would fail
+    the PSD check against its own tiny scale, and a constant input's error is all mean, which
+    the bias takes."""
+    c = second - mean_outer
+    scale = np.max(np.abs(second), axis=(-2, -1), keepdims=True)
+    tiny = np.max(np.abs(c), axis=(-2, -1), keepdims=True) <= 1e-9 * scale
+    return np.where(tiny, 0.0, c)
 
 
 def _solve_layer(layer: _Layer, module: nn.Module, stats: dict, solver: Solver,

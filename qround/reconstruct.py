@@ -67,8 +67,10 @@ from .prefix_cache import PrefixCache, budget_bytes, check_budget, disabled, tra
 log = logging.getLogger(__name__)
 
 # residual blocks by class name: ResNet's BasicBlock / Bottleneck, transformer layers, MobileNet's
-# InvertedResidual, EfficientNet's MBConv / FusedMBConv (torchvision, timm)
-_BLOCK_CLASS = re.compile(r"(Block|Bottleneck|Layer|Residual|MBConv)$")
+# InvertedResidual (MNASNet's _InvertedResidual), EfficientNet's MBConv / FusedMBConv
+# (torchvision, timm).  Not any "...Residual": that is as often a wrapper x + fn(x) around part
+# of a block, or around a whole body of blocks, or shared and called twice (helper-154)
+_BLOCK_CLASS = re.compile(r"(Block|Bottleneck|Layer|InvertedResidual|MBConv)$")
 _BLOCK_NAME = re.compile(r"(^|\.)(layer|layers|block|blocks|h)\.\d+$")
 
 
@@ -236,10 +238,10 @@ def _has_layers(module: nn.Module) -> bool:
 def find_blocks(model: nn.Module) -> list[str]:
     """Auto-detected reconstruction blocks of a model with :class:`QuantizedLayer` modules, in
     ``named_modules`` order: residual-block-like modules (class names ending in Block,
-    Bottleneck, Layer, Residual or MBConv, e.g. ``qround.zoo.ResidualBlock``, torchvision's
-    ``BasicBlock``, HF's ``BertLayer``, MobileNetV2's ``InvertedResidual``, EfficientNet's
-    ``MBConv``), modules named like ``encoder.layer.N`` / ``blocks.N``, and children of an
-    ``nn.Sequential`` unless they hold blocks of the first two kinds (a SentenceTransformer's
+    Bottleneck, Layer, InvertedResidual or MBConv, e.g. ``qround.zoo.ResidualBlock``,
+    torchvision's ``BasicBlock``, HF's ``BertLayer``, MobileNetV2's ``InvertedResidual``,
+    EfficientNet's ``MBConv``), modules named like ``encoder.layer.N`` / ``blocks.N``, and
+    children of an ``nn.Sequential`` unless they hold blocks of the first two kinds (a SentenceTransformer's
     ``0`` holds BertLayers: those are the blocks); a quantised layer outside all of them is a
     block by itself."""
     found: list[str] = []

@@ -255,3 +255,21 @@ def test_a_depthwise_conv_is_solved_as_one_problem_with_the_per_group_answer(inp
     expect = quantized_weight(apart, [solver.solve(p, seed=0) for p in apart], model[1])
     np.testing.assert_array_equal(qm.layers["1"].codes, expect.codes)
     np.testing.assert_array_equal(qm.layers["1"].scale, expect.scale)
+
+
+def test_bias_correction_takes_a_group_whose_inputs_are_constant():
+    """Centred statistics of a group whose inputs never vary are round-off (helper-154): they
+    failed the PSD check against their own tiny scale.  Now they are zeros, and the bias takes
+    the group's error, which is all mean."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1, groups=2))
+    batches = [torch.randn(16, 4, 6, 6) for _ in range(2)]
+    for b in batches:
+        b[:, 2], b[:, 3] = 0.3, 0.7
+    qm = quantize_model(model, batches, QuantConfig(wbits=2, solver="greedy",
+                                                    bias_correction=True, progress=False))
+    assert not torch.equal(qm.model[0].weight[2:], model[0].weight[2:])   # really rounded
+    with torch.no_grad():
+        err = qm.model(batches[0]) - model(batches[0])
+    assert float(err[:, 2:].abs().max()) < 1e-6          # the constant group: bias took it all
+    assert float(err[:, :2].abs().max()) > 1e-3          # the other group: a real error left

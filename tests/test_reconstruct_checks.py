@@ -653,3 +653,10 @@ def test_find_blocks_takes_mobilenet_and_efficientnet_blocks_by_class_name():
     q = insert_act_quantizers(net, None, 8, calib_batches=[torch.randn(4, 6)],
                               weights=GridSpec(bits=4))
     assert find_blocks(q) == ["one", "two", "head"]
+    # a generic x + fn(x) wrapper named ...Residual is not a block (helper-154): here it wraps
+    # half of a layer, which stays one unit as a child of the Sequential
+    Residual = type("Residual", (MBConv,), {})
+    half = nn.Sequential(nn.Sequential(Residual(), nn.Linear(6, 6)), nn.Linear(6, 2))
+    q = insert_act_quantizers(half, None, 8, calib_batches=[torch.randn(4, 6)],
+                              weights=GridSpec(bits=4))
+    assert find_blocks(q) == ["0", "1"]

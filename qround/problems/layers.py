@@ -372,8 +372,10 @@ def problems_from_layer(module, hessian, grid: Grid | GridSpec = GridSpec(), nam
     merge_groups: True gives a grouped conv one problem named ``name`` whose H is per channel
     (each output channel its group's): the same cost and grid per channel as the per-group
     problems, solved in one batch (a depthwise conv's groups have one channel each; solving
-    them one at a time costs a solver call per channel).  Not with ``cross`` (asymmetric
-    problems need a shared H).  ``"auto"`` (as ``quantize_model`` does): merge when the groups
+    them one at a time costs a solver call per channel).  A solver sees one problem: a budget
+    it sets per problem (tabu's iterations, from the largest count of free variables) then
+    covers the whole layer, so its codes may differ from the per-group ones.  Not with
+    ``cross`` (asymmetric problems need a shared H).  ``"auto"`` (as ``quantize_model`` does): merge when the groups
     have at most 4 output channels, there is no ``cross``, and the per-channel H takes at most
     64 MiB.
     """
