@@ -241,9 +241,9 @@ def find_blocks(model: nn.Module) -> list[str]:
     Bottleneck, Layer, InvertedResidual or MBConv, e.g. ``qround.zoo.ResidualBlock``,
     torchvision's ``BasicBlock``, HF's ``BertLayer``, MobileNetV2's ``InvertedResidual``,
     EfficientNet's ``MBConv``), modules named like ``encoder.layer.N`` / ``blocks.N``, and
-    children of an ``nn.Sequential`` unless they hold blocks of the first two kinds (a SentenceTransformer's
-    ``0`` holds BertLayers: those are the blocks); a quantised layer outside all of them is a
-    block by itself."""
+    children of an ``nn.Sequential`` unless they hold blocks of the first two kinds (a
+    SentenceTransformer's ``0`` holds BertLayers: those are the blocks); a quantised layer
+    outside all of them is a block by itself."""
     found: list[str] = []
 
     def is_block(module: nn.Module, name: str) -> bool:

@@ -375,9 +375,9 @@ def problems_from_layer(module, hessian, grid: Grid | GridSpec = GridSpec(), nam
     them one at a time costs a solver call per channel).  A solver sees one problem: a budget
     it sets per problem (tabu's iterations, from the largest count of free variables) then
     covers the whole layer, so its codes may differ from the per-group ones.  Not with
-    ``cross`` (asymmetric problems need a shared H).  ``"auto"`` (as ``quantize_model`` does): merge when the groups
-    have at most 4 output channels, there is no ``cross``, and the per-channel H takes at most
-    64 MiB.
+    ``cross`` (asymmetric problems need a shared H).  ``"auto"`` (as ``quantize_model``
+    does): merge when the groups have at most 4 output channels, there is no ``cross``, and
+    the per-channel H takes at most 64 MiB.
     """
     w = layer_weight(module)
     groups = layer_groups(module)
