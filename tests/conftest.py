@@ -47,6 +47,22 @@ def small_problem(request):
     return make_problem(m=4, n=8, seed=3, symmetric=False, bits=2)
 
 
+@pytest.fixture
+def loss_layouts(monkeypatch):
+    """The layouts reconstruction's loss is called with, by target rank: {ndim: {channels_first
+    values}} (``qround.reconstruct._rec_loss`` spied on for one test)."""
+    import qround.reconstruct as rec
+    seen: dict[int, set] = {}
+    real = rec._rec_loss
+
+    def spy(out, target, mask=None, channels_first=None):
+        seen.setdefault(out.dim(), set()).add(channels_first)
+        return real(out, target, mask, channels_first)
+
+    monkeypatch.setattr(rec, "_rec_loss", spy)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The test machines are small and shared: one intra-op thread for a module's tests,

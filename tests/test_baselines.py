@@ -163,16 +163,20 @@ def test_gptq_model_is_sequential_gptq_on_a_copy():
     assert not np.allclose(h_float, h)  # the second layer really saw quantised inputs
 
 
-def test_gptq_model_output_error_below_rtn():
+def gptq_and_rtn_errors(net, batches, wbits=3):
+    """Mean squared output error of gptq_model's and rtn_model's copies on the batches."""
     from qround.baselines import gptq_model, rtn_model
     from qround.pipeline import QuantConfig
-    net, batches = small_net_and_data(seed=1)
     x = torch.cat(batches)
-    config = QuantConfig(wbits=3, progress=False)
+    config = QuantConfig(wbits=wbits, progress=False)
     with torch.no_grad():
         ref = net(x)
-        err_gptq = (gptq_model(net, batches, config)[0](x) - ref).square().mean()
-        err_rtn = (rtn_model(net, config)[0](x) - ref).square().mean()
+        return tuple(float((q(x) - ref).square().mean())
+                     for q in (gptq_model(net, batches, config)[0], rtn_model(net, config)[0]))
+
+
+def test_gptq_model_output_error_below_rtn():
+    err_gptq, err_rtn = gptq_and_rtn_errors(*small_net_and_data(seed=1))
     assert err_gptq < 0.8 * err_rtn
 
 

@@ -13,7 +13,7 @@ from qround.grid import GridSpec, fit_grid
 from qround.pipeline import QuantConfig
 from qround.problems.layers import layer_weight
 
-from .test_baselines import small_net_and_data
+from .test_baselines import gptq_and_rtn_errors, small_net_and_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -126,12 +126,7 @@ def test_gptq_model_rounds_a_grouped_conv_as_one_gptq_problem_per_group(grid):
 def test_gptq_model_on_grouped_convs_beats_rtn_and_leaves_the_model_alone():
     net, batches = _grouped_net(seed=1)
     before = [p.detach().clone() for p in net.parameters()]
-    x = torch.cat(batches)
-    config = QuantConfig(wbits=3, progress=False)
-    with torch.no_grad():
-        ref = net(x)
-        err_gptq = (gptq_model(net, batches, config)[0](x) - ref).square().mean()
-        err_rtn = (rtn_model(net, config)[0](x) - ref).square().mean()
+    err_gptq, err_rtn = gptq_and_rtn_errors(net, batches)
     assert err_gptq < 0.8 * err_rtn
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 

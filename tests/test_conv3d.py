@@ -165,7 +165,7 @@ def test_quantised_inputs_reconstruction_and_the_partial_fuse():
             torch.testing.assert_close(fused(b), weight_only.model(b), rtol=0, atol=1e-12)
 
 
-def test_the_5d_reconstruction_loss_sums_over_channels_of_3d_conv_outputs_only(monkeypatch):
+def test_the_5d_reconstruction_loss_sums_over_channels_of_3d_conv_outputs_only(loss_layouts):
     """A unit whose 5-d output is a 3-d conv's (N, C, D, H, W) sums its loss over channels; a
     unit of Linear layers on (B, T, H, W, C) tokens (a video transformer's MLP) over its last
     axis, the features (helper-149: a rule from the rank alone summed it over T)."""
@@ -175,14 +175,8 @@ def test_the_5d_reconstruction_loss_sums_over_channels_of_3d_conv_outputs_only(m
     assert torch.equal(rec._rec_loss(out, target, channels_first=True),
                        ((out - target) ** 2).sum(1).mean())
     assert torch.equal(rec._rec_loss(out, target), ((out - target) ** 2).sum(-1).mean())
-    seen = {}
-    real = rec._rec_loss
-
-    def spy(out, target, mask=None, channels_first=False):
-        seen.setdefault(out.dim(), set()).add(channels_first)
-        return real(out, target, mask, channels_first)
-
-    monkeypatch.setattr(rec, "_rec_loss", spy)
+    seen = loss_layouts
+    seen.clear()   # the direct calls above went through the spy too
 
     class Block3d(nn.Module):   # a residual 3-d block: the unit's output is (N, C, D, H, W)
         def __init__(self):

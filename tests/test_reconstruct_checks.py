@@ -172,20 +172,12 @@ class _ConvNeXtBlock(nn.Module):
 
 
 @pytest.mark.parametrize("granularity", ["layer", "block"])
-def test_a_channels_last_4d_target_sums_its_loss_over_the_last_axis(monkeypatch, granularity):
+def test_a_channels_last_4d_target_sums_its_loss_over_the_last_axis(loss_layouts, granularity):
     """A 4-d target a Linear gives (a Swin or ConvNeXt MLP's (B, H, W, C)) has its features
     last: summing it over axis 1 (H), as an NCHW conv output, weighed the loss against the
     rounding regulariser by C / H.  A ConvNeXt block's NCHW output keeps the channels, also
     where its Linear outputs have the same shape."""
-    import qround.reconstruct as rec
-    seen = {}
-    real = rec._rec_loss
-
-    def spy(out, target, mask=None, channels_first=None):
-        seen.setdefault(out.dim(), set()).add(channels_first)
-        return real(out, target, mask, channels_first)
-
-    monkeypatch.setattr(rec, "_rec_loss", spy)
+    seen = loss_layouts
     config = QuantConfig(wbits=3, solver="nearest", granularity=granularity, progress=False,
                          reconstruction=ReconstructConfig(iterations=2, batch_size=2))
     torch.manual_seed(0)
