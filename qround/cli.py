@@ -12,6 +12,7 @@
     qround sensitivity --model minilm|digits-cnn|FOLDER|MODEL.pt [--bits 2,3,4,8] [--mean-bits 3.5]
     qround evaluate --model minilm|digits-cnn|digits-resnet|digits-mobilenet|FOLDER
                     --quantized FILE.safetensors
+    qround evaluate --model MODEL.pt --inputs INPUTS.pt --quantized FILE.safetensors
     qround demo [--json FILE] [--channels N] [--solvers a,b,...] [--journey digits-cnn|minilm|none]
     qround bench ...            (the solver benchmark, see benchmarks/solvers.py)
     qround solvers              (the registry)
@@ -448,11 +449,7 @@ def _model_and_calibration(args):
         return _checkpoint_and_calibration(args)
     model = _torch_load(args.model, "--model", weights_only=False)
     inputs = _calibration_inputs(args.calibration, model)
-    if isinstance(model, torch.jit.ScriptModule):
-        raise QroundError(f"{args.model} is a TorchScript archive (torch.jit.save); qround needs "
-                          "the nn.Module itself: torch.save(model, path)")
-    if not isinstance(model, torch.nn.Module):
-        raise QroundError(f"{args.model} does not hold a torch nn.Module (torch.save(model, path))")
+    _check_module(model, args.model)
     if args.calibration_size is not None:
         raise QroundError("--calibration-size counts packaged sentences or images; with a model "
                           f"file every input in {args.calibration} is used: leave it out, or "
@@ -580,10 +577,22 @@ def _check_model_file(args) -> None:
         raise QroundError(f"--calibration {args.calibration!r}: no such file")
 
 
-def _calibration_inputs(path: str, model):
-    """--calibration for a model file: torch.save's tensor or list of batches, or a numpy
-    ``.npy`` array (np.save).  A floating-point array takes the dtype of the model's first
-    floating-point parameter (numpy's default float64 would not run on a float32 model)."""
+def _check_module(model, path: str) -> None:
+    """What torch.load read from a model file is an nn.Module, not TorchScript."""
+    import torch
+
+    if isinstance(model, torch.jit.ScriptModule):
+        raise QroundError(f"{path} is a TorchScript archive (torch.jit.save); qround needs "
+                          "the nn.Module itself: torch.save(model, path)")
+    if not isinstance(model, torch.nn.Module):
+        raise QroundError(f"{path} does not hold a torch nn.Module (torch.save(model, path))")
+
+
+def _calibration_inputs(path: str, model, flag: str = "--calibration"):
+    """--calibration for a model file (or evaluate's --inputs, ``flag``): torch.save's tensor
+    or list of batches, or a numpy ``.npy`` array (np.save).  A floating-point array takes the
+    dtype of the model's first floating-point parameter (numpy's default float64 would not run
+    on a float32 model)."""
     import numpy as np
     import torch
 
@@ -591,28 +600,28 @@ def _calibration_inputs(path: str, model):
         with open(path, "rb") as f:
             magic = f.read(6)
     except OSError as exc:
-        raise QroundError(f"--calibration {path!r} could not be read ({first_line(exc)})") \
+        raise QroundError(f"{flag} {path!r} could not be read ({first_line(exc)})") \
             from None
     if magic != b"\x93NUMPY":
         if magic[:2] == b"PK" and str(path).endswith(".npz"):
-            raise QroundError(f"--calibration {path!r} is a numpy .npz archive: save one array "
+            raise QroundError(f"{flag} {path!r} is a numpy .npz archive: save one array "
                               "with np.save (.npy) or a tensor with torch.save")
-        return _torch_load(path, "--calibration", weights_only=True)
+        return _torch_load(path, flag, weights_only=True)
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 (a damaged file or an object array)
         first = first_line(exc)
-        raise QroundError(f"--calibration {path!r} could not be read by numpy.load "
+        raise QroundError(f"{flag} {path!r} could not be read by numpy.load "
                           f"({type(exc).__name__}: {first})") from None
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) or \
             np.iscomplexobj(array):
-        raise QroundError(f"--calibration {path!r} holds a {array.dtype} array; give numbers")
+        raise QroundError(f"{flag} {path!r} holds a {array.dtype} array; give numbers")
     if not array.dtype.isnative:   # saved on a machine of the other byte order
         array = array.astype(array.dtype.newbyteorder("="))
     try:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     except (TypeError, ValueError) as exc:   # e.g. long double, which torch has no type for
-        raise QroundError(f"--calibration {path!r} holds a {array.dtype} array, which torch "
+        raise QroundError(f"{flag} {path!r} holds a {array.dtype} array, which torch "
                           f"cannot take ({first_line(exc)}); save float32/float64 or integers") \
             from None
     if tensor.is_floating_point() and isinstance(model, torch.nn.Module):
@@ -1138,6 +1147,15 @@ def cmd_evaluate(args) -> int:
     from .zoo.hf import hf_metrics, is_hf_folder, load_hf
 
     folder = is_hf_folder(args.model)
+    own = not (folder or args.model == "minilm" or args.model in DIGITS_MODELS)
+    if not own and (args.inputs or args.explicit):
+        raise QroundError(f"--inputs and --explicit are for a model file (torch.save(model)); "
+                          f"--model {args.model} is scored on its own data and layers")
+    if own and (args.abits is not None or args.texts or args.sentences is not None
+                or args.seed is not None or args.max_length is not None):
+        raise QroundError("a model file is scored on --inputs with the activation quantisers "
+                          "its file carries, if any: --abits, --texts, --sentences, --seed and "
+                          "--max-length are for the packaged models and checkpoint folders")
     if (args.model == "minilm" or folder) and args.abits is not None:
         raise QroundError("--abits applies to the digits models; MiniLM and checkpoint folders "
                           "are evaluated with the activation quantisers their file carries, if "
@@ -1193,9 +1211,7 @@ def cmd_evaluate(args) -> int:
                        abits=saved_abits if saved_abits is not None else args.abits,
                        model_seed=seed)
     else:
-        raise QroundError("evaluate knows the metrics of minilm, the digits models and "
-                          "transformers checkpoint folders (with config.json); for your own "
-                          "model load it with qround.export.load(model, FILE)")
+        metrics = _own_model_metrics(args, check)
     meta = export.read_metadata(args.quantized)
     sizes = {name: (int(info["bits"]), int(np.prod(info["weight_shape"])))
              for name, info in meta["layers"].items()}
@@ -1212,6 +1228,45 @@ def cmd_evaluate(args) -> int:
     else:
         print(format_table([metrics]))
     return 0
+
+
+def _own_model_metrics(args, check: bool) -> dict:
+    """evaluate on a model file: the quantised file loaded onto the float model (its explicit
+    form with --explicit), both run on --inputs, their outputs compared
+    (:func:`qround.evaluate.output_metrics`)."""
+    import os
+
+    import torch
+
+    from . import export
+    from .evaluate import output_metrics
+
+    if not os.path.isfile(args.model):
+        raise QroundError(f"--model {args.model!r} is neither a packaged model (minilm, "
+                          f"{', '.join(DIGITS_MODELS)}), a transformers checkpoint folder (with "
+                          "config.json) nor an existing file")
+    if not args.inputs:
+        raise QroundError("a model file is scored on inputs: give --inputs INPUTS.pt (a tensor "
+                          "batched along dim 0, a list of batches, or a .npy array), e.g. "
+                          "held-out inputs of the kind --calibration had")
+    model = _torch_load(args.model, "--model", weights_only=False)
+    _check_module(model, args.model)
+    inputs = _calibration_inputs(args.inputs, model, flag="--inputs")
+    if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 and len(inputs):
+        batches = list(torch.split(inputs, 256))
+    elif isinstance(inputs, (list, tuple)) and inputs and all(
+            isinstance(b, torch.Tensor) and b.ndim >= 1 and len(b) for b in inputs):
+        batches = list(inputs)
+    else:
+        raise QroundError(f"--inputs {args.inputs!r} must hold a non-empty tensor (N, ...) or "
+                          "a non-empty list of such batches")
+    float_model = _explicit_if_asked(model, args)
+    quant = export.load(float_model, args.quantized, check_source=check)
+    try:
+        return output_metrics(float_model, quant, batches)
+    except (RuntimeError, TypeError, ValueError) as exc:   # inputs the model cannot take
+        raise QroundError(f"the model in {args.model} cannot run on the inputs in "
+                          f"{args.inputs} ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _load_onto_digits(export, model, args, check: bool):
@@ -1541,9 +1596,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="minilm",
                     help="minilm | digits-cnn | digits-resnet | digits-mobilenet | a transformers "
                          "checkpoint folder: perplexity for a causal language model, else the "
-                         "mean-pooled last hidden state's cosine, Spearman and top-10 (default: "
-                         "%(default)s)")
+                         "mean-pooled last hidden state's cosine, Spearman and top-10 | a file "
+                         "from torch.save(model), with --inputs (default: %(default)s)")
     ev.add_argument("--quantized", required=True, help="file written by qround quantize --out")
+    ev.add_argument("--inputs", default=None,
+                    help="a model file (torch.save(model)): the inputs to compare the float "
+                         "and quantised outputs on (a tensor batched along dim 0, a list of "
+                         "batches, or a .npy array); reports relative_error, cosine, "
+                         "max_abs_error and, for (N, classes) outputs, top1_agreement")
+    ev.add_argument("--explicit", action="store_true",
+                    help="a model file quantised with `qround quantize --explicit`: load the "
+                         "file into the model's explicit form")
     ev.add_argument("--sentences", type=int_at_least(11), default=None,
                     help="packaged evaluation sentences for MiniLM or a checkpoint folder, at "
                          "least 11 (default: 1000)")

@@ -7,6 +7,9 @@
   cosine-similarity matrices (does the quantised model order sentence pairs the same way?);
   ``top10``: mean over sentences of the overlap of the 10 nearest neighbours (self excluded)
   under both models, as a fraction of 10.
+- Any model: :func:`output_metrics` compares the two models' outputs on the same batches
+  (relative squared error, per-sample cosine, largest difference, and for (N, classes) outputs
+  how often the top class agrees).
 - Image classifiers (digits CNN): :func:`digits_accuracy`, optionally with every Conv2d/Linear
   input fake-quantised to ``abits`` bits (uniform per-tensor grid over the min-max range seen on
   the calibration split), through forward pre-hooks that :func:`fake_quantized_inputs` always
@@ -196,3 +199,51 @@ def digits_accuracy(model: nn.Module, data: Any, abits: int | None = None,
     ranges = input_ranges(model, calib)
     with fake_quantized_inputs(model, ranges, abits):
         return accuracy(model, data.test_images, data.test_labels, batch_size=batch_size)
+
+
+@torch.no_grad()
+def output_metrics(float_model: nn.Module, quant_model: nn.Module, batches: Iterable,
+                   forward: ForwardFn | None = None) -> dict[str, float]:
+    """How close ``quant_model``'s outputs stay to ``float_model``'s on ``batches`` (each run
+    through ``forward(model, batch)``, default ``model(batch)``; both in eval mode, their own
+    modes restored after).  The output is the model's tensor, or the first floating-point
+    tensor of a tuple, mapping or dataclass it returns.
+
+    ``relative_error``: ``sum ||y_q - y||^2 / sum ||y||^2`` over every batch; ``cosine``: mean
+    over samples (the first axis) of the cosine of the flattened outputs; ``max_abs_error``;
+    ``samples``; and ``top1_agreement`` (the fraction of samples whose largest output is the
+    same) where the outputs are (N, classes).
+    """
+    from .reconstruct import _main_tensor
+
+    forward = forward or default_forward
+    err = ref = 0.0
+    cosines, agree, biggest, samples, classes = [], 0, 0.0, 0, True
+    with eval_mode(float_model), eval_mode(quant_model):
+        for batch in batches:
+            y = _main_tensor(forward(float_model, batch), "the float model").double()
+            q = _main_tensor(forward(quant_model, batch), "the quantised model").double()
+            if q.shape != y.shape:
+                raise QroundError(f"the quantised model's output has shape {tuple(q.shape)}, "
+                                  f"the float model's {tuple(y.shape)}: not the same model")
+            if not (torch.isfinite(y).all() and torch.isfinite(q).all()):
+                raise QroundError("an output contains NaN or Inf: the metrics would be "
+                                  "meaningless")
+            d = q - y
+            err += float(d.square().sum())
+            ref += float(y.square().sum())
+            biggest = max(biggest, float(d.abs().max()) if d.numel() else 0.0)
+            flat_y, flat_q = y.reshape(len(y), -1), q.reshape(len(q), -1)
+            cosines.append(torch.nn.functional.cosine_similarity(flat_q, flat_y, dim=1))
+            samples += len(y)
+            classes = classes and y.dim() == 2 and y.shape[1] > 1
+            if classes:
+                agree += int((y.argmax(1) == q.argmax(1)).sum())
+    if samples == 0:
+        raise QroundError("batches is empty: there is nothing to compare")
+    out = {"relative_error": err / ref if ref > 0 else float("inf") if err > 0 else 0.0,
+           "cosine": float(torch.cat(cosines).mean()), "max_abs_error": biggest,
+           "samples": samples}
+    if classes:
+        out["top1_agreement"] = agree / samples
+    return out

@@ -134,6 +134,32 @@ def test_quantize_model_file_and_reload(tmp_path, capsys):
         w = dict(reloaded.named_modules())[name].weight.detach().double().numpy()
         np.testing.assert_allclose(w, qw.dequantized, rtol=1e-6)
         assert qw.codes.min() >= -4 and qw.codes.max() <= 3
+    # evaluate compares the float and the quantised outputs on --inputs
+    held_out = torch.randn(40, 12, generator=torch.Generator().manual_seed(9))
+    torch.save(held_out, tmp_path / "held_out.pt")
+    assert main(["evaluate", "--model", str(tmp_path / "model.pt"), "--inputs",
+                 str(tmp_path / "held_out.pt"), "--quantized", str(out), "--json",
+                 "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        y, q = model(held_out).double(), reloaded(held_out).double()
+    assert res["samples"] == 40 and res["wbits"] == 3 and res["solver"] == "greedy"
+    assert res["relative_error"] == pytest.approx(float((q - y).square().sum()
+                                                        / y.square().sum()), rel=1e-9)
+    assert res["top1_agreement"] == float((q.argmax(1) == y.argmax(1)).double().mean())
+    assert 0.9 < res["cosine"] < 1 and res["max_abs_error"] > 0
+    for extra, why in ((["--abits", "8"], "--abits, --texts"), ([], "give --inputs")):
+        argv = ["evaluate", "--model", str(tmp_path / "model.pt"), "--quantized", str(out)]
+        assert main(argv + (["--inputs", str(tmp_path / "held_out.pt")] if extra else [])
+                    + extra) == 2
+        assert why in capsys.readouterr().err
+    assert main(["evaluate", "--model", "digits-cnn", "--inputs", str(tmp_path / "held_out.pt"),
+                 "--quantized", str(out)]) == 2
+    assert "--inputs and --explicit are for a model file" in capsys.readouterr().err
+    torch.save(torch.randn(8, 5), tmp_path / "wrong.pt")
+    assert main(["evaluate", "--model", str(tmp_path / "model.pt"), "--inputs",
+                 str(tmp_path / "wrong.pt"), "--quantized", str(out)]) == 2
+    assert "cannot run on the inputs in" in capsys.readouterr().err
 
 
 def test_quantize_model_file_with_numpy_calibration(tmp_path, capsys):
@@ -1037,6 +1063,16 @@ def test_quantize_explicit_rounds_conv3d_transposed_convs_and_attention(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(fused(x), loaded(x), rtol=1e-5, atol=1e-6)
         assert not torch.equal(fused.up.weight, model.up.weight)   # rounded, not the float one
+    evaluate = ["evaluate", "--model", str(tmp_path / "model.pt"), "--inputs",
+                str(tmp_path / "calib.pt"), "--quantized", str(out), "--json", "--threads", "1"]
+    assert main(evaluate + ["--explicit"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        y = model(x).double()
+        want = float((loaded(x).double() - y).square().sum() / y.square().sum())
+    assert res["relative_error"] == pytest.approx(want, rel=1e-6) and want > 0
+    assert main(evaluate) == 2   # the file's layers are the explicit form's
+    assert "explicit" in capsys.readouterr().err
     # the note counts the layers --exclude leaves to round; the tie --explicit refuses, none
     assert main(base + ["--exclude", "attn"]) == 0
     assert "--explicit would round 2 more layer(s) ('c3.conv' and 1 more)" in \

@@ -187,3 +187,39 @@ def test_minilm_metrics_self_and_rtn(minilm):
     assert 0.3 < m["cosine"] < 0.99 and m["spearman"] < 0.99 and m["top10"] < 1.0
     with pytest.raises(QroundError, match="more than 10"):
         minilm_metrics(minilm, quant, texts[:10])
+
+
+def test_output_metrics_compares_outputs_and_names_what_it_cannot_compare():
+    from qround.evaluate import output_metrics
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    batches = [torch.randn(5, 4), torch.randn(7, 4)]
+    m = output_metrics(a, b, batches)
+    with torch.no_grad():
+        y = torch.cat([a(x) for x in batches]).double()
+        q = torch.cat([b(x) for x in batches]).double()
+    assert m["samples"] == 12
+    assert m["relative_error"] == pytest.approx(float((q - y).square().sum() / y.square().sum()))
+    assert m["cosine"] == pytest.approx(float(nn.functional.cosine_similarity(q, y, dim=1).mean()))
+    assert m["max_abs_error"] == pytest.approx(float((q - y).abs().max()))
+    assert m["top1_agreement"] == float((q.argmax(1) == y.argmax(1)).double().mean())
+    same = output_metrics(a, a, batches)
+    assert same["relative_error"] == 0 and same["top1_agreement"] == 1
+    assert same["cosine"] == pytest.approx(1.0)
+
+    class Dict(nn.Module):   # a mapping output: its first floating-point tensor; 3-d: no top1
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return {"ids": torch.zeros(3, dtype=torch.long), "out": self.inner(x)[:, None]}
+
+    assert "top1_agreement" not in output_metrics(Dict(a), Dict(b), batches)
+    with pytest.raises(QroundError, match="shape"):
+        output_metrics(a, nn.Linear(4, 2), batches)
+    with pytest.raises(QroundError, match="NaN or Inf"):
+        output_metrics(a, b, [torch.full((2, 4), float("nan"))])
+    with pytest.raises(QroundError, match="empty"):
+        output_metrics(a, b, [])
+    assert a.training and b.training   # modes restored
