@@ -22,6 +22,18 @@ def write_results(path: str, benchmark: str, header: str, args: argparse.Namespa
                              "rows": rows})
 
 
+def report(args: argparse.Namespace, benchmark: str, header: str, rows: list[dict],
+           columns: list[str]) -> None:
+    """Print the header and the table, and write them as JSON where ``args.json`` says
+    (:func:`write_results`)."""
+    from qround.report import format_table
+
+    print(header)
+    print(format_table(rows, columns))
+    if args.json:
+        write_results(args.json, benchmark, header, args, rows)
+
+
 def e2e_write(path: str | None, benchmark: str, header: str, notes: list[str], args,
               rows: list[dict], **extra) -> None:
     """An end-to-end benchmark's rows so far as JSON (atomically; nothing when ``path`` is

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from qround.attention import LinearMultiheadAttention
-from qround.report import format_table
 
-from _common import write_results  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import report  # noqa: E402 (benchmarks/ is on sys.path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,10 +69,7 @@ def main(argv=None) -> int:
     header = (f"self-attention, embed {args.embed}, {args.heads} heads, {args.batch} x "
               f"{args.tokens} tokens, eval, no grad, need_weights=False; torch threads "
               f"{args.threads}; median of {args.repeats}")
-    print(header)
-    print(format_table(rows, ["layout", "mha_ms", "explicit_ms", "ratio"]))
-    if args.json:
-        write_results(args.json, "attention_overhead", header, args, rows)
+    report(args, "attention_overhead", header, rows, ["layout", "mha_ms", "explicit_ms", "ratio"])
     return 0
 
 

@@ -28,9 +28,8 @@ from torch import nn
 
 from qround.conv3d import Conv3dAsConv2d
 from qround.conv_transpose import ConvTransposeAsConv
-from qround.report import format_table
 
-from _common import write_results  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import report  # noqa: E402 (benchmarks/ is on sys.path)
 
 # name, layer, input shape (batch first)
 CASES = [
@@ -86,11 +85,8 @@ def main(argv=None) -> int:
                      "explicit_ms": b, "ratio": b / a, "max_abs_diff": diff})
     header = (f"eval, no grad, float32; torch threads {args.threads}; median of "
               f"{args.repeats}")
-    print(header)
-    print(format_table(rows, ["layer", "input", "native_ms", "explicit_ms", "ratio",
-                              "max_abs_diff"]))
-    if args.json:
-        write_results(args.json, "explicit_overhead", header, args, rows)
+    report(args, "explicit_overhead", header, rows,
+           ["layer", "input", "native_ms", "explicit_ms", "ratio", "max_abs_diff"])
     return 0
 
 

@@ -23,10 +23,9 @@ from torch import nn
 
 from qround.grid import GridSpec
 from qround.problems import problems_from_layer
-from qround.report import format_table
 from qround.solvers import get_solver, warm_up
 
-from _common import write_results  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import report  # noqa: E402 (benchmarks/ is on sys.path)
 
 # name, groups, output channels per group, input channels per group, kernel
 CASES = [
@@ -89,11 +88,8 @@ def main(argv=None) -> int:
                          "cost_ratio": cm / ca})
     header = (f"one grouped conv per case, synthetic statistics, W{args.bits}; problem builds + "
               f"solves; torch and numba threads {args.threads}")
-    print(header)
-    print(format_table(rows, ["layer", "solver", "problems", "apart_s", "merged_s", "speed_up",
-                              "cost_ratio"]))
-    if args.json:
-        write_results(args.json, "grouped_merge", header, args, rows)
+    report(args, "grouped_merge", header, rows,
+           ["layer", "solver", "problems", "apart_s", "merged_s", "speed_up", "cost_ratio"])
     return 0
 
 

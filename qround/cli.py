@@ -547,6 +547,13 @@ def _calibration_size(args) -> int:
     return n
 
 
+def _unknown_model(name: str) -> QroundError:
+    """The error for a --model that names nothing qround can load."""
+    return QroundError(f"--model {name!r} is neither a packaged model (minilm, "
+                       f"{', '.join(DIGITS_MODELS)}), a transformers checkpoint folder (with "
+                       "config.json) nor an existing file")
+
+
 def _check_model_file(args) -> None:
     """--model names a packaged model, a transformers checkpoint folder (--calibration: an
     optional text file) or an existing file that comes with --calibration."""
@@ -567,9 +574,7 @@ def _check_model_file(args) -> None:
                               "own calibration data (--calibration-size sets how much)")
         return
     if not os.path.isfile(args.model):
-        raise QroundError(f"--model {args.model!r} is neither a packaged model (minilm, "
-                          f"{', '.join(DIGITS_MODELS)}), a transformers checkpoint folder (with "
-                          "config.json) nor an existing file")
+        raise _unknown_model(args.model)
     if not args.calibration:
         raise QroundError("a model file needs --calibration INPUTS.pt (a tensor of inputs, "
                           "batched along dim 0, or a list of batches)")
@@ -1242,9 +1247,7 @@ def _own_model_metrics(args, check: bool) -> dict:
     from .evaluate import output_metrics
 
     if not os.path.isfile(args.model):
-        raise QroundError(f"--model {args.model!r} is neither a packaged model (minilm, "
-                          f"{', '.join(DIGITS_MODELS)}), a transformers checkpoint folder (with "
-                          "config.json) nor an existing file")
+        raise _unknown_model(args.model)
     if not args.inputs:
         raise QroundError("a model file is scored on inputs: give --inputs INPUTS.pt (a tensor "
                           "batched along dim 0, a list of batches, or a .npy array), e.g. "
