@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import _replace
-from .conv_transpose import _fuse_explicit, _take, _tie_refusal
+from .conv_transpose import _fuse_explicit, _replace_refusal, _take, _tie_refusal
 from .conv_transpose import _quantised_input  # noqa: F401 (qround.explicit reads it here)
 from .errors import QroundError, copy_module
-from .problems.layers import forward_hooks, weight_not_writable
 
 __all__ = ["Conv3dAsConv2d", "explicit_conv3d", "fuse_conv3d"]
 
@@ -138,17 +137,7 @@ def _refusal(layer: nn.Module) -> str | None:
     """Why an nn.Conv3d cannot be made explicit (None when it can)."""
     if not isinstance(layer, nn.Conv3d):
         return f"{type(layer).__name__} is not an nn.Conv3d"
-    if type(layer).forward is not nn.Conv3d.forward:
-        return f"{type(layer).__name__} subclasses nn.Conv3d with its own forward"
-    why = weight_not_writable(layer)   # before hooks: a lazy module's is its initialiser
-    if why:
-        return why
-    if forward_hooks(layer):
-        return (f"it has a {' and a '.join(forward_hooks(layer))}, which the new module would "
-                "not carry: remove it, or register it on a parent module")
-    if layer.bias is not None and not isinstance(layer.bias, nn.Parameter):
-        return "its bias is not a parameter (computed on every forward?)"
-    return None
+    return _replace_refusal(layer, nn.Conv3d)
 
 
 def explicit_conv3d(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -216,13 +216,13 @@ def _tie_refusal(model: nn.Module, kinds) -> str | None:
     return None
 
 
-def _refusal(layer: nn.Module) -> str | None:
-    """Why a transposed convolution cannot be made explicit (None when it can)."""
-    kind = next((k for k in _KINDS if isinstance(layer, k)), None)
-    if kind is None:
-        return f"{type(layer).__name__} is not an nn.ConvTranspose1d or nn.ConvTranspose2d"
+def _replace_refusal(layer: nn.Module, kind: type) -> str | None:
+    """Why ``layer`` (an instance of ``kind``) cannot be replaced by an explicit module that
+    takes its parameters, whatever the kind (None when it can): a forward of its own, a
+    weight that is not a plain parameter, hooks the new module would not carry, a computed
+    bias.  Shared with qround.conv3d."""
     if type(layer).forward is not kind.forward:
-        return f"{type(layer).__name__} subclasses {kind.__name__} with its own forward"
+        return f"{type(layer).__name__} subclasses nn.{kind.__name__} with its own forward"
     why = weight_not_writable(layer)   # before hooks: a lazy module's is its initialiser
     if why:
         return why
@@ -231,6 +231,17 @@ def _refusal(layer: nn.Module) -> str | None:
                 "not carry: remove it, or register it on a parent module")
     if layer.bias is not None and not isinstance(layer.bias, nn.Parameter):
         return "its bias is not a parameter (computed on every forward?)"
+    return None
+
+
+def _refusal(layer: nn.Module) -> str | None:
+    """Why a transposed convolution cannot be made explicit (None when it can)."""
+    kind = next((k for k in _KINDS if isinstance(layer, k)), None)
+    if kind is None:
+        return f"{type(layer).__name__} is not an nn.ConvTranspose1d or nn.ConvTranspose2d"
+    why = _replace_refusal(layer, kind)
+    if why:
+        return why
     if layer.padding_mode != "zeros":
         return f"padding_mode {layer.padding_mode!r} (torch computes only 'zeros')"
     if any(op >= max(s, d) for op, s, d in zip(layer.output_padding, layer.stride,
