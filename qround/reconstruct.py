@@ -497,9 +497,14 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
             conv_shapes.setdefault(index[0], set()).add(tuple(out.shape))
 
     def out_4d(module, args, out):
-        if isinstance(out, torch.Tensor) and out.dim() == 4:
+        if not isinstance(out, torch.Tensor):
+            return
+        if out.dim() == 4:
             kind = "linear" if isinstance(module, nn.Linear) else "conv"
             shapes_4d.setdefault((index[0], kind), set()).add(tuple(out.shape))
+        elif out.dim() == 3 and isinstance(module, nn.Linear):
+            # (B, L, C) tokens that the unit may reshape to (B, H, W, C) (timm's Swin MLP)
+            shapes_4d.setdefault((index[0], "tokens"), set()).add(tuple(out.shape))
 
     def post(module, args, out):
         y = _main_tensor(out, name).detach()
@@ -565,14 +570,19 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
 
 def _layout_4d(module: nn.Module, y: torch.Tensor, j: int, shapes: dict) -> bool | None:
     """False where the 4-d target ``y`` of batch ``j`` is channels-last: the unit is an
-    nn.Linear, or a Linear inside it gave ``y``'s shape and no Conv2d did (a Conv2d's NCHW wins
-    a tie); None (the default, NCHW for 4-d) otherwise."""
+    nn.Linear, or a Linear inside it gave ``y``'s shape, or the (B, H*W, C) tokens that ``y``
+    reshapes (a Swin block's MLP runs on tokens and the block reshapes them back), and no
+    Conv2d gave ``y``'s shape (a Conv2d's NCHW wins a tie); None (the default, NCHW for 4-d)
+    otherwise."""
     if y.dim() != 4:
         return None
     if isinstance(module, nn.Linear):
         return False
     shape = tuple(y.shape)
-    if shape in shapes.get((j, "linear"), ()) and shape not in shapes.get((j, "conv"), ()):
+    if shape in shapes.get((j, "conv"), ()):
+        return None
+    b, h, w, c = shape
+    if shape in shapes.get((j, "linear"), ()) or (b, h * w, c) in shapes.get((j, "tokens"), ()):
         return False
     return None
 

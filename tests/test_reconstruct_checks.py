@@ -171,6 +171,33 @@ class _ConvNeXtBlock(nn.Module):
         return x + self.fc2(torch.relu(self.fc1(y))).permute(0, 3, 1, 2)
 
 
+class _SwinTokens(nn.Module):
+    """timm's Swin block: (B, H, W, C) in and out, its MLP on the (B, H*W, C) tokens."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        t = x.reshape(b, h * w, c)
+        return (t + self.fc2(torch.relu(self.fc1(t)))).reshape(b, h, w, c)
+
+
+class _Unembed(nn.Module):
+    """Tokens back to an NCHW image (a ViT decoder's un-patching): the MLP's (B, H*W, C)
+    tokens transposed and reshaped to (B, C, H, W)."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = self.fc(x.flatten(2).transpose(1, 2))
+        return t.transpose(1, 2).reshape(b, c, h, w)
+
+
 @pytest.mark.parametrize("granularity", ["layer", "block"])
 def test_a_channels_last_4d_target_sums_its_loss_over_the_last_axis(loss_layouts, granularity):
     """A 4-d target a Linear gives (a Swin or ConvNeXt MLP's (B, H, W, C)) has its features
@@ -190,6 +217,24 @@ def test_a_channels_last_4d_target_sums_its_loss_over_the_last_axis(loss_layouts
                    config)
     # each block's output (block) and the conv's (layer) are NCHW; the Linears' (layer) last
     assert seen == {4: {None} if granularity == "block" else {None, False}}
+
+
+def test_a_block_that_reshapes_its_tokens_to_4d_sums_its_loss_over_the_channels(loss_layouts):
+    """A Swin block whose MLP runs on (B, H*W, C) tokens and which reshapes them to
+    (B, H, W, C) has a channels-last target, as does one whose Linears give 4-d outputs; a
+    block that reshapes the tokens to an NCHW image keeps NCHW (W != C here)."""
+    seen = loss_layouts
+    config = QuantConfig(wbits=3, solver="nearest", granularity="block", progress=False,
+                         reconstruction=ReconstructConfig(iterations=2, batch_size=2))
+    torch.manual_seed(0)
+    swin = nn.Sequential(_SwinTokens(), _SwinTokens())
+    quantize_model(swin, [torch.randn(4, 3, 4, 6, generator=gen(i)) for i in range(2)], config)
+    assert seen == {4: {False}}
+    seen.clear()
+    unembed = nn.Sequential(_Unembed(), _Unembed())
+    quantize_model(unembed, [torch.randn(4, 6, 3, 4, generator=gen(i)) for i in range(2)],
+                   config)
+    assert seen == {4: {None}}
 
 
 def test_rec_loss_with_a_token_mask_averages_over_the_real_tokens_only():
