@@ -211,10 +211,13 @@ def _check_units_on(shadow, model, names, config, batch, forward, calibration=No
         missing = [m for u in units for m in u.modules if m not in named]
         if missing:
             raise QroundError(f"scheme names modules that do not exist in the model: {missing}")
-        empty = [m for u in units for m in u.modules
-                 if not any(isinstance(x, QuantizedLayer) for x in named[m].modules())]
+        # a unit's modules between its quantised ones (BN, ReLU) are welcome; a unit without
+        # any quantised layer has nothing to train
+        empty = ["+".join(u.modules) for u in units
+                 if not any(isinstance(x, QuantizedLayer) for m in u.modules
+                            for x in named[m].modules())]
         if empty:
-            raise QroundError(f"scheme modules hold no quantised layer: {empty}")
+            raise QroundError(f"scheme units hold no quantised layer: {empty}")
         from .reconstruct import _check_connected, _order_units, _resolve_blocks
 
         units = _resolve_blocks(shadow, model, units)  # overlaps

@@ -22,7 +22,10 @@ put in eval mode while capturing and every module's train/eval flag is restored 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._warn import gathering, warn_gathered
-from .errors import QroundError
+from .errors import MAX_SEED, QroundError, check_int, first_line
 from .problems.layers import conv2d_view, is_hf_conv1d
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 
 _CHUNK_BYTES = 64 * 2 ** 20  # bound on one unfolded float64 chunk: im2col is kh*kw times the input
 _TOKEN_MASK: ContextVar = ContextVar("qround_token_mask", default=None)
+_MASK_USES = [0]   # token_mask contexts entered so far (does a forward of the user's mask?)
 
 
 @contextmanager
@@ -62,6 +66,7 @@ def token_mask(mask: torch.Tensor) -> Iterator[None]:
     and tokens are equal the two layouts cannot be told apart and the mask is applied as if
     batch-first."""
     tok = _TOKEN_MASK.set(mask.detach().bool())
+    _MASK_USES[0] += 1
     try:
         yield
     finally:
@@ -169,6 +174,69 @@ _SCALAR_TYPES = (int, float, complex, str, bytes, bool, type(None))
 _MISSING = object()
 
 
+# ------------------------------------------------------------------------------ what the user owns
+@contextmanager
+def own_rng(seed: int, models: nn.Module | Sequence[nn.Module], device: str = "cpu",
+            keep_buffers: bool = True) -> Iterator[None]:
+    """Random draws inside (a model's own forward that samples) come from torch's, numpy's and
+    ``random``'s global generators seeded with ``seed``, so a run depends on the seed, not on
+    the caller's state; the caller's states (torch CPU and CUDA, numpy, ``random``) are restored
+    afterwards.  With ``keep_buffers``, buffers of ``models`` that their forwards write
+    (counters, observers) get their values back too (:func:`kept_buffers`).  ``device``: a CUDA
+    device whose generator is seeded too.  The generators are the process's: calls from several
+    threads run here one at a time (an RLock), or each would restore what another had seeded."""
+    import random
+
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    with _RNG_LOCK, contextlib.ExitStack() as stack:
+        if keep_buffers:
+            for model in models:
+                stack.enter_context(kept_buffers(model))
+        stack.enter_context(_seeded(seed, models, device, random))
+        yield
+
+
+_RNG_LOCK = threading.RLock()
+
+
+def _after_fork_in_child() -> None:
+    global _RNG_LOCK
+    _RNG_LOCK = threading.RLock()   # another thread of the parent may have held it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def seed_numpy(seed: int) -> None:
+    """Seed numpy's global generator with every bit of ``seed`` (up to 2**64 - 1): it takes
+    32-bit words, and a seed below 2**32 seeds it as ``np.random.seed(seed)`` does."""
+    np.random.seed(seed if seed < 2 ** 32 else [seed & 0xFFFFFFFF, seed >> 32])
+
+
+@contextmanager
+def _seeded(seed: int, models: list[nn.Module], device: str, random) -> Iterator[None]:
+    devices = {p.device.index for model in models for p in model.parameters()
+               if p.device.type == "cuda"}
+    if device.startswith("cuda"):
+        index = torch.device(device).index
+        devices.add(torch.cuda.current_device() if index is None else index)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices |= set(range(torch.cuda.device_count()))
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=sorted(devices)):
+        torch.default_generator.manual_seed(seed)
+        seed_numpy(seed)   # a forward drawing from these follows the seed too
+        random.seed(seed)
+        for d in sorted(devices):
+            torch.cuda.default_generators[d].manual_seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
 @contextmanager
 def kept_buffers(model: nn.Module, skip: tuple[type, ...] = ()) -> Iterator[nn.Module]:
     """On exit, every buffer of ``model`` holds its value from entry again (the same tensor
@@ -241,6 +309,7 @@ def select_layers(model: nn.Module, layers: LayerFilter = None,
             raise QroundError("layers selected no nn.Linear, nn.Conv2d or nn.Conv1d module of "
                               "the model"
                               + (" (nor a transformers Conv1D)" if conv1d else ""))
+        _check_materialised(chosen, chosen)
         return chosen
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
@@ -255,7 +324,18 @@ def select_layers(model: nn.Module, layers: LayerFilter = None,
                               "nn.Conv2d or nn.Conv1d"
                               + (" or transformers' Conv1D" if conv1d else ""))
         chosen[n] = modules[n]
+    _check_materialised(chosen, chosen)
     return chosen
+
+
+def _check_materialised(modules: Mapping[str, nn.Module], names: Iterable[str]) -> None:
+    """QroundError naming the first of ``names`` whose parameters are on the meta device."""
+    for name in names:
+        if any(p.is_meta for p in modules[name].parameters()):
+            raise QroundError(f"layer {name!r} has its weights on the meta device (shapes only, "
+                              "no values): load the weights first, e.g. model.to_empty(device="
+                              "'cpu') then model.load_state_dict(...), or from_pretrained "
+                              "without a meta device")
 
 
 def _padding_mask(batch: Mapping) -> torch.Tensor | None:
@@ -273,8 +353,10 @@ def _padding_mask(batch: Mapping) -> torch.Tensor | None:
     return mask
 
 
-def default_forward(model: nn.Module, batch) -> Any:
-    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``.
+def default_forward(model: nn.Module, batch, **kwargs) -> Any:
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``;
+    ``kwargs`` are passed to the model too (``default_forward(model, batch, use_cache=False)``
+    in a forward of your own keeps what this one does).
 
     A tokenised batch, a dict whose ``attention_mask`` is a (batch, tokens) tensor of 0/1 or
     booleans with some padding (zeros), runs inside :func:`token_mask`: padded positions stay
@@ -286,11 +368,11 @@ def default_forward(model: nn.Module, batch) -> Any:
         mask = _padding_mask(batch)
         if mask is not None:
             with token_mask(mask):
-                return model(**batch)
-        return model(**batch)
+                return model(**batch, **kwargs)
+        return model(**batch, **kwargs)
     if isinstance(batch, (tuple, list)):
         try:
-            return model(*batch)
+            return model(*batch, **kwargs)
         except TypeError as exc:
             if "positional argument" not in str(exc):
                 raise
@@ -298,14 +380,77 @@ def default_forward(model: nn.Module, batch) -> Any:
                 f"a calibration batch of {len(batch)} items was passed as model(*batch), and the "
                 f"model refused it ({exc}). For (inputs, labels) batches, pass "
                 "forward=lambda model, batch: model(batch[0])") from exc
-    return model(batch)
+    return model(batch, **kwargs)
 
 
 def _check_batches(batches) -> Iterable:
-    if isinstance(batches, (torch.Tensor, np.ndarray)):
-        raise QroundError("batches must be an iterable of batches (a list or DataLoader); wrap a "
-                          "single tensor in a list")
+    """``batches``, or QroundError for one batch (a tensor, array or dict) or a non-iterable."""
+    if isinstance(batches, (torch.Tensor, np.ndarray, Mapping, str, bytes)):
+        raise QroundError(f"batches must be an iterable of batches (a list or DataLoader), got "
+                          f"one {type(batches).__name__}; wrap a single batch in a list")
+    try:
+        iter(batches)
+    except TypeError:
+        raise QroundError(f"batches must be an iterable of batches (a list or DataLoader), got "
+                          f"{type(batches).__name__}") from None
     return batches
+
+
+def _batch_tensors(batch, path: str = "", depth: int = 0
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(where, tensor) for every tensor a batch holds, in lists, tuples and mappings; where is
+    the index path, ``""`` for the batch itself, ``"[0]['x']"`` inside it."""
+    if isinstance(batch, torch.Tensor):
+        yield path, batch
+    elif depth < 4 and isinstance(batch, (list, tuple)):
+        for i, item in enumerate(batch):
+            yield from _batch_tensors(item, f"{path}[{i}]", depth + 1)
+    elif depth < 4 and isinstance(batch, Mapping):
+        for key, item in batch.items():
+            yield from _batch_tensors(item, f"{path}[{key!r}]", depth + 1)
+
+
+def run_forward(model: nn.Module, batch, forward: ForwardFn, index: int = 0,
+                which: str = "the model") -> Any:
+    """``forward(model, batch)``, with the user's errors named: a failure of the model or the
+    forward (a batch of the wrong shape, dtype or device) is a QroundError naming the batch,
+    and so is a forward that changes a tensor of the batch in place (``x.sub_(mean)``): qround
+    runs each batch more than once, and every run would see other data."""
+    versions = [(where, t, t._version) for where, t in _batch_tensors(batch)
+                if not t.is_inference()]
+    name = "the first calibration batch" if index == 0 else f"calibration batch {index}"
+    masks = _MASK_USES[0]
+    try:
+        out = forward(model, batch)
+    except QroundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (any error of the user's forward)
+        arrays = isinstance(batch, np.ndarray) or (isinstance(batch, (list, tuple)) and any(
+            isinstance(b, np.ndarray) for b in batch))
+        raise QroundError(f"{which}'s forward failed on {name} "
+                          f"({type(exc).__name__}: {first_line(exc, 300)}); "
+                          + ("the batch holds numpy arrays: make them torch tensors "
+                             "(torch.from_numpy)" if arrays else
+                             "check that the batches fit the model (shape, dtype, device) and, "
+                             "for batches that are not the model's positional input, the "
+                             "forward function")) from exc
+    if forward is not default_forward and _MASK_USES[0] == masks and \
+            isinstance(batch, Mapping) and _padding_mask(batch) is not None:
+        warn_gathered("unmasked", "", lambda _: (
+            "the calibration batches are padded (their attention_mask has zeros), and the "
+            "forward of your own does not mask: padded tokens count in every layer's "
+            "statistics. Run the model inside qround.calibrate.token_mask(batch["
+            "'attention_mask']), as the default forward does; for extra arguments, "
+            "forward=lambda model, batch: qround.calibrate.default_forward(model, batch, "
+            "use_cache=False) masks too"))
+    changed = [where for where, t, version in versions if t._version != version]
+    if changed:
+        raise QroundError(f"{which}'s forward changed {name}{changed[0]} in place: qround "
+                          "runs every batch more than once, and each run would see other data "
+                          "(your batch has been changed once already). Change a copy instead "
+                          "(x = x - mean, not x.sub_(mean) or x -= mean, in the forward or the "
+                          "model)")
+    return out
 
 
 # ---------------------------------------------------------------------------------- input vectors
@@ -339,7 +484,8 @@ def _layer_input(name: str, module: nn.Module, args: tuple) -> torch.Tensor:
         if x.dim() != 4:
             x = x.unsqueeze(0)
     if not torch.isfinite(x).all():
-        raise QroundError(f"layer {name!r} received non-finite (NaN/Inf) inputs")
+        raise QroundError(f"layer {name!r} received non-finite (NaN/Inf) inputs (from the "
+                          "calibration data, or a NaN/Inf parameter of a layer before it?)")
     return x
 
 
@@ -446,13 +592,22 @@ def _run(batches: Iterable, step: Callable[[Any], None]) -> int:
 # ---------------------------------------------------------------------------------- H = E[x x^T]
 @gathering
 def capture_hessians(model: nn.Module, batches: Iterable, layers: LayerFilter = None,
-                     forward: ForwardFn | None = None, device=None) -> dict[str, np.ndarray]:
+                     forward: ForwardFn | None = None, device=None, seed: int = 0
+                     ) -> dict[str, np.ndarray]:
     """``H = E[x x^T]`` of each chosen layer over the calibration batches.
 
     Returns name -> float64 (n, n), or (groups, n_g, n_g) for a grouped conv.  ``forward(model,
     batch)`` runs one batch (default :func:`default_forward`); it runs under ``torch.no_grad()``
     in eval mode.  ``device``: where the sums are accumulated (default: each input's device).
+    A forward that draws random numbers draws them from ``seed`` (:func:`own_rng`): the
+    caller's generators and the model's buffers are left as they were.
     """
+    check_int(seed, "seed", 0, maximum=MAX_SEED)
+    with own_rng(seed, model, str(device) if device is not None else "cpu"):
+        return _capture_hessians(model, batches, layers, forward, device)
+
+
+def _capture_hessians(model, batches, layers, forward, device) -> dict[str, np.ndarray]:
     modules = select_layers(model, layers)
     forward = forward or default_forward
     moments = {name: _Moment() for name in modules}
@@ -487,13 +642,22 @@ class AsymmetricStats:
 @gathering
 def capture_asymmetric(float_model: nn.Module, quant_model: nn.Module, batches: Iterable,
                        layers: LayerFilter, forward: ForwardFn | None = None,
-                       device=None) -> dict[str, AsymmetricStats]:
+                       device=None, seed: int = 0) -> dict[str, AsymmetricStats]:
     """Asymmetric statistics of each chosen layer: ``x`` from ``float_model``, ``x_hat`` from
     ``quant_model`` on the same batch (the same module names must exist in both).
 
     Both models run batch by batch; one batch's inputs of the chosen layers are held between
-    the two passes.  Returns name -> :class:`AsymmetricStats`.
+    the two passes.  Returns name -> :class:`AsymmetricStats`.  Random draws of the forwards
+    come from ``seed``, as in :func:`capture_hessians`.
     """
+    check_int(seed, "seed", 0, maximum=MAX_SEED)
+    with own_rng(seed, (float_model, quant_model),
+                 str(device) if device is not None else "cpu"):
+        return _capture_asymmetric(float_model, quant_model, batches, layers, forward, device)
+
+
+def _capture_asymmetric(float_model, quant_model, batches, layers, forward, device
+                        ) -> dict[str, AsymmetricStats]:
     float_modules = select_layers(float_model, layers)
     quant_named = dict(quant_model.named_modules())
     quant_modules = {}
@@ -604,7 +768,8 @@ def _fisher_error(exc: RuntimeError):
 @gathering
 def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, Any], torch.Tensor],
                    layers: LayerFilter, memory_budget_mb: float = 1024.0,
-                   forward: ForwardFn | None = None, device=None) -> dict[str, np.ndarray]:
+                   forward: ForwardFn | None = None, device=None, seed: int = 0
+                   ) -> dict[str, np.ndarray]:
     """Per-channel Fisher blocks ``H_c = E[g_c^2 x x^T]`` of each chosen layer: (out, n_g, n_g).
 
     ``g_c = dL/dz_c`` at the position (token / pixel) of ``x``, ``L = loss_fn(output, batch)``
@@ -618,8 +783,18 @@ def capture_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[Any, 
     backward needs is a QroundError.
     Gradients are taken with ``torch.autograd.grad`` on the chosen weights, so no ``.grad`` of the
     model is written; weights with ``requires_grad=False`` are switched on and restored.  A
-    layer called only with empty inputs (an expert no token reached) maps to None.
+    layer called only with empty inputs (an expert no token reached) maps to None.  Random draws
+    of the forward come from ``seed``, as in :func:`capture_hessians`.
     """
+    check_int(seed, "seed", 0, maximum=MAX_SEED)
+    with own_rng(seed, model, str(device) if device is not None else "cpu"):
+        return _capture_fisher(model, batches, loss_fn, layers, memory_budget_mb, forward,
+                               device)
+
+
+def _capture_fisher(model, batches, loss_fn, layers, memory_budget_mb, forward, device
+                    ) -> dict[str, np.ndarray]:
+    """:func:`capture_fisher` in the caller's random state (quantize_model's own)."""
     modules = select_layers(model, layers)
     for name, module in modules.items():
         need = fisher_bytes(module) / 2 ** 20

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ._warn import gathering
-from .calibrate import (ForwardFn, LayerFilter, _layer_input, default_forward, eval_mode,
-                        layer_hooks, select_layers)
-from .errors import QroundError, as_float_array, check_bits, check_int
+from .calibrate import (ForwardFn, LayerFilter, _check_batches, _layer_input, default_forward,
+                        eval_mode, layer_hooks, own_rng, run_forward, select_layers)
+from .errors import MAX_SEED, QroundError, as_float_array, check_bits, check_int
 
 TOP_K = 10
 
@@ -102,9 +102,25 @@ def minilm_metrics(float_model: nn.Module, quant_model: nn.Module, texts: Sequen
 # ----------------------------------------------------------------------------- activations
 @gathering
 def input_ranges(model: nn.Module, batches: Iterable, layers: LayerFilter = None,
-                 forward: ForwardFn | None = None) -> dict[str, tuple[float, float]]:
+                 forward: ForwardFn | None = None, seed: int = 0
+                 ) -> dict[str, tuple[float, float]]:
     """Per-tensor ``(min, max)`` of the input of each chosen Linear/conv over ``batches``
-    (run without gradients, in eval mode).  Returns name -> (lo, hi) in module order."""
+    (run without gradients, in eval mode).  Returns name -> (lo, hi) in module order.  A
+    forward's random draws come from ``seed``; the caller's generators and the model's buffers
+    are left as they were (:func:`qround.calibrate.own_rng`)."""
+    _check_model(model, "model")
+    check_int(seed, "seed", 0, maximum=MAX_SEED)
+    batches = _check_batches(batches)
+    with own_rng(seed, model):
+        return _input_ranges(model, batches, layers, forward)
+
+
+def _check_model(model, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise QroundError(f"{what} must be a torch nn.Module, got {type(model).__name__}")
+
+
+def _input_ranges(model, batches, layers, forward) -> dict[str, tuple[float, float]]:
     modules = select_layers(model, layers)
     forward = forward or default_forward
     seen: dict[str, tuple[float, float]] = {}
@@ -118,7 +134,7 @@ def input_ranges(model: nn.Module, batches: Iterable, layers: LayerFilter = None
     count = 0
     with eval_mode(model), torch.no_grad(), layer_hooks(modules, hook):
         for batch in batches:
-            forward(model, batch)
+            run_forward(model, batch, forward, count)
             count += 1
     if count == 0:
         raise QroundError("batches yielded no batch: input ranges need calibration data")
@@ -201,9 +217,8 @@ def digits_accuracy(model: nn.Module, data: Any, abits: int | None = None,
         return accuracy(model, data.test_images, data.test_labels, batch_size=batch_size)
 
 
-@torch.no_grad()
 def output_metrics(float_model: nn.Module, quant_model: nn.Module, batches: Iterable,
-                   forward: ForwardFn | None = None) -> dict[str, float]:
+                   forward: ForwardFn | None = None, seed: int = 0) -> dict[str, float]:
     """How close ``quant_model``'s outputs stay to ``float_model``'s on ``batches`` (each run
     through ``forward(model, batch)``, default ``model(batch)``; both in eval mode, their own
     modes restored after).  The output is the model's tensor, or the first floating-point
@@ -212,17 +227,40 @@ def output_metrics(float_model: nn.Module, quant_model: nn.Module, batches: Iter
     ``relative_error``: ``sum ||y_q - y||^2 / sum ||y||^2`` over every batch; ``cosine``: mean
     over samples (the first axis) of the cosine of the flattened outputs; ``max_abs_error``;
     ``samples``; and ``top1_agreement`` (the fraction of samples whose largest output is the
-    same) where the outputs are (N, classes).
+    same) where the outputs are (N, classes).  Both forwards of a batch draw random numbers
+    from the same state, seeded with ``seed``; the caller's generators and the models' buffers
+    are left as they were.
     """
+    _check_model(float_model, "float_model")
+    _check_model(quant_model, "quant_model")
+    check_int(seed, "seed", 0, maximum=MAX_SEED)
+    batches = _check_batches(batches)
+    with own_rng(seed, (float_model, quant_model)), torch.no_grad():
+        return _output_metrics(float_model, quant_model, batches, forward or default_forward)
+
+
+def _output(model: nn.Module, batch, forward: ForwardFn, index: int, which: str
+            ) -> torch.Tensor:
+    """The main output tensor of ``model`` on ``batch``, with at least a batch axis."""
     from .reconstruct import _main_tensor
 
-    forward = forward or default_forward
+    y = _main_tensor(run_forward(model, batch, forward, index, which), which)
+    if y.dim() == 0:
+        raise QroundError(f"{which} returned a 0-d tensor (a loss?): the metrics compare "
+                          "outputs per sample, so the output needs a batch axis; pass a "
+                          "forward that returns the model's outputs")
+    return y.double()
+
+
+def _output_metrics(float_model, quant_model, batches, forward) -> dict[str, float]:
     err = ref = 0.0
     cosines, agree, biggest, samples, classes = [], 0, 0.0, 0, True
     with eval_mode(float_model), eval_mode(quant_model):
-        for batch in batches:
-            y = _main_tensor(forward(float_model, batch), "the float model").double()
-            q = _main_tensor(forward(quant_model, batch), "the quantised model").double()
+        for j, batch in enumerate(batches):
+            state = torch.random.get_rng_state()
+            y = _output(float_model, batch, forward, j, "the float model")
+            torch.random.set_rng_state(state)
+            q = _output(quant_model, batch, forward, j, "the quantised model")
             if q.shape != y.shape:
                 raise QroundError(f"the quantised model's output has shape {tuple(q.shape)}, "
                                   f"the float model's {tuple(y.shape)}: not the same model")

@@ -1,9 +1,11 @@
 """Saved quantised models: one safetensors file of codes, grids and dequantised weights.
 
 For each quantised layer ``<name>`` the file holds ``<name>.weight`` (dequantised, in the
-layer's dtype), ``<name>.codes`` (int8 symmetric / uint8 asymmetric), ``<name>.scale`` (float64,
-(out, groups)), ``<name>.zero_point`` (int32, asymmetric grids only) and ``<name>.bias`` when the
-layer has one (bias correction may have changed or created it).  A layer whose input is
+layer's dtype; always in nn.Linear's (out, in) layout, also for a transformers Conv1D, whose
+own ``state_dict`` holds the transpose under that key: read such a file with :func:`load`, not
+with ``load_state_dict``), ``<name>.codes`` (int8 symmetric / uint8 asymmetric),
+``<name>.scale`` (float64, (out, groups)), ``<name>.zero_point`` (int32, asymmetric grids only)
+and ``<name>.bias`` when the layer has one (bias correction may have changed or created it).  A layer whose input is
 quantised also has ``<name>.act.step`` and, with borders, ``<name>.act.b0``/``b1``/``b2``.  The
 header metadata (str -> str, JSON where structured) records the format, the qround version, the
 config, the layers with their bits and shapes (and input quantisers), the report, the layers left
@@ -56,6 +58,7 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
     """Write ``qmodel`` (a :class:`qround.pipeline.QuantizedModel`) to one safetensors file."""
     from . import __version__
 
+    check_quantized_model(qmodel)
     modules = dict(qmodel.model.named_modules())
     # Conv1D layers the activation stage wrapped hold the nn.Linear they were rounded as
     from_conv1d = {r.layer for r in qmodel.report if r.kind == "Conv1D"}
@@ -113,6 +116,17 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
         metadata["source"] = json.dumps(qmodel.source)
     with atomic_write(path, what="quantised model", make_folder=True) as f:
         f.write(safetensors_bytes(tensors, metadata))
+
+
+def check_quantized_model(qmodel) -> None:
+    """QroundError unless ``qmodel`` is what quantize_model returned (not the model in it)."""
+    from .pipeline import QuantizedModel
+
+    if not isinstance(qmodel, QuantizedModel):
+        hint = (": pass what quantize_model returned, not its .model" if
+                isinstance(qmodel, nn.Module) else "")
+        raise QroundError(f"expected a QuantizedModel (from quantize_model), got "
+                          f"{type(qmodel).__name__}{hint}")
 
 
 def _kind(module: nn.Module) -> str:

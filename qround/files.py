@@ -37,6 +37,8 @@ def atomic_write(path: str | os.PathLike, binary: bool = True, what: str = "file
                               f"{folder!r}: {exc}") from exc
     if not os.path.isdir(folder):
         raise QroundError(f"cannot write {what} {path!r}: directory {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise QroundError(f"cannot write {what} {path!r}: it is a directory; give a file name")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise QroundError(f"cannot write {what} {path!r}: the file is read-only")
     mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_umask()

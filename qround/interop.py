@@ -125,6 +125,9 @@ def save_compressed_tensors(qmodel: "QuantizedModel", folder: str | os.PathLike,
     parent folders are made first, and stay).
     ``max_shard_size`` goes to ``save_pretrained``.
     """
+    from .export import check_quantized_model
+
+    check_quantized_model(qmodel)
     why = compressed_tensors_refusals(qmodel)
     if why:
         raise QroundError("cannot write this model as compressed-tensors: " + "; ".join(why))

@@ -28,10 +28,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import re
 import shlex
-import threading
 import time
 import weakref
 import zlib
@@ -49,10 +47,9 @@ from .activations import BORDERS, INITS
 from ._warn import gathering
 from ._orders import merge_orders
 from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _vectors,
-                        capture_fisher, default_forward, eval_mode, fisher_bytes, kept_buffers,
-                        layer_hooks)
-from .errors import (MAX_SEED, QroundError, check_bits, check_int, check_real, copy_module,
-                     first_line)
+                        _capture_fisher, default_forward, eval_mode, fisher_bytes, kept_buffers,
+                        _check_materialised, layer_hooks, own_rng, run_forward)
+from .errors import MAX_SEED, QroundError, check_bits, check_int, check_real, copy_module
 from .export import fingerprint
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
@@ -583,18 +580,10 @@ def _own_forward(m: nn.Module) -> bool:
 
 def _run_first(model: nn.Module, batch, forward: ForwardFn, index: int = 0) -> None:
     """``forward(model, batch)`` on the first calibration batch (or batch ``index``): an error
-    of the user's model or forward (a batch of the wrong shape, dtype or device) is a
-    QroundError naming it."""
-    try:
-        forward(model, batch)
-    except QroundError:
-        raise
-    except Exception as exc:  # noqa: BLE001 (any error of the user's forward)
-        which = "the first calibration batch" if index == 0 else f"calibration batch {index}"
-        raise QroundError(f"the model's forward failed on {which} "
-                          f"({type(exc).__name__}: {first_line(exc, 300)}); check that the "
-                          "batches fit the model (shape, dtype, device) and, for batches that "
-                          "are not the model's positional input, the forward function") from exc
+    of the user's model or forward (a batch of the wrong shape, dtype or device), or a forward
+    that changes the batch in place, is a QroundError naming it
+    (:func:`qround.calibrate.run_forward`)."""
+    run_forward(model, batch, forward, index)
 
 
 def _explicit_hint(m: nn.Module) -> str:
@@ -637,8 +626,13 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None,
             skipped[name] += _explicit_hint(m)
     if not candidates:
         own = [f"{n!r}: {why}" for n, why in skipped.items() if "own forward" in why]
+        explicit = [n for n, m in modules.items() if _explicit_hint(m)]
         raise QroundError("model has no nn.Linear, nn.Conv2d or nn.Conv1d layer to quantise"
-                          + (f" ({own[0]})" if own else ""))
+                          + (f" ({own[0]})" if own else "")
+                          + (f"; its {explicit[0]!r} ({type(modules[explicit[0]]).__name__}) "
+                             "and the like are rounded in their explicit form: "
+                             "qround.explicit.explicit_layers(model) gives a copy in which they are"
+                             if explicit else ""))
     chosen = candidates
     for field_name, keep in (("layers", True), ("exclude", False)):
         pattern = getattr(config, field_name)
@@ -667,6 +661,7 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None,
         raise QroundError("cannot round these layers' weights: " + "; ".join(refused[:3])
                           + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")
                           + ("" if computed else "; or leave them out with config.exclude"))
+    _check_materialised(modules, chosen)
     if not untie:
         return chosen, skipped
     wanted = chosen
@@ -689,6 +684,12 @@ def _check_names(model: nn.Module, names: list[str], config: QuantConfig) -> Non
     check_group_sizes(modules, names, config)
     for name in names:
         module = modules[name]
+        for key in ("weight", "bias"):
+            t = getattr(module, key, None)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() \
+                    and not bool(torch.isfinite(t.detach()).all()):
+                bad = int((~torch.isfinite(t.detach())).sum())
+                raise QroundError(f"layer {name!r}: its {key} contains {bad} NaN/Inf value(s)")
         if config.statistics == "fisher" and fisher_bytes(module) > config.fisher_budget_mb * 2**20:
             raise QroundError(f"Fisher blocks of layer {name!r} need "
                               f"{fisher_bytes(module) / 2**20:.3g} MB, over fisher_budget_mb="
@@ -1228,8 +1229,8 @@ def _capture(unit: list[_Layer], float_model, quant_model, paired: bool, calibra
     wanted = [x.name for x in unit if out[x.name] is not None]
     if not second and wanted:
         # per-channel Fisher blocks of the layers' actual inputs (the copy when asymmetric)
-        fisher = capture_fisher(source, calibration, loss_fn, wanted,
-                                config.fisher_budget_mb, forward, device)
+        fisher = _capture_fisher(source, calibration, loss_fn, wanted,
+                                 config.fisher_budget_mb, forward, device)
         for name, h in fisher.items():
             if h is None:
                 out[name] = None          # only empty inputs: left in float by the caller
@@ -1530,62 +1531,9 @@ def quantize_model(model: nn.Module, calibration: Iterable, config: QuantConfig 
 
 @contextmanager
 def _own_rng(config: QuantConfig, model: nn.Module, keep_buffers: bool = True):
-    """Random draws inside (a model's own forward that samples) come from torch's, numpy's and
-    ``random``'s global generators seeded with ``config.seed``, so a run depends on the seed,
-    not on the caller's state; the caller's states (torch CPU and CUDA, numpy, ``random``) are
-    restored afterwards.  With ``keep_buffers``, buffers of
-    ``model`` that its forward writes (counters, observers) get their values back too.
-    The generators are the process's: calls from several threads run here one at a time (an
-    RLock), or each would restore what another had seeded."""
-    import random
-
-    with _RNG_LOCK:
-        if keep_buffers:
-            with kept_buffers(model), _seeded(config, model, random):
-                yield
-        else:
-            with _seeded(config, model, random):
-                yield
-
-
-_RNG_LOCK = threading.RLock()
-
-
-def _after_fork_in_child() -> None:
-    global _RNG_LOCK
-    _RNG_LOCK = threading.RLock()   # another thread of the parent may have held it
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _seed_numpy(seed: int) -> None:
-    """Seed numpy's global generator with every bit of ``seed`` (up to 2**64 - 1): it takes
-    32-bit words, and a seed below 2**32 seeds it as ``np.random.seed(seed)`` does."""
-    np.random.seed(seed if seed < 2 ** 32 else [seed & 0xFFFFFFFF, seed >> 32])
-
-
-@contextmanager
-def _seeded(config: QuantConfig, model: nn.Module, random):
-    devices = {p.device.index for p in model.parameters() if p.device.type == "cuda"}
-    if config.device.startswith("cuda"):
-        index = torch.device(config.device).index
-        devices.add(torch.cuda.current_device() if index is None else index)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices |= set(range(torch.cuda.device_count()))
-    np_state, py_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=sorted(devices)):
-        torch.default_generator.manual_seed(config.seed)
-        _seed_numpy(config.seed)   # a forward drawing from these follows the seed too
-        random.seed(config.seed)
-        for d in sorted(devices):
-            torch.cuda.default_generators[d].manual_seed(config.seed)
-        try:
-            yield
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
+    """:func:`qround.calibrate.own_rng` with ``config``'s seed and device."""
+    with own_rng(config.seed, model, config.device, keep_buffers):
+        yield
 
 
 def _samples(batch) -> int | None:
@@ -1706,6 +1654,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
 
         layers: dict[str, QuantizedWeight] = {}
         report: list[LayerReport] = []
+        new_biases: list[str] = []   # layers bias correction gave their first bias
         done = 0
         bar = tqdm(total=len(plan), desc="quantize", unit="layer", disable=not config.progress)
         for unit in _units(plan, q_modules, config):
@@ -1732,6 +1681,8 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
                     layer, module, stats[layer.name], solver, config)
                 apply_to_layer(module, qweight, inplace=True)
                 if config.bias_correction:
+                    if module.bias is None:
+                        new_biases.append(layer.name)
                     _correct_bias(module, weight, qweight, stats[layer.name], config.correction)
                 layers[layer.name] = qweight
                 label = (f"{solver.label} ({config.refits} refits)" if config.refits
@@ -1757,6 +1708,12 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
     if not layers:
         raise QroundError("no chosen layer received a non-empty input during calibration: "
                           + "; ".join(f"{n!r}: {why}" for n, why in list(skipped.items())[:2]))
+    if new_biases and hasattr(model, "save_pretrained"):
+        log.warning("bias correction gave %d layers without a bias one (%s): transformers' "
+                    "from_pretrained drops biases its architecture does not have, so a "
+                    "save_pretrained checkpoint of this model loads without them; "
+                    "qround.export.save / load keep them", len(new_biases),
+                    ", ".join(new_biases[:3]) + (" ..." if len(new_biases) > 3 else ""))
     result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0, source=source)
     if config.activation_stage:
         result.reconstruction, result.units = quantize_activations(
@@ -1865,6 +1822,6 @@ def _check_no_kv_cache(model: nn.Module, config: QuantConfig, first_batch, forwa
         raise QroundError(
             f"module {name or 'model'!r} is called with a key-value cache ({kind}): block "
             "reconstruction calls its units many times on their recorded inputs, and the cache "
-            "would grow with every call. Calibrate without one, e.g. forward=lambda model, "
-            "batch: model(**batch, use_cache=False) (a tokeniser's dict batches) or "
-            "model(batch, use_cache=False) (a tensor of token ids)")
+            "would grow with every call. Calibrate without one: forward=lambda model, batch: "
+            "qround.calibrate.default_forward(model, batch, use_cache=False) (it keeps "
+            "masking a tokeniser's padding)")

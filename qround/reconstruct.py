@@ -130,6 +130,10 @@ class ReconstructConfig:
                               f"{self.beta!r}")
         for i, b in enumerate(self.beta):
             check_real(b, f"ReconstructConfig.beta[{i}]", lo=0, lo_open=True)
+        if self.beta[0] < self.beta[1]:
+            log.warning("ReconstructConfig.beta=%r rises: beta anneals from its first value to "
+                        "its second, and AdaRound's falls (20 -> 2), so that the regulariser "
+                        "first lets the rounding move and then pushes it to 0/1", self.beta)
         check_budget(self.capture_cache_mb, "ReconstructConfig.capture_cache_mb")
         check_real(self.warmup, "ReconstructConfig.warmup", lo=0, hi=1, hi_open=True)
         check_real(self.qdrop, "ReconstructConfig.qdrop", lo=0, hi=1)
@@ -305,7 +309,10 @@ def _resolve_blocks(quant_model: nn.Module, float_model: nn.Module, blocks) -> l
         missing = [b for b in names if b not in qnamed]
         if missing:
             raise QroundError(f"blocks name modules that do not exist in quant_model: {missing}")
-        empty = [b for b in names if not _has_layers(qnamed[b])]
+        # a joint unit may hold modules without a QuantizedLayer (conv, BN, ReLU: its output is
+        # the ReLU's); a unit with none has nothing to train
+        empty = [u.modules[0] if len(u.modules) == 1 else "+".join(u.modules) for u in units
+                 if not any(_has_layers(qnamed[b]) for b in u.modules if b in qnamed)]
         if empty:
             raise QroundError(f"blocks contain no QuantizedLayer: {empty}")
         for i, a in enumerate(names):
@@ -484,9 +491,9 @@ def _capture(float_model, quant_model, fblock, qblock, name, batches, forward, b
             raise QroundError(
                 f"block {name!r} is called with a key-value cache ({cache}): reconstruction "
                 "calls the block many times on its recorded inputs, and the cache would grow "
-                "with every call. Calibrate without one, e.g. forward=lambda model, batch: "
-                "model(**batch, use_cache=False) (a tokeniser's dict batches) or "
-                "model(batch, use_cache=False) (a tensor of token ids)")
+                "with every call. Calibrate without one: forward=lambda model, batch: "
+                "qround.calibrate.default_forward(model, batch, use_cache=False) (it keeps "
+                "masking a tokeniser's padding)")
         item = (_detach(tuple(args)), _detach(dict(kwargs)))
         account(item)
         inputs[index[0]] = item

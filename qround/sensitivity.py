@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibrate import ForwardFn, _padding_mask, default_forward, eval_mode
+from .calibrate import ForwardFn, _padding_mask, default_forward, eval_mode, seed_numpy
 from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid
 from .pipeline import (QuantConfig, _add_late, _check_calibration, _check_overrides_match,
-                       _conv1d_selection, _own_rng, _reselect, _samples, _seed_numpy, _select,
+                       _conv1d_selection, _own_rng, _reselect, _samples, _select,
                        _trace, check_group_sizes)
 from .prefix_cache import PrefixCache, budget_bytes, disabled, trace_spans
 from .problems.layers import layer_weight, linearize_conv1d
@@ -367,7 +367,7 @@ def _reseed(model: nn.Module, seed: int) -> None:
     import random
 
     torch.default_generator.manual_seed(seed)
-    _seed_numpy(seed)
+    seed_numpy(seed)
     random.seed(seed)
     for d in {p.device.index for p in model.parameters() if p.device.type == "cuda"}:
         torch.cuda.default_generators[d or 0].manual_seed(seed)

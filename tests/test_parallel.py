@@ -193,12 +193,12 @@ def test_a_child_forked_while_another_thread_quantises_can_quantise():
     child forked meanwhile, and the child's own quantize_model waited for good."""
     import threading
 
-    from qround import pipeline
+    from qround import calibrate
 
     held, release = threading.Event(), threading.Event()
 
     def hold():
-        with pipeline._RNG_LOCK:   # as a quantize_model running in this thread
+        with calibrate._RNG_LOCK:   # as a quantize_model running in this thread
             held.set()
             release.wait(60)
 
