@@ -28,7 +28,7 @@ import re
 import sys
 import time
 import warnings
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -463,6 +463,12 @@ def _model_and_calibration(args):
             raise QroundError(f"--batch-size splits a tensor of inputs; {args.calibration} holds "
                               "a list of batches, used as they are: leave it out, or save one "
                               "tensor")
+        if any(isinstance(b, Mapping) for b in inputs):
+            raise QroundError(f"{args.calibration} holds dict batches; a model file is called "
+                              "as model(batch) on tensors. For tokenised batches (input_ids, "
+                              "attention_mask), pass a save_pretrained folder as --model with "
+                              "a text file as --calibration, or use qround.quantize_model from "
+                              "Python")
         if not inputs or not all(isinstance(b, torch.Tensor) and b.ndim >= 1 and len(b)
                                  for b in inputs):
             raise QroundError(f"{args.calibration} must hold a non-empty tensor (N, ...) of "

@@ -673,14 +673,16 @@ def _select(model: nn.Module, config: QuantConfig, float_conv1d=(), called=None,
     return chosen, skipped
 
 
-def _check_names(model: nn.Module, names: list[str], config: QuantConfig) -> None:
-    """The checks of the chosen layers that run before any forward."""
+def _check_names(model: nn.Module, names: list[str], config: QuantConfig,
+                 skipped: Mapping[str, str] | None = None) -> None:
+    """The checks of the chosen layers that run before any forward (``skipped``: the layers
+    left in float, and why)."""
     if config.activation_stage:
         _check_single_names(model, names)
     if config.reconstruction is not None:  # bad schemes and k fail before any forward...
         check_units(model, names, config)
     modules = dict(model.named_modules())
-    _check_overrides_match(config, names)
+    _check_overrides_match(config, names, skipped)
     check_group_sizes(modules, names, config)
     for name in names:
         module = modules[name]
@@ -1414,14 +1416,19 @@ def check_group_sizes(modules: dict, names, config: "QuantConfig") -> None:
                       "group_size=none)")
 
 
-def _check_overrides_match(config: QuantConfig, names: list[str]) -> None:
+def _check_overrides_match(config: QuantConfig, names: list[str],
+                           skipped: Mapping[str, str] | None = None) -> None:
     """Every ``overrides`` pattern matches a layer being quantised, and is the first to match
-    at least one (a pattern shadowed by earlier ones would never apply)."""
+    at least one (a pattern shadowed by earlier ones would never apply).  ``skipped``: the
+    layers left in float and why, named where a pattern matches only those."""
     for pattern, _ in config.overrides or ():
         hits = [n for n in names if re.search(pattern, n)]
         if not hits:
+            floats = [(n, why) for n, why in (skipped or {}).items() if re.search(pattern, n)]
             raise QroundError(f"overrides[{pattern!r}] matches none of the {len(names)} layers "
-                              f"being quantised; their names look like {names[:3]}")
+                              f"being quantised; their names look like {names[:3]}"
+                              + (f"; it matches {floats[0][0]!r}, which stays in float: "
+                                 f"{floats[0][1]}" if floats else ""))
         if not any(config.override(n)[0] == pattern for n in hits):
             raise QroundError(f"overrides[{pattern!r}] never applies: every layer it matches "
                               f"({hits[:3]}) is matched by an earlier pattern first (the first "
@@ -1589,7 +1596,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
     model, _ = linear_view(model, names=convert)
     names, skipped = _select(model, config, float_conv1d=conv_skipped)
     skipped.update(conv_skipped)
-    _check_names(model, names, config)
+    _check_names(model, names, config, skipped)
     solvers = _build_solvers(config)
     _check_no_kv_cache(model, config, first_batch, forward)
 
@@ -1615,7 +1622,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
                           called)
         if again is not None:
             names, skipped = again
-            _check_names(model, names, config)
+            _check_names(model, names, config, skipped)
             plan, caches, starts = _plan_and_caches(qmodel, float_model, first_batch, forward,
                                                     names, config)
             called = {x.name for x in plan}

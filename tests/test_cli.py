@@ -595,6 +595,8 @@ def test_quantize_model_file_with_a_list_of_batches(tmp_path, capsys):
     (lambda: torch.randn(8, 12, dtype=torch.float64), "cannot run on the inputs"),
     (lambda: [], "non-empty list"),
     (lambda: {"x": torch.randn(8, 12)}, "non-empty tensor"),
+    (lambda: [{"input_ids": torch.ones(2, 3, dtype=torch.long)}],
+     "holds dict batches; a model file is called as model(batch)"),
 ])
 def test_quantize_model_file_with_calibration_that_does_not_fit(tmp_path, calibration, match,
                                                                  capsys):

@@ -309,3 +309,21 @@ def test_bias_correction_on_a_transformers_model_says_that_new_biases_need_qroun
     with caplog.at_level(logging.WARNING, logger="qround.pipeline"):
         quantize_model(Pretrained(), data, QuantConfig(**FAST))
     assert "without a bias" not in caplog.text
+
+
+def test_an_override_that_matches_only_a_layer_left_in_float_says_why_it_is():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(5)
+            self.emb, self.fc = nn.Embedding(10, 6), nn.Linear(6, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(self.emb(x))))
+
+    config = QuantConfig(**FAST, overrides={"head": {"wbits": 4}})
+    with pytest.raises(QroundError, match=r"matches none of the 1 layers .*it matches 'head', "
+                                          r"which stays in float: shares its weight"):
+        quantize_model(Tied(), [torch.randint(0, 10, (4, 5), generator=gen(10))], config)
