@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ..files import atomic_write
+from .._warn import warn_user
 from ..errors import QroundError, as_float_array, check_bits
 from ..grid import GridSpec, fit_grid
 from .rounding import RoundingProblem
@@ -224,6 +225,10 @@ def load_layer_stats(path: str | os.PathLike) -> LayerStats:
                           "file is damaged or was not written by qround)")
     group_size = scalar("group_size", int)
     known = {f.name for f in fields(LayerStats)}
+    unknown = sorted(set(contents) - known)
+    if unknown:   # a misspelt optional key (scales=) would be dropped without a word
+        warn_user(f"layer statistics file {path!r}: ignoring key(s) {unknown}, which qround "
+                  f"does not read; it reads {sorted(known)}")
     kwargs = {key: value for key, value in contents.items() if key in known}
     kwargs.update(bits=scalar("bits", int), symmetric=scalar("symmetric", bool),
                   group_size=None if group_size == -1 else group_size,

@@ -350,14 +350,19 @@ class BestOf(Solver):
         return self._solve_from(problem, start, problem.energies(start), rng)
 
     def _solve_from(self, problem, start, start_energy, rng):
+        """``info["channels_won"]``: per part, the channels whose kept solution is that part's
+        (the earliest part's on a tie; a channel no part improved on its start is nobody's)."""
         best, best_e = start, start_energy
-        wins = {}
+        owner = np.full(len(start_energy), -1)
+        keys = []
         for i, s in enumerate(self.solvers):
             sol = s._solve_stage(problem, start, start_energy, rng)
             better = sol.energy < best_e
-            wins[_part_key(wins, s.label, i)] = int(better.sum())
+            keys.append(_part_key(dict.fromkeys(keys), s.label, i))
+            owner = np.where(better, i, owner)
             best = np.where(better[:, None], sol.choices, best)
             best_e = np.where(better, sol.energy, best_e)
+        wins = {key: int((owner == i).sum()) for i, key in enumerate(keys)}
         return best, {"channels_won": wins}, best_e
 
 

@@ -248,10 +248,35 @@ def normalize_spec(spec: str) -> str:
         raise QroundError(f"solver spec must be a non-empty string, got {spec!r}")
     if len(spec) > MAX_SPEC_CHARS:
         raise QroundError(f"solver spec of {len(spec)} characters: at most {MAX_SPEC_CHARS}")
-    return "".join(ch for _, ch, quoted in _scan(spec, spec) if quoted or not ch.isspace())
+    out, depth, gap, before = [], 0, False, ""
+    for _, ch, quoted in _scan(spec, spec):
+        if not quoted and ch.isspace():
+            gap = True
+            continue
+        if gap and not quoted and _in_token(before) and _in_token(ch):
+            # spaces inside a name or a number ("restarts=1 6", "gp tq") are refused, as
+            # Python refuses them, instead of being glued into another value
+            at = "".join(out)
+            raise QroundError(f"solver spec {spec.strip()!r} has a space inside a name or "
+                              f"value, after {at[-20:]!r} (a missing comma or operator?)")
+        gap = False
+        if not quoted:
+            depth += 1 if ch in "([{" else -1 if ch in ")]}" else 0
+            if depth > MAX_SPEC_DEPTH:
+                raise QroundError(f"solver spec nests parentheses more than {MAX_SPEC_DEPTH} "
+                                  "deep")
+        out.append(ch)
+        before = "" if quoted else ch
+    return "".join(out)
+
+
+def _in_token(ch: str) -> bool:
+    """Whether ``ch`` belongs to a name or a number (letters, digits, '_', '.')."""
+    return bool(ch) and (ch.isalnum() or ch in "_.")
 
 
 MAX_SPEC_CHARS = 4000
+MAX_SPEC_DEPTH = 32
 
 
 def split_specs(text: str) -> list[str]:

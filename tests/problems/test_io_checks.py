@@ -175,15 +175,24 @@ def test_a_damaged_group_size_entry_is_refused(tmp_path, gs):
         load_layer_stats(bad)
 
 
-def test_unknown_keys_are_ignored(tmp_path):
-    """A file with an extra entry (a later writer's notes) still reads."""
+def test_unknown_keys_are_ignored_with_a_warning_that_names_them(tmp_path):
+    """A file with an extra entry (a later writer's notes) still reads; the warning names the
+    keys qround reads, since a misspelt optional one (``scales``) would silently give another
+    grid (helper-155)."""
     w, h = layer()
     save_layer_stats(tmp_path / "ok.npz", w, h, name="fc")
     more = rewrite(tmp_path / "ok.npz", tmp_path / "more.npz", notes=np.str_("calibrated"),
-                   step=np.arange(3))
-    stats = load_layer_stats(more)
-    assert stats.name == "fc" and not hasattr(stats, "notes")
+                   scales=np.ones(4))
+    with pytest.warns(UserWarning, match=r"ignoring key\(s\) \['notes', 'scales'\].* it reads "
+                                         r"\[.*'scale'"):
+        stats = load_layer_stats(more)
+    assert stats.name == "fc" and not hasattr(stats, "notes") and stats.scale is None
     np.testing.assert_array_equal(stats.weight, w)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_layer_stats(tmp_path / "ok.npz")   # what qround writes reads without a word
 
 
 @pytest.mark.parametrize("value", [np.int64(1), np.uint8(0), np.array([True])])

@@ -10,7 +10,8 @@ import pytest
 from qround import QroundError, available_solvers, get_solver
 from qround.solvers import (GPTQ, Anneal, BestOf, Chain, MeanField, Relaxation,
                             Tabu, place, registry)
-from qround.solvers.registry import MAX_SPEC_CHARS, parse_part, spec_names, split_specs
+from qround.solvers.registry import (MAX_SPEC_CHARS, normalize_spec, parse_part, spec_names,
+                                     split_specs)
 
 from ..conftest import make_problem
 
@@ -157,3 +158,32 @@ def test_a_chain_holding_a_choice_is_labelled_so_that_it_reads_back_the_same():
 def test_malformed_groups_are_refused(spec, match):
     with pytest.raises(QroundError, match=re.escape(match)):
         get_solver(spec)
+
+
+# ------------------------------------------------------------------ spaces and nesting
+@pytest.mark.parametrize("spec, after", [
+    ("tabu(restarts=1 6)", "tabu(restarts=1"),            # used to build restarts=16
+    ("anneal(num_sweeps=10 000)", "anneal(num_sweeps=10"),
+    ("tabu(time_limit=0. 5,restarts=None)", "tabu(time_limit=0."),
+    ("gp tq+tabu", "gp"),
+    ("tabu(restarts=16 tenure=20)", "tabu(restarts=16"),
+])
+def test_a_space_inside_a_name_or_value_is_refused_not_glued(spec, after):
+    with pytest.raises(QroundError, match="space inside a name or value, after "
+                                          + re.escape(repr(after))):
+        get_solver(spec)
+
+
+def test_spaces_between_tokens_and_inside_quotes_are_kept_apart():
+    assert normalize_spec(" gptq + tabu ( restarts = 8 , tenure = 20 ) | anneal ") \
+        == "gptq+tabu(restarts=8,tenure=20)|anneal"
+    assert normalize_spec("x(a='b c', d=[1, 2])") == "x(a='b c',d=[1,2])"
+
+
+@pytest.mark.parametrize("parse", [get_solver, spec_names, normalize_spec])
+def test_nesting_is_bounded_before_any_recursion(parse):
+    deep = "tabu+(" * 500 + "tabu" + ")" * 500        # 3504 characters: within the length
+    with pytest.raises(QroundError, match="nests parentheses more than 32 deep"):
+        parse(deep)
+    ok = "tabu+(" * 32 + "tabu" + ")" * 32
+    assert normalize_spec(ok) == ok
