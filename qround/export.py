@@ -1,20 +1,20 @@
 """Saved quantised models: one safetensors file of codes, grids and dequantised weights.
 
 For each quantised layer ``<name>`` the file holds ``<name>.weight`` (dequantised, in the
-layer's dtype; always in nn.Linear's (out, in) layout, also for a transformers Conv1D, whose
-own ``state_dict`` holds the transpose under that key: read such a file with :func:`load`, not
-with ``load_state_dict``), ``<name>.codes`` (int8 symmetric / uint8 asymmetric),
-``<name>.scale`` (float64, (out, groups)), ``<name>.zero_point`` (int32, asymmetric grids only)
-and ``<name>.bias`` when the layer has one (bias correction may have changed or created it).
-A layer whose input is quantised also has ``<name>.act.step`` and, with borders,
-``<name>.act.b0``/``b1``/``b2``.  The header metadata (str -> str, JSON where structured) records the format, the qround version, the
-config, the layers with their bits and shapes (and input quantisers), the report, the layers left
-in float, the reconstruction units (``units``) and ``source``: a fingerprint of the float model
-the file was made from (every tensor of its ``state_dict``: dtype, shape and an 8-byte BLAKE2b
-digest of its bytes, :func:`fingerprint`).  :func:`load` takes the rest of the model (embeddings,
-norms, layers left in float) from the model it is given, so it checks that model against
-``source`` and refuses another checkpoint of the same architecture, which would give a model
-that runs and is silently wrong.
+layer's dtype; always in nn.Linear's (out, in) layout, also for a transformers Conv1D, whose own
+``state_dict`` holds the transpose under that key: read such a file with :func:`load`, not with
+``load_state_dict``), ``<name>.codes`` (int8 symmetric / uint8 asymmetric), ``<name>.scale``
+(float64, (out, groups)), ``<name>.zero_point`` (int32, asymmetric grids only) and
+``<name>.bias`` when the layer has one (bias correction may have changed or created it). A layer
+whose input is quantised also has ``<name>.act.step`` and, with borders,
+``<name>.act.b0``/``b1``/``b2``.  The header metadata (str -> str, JSON where structured)
+records the format, the qround version, the config, the layers with their bits and shapes (and
+input quantisers), the report, the layers left in float, the reconstruction units (``units``)
+and ``source``: a fingerprint of the float model the file was made from (every tensor of its
+``state_dict``: dtype, shape and an 8-byte BLAKE2b digest of its bytes, :func:`fingerprint`).
+:func:`load` takes the rest of the model (embeddings, norms, layers left in float) from the
+model it is given, so it checks that model against ``source`` and refuses another checkpoint of
+the same architecture, which would give a model that runs and is silently wrong.
 
 Files are written atomically (temp file in the same folder, then ``os.replace``): a failed save
 leaves any earlier file as it was.  A run repeated with the same seed writes the same bytes,
