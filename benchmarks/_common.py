@@ -54,6 +54,16 @@ def e2e_write(path: str | None, benchmark: str, header: str, notes: list[str], a
                              "rows": rows})
 
 
+def set_threads(n: int) -> None:
+    """torch's intra-op threads and numba's (the solver kernels', at most NUMBA_NUM_THREADS)
+    to ``n`` for the rest of the run; a benchmark's header says "torch and numba threads n"."""
+    import numba
+    import torch
+
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 def int_list(text: str, flag: str, parser, lo: int, hi: int | None = None) -> list[int]:
     """Comma-separated integers in [lo, hi] (hi None: no upper bound), or a parser error."""
     try:

@@ -41,7 +41,7 @@ import torch
 from qround import GridSpec, zoo
 from qround.activations import insert_act_quantizers, quantized_layers
 from qround.reconstruct import ReconstructConfig, reconstruct
-from qround.report import format_table, write_json_atomic
+from qround.report import environment, format_table, write_json_atomic
 
 WIDTHS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4), "W2A2": (2, 2)}
 METHODS = {"nearest": ("none", True), "aquant": ("quadratic", True),
@@ -202,7 +202,8 @@ def main(argv=None) -> int:
             "settings": {k: v for k, v in vars(args).items() if k != "json"},
             "config": {k: v for k, v in config.__dict__.items()},
             "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "rows": rows, "overhead_ms": timing,
+            "machine": platform.machine(), "environment": environment(), "rows": rows,
+            "overhead_ms": timing,
             "seconds": total})
     return 0
 

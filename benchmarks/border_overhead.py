@@ -24,7 +24,7 @@ import torch
 
 from qround import export, zoo
 from qround.activations import quantized_layers
-from qround.report import format_table, write_json_atomic
+from qround.report import environment, format_table, write_json_atomic
 
 MODES = ("border", "nearest")
 
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         write_json_atomic(args.json, {"benchmark": "border_overhead", "header": header,
                                       "settings": vars(args), "rows": rows, "ms": ms,
                                       "torch": torch.__version__,
-                                      "python": platform.python_version()})
+                                      "python": platform.python_version(),
+                                      "environment": environment()})
     return 0
 
 

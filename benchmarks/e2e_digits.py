@@ -26,9 +26,10 @@ import torch
 from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import digits_accuracy
-from qround.report import format_table, write_json_atomic
+from qround.report import environment, format_table, write_json_atomic
 from qround.zoo.digits import ARCHS
-from _common import e2e_finish, e2e_parser, plan, refits_of, warm_up_solvers  # noqa: E402 (on sys.path)
+from _common import (e2e_finish, e2e_parser, plan, refits_of, set_threads,  # noqa: E402
+                     warm_up_solvers)
 
 WIDTHS = {"W4": 4, "W3": 3, "W2": 2}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers")
@@ -81,13 +82,13 @@ def summarise(values: list[float]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     warm_up_solvers(args.solvers)   # kernel loading stays out of the first row's seconds
     abits = args.abits or None
     runs, notes = plan(args)
     header = (f"digits CNN ({args.arch}) e2e: all Conv2d/Linear weights, per-channel symmetric, "
               f"activations {'float' if abits is None else f'{abits}-bit'} at evaluation; "
-              f"seeds {args.seeds}; torch threads {args.threads}, device {args.device}")
+              f"seeds {args.seeds}; torch and numba threads {args.threads}, device {args.device}")
     print(header, flush=True)
     for note in notes:
         print(f"note: {note}", flush=True)
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
             "settings": {k: v for k, v in vars(args).items()
                          if k not in ("json", "progress")},
             "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "rows": rows})
+            "machine": platform.machine(), "environment": environment(), "rows": rows})
     return 0
 
 

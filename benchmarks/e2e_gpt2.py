@@ -36,7 +36,8 @@ from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.report import format_table
 from qround.zoo.hf import load_hf, perplexity
-from _common import e2e_finish, e2e_parser, e2e_write, plan, refits_of, warm_up_solvers  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import (e2e_finish, e2e_parser, e2e_write, plan, refits_of,  # noqa: E402 (on sys.path)
+                     set_threads, warm_up_solvers)
 
 WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g64": (3, 64), "W2g64": (2, 64)}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers", "reconstruct")
@@ -153,7 +154,7 @@ def quantise(label, spec, hf, calibration, bits, group_size, args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     warm_up_solvers(args.solvers)   # kernel loading stays out of the first row's seconds
     folder = checkpoint(args)
     hf = load_hf(folder)
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
               f"(seed {args.seed}; {folder}); weights only, every Conv1D layer, per-channel "
               f"symmetric; calibration {args.calib_sentences} sentences; perplexity on "
               f"{len(zoo.sentences('evaluation')) - TRAIN_SENTENCES} held-out sentences "
-              f"(float {float_ppl:.3f}); torch threads {args.threads}, device {args.device}")
+              f"(float {float_ppl:.3f}); torch and numba threads {args.threads}, device {args.device}")
     print(header, flush=True)
     for note in notes:
         print(f"note: {note}", flush=True)

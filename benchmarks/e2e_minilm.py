@@ -24,13 +24,13 @@ import argparse
 import sys
 import time
 
-import torch
 
 from qround import zoo
 from qround.baselines import gptq_model, rtn_model
 from qround.evaluate import embedding_metrics
 from qround.report import format_table
-from _common import e2e_finish, e2e_parser, e2e_write, plan, refits_of, warm_up_solvers  # noqa: E402 (benchmarks/ is on sys.path)
+from _common import (e2e_finish, e2e_parser, e2e_write, plan, refits_of,  # noqa: E402 (on sys.path)
+                     set_threads, warm_up_solvers)
 
 WIDTHS = {"W4": (4, None), "W3": (3, None), "W3g128": (3, 128), "W2": (2, None)}
 METHODS = ("rtn-minmax", "rtn-mse", "gptq", "hopfield", "solvers", "reconstruct")
@@ -94,7 +94,7 @@ def quantise(label: str, spec: str | None, model, calibration, bits: int, group_
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     warm_up_solvers(args.solvers)   # kernel loading stays out of the first row's seconds
     model = zoo.load_minilm()
     layers = zoo.minilm_linear_layers(model)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     header = (f"MiniLM-L6 e2e: {len(layers)} encoder Linear layers (quantised: "
               f"{args.layers!r}), weights only, per-channel "
               f"symmetric; calibration {args.calib_sentences} sentences, evaluation "
-              f"{args.eval_sentences} held-out sentences; torch threads {args.threads}, "
+              f"{args.eval_sentences} held-out sentences; torch and numba threads {args.threads}, "
               f"device {args.device}")
     print(header, flush=True)
     for note in notes:

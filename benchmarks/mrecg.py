@@ -45,8 +45,8 @@ from qround.calibrate import select_layers
 from qround.granularity import (GRANULARITIES, LEVELS, METRICS, loss_along_depth, plot_losses,
                                 reconstruct_with_granularity)
 from qround.reconstruct import ReconstructConfig
-from qround.report import format_table, write_json_atomic
-from _common import _choices  # noqa: E402 (benchmarks/ is on sys.path)
+from qround.report import environment, format_table, write_json_atomic
+from _common import _choices, set_threads  # noqa: E402 (benchmarks/ is on sys.path)
 
 WIDTHS = {"W2A4": (2, 4), "W3A3": (3, 3), "W2A2": (2, 2), "W4A4": (4, 4)}
 ARCHS = ("residual", "deep", "deep-narrow", "mobile")
@@ -117,10 +117,10 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(1)
+    set_threads(1)
     header = (f"MRECG granularity on the digits CNNs {args.archs}: seeds {args.seeds}, "
               f"{args.iterations} Adam steps per unit, base {args.base}, k {args.k}, loss "
-              f"search {args.search_fraction:g} of the steps ({args.metric}), torch threads 1")
+              f"search {args.search_fraction:g} of the steps ({args.metric}), torch and numba threads 1")
     print(header, flush=True)
     if not args.no_plots:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -212,7 +212,8 @@ def main(argv=None) -> int:
             "config": {k: v for k, v in ReconstructConfig(iterations=args.iterations)
                        .__dict__.items() if k != "seed"},
             "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "rows": rows, "profiles": profiles, "plots": plots,
+            "machine": platform.machine(), "environment": environment(), "rows": rows,
+            "profiles": profiles, "plots": plots,
             "seconds": total})
     return 0
 

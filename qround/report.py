@@ -139,7 +139,22 @@ def environment() -> dict[str, str | int | None]:
                                                  "dwave-samplers")},
             "machine": platform.machine(),
             "processor": _cpu_model() or platform.processor() or None,
-            "cpus": os.cpu_count(), "torch_cpu_capability": _torch_cpu_capability()}
+            "cpus": os.cpu_count(), "torch_cpu_capability": _torch_cpu_capability(),
+            "threads": _threads()}
+
+
+def _threads() -> dict[str, int | None]:
+    """The CPU thread counts in effect now: torch's intra-op threads and numba's (the solver
+    kernels'); None for a library that is not loaded (it is not imported here)."""
+    import sys
+
+    torch, numba = sys.modules.get("torch"), sys.modules.get("numba")
+    try:
+        numba_threads = numba.get_num_threads() if numba is not None else None
+    except Exception:  # noqa: BLE001 (a threading layer that cannot start)
+        numba_threads = None
+    return {"torch": torch.get_num_threads() if torch is not None else None,
+            "numba": numba_threads}
 
 
 def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:

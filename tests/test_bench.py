@@ -131,6 +131,23 @@ def test_environment_facts_that_cannot_be_read_are_left_out(tmp_path, monkeypatc
     assert environment()["torch_cpu_capability"] is None
 
 
+def test_environment_records_the_thread_counts_in_effect():
+    """The JSON of every benchmark names torch's and numba's threads (helper-160: end-to-end
+    runs said "torch threads 1" while numba's kernels ran at their default of 2)."""
+    import numba
+    import torch
+
+    from qround._parallel import cpu_threads
+    from qround.report import environment
+
+    with cpu_threads(1):
+        assert environment()["threads"] == {"torch": 1, "numba": 1}
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        with cpu_threads(2):
+            assert environment()["threads"] == {"torch": 2, "numba": 2}
+    assert environment()["threads"]["torch"] == torch.get_num_threads()
+
+
 def test_bench_on_layer_files_at_other_widths(layer_files):
     result = run(_quick(layer_files[1:2], bits=(2, 4)), progress=False)
     assert sorted({r["bits"] for r in result["rows"]}) == [2, 4]

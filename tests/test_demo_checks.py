@@ -120,3 +120,29 @@ def test_the_journey_gets_the_demos_seed(tiny, monkeypatch):
     result = _run(journey="digits-cnn", seed=5)
     assert seen["model"] == "digits-cnn" and seen["seed"] == 5
     assert result["table"].endswith("\nJOURNEY") and result["journey"]["model"] == "digits-cnn"
+
+
+def test_the_demo_times_the_whole_solve_call_on_a_prepared_problem(tiny, monkeypatch):
+    """Solution.seconds leaves a bare solver's setup and final check out and a composite's
+    inner ones in; the demo now takes the whole call, as qround bench does (helper-160)."""
+    import time as _time
+
+    real = demo.get_solver
+
+    class Slow:
+        def __init__(self, name):
+            self.inner = real(name)
+
+        def solve(self, problem, *args, **kwargs):
+            assert {"rtn_energies", "rtn_costs", "cost_noise"} <= set(problem._cache)
+            sol = self.inner.solve(problem, *args, **kwargs)
+            _time.sleep(0.05)         # after the solver's own clock has stopped
+            return sol
+
+        def __getattr__(self, item):
+            return getattr(self.inner, item)
+
+    monkeypatch.setattr(demo, "get_solver", Slow)
+    result = _run(solvers="nearest")
+    seconds = [r["seconds"] for r in result["records"]]
+    assert len(seconds) == len(LAYERS) and min(seconds) >= 0.05
