@@ -443,14 +443,31 @@ def run_forward(model: nn.Module, batch, forward: ForwardFn, index: int = 0,
             "'attention_mask']), as the default forward does; for extra arguments, "
             "forward=lambda model, batch: qround.calibrate.default_forward(model, batch, "
             "use_cache=False) masks too"))
-    changed = [where for where, t, version in versions if t._version != version]
+    changed = [(where, t) for where, t, version in versions if t._version != version]
     if changed:
-        raise QroundError(f"{which}'s forward changed {name}{changed[0]} in place: qround "
-                          "runs every batch more than once, and each run would see other data "
-                          "(your batch has been changed once already). Change a copy instead "
-                          "(x = x - mean, not x.sub_(mean) or x -= mean, in the forward or the "
-                          "model)")
+        # an idempotent change (an in-place ReLU on the input) gives every later run the same
+        # data: a second run that leaves the values as they are is accepted
+        after = [t.detach().clone() for _, t in changed]
+        forward(model, batch)
+        moved = [where for (where, t), was in zip(changed, after) if not _same(t, was)]
+        if moved:
+            raise QroundError(f"{which}'s forward changed {name}{moved[0]} in place, and "
+                              "changes it again on every run: qround runs every batch more "
+                              "than once, and each run would see other data (your batch has "
+                              "been changed by two runs already). Change a copy instead (x = x "
+                              "- mean, not x.sub_(mean) or x -= mean, in the forward or the "
+                              "model)")
     return out
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN."""
+    a = a.detach()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 # ---------------------------------------------------------------------------------- input vectors

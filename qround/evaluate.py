@@ -140,7 +140,16 @@ def _input_ranges(model, batches, layers, forward) -> dict[str, tuple[float, flo
         raise QroundError("batches yielded no batch: input ranges need calibration data")
     missing = [name for name in modules if name not in seen]
     if missing:
-        raise QroundError(f"layers {missing} saw no input during range calibration")
+        from .activations import QuantizedLayer
+
+        named = dict(model.named_modules())
+        wrapped = [n for n in missing if isinstance(named.get(n.rpartition(".")[0]),
+                                                    QuantizedLayer)]
+        raise QroundError(f"layers {missing} saw no input during range calibration"
+                          + (f"; {wrapped[0]!r} sits in one of qround's QuantizedLayer "
+                             "wrappers, which compute without calling it (the model is "
+                             "activation-quantised: measure the float model's ranges)"
+                             if wrapped else ""))
     return {name: seen[name] for name in modules}
 
 
@@ -252,14 +261,34 @@ def _output(model: nn.Module, batch, forward: ForwardFn, index: int, which: str
     return y.double()
 
 
+def _rng_states() -> tuple:
+    """The global generators' states: torch's CPU and CUDA ones, numpy's and ``random``'s."""
+    import random
+
+    cuda = (torch.cuda.get_rng_state_all()
+            if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    return torch.random.get_rng_state(), cuda, np.random.get_state(), random.getstate()
+
+
+def _set_rng_states(states: tuple) -> None:
+    import random
+
+    cpu, cuda, numpy_state, python_state = states
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
+
+
 def _output_metrics(float_model, quant_model, batches, forward) -> dict[str, float]:
     err = ref = 0.0
     cosines, agree, biggest, samples, classes = [], 0, 0.0, 0, True
     with eval_mode(float_model), eval_mode(quant_model):
         for j, batch in enumerate(batches):
-            state = torch.random.get_rng_state()
+            state = _rng_states()
             y = _output(float_model, batch, forward, j, "the float model")
-            torch.random.set_rng_state(state)
+            _set_rng_states(state)
             q = _output(quant_model, batch, forward, j, "the quantised model")
             if q.shape != y.shape:
                 raise QroundError(f"the quantised model's output has shape {tuple(q.shape)}, "

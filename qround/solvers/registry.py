@@ -271,8 +271,9 @@ def normalize_spec(spec: str) -> str:
 
 
 def _in_token(ch: str) -> bool:
-    """Whether ``ch`` belongs to a name or a number (letters, digits, '_', '.')."""
-    return bool(ch) and (ch.isalnum() or ch in "_.")
+    """Whether ``ch`` belongs to a name or a number (letters, digits, '_', '.', and '-', which
+    solver names hold: ``tabu-fast``)."""
+    return bool(ch) and (ch.isalnum() or ch in "_.-")
 
 
 MAX_SPEC_CHARS = 4000

@@ -167,6 +167,8 @@ def test_malformed_groups_are_refused(spec, match):
     ("tabu(time_limit=0. 5,restarts=None)", "tabu(time_limit=0."),
     ("gp tq+tabu", "gp"),
     ("tabu(restarts=16 tenure=20)", "tabu(restarts=16"),
+    ("tabu -fast", "tabu"),                                # used to pick tabu-fast
+    ("tabu(restarts=1 -2)", "tabu(restarts=1"),
 ])
 def test_a_space_inside_a_name_or_value_is_refused_not_glued(spec, after):
     with pytest.raises(QroundError, match="space inside a name or value, after "
