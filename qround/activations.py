@@ -511,8 +511,14 @@ class QuantizedLayer(nn.Module):
         # (out, groups, group size) against (out, groups, 1): the grid broadcast, not repeated
         m, groups = self.w_scale.shape
         q = q.reshape(m, groups, -1)
-        return (self.w_scale[:, :, None] * (q - self.w_zero[:, :, None])).reshape(
+        out = (self.w_scale[:, :, None] * (q - self.w_zero[:, :, None])).reshape(
             w.shape).to(w.dtype)
+        if w.dim() == 4 and not w.is_contiguous() \
+                and w.is_contiguous(memory_format=torch.channels_last):
+            # the layer's own layout: a conv runs other kernels (and rounds otherwise) on a
+            # channels-last weight, and a saved model loads its weight into that layout
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
 
     def quantized_weight_codes(self) -> QuantizedWeight:
         """The hard weight as :class:`qround.writeback.QuantizedWeight` (codes (out, n),

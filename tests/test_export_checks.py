@@ -201,3 +201,25 @@ def test_a_buffer_only_the_file_recorded_is_logged_not_refused(tmp_path, caplog)
     x = torch.randn(4, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), qm.model(x))
+
+
+def test_a_channels_last_activation_quantised_model_loads_with_identical_outputs(tmp_path):
+    """The wrappers computed an NCHW weight while load wrote the hard weight into the layer's
+    channels-last one: the convs ran other kernels, and their round-off moved 8-bit activation
+    codes (helper-159: outputs off by 1e-3 on the digits CNN)."""
+    from qround.zoo.digits import DigitsCNN, load_digits_data
+
+    data = load_digits_data()
+    cl = torch.channels_last
+    model = DigitsCNN(0).eval().to(memory_format=cl)
+    calib = [data.calib_images[i:i + 64].contiguous(memory_format=cl) for i in (0, 64)]
+    qm = quantize_model(model, calib, QuantConfig(wbits=3, abits=8, progress=False,
+                                                  solver="greedy"))
+    for wrapper in quantized_layers(qm.model).values():
+        if wrapper.layer.weight.dim() == 4:
+            assert wrapper.quantized_weight().is_contiguous(memory_format=cl)
+    qm.save(tmp_path / "q.safetensors")
+    loaded = load(model, tmp_path / "q.safetensors")
+    x = data.test_images[:200].contiguous(memory_format=cl)
+    with torch.no_grad():
+        assert torch.equal(qm.model(x), loaded(x))
