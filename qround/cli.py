@@ -753,9 +753,9 @@ def _parse_overrides(items) -> dict | None:
 
 
 def _note_other_settings(path: str, source: dict | None, config) -> None:
-    """--overrides-from takes a `qround quantize --json` run's overrides only: say which of
-    that run's other layer settings (``source``, its config) this run does not repeat (they
-    used to drop silently)."""
+    """--overrides-from takes a `qround quantize --json` run's or a `qround sensitivity
+    --json` allocation's overrides only: say which of that run's other layer settings
+    (``source``, its config) this run does not repeat (they used to drop silently)."""
     if not source:
         return
     keys = ("wbits", "first_last_bits", "group_size", "symmetric", "scale_method", "damp",
@@ -785,6 +785,9 @@ def _overrides_from(path: str) -> tuple[list, dict | None, bool | None]:
             raise QroundError(f"--overrides-from {path!r} holds a sensitivity measurement "
                               "without an allocation: run qround sensitivity with --mean-bits")
         if isinstance(data.get("allocation"), dict):
+            if isinstance(data.get("config"), dict):   # the measurement's settings (its
+                # wbits is the default of layers the allocation does not cover: none)
+                source = {k: v for k, v in data["config"].items() if k != "wbits"}
             data = data["allocation"].get("overrides")
         elif isinstance(data.get("config"), dict):
             source = data["config"]

@@ -90,7 +90,11 @@ def parse_scheme(scheme) -> list[Unit]:
     """A user's units: a list of :class:`Unit`, of lists of module names, or of strings
     ``"a+b"`` (one string = one unit); a single string is split on commas first."""
     if isinstance(scheme, str):
-        scheme = [s.strip() for s in scheme.split(",") if s.strip()]
+        items = [s.strip() for s in scheme.split(",")]
+        if scheme.strip() and any(not s for s in items):
+            raise QroundError(f"scheme {scheme!r} has an empty unit: name the modules of each "
+                              "unit, units separated by single commas")
+        scheme = [s for s in items if s]
     if scheme is None or not isinstance(scheme, Sequence) or len(scheme) == 0:
         raise QroundError(f"scheme must be a non-empty list of units, got {scheme!r}")
     units = []

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .calibrate import ForwardFn, _padding_mask, default_forward, eval_mode, seed_numpy
+from ._warn import warn_user
 from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid
 from .pipeline import (QuantConfig, _add_late, _check_calibration, _check_overrides_match,
@@ -425,6 +426,13 @@ def layer_sensitivity(model: nn.Module, calibration: Iterable, config: QuantConf
         raise QroundError(f"bits must be a non-empty sequence of widths, e.g. (2, 3, 4), "
                           f"got {bits!r}")
     widths = tuple(sorted({check_bits(b) for b in bits}))
+    if config.activation_stage:   # the measurement rounds weights only
+        ignored = [name for name, on in (("abits", config.abits is not None),
+                                         ("reconstruction", config.reconstruction is not None))
+                   if on]
+        warn_user(f"layer_sensitivity measures each layer's weight rounding alone: the "
+                  f"config's {' and '.join(ignored)} do not enter the measurement (quantize_model "
+                  "applies them)")
     with _own_rng(config, model):
         return _measure(model, calibration, config, widths, forward or default_forward)
 

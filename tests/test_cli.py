@@ -1142,3 +1142,22 @@ def test_quantize_and_evaluate_the_digits_mobilenet(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["float_accuracy"] > 0.95
     assert res["quantized_accuracy"] >= res["float_accuracy"] - 0.05
+
+
+def test_overrides_from_an_allocation_names_the_measurements_other_settings(tmp_path, capsys):
+    """A sensitivity allocation made with --first-last-bits 8 counts the stem and head at 8
+    bits; quantize --overrides-from without that flag dropped it silently (helper-159)."""
+    from qround.pipeline import QuantConfig
+
+    config = QuantConfig(first_last_bits=8, solver="nearest").as_dict()
+    config["wbits"] = 2       # the allocation covers every layer: its wbits is not noted
+    sens = tmp_path / "sens.json"
+    sens.write_text(json.dumps({"config": config, "sensitivity": {},
+                                "allocation": {"overrides": [["conv2", {"wbits": 3}]]}}))
+    argv = ["quantize", "--model", "digits-cnn", "--overrides-from", str(sens), "--solver",
+            "nearest", "--threads", "1", "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "first_last_bits=8 (here None)" in err and "wbits" not in err
+    assert main(argv + ["--first-last-bits", "8"]) == 0
+    assert "note" not in capsys.readouterr().err

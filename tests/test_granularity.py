@@ -73,6 +73,9 @@ def test_unit_name_and_validation():
         Unit(("stem",)), Unit(("block1", "down")), Unit(("block2",))]
     assert parse_scheme([["a", "b"], Unit(("c",)), "d+e"]) == [
         Unit(("a", "b")), Unit(("c",)), Unit(("d", "e"))]
+    for bad in ("stem,,fc", "stem,fc,", ",stem"):   # were dropped silently (helper-159)
+        with pytest.raises(QroundError, match="has an empty unit"):
+            parse_scheme(bad)
 
 
 def test_merge_runs_chains_into_one_run():

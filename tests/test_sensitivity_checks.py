@@ -145,3 +145,17 @@ def test_passes_reseed_numpy_with_every_bit_of_the_seed():
         np.random.set_state(state)
     assert len(set(draws)) == 3
     assert draws[0] == np.random.RandomState(0).rand()
+
+
+def test_settings_the_measurement_leaves_out_are_warned():
+    """abits and reconstruction do not enter the measurement: said, not ignored silently
+    (helper-159)."""
+    from qround.reconstruct import ReconstructConfig
+
+    model = _TwoIn()
+    cal = [torch.randn(8, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.warns(UserWarning, match="abits and reconstruction do not enter"):
+        a = layer_sensitivity(model, cal, QuantConfig(abits=4, reconstruction=ReconstructConfig(
+            iterations=2)), bits=(2,))
+    b = layer_sensitivity(model, cal, QuantConfig(), bits=(2,))
+    assert [s.errors for s in a.layers] == [s.errors for s in b.layers]
