@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .calibrate import ForwardFn, default_forward, eval_mode, kept_buffers, layer_hooks
+from .fold import fold_batchnorm
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, GridSpec, fit_grid
 from .pipeline import (QuantConfig, _add_late, _check_calibration, _check_overrides_match,
@@ -158,6 +159,8 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
     layer is such a layer (nothing would be rounded)."""
     _check_config(config)
     start = time.perf_counter()
+    if config.fold_batchnorm:   # the rounded weights are the folded ones, as quantize_model's
+        model = fold_batchnorm(model)
     batches = None
     if calibration is not None:
         if example is not None:
@@ -263,6 +266,8 @@ def gptq_model(model: nn.Module, calibration: Iterable, config: QuantConfig,
     _check_config(config)
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if config.fold_batchnorm:   # the rounded weights are the folded ones, as quantize_model's
+        model = fold_batchnorm(model)
     with _own_rng(config, model):  # as quantize_model: the forward's draws follow config.seed
         return _gptq_model(model, calibration, config, forward, act_order, percdamp, blocksize)
 

@@ -759,7 +759,7 @@ def _note_other_settings(path: str, source: dict | None, config) -> None:
     if not source:
         return
     keys = ("wbits", "first_last_bits", "group_size", "symmetric", "scale_method", "damp",
-            "solver")
+            "fold_batchnorm", "solver")
     differ = [f"{k}={source[k]!r} (here {getattr(config, k)!r})" for k in keys
               if k in source and source[k] != getattr(config, k)]
     if differ:
@@ -911,6 +911,7 @@ def cmd_quantize(args) -> int:
                              solver=args.solver, inputs=args.inputs,
                              bias_correction=args.bias_correction, refits=args.refits,
                              widen=args.widen, correction=args.correction,
+                             fold_batchnorm=args.fold_bn,
                              first_last_bits=args.first_last_bits,
                              overrides=overrides, seed=args.seed,
                              capture_cache_mb=args.capture_cache_mb,
@@ -1055,6 +1056,7 @@ def _measured_args(args) -> list[str]:
     per-layer widths come from the allocation's overrides)."""
     out = [] if args.model == "minilm" else ["--model", args.model]
     out += ["--explicit"] if args.explicit else []
+    out += ["--fold-bn"] if args.fold_bn else []
     for flag, value in (("--seed", args.seed or None),   # it trains the digits models too
                         ("--calibration", args.calibration),
                         ("--calibration-size", args.calibration_size),
@@ -1097,7 +1099,7 @@ def cmd_sensitivity(args) -> int:
     with _settings_as_flags():
         config = QuantConfig(symmetric=not args.asymmetric_grid, group_size=args.group_size,
                              scale_method=args.scale_method, first_last_bits=args.first_last_bits,
-                             overrides=overrides, seed=args.seed,
+                             overrides=overrides, seed=args.seed, fold_batchnorm=args.fold_bn,
                              layers=args.layers, exclude=args.exclude, progress=False,
                              capture_cache_mb=args.capture_cache_mb)
     _check_model_file(args)
@@ -1338,6 +1340,11 @@ def _add_model_arguments(q) -> None:
                    help="minilm | digits-cnn | digits-resnet | digits-mobilenet | a transformers "
                         "checkpoint folder (save_pretrained's, with its tokenizer) | a file "
                         "from torch.save(model) (with --calibration) (default: %(default)s)")
+    q.add_argument("--fold-bn", action="store_true",
+                   help="fold every BatchNorm that follows a conv or Linear into it first "
+                        "(qround.fold.fold_batchnorm): the rounded weights are the deployed "
+                        "ones; the saved file records it, and evaluate folds the float model "
+                        "the same way")
     q.add_argument("--calibration",
                    help="for a model file: a file of calibration inputs (torch.save of a "
                         "tensor or a list of batches, or np.save's .npy); for a "

@@ -392,15 +392,27 @@ def load(model: nn.Module, path: str | os.PathLike, check_source: bool = True) -
 
     The architecture must match: every saved layer must exist in ``model`` as a Linear, Conv2d
     or Conv1d of the same weight shape (a transformers Conv1D where the file has one, its weight
-    (in, out)), else QroundError listing the mismatches.  Conv1D layers stay Conv1D, except those
+    (in, out)), else QroundError listing the mismatches.  A file quantised with
+    ``fold_batchnorm`` is loaded into ``model`` folded the same way
+    (:func:`qround.fold.fold_batchnorm`), after the unfolded model's fingerprint is checked.
+    Conv1D layers stay Conv1D, except those
     whose inputs the file quantises: they are the nn.Linear inside the input quantiser, as in
     the quantised model.
     """
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    layers = read_metadata(path)["layers"]
+    meta = read_metadata(path)
+    layers = meta["layers"]
     if not isinstance(check_source, bool):
         raise QroundError(f"check_source must be True or False, got {check_source!r}")
+    if (meta.get("config") or {}).get("fold_batchnorm"):
+        # quantised with its BatchNorms folded: the fingerprint is the float model's as given
+        if check_source:
+            verify_source(model, path)
+            check_source = False
+        from .fold import fold_batchnorm
+
+        model = fold_batchnorm(model)
     # transformers' Conv1D layers were rounded (and saved) as the nn.Linear they equal: the
     # checks read a view of the model with those Linear layers
     conv1d = [name for name, info in layers.items() if info.get("kind") == "Conv1D"]

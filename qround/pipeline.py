@@ -51,6 +51,7 @@ from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _v
                         _check_materialised, layer_hooks, own_rng, run_forward)
 from .errors import MAX_SEED, QroundError, check_bits, check_int, check_real, copy_module
 from .export import fingerprint
+from .fold import fold_batchnorm
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
@@ -169,6 +170,10 @@ class QuantConfig:
         last layer's input gets ``first_last_bits`` bits.
         overrides: ``{regex: {"wbits": 8, "solver": "quality", ...}}`` per-layer settings; the
         first pattern that ``re.search``-es a layer's name wins.
+        fold_batchnorm: fold every BatchNorm that follows a conv or Linear into it first
+        (:func:`qround.fold.fold_batchnorm`), so that the rounded weights are the deployed
+        ones; the result's model is the folded one, and ``export.load`` folds the float model
+        it is given the same way before loading.
     Statistics:
         inputs: "quantized" (default), "float" or "asymmetric": whose layer inputs make the
         statistics (see the module docstring).  statistics: "covariance" (E[x x^T]) or
@@ -236,6 +241,7 @@ class QuantConfig:
     k: int | None = None                # loss granularity: oscillation points merged (1)
     scheme: tuple[str, ...] | None = None  # scheme granularity: units "a+b", in forward order
     weight_start: str = "solver"        # soft rounding starts at the solver's choice | float
+    fold_batchnorm: bool = False        # fold BatchNorms into the layer before them first
 
     def __post_init__(self):
         # numpy scalars become Python ones: the config is saved as JSON with the model
@@ -252,7 +258,7 @@ class QuantConfig:
             check_bits(self.first_last_bits, "first_last_bits")
         if self.inputs not in INPUTS:
             raise QroundError(f"inputs must be one of {INPUTS}, got {self.inputs!r}")
-        for name in ("symmetric", "bias_correction", "progress", "widen"):
+        for name in ("symmetric", "bias_correction", "progress", "widen", "fold_batchnorm"):
             if not isinstance(getattr(self, name), bool):
                 raise QroundError(f"{name} must be True or False, got {getattr(self, name)!r}")
         GridSpec(bits=self.wbits, symmetric=self.symmetric, group_size=self.group_size,
@@ -1592,6 +1598,8 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
     # and the float model's captures read a view with Linear layers over the same tensors
     target = model
     source = fingerprint(target)   # before any forward (which may write buffers) or write
+    if config.fold_batchnorm:   # the given model's fingerprint: export.load folds it again
+        target = model = fold_batchnorm(model, inplace=inplace)
     convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward, calibration)
     model, _ = linear_view(model, names=convert)
     names, skipped = _select(model, config, float_conv1d=conv_skipped)

@@ -185,3 +185,64 @@ def test_a_folded_model_quantises_onto_the_grid_of_its_deployed_weights():
         np.testing.assert_allclose(w.reshape(len(w), -1), qw.dequantized.reshape(len(w), -1),
                                    rtol=1e-6, atol=1e-7)
         assert qw.codes.min() >= -4 and qw.codes.max() <= 3
+
+
+# ------------------------------------------------------------------- QuantConfig(fold_batchnorm)
+def test_quantize_model_folds_first_and_load_folds_the_float_model_it_is_given(tmp_path):
+    from qround import export
+
+    model = _trained_norms(Net())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randn(8, 3, 6, 6, generator=gen(i)) for i in range(2)]
+    config = QuantConfig(wbits=3, solver="greedy", progress=False, fold_batchnorm=True)
+    qm = quantize_model(model, data, config)
+    assert isinstance(qm.model.bn, nn.Identity) and isinstance(model.bn, nn.BatchNorm2d)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the same codes as quantising the folded copy by hand
+    by_hand = quantize_model(fold_batchnorm(model), data, QuantConfig(
+        wbits=3, solver="greedy", progress=False))
+    for name in qm.layers:
+        np.testing.assert_array_equal(qm.layers[name].codes, by_hand.layers[name].codes)
+    path = tmp_path / "q.safetensors"
+    qm.save(path)
+    assert export.read_metadata(path)["config"]["fold_batchnorm"] is True
+    loaded = export.load(model, path)      # the unfolded float model, as given to quantize
+    x = torch.randn(4, 3, 6, 6, generator=gen(9))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qm.model(x))
+    other = _trained_norms(Net(), seed=5)   # another checkpoint: its fingerprint differs
+    with pytest.raises(QroundError, match="differ"):
+        export.load(other, path)
+
+
+def test_the_baselines_and_the_sensitivity_measure_the_folded_layers():
+    from qround.baselines import gptq_model, rtn_model
+    from qround.sensitivity import layer_sensitivity
+
+    model = _trained_norms(Net())
+    data = [torch.randn(8, 3, 6, 6, generator=gen(i)) for i in range(2)]
+    config = QuantConfig(wbits=3, progress=False, fold_batchnorm=True)
+    for quantised, _ in (rtn_model(model, config, data[0]), gptq_model(model, data, config)):
+        assert isinstance(quantised.bn, nn.Identity) and isinstance(model.bn, nn.BatchNorm2d)
+    folded = layer_sensitivity(model, data, config, bits=(2,))
+    by_hand = layer_sensitivity(fold_batchnorm(model), data, QuantConfig(wbits=3), bits=(2,))
+    assert [s.errors for s in folded.layers] == [s.errors for s in by_hand.layers]
+    plain = layer_sensitivity(model, data, QuantConfig(wbits=3), bits=(2,))
+    assert [s.errors for s in folded.layers] != [s.errors for s in plain.layers]
+
+
+def test_the_cli_folds_with_fold_bn_and_evaluate_reads_it_from_the_file(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the digits data come from scikit-learn (examples extra)")
+    from qround.cli import main
+
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", "--model", "digits-mobilenet", "--fold-bn", "--wbits", "4",
+                 "--solver", "nearest", "--threads", "1", "--no-progress", "--out",
+                 str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "digits-mobilenet", "--quantized", str(out),
+                 "--threads", "1", "--json"]) == 0
+    import json
+
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["quantized_accuracy"] > metrics["float_accuracy"] - 0.05
