@@ -31,7 +31,7 @@ from .errors import QroundError, copy_module, first_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["check_folded", "fold_batchnorm"]
 
 _PAIRS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d),
           (nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d))
@@ -102,6 +102,34 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
                   + (" ..." if len(left) > 3 else ""))
     log.info("fold_batchnorm: %s", ", ".join(f"{b} into {c}" for b, c in pairs.items()))
     return out
+
+
+def check_folded(model: nn.Module, folded: nn.Module, batch, forward) -> None:
+    """QroundError unless ``folded`` gives ``model``'s outputs on ``batch`` (both in eval mode,
+    without gradients, their buffers kept), up to the round-off of folding.  The graph cannot
+    tell a BatchNorm1d after a Linear on (N, features) inputs, which normalises the Linear's
+    output features and folds, from one after a Linear on (N, L, features), which normalises
+    L and does not: this check can."""
+    from .calibrate import eval_mode, kept_buffers, run_forward
+    from .reconstruct import _main_tensor
+
+    outputs = []
+    for m, which in ((model, "the model"), (folded, "the folded model")):
+        with eval_mode(m), kept_buffers(m), torch.no_grad():
+            outputs.append(_main_tensor(run_forward(m, batch, forward, 0, which), which))
+    y, f = (o.detach().double() for o in outputs)
+    if y.shape != f.shape:
+        raise QroundError(f"folding the BatchNorms changed the output's shape from "
+                          f"{tuple(y.shape)} to {tuple(f.shape)}")
+    eps = torch.finfo(outputs[0].dtype).eps if outputs[0].is_floating_point() else 0.0
+    scale = float(y.abs().max()) if y.numel() else 0.0
+    worst = float((f - y).abs().max()) if y.numel() else 0.0
+    if not worst <= max(1e-4, 1000 * eps) * max(scale, 1e-12):
+        raise QroundError(f"folding the BatchNorms changed the model's outputs on the first "
+                          f"calibration batch (largest difference {worst:.3g}, outputs up to "
+                          f"{scale:.3g}): a BatchNorm1d after a Linear that runs on (N, L, "
+                          "features) normalises L, not the Linear's features, and cannot be "
+                          "folded; leave fold_batchnorm off, or fold by hand what can be")
 
 
 def _refusal(bn, layer, source, calls: dict, bn_name: str) -> str | None:

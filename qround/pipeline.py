@@ -51,7 +51,7 @@ from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _v
                         _check_materialised, layer_hooks, own_rng, run_forward)
 from .errors import MAX_SEED, QroundError, check_bits, check_int, check_real, copy_module
 from .export import fingerprint
-from .fold import fold_batchnorm
+from .fold import check_folded, fold_batchnorm
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
@@ -1599,7 +1599,9 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
     target = model
     source = fingerprint(target)   # before any forward (which may write buffers) or write
     if config.fold_batchnorm:   # the given model's fingerprint: export.load folds it again
-        target = model = fold_batchnorm(model, inplace=inplace)
+        folded = fold_batchnorm(model)
+        check_folded(model, folded, first_batch, forward)
+        target = model = fold_batchnorm(model, inplace=True) if inplace else folded
     convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward, calibration)
     model, _ = linear_view(model, names=convert)
     names, skipped = _select(model, config, float_conv1d=conv_skipped)

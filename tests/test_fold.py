@@ -246,3 +246,31 @@ def test_the_cli_folds_with_fold_bn_and_evaluate_reads_it_from_the_file(tmp_path
 
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["quantized_accuracy"] > metrics["float_accuracy"] - 0.05
+
+
+def test_a_batchnorm1d_over_tokens_after_a_linear_is_caught_by_the_output_check():
+    """BatchNorm1d on a Linear's (N, L, C) output normalises L; with L equal to the Linear's
+    features the graph looks foldable, and folding would be silently wrong: quantize_model,
+    gptq_model and layer_sensitivity compare the outputs on the first batch and refuse."""
+    from qround.baselines import gptq_model
+    from qround.sensitivity import layer_sensitivity
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc, self.bn, self.out = nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)
+
+        def forward(self, x):            # x: (N, 5 tokens, 4)
+            return self.out(self.bn(self.fc(x)))
+
+    model = _trained_norms(Tokens())
+    data = [torch.randn(3, 5, 4, generator=gen(i)) for i in range(2)]
+    config = QuantConfig(wbits=3, solver="greedy", progress=False, fold_batchnorm=True)
+    for run in (lambda: quantize_model(model, data, config),
+                lambda: gptq_model(model, data, config),
+                lambda: layer_sensitivity(model, data, config, bits=(2,))):
+        with pytest.raises(QroundError, match="folding the BatchNorms changed the model's "
+                                              "outputs .*BatchNorm1d after a Linear"):
+            run()
+    assert isinstance(model.bn, nn.BatchNorm1d)
