@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .calibrate import ForwardFn, default_forward, eval_mode, kept_buffers, layer_hooks
-from .fold import check_folded, fold_batchnorm
+from .fold import fold_batchnorm
 from .errors import QroundError, as_float_array, check_int, check_real, copy_module
 from .grid import Grid, GridSpec, fit_grid
 from .pipeline import (QuantConfig, _add_late, _check_calibration, _check_overrides_match,
@@ -169,10 +169,7 @@ def rtn_model(model: nn.Module, config: QuantConfig, example=None,
     # transformers' Conv1D layers are rounded as Linear views of their weights, then restored
     forward = forward or default_forward
     if config.fold_batchnorm:   # the rounded weights are the folded ones, as quantize_model's
-        folded = fold_batchnorm(model)
-        if example is not None:
-            check_folded(model, folded, example, forward)
-        model = folded
+        model = fold_batchnorm(model, example=example, forward=forward)
     with _own_rng(config, model):   # the example's forwards draw from config.seed, not yours
         if example is not None:
             convert, conv_skipped = _conv1d_selection(model, config, example, forward,
@@ -270,9 +267,7 @@ def gptq_model(model: nn.Module, calibration: Iterable, config: QuantConfig,
     if not isinstance(model, nn.Module):
         raise QroundError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if config.fold_batchnorm:   # the rounded weights are the folded ones, as quantize_model's
-        folded = fold_batchnorm(model)
-        check_folded(model, folded, _check_calibration(calibration), forward or default_forward)
-        model = folded
+        model = fold_batchnorm(model, example=_check_calibration(calibration), forward=forward)
     with _own_rng(config, model):  # as quantize_model: the forward's draws follow config.seed
         return _gptq_model(model, calibration, config, forward, act_order, percdamp, blocksize)
 

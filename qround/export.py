@@ -114,6 +114,8 @@ def save(qmodel: "QuantizedModel", path: str | os.PathLike) -> None:
     }
     if qmodel.source is not None:
         metadata["source"] = json.dumps(qmodel.source)
+    if qmodel.folded:
+        metadata["folded"] = json.dumps(qmodel.folded)
     with atomic_write(path, what="quantised model", make_folder=True) as f:
         f.write(safetensors_bytes(tensors, metadata))
 
@@ -127,6 +129,21 @@ def check_quantized_model(qmodel) -> None:
                 isinstance(qmodel, nn.Module) else "")
         raise QroundError(f"expected a QuantizedModel (from quantize_model), got "
                           f"{type(qmodel).__name__}{hint}")
+
+
+def _folded_pairs(meta: dict, path) -> dict[str, str]:
+    """The file's folded BatchNorms ``{bn: layer}`` (none for a file without)."""
+    raw = meta.get("folded")
+    if raw is None:
+        return {}
+    try:
+        pairs = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        pairs = None
+    if not isinstance(pairs, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in pairs.items()):
+        raise QroundError(f"{path}: its 'folded' metadata is damaged")
+    return pairs
 
 
 def _kind(module: nn.Module) -> str:
@@ -405,14 +422,15 @@ def load(model: nn.Module, path: str | os.PathLike, check_source: bool = True) -
     layers = meta["layers"]
     if not isinstance(check_source, bool):
         raise QroundError(f"check_source must be True or False, got {check_source!r}")
-    if (meta.get("config") or {}).get("fold_batchnorm"):
+    folded = _folded_pairs(meta, path)
+    if folded:
         # quantised with its BatchNorms folded: the fingerprint is the float model's as given
         if check_source:
             verify_source(model, path)
             check_source = False
-        from .fold import fold_batchnorm
+        from .fold import apply_pairs
 
-        model = fold_batchnorm(model)
+        model = apply_pairs(copy_module(model), folded)
     # transformers' Conv1D layers were rounded (and saved) as the nn.Linear they equal: the
     # checks read a view of the model with those Linear layers
     conv1d = [name for name, info in layers.items() if info.get("kind") == "Conv1D"]

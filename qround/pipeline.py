@@ -51,7 +51,7 @@ from .calibrate import (ForwardFn, _chunks, _geometry, _layer_input, _Moment, _v
                         _check_materialised, layer_hooks, own_rng, run_forward)
 from .errors import MAX_SEED, QroundError, check_bits, check_int, check_real, copy_module
 from .export import fingerprint
-from .fold import check_folded, fold_batchnorm
+from .fold import fold_with_pairs
 from .granularity import GRANULARITIES, Selection
 from .grid import GridSpec
 from .lattice import grid_descent
@@ -516,6 +516,9 @@ class QuantizedModel:
     # the float model's fingerprint (qround.export.fingerprint): saved files record it, and
     # qround.export.load checks the model it is given against it
     source: dict[str, str] | None = None
+    # fold_batchnorm: the BatchNorms folded into their layers, {bn: layer}; saved, and folded
+    # the same way by qround.export.load
+    folded: dict[str, str] | None = None
 
     def totals(self) -> dict:
         cost = sum(r.cost for r in self.report)
@@ -1598,10 +1601,10 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
     # and the float model's captures read a view with Linear layers over the same tensors
     target = model
     source = fingerprint(target)   # before any forward (which may write buffers) or write
+    folded = None
     if config.fold_batchnorm:   # the given model's fingerprint: export.load folds it again
-        folded = fold_batchnorm(model)
-        check_folded(model, folded, first_batch, forward)
-        target = model = fold_batchnorm(model, inplace=True) if inplace else folded
+        target, folded = fold_with_pairs(model, inplace, first_batch, forward)
+        model = target
     convert, conv_skipped = _conv1d_selection(model, config, first_batch, forward, calibration)
     model, _ = linear_view(model, names=convert)
     names, skipped = _select(model, config, float_conv1d=conv_skipped)
@@ -1731,7 +1734,8 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
                     "save_pretrained checkpoint of this model loads without them; "
                     "qround.export.save / load keep them", len(new_biases),
                     ", ".join(new_biases[:3]) + (" ..." if len(new_biases) > 3 else ""))
-    result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0, source=source)
+    result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0, source=source,
+                            folded=folded)
     if config.activation_stage:
         result.reconstruction, result.units = quantize_activations(
             result, float_model, list(calibration), forward, config,

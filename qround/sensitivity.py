@@ -30,7 +30,7 @@ from torch import nn
 
 from .calibrate import ForwardFn, _padding_mask, default_forward, eval_mode, seed_numpy
 from ._warn import warn_user
-from .fold import check_folded, fold_batchnorm
+from .fold import fold_batchnorm
 from .errors import QroundError, check_bits, copy_module
 from .grid import fit_grid
 from .pipeline import (QuantConfig, _add_late, _check_calibration, _check_overrides_match,
@@ -435,9 +435,7 @@ def layer_sensitivity(model: nn.Module, calibration: Iterable, config: QuantConf
                   f"config's {' and '.join(ignored)} do not enter the measurement (quantize_model "
                   "applies them)")
     if config.fold_batchnorm:   # the layers measured are the folded ones quantize_model rounds
-        folded = fold_batchnorm(model)
-        check_folded(model, folded, _check_calibration(calibration), forward or default_forward)
-        model = folded
+        model = fold_batchnorm(model, example=_check_calibration(calibration), forward=forward)
     with _own_rng(config, model):
         return _measure(model, calibration, config, widths, forward or default_forward)
 

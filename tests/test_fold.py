@@ -59,7 +59,11 @@ def test_conv_and_linear_batchnorms_are_folded_into_a_copy_with_the_same_outputs
     model = _trained_norms(Net())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(5, 3, 6, 6, generator=gen(1))
-    folded = fold_batchnorm(model)
+    with pytest.warns(UserWarning, match="'bn1d': a BatchNorm1d normalises the layer's "
+                                         "features only on a 2-d input: pass example="):
+        without = fold_batchnorm(model)
+    assert isinstance(without.bn, nn.Identity) and isinstance(without.bn1d, nn.BatchNorm1d)
+    folded = fold_batchnorm(model, example=x)    # the example shows bn1d's input is 2-d
     assert type(folded) is Net and folded.extra_method() == "kept"
     assert isinstance(folded.bn, nn.Identity) and isinstance(folded.bn1d, nn.Identity)
     assert folded.conv.bias is not None and not folded.training
@@ -77,8 +81,13 @@ def test_conv_and_linear_batchnorms_are_folded_into_a_copy_with_the_same_outputs
 
 def test_inplace_folds_the_model_itself():
     model = _trained_norms(Net())
-    assert fold_batchnorm(model, inplace=True) is model
-    assert isinstance(model.bn, nn.Identity)
+    x = torch.randn(2, 3, 6, 6, generator=gen(2))
+    with torch.no_grad():
+        want = model(x)
+    assert fold_batchnorm(model, inplace=True, example=x) is model
+    assert isinstance(model.bn, nn.Identity) and isinstance(model.bn1d, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_the_digits_mobilenet_keeps_its_blocks_and_outputs():
@@ -174,8 +183,8 @@ def test_models_without_batchnorm_or_that_torch_fx_cannot_trace_are_refused():
 def test_a_folded_model_quantises_onto_the_grid_of_its_deployed_weights():
     """The saved codes and scales are those of the folded weight, which the accelerator runs."""
     model = _trained_norms(Net())
-    folded = fold_batchnorm(model)
     data = [torch.randn(8, 3, 6, 6, generator=gen(i)) for i in range(2)]
+    folded = fold_batchnorm(model, example=data[0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qm = quantize_model(folded, data, QuantConfig(wbits=3, solver="greedy", progress=False))
@@ -199,7 +208,7 @@ def test_quantize_model_folds_first_and_load_folds_the_float_model_it_is_given(t
     assert isinstance(qm.model.bn, nn.Identity) and isinstance(model.bn, nn.BatchNorm2d)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # the same codes as quantising the folded copy by hand
-    by_hand = quantize_model(fold_batchnorm(model), data, QuantConfig(
+    by_hand = quantize_model(fold_batchnorm(model, example=data[0]), data, QuantConfig(
         wbits=3, solver="greedy", progress=False))
     for name in qm.layers:
         np.testing.assert_array_equal(qm.layers[name].codes, by_hand.layers[name].codes)
@@ -225,7 +234,8 @@ def test_the_baselines_and_the_sensitivity_measure_the_folded_layers():
     for quantised, _ in (rtn_model(model, config, data[0]), gptq_model(model, data, config)):
         assert isinstance(quantised.bn, nn.Identity) and isinstance(model.bn, nn.BatchNorm2d)
     folded = layer_sensitivity(model, data, config, bits=(2,))
-    by_hand = layer_sensitivity(fold_batchnorm(model), data, QuantConfig(wbits=3), bits=(2,))
+    by_hand = layer_sensitivity(fold_batchnorm(model, example=data[0]), data,
+                                QuantConfig(wbits=3), bits=(2,))
     assert [s.errors for s in folded.layers] == [s.errors for s in by_hand.layers]
     plain = layer_sensitivity(model, data, QuantConfig(wbits=3), bits=(2,))
     assert [s.errors for s in folded.layers] != [s.errors for s in plain.layers]
@@ -270,7 +280,18 @@ def test_a_batchnorm1d_over_tokens_after_a_linear_is_caught_by_the_output_check(
     for run in (lambda: quantize_model(model, data, config),
                 lambda: gptq_model(model, data, config),
                 lambda: layer_sensitivity(model, data, config, bits=(2,))):
-        with pytest.raises(QroundError, match="folding the BatchNorms changed the model's "
-                                              "outputs .*BatchNorm1d after a Linear"):
+        with pytest.raises(QroundError, match=r"no BatchNorm could be folded: 'bn': its input "
+                                              r"is 3-d, so it normalises dim 1"):
             run()
     assert isinstance(model.bn, nn.BatchNorm1d)
+
+
+def test_check_folded_refuses_outputs_that_moved_and_accepts_round_off():
+    from qround.fold import check_folded
+
+    model = _trained_norms(Net())
+    x = torch.randn(4, 3, 6, 6, generator=gen(5))
+    check_folded(model, fold_batchnorm(model, example=x), x, None or (lambda m, b: m(b)))
+    other = _trained_norms(Net(), seed=7)
+    with pytest.raises(QroundError, match="changed the model's outputs on the first"):
+        check_folded(model, other, x, lambda m, b: m(b))
