@@ -13,28 +13,11 @@ from qround.errors import QroundError
 from qround.fold import fold_batchnorm
 from qround.pipeline import QuantConfig, quantize_model
 
+from .test_fold import _trained_norms, gen
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def trained(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = gen(seed)
-    for m in model.modules():
-        if isinstance(m, _NORMS):
-            c = m.num_features
-            if m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(c, generator=g))
-                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
-            if m.affine:
-                with torch.no_grad():
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.3)
-    return model.eval()
+trained = _trained_norms   # the defects' tests import it from here
 
 
 def _same_outputs(model, folded, x):

@@ -37,9 +37,9 @@ def mlp() -> nn.Module:
 class Noisy(nn.Module):
     """A forward that draws from the global generator and counts its calls in a buffer."""
 
-    def __init__(self):
+    def __init__(self, seed: int = 1):
         super().__init__()
-        torch.manual_seed(1)
+        torch.manual_seed(seed)
         self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 2)
         self.register_buffer("calls", torch.zeros(()))
 

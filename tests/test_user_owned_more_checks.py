@@ -16,31 +16,9 @@ from qround.evaluate import input_ranges, output_metrics
 from qround.pipeline import QuantConfig, quantize_model
 from qround.reconstruct import ReconstructConfig
 
+from .test_user_owned_checks import FAST, Noisy, gen, mlp
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-FAST = dict(wbits=3, solver="greedy", progress=False)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
-
-
-class Noisy(nn.Module):
-    """Draws from the global torch generator; counts calls in a buffer."""
-
-    def __init__(self, seed=1):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 2)
-        self.register_buffer("calls", torch.zeros(()))
-
-    def forward(self, x):
-        self.calls += 1
-        return self.b(torch.relu(self.a(x + 0.1 * torch.randn_like(x))))
 
 
 class NumpyNoisy(Noisy):
