@@ -11,13 +11,16 @@ problem either way: `nearest` and `gptq` chose identical codes on the digits Mob
 the tabu-based solvers other ones on some channels, since the round-off of folding changes
 their paths (benchmarks/fold_bn.py).
 
-The graph comes from ``torch.fx.symbolic_trace``, only to find which layer each BatchNorm
-reads: the model returned is the user's own class, not a GraphModule.  The arithmetic is
-torch's ``fuse_conv_bn_eval`` / ``fuse_linear_bn_eval``.  A BatchNorm is folded when its input
-is the output of an ``nn.Conv1d/2d/3d`` (BatchNorm1d/2d/3d to match) or an ``nn.Linear``
-(BatchNorm1d) that nothing else reads, the layer and the BatchNorm are each called once, the
-layer's weight is its own (not tied), and the BatchNorm tracks running statistics.  The others
-stay, with a warning that says why.
+The graph comes from torch.fx's tracer, run on an eval-mode copy (qround's explicit forms are
+leaves), only to find which layer each BatchNorm reads: the model returned is the user's own
+class, not a GraphModule.  The arithmetic is torch's ``fuse_conv_bn_eval`` /
+``fuse_linear_bn_eval`` (in float32 for half-precision layers).  A BatchNorm is folded when its
+input is the output of an ``nn.Conv1d/2d/3d`` (BatchNorm1d/2d/3d to match) or an ``nn.Linear``
+(BatchNorm1d) with as many outputs as it has features, that nothing else reads; the layer and
+the BatchNorm are each called once, their parameters are not read directly by the forward, the
+layer's weight is its own (not tied, not parametrized), and the BatchNorm tracks running
+statistics.  A BatchNorm1d needs an example batch besides (:func:`fold_batchnorm`).  The
+others stay, with a warning that says why.
 """
 from __future__ import annotations
 
