@@ -17,6 +17,7 @@ from qround.pipeline import QuantConfig, quantize_model
 from qround.reconstruct import ReconstructConfig
 
 from .test_user_owned_checks import FAST, Noisy, gen, mlp
+from .test_user_owned_checks import TokenModel as Scaled
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,16 +76,6 @@ def test_input_ranges_and_output_metrics_follow_their_seed():
 
 
 # ------------------------------------------------------------------ default_forward kwargs
-class Scaled(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.emb, self.fc = nn.Embedding(20, 4), nn.Linear(4, 2)
-
-    def forward(self, input_ids, attention_mask=None, scale=1.0):
-        return self.fc(self.emb(input_ids)) * scale
-
-
 class ScaledT(nn.Module):
     def forward(self, x, y=None, scale=1.0):
         return x * scale
