@@ -287,17 +287,21 @@ def test_a_forward_of_ones_own_over_padded_batches_is_warned_and_default_forward
 
 
 # ------------------------------------------------------------------------------ new biases
+class NoBias(nn.Module):
+    """A first layer without a bias, which bias correction gives one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.b = nn.Linear(6, 6, bias=False), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
 def test_bias_correction_on_a_transformers_model_says_that_new_biases_need_qround_to_load(
         caplog):
-    class Pretrained(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(4)
-            self.a, self.b = nn.Linear(6, 6, bias=False), nn.Linear(6, 2)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
+    class Pretrained(NoBias):
         def save_pretrained(self, folder):   # what transformers models have
             raise NotImplementedError
 

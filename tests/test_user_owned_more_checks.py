@@ -16,7 +16,7 @@ from qround.evaluate import input_ranges, output_metrics
 from qround.pipeline import QuantConfig, quantize_model
 from qround.reconstruct import ReconstructConfig
 
-from .test_user_owned_checks import FAST, Noisy, gen, mlp
+from .test_user_owned_checks import FAST, NoBias, Noisy, gen, mlp
 from .test_user_owned_checks import TokenModel as Scaled
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -140,15 +140,6 @@ def test_a_layer_with_only_its_weight_on_the_meta_device_is_named():
 
 # ------------------------------------------------------------------ warnings
 def test_bias_correction_on_a_plain_model_does_not_warn_about_transformers(caplog):
-    class NoBias(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(4)
-            self.a, self.b = nn.Linear(6, 6, bias=False), nn.Linear(6, 2)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
     with caplog.at_level(logging.WARNING, logger="qround.pipeline"):
         quantize_model(NoBias(), [torch.randn(8, 6, generator=gen(9))],
                        QuantConfig(**FAST, bias_correction=True))
