@@ -5,8 +5,9 @@ points ``z`` have shape ``(out, groups)``; ``groups = 1`` for a per-channel grid
 ``in / group_size`` for a grouped one.  :meth:`Grid.expand` broadcasts them to ``(out, in)``.
 
 Scale choice (AdaRound Table 6): ``minmax``, ``mse`` (weight MSE of rounding-to-nearest) and
-``mse-output`` (output MSE ``(w - w_rtn)^T H (w - w_rtn)``, needs H), each searched per channel
-(per group) over shrunk ranges; or scales given explicitly.
+``mse-output`` (output MSE ``(w - w_rtn)^T H (w - w_rtn)``, needs H; with quantised inputs
+paired to float ones, ``cross=``, AdaRound's ``||W x - W_rtn x_hat||^2``), each searched per
+channel (per group) over shrunk ranges; or scales given explicitly.
 """
 from __future__ import annotations
 
@@ -198,10 +199,14 @@ def _rtn_error(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, q
 
 
 def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
-             zero_point=None) -> Grid:
+             zero_point=None, target=None) -> Grid:
     """Fit a grid to ``weight`` (out, in).
 
     ``hessian``: (in, in), or (out, in, in) per channel; needed by ``mse-output``.
+    ``target``: (out, in), the target ``r = C w`` of an asymmetric objective (a problem built
+    with ``cross=``, whose cost is ``w_hat^T H w_hat - 2 w_hat^T r`` plus a constant; H is then
+    ``E[x_hat x_hat^T]``); ``mse-output`` then scores rounding-to-nearest on that cost, AdaRound's
+    ``||W x - W_hat x_hat||^2``, instead of ``(w - w_rtn)^T H (w - w_rtn)``.
     ``scale``/``zero_point``: given explicitly as (out,) or (out, groups); then no search runs
     (``zero_point`` only with ``scale``; an asymmetric grid needs both).
     """
@@ -259,6 +264,14 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
     h = as_float_array(hessian, "hessian", ndim=(2, 3))
     if h.shape[-2:] != (w.shape[1], w.shape[1]) or (h.ndim == 3 and h.shape[0] != out):
         raise QroundError(f"hessian shape {h.shape} does not match weight shape {w.shape}")
+    lin = None
+    if target is not None:
+        r = as_float_array(target, "target", ndim=2)
+        if r.shape != w.shape:
+            raise QroundError(f"target shape {r.shape} does not match weight shape {w.shape}")
+        # with w_hat = w + e the cost is e^T H e + 2 e^T (H w - r) plus a constant
+        hw = w @ h if h.ndim == 2 else np.einsum("mij,mj->mi", h, w)
+        lin = (hw - r).reshape(out, groups, gs)
     # Per group the diagonal block of H scores the group's error; cross-group terms are
     # ignored so that groups can be searched independently.
     blocks = [slice(g * gs, (g + 1) * gs) for g in range(groups)]
@@ -270,6 +283,8 @@ def fit_grid(weight, spec: GridSpec = GridSpec(), hessian=None, scale=None,
             hb = h[..., sl, sl]
             he = e @ hb if hb.ndim == 2 else np.einsum("mij,mj->mi", hb, e)
             res[:, g] = np.sum(he * e, axis=1)
+            if lin is not None:
+                res[:, g] += 2.0 * np.sum(e * lin[:, g, :], axis=1)
         return res
 
     best = score(_rtn_error(wg, best_s, best_z, qmin, qmax))

@@ -252,3 +252,77 @@ def test_fit_grid_spec_is_checked():
         fit_grid(w, {"bits": 3})
     with pytest.raises(QroundError, match="shrink_steps must be an integer in"):
         GridSpec(shrink_steps=10 ** 9)
+
+
+def _asymmetric_stats(seed, n, samples=2000):
+    """H_hat = E[x_hat x_hat^T], C = E[x_hat x^T], H = E[x x^T] of inputs quantised coarsely."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, n))
+    xh = 0.8 * x + 0.05 * rng.normal(size=x.shape)
+    return xh.T @ xh / samples, xh.T @ x / samples, x.T @ x / samples
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("damp", [0.0, 0.1])
+def test_mse_output_scores_the_asymmetric_objective(symmetric, damp):
+    # helper-162: with cross= the search scored (w_rtn - w)^T H_hat (w_rtn - w), which is
+    # neither AdaRound's ||W x - W_rtn x_hat||^2 nor the problem's cost; the chosen scales
+    # were 22 % worse on that cost than the best of the same candidates
+    from qround.grid import Grid, _range_to_grid
+    from qround.problems.rounding import RoundingProblem
+
+    m, n, bits = 8, 16, 3
+    w = np.random.default_rng(1).normal(size=(m, n)) * 0.5
+    hh, c, h = _asymmetric_stats(0, n)
+    spec = GridSpec(bits=bits, symmetric=symmetric, scale_method="mse-output")
+    p = RoundingProblem.from_weight(w, hh, spec, cross=c, float_hessian=h, damp=damp)
+    qmin, qmax = qrange(bits, symmetric)
+    lo, hi = w.min(axis=1, keepdims=True), w.max(axis=1, keepdims=True)
+    costs = []
+    for shrink in np.linspace(1.0, spec.min_shrink, spec.shrink_steps):
+        s, z = _range_to_grid(lo * shrink, hi * shrink, qmin, qmax, symmetric)
+        q = RoundingProblem.from_weight(w, hh, Grid(s, z, bits, symmetric, None, n), cross=c,
+                                        float_hessian=h, damp=damp)
+        costs.append(q.rtn_costs())
+    costs = np.array(costs)
+    np.testing.assert_allclose(p.rtn_costs(), costs.min(axis=0), rtol=1e-9, atol=1e-12)
+    # and the search without cross= would have chosen worse scales for this cost
+    plain = fit_grid(w, spec, hessian=p.hessian)
+    q = RoundingProblem.from_weight(w, hh, plain, cross=c, float_hessian=h, damp=damp)
+    assert q.rtn_costs().sum() > p.rtn_costs().sum() * 1.05
+
+
+def test_mse_output_target_is_checked_and_unused_without_it():
+    w = np.random.default_rng(2).normal(size=(4, 6))
+    hh, c, _ = _asymmetric_stats(3, 6)
+    spec = GridSpec(bits=3, scale_method="mse-output")
+    with pytest.raises(QroundError, match="target shape"):
+        fit_grid(w, spec, hessian=hh, target=np.zeros((4, 5)))
+    # r = H w is the target of the plain cost: the same scales as without a target
+    a = fit_grid(w, spec, hessian=hh)
+    b = fit_grid(w, spec, hessian=hh, target=w @ hh)
+    np.testing.assert_array_equal(a.scale, b.scale)
+    # a target is only read by mse-output
+    m = fit_grid(w, GridSpec(bits=3), hessian=hh, target=w @ c.T)
+    np.testing.assert_array_equal(m.scale, fit_grid(w, GridSpec(bits=3)).scale)
+
+
+def test_layer_stats_fit_mse_output_scales_on_their_cross_target():
+    import torch
+
+    from qround.problems.io import LayerStats
+    from qround.problems.rounding import RoundingProblem
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    hh, c, h = _asymmetric_stats(4, 16)
+    spec = GridSpec(bits=3, scale_method="mse-output")
+    w = layer.weight.detach().double().numpy()
+    want = RoundingProblem.from_weight(w, hh, spec, cross=c, float_hessian=h).grid.scale
+    stats = LayerStats.from_module(layer, hh, spec, cross=c, float_hessian=h)
+    np.testing.assert_allclose(stats.scale, want, rtol=1e-12)
+    bare = LayerStats(weight=w, hessian=hh, bits=3, cross=c, float_hessian=h)
+    np.testing.assert_allclose(bare.problem(scale_method="mse-output").grid.scale, want,
+                               rtol=1e-12)
+    with pytest.raises(QroundError, match="cross must have shape"):
+        LayerStats.from_module(layer, hh, spec, cross=np.eye(5))

@@ -117,9 +117,8 @@ class LayerStats:
                                   "its scales (no search runs); drop it, or drop the stored scale")
             grid = fit_grid(self.weight, self._spec(), scale=self.scale,
                             zero_point=self.zero_point)
-        else:
-            grid = fit_grid(self.weight, self._spec(bits, scale_method or "mse"),
-                            hessian=self.hessian)
+        else:  # fitted by from_weight, on the problem's own cost (the target's, with cross)
+            grid = self._spec(bits, scale_method or "mse")
         return RoundingProblem.from_weight(self.weight, self.hessian, grid, cross=self.cross,
                                            float_hessian=self.float_hessian, name=self.name)
 
@@ -134,7 +133,15 @@ class LayerStats:
             raise QroundError(f"layer {name or type(module).__name__} has {module.groups} groups: "
                               "the statistics file holds one group; save one file per group")
         w = layer_weight(module)
-        grid = fit_grid(w, spec, hessian=as_float_array(hessian, "hessian", ndim=(2, 3)))
+        target = None
+        if cross is not None:
+            c = as_float_array(cross, "cross", ndim=2)
+            if c.shape != (w.shape[1], w.shape[1]):
+                raise QroundError(f"cross must have shape {(w.shape[1], w.shape[1])}, got "
+                                  f"{c.shape}")
+            target = w @ c.T
+        grid = fit_grid(w, spec, hessian=as_float_array(hessian, "hessian", ndim=(2, 3)),
+                        target=target)
         bias = None if module.bias is None else module.bias.detach().cpu().double().numpy()
         return cls(weight=w, hessian=hessian, bits=spec.bits, symmetric=spec.symmetric,
                    group_size=grid.group_size, scale=grid.scale, zero_point=grid.zero_point,

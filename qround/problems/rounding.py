@@ -102,15 +102,6 @@ class RoundingProblem:
         if damp > 0:
             lam = damp * np.mean(np.diagonal(h, axis1=-2, axis2=-1), axis=-1)   # () or (m,)
             h = h + np.multiply.outer(np.atleast_1d(lam), np.eye(n)).reshape(h.shape)
-        if grid is None:
-            grid = GridSpec()
-        if isinstance(grid, GridSpec):
-            grid = fit_grid(w, grid, hessian=h)
-        if not isinstance(grid, Grid):
-            raise QroundError(f"grid must be a Grid or GridSpec, got {type(grid).__name__}")
-        if grid.scale.shape[0] != m or grid.in_features != n:
-            raise QroundError(f"grid fitted for {grid.scale.shape[0]} x {grid.in_features} "
-                              f"weights, layer is {m} x {n}")
         if cross is None:
             if float_hessian is not None:
                 raise QroundError("float_hessian is only used together with cross (C)")
@@ -139,6 +130,16 @@ class RoundingProblem:
             lam_c = np.broadcast_to(lam, (m,))
             r = r + lam_c[:, None] * w
             k = k + lam_c * np.sum(w * w, axis=1)
+        if grid is None:
+            grid = GridSpec()
+        if isinstance(grid, GridSpec):
+            # mse-output scores on the problem's own cost: with cross= that is the target's
+            grid = fit_grid(w, grid, hessian=h, target=None if cross is None else r)
+        if not isinstance(grid, Grid):
+            raise QroundError(f"grid must be a Grid or GridSpec, got {type(grid).__name__}")
+        if grid.scale.shape[0] != m or grid.in_features != n:
+            raise QroundError(f"grid fitted for {grid.scale.shape[0]} x {grid.in_features} "
+                              f"weights, layer is {m} x {n}")
         return cls._assemble(w, h, grid, r, k, name)
 
     @classmethod
