@@ -536,7 +536,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slow-ref-channels", type=int_at_least(1), default=4,
                    help="channels for neal-10x (default: %(default)s)")
     p.add_argument("--threads", type=int_at_least(1, 1024), default=1,
-                   help="torch and numba threads")
+                   help="torch, numba and numpy's BLAS threads (default: %(default)s, for "
+                        "timings that do not depend on the machine's core count)")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where the torch solvers (cem, hopfield, meanfield, gptq) "
                         "run")

@@ -9,7 +9,7 @@
                     --out FILE.safetensors
     qround quantize --model MODEL.pt --calibration INPUTS.pt ...   (your own torch.save(model))
     qround quantize --model FOLDER [--calibration TEXTS.txt] ...   (a transformers checkpoint)
-    qround sensitivity --model minilm|digits-cnn|FOLDER|MODEL.pt [--bits 2,3,4,8] [--mean-bits 3.5]
+    qround sensitivity --model minilm|digits-*|FOLDER|MODEL.pt [--bits 2,3,4,8] [--mean-bits 3.5]
     qround evaluate --model minilm|digits-cnn|digits-resnet|digits-mobilenet|FOLDER
                     --quantized FILE.safetensors
     qround evaluate --model MODEL.pt --inputs INPUTS.pt --quantized FILE.safetensors
@@ -786,8 +786,10 @@ def _overrides_from(path: str) -> tuple[list, dict | None, bool | None]:
                               "without an allocation: run qround sensitivity with --mean-bits")
         if isinstance(data.get("allocation"), dict):
             if isinstance(data.get("config"), dict):   # the measurement's settings (its
-                # wbits is the default of layers the allocation does not cover: none)
-                source = {k: v for k, v in data["config"].items() if k != "wbits"}
+                # wbits is the default of layers the allocation does not cover: none; its
+                # solver is QuantConfig's default, unused: rounding to nearest measures)
+                source = {k: v for k, v in data["config"].items()
+                          if k not in ("wbits", "solver")}
             data = data["allocation"].get("overrides")
         elif isinstance(data.get("config"), dict):
             source = data["config"]
@@ -797,6 +799,9 @@ def _overrides_from(path: str) -> tuple[list, dict | None, bool | None]:
     if not isinstance(data, list) or not data or not all(
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
             and isinstance(p[1], dict) for p in data):
+        if source is not None and not data:
+            raise QroundError(f"--overrides-from {path!r} is a report of a run without "
+                              "per-layer overrides: there are none to take from it")
         raise QroundError(f"--overrides-from {path!r} holds no overrides: expected `qround "
                           "sensitivity --mean-bits ... --json`'s file, `qround quantize "
                           "--json`'s, or a list of [pattern, {settings}] pairs")
@@ -1293,6 +1298,11 @@ def _load_onto_digits(export, model, args, check: bool):
            "file quantised from a model that an older qround trained (another recipe) is "
            "scored correctly only by that qround, or after quantising again")
     meta = export.read_metadata(args.quantized)
+    file_seed = meta.get("config", {}).get("seed", 0)
+    if args.seed is not None and args.seed != file_seed:
+        why = (f"{args.quantized} was quantised from the model trained with seed {file_seed}, "
+               f"and --seed {args.seed} trains another: leave --seed out (it defaults to the "
+               "file's seed)")
     if check and meta.get("source") is None and not meta.get("source_damaged"):
         log.warning("%s holds no fingerprint of the float model it was made from (written by "
                     "an older qround): %s", args.quantized, why)
@@ -1343,8 +1353,8 @@ def _add_model_arguments(q) -> None:
     q.add_argument("--fold-bn", action="store_true",
                    help="fold every BatchNorm that follows a conv or Linear into it first "
                         "(qround.fold.fold_batchnorm): the rounded weights are the deployed "
-                        "ones; the saved file records it, and evaluate folds the float model "
-                        "the same way")
+                        "ones; quantize's saved file records it, and evaluate folds the float "
+                        "model the same way")
     q.add_argument("--calibration",
                    help="for a model file: a file of calibration inputs (torch.save of a "
                         "tensor or a list of batches, or np.save's .npy); for a "

@@ -1161,3 +1161,50 @@ def test_overrides_from_an_allocation_names_the_measurements_other_settings(tmp_
     assert "first_last_bits=8 (here None)" in err and "wbits" not in err
     assert main(argv + ["--first-last-bits", "8"]) == 0
     assert "note" not in capsys.readouterr().err
+
+
+def test_overrides_from_an_allocation_does_not_note_the_unused_solver(tmp_path, capsys):
+    """A sensitivity run rounds to nearest; its config's solver is QuantConfig's default and
+    was never used, so quantize does not ask the user to repeat it (helper-165)."""
+    from qround.pipeline import QuantConfig
+
+    config = QuantConfig(first_last_bits=8).as_dict()   # solver: the default 'fast'
+    sens = tmp_path / "sens.json"
+    sens.write_text(json.dumps({"config": config, "sensitivity": {},
+                                "allocation": {"overrides": [["conv2", {"wbits": 3}]]}}))
+    assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(sens),
+                 "--solver", "nearest", "--threads", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "first_last_bits=8 (here None)" in err and "solver" not in err
+
+
+def test_overrides_from_a_quantize_report_without_overrides_says_so(tmp_path, capsys):
+    """A `qround quantize --json` report of a run without --override was refused with a
+    message listing that very kind of file among those expected (helper-165)."""
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({"config": {"wbits": 4, "overrides": None}}))
+    assert main(["quantize", "--model", "digits-cnn", "--overrides-from", str(path),
+                 "--threads", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "a report of a run without per-layer overrides" in err
+    assert "quantize --json`'s" not in err
+
+
+def test_evaluate_with_another_seed_than_the_files_names_the_seed(tmp_path, capsys):
+    """evaluate --seed 1 on a file quantised from the seed-0 model: the refusal blamed an older
+    training recipe (helper-165); it names the seeds and says to leave --seed out."""
+    pytest.importorskip("sklearn", reason="needs the examples extra")
+    out = tmp_path / "cnn.safetensors"
+    assert main(["quantize", "--model", "digits-cnn", "--wbits", "3", "--solver", "nearest",
+                 "--threads", "1", "--calibration-size", "16", "--no-progress",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--threads", "1",
+                 "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "quantised from the model trained with seed 0" in err
+    assert "--seed 1 trains another: leave --seed out" in err
+    assert "older qround" not in err.split("\n", 1)[-1]
+    # the file's own seed given explicitly is no mismatch
+    assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--threads", "1",
+                 "--seed", "0"]) == 0
