@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .errors import QroundError, copy_module
 from .problems.layers import forward_hooks, weight_not_writable
@@ -53,10 +54,10 @@ class LinearMultiheadAttention(nn.Module):
         self.add_zero_attn = mha.add_zero_attn
         w, b = mha.out_proj.weight, mha.in_proj_bias
         kw = {"device": w.device, "dtype": w.dtype}
-        self.q_proj = nn.Linear(e, e, bias=b is not None, **kw)
-        self.k_proj = nn.Linear(mha.kdim, e, bias=b is not None, **kw)
-        self.v_proj = nn.Linear(mha.vdim, e, bias=b is not None, **kw)
-        self.out_proj = nn.Linear(e, e, bias=mha.out_proj.bias is not None, **kw)
+        self.q_proj = skip_init(nn.Linear, e, e, bias=b is not None, **kw)
+        self.k_proj = skip_init(nn.Linear, mha.kdim, e, bias=b is not None, **kw)
+        self.v_proj = skip_init(nn.Linear, mha.vdim, e, bias=b is not None, **kw)
+        self.out_proj = skip_init(nn.Linear, e, e, bias=mha.out_proj.bias is not None, **kw)
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
                 weights = mha.in_proj_weight.chunk(3)
@@ -227,11 +228,10 @@ def _fused(lin: LinearMultiheadAttention) -> nn.MultiheadAttention:
     # one bias flag for all four: a projection without a bias gets zeros (bias correction may
     # have given some of a bias-free attention's projections one)
     biased = any(p.bias is not None for p in (*projs, lin.out_proj))
-    mha = nn.MultiheadAttention(lin.embed_dim, lin.num_heads, dropout=lin.dropout,
-                                bias=biased,
-                                add_bias_kv=lin.bias_k is not None,
-                                add_zero_attn=lin.add_zero_attn, kdim=lin.kdim, vdim=lin.vdim,
-                                batch_first=lin.batch_first, device=w.device, dtype=w.dtype)
+    mha = skip_init(nn.MultiheadAttention, lin.embed_dim, lin.num_heads, dropout=lin.dropout,
+                    bias=biased, add_bias_kv=lin.bias_k is not None,
+                    add_zero_attn=lin.add_zero_attn, kdim=lin.kdim, vdim=lin.vdim,
+                    batch_first=lin.batch_first, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         if same:
             mha.in_proj_weight.copy_(torch.cat([p.weight for p in projs]))

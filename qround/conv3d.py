@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .attention import _replace
 from .conv_transpose import _fuse_explicit, _replace_refusal, _take, _tie_refusal
@@ -71,7 +72,7 @@ class Conv3dAsConv2d(nn.Module):
         w = layer.weight
         kd, kh, kw = self.kernel_size
         padding = self.padding if isinstance(self.padding, str) else self.padding[1:]
-        self.conv = nn.Conv2d(self.in_channels * kd, self.out_channels, (kh, kw),
+        self.conv = skip_init(nn.Conv2d, self.in_channels * kd, self.out_channels, (kh, kw),
                               stride=self.stride[1:], padding=padding,
                               dilation=self.dilation[1:], groups=self.groups,
                               bias=layer.bias is not None, padding_mode=self.padding_mode,
@@ -177,8 +178,8 @@ def _explicit(new: nn.Module) -> nn.Module:
 def _fused(explicit: Conv3dAsConv2d, shared: dict) -> nn.Conv3d:
     conv = explicit.conv
     w = conv.weight
-    layer = nn.Conv3d(explicit.in_channels, explicit.out_channels, explicit.kernel_size,
-                      stride=explicit.stride, padding=explicit.padding,
+    layer = skip_init(nn.Conv3d, explicit.in_channels, explicit.out_channels,
+                      explicit.kernel_size, stride=explicit.stride, padding=explicit.padding,
                       dilation=explicit.dilation, groups=explicit.groups,
                       bias=conv.bias is not None, padding_mode=explicit.padding_mode,
                       device=w.device, dtype=w.dtype)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .attention import _replace
 from .errors import QroundError, copy_module
@@ -88,9 +89,10 @@ class ConvTransposeAsConv(nn.Module):
         self.padding, self.dilation = tuple(layer.padding), tuple(layer.dilation)
         self.output_padding, self.groups = tuple(layer.output_padding), layer.groups
         w = layer.weight
-        self.conv = _CONV[self.dims](
-            self.in_channels, self.out_channels, self.kernel_size, dilation=self.dilation,
-            groups=self.groups, bias=layer.bias is not None, device=w.device, dtype=w.dtype)
+        self.conv = skip_init(
+            _CONV[self.dims], self.in_channels, self.out_channels, self.kernel_size,
+            dilation=self.dilation, groups=self.groups, bias=layer.bias is not None,
+            device=w.device, dtype=w.dtype)
         _take(self.conv, layer, conv_weight(w, self.groups), shared)
         self.train(layer.training)
 
@@ -303,9 +305,9 @@ def _unwrapped(m: nn.Module) -> nn.Module:
 def _fused(explicit: ConvTransposeAsConv, shared: dict | None = None) -> nn.Module:
     conv = explicit.conv
     w = conv.weight
-    layer = _TRANSPOSED[explicit.dims](
-        explicit.in_channels, explicit.out_channels, explicit.kernel_size,
-        stride=explicit.stride, padding=explicit.padding,
+    layer = skip_init(
+        _TRANSPOSED[explicit.dims], explicit.in_channels, explicit.out_channels,
+        explicit.kernel_size, stride=explicit.stride, padding=explicit.padding,
         output_padding=explicit.output_padding, groups=explicit.groups,
         bias=conv.bias is not None, dilation=explicit.dilation, device=w.device, dtype=w.dtype)
     _take(layer, conv, transposed_weight(w, explicit.groups), shared)

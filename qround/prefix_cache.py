@@ -170,7 +170,10 @@ def _summary(value: Any) -> Any:
         return _array_print(value)
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "biufc":
-            return _array_print(torch.as_tensor(np.ascontiguousarray(value)))
+            # a read-only array is copied: torch warns once per process on sharing one, a
+            # warning the user could not act on and would then miss on their own arrays
+            data = np.ascontiguousarray(value)
+            return _array_print(torch.as_tensor(data if data.flags.writeable else data.copy()))
         if value.dtype.kind in "USMmV":   # strings, dates, records: their bytes are their value
             data = np.ascontiguousarray(value)
             return ("ndarray", value.dtype.str, value.shape,
