@@ -1221,7 +1221,7 @@ def test_explicit_forms_do_not_draw_from_the_global_generator(name):
     assert torch.equal(torch.rand(3), expected), f"{name} drew from torch's generator"
     torch.manual_seed(0)
     fuse(explicit)
-    assert torch.equal(torch.rand(3), expected), f"its fuse drew from torch's generator"
+    assert torch.equal(torch.rand(3), expected), f"{name}: its fuse drew from torch's generator"
 
 
 def test_read_only_numpy_batches_do_not_spend_torchs_warn_once():
