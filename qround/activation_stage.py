@@ -11,7 +11,9 @@ config asks for it (``abits`` or ``reconstruction``), this stage
    soft weight rounding, activation steps and borders trained together, QDrop), with the
    reconstruction units chosen by ``granularity`` (:mod:`qround.granularity`: layer, block,
    MRECG's modcap and loss, or the user's scheme);
-3. reads the final codes back, so that the report, the saved file and the model agree.
+3. reads the final codes back, so that the QuantizedModel's codes, the saved file and the model
+   agree (the report's per-layer costs stay the solver's, for the codes it chose; the
+   reconstruction's own losses are in ``QuantizedModel.reconstruction``).
 
 First and last layer: with ``first_last_bits`` set, the first quantised layer's input (the raw
 data: image pixels, token embeddings) stays in float and the last layer's input is quantised to

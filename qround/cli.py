@@ -847,7 +847,7 @@ def cmd_quantize(args) -> int:
 
     from .pipeline import QuantConfig, quantize_model
     from .report import write_json_atomic
-    from .solvers import get_solver
+    from .solvers import get_solver, warm_up
 
     from .reconstruct import ReconstructConfig
 
@@ -931,6 +931,10 @@ def cmd_quantize(args) -> int:
                                  u.strip() for u in args.scheme.split(",") if u.strip()))
     if args.overrides_from:
         _note_other_settings(args.overrides_from, source, config)
+    # kernel loading (compilation after an install) stays out of the layers' reported seconds
+    specs = {args.solver} | {o["solver"] for _, o in config.overrides or ()
+                             if isinstance(o.get("solver"), str)}
+    warm_up(*(get_solver(spec) for spec in sorted(specs)))
     if args.save_compressed:
         asym = [p for p, o in config.overrides or () if o.get("symmetric") is False]
         if asym:
@@ -1386,7 +1390,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log progress details (-v: each layer's result; -vv: debug details "
                         "such as solver steps and cache sizes)")
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="log errors only (no warnings; results are still printed)")
+                   help="log errors only (no warnings, no progress bars; results are still "
+                        "printed)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("solve", help="solve the rounding problems of layer statistics files")
@@ -1705,6 +1710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parse_args(argv[first + 1:])
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else 2
+        args.no_progress = args.no_progress or given.quiet   # -q: no progress bar either
         return _run(lambda: run_args(args), _verbosity(given))
     parser = build_parser()
     try:
@@ -1713,6 +1719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("-q/--quiet and -v/--verbose contradict each other")
     except SystemExit as exc:  # a usage error (already printed) or --help: its exit status
         return exc.code if isinstance(exc.code, int) else 2
+    if args.quiet and hasattr(args, "no_progress"):   # -q: no progress bar either
+        args.no_progress = True
     return _run(lambda: args.func(args), _verbosity(args), getattr(args, "threads", None))
 
 

@@ -173,7 +173,9 @@ class BlockReport:
     """One unit: its name (``"a+b"`` for a joint unit), layers, per-element MSE of the unit's
     output on the calibration data before (initial state, hard weights) and after
     reconstruction, Adam steps run, seconds, whether the initial state was kept because
-    training made it worse, the unit's modules, and the mean square of its float target."""
+    training made it worse, the unit's modules, the mean square of its float target, and the
+    MSE training reached (``loss_trained``: equal to ``loss_after`` unless reverted, when
+    ``loss_after`` is ``loss_before``)."""
 
     block: str
     layers: tuple[str, ...]
@@ -184,6 +186,7 @@ class BlockReport:
     reverted: bool = False
     modules: tuple[str, ...] = ()
     target_power: float = float("nan")
+    loss_trained: float = float("nan")
 
     @property
     def relative_loss(self) -> float:
@@ -230,7 +233,9 @@ class ReconstructResult:
         rows = [{"block": b.block, "layers": len(b.layers), "mse_before": b.loss_before,
                  "mse_after": b.loss_after, "ratio": b.loss_after / b.loss_before
                  if b.loss_before > 0 else float("nan"), "seconds": b.seconds,
-                 "reverted": "yes" if b.reverted else ""} for b in self.blocks]
+                 # what training reached, shown where it was undone
+                 "reverted": f"yes (trained {b.loss_trained:.4g})" if b.reverted else ""}
+                for b in self.blocks]
         return format_table(rows)
 
 
@@ -1152,7 +1157,7 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
                     "reaches the weights' gradients. Make the block's values finite there "
                     "(e.g. mask with a large negative number instead of -inf), or quantise "
                     "without reconstruction")
-            after = _mse(block, data, name)
+            after = trained = _mse(block, data, name)
             reverted = after > before
             if reverted:
                 for m, state in saved.items():
@@ -1162,8 +1167,14 @@ def reconstruct(float_model: nn.Module, quant_model: nn.Module, calibration: Ite
                 sum(y.numel() for y in data.targets), 1)
             del data
             report = BlockReport(name, full, before, after, iterations,
-                                 time.perf_counter() - t0, reverted, unit.modules, power)
+                                 time.perf_counter() - t0, reverted, unit.modules, power, trained)
             log.info("unit %s: mse %.4g -> %.4g in %.2f s%s", unit, before, after,
-                     report.seconds, " (reverted)" if reverted else "")
+                     report.seconds, f" (reverted: training reached {trained:.4g})"
+                     if reverted else "")
             reports.append(report)
+    if reports and config.iterations > 0 and all(r.iterations == 0 for r in reports):
+        log.warning("block reconstruction trained nothing: no unit has parameters to train "
+                    "(train_weights=%s, train_steps=%s: activation steps need abits, "
+                    "train_borders=%s: borders need borders=); the model is left as it was",
+                    config.train_weights, config.train_steps, config.train_borders)
     return ReconstructResult(model, reports, time.perf_counter() - start)

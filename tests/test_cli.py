@@ -654,7 +654,7 @@ def test_evaluate_compares_with_the_float_model_the_file_came_from(tmp_path, cap
                  "--json", "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert "was made from another float model" in err and "'conv1.weight'" in err
-    assert "training recipe v" in err   # the digits model of an older qround is another one
+    assert "trained with seed 3, and --seed 0 trains another" in err   # the cause
     assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--seed", "0",
                  "--json", "--threads", "1", "--no-source-check"]) == 0
     assert json.loads(capsys.readouterr().out)["model_seed"] == 0
@@ -1208,3 +1208,71 @@ def test_evaluate_with_another_seed_than_the_files_names_the_seed(tmp_path, caps
     # the file's own seed given explicitly is no mismatch
     assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out), "--threads", "1",
                  "--seed", "0"]) == 0
+
+
+def test_quiet_drops_the_progress_bars(tmp_path, capsys, monkeypatch):
+    """-q leaves errors only: the progress bar went to stderr all the same (helper-166)."""
+    pytest.importorskip("sklearn", reason="needs the examples extra")
+    argv = ["quantize", "--model", "digits-cnn", "--wbits", "3", "--solver", "nearest",
+            "--threads", "1", "--calibration-size", "16"]
+    assert main(argv) == 0
+    assert "quantize:" in capsys.readouterr().err   # the bar, without -q
+    assert main(["-q"] + argv) == 0
+    assert "quantize:" not in capsys.readouterr().err
+    from qround import bench
+
+    seen = []
+
+    def run(cfg, progress):   # records the setting, then stops the benchmark
+        seen.append(progress)
+        raise QroundError("stopped here")
+
+    monkeypatch.setattr(bench, "run", run)
+    for prefix in ([], ["-q"]):
+        assert main(prefix + ["bench", "--minilm-layers", "", "--cnn-layers", "1"]) == 2
+    assert seen == [True, False]
+
+
+def test_quantize_warms_its_solvers_up_before_timing(monkeypatch, capsys):
+    """The first layer's seconds held the kernels' loading (after an install, their
+    compilation: 152 s against 0.8 s warm, helper-166); quantize warms up --solver and the
+    overrides' solvers first, as solve, demo and bench do."""
+    pytest.importorskip("sklearn", reason="needs the examples extra")
+    import qround.solvers
+
+    seen = []
+    monkeypatch.setattr(qround.solvers, "warm_up", lambda *s: seen.extend(x.label for x in s))
+    assert main(["quantize", "--model", "digits-cnn", "--wbits", "3", "--solver", "greedy",
+                 "--override", "^conv1$", "solver=nearest", "--threads", "1",
+                 "--calibration-size", "16", "--no-progress"]) == 0
+    assert sorted(seen) == ["greedy", "nearest"]
+
+
+def test_evaluate_onto_another_trained_digits_model_names_the_recipe(tmp_path, capsys,
+                                                                     monkeypatch):
+    """With the file's own seed, a float model that differs is one an older qround trained
+    (another recipe): the refusal says so."""
+    pytest.importorskip("sklearn", reason="needs the examples extra")
+    import torch
+
+    from qround import zoo
+
+    out = tmp_path / "cnn.safetensors"
+    assert main(["quantize", "--model", "digits-cnn", "--wbits", "4", "--solver", "nearest",
+                 "--threads", "1", "--calibration-size", "16", "--no-progress",
+                 "--out", str(out)]) == 0
+    train = zoo.train_digits_cnn
+
+    def retrained(*args, **kwargs):   # the same seed, other weights: another recipe's model
+        model, data = train(*args, **kwargs)
+        with torch.no_grad():
+            model.conv1.weight.mul_(1.01)
+        return model, data
+
+    monkeypatch.setattr(zoo, "train_digits_cnn", retrained)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "digits-cnn", "--quantized", str(out),
+                 "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "'conv1.weight'" in err and "training recipe v" in err and "--seed" not in \
+        err.split("\n", 1)[1]

@@ -292,11 +292,14 @@ def test_a_training_flag_off_keeps_that_kind_of_parameter(flag):
         assert same == (which == flag), which
 
 
-def test_nothing_to_train_runs_no_step_and_changes_nothing():
+def test_nothing_to_train_runs_no_step_and_changes_nothing(caplog):
     net = TinyResNet()
     q = quant_model(net)
     cfg = dataclasses.replace(FAST, train_weights=False, train_steps=False, train_borders=False)
-    res = reconstruct(net, q, BATCHES, config=cfg)
+    with caplog.at_level("WARNING", logger="qround"):
+        res = reconstruct(net, q, BATCHES, config=cfg)
+    # it ran without comment (helper-166)
+    assert "block reconstruction trained nothing" in caplog.text
     assert [b.iterations for b in res.blocks] == [0, 0, 0]
     assert all(b.loss_after == b.loss_before and not b.reverted for b in res.blocks)
     assert _same_state(res.model, q)
@@ -354,6 +357,9 @@ def test_a_unit_made_worse_is_restored_to_its_initial_state():
                             lr_border=10.0, seed=0)
     res = reconstruct(net, q, BATCHES, config=cfg)
     assert all(b.reverted and b.loss_after == b.loss_before for b in res.blocks)
+    # what training reached stays visible (helper-166: the table hid it)
+    assert all(b.loss_trained > b.loss_before for b in res.blocks)
+    assert f"yes (trained {res.blocks[0].loss_trained:.4g})" in res.table()
     assert _same_state(res.model, q)
     assert all(m.weight_mode == "hard" for m in quantized_layers(res.model).values())
 
