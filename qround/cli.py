@@ -1,4 +1,4 @@
-"""The ``qround`` command line.
+"""The qround command line.
 
     qround solve FILE.npz [FILE.npz ...] --solver NAME [--bits B] [--json] [--out SOL.npz]
     qround export-layer --model minilm|digits-cnn|digits-resnet|digits-mobilenet|FOLDER --layer NAME
@@ -14,7 +14,7 @@
                     --quantized FILE.safetensors
     qround evaluate --model MODEL.pt --inputs INPUTS.pt --quantized FILE.safetensors
     qround demo [--json FILE] [--channels N] [--solvers a,b,...] [--journey digits-cnn|minilm|none]
-    qround bench ...            (the solver benchmark, see benchmarks/solvers.py)
+    qround bench ...            (the solver benchmark on real layers; qround bench -h)
     qround solvers              (the registry)
 """
 from __future__ import annotations
@@ -1415,6 +1415,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "solve (qround.scales; --out then holds the refitted scale)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     s.add_argument("--out", help="write codes (out x in), choices, scale, zero_point to this .npz")
+    s.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
+                   help=THREADS_HELP)
     s.set_defaults(func=cmd_solve)
 
     xq = sub.add_parser("export-qubo", help="write a layer's channel QUBOs as .qubo text files "
@@ -1437,6 +1439,8 @@ def build_parser() -> argparse.ArgumentParser:
     xq.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
                     help="of the solver (default: %(default)s)")
     xq.add_argument("--device", default=None, help="cpu or cuda, for the torch solvers")
+    xq.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
+                    help=THREADS_HELP)
     xq.set_defaults(func=cmd_export_qubo)
 
     sm = sub.add_parser("sample", help="qround's tabu search or annealing on qbsolv .qubo files "
@@ -1461,6 +1465,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     sm.add_argument("--json", action="store_true", help="one JSON line per file")
     sm.add_argument("--out", help="write every file's best bit string and energy to this JSON")
+    sm.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
+                    help=THREADS_HELP)
     sm.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("export-layer", help="write a layer statistics file from a real model layer")

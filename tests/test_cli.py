@@ -1276,3 +1276,22 @@ def test_evaluate_onto_another_trained_digits_model_names_the_recipe(tmp_path, c
     err = capsys.readouterr().err
     assert "'conv1.weight'" in err and "training recipe v" in err and "--seed" not in \
         err.split("\n", 1)[1]
+
+
+@pytest.mark.parametrize("command, func", [("solve", "cmd_solve"),
+                                           ("export-qubo", "cmd_export_qubo"),
+                                           ("sample", "cmd_sample")])
+def test_solve_export_qubo_and_sample_take_threads(command, func, monkeypatch, tmp_path):
+    """solve prints timings, and export-qubo and sample solve: they had no --threads, unlike
+    every other command that computes (helper-163)."""
+    import torch
+
+    from qround import cli
+
+    seen = []
+    monkeypatch.setattr(cli, func, lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    extra = ["--out", str(tmp_path / "out")] if command == "export-qubo" else []
+    assert main([command, "x.npz", "--threads", "3"] + extra) == 0
+    assert main([command, "x.npz"] + extra) == 0
+    assert seen == [3, 2] and torch.get_num_threads() == before

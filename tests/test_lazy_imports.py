@@ -119,3 +119,17 @@ def test_package_inits_import_no_submodule():
         loaded = {m for m in _modules_after(f"import {package}") if m.startswith("qround.")}
         assert loaded <= {"qround._forkstate", "qround._lazy", "qround.errors", package}, \
             (package, sorted(loaded))
+
+
+def test_the_version_is_the_installed_metadatas():
+    """The version is written in pyproject.toml and qround/__init__.py: they must agree
+    (helper-163). Checked against the installed metadata, which pyproject.toml made."""
+    from importlib import metadata
+
+    import qround
+
+    try:
+        installed = metadata.version("qround")
+    except metadata.PackageNotFoundError:
+        pytest.skip("qround is not installed (run from a source tree)")
+    assert installed == qround.__version__

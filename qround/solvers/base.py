@@ -390,9 +390,9 @@ def warm_up(*solvers, **sample_options) -> None:
 
     The first call in a process of a numba solver (``tabu``, ``anneal``, ``gptq``...) loads its
     compiled kernels from numba's cache (about 0.3 s; the first process after an install or
-    upgrade compiles them, up to a minute on 2 cores), torch solvers pay their first-call setup, and
+    upgrade compiles them, on one thread: minutes), torch solvers pay their first-call setup, and
     dimod samplers import their libraries.  That time lands in the first ``Solution.seconds`` unless
-    a warm-up took it: ``qround solve``, ``qround demo``, ``qround bench`` and ``qround sample``
+    a warm-up took it: ``qround solve``, ``quantize``, ``demo``, ``bench`` and ``sample``
     warm up before timing.  A dimod sampler (``QroundSampler`` or any object with ``sample``)
     samples a small dense and a small sparse BQM, with ``sample_options``.
     """
