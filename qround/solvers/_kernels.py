@@ -332,13 +332,31 @@ def _take(i, e, best_e, at_best, b, d, f, grad, curv, row, delta, best, best_f):
     return e, best_e, at_best
 
 
+@njit(cache=True)
+def _pick_random_tie(delta, tabu_until, it, e, best_e, state):
+    """The allowed flip of lowest delta (not tabu, or giving a new best), a tie going to a
+    random one of the tied flips (reservoir sampling); (-1, inf) when none is allowed."""
+    pick, pick_d, ties = -1, np.inf, 0
+    for j in range(delta.shape[0]):
+        dj = delta[j]
+        if dj < pick_d:
+            if tabu_until[j] < it or e + dj < best_e:
+                pick, pick_d, ties = j, dj, 1
+        elif dj == pick_d and dj < np.inf and (tabu_until[j] < it or e + dj < best_e):
+            ties += 1   # each of the tied flips is kept with chance 1/ties
+            if _randint(state, ties) == 0:
+                pick = j
+    return pick, pick_d
+
+
 @njit(cache=True, inline="always")
 def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, perturb,
-                  reset_every, descent, tol, seed, t_end):
+                  reset_every, descent, tol, seed, t_end, random_ties):
     """One channel of :func:`tabu_kernel`: h (n, n), s, g, b0, f0 (n,) its problem and start,
     e0 the start's energy, order (k,) its free variables (a fixed one has s = 0, so its delta
     is +inf and it is never picked); t_end the clock reading (ns) at which the search ends (0:
-    none).  Returns the best choices (n,) and their energy."""
+    none); random_ties: among allowed flips of equal lowest delta pick one uniformly at random
+    (else the lowest index).  Returns the best choices (n,) and their energy."""
     out_of_time = False
     n = b0.shape[0]
     k = order.shape[0]
@@ -395,11 +413,14 @@ def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, p
             if t_end > 0 and (it & 255) == 0 and _now_ns() >= t_end:
                 out_of_time = True
                 break
-            pick, pick_d = -1, np.inf
-            for j in range(n):
-                dj = delta[j]
-                if dj < pick_d and (tabu_until[j] < it or e + dj < best_e):
-                    pick, pick_d = j, dj
+            if random_ties:   # two loops: the first-index one stays as fast as it was
+                pick, pick_d = _pick_random_tie(delta, tabu_until, it, e, best_e, state)
+            else:
+                pick, pick_d = -1, np.inf
+                for j in range(n):
+                    dj = delta[j]
+                    if dj < pick_d and (tabu_until[j] < it or e + dj < best_e):
+                        pick, pick_d = j, dj
             if pick < 0 or pick_d == np.inf:
                 break
             e, best_e, at_best = _take(pick, e, best_e, at_best, b, d, f, g, curv, h[pick],
@@ -416,7 +437,7 @@ def _tabu_channel(h, s, g, b0, f0, e0, order, tenure, max_iter, stall, rounds, p
 @parallel_kernel
 def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure, max_iter,
                 stall, rounds, perturb, reset_every, descent, tol, seeds, compact,
-                time_limit_ns):
+                time_limit_ns, random_ties):
     """Iterated tabu search per channel; see :class:`qround.solvers.tabu.Tabu`.
 
     Each round: from the best state (from the start in round 0 and every ``reset_every``-th
@@ -428,7 +449,9 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
     free sub-problem (:func:`_compact_hessian`).  time_limit_ns > 0: each channel's search
     also ends once that many nanoseconds have passed since the channel began, its set-up
     included (the clock is read every 256 iterations, every descent sweep and every round), so
-    its result depends on the machine's speed; NO_TIME_LIMIT (0): no limit.
+    its result depends on the machine's speed; NO_TIME_LIMIT (0): no limit.  random_ties: a
+    tie of the lowest delta among allowed flips goes to a random one of them (else to the
+    lowest index; problems with integer biases have many ties).
     Returns the best choices (m, n) float64 and energies (m,).
     """
     m, n = start.shape
@@ -448,14 +471,14 @@ def tabu_kernel(hess, step, grad, start, fields, energy, free_idx, nfree, tenure
                 _compact_hessian(h, idx), _gather(step[c], idx), _gather(grad[c], idx),
                 _gather(start[c], idx), _gather(fields[c], idx), energy[c], np.arange(k),
                 tenure[c], max_iter, stall, rounds, perturb[c], reset_every, descent, tol[c],
-                seeds[c], t_end)
+                seeds[c], t_end, random_ties)
             for a in range(k):
                 best_all[c, idx[a]] = best[a]
         else:
             best, best_e = _tabu_channel(
                 h, step[c], grad[c], start[c], fields[c], energy[c], idx.copy(), tenure[c],
                 max_iter, stall, rounds, perturb[c], reset_every, descent, tol[c], seeds[c],
-                t_end)
+                t_end, random_ties)
             best_all[c] = best
         best_e_all[c] = best_e
     return best_all, best_e_all

@@ -27,8 +27,10 @@ A flip counts as lowering the energy when it gains more than :data:`DESCENT_TOL`
 of the absolute biases on its variable (the round-off scale of its delta).
 
 Tabu search's tenure is ``min(20, n // 2)`` unless given (dwave-samplers' cap; the layer
-solver's is 10).  Tabu search holds the matrix dense (n
-variables take ``8 n^2`` bytes); annealing holds it in CSR form below :data:`SPARSE_BELOW`
+solver's is 10), and its ties go to a random one of the tied flips (``ties="random"``; the
+layer solver's default takes the lowest index): with integer biases (spin glasses, Max-Cut)
+many flips tie, and always taking the lowest index walks the same few variables.  Tabu
+search holds the matrix dense (n variables take ``8 n^2`` bytes); annealing holds it in CSR form below :data:`SPARSE_BELOW`
 density, with a kernel that makes the dense one's decisions (up to round-off in the start's
 fields) at a cost per flip of the variable's couplings.
 
@@ -59,7 +61,7 @@ METHODS = {"tabu": Tabu, "anneal": Anneal}
 # the solver parameters a sample() call takes, by method (those of the solver's constructor)
 _SOLVER_PARAMETERS = {
     "tabu": ("max_iter", "restarts", "tenure", "stall", "perturb", "iters_per_var", "descent",
-             "reset_every", "time_limit", "timeout"),
+             "reset_every", "time_limit", "timeout", "ties"),
     "anneal": ("num_sweeps", "restarts", "order", "beta_range", "beta_schedule_type",
                "num_sweeps_per_beta", "beta_schedule", "descent"),
 }
@@ -278,6 +280,8 @@ class QroundSampler(dimod.Sampler, dimod.Initialized):
         own = {k: solver_parameters.pop(k) for k in _SAMPLER_PARAMETERS[self.method]
                if k in solver_parameters}
         descent = check_bool(own.get("descent", True), "descent")
+        if self.method == "tabu":   # a BQM's integer biases tie often: random tie-breaks
+            solver_parameters.setdefault("ties", "random")
         solver = METHODS[self.method](**solver_parameters)
         check_int(num_reads, "num_reads", 1, allow_none=True, maximum=MAX_READS)
         rng = spawn_rng(seed)  # seed checked here; the starts get their own stream from it

@@ -51,7 +51,11 @@ class Tabu(Solver):
     dwave-samplers' ``timeout`` does; ``restarts=None`` then runs rounds until the time is up.  A
     channel's clock starts with its set-up and is read every 256 iterations, so it stops within a
     few hundred iterations of time_limit; the channels share the CPU's threads, so a layer takes
-    about ``channels x time_limit / threads``.
+    about ``channels x time_limit / threads``.  ties: which of several allowed flips of equal
+    lowest delta a tabu iteration takes: ``"first"`` (the lowest index; the layer solver's
+    default, whose real-valued deltas rarely tie) or ``"random"`` (uniformly, drawn from the
+    channel's seeded stream: on QUBOs with integer biases, where ties abound, always taking the
+    lowest index walks the same few variables; QroundSampler's default).
 
     Work per channel is O(rounds x max_iter x n): the defaults (5 rounds of 10 n iterations)
     took about 10 ms of CPU per 384-input channel (MiniLM layer, numba, 2 cores).
@@ -62,7 +66,8 @@ class Tabu(Solver):
     def __init__(self, max_iter: int | None = None, restarts: int | None = 4,
                  tenure: int | None = None, stall: int | None = None,
                  perturb: int | None = None, iters_per_var: float = 10.0,
-                 descent: bool = True, reset_every: int = 2, time_limit: float | None = None):
+                 descent: bool = True, reset_every: int = 2, time_limit: float | None = None,
+                 ties: str = "first"):
         self.max_iter = check_int(max_iter, "max_iter", 1, allow_none=True, maximum=MAX_COUNT)
         self.restarts = check_int(restarts, "restarts", 0, allow_none=True, maximum=MAX_COUNT)
         self.tenure = check_int(tenure, "tenure", 0, allow_none=True, maximum=MAX_COUNT)
@@ -77,6 +82,9 @@ class Tabu(Solver):
         if self.time_limit is not None and not _kernels.HAS_CLOCK:
             raise QroundError("time_limit needs a POSIX monotonic clock (clock_gettime), which "
                               "this system lacks; bound the search with restarts instead")
+        if ties not in ("first", "random"):
+            raise QroundError(f"ties must be 'first' or 'random', got {ties!r}")
+        self.ties = ties
         if self.restarts is None and self.time_limit is None:
             raise QroundError("restarts=None (rounds until the time is up) needs a time_limit")
 
@@ -115,7 +123,7 @@ class Tabu(Solver):
             rounds, perturb.astype(np.int64), self.reset_every, self.descent,
             _round_off(problem), args["seeds"],
             _kernels.compact_pays(problem.num_inputs, nfree, self._passes(
-                max_iter, rounds, problem.num_inputs)), limit)
+                max_iter, rounds, problem.num_inputs)), limit, self.ties == "random")
         info = {"max_iter": max_iter, "rounds": None if self.restarts is None else rounds}
         if self.time_limit is not None:
             info["time_limit"] = self.time_limit

@@ -21,7 +21,7 @@ def _run_kernel(p, start, rounds=3, perturb=2, tenure=3, max_iter=40, descent=Tr
         args["hess"], args["step"], args["grad"], args["start"], args["fields"], args["energy"],
         args["free_idx"], args["nfree"], np.full(m, tenure), max_iter, max_iter, rounds,
         np.full(m, perturb), reset_every, descent, _round_off(p), args["seeds"], compact,
-        _kernels.NO_TIME_LIMIT)
+        _kernels.NO_TIME_LIMIT, False)
 
 
 @settings(max_examples=25, deadline=None)

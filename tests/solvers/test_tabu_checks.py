@@ -30,7 +30,7 @@ def _kernel_run(p, start, seed, tenure, perturb, max_iter, stall, rounds, reset_
         args["hess"], args["step"], args["grad"], args["start"], args["fields"], args["energy"],
         args["free_idx"], args["nfree"], np.full(m, tenure, dtype=np.int64), max_iter, stall,
         rounds, np.full(m, perturb, dtype=np.int64), reset_every, descent, _round_off(p),
-        args["seeds"], False, _kernels.NO_TIME_LIMIT)
+        args["seeds"], False, _kernels.NO_TIME_LIMIT, False)
     return best.astype(bool)
 
 
