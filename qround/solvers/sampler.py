@@ -30,9 +30,9 @@ Tabu search's tenure is ``min(20, n // 2)`` unless given (dwave-samplers' cap; t
 solver's is 10), and its ties go to a random one of the tied flips (``ties="random"``; the
 layer solver's default takes the lowest index): with integer biases (spin glasses, Max-Cut)
 many flips tie, and always taking the lowest index walks the same few variables.  Tabu
-search holds the matrix dense (n variables take ``8 n^2`` bytes); annealing holds it in CSR form below :data:`SPARSE_BELOW`
-density, with a kernel that makes the dense one's decisions (up to round-off in the start's
-fields) at a cost per flip of the variable's couplings.
+search holds the matrix dense (n variables take ``8 n^2`` bytes); annealing holds it in CSR
+form below :data:`SPARSE_BELOW` density, with a kernel that makes the dense one's decisions
+(up to round-off in the start's fields) at a cost per flip of the variable's couplings.
 
 Annealing takes its inverse temperatures from the BQM's biases, as dwave-samplers' simulated
 annealing does (``default_beta_range``), unless ``beta_range`` is given: the layer solver's
