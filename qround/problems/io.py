@@ -134,14 +134,17 @@ class LayerStats:
                               "the statistics file holds one group; save one file per group")
         w = layer_weight(module)
         target = None
+        h = as_float_array(hessian, "hessian", ndim=(2, 3))
         if cross is not None:
+            if h.ndim != 2:
+                raise QroundError("asymmetric reconstruction (cross=) needs a shared (n, n) "
+                                  "hessian")
             c = as_float_array(cross, "cross", ndim=2)
             if c.shape != (w.shape[1], w.shape[1]):
                 raise QroundError(f"cross must have shape {(w.shape[1], w.shape[1])}, got "
                                   f"{c.shape}")
             target = w @ c.T
-        grid = fit_grid(w, spec, hessian=as_float_array(hessian, "hessian", ndim=(2, 3)),
-                        target=target)
+        grid = fit_grid(w, spec, hessian=h, target=target)
         bias = None if module.bias is None else module.bias.detach().cpu().double().numpy()
         return cls(weight=w, hessian=hessian, bits=spec.bits, symmetric=spec.symmetric,
                    group_size=grid.group_size, scale=grid.scale, zero_point=grid.zero_point,
