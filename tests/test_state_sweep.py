@@ -487,7 +487,7 @@ def _():
     m = mlp()
     b = [np.random.default_rng(i).normal(size=(10, 6)).astype(np.float32) for i in range(2)]
     b[1].flags.writeable = False
-    fwd = lambda model, x: model(torch.from_numpy(x))  # noqa: E731
+    fwd = lambda model, x: model(torch.from_numpy(np.array(x)))  # noqa: E731 (copied)
     return {"model": m, "batches": b}, lambda seed: _qm(m, b, seed, forward=fwd)
 
 
