@@ -225,21 +225,26 @@ def test_save_compressed_tensors_wants_the_quantized_model(tmp_path):
 
 
 # ------------------------------------------------------------------------------ units, beta
-def test_a_scheme_unit_may_hold_bn_and_relu_between_its_layers():
-    """'0+1+2' (conv, BN, ReLU) was refused because BN and ReLU hold no quantised layer; a
-    unit with no quantised layer at all still is."""
+def scheme_run(scheme, iterations: int = 4):
+    """A conv-BN-ReLU-conv-ReLU-Linear model quantised with block reconstruction over the
+    given scheme units: (model, its QuantizedModel)."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                       nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
     data = [torch.randn(8, 2, 4, 4, generator=gen(7))]
-    rec = ReconstructConfig(iterations=4, batch_size=4)
-    qm = quantize_model(m, data, QuantConfig(**FAST, granularity="scheme", reconstruction=rec,
-                                             scheme=["0+1+2", "3+4", "6"]))
+    rec = ReconstructConfig(iterations=iterations, batch_size=4)
+    return m, quantize_model(m, data, QuantConfig(**FAST, granularity="scheme",
+                                                  reconstruction=rec, scheme=scheme))
+
+
+def test_a_scheme_unit_may_hold_bn_and_relu_between_its_layers():
+    """'0+1+2' (conv, BN, ReLU) was refused because BN and ReLU hold no quantised layer; a
+    unit with no quantised layer at all still is."""
+    _, qm = scheme_run(["0+1+2", "3+4", "6"])
     assert [u.modules for u in qm.units.units] == [("0", "1", "2"), ("3", "4"), ("6",)]
     assert [b.block for b in qm.reconstruction.blocks] == ["0+1+2", "3+4", "6"]
     with pytest.raises(QroundError, match=r"scheme units hold no quantised layer: \['1\+2'\]"):
-        quantize_model(m, data, QuantConfig(**FAST, granularity="scheme", reconstruction=rec,
-                                            scheme=["0", "1+2", "6"]))
+        scheme_run(["0", "1+2", "6"])
 
 
 def test_a_rising_beta_gets_a_warning(caplog):

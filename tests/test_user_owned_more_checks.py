@@ -16,7 +16,7 @@ from qround.evaluate import input_ranges, output_metrics
 from qround.pipeline import QuantConfig, quantize_model
 from qround.reconstruct import ReconstructConfig
 
-from .test_user_owned_checks import FAST, NoBias, Noisy, gen, mlp
+from .test_user_owned_checks import FAST, NoBias, Noisy, gen, mlp, scheme_run
 from .test_user_owned_checks import TokenModel as Scaled
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -171,13 +171,7 @@ def test_an_override_of_a_tied_layer_the_forward_never_calls_says_why_it_stays_i
 
 
 def test_a_scheme_unit_whose_quantised_layer_is_not_its_first_module_is_accepted():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                      nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
-    data = [torch.randn(8, 2, 4, 4, generator=gen(7))]
-    rec = ReconstructConfig(iterations=2, batch_size=4)
-    qm = quantize_model(m, data, QuantConfig(**FAST, granularity="scheme", reconstruction=rec,
-                                             scheme=["0", "1+2+3+4", "6"]))
+    _, qm = scheme_run(["0", "1+2+3+4", "6"], iterations=2)
     assert [u.modules for u in qm.units.units] == [("0",), ("1", "2", "3", "4"), ("6",)]
 
 
