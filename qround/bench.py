@@ -112,6 +112,7 @@ class BenchConfig:
     device: str = "cpu"             # where the torch solvers run (cem, hopfield, gptq)
     seed: int = 0
     gptq_reference: bool = True  # time and cost of unrestricted GPTQ (qround.baselines)
+    lower_bound: bool = True     # the certified lower bound (qround.problems.bounds) per layer
 
 
 def load_layers(cfg: BenchConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -336,6 +337,8 @@ def _run(cfg, progress, tqdm):
             results[label] = dict(full=None, sub=None if slow else part,
                                   slow=part if slow else None, kind=kinds[label])
         rows += _layer_rows(name, bits, (m, n), results, cfg)
+        if cfg.lower_bound:
+            rows.append(_bound_row(name, bits, problem, sub))
         exact_rows += _exact_gaps(name, problem, {**ours, **refs}, cfg)
     return {"config": dict(vars(cfg)), "environment": environment(),
             "rows": rows, "exact": exact_rows, "skipped": skipped, "load_seconds": load_s}
@@ -363,6 +366,16 @@ def _gptq_reference_row(name, bits, problem, weight, hessian) -> dict:
     return {"layer": name, "bits": bits, "shape": list(problem.weight.shape),
             "solver": "gptq-reference", "kind": "reference", "seconds": seconds,
             "ratio": cost_ratio(cost, rtn, cost_noise(problem))}
+
+
+def _bound_row(name, bits, problem, sub) -> dict:
+    """The certified lower bound (``RoundingProblem.lower_bound``) on the whole layer and on
+    the ``sub`` sample, as bound/RTN: no solver's ratio on the same channels can be lower."""
+    full, part = problem.lower_bound(), sub.lower_bound()
+    return {"layer": name, "bits": bits, "shape": list(problem.weight.shape),
+            "solver": "lower-bound", "kind": "bound", "ratio": full.ratio,
+            "seconds": full.seconds, "converged": full.converged and part.converged,
+            "sub_ratio": part.ratio, "sub_s_per_ch": part.seconds / sub.num_channels}
 
 
 def _gap(cost: float, best: float, rtn: float) -> float:
@@ -417,16 +430,25 @@ def _exact_gaps(name, problem, solvers, cfg):
     small = base.restrict(np.sort(rng.choice(n, size=k, replace=False)), base.rtn_choices())
     opt = Exact(max_free=max(k, 1)).solve(small)
     rows = []
+    span = max(opt.total_rtn_cost - opt.total_cost, 1e-300)
+    tol = 1e-9 * np.abs(opt.energy).max()
     for label, solver in solvers.items():
         sol, err = _solve(solver, small, cfg.seed)
         if err:
             continue
-        gap = (sol.total_cost - opt.total_cost) / max(opt.total_rtn_cost - opt.total_cost, 1e-300)
+        gap = (sol.total_cost - opt.total_cost) / span
         rows.append({"layer": name, "bits": problem.grid.bits, "solver": label,
                      "ratio": sol.ratio, "exact_ratio": opt.ratio,
-                     "optimal_channels": int(np.sum(sol.energy <= opt.energy + 1e-9 *
-                                                    np.abs(opt.energy).max())),
+                     "optimal_channels": int(np.sum(sol.energy <= opt.energy + tol)),
                      "channels": len(chans), "gap_of_rtn_gap": gap})
+    if cfg.lower_bound:
+        # how tight the bound is: its channels that reach the optimum, and its (negative) gap
+        bound = small.lower_bound()
+        rows.append({"layer": name, "bits": problem.grid.bits, "solver": "lower-bound",
+                     "ratio": bound.ratio, "exact_ratio": opt.ratio,
+                     "optimal_channels": int(np.sum(bound.cost >= opt.cost - tol)),
+                     "channels": len(chans),
+                     "gap_of_rtn_gap": (bound.total_cost - opt.total_cost) / span})
     return rows
 
 
@@ -445,7 +467,8 @@ def summarise(result: dict) -> str:
               "mean_gap": float(np.mean([x["gap_of_rtn_gap"] for x in v]))}
              for s, v in ex.items()]
     if erows:
-        out.append("\nexact sub-problems (gap = (cost - opt) / (rtn - opt), 0 = optimal):")
+        out.append("\nexact sub-problems (gap = (cost - opt) / (rtn - opt), 0 = optimal; "
+                   "lower-bound's is below 0, by how far the bound is from the optimum):")
         out.append(format_table(erows, ["solver", "optimal", "mean_gap"]))
     if result["skipped"]:
         out.append("\nskipped:")
@@ -485,7 +508,12 @@ def plot(result: dict, path: str) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             continue
-        for r in finite:
+        for r in [r for r in finite if r["kind"] == "bound"]:
+            ax.axhline(r["sub_ratio"], color="0.4", linestyle="--", linewidth=1)
+            ax.annotate("certified lower bound", (0.01, r["sub_ratio"]), fontsize=7,
+                        xycoords=("axes fraction", "data"), xytext=(0, 2),
+                        textcoords="offset points")
+        for r in [r for r in finite if r["kind"] != "bound"]:
             x, y = max(r["sub_s_per_ch"], 1e-6), r["sub_ratio"]
             ours = r["kind"] == "ours"
             ax.scatter([x], [y], facecolors=None if ours else "none",
@@ -544,6 +572,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="solver seed; dwave-tabu stops on a timeout, so its results vary from "
                         "run to run whatever the seed (default: %(default)s)")
+    p.add_argument("--no-lower-bound", action="store_true",
+                   help="skip the certified lower bound per layer (row lower-bound: no rounding "
+                        "costs less; qround.problems.bounds)")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plot", help="write the cost/RTN-vs-time plot (PNG)")
     p.add_argument("--no-progress", action="store_true")
@@ -574,7 +605,7 @@ def run_args(a: argparse.Namespace) -> int:
                       references=specs(a.references), minilm_layers=minilm, cnn_layers=cnn,
                       layer_files=tuple(a.files), ref_channels=a.ref_channels,
                       slow_ref_channels=a.slow_ref_channels, threads=a.threads, seed=a.seed,
-                      device=a.device)
+                      device=a.device, lower_bound=not a.no_lower_bound)
     result = run(cfg, progress=not a.no_progress)
     print(summarise(result))
     if a.json:  # first: the results are kept whatever happens to the plot

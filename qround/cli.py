@@ -73,7 +73,7 @@ def cmd_solve(args) -> int:
     check_format("--out", args.out, "an .npz archive", (".npz",))
     solver = get_solver(args.solver, device=args.device)
     warm_up(solver)  # kernel loading stays out of the reported seconds
-    records, solutions = [], []
+    records, solutions, bounds = [], [], []
     for path in args.files:
         stats = load_layer_stats(path)
         problem = _file_problem(stats, path, args)
@@ -85,7 +85,18 @@ def cmd_solve(args) -> int:
             sol = solver.solve(problem, seed=args.seed)
         records.append(SolveRecord.from_solution(stats.name or str(path), sol))
         solutions.append((problem, sol))
+        if args.lower_bound:
+            bound = problem.lower_bound()
+            bounds.append({"bound": bound.total_cost, "bound_ratio": bound.ratio,
+                           "certified_gap": bound.certified_gap(sol.cost),
+                           "bound_seconds": bound.seconds})
     tot = totals(records)
+    if bounds:
+        b_total = sum(b["bound"] for b in bounds)
+        span = tot["rtn_cost"] - b_total
+        tot.update(bound=b_total, bound_ratio=b_total / tot["rtn_cost"] if tot["rtn_cost"] > 0
+                   else float("nan"),
+                   certified_gap=max(tot["cost"] - b_total, 0.0) / span if span > 0 else 0.0)
     label = f"{solver.label} ({args.refits} refits)" if args.refits else solver.label
     if args.out:
         problem, sol = solutions[0]
@@ -93,13 +104,15 @@ def cmd_solve(args) -> int:
                          scale=problem.grid.scale, zero_point=problem.grid.zero_point,
                          bits=np.int64(problem.grid.bits), cost=sol.cost, rtn_cost=sol.rtn_cost,
                          solver=np.str_(sol.solver))
+    layers = [{**r.as_dict(), **b} for r, b in zip(records, bounds or [{}] * len(records))]
     if args.json:
-        print(json_text({**tot, "solver": label, "layers": [r.as_dict() for r in records]}))
+        print(json_text({**tot, "solver": label, "layers": layers}))
     else:
-        rows = [r.as_dict() for r in records]
+        rows = layers
         if len(rows) > 1:
             rows.append({"layer": "total", "shape": "", "solver": label, **tot})
-        print(format_table(rows, COLUMNS))
+        cols = COLUMNS + (["bound_ratio", "certified_gap"] if bounds else [])
+        print(format_table(rows, cols))
     return 0
 
 
@@ -1413,6 +1426,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refits", type=int_at_least(0), default=0, metavar="N",
                    help="rounds of refitting the scales to the rounding, each followed by another "
                         "solve (qround.scales; --out then holds the refitted scale)")
+    s.add_argument("--lower-bound", action="store_true",
+                   help="also compute each layer's certified lower bound (qround.problems.bounds: "
+                        "no rounding costs less) and show bound/RTN and the solution's "
+                        "certified gap, the share of RTN's excess over the bound it may still "
+                        "leave (0: proven optimal); costs about as much as a solve")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     s.add_argument("--out", help="write codes (out x in), choices, scale, zero_point to this .npz")
     s.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,

@@ -167,7 +167,8 @@ def test_cli_bench_on_layer_files_writes_table_json_and_plot(layer_files, tmp_pa
     assert "slow_ratio" not in table  # no neal-10x ran: no columns to compare with it
     saved = json.loads(out.read_text())
     assert saved["config"]["layer_files"] == [str(layer_files[1])]
-    assert {r["solver"] for r in saved["rows"]} == {"nearest", "fast", "gptq-reference"}
+    assert {r["solver"] for r in saved["rows"]} == {"nearest", "fast", "gptq-reference",
+                                                    "lower-bound"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

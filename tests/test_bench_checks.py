@@ -134,7 +134,28 @@ def test_references_run_on_the_ref_channels_and_kinds_are_labelled(plain_file):
     assert neal4 != pytest.approx(neal2)
     assert rows[3, "neal"]["sub_ratio"] == pytest.approx(neal4, rel=1e-12)
     # the exact sub-problems compare every solver, the subset ones and references included
-    assert {r["solver"] for r in result["exact"]} == {"nearest", "meanfield", "neal"}
+    assert {r["solver"] for r in result["exact"]} == {"nearest", "meanfield", "neal",
+                                                      "lower-bound"}
+
+
+def test_the_lower_bound_row_is_below_every_solver_on_the_same_channels(plain_file):
+    problem = load_layer_stats(plain_file).problem()
+    result = run(_cfg([plain_file], solvers=("nearest", "fast"), references=("neal",),
+                      ref_channels=4), progress=False)
+    rows = _rows(result)
+    bound = rows[3, "lower-bound"]
+    assert bound["kind"] == "bound" and bound["converged"]
+    assert bound["ratio"] == pytest.approx(problem.lower_bound().ratio, rel=1e-12)
+    assert bound["sub_ratio"] == pytest.approx(
+        problem.subproblem(slice(0, 4)).lower_bound().ratio, rel=1e-12)
+    assert 0 < bound["ratio"] <= rows[3, "fast"]["ratio"]
+    assert bound["sub_ratio"] <= min(rows[3, s]["sub_ratio"] for s in ("fast", "neal"))
+    [exact_bound] = [r for r in result["exact"] if r["solver"] == "lower-bound"]
+    assert exact_bound["gap_of_rtn_gap"] <= 0 and exact_bound["ratio"] <= exact_bound[
+        "exact_ratio"] + 1e-12
+    assert "lower-bound" in summarise(result)
+    off = run(_cfg([plain_file], solvers=("nearest",), lower_bound=False), progress=False)
+    assert "lower-bound" not in {r["solver"] for r in off["rows"] + off["exact"]}
 
 
 @pytest.mark.parametrize("limit, runs", [(10, True), (9, False)])
@@ -253,7 +274,9 @@ def test_exact_gaps_are_reproducible_and_sized_as_configured():
     # the whole channel, so an exact solver is optimal on every channel
     q = RoundingProblem.from_weight(w[:, :6], _hessian(6, rng), GridSpec(bits=2))
     cfg = BenchConfig(exact_channels=12, exact_inputs=16, seed=0)
-    [row] = _exact_gaps("l", q, {"exact": get_solver("exact")}, cfg)
+    row, bound = _exact_gaps("l", q, {"exact": get_solver("exact")}, cfg)
+    assert bound["solver"] == "lower-bound" and bound["gap_of_rtn_gap"] <= 0
+    assert bound["optimal_channels"] <= row["optimal_channels"] == 12
     chans = np.arange(12)
     whole = get_solver("exact").solve(q.subproblem(chans))
     assert row["exact_ratio"] == pytest.approx(whole.ratio, rel=1e-9)

@@ -571,6 +571,12 @@ def _():
     return {"problem": p, "start": start}, lambda seed: steepest_descent(p, start)
 
 
+@case("lower_bound", seeded=False)
+def _():
+    p = problem()
+    return {"problem": p}, lambda seed: (p.lower_bound(), p.lower_bound(shift="none"))
+
+
 @case("from_weight+fit_grid", seeded=False)
 def _():
     rng = np.random.default_rng(3)
