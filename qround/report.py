@@ -149,12 +149,17 @@ def _threads() -> dict[str, int | None]:
     import sys
 
     torch, numba = sys.modules.get("torch"), sys.modules.get("numba")
+    torch_threads = torch.get_num_threads() if torch is not None else None
     try:
+        # the first call starts numba's threading layer; its OpenMP layer sets the OpenMP
+        # runtime's count, which torch shares: the caller's torch count is put back
         numba_threads = numba.get_num_threads() if numba is not None else None
     except Exception:  # noqa: BLE001 (a threading layer that cannot start)
         numba_threads = None
-    return {"torch": torch.get_num_threads() if torch is not None else None,
-            "numba": numba_threads}
+    finally:
+        if torch is not None and torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+    return {"torch": torch_threads, "numba": numba_threads}
 
 
 def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:

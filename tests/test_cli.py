@@ -217,7 +217,10 @@ def test_threads_sets_torch_and_numba_and_gives_them_back():
 
     from qround.cli import _run
 
-    before = (torch.get_num_threads(), numba.get_num_threads())
+    # numba first: its first call starts its threading layer, whose OpenMP layer sets the
+    # count torch shares (under OMP_NUM_THREADS=1 torch's 1 became 2 there, not in _run)
+    numba_before = numba.get_num_threads()
+    before = (torch.get_num_threads(), numba_before)
     seen = []
     assert _run(lambda: seen.append((torch.get_num_threads(), numba.get_num_threads())),
                 threads=1) == 0

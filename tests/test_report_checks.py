@@ -110,3 +110,22 @@ def test_totals_of_relative_costs_and_of_a_cost_above_exact_rtn():
     assert math.isnan(totals([rec(-2.0, -1.0)])["ratio"])       # relative costs
     assert totals([rec(1e-3, 0.0, 1e-12)])["ratio"] == float("inf")
     assert totals([rec(1.0, 4.0), rec(1.0, 4.0)])["ratio"] == 0.25
+
+
+def test_environment_keeps_the_callers_torch_threads_when_numba_starts():
+    # numba's OpenMP threading layer sets the OpenMP runtime's count when it starts (on the
+    # first numba.get_num_threads()); torch shares that count. environment() started it and
+    # left the torch count of a user's OMP_NUM_THREADS=1 at numba's pool size (and said so).
+    import subprocess
+    import sys
+
+    code = ("import torch, numba\n"
+            "from qround.report import environment\n"
+            "threads = environment()['threads']\n"
+            "print(threads['torch'], torch.get_num_threads())\n")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2",
+           "NUMBA_THREADING_LAYER": "omp"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]
