@@ -165,7 +165,8 @@ def cmd_export_qubo(args) -> int:
         choices = problem.rtn_choices()
         choices[idx] = sol.choices
         known[solver.label] = choices
-    export_qubos(args.out, problem, idx, known, source=str(args.file))
+    export_qubos(args.out, problem, idx, known, source=str(args.file),
+                 lower_bound=not args.no_lower_bound)
     if not args.solver:
         best = ""
     elif np.isfinite(sol.ratio):
@@ -257,6 +258,8 @@ def cmd_sample(args) -> int:
         x = np.array([best.sample[i] for i in range(bqm.num_variables)], dtype=np.int8)
         known = _manifest_energies(os.path.join(os.path.dirname(os.path.abspath(path)),
                                                 MANIFEST), os.path.basename(path), bqm)
+        if LOWER_BOUND in known:   # the manifest's certified bound: no x costs less
+            row["bound_cost"] = known.pop(LOWER_BOUND) + bqm.offset
         if "rtn" in known:
             row["rtn_cost"] = known["rtn"] + bqm.offset
             row["ratio"] = cost_ratio(row["cost"], row["rtn_cost"])   # NaN for relative costs
@@ -274,10 +277,11 @@ def cmd_sample(args) -> int:
     else:
         columns = ["file", "variables", "energy", "cost", *(
             ["rtn_cost", "ratio"] if any("ratio" in r for r in rows) else []), *(
-            ["known", "known_cost"] if any("known" in r for r in rows) else []), "seconds"]
+            ["known", "known_cost"] if any("known" in r for r in rows) else []), *(
+            ["bound_cost"] if any("bound_cost" in r for r in rows) else []), "seconds"]
         # costs of single channels are small: significant digits, not decimals
         print(format_table(rows, columns, significant=("energy", "cost", "rtn_cost",
-                                                       "known_cost")))
+                                                       "known_cost", "bound_cost")))
     if args.out:
         write_json_atomic(args.out, {"method": label, "seed": args.seed, "reads": args.reads,
                                      "samples": samples})
@@ -319,9 +323,12 @@ def _json_label(label):
     return repr(label)
 
 
+LOWER_BOUND = " lower bound"   # the key of a manifest's bound (no solver label has a space)
+
+
 def _manifest_energies(manifest: str, name: str, bqm=None) -> dict[str, float]:
     """The energies an export-qubo manifest beside ``name`` records for it, by label (``rtn``
-    and export-qubo's ``--solver``); empty when there is no manifest, it does not list the
+    and export-qubo's ``--solver``, and :data:`LOWER_BOUND` for its certified bound); empty when there is no manifest, it does not list the
     file, it is not readable as one, or (given the file's ``bqm``) its entry's offset is not
     the file's or it counts more free variables than the file holds (a file copied beside
     another layer's manifest)."""
@@ -345,7 +352,10 @@ def _manifest_energies(manifest: str, name: str, bqm=None) -> dict[str, float]:
                             "has (another layer's manifest?): RTN's cost is not shown",
                             manifest, name)
                 return {}
-            return {str(k): float(v["energy"]) for k, v in entry["solutions"].items()}
+            known = {str(k): float(v["energy"]) for k, v in entry["solutions"].items()}
+            if entry.get("lower_bound") is not None:
+                known[LOWER_BOUND] = float(entry["lower_bound"])
+            return known
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         log.warning("%s is not an export-qubo manifest: RTN's cost is not shown", manifest)
     return {}
@@ -1456,6 +1466,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "file with stored scales)")
     xq.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
                     help="of the solver (default: %(default)s)")
+    xq.add_argument("--no-lower-bound", action="store_true",
+                    help="leave out each channel's certified lower bound on the energy (the "
+                         "manifest's lower_bound: no x has a lower energy)")
     xq.add_argument("--device", default=None, help="cpu or cuda, for the torch solvers")
     xq.add_argument("--threads", type=int_at_least(1, MAX_THREADS), default=2,
                     help=THREADS_HELP)

@@ -17,7 +17,8 @@ down (floor).  Weights clipped to the grid's end are fixed: they are in no line,
 
 :func:`export_qubos` writes a folder of them with a ``manifest.json`` that holds, per channel,
 the offset and the energies and bit strings of known solutions (rounding-to-nearest, and any
-solver's), so a solver's result can be compared without qround.  :func:`read_qubo` reads a
+solver's), and a certified lower bound on the energy (``qround.problems.bounds``), so a
+solver's result can be compared without qround.  :func:`read_qubo` reads a
 file back as an upper-triangular matrix.
 """
 from __future__ import annotations
@@ -296,7 +297,8 @@ def plan_export(folder: str | os.PathLike, problem: RoundingProblem,
 
 
 def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=slice(None),
-                 known: dict[str, np.ndarray] | None = None, source: str = "") -> dict:
+                 known: dict[str, np.ndarray] | None = None, source: str = "",
+                 lower_bound: bool = True) -> dict:
     """Write one ``.qubo`` file per selected channel (``c0003.qubo`` for channel 3: at least
     four digits) and ``manifest.json`` into ``folder`` (created if missing); returns the
     manifest, whose ``channels[i]["file"]`` names each file.
@@ -305,6 +307,8 @@ def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=s
     known: ``{label: choices (m, n)}`` of the whole problem whose energies and bit strings the
     manifest records (rounding-to-nearest is always there, as ``rtn``).  Nothing is
     overwritten: an existing file of the same name stops the export before anything is written.
+    lower_bound: record each channel's certified lower bound on the energy
+    (:meth:`RoundingProblem.lower_bound`; no ``x`` has a lower energy) as ``lower_bound``.
     """
     idx, names = plan_export(folder, problem, channels)
     folder = os.fspath(folder)
@@ -320,6 +324,10 @@ def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=s
                               f"{problem.weight.shape}, got shape {b.shape}")
         solutions[label] = b & problem.free
     energies = {label: problem.energies(b) for label, b in solutions.items()}
+    bounds = None
+    if lower_bound:
+        sub = problem.subproblem(idx)
+        bounds = dict(zip(idx.tolist(), (sub.lower_bound().cost - sub.const).tolist()))
     made = missing_folders(folder)        # the folders this export creates, deepest first
     try:
         os.makedirs(folder, exist_ok=True)
@@ -341,6 +349,8 @@ def export_qubos(folder: str | os.PathLike, problem: RoundingProblem, channels=s
                          "solutions": {label: {"energy": float(energies[label][c]),
                                                "x": bit_string(solutions[label][c])}
                                        for label in solutions}})
+            if bounds is not None:
+                rows[-1]["lower_bound"] = bounds[c]
         manifest = {
             "format": "qbsolv .qubo: E(x) = sum_i Q_ii x_i + sum_{i<j} Q_ij x_i x_j; "
                       "E(x) + offset = the channel's absolute cost (qround's layer objective)",

@@ -74,6 +74,14 @@ def test_export_writes_files_and_manifest_of_known_solutions(tmp_path):
             assert known["energy"] == pytest.approx(f.energy(x), rel=1e-12, abs=1e-15)
             assert known["energy"] == pytest.approx(problem.energies(expect)[c], rel=1e-12)
         assert row["solutions"]["tabu"]["energy"] <= row["solutions"]["rtn"]["energy"] + 1e-15
+        # the certified bound on the energy of the exported channels: no x goes below it
+        k = [4, 1].index(c)
+        bound = problem.subproblem([4, 1]).lower_bound()
+        assert row["lower_bound"] == pytest.approx(bound.cost[k] - problem.const[c], rel=1e-9)
+        optimum = get_solver("exact").solve(problem.subproblem([c])).energy[0]
+        assert row["lower_bound"] <= optimum + 1e-12
+    bare = export_qubos(tmp_path / "bare", problem, [4], lower_bound=False)
+    assert "lower_bound" not in bare["channels"][0]
 
 
 def test_export_overwrites_nothing_and_checks_before_writing(tmp_path):
@@ -239,6 +247,16 @@ def test_cli_sample_solves_exported_files_and_scores_them_against_rtn(layer_file
         entry = manifest["channels"][c]
         assert row["known"] == "gptq" and row["known_cost"] == pytest.approx(
             entry["solutions"]["gptq"]["energy"] + entry["offset"])
+        assert row["bound_cost"] == pytest.approx(entry["lower_bound"] + entry["offset"])
+        assert row["bound_cost"] <= row["cost"] + 1e-12
+    assert "bound_cost" in table
+    bare = tmp_path / "bare"
+    assert main(["export-qubo", str(layer_file), "--out", str(bare), "--channels", "0:1",
+                 "--solver", "", "--no-lower-bound"]) == 0
+    assert "lower_bound" not in json.loads((bare / MANIFEST).read_text())["channels"][0]
+    capsys.readouterr()
+    assert main(["sample", str(bare / "c0000.qubo"), "--reads", "1"]) == 0
+    assert "bound_cost" not in capsys.readouterr().out
 
 
 def test_cli_sample_without_a_manifest_and_bad_methods(tmp_path, capsys):
