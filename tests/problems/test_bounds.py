@@ -148,3 +148,22 @@ def test_cli_solve_shows_the_bound_and_the_certified_gap(tmp_path, capsys):
     assert 0 <= out["certified_gap"] <= 1
     assert main(["solve", *files, "--solver", "exact", "--threads", "1"]) == 0
     assert "bound_ratio" not in capsys.readouterr().out
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 9), dead=st.integers(1, 2),
+       per_channel=st.booleans())
+def test_dead_inputs_and_spread_diagonals_keep_the_bound_valid(seed, n, dead, per_channel):
+    # inputs that never fire (a zero row and column of H) and outlier inputs (a diagonal
+    # spread over 1e6): the diagonal metric of the iteration must stay finite and valid
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(64, n)) * np.geomspace(1e-3, 1e3, n)
+    x[:, :min(dead, n - 1)] = 0.0
+    h = x.T @ x / 64
+    if per_channel:
+        h = np.stack([h * rng.uniform(0.5, 2.0) for _ in range(3)])
+    p = RoundingProblem.from_weight(rng.normal(size=(3, n)), h, GridSpec(bits=2))
+    bound = lower_bound(p)
+    assert np.all(np.isfinite(bound.cost))
+    opt = _optimum(p)
+    assert np.all(bound.cost <= opt + 1e-9 * (1 + np.abs(opt).max()))
