@@ -328,10 +328,10 @@ LOWER_BOUND = " lower bound"   # the key of a manifest's bound (no solver label 
 
 def _manifest_energies(manifest: str, name: str, bqm=None) -> dict[str, float]:
     """The energies an export-qubo manifest beside ``name`` records for it, by label (``rtn``
-    and export-qubo's ``--solver``, and :data:`LOWER_BOUND` for its certified bound); empty when there is no manifest, it does not list the
-    file, it is not readable as one, or (given the file's ``bqm``) its entry's offset is not
-    the file's or it counts more free variables than the file holds (a file copied beside
-    another layer's manifest)."""
+    and export-qubo's ``--solver``, and :data:`LOWER_BOUND` for its certified bound); empty
+    when there is no manifest, it does not list the file, it is not readable as one, or (given
+    the file's ``bqm``) its entry's offset is not the file's or it counts more free variables
+    than the file holds (a file copied beside another layer's manifest)."""
     import math
     import os
 

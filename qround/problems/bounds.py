@@ -15,8 +15,9 @@ inside the box, penalising fractional choices, and is never weaker (the smallest
 bound of Hammer and Rubin; the optimal diagonal shift is the SDP bound, not computed here).
 
 The box minimum is approached by accelerated projected gradient (FISTA with adaptive
-restart, in the diagonal metric of ``H - mu I``), batched over channels as matrix products.  The bound reported is not the iterate's
-value (an upper bound of the relaxation's minimum) but the convexity certificate
+restart, in the diagonal metric of ``H - mu I``), batched over channels as matrix products.
+The bound reported is not the iterate's value (an upper bound of the relaxation's minimum) but
+the convexity certificate
 
     min_box F >= F(y) + min_{z in box} grad F(y)^T (z - y)
               =  F(y) - grad F(y)^T y + sum_i s_i min(0, grad F(y)_i),
