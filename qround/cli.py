@@ -64,9 +64,14 @@ def cmd_solve(args) -> int:
     from .problems.io import load_layer_stats
     from .report import SolveRecord, format_table, json_text, totals, write_npz_atomic
     from .solvers import get_solver, warm_up
+    from .solvers.base import cost_ratio
 
     if args.out and len(args.files) != 1:
         raise QroundError("--out writes the codes of one layer: give exactly one FILE.npz")
+    if args.lower_bound and args.refits:
+        raise QroundError("--lower-bound bounds the roundings on one grid, and --refits changes "
+                          "the grid (its ratio is against the first grid's RTN): give one of "
+                          "them")
     if args.bits is not None:
         check_bits(args.bits, "--bits")
     check_paths({"--out": args.out}, {f"FILE {f}": f for f in args.files})
@@ -94,9 +99,11 @@ def cmd_solve(args) -> int:
     if bounds:
         b_total = sum(b["bound"] for b in bounds)
         span = tot["rtn_cost"] - b_total
-        tot.update(bound=b_total, bound_ratio=b_total / tot["rtn_cost"] if tot["rtn_cost"] > 0
-                   else float("nan"),
-                   certified_gap=max(tot["cost"] - b_total, 0.0) / span if span > 0 else 0.0)
+        noise = sum(r.cost_noise for r in records)
+        excess = tot["cost"] - b_total
+        tot.update(bound=b_total, bound_ratio=cost_ratio(b_total, tot["rtn_cost"], noise),
+                   certified_gap=max(excess, 0.0) / span if span > noise
+                   else (0.0 if excess <= noise else float("inf")))
     label = f"{solver.label} ({args.refits} refits)" if args.refits else solver.label
     if args.out:
         problem, sol = solutions[0]

@@ -76,12 +76,14 @@ class LowerBound:
     def certified_gap(self, solution_cost) -> float:
         """``(cost - bound) / (rtn - bound)`` of a solution's summed cost (or its per-channel
         costs): the share of RTN's excess over the bound that the solution may still leave.
-        0 proves the solution optimal; a weak bound leaves it large even for an optimal one."""
+        0 proves the solution optimal; a weak bound leaves it large even for an optimal one.
+        Where the bound reaches RTN's cost (RTN proven optimal), inf for a costlier solution."""
         cost = float(np.sum(solution_cost))
+        excess = cost - self.total_cost
         span = float(np.sum(self.rtn_cost)) - self.total_cost
-        if span <= 0:
-            return 0.0
-        return max(cost - self.total_cost, 0.0) / span
+        if span <= self.cost_noise:   # RTN is proven optimal: only a solution as cheap is
+            return 0.0 if excess <= self.cost_noise else float("inf")
+        return max(excess, 0.0) / span
 
     def __repr__(self) -> str:
         state = "converged" if self.converged else "not converged (still valid, weaker)"
@@ -152,14 +154,18 @@ def lower_bound(problem, *, shift: str = "eigen", max_iter: int = 3000, rtol: fl
     rtn = problem.rtn_costs()
     const = problem.const
     it, converged = 0, False
+    f_x = None
     while it < max_iter:
-        f_z, grad_z = value_grad(z)
         if it % check_every == 0:
-            best = np.maximum(best, certificate(z, f_z, grad_z))
+            # at the projected iterate x, in the box: F(x) is then a value of the relaxation,
+            # never below its minimum (the extrapolated z can leave the box)
+            f_x, grad_x = value_grad(x)
+            best = np.maximum(best, certificate(x, f_x, grad_x))
             span = float(np.sum(rtn) - np.sum(best + const))
-            if float(np.sum(f_z - best)) <= rtol * max(span, 0.0):
+            if float(np.sum(f_x - best)) <= rtol * max(span, 0.0):
                 converged = True
                 break
+        f_z, grad_z = value_grad(z)
         x_new = np.clip(z - grad_z * step, 0.0, s)
         t_new = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
         # adaptive restart (O'Donoghue and Candes): drop a channel's momentum where it points
@@ -169,10 +175,9 @@ def lower_bound(problem, *, shift: str = "eigen", max_iter: int = 3000, rtol: fl
         z = x_new + beta[:, None] * (x_new - x)
         x, t = x_new, np.where(uphill, 1.0, t_new)
         it += 1
-    if converged:
-        x = z
-    f_x, grad_x = value_grad(x)
-    best = np.maximum(best, certificate(x, f_x, grad_x))
+    if not converged:
+        f_x, grad_x = value_grad(x)
+        best = np.maximum(best, certificate(x, f_x, grad_x))
     bound = best + const
     # the bound never exceeds RTN's cost by more than round-off: keep it a bound when the
     # certificate's arithmetic and RTN's differ in the last bits (an exact-RTN optimum)
