@@ -16,6 +16,9 @@ held at RTN): bound/RTN, optimum/RTN, and the bound's gap ``(bound - opt) / (RTN
 (0: tight, -1: no better than RTN's cost minus the whole RTN-to-optimum span).
 
     python benchmarks/lower_bound.py --threads 1 --json benchmarks/results/lower_bound.json
+
+``--compare-precision`` also runs the eigen bound with float64 iterations (the default iterates
+in float32 and certifies in float64) and reports both times from the same run.
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exact-inputs", type=int, default=16)
     p.add_argument("--threads", type=int, default=1,
                    help="torch, numba and BLAS threads (default: %(default)s)")
+    p.add_argument("--compare-precision", action="store_true",
+                   help="also time the eigen bound with float64 iterations (columns bound64, "
+                        "bound64_s, speedup: float64 seconds over the default float32's)")
     p.add_argument("--json", help="write both tables to this JSON file")
     args = p.parse_args(argv)
     from _common import int_list
@@ -67,6 +73,12 @@ def main(argv=None) -> int:
         for bits in args.bits:
             p = prepare(RoundingProblem.from_weight(w, h, GridSpec(bits=bits), name=name))
             eigen, plain = p.lower_bound(), p.lower_bound(shift="none")
+            extra = {}
+            if args.compare_precision:
+                double = p.lower_bound(precision="float64")
+                extra = {"bound64": double.ratio, "bound64_s": double.seconds,
+                         "iterations64": double.iterations,
+                         "speedup": double.seconds / eigen.seconds}
             sols = {k: s.solve(p, seed=0) for k, s in solvers.items()}
             best = min(sols.values(), key=lambda s: s.total_cost)
             rows.append({"layer": name, "bits": bits, "shape": list(p.weight.shape),
@@ -75,7 +87,8 @@ def main(argv=None) -> int:
                          "converged": eigen.converged and plain.converged,
                          "fast": sols["fast"].ratio, "quality": sols["quality"].ratio,
                          "certified_gap": eigen.certified_gap(best.cost),
-                         "fast_s": sols["fast"].seconds, "quality_s": sols["quality"].seconds})
+                         "fast_s": sols["fast"].seconds, "quality_s": sols["quality"].seconds,
+                         **extra})
             rng = np.random.default_rng(0)   # the cut of qround.bench._exact_gaps, seed 0
             m, n = p.weight.shape
             k = min(args.exact_inputs, n)
@@ -96,7 +109,8 @@ def main(argv=None) -> int:
               f"{args.threads}); ratios are cost / RTN's cost")
     report(argparse.Namespace(**{**vars(args), "json": None}), "lower_bound", header, rows,
            ["layer", "bits", "shape", "bound", "bound_none", "bound_s", "iterations",
-            "converged", "fast", "quality", "certified_gap"])
+            "converged", "fast", "quality", "certified_gap"]
+           + (["bound64", "bound64_s", "speedup"] if args.compare_precision else []))
     print(f"\nagainst exact optima ({args.exact_channels} channels x {args.exact_inputs} inputs "
           "per layer, the rest held at RTN):")
     from qround.report import format_table

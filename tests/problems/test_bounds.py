@@ -22,11 +22,12 @@ def _optimum(p):
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 9), per_channel=st.booleans(),
        bits=st.integers(2, 4), shift=st.sampled_from(["eigen", "none"]),
-       max_iter=st.sampled_from([1, 7, 3000]))
-def test_bound_never_exceeds_the_exact_optimum(seed, n, per_channel, bits, shift, max_iter):
+       max_iter=st.sampled_from([1, 7, 3000]), precision=st.sampled_from(["float32", "float64"]))
+def test_bound_never_exceeds_the_exact_optimum(seed, n, per_channel, bits, shift, max_iter,
+                                               precision):
     # also stopped after one or seven iterations: the certificate holds at every iterate
     p = make_problem(m=3, n=n, seed=seed, per_channel=per_channel, bits=bits, clip_some=n > 1)
-    bound = lower_bound(p, shift=shift, max_iter=max_iter)
+    bound = lower_bound(p, shift=shift, max_iter=max_iter, precision=precision)
     opt = _optimum(p)
     tol = 1e-9 * (1 + np.abs(opt).max())
     assert np.all(bound.cost <= opt + tol), (bound.cost, opt)
@@ -47,8 +48,9 @@ def test_bound_holds_for_asymmetric_targets_and_an_indefinite_hessian(seed, n, b
     for p in (asym, indefinite):
         opt = _optimum(p)
         for shift in ("eigen", "none"):
-            bound = lower_bound(p, shift=shift)
-            assert np.all(bound.cost <= opt + 1e-9 * (1 + np.abs(opt).max()))
+            for precision in ("float32", "float64"):
+                bound = lower_bound(p, shift=shift, precision=precision)
+                assert np.all(bound.cost <= opt + 1e-9 * (1 + np.abs(opt).max()))
 
 
 @settings(max_examples=20, deadline=None)
@@ -119,6 +121,8 @@ def test_an_early_stop_is_reported_and_weaker():
     (dict(rtol=-1.0), "rtol must be a finite number >= 0"),
     (dict(rtol=float("nan")), "rtol must be a finite number >= 0"),
     (dict(check_every=0), "check_every must be an integer >= 1"),
+    (dict(precision="float16"), "precision must be one of"),
+    (dict(precision=np.float32), "precision must be one of"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(QroundError, match=message):
@@ -167,3 +171,63 @@ def test_dead_inputs_and_spread_diagonals_keep_the_bound_valid(seed, n, dead, pe
     assert np.all(np.isfinite(bound.cost))
     opt = _optimum(p)
     assert np.all(bound.cost <= opt + 1e-9 * (1 + np.abs(opt).max()))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_float32_iterations_reach_the_float64_bound(bits):
+    # the default float32 iterations, certified in float64, end where float64 ones do
+    rng = np.random.default_rng(bits)
+    p = RoundingProblem.from_weight(rng.normal(size=(8, 48)), correlated_hessian(48, rng),
+                                    GridSpec(bits=bits))
+    single, double = lower_bound(p), lower_bound(p, precision="float64")
+    assert single.converged and double.converged
+    span = p.rtn_costs().sum() - double.total_cost
+    assert abs(single.total_cost - double.total_cost) <= 2e-3 * span
+    assert single.total_cost <= _optimum_or_best(p)
+
+
+def _optimum_or_best(p):
+    return __import__("qround").get_solver("quality").solve(p, seed=0).total_cost
+
+
+def test_magnitudes_float32_cannot_hold_go_on_in_float64():
+    # a cross term 1e45 times H: the rescaled linear term overflows float32, so the
+    # iterations run in float64 and give the float64 bound, below the exact optimum
+    rng = np.random.default_rng(5)
+    n = 8
+    x = rng.normal(size=(64, n))
+    h = x.T @ x / 64
+    w = rng.normal(size=(3, n))
+    p = RoundingProblem.from_weight(w, h, GridSpec(bits=3), cross=1e45 * np.eye(n),
+                                    float_hessian=1e90 * np.eye(n))
+    single, double = lower_bound(p), lower_bound(p, precision="float64")
+    np.testing.assert_array_equal(single.cost, double.cost)
+    assert single.iterations == double.iterations
+    opt = _optimum(p)
+    assert np.all(single.cost <= opt + 1e-9 * np.abs(opt).max())
+
+
+def test_an_overflow_during_float32_iterations_goes_on_in_float64(monkeypatch):
+    # the iterate turning non-finite (forced here) hands over to float64 from the last
+    # certified iterate: the bound stays finite and valid
+    from qround.problems import bounds
+
+    rng = np.random.default_rng(2)
+    p = RoundingProblem.from_weight(rng.normal(size=(4, 10)), correlated_hessian(10, rng),
+                                    GridSpec(bits=2))
+    made = []
+    real_step = bounds._Iteration.step
+
+    def step(self):
+        real_step(self)
+        if self.dtype == np.float32 and self.count == 30:
+            self.x = np.full_like(self.x, np.inf)
+        made.append(self.dtype)
+
+    monkeypatch.setattr(bounds._Iteration, "step", step)
+    bound = lower_bound(p, rtol=1e-9, max_iter=200)
+    assert np.float32 in made and np.float64 in made
+    assert made.index(np.float64) == 50        # handed over at the next check (every 25)
+    assert np.all(np.isfinite(bound.cost))
+    assert np.all(bound.cost <= _optimum(p) + 1e-9)
+    assert bound.iterations > 50
