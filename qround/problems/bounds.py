@@ -25,9 +25,9 @@ the convexity certificate
 valid at every iterate (the best one over the run is kept), so a bound stopped early is weaker,
 never wrong.  For the same reason the iterations may run in float32 (the default, about twice
 as fast: one matrix product per iteration is all the cost) while every certificate is computed
-in float64 at the iterate.  ``mu`` is taken a little below the computed smallest eigenvalue, by more than its
-floating-point error, so the relaxation is convex also for an H that is PSD only within
-rounding; an indefinite H (built with ``check=False``) gets a negative ``mu``, which still
+in float64 at the iterate.  ``mu`` is taken a little below the computed smallest eigenvalue, by
+more than its floating-point error, so the relaxation is convex also for an H that is PSD only
+within rounding; an indefinite H (built with ``check=False``) gets a negative ``mu``, which still
 makes it convex.
 """
 from __future__ import annotations
