@@ -319,7 +319,8 @@ class RoundingProblem:
         hw = _energy.hessian_times(w_hat, self.hessian)
         return np.sum(w_hat * hw, axis=1) - 2.0 * np.sum(w_hat * r, axis=1) + k
 
-    def lower_bound(self, *, shift: str = "eigen", max_iter: int = 3000, rtol: float = 1e-3):
+    def lower_bound(self, *, shift: str = "eigen", max_iter: int = 3000, rtol: float = 1e-3,
+                    check_every: int = 25, precision: str = "float32"):
         """A certified lower bound on every channel's optimal cost (a
         :class:`~qround.problems.bounds.LowerBound`): the convex relaxation over ``[0, 1]^n``,
         shifted by H's smallest eigenvalue, solved by projected gradient; see
@@ -327,7 +328,8 @@ class RoundingProblem:
         of RTN's excess a solution may still leave; weak where few weights clip."""
         from .bounds import lower_bound
 
-        return lower_bound(self, shift=shift, max_iter=max_iter, rtol=rtol)
+        return lower_bound(self, shift=shift, max_iter=max_iter, rtol=rtol,
+                           check_every=check_every, precision=precision)
 
     # ------------------------------------------------------------------ exports
     def qubo(self, channel: int) -> np.ndarray:

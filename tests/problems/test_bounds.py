@@ -231,3 +231,15 @@ def test_an_overflow_during_float32_iterations_goes_on_in_float64(monkeypatch):
     assert np.all(np.isfinite(bound.cost))
     assert np.all(bound.cost <= _optimum(p) + 1e-9)
     assert bound.iterations > 50
+
+
+def test_the_problem_method_passes_every_option():
+    rng = np.random.default_rng(4)
+    p = RoundingProblem.from_weight(rng.normal(size=(3, 12)), correlated_hessian(12, rng),
+                                    GridSpec(bits=2))
+    kw = dict(shift="none", max_iter=9, rtol=0.0, check_every=4, precision="float64")
+    a, b = p.lower_bound(**kw), lower_bound(p, **kw)
+    np.testing.assert_array_equal(a.cost, b.cost)
+    assert (a.method, a.iterations) == ("none", 9)
+    with pytest.raises(QroundError, match="precision must be one of"):
+        p.lower_bound(precision="half")
