@@ -696,3 +696,39 @@ def test_tabu_on_a_large_sparse_bqm_points_at_annealing(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         QroundSampler("tabu").sample(dense, num_reads=1, seed=0, restarts=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 30), density=st.floats(0.0, 1.0),
+       integer=st.booleans(), spin=st.booleans())
+def test_default_beta_range_is_dwaves_computed_with_numpy(seed, n, density, integer, spin):
+    # the numpy version of dwave-samplers' default_beta_range: the same numbers (exactly on
+    # integer biases, whose sums are exact; up to round-off otherwise), also for SPIN BQMs
+    # (converted to BINARY first) and for variables without any bias
+    import warnings
+
+    from dwave.samplers.sa.sampler import default_beta_range
+
+    from qround.solvers.sampler import _default_beta_range, qubo_vectors
+
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(n, n)) * (rng.uniform(size=(n, n)) < density)
+    lin = rng.normal(size=n) * (rng.uniform(size=n) < 0.7)
+    if integer:
+        q, lin = np.round(3 * q), np.round(3 * lin)
+    rows, cols = np.triu_indices(n, 1)
+    keep = q[rows, cols] != 0
+    bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(
+        lin, (rows[keep], cols[keep], q[rows, cols][keep]), 0.0,
+        dimod.SPIN if spin else dimod.BINARY)
+    got = _default_beta_range(*qubo_vectors(bqm, list(bqm.variables))[:4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # dwave warns on a BQM without biases
+        want = [float(b) for b in default_beta_range(bqm.change_vartype(dimod.BINARY,
+                                                                        inplace=False))]
+    if not (np.any(lin != 0) or np.any(keep)):
+        assert got == (1.0, 1.0)          # every state is optimal; dwave's says (0.1, 1)
+    elif integer:
+        assert list(got) == want
+    else:
+        assert list(got) == pytest.approx(want, rel=1e-12)
