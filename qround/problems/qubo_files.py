@@ -100,12 +100,12 @@ def write_qubo(path: str | os.PathLike, problem: RoundingProblem, channel: int,
 def read_qubo(path: str | os.PathLike) -> QuboFile:
     """Read a ``.qubo`` file (qbsolv format); QroundError naming the file and line otherwise."""
     path = os.fspath(path)
-    size, offset, entries, nodes = _parse_qubo(path, _read_bytes(path, "QUBO file"), dense=True)
+    size, offset, (i, j, v), nodes = _parse_qubo(path, _read_bytes(path, "QUBO file"),
+                                                 dense=True)
     q = np.zeros((size, size))
     with np.errstate(over="ignore"):                # checked below
-        for i, j, v in entries:
-            a, b = min(i, j), max(i, j)
-            q[a, b] += v
+        # unbuffered, in file order: entries given twice add up as q[a, b] += v would
+        np.add.at(q, (np.minimum(i, j), np.maximum(i, j)), v)
     if not np.isfinite(q).all():
         raise QroundError(f"QUBO file {path!r}: entries given more than once add up to an "
                           "infinite value")
@@ -124,12 +124,11 @@ def _qubo_bqm(path: str, data: bytes):
     """:func:`read_qubo_bqm` of the file's bytes ``data``."""
     import dimod
 
-    size, offset, entries, _ = _parse_qubo(path, data, dense=False)
-    arr = np.array(entries, dtype=np.float64).reshape(-1, 3)
-    i, j, v = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2]
+    size, offset, (i, j, v), _ = _parse_qubo(path, data, dense=False)
     on = i == j
     linear = np.zeros(size)
-    np.add.at(linear, i[on], v[on])
+    with np.errstate(over="ignore"):                # refused below
+        np.add.at(linear, i[on], v[on])
     bqm = dimod.BinaryQuadraticModel.from_numpy_vectors(
         linear, (np.minimum(i[~on], j[~on]), np.maximum(i[~on], j[~on]), v[~on]), offset,
         dimod.BINARY)
@@ -191,9 +190,9 @@ def _read_bqm_file(path: str | os.PathLike):
 
 
 def _parse_qubo(path: str, data: bytes, dense: bool):
-    """(maxNodes, offset, [(i, j, value)], sorted node indices) of a ``.qubo`` file's bytes,
-    checked: header counts, indices in range, finite values; ``dense``: refuse what a dense
-    matrix could not hold.  As qbsolv reads them, a line that starts with ``c`` or ``C`` is a
+    """(maxNodes, offset, (i, j, value) arrays in file order, sorted node indices) of a
+    ``.qubo`` file's bytes, checked: header counts, indices in range, finite values;
+    ``dense``: refuse what a dense matrix could not hold.  As qbsolv reads them, a line that starts with ``c`` or ``C`` is a
     comment (qround's first ``c offset <float>`` line excepted) and the header may start with
     ``p`` or ``P``.  A comment that gives an offset in another form (``c Offset: 3``,
     ``c offset=3``) is refused rather than skipped: a cost shifted by a lost offset is silent.
@@ -201,10 +200,13 @@ def _parse_qubo(path: str, data: bytes, dense: bool):
     # undecodable bytes become U+FFFD: harmless in a comment, a parse error (with its line)
     # anywhere else
     text = data.decode("utf-8-sig", errors="replace")
-    offset, header, entries = None, None, []
-    for number, line in enumerate(text.splitlines(), 1):
+    offset, header = None, None
+    rows, cols, values = [], [], []   # the entries, in file order
+    # lines end at \n, \r\n or \r only, not at every break str.splitlines() knows (\v, \f,
+    # U+0085, U+2028 ...): a comment holding one would otherwise turn its rest into an entry
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for number, line in enumerate(lines, 1):
         parts = line.split()
-        where = f"QUBO file {path!r}, line {number}"
         try:
             if not parts:
                 continue
@@ -239,21 +241,26 @@ def _parse_qubo(path: str, data: bytes, dense: bool):
                                      f"{header[0]} variables (0..{header[0] - 1})"
                                      if header[0] else
                                      f"index ({i}, {j}), but the header has 0 variables")
-                entries.append((i, j, v))
+                rows.append(i)
+                cols.append(j)
+                values.append(v)
         except (ValueError, IndexError) as exc:
-            raise QroundError(f"{where}: {exc}") from None
+            raise QroundError(f"QUBO file {path!r}, line {number}: {exc}") from None
     if header is None:
         raise QroundError(f"QUBO file {path!r} has no 'p qubo' header")
     size, n_nodes, n_couplers = header
-    nodes = [(i, v) for i, j, v in entries if i == j]
-    pairs = [(i, j, v) for i, j, v in entries if i != j]
-    if len(nodes) != n_nodes or len(pairs) != n_couplers:
+    i = np.array(rows, dtype=np.int64)   # 0 <= i < maxNodes <= MAX_NODES: checked above
+    j = np.array(cols, dtype=np.int64)
+    v = np.array(values, dtype=np.float64)
+    on = i == j
+    nodes, pairs = int(np.count_nonzero(on)), int(on.size - np.count_nonzero(on))
+    if nodes != n_nodes or pairs != n_couplers:
         raise QroundError(f"QUBO file {path!r}: the header announces {n_nodes} nodes and "
-                          f"{n_couplers} couplers, the file has {len(nodes)} and {len(pairs)}")
+                          f"{n_couplers} couplers, the file has {nodes} and {pairs}")
     offset = 0.0 if offset is None else offset
-    if not all(np.isfinite(v) for _, _, v in entries) or not np.isfinite(offset):
+    if not np.isfinite(v).all() or not np.isfinite(offset):
         raise QroundError(f"QUBO file {path!r} holds NaN or infinite values")
-    return size, offset, entries, np.array(sorted({i for i, _ in nodes}), dtype=int)
+    return size, offset, (i, j, v), np.unique(i[on])
 
 
 _OFFSET_LIKE = re.compile(r"offset\s*[:=]?\s*[-+]?(\d|\.\d|inf|nan)", re.IGNORECASE)
