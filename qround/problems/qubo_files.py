@@ -192,11 +192,12 @@ def _read_bqm_file(path: str | os.PathLike):
 def _parse_qubo(path: str, data: bytes, dense: bool):
     """(maxNodes, offset, (i, j, value) arrays in file order, sorted node indices) of a
     ``.qubo`` file's bytes, checked: header counts, indices in range, finite values;
-    ``dense``: refuse what a dense matrix could not hold.  As qbsolv reads them, a line that starts with ``c`` or ``C`` is a
-    comment (qround's first ``c offset <float>`` line excepted) and the header may start with
-    ``p`` or ``P``.  A comment that gives an offset in another form (``c Offset: 3``,
-    ``c offset=3``) is refused rather than skipped: a cost shifted by a lost offset is silent.
-    Text is UTF-8 (a byte-order mark is skipped); other bytes are accepted in comments only."""
+    ``dense``: refuse what a dense matrix could not hold.  As qbsolv reads them, a line that
+    starts with ``c`` or ``C`` is a comment (qround's first ``c offset <float>`` line excepted)
+    and the header may start with ``p`` or ``P``.  A comment that gives an offset in another
+    form (``c Offset: 3``, ``c offset=3``) is refused rather than skipped: a cost shifted by a
+    lost offset is silent.  Text is UTF-8 (a byte-order mark is skipped); other bytes are
+    accepted in comments only."""
     # undecodable bytes become U+FFFD: harmless in a comment, a parse error (with its line)
     # anywhere else
     text = data.decode("utf-8-sig", errors="replace")
