@@ -121,21 +121,18 @@ class _Iteration:
     (None if float32 arithmetic overflowed), where the caller certifies it."""
 
     def __init__(self, h, mu, lin, s, step, precision: str, count: int = 0):
-        dtype = np.float32 if precision == "float32" else np.float64
         beta = float(np.max(s)) if s.size and np.max(s) > 0 else 1.0
         amax = max(float(np.max(np.abs(h))) if h.size else 0.0, float(np.max(np.abs(mu))))
         amax = amax if amax > 0 else 1.0
-        with np.errstate(over="ignore", under="ignore"):
-            self.h = (h / amax).astype(dtype)
-            self.mu = (mu / amax).astype(dtype)[:, None]
-            self.lin = (lin / (beta * amax)).astype(dtype)
-            self.box = (s / beta).astype(dtype)
-            self.step_size = (step * amax).astype(dtype)
-        finite = all(np.isfinite(a).all() for a in (self.h, self.mu, self.lin, self.box,
-                                                    self.step_size))
-        if not finite and dtype == np.float32:   # magnitudes float32 cannot hold
-            self.__init__(h, mu, lin, s, step, "float64", count)
-            return
+        with np.errstate(all="ignore"):   # extreme magnitudes: checked below
+            scaled = (h / amax, mu[:, None] / amax, lin / beta / amax, s / beta, step * amax)
+        # float32 where it holds the rescaled problem, else float64
+        for dtype in (np.float32, np.float64) if precision == "float32" else (np.float64,):
+            with np.errstate(over="ignore", under="ignore"):
+                arrays = tuple(a.astype(dtype) for a in scaled)
+            if all(np.isfinite(a).all() for a in arrays):
+                break
+        self.h, self.mu, self.lin, self.box, self.step_size = arrays
         self.beta, self.dtype, self.count, self.s = beta, dtype, count, s
 
     def start(self, y) -> None:
