@@ -41,6 +41,7 @@ from ..errors import QroundError
 from . import energy as _energy
 
 SHIFTS = ("eigen", "none")
+_STALL_CHECKS = 4   # float32 checks in a row without progress before going on in float64
 PRECISIONS = ("float32", "float64")   # of the iterations; certificates are always float64
 
 
@@ -213,23 +214,33 @@ def lower_bound(problem, *, shift: str = "eigen", max_iter: int = 3000, rtol: fl
     rtn = problem.rtn_costs()
     const = problem.const
     converged = False
+    best_gap, stalled = np.inf, 0
     while True:
         if it.count % check_every == 0 or it.count == max_iter:
             # certified in float64 at the projected iterate x, in the box: F(x) is then a
             # value of the relaxation, never below its minimum (the extrapolated z can leave
-            # the box)
-            y = it.current()
-            if y is None:                             # float32 overflowed: go on in float64
+            # the box); the first check at the float weights themselves, not their float32
+            # rounding
+            y = x_checked if it.count == 0 else it.current()
+            if y is None or stalled >= _STALL_CHECKS:
+                # float32 overflowed, or its round-off keeps the gap from closing (a small
+                # rtol): go on in float64 from the last certified iterate
                 it = _Iteration(h, mu, lin, s, step, "float64", count=it.count)
                 it.start(x_checked)
-                y = x_checked
+                y, stalled = x_checked, -np.inf
             x_checked = y
             f_x, cert = certificate(y)
             best = np.maximum(best, cert)
             span = float(np.sum(rtn) - np.sum(best + const))
-            if float(np.sum(f_x - best)) <= rtol * max(span, 0.0):
+            gap = float(np.sum(f_x - best))
+            if gap <= rtol * max(span, 0.0):
                 converged = True
                 break
+            # float32 only: checks in a row without the gap shrinking by 1 %
+            stalled = 0 if gap < 0.99 * best_gap else stalled + 1
+            best_gap = min(best_gap, gap)
+            if it.dtype == np.float64:
+                stalled = 0
             if it.count == max_iter:
                 break
         it.step()

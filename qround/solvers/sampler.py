@@ -424,13 +424,12 @@ def _default_beta_range(linear, rows, cols, quad, rate: float = 0.01) -> tuple[f
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
     ends = np.concatenate([rows, cols])
     with np.errstate(all="ignore"):
-        j = np.abs(0.25 * quad)
-        h = np.abs(0.5 * linear + np.bincount(ends, weights=np.concatenate([quad, quad]) / 4,
+        j = np.abs(0.25 * np.concatenate([quad, quad]))    # |J| at both ends of a coupling
+        h = np.abs(0.5 * linear + np.bincount(ends, weights=0.25 * np.concatenate([quad, quad]),
                                               minlength=n))
-        field = h + np.bincount(ends, weights=np.concatenate([j, j]), minlength=n)
+        field = h + np.bincount(ends, weights=j, minlength=n)
         smallest = np.where(h != 0, h, np.inf)
-        on = np.concatenate([j, j]) != 0
-        np.minimum.at(smallest, ends[on], np.concatenate([j, j])[on])
+        np.minimum.at(smallest, ends[j != 0], j[j != 0])
         biased = smallest[np.isfinite(smallest)]
         if biased.size == 0:
             return 1.0, 1.0
