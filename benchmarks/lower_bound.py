@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exact-inputs", type=int, default=16)
     p.add_argument("--threads", type=int, default=1,
                    help="torch, numba and BLAS threads (default: %(default)s)")
+    p.add_argument("--layers", default="",
+                   help="only layers whose name holds one of these comma-separated substrings "
+                        "(default: all)")
     p.add_argument("--compare-precision", action="store_true",
                    help="also time the eigen bound with float64 iterations (columns bound64, "
                         "bound64_s, speedup: float64 seconds over the default float32's)")
@@ -69,6 +72,10 @@ def main(argv=None) -> int:
     solvers = {name: get_solver(name) for name in ("fast", "quality")}
     warm_up(*solvers.values())
     rows, exact_rows = [], []
+    wanted = [s for s in args.layers.split(",") if s]
+    layers = [x for x in layers if not wanted or any(s in x[0] for s in wanted)]
+    if not layers:
+        raise SystemExit(f"no layer name holds any of {wanted}")
     for name, w, h in layers:
         for bits in args.bits:
             p = prepare(RoundingProblem.from_weight(w, h, GridSpec(bits=bits), name=name))
