@@ -204,7 +204,8 @@ def _parse_qubo(path: str, data: bytes, dense: bool):
     offset, header = None, None
     rows, cols, values = [], [], []   # the entries, in file order
     # lines end at \n, \r\n or \r only, not at every break str.splitlines() knows (\v, \f,
-    # U+0085, U+2028 ...): a comment holding one would otherwise turn its rest into an entry
+    # U+0085, U+2028 ...): a comment holding one would otherwise turn its rest into an entry.
+    # Inside a line they separate tokens as any white space does ("1\v1 2.5" is an entry)
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     for number, line in enumerate(lines, 1):
         parts = line.split()

@@ -415,7 +415,9 @@ def _default_beta_range(linear, rows, cols, quad, rate: float = 0.01) -> tuple[f
     ``F`` the largest ``|h_i| + sum_j |J_ij|`` (every flip taken at least half the time); cold is
     ``log(k / rate) / (2 e)`` with ``e`` the smallest non-zero ``|h_i|`` or ``|J_ij|`` and ``k``
     the number of variables whose smallest non-zero bias is ``e`` (a final sweep excites one
-    with probability about ``rate``).  Equal to dwave's up to round-off in the sums.  A QUBO
+    with probability about ``rate``).  Equal to dwave's up to round-off in the sums (with the
+    pairs in :func:`qubo_vectors`' order; where a variable's biases cancel to about 0, that
+    round-off decides its smallest bias, in dwave's order there as in ours here).  A QUBO
     whose flips all cost nothing gets (1, 1): any temperature will do (dwave's would warn and
     give (0.1, 1))."""
     linear = np.asarray(linear, dtype=np.float64)
