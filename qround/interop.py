@@ -75,10 +75,13 @@ def compressed_tensors_refusals(qmodel: "QuantizedModel") -> list[str]:
             with torch.device("meta"):
                 fresh = type(model)(model.config)
             plain = dict(fresh.named_modules())
+            new = [n for n, m in model.named_modules() if n in qmodel.layers and
+                   getattr(m, "bias", None) is not None and
+                   getattr(plain.get(n), "bias", 0) is None]
         except Exception:  # noqa: BLE001 (a class that cannot be rebuilt from its config)
-            plain = {}
-        new = [n for n, m in model.named_modules() if n in qmodel.layers and
-               getattr(m, "bias", None) is not None and getattr(plain.get(n), "bias", 0) is None]
+            # then the biases the float model's layers did not have (helper-174: a fallback
+            # that found none let them through, and transformers dropped them on loading)
+            new = list(getattr(qmodel, "new_biases", ()))
         if new:
             why.append(f"bias correction gave {new[:3]} a bias that this architecture's config "
                        "has no place for (transformers would drop it on loading); quantise "

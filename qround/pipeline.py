@@ -519,6 +519,8 @@ class QuantizedModel:
     # fold_batchnorm: the BatchNorms folded into their layers, {bn: layer}; saved, and folded
     # the same way by qround.export.load
     folded: dict[str, str] | None = None
+    # the layers that bias correction gave a bias the float model's layer did not have
+    new_biases: tuple[str, ...] = ()
 
     def totals(self) -> dict:
         cost = sum(r.cost for r in self.report)
@@ -1735,7 +1737,7 @@ def _quantize_model(model, calibration, config, forward, loss_fn, inplace, undo:
                     "qround.export.save / load keep them", len(new_biases),
                     ", ".join(new_biases[:3]) + (" ..." if len(new_biases) > 3 else ""))
     result = QuantizedModel(qmodel, config, layers, report, skipped, 0.0, source=source,
-                            folded=folded)
+                            folded=folded, new_biases=tuple(new_biases))
     if config.activation_stage:
         result.reconstruction, result.units = quantize_activations(
             result, float_model, list(calibration), forward, config,
