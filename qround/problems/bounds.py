@@ -227,7 +227,7 @@ def lower_bound(problem, *, shift: str = "eigen", max_iter: int = 3000, rtol: fl
                 # rtol): go on in float64 from the last certified iterate
                 it = _Iteration(h, mu, lin, s, step, "float64", count=it.count)
                 it.start(x_checked)
-                y, stalled = x_checked, -np.inf
+                y = x_checked
             x_checked = y
             f_x, cert = certificate(y)
             best = np.maximum(best, cert)
@@ -237,10 +237,8 @@ def lower_bound(problem, *, shift: str = "eigen", max_iter: int = 3000, rtol: fl
                 converged = True
                 break
             # float32 only: checks in a row without the gap shrinking by 1 %
-            stalled = 0 if gap < 0.99 * best_gap else stalled + 1
+            stalled = stalled + 1 if it.dtype == np.float32 and gap >= 0.99 * best_gap else 0
             best_gap = min(best_gap, gap)
-            if it.dtype == np.float64:
-                stalled = 0
             if it.count == max_iter:
                 break
         it.step()
