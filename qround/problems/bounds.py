@@ -110,7 +110,10 @@ def _jacobi_steps(h, mu, m: int) -> np.ndarray:
     r = 1.0 / np.sqrt(d)
     scaled = r[..., :, None] * a * r[..., None, :]
     lip = 2.0 * np.maximum(np.linalg.eigvalsh(scaled)[..., -1], 1e-300)
-    return np.broadcast_to(1.0 / (lip[..., None] * d), (m, n))
+    # an all-zero A (H = 0: a linear objective) would get infinite steps; 1e300 takes any
+    # iterate to its vertex of the box just as well, and 0 * step stays 0
+    with np.errstate(under="ignore"):
+        return np.broadcast_to(1.0 / np.maximum(lip[..., None] * d, 1e-300), (m, n))
 
 
 class _Iteration:

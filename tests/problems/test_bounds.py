@@ -243,3 +243,23 @@ def test_the_problem_method_passes_every_option():
     assert (a.method, a.iterations) == ("none", 9)
     with pytest.raises(QroundError, match="precision must be one of"):
         p.lower_bound(precision="half")
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_a_zero_hessian_gives_finite_steps_and_no_warning(precision):
+    # H = 0 (a channel's, or a linear objective from cross alone) made the diagonal metric's
+    # step 1/0 (a RuntimeWarning in CI's hypothesis run); the bound is exact for a linear one
+    import warnings
+
+    rng = np.random.default_rng(0)
+    w, x = rng.normal(size=(3, 5)), rng.normal(size=(50, 5))
+    h = x.T @ x / 50
+    per_channel = RoundingProblem.from_weight(w, np.stack([0 * h, h, 2 * h]), GridSpec(bits=3))
+    linear = RoundingProblem.from_weight(w, 0 * h, GridSpec(bits=3), cross=h, float_hessian=h)
+    for p in (per_channel, linear):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            bound = lower_bound(p, precision=precision)
+        opt = _optimum(p)
+        assert bound.converged and np.all(bound.cost <= opt + 1e-12)
+    np.testing.assert_allclose(bound.cost, opt, rtol=1e-12)   # the linear one: a vertex
