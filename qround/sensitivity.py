@@ -232,7 +232,9 @@ def _knapsack(layers, widths, budget: int) -> dict[str, int]:
     its table stays small, else to re-solving within a budget lowered by the overshoot, and to
     upgrading greedily from the narrowest widths (which fit).  The objective is in units of the
     smallest error, so that HiGHS's absolute optimality gap (1e-6) stays below every
-    difference that matters, with no relative gap."""
+    difference that matters, with no relative gap; where the dynamic programme stays small it
+    also runs after HiGHS, and its answer is taken when its error is lower (a near-tie within
+    that gap)."""
     nl = len(layers)
     cost = np.array([[b * s.weights for b in widths] for s in layers], dtype=np.int64)
     error = np.array([[s.errors[b] for b in widths] for s in layers], dtype=float)
@@ -256,7 +258,14 @@ def _knapsack(layers, widths, budget: int) -> dict[str, int]:
         return c is not None and int(extra[rows, c].sum()) <= room
 
     choice = _milp_choice(error, extra, room, allowed)
-    if not fits(choice):
+    if fits(choice):
+        # HiGHS stops within its absolute gap (1e-6 of the smallest error): where the exact
+        # programme stays small, it settles such near-ties (a hypothesis run found one)
+        exact = _pareto_choice(error, extra, room, allowed)
+        if exact is not None and fits(exact) and \
+                float(error[rows, exact].sum()) < float(error[rows, choice].sum()):
+            choice = exact
+    else:
         exact = _pareto_choice(error, extra, room, allowed)
         if exact is not None:
             choice = exact

@@ -326,6 +326,15 @@ def test_allocation_is_exact_when_errors_span_many_decades(data, n, mean):
     assert alloc.predicted_error <= best * (1 + 1e-9)
 
 
+def test_a_near_tie_within_highs_absolute_gap_is_settled_exactly():
+    # CI's hypothesis run (session 38): 3 bits on l0 costs 1.000000023, 4 bits 1.0; HiGHS's
+    # absolute gap (1e-6 of the smallest error) took the first; the dynamic programme after it
+    # takes the second
+    errors = [[10.0, 10.0 ** 1e-8, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+    alloc = fake(errors, [2, 4], (2, 3, 4, 8)).allocate(2.75)
+    assert alloc.bits == {"l0": 4, "l1": 2} and alloc.predicted_error == 2.0
+
+
 @pytest.mark.parametrize("short", [1, 2, 5])
 def test_the_budget_holds_to_the_weight_bit(short):
     big, small = 100_000_000, 3
